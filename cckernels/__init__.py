@@ -1,0 +1,143 @@
+"""cckernels: fused kernels for training Stable-Diffusion-2-class UNets.
+
+    import cckernels as ck
+    out = ck.attention(q, k, v)                       # BLHD, non-causal
+    y = ck.group_norm(x, 32, w, b, activation="silu")  # fp32 statistics, keeps memory format
+    ck.ema_update_(ema, params, 0.9999)                # multi-tensor, in place
+
+Every op has backends "cuda" (compiled csrc), "triton" and "torch" (cckernels.reference).
+The backend is the `backend=` argument, else env CCKERNELS_BACKEND, else the best usable
+one for the tensors' device; one that cannot take an input falls back to the next.
+"""
+import math
+
+import torch
+
+from cckernels import nn  # noqa: F401  (ck.nn.GroupNorm)
+from cckernels.backend import BACKENDS, IMPLEMENTATIONS, Unsupported, available, default_device, dispatch, last_used
+
+__all__ = [
+    "attention",
+    "group_norm",
+    "ema_update_",
+    "available_backends",
+    "used_backends",
+    "build_info",
+    "Unsupported",
+    "BACKENDS",
+]
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_float(name, t):
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} has dtype {t.dtype}; expected one of float32, float16, bfloat16")
+
+
+def attention(q, k, v, *, scale=None, backend=None):
+    """Non-causal scaled dot-product attention softmax(q k^T * scale) v.
+
+    q: (B, Lq, H, D); k, v: (B, Lk, H, D) ("BLHD", as flash-attn). Any strides with the last
+    dim contiguous (a view of a (B, L, H*D) projection needs no copy; other tensors are
+    copied). Lq, Lk >= 1. scale defaults to 1/sqrt(D). fp32/fp16/bf16 in, same dtype out.
+    Differentiable in q, k, v. Returns a (B, Lq, H, D) tensor.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_float(name, t)
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (B, L, H, D), got shape {tuple(t.shape)}")
+    if len({q.dtype, k.dtype, v.dtype}) != 1:
+        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if len({q.device, k.device, v.device}) != 1:
+        raise ValueError(f"q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
+    (B, Lq, H, D), (Bk, Lk, Hk, Dk) = q.shape, k.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+    if (Bk, Hk, Dk) != (B, H, D):
+        raise ValueError(
+            f"q (B={B}, H={H}, D={D}) and k (B={Bk}, H={Hk}, D={Dk}) disagree in batch, heads or head dim"
+        )
+    if min(B, Lq, Lk, H, D) < 1:
+        raise ValueError(f"empty dimension in q {tuple(q.shape)} or k {tuple(k.shape)}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    elif not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    return dispatch("attention", q.device, backend, q, k, v, float(scale))
+
+
+def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, activation=None, backend=None):
+    """GroupNorm over (N, C, *spatial), optionally fused with SiLU.
+
+    x contiguous or channels_last; the output keeps x's memory format and dtype.
+    Statistics are fp32 whatever x's dtype. C must be divisible by num_groups.
+    weight, bias: (C,) or None. Differentiable in x, weight, bias.
+    """
+    _check_float("x", x)
+    if x.dim() < 2:
+        raise ValueError(f"x must be (N, C, *spatial), got shape {tuple(x.shape)}")
+    C = x.shape[1]
+    if not isinstance(num_groups, int) or num_groups < 1:
+        raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
+    if C % num_groups:
+        raise ValueError(f"num_channels {C} is not divisible by num_groups {num_groups}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        _check_float(name, t)
+        if t.shape != (C,):
+            raise ValueError(f"{name} must have shape ({C},), got {tuple(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if not (eps > 0):
+        raise ValueError(f"eps must be positive, got {eps!r}")
+    if activation not in (None, "silu"):
+        raise ValueError(f"activation must be None or 'silu', got {activation!r}")
+    return dispatch("group_norm", x.device, backend, x, num_groups, weight, bias, float(eps), activation)
+
+
+def ema_update_(ema, params, decay, *, backend=None):
+    """ema[i] <- decay * ema[i] + (1 - decay) * params[i], in place, in few launches.
+
+    ema: fp32 tensors; params: same-shape tensors of any float dtype, same device.
+    """
+    ema, params = list(ema), list(params)
+    if len(ema) != len(params):
+        raise ValueError(f"ema has {len(ema)} tensors but params has {len(params)}")
+    if not (isinstance(decay, (int, float)) and 0.0 <= decay <= 1.0):
+        raise ValueError(f"decay must be a number in [0, 1], got {decay!r}")
+    for i, (e, p) in enumerate(zip(ema, params)):
+        _check_float(f"params[{i}]", p)
+        _check_float(f"ema[{i}]", e)
+        if e.dtype != torch.float32:
+            raise ValueError(f"ema[{i}] has dtype {e.dtype}; the EMA shadow must be float32")
+        if e.shape != p.shape:
+            raise ValueError(f"ema[{i}] shape {tuple(e.shape)} != params[{i}] shape {tuple(p.shape)}")
+        if e.device != p.device or e.device != ema[0].device:
+            raise ValueError(f"ema[{i}] ({e.device}) and params[{i}] ({p.device}) must share one device")
+    if not ema:
+        return
+    with torch.no_grad():
+        dispatch("ema_update_", ema[0].device, backend, ema, params, float(decay))
+
+
+def available_backends(device=None):
+    """{op: [backends usable on `device`, best first]} (default device: cuda if present)."""
+    device = torch.device(device) if device is not None else default_device()
+    return {op: available(op, device) for op in IMPLEMENTATIONS}
+
+
+def used_backends():
+    """{op: backend} that ran each op's most recent call in this process."""
+    return last_used()
+
+
+def build_info():
+    """Whether the compiled extension cckernels._C is present, and for which architectures."""
+    from cckernels import cuda
+
+    return cuda.build_info()

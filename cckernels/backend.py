@@ -1,0 +1,128 @@
+"""Backend discovery and selection shared by every op.
+
+A backend implementation raises `Unsupported` *before touching any memory* when it cannot
+take an input (dtype, head dim, device); the dispatcher then tries the next backend.
+"""
+import importlib
+import logging
+import os
+
+import torch
+
+log = logging.getLogger("cckernels")
+
+BACKENDS = ("cuda", "triton", "torch")  # best first
+
+# op -> backend -> "module:function". A module that is not installed (no compiled
+# extension, no triton) makes that backend unavailable for the op.
+IMPLEMENTATIONS = {
+    "attention": {
+        "triton": "cckernels.triton.attention:attention",
+        "torch": "cckernels.reference:attention",
+    },
+    "group_norm": {
+        "cuda": "cckernels.cuda:group_norm",
+        "triton": "cckernels.triton.group_norm:group_norm",
+        "torch": "cckernels.reference:group_norm",
+    },
+    "ema_update_": {
+        "cuda": "cckernels.cuda:ema_update_",
+        "triton": "cckernels.triton.ema:ema_update_",
+        "torch": "cckernels.reference:ema_update_",
+    },
+}
+
+
+class Unsupported(Exception):
+    """Raised by a backend that cannot take an input; the dispatcher falls back."""
+
+
+_last_used = {}
+_reported = set()
+
+
+def _load(spec):
+    module_name, fn_name = spec.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        log.debug("%s unavailable: %s", module_name, e)
+        return None
+    return getattr(module, fn_name, None)
+
+
+def triton_usable(device):
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    if device.type not in ("cpu", "cuda"):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def cuda_usable(device):
+    if device.type != "cuda":
+        return False
+    from cckernels import cuda
+
+    return cuda.loaded() is not None
+
+
+def _usable(op, backend, device):
+    if backend not in IMPLEMENTATIONS[op]:
+        return False
+    if backend == "cuda" and not cuda_usable(device):
+        return False
+    if backend == "triton" and not triton_usable(device):
+        return False
+    return _load(IMPLEMENTATIONS[op][backend]) is not None
+
+
+def default_device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def available(op, device):
+    return [b for b in BACKENDS if _usable(op, b, device)]
+
+
+def _requested(backend):
+    backend = backend or os.environ.get("CCKERNELS_BACKEND") or None
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
+    return backend
+
+
+def dispatch(op, device, backend, *args):
+    """Run `op` on the requested backend, else the best usable one, falling back in order."""
+    requested = _requested(backend)
+    order = available(op, device)
+    if requested is not None:
+        if requested in order:
+            order = order[order.index(requested):]
+        else:
+            _report(op, requested, f"not usable on {device.type} for this op")
+    for name in order:
+        fn = _load(IMPLEMENTATIONS[op][name])
+        try:
+            out = fn(*args)
+        except Unsupported as why:
+            _report(op, name, str(why))
+            continue
+        _last_used[op] = name
+        return out
+    raise RuntimeError(f"no backend could run {op}")  # unreachable: torch takes everything
+
+
+def _report(op, backend, why):
+    key = (op, backend, why)
+    if key not in _reported:
+        _reported.add(key)
+        log.info("%s: backend %s skipped (%s), falling back", op, backend, why)
+
+
+def last_used():
+    return dict(_last_used)

@@ -1,0 +1,1 @@
+"""Triton kernels, one file per op: kernels, launchers, autograd.Function, public function."""
