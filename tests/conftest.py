@@ -1,11 +1,12 @@
 import os
 
-# Triton reads this when a kernel is decorated, so it must be set before cckernels imports
-# its Triton modules: every Triton kernel then runs on CPU tensors in the interpreter.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+# Without a GPU, Triton kernels run on CPU tensors in Triton's interpreter. Triton reads this
+# when a kernel is decorated, so it is set before any test imports cckernels' Triton modules.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_configure(config):
