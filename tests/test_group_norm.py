@@ -203,6 +203,13 @@ def test_nn_group_norm_silu_loads_torch_state_dict():
     torch.testing.assert_close(y, F.silu(ref(x)), atol=1e-5, rtol=1e-5)
 
 
+def test_nn_group_norm_silu_module():
+    m = ck.nn.GroupNormSiLU(4, 12, affine=False)
+    assert m.activation == "silu" and not list(m.parameters())
+    x = torch.randn(2, 12, 3)
+    torch.testing.assert_close(m(x), F.silu(F.group_norm(x, 4)), atol=1e-5, rtol=1e-5)
+
+
 def test_patched_model_matches_in_output_and_gradients():
     model = torch.nn.Sequential(
         torch.nn.Conv2d(4, 64, 3, padding=1), torch.nn.GroupNorm(32, 64), torch.nn.SiLU(),
