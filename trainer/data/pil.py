@@ -30,7 +30,8 @@ def resize_crop_flip(im, size, pos_x, pos_y, flip):
     scale = size / min(w, h)
     w, h = max(size, round(w * scale)), max(size, round(h * scale))
     im = im.resize((w, h), Image.BILINEAR)
-    left, top = round((w - size) * pos_x), round((h - size) * pos_y)
+    # pos * (free pixels), rounded half up as DALI's crop does (Python's round() goes to even).
+    left, top = int((w - size) * pos_x + 0.5), int((h - size) * pos_y + 0.5)
     im = im.crop((left, top, left + size, top + size))
     if flip:
         im = im.transpose(Image.FLIP_LEFT_RIGHT)
