@@ -84,7 +84,7 @@ def make_shards(root, n, per_shard):
 
 def cfg(path, backend, fmt="folder", **kw):
     return dict(dict(path=str(path), format=fmt, backend=backend, resolution=16,
-                     center_crop=True, random_flip=False, num_workers=0), **kw)
+                     random_crop=False, random_flip=False, workers=0), **kw)
 
 
 def take(loader, n):
@@ -106,7 +106,7 @@ def cache(tmp_path):
     ({"format": "lmdb"}, "data.format='lmdb'"),
     ({"resolution": 0}, "data.resolution=0"),
     ({"layout": "CHW"}, "data.layout='CHW'"),
-    ({"center_crop": "yes"}, "data.center_crop='yes'"),
+    ({"random_crop": "yes"}, "data.random_crop='yes'"),
 ])
 def test_config_errors(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -292,7 +292,7 @@ def test_backends_deliver_same_pairs(tmp_path, cache, fmt):
 @pytest.mark.parametrize("layout, dtype", [("NCHW", "float32"), ("NHWC", "bfloat16")])
 def test_layout_dtype_and_augmentation(tmp_path, cache, backend, layout, dtype):
     root = make_folder(tmp_path / "d", 4)
-    loader = make_loader(cfg(root, backend, layout=layout, dtype=dtype, center_crop=False,
+    loader = make_loader(cfg(root, backend, layout=layout, dtype=dtype, random_crop=True,
                              random_flip=True), 4, seed=2, cache_dir=cache)
     images, captions = take(loader, 1)[0]
     shape = (4, 3, 16, 16) if layout == "NCHW" else (4, 16, 16, 3)

@@ -12,14 +12,14 @@ DTYPES = ("float32", "bfloat16")
 @dataclass(frozen=True)
 class DataConfig:
     path: str = "builtin"       # a folder, a WebDataset .tar or folder of .tar, or "builtin"
-    format: str = "folder"      # folder | webdataset (latents are read by trainer.precompute)
+    format: str = "folder"      # folder | webdataset
     backend: str = "dali"       # dali | pil; dali falls back to pil when not importable
     resolution: int = 64        # square output side in pixels
-    center_crop: bool = False   # False: random crop
+    random_crop: bool = True    # False: centre crop
     random_flip: bool = True    # horizontal flip with probability 0.5
+    workers: int = 2            # PIL DataLoader processes, or DALI CPU threads
     layout: str = "NCHW"        # NCHW | NHWC
     dtype: str = "float32"      # float32 | bfloat16
-    num_workers: int = 2        # PIL DataLoader processes, or DALI CPU threads
 
     @classmethod
     def from_dict(cls, d):
@@ -40,11 +40,11 @@ class DataConfig:
             value = getattr(self, name)
             if value not in allowed:
                 raise ValueError(f"data.{name}={value!r}; expected one of {list(allowed)}")
-        for name, low in (("resolution", 1), ("num_workers", 0)):
+        for name, low in (("resolution", 1), ("workers", 0)):
             value = getattr(self, name)
             if type(value) is not int or value < low:
                 raise ValueError(f"data.{name}={value!r}; expected an integer >= {low}")
-        for name in ("center_crop", "random_flip"):
+        for name in ("random_crop", "random_flip"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"data.{name}={getattr(self, name)!r}; expected true or false")
         if not isinstance(self.path, str) or not self.path:

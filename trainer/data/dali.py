@@ -55,7 +55,7 @@ class DaliDecoder:
         batches = ids.reshape(-1, self.batch_size).astype(np.int64)
         seed = int(np.random.SeedSequence([self.seed, epoch, rank]).generate_state(1)[0] >> 1)
         pipe = _graph(self, sequence, rank, world, batches, batch_size=self.batch_size,
-                      num_threads=max(1, self.cfg.num_workers), device_id=self.device_id,
+                      num_threads=max(1, self.cfg.workers), device_id=self.device_id,
                       seed=seed)
         pipe.build()
         return pipe
@@ -94,10 +94,10 @@ def _graph(dec, sequence, rank, world, batches):
                                device="cpu" if dec.device_id is None else "mixed",
                                output_type=types.RGB)
     images = fn.resize(images, resize_shorter=cfg.resolution, antialias=True)
-    if cfg.center_crop:
-        pos_x = pos_y = 0.5
-    else:
+    if cfg.random_crop:
         pos_x, pos_y = fn.random.uniform(range=(0.0, 1.0)), fn.random.uniform(range=(0.0, 1.0))
+    else:
+        pos_x = pos_y = 0.5
     images = fn.crop_mirror_normalize(
         images, crop=(cfg.resolution, cfg.resolution), crop_pos_x=pos_x, crop_pos_y=pos_y,
         mirror=fn.random.coin_flip(probability=0.5) if cfg.random_flip else 0,

@@ -48,7 +48,7 @@ class _Images(torch.utils.data.Dataset):
     def __getitem__(self, key):
         epoch, i = key
         rng = np.random.default_rng([self.seed, epoch, i])
-        pos_x, pos_y = (0.5, 0.5) if self.cfg.center_crop else rng.random(2)
+        pos_x, pos_y = rng.random(2) if self.cfg.random_crop else (0.5, 0.5)
         flip = self.cfg.random_flip and rng.random() < 0.5
         image = decode_rgb(self.samples[i].read())
         return resize_crop_flip(image, self.cfg.resolution, pos_x, pos_y, flip), i
@@ -70,7 +70,7 @@ class PilDecoder:
         batches = [[(epoch, i) for i in ids[k:k + self.batch_size]]
                    for k in range(0, len(ids), self.batch_size)]
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=batches, num_workers=self.cfg.num_workers,
+            self.dataset, batch_sampler=batches, num_workers=self.cfg.workers,
             collate_fn=_collate, pin_memory=self.device.type == "cuda")
         for images, ids in loader:
             yield self._finish(images), ids
