@@ -319,6 +319,15 @@ def test_resume_position(tmp_path, cache, backend):
     assert make_loader(c, 2, start=(1, 6), **kw).position() == (2, 0)
 
 
+def test_pil_workers_do_not_change_the_result(tmp_path, cache):
+    root = make_folder(tmp_path / "d", 6)
+    c = dict(random_crop=True, random_flip=True)
+    runs = [take(make_loader(cfg(root, "pil", workers=w, **c), 2, seed=4, cache_dir=cache), 5)
+            for w in (0, 2)]                                # 3 batches per epoch: crosses one
+    for (a, ca), (b, cb) in zip(*runs):
+        assert ca == cb and torch.equal(a, b)
+
+
 def test_dali_fallback_to_pil(tmp_path, cache, monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)   # makes the import fail
     root = make_folder(tmp_path / "d", 2)
@@ -393,7 +402,7 @@ def test_builtin_dataset(tmp_path):
 
 def test_bench_data_tiny(tmp_path):
     out = tmp_path / "bench"
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=str(REPO), CCKERNELS_CACHE=str(tmp_path / "cache"))
     subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_data.py"), "--tiny",
                     "--out", str(out)], check=True, env=env, timeout=300)
     result = json.loads((out / "bench_data.json").read_text())

@@ -36,10 +36,13 @@ class DaliDecoder:
         self._tmp = tempfile.mkdtemp(prefix="cckernels-dali-")
         weakref.finalize(self, shutil.rmtree, self._tmp, ignore_errors=True)
 
-    def batches(self, epoch, shards, rank):
+    def stream(self, plans, rank):
+        """(images, ids) batches of this rank for the epochs in `plans`, one after another."""
+        for epoch, shards in plans:
+            yield from self._epoch(epoch, shards, rank)
+
+    def _epoch(self, epoch, shards, rank):
         ids = shards[rank]
-        if not len(ids):
-            return
         pipe = self._pipeline(epoch, np.concatenate(shards), rank, len(shards), ids)
         # Each rank's part is a whole number of batches, so DROP never drops here; it is
         # named so the policy is stated rather than DALI's default (FILL) assumed.

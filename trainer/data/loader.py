@@ -102,12 +102,16 @@ class Loader:
         return [order[r * n // w:r * n // w + self.samples_per_epoch][start:] for r in range(w)]
 
     def __iter__(self):
+        for images, ids in self.decoder.stream(self._plans(), self.rank):
+            self._sample += len(ids)
+            if self._sample == self.samples_per_epoch:
+                self._epoch, self._sample = self._epoch + 1, 0
+            yield images, [self.index.samples[i].caption for i in ids]
+
+    def _plans(self):
+        """(epoch, every rank's sample ids) from the current position on, forever. Decoders
+        may read ahead of what has been yielded, so this keeps its own counters."""
+        epoch, start = self._epoch, self._sample
         while True:
-            epoch = self._epoch
-            for images, ids in self.decoder.batches(epoch, self.shards(epoch, self._sample),
-                                                    self.rank):
-                self._sample += len(ids)
-                if self._sample == self.samples_per_epoch:
-                    self._epoch, self._sample = epoch + 1, 0
-                yield images, [self.index.samples[i].caption for i in ids]
-            assert self._epoch == epoch + 1, "the decoder ended an epoch early"
+            yield epoch, self.shards(epoch, start)
+            epoch, start = epoch + 1, 0

@@ -65,12 +65,17 @@ class PilDecoder:
         self.dataset = _Images(index.samples, cfg, seed)
         self.cfg, self.batch_size, self.device = cfg, batch_size, device
 
-    def batches(self, epoch, shards, rank):
-        ids = shards[rank].tolist()
-        batches = [[(epoch, i) for i in ids[k:k + self.batch_size]]
-                   for k in range(0, len(ids), self.batch_size)]
+    def stream(self, plans, rank):
+        """(images, ids) batches of this rank for the epochs in `plans`, one after another.
+        One DataLoader for the whole run: its workers start once and prefetch across epochs."""
+        def batches():
+            for epoch, shards in plans:
+                ids = shards[rank].tolist()
+                for k in range(0, len(ids), self.batch_size):
+                    yield [(epoch, i) for i in ids[k:k + self.batch_size]]
+
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=batches, num_workers=self.cfg.workers,
+            self.dataset, batch_sampler=batches(), num_workers=self.cfg.workers,
             collate_fn=_collate, pin_memory=self.device.type == "cuda")
         for images, ids in loader:
             yield self._finish(images), ids
