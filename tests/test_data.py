@@ -23,6 +23,7 @@ except ImportError:
     HAVE_DALI = False
 BACKENDS = ["pil", pytest.param("dali", marks=pytest.mark.skipif(not HAVE_DALI,
                                                                   reason="DALI not importable"))]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]  # cuda: DALI "mixed" decoding
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -148,7 +149,7 @@ def test_folder_captions(tmp_path, cache):
 
 
 def bad_files(root):
-    """Every awkward case: the first three are unreadable, the rest must be converted."""
+    """Every awkward case: the first five are unusable, the rest must be converted."""
     root.mkdir(parents=True)
     rgb = smooth_image(1, 36, 44)
     rgba = np.concatenate([rgb, np.full((36, 44, 1), 90, np.uint8)], -1)
@@ -157,6 +158,8 @@ def bad_files(root):
         "empty.jpg": b"",
         "truncated.jpg": encode(rgb)[:-300],
         "text.jpg": b"this is not an image\n" * 10,
+        "bitmap.jpg": encode(rgb, "BMP"),
+        "animated.png": encode(rgb, "PNG", save_all=True, append_images=[Image.fromarray(rgb[::-1])]),
         "cmyk.jpg": encode(rgb, mode="CMYK"),
         "palette.png": encode(Image.fromarray(rgb).quantize(64), "PNG"),
         "rgba.png": encode(rgba, "PNG"),
@@ -177,19 +180,23 @@ def test_bad_files_are_skipped_and_listed(tmp_path, cache, caplog):
     reasons = dict(line.split("\t") for line in (out / "skipped_files.txt").read_text().splitlines())
     assert reasons == {"empty.jpg": "empty file",
                        "text.jpg": "not an image (UnidentifiedImageError)",
+                       "bitmap.jpg": "unsupported format BMP",
+                       "animated.png": "animated image",
                        "truncated.jpg": reasons["truncated.jpg"]}
     assert reasons["truncated.jpg"].startswith("truncated or corrupt")
-    assert "3 unreadable skipped" in caplog.text and "skipped_files.txt" in caplog.text
+    assert "5 unreadable skipped" in caplog.text and "skipped_files.txt" in caplog.text
     assert "6 without caption" in caplog.text
     assert sorted(s.name for s in loader.index.samples) == [
         "cmyk.jpg", "good.jpg", "gray.jpg", "gray16.png", "palette.png", "rgba.png"]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_bad_files_never_crash_and_convert(tmp_path, cache, backend):
+def test_bad_files_never_crash_and_convert(tmp_path, cache, backend, device):
     root = bad_files(tmp_path / "bad")
     # resolution 36 = the images' short side: no resampling, so pixels can be checked exactly.
-    loader = make_loader(cfg(root, backend, resolution=36, layout="NHWC"), 2, cache_dir=cache)
+    loader = make_loader(cfg(root, backend, resolution=36, layout="NHWC"), 2, device=device,
+                         cache_dir=cache)
     names = [s.name for s in loader.index.samples]
     got, it = {}, iter(loader)
     for epoch in range(2):
@@ -197,8 +204,9 @@ def test_bad_files_never_crash_and_convert(tmp_path, cache, backend):
         for k in range(3):
             images, _ = next(it)
             assert images.shape == (2, 36, 36, 3) and torch.isfinite(images).all()
+            assert images.device.type == device
             for j, i in enumerate(ids[2 * k:2 * k + 2]):
-                got[names[i]] = ((images[j] + 1) * 127.5).round().to(torch.uint8).numpy()
+                got[names[i]] = ((images[j] + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
     assert len(got) == 6
     rgb = smooth_image(1, 36, 44)[:, 4:40]
     palette = np.asarray(Image.fromarray(smooth_image(1, 36, 44)).quantize(64).convert("RGB"))[:, 4:40]
@@ -277,15 +285,17 @@ def assert_same_pairs(batches_a, batches_b):
 
 
 @pytest.mark.skipif(not HAVE_DALI, reason="DALI not importable")
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("fmt", ["folder", "webdataset"])
-def test_backends_deliver_same_pairs(tmp_path, cache, fmt):
+def test_backends_deliver_same_pairs(tmp_path, cache, fmt, device):
     root = (make_folder(tmp_path / "d", 11) if fmt == "folder"
             else make_shards(tmp_path / "w", 11, per_shard=4))
     for rank in range(2):
         got = {b: take(make_loader(cfg(root, b, fmt), 2, rank=rank, world_size=2, seed=5,
-                                   cache_dir=cache), 4)          # two epochs of two batches
+                                   device=device, cache_dir=cache), 4)  # 2 epochs of 2 batches
                for b in ("pil", "dali")}
-        assert_same_pairs(got["pil"], got["dali"])
+        assert all(x.device.type == device for b in got.values() for x, _ in b)
+        assert_same_pairs(*([(x.cpu(), c) for x, c in got[b]] for b in ("pil", "dali")))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
