@@ -218,6 +218,13 @@ def test_bad_files_never_crash_and_convert(tmp_path, cache, backend, device):
     assert (got["gray.jpg"][..., 0] == got["gray.jpg"][..., 2]).all()
 
 
+def test_unsupported_mode(tmp_path, cache, monkeypatch):
+    root = bad_files(tmp_path / "bad")
+    monkeypatch.setattr(data_index, "IMAGE_MODES", tuple(m for m in data_index.IMAGE_MODES
+                                                         if m != "CMYK"))
+    assert dict(build_index(root, cache_dir=cache).skipped)["cmyk.jpg"] == "unsupported mode CMYK"
+
+
 def test_no_readable_image(tmp_path, cache):
     root = tmp_path / "d"
     root.mkdir()
@@ -371,7 +378,10 @@ def test_webdataset_index_files(tmp_path, cache):
     assert idx.stat().st_mtime_ns == mtime
     os.utime(idx, ns=(0, 0))
     ensure_dali_index(root / "shard-000.tar")
-    assert idx.stat().st_mtime_ns > 0
+    assert idx.stat().st_mtime_ns > 0 and idx.read_text() == (tmp_path / "ref.idx").read_text()
+    idx.write_text("v1.1 2\n")  # an older index version is rewritten, not misread
+    ensure_dali_index(root / "shard-000.tar")
+    assert idx.read_text() == (tmp_path / "ref.idx").read_text()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -233,7 +233,9 @@ def ensure_dali_index(shard):
     """Writes the DALI index of `shard` when missing or older than the shard; returns its path."""
     idx = dali_index_path(shard)
     if idx.exists() and idx.stat().st_mtime_ns >= Path(shard).stat().st_mtime_ns:
-        return idx
+        with open(idx) as f:
+            if f.readline().startswith(DALI_INDEX_VERSION + " "):
+                return idx  # up to date, in the version we read (older ones are rewritten)
     samples = []  # consecutive members with the same key form one sample
     with tarfile.open(shard) as tar:
         for m in tar:
