@@ -345,6 +345,20 @@ def test_pil_workers_do_not_change_the_result(tmp_path, cache):
         assert ca == cb and torch.equal(a, b)
 
 
+def test_distributed_rank0_validates_first(tmp_path, cache, monkeypatch):
+    root = make_folder(tmp_path / "d", 8)
+    events = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "barrier", lambda: events.append("barrier"))
+    real = data_index.check_image
+    monkeypatch.setattr(data_index, "check_image", lambda data: events.append("check") or real(data))
+    make_loader(cfg(root, "pil"), 2, rank=0, world_size=2, cache_dir=cache)
+    assert events == ["check"] * 8 + ["barrier"]          # rank 0: validate, then release
+    events.clear()
+    make_loader(cfg(root, "pil"), 2, rank=1, world_size=2, cache_dir=cache)
+    assert events == ["barrier"]                           # rank 1: wait, then read the cache
+
+
 def test_dali_fallback_to_pil(tmp_path, cache, monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)   # makes the import fail
     root = make_folder(tmp_path / "d", 2)

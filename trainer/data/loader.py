@@ -41,8 +41,16 @@ def make_loader(cfg_data, batch_size, rank=0, world_size=1, seed=0, device="cpu"
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank!r} must be in [0, world_size={world_size!r})")
     device = torch.device(device)
+    # Under torch.distributed, rank 0 writes the built-in images and the validation cache
+    # first; the other ranks then read them instead of decoding every image again.
+    dist = torch.distributed
+    rank0_first = world_size > 1 and dist.is_available() and dist.is_initialized()
+    if rank0_first and rank != 0:
+        dist.barrier()
     path = builtin_dataset_path(cache_dir) if cfg.path == "builtin" else cfg.path
     index = build_index(path, cfg.format, cache_dir=cache_dir)
+    if rank0_first and rank == 0:
+        dist.barrier()
     index.report(out_dir if rank == 0 else None)
 
     backend = cfg.backend
