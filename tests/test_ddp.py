@@ -256,3 +256,15 @@ def test_group_by_size_first_bucket_and_order():
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DistributedDataParallel(nn.Linear(2, 2), **kwargs)
+
+
+def test_bench_ddp_tiny(tmp_path):
+    from benchmarks import bench_ddp
+
+    bench_ddp.main(["--tiny", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "bench_ddp.json").read_text())
+    assert {(r["impl"], r["grad_comm"]) for r in result["rows"]} == {
+        (impl, dtype) for impl in ("ours", "torch") for dtype in ("fp32", "bf16")}
+    for row in result["rows"]:
+        assert row["step"]["ms"] > 0 and row["comm"]["ms"] > 0 and row["hidden"] == row["hidden"]  # not NaN
+    assert result["n_buckets"] >= 2 and (tmp_path / "bench_ddp.png").stat().st_size > 0
