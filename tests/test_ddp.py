@@ -170,6 +170,11 @@ def _worker(rank, store_path, out_dir):
         results = {name: _run_scenario(rank, *spec) for name, spec in SCENARIOS.items()}
         results["torch_plain"] = _run_against_torch(rank, {}, 1600 / 2**20, _plain)
         results["torch_unused"] = _run_against_torch(rank, {"shared": True}, 1e-6, _branch_on_rank0)
+        try:
+            DistributedDataParallel(nn.Linear(3, 3 + rank))
+            results["mismatch_raised"] = False
+        except ValueError:
+            results["mismatch_raised"] = True
     finally:
         dist.destroy_process_group()
     with open(f"{out_dir}/rank{rank}.json", "w") as f:
@@ -227,6 +232,10 @@ def test_same_numbers_as_torch_ddp(results, name):
     # Both pre-divide by the world size (exact for 2) and sum two values, so bit-identical.
     for res in results:
         assert res[name]["identical"], res[name]
+
+
+def test_different_models_raise_on_every_rank(results):
+    assert all(res["mismatch_raised"] for res in results)
 
 
 def test_shared_parameter_hook_fires_once():

@@ -35,7 +35,10 @@ collective.
 Limits: every parameter on one device; dense grads; each rank's backward must reach at least
 one trainable parameter (else it never joins the all-reduces); reentrant activation
 checkpointing is not supported (use use_reentrant=False); buffers are broadcast at
-construction only (the UNet has no running statistics).
+construction only (the UNet has no running statistics); the set of trainable parameters is
+fixed at construction (unfreezing one later needs a new wrapper); a bucket holding a
+parameter unused in this backward waits for the end of backward, and so do the buckets
+after it (collective order), so unused parameters cost overlap, not correctness.
 """
 import contextlib
 
@@ -120,9 +123,10 @@ class DistributedDataParallel(torch.nn.Module):
 
         device = devices.pop() if devices else torch.device("cpu")
         state = list(module.parameters()) + list(module.buffers())
+        src = dist.get_global_rank(process_group or dist.group.WORLD, 0)  # the group's rank 0
         with torch.no_grad():
-            self._check_same_model(state, device)
-            _broadcast_coalesced(state, dist.get_global_rank(process_group or dist.group.WORLD, 0), process_group)
+            self._check_same_model(state, src, device)
+            _broadcast_coalesced(state, src, process_group)
 
         # module.parameters() yields a Parameter reached twice (shared between layers) once, so
         # it gets one slot and one hook; autograd sums both uses into one accumulation.
@@ -131,18 +135,17 @@ class DistributedDataParallel(torch.nn.Module):
         groups = _group_by_size(reversed(params), comm_dtype, lambda p: p.numel() * comm_dtype(p).itemsize,
                                 min(_FIRST_BUCKET_BYTES, bucket_cap_mb * 2**20), bucket_cap_mb * 2**20)
         self._buckets = [_Bucket(g, comm_dtype(g[0]), device) for g in groups]
-        self._hooks = [
-            p.register_post_accumulate_grad_hook(self._make_hook(bucket, i))
-            for bucket in self._buckets for i, p in enumerate(bucket.params)
-        ]
+        for bucket in self._buckets:
+            for i, p in enumerate(bucket.params):
+                p.register_post_accumulate_grad_hook(self._make_hook(bucket, i))
 
-    def _check_same_model(self, state, device):
+    def _check_same_model(self, state, src, device):
         """Raise on every rank if some rank's parameter/buffer shapes differ from rank 0's
         (a mismatched broadcast would hang or silently mix tensors)."""
         shapes = [tuple(t.shape) for t in state]
         signature = torch.tensor([len(shapes), hash(tuple(shapes)) % (2**62)], dtype=torch.int64, device=device)
         reference = signature.clone()
-        dist.broadcast(reference, dist.get_global_rank(self.process_group or dist.group.WORLD, 0), self.process_group)
+        dist.broadcast(reference, src, self.process_group)
         mismatch = (reference != signature).any().to(torch.int64).reshape(1)
         dist.all_reduce(mismatch, op=dist.ReduceOp.MAX, group=self.process_group)
         if mismatch.item():
