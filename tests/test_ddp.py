@@ -24,15 +24,16 @@ BATCH = 8  # whole batch; each rank takes BATCH // WORLD rows
 
 
 class Net(nn.Module):
-    """Small MLP; `branch` is used only when forward asks for it, `never` is never used."""
+    """Small MLP. With unused=True: `branch`, used only when forward asks for it, and `never`."""
 
-    def __init__(self, frozen=False, shared=False):
+    def __init__(self, frozen=False, shared=False, unused=False):
         super().__init__()
         self.inp = nn.Linear(6, 12)
         self.hidden = nn.Linear(12, 12)
         self.hidden2 = nn.Linear(12, 12)
-        self.branch = nn.Linear(12, 12)
-        self.never = nn.Linear(12, 12)
+        if unused:
+            self.branch = nn.Linear(12, 12)
+            self.never = nn.Linear(12, 12)
         self.out = nn.Linear(12, 3)
         self.register_buffer("shift", torch.randn(12))
         if shared:  # the same Parameter reached from two layers
@@ -48,9 +49,10 @@ class Net(nn.Module):
         return self.out(h)
 
 
-def _data(step):
+def _data(step, model):
     g = torch.Generator().manual_seed(1000 + step)
-    return torch.randn(BATCH, 6, generator=g), torch.randn(BATCH, 3, generator=g)
+    device = next(model.parameters()).device
+    return torch.randn(BATCH, 6, generator=g).to(device), torch.randn(BATCH, 3, generator=g).to(device)
 
 
 def _mse(model, x, y, **kw):
@@ -63,9 +65,9 @@ def _optimizer(kind, params):
     return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
 
 
-def _build(seed, **net_kw):
+def _build(seed, device, **net_kw):
     torch.manual_seed(seed)
-    return Net(**net_kw)
+    return Net(**net_kw).to(device)
 
 
 def _max_diff(a, b):
@@ -90,7 +92,7 @@ def _reference_branch_on_rank0(model, x, y):
 
 def _train_ddp(rank, ddp, opt, loss_fn, accumulate):
     for step in range(STEPS):
-        x, y = (t.chunk(WORLD)[rank] for t in _data(step))
+        x, y = (t.chunk(WORLD)[rank] for t in _data(step, ddp))
         opt.zero_grad(set_to_none=True)
         if accumulate:
             # Two micro-batches; the first, under no_sync, is the only one using `branch`, so
@@ -105,7 +107,7 @@ def _train_ddp(rank, ddp, opt, loss_fn, accumulate):
 
 def _train_reference(model, opt, reference_loss):
     for step in range(STEPS):
-        x, y = _data(step)
+        x, y = _data(step, model)
         opt.zero_grad(set_to_none=True)
         reference_loss(model, x, y).backward()
         opt.step()
@@ -120,20 +122,20 @@ def _reference_accumulate(model, x, y):
 SCENARIOS = {
     # name: (Net kwargs, DDP kwargs, optimizer, rank loss, reference loss, accumulate)
     "one_bucket": ({}, {"bucket_cap_mb": 25.0}, "sgd", _plain, _mse, False),
-    "two_buckets": ({}, {"bucket_cap_mb": 1600 / 2**20}, "sgd", _plain, _mse, False),
+    "two_buckets": ({}, {"bucket_cap_mb": 1000 / 2**20}, "sgd", _plain, _mse, False),
     "many_buckets": ({}, {"bucket_cap_mb": 1e-6}, "adamw", _plain, _mse, False),
     "frozen_shared": ({"frozen": True, "shared": True}, {"bucket_cap_mb": 500 / 2**20}, "adamw", _plain, _mse, False),
-    "no_sync": ({"shared": True}, {"bucket_cap_mb": 1e-6}, "adamw", None, _reference_accumulate, True),
-    "unused": ({}, {"bucket_cap_mb": 700 / 2**20}, "adamw", _branch_on_rank0, _reference_branch_on_rank0, False),
+    "no_sync": ({"shared": True, "unused": True}, {"bucket_cap_mb": 1e-6}, "adamw", None, _reference_accumulate, True),
+    "unused": ({"unused": True}, {"bucket_cap_mb": 700 / 2**20}, "adamw", _branch_on_rank0, _reference_branch_on_rank0, False),
     "bf16_grads": ({}, {"bucket_cap_mb": 1e-6, "grad_dtype": torch.bfloat16}, "sgd", _plain, _mse, False),
 }
 
 
-def _run_scenario(rank, net_kw, ddp_kw, opt_kind, loss_fn, reference_loss, accumulate):
-    model = _build(seed=rank, **net_kw)  # ranks start different on purpose
-    start_differs = _max_diff(model, _build(seed=0, **net_kw)) > 0
+def _run_scenario(rank, device, net_kw, ddp_kw, opt_kind, loss_fn, reference_loss, accumulate):
+    model = _build(rank, device, **net_kw)  # ranks start different on purpose
+    start_differs = _max_diff(model, _build(0, device, **net_kw)) > 0
     ddp = DistributedDataParallel(model, **ddp_kw)
-    reference = _build(seed=0, **net_kw)
+    reference = _build(0, device, **net_kw)
     record = {
         "start_differs": start_differs,
         "broadcast_diff": _max_diff(model, reference),
@@ -142,36 +144,44 @@ def _run_scenario(rank, net_kw, ddp_kw, opt_kind, loss_fn, reference_loss, accum
         "n_trainable": sum(1 for p in model.parameters() if p.requires_grad),
     }
     frozen_before = model.inp.weight.detach().clone()
+    # How many buckets were already launched, from the hooks, when backward ended.
+    launched_by_hooks, finish = [], ddp._finish_backward
+    ddp._finish_backward = lambda: (launched_by_hooks.append(ddp._next), finish())
     _train_ddp(rank, ddp, _optimizer(opt_kind, ddp.parameters()), loss_fn, accumulate)
     _train_reference(reference, _optimizer(opt_kind, reference.parameters()), reference_loss)
     record["param_diff"] = _max_diff(model, reference)
     record["frozen_moved"] = (model.inp.weight - frozen_before).abs().max().item()
-    record["never_grad_is_none"] = model.never.weight.grad is None
+    record["never_grad_is_none"] = model.never.weight.grad is None if hasattr(model, "never") else None
+    record["launched_by_hooks"] = launched_by_hooks
     return record
 
 
-def _run_against_torch(rank, net_kw, bucket_cap_mb, loss_fn):
-    ours = _build(seed=0, **net_kw)
-    theirs = _build(seed=0, **net_kw)
+def _run_against_torch(rank, device, net_kw, bucket_cap_mb, loss_fn, find_unused):
+    ours = _build(0, device, **net_kw)
+    theirs = _build(0, device, **net_kw)
     ddp_ours = DistributedDataParallel(ours, bucket_cap_mb=bucket_cap_mb)
     ddp_theirs = nn.parallel.DistributedDataParallel(theirs, bucket_cap_mb=bucket_cap_mb,
-                                                     find_unused_parameters=True)  # Net.never
+                                                     find_unused_parameters=find_unused)
     for ddp in (ddp_ours, ddp_theirs):
         _train_ddp(rank, ddp, _optimizer("adamw", ddp.parameters()), loss_fn, accumulate=False)
     return {"identical": all(torch.equal(a, b) for a, b in zip(ours.parameters(), theirs.parameters())),
             "param_diff": _max_diff(ours, theirs)}
 
 
-def _worker(rank, store_path, out_dir):
+def _worker(rank, store_path, out_dir, backend="gloo", device="cpu"):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=WORLD,
+    if device == "cuda":  # NCCL: one GPU per rank; gloo: both ranks may share one GPU
+        device = torch.device("cuda", rank if backend == "nccl" else 0)
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, init_method=f"file://{store_path}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=60))
     try:
-        results = {name: _run_scenario(rank, *spec) for name, spec in SCENARIOS.items()}
-        results["torch_plain"] = _run_against_torch(rank, {}, 1600 / 2**20, _plain)
-        results["torch_unused"] = _run_against_torch(rank, {"shared": True}, 1e-6, _branch_on_rank0)
+        results = {name: _run_scenario(rank, device, *spec) for name, spec in SCENARIOS.items()}
+        results["torch_plain"] = _run_against_torch(rank, device, {}, 1000 / 2**20, _plain, False)
+        results["torch_unused"] = _run_against_torch(rank, device, {"shared": True, "unused": True}, 1e-6,
+                                                     _branch_on_rank0, True)
         try:
-            DistributedDataParallel(nn.Linear(3, 3 + rank))
+            DistributedDataParallel(nn.Linear(3, 3 + rank, device=device))
             results["mismatch_raised"] = False
         except ValueError:
             results["mismatch_raised"] = True
@@ -208,10 +218,21 @@ def test_bucket_counts(results, name, expected):
     assert r["n_buckets"] == (expected or r["n_trainable"])
 
 
+def test_all_reduce_launched_during_backward(results):
+    # Every bucket's all-reduce starts from a hook, while backward still runs...
+    for name in ("two_buckets", "many_buckets", "frozen_shared", "bf16_grads"):
+        r = results[0][name]
+        assert r["launched_by_hooks"] == [r["n_buckets"]] * STEPS, (name, r)
+    # ...except from the bucket holding `never` on: it waits for the end of backward (and the
+    # ones after it: every rank must issue the all-reduces in the same order).
+    r = results[0]["unused"]
+    assert r["launched_by_hooks"] == [0] * STEPS and r["n_buckets"] > 1
+
+
 def test_frozen_layer_untouched(results):
     for res in results:
         assert res["frozen_shared"]["frozen_moved"] == 0
-        assert res["frozen_shared"]["n_trainable"] == 9  # 12 tensors - frozen inp (2) - shared weight counted once
+        assert res["frozen_shared"]["n_trainable"] == 5  # 8 tensors - frozen inp (2) - shared weight counted once
 
 
 def test_unused_parameter_keeps_no_grad(results):
@@ -232,6 +253,23 @@ def test_same_numbers_as_torch_ddp(results, name):
     # Both pre-divide by the world size (exact for 2) and sum two values, so bit-identical.
     for res in results:
         assert res[name]["identical"], res[name]
+
+
+@pytest.mark.gpu
+def test_cuda_matches_single_process_and_torch(tmp_path):
+    # CUDA tensors (NCCL with a GPU per rank when there are two, else gloo with both ranks on
+    # one GPU): the hooks' copies, the all-reduces and the copy back run on CUDA streams.
+    backend = "nccl" if torch.cuda.device_count() >= 2 else "gloo"
+    mp.start_processes(_worker, args=(str(tmp_path / "store"), str(tmp_path), backend, "cuda"),
+                       nprocs=WORLD, start_method="spawn")  # CUDA cannot run in a forked child
+    for rank in range(WORLD):
+        res = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        for name in SCENARIOS:
+            assert res[name]["broadcast_diff"] == 0 and res[name]["never_grad_is_none"] is not False, (name, res[name])
+            # cuBLAS may sum a batch of 4 and of 8 rows in different orders: a looser fp32 bound.
+            assert res[name]["param_diff"] < (3e-3 if name == "bf16_grads" else 1e-5), (name, res[name])
+        assert res["torch_plain"]["identical"] and res["torch_unused"]["identical"], res
+        assert res["mismatch_raised"]
 
 
 def test_different_models_raise_on_every_rank(results):
