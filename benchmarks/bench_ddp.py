@@ -186,6 +186,9 @@ def main(argv=None):
 
     result = {
         "benchmark": "DDP forward+backward step: trainer.ddp vs torch DDP, and hidden all-reduce share",
+        "formulas": {"hidden": "(t_bwd + t_comm - t_step) / t_comm",
+                     "bus_GBps": "2 (W - 1) / W * bucket bytes / t_comm",
+                     "grad_bytes": "4 * depth * (width^2 + width)"},
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "backend": backend, "world_size": world,
         "device": device, "torch": torch.__version__, "width": args.width, "depth": args.depth,
         "batch_per_rank": args.batch, "bucket_mb": args.bucket_mb, "n_buckets": raw["n_buckets"],
