@@ -18,14 +18,15 @@ How one synchronized backward runs:
    must be issued in the same order on every rank, and hooks need not fire in the same order
    everywhere.
 3. The first hook of a backward queues a finalizer that autograd runs when backward ends. It
-   launches the buckets still waiting for grads that never came (parameters unused in this
-   backward contribute zeros), waits for every all-reduce and copies the averaged buckets
+   launches the buckets still waiting for grads that never came (a parameter unused in this
+   backward contributes what it accumulated under no_sync(), or zeros), waits for every all-reduce and copies the averaged buckets
    back into .grad. So `loss.backward()` returns with the final gradients.
 
 Averaging divides each grad by world_size while copying it into its bucket (one pass, in the
 grad's own precision, before any rounding to a lower communication dtype): the sum of
-pre-divided values cannot overflow a float16 bucket, the division is exact for power-of-two
-world sizes, and it is what torch's DDP does too, so both give the same numbers.
+pre-divided values cannot overflow a float16 bucket, and one division rounds once (exactly
+for power-of-two world sizes). torch's DDP also scales (by 1/world_size) while copying, so
+for power-of-two world sizes both give bit-identical gradients.
 
 Each bucket carries one extra element per parameter, 1 where that rank has a grad for it;
 after the all-reduce, a parameter with no grad on any rank keeps grad None (like
