@@ -125,12 +125,17 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     unet = randomize_(UNet.from_config(TINY))
     x, t, context = inputs(TINY)
     x.requires_grad_(True)
+    calls, block = [], unet.mid_block.attentions[0]
+    forward = block.forward
+    block.forward = lambda *args: calls.append(1) or forward(*args)  # counts recomputations too
     grads = []
     for checkpointing in (False, True):
         unet.enable_gradient_checkpointing(checkpointing)
         unet.zero_grad()
         x.grad = None
+        calls.clear()
         unet(x, t, context).square().mean().backward()
+        assert len(calls) == (2 if checkpointing else 1)  # recomputed in backward
         grads.append([x.grad.clone()] + [p.grad.clone() for p in unet.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
@@ -153,7 +158,8 @@ def test_triton_backend_matches_torch(monkeypatch):
         xb, cb = x.clone().requires_grad_(True), context.clone().requires_grad_(True)
         out = unet(xb, t, cb)
         out.square().mean().backward()
-        assert ck.used_backends() == {"attention": backend, "group_norm": backend}
+        used = ck.used_backends()
+        assert (used["attention"], used["group_norm"]) == (backend, backend)
         results[backend] = [out, xb.grad, cb.grad] + [p.grad for p in unet.parameters()]
     for a, b in zip(results["triton"], results["torch"]):
         assert rel_err(a, b) < 1e-4
@@ -287,6 +293,8 @@ def test_input_errors():
         unet(x[:, :3], t, context)
     with pytest.raises(ValueError, match="encoder_hidden_states must be"):
         unet(x, t, context[:1])
+    with pytest.raises(ValueError, match="timesteps must be"):
+        unet(x, torch.arange(3), context)
 
 
 def test_parameter_counts():

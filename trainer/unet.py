@@ -496,7 +496,10 @@ class UNet(nn.Module):
             )
         if self.config["center_input_sample"]:
             x = 2 * x - 1.0
-        t = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(x.shape[0])
+        t = torch.as_tensor(timesteps, device=x.device).reshape(-1)
+        if t.numel() not in (1, x.shape[0]):
+            raise ValueError(f"timesteps must be a number or hold 1 or B={x.shape[0]} values, got {t.numel()}")
+        t = t.expand(x.shape[0])
         t_emb = timestep_embedding(t, self.conv_in.out_channels, self.config["flip_sin_to_cos"], self.config["freq_shift"])
         temb = self.time_embedding(t_emb.to(x.dtype))
         h = self.conv_in(x)
