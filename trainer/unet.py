@@ -38,7 +38,7 @@ DIFFUSERS_CLASS = "UNet2DConditionModel"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 CONFIG_NAME = "config.json"
 
-# Every UNet2DConditionModel config key with diffusers' default value.
+# Every UNet2DConditionModel config key with diffusers' default value (diffusers 0.42).
 DIFFUSERS_DEFAULTS = {
     "sample_size": None,
     "in_channels": 4,
@@ -456,21 +456,34 @@ class UNet(nn.Module):
         self.sample_size = cfg["sample_size"]
         self.conv_in = nn.Conv2d(cfg["in_channels"], channels[0], cfg["conv_in_kernel"], padding=cfg["conv_in_kernel"] // 2)
         self.time_embedding = TimestepEmbedding(channels[0], temb_dim)
-        self.down_blocks = nn.ModuleList(
-            DownBlock(
-                channels[max(i - 1, 0)], channels[i], layers[i], resnet(), attn(kind, i),
-                cfg["downsample_padding"], add_downsample=i < n - 1,
+        self.down_blocks = nn.ModuleList()
+        for i, kind in enumerate(cfg["down_block_types"]):
+            self.down_blocks.append(
+                DownBlock(
+                    in_ch=channels[max(i - 1, 0)],
+                    out_ch=channels[i],
+                    num_layers=layers[i],
+                    resnet=resnet(),
+                    attn=attn(kind, i),
+                    downsample_padding=cfg["downsample_padding"],
+                    add_downsample=i < n - 1,
+                )
             )
-            for i, kind in enumerate(cfg["down_block_types"])
-        )  # fmt: skip
         self.mid_block = MidBlock(channels[-1], resnet(cfg["mid_block_scale_factor"]), attn("CrossAttn", n - 1))
-        self.up_blocks = nn.ModuleList(
-            UpBlock(
-                channels[max(n - 2 - i, 0)], channels[min(n - i, n - 1)], channels[n - 1 - i], layers[n - 1 - i] + 1,
-                resnet(), attn(kind, n - 1 - i), add_upsample=i < n - 1,
+        self.up_blocks = nn.ModuleList()
+        for i, kind in enumerate(cfg["up_block_types"]):
+            j = n - 1 - i  # the down block at this resolution, whose options this block takes
+            self.up_blocks.append(
+                UpBlock(
+                    in_ch=channels[max(j - 1, 0)],  # width of the last skip it takes
+                    prev_ch=channels[min(j + 1, n - 1)],  # width of the features coming up
+                    out_ch=channels[j],
+                    num_layers=layers[j] + 1,  # one more than down: it also takes the downsample's skip
+                    resnet=resnet(),
+                    attn=attn(kind, j),
+                    add_upsample=i < n - 1,
+                )
             )
-            for i, kind in enumerate(cfg["up_block_types"])
-        )  # fmt: skip
         self.conv_norm_out = ck.nn.GroupNorm(groups, channels[0], eps, activation="silu")
         self.conv_out = nn.Conv2d(channels[0], cfg["out_channels"], cfg["conv_out_kernel"], padding=cfg["conv_out_kernel"] // 2)
         self.enable_gradient_checkpointing(gradient_checkpointing)
