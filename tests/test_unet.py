@@ -168,22 +168,28 @@ def test_triton_backend_matches_torch(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_kernels_match_torch_backend(dtype, monkeypatch):
-    """SD2 widths (64-dim heads, 1024-dim text) on the best GPU backends vs the torch backend."""
+    """SD2 widths (64-dim heads, 77 tokens of 1024) under autocast, channels_last: the best GPU
+    backends are no further from an fp32 run than the torch backend in the same precision."""
     cfg = dict(unet_config("sd2-base"), block_out_channels=[128, 256], attention_head_dim=[2, 4], layers_per_block=1)
     cfg.update(down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"])
-    unet = UNet.from_config(cfg).cuda().to(memory_format=torch.channels_last)
+    unet = randomize_(UNet.from_config(cfg)).cuda().to(memory_format=torch.channels_last)
     x, t, context = inputs(cfg, size=(32, 32), tokens=77, device="cuda")
-    results = {}
-    for backend in (None, "torch"):
+
+    def run(backend, precision):
         if backend:
             monkeypatch.setenv("CCKERNELS_BACKEND", backend)
+        else:
+            monkeypatch.delenv("CCKERNELS_BACKEND", raising=False)
         unet.zero_grad()
-        with torch.autocast("cuda", dtype=dtype):
+        with torch.autocast("cuda", dtype=precision, enabled=precision != torch.float32):
             out = unet(x, t, context)
         out.float().square().mean().backward()
-        results[backend] = [out.float()] + [p.grad for p in unet.parameters()]
-    for a, b in zip(results[None], results["torch"]):
-        assert rel_err(a, b) < 2e-2  # both in low precision: half-precision rounding differs
+        return [out.float()] + [p.grad.clone() for p in unet.parameters()]
+
+    exact, torch_lp, kernels_lp = run("torch", torch.float32), run("torch", dtype), run(None, dtype)
+    for i, (ref, a, b) in enumerate(zip(exact, torch_lp, kernels_lp)):
+        slack = 2 if i == 0 else 3  # outputs 2x, gradients 3x the torch backend's error
+        assert rel_err(b, ref) <= slack * rel_err(a, ref) + 1e-3
 
 
 # --- diffusers compatibility (diffusers is a test-only dependency) ---
