@@ -51,7 +51,8 @@ AUTOTUNE_KEY = ["q_bucket", "k_bucket", "HEAD_DIM"]
 # Footprints: (shared-memory elements = tiles loaded once + pipelined tiles x stages, which is
 # what Triton allocates on sm90 (sm80 needs less); fp32-equivalent register values = fp32
 # accumulators + fp32 score tiles + 16-bit tiles held for the whole loop at half weight).
-# Above 160 values per thread the sm80/sm90 compiles hit 255 registers and spill.
+# Above 160 values per thread the fp16/bf16 sm80/sm90 compiles hit 255 registers and spill.
+# fp32 (IEEE dots on FMA units: the accuracy path, not the speed path) spills a little anyway.
 REGISTER_VALUES_PER_THREAD = 160
 
 
