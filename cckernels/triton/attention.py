@@ -377,10 +377,11 @@ def _dkdv_splits(Lq, Lk, BH, device):
 
     Cross-attention with 77 keys has one key block per (batch, head); without a split a
     handful of programs would each walk all of Lq. Partial sums go to an fp32 buffer and are
-    reduced in a fixed order, which keeps the backward deterministic.
+    reduced in a fixed order, which keeps the backward deterministic. Splits stop at about one
+    wave of programs: each one adds a (B, Lk, H, D) fp32 partial per gradient to write and sum.
     """
     programs = triton.cdiv(Lk, 128) * BH
-    splits = max(1, min(triton.cdiv(Lq, 128), triton.cdiv(2 * _num_sms(device), programs)))
+    splits = max(1, min(triton.cdiv(Lq, 128), triton.cdiv(_num_sms(device), programs)))
     rows = triton.cdiv(triton.cdiv(Lq, splits), 128) * 128
     return rows, triton.cdiv(Lq, rows)
 
