@@ -153,6 +153,10 @@ def test_config_pools_fit_shared_memory(monkeypatch, smem):
                 for Lq, Lk in [(4096, 4096), (4096, 77), (64, 64), (1, 1)]:
                     kept = A._prune(configs, {"Q": q, "Lq": Lq, "Lk": Lk}, footprint, short_kv, BLOCK_D=block_d)
                     assert kept
+                    with monkeypatch.context() as env:
+                        env.setenv("CCKERNELS_AUTOTUNE", "0")
+                        first = A._prune(configs, {"Q": q, "Lq": Lq, "Lk": Lk}, footprint, short_kv, BLOCK_D=block_d)
+                    assert [c.all_kwargs() for c in first] == [kept[0].all_kwargs()]
                     for c in kept:
                         m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
                         assert footprint(m, n, block_d, c.num_stages)[0] * q.element_size() <= smem, (D, dtype, c)
@@ -201,7 +205,8 @@ def test_gpu_sd2_shapes(B, Lq, Lk, H, dtype):
 @pytest.mark.parametrize(  # every head dim once; few combinations, as each new one autotunes
     "D,Lq,Lk", [(32, 1, 77), (40, 100, 257), (64, 4095, 77), (80, 257, 4095), (96, 77, 100), (128, 4095, 1)]
 )
-def test_gpu_odd_shapes(D, Lq, Lk, dtype):
+def test_gpu_odd_shapes(D, Lq, Lk, dtype, monkeypatch):
+    monkeypatch.setenv("CCKERNELS_AUTOTUNE", "0")  # correctness only: one compile per kernel
     qkv = [cuda_randn(1, Lq, 3, D), cuda_randn(1, Lk, 3, D), cuda_randn(1, Lk, 3, D)]
     check_against_fp64(separate, qkv, None, dtype)
 
