@@ -30,6 +30,11 @@ IMPLEMENTATIONS = {
         "triton": "cckernels.triton.ema:ema_update_",
         "torch": "cckernels.reference:ema_update_",
     },
+    # FusedAdamWEMA's step (cckernels.optim), not a public op of its own.
+    "adamw_ema_": {
+        "triton": "cckernels.triton.adamw_ema:adamw_ema_",
+        "torch": "cckernels.reference:adamw_ema_",
+    },
 }
 
 
