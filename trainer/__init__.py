@@ -1,0 +1,1 @@
+"""Training: hand-written data parallelism, UNet, diffusion, EMA, data, sampling."""
