@@ -1,1 +1,0 @@
-"""Training: hand-written data parallelism, UNet, diffusion, EMA, data, sampling."""
