@@ -1,0 +1,145 @@
+"""Backend selection, fallback and argument checking of the public API."""
+import pytest
+import torch
+
+import cckernels as ck
+from cckernels import backend as backend_mod
+
+
+def test_available_backends_lists_every_op_best_first():
+    avail = ck.available_backends("cpu")
+    assert set(avail) == {"attention", "group_norm", "ema_update_"}
+    for op, names in avail.items():
+        assert names[-1] == "torch"
+        assert "cuda" not in names  # no CUDA kernels run on CPU tensors
+        assert names == [b for b in ck.BACKENDS if b in names]
+
+
+def test_triton_on_cpu_only_with_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert all("triton" not in v for v in ck.available_backends("cpu").values())
+
+
+def test_unknown_backend_is_a_clear_error(monkeypatch):
+    x = torch.randn(1, 4, 2, 2)
+    with pytest.raises(ValueError, match="unknown backend 'cudnn'.*cuda, triton, torch"):
+        ck.group_norm(x, 2, backend="cudnn")
+    monkeypatch.setenv("CCKERNELS_BACKEND", "nope")
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+        ck.group_norm(x, 2)
+
+
+@pytest.fixture
+def fake_backends(monkeypatch):
+    """A 'cuda' backend that takes nothing and a 'triton' one that records its calls."""
+    calls = []
+
+    def refuses(*args):
+        raise ck.Unsupported("fake: refuses everything")
+
+    def records(x, *args):
+        calls.append("triton")
+        return torch.full_like(x, 7.0)
+
+    monkeypatch.setattr(backend_mod, "_usable", lambda op, name, device: True)
+    monkeypatch.setattr(backend_mod, "_load", {"cuda": refuses, "triton": records, "torch": None}.get)
+    monkeypatch.setattr(
+        backend_mod, "IMPLEMENTATIONS", {op: {"cuda": "cuda", "triton": "triton", "torch": "torch"} for op in backend_mod.IMPLEMENTATIONS}
+    )
+    monkeypatch.delenv("CCKERNELS_BACKEND", raising=False)
+    return calls
+
+
+def test_fallback_to_next_backend_when_unsupported(fake_backends, caplog):
+    x = torch.randn(1, 4, 2, 2)
+    with caplog.at_level("INFO", logger="cckernels"):
+        y = ck.group_norm(x, 2)
+    assert fake_backends == ["triton"] and torch.all(y == 7)
+    assert ck.used_backends()["group_norm"] == "triton"
+    assert "refuses everything" in caplog.text
+
+
+def test_requested_backend_then_the_ones_after_it(fake_backends, monkeypatch):
+    x = torch.randn(1, 4, 2, 2)
+    monkeypatch.setenv("CCKERNELS_BACKEND", "cuda")
+    ck.group_norm(x, 2)
+    assert ck.used_backends()["group_norm"] == "triton"
+    monkeypatch.setattr(backend_mod, "_load", {"torch": lambda x, *a: torch.zeros_like(x)}.get)
+    assert torch.all(ck.group_norm(x, 2, backend="torch") == 0)
+    assert ck.used_backends()["group_norm"] == "torch"
+
+
+def test_env_selects_backend(monkeypatch):
+    monkeypatch.setenv("CCKERNELS_BACKEND", "torch")
+    ck.attention(*(torch.randn(1, 3, 1, 32) for _ in range(3)))
+    assert ck.used_backends()["attention"] == "torch"
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(q=torch.randn(1, 3, 32)), "q must be 4-D"),
+        (dict(k=torch.randn(1, 5, 2, 16), v=torch.randn(1, 5, 2, 16)), "disagree in batch, heads or head dim"),
+        (dict(v=torch.randn(1, 6, 2, 32)), "k and v shapes differ"),
+        (dict(q=torch.randn(1, 4, 2, 32).half()), "dtypes differ"),
+        (dict(q=torch.randint(0, 3, (1, 4, 2, 32))), "dtype torch.int64"),
+        (dict(q=torch.randn(1, 0, 2, 32)), "empty dimension"),
+        (dict(scale=-1.0), "scale must be a positive"),
+        (dict(q=[1, 2]), "q must be a torch.Tensor"),
+    ],
+)
+def test_attention_bad_arguments(kwargs, match):
+    args = dict(q=torch.randn(1, 4, 2, 32), k=torch.randn(1, 5, 2, 32), v=torch.randn(1, 5, 2, 32))
+    args.update(kwargs)
+    scale = args.pop("scale", None)
+    with pytest.raises(ValueError, match=match):
+        ck.attention(args["q"], args["k"], args["v"], scale=scale)
+
+
+@pytest.mark.parametrize(
+    "args,kwargs,match",
+    [
+        ((torch.randn(2, 6, 3, 3), 4), {}, "num_channels 6 is not divisible by num_groups 4"),
+        ((torch.randn(6), 2), {}, r"\(N, C, \*spatial\)"),
+        ((torch.randn(2, 6, 3), 0), {}, "num_groups must be a positive int"),
+        ((torch.randn(2, 6, 3), 2, torch.randn(5)), {}, r"weight must have shape \(6,\)"),
+        ((torch.randn(2, 6, 3), 2, None, torch.randn(6, 1)), {}, r"bias must have shape \(6,\)"),
+        ((torch.randn(2, 6, 3), 2), {"activation": "gelu"}, "activation must be None or 'silu'"),
+        ((torch.randn(2, 6, 3), 2, None, None, 0.0), {}, "eps must be positive"),
+    ],
+)
+def test_group_norm_bad_arguments(args, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ck.group_norm(*args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "ema,params,decay,match",
+    [
+        ([torch.zeros(3)], [], 0.9, "ema has 1 tensors but params has 0"),
+        ([torch.zeros(3)], [torch.randn(3)], 1.5, r"decay must be a number in \[0, 1\]"),
+        ([torch.zeros(3)], [torch.randn(3)], -0.1, r"decay must be a number in \[0, 1\]"),
+        ([torch.zeros(3).half()], [torch.randn(3)], 0.9, "must be float32"),
+        ([torch.zeros(3)], [torch.randn(4)], 0.9, r"ema\[0\] shape \(3,\) != params\[0\] shape \(4,\)"),
+        ([torch.zeros(3)], [torch.arange(3)], 0.9, r"params\[0\] has dtype torch.int64"),
+    ],
+)
+def test_ema_bad_arguments(ema, params, decay, match):
+    before = [e.clone() for e in ema]
+    with pytest.raises(ValueError, match=match):
+        ck.ema_update_(ema, params, decay)
+    assert all(torch.equal(a, b) for a, b in zip(ema, before))
+
+
+def test_ema_empty_lists_are_a_no_op():
+    ck.ema_update_([], [], 0.5)
+
+
+def test_build_info_is_truthful():
+    info = ck.build_info()
+    try:
+        import cckernels._C  # noqa: F401
+    except ImportError:
+        assert info["_C"] is False
+    else:
+        assert info["_C"] is True
