@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 
 from cckernels.backend import Unsupported
-from cckernels.triton.ema import TL_DTYPES, check_dtypes
-from cckernels.triton.multi_tensor import check_same_layout, lerp, load, store, tables, tensor_address
+from cckernels.triton.ema import check_dtypes
+from cckernels.triton.multi_tensor import check_same_layout, lerp, load, store, tables, tensor_ptr
 
 BLOCK = 1024
 ITERS = 4
@@ -47,7 +47,10 @@ def _adamw_ema_block(
 
 @triton.jit
 def _adamw_ema_kernel(
-    ptrs,  # (6, T) int64 addresses: param, grad, exp_avg, exp_avg_sq, master, ema
+    # Tensor t of each list is at base + offsets[row, t]; rows: param, grad (fp32/fp16/bf16),
+    # exp_avg, exp_avg_sq, master, ema (fp32; master is param when not HAS_MASTER).
+    param_base, grad_base, exp_avg_base, exp_avg_sq_base, master_base, ema_base,
+    offsets,  # (6, T) int64, in elements
     T,  # number of tensors
     sizes,  # (T,) int64 numel of each tensor
     tensors,  # (programs,) int64 tensor index of each program
@@ -60,9 +63,8 @@ def _adamw_ema_kernel(
     bc2_sqrt,  # sqrt(1 - beta2^step)
     eps,
     ema_w,  # 1 - ema_decay
-    PARAM_DTYPE: tl.constexpr,  # param and grad dtype
-    HAS_MASTER: tl.constexpr,  # rows 4 (fp32 master) is separate from row 0 (param)
-    HAS_EMA: tl.constexpr,  # row 5 holds the fp32 EMA tensors
+    HAS_MASTER: tl.constexpr,  # fp32 master weights separate from the params
+    HAS_EMA: tl.constexpr,  # update the EMA tensors
     ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
     ITERS: tl.constexpr,
@@ -71,12 +73,12 @@ def _adamw_ema_kernel(
     t = tl.load(tensors + pid)
     start = tl.load(chunks + pid) * (BLOCK * ITERS)
     n = tl.load(sizes + t)
-    param = tensor_address(ptrs, t, ALIGNED).to(tl.pointer_type(PARAM_DTYPE))
-    grad = tensor_address(ptrs + T, t, ALIGNED).to(tl.pointer_type(PARAM_DTYPE))
-    exp_avg = tensor_address(ptrs + 2 * T, t, ALIGNED).to(tl.pointer_type(tl.float32))
-    exp_avg_sq = tensor_address(ptrs + 3 * T, t, ALIGNED).to(tl.pointer_type(tl.float32))
-    master = tensor_address(ptrs + 4 * T, t, ALIGNED).to(tl.pointer_type(tl.float32))
-    ema = tensor_address(ptrs + 5 * T, t, ALIGNED).to(tl.pointer_type(tl.float32))
+    param = tensor_ptr(param_base, offsets, t, ALIGNED)
+    grad = tensor_ptr(grad_base, offsets + T, t, ALIGNED)
+    exp_avg = tensor_ptr(exp_avg_base, offsets + 2 * T, t, ALIGNED)
+    exp_avg_sq = tensor_ptr(exp_avg_sq_base, offsets + 3 * T, t, ALIGNED)
+    master = tensor_ptr(master_base, offsets + 4 * T, t, ALIGNED)
+    ema = tensor_ptr(ema_base, offsets + 5 * T, t, ALIGNED)
     if start + BLOCK * ITERS <= n:
         for i in tl.static_range(ITERS):
             _adamw_ema_block(
@@ -105,9 +107,8 @@ def adamw_ema_(params, grads, exp_avgs, exp_avg_sqs, masters, emas, scalars):
     keep = [i for i, p in enumerate(params) if p.numel()]
     if not keep:
         return
-    ptrs, sizes, tensors, chunks, aligned = tables([[row[i] for i in keep] for row in rows], CHUNK)
+    bases, offsets, sizes, tensors, chunks, aligned = tables([[row[i] for i in keep] for row in rows], CHUNK)
     _adamw_ema_kernel[(len(tensors),)](
-        ptrs, len(keep), sizes, tensors, chunks, *scalars,
-        PARAM_DTYPE=TL_DTYPES[params[0].dtype], HAS_MASTER=masters is not None, HAS_EMA=emas is not None,
-        ALIGNED=aligned, BLOCK=BLOCK, ITERS=ITERS,
+        *bases, offsets, len(keep), sizes, tensors, chunks, *scalars,
+        HAS_MASTER=masters is not None, HAS_EMA=emas is not None, ALIGNED=aligned, BLOCK=BLOCK, ITERS=ITERS,
     )  # fmt: skip

@@ -9,12 +9,12 @@ import triton
 import triton.language as tl
 
 from cckernels.backend import Unsupported
-from cckernels.triton.multi_tensor import check_same_layout, lerp, load, store, tables, tensor_address
+from cckernels.triton.multi_tensor import check_same_layout, lerp, load, store, tables, tensor_ptr
 
 BLOCK = 1024
 ITERS = 8
 CHUNK = BLOCK * ITERS  # elements per program
-TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
@@ -24,13 +24,14 @@ def _ema_block(ema, param, offs, n, w, EVEN: tl.constexpr):
 
 @triton.jit
 def _ema_kernel(
-    ema_ptrs,  # (T,) int64 addresses of the fp32 EMA tensors
-    param_ptrs,  # (T,) int64 addresses of the PARAM_DTYPE parameters
+    ema_base,  # fp32 EMA tensors at ema_base + ema_offsets[t]
+    param_base,  # params (fp32/fp16/bf16) at param_base + param_offsets[t]
+    ema_offsets,  # (T,) int64
+    param_offsets,  # (T,) int64
     sizes,  # (T,) int64 numel of each tensor
     tensors,  # (programs,) int64 tensor index of each program
     chunks,  # (programs,) int64 chunk index of each program inside its tensor
     w,  # 1 - decay
-    PARAM_DTYPE: tl.constexpr,
     ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
     ITERS: tl.constexpr,
@@ -39,8 +40,8 @@ def _ema_kernel(
     t = tl.load(tensors + pid)
     start = tl.load(chunks + pid) * (BLOCK * ITERS)
     n = tl.load(sizes + t)
-    ema = tensor_address(ema_ptrs, t, ALIGNED).to(tl.pointer_type(tl.float32))
-    param = tensor_address(param_ptrs, t, ALIGNED).to(tl.pointer_type(PARAM_DTYPE))
+    ema = tensor_ptr(ema_base, ema_offsets, t, ALIGNED)
+    param = tensor_ptr(param_base, param_offsets, t, ALIGNED)
     if start + BLOCK * ITERS <= n:
         for i in tl.static_range(ITERS):
             _ema_block(ema, param, start + i * BLOCK + tl.arange(0, BLOCK), n, w, True)
@@ -51,7 +52,7 @@ def _ema_kernel(
 
 def check_dtypes(name, ts):
     for i, t in enumerate(ts):
-        if t.dtype not in TL_DTYPES:
+        if t.dtype not in DTYPES:
             raise Unsupported(f"{name}[{i}] dtype {t.dtype}")
 
 
@@ -65,9 +66,9 @@ def ema_update_(ema, params, decay):
             es, ps = groups.setdefault(p.dtype, ([], []))
             es.append(e)
             ps.append(p)
-    for dtype, (es, ps) in groups.items():
-        ptrs, sizes, tensors, chunks, aligned = tables([es, ps], CHUNK)
+    for es, ps in groups.values():
+        bases, offsets, sizes, tensors, chunks, aligned = tables([es, ps], CHUNK)
         _ema_kernel[(len(tensors),)](
-            ptrs[0], ptrs[1], sizes, tensors, chunks, 1.0 - decay,
-            PARAM_DTYPE=TL_DTYPES[dtype], ALIGNED=aligned, BLOCK=BLOCK, ITERS=ITERS,
+            *bases, offsets[0], offsets[1], sizes, tensors, chunks, 1.0 - decay,
+            ALIGNED=aligned, BLOCK=BLOCK, ITERS=ITERS,
         )  # fmt: skip

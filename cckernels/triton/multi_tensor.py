@@ -2,8 +2,11 @@
 
 The Triton analogue of apex's multi_tensor_apply: every tensor is cut into chunks of
 `chunk` elements and program `pid` handles chunk `chunks[pid]` of tensor `tensors[pid]`.
-The tensors' addresses travel as int64 in one table that the kernel loads and casts back
-to typed pointers, so a launch takes any number of tensors without copying them.
+Each list ("row") is passed as one typed base pointer (its lowest-addressed tensor) plus
+an int64 table of element offsets from it, so a launch takes any number of tensors
+without copying them. Offsets rather than raw addresses cast to pointers: Triton keeps
+the base pointer's 16-byte alignment and a multiple_of hint on the offset, so it emits
+128-bit loads; it drops alignment hints across an int-to-pointer cast.
 
 Tables are cached by (addresses, sizes): an EMA or optimizer step over the same tensors
 every iteration reuses the table already on the device instead of rebuilding it.
@@ -21,12 +24,12 @@ _cache = OrderedDict()
 
 
 @triton.jit
-def tensor_address(table, t, ALIGNED: tl.constexpr):
-    """Address of tensor t from an int64 table; ALIGNED lets Triton vectorize its accesses."""
-    address = tl.load(table + t)
+def tensor_ptr(base, table, t, ALIGNED: tl.constexpr):
+    """Pointer to tensor t: base + table[t]; ALIGNED (16-byte) lets Triton vectorize accesses."""
+    offset = tl.load(table + t)
     if ALIGNED:
-        address = tl.multiple_of(address, 16)
-    return address
+        offset = tl.multiple_of(offset, 128 // base.dtype.element_ty.primitive_bitwidth)
+    return base + offset
 
 
 @triton.jit
@@ -71,32 +74,41 @@ def check_same_layout(name, lists):
 
 
 def tables(lists, chunk):
-    """Pack `lists` (each a list of T same-size tensors) into device tables for one launch.
+    """Pack `lists` (rows of T same-size tensors, one dtype per row) for one launch.
 
-    Returns (ptrs, sizes, tensors, chunks, aligned): ptrs (len(lists), T) int64 addresses,
-    sizes (T,) numel, tensors/chunks (B,) int64 tensor index and chunk index per program
-    (B = total chunks; empty tensors get none), aligned: every address is 16-byte aligned.
+    Returns (bases, offsets, sizes, tensors, chunks, aligned): bases, one tensor per row
+    whose data_ptr the offsets count from; offsets (rows, T) int64 in elements; sizes (T,)
+    numel; tensors/chunks (B,) int64 tensor index and chunk index of each program (B = total
+    chunks; empty tensors get none); aligned: every address is 16-byte aligned.
     """
     device = lists[0][0].device
     addresses = tuple(tuple(t.data_ptr() for t in ts) for ts in lists)
     numels = tuple(t.numel() for t in lists[0])
+    lowest = [min(range(len(row)), key=row.__getitem__) for row in addresses]
+    bases = [ts[i] for ts, i in zip(lists, lowest)]
     key = (device, chunk, addresses, numels)
     hit = _cache.get(key)
     if hit is not None:
         _cache.move_to_end(key)
-        return hit
+        return (bases, *hit)
+    offsets = []
+    for row, base in zip(addresses, bases):
+        size = base.element_size()
+        if any((a - base.data_ptr()) % size for a in row):
+            raise Unsupported("a tensor address is not a multiple of its element size from the others")
+        offsets.append([(a - base.data_ptr()) // size for a in row])
     sizes = torch.tensor(numels, dtype=torch.int64)
     per_tensor = (sizes + chunk - 1) // chunk
     tensors = torch.repeat_interleave(torch.arange(len(numels)), per_tensor)
     first = torch.cumsum(per_tensor, 0) - per_tensor  # first program of each tensor
     chunks = torch.arange(len(tensors)) - first[tensors]
     # One host->device copy for everything; the pieces are views of it.
-    flat = torch.cat([torch.tensor(addresses, dtype=torch.int64).flatten(), sizes, tensors, chunks]).to(device)
+    flat = torch.cat([torch.tensor(offsets, dtype=torch.int64).flatten(), sizes, tensors, chunks]).to(device)
     n, T, B = len(lists), len(numels), len(tensors)
-    ptrs, sizes, tensors, chunks = flat.split([n * T, T, B, B])
+    offsets, sizes, tensors, chunks = flat.split([n * T, T, B, B])
     aligned = all(a % 16 == 0 for row in addresses for a in row)
-    out = (ptrs.view(n, T), sizes, tensors, chunks, aligned)
-    _cache[key] = out
+    hit = (offsets.view(n, T), sizes, tensors, chunks, aligned)
+    _cache[key] = hit
     if len(_cache) > _CACHE_SIZE:
         _cache.popitem(last=False)
-    return out
+    return (bases, *hit)
