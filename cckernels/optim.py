@@ -17,7 +17,7 @@ class FusedAdamWEMA(torch.optim.Optimizer):
     """torch.optim.AdamW (decoupled weight decay, bias correction) fused with an EMA update.
 
     Each step reads param, grad, exp_avg, exp_avg_sq (and the EMA) once and writes them once,
-    in one launch per (param group, dtype) on the "cuda" and "triton" backends; the "torch"
+    in a few launches per (param group, dtype) on the "cuda" and "triton" backends; the "torch"
     backend does the same arithmetic with torch._foreach ops. Results match torch.optim.AdamW
     followed by ck.ema_update_ to fp32 rounding.
 
