@@ -1,0 +1,74 @@
+import pytest
+import torch
+
+from trainer import checkpoint, config
+
+
+@pytest.fixture
+def cfg_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  unet: {sample_size: 8, block_out_channels: [32, 64]}\ntrain: {steps: 7, weight_decay: 1e-3}\n")
+    return path
+
+
+def test_yaml_then_overrides(cfg_file):
+    cfg = config.load(cfg_file, ["train.lr=3e-4", "resume=false", "model.unet.sample_size=16", "data.format=latents"])
+    assert cfg["train"]["steps"] == 7 and cfg["train"]["lr"] == 3e-4 and cfg["resume"] is False
+    assert cfg["model"]["unet"] == {"sample_size": 16, "block_out_channels": [32, 64]}
+    assert cfg["train"]["weight_decay"] == 1e-3
+    assert cfg["data"]["format"] == "latents" and cfg["data"]["backend"] == "pil"
+
+
+def test_unknown_override_lists_valid_keys(cfg_file):
+    with pytest.raises(ValueError, match=r"unknown config key 'train.step' \(did you mean train.steps.*valid keys: .*data.path"):
+        config.load(cfg_file, ["train.step=3"])
+    with pytest.raises(ValueError, match="is not key=value"):
+        config.load(cfg_file, ["train.steps"])
+
+
+def test_unknown_yaml_key_and_bad_choice(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trian: {steps: 3}\n")
+    with pytest.raises(ValueError, match="unknown config key 'trian'"):
+        config.load(bad)
+    bad.write_text("data: {backend: opencv}\n")
+    with pytest.raises(ValueError, match="data.backend must be one of dali, pil, got 'opencv'"):
+        config.load(bad)
+
+
+def _save(out_dir, step, value, keep=2):
+    checkpoint.begin(out_dir, step)
+    checkpoint.save_rank_rng(out_dir, step, rank=0)
+    sd = {"w": torch.full((3,), float(value))}
+    return checkpoint.commit(
+        out_dir, step, unet=sd, ema=sd, optimizer={"lr": value}, state={"step": step}, config=config.DEFAULTS, keep=keep
+    )
+
+
+def test_checkpoint_round_trip_and_latest(tmp_path):
+    assert checkpoint.latest(tmp_path) is None
+    torch.manual_seed(3)
+    path = _save(tmp_path, 10, 1.0)
+    expected_next = torch.rand(2)
+    assert checkpoint.latest(tmp_path) == path == checkpoint.resolve(tmp_path)
+    ckpt = checkpoint.load(path)
+    assert torch.equal(ckpt["unet"]["w"], torch.ones(3)) and ckpt["state"] == {"step": 10}
+    assert ckpt["optimizer"] == {"lr": 1.0} and ckpt["config"]["seed"] == config.DEFAULTS["seed"]
+    checkpoint.set_rng_state(ckpt["rng"])
+    assert torch.equal(torch.rand(2), expected_next)
+
+
+def test_crash_mid_write_keeps_previous_checkpoint(tmp_path):
+    good = _save(tmp_path, 10, 1.0)
+    checkpoint.begin(tmp_path, 20)  # a run killed here, after starting to write step 20
+    (checkpoint.tmp_path(tmp_path, 20) / "unet.safetensors").write_bytes(b"partial")
+    assert checkpoint.latest(tmp_path) == good
+    assert checkpoint.load(checkpoint.latest(tmp_path))["state"]["step"] == 10
+    assert _save(tmp_path, 20, 2.0).name == "step_0000020"  # the next save clears the debris
+
+
+def test_keeps_only_the_newest(tmp_path):
+    for step in (1, 2, 3):
+        _save(tmp_path, step, step, keep=2)
+    names = sorted(p.name for p in checkpoint.checkpoint_dir(tmp_path).glob("step_*"))
+    assert names == ["step_0000002", "step_0000003"]

@@ -1,0 +1,445 @@
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from trainer.data import DataConfig, build_index, builtin_dataset_path, make_loader
+from trainer.data import index as data_index
+from trainer.data.index import ensure_dali_index, read_dali_index
+
+try:
+    import nvidia.dali  # noqa: F401
+    HAVE_DALI = True
+except ImportError:
+    HAVE_DALI = False
+BACKENDS = ["pil", pytest.param("dali", marks=pytest.mark.skipif(not HAVE_DALI,
+                                                                  reason="DALI not importable"))]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]  # cuda: DALI "mixed" decoding
+REPO = Path(__file__).resolve().parents[1]
+
+
+def smooth_image(seed, h, w):
+    """A smooth colour field, different for every seed, so images are told apart easily."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w] / max(h, w)
+    chans = [np.sin(rng.uniform(1, 6) * x + rng.uniform(1, 6) * y + rng.uniform(0, 6))
+             for _ in range(3)]
+    return ((np.stack(chans, -1) * 0.5 + 0.5) * 255).astype(np.uint8)
+
+
+def encode(image, fmt="JPEG", mode=None, **kw):
+    """Encoded bytes of an array or PIL image, optionally converted to `mode` first."""
+    im = image if isinstance(image, Image.Image) else Image.fromarray(image)
+    if mode:
+        im = im.convert(mode)
+    buf = io.BytesIO()
+    im.save(buf, fmt, **({"quality": 95} if fmt == "JPEG" else {}), **kw)
+    return buf.getvalue()
+
+
+def make_folder(root, n, captions="txt"):
+    """n images of odd sizes; captions from .txt files or from metadata.jsonl."""
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        h, w = 40 + 3 * (i % 4), 56 - 5 * (i % 3)
+        ext, fmt = ("png", "PNG") if i % 3 == 0 else ("jpg", "JPEG")
+        (root / f"img{i:02d}.{ext}").write_bytes(encode(smooth_image(i, h, w), fmt))
+        if captions == "txt":
+            (root / f"img{i:02d}.txt").write_text(f"caption {i}\n")
+        else:
+            rows.append({"file_name": f"img{i:02d}.{ext}", "text": f"caption {i}",
+                         "license": "CC0", "source": f"https://example.org/{i}"})
+    if rows:
+        (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def make_shards(root, n, per_shard):
+    """WebDataset shards; captions alternate between .txt and .json members."""
+    root.mkdir(parents=True, exist_ok=True)
+    for s in range(0, n, per_shard):
+        with tarfile.open(root / f"shard-{s // per_shard:03d}.tar", "w") as tar:
+            for i in range(s, min(n, s + per_shard)):
+                members = {f"{i:05d}.jpg": encode(smooth_image(i, 44, 52))}
+                if i % 2:
+                    members[f"{i:05d}.json"] = json.dumps({"caption": f"caption {i}",
+                                                           "license": "CC-BY"}).encode()
+                else:
+                    members[f"{i:05d}.txt"] = f"caption {i}".encode()
+                for name, data in members.items():
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return root
+
+
+def cfg(path, backend, fmt="folder", **kw):
+    return dict(dict(path=str(path), format=fmt, backend=backend, resolution=16,
+                     random_crop=False, random_flip=False, workers=0), **kw)
+
+
+def take(loader, n):
+    it = iter(loader)
+    return [next(it) for _ in range(n)]
+
+
+@pytest.fixture
+def cache(tmp_path):
+    return str(tmp_path / "cache")
+
+
+# ---- config and index ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"resolutionn": 64}, "unknown data config key"),
+    ({"backend": "opencv"}, "data.backend='opencv'"),
+    ({"format": "lmdb"}, "data.format='lmdb'"),
+    ({"resolution": 0}, "data.resolution=0"),
+    ({"layout": "CHW"}, "data.layout='CHW'"),
+    ({"random_crop": "yes"}, "data.random_crop='yes'"),
+])
+def test_config_errors(bad, match):
+    with pytest.raises(ValueError, match=match):
+        DataConfig.from_dict(bad)
+
+
+def test_loader_argument_errors(tmp_path, cache):
+    folder = make_folder(tmp_path / "d", 4)
+    with pytest.raises(ValueError, match="batch_size=0"):
+        make_loader(cfg(folder, "pil"), 0, cache_dir=cache)
+    with pytest.raises(ValueError, match="rank=2"):
+        make_loader(cfg(folder, "pil"), 1, rank=2, world_size=2, cache_dir=cache)
+    with pytest.raises(ValueError, match="cannot fill one batch"):
+        make_loader(cfg(folder, "pil"), 3, world_size=2, cache_dir=cache)
+    with pytest.raises(ValueError, match="does not exist"):
+        make_loader(cfg(tmp_path / "nowhere", "pil"), 1, cache_dir=cache)
+
+
+def test_folder_captions(tmp_path, cache):
+    root = make_folder(tmp_path / "d", 3, captions="jsonl")
+    (root / "sub").mkdir()
+    (root / "sub" / "a.jpg").write_bytes(encode(smooth_image(7, 30, 30)))
+    (root / "sub" / "metadata.jsonl").write_text(
+        json.dumps({"file_name": "a.jpg", "text": "from sub", "license": "CC-BY-SA"}) + "\n")
+    (root / "b.webp").write_bytes(encode(smooth_image(8, 30, 30), "WEBP"))
+    (root / "b.txt").write_text("  from txt \n")
+    (root / "c.jpg").write_bytes(encode(smooth_image(9, 30, 30)))   # no caption at all
+    index = build_index(root, cache_dir=cache)
+    by_name = {s.name: s for s in index.samples}
+    assert sorted(by_name) == ["b.webp", "c.jpg", "img00.png", "img01.jpg", "img02.jpg", "sub/a.jpg"]
+    assert by_name["img01.jpg"].caption == "caption 1"
+    assert (by_name["img01.jpg"].license, by_name["img01.jpg"].source) == ("CC0", "https://example.org/1")
+    assert (by_name["sub/a.jpg"].caption, by_name["sub/a.jpg"].license) == ("from sub", "CC-BY-SA")
+    assert by_name["b.webp"].caption == "from txt"
+    assert by_name["c.jpg"].caption == "" and index.missing_captions == 1
+    (root / "metadata.jsonl").write_text('{"text": "no file name"}\n')
+    with pytest.raises(ValueError, match=r"metadata.jsonl:1: expected a JSON object with 'file_name'"):
+        build_index(root, cache_dir=cache)
+
+
+def bad_files(root):
+    """Every awkward case: the first five are unusable, the rest must be converted."""
+    root.mkdir(parents=True)
+    rgb = smooth_image(1, 36, 44)
+    rgba = np.concatenate([rgb, np.full((36, 44, 1), 90, np.uint8)], -1)
+    gray16 = (smooth_image(2, 36, 44)[..., 0].astype(np.uint16) * 257 + 100)
+    files = {
+        "empty.jpg": b"",
+        "truncated.jpg": encode(rgb)[:-300],
+        "text.jpg": b"this is not an image\n" * 10,
+        "bitmap.jpg": encode(rgb, "BMP"),
+        "animated.png": encode(rgb, "PNG", save_all=True, append_images=[Image.fromarray(rgb[::-1])]),
+        "cmyk.jpg": encode(rgb, mode="CMYK"),
+        "palette.png": encode(Image.fromarray(rgb).quantize(64), "PNG"),
+        "rgba.png": encode(rgba, "PNG"),
+        "gray.jpg": encode(rgb[..., 0]),
+        "gray16.png": encode(gray16, "PNG"),
+        "good.jpg": encode(rgb),
+    }
+    for name, data in files.items():
+        (root / name).write_bytes(data)
+    return root
+
+
+def test_bad_files_are_skipped_and_listed(tmp_path, cache, caplog):
+    root = bad_files(tmp_path / "bad")
+    out = tmp_path / "out"
+    with caplog.at_level(logging.INFO, logger="trainer.data"):
+        loader = make_loader(cfg(root, "pil"), 2, cache_dir=cache, out_dir=str(out))
+    reasons = dict(line.split("\t") for line in (out / "skipped_files.txt").read_text().splitlines())
+    assert reasons == {"empty.jpg": "empty file",
+                       "text.jpg": "not an image (UnidentifiedImageError)",
+                       "bitmap.jpg": "unsupported format BMP",
+                       "animated.png": "animated image",
+                       "truncated.jpg": reasons["truncated.jpg"]}
+    assert reasons["truncated.jpg"].startswith("truncated or corrupt")
+    assert "5 unreadable skipped" in caplog.text and "skipped_files.txt" in caplog.text
+    assert "6 without caption" in caplog.text
+    assert sorted(s.name for s in loader.index.samples) == [
+        "cmyk.jpg", "good.jpg", "gray.jpg", "gray16.png", "palette.png", "rgba.png"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_files_never_crash_and_convert(tmp_path, cache, backend, device):
+    root = bad_files(tmp_path / "bad")
+    # resolution 36 = the images' short side: no resampling, so pixels can be checked exactly.
+    loader = make_loader(cfg(root, backend, resolution=36, layout="NHWC"), 2, device=device,
+                         cache_dir=cache)
+    names = [s.name for s in loader.index.samples]
+    got, it = {}, iter(loader)
+    for epoch in range(2):
+        ids = loader.shards(epoch)[0]
+        for k in range(3):
+            images, _ = next(it)
+            assert images.shape == (2, 36, 36, 3) and torch.isfinite(images).all()
+            assert images.device.type == device
+            for j, i in enumerate(ids[2 * k:2 * k + 2]):
+                got[names[i]] = ((images[j] + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+    assert len(got) == 6
+    rgb = smooth_image(1, 36, 44)[:, 4:40]
+    palette = np.asarray(Image.fromarray(smooth_image(1, 36, 44)).quantize(64).convert("RGB"))[:, 4:40]
+    gray16 = smooth_image(2, 36, 44)[..., 0].astype(np.uint16) * 257 + 100
+    close = {"rgba.png": rgb, "palette.png": palette, "good.jpg": rgb, "cmyk.jpg": rgb,
+             "gray16.png": np.repeat(np.round(gray16[:, 4:40, None] / 257.0), 3, -1)}
+    for name, want in close.items():  # lossless PNGs exactly, JPEGs within their loss
+        assert np.abs(got[name].astype(int) - want).mean() < (0.01 if ".png" in name else 3), name
+    assert (got["gray.jpg"][..., 0] == got["gray.jpg"][..., 2]).all()
+
+
+def test_unsupported_mode(tmp_path, cache, monkeypatch):
+    root = bad_files(tmp_path / "bad")
+    monkeypatch.setattr(data_index, "IMAGE_MODES", tuple(m for m in data_index.IMAGE_MODES
+                                                         if m != "CMYK"))
+    assert dict(build_index(root, cache_dir=cache).skipped)["cmyk.jpg"] == "unsupported mode CMYK"
+
+
+def test_no_readable_image(tmp_path, cache):
+    root = tmp_path / "d"
+    root.mkdir()
+    (root / "a.jpg").write_bytes(b"")
+    (root / "b.png").write_bytes(b"nope")
+    with pytest.raises(ValueError, match="no readable image.*2 image file"):
+        make_loader(cfg(root, "pil"), 1, cache_dir=cache)
+
+
+def test_validation_cache(tmp_path, cache, monkeypatch):
+    root = make_folder(tmp_path / "d", 5)
+    build_index(root, cache_dir=cache)
+    checked = []
+    real = data_index.check_image
+    monkeypatch.setattr(data_index, "check_image", lambda data: checked.append(1) or real(data))
+    build_index(root, cache_dir=cache)
+    assert checked == []
+    path = root / "img01.jpg"
+    path.write_bytes(path.read_bytes()[:300])            # damaged after the first run
+    index = build_index(root, cache_dir=cache)
+    assert len(checked) == 1
+    assert [n for n, _ in index.skipped] == ["img01.jpg"]
+
+
+# ---- order, sharding, both backends -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("n, world, batch", [(12, 2, 3), (13, 3, 2), (7, 1, 7)])
+def test_shards_disjoint_and_cover(tmp_path, cache, n, world, batch):
+    root = make_folder(tmp_path / "d", n)
+    loaders = [make_loader(cfg(root, "pil"), batch, rank=r, world_size=world, seed=3,
+                           cache_dir=cache) for r in range(world)]
+    per_rank = n // world // batch * batch
+    for epoch in range(2):
+        seen = [sorted(c for _, caps in take(ld, per_rank // batch) for c in caps) for ld in loaders]
+        flat = [c for s in seen for c in s]
+        assert len(flat) == len(set(flat)) == world * per_rank  # disjoint, full batches only
+        assert all(ld.position() == (epoch + 1, 0) for ld in loaders)
+    # Over epochs, the dropped remainder changes: everything is seen eventually.
+    ld = loaders[0]
+    everything = set()
+    for epoch in range(20):
+        for shard in ld.shards(epoch):
+            everything.update(shard.tolist())
+    assert everything == set(range(n))
+
+
+def test_epoch_order_depends_on_seed_and_epoch(tmp_path, cache):
+    root = make_folder(tmp_path / "d", 10)
+    a = make_loader(cfg(root, "pil"), 5, seed=0, cache_dir=cache)
+    b = make_loader(cfg(root, "pil"), 5, seed=1, cache_dir=cache)
+    assert not np.array_equal(a.shards(0)[0], a.shards(1)[0])
+    assert not np.array_equal(a.shards(0)[0], b.shards(0)[0])
+    assert np.array_equal(a.shards(4)[0], make_loader(cfg(root, "pil"), 5, seed=0,
+                                                      cache_dir=cache).shards(4)[0])
+
+
+def assert_same_pairs(batches_a, batches_b):
+    """Same captions in the same batches, and each image is nearest its counterpart."""
+    for (xa, ca), (xb, cb) in zip(batches_a, batches_b, strict=True):
+        assert ca == cb
+        d = (xa[:, None].float() - xb[None].float()).abs().mean(dim=(2, 3, 4))
+        assert (d.argmin(dim=1) == torch.arange(len(ca))).all()
+        assert d.diagonal().max() < 0.03, d.diagonal()
+
+
+@pytest.mark.skipif(not HAVE_DALI, reason="DALI not importable")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fmt", ["folder", "webdataset"])
+def test_backends_deliver_same_pairs(tmp_path, cache, fmt, device):
+    root = (make_folder(tmp_path / "d", 11) if fmt == "folder"
+            else make_shards(tmp_path / "w", 11, per_shard=4))
+    for rank in range(2):
+        got = {b: take(make_loader(cfg(root, b, fmt), 2, rank=rank, world_size=2, seed=5,
+                                   device=device, cache_dir=cache), 4)  # 2 epochs of 2 batches
+               for b in ("pil", "dali")}
+        assert all(x.device.type == device for b in got.values() for x, _ in b)
+        assert_same_pairs(*([(x.cpu(), c) for x, c in got[b]] for b in ("pil", "dali")))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout, dtype", [("NCHW", "float32"), ("NHWC", "bfloat16")])
+def test_layout_dtype_and_augmentation(tmp_path, cache, backend, layout, dtype):
+    root = make_folder(tmp_path / "d", 4)
+    loader = make_loader(cfg(root, backend, layout=layout, dtype=dtype, random_crop=True,
+                             random_flip=True), 4, seed=2, cache_dir=cache)
+    images, captions = take(loader, 1)[0]
+    shape = (4, 3, 16, 16) if layout == "NCHW" else (4, 16, 16, 3)
+    assert images.shape == shape and images.is_contiguous() and len(captions) == 4
+    assert images.dtype == getattr(torch, dtype)
+    assert -1 <= images.min() and images.max() <= 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resume_position(tmp_path, cache, backend):
+    root = make_folder(tmp_path / "d", 12)
+    kw = dict(rank=1, world_size=2, seed=7, cache_dir=cache)
+    c = cfg(root, backend)
+    full = take(make_loader(c, 2, **kw), 9)                  # 3 batches per epoch, 3 epochs
+    loader = make_loader(c, 2, **kw)
+    take(loader, 4)
+    assert loader.position() == (1, 2)
+    resumed = take(make_loader(c, 2, start=loader.position(), **kw), 5)
+    assert [caps for _, caps in resumed] == [caps for _, caps in full[4:]]
+    if backend == "pil":  # augmentation is keyed by sample, so even the pixels match
+        assert all(torch.equal(a, b) for (a, _), (b, _) in zip(resumed, full[4:]))
+    with pytest.raises(ValueError, match=r"start=\(0, 3\) is no position"):
+        make_loader(c, 2, start=(0, 3), **kw)
+    assert make_loader(c, 2, start=(1, 6), **kw).position() == (2, 0)
+
+
+def test_pil_workers_do_not_change_the_result(tmp_path, cache):
+    root = make_folder(tmp_path / "d", 6)
+    c = dict(random_crop=True, random_flip=True)
+    runs = [take(make_loader(cfg(root, "pil", workers=w, **c), 2, seed=4, cache_dir=cache), 5)
+            for w in (0, 2)]                                # 3 batches per epoch: crosses one
+    for (a, ca), (b, cb) in zip(*runs):
+        assert ca == cb and torch.equal(a, b)
+
+
+def test_distributed_rank0_validates_first(tmp_path, cache, monkeypatch):
+    root = make_folder(tmp_path / "d", 8)
+    events = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "barrier", lambda: events.append("barrier"))
+    real = data_index.check_image
+    monkeypatch.setattr(data_index, "check_image", lambda data: events.append("check") or real(data))
+    make_loader(cfg(root, "pil"), 2, rank=0, world_size=2, cache_dir=cache)
+    assert events == ["check"] * 8 + ["barrier"]          # rank 0: validate, then release
+    events.clear()
+    make_loader(cfg(root, "pil"), 2, rank=1, world_size=2, cache_dir=cache)
+    assert events == ["barrier"]                           # rank 1: wait, then read the cache
+
+
+def test_dali_fallback_to_pil(tmp_path, cache, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)   # makes the import fail
+    root = make_folder(tmp_path / "d", 2)
+    with caplog.at_level(logging.INFO, logger="trainer.data"):
+        loader = make_loader(cfg(root, "dali"), 2, cache_dir=cache)
+    assert "falling back to the PIL DataLoader" in caplog.text
+    assert loader.decoder.name == "pil"
+
+
+# ---- WebDataset ---------------------------------------------------------------------------
+
+
+def test_webdataset_index_files(tmp_path, cache):
+    root = make_shards(tmp_path / "w", 6, per_shard=4)
+    idx = root / "shard-000.idx"
+    assert not idx.exists()
+    index = build_index(root, "webdataset", cache_dir=cache)
+    assert idx.exists() and (root / "shard-001.idx").exists()
+    assert [s.caption for s in index.samples] == [f"caption {i}" for i in range(6)]
+    assert index.samples[1].license == "CC-BY"
+    entries = read_dali_index(idx)
+    assert [[c[0] for c in e] for e in entries] == [["jpg", "txt"], ["jpg", "json"]] * 2
+    wds2idx = pytest.importorskip("wds2idx")  # DALI's own tool, when installed
+    with wds2idx.IndexCreator(str(root / "shard-000.tar"), str(tmp_path / "ref.idx"),
+                              verbose=False) as creator:
+        creator.create_index()
+    assert idx.read_text() == (tmp_path / "ref.idx").read_text()
+    # An existing, up-to-date index is used as it is; a stale one is rebuilt.
+    mtime = idx.stat().st_mtime_ns
+    ensure_dali_index(root / "shard-000.tar")
+    assert idx.stat().st_mtime_ns == mtime
+    os.utime(idx, ns=(0, 0))
+    ensure_dali_index(root / "shard-000.tar")
+    assert idx.stat().st_mtime_ns > 0 and idx.read_text() == (tmp_path / "ref.idx").read_text()
+    idx.write_text("v1.1 2\n")  # an older index version is rewritten, not misread
+    ensure_dali_index(root / "shard-000.tar")
+    assert idx.read_text() == (tmp_path / "ref.idx").read_text()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("with_index", [False, True])
+def test_webdataset_bad_members(tmp_path, cache, backend, with_index):
+    root = make_shards(tmp_path / "w", 4, per_shard=4)
+    with tarfile.open(root / "shard-001.tar", "w") as tar:
+        for name, data in {"a.jpg": b"", "b.png": b"garbage", "c.jpg": encode(smooth_image(9, 30, 40)),
+                           "d.txt": b"caption without image"}.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    if with_index:
+        for shard in root.glob("*.tar"):
+            ensure_dali_index(shard)
+    loader = make_loader(cfg(root, backend, "webdataset"), 5, cache_dir=cache,
+                         out_dir=str(tmp_path / "out"))
+    assert sorted(n for n, _ in loader.index.skipped) == ["shard-001.tar/a.jpg", "shard-001.tar/b.png"]
+    assert loader.index.missing_captions == 1
+    captions = sorted(c for _, caps in take(loader, 2) for c in caps)
+    assert captions == sorted(["", "caption 0", "caption 1", "caption 2", "caption 3"] * 2)
+
+
+# ---- built-in data and benchmark ------------------------------------------------------------
+
+
+def test_builtin_dataset(tmp_path):
+    path = builtin_dataset_path(tmp_path / "cache")
+    assert builtin_dataset_path(tmp_path / "cache") == path
+    rows = [json.loads(line) for line in open(os.path.join(path, "metadata.jsonl"))]
+    assert len(rows) >= 10
+    for row in rows:
+        assert row["text"] and row["source"]
+        assert "CC0" in row["license"] or "public domain" in row["license"]
+    index = build_index(path, cache_dir=tmp_path / "cache")
+    assert len(index) == len(rows) and not index.skipped and index.missing_captions == 0
+
+
+def test_bench_data_tiny(tmp_path):
+    out = tmp_path / "bench"
+    env = dict(os.environ, PYTHONPATH=str(REPO), CCKERNELS_CACHE=str(tmp_path / "cache"))
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_data.py"), "--tiny",
+                    "--out", str(out)], check=True, env=env, timeout=300)
+    result = json.loads((out / "bench_data.json").read_text())
+    assert {r["backend"] for r in result["rows"]} >= {"pil"}
+    assert all(r["images_per_s"] > 0 for r in result["rows"])
+    assert (out / "bench_data.png").exists()

@@ -1,0 +1,1 @@
+"""Training code: UNet, diffusion objective, data, hand-written DDP, EMA, the main job."""

@@ -1,0 +1,120 @@
+"""Checkpoints that survive crashes: each is written to a temporary folder, then renamed.
+
+Layout: <out_dir>/checkpoints/step_0000100/{unet,ema}.safetensors, optimizer.pt,
+state.json, rng_rank<r>.pt, config.yaml; <out_dir>/checkpoints/latest names the newest.
+A crash mid-write leaves only a *.tmp folder behind, which the next save clears.
+"""
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from trainer import config as config_mod
+
+
+def checkpoint_dir(out_dir):
+    return Path(out_dir) / "checkpoints"
+
+
+def step_name(step):
+    return f"step_{step:07d}"
+
+
+def latest(out_dir):
+    """Path of the newest complete checkpoint in out_dir, or None."""
+    pointer = checkpoint_dir(out_dir) / "latest"
+    if not pointer.exists():
+        return None
+    path = checkpoint_dir(out_dir) / pointer.read_text().strip()
+    return path if (path / "state.json").exists() else None
+
+
+def resolve(path):
+    """A checkpoint folder, or an out_dir / its checkpoints folder (-> the latest in it)."""
+    path = Path(path)
+    if (path / "state.json").exists():
+        return path
+    for out_dir in (path, path.parent):
+        found = latest(out_dir)
+        if found is not None:
+            return found
+    raise FileNotFoundError(f"no checkpoint at {path} (expected state.json or a 'latest' pointer)")
+
+
+def _contiguous_cpu(state_dict):
+    return {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+
+
+def rng_state():
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def tmp_path(out_dir, step):
+    return checkpoint_dir(out_dir) / (step_name(step) + ".tmp")
+
+
+def save_rank_rng(out_dir, step, rank):
+    """Every rank saves its own RNG state into the temporary folder before rank 0 commits."""
+    torch.save(rng_state(), tmp_path(out_dir, step) / f"rng_rank{rank}.pt")
+
+
+def begin(out_dir, step):
+    """Rank 0: a fresh temporary folder for the checkpoint of `step`."""
+    tmp = tmp_path(out_dir, step)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+
+
+def commit(out_dir, step, *, unet, ema, optimizer, state, config, keep):
+    """Rank 0: write the weights and state, then atomically publish the checkpoint."""
+    tmp, final = tmp_path(out_dir, step), checkpoint_dir(out_dir) / step_name(step)
+    save_file(_contiguous_cpu(unet), tmp / "unet.safetensors")
+    if ema is not None:
+        save_file(_contiguous_cpu(ema), tmp / "ema.safetensors")
+    torch.save(optimizer, tmp / "optimizer.pt")
+    config_mod.dump(config, tmp / "config.yaml")
+    with open(tmp / "state.json", "w") as f:  # written last: its presence marks completeness
+        json.dump(state, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    pointer = checkpoint_dir(out_dir) / "latest"
+    pointer.with_suffix(".tmp").write_text(final.name + "\n")
+    os.replace(pointer.with_suffix(".tmp"), pointer)
+    _prune(out_dir, keep)
+    return final
+
+
+def _prune(out_dir, keep):
+    done = sorted(p for p in checkpoint_dir(out_dir).glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    for old in done[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load(path, rank=0):
+    """Everything a checkpoint holds, tensors on CPU."""
+    path = Path(path)
+    ckpt = {
+        "path": path,
+        "unet": load_file(path / "unet.safetensors"),
+        "ema": load_file(path / "ema.safetensors") if (path / "ema.safetensors").exists() else None,
+        "optimizer": torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False),
+        "state": json.loads((path / "state.json").read_text()),
+        "config": config_mod.load(path / "config.yaml"),
+    }
+    rng = path / f"rng_rank{rank}.pt"
+    ckpt["rng"] = torch.load(rng, weights_only=False) if rng.exists() else None
+    return ckpt

@@ -1,0 +1,185 @@
+"""Run configuration: defaults below, a YAML file on top, then dotted `key=value` overrides.
+
+Every valid key has a default here, so an unknown key (a typo) is an error that lists the
+valid ones. `model.unet`, `model.vae` and `model.text_encoder` hold diffusers/transformers
+config dicts and are passed through as they are.
+"""
+import copy
+import difflib
+import re
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = ROOT / "configs" / "tiny.yaml"
+
+# Mappings whose keys belong to another library's config and are not checked here.
+OPAQUE = {"model.unet", "model.vae", "model.text_encoder"}
+
+CHOICES = {
+    "data.format": ("folder", "webdataset", "latents"),
+    "data.backend": ("dali", "pil"),
+    "diffusion.prediction_type": ("epsilon", "v_prediction"),
+    "train.precision": ("bf16", "fp32"),
+}
+
+DEFAULTS = {
+    "model": {
+        "unet": {},
+        "vae": {},  # {path: local diffusers AutoencoderKL folder} or {config: {...}} (random init)
+        "text_encoder": {},  # {path: local CLIP text model folder} or {config: {...}}
+        "channels_last": False,
+        "gradient_checkpointing": False,
+    },
+    "diffusion": {
+        "prediction_type": "epsilon",
+        "min_snr_gamma": None,  # e.g. 5.0 for min-SNR weighting
+        "caption_dropout": 0.1,  # probability of training on the empty caption (for CFG)
+    },
+    "data": {
+        "path": "builtin",  # the Creative-Commons sample images shipped with scikit-image
+        "format": "folder",
+        "backend": "pil",
+        "resolution": 64,
+        "random_crop": True,
+        "random_flip": True,
+        "workers": 2,
+    },
+    "train": {
+        "steps": 300,
+        "batch_size": 4,  # per rank
+        "grad_accum": 1,
+        "lr": 1e-4,
+        "warmup_steps": 20,
+        "weight_decay": 0.01,
+        "betas": [0.9, 0.999],
+        "grad_clip": 1.0,
+        "precision": "bf16",  # bf16 autocast on GPU; CPU always trains in fp32
+        "max_bad_steps": 10,  # consecutive non-finite steps before the run stops
+        "log_every": 10,
+    },
+    "ema": {
+        "decay": 0.999,
+        "start_step": 0,  # no EMA memory before this step (CommonCanvas: last ~3.5%)
+        "every": 1,
+        "warmup": False,
+    },
+    "checkpoint": {"every": 100, "keep": 2},
+    "sample": {
+        "every": 0,  # 0: only at the end
+        "prompts": ["a photograph of an astronaut", "a cup of coffee on a table"],
+        "steps": 25,
+        "guidance": 4.0,
+        "seed": 0,
+    },
+    "out_dir": "runs/tiny",
+    "resume": True,
+    "seed": 0,
+}
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads 3e-4 (no dot) as a string; read it as a float, as YAML 1.2 does."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml(text):
+    return yaml.load(text, Loader=_Loader)
+
+
+def _flat_keys(tree, prefix=""):
+    keys = []
+    for k, v in tree.items():
+        key = prefix + k
+        if isinstance(v, dict) and key not in OPAQUE:
+            keys += _flat_keys(v, key + ".")
+        else:
+            keys.append(key)
+    return keys
+
+
+VALID_KEYS = _flat_keys(DEFAULTS)
+
+
+def _unknown(key):
+    close = difflib.get_close_matches(key, VALID_KEYS, n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    return ValueError(f"unknown config key {key!r}{hint}; valid keys: {', '.join(VALID_KEYS)}")
+
+
+def _set(cfg, key, value):
+    parts = key.split(".")
+    for i in range(1, len(parts)):
+        if ".".join(parts[:i]) in OPAQUE:  # model.unet.sample_size=32 goes inside the dict
+            break
+    else:
+        i = len(parts)
+        if key not in VALID_KEYS:
+            raise _unknown(key)
+    node = cfg
+    for p in parts[: i - 1]:
+        node = node[p]
+    head, rest = parts[i - 1], parts[i:]
+    if not rest:
+        node[head] = value
+        return
+    node = node.setdefault(head, {})
+    for p in rest[:-1]:
+        node = node.setdefault(p, {})
+    node[rest[-1]] = value
+
+
+def _merge(cfg, tree, prefix=""):
+    for k, v in tree.items():
+        key = prefix + k
+        if isinstance(v, dict) and key not in OPAQUE:
+            if key not in VALID_KEYS and not any(x.startswith(key + ".") for x in VALID_KEYS):
+                raise _unknown(key)
+            _merge(cfg, v, key + ".")
+        else:
+            _set(cfg, key, v)
+
+
+def parse_overrides(items):
+    """['train.lr=3e-4', 'resume=false'] -> [('train.lr', 0.0003), ('resume', False)]."""
+    pairs = []
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value (e.g. train.steps=100)")
+        key, value = item.split("=", 1)
+        pairs.append((key.strip(), _yaml(value)))
+    return pairs
+
+
+def load(path=None, overrides=()):
+    """The full config: DEFAULTS <- YAML file (default configs/tiny.yaml) <- overrides."""
+    cfg = copy.deepcopy(DEFAULTS)
+    path = Path(path) if path else DEFAULT_CONFIG
+    with open(path) as f:
+        _merge(cfg, _yaml(f) or {})
+    for key, value in parse_overrides(overrides):
+        _set(cfg, key, value)
+    for key, allowed in CHOICES.items():
+        value = get(cfg, key)
+        if value not in allowed:
+            raise ValueError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
+    return cfg
+
+
+def get(cfg, key):
+    node = cfg
+    for p in key.split("."):
+        node = node[p]
+    return node
+
+
+def dump(cfg, path):
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f, sort_keys=False)

@@ -1,0 +1,333 @@
+"""The dataset index: every usable sample of an image folder or of WebDataset shards.
+
+Built once before training by a pass that fully decodes every image, so that a bad file
+(empty, truncated, not an image, unsupported format or mode) is skipped here, listed with
+its reason, and never reaches a loader mid-epoch. Validation results are cached per file,
+keyed by size and modification time, so a second run only re-checks what changed.
+
+Folder: images (.jpg .jpeg .png .webp, any depth); caption from a metadata.jsonl row
+(Hugging Face imagefolder: file_name relative to the jsonl's folder, text, and optional
+license, source), else from a same-name .txt next to the image, else "" (counted).
+WebDataset: .tar shards; a sample is the members sharing a key (the name up to the first
+dot of its basename); image from its jpg/jpeg/png/webp member, caption from .txt, else from
+.json ("caption" or "text", plus optional license, source). Each shard needs the index
+file DALI's webdataset reader reads (<shard>.idx, DALI's "v1.2" text format, as DALI's
+wds2idx writes it); it is written next to the shard when missing or older than the shard.
+"""
+
+import hashlib
+import io
+import json
+import logging
+import os
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+log = logging.getLogger("trainer.data")
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
+# Modes both decoders turn into 8-bit RGB: alpha is dropped (DALI's RGB output does that,
+# so PIL does the same), palettes expanded, CMYK/YCbCr converted, 16-bit scaled down.
+IMAGE_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr",
+               "I;16", "I;16B", "I;16L", "I")
+CACHE_VERSION = 1
+DALI_INDEX_VERSION = "v1.2"
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: str          # the image file, or the .tar shard holding it
+    offset: int        # byte offset of the image inside the shard; -1 for a plain file
+    size: int          # bytes of the encoded image
+    name: str          # path relative to the dataset root, or the member name in the shard
+    caption: str
+    license: str = ""
+    source: str = ""
+
+    def read(self):
+        """The encoded image bytes."""
+        return read_bytes(self.path, self.offset, self.size)
+
+
+@dataclass
+class DatasetIndex:
+    format: str
+    root: str
+    samples: list          # usable samples, in a fixed order
+    skipped: list          # (name, reason) of every unusable image file
+    missing_captions: int
+
+    def __len__(self):
+        return len(self.samples)
+
+    def shard_groups(self):
+        """Sample ids grouped by the file they live in (one group per .tar shard)."""
+        groups = {}
+        for i, s in enumerate(self.samples):
+            groups.setdefault(s.path, []).append(i)
+        return list(groups.values())
+
+    def report(self, out_dir=None):
+        """Logs the counts and writes <out_dir>/skipped_files.txt (name <TAB> reason)."""
+        where = ""
+        if out_dir is not None and self.skipped:
+            os.makedirs(out_dir, exist_ok=True)
+            path = os.path.join(out_dir, "skipped_files.txt")
+            with open(path, "w") as f:
+                f.writelines(f"{name}\t{reason}\n" for name, reason in self.skipped)
+            where = f" (listed in {path})"
+        log.info("data: %d images in %s, %d unreadable skipped%s, %d without caption",
+                 len(self.samples), self.root, len(self.skipped), where, self.missing_captions)
+        for name, reason in self.skipped[:5]:
+            log.warning("data: skipped %s: %s", name, reason)
+
+
+def read_bytes(path, offset, size):
+    """A whole file (offset -1), or `size` bytes at `offset` of a shard."""
+    with open(path, "rb") as f:
+        if offset < 0:
+            return f.read()
+        f.seek(offset)
+        return f.read(size)
+
+
+def check_image(data):
+    """None if `data` decodes to an image both backends handle, else the reason it does not."""
+    if not data:
+        return "empty file"
+    try:
+        im = Image.open(io.BytesIO(data))
+    except Exception as e:  # PIL raises several types for garbage; all mean the same here
+        return f"not an image ({type(e).__name__})"
+    if im.format not in IMAGE_FORMATS:
+        return f"unsupported format {im.format}"
+    if im.mode not in IMAGE_MODES:
+        return f"unsupported mode {im.mode}"
+    if getattr(im, "n_frames", 1) > 1:
+        return "animated image"
+    # A truncated file parses its header fine; only a full decode finds the missing data.
+    try:
+        im.load()
+    except Exception as e:
+        return f"truncated or corrupt ({type(e).__name__}: {e})"
+    return None
+
+
+def build_index(path, format="folder", *, cache_dir=None, workers=None):
+    """Scans and validates the dataset at `path`; raises ValueError when no image is usable."""
+    root = Path(path).expanduser().resolve()
+    if not root.exists():
+        raise ValueError(f"data.path {str(path)!r} does not exist")
+    if format == "folder":
+        if not root.is_dir():
+            raise ValueError(f"data.path {str(path)!r} is not a folder (data.format=folder)")
+        candidates, captions = _scan_folder(root)
+    elif format == "webdataset":
+        candidates, captions = _scan_webdataset(root)
+    else:
+        raise ValueError(f"build_index reads format 'folder' or 'webdataset', got {format!r}")
+
+    reasons = _ValidationCache(root, format, cache_dir).check(candidates, workers)
+    samples, skipped, missing = [], [], 0
+    for cand, reason in zip(candidates, reasons):
+        if reason is not None:
+            skipped.append((cand.name, reason))
+            continue
+        meta = captions.get(cand.name)
+        if meta is None or not meta.get("text"):
+            missing += 1
+        meta = meta or {}
+        samples.append(Sample(cand.path, cand.offset, cand.size, cand.name,
+                              meta.get("text", "") or "", str(meta.get("license", "") or ""),
+                              str(meta.get("source", "") or "")))
+    if not samples:
+        raise ValueError(f"no readable image in {str(root)!r} (format={format}): "
+                         f"{len(skipped)} image file(s) found, all unusable: {skipped[:3]}")
+    return DatasetIndex(format, str(root), samples, skipped, missing)
+
+
+# ---- folders ----------------------------------------------------------------------------
+
+
+def _scan_folder(root):
+    files = sorted(p for p in root.rglob("*")
+                   if p.suffix[1:].lower() in IMAGE_EXTS and p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    candidates = [_Candidate(str(p), -1, p.stat().st_size, p.relative_to(root).as_posix())
+                  for p in files]
+    captions = {}
+    for c in candidates:
+        txt = Path(c.path).with_suffix(".txt")
+        if txt.is_file():
+            captions[c.name] = {"text": txt.read_text(encoding="utf-8", errors="replace").strip()}
+    for jsonl in sorted(root.rglob("metadata.jsonl")):
+        prefix = jsonl.parent.relative_to(root).as_posix()
+        for lineno, line in enumerate(jsonl.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                name = row["file_name"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{jsonl}:{lineno}: expected a JSON object with 'file_name' "
+                                 f"({type(e).__name__}: {e})") from None
+            key = name if prefix == "." else f"{prefix}/{name}"
+            captions[key] = {"text": str(row.get("text", "")).strip(),
+                             "license": row.get("license", ""), "source": row.get("source", "")}
+    return candidates, captions
+
+
+# ---- WebDataset shards --------------------------------------------------------------------
+
+
+def _scan_webdataset(root):
+    shards = sorted(root.glob("*.tar")) if root.is_dir() else [root]
+    if not shards or any(s.suffix != ".tar" for s in shards):
+        raise ValueError(f"data.path {str(root)!r}: expected a .tar shard or a folder of them")
+    candidates, captions = [], {}
+    for shard in shards:
+        with open(shard, "rb") as f:
+            for components in read_dali_index(ensure_dali_index(shard)):
+                by_ext = {ext.lower(): (off, size, name) for ext, off, size, name in components}
+                image = next((by_ext[e] for e in IMAGE_EXTS if e in by_ext), None)
+                if image is None:
+                    continue  # e.g. a stray metadata member; nothing to train on
+                name = f"{shard.name}/{image[2]}"
+                candidates.append(_Candidate(str(shard), image[0], image[1], name))
+                captions[name] = _wds_caption(f, by_ext)
+    return candidates, captions
+
+
+def _wds_caption(f, by_ext):
+    def member(ext):
+        off, size, _ = by_ext[ext]
+        f.seek(off)
+        return f.read(size).decode("utf-8", errors="replace")
+
+    meta = {}
+    if "json" in by_ext:
+        try:
+            row = json.loads(member("json"))
+        except json.JSONDecodeError:
+            row = None  # a broken json member only costs the caption, not the image
+        if isinstance(row, dict):
+            meta = {"text": str(row.get("caption", row.get("text", ""))).strip(),
+                    "license": row.get("license", ""), "source": row.get("source", "")}
+    if "txt" in by_ext:
+        meta["text"] = member("txt").strip()
+    return meta or None
+
+
+def dali_index_path(shard):
+    """Where DALI's index of a shard lives: next to it, as wds2idx names it."""
+    shard = Path(shard)
+    return shard.with_name(shard.name.split(".", 1)[0] + ".idx")
+
+
+def ensure_dali_index(shard):
+    """Writes the DALI index of `shard` when missing or older than the shard; returns its path."""
+    idx = dali_index_path(shard)
+    if idx.exists() and idx.stat().st_mtime_ns >= Path(shard).stat().st_mtime_ns:
+        with open(idx) as f:
+            if f.readline().startswith(DALI_INDEX_VERSION + " "):
+                return idx  # up to date, in the version we read (older ones are rewritten)
+    samples = []  # consecutive members with the same key form one sample
+    with tarfile.open(shard) as tar:
+        for m in tar:
+            base = m.name.rsplit("/", 1)[-1]
+            if not m.isreg() or base.startswith(".") or "." not in base:
+                continue
+            dot = len(m.name) - len(base) + base.index(".")
+            key, ext = m.name[:dot], m.name[dot + 1:]
+            if not samples or samples[-1][0] != key:
+                samples.append((key, []))
+            samples[-1][1].append((ext, m.offset_data, m.size, m.name))
+    if not samples:
+        raise ValueError(f"WebDataset shard {str(shard)!r} holds no sample")
+    write_dali_index(idx, [components for _, components in samples])
+    log.info("data: wrote DALI index %s (%d samples)", idx, len(samples))
+    return idx
+
+
+def write_dali_index(path, samples):
+    """DALI's webdataset index: a 'v1.2 <count>' line, then per sample one line of
+    'ext offset size name' groups, one group per member. Written atomically."""
+    lines = [f"{DALI_INDEX_VERSION} {len(samples)}"]
+    lines += [" ".join(f"{e} {o} {s} {n}" for e, o, s, n in comps) for comps in samples]
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+
+
+def read_dali_index(path):
+    """Per sample, a list of (ext, offset, size, name) read from a DALI index file."""
+    with open(path) as f:
+        header = f.readline().split()
+        if len(header) != 2 or header[0] != DALI_INDEX_VERSION:
+            raise ValueError(f"{path}: expected a DALI '{DALI_INDEX_VERSION}' index, got {header}")
+        out = []
+        for line in f:
+            t = line.split()
+            if t:
+                out.append([(t[i], int(t[i + 1]), int(t[i + 2]), t[i + 3])
+                            for i in range(0, len(t), 4)])
+    return out
+
+
+# ---- the validation cache -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    path: str
+    offset: int
+    size: int
+    name: str
+
+
+class _ValidationCache:
+    """check_image results per file, reused while the file's size and mtime are unchanged.
+    One JSON file per dataset under `cache_dir` (default $CCKERNELS_CACHE or ~/.cache/cckernels)."""
+
+    def __init__(self, root, format, cache_dir):
+        cache_dir = Path(cache_dir or os.environ.get("CCKERNELS_CACHE", "~/.cache/cckernels"))
+        key = hashlib.sha1(f"{format}:{root}".encode()).hexdigest()[:16]
+        self.path = cache_dir.expanduser() / "index" / f"{key}.json"
+
+    def check(self, candidates, workers):
+        try:
+            cached = json.loads(self.path.read_text())
+            entries = cached["entries"] if cached.get("version") == CACHE_VERSION else {}
+        except (OSError, ValueError, KeyError, TypeError):
+            entries = {}
+        stamps = {}
+        for c in candidates:
+            if c.path not in stamps:
+                st = os.stat(c.path)
+                stamps[c.path] = [st.st_size, st.st_mtime_ns]
+        keys = [f"{c.path}:{c.offset}" for c in candidates]
+        todo = [i for i, k in enumerate(keys)
+                if k not in entries or entries[k][:2] != stamps[candidates[i].path]]
+        if todo:
+            log.info("data: checking %d of %d images (the rest are cached in %s)",
+                     len(todo), len(candidates), self.path)
+            # PIL releases the GIL while decoding, so threads use all cores.
+            with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
+                reasons = pool.map(lambda i: check_image(read_bytes(
+                    candidates[i].path, candidates[i].offset, candidates[i].size)), todo)
+                for i, reason in zip(todo, reasons):
+                    entries[keys[i]] = stamps[candidates[i].path] + [reason]
+            self._save({k: entries[k] for k in keys})
+        return [entries[k][2] for k in keys]
+
+    def _save(self, entries):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f"{self.path.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"version": CACHE_VERSION, "entries": entries}))
+        os.replace(tmp, self.path)
