@@ -10,10 +10,13 @@
 
 #include "ema.h"
 
-// Set by the build (setup.py / CMakeLists.txt) from the architectures it compiled for.
+// Set by the build (setup.py / CMakeLists.txt) from the architectures it compiled for, as
+// bare tokens (-DCCKERNELS_ARCHS=sm_80,sm_90) because quotes do not survive every build tool.
 #ifndef CCKERNELS_ARCHS
-#error "CCKERNELS_ARCHS must be defined by the build, e.g. -DCCKERNELS_ARCHS=\"sm_90\""
+#error "CCKERNELS_ARCHS must be defined by the build, e.g. -DCCKERNELS_ARCHS=sm_90"
 #endif
+#define CCK_STRINGIFY_(...) #__VA_ARGS__
+#define CCK_STRINGIFY(...) CCK_STRINGIFY_(__VA_ARGS__)
 
 namespace {
 
@@ -80,7 +83,7 @@ void ema_update_(const std::vector<at::Tensor>& ema, const std::vector<at::Tenso
 
 std::vector<std::string> archs() {
   std::vector<std::string> out;
-  std::string all = CCKERNELS_ARCHS;
+  const std::string all = CCK_STRINGIFY(CCKERNELS_ARCHS);
   for (size_t start = 0, end; start < all.size(); start = end + 1) {
     end = all.find(',', start);
     if (end == std::string::npos) end = all.size();

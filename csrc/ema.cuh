@@ -25,6 +25,7 @@ struct EmaFunctor {
   // Eight elements per step: two 16-byte accesses of the fp32 shadow, one 16-byte access of
   // bf16/fp16 params (two for fp32).
   static constexpr int kVec = 8;
+  static_assert(kChunkSize % kVec == 0, "chunks must start on a pack boundary");
   float decay;
   float one_minus_decay;  // computed on the host in double: 1 - float(decay) loses digits
 
