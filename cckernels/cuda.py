@@ -1,4 +1,6 @@
 """The CUDA backend: the compiled extension cckernels._C built from csrc/ by setup.py."""
+import importlib.util
+
 import torch
 
 from cckernels.backend import Unsupported
@@ -7,7 +9,11 @@ try:
     from cckernels import _C
 except ImportError as e:  # built without CUDA, or not built at all
     _C = None
-    _import_error = str(e)
+    _import_error = (
+        f"cckernels._C failed to load: {e}"
+        if importlib.util.find_spec("cckernels._C") is not None
+        else "cckernels._C was not built (setup.py needs a CUDA build of torch and nvcc; see docs/building.md)"
+    )
 else:
     _import_error = None
 

@@ -28,17 +28,13 @@ constexpr int kMaxBlocks = 384;       // chunks per launch
 constexpr int kBlockThreads = 512;    // threads per chunk
 constexpr int64_t kChunkSize = 65536; // elements per chunk (a multiple of any vector width)
 
-// As many tensor slots as fit beside the block table: each slot holds Depth addresses and a
-// size; each block a one-byte slot index and a four-byte chunk index.
-constexpr int max_tensors(int depth) {
-  const int fit = (kTableBytes - kMaxBlocks * 5) / (8 * depth + 8);
-  return fit < 255 ? fit : 255;  // slots are indexed by one byte
-}
-
 // Depth = number of tensor lists (e.g. 2 for EMA: shadow and params).
 template <int Depth>
 struct TensorTable {
-  static constexpr int kMaxTensors = max_tensors(Depth);
+  // As many tensor slots as fit beside the block table: each slot holds Depth addresses and
+  // a size; each block a one-byte slot index and a four-byte chunk index.
+  static constexpr int kFit = (kTableBytes - kMaxBlocks * 5) / (8 * Depth + 8);
+  static constexpr int kMaxTensors = kFit < 255 ? kFit : 255;
   void* addresses[kMaxTensors][Depth];  // [slot][list]: first element of each tensor
   int64_t sizes[kMaxTensors];           // [slot]: elements in that tensor
   int block_chunk[kMaxBlocks];          // [block]: chunk index within its tensor
