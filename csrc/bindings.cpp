@@ -1,14 +1,19 @@
 // The only file that knows torch: checks tensors at the boundary (with messages naming the
 // bad value), then calls the torch-free launchers on torch's current CUDA stream.
 #include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include <array>
 #include <string>
 #include <vector>
 
 #include "ema.h"
+#include "group_norm.h"
 
 // Set by the build (setup.py / CMakeLists.txt) from the architectures it compiled for, as
 // bare tokens (-DCCKERNELS_ARCHS=sm_80,sm_90) because quotes do not survive every build tool.
@@ -81,6 +86,102 @@ void ema_update_(const std::vector<at::Tensor>& ema, const std::vector<at::Tenso
   TORCH_CHECK(err == cudaSuccess, "ema_update_ kernel launch failed: ", cudaGetErrorString(err));
 }
 
+// Channels-last layout: (N, C, *spatial) with channels contiguous, i.e. (N, *spatial, C) dense.
+bool channels_last_dense(const at::Tensor& t) {
+  std::vector<int64_t> order{0};
+  for (int64_t d = 2; d < t.dim(); ++d) order.push_back(d);
+  order.push_back(1);
+  return t.permute(order).is_contiguous();
+}
+
+void check_group_norm_param(const c10::optional<at::Tensor>& p, const char* name, const at::Tensor& x) {
+  if (!p.has_value()) return;
+  TORCH_CHECK_VALUE(p->device() == x.device(), name, " is on ", p->device(), " but x is on ", x.device());
+  TORCH_CHECK_VALUE(p->scalar_type() == at::kFloat, name, " has dtype ", p->scalar_type(), "; the kernel reads float32");
+  TORCH_CHECK_VALUE(p->dim() == 1 && p->size(0) == x.size(1) && p->is_contiguous(), name, " must be a contiguous (",
+                    x.size(1), ",) tensor, got shape ", p->sizes(), " strides ", p->strides());
+}
+
+const float* optional_data(const c10::optional<at::Tensor>& p) {
+  return p.has_value() ? p->data_ptr<float>() : nullptr;
+}
+
+// Checks x for the channels_last GroupNorm kernels; returns (N, S, C, K).
+std::array<int, 4> group_norm_shape(const at::Tensor& x, int64_t num_groups) {
+  TORCH_CHECK_VALUE(x.is_cuda(), "x is on ", x.device(), "; expected a CUDA tensor");
+  TORCH_CHECK_VALUE(x.dim() >= 2, "x must be (N, C, *spatial), got shape ", x.sizes());
+  TORCH_CHECK_VALUE(channels_last_dense(x), "x (shape ", x.sizes(), ", strides ", x.strides(),
+                    ") must be channels_last: channels contiguous, no gaps");
+  const int64_t N = x.size(0), C = x.size(1), S = N * C != 0 ? x.numel() / (N * C) : 0;
+  TORCH_CHECK_VALUE(N >= 1 && N <= 65535, "batch ", N, " outside [1, 65535]");
+  TORCH_CHECK_VALUE(C >= 1 && S >= 1 && C * S < (int64_t{1} << 31), "x has ", C, " channels of ", S,
+                    " positions; need both >= 1 and fewer than 2^31 elements per sample");
+  TORCH_CHECK_VALUE(num_groups >= 1 && C % num_groups == 0, "num_channels ", C,
+                    " is not divisible by num_groups ", num_groups);
+  const int sms = at::cuda::getDeviceProperties(x.device().index())->multiProcessorCount;
+  const int K = cck::group_norm_nhwc_chunks(static_cast<int>(N), static_cast<int>(S), static_cast<int>(C),
+                                            to_dtype(x, "x"), sms);
+  return {static_cast<int>(N), static_cast<int>(S), static_cast<int>(C), K};
+}
+
+// Returns {y, mean, rstd}; mean and rstd are (N, G) fp32 for the backward.
+std::vector<at::Tensor> group_norm_forward(const at::Tensor& x, int64_t num_groups,
+                                           const c10::optional<at::Tensor>& weight,
+                                           const c10::optional<at::Tensor>& bias, double eps, bool silu) {
+  const auto [N, S, C, K] = group_norm_shape(x, num_groups);
+  check_group_norm_param(weight, "weight", x);
+  check_group_norm_param(bias, "bias", x);
+  TORCH_CHECK_VALUE(eps > 0, "eps must be positive, got ", eps);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor y = at::empty_like(x);  // keeps x's channels_last strides
+  at::Tensor mean = at::empty({N, num_groups}, f32), rstd = at::empty({N, num_groups}, f32);
+  at::Tensor part_a = at::empty({N, K, C}, f32), part_b = at::empty({N, K, C}, f32);
+  const cudaError_t err = cck::group_norm_nhwc_forward(
+      x.data_ptr(), optional_data(weight), optional_data(bias), y.data_ptr(), mean.data_ptr<float>(),
+      rstd.data_ptr<float>(), part_a.data_ptr<float>(), part_b.data_ptr<float>(), N, S, C,
+      static_cast<int>(num_groups), K, static_cast<float>(eps), silu, to_dtype(x, "x"),
+      c10::cuda::getCurrentCUDAStream(x.device().index()).stream());
+  TORCH_CHECK(err == cudaSuccess, "group_norm forward kernel launch failed: ", cudaGetErrorString(err));
+  return {y, mean, rstd};
+}
+
+// Returns {dx, dweight, dbias} (fp32 parameter gradients); each is None unless asked for.
+std::vector<c10::optional<at::Tensor>> group_norm_backward(
+    const at::Tensor& dy, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& rstd, bool silu,
+    bool need_dx, bool need_weight, bool need_bias) {
+  const int64_t G = mean.size(1);
+  const auto [N, S, C, K] = group_norm_shape(x, G);
+  check_group_norm_param(weight, "weight", x);
+  check_group_norm_param(bias, "bias", x);
+  TORCH_CHECK_VALUE(dy.sizes() == x.sizes() && dy.strides() == x.strides() && dy.scalar_type() == x.scalar_type() &&
+                        dy.device() == x.device(),
+                    "dy (", dy.sizes(), ", strides ", dy.strides(), ", ", dy.scalar_type(), ") must match x (",
+                    x.sizes(), ", strides ", x.strides(), ", ", x.scalar_type(), ")");
+  for (const at::Tensor* t : {&mean, &rstd}) {
+    TORCH_CHECK_VALUE(t->scalar_type() == at::kFloat && t->is_contiguous() && t->device() == x.device() &&
+                          t->dim() == 2 && t->size(0) == N && t->size(1) == G,
+                      "mean and rstd must be contiguous float32 (", N, ", ", G, ") tensors on x's device");
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor part_a = at::empty({N, K, C}, f32), part_b = at::empty({N, K, C}, f32);
+  at::Tensor coef_a = at::empty({N, G}, f32), coef_b = at::empty({N, G}, f32);
+  c10::optional<at::Tensor> dx, dweight, dbias;
+  if (need_dx) dx = at::empty_like(x);
+  if (need_weight) dweight = at::empty({C}, f32);
+  if (need_bias) dbias = at::empty({C}, f32);
+  const cudaError_t err = cck::group_norm_nhwc_backward(
+      dy.data_ptr(), x.data_ptr(), optional_data(weight), optional_data(bias), mean.data_ptr<float>(),
+      rstd.data_ptr<float>(), dx ? dx->data_ptr() : nullptr, dweight ? dweight->data_ptr<float>() : nullptr,
+      dbias ? dbias->data_ptr<float>() : nullptr,
+      part_a.data_ptr<float>(), part_b.data_ptr<float>(), coef_a.data_ptr<float>(), coef_b.data_ptr<float>(), N, S,
+      C, static_cast<int>(G), K, silu, to_dtype(x, "x"), c10::cuda::getCurrentCUDAStream(x.device().index()).stream());
+  TORCH_CHECK(err == cudaSuccess, "group_norm backward kernel launch failed: ", cudaGetErrorString(err));
+  return {dx, dweight, dbias};
+}
+
 std::vector<std::string> archs() {
   std::vector<std::string> out;
   const std::string all = CCK_STRINGIFY(CCKERNELS_ARCHS);
@@ -103,6 +204,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("ema_update_", &ema_update_, pybind11::arg("ema"), pybind11::arg("params"),
         pybind11::arg("decay"),
         "ema[i] <- decay * ema[i] + (1 - decay) * params[i] in place, on the current CUDA stream");
+  m.def("group_norm_forward", &group_norm_forward, pybind11::arg("x"), pybind11::arg("num_groups"),
+        pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("eps"), pybind11::arg("silu"),
+        "channels_last GroupNorm (+ SiLU) -> [y, mean, rstd]; weight, bias: fp32 (C,) or None");
+  m.def("group_norm_backward", &group_norm_backward, pybind11::arg("dy"), pybind11::arg("x"),
+        pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("mean"), pybind11::arg("rstd"),
+        pybind11::arg("silu"), pybind11::arg("need_dx"), pybind11::arg("need_weight"), pybind11::arg("need_bias"),
+        "-> [dx, dweight, dbias] (fp32 parameter gradients), None where not asked for");
   m.def("archs", &archs, "GPU architectures compiled in, e.g. ['sm_90']");
   m.def("cuda_version", &cuda_version, "CUDA runtime version the extension was built with");
 }

@@ -223,6 +223,49 @@ def test_patched_model_matches_in_output_and_gradients():
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
 
 
+# The CUDA backend without a GPU: the extension's boundary checks and an NVRTC compile.
+
+
+def test_cuda_extension_checks_run_without_a_gpu():
+    from cckernels import cuda
+
+    if not cuda_backend_loaded():
+        pytest.skip("cckernels._C built without the GroupNorm kernels")
+    x = torch.randn(2, 8, 3, 3).to(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="x is on cpu"):
+        cuda.loaded().group_norm_forward(x, 4, None, None, 1e-5, True)
+    with pytest.raises(Unsupported, match="not channels_last"):
+        cuda.group_norm(x.contiguous(), 4, None, None, 1e-5, None)
+
+
+@pytest.mark.parametrize("T", ["float", "__half", "__nv_bfloat16"])
+def test_cuda_kernels_compile_under_nvrtc(T):
+    import ctypes
+
+    from test_build import ROOT, _nvrtc
+
+    found = _nvrtc()
+    if found is None:
+        pytest.skip("no libnvrtc from the nvidia-* wheels")
+    lib, cuda_include = found
+    names = [f"&cck::gn::{k}<{T}, {v}>" for k, v in (("channel_stats_kernel", 1), ("normalize_kernel", "8, true"),
+                                                      ("backward_partials_kernel", "4, true"),
+                                                      ("backward_dx_kernel", "8, false"))]
+    names += [f"&cck::gn::{k}" for k in ("group_stats_kernel", "backward_group_kernel", "backward_affine_kernel")]
+    prog = ctypes.c_void_p()
+    assert lib.nvrtcCreateProgram(ctypes.byref(prog), b'#include "group_norm.cuh"\n', b"gn.cu", 0, None, None) == 0
+    for name in names:
+        assert lib.nvrtcAddNameExpression(prog, name.encode()) == 0
+    options = [f"-I{ROOT}/csrc".encode(), f"-I{cuda_include}".encode(), b"--std=c++17", b"-arch=compute_90"]
+    rc = lib.nvrtcCompileProgram(prog, len(options), (ctypes.c_char_p * len(options))(*options))
+    size = ctypes.c_size_t()
+    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    lib.nvrtcGetProgramLog(prog, log)
+    lib.nvrtcDestroyProgram(ctypes.byref(prog))
+    assert rc == 0, log.value.decode()
+
+
 # GPU: both backends at SD2 training sizes, including groups split over many programs.
 
 GPU_SHAPES = [(1, 320, 64, 64), (4, 640, 32, 32), (8, 1280, 8, 8), (2, 1920, 16, 16), (3, 96, 7, 9), (2, 2560, 1, 1)]
