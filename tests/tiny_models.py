@@ -18,13 +18,17 @@ TINY_UNET = dict(
 
 
 class StandInUNet(torch.nn.Module):
-    def __init__(self, seed=0):
+    def __init__(self, config=TINY_UNET, seed=0):
         super().__init__()
         from diffusers import UNet2DConditionModel
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.unet = UNet2DConditionModel(**TINY_UNET)
+            self.unet = UNet2DConditionModel(**config)
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(config)
 
     def forward(self, x, t, context):
         return self.unet(x, t, encoder_hidden_states=context).sample
