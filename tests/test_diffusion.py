@@ -24,9 +24,8 @@ def test_schedule_matches_diffusers():
     assert abs(ours[-1].item() - theirs[-1].item()) < 1e-7 and 0.004 < ours[-1].item() < 0.005
 
 
-def test_schedule_from_config_and_errors():
-    s = NoiseSchedule.from_config({"num_train_timesteps": 500, "prediction_type": "epsilon"})
-    assert s.alphas_cumprod.shape == (500,)
+def test_schedule_errors():
+    assert NoiseSchedule(num_train_timesteps=500).alphas_cumprod.shape == (500,)
     with pytest.raises(ValueError, match="beta_start"):
         NoiseSchedule(beta_start=0.02, beta_end=0.01)
     with pytest.raises(ValueError, match="num_train_timesteps"):
@@ -64,13 +63,13 @@ def test_min_snr_weights_turn_the_loss_into_min_snr_times_x0_error(prediction_ty
         x0_hat = a.sqrt() * x_t - (1 - a).sqrt() * pred
     snr = (a / (1 - a)).flatten()
     expected = torch.minimum(snr, torch.tensor(gamma, dtype=torch.float64)) * (x0_hat - x0).square().flatten(1).mean(1)
-    w = s.loss_weights(t, prediction_type, snr_gamma=gamma).double()
+    w = s.loss_weights(t, prediction_type, min_snr_gamma=gamma).double()
     target = s.target(x0, noise, t, prediction_type).double()
     got = w * (pred - target).square().flatten(1).mean(1)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-8)
     assert torch.equal(s.loss_weights(t, prediction_type), torch.ones(6))
-    with pytest.raises(ValueError, match="snr_gamma"):
-        s.loss_weights(t, prediction_type, snr_gamma=0)
+    with pytest.raises(ValueError, match="min_snr_gamma"):
+        s.loss_weights(t, prediction_type, min_snr_gamma=0)
 
 
 def test_diffusion_loss_is_mse_and_weighted_per_sample():
@@ -86,7 +85,7 @@ def test_training_loss_is_reproducible_and_trains():
     loss1 = training_loss(model, s, latents, context, generator=torch.Generator().manual_seed(3))
     loss2 = training_loss(model, s, latents, context, generator=torch.Generator().manual_seed(3))
     assert torch.equal(loss1, loss2) and loss1.ndim == 0
-    loss = training_loss(model, s, latents, context, prediction_type="v_prediction", snr_gamma=5.0)
+    loss = training_loss(model, s, latents, context, prediction_type="v_prediction", min_snr_gamma=5.0)
     loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 

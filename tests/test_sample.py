@@ -1,3 +1,4 @@
+import json
 import sys
 import types
 
@@ -10,7 +11,7 @@ from safetensors.torch import save_file
 
 from tiny_models import TINY_UNET, StandInUNet
 from trainer.encoders import encoder_config, load_text_encoder, load_vae
-from trainer.sample import load_checkpoint, main, resolve_checkpoint, sample_images, save_grid
+from trainer.sample import load_checkpoint, main, sample_images, save_grid
 
 
 @pytest.fixture(scope="module")
@@ -23,14 +24,14 @@ def test_save_grid_layout(tmp_path):
     # 2 rows x 3 columns of flat-colored 4x5 images: pixel blocks land where the layout says.
     values = torch.linspace(-1, 1, 6)
     images = values.view(6, 1, 1, 1).expand(6, 3, 4, 5).clone()
-    save_grid(images, tmp_path / "sub" / "grid.png", cols=3)
-    grid = np.asarray(Image.open(tmp_path / "sub" / "grid.png"))
+    path = save_grid(images, tmp_path / "sub" / "grid.png", rows=2)
+    grid = np.asarray(Image.open(path))
     assert grid.shape == (2 * 4, 3 * 5, 3) and grid.dtype == np.uint8
     for i, v in enumerate(values.tolist()):
         row, col = divmod(i, 3)
         assert (grid[row * 4:(row + 1) * 4, col * 5:(col + 1) * 5] == round((v + 1) * 127.5)).all()
-    with pytest.raises(ValueError, match="multiple of cols"):
-        save_grid(images, tmp_path / "bad.png", cols=4)
+    with pytest.raises(ValueError, match="multiple of rows"):
+        save_grid(images, tmp_path / "bad.png", rows=4)
 
 
 def test_sample_images_shapes_and_determinism(encoders):
@@ -41,7 +42,8 @@ def test_sample_images_shapes_and_determinism(encoders):
     assert a.shape == (4, 3, 64, 64) and torch.isfinite(a).all()
     assert torch.equal(a, sample_images(unet, vae, text, ["a cat", "a dog"], **kwargs))
     assert not torch.equal(a, sample_images(unet, vae, text, ["a cat", "a dog"], seed=1, **kwargs))
-    v = sample_images(unet, vae, text, ["a cat"], resolution=64, steps=2, prediction_type="v_prediction")
+    # Default resolution: the UNet's latent sample_size (8) times the VAE's 8x.
+    v = sample_images(unet, vae, text, ["a cat"], steps=2, prediction_type="v_prediction")
     assert v.shape == (1, 3, 64, 64)
     with pytest.raises(ValueError, match="multiple of the VAE"):
         sample_images(unet, vae, text, ["a cat"], resolution=60)
@@ -61,6 +63,7 @@ def run_dir(tmp_path, monkeypatch):
         folder = tmp_path / "checkpoints" / step
         folder.mkdir(parents=True)
         (folder / "config.yaml").write_text(yaml.safe_dump(config))
+        (folder / "state.json").write_text(json.dumps({"step": int(step[5:])}))
         save_file(StandInUNet(seed=0).state_dict(), folder / "unet.safetensors")
         if ema_seed is not None:
             save_file(StandInUNet(seed=ema_seed).state_dict(), folder / "ema.safetensors")
@@ -68,19 +71,16 @@ def run_dir(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_checkpoint_resolution_and_ema_preference(run_dir):
-    newest = run_dir / "checkpoints" / "step_0000002"
-    assert resolve_checkpoint(run_dir) == newest
-    assert resolve_checkpoint(run_dir / "checkpoints") == newest
-    assert resolve_checkpoint(run_dir / "checkpoints" / "step_0000001") == run_dir / "checkpoints" / "step_0000001"
-    with pytest.raises(ValueError, match="not a checkpoint"):
-        resolve_checkpoint(run_dir / "checkpoints" / "step_0000003")
-    unet, _, text, config = load_checkpoint(run_dir)
-    assert not unet.training and text.dim == 32 and config["data"]["resolution"] == 64
+def test_load_checkpoint_prefers_ema_and_follows_latest(run_dir):
     ema = StandInUNet(seed=7).state_dict()
-    assert all(torch.equal(v, ema[k]) for k, v in unet.state_dict().items())
-    plain, *_ = load_checkpoint(run_dir / "checkpoints" / "step_0000001")
+    for path in (run_dir, run_dir / "checkpoints", run_dir / "checkpoints" / "step_0000002"):
+        unet, _, text, config = load_checkpoint(path)
+        assert all(torch.equal(v, ema[k]) for k, v in unet.state_dict().items())
+    assert not unet.training and text.dim == 32 and config["data"]["resolution"] == 64
+    plain, *_ = load_checkpoint(run_dir / "checkpoints" / "step_0000001")  # no EMA saved there
     assert torch.equal(plain.unet.conv_in.weight, StandInUNet(seed=0).unet.conv_in.weight)
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(run_dir / "checkpoints" / "step_0000003")
 
 
 def test_cli_writes_a_grid(run_dir, capsys):

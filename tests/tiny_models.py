@@ -30,5 +30,9 @@ class StandInUNet(torch.nn.Module):
     def from_config(cls, config):
         return cls(config)
 
+    @property
+    def config(self):
+        return self.unet.config
+
     def forward(self, x, t, context):
         return self.unet(x, t, encoder_hidden_states=context).sample

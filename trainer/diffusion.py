@@ -6,7 +6,7 @@ either eps ("epsilon", SD2-base) or v = sqrt(a_t) * eps - sqrt(1 - a_t) * x_0 ("
 SD2-768). Sampling is DDIM with eta = 0 (deterministic given the initial noise) and
 classifier-free guidance.
 
-    schedule = NoiseSchedule.from_config(cfg["diffusion"]).to(device)
+    schedule = NoiseSchedule().to(device)
     context = drop_captions(text_emb, empty_emb, p=0.1, generator=g)
     loss = training_loss(model, schedule, latents, context, generator=g)
     latents = ddim_sample(model, schedule, context, empty_emb, latent_shape=(4, 32, 32))
@@ -42,13 +42,6 @@ class NoiseSchedule:
         self.sqrt_alphas_cumprod = alphas_cumprod.sqrt().float()
         self.sqrt_one_minus_alphas_cumprod = (1.0 - alphas_cumprod).sqrt().float()
 
-    @classmethod
-    def from_config(cls, cfg):
-        """From the run config's `diffusion` section (unknown keys are ignored: the section also
-        holds prediction_type, snr_gamma and caption_dropout)."""
-        keys = ("num_train_timesteps", "beta_start", "beta_end")
-        return cls(**{k: cfg[k] for k in keys if k in cfg})
-
     def to(self, device):
         for name in ("alphas_cumprod", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod"):
             setattr(self, name, getattr(self, name).to(device))
@@ -79,7 +72,7 @@ class NoiseSchedule:
         a = self.alphas_cumprod[t]
         return a / (1.0 - a)
 
-    def loss_weights(self, t, prediction_type, snr_gamma=None):
+    def loss_weights(self, t, prediction_type, min_snr_gamma=None):
         """Per-sample weights of the MSE: ones, or min-SNR-gamma (Hang et al. 2023).
 
         Min-SNR weights the x0-space error by min(SNR, gamma), which stops easy low-noise steps
@@ -88,12 +81,12 @@ class NoiseSchedule:
         gets min(SNR, gamma) / (SNR + 1).
         """
         _check_prediction_type(prediction_type)
-        if snr_gamma is None:
+        if min_snr_gamma is None:
             return torch.ones(t.shape, device=t.device)
-        if not snr_gamma > 0:
-            raise ValueError(f"snr_gamma must be > 0 (or None to disable), got {snr_gamma!r}")
+        if not min_snr_gamma > 0:
+            raise ValueError(f"min_snr_gamma must be > 0 (or None to disable), got {min_snr_gamma!r}")
         snr = self.snr(t)
-        clipped = snr.clamp(max=snr_gamma)
+        clipped = snr.clamp(max=min_snr_gamma)
         return clipped / snr if prediction_type == "epsilon" else clipped / (snr + 1.0)
 
 
@@ -105,7 +98,8 @@ def diffusion_loss(pred, target, weights=None):
     return per_sample.mean()
 
 
-def training_loss(model, schedule, latents, context, *, prediction_type="epsilon", snr_gamma=None, generator=None):
+def training_loss(model, schedule, latents, context, *, prediction_type="epsilon", min_snr_gamma=None,
+                  generator=None):
     """One diffusion training loss: draw t ~ U{0..T-1} and eps ~ N(0, I) per sample, noise the
     latents, ask model(x_t, t, context) for its prediction and return the (weighted) MSE.
 
@@ -116,7 +110,7 @@ def training_loss(model, schedule, latents, context, *, prediction_type="epsilon
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=torch.float32)
     pred = model(schedule.add_noise(latents, noise, t), t, context)
     target = schedule.target(latents, noise, t, prediction_type)
-    return diffusion_loss(pred, target, schedule.loss_weights(t, prediction_type, snr_gamma))
+    return diffusion_loss(pred, target, schedule.loss_weights(t, prediction_type, min_snr_gamma))
 
 
 def drop_captions(context, empty, p=0.1, generator=None):

@@ -53,8 +53,8 @@ def _frozen(module):
 
 # --- VAE ----------------------------------------------------------------------------------------
 
-def load_vae(cfg):
-    """A frozen diffusers AutoencoderKL from cfg = {path} or {config[, init_seed]}."""
+def load_vae(cfg, device="cpu"):
+    """A frozen diffusers AutoencoderKL from cfg = {path} or {config[, init_seed]}, on device."""
     from diffusers import AutoencoderKL
 
     path = _source(cfg, "vae")
@@ -63,7 +63,7 @@ def load_vae(cfg):
     else:
         sub = "vae" if (Path(path) / "vae").is_dir() else None
         vae = AutoencoderKL.from_pretrained(path, subfolder=sub, local_files_only=True)
-    return _frozen(vae)
+    return _frozen(vae).to(device)
 
 
 def vae_downsampling(vae):
@@ -177,8 +177,9 @@ class TextEncoder(torch.nn.Module):
         return self.encode([""])
 
 
-def load_text_encoder(cfg):
-    """A TextEncoder from cfg = {path[, tokenizer_path]} or {config[, init_seed]}, plus clip_skip.
+def load_text_encoder(cfg, device="cpu"):
+    """A TextEncoder on device from cfg = {path[, tokenizer_path]} or {config[, init_seed]}, plus
+    clip_skip.
 
     path: a CLIPTextModel folder with its tokenizer files (or tokenizer_path naming them), or a
     diffusers pipeline folder (text_encoder/ and tokenizer/). config: a CLIPTextConfig dict,
@@ -204,4 +205,4 @@ def load_text_encoder(cfg):
         tokenizer_dir = cfg.get("tokenizer_path") or (root / "tokenizer" if pipeline else root)
         model = CLIPTextModel.from_pretrained(model_dir, local_files_only=True)
         tokenizer = _ClipTokenizer(CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True))
-    return TextEncoder(model, tokenizer, clip_skip=cfg.get("clip_skip", 0))
+    return TextEncoder(model, tokenizer, clip_skip=cfg.get("clip_skip", 0)).to(device)

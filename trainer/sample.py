@@ -4,7 +4,7 @@
         [--steps 50 --guidance 7.5 --seed 0 --n 4 --resolution 256] --out grid.png
 
 --checkpoint is a step folder (<out_dir>/checkpoints/step_0000100), or a checkpoints folder or
-an out_dir, whose `latest` file names the newest step. The run's config.yaml in the step folder
+an out_dir (their `latest` file names the newest step). The run's config.yaml in the step folder
 rebuilds the UNet, VAE and text encoder; EMA weights are used when the checkpoint has them.
 The grid has one row per prompt and --n images per row. train.py calls sample_images and
 save_grid in-process for its periodic sample grids.
@@ -15,38 +15,46 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from PIL import Image
 
+from trainer import checkpoint
+from trainer import config as run_config
 from trainer.diffusion import NoiseSchedule, ddim_sample
 from trainer.encoders import decode_latents, load_text_encoder, load_vae, vae_downsampling
 
 
-def save_grid(images, path, *, cols):
-    """Write images (N, 3, H, W) in [-1, 1] as one PNG, `cols` per row, row-major, no padding."""
+def save_grid(images, path, *, rows):
+    """Write images (N, 3, H, W) in [-1, 1] as one PNG of `rows` rows (one per prompt, as
+    sample_images orders them), filled row by row, no padding. Returns the path."""
     n, c, h, w = images.shape
-    if c != 3 or n % cols:
-        raise ValueError(f"need (N, 3, H, W) images with N a multiple of cols={cols}, got {tuple(images.shape)}")
+    if c != 3 or rows < 1 or n % rows:
+        raise ValueError(f"need (N, 3, H, W) images with N a multiple of rows={rows}, got {tuple(images.shape)}")
+    cols = n // rows
     pixels = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     # (rows, cols, 3, H, W) -> (rows, H, cols, W, 3): each row of the grid is one strip of pixels.
-    grid = pixels.view(n // cols, cols, 3, h, w).permute(0, 3, 1, 4, 2).reshape(n // cols * h, cols * w, 3)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    grid = pixels.view(rows, cols, 3, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, cols * w, 3)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.ascontiguousarray(grid.numpy())).save(path)
+    return path
 
 
 @torch.no_grad()
-def sample_images(unet, vae, text_encoder, prompts, *, resolution, n=1, steps=50, guidance=7.5, seed=0,
+def sample_images(unet, vae, text_encoder, prompts, *, resolution=None, n=1, steps=50, guidance=7.5, seed=0,
                   prediction_type="epsilon", schedule=None):
     """Images (len(prompts) * n, 3, resolution, resolution) in about [-1, 1], prompt by prompt.
 
-    unet(x, t, context) -> prediction; the same seed gives the same images. schedule: the
-    training NoiseSchedule (default: SD2's).
+    unet(x, t, context) -> prediction; the same seed gives the same images. resolution: in
+    pixels; by default the UNet's sample_size (a latent size, as in diffusers) times the VAE's
+    downsampling. prediction_type: what the UNet was trained to predict. schedule: the training
+    NoiseSchedule (default: SD2's).
     """
     if isinstance(prompts, str) or not prompts:
         raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
     if n < 1:
         raise ValueError(f"images per prompt must be >= 1, got n={n}")
     f = vae_downsampling(vae)
+    resolution = resolution or unet.config["sample_size"] * f
     if resolution % f:
         raise ValueError(f"resolution {resolution} is not a multiple of the VAE's downsampling factor {f}")
     device = next(unet.parameters()).device
@@ -60,32 +68,20 @@ def sample_images(unet, vae, text_encoder, prompts, *, resolution, n=1, steps=50
     return decode_latents(vae, latents.to(vae.device))
 
 
-def resolve_checkpoint(path):
-    """The step folder that `path` means: itself, or what its (or its checkpoints/) `latest` names."""
-    path = Path(path)
-    for folder in (path, path / "checkpoints"):
-        if (folder / "latest").is_file():
-            path = folder / (folder / "latest").read_text().strip()
-            break
-    if not (path / "config.yaml").is_file():
-        raise ValueError(f"{path} is not a checkpoint: no config.yaml there (and no 'latest' file naming one)")
-    return path
-
-
 def load_checkpoint(path, device="cpu"):
     """(unet, vae, text_encoder, config) from a checkpoint; the UNet holds the EMA weights when saved."""
     from safetensors.torch import load_file
 
     from trainer.unet import UNet  # written in parallel; imported only where a checkpoint is loaded
 
-    step = resolve_checkpoint(path)
-    config = yaml.safe_load((step / "config.yaml").read_text())
+    step = checkpoint.resolve(path)
+    config = run_config.load(step / "config.yaml")
     weights = step / "ema.safetensors" if (step / "ema.safetensors").is_file() else step / "unet.safetensors"
     unet = UNet.from_config(config["model"]["unet"])
     unet.load_state_dict(load_file(weights))
-    model = config["model"]
-    vae, text_encoder = load_vae(model["vae"]), load_text_encoder(model["text_encoder"])
-    return unet.to(device).eval(), vae.to(device), text_encoder.to(device), config
+    vae = load_vae(config["model"]["vae"], device)
+    text_encoder = load_text_encoder(config["model"]["text_encoder"], device)
+    return unet.to(device).eval(), vae, text_encoder, config
 
 
 def main(argv=None):
@@ -96,22 +92,18 @@ def main(argv=None):
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n", type=int, default=4, help="images per prompt (grid columns)")
-    parser.add_argument("--resolution", type=int, help="default: the run's data.resolution")
+    parser.add_argument("--resolution", type=int, help="pixels; default: the run's data.resolution")
     parser.add_argument("--out", default="grid.png")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
 
     unet, vae, text_encoder, config = load_checkpoint(args.checkpoint, args.device)
-    diffusion = config.get("diffusion") or {}
-    resolution = args.resolution or (config.get("data") or {}).get("resolution")
-    if not resolution:
-        parser.error("the checkpoint's config has no data.resolution: pass --resolution")
+    resolution = args.resolution or config["data"]["resolution"]
     images = sample_images(
         unet, vae, text_encoder, args.prompt, resolution=resolution, n=args.n, steps=args.steps,
-        guidance=args.guidance, seed=args.seed, prediction_type=diffusion.get("prediction_type", "epsilon"),
-        schedule=NoiseSchedule.from_config(diffusion),
+        guidance=args.guidance, seed=args.seed, prediction_type=config["diffusion"]["prediction_type"],
     )
-    save_grid(images, args.out, cols=args.n)
+    save_grid(images, args.out, rows=len(args.prompt))
     print(f"wrote {args.out}: {len(args.prompt)} prompts x {args.n} images at {resolution} px")
 
 
