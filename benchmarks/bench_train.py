@@ -323,10 +323,11 @@ def run_row(recipe, batch, shared):
     scheduled = recipe.ema == "scheduled"
     # Scheduled EMA starts after the untimed step that follows the first timed window.
     optimizer, ema_step = make_optimizer(recipe, unet, ema_start=a.warmup + a.steps + 1)
+    if recipe.data == "latents":
+        shared.drop_encoders()
     loader = make_loader(recipe, batch, shared)
     batches = iter(loader)
     if recipe.data == "latents":
-        shared.drop_encoders()
         vae, text, empty = None, None, loader.empty_embedding
     else:
         vae, text, empty = shared.encoders()
@@ -495,7 +496,7 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=None, help="micro-batch per GPU (default 32 at 256 px, 8 at 512)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per row")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per row (compile, autotune, state)")
-    p.add_argument("--images", type=int, default=1024, help="generated JPEGs (1024x768, quality 90)")
+    p.add_argument("--images", type=int, default=512, help="generated JPEGs (1024x768, quality 90)")
     p.add_argument("--workers", type=int, default=None, help="PIL worker processes / DALI threads per rank")
     p.add_argument("--ema-fraction", type=float, default=0.035, help="share of steps with a scheduled EMA")
     p.add_argument("--vae", help="local VAE folder (default: random SD2-size VAE)")
