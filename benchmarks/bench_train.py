@@ -392,12 +392,13 @@ def measure(recipe, name, rows, shared):
         try:
             result = run_row(recipe, batch, shared)
             break
-        except Exception as e:  # noqa: BLE001  an out-of-memory error steps the batch back
+        except Exception as e:  # noqa: BLE001  a row failing is reported, not fatal
             if not (is_oom(e) and recipe.batch == "max" and batch > a.batch):
                 return {"status": f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"}
-            gc.collect()
-            torch.cuda.empty_cache()
             batch = max(a.batch, (a.batch + batch) // 2 // 8 * 8)
+        # Out of the except block the traceback, and the row's tensors it holds, are gone.
+        gc.collect()
+        torch.cuda.empty_cache()
     return {**summarize(result, batch, shared.world, a.ema_fraction), **result}
 
 
