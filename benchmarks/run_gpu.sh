@@ -95,6 +95,8 @@ inspect_pid=
 if "$PY" -c "import cckernels.inspect" 2>/dev/null; then
     step inspect 150 "$PY" -m cckernels.inspect --json "$OUT/inspect.json" &
     inspect_pid=$!
+else
+    printf '| inspect | not in this checkout | - | - |\n' >> "$OUT/steps.md"
 fi
 step pytest-gpu 90 "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider --junitxml="$OUT/pytest-gpu.xml" tests
 step pytest-rest 60 "$PY" -m pytest -m "not gpu" -q -rs -p no:cacheprovider --junitxml="$OUT/pytest-rest.xml" tests
@@ -105,7 +107,14 @@ bench bench_group_norm 40
 bench bench_ema 25
 bench bench_data 25 --images 512
 bench bench_ddp 15
-bench bench_train 190 --steps 6 --warmup 2 --budget-s 165
+# Several GPUs: the training benchmark runs one process per GPU (a world of N), the others on one.
+ngpu=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+if [ "$ngpu" -gt 1 ]; then
+    step bench_train 190 "$PY" -m torch.distributed.run --standalone --nproc_per_node="$ngpu" \
+        benchmarks/bench_train.py --out "$OUT" --steps 6 --warmup 2 --budget-s 165
+else
+    bench bench_train 190 --steps 6 --warmup 2 --budget-s 165
+fi
 
 {
     echo "# GPU run $(date -u +%Y-%m-%dT%H:%MZ) on $device ($(( $(date +%s) - t_all )) s)"
