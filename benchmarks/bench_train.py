@@ -540,6 +540,13 @@ def setup(args):
     return cfg, world, rank, device
 
 
+def past_budget(local, device):
+    """Whether any rank is past the time budget: every rank must skip the same rows."""
+    flag = torch.tensor([float(local)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
 def init_process_group(world, device):
     backend = "nccl" if device.type == "cuda" else "gloo"
     if world > 1:
@@ -622,7 +629,7 @@ def run(args, cfg, world, rank, device):
             row["status"] = f"skipped: {reason}"
         elif args.rows and name != "baseline" and name not in args.rows:
             row["status"] = "skipped: not in --rows"
-        elif args.budget_s is not None and time.perf_counter() - t_start > args.budget_s:
+        elif args.budget_s is not None and past_budget(time.perf_counter() - t_start > args.budget_s, device):
             row["status"] = f"skipped: time budget of {args.budget_s:.0f} s spent"
         else:
             row.update(measure(this, name, rows, shared))
