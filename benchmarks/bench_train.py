@@ -442,7 +442,7 @@ def add_ratios(rows, flops_per_image, peak_tflops):
 
 
 def print_table(rows):
-    head = (f"{'recipe':<36}{'batch':>6}{'img/s':>9}{'step ms (q20-q80)':>22}{'peak GiB':>10}"
+    head = (f"{'recipe':<36}{'batch':>6}{'img/s':>9}{'step ms (q20-q80)':>26}{'peak GiB':>10}"
             f"{'x base':>8}{'x plain':>8}{'MFU':>7}{'MFU989':>8}  backends")
     print(head)
     for r in rows:
@@ -453,7 +453,7 @@ def print_table(rows):
         ratio = lambda v: f"{v:.2f}x" if v else "-"  # noqa: E731
         steps = f"{r['step_ms']:.1f} ({r['step_ms_q20']:.1f}-{r['step_ms_q80']:.1f})"
         backends = ",".join(f"{k}={v}" for k, v in r["backends"].items())
-        print(f"{r['name']:<36}{r['batch']:>6}{r['images_per_s']:>9.1f}{steps:>22}{mem:>10}"
+        print(f"{r['name']:<36}{r['batch']:>6}{r['images_per_s']:>9.1f}{steps:>26}{mem:>10}"
               f"{ratio(r['speedup_vs_baseline']):>8}{ratio(r['speedup_vs_plain_pytorch']):>8}"
               f"{r['mfu_measured_peak']:>7.1%}{r['mfu_h100_nominal']:>8.1%}  {backends} {r.get('note', '')}")
 
