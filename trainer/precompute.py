@@ -98,6 +98,7 @@ def precompute(data_cfg, vae_cfg, text_cfg, resolutions, out, *, batch_size=32, 
         _start(out, plan, text)
     barrier()
 
+    out.mkdir(parents=True, exist_ok=True)  # every rank writes shards into it
     n_shards = -(-len(index) // shard_size)
     todo = [k for k in range(rank, n_shards, world_size) if not _finished(out, k)]
     count = sum(min(len(index), (k + 1) * shard_size) - k * shard_size for k in todo)
