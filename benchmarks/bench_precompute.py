@@ -12,7 +12,7 @@ embeddings) from the latents loader. Encoders: configs/encoders/sd2.yaml (random
 compute of SD2's VAE and OpenCLIP-H text tower) or tiny.yaml. Data: the generated ~1024x768
 JPEGs of bench_data.py, precomputed once with trainer.precompute into the cache (reused on
 reruns, its one-time rate reported too). Rate per window of --steps steps; the table gives the
-median and 20/80 quantiles over --windows windows after --warmup steps.
+median and 20/80 quantiles over --windows windows after --warmup steps (timing as bench_data's).
 Writes bench_precompute.json and bench_precompute.png to --out (default benchmarks/results/local).
 """
 
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench_data import make_dataset
+from bench_data import make_dataset, measure
 
 SD2_UNET = dict(  # diffusers' stabilityai/stable-diffusion-2-base unet/config.json
     sample_size=32, in_channels=4, out_channels=4, layers_per_block=2,
@@ -43,22 +43,17 @@ TINY_UNET = dict(  # cross_attention_dim = the tiny text encoder's width
 )
 
 
-def measure(step, batches, batch_size, steps, windows, warmup, device):
-    it = iter(batches)
-    for _ in range(warmup):
-        step(*next(it))
-    rates = []
-    for _ in range(windows):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step(*next(it))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        rates.append(steps * batch_size / (time.perf_counter() - t0))
-    q20, med, q80 = np.quantile(rates, [0.2, 0.5, 0.8])
-    return {"images_per_s": med, "q20": q20, "q80": q80, "windows": rates}
+def training(step, loader, warmup):
+    """Batches of `loader`, each after `step` trained on it, so bench_data's measure times
+    training; the first warmup - 1 steps run here (measure runs one more before timing)."""
+    def run():
+        for batch in loader:
+            step(*batch)
+            yield batch
+    it = run()
+    for _ in range(warmup - 1):
+        next(it)
+    return it
 
 
 def main():
@@ -78,7 +73,7 @@ def main():
     p.add_argument("--workers", type=int, default=os.cpu_count())
     p.add_argument("--steps", type=int, default=5, help="steps per timed window")
     p.add_argument("--windows", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (at least 1)")
     args = p.parse_args()
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")
@@ -140,7 +135,8 @@ def main():
     print(f"{'data':<10}{'images/s':>12}{'q20':>10}{'q80':>10}")
     rows = []
     for name, (step, loader) in loaders.items():
-        r = measure(step, loader, args.batch_size, args.steps, args.windows, args.warmup, device)
+        r = measure(training(step, loader, args.warmup), args.batch_size, args.steps,
+                    args.windows, device)
         rows.append({"data": name, **r})
         print(f"{name:<10}{r['images_per_s']:>12.1f}{r['q20']:>10.1f}{r['q80']:>10.1f}")
     speedup = rows[1]["images_per_s"] / rows[0]["images_per_s"]
