@@ -101,6 +101,8 @@ def test_tiny_text_encoder(tiny):
         text.encode("a cat")
     with pytest.raises(ValueError, match="vocab_size"):
         load_text_encoder({"config": {**tiny["text_encoder"]["config"], "vocab_size": 100}})
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        load_text_encoder({"config": {**tiny["text_encoder"]["config"], "max_position_embeddings": 16}})
     with pytest.raises(ValueError, match="clip_skip"):
         load_text_encoder({**tiny["text_encoder"], "clip_skip": 2})
 

@@ -190,13 +190,15 @@ def load_text_encoder(cfg, device="cpu"):
 
     path = _source(cfg, "text_encoder")
     if path is None:
-        config = dict(cfg["config"])
-        if config.get("vocab_size", 0) < ByteTokenizer.vocab_size:
-            raise ValueError(f"text_encoder vocab_size must be >= {ByteTokenizer.vocab_size}, got {config.get('vocab_size')}")
-        if config.get("max_position_embeddings", 0) < MAX_LENGTH:
-            raise ValueError(f"text_encoder max_position_embeddings must be >= {MAX_LENGTH}")
         ids = dict(bos_token_id=ByteTokenizer.BOS, eos_token_id=ByteTokenizer.EOS, pad_token_id=ByteTokenizer.PAD)
-        model = _seeded_init(cfg, lambda: CLIPTextModel(CLIPTextConfig(**{**config, **ids})))
+        config = CLIPTextConfig(**{**cfg["config"], **ids})
+        if config.vocab_size < ByteTokenizer.vocab_size:
+            raise ValueError(f"text_encoder vocab_size must be >= {ByteTokenizer.vocab_size}, got {config.vocab_size}")
+        if config.max_position_embeddings < MAX_LENGTH:
+            raise ValueError(
+                f"text_encoder max_position_embeddings must be >= {MAX_LENGTH}, got {config.max_position_embeddings}"
+            )
+        model = _seeded_init(cfg, lambda: CLIPTextModel(config))
         tokenizer = ByteTokenizer()
     else:
         root = Path(path)
