@@ -13,7 +13,7 @@ from tiny_models import TINY_UNET, StandInUNet
 from trainer import precompute as pc
 from trainer.data import build_index, make_loader
 from trainer.data.latents import TEXT_KEY, latent_key, shard_file
-from trainer.data.loader import decode_once
+from trainer.data import decode_once
 from trainer.diffusion import NoiseSchedule, training_loss
 from trainer.encoders import (decode_latents, encode_images, encoder_config, load_text_encoder,
                               load_vae)
@@ -235,6 +235,8 @@ def test_latents_bad_config(precomputed, tmp_path):
         make_loader(latents_cfg(out, resolution=128), 1, cache_dir=cache)
     with pytest.raises(ValueError, match="caption_field='synthetic_text'"):
         make_loader(latents_cfg(out, caption_field="synthetic_text"), 1, cache_dir=cache)
+    with pytest.raises(ValueError, match="data.caption_field='alt'"):
+        make_loader(latents_cfg(out, caption_field="alt"), 1, cache_dir=cache)
     with pytest.raises(ValueError, match="no index.json"):
         make_loader(latents_cfg(tmp_path), 1, cache_dir=cache)
 

@@ -98,8 +98,10 @@ class Metadata:
 def caption_folder(data, model_path, *, batch_size=16, max_new_tokens=40, save_every=8,
                    device="cpu", precision="auto", cache_dir=None):
     """Adds BLIP-2 captions to the image folder `data`; returns how many images it captioned."""
-    if type(batch_size) is not int or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r}; expected an integer >= 1")
+    for name, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens),
+                        ("save_every", save_every)):
+        if type(value) is not int or value < 1:
+            raise ValueError(f"{name}={value!r}; expected an integer >= 1")
     device = torch.device(device)
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
