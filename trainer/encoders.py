@@ -31,10 +31,21 @@ def encoder_config(name):
     return yaml.safe_load(path.read_text())
 
 
+def _resolve(cfg, what):
+    """{preset: NAME, ...} -> the `what` section of configs/encoders/NAME.yaml, other keys on top."""
+    if isinstance(cfg, dict) and "preset" in cfg:
+        rest = {k: v for k, v in cfg.items() if k != "preset"}
+        return {**encoder_config(cfg["preset"])[what], **rest}
+    return cfg
+
+
 def _source(cfg, what):
     # Exactly one of path / config, so a run never silently trains with random weights.
     if not isinstance(cfg, dict) or ("path" in cfg) == ("config" in cfg):
-        raise ValueError(f"{what} config needs exactly one of 'path' or 'config', got {cfg!r}")
+        raise ValueError(
+            f"{what} config needs exactly one of 'path' (a local folder), 'config' (random init) "
+            f"or 'preset' (configs/encoders/NAME.yaml), got {cfg!r}"
+        )
     if "path" in cfg and not Path(cfg["path"]).is_dir():
         raise ValueError(f"{what} path {cfg['path']!r} is not a directory")
     return cfg.get("path")
@@ -57,6 +68,7 @@ def load_vae(cfg, device="cpu"):
     """A frozen diffusers AutoencoderKL from cfg = {path} or {config[, init_seed]}, on device."""
     from diffusers import AutoencoderKL
 
+    cfg = _resolve(cfg, "vae")
     path = _source(cfg, "vae")
     if path is None:
         vae = _seeded_init(cfg, lambda: AutoencoderKL.from_config(cfg["config"]))
@@ -188,6 +200,7 @@ def load_text_encoder(cfg, device="cpu"):
     """
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+    cfg = _resolve(cfg, "text_encoder")
     path = _source(cfg, "text_encoder")
     if path is None:
         ids = dict(bos_token_id=ByteTokenizer.BOS, eos_token_id=ByteTokenizer.EOS, pad_token_id=ByteTokenizer.PAD)
