@@ -3,9 +3,9 @@
     python benchmarks/bench_precompute.py [--out DIR] [--resolution 256] [--batch-size 32]
     python benchmarks/bench_precompute.py --tiny      # seconds on a CPU, for the smoke test
 
-Both sides run the same training step of the same UNet (trainer.unet.UNet.from_config; SD2's
-config on a GPU, a tiny one with --tiny or without a GPU): diffusion loss, backward, AdamW step,
-bf16 autocast on a GPU. "online" gets (images, captions) from trainer.data's loader (PIL
+Both sides run the same training step of the same UNet (trainer.unet.UNet.from_config with
+model.unet of configs/sd2-base.yaml on a GPU, of configs/tiny.yaml with --tiny or without a GPU):
+diffusion loss, backward, AdamW step, bf16 autocast on a GPU. "online" gets (images, captions) from trainer.data's loader (PIL
 DataLoader, or DALI with --backend dali) and runs the VAE encoder and the text encoder in the
 step, under no_grad, as a trainer without precompute must; "latents" gets (latents, text
 embeddings) from the latents loader. Encoders: configs/encoders/sd2.yaml (random weights, the
@@ -28,21 +28,6 @@ import torch
 
 from bench_data import make_dataset, measure
 
-SD2_UNET = dict(  # diffusers' stabilityai/stable-diffusion-2-base unet/config.json
-    sample_size=32, in_channels=4, out_channels=4, layers_per_block=2,
-    block_out_channels=[320, 640, 1280, 1280], attention_head_dim=[5, 10, 20, 20],
-    cross_attention_dim=1024, use_linear_projection=True, norm_num_groups=32,
-    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-)
-TINY_UNET = dict(  # cross_attention_dim = the tiny text encoder's width
-    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=[16, 32],
-    attention_head_dim=8, cross_attention_dim=32, norm_num_groups=8,
-    down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
-    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
-)
-
-
 def training(step, loader, warmup):
     """Batches of `loader`, each after `step` trained on it, so bench_data's measure times
     training; the first warmup - 1 steps run here (measure runs one more before timing)."""
@@ -57,6 +42,7 @@ def training(step, loader, warmup):
 
 
 def main():
+    from trainer import config
     from trainer.data import make_loader
     from trainer.diffusion import NoiseSchedule, training_loss
     from trainer.encoders import encode_images, encoder_config, load_text_encoder, load_vae
@@ -77,13 +63,14 @@ def main():
     args = p.parse_args()
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")
-    width, height, unet_cfg, encoders = 1024, 768, SD2_UNET, "sd2"
+    width, height, run, encoders = 1024, 768, "sd2-base", "sd2"
     if args.tiny or not gpu:
         args.images, args.resolution, args.batch_size = 8, 64, 2
         args.steps, args.windows, args.warmup, args.workers = 1, 2, 1, 0
-        width, height, unet_cfg, encoders = 160, 120, TINY_UNET, "tiny"
+        width, height, run, encoders = 160, 120, "tiny", "tiny"
         if not gpu:
             torch.set_num_threads(1)  # tiny ops: threads only add synchronization on a shared CPU
+    unet_cfg = config.load(config.ROOT / "configs" / f"{run}.yaml")["model"]["unet"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(os.environ.get("CCKERNELS_CACHE", "~/.cache/cckernels")).expanduser()
