@@ -267,8 +267,11 @@ def test_precompute_on_gpu_matches_cpu(precomputed, tiny, tmp_path, backend):
         got, _ = read_shard(out / shard_file(k))
         want, _ = read_shard(cpu_out / shard_file(k))
         for key in want:
-            # DALI's resize differs from PIL's by a few levels at edges; bf16 adds ~1%.
-            torch.testing.assert_close(got[key].float(), want[key].float(), atol=0.15, rtol=0.05)
+            # bf16 encoders: about 1% off on average; DALI's resize also differs from PIL's by a
+            # few levels at edges, so its latents get a looser bound.
+            bound = 0.15 if backend == "dali" and key != TEXT_KEY else 0.05
+            g, w = got[key].float(), want[key].float()
+            assert (g - w).abs().mean() <= bound * w.abs().mean() + 1e-3, key
     loader = make_loader(latents_cfg(out), 2, device="cuda", cache_dir=cache)
     z, emb = next(iter(loader))
     assert z.is_cuda and emb.is_cuda and loader.empty_embedding.is_cuda
