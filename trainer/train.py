@@ -80,6 +80,7 @@ def main(argv=None):
         cfg["data"], batch, rank=rank, world_size=world, seed=cfg["seed"], device=device,
         start=tuple(ckpt["state"]["data_position"]) if ckpt else (0, 0), out_dir=out_dir if is_main else None,
     )
+    batches = iter(loader)
     latents_format = cfg["data"]["format"] == "latents"
     # Frozen encoders: they encode each batch (unless latents were precomputed) and the samples.
     vae = encoders.load_vae(cfg["model"]["vae"], device)
@@ -119,7 +120,7 @@ def main(argv=None):
             g["lr"] = lr_at(step)
         total = 0.0
         for micro in range(accum):
-            images, captions = next(loader)
+            images, captions = next(batches)
             with torch.no_grad():
                 if latents_format:
                     latents, ctx = images.to(device), captions.to(device)
