@@ -7,7 +7,8 @@
 
 then train with `data.format=latents data.path=DIR data.resolution=256`.
 
-Images are decoded by trainer.data (centre crop, no flip, every image exactly once) and
+Images are decoded by trainer.data (centre crop, no flip, every image exactly once per
+resolution, each resized from the original) and
 encoded with the VAE's posterior mean, times its scaling factor (trainer.encoders.encode_images);
 captions (data.caption_field) with the text encoder; both stored as float16. The output is
 described in trainer/data/latents.py. Shards of --shard-size consecutive samples go to the
@@ -30,10 +31,9 @@ from safetensors.torch import save
 from tqdm import tqdm
 
 from trainer import config as run_config
-from trainer.data import DataConfig, build_index, builtin_dataset_path
+from trainer.data import DataConfig, build_index, builtin_dataset_path, decode_once
 from trainer.data.latents import (EMPTY_FILE, FORMAT, INDEX_FILE, TEXT_KEY, VERSION, latent_key,
                                   shard_file)
-from trainer.data.loader import decode_once
 from trainer.encoders import (MAX_LENGTH, encode_images, encoder_config, load_text_encoder,
                               load_vae, vae_downsampling)
 
@@ -98,6 +98,7 @@ def precompute(data_cfg, vae_cfg, text_cfg, resolutions, out, *, batch_size=32, 
         _start(out, plan, text)
     barrier()
 
+    out.mkdir(parents=True, exist_ok=True)  # every rank writes shards into it
     n_shards = -(-len(index) // shard_size)
     todo = [k for k in range(rank, n_shards, world_size) if not _finished(out, k)]
     count = sum(min(len(index), (k + 1) * shard_size) - k * shard_size for k in todo)

@@ -76,17 +76,23 @@ class DatasetIndex:
 
     def report(self, out_dir=None):
         """Logs the counts and writes <out_dir>/skipped_files.txt (name <TAB> reason)."""
-        where = ""
-        if out_dir is not None and self.skipped:
-            os.makedirs(out_dir, exist_ok=True)
-            path = os.path.join(out_dir, "skipped_files.txt")
-            with open(path, "w") as f:
-                f.writelines(f"{name}\t{reason}\n" for name, reason in self.skipped)
-            where = f" (listed in {path})"
+        where = list_skipped(out_dir, "skipped_files.txt", self.skipped)
         log.info("data: %d images in %s, %d unreadable skipped%s, %d without caption",
                  len(self.samples), self.root, len(self.skipped), where, self.missing_captions)
         for name, reason in self.skipped[:5]:
             log.warning("data: skipped %s: %s", name, reason)
+
+
+def list_skipped(out_dir, filename, skipped):
+    """Writes the (name, reason) pairs to <out_dir>/<filename>, one 'name <TAB> reason' line
+    each, when there are any and out_dir is given; returns ' (listed in PATH)' or ''."""
+    if out_dir is None or not skipped:
+        return ""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, filename)
+    with open(path, "w") as f:
+        f.writelines(f"{name}\t{reason}\n" for name, reason in skipped)
+    return f" (listed in {path})"
 
 
 def read_bytes(path, offset, size):

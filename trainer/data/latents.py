@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trainer.data.index import list_skipped
+
 log = logging.getLogger("trainer.data")
 
 FORMAT = "cckernels-latents"
@@ -88,13 +90,7 @@ class LatentIndex:
 
     def report(self, out_dir=None):
         """Logs the counts and writes <out_dir>/skipped_shards.txt (file <TAB> reason)."""
-        where = ""
-        if out_dir is not None and self.skipped:
-            os.makedirs(out_dir, exist_ok=True)
-            path = os.path.join(out_dir, "skipped_shards.txt")
-            with open(path, "w") as f:
-                f.writelines(f"{name}\t{reason}\n" for name, reason in self.skipped)
-            where = f" (listed in {path})"
+        where = list_skipped(out_dir, "skipped_shards.txt", self.skipped)
         log.info("data: %d precomputed samples in %d shards of %s, %d damaged shards skipped%s",
                  len(self), len(self.shards), self.root, len(self.skipped), where)
         for name, reason in self.skipped:
