@@ -15,11 +15,13 @@ import torch
 
 from cckernels import nn  # noqa: F401  (ck.nn.GroupNorm)
 from cckernels.backend import BACKENDS, IMPLEMENTATIONS, Unsupported, available, default_device, dispatch, last_used
+from cckernels.optim import FusedAdamWEMA
 
 __all__ = [
     "attention",
     "group_norm",
     "ema_update_",
+    "FusedAdamWEMA",
     "available_backends",
     "used_backends",
     "build_info",

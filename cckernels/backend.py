@@ -32,6 +32,15 @@ IMPLEMENTATIONS = {
     },
 }
 
+# Fused optimizer steps (cckernels.optim): dispatched like the ops, but not public ops, so
+# available_backends() leaves them out.
+OPTIMIZER_STEPS = {
+    "adamw_ema_": {
+        "triton": "cckernels.triton.adamw_ema:adamw_ema_",
+        "torch": "cckernels.reference:adamw_ema_",
+    },
+}
+
 
 class Unsupported(Exception):
     """Raised by a backend that cannot take an input; the dispatcher falls back."""
@@ -71,14 +80,18 @@ def cuda_usable(device):
     return cuda.loaded() is not None
 
 
+def _table(op):
+    return IMPLEMENTATIONS[op] if op in IMPLEMENTATIONS else OPTIMIZER_STEPS[op]
+
+
 def _usable(op, backend, device):
-    if backend not in IMPLEMENTATIONS[op]:
+    if backend not in _table(op):
         return False
     if backend == "cuda" and not cuda_usable(device):
         return False
     if backend == "triton" and not triton_usable(device):
         return False
-    return _load(IMPLEMENTATIONS[op][backend]) is not None
+    return _load(_table(op)[backend]) is not None
 
 
 def default_device():
@@ -106,7 +119,7 @@ def dispatch(op, device, backend, *args):
         else:
             _report(op, requested, f"not usable on {device.type} for this op")
     for name in order:
-        fn = _load(IMPLEMENTATIONS[op][name])
+        fn = _load(_table(op)[name])
         try:
             out = fn(*args)
         except Unsupported as why:

@@ -47,3 +47,26 @@ def memory_format(x):
     if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
         return torch.channels_last_3d
     return torch.contiguous_format
+
+
+def adamw_ema_(params, grads, exp_avgs, exp_avg_sqs, masters, emas, scalars):
+    """One AdamW step (+ EMA) over tensor lists with torch._foreach ops, as torch.optim.AdamW.
+
+    masters: fp32 weights updated in place of params (then copied into them), or None;
+    emas: fp32 EMA tensors moved toward the new weights, or None. scalars: see cckernels.optim.
+    """
+    decay_factor, beta1_w, beta2, beta2_w, step_size, bc2_sqrt, eps, ema_w = scalars
+    weights = params if masters is None else masters
+    grads = [g.float() for g in grads]
+    torch._foreach_mul_(weights, decay_factor)
+    torch._foreach_lerp_(exp_avgs, grads, beta1_w)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, beta2_w)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, bc2_sqrt)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(weights, exp_avgs, denom, -step_size)
+    if masters is not None:
+        torch._foreach_copy_(params, masters)
+    if emas is not None:
+        torch._foreach_lerp_(emas, weights, ema_w)

@@ -1,0 +1,156 @@
+"""FusedAdamWEMA: AdamW with fp32 master weights and an EMA of the weights in one memory pass."""
+import math
+
+import torch
+
+import cckernels
+from cckernels.backend import dispatch
+
+
+def _check_number(name, value, low, high, high_open=False):
+    ok = isinstance(value, (int, float)) and low <= value and (value < high if high_open else value <= high)
+    if not ok:
+        raise ValueError(f"{name} must be a number in [{low}, {high}{')' if high_open else ']'}, got {value!r}")
+
+
+class FusedAdamWEMA(torch.optim.Optimizer):
+    """torch.optim.AdamW (decoupled weight decay, bias correction) fused with an EMA update.
+
+    Each step reads param, grad, exp_avg, exp_avg_sq (and the EMA) once and writes them once,
+    in one launch per (param group, dtype) on the "cuda" and "triton" backends; the "torch"
+    backend does the same arithmetic with torch._foreach ops. Results match torch.optim.AdamW
+    followed by ck.ema_update_ to fp32 rounding.
+
+    bf16/fp16 params get fp32 master weights in the optimizer state ("master"); the step
+    updates the master and writes it back rounded into the param, and the EMA follows the
+    master. All state (exp_avg, exp_avg_sq, master, ema) is fp32.
+
+    EMA: `ema_decay` (per param group) is the default decay. With ema_decay given here the
+    shadow weights start as a copy of the initial weights; otherwise `start_ema()` starts them
+    later (no EMA memory before). Once started, every step updates them unless
+    `step(ema=False)`; `step(ema_decay=d)` overrides the decay for one step. Params whose grad
+    is None are not stepped but their EMA still moves toward them, as a separate ema_update_
+    would. `ema_params()` returns the shadow tensors in param order.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *, ema_decay=None, backend=None):
+        _check_number("lr", lr, 0.0, math.inf)
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        _check_number("betas[0]", betas[0], 0.0, 1.0, high_open=True)
+        _check_number("betas[1]", betas[1], 0.0, 1.0, high_open=True)
+        _check_number("eps", eps, 0.0, math.inf)
+        _check_number("weight_decay", weight_decay, 0.0, math.inf)
+        if ema_decay is not None:
+            _check_number("ema_decay", ema_decay, 0.0, 1.0)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, ema_decay=ema_decay)
+        super().__init__(params, defaults)
+        self.backend = backend
+        if ema_decay is not None:
+            self.start_ema()
+
+    def _params(self):
+        return [p for group in self.param_groups for p in group["params"]]
+
+    @staticmethod
+    def _fp32_copy(t):
+        return torch.empty_like(t, dtype=torch.float32).copy_(t)
+
+    def _weights(self, p):
+        """The fp32 weights the step updates: the master copy, or p itself when p is fp32."""
+        return self.state[p].get("master", p)
+
+    @torch.no_grad()
+    def start_ema(self, decay=None):
+        """Start the EMA: shadow = a copy of the current weights; `decay` sets every group's."""
+        if decay is not None:
+            _check_number("decay", decay, 0.0, 1.0)
+            for group in self.param_groups:
+                group["ema_decay"] = decay
+        if any(group["ema_decay"] is None for group in self.param_groups):
+            raise ValueError("start_ema() needs a decay: pass start_ema(decay) or ema_decay= to the constructor")
+        for p in self._params():
+            self.state[p]["ema"] = self._fp32_copy(self._weights(p))
+
+    @property
+    def ema_started(self):
+        return any("ema" in self.state[p] for p in self._params())
+
+    def ema_params(self):
+        """The fp32 EMA tensors in param order (over all groups); [] before the EMA starts."""
+        return [self.state[p]["ema"] for p in self._params() if "ema" in self.state[p]]
+
+    def _init_state(self, p):
+        state = self.state[p]
+        state["step"] = torch.tensor(0.0)
+        state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+        state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+        if p.dtype != torch.float32:
+            state["master"] = self._fp32_copy(p)
+
+    @torch.no_grad()
+    def step(self, closure=None, *, ema=True, ema_decay=None):
+        """One AdamW step; also the EMA update when the EMA has started and `ema` is True."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        use_ema = ema and self.ema_started
+        if ema_decay is not None:
+            _check_number("ema_decay", ema_decay, 0.0, 1.0)
+        for group in self.param_groups:
+            decay = group["ema_decay"] if ema_decay is None else ema_decay
+            if use_ema and decay is None:
+                raise ValueError("the EMA has started but has no decay: pass step(ema_decay=...) or start_ema(decay)")
+            buckets, gradless = {}, []
+            for p in group["params"]:
+                state = self.state[p]
+                if use_ema and "ema" not in state:  # added to the optimizer after start_ema()
+                    state["ema"] = self._fp32_copy(self._weights(p))
+                if p.grad is None:
+                    gradless.append(p)
+                    continue
+                if p.grad.is_sparse:
+                    raise ValueError("FusedAdamWEMA does not support sparse gradients")
+                if "step" not in state:
+                    self._init_state(p)
+                state["step"] += 1
+                buckets.setdefault((p.device, p.dtype, state["step"].item()), []).append(p)
+            for (device, _, step), ps in buckets.items():
+                self._step_bucket(group, ps, step, decay if use_ema else None)
+            if use_ema and gradless:
+                emas = [self.state[p]["ema"] for p in gradless]
+                cckernels.ema_update_(emas, [self._weights(p) for p in gradless], decay, backend=self.backend)
+        return loss
+
+    def _step_bucket(self, group, params, step, ema_decay):
+        """One fused launch for params of one device and dtype sharing a step count."""
+        beta1, beta2 = group["betas"]
+        lr = group["lr"]
+        scalars = (
+            1.0 - lr * group["weight_decay"],  # decoupled weight decay factor
+            1.0 - beta1,
+            beta2,
+            1.0 - beta2,
+            lr / (1.0 - beta1**step),  # step size with bias correction 1
+            (1.0 - beta2**step) ** 0.5,  # sqrt of bias correction 2
+            group["eps"],
+            0.0 if ema_decay is None else 1.0 - ema_decay,
+        )
+        states = [self.state[p] for p in params]
+        masters = [s["master"] for s in states] if params[0].dtype != torch.float32 else None
+        emas = [s["ema"] for s in states] if ema_decay is not None else None
+        grads = [p.grad for p in params]
+        exp_avgs = [s["exp_avg"] for s in states]
+        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+        dispatch("adamw_ema_", params[0].device, self.backend, params, grads, exp_avgs, exp_avg_sqs, masters, emas, scalars)
+
+    def load_state_dict(self, state_dict):
+        """As torch's, but keeps the state fp32: torch casts it to each param's dtype."""
+        super().load_state_dict(state_dict)
+        saved = state_dict["state"]
+        ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        for i, p in zip(ids, self._params()):
+            for key, value in saved.get(i, {}).items():
+                if key != "step":
+                    self.state[p][key] = value.to(device=p.device, dtype=torch.float32)

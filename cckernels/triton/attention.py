@@ -1,0 +1,460 @@
+"""Fused attention (FlashAttention-2 style): forward and deterministic backward in Triton.
+
+Layout BLHD (batch, length, heads, head dim) with any strides and a contiguous last dim, so
+views of a (B, L, 3*H*D) projection need no copy. Non-causal. The forward never stores the
+(Lq, Lk) score matrix: it streams K/V blocks with an online softmax and saves the row
+logsumexp. The backward recomputes the probabilities block by block in two kernels, one
+owning a K/V block and looping over queries (dK, dV), one owning a query block and looping
+over keys (dQ), so every gradient element has exactly one writer: no atomics, bit-identical
+gradients run to run.
+
+Scores live in the log2 domain: log2(e) is folded into the scale and exp2 replaces exp.
+Head dims up to 128 are padded to the next power of two inside the kernels (masked loads).
+"""
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from cckernels.backend import Unsupported
+
+LOG2E = 1.4426950408889634
+MAX_HEAD_DIM = 128
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------
+# Block-shape configs. On a GPU each kernel is autotuned over a small pool, keyed by head
+# dim and power-of-two length buckets (and dtype); `_prune` drops the configs that do not fit
+# the device's shared memory or would spill registers, and shrinks blocks to short lengths
+# (cross-attention with 77 keys gets one 128-key block: the short-key path). Under the
+# interpreter (CPU tests) there is one small config so nothing is benchmarked.
+# ----------------------------------------------------------------------------------------
+def _configs(pool):
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pool]
+
+
+# (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages): FlashAttention-2 / Triton-tutorial
+# shapes for A100 (sm80, 163 KB shared memory) and H100 (sm90, 227 KB).
+FWD_POOL = [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 4), (64, 64, 4, 4), (128, 32, 4, 4)]
+DKDV_POOL = [(64, 128, 8, 3), (32, 128, 4, 3), (64, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 4)]
+DQ_POOL = [(128, 64, 8, 3), (128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 4)]
+AUTOTUNE_KEY = ["q_bucket", "k_bucket", "HEAD_DIM"]
+
+
+def _fwd_footprint(m, n, d, stages):
+    # (shared-memory elements, fp32 accumulator + score elements held in registers)
+    return m * d + stages * 2 * n * d + m * n, m * d + m * n
+
+
+def _dkdv_footprint(m, n, d, stages):
+    return 2 * n * d + stages * 2 * m * d + m * n, 2 * n * d + m * n
+
+
+def _dq_footprint(m, n, d, stages):
+    return 2 * m * d + stages * 2 * n * d + m * n, m * d + m * n
+
+
+def _max_shared_memory(device):
+    return triton.runtime.driver.active.utils.get_device_properties(device.index)["max_shared_mem"]
+
+
+def _prune(configs, named_args, footprint, **kwargs):
+    """Configs that fit this device and these lengths, each block at most the padded length."""
+    q = named_args["Q"]
+    smem_limit = _max_shared_memory(q.device)
+    m_cap = max(16, triton.next_power_of_2(named_args["Lq"]))
+    n_cap = max(16, triton.next_power_of_2(named_args["Lk"]))
+    fits, seen = [], set()
+    for c in configs:
+        m, n = min(c.kwargs["BLOCK_M"], m_cap), min(c.kwargs["BLOCK_N"], n_cap)
+        shape = (m, n, c.num_warps, c.num_stages)
+        if shape in seen:
+            continue
+        seen.add(shape)
+        smem, regs = footprint(m, n, kwargs["BLOCK_D"], c.num_stages)
+        # More than 128 fp32 accumulator/score values per thread spills on both archs.
+        if smem * q.element_size() <= smem_limit and regs <= 128 * 32 * c.num_warps:
+            fits.append(triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=c.num_warps, num_stages=c.num_stages))
+    return fits or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.num_stages)]
+
+
+def _autotune(pool, footprint):
+    return triton.autotune(
+        configs=_configs(pool),
+        key=AUTOTUNE_KEY,
+        prune_configs_by={"early_config_prune": functools.partial(_prune, footprint=footprint)},
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------
+@triton.jit
+def _load_tile(ptrs, rows, n_rows, cols, n_cols, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr):
+    """Load a (rows, cols) tile, zero-filling rows >= n_rows / cols >= n_cols where masked."""
+    if MASK_ROWS:
+        if MASK_COLS:
+            tile = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
+        else:
+            tile = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+    elif MASK_COLS:
+        tile = tl.load(ptrs, mask=cols[None, :] < n_cols, other=0.0)
+    else:
+        tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
+def _store_tile(ptrs, tile, rows, n_rows, cols, n_cols, MASK_COLS: tl.constexpr):
+    """Store a (rows, cols) tile; rows are always masked (written once per program)."""
+    if MASK_COLS:
+        tl.store(ptrs, tile, mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols))
+    else:
+        tl.store(ptrs, tile, mask=rows[:, None] < n_rows)
+
+
+@triton.jit
+def _fwd_step(
+    acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kl, stride_vl, start_n, Lk, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    MASK_N: tl.constexpr, MASK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One K/V block of the online softmax: rescale what was accumulated, add this block."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = _load_tile(k_ptrs + start_n * stride_kl, offs_n, Lk, offs_d, HEAD_DIM, MASK_N, MASK_D)
+    v = _load_tile(v_ptrs + start_n * stride_vl, offs_n, Lk, offs_d, HEAD_DIM, MASK_N, MASK_D)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    if MASK_N:
+        qk = tl.where(offs_n[None, :] < Lk, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    p = tl.math.exp2(qk - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@_autotune(FWD_POOL, _fwd_footprint)
+@triton.heuristics({
+    "EVEN_N": lambda a: a["Lk"] % a["BLOCK_N"] == 0,
+    "SHORT_KV": lambda a: a["Lk"] <= a["BLOCK_N"],
+})
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V,  # (B, Lq, H, D), (B, Lk, H, D), (B, Lk, H, D); any strides, last dim contiguous
+    O,  # (B, Lq, H, D) out, contiguous
+    LSE,  # (B, H, Lq) fp32 out: log2(sum_k exp2(scaled score)), for the backward
+    stride_qb, stride_ql, stride_qh,
+    stride_kb, stride_kl, stride_kh,
+    stride_vb, stride_vl, stride_vh,
+    stride_ob, stride_ol, stride_oh,
+    H, Lq, Lk,
+    qk_scale,  # scale * log2(e)
+    q_bucket, k_bucket,  # power-of-two length buckets: autotune key only
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, SHORT_KV: tl.constexpr,
+):
+    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :]
+    k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kl + offs_d[None, :]
+    v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vl + offs_d[None, :]
+    q = _load_tile(q_ptrs, offs_m, Lq, offs_d, HEAD_DIM, True, MASK_D)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    if SHORT_KV:
+        # Short-key path (cross-attention, Lk <= BLOCK_N): all of K/V is one on-chip block,
+        # loaded once, no loop.
+        acc, l_i, m_i = _fwd_step(
+            acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kl, stride_vl, 0, Lk, qk_scale,
+            HEAD_DIM, BLOCK_N, BLOCK_D, not EVEN_N, MASK_D, DOT_PRECISION,
+        )
+    else:
+        for start_n in range(0, Lk, BLOCK_N):
+            acc, l_i, m_i = _fwd_step(
+                acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kl, stride_vl, start_n, Lk, qk_scale,
+                HEAD_DIM, BLOCK_N, BLOCK_D, not EVEN_N, MASK_D, DOT_PRECISION,
+            )
+
+    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :]
+    _store_tile(o_ptrs, (acc / l_i[:, None]).to(O.dtype.element_ty), offs_m, Lq, offs_d, HEAD_DIM, MASK_D)
+    tl.store(LSE + bh * Lq + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < Lq)
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(
+    O, DO,  # (B, Lq, H, D): forward output and its gradient, any strides
+    DELTA,  # (B, H, Lq) fp32 out: rowsum(dO * O)
+    stride_ob, stride_ol, stride_oh,
+    stride_dob, stride_dol, stride_doh,
+    H, Lq,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    o = _load_tile(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :],
+                   offs_m, Lq, offs_d, HEAD_DIM, True, MASK_D)
+    do = _load_tile(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dol + offs_d[None, :],
+                    offs_m, Lq, offs_d, HEAD_DIM, True, MASK_D)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh * Lq + offs_m, delta, mask=offs_m < Lq)
+
+
+@_autotune(DKDV_POOL, _dkdv_footprint)
+@triton.heuristics({
+    "EVEN_M": lambda a: a["Lq"] % a["BLOCK_M"] == 0,
+    "EVEN_N": lambda a: a["Lk"] % a["BLOCK_N"] == 0,
+})
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO,  # (B, Lq, H, D), (B, Lk, H, D) x2, (B, Lq, H, D); any strides
+    LSE, DELTA,  # (B, H, Lq) fp32
+    DK, DV,  # (S, B, Lk, H, D) out: one slice per query split (S = 1: the gradients themselves)
+    stride_qb, stride_ql, stride_qh,
+    stride_kb, stride_kl, stride_kh,
+    stride_vb, stride_vl, stride_vh,
+    stride_dob, stride_dol, stride_doh,
+    stride_dks, stride_dkb, stride_dkl, stride_dkh,  # shared by DK and DV
+    H, Lq, Lk,
+    q_rows_per_split,  # queries handled by one program (a multiple of 128, so of BLOCK_M)
+    scale, qk_scale,
+    q_bucket, k_bucket,  # autotune key only
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+):
+    pid_n, bh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = (bh // H).to(tl.int64), bh % H
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = _load_tile(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kl + offs_d[None, :],
+                   offs_n, Lk, offs_d, HEAD_DIM, not EVEN_N, MASK_D)
+    v = _load_tile(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vl + offs_d[None, :],
+                   offs_n, Lk, offs_d, HEAD_DIM, not EVEN_N, MASK_D)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    m_start = split * q_rows_per_split
+    m_end = tl.minimum(Lq, m_start + q_rows_per_split)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m0[:, None] * stride_ql + offs_d[None, :]
+    do_ptrs = DO + b * stride_dob + h * stride_doh + offs_m0[:, None] * stride_dol + offs_d[None, :]
+    for start_m in range(m_start, m_end, BLOCK_M):
+        offs_m = start_m + offs_m0
+        q = _load_tile(q_ptrs + start_m * stride_ql, offs_m, Lq, offs_d, HEAD_DIM, not EVEN_M, MASK_D)
+        do = _load_tile(do_ptrs + start_m * stride_dol, offs_m, Lq, offs_d, HEAD_DIM, not EVEN_M, MASK_D)
+        if EVEN_M:
+            lse = tl.load(LSE + bh * Lq + offs_m)
+            delta = tl.load(DELTA + bh * Lq + offs_m)
+        else:
+            # lse = +inf makes the probabilities of padded query rows exactly 0.
+            lse = tl.load(LSE + bh * Lq + offs_m, mask=offs_m < Lq, other=float("inf"))
+            delta = tl.load(DELTA + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+        # Transposed problem (keys x queries), so dK and dV accumulate without transposes.
+        # Padded key rows (k = v = 0) only produce rows that are never stored.
+        pT = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale - lse[None, :])
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+
+    out = split * stride_dks + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkl + offs_d[None, :]
+    _store_tile(DK + out, (dk * scale).to(DK.dtype.element_ty), offs_n, Lk, offs_d, HEAD_DIM, MASK_D)
+    _store_tile(DV + out, dv.to(DV.dtype.element_ty), offs_n, Lk, offs_d, HEAD_DIM, MASK_D)
+
+
+@_autotune(DQ_POOL, _dq_footprint)
+@triton.heuristics({"EVEN_N": lambda a: a["Lk"] % a["BLOCK_N"] == 0})
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO,  # (B, Lq, H, D), (B, Lk, H, D) x2, (B, Lq, H, D); any strides
+    LSE, DELTA,  # (B, H, Lq) fp32
+    DQ,  # (B, Lq, H, D) out, contiguous
+    stride_qb, stride_ql, stride_qh,
+    stride_kb, stride_kl, stride_kh,
+    stride_vb, stride_vl, stride_vh,
+    stride_dob, stride_dol, stride_doh,
+    stride_dqb, stride_dql, stride_dqh,
+    H, Lq, Lk,
+    scale, qk_scale,
+    q_bucket, k_bucket,  # autotune key only
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
+):
+    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :],
+                   offs_m, Lq, offs_d, HEAD_DIM, True, MASK_D)
+    do = _load_tile(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dol + offs_d[None, :],
+                    offs_m, Lq, offs_d, HEAD_DIM, True, MASK_D)
+    lse = tl.load(LSE + bh * Lq + offs_m, mask=offs_m < Lq, other=float("inf"))
+    delta = tl.load(DELTA + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kl + offs_d[None, :]
+    v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vl + offs_d[None, :]
+    for start_n in range(0, Lk, BLOCK_N):
+        k = _load_tile(k_ptrs + start_n * stride_kl, start_n + offs_n, Lk, offs_d, HEAD_DIM, not EVEN_N, MASK_D)
+        v = _load_tile(v_ptrs + start_n * stride_vl, start_n + offs_n, Lk, offs_d, HEAD_DIM, not EVEN_N, MASK_D)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if not EVEN_N:
+            # Padded keys must get probability 0: exp2(0 - lse) can overflow to inf.
+            qk = tl.where(start_n + offs_n[None, :] < Lk, qk, float("-inf"))
+        p = tl.math.exp2(qk * qk_scale - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+
+    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dql + offs_d[None, :]
+    _store_tile(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), offs_m, Lq, offs_d, HEAD_DIM, MASK_D)
+
+
+# ----------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------
+def _head_args(q):
+    """Compile-time head-dim arguments shared by every kernel."""
+    D = q.shape[-1]
+    block_d = max(16, triton.next_power_of_2(D))
+    return {
+        "HEAD_DIM": D,
+        "BLOCK_D": block_d,
+        "MASK_D": D != block_d,
+        "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",  # fp32 keeps fp32 accuracy
+    }
+
+
+def _buckets(Lq, Lk):
+    return triton.next_power_of_2(Lq), triton.next_power_of_2(Lk)
+
+
+def _num_sms(device):
+    # Under the interpreter a small number, so CPU tests exercise the split dK/dV path.
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def _forward(q, k, v, scale):
+    B, Lq, H, D = q.shape
+    Lk = k.shape[1]
+    o = torch.empty((B, Lq, H, D), device=q.device, dtype=q.dtype)
+    lse = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
+    grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
+    _attn_fwd_kernel[grid](
+        q, k, v, o, lse,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+        H, Lq, Lk, scale * LOG2E, *_buckets(Lq, Lk), **_head_args(q),
+    )
+    return o, lse
+
+
+def _dkdv_splits(Lq, Lk, BH, device):
+    """Query rows per dK/dV program: split the query loop when too few key blocks fill the GPU.
+
+    Cross-attention with 77 keys has one key block per (batch, head); without a split a
+    handful of programs would each walk all of Lq. Partial sums go to an fp32 buffer and are
+    reduced in a fixed order, which keeps the backward deterministic.
+    """
+    programs = triton.cdiv(Lk, 128) * BH
+    splits = max(1, min(triton.cdiv(Lq, 128), triton.cdiv(2 * _num_sms(device), programs)))
+    rows = triton.cdiv(triton.cdiv(Lq, splits), 128) * 128
+    return rows, triton.cdiv(Lq, rows)
+
+
+def _backward(do, q, k, v, o, lse, scale, need_dq, need_dkdv):
+    B, Lq, H, D = q.shape
+    Lk = k.shape[1]
+    head = _head_args(q)
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
+    buckets = _buckets(Lq, Lk)
+
+    delta = torch.empty_like(lse)
+    _attn_bwd_delta_kernel[(triton.cdiv(Lq, 64), B * H)](
+        o, do, delta, *o.stride()[:3], *do.stride()[:3], H, Lq,
+        head["HEAD_DIM"], head["BLOCK_D"], head["MASK_D"], BLOCK_M=64,
+    )
+
+    dq = dk = dv = None
+    if need_dkdv:
+        rows, splits = _dkdv_splits(Lq, Lk, B * H, q.device)
+        partial_dtype = q.dtype if splits == 1 else torch.float32
+        dk_s = torch.empty((splits, B, Lk, H, D), device=q.device, dtype=partial_dtype)
+        dv_s = torch.empty_like(dk_s)
+        grid = lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * H, splits)  # noqa: E731
+        _attn_bwd_dkdv_kernel[grid](
+            q, k, v, do, lse, delta, dk_s, dv_s, *strides, *dk_s.stride()[:4],
+            H, Lq, Lk, rows, scale, scale * LOG2E, *buckets, **head,
+        )
+        dk, dv = (t[0] if splits == 1 else t.sum(0).to(q.dtype) for t in (dk_s, dv_s))
+    if need_dq:
+        dq = torch.empty((B, Lq, H, D), device=q.device, dtype=q.dtype)
+        grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
+        _attn_bwd_dq_kernel[grid](
+            q, k, v, do, lse, delta, dq, *strides, *dq.stride()[:3],
+            H, Lq, Lk, scale, scale * LOG2E, *buckets, **head,
+        )
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------
+# autograd.Function and public function
+# ----------------------------------------------------------------------------------------
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale):
+        o, lse = _forward(q, k, v, scale)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.scale = scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        do = do if do.stride(-1) == 1 else do.contiguous()
+        need_q, need_k, need_v = ctx.needs_input_grad[:3]
+        dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.scale, need_q, need_k or need_v)
+        return dq, dk, dv, None
+
+
+def _check_supported(q):
+    if q.dtype not in DTYPES:
+        raise Unsupported(f"dtype {q.dtype} (triton attention takes float16, bfloat16, float32)")
+    if q.shape[-1] > MAX_HEAD_DIM:
+        raise Unsupported(f"head dim {q.shape[-1]} > {MAX_HEAD_DIM}")
+    if q.device.type == "cuda":
+        if torch.cuda.get_device_capability(q.device) < (8, 0):
+            raise Unsupported(f"{torch.cuda.get_device_name(q.device)} is older than sm80")
+    elif q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        if q.dtype == torch.bfloat16:
+            raise Unsupported("bfloat16 tl.dot is wrong in Triton's interpreter (triton-lang/triton#11584)")
+    else:
+        raise Unsupported(f"device {q.device} (needs CUDA, or CPU with TRITON_INTERPRET=1)")
+
+
+def attention(q, k, v, scale):
+    """softmax(q k^T * scale) v for BLHD q (B, Lq, H, D) and k, v (B, Lk, H, D).
+
+    The "triton" backend of `cckernels.attention`, which validates the arguments first.
+    Last dims contiguous, other strides free. fp16/bf16/fp32, head dim <= 128; anything else
+    raises `Unsupported` before touching memory. Saves tensors for backward only when a
+    gradient is needed.
+    """
+    _check_supported(q)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _Attention.apply(q, k, v, scale)
+    return _forward(q, k, v, scale)[0]

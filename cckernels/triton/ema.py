@@ -1,0 +1,74 @@
+"""Multi-tensor EMA update in Triton: ema[i] <- lerp(ema[i], params[i], 1 - decay).
+
+One launch per parameter dtype walks every tensor of the list through the device tables
+of cckernels.triton.multi_tensor (one program per CHUNK elements of one tensor). Bytes
+moved: 4 (read ema) + 4 (write ema) + itemsize(param) per element.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from cckernels.backend import Unsupported
+from cckernels.triton.multi_tensor import check_same_layout, lerp, load, store, tables, tensor_ptr
+
+BLOCK = 1024
+ITERS = 8
+CHUNK = BLOCK * ITERS  # elements per program
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _ema_block(ema, param, offs, n, w, EVEN: tl.constexpr):
+    store(ema, offs, lerp(load(ema, offs, n, EVEN), load(param, offs, n, EVEN), w), n, EVEN)
+
+
+@triton.jit
+def _ema_kernel(
+    ema_base,  # fp32 EMA tensors at ema_base + ema_offsets[t]
+    param_base,  # params (fp32/fp16/bf16) at param_base + param_offsets[t]
+    ema_offsets,  # (T,) int64
+    param_offsets,  # (T,) int64
+    sizes,  # (T,) int64 numel of each tensor
+    tensors,  # (programs,) int64 tensor index of each program
+    chunks,  # (programs,) int64 chunk index of each program inside its tensor
+    w,  # 1 - decay
+    ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ITERS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    t = tl.load(tensors + pid)
+    start = tl.load(chunks + pid) * (BLOCK * ITERS)
+    n = tl.load(sizes + t)
+    ema = tensor_ptr(ema_base, ema_offsets, t, ALIGNED)
+    param = tensor_ptr(param_base, param_offsets, t, ALIGNED)
+    if start + BLOCK * ITERS <= n:
+        for i in tl.static_range(ITERS):
+            _ema_block(ema, param, start + i * BLOCK + tl.arange(0, BLOCK), n, w, True)
+    else:
+        for i in tl.static_range(ITERS):
+            _ema_block(ema, param, start + i * BLOCK + tl.arange(0, BLOCK), n, w, False)
+
+
+def check_dtypes(name, ts):
+    for i, t in enumerate(ts):
+        if t.dtype not in DTYPES:
+            raise Unsupported(f"{name}[{i}] dtype {t.dtype}")
+
+
+def ema_update_(ema, params, decay):
+    """One launch per parameter dtype; ema fp32, params fp32/fp16/bf16, dense, same strides."""
+    check_dtypes("params", params)
+    check_same_layout("ema_update_", [ema, params])
+    groups = {}
+    for e, p in zip(ema, params):
+        if p.numel():
+            es, ps = groups.setdefault(p.dtype, ([], []))
+            es.append(e)
+            ps.append(p)
+    for es, ps in groups.values():
+        bases, offsets, sizes, tensors, chunks, aligned = tables([es, ps], CHUNK)
+        _ema_kernel[(len(tensors),)](
+            *bases, offsets[0], offsets[1], sizes, tensors, chunks, 1.0 - decay,
+            ALIGNED=aligned, BLOCK=BLOCK, ITERS=ITERS,
+        )  # fmt: skip

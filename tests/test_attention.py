@@ -1,0 +1,203 @@
+"""Triton attention vs an fp64 reference: outputs and all three gradients.
+
+CPU runs the kernels in Triton's interpreter in fp32 and fp16 (its bf16 tl.dot is broken,
+triton-lang/triton#11584); bf16 and the SD2 shapes run in the GPU-marked tests. Tolerance
+(flash-attention's rule): the kernel's max error vs fp64 is within 2x (3x for gradients) of
+plain PyTorch's error in the same dtype, plus a small floor. The fp32 floor (1e-5 on values of
+order 1-10) still rules out TF32 dots (errors ~1e-3); it covers cases such as Lk = 1, where
+plain PyTorch's dq is exactly 0 and a fused kernel's is rounding noise.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import cckernels as ck
+from cckernels.reference import attention as reference
+
+ROOT = Path(__file__).resolve().parents[1]
+FLOOR = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+
+
+def plain_attention(q, k, v, scale):
+    """Attention as plain PyTorch code computes it in the input dtype (the error baseline)."""
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v)
+
+
+def triton_attention(q, k, v, scale):
+    out = ck.attention(q, k, v, scale=scale, backend="triton")
+    assert ck.used_backends()["attention"] == "triton"
+    return out
+
+
+def run(fn, make, leaves, scale, dout, dtype):
+    """fn's output and gradients w.r.t. `leaves` (cast to dtype), q, k, v = make(*leaves)."""
+    leaves = [t.detach().to(dtype).requires_grad_() for t in leaves]
+    out = fn(*make(*leaves), scale)
+    return [out, *torch.autograd.grad(out, leaves, dout.to(dtype))]
+
+
+def check_against_fp64(make, leaves, scale, dtype):
+    """Compare kernel and plain-PyTorch errors vs fp64 for the output and every gradient."""
+    leaves = [t.to(dtype) for t in leaves]  # both sides see the same rounded inputs
+    q = make(*leaves)[0]
+    dout = torch.randn(q.shape[0], q.shape[1], q.shape[2], q.shape[3], device=q.device)
+    s = scale if scale is not None else q.shape[-1] ** -0.5
+    ref = run(reference, make, leaves, s, dout, torch.float64)
+    ours = run(triton_attention, make, leaves, scale, dout, dtype)
+    plain = run(plain_attention, make, leaves, s, dout, dtype)
+    for name, r, o, p, factor in zip(["out", *(f"grad{i}" for i in range(len(leaves)))], ref, ours, plain, [2, 3, 3, 3]):
+        assert o.dtype == dtype and o.shape == r.shape
+        err = (o.double() - r).abs().max().item()
+        base = (p.double() - r).abs().max().item()
+        assert err <= factor * base + FLOOR[dtype], f"{name}: error {err:.3g} vs plain torch {base:.3g}"
+
+
+def separate(q, k, v):
+    return q, k, v
+
+
+# (B, Lq, Lk, H, D): odd lengths, 1-3 heads, every head dim; 257 x 77 takes the split dK/dV path.
+CASES = [
+    (1, 1, 1, 1, 32),
+    (1, 77, 77, 2, 40),
+    (1, 100, 257, 1, 64),
+    (1, 257, 77, 2, 80),
+    (1, 1, 100, 3, 96),
+    (1, 100, 1, 1, 128),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("B,Lq,Lk,H,D", CASES)
+def test_matches_fp64(B, Lq, Lk, H, D, dtype):
+    q, k, v = torch.randn(B, Lq, H, D), torch.randn(B, Lk, H, D), torch.randn(B, Lk, H, D)
+    check_against_fp64(separate, [q, k, v], None, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("kind", ["self", "cross"])
+def test_strided_projection_views(kind, dtype):
+    """BLHD views sliced out of (B, L, n*H*D) projections, batch 2, a custom scale."""
+    B, Lq, Lk, H, D = 2, 77, 100, 2, 40
+    if kind == "self":
+        leaves = [torch.randn(B, Lq, 3 * H * D)]
+        make = lambda qkv: qkv.view(B, Lq, 3, H, D).unbind(2)  # noqa: E731
+    else:
+        leaves = [torch.randn(B, Lq, H * D), torch.randn(B, Lk, 2 * H * D)]
+        make = lambda x, kv: (x.view(B, Lq, H, D), *kv.view(B, Lk, 2, H, D).unbind(2))  # noqa: E731
+    q, k, _ = make(*leaves)
+    assert not q.is_contiguous() or not k.is_contiguous()
+    check_against_fp64(make, leaves, 0.3, dtype)
+
+
+def test_backward_is_deterministic():
+    # 129 queries x 77 keys: dK/dV sums two query splits, dQ has a masked key block.
+    q, k, v = (torch.randn(1, L, 1, 32, dtype=torch.float16, requires_grad=True) for L in (129, 77, 77))
+    dout = torch.randn(1, 129, 1, 32, dtype=torch.float16)
+    first, second = (torch.autograd.grad(triton_attention(q, k, v, 0.125), (q, k, v), dout) for _ in range(2))
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_no_grad_path_saves_nothing():
+    q, k, v = (torch.randn(1, 33, 1, 32, requires_grad=True) for _ in range(3))
+    with torch.no_grad():
+        out = triton_attention(q, k, v, 0.2)
+    assert out.grad_fn is None
+    torch.testing.assert_close(out, reference(q, k, v, 0.2), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "shape,dtype,why",
+    [
+        ((1, 5, 1, 256), torch.float32, "head dim"),
+        ((1, 5, 1, 32), torch.float64, "float64"),
+        ((1, 5, 1, 32), torch.bfloat16, "interpreter"),
+    ],
+)
+def test_unsupported_falls_back_to_torch(shape, dtype, why):
+    from cckernels.triton.attention import attention as triton_backend
+
+    q, k, v = (torch.randn(shape, dtype=dtype) for _ in range(3))
+    with pytest.raises(ck.Unsupported, match=why):
+        triton_backend(q, k, v, 0.5)
+    out = ck.attention(q, k, v, backend="triton")
+    assert ck.used_backends()["attention"] == "torch"
+    torch.testing.assert_close(out, reference(q, k, v, shape[-1] ** -0.5))
+
+
+def test_benchmark_tiny_mode(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_attention.py"), "--tiny", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads((tmp_path / "attention.json").read_text())["rows"]
+    assert {r["backend"] for r in rows} >= {"triton", "torch-reference"}
+    assert (tmp_path / "attention.png").stat().st_size > 0
+
+
+# ---------------------------------------------------------------------------------------
+# GPU: bf16/fp16 at SD2 training shapes, odd shapes in every dtype, determinism, memory.
+# ---------------------------------------------------------------------------------------
+SD2_SHAPES = [  # (B, Lq, Lk, H) with head dim 64: self-attention at 512 px, cross with 77 tokens
+    (2, 4096, 4096, 5),
+    (2, 1024, 1024, 10),
+    (4, 256, 256, 20),
+    (4, 64, 64, 20),
+    (2, 4096, 77, 5),
+    (4, 1024, 77, 10),
+]
+
+
+def cuda_randn(*shape):
+    return torch.randn(*shape, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,Lq,Lk,H", SD2_SHAPES)
+def test_gpu_sd2_shapes(B, Lq, Lk, H, dtype):
+    qkv = [cuda_randn(B, Lq, H, 64), cuda_randn(B, Lk, H, 64), cuda_randn(B, Lk, H, 64)]
+    check_against_fp64(separate, qkv, None, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("Lq,Lk", [(1, 77), (100, 257), (4095, 77), (257, 4095)])
+@pytest.mark.parametrize("D", [32, 40, 64, 80, 96, 128])
+def test_gpu_odd_shapes(Lq, Lk, D, dtype):
+    qkv = [cuda_randn(1, Lq, 3, D), cuda_randn(1, Lk, 3, D), cuda_randn(1, Lk, 3, D)]
+    check_against_fp64(separate, qkv, None, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("Lq,Lk", [(4096, 77), (1024, 1024)])
+def test_gpu_backward_is_deterministic(Lq, Lk):
+    q, k, v = (cuda_randn(4, L, 5, 64).bfloat16().requires_grad_() for L in (Lq, Lk, Lk))
+    dout = cuda_randn(4, Lq, 5, 64).bfloat16()
+    first, second = (torch.autograd.grad(triton_attention(q, k, v, 0.125), (q, k, v), dout) for _ in range(2))
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_gpu_no_quadratic_memory():
+    L, H, D = 16384, 2, 64
+    q, k, v = (cuda_randn(1, L, H, D).bfloat16().requires_grad_() for _ in range(3))
+    dout = torch.randn_like(q)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out = triton_attention(q, k, v, D**-0.5)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    # An (L, L) score buffer per head would be L / D = 256x the size of q; we need ~6x.
+    assert extra < 16 * q.nbytes, f"fwd+bwd allocated {extra / 2**20:.0f} MiB at L={L}"
+    assert all(torch.isfinite(g).all() for g in grads)

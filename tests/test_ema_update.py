@@ -1,0 +1,119 @@
+"""ck.ema_update_ on every backend against an fp64 reference: odd sizes and counts, all dtypes."""
+import pytest
+import torch
+
+import cckernels as ck
+from cckernels.backend import Unsupported
+
+CPU_BACKENDS = ["torch", "triton"]
+GPU_BACKENDS = ["cuda", "triton", "torch"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Odd sizes, a tensor spanning several Triton chunks (8192 elements) with a ragged tail, an
+# empty tensor, and a channels_last conv weight (dense but not contiguous).
+SHAPES = [(1,), (77,), (100,), (257,), (3, 5, 7), (2 * 8192 + 3,), (0,), (5, 3, 3, 3)]
+
+
+def make(shapes, dtype, device):
+    params, ema = [], []
+    for shape in shapes:
+        p = torch.randn(shape, device=device).to(dtype)
+        e = torch.randn(shape, device=device)
+        if len(shape) == 4:
+            p, e = p.to(memory_format=torch.channels_last), e.to(memory_format=torch.channels_last)
+        params.append(p)
+        ema.append(e)
+    return ema, params
+
+
+def check(ema, params, decay, backend):
+    """Run ema_update_ on `backend`; its error vs fp64 must be within 2x torch's (+ a floor)."""
+    exact = [decay * e.double() + (1 - decay) * p.double() for e, p in zip(ema, params)]
+    torch_out = [e.clone() for e in ema]
+    ck.ema_update_(torch_out, params, decay, backend="torch")
+    ck.ema_update_(ema, params, decay, backend=backend)
+    assert ck.used_backends()["ema_update_"] == backend
+    for out, ref, base in zip(ema, exact, torch_out):
+        assert out.dtype == torch.float32 and out.stride() == base.stride()
+        if not out.numel():
+            continue
+        err = (out.double() - ref).abs().max().item()
+        base_err = (base.double() - ref).abs().max().item()
+        assert err <= 2 * base_err + 1e-7 * ref.abs().max().item(), (err, base_err)
+
+
+def run_backend_case(backend, dtype, decay, device):
+    ema, params = make(SHAPES, dtype, device)
+    check(ema, params, decay, backend)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("decay", [0.0, 0.3, 0.9999, 1.0])
+def test_ema_update_cpu(backend, dtype, decay):
+    run_backend_case(backend, dtype, decay, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("decay", [0.0, 0.3, 0.9999, 1.0])
+def test_ema_update_gpu(backend, dtype, decay):
+    run_backend_case(backend, dtype, decay, "cuda")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_decay_0_and_1_exact(backend):
+    ema, params = make([(77,), (3, 5, 7)], torch.bfloat16, "cpu")
+    before = [e.clone() for e in ema]
+    ck.ema_update_(ema, params, 1.0, backend=backend)
+    assert all(torch.equal(a, b) for a, b in zip(ema, before))
+    ck.ema_update_(ema, params, 0.0, backend=backend)
+    assert all(torch.equal(e, p.float()) for e, p in zip(ema, params))
+
+
+def mixed_lists(device):
+    """Many tensors of mixed dtypes (one launch per dtype), repeated with new tensors."""
+    shapes = [(n,) for n in range(1, 40, 4)] + [(9000,), (4, 77), (33,)]
+    ema, params = [], []
+    for i, dtype in enumerate(DTYPES):
+        e, p = make(shapes[i::3], dtype, device)
+        ema += e
+        params += p
+    return ema, params
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_many_tensors_mixed_dtypes_repeated(backend):
+    ema, params = mixed_lists("cpu")
+    for decay in (0.9, 0.5):  # second call reuses the cached device tables
+        check(ema, params, decay, backend)
+    ema, params = mixed_lists("cpu")  # new tensors: tables must not be reused wrongly
+    check(ema, params, 0.7, backend)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_many_tensors_mixed_dtypes_gpu(backend):
+    ema, params = mixed_lists("cuda")
+    for decay in (0.9, 0.5):
+        check(ema, params, decay, backend)
+
+
+def test_triton_refuses_strided_inputs_and_dispatch_falls_back():
+    from cckernels.triton.ema import ema_update_ as triton_ema
+
+    p = torch.randn(6, 5).t()  # not dense in the ema's layout
+    e = torch.randn(5, 6)
+    with pytest.raises(Unsupported):
+        triton_ema([e], [p], 0.5)
+    ref = 0.5 * e.double() + 0.5 * p.double()
+    ck.ema_update_([e], [p], 0.5, backend="triton")
+    assert ck.used_backends()["ema_update_"] == "torch"
+    torch.testing.assert_close(e.double(), ref)
+
+
+def test_triton_refuses_fp64_params():
+    from cckernels.triton.ema import ema_update_ as triton_ema
+
+    with pytest.raises(Unsupported):
+        triton_ema([torch.zeros(3)], [torch.ones(3, dtype=torch.float64)], 0.5)

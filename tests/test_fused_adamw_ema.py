@@ -1,0 +1,215 @@
+"""FusedAdamWEMA against torch.optim.AdamW + ck.ema_update_ (many steps) and an fp64 step."""
+import copy
+import math
+import os
+
+import pytest
+import torch
+
+import cckernels as ck
+
+CPU_BACKENDS = ["torch", "triton"]
+GPU_BACKENDS = ["cuda", "triton", "torch"]
+SHAPES = [(1,), (77,), (10, 10), (257,), (3, 5, 7), (4, 3, 3, 3)]
+GROUPS = [  # two groups with different hyperparameters; the second mixes in weight_decay=0
+    dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1),
+    dict(lr=3e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.0),
+]
+EMA_DECAY = 0.9
+
+
+def make_params(device):
+    return [torch.randn(s, device=device) for s in SHAPES]
+
+
+def groups_of(params):
+    return [dict(params=params[:3], **GROUPS[0]), dict(params=params[3:], **GROUPS[1])]
+
+
+def run_against_torch(backend, dtype, device, steps):
+    """`steps` steps with clipping and some grads None; returns (ours, reference) weights/EMAs.
+
+    Reference: torch.optim.AdamW on fp32 weights given the grads our params see (rounded to
+    their dtype), then ck.ema_update_ over every param. Ours keeps fp32 masters for bf16/fp16.
+    """
+    init = make_params(device)
+    ref = [p.clone().requires_grad_() for p in init]
+    ours = [p.to(dtype).requires_grad_() for p in init]
+    if dtype != torch.float32:  # start both from the same (rounded) weights
+        ref = [p.detach().float().requires_grad_() for p in ours]
+    ref_opt = torch.optim.AdamW(groups_of(ref), foreach=False)
+    opt = ck.FusedAdamWEMA(groups_of(ours), ema_decay=EMA_DECAY, backend=backend)
+    ref_ema = [p.detach().clone() for p in ref]
+    for step in range(steps):
+        for i, (r, o) in enumerate(zip(ref, ours)):
+            skip = (i + step) % 4 == 0  # every param misses some steps
+            g = None if skip else (3 * torch.randn(r.shape, device=device)).to(dtype)
+            o.grad = g
+            r.grad = None if skip else g.float()
+        torch.nn.utils.clip_grad_norm_(ours, 1.0)
+        torch.nn.utils.clip_grad_norm_(ref, 1.0)
+        ref_grads = [None if o.grad is None else o.grad.float() for o in ours]  # clipped in dtype
+        for r, g in zip(ref, ref_grads):
+            r.grad = g
+        ref_opt.step()
+        ck.ema_update_(ref_ema, ref, EMA_DECAY, backend="torch")
+        opt.step()
+        assert ck.used_backends()["adamw_ema_"] == backend
+    weights = [opt.state[p].get("master", p).detach() for p in ours]
+    return ours, weights, opt, ref, ref_ema
+
+
+def check_run(backend, dtype, device, steps):
+    ours, weights, opt, ref, ref_ema = run_against_torch(backend, dtype, device, steps)
+    # Triton's interpreter truncates fp32 -> bf16 casts (GPUs round to nearest even).
+    truncates = backend == "triton" and dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+    for w, r, e, re, p in zip(weights, ref, opt.ema_params(), ref_ema, ours):
+        assert w.dtype == e.dtype == torch.float32
+        torch.testing.assert_close(w, r.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(e, re, rtol=1e-5, atol=1e-5)
+        if truncates:  # params hold the master, off by at most one bf16 step
+            torch.testing.assert_close(p.detach(), w.to(p.dtype), rtol=2**-7, atol=0)
+        else:  # params hold the master rounded to their dtype
+            assert torch.equal(p.detach(), w.to(p.dtype))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_matches_torch_adamw_then_ema_cpu(backend, dtype):
+    check_run(backend, dtype, "cpu", steps=20 if backend == "torch" else 4)  # the interpreter is slow
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_matches_torch_adamw_then_ema_gpu(backend, dtype):
+    check_run(backend, dtype, "cuda", steps=50)
+
+
+def fp64_step(w, g, m, v, group, step, ema, decay):
+    beta1, beta2 = group["betas"]
+    w = w * (1 - group["lr"] * group["weight_decay"])
+    m = beta1 * m + (1 - beta1) * g
+    v = beta2 * v + (1 - beta2) * g * g
+    denom = v.sqrt() / math.sqrt(1 - beta2**step) + group["eps"]
+    w = w - group["lr"] / (1 - beta1**step) * m / denom
+    return w, m, v, decay * ema + (1 - decay) * w
+
+
+def one_step_from_random_state(backend, dtype, device):
+    """Step 5 from a random optimizer state; returns [(state after, state before in fp64)]."""
+    torch.manual_seed(1)
+    params = [torch.randn(s, device=device).to(dtype).requires_grad_() for s in SHAPES + [(2 * 4096 + 5,)]]
+    opt = ck.FusedAdamWEMA(params, **FP64_GROUP, ema_decay=0.99, backend=backend)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()  # creates the state, then it is randomized
+    before = []
+    for p in params:
+        s = opt.state[p]
+        s["step"].fill_(4)
+        s["exp_avg"].normal_()
+        s["exp_avg_sq"].uniform_(1e-4, 1.0)
+        s["ema"].normal_()
+        p.grad = torch.randn_like(p)
+        w = s.get("master", p).detach()
+        before.append(dict(w=w.double(), g=p.grad.double(), m=s["exp_avg"].double(), v=s["exp_avg_sq"].double(),
+                           ema=s["ema"].double()))  # fmt: skip
+    opt.step()
+    after = [dict(w=opt.state[p].get("master", p).detach(), m=opt.state[p]["exp_avg"], v=opt.state[p]["exp_avg_sq"],
+                  ema=opt.state[p]["ema"]) for p in params]  # fmt: skip
+    return list(zip(after, before))
+
+
+FP64_GROUP = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
+
+
+def check_one_step_fp64(backend, dtype, device):
+    """Every buffer's error vs an fp64 step within 2x the torch backend's error (+ a floor)."""
+    ours = one_step_from_random_state(backend, dtype, device)
+    base = one_step_from_random_state("torch", dtype, device)
+    for (out, b), (base_out, _) in zip(ours, base):
+        exact = fp64_step(b["w"], b["g"], b["m"], b["v"], FP64_GROUP, 5, b["ema"], 0.99)
+        for key, ref in zip(("w", "m", "v", "ema"), exact):
+            err = (out[key].double() - ref).abs().max().item()
+            base_err = (base_out[key].double() - ref).abs().max().item()
+            assert err <= 2 * base_err + 1e-6 * ref.abs().max().item(), (key, err, base_err)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_step_vs_fp64_cpu(dtype):
+    check_one_step_fp64("triton", dtype, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_one_step_vs_fp64_gpu(backend, dtype):
+    check_one_step_fp64(backend, dtype, "cuda")
+
+
+def test_state_dict_round_trip_keeps_fp32_state():
+    params = [p.to(torch.bfloat16).requires_grad_() for p in make_params("cpu")]
+    opt = ck.FusedAdamWEMA(groups_of(params), backend="torch")
+
+    def steps(opt, params, n, seed):
+        torch.manual_seed(seed)
+        for _ in range(n):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            opt.step()
+
+    steps(opt, params, 2, 0)
+    opt.start_ema(0.95)
+    steps(opt, params, 2, 1)
+    saved = copy.deepcopy(opt.state_dict())
+    params2 = [p.detach().clone().requires_grad_() for p in params]
+    opt2 = ck.FusedAdamWEMA(groups_of(params2), backend="torch")
+    opt2.load_state_dict(saved)
+    assert opt2.ema_started and [g["ema_decay"] for g in opt2.param_groups] == [0.95, 0.95]
+    for p in params2:  # torch's load_state_dict would have cast these to bf16
+        assert all(opt2.state[p][k].dtype == torch.float32 for k in ("exp_avg", "exp_avg_sq", "master", "ema"))
+    steps(opt, params, 3, 2)
+    steps(opt2, params2, 3, 2)
+    for p, p2 in zip(params, params2):
+        assert torch.equal(p, p2)
+        for key in ("exp_avg", "exp_avg_sq", "master", "ema"):
+            assert torch.equal(opt.state[p][key], opt2.state[p2][key])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_ema_controls(backend):
+    params = [torch.randn(s).requires_grad_() for s in SHAPES]
+    opt = ck.FusedAdamWEMA(params, backend=backend)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert not opt.ema_started and opt.ema_params() == []
+    assert all("ema" not in opt.state[p] for p in params)  # no EMA memory before the start
+    with pytest.raises(ValueError, match="decay"):
+        opt.start_ema()
+    opt.start_ema(0.5)
+    assert all(torch.equal(e, p) for e, p in zip(opt.ema_params(), params))
+    frozen = [e.clone() for e in opt.ema_params()]
+    opt.step(ema=False)
+    assert all(torch.equal(e, f) for e, f in zip(opt.ema_params(), frozen))
+    opt.step(ema_decay=1.0)
+    assert all(torch.equal(e, f) for e, f in zip(opt.ema_params(), frozen))
+    opt.step(ema_decay=0.0)
+    assert all(torch.equal(e, p) for e, p in zip(opt.ema_params(), params))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(lr=-1.0), "lr"),
+        (dict(betas=(0.9,)), "betas"),
+        (dict(betas=(0.9, 1.0)), r"betas\[1\]"),
+        (dict(eps=-1e-8), "eps"),
+        (dict(weight_decay=-0.1), "weight_decay"),
+        (dict(ema_decay=1.5), "ema_decay"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ck.FusedAdamWEMA([torch.zeros(3, requires_grad=True)], **kwargs)
