@@ -1,0 +1,108 @@
+// The only file that knows torch: checks tensors at the boundary (with messages naming the
+// bad value), then calls the torch-free launchers on torch's current CUDA stream.
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <string>
+#include <vector>
+
+#include "ema.h"
+
+// Set by the build (setup.py / CMakeLists.txt) from the architectures it compiled for, as
+// bare tokens (-DCCKERNELS_ARCHS=sm_80,sm_90) because quotes do not survive every build tool.
+#ifndef CCKERNELS_ARCHS
+#error "CCKERNELS_ARCHS must be defined by the build, e.g. -DCCKERNELS_ARCHS=sm_90"
+#endif
+#define CCK_STRINGIFY_(...) #__VA_ARGS__
+#define CCK_STRINGIFY(...) CCK_STRINGIFY_(__VA_ARGS__)
+
+namespace {
+
+cck::DType to_dtype(const at::Tensor& t, const std::string& name) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return cck::DType::kFloat32;
+    case at::kHalf:
+      return cck::DType::kFloat16;
+    case at::kBFloat16:
+      return cck::DType::kBFloat16;
+    default:
+      TORCH_CHECK_VALUE(false, name, " has dtype ", t.scalar_type(),
+                        "; expected float32, float16 or bfloat16");
+  }
+}
+
+// Both tensors hold their elements in the same order with no gaps: both contiguous, or both
+// channels_last (conv weights of a channels_last model).
+bool same_dense_layout(const at::Tensor& a, const at::Tensor& b) {
+  if (a.is_contiguous() && b.is_contiguous()) return true;
+  const auto format = a.dim() == 4   ? at::MemoryFormat::ChannelsLast
+                      : a.dim() == 5 ? at::MemoryFormat::ChannelsLast3d
+                                     : at::MemoryFormat::Contiguous;
+  return a.is_contiguous(format) && b.is_contiguous(format);
+}
+
+void ema_update_(const std::vector<at::Tensor>& ema, const std::vector<at::Tensor>& params,
+                 double decay) {
+  TORCH_CHECK_VALUE(ema.size() == params.size(), "ema has ", ema.size(),
+                    " tensors but params has ", params.size());
+  TORCH_CHECK_VALUE(decay >= 0.0 && decay <= 1.0, "decay must be in [0, 1], got ", decay);
+  if (ema.empty()) return;
+  TORCH_CHECK_VALUE(ema[0].is_cuda(), "ema[0] is on ", ema[0].device(), "; expected a CUDA tensor");
+  const c10::Device device = ema[0].device();
+  const cck::DType dtype = to_dtype(params[0], "params[0]");
+  std::vector<float*> ema_ptrs(ema.size());
+  std::vector<const void*> param_ptrs(ema.size());
+  std::vector<int64_t> sizes(ema.size());
+  for (size_t i = 0; i < ema.size(); ++i) {
+    const at::Tensor& e = ema[i];
+    const at::Tensor& p = params[i];
+    const std::string ei = "ema[" + std::to_string(i) + "]";
+    const std::string pi = "params[" + std::to_string(i) + "]";
+    TORCH_CHECK_VALUE(e.device() == device, ei, " is on ", e.device(), " but ema[0] is on ", device);
+    TORCH_CHECK_VALUE(p.device() == device, pi, " is on ", p.device(), " but ema[0] is on ", device);
+    TORCH_CHECK_VALUE(e.scalar_type() == at::kFloat, ei, " has dtype ", e.scalar_type(),
+                      "; the EMA shadow must be float32");
+    TORCH_CHECK_VALUE(to_dtype(p, pi) == dtype, pi, " has dtype ", p.scalar_type(), " but params[0] has ",
+                      params[0].scalar_type(), "; all params must share one dtype");
+    TORCH_CHECK_VALUE(e.sizes() == p.sizes(), ei, " shape ", e.sizes(), " != ", pi, " shape ", p.sizes());
+    TORCH_CHECK_VALUE(same_dense_layout(e, p), ei, " (strides ", e.strides(), ") and ", pi, " (strides ",
+                      p.strides(), ") must both be contiguous or both channels_last");
+    ema_ptrs[i] = e.data_ptr<float>();
+    param_ptrs[i] = p.data_ptr();
+    sizes[i] = e.numel();
+  }
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaError_t err =
+      cck::ema_update(static_cast<int>(ema.size()), ema_ptrs.data(), param_ptrs.data(), sizes.data(),
+                      dtype, decay, c10::cuda::getCurrentCUDAStream(device.index()).stream());
+  TORCH_CHECK(err == cudaSuccess, "ema_update_ kernel launch failed: ", cudaGetErrorString(err));
+}
+
+std::vector<std::string> archs() {
+  std::vector<std::string> out;
+  const std::string all = CCK_STRINGIFY(CCKERNELS_ARCHS);
+  for (size_t start = 0, end; start < all.size(); start = end + 1) {
+    end = all.find(',', start);
+    if (end == std::string::npos) end = all.size();
+    if (end > start) out.push_back(all.substr(start, end - start));
+  }
+  return out;
+}
+
+std::string cuda_version() {
+  return std::to_string(CUDART_VERSION / 1000) + "." + std::to_string(CUDART_VERSION % 1000 / 10);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "cckernels' compiled CUDA kernels (csrc/)";
+  m.def("ema_update_", &ema_update_, pybind11::arg("ema"), pybind11::arg("params"),
+        pybind11::arg("decay"),
+        "ema[i] <- decay * ema[i] + (1 - decay) * params[i] in place, on the current CUDA stream");
+  m.def("archs", &archs, "GPU architectures compiled in, e.g. ['sm_90']");
+  m.def("cuda_version", &cuda_version, "CUDA runtime version the extension was built with");
+}

@@ -1,0 +1,61 @@
+// EMA functor for multi_tensor_apply: ema <- decay * ema + (1 - decay) * param over one chunk.
+// The shadow is fp32; params are float, __half or __nv_bfloat16; the math is fp32.
+#pragma once
+
+#include "multi_tensor_apply.cuh"
+
+#ifdef __CUDACC__
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace cck {
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+// N elements read or written as 16-byte pieces (N * sizeof(T) is a multiple of 16).
+template <typename T, int N>
+struct alignas(16) Pack {
+  T v[N];
+};
+
+template <typename P>
+struct EmaFunctor {
+  // Eight elements per step: two 16-byte accesses of the fp32 shadow, one 16-byte access of
+  // bf16/fp16 params (two for fp32).
+  static constexpr int kVec = 8;
+  static_assert(kChunkSize % kVec == 0, "chunks must start on a pack boundary");
+  float decay;
+  float one_minus_decay;  // computed on the host in double: 1 - float(decay) loses digits
+
+  __device__ __forceinline__ float update(float e, float p) const {
+    return fmaf(decay, e, one_minus_decay * p);  // exact at decay 0 and 1
+  }
+
+  __device__ void operator()(void* const* addresses, int64_t start, int64_t n) const {
+    float* __restrict__ ema = static_cast<float*>(addresses[0]) + start;
+    const P* __restrict__ param = static_cast<const P*>(addresses[1]) + start;
+    int64_t done = 0;
+    // start is a multiple of the chunk size, so the chunk is aligned when the tensors are.
+    const unsigned long long bits = reinterpret_cast<unsigned long long>(ema) |
+                                    reinterpret_cast<unsigned long long>(param);
+    if (bits % 16 == 0) {
+      const int64_t packs = n / kVec;
+      for (int64_t i = threadIdx.x; i < packs; i += blockDim.x) {
+        Pack<float, kVec> e = reinterpret_cast<const Pack<float, kVec>*>(ema)[i];
+        const Pack<P, kVec> p = reinterpret_cast<const Pack<P, kVec>*>(param)[i];
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) e.v[j] = update(e.v[j], to_float(p.v[j]));
+        reinterpret_cast<Pack<float, kVec>*>(ema)[i] = e;
+      }
+      done = packs * kVec;
+    }
+    for (int64_t i = done + threadIdx.x; i < n; i += blockDim.x) {
+      ema[i] = update(ema[i], to_float(param[i]));
+    }
+  }
+};
+
+}  // namespace cck
+#endif  // __CUDACC__

@@ -1,0 +1,113 @@
+"""The build: setup.py's architecture parsing, build_info() telling the truth, and the
+kernel headers compiling under NVRTC (the CuPy path) as well as under nvcc."""
+import ctypes
+import glob
+import importlib.util
+import os
+import re
+import shutil
+
+import pytest
+
+import cckernels
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _setup_module():
+    spec = importlib.util.spec_from_file_location("cckernels_setup", os.path.join(ROOT, "setup.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # setup() itself only runs as __main__
+    return module
+
+
+def _compiled_extension():
+    try:
+        from cckernels import _C
+    except ImportError:
+        return None
+    return _C
+
+
+def test_build_info_is_truthful():
+    info = cckernels.build_info()
+    _C = _compiled_extension()
+    assert info["_C"] is (_C is not None)
+    if _C is None:
+        assert info["archs"] == [] and info["reason"]
+    else:
+        assert info["archs"] == list(_C.archs()) and info["archs"]
+        assert all(re.fullmatch(r"(sm|compute)_\d+[af]?", a) for a in info["archs"])
+        assert re.fullmatch(r"\d+\.\d+", info["cuda_version"])
+
+
+def test_cuda_backend_listed_only_with_extension():
+    listed = "cuda" in cckernels.available_backends("cuda")["ema_update_"]
+    assert listed is (_compiled_extension() is not None)
+    assert "cuda" not in cckernels.available_backends("cpu")["ema_update_"]
+
+
+@pytest.mark.parametrize(
+    "arch_list, archs",
+    [
+        ("9.0", ["sm_90"]),
+        ("8.0;9.0+PTX", ["sm_80", "sm_90", "compute_90"]),
+        ("8.0 9.0a", ["sm_80", "sm_90a"]),
+    ],
+)
+def test_arch_list_parsing(arch_list, archs):
+    flags, names = _setup_module().arch_flags(arch_list)
+    assert names == archs
+    assert f"-gencode=arch=compute_{archs[0][3:]},code={archs[0]}" in flags
+
+
+@pytest.mark.parametrize("bad", ["", "sm_90", "Hopper", "9"])
+def test_arch_list_rejects_bad_entries(bad):
+    with pytest.raises(ValueError, match="TORCH_CUDA_ARCH_LIST"):
+        _setup_module().arch_flags(bad)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+def test_toolkit_root_found_through_wrapper():
+    root = _setup_module().cuda_toolkit_root(shutil.which("nvcc"))
+    assert os.path.isfile(os.path.join(root, "bin", "nvcc"))
+    assert os.path.isfile(os.path.join(root, "include", "cuda_runtime.h"))
+
+
+def _nvrtc():
+    """libnvrtc and the CUDA headers from the nvidia-* wheels torch installs, or None."""
+    try:
+        import nvidia
+    except ImportError:
+        return None
+    for root in glob.glob(os.path.join(nvidia.__path__[0], "cu*")):
+        libs = glob.glob(os.path.join(root, "lib", "libnvrtc.so.*"))
+        builtins = glob.glob(os.path.join(root, "lib", "libnvrtc-builtins.so.*"))
+        if libs and builtins and os.path.isfile(os.path.join(root, "include", "cuda_fp16.h")):
+            ctypes.CDLL(builtins[0], mode=ctypes.RTLD_GLOBAL)  # nvrtc dlopens it by name
+            return ctypes.CDLL(libs[0]), os.path.join(root, "include")
+    return None
+
+
+@pytest.mark.parametrize("param", ["float", "__half", "__nv_bfloat16"])
+def test_ema_kernel_compiles_under_nvrtc(param):
+    found = _nvrtc()
+    if found is None:
+        pytest.skip("no libnvrtc from the nvidia-* wheels")
+    lib, cuda_include = found
+    prog = ctypes.c_void_p()
+    assert lib.nvrtcCreateProgram(ctypes.byref(prog), b'#include "ema.cuh"\n', b"ema.cu", 0, None, None) == 0
+    kernel = f"&cck::multi_tensor_kernel<2, cck::EmaFunctor<{param}> >".encode()
+    assert lib.nvrtcAddNameExpression(prog, kernel) == 0
+    options = [f"-I{ROOT}/csrc".encode(), f"-I{cuda_include}".encode(), b"--std=c++17", b"-arch=compute_90"]
+    rc = lib.nvrtcCompileProgram(prog, len(options), (ctypes.c_char_p * len(options))(*options))
+    size = ctypes.c_size_t()
+    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    lib.nvrtcGetProgramLog(prog, log)
+    lowered = ctypes.c_char_p()
+    found_kernel = lib.nvrtcGetLoweredName(prog, kernel, ctypes.byref(lowered)) == 0
+    lowered = lowered.value  # owned by prog: read it before destroying prog
+    lib.nvrtcDestroyProgram(ctypes.byref(prog))
+    assert rc == 0, log.value.decode()
+    assert found_kernel and b"multi_tensor_kernel" in lowered
