@@ -50,3 +50,13 @@ def ema_update_(ema, params, decay):
 
 def group_norm(x, num_groups, weight, bias, eps, activation):
     raise Unsupported("no CUDA GroupNorm kernel in this build")
+
+
+# Ahead-of-time inspection of csrc (python -m cckernels.inspect): per .cu file, what the SASS
+# of its kernels (regex on the demangled name) must show. The vectorized instantiations
+# (16-byte packs: 4 floats or 8 halves) must load 16 bytes at a time on sm90.
+INSPECT = [
+    {"op": "ema_update_", "source": "csrc/ema.cu", "expect": {r"EmaFunctor": {"sm90": {"ldg128": True}}}},
+    {"op": "group_norm", "source": "csrc/group_norm.cu",
+     "expect": {r"(channel_stats|normalize|backward_partials|backward_dx)_kernel<[\w ]+, (4|8)\b": {"sm90": {"ldg128": True}}}},
+]  # fmt: skip

@@ -97,8 +97,9 @@ def analyze_cubin(path):
     kernels = {}
     for name, fields in re.findall(r"Function ([^\s:]+):\s*\n\s*(REG:.*)", usage.stdout):
         values = dict(re.findall(r"(\w+):(\d+)", fields))
+        # spills live in the stack frame (STACK) or other local memory (LOCAL), per thread
         kernels[name] = {"regs": int(values["REG"]), "static_smem": int(values["SHARED"]),
-                         "local": int(values["LOCAL"]), "counts": dict.fromkeys(COUNTERS, 0)}  # fmt: skip
+                         "local": int(values["STACK"]) + int(values["LOCAL"]), "counts": dict.fromkeys(COUNTERS, 0)}  # fmt: skip
     sass = subprocess.run([tool("cuobjdump"), "-sass", path], capture_output=True, text=True, check=True)
     counts = None
     for line in sass.stdout.splitlines():
@@ -285,7 +286,7 @@ def compile_cuda(job, use_cache=True):
         rows = []
         for mangled, info in sorted(kernels.items(), key=lambda kv: names[kv[0]]):
             full = names[mangled]
-            match = re.match(r"(?:[\w:]*::)?(\w+)(?:<(.*)>)?\(", full)
+            match = re.match(r"(?:void )?(?:\w+::)*(\w+)(?:<(.*)>)?\(", full)
             kernel, template = (match.group(1), match.group(2) or "-") if match else (full, "-")
             dtype = next((d for t, d in (("__nv_bfloat16", "bfloat16"), ("__half", "float16"), ("float", "float32"))
                           if re.search(rf"\b{t}\b", template)), "-")  # fmt: skip

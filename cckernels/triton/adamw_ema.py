@@ -112,3 +112,20 @@ def adamw_ema_(params, grads, exp_avgs, exp_avg_sqs, masters, emas, scalars):
         *bases, offsets, len(keep), sizes, tensors, chunks, *scalars,
         HAS_MASTER=masters is not None, HAS_EMA=emas is not None, ALIGNED=aligned, BLOCK=BLOCK, ITERS=ITERS,
     )  # fmt: skip
+
+
+# Ahead-of-time inspection (python -m cckernels.inspect): fp16/bf16 params carry fp32 masters;
+# the aligned full-chunk path must move 16 bytes per load on sm90.
+def _inspect_args(dtype):
+    return {
+        "param_base": "*T", "grad_base": "*T", "*_base": "*fp32", "offsets": "*i64", "sizes": "*i64",
+        "tensors": "*i64", "chunks": "*i64", "decay_factor": "fp32", "beta*": "fp32", "step_size": "fp32",
+        "bc2_sqrt": "fp32", "eps": "fp32", "ema_w": "fp32",
+        "HAS_MASTER": dtype != torch.float32, "HAS_EMA": True, "ALIGNED": True, "BLOCK": BLOCK, "ITERS": ITERS,
+    }  # fmt: skip
+
+
+INSPECT = [{
+    "op": "adamw_ema_", "kernel": _adamw_ema_kernel, "dtypes": (torch.float32, torch.float16, torch.bfloat16),
+    "args": _inspect_args, "expect": {"sm90": {"ldg128": True}},
+}]  # fmt: skip
