@@ -132,6 +132,39 @@ def test_unsupported_falls_back_to_torch(shape, dtype, why):
     torch.testing.assert_close(out, reference(q, k, v, shape[-1] ** -0.5))
 
 
+@pytest.mark.parametrize("smem", [166912, 232448], ids=["sm80", "sm90"])
+def test_config_pools_fit_shared_memory(monkeypatch, smem):
+    """The GPU config pools, pruned for each head dim, dtype and length, fit the arch's shared
+    memory (the sm80/sm90 compile check gave these estimates as upper bounds); Lk <= 128 takes
+    the short-key path in the forward; blocks never exceed the padded lengths."""
+    import triton
+
+    from cckernels.triton import attention as A
+
+    monkeypatch.setattr(A, "_max_shared_memory", lambda device: smem)
+    kernels = [(A.FWD_POOL, A._fwd_footprint, True), (A.DKDV_POOL, A._dkdv_footprint, False),
+               (A.DQ_POOL, A._dq_footprint, False)]
+    for dtype in (torch.bfloat16, torch.float32):
+        for D in (32, 40, 64, 80, 96, 128):
+            q = torch.empty(1, 1, 1, D, dtype=dtype)
+            block_d = A._head_args(q)["BLOCK_D"]
+            for pool, footprint, short_kv in kernels:
+                configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pool]
+                for Lq, Lk in [(4096, 4096), (4096, 77), (64, 64), (1, 1)]:
+                    kept = A._prune(configs, {"Q": q, "Lq": Lq, "Lk": Lk}, footprint, short_kv, BLOCK_D=block_d)
+                    assert kept
+                    with monkeypatch.context() as env:
+                        env.setenv("CCKERNELS_AUTOTUNE", "0")
+                        first = A._prune(configs, {"Q": q, "Lq": Lq, "Lk": Lk}, footprint, short_kv, BLOCK_D=block_d)
+                    assert [c.all_kwargs() for c in first] == [kept[0].all_kwargs()]
+                    for c in kept:
+                        m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+                        assert footprint(m, n, block_d, c.num_stages)[0] * q.element_size() <= smem, (D, dtype, c)
+                        assert m <= max(16, triton.next_power_of_2(Lq)) and n <= max(16, triton.next_power_of_2(Lk))
+                        if short_kv and Lk <= 128:
+                            assert n == max(16, triton.next_power_of_2(Lk))
+
+
 def test_benchmark_tiny_mode(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"}
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_attention.py"), "--tiny", "--out", str(tmp_path)]
@@ -169,9 +202,11 @@ def test_gpu_sd2_shapes(B, Lq, Lk, H, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("Lq,Lk", [(1, 77), (100, 257), (4095, 77), (257, 4095)])
-@pytest.mark.parametrize("D", [32, 40, 64, 80, 96, 128])
-def test_gpu_odd_shapes(Lq, Lk, D, dtype):
+@pytest.mark.parametrize(  # every head dim once; few combinations, as each new one autotunes
+    "D,Lq,Lk", [(32, 1, 77), (40, 100, 257), (64, 4095, 77), (80, 257, 4095), (96, 77, 100), (128, 4095, 1)]
+)
+def test_gpu_odd_shapes(D, Lq, Lk, dtype, monkeypatch):
+    monkeypatch.setenv("CCKERNELS_AUTOTUNE", "0")  # correctness only: one compile per kernel
     qkv = [cuda_randn(1, Lq, 3, D), cuda_randn(1, Lk, 3, D), cuda_randn(1, Lk, 3, D)]
     check_against_fp64(separate, qkv, None, dtype)
 

@@ -31,6 +31,8 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # the device's shared memory or would spill registers, and shrinks blocks to short lengths
 # (cross-attention with 77 keys gets one 128-key block: the short-key path). Under the
 # interpreter (CPU tests) there is one small config so nothing is benchmarked.
+# CCKERNELS_AUTOTUNE=0 skips the search (each new shape costs one compile, not a dozen) and
+# takes the first config that fits: pools are ordered by expected speed on H100.
 # ----------------------------------------------------------------------------------------
 def _configs(pool):
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -39,57 +41,68 @@ def _configs(pool):
 
 
 # (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages): FlashAttention-2 / Triton-tutorial
-# shapes for A100 (sm80, 163 KB shared memory) and H100 (sm90, 227 KB).
-FWD_POOL = [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 4), (64, 64, 4, 4), (128, 32, 4, 4)]
-DKDV_POOL = [(64, 128, 8, 3), (32, 128, 4, 3), (64, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 4)]
-DQ_POOL = [(128, 64, 8, 3), (128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 4)]
+# shapes for A100 (sm80, 163 KB shared memory) and H100 (sm90, 227 KB); the 8-warp 64x64
+# dK/dV and dQ shapes are the ones that fit head dim 128, the smallest ones fp32 on sm80.
+FWD_POOL = [
+    (128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 4), (64, 64, 4, 4), (128, 32, 4, 4),
+    (64, 32, 4, 3),
+]
+DKDV_POOL = [(64, 128, 8, 3), (64, 128, 8, 2), (64, 64, 8, 3), (64, 64, 8, 2), (64, 64, 4, 3), (32, 64, 4, 4), (32, 64, 4, 2)]
+DQ_POOL = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4), (64, 32, 4, 3)]
 AUTOTUNE_KEY = ["q_bucket", "k_bucket", "HEAD_DIM"]
+# Footprints: (shared-memory elements = tiles loaded once + pipelined tiles x stages, which is
+# what Triton allocates on sm90 (sm80 needs less); fp32-equivalent register values = fp32
+# accumulators + fp32 score tiles + 16-bit tiles held for the whole loop at half weight).
+# Above 160 values per thread the fp16/bf16 sm80/sm90 compiles hit 255 registers and spill.
+# fp32 (IEEE dots on FMA units: the accuracy path, not the speed path) spills a little anyway.
+REGISTER_VALUES_PER_THREAD = 160
 
 
 def _fwd_footprint(m, n, d, stages):
-    # (shared-memory elements, fp32 accumulator + score elements held in registers)
-    return m * d + stages * 2 * n * d + m * n, m * d + m * n
+    return m * d + stages * 2 * n * d, m * d + m * n + m * d // 2
 
 
 def _dkdv_footprint(m, n, d, stages):
-    return 2 * n * d + stages * 2 * m * d + m * n, 2 * n * d + m * n
+    return 2 * n * d + stages * 2 * m * d, 2 * n * d + 2 * m * n + n * d
 
 
 def _dq_footprint(m, n, d, stages):
-    return 2 * m * d + stages * 2 * n * d + m * n, m * d + m * n
+    return 2 * m * d + stages * 2 * n * d, m * d + 2 * m * n + m * d
 
 
 def _max_shared_memory(device):
     return triton.runtime.driver.active.utils.get_device_properties(device.index)["max_shared_mem"]
 
 
-def _prune(configs, named_args, footprint, smem_limit=None, **kwargs):
+def _prune(configs, named_args, footprint, short_kv_block=False, smem_limit=None, **kwargs):
     """Configs that fit this device (or smem_limit bytes) and these lengths, each block at most
-    the padded length."""
+    the padded length.
+
+    short_kv_block: when Lk <= 128 every config takes all keys as one block (short-key path).
+    """
     q = named_args["Q"]
     smem_limit = smem_limit or _max_shared_memory(q.device)
     m_cap = max(16, triton.next_power_of_2(named_args["Lq"]))
     n_cap = max(16, triton.next_power_of_2(named_args["Lk"]))
-    fits, seen = [], set()
+    one_block = short_kv_block and n_cap <= 128
+    capped = {}
     for c in configs:
-        m, n = min(c.kwargs["BLOCK_M"], m_cap), min(c.kwargs["BLOCK_N"], n_cap)
-        shape = (m, n, c.num_warps, c.num_stages)
-        if shape in seen:
-            continue
-        seen.add(shape)
-        smem, regs = footprint(m, n, kwargs["BLOCK_D"], c.num_stages)
-        # More than 128 fp32 accumulator/score values per thread spills on both archs.
-        if smem * q.element_size() <= smem_limit and regs <= 128 * 32 * c.num_warps:
-            fits.append(triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=c.num_warps, num_stages=c.num_stages))
-    return fits or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.num_stages)]
+        m = min(c.kwargs["BLOCK_M"], m_cap)
+        n = n_cap if one_block else min(c.kwargs["BLOCK_N"], n_cap)
+        stages = 1 if one_block else c.num_stages  # no key loop, nothing to pipeline
+        capped.setdefault((m, n, c.num_warps, stages), footprint(m, n, kwargs["BLOCK_D"], stages))
+    fits = [shape for shape, (smem, regs) in capped.items()
+            if smem * q.element_size() <= smem_limit and regs <= REGISTER_VALUES_PER_THREAD * 32 * shape[2]]
+    if not fits:
+        fits = [min(capped, key=lambda shape: capped[shape][0])]
+    if os.environ.get("CCKERNELS_AUTOTUNE") == "0":
+        fits = fits[:1]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in fits]
 
 
-def _autotune(pool, footprint):
-    return triton.autotune(
-        configs=_configs(pool),
-        key=AUTOTUNE_KEY,
-        prune_configs_by={"early_config_prune": functools.partial(_prune, footprint=footprint)},
-    )
+def _autotune(pool, footprint, short_kv_block=False):
+    prune = functools.partial(_prune, footprint=footprint, short_kv_block=short_kv_block)
+    return triton.autotune(configs=_configs(pool), key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": prune})
 
 
 # ----------------------------------------------------------------------------------------
@@ -141,7 +154,7 @@ def _fwd_step(
     return acc, l_i, m_new
 
 
-@_autotune(FWD_POOL, _fwd_footprint)
+@_autotune(FWD_POOL, _fwd_footprint, short_kv_block=True)
 @triton.heuristics({
     "EVEN_N": lambda a: a["Lk"] % a["BLOCK_N"] == 0,
     "SHORT_KV": lambda a: a["Lk"] <= a["BLOCK_N"],
@@ -369,10 +382,11 @@ def _dkdv_splits(Lq, Lk, BH, device):
 
     Cross-attention with 77 keys has one key block per (batch, head); without a split a
     handful of programs would each walk all of Lq. Partial sums go to an fp32 buffer and are
-    reduced in a fixed order, which keeps the backward deterministic.
+    reduced in a fixed order, which keeps the backward deterministic. Splits stop at about one
+    wave of programs: each one adds a (B, Lk, H, D) fp32 partial per gradient to write and sum.
     """
     programs = triton.cdiv(Lk, 128) * BH
-    splits = max(1, min(triton.cdiv(Lq, 128), triton.cdiv(2 * _num_sms(device), programs)))
+    splits = max(1, min(triton.cdiv(Lq, 128), triton.cdiv(_num_sms(device), programs)))
     rows = triton.cdiv(triton.cdiv(Lq, splits), 128) * 128
     return rows, triton.cdiv(Lq, rows)
 
@@ -480,7 +494,7 @@ def _inspect_configs(footprint):
     """The configs _prune keeps for long sequences on a target with smem_limit bytes."""
     def keep(configs, smem_limit, dtype, args):
         q = torch.empty(0, dtype=dtype, device="meta")
-        return _prune(configs, {"Q": q, "Lq": 4096, "Lk": 4096}, footprint, smem_limit, BLOCK_D=args["BLOCK_D"])
+        return _prune(configs, {"Q": q, "Lq": 4096, "Lk": 4096}, footprint, smem_limit=smem_limit, BLOCK_D=args["BLOCK_D"])
     return keep
 
 
