@@ -111,13 +111,22 @@ __device__ __forceinline__ ChannelParams<VEC> channel_params(const Walk& wk, con
 
 __device__ __forceinline__ float sigmoid(float z) { return 1.0f / (1.0f + __expf(-z)); }
 
-// dL/dz for z = xhat * w + b, given dL/dy; with SILU, y = z * sigmoid(z) and z is recomputed.
-template <bool SILU>
-__device__ __forceinline__ float grad_z(float dy, float xhat, float w, float b) {
-  if (!SILU) return dy;
-  const float z = fmaf(xhat, w, b);
-  const float s = sigmoid(z);
-  return dy * s * fmaf(z, 1.0f - s, 1.0f);
+// Loads x and dy at one pack and gives xhat and dL/dz for z = xhat * w + b; with SILU,
+// y = z * sigmoid(z) and z is recomputed here rather than saved by the forward.
+template <typename T, int VEC, bool SILU>
+__device__ __forceinline__ void load_xhat_dz(const T* x, const T* dy, const ChannelParams<VEC>& p,
+                                             float (&xhat)[VEC], float (&dz)[VEC]) {
+  load<T, VEC>(x, xhat);
+  load<T, VEC>(dy, dz);
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) {
+    xhat[i] = (xhat[i] - p.mean[i]) * p.rstd[i];
+    if (SILU) {
+      const float z = fmaf(xhat[i], p.w[i], p.b[i]);
+      const float s = sigmoid(z);
+      dz[i] *= s * fmaf(z, 1.0f - s, 1.0f);
+    }
+  }
 }
 
 // Sums a and b over threadIdx.y into the threads with threadIdx.y == 0, in a fixed order.
@@ -270,15 +279,12 @@ __global__ void __launch_bounds__(kThreads) backward_partials_kernel(
 #pragma unroll 4
     for (int s = wk.s_begin + threadIdx.y; s < wk.s_end; s += blockDim.y) {
       const int64_t at = base + static_cast<int64_t>(s) * C;
-      float xv[VEC], gv[VEC];
-      load<T, VEC>(x + at, xv);
-      load<T, VEC>(dy + at, gv);
+      float xhat[VEC], dz[VEC];
+      load_xhat_dz<T, VEC, SILU>(x + at, dy + at, p, xhat, dz);
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
-        const float xhat = (xv[i] - p.mean[i]) * p.rstd[i];
-        const float dz = grad_z<SILU>(gv[i], xhat, p.w[i], p.b[i]);
-        sum_dz[i] += dz;
-        sum_dz_xhat[i] = fmaf(dz, xhat, sum_dz_xhat[i]);
+        sum_dz[i] += dz[i];
+        sum_dz_xhat[i] = fmaf(dz[i], xhat[i], sum_dz_xhat[i]);
       }
     }
   }
@@ -351,16 +357,11 @@ __global__ void __launch_bounds__(kThreads) backward_dx_kernel(
 #pragma unroll 4
   for (int s = wk.s_begin + threadIdx.y; s < wk.s_end; s += blockDim.y) {
     const int64_t at = base + static_cast<int64_t>(s) * C;
-    float xv[VEC], gv[VEC];
-    load<T, VEC>(x + at, xv);
-    load<T, VEC>(dy + at, gv);
+    float xhat[VEC], dz[VEC];
+    load_xhat_dz<T, VEC, SILU>(x + at, dy + at, p, xhat, dz);
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) {
-      const float xhat = (xv[i] - p.mean[i]) * p.rstd[i];
-      const float dz = grad_z<SILU>(gv[i], xhat, p.w[i], p.b[i]);
-      xv[i] = p.rstd[i] * (p.w[i] * dz - c_dz[i] - xhat * c_xhat[i]);
-    }
-    store<T, VEC>(dx + at, xv);
+    for (int i = 0; i < VEC; ++i) dz[i] = p.rstd[i] * (p.w[i] * dz[i] - c_dz[i] - xhat[i] * c_xhat[i]);
+    store<T, VEC>(dx + at, dz);
   }
 }
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import cckernels as ck
 from cckernels.backend import Unsupported
+from test_reference import group_norm_fp64 as fp64_group_norm  # the definition, in fp64
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Floor relative to the reference's magnitude: fp32 results differ from torch's only by
@@ -15,21 +16,6 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # are dominated by the one rounding of the output, which both sides share.
 FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 4e-3}
 SD2_CHANNELS = [320, 640, 960, 1280, 1920, 2560]
-
-
-def fp64_group_norm(x, G, w, b, eps, silu):
-    """The definition, written out in fp64 (independent of F.group_norm)."""
-    N, C = x.shape[:2]
-    xg = x.double().reshape(N, G, -1)
-    mean = xg.mean(-1, keepdim=True)
-    var = xg.var(-1, unbiased=False, keepdim=True)
-    y = ((xg - mean) / torch.sqrt(var + eps)).reshape(x.shape)
-    shape = (1, C) + (1,) * (x.dim() - 2)
-    if w is not None:
-        y = y * w.double().view(shape)
-    if b is not None:
-        y = y + b.double().view(shape)
-    return y * torch.sigmoid(y) if silu else y
 
 
 def torch_group_norm(x, G, w, b, eps, silu):

@@ -52,7 +52,9 @@ def _channel_stats_kernel(
     for s0 in range(k * CHUNK, tl.minimum(k * CHUNK + CHUNK, S), BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         mask = c_mask[:, None] & (s < S)[None, :]
-        x = tl.load(x_row + s[None, :] * stride_s, mask=mask, other=0.0).to(tl.float32)
+        # evict_last: the normalize pass reads x again right after; L2 may still hold it
+        x = tl.load(x_row + s[None, :] * stride_s, mask=mask, other=0.0, eviction_policy="evict_last")
+        x = x.to(tl.float32)
         tile_count = tl.minimum(S - s0, BLOCK_S).to(tl.float32)
         tile_mean = tl.sum(x, axis=1) / tile_count
         dev = tl.where(mask, x - tile_mean[:, None], 0.0)
@@ -133,22 +135,25 @@ def _normalize_kernel(
     for s0 in range(k * CHUNK, tl.minimum(k * CHUNK + CHUNK, S), BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         mask = c_mask[:, None] & (s < S)[None, :]
-        x = tl.load(x_ptr + offset + s[None, :] * stride_s, mask=mask, other=0.0).to(tl.float32)
-        y = x * scale[:, None] + shift[:, None]
+        x = tl.load(x_ptr + offset + s[None, :] * stride_s, mask=mask, other=0.0, eviction_policy="evict_first")
+        y = x.to(tl.float32) * scale[:, None] + shift[:, None]
         if SILU:
             y = y * tl.sigmoid(y)
         tl.store(y_ptr + offset + s[None, :] * stride_s, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _grad_z(x, dy, mean, rstd, w, b, SILU: tl.constexpr):
-    """(xhat, dL/dz) for z = xhat * w + b; with SILU, z is recomputed rather than saved."""
+def _load_xhat_dz(x_ptr, dy_ptr, offs, mask, mean, rstd, w, b, SILU: tl.constexpr, EVICT: tl.constexpr):
+    """(xhat, dL/dz) of one tile for z = xhat * w + b; with SILU, z is recomputed, not saved.
+    dz is 0 where masked (dy loads as 0). EVICT: the loads' L2 eviction policy."""
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0, eviction_policy=EVICT).to(tl.float32)
+    dz = tl.load(dy_ptr + offs, mask=mask, other=0.0, eviction_policy=EVICT).to(tl.float32)
     xhat = (x - mean[:, None]) * rstd[:, None]
     if SILU:
         z = xhat * w[:, None] + b[:, None]
         sig = tl.sigmoid(z)
-        dy = dy * sig * (1.0 + z * (1.0 - sig))
-    return xhat, dy
+        dz = dz * sig * (1.0 + z * (1.0 - sig))
+    return xhat, dz
 
 
 @triton.jit
@@ -172,9 +177,9 @@ def _backward_partials_kernel(
     for s0 in range(k * CHUNK, tl.minimum(k * CHUNK + CHUNK, S), BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         mask = c_mask[:, None] & (s < S)[None, :]
-        x = tl.load(x_ptr + offset + s[None, :] * stride_s, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + offset + s[None, :] * stride_s, mask=mask, other=0.0).to(tl.float32)
-        xhat, dz = _grad_z(x, dy, mean, rstd, w, b, SILU)  # dz is 0 where masked (dy = 0)
+        # evict_last: the dx pass reads x and dy again right after
+        xhat, dz = _load_xhat_dz(x_ptr, dy_ptr, offset + s[None, :] * stride_s, mask, mean, rstd, w, b, SILU,
+                                 "evict_last")
         sum_dz += tl.sum(dz, axis=1)
         sum_dz_xhat += tl.sum(dz * xhat, axis=1)
     out = n * tl.num_programs(2) * C + k * C + c
@@ -249,9 +254,8 @@ def _backward_dx_kernel(
     for s0 in range(k * CHUNK, tl.minimum(k * CHUNK + CHUNK, S), BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         mask = c_mask[:, None] & (s < S)[None, :]
-        x = tl.load(x_ptr + offset + s[None, :] * stride_s, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + offset + s[None, :] * stride_s, mask=mask, other=0.0).to(tl.float32)
-        xhat, dz = _grad_z(x, dy, mean, rstd, w, b, SILU)
+        xhat, dz = _load_xhat_dz(x_ptr, dy_ptr, offset + s[None, :] * stride_s, mask, mean, rstd, w, b, SILU,
+                                 "evict_first")
         dx = rstd[:, None] * (w[:, None] * dz - coef_dz[:, None] - xhat * coef_xhat[:, None])
         tl.store(dx_ptr + offset + s[None, :] * stride_s, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
