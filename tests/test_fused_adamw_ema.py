@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import cckernels as ck
+from cckernels.backend import available
 
 CPU_BACKENDS = ["torch", "triton"]
 GPU_BACKENDS = ["cuda", "triton", "torch"]
@@ -16,6 +17,11 @@ GROUPS = [  # two groups with different hyperparameters; the second mixes in wei
     dict(lr=3e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.0),
 ]
 EMA_DECAY = 0.9
+
+
+def skip_unless_usable(backend, device):
+    if backend not in available("adamw_ema_", torch.device(device)):
+        pytest.skip(f"backend {backend} is not usable on {device} here")
 
 
 def make_params(device):
@@ -60,6 +66,7 @@ def run_against_torch(backend, dtype, device, steps):
 
 
 def check_run(backend, dtype, device, steps):
+    skip_unless_usable(backend, device)
     ours, weights, opt, ref, ref_ema = run_against_torch(backend, dtype, device, steps)
     # Triton's interpreter truncates fp32 -> bf16 casts (GPUs round to nearest even).
     truncates = backend == "triton" and dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
@@ -126,6 +133,7 @@ FP64_GROUP = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
 
 def check_one_step_fp64(backend, dtype, device):
     """Every buffer's error vs an fp64 step within 2x the torch backend's error (+ a floor)."""
+    skip_unless_usable(backend, device)
     ours = one_step_from_random_state(backend, dtype, device)
     base = one_step_from_random_state("torch", dtype, device)
     for (out, b), (base_out, _) in zip(ours, base):

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from cckernels.backend import Unsupported
 from cckernels.triton.ema import check_dtypes
-from cckernels.triton.multi_tensor import check_same_layout, lerp, load, store, tables, tensor_ptr
+from cckernels.triton.multi_tensor import check_same_layout, lerp, load, program_chunk, store, tables, tensor_ptr
 
 BLOCK = 1024
 ITERS = 4
@@ -69,10 +69,7 @@ def _adamw_ema_kernel(
     BLOCK: tl.constexpr,
     ITERS: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    t = tl.load(tensors + pid)
-    start = tl.load(chunks + pid) * (BLOCK * ITERS)
-    n = tl.load(sizes + t)
+    t, start, n = program_chunk(tensors, chunks, sizes, BLOCK * ITERS)
     param = tensor_ptr(param_base, offsets, t, ALIGNED)
     grad = tensor_ptr(grad_base, offsets + T, t, ALIGNED)
     exp_avg = tensor_ptr(exp_avg_base, offsets + 2 * T, t, ALIGNED)

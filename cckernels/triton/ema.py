@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from cckernels.backend import Unsupported
-from cckernels.triton.multi_tensor import check_same_layout, lerp, load, store, tables, tensor_ptr
+from cckernels.triton.multi_tensor import check_same_layout, lerp, load, program_chunk, store, tables, tensor_ptr
 
 BLOCK = 1024
 ITERS = 8
@@ -36,10 +36,7 @@ def _ema_kernel(
     BLOCK: tl.constexpr,
     ITERS: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    t = tl.load(tensors + pid)
-    start = tl.load(chunks + pid) * (BLOCK * ITERS)
-    n = tl.load(sizes + t)
+    t, start, n = program_chunk(tensors, chunks, sizes, BLOCK * ITERS)
     ema = tensor_ptr(ema_base, ema_offsets, t, ALIGNED)
     param = tensor_ptr(param_base, param_offsets, t, ALIGNED)
     if start + BLOCK * ITERS <= n:

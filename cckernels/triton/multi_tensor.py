@@ -24,6 +24,14 @@ _cache = OrderedDict()
 
 
 @triton.jit
+def program_chunk(tensors, chunks, sizes, CHUNK: tl.constexpr):
+    """(tensor index, first element, tensor numel) of this program's chunk."""
+    pid = tl.program_id(0)
+    t = tl.load(tensors + pid)
+    return t, tl.load(chunks + pid) * CHUNK, tl.load(sizes + t)
+
+
+@triton.jit
 def tensor_ptr(base, table, t, ALIGNED: tl.constexpr):
     """Pointer to tensor t: base + table[t]; ALIGNED (16-byte) lets Triton vectorize accesses."""
     offset = tl.load(table + t)

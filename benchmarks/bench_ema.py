@@ -1,0 +1,273 @@
+"""EMA and fused AdamW+EMA over the SD2 UNet's parameter list: time, GB/s, share of copy
+bandwidth, kernel launches.
+
+    python benchmarks/bench_ema.py [--out DIR]     # GPU: SD2 UNet list (686 tensors, 865.9M values)
+    python benchmarks/bench_ema.py --tiny          # a few small tensors, seconds (CPU without a GPU)
+    python benchmarks/bench_ema.py --write-shapes  # regenerate sd2_unet_shapes.json with diffusers
+
+Bytes per element (the whole list is far larger than L2, so each byte moves once):
+    EMA:            read ema 4 + read param s + write ema 4 = 8 + s  (s = 2 bf16, 4 fp32)
+    AdamW+EMA step: fp32 params: param 4+4, grad 4, exp_avg 4+4, exp_avg_sq 4+4, ema 4+4 = 36
+                    bf16 params + fp32 master: grad 2, param write 2, master 4+4, exp_avg 4+4,
+                    exp_avg_sq 4+4, ema 4+4 = 36
+GB/s counts only those bytes, for every method (a method that moves more is just slower).
+Copy bandwidth: dst.copy_(src) over one fp32 buffer as large as the params, 2 x its bytes.
+Launches: CUDA kernels and copies of one call, counted with torch.profiler (GPU only).
+Peers: torch._foreach_lerp_ (with the fp32 casts bf16 params need), a per-tensor Python
+loop (ck's "torch" backend), apex amp_C.multi_tensor_axpby when it imports and runs;
+torch.optim.AdamW(fused=True) (on fp32 masters for bf16 params) followed by ck.ema_update_.
+"""
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import cckernels as ck
+
+SHAPES_FILE = Path(__file__).with_name("sd2_unet_shapes.json")
+TINY_SHAPES = [(1,), (77,), (320, 3, 3, 3), (257,), (40, 77), (1000,), (3, 5, 7)]
+DECAY = 0.9999
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+# stabilityai/stable-diffusion-2 UNet (865.9M parameters); other keys: diffusers' defaults.
+SD2_UNET = dict(
+    sample_size=96,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    block_out_channels=[320, 640, 1280, 1280],
+    layers_per_block=2,
+    attention_head_dim=[5, 10, 20, 20],
+    cross_attention_dim=1024,
+    use_linear_projection=True,
+    norm_num_groups=32,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+)
+
+
+def write_shapes():
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SD2_UNET)
+    lines = [f"{json.dumps(name)}: {json.dumps(list(p.shape))}" for name, p in unet.named_parameters()]
+    SHAPES_FILE.write_text("{\n" + ",\n".join(lines) + "\n}\n")  # one parameter per line
+    print(f"wrote {len(lines)} shapes, {sum(p.numel() for p in unet.parameters()):,} values to {SHAPES_FILE}")
+
+
+def sd2_shapes():
+    return [tuple(s) for s in json.loads(SHAPES_FILE.read_text()).values()]
+
+
+def timed(fn, device, tiny):
+    """(median, p20, p80) milliseconds of fn()."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return tuple(triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], rep=50 if tiny else 300))
+    fn()  # warm-up (Triton's interpreter, first-use allocations)
+    times = []
+    for _ in range(3 if tiny else 20):
+        start = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - start))
+    q = statistics.quantiles(times, n=5, method="inclusive")
+    return statistics.median(times), q[0], q[3]
+
+
+def launches(fn, device):
+    """CUDA kernels and copies one call of fn starts (None on CPU)."""
+    if device.type != "cuda":
+        return None
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(e.count for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def copy_bandwidth(numel, device, tiny):
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    ms = timed(lambda: dst.copy_(src), device, tiny)[0]
+    return 2 * 4 * numel / ms / 1e6
+
+
+def apex_axpby():
+    """apex's multi-tensor axpby (out = a*x + b*y) as an EMA, or None without apex."""
+    try:
+        import amp_C
+        from apex.multi_tensor_apply import multi_tensor_applier
+    except ImportError:
+        return None
+
+    def ema_update_(ema, params, decay):
+        noop = torch.zeros(1, dtype=torch.int, device=ema[0].device)
+        multi_tensor_applier(amp_C.multi_tensor_axpby, noop, [ema, params, ema], decay, 1 - decay, -1)
+
+    return ema_update_
+
+
+def ema_methods(device):
+    """name -> ema_update_(ema, params, decay) for every EMA implementation usable here."""
+    methods = {}
+    for backend in ck.available_backends(device)["ema_update_"]:
+        name = "per-tensor loop (ck torch)" if backend == "torch" else f"ck.ema_update_ {backend}"
+        methods[name] = lambda e, p, d, backend=backend: ck.ema_update_(e, p, d, backend=backend)
+
+    def foreach_lerp(ema, params, decay):
+        params = params if params[0].dtype == torch.float32 else [p.float() for p in params]
+        torch._foreach_lerp_(ema, params, 1 - decay)
+
+    methods["torch._foreach_lerp_ (+casts)"] = foreach_lerp
+    apex = apex_axpby()
+    if apex is not None:
+        methods["apex multi_tensor_axpby"] = apex
+    return methods
+
+
+def bench_ema(shapes, device, tiny, copy_gbps):
+    rows = []
+    numel = sum(torch.Size(s).numel() for s in shapes)
+    for dname, dtype in DTYPES.items():
+        params = [torch.randn(s, device=device).to(dtype) for s in shapes]
+        ema = [torch.randn(s, device=device) for s in shapes]
+        nbytes = numel * (8 + params[0].element_size())
+        for name, update in ema_methods(device).items():
+            fn = lambda: update(ema, params, DECAY)  # noqa: E731
+            try:
+                fn()
+            except RuntimeError as e:  # a peer without this dtype (older apex: no bf16)
+                print(f"skipped {name} {dname}: {e}")
+                continue
+            ms, lo, hi = timed(fn, device, tiny)
+            gbps = nbytes / ms / 1e6
+            rows.append(dict(bench="ema", dtype=dname, method=name, ms=ms, ms_p20=lo, ms_p80=hi, gbps=gbps,
+                             frac_copy=gbps / copy_gbps, launches=launches(fn, device)))  # fmt: skip
+        del params, ema
+    return rows
+
+
+def adamw_setups(shapes, dtype, device):
+    """Yields (name, step function): one optimizer's state alive at a time (SD2 states are GBs)."""
+    torch.manual_seed(0)
+    params = [torch.randn(s, device=device).mul_(0.02).to(dtype).requires_grad_() for s in shapes]
+    for p in params:
+        p.grad = torch.randn_like(p).mul_(1e-3)
+    hyper = dict(lr=1e-4, weight_decay=0.01)
+    for backend in ck.available_backends(device)["ema_update_"]:
+        yield f"FusedAdamWEMA {backend}", ck.FusedAdamWEMA(params, **hyper, ema_decay=DECAY, backend=backend).step
+    # Baseline with the same result: fp32 weights stepped by torch's fused AdamW, written
+    # back to bf16 params when the model is bf16, then the EMA as a separate pass.
+    masters = params if dtype == torch.float32 else [p.detach().float().requires_grad_() for p in params]
+    for m in masters:
+        if m.grad is None:
+            m.grad = torch.empty_like(m)
+    opt = torch.optim.AdamW(masters, **hyper, fused=True)
+    ema = [m.detach().clone() for m in masters]
+
+    @torch.no_grad()
+    def baseline():
+        if masters is not params:
+            torch._foreach_copy_([m.grad for m in masters], [p.grad for p in params])
+        opt.step()
+        if masters is not params:
+            torch._foreach_copy_(params, masters)
+        ck.ema_update_(ema, masters, DECAY)
+
+    yield "AdamW(fused) + ck.ema_update_", baseline
+
+
+def bench_adamw(shapes, device, tiny, copy_gbps):
+    rows = []
+    numel = sum(torch.Size(s).numel() for s in shapes)
+    for dname, dtype in DTYPES.items():
+        baseline_ms = None
+        for name, step in adamw_setups(shapes, dtype, device):
+            ms, lo, hi = timed(step, device, tiny)
+            gbps = 36 * numel / ms / 1e6
+            rows.append(dict(bench="adamw_ema", dtype=dname, method=name, ms=ms, ms_p20=lo, ms_p80=hi, gbps=gbps,
+                             frac_copy=gbps / copy_gbps, launches=launches(step, device)))  # fmt: skip
+            if name.startswith("AdamW"):
+                baseline_ms = ms
+        for row in rows:
+            if row["bench"] == "adamw_ema" and row["dtype"] == dname:
+                row["speedup_vs_baseline"] = baseline_ms / row["ms"]
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def print_table(rows, copy_gbps):
+    print(f"copy bandwidth: {copy_gbps:.0f} GB/s")
+    header = f"{'bench':10} {'dtype':5} {'method':32} {'ms (p20-p80)':>22} {'GB/s':>8} {'copy%':>6} {'launches':>8} {'speedup':>7}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        spread = f"{r['ms']:.3f} ({r['ms_p20']:.3f}-{r['ms_p80']:.3f})"
+        launched = "-" if r["launches"] is None else str(r["launches"])
+        speedup = f"{r['speedup_vs_baseline']:.2f}x" if "speedup_vs_baseline" in r else ""
+        print(f"{r['bench']:10} {r['dtype']:5} {r['method']:32} {spread:>22} {r['gbps']:8.1f} {100 * r['frac_copy']:5.0f}% {launched:>8} {speedup:>7}")
+
+
+def plot(rows, copy_gbps, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5))
+    for ax, bench, title in ((axes[0], "ema", "EMA update"), (axes[1], "adamw_ema", "AdamW + EMA step")):
+        sel = [r for r in rows if r["bench"] == bench]
+        labels = [f"{r['method']}\n{r['dtype']}" for r in sel]
+        ax.barh(labels, [r["gbps"] for r in sel])
+        ax.axvline(copy_gbps, color="k", linestyle="--", label="copy bandwidth")
+        ax.set_xlabel("GB/s (useful bytes)")
+        ax.set_title(title)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="benchmarks/results/local", help="directory for bench_ema.json/.png")
+    parser.add_argument("--tiny", action="store_true", help="a few small tensors (automatic without a GPU)")
+    parser.add_argument("--write-shapes", action="store_true", help=f"regenerate {SHAPES_FILE.name} and exit")
+    args = parser.parse_args(argv)
+    if args.write_shapes:
+        write_shapes()
+        return None
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tiny = args.tiny or device.type == "cpu"
+    shapes = TINY_SHAPES if tiny else sd2_shapes()
+    numel = sum(torch.Size(s).numel() for s in shapes)
+    print(f"{len(shapes)} tensors, {numel:,} values on {device}" + (" (tiny)" if tiny else " (SD2 UNet)"))
+    copy_gbps = copy_bandwidth(numel, device, tiny)
+    rows = bench_ema(shapes, device, tiny, copy_gbps) + bench_adamw(shapes, device, tiny, copy_gbps)
+    print_table(rows, copy_gbps)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = dict(
+        device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        tensors=len(shapes),
+        values=numel,
+        copy_gbps=copy_gbps,
+        triton_interpret=os.environ.get("TRITON_INTERPRET") == "1",
+        rows=rows,
+    )
+    (out / "bench_ema.json").write_text(json.dumps(result, indent=1))
+    plot(rows, copy_gbps, out / "bench_ema.png")
+    print(f"wrote {out / 'bench_ema.json'} and {out / 'bench_ema.png'}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""Smoke test of benchmarks/bench_ema.py's tiny mode, and its SD2 parameter list."""
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+BENCH = Path(__file__).parents[1] / "benchmarks" / "bench_ema.py"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_ema", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sd2_parameter_list():
+    shapes = load_bench().sd2_shapes()
+    assert len(shapes) == 686
+    assert sum(math.prod(s) for s in shapes) == 865_910_724
+
+
+def test_tiny_run_writes_table_json_and_plot(tmp_path, monkeypatch, capsys):
+    # Timing Triton's interpreter says nothing; its kernels are tested in test_ema_update.py.
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    result = load_bench().main(["--tiny", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "bench_ema.json").read_text())
+    assert (tmp_path / "bench_ema.png").stat().st_size > 0
+    assert saved["rows"] == json.loads(json.dumps(result["rows"]))
+    methods = {(r["bench"], r["dtype"], r["method"]) for r in saved["rows"]}
+    for dtype in ("bf16", "fp32"):
+        assert ("ema", dtype, "torch._foreach_lerp_ (+casts)") in methods
+        assert ("adamw_ema", dtype, "FusedAdamWEMA torch") in methods
+        assert ("adamw_ema", dtype, "AdamW(fused) + ck.ema_update_") in methods
+    assert all(r["ms"] > 0 and r["gbps"] > 0 for r in saved["rows"])
+    assert "copy bandwidth" in capsys.readouterr().out
