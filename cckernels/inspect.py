@@ -19,6 +19,7 @@ module is only the machinery. A Triton entry:
      "args": {"Q": "*T", "LSE": "*fp32", "stride_*": "i32:16", "scale": "fp32", "EVEN_N": True},
      "variants": {"d64": {...}, "d128": {...}},        # optional, merged over args
      "configs": fn(configs, smem_limit, dtype, args),  # optional: the configs the kernel keeps
+     "options": {"num_warps": 8},                     # optional: launch options, if not autotuned
      "expect": {"sm90": {"hgmma": True}}}             # or fn(dtype) -> dict
 
 `args` (or a function of the dtype returning it) gives each argument a Triton type ("*fp16",
@@ -237,7 +238,7 @@ def compile_triton(job, use_cache=True):
     dtype = getattr(torch, job["dtype"])
     args = resolve_args(entry, job["variant"], dtype)
     config = configs[job["config_index"]] if configs else None
-    options = {"num_warps": 4, "num_stages": 3}
+    options = {"num_warps": 4, "num_stages": 3, **entry.get("options", {})}  # Triton's launch defaults
     if config is not None:
         args.update(config.kwargs)
         options = {"num_warps": config.num_warps, "num_stages": config.num_stages}

@@ -22,6 +22,9 @@ from cckernels.triton.multi_tensor import check_same_layout, lerp, load, program
 BLOCK = 1024
 ITERS = 4
 CHUNK = BLOCK * ITERS  # elements per program
+# 8 warps: with 4, each thread holds 8 elements of 6 buffers and ptxas for sm90 spills at 255
+# registers (sm80: 105); with 8 it needs 58 (python -m cckernels.inspect --op adamw_ema_).
+NUM_WARPS = 8
 
 
 @triton.jit
@@ -108,6 +111,7 @@ def adamw_ema_(params, grads, exp_avgs, exp_avg_sqs, masters, emas, scalars):
     _adamw_ema_kernel[(len(tensors),)](
         *bases, offsets, len(keep), sizes, tensors, chunks, *scalars,
         HAS_MASTER=masters is not None, HAS_EMA=emas is not None, ALIGNED=aligned, BLOCK=BLOCK, ITERS=ITERS,
+        num_warps=NUM_WARPS,
     )  # fmt: skip
 
 
@@ -124,5 +128,5 @@ def _inspect_args(dtype):
 
 INSPECT = [{
     "op": "adamw_ema_", "kernel": _adamw_ema_kernel, "dtypes": (torch.float32, torch.float16, torch.bfloat16),
-    "args": _inspect_args, "expect": {"sm90": {"ldg128": True}},
+    "args": _inspect_args, "options": {"num_warps": NUM_WARPS}, "expect": {"sm90": {"ldg128": True}},
 }]  # fmt: skip
