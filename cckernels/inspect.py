@@ -24,9 +24,9 @@ module is only the machinery. A Triton entry:
 
 `args` (or a function of the dtype returning it) gives each argument a Triton type ("*fp16",
 "i32", "fp32"; "i32:16" = divisible by 16 as Triton specializes it at run time) or a Python
-value (a constexpr; an int 1 is what Triton makes of a unit stride). Keys may be globs and
-name arguments a kernel lacks, so one dict serves all kernels of a file; unlisted arguments
-are i32. A csrc entry: {"op": ..., "source": "csrc/x.cu", "expect": {regex: expect}} with
+value (a constexpr; an int 1 is what Triton makes of a unit stride). Keys may be globs (the
+longest match wins) and name arguments a kernel lacks, so one dict serves all kernels of a
+file; unlisted arguments are i32. A csrc entry: {"op": ..., "source": "csrc/x.cu", "expect": {regex: expect}} with
 the regex matched against demangled kernel names.
 
 Always checked: the config compiles, fits the target's shared memory, and does not touch
@@ -92,18 +92,21 @@ def demangle(names):
     return dict(zip(names, out.stdout.splitlines()))
 
 
-def analyze_cubin(path):
-    """{mangled kernel name: {"regs", "static_smem", "local", "counts"}} read from a cubin."""
-    usage = subprocess.run([tool("cuobjdump"), "--dump-resource-usage", path], capture_output=True, text=True, check=True)
+def parse_resource_usage(text):
+    """{mangled kernel name: {"regs", "static_smem", "local", "counts"}} from cuobjdump --dump-resource-usage."""
     kernels = {}
-    for name, fields in re.findall(r"Function ([^\s:]+):\s*\n\s*(REG:.*)", usage.stdout):
+    for name, fields in re.findall(r"Function ([^\s:]+):\s*\n\s*(REG:.*)", text):
         values = dict(re.findall(r"(\w+):(\d+)", fields))
         # spills live in the stack frame (STACK) or other local memory (LOCAL), per thread
         kernels[name] = {"regs": int(values["REG"]), "static_smem": int(values["SHARED"]),
                          "local": int(values["STACK"]) + int(values["LOCAL"]), "counts": dict.fromkeys(COUNTERS, 0)}  # fmt: skip
-    sass = subprocess.run([tool("cuobjdump"), "-sass", path], capture_output=True, text=True, check=True)
+    return kernels
+
+
+def count_instructions(sass, kernels):
+    """Add the SASS (cuobjdump -sass) instruction counts of each function to kernels[name]["counts"]."""
     counts = None
-    for line in sass.stdout.splitlines():
+    for line in sass.splitlines():
         header = re.match(r"\s*Function : (\S+)", line)
         if header:
             counts = kernels[header.group(1)]["counts"]
@@ -113,6 +116,13 @@ def analyze_cubin(path):
             for key, match in COUNTERS.items():
                 counts[key] += match(ins.group(1))
     return kernels
+
+
+def analyze_cubin(path):
+    cuobjdump = tool("cuobjdump")
+    usage = subprocess.run([cuobjdump, "--dump-resource-usage", path], capture_output=True, text=True, check=True)
+    sass = subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True, check=True)
+    return count_instructions(sass.stdout, parse_resource_usage(usage.stdout))
 
 
 # ----------------------------------------------------------------------------------------
@@ -154,6 +164,22 @@ def specs():
     return found
 
 
+def missing_specs():
+    """Kernels without an INSPECT entry: module-level Triton kernels named *_kernel in
+    cckernels.triton.*, and csrc/*.cu files absent from cckernels.cuda.INSPECT."""
+    from triton.runtime.jit import KernelInterface
+
+    covered = {id(jit_parts(e["kernel"])[0]) for _, _, e in specs() if "kernel" in e}
+    sources = {e["source"] for _, _, e in specs() if "source" in e}
+    missing = []
+    for name in spec_modules():
+        for attr, value in vars(importlib.import_module(name)).items():
+            if isinstance(value, KernelInterface) and attr.endswith("_kernel") and id(jit_parts(value)[0]) not in covered:
+                missing.append(f"{name}.{attr}")
+    missing += [str(p.relative_to(ROOT)) for p in sorted((ROOT / "csrc").glob("*.cu")) if str(p.relative_to(ROOT)) not in sources]
+    return missing
+
+
 def jit_parts(kernel):
     """(JITFunction, autotune configs or None) of a possibly autotuned / heuristics kernel."""
     from triton.runtime.jit import JITFunction
@@ -181,16 +207,23 @@ def resolve_args(entry, variant, dtype):
     return args
 
 
-def triton_jobs(module, index, entry, archs, dtypes=None):
-    """One job per (variant, dtype, config, arch) of a Triton INSPECT entry."""
+def triton_jobs(module, index, entry, archs, dtypes=None, quick=False):
+    """One job per (variant, dtype, config, arch) of a Triton INSPECT entry; quick: only the
+    first config the kernel keeps (the one CCKERNELS_AUTOTUNE=0 runs)."""
+    import torch
+
     fn, configs = jit_parts(entry["kernel"])
     variants = list(entry.get("variants", {})) or ["-"]
+    # a kernel with none of the requested dtypes still runs once, in its first
+    chosen = [d for d in entry["dtypes"] if not dtypes or DTYPE_NAMES[str(d).split(".")[-1]] in dtypes]
     for variant in variants:
-        for dtype in entry["dtypes"]:
-            if dtypes and DTYPE_NAMES[str(dtype).split(".")[-1]] not in dtypes:
-                continue
+        for dtype in chosen or entry["dtypes"][:1]:
             for arch in archs:
-                for c in range(len(configs)) if configs else [None]:
+                indices = range(len(configs)) if configs else [None]
+                if quick and configs:
+                    kept = kept_configs(entry, arch, dtype, resolve_args(entry, variant, dtype))
+                    indices = [next(i for i in indices if config_label(configs[i]) in kept)]
+                for c in indices:
                     yield {"kind": "triton", "module": module, "index": index, "op": entry["op"],
                            "kernel": fn.__name__, "variant": variant, "dtype": str(dtype).split(".")[-1],
                            "config_index": c, "arch": arch}  # fmt: skip
@@ -212,9 +245,9 @@ def triton_signature(fn, args, dtype_name):
     """(signature, constexprs, attrs) for ASTSource from an INSPECT args dict."""
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
-        value = next((v for k, v in args.items() if k == name), None)
-        if value is None:
-            value = next((v for k, v in args.items() if fnmatch.fnmatchcase(name, k)), "i32")
+        # the exact name, else the longest (most specific) matching glob, else i32
+        globs = sorted((k for k in args if fnmatch.fnmatchcase(name, k)), key=lambda k: (k != name, -len(k)))
+        value = args[globs[0]] if globs else "i32"
         if isinstance(value, str) and re.fullmatch(r"\*?T|\*?(fp|bf|i|u)\d+(:16)?", value):
             ty, _, div = value.partition(":")
             ty = ty.replace("T", dtype_name)
@@ -353,10 +386,12 @@ def evaluate(rows):
 # ----------------------------------------------------------------------------------------
 # Driver
 # ----------------------------------------------------------------------------------------
-def collect(ops=None, archs=ARCHS, dtypes=None, kernels=None, variants=None, cuda=True, jobs=None, use_cache=True):
+def collect(ops=None, archs=ARCHS, dtypes=None, kernels=None, variants=None, cuda=True, jobs=None, use_cache=True,
+            quick=False, cuda_archs=None):  # fmt: skip
     """Compile and check; returns the rows (dicts), sorted as printed.
 
-    ops / dtypes ("fp16") / kernels / variants: None for all. cuda: include csrc/*.cu.
+    ops / dtypes ("fp16") / kernels / variants: None for all (dtypes does not filter csrc). cuda: include csrc/*.cu, for
+    cuda_archs (default: archs). quick: one config per Triton kernel (see triton_jobs).
     """
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter replaces kernels and their autotune configs")
@@ -367,9 +402,9 @@ def collect(ops=None, archs=ARCHS, dtypes=None, kernels=None, variants=None, cud
         if "source" in entry:
             if cuda:
                 todo += [{"kind": "cuda", "module": module, "index": index, "op": entry["op"], "source": entry["source"],
-                          "arch": arch} for arch in archs]  # fmt: skip
+                          "arch": arch} for arch in cuda_archs or archs]  # fmt: skip
         elif not kernels or jit_parts(entry["kernel"])[0].__name__ in kernels:
-            todo += [j for j in triton_jobs(module, index, entry, archs, dtypes) if not variants or j["variant"] in variants]
+            todo += [j for j in triton_jobs(module, index, entry, archs, dtypes, quick) if not variants or j["variant"] in variants]
     jobs = jobs or os.cpu_count() or 1
     if jobs == 1:
         results = [run_job(j, use_cache) for j in todo]
@@ -378,8 +413,6 @@ def collect(ops=None, archs=ARCHS, dtypes=None, kernels=None, variants=None, cud
         with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
             results = list(pool.map(run_job, todo, [use_cache] * len(todo)))
     rows = [row for result in results for row in result]
-    if dtypes:
-        rows = [r for r in rows if r["dtype"] == "-" or DTYPE_NAMES.get(r["dtype"]) in dtypes]
     order = {"triton": 0, "cuda": 1}
     rows.sort(key=lambda r: (r["op"], order[r["kind"]], r["kernel"], r["variant"], r["config"], r["dtype"], r["arch"]))
     return evaluate(rows)
@@ -430,6 +463,8 @@ def main(argv=None):
     parser.add_argument("--kernel", nargs="+", help="Triton kernel names (default: all)")
     parser.add_argument("--variant", nargs="+", help="spec variants, e.g. d64 (default: all)")
     parser.add_argument("--no-cuda", action="store_true", help="skip csrc/*.cu")
+    parser.add_argument("--cuda-arch", type=int, nargs="+", choices=ARCHS, help="archs for csrc (default: --arch)")
+    parser.add_argument("--quick", action="store_true", help="one config per Triton kernel: the first it keeps")
     parser.add_argument("--jobs", type=int, default=None, help="parallel compiles (default: CPU count)")
     parser.add_argument("--no-cache", action="store_true", help=f"recompile everything (cache: {cache_dir()})")
     parser.add_argument("--json", metavar="FILE", help="write the rows as JSON")
@@ -439,10 +474,11 @@ def main(argv=None):
     known = {entry["op"] for _, _, entry in specs()}
     if ops and set(ops) - known:
         parser.error(f"unknown --op {sorted(set(ops) - known)}; known: {sorted(known)}")
-    rows = collect(ops, args.arch, args.dtype, args.kernel, args.variant, not args.no_cuda, args.jobs, not args.no_cache)
+    rows = collect(ops, args.arch, args.dtype, args.kernel, args.variant, not args.no_cuda, args.jobs,
+                   not args.no_cache, args.quick, args.cuda_arch)  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
-    failed = failures(rows)
+    failed = failures(rows) + [f"{kernel}: no INSPECT entry" for kernel in missing_specs()]
     if args.markdown:
         print(MARKDOWN_HEADER)
         print(table(rows, markdown=True))
