@@ -68,7 +68,11 @@ COUNTERS = {
     "stl": lambda op: op.startswith("STL"),  # local-memory stores: spills
     "ldl": lambda op: op.startswith("LDL"),
 }
-DTYPE_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+DTYPE_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}  # torch name -> Triton name
+
+
+def torch_name(dtype):
+    return str(dtype).removeprefix("torch.")
 
 
 # ----------------------------------------------------------------------------------------
@@ -215,17 +219,17 @@ def triton_jobs(module, index, entry, archs, dtypes=None, quick=False):
     fn, configs = jit_parts(entry["kernel"])
     variants = list(entry.get("variants", {})) or ["-"]
     # a kernel with none of the requested dtypes still runs once, in its first
-    chosen = [d for d in entry["dtypes"] if not dtypes or DTYPE_NAMES[str(d).split(".")[-1]] in dtypes]
+    chosen = [d for d in entry["dtypes"] if not dtypes or DTYPE_NAMES[torch_name(d)] in dtypes]
     for variant in variants:
         for dtype in chosen or entry["dtypes"][:1]:
             for arch in archs:
                 indices = range(len(configs)) if configs else [None]
                 if quick and configs:
                     kept = kept_configs(entry, arch, dtype, resolve_args(entry, variant, dtype))
-                    indices = [next(i for i in indices if config_label(configs[i]) in kept)]
+                    indices = [next((i for i in indices if config_label(configs[i]) in kept), 0)]
                 for c in indices:
                     yield {"kind": "triton", "module": module, "index": index, "op": entry["op"],
-                           "kernel": fn.__name__, "variant": variant, "dtype": str(dtype).split(".")[-1],
+                           "kernel": fn.__name__, "variant": variant, "dtype": torch_name(dtype),
                            "config_index": c, "arch": arch}  # fmt: skip
 
 
