@@ -58,6 +58,7 @@ def group_norm(x, num_groups, weight, bias, eps, activation):
 INSPECT = [
     {"op": "ema_update_", "source": "csrc/ema.cu", "expect": {r"EmaFunctor": {"sm90": {"ldg128": True}}}},
     {"op": "adamw_ema_", "source": "csrc/adamw_ema.cu", "expect": {r"AdamWEmaFunctor": {"sm90": {"ldg128": True}}}},
-    {"op": "group_norm", "source": "csrc/group_norm.cu",
-     "expect": {r"(channel_stats|normalize|backward_partials|backward_dx)_kernel<[\w ]+, (4|8)\b": {"sm90": {"ldg128": True}}}},
+    {"op": "group_norm", "source": "csrc/group_norm.cu", "expect": {
+        r"(channel_stats|normalize|backward_partials|backward_dx)_kernel<[\w ]+, (4|8)\b": {"sm90": {"ldg128": True}},
+    }},
 ]  # fmt: skip

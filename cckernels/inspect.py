@@ -102,8 +102,12 @@ def parse_resource_usage(text):
     for name, fields in re.findall(r"Function ([^\s:]+):\s*\n\s*(REG:.*)", text):
         values = dict(re.findall(r"(\w+):(\d+)", fields))
         # spills live in the stack frame (STACK) or other local memory (LOCAL), per thread
-        kernels[name] = {"regs": int(values["REG"]), "static_smem": int(values["SHARED"]),
-                         "local": int(values["STACK"]) + int(values["LOCAL"]), "counts": dict.fromkeys(COUNTERS, 0)}  # fmt: skip
+        kernels[name] = {
+            "regs": int(values["REG"]),
+            "static_smem": int(values["SHARED"]),
+            "local": int(values["STACK"]) + int(values["LOCAL"]),
+            "counts": dict.fromkeys(COUNTERS, 0),
+        }
     return kernels
 
 
@@ -178,9 +182,12 @@ def missing_specs():
     missing = []
     for name in spec_modules():
         for attr, value in vars(importlib.import_module(name)).items():
-            if isinstance(value, KernelInterface) and attr.endswith("_kernel") and id(jit_parts(value)[0]) not in covered:
-                missing.append(f"{name}.{attr}")
-    missing += [str(p.relative_to(ROOT)) for p in sorted((ROOT / "csrc").glob("*.cu")) if str(p.relative_to(ROOT)) not in sources]
+            if isinstance(value, KernelInterface) and attr.endswith("_kernel"):
+                if id(jit_parts(value)[0]) not in covered:
+                    missing.append(f"{name}.{attr}")
+    for path in sorted((ROOT / "csrc").glob("*.cu")):
+        if str(path.relative_to(ROOT)) not in sources:
+            missing.append(str(path.relative_to(ROOT)))
     return missing
 
 
@@ -352,7 +359,8 @@ def check(row, expect, kept=None):
     if row["smem"] > SMEM_LIMIT[row["arch"]]:
         failures.append(f"shared memory {row['smem']} B > {SMEM_LIMIT[row['arch']]} B")
     if row["local"] or row["counts"]["stl"] or row["counts"]["ldl"]:
-        failures.append(f"spills: {row['local']} B local memory, {row['counts']['stl']} STL, {row['counts']['ldl']} LDL")
+        stl, ldl = row["counts"]["stl"], row["counts"]["ldl"]
+        failures.append(f"spills: {row['local']} B local memory per thread, {stl} STL, {ldl} LDL")
     wanted = {k: v for k, v in expect.items() if not k.startswith("sm")}
     wanted.update(expect.get(f"sm{row['arch']}", {}))
     for counter, want in wanted.items():
@@ -405,10 +413,11 @@ def collect(ops=None, archs=ARCHS, dtypes=None, kernels=None, variants=None, cud
             continue
         if "source" in entry:
             if cuda:
-                todo += [{"kind": "cuda", "module": module, "index": index, "op": entry["op"], "source": entry["source"],
-                          "arch": arch} for arch in cuda_archs or archs]  # fmt: skip
+                job = {"kind": "cuda", "module": module, "index": index, "op": entry["op"], "source": entry["source"]}
+                todo += [{**job, "arch": arch} for arch in cuda_archs or archs]
         elif not kernels or jit_parts(entry["kernel"])[0].__name__ in kernels:
-            todo += [j for j in triton_jobs(module, index, entry, archs, dtypes, quick) if not variants or j["variant"] in variants]
+            new = triton_jobs(module, index, entry, archs, dtypes, quick)
+            todo += [j for j in new if not variants or j["variant"] in variants]
     jobs = jobs or os.cpu_count() or 1
     if jobs == 1:
         results = [run_job(j, use_cache) for j in todo]

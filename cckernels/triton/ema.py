@@ -75,6 +75,7 @@ def ema_update_(ema, params, decay):
 # move 16 bytes per load on sm90.
 INSPECT = [{
     "op": "ema_update_", "kernel": _ema_kernel, "dtypes": DTYPES,
-    "args": {"ema_base": "*fp32", "param_base": "*T", "*s": "*i64", "w": "fp32", "ALIGNED": True, "BLOCK": BLOCK, "ITERS": ITERS},
+    "args": {"ema_base": "*fp32", "param_base": "*T", "*s": "*i64", "w": "fp32",
+             "ALIGNED": True, "BLOCK": BLOCK, "ITERS": ITERS},
     "expect": {"sm90": {"ldg128": True}},
 }]  # fmt: skip
