@@ -402,8 +402,9 @@ def collect(ops=None, archs=ARCHS, dtypes=None, kernels=None, variants=None, cud
             quick=False, cuda_archs=None):  # fmt: skip
     """Compile and check; returns the rows (dicts), sorted as printed.
 
-    ops / dtypes ("fp16") / kernels / variants: None for all (dtypes does not filter csrc). cuda: include csrc/*.cu, for
-    cuda_archs (default: archs). quick: one config per Triton kernel (see triton_jobs).
+    ops / dtypes ("fp16") / kernels / variants: None for all (dtypes does not filter csrc).
+    cuda: include csrc/*.cu, for cuda_archs (default: archs). quick: one config per Triton
+    kernel (see triton_jobs).
     """
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter replaces kernels and their autotune configs")
