@@ -42,10 +42,10 @@ def _configs(pool):
 
 # (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages): FlashAttention-2 / Triton-tutorial
 # shapes for A100 (sm80, 163 KB shared memory) and H100 (sm90, 227 KB); the 8-warp 64x64
-# dK/dV and dQ shapes are the ones that fit head dim 128, the smallest ones fp32 on sm80.
+# dK/dV and dQ shapes are the ones that fit head dim 128, the smallest ones fp32.
 FWD_POOL = [
     (128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 4), (64, 64, 4, 4), (128, 32, 4, 4),
-    (64, 32, 4, 3),
+    (64, 32, 4, 3), (64, 64, 8, 3),
 ]
 DKDV_POOL = [(64, 128, 8, 3), (64, 128, 8, 2), (64, 64, 8, 3), (64, 64, 8, 2), (64, 64, 4, 3), (32, 64, 4, 4), (32, 64, 4, 2)]
 DQ_POOL = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4), (64, 32, 4, 3)]
@@ -54,7 +54,8 @@ AUTOTUNE_KEY = ["q_bucket", "k_bucket", "HEAD_DIM"]
 # what Triton allocates on sm90 (sm80 needs less); fp32-equivalent register values = fp32
 # accumulators + fp32 score tiles + 16-bit tiles held for the whole loop at half weight).
 # Above 160 values per thread the fp16/bf16 sm80/sm90 compiles hit 255 registers and spill.
-# fp32 (IEEE dots on FMA units: the accuracy path, not the speed path) spills a little anyway.
+# fp32 gets half that budget (IEEE dots on FMA units hold fp32 operands); it is the accuracy
+# path, not the speed path, and still spills a little (24-800 bytes of stack) on sm90.
 REGISTER_VALUES_PER_THREAD = 160
 
 
@@ -91,8 +92,9 @@ def _prune(configs, named_args, footprint, short_kv_block=False, smem_limit=None
         n = n_cap if one_block else min(c.kwargs["BLOCK_N"], n_cap)
         stages = 1 if one_block else c.num_stages  # no key loop, nothing to pipeline
         capped.setdefault((m, n, c.num_warps, stages), footprint(m, n, kwargs["BLOCK_D"], stages))
+    budget = REGISTER_VALUES_PER_THREAD * 2 // q.element_size()
     fits = [shape for shape, (smem, regs) in capped.items()
-            if smem * q.element_size() <= smem_limit and regs <= REGISTER_VALUES_PER_THREAD * 32 * shape[2]]
+            if smem * q.element_size() <= smem_limit and regs <= budget * 32 * shape[2]]
     if not fits:
         fits = [min(capped, key=lambda shape: capped[shape][0])]
     if os.environ.get("CCKERNELS_AUTOTUNE") == "0":
