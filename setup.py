@@ -59,10 +59,8 @@ def pip_cuda_include():
         import nvidia
     except ImportError:
         return None
-    for root in nvidia.__path__:
-        for path in sorted(glob.glob(os.path.join(root, "cu*", "include"))):
-            return path
-    return None
+    found = [p for root in nvidia.__path__ for p in sorted(glob.glob(os.path.join(root, "cu[0-9]*", "include")))]
+    return found[-1] if found else None  # the newest CUDA major version
 
 
 def why_no_cuda():

@@ -8,6 +8,7 @@ import re
 import shutil
 
 import pytest
+import torch
 
 import cckernels
 
@@ -45,6 +46,22 @@ def test_cuda_backend_listed_only_with_extension():
     listed = "cuda" in cckernels.available_backends("cuda")["ema_update_"]
     assert listed is (_compiled_extension() is not None)
     assert "cuda" not in cckernels.available_backends("cpu")["ema_update_"]
+
+
+@pytest.mark.parametrize(
+    "ema, params, decay, match",
+    [
+        ([torch.randn(4)], [torch.randn(4)], 0.9, r"ema\[0\] is on cpu"),
+        ([torch.randn(4)], [torch.randn(4), torch.randn(4)], 0.9, r"ema has 1 tensors but params has 2"),
+        ([torch.randn(4)], [torch.randn(4)], 1.5, r"decay must be in \[0, 1\], got 1.5"),
+    ],
+)
+def test_extension_checks_run_without_a_gpu(ema, params, decay, match):
+    _C = _compiled_extension()
+    if _C is None:
+        pytest.skip("cckernels._C was not built")
+    with pytest.raises(ValueError, match=match):
+        _C.ema_update_(ema, params, decay)
 
 
 @pytest.mark.parametrize(
