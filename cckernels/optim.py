@@ -17,7 +17,7 @@ class FusedAdamWEMA(torch.optim.Optimizer):
     """torch.optim.AdamW (decoupled weight decay, bias correction) fused with an EMA update.
 
     Each step reads param, grad, exp_avg, exp_avg_sq (and the EMA) once and writes them once,
-    in one launch per (param group, dtype) on the "cuda" and "triton" backends; the "torch"
+    in a few launches per (param group, dtype) on the "cuda" and "triton" backends; the "torch"
     backend does the same arithmetic with torch._foreach ops. Results match torch.optim.AdamW
     followed by ck.ema_update_ to fp32 rounding.
 
@@ -82,7 +82,7 @@ class FusedAdamWEMA(torch.optim.Optimizer):
 
     def _init_state(self, p):
         state = self.state[p]
-        state["step"] = torch.tensor(0.0)
+        state["step"] = 0  # a Python int: no tensor op per parameter per step
         state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
         state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
         if p.dtype != torch.float32:
@@ -115,7 +115,7 @@ class FusedAdamWEMA(torch.optim.Optimizer):
                 if "step" not in state:
                     self._init_state(p)
                 state["step"] += 1
-                buckets.setdefault((p.device, p.dtype, state["step"].item()), []).append(p)
+                buckets.setdefault((p.device, p.dtype, state["step"]), []).append(p)
             for (device, _, step), ps in buckets.items():
                 self._step_bucket(group, ps, step, decay if use_ema else None)
             if use_ema and gradless:

@@ -7,6 +7,9 @@ import torch
 # when a kernel is decorated, so it is set before any test imports cckernels' Triton modules.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # Tests use tiny tensors, where a second thread costs more than it gives (10-20x slower
+    # on a busy 2-core machine).
+    torch.set_num_threads(1)
 
 
 def pytest_configure(config):

@@ -114,7 +114,7 @@ def one_step_from_random_state(backend, dtype, device):
     before = []
     for p in params:
         s = opt.state[p]
-        s["step"].fill_(4)
+        s["step"] = 4
         s["exp_avg"].normal_()
         s["exp_avg_sq"].uniform_(1e-4, 1.0)
         s["ema"].normal_()

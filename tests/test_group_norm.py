@@ -32,10 +32,18 @@ def outputs_and_grads(fn, x, w, b, dy):
     return [y] + [None if t is None else t.grad for t in leaves]
 
 
+def poison_cuda_allocator():
+    """Fills cached free GPU memory with NaN, so outputs and workspaces that torch.empty hands
+    the kernels start as NaN: any element a kernel forgets to write shows up in the checks."""
+    torch.empty(256 << 20, dtype=torch.uint8, device="cuda").fill_(0xFF)  # 0xFFFF.. is NaN in every float dtype
+
+
 def check(x, G, w=None, b=None, silu=False, eps=1e-5, backend="triton", dy=None):
     """Runs ck.group_norm on `backend` and checks output and every gradient with the 2x/3x rule."""
     dy = torch.randn_like(x) if dy is None else dy
     act = "silu" if silu else None
+    if x.is_cuda:
+        poison_cuda_allocator()
     got = outputs_and_grads(lambda x, w, b: ck.group_norm(x, G, w, b, eps, activation=act, backend=backend), x, w, b, dy)
     assert ck.used_backends()["group_norm"] == backend
     want = outputs_and_grads(lambda x, w, b: fp64_group_norm(x, G, w, b, eps, silu), x.double(),

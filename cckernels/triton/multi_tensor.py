@@ -110,8 +110,10 @@ def tables(lists, chunk):
     tensors = torch.repeat_interleave(torch.arange(len(numels)), per_tensor)
     first = torch.cumsum(per_tensor, 0) - per_tensor  # first program of each tensor
     chunks = torch.arange(len(tensors)) - first[tensors]
-    # One host->device copy for everything; the pieces are views of it.
-    flat = torch.cat([torch.tensor(offsets, dtype=torch.int64).flatten(), sizes, tensors, chunks]).to(device)
+    # One host->device copy for everything; the pieces are views of it. From pinned memory
+    # it does not wait for the work already queued on the GPU.
+    flat = torch.cat([torch.tensor(offsets, dtype=torch.int64).flatten(), sizes, tensors, chunks])
+    flat = (flat.pin_memory() if device.type == "cuda" else flat).to(device, non_blocking=True)
     n, T, B = len(lists), len(numels), len(tensors)
     offsets, sizes, tensors, chunks = flat.split([n * T, T, B, B])
     aligned = all(a % 16 == 0 for row in addresses for a in row)

@@ -63,7 +63,7 @@ class PilDecoder:
 
     def __init__(self, index, cfg, batch_size, seed, device):
         self.dataset = _Images(index.samples, cfg, seed)
-        self.cfg, self.batch_size, self.device = cfg, batch_size, device
+        self.cfg, self.batch_size, self.device, self.seed = cfg, batch_size, device, seed
 
     def stream(self, plans, rank):
         """(images, ids) batches of this rank for the epochs in `plans`, one after another.
@@ -74,9 +74,12 @@ class PilDecoder:
                 for k in range(0, len(ids), self.batch_size):
                     yield [(epoch, i) for i in ids[k:k + self.batch_size]]
 
+        # Its own generator: a DataLoader otherwise draws worker seeds from the global RNG when it
+        # starts, which would shift the training noise of a resumed run.
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=batches(), num_workers=self.cfg.workers,
-            collate_fn=_collate, pin_memory=self.device.type == "cuda")
+            collate_fn=_collate, pin_memory=self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(self.seed))
         for images, ids in loader:
             yield self._finish(images), ids
 

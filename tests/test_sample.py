@@ -1,0 +1,91 @@
+import json
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import save_file
+
+from tiny_models import TINY_UNET, StandInUNet
+from trainer.encoders import encoder_config, load_text_encoder, load_vae
+from trainer.sample import load_checkpoint, main, sample_images, save_grid
+
+
+@pytest.fixture(scope="module")
+def encoders():
+    tiny = encoder_config("tiny")
+    return load_vae(tiny["vae"]), load_text_encoder(tiny["text_encoder"])
+
+
+def test_save_grid_layout(tmp_path):
+    # 2 rows x 3 columns of flat-colored 4x5 images: pixel blocks land where the layout says.
+    values = torch.linspace(-1, 1, 6)
+    images = values.view(6, 1, 1, 1).expand(6, 3, 4, 5).clone()
+    path = save_grid(images, tmp_path / "sub" / "grid.png", rows=2)
+    grid = np.asarray(Image.open(path))
+    assert grid.shape == (2 * 4, 3 * 5, 3) and grid.dtype == np.uint8
+    for i, v in enumerate(values.tolist()):
+        row, col = divmod(i, 3)
+        assert (grid[row * 4:(row + 1) * 4, col * 5:(col + 1) * 5] == round((v + 1) * 127.5)).all()
+    with pytest.raises(ValueError, match="multiple of rows"):
+        save_grid(images, tmp_path / "bad.png", rows=4)
+
+
+def test_sample_images_shapes_and_determinism(encoders):
+    vae, text = encoders
+    unet = StandInUNet()
+    kwargs = dict(resolution=64, n=2, steps=2, guidance=3.0)
+    a = sample_images(unet, vae, text, ["a cat", "a dog"], **kwargs)
+    assert a.shape == (4, 3, 64, 64) and torch.isfinite(a).all()
+    assert torch.equal(a, sample_images(unet, vae, text, ["a cat", "a dog"], **kwargs))
+    assert not torch.equal(a, sample_images(unet, vae, text, ["a cat", "a dog"], seed=1, **kwargs))
+    # Default resolution: the UNet's latent sample_size (8) times the VAE's 8x.
+    v = sample_images(unet, vae, text, ["a cat"], steps=2, prediction_type="v_prediction")
+    assert v.shape == (1, 3, 64, 64)
+    with pytest.raises(ValueError, match="multiple of the VAE"):
+        sample_images(unet, vae, text, ["a cat"], resolution=60)
+    with pytest.raises(ValueError, match="list of strings"):
+        sample_images(unet, vae, text, "a cat", resolution=64)
+
+
+@pytest.fixture
+def run_dir(tmp_path, monkeypatch):
+    """An out_dir in train.py's checkpoint layout, with trainer.unet.UNet standing in as the
+    diffusers UNet (so this runs before the real UNet lands)."""
+    monkeypatch.setitem(sys.modules, "trainer.unet", types.SimpleNamespace(UNet=StandInUNet))
+    tiny = encoder_config("tiny")
+    config = {"model": {"unet": dict(TINY_UNET), **tiny}, "diffusion": {"prediction_type": "epsilon"},
+              "data": {"resolution": 64}}
+    for step, ema_seed in (("step_0000001", None), ("step_0000002", 7)):
+        folder = tmp_path / "checkpoints" / step
+        folder.mkdir(parents=True)
+        (folder / "config.yaml").write_text(yaml.safe_dump(config))
+        (folder / "state.json").write_text(json.dumps({"step": int(step[5:])}))
+        save_file(StandInUNet(seed=0).state_dict(), folder / "unet.safetensors")
+        if ema_seed is not None:
+            save_file(StandInUNet(seed=ema_seed).state_dict(), folder / "ema.safetensors")
+    (tmp_path / "checkpoints" / "latest").write_text("step_0000002\n")
+    return tmp_path
+
+
+def test_load_checkpoint_prefers_ema_and_follows_latest(run_dir):
+    ema = StandInUNet(seed=7).state_dict()
+    for path in (run_dir, run_dir / "checkpoints", run_dir / "checkpoints" / "step_0000002"):
+        unet, _, text, config = load_checkpoint(path)
+        assert all(torch.equal(v, ema[k]) for k, v in unet.state_dict().items())
+    assert not unet.training and text.dim == 32 and config["data"]["resolution"] == 64
+    plain, *_ = load_checkpoint(run_dir / "checkpoints" / "step_0000001")  # no EMA saved there
+    assert torch.equal(plain.unet.conv_in.weight, StandInUNet(seed=0).unet.conv_in.weight)
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(run_dir / "checkpoints" / "step_0000003")
+
+
+def test_cli_writes_a_grid(run_dir, capsys):
+    out = run_dir / "grid.png"
+    main(["--checkpoint", str(run_dir), "--prompt", "a cat", "--prompt", "a red bus", "--n", "3",
+          "--steps", "2", "--out", str(out)])
+    assert Image.open(out).size == (3 * 64, 2 * 64)
+    assert "2 prompts x 3 images" in capsys.readouterr().out

@@ -1,0 +1,75 @@
+"""The main job, in-process on one CPU rank: resume, bad config, non-finite steps."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from trainer import checkpoint, diffusion, train
+
+TINY = ["train.batch_size=2", "data.workers=0", "sample.prompts=[a cat]", "sample.steps=2", "checkpoint.every=2",
+        "ema.start_step=1", "train.log_every=1"]
+
+
+@pytest.fixture(autouse=True)
+def _torch_kernels(monkeypatch):
+    # The Triton kernels would run in the interpreter here: right, but far too slow to train.
+    monkeypatch.setenv("CCKERNELS_BACKEND", "torch")
+
+
+def run(out_dir, *overrides):
+    train.main([*TINY, f"out_dir={out_dir}", *overrides])
+
+
+def test_resumed_run_is_bit_identical_to_an_unbroken_one(tmp_path, capsys):
+    run(tmp_path / "a", "train.steps=4")
+    run(tmp_path / "b", "train.steps=2")
+    run(tmp_path / "b", "train.steps=4")
+    assert "resuming from" in capsys.readouterr().out
+    a, b = checkpoint.load(checkpoint.latest(tmp_path / "a")), checkpoint.load(checkpoint.latest(tmp_path / "b"))
+    assert a["state"] == b["state"] and a["state"]["step"] == 4
+    for name in ("unet", "ema"):
+        assert a[name].keys() == b[name].keys()
+        assert all(torch.equal(a[name][k], b[name][k]) for k in a[name]), name
+    assert (tmp_path / "b" / "samples" / "step_0000004.png").is_file()
+    assert (tmp_path / "b" / "diffusers" / "unet" / "config.json").is_file()
+    exported = load_file(tmp_path / "a" / "diffusers" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(exported[k], a["ema"][k].to(exported[k].dtype)) for k in a["ema"])  # EMA weights exported
+    metrics = [json.loads(line) for line in open(tmp_path / "b" / "metrics.jsonl")]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+
+
+def test_resume_false_starts_over(tmp_path, capsys):
+    run(tmp_path, "train.steps=2")
+    run(tmp_path, "train.steps=2", "resume=false")
+    assert "starting from scratch" in capsys.readouterr().out.split("done:")[1]
+
+
+def test_unknown_key_lists_valid_keys(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown config key 'train.stepz'.*valid keys:"):
+        run(tmp_path, "train.stepz=3")
+
+
+def _poison_losses(monkeypatch, bad_calls):
+    """Make the training loss NaN on the given (0-based) calls."""
+    real, calls = diffusion.training_loss, iter(range(10**6))
+
+    def loss(*args, **kwargs):
+        value = real(*args, **kwargs)
+        return value * float("nan") if next(calls) in bad_calls else value
+
+    monkeypatch.setattr(diffusion, "training_loss", loss)
+
+
+def test_a_non_finite_step_is_skipped_and_counted(tmp_path, monkeypatch):
+    _poison_losses(monkeypatch, {1})
+    run(tmp_path, "train.steps=3")
+    metrics = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [m["skipped"] for m in metrics] == [False, True, False]
+    assert all(torch.isfinite(v).all() for v in checkpoint.load(checkpoint.latest(tmp_path))["unet"].values())
+
+
+def test_many_non_finite_steps_in_a_row_stop_the_run(tmp_path, monkeypatch):
+    _poison_losses(monkeypatch, set(range(1, 100)))
+    with pytest.raises(RuntimeError, match="3 consecutive steps with non-finite"):
+        run(tmp_path, "train.steps=10", "train.max_bad_steps=3")

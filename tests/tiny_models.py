@@ -1,0 +1,38 @@
+"""Stand-ins shared by the diffusion, encoder and sampling tests: a tiny randomly initialized
+diffusers UNet2DConditionModel called as model(x, t, context) -> tensor, like trainer.unet.UNet."""
+
+import torch
+
+TINY_UNET = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(16, 32),
+    layers_per_block=1,
+    cross_attention_dim=32,
+    attention_head_dim=8,
+    norm_num_groups=8,
+)
+
+
+class StandInUNet(torch.nn.Module):
+    def __init__(self, config=TINY_UNET, seed=0):
+        super().__init__()
+        from diffusers import UNet2DConditionModel
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.unet = UNet2DConditionModel(**config)
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(config)
+
+    @property
+    def config(self):
+        return self.unet.config
+
+    def forward(self, x, t, context):
+        return self.unet(x, t, encoder_hidden_states=context).sample

@@ -1,0 +1,223 @@
+"""The frozen encoders of latent diffusion: the VAE (images <-> latents) and the text encoder.
+
+Both come from a config section holding either `path` (a local folder: the model's own folder
+or a diffusers pipeline folder with vae/, text_encoder/, tokenizer/; nothing is downloaded) or
+`config` (a diffusers AutoencoderKL / transformers CLIPTextConfig dict, randomly initialized
+from `init_seed`, default 0, so training, sampling and precompute rebuild the same weights).
+Ready-made sections: configs/encoders/tiny.yaml (CPU tests, the tiny default run) and
+configs/encoders/sd2.yaml (SD2 sizes, for benchmarks without weights on disk).
+
+    vae = load_vae(cfg["model"]["vae"])
+    latents = encode_images(vae, images)          # images in [-1, 1], (B, 3, H, W)
+    text = load_text_encoder(cfg["model"]["text_encoder"])
+    emb = text.encode(["a photo of a cat"])       # (1, 77, dim)
+"""
+
+from pathlib import Path
+
+import torch
+import yaml
+
+MAX_LENGTH = 77  # CLIP's context length; SD's cross-attention always sees 77 tokens.
+ENCODER_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "encoders"
+
+
+def encoder_config(name):
+    """The {"vae": ..., "text_encoder": ...} sections of configs/encoders/<name>.yaml."""
+    path = ENCODER_CONFIGS / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in ENCODER_CONFIGS.glob("*.yaml"))
+        raise ValueError(f"unknown encoder config {name!r}; known: {known}")
+    return yaml.safe_load(path.read_text())
+
+
+def _resolve(cfg, what):
+    """{preset: NAME, ...} -> the `what` section of configs/encoders/NAME.yaml, other keys on top."""
+    if isinstance(cfg, dict) and "preset" in cfg:
+        rest = {k: v for k, v in cfg.items() if k != "preset"}
+        return {**encoder_config(cfg["preset"])[what], **rest}
+    return cfg
+
+
+def _source(cfg, what):
+    # Exactly one of path / config, so a run never silently trains with random weights.
+    if not isinstance(cfg, dict) or ("path" in cfg) == ("config" in cfg):
+        raise ValueError(
+            f"{what} config needs exactly one of 'path' (a local folder), 'config' (random init) "
+            f"or 'preset' (configs/encoders/NAME.yaml), got {cfg!r}"
+        )
+    if "path" in cfg and not Path(cfg["path"]).is_dir():
+        raise ValueError(f"{what} path {cfg['path']!r} is not a directory")
+    return cfg.get("path")
+
+
+def _seeded_init(cfg, build):
+    # Random init on CPU from a fixed seed, without disturbing the caller's global RNG.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.get("init_seed", 0))
+        return build()
+
+
+def _frozen(module):
+    return module.eval().requires_grad_(False)
+
+
+# --- VAE ----------------------------------------------------------------------------------------
+
+def load_vae(cfg, device="cpu"):
+    """A frozen diffusers AutoencoderKL from cfg = {path} or {config[, init_seed]}, on device."""
+    from diffusers import AutoencoderKL
+
+    cfg = _resolve(cfg, "vae")
+    path = _source(cfg, "vae")
+    if path is None:
+        vae = _seeded_init(cfg, lambda: AutoencoderKL.from_config(cfg["config"]))
+    else:
+        sub = "vae" if (Path(path) / "vae").is_dir() else None
+        vae = AutoencoderKL.from_pretrained(path, subfolder=sub, local_files_only=True)
+    return _frozen(vae).to(device)
+
+
+def vae_downsampling(vae):
+    """Pixels per latent along each side: every encoder block but the last halves the size."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def _scale_shift(vae):
+    # Latents are normalized to roughly unit variance so the diffusion noise schedule fits them:
+    # SD's VAE has scaling_factor 0.18215 and no shift; some AutoencoderKLs also set shift_factor.
+    return vae.config.scaling_factor, vae.config.get("shift_factor") or 0.0
+
+
+@torch.no_grad()
+def encode_images(vae, images, *, sample=False, generator=None):
+    """Images (B, 3, H, W) in [-1, 1], H and W multiples of the downsampling factor, to
+    normalized latents (B, C, H/f, W/f).
+
+    The encoder outputs a Gaussian per latent. By default its mean: deterministic (precompute
+    stores what a fresh encode gives) and, for trained VAEs like SD's, whose posterior std is
+    tiny, practically the same as a draw; a randomly initialized VAE's posterior std is about 1
+    and would drown the image. sample=True draws instead (generator makes it reproducible)."""
+    f = vae_downsampling(vae)
+    if images.ndim != 4 or images.shape[1] != vae.config.in_channels:
+        raise ValueError(f"images must be (B, {vae.config.in_channels}, H, W), got {tuple(images.shape)}")
+    if images.shape[2] % f or images.shape[3] % f:
+        raise ValueError(f"image size {tuple(images.shape[2:])} is not a multiple of the VAE's factor {f}")
+    posterior = vae.encode(images.to(vae.dtype)).latent_dist
+    latents = posterior.sample(generator=generator) if sample else posterior.mean
+    scale, shift = _scale_shift(vae)
+    return (latents - shift) * scale
+
+
+@torch.no_grad()
+def decode_latents(vae, latents):
+    """Normalized latents (B, C, h, w) to images (B, 3, h*f, w*f), roughly in [-1, 1] (unclamped)."""
+    if latents.ndim != 4 or latents.shape[1] != vae.config.latent_channels:
+        raise ValueError(f"latents must be (B, {vae.config.latent_channels}, h, w), got {tuple(latents.shape)}")
+    scale, shift = _scale_shift(vae)
+    return vae.decode(latents.to(vae.dtype) / scale + shift).sample
+
+
+# --- Text encoder -------------------------------------------------------------------------------
+
+class ByteTokenizer:
+    """A tokenizer that needs no files: UTF-8 bytes (ids 0..255) framed by BOS and EOS, truncated
+    and padded to 77 tokens. Used with randomly initialized text encoders, whose vocabulary
+    means nothing anyway, because CLIP's BPE files cannot be downloaded here."""
+
+    BOS, EOS, PAD = 256, 257, 258
+    vocab_size = 259
+
+    def __call__(self, texts):
+        ids = torch.full((len(texts), MAX_LENGTH), self.PAD, dtype=torch.long)
+        for i, text in enumerate(texts):
+            body = list(text.encode("utf-8"))[: MAX_LENGTH - 2]
+            ids[i, : len(body) + 2] = torch.tensor([self.BOS, *body, self.EOS])
+        return ids
+
+
+class _ClipTokenizer:
+    """transformers' CLIPTokenizer called the way SD's pipelines call it: pad to 77, truncate."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, texts):
+        return self.tokenizer(
+            texts, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt"
+        ).input_ids
+
+
+class TextEncoder(torch.nn.Module):
+    """A frozen CLIP text model plus its tokenizer: encode(list[str]) -> (B, 77, dim).
+
+    clip_skip=k takes the hidden state k layers before the last, then the final LayerNorm, as
+    diffusers' clip_skip does. SD2 conditions on the penultimate layer of OpenCLIP ViT-H (24
+    layers); its diffusers weights already drop the last layer (23 layers), so with them the
+    final output is that penultimate layer and clip_skip stays 0. For a full 24-layer tower,
+    use clip_skip=1.
+    """
+
+    def __init__(self, model, tokenizer, clip_skip=0):
+        super().__init__()
+        if not (isinstance(clip_skip, int) and 0 <= clip_skip < model.config.num_hidden_layers):
+            raise ValueError(
+                f"clip_skip must be an int in [0, {model.config.num_hidden_layers}), got {clip_skip!r}"
+            )
+        self.model = _frozen(model)
+        self.tokenizer = tokenizer
+        self.clip_skip = clip_skip
+
+    @property
+    def dim(self):
+        return self.model.config.hidden_size
+
+    @torch.no_grad()
+    def encode(self, texts):
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise ValueError(f"encode takes a list of strings, got {texts!r}")
+        ids = self.tokenizer(list(texts)).to(self.model.device)
+        if self.clip_skip == 0:
+            return self.model(ids).last_hidden_state
+        # hidden_states holds the embeddings then each layer's output, before the final LayerNorm.
+        hidden = self.model(ids, output_hidden_states=True).hidden_states[-(self.clip_skip + 1)]
+        # transformers < 5 nests the layers under .text_model; 5 puts them on the model itself.
+        return getattr(self.model, "text_model", self.model).final_layer_norm(hidden)
+
+    def empty_embedding(self):
+        """The empty caption's embedding (1, 77, dim): the unconditional input of guidance."""
+        return self.encode([""])
+
+
+def load_text_encoder(cfg, device="cpu"):
+    """A TextEncoder on device from cfg = {path[, tokenizer_path]} or {config[, init_seed]}, plus
+    clip_skip.
+
+    path: a CLIPTextModel folder with its tokenizer files (or tokenizer_path naming them), or a
+    diffusers pipeline folder (text_encoder/ and tokenizer/). config: a CLIPTextConfig dict,
+    paired with the ByteTokenizer (its vocab_size must be >= 259; the special ids are set to
+    the tokenizer's).
+    """
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    cfg = _resolve(cfg, "text_encoder")
+    path = _source(cfg, "text_encoder")
+    if path is None:
+        ids = dict(bos_token_id=ByteTokenizer.BOS, eos_token_id=ByteTokenizer.EOS, pad_token_id=ByteTokenizer.PAD)
+        config = CLIPTextConfig(**{**cfg["config"], **ids})
+        if config.vocab_size < ByteTokenizer.vocab_size:
+            raise ValueError(f"text_encoder vocab_size must be >= {ByteTokenizer.vocab_size}, got {config.vocab_size}")
+        if config.max_position_embeddings < MAX_LENGTH:
+            raise ValueError(
+                f"text_encoder max_position_embeddings must be >= {MAX_LENGTH}, got {config.max_position_embeddings}"
+            )
+        model = _seeded_init(cfg, lambda: CLIPTextModel(config))
+        tokenizer = ByteTokenizer()
+    else:
+        root = Path(path)
+        pipeline = (root / "text_encoder").is_dir()
+        model_dir = root / "text_encoder" if pipeline else root
+        tokenizer_dir = cfg.get("tokenizer_path") or (root / "tokenizer" if pipeline else root)
+        model = CLIPTextModel.from_pretrained(model_dir, local_files_only=True)
+        tokenizer = _ClipTokenizer(CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True))
+    return TextEncoder(model, tokenizer, clip_skip=cfg.get("clip_skip", 0)).to(device)

@@ -1,0 +1,111 @@
+"""Images from a training checkpoint: DDIM with classifier-free guidance, saved as a PNG grid.
+
+    python -m trainer.sample --checkpoint runs/tiny --prompt "a cat" --prompt "a red bus" \
+        [--steps 50 --guidance 7.5 --seed 0 --n 4 --resolution 256] --out grid.png
+
+--checkpoint is a step folder (<out_dir>/checkpoints/step_0000100), or a checkpoints folder or
+an out_dir (their `latest` file names the newest step). The run's config.yaml in the step folder
+rebuilds the UNet, VAE and text encoder; EMA weights are used when the checkpoint has them.
+The grid has one row per prompt and --n images per row. train.py calls sample_images and
+save_grid in-process for its periodic sample grids.
+"""
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from trainer import checkpoint
+from trainer import config as run_config
+from trainer.diffusion import NoiseSchedule, ddim_sample
+from trainer.encoders import decode_latents, load_text_encoder, load_vae, vae_downsampling
+
+
+def save_grid(images, path, *, rows):
+    """Write images (N, 3, H, W) in [-1, 1] as one PNG of `rows` rows (one per prompt, as
+    sample_images orders them), filled row by row, no padding. Returns the path."""
+    n, c, h, w = images.shape
+    if c != 3 or rows < 1 or n % rows:
+        raise ValueError(f"need (N, 3, H, W) images with N a multiple of rows={rows}, got {tuple(images.shape)}")
+    cols = n // rows
+    pixels = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    # (rows, cols, 3, H, W) -> (rows, H, cols, W, 3): each row of the grid is one strip of pixels.
+    grid = pixels.view(rows, cols, 3, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, cols * w, 3)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.ascontiguousarray(grid.numpy())).save(path)
+    return path
+
+
+@torch.no_grad()
+def sample_images(unet, vae, text_encoder, prompts, *, resolution=None, n=1, steps=50, guidance=7.5, seed=0,
+                  prediction_type="epsilon", schedule=None):
+    """Images (len(prompts) * n, 3, resolution, resolution) in about [-1, 1], prompt by prompt.
+
+    unet(x, t, context) -> prediction; the same seed gives the same images. resolution: in
+    pixels; by default the UNet's sample_size (a latent size, as in diffusers) times the VAE's
+    downsampling. prediction_type: what the UNet was trained to predict. schedule: the training
+    NoiseSchedule (default: SD2's).
+    """
+    if isinstance(prompts, str) or not prompts:
+        raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
+    if n < 1:
+        raise ValueError(f"images per prompt must be >= 1, got n={n}")
+    f = vae_downsampling(vae)
+    resolution = resolution or unet.config["sample_size"] * f
+    if resolution % f:
+        raise ValueError(f"resolution {resolution} is not a multiple of the VAE's downsampling factor {f}")
+    device = next(unet.parameters()).device
+    context = text_encoder.encode(list(prompts)).repeat_interleave(n, dim=0).to(device)
+    latents = ddim_sample(
+        unet, schedule or NoiseSchedule(), context, text_encoder.empty_embedding().to(device),
+        latent_shape=(vae.config.latent_channels, resolution // f, resolution // f),
+        steps=steps, guidance=guidance, prediction_type=prediction_type,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    return decode_latents(vae, latents.to(vae.device))
+
+
+def load_checkpoint(path, device="cpu"):
+    """(unet, vae, text_encoder, config) from a checkpoint; the UNet holds the EMA weights when saved."""
+    from safetensors.torch import load_file
+
+    from trainer.unet import UNet  # written in parallel; imported only where a checkpoint is loaded
+
+    step = checkpoint.resolve(path)
+    config = run_config.load(step / "config.yaml")
+    weights = step / "ema.safetensors" if (step / "ema.safetensors").is_file() else step / "unet.safetensors"
+    unet = UNet.from_config(config["model"]["unet"])
+    unet.load_state_dict(load_file(weights))
+    vae = load_vae(config["model"]["vae"], device)
+    text_encoder = load_text_encoder(config["model"]["text_encoder"], device)
+    return unet.to(device).eval(), vae, text_encoder, config
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="step folder, checkpoints folder or out_dir")
+    parser.add_argument("--prompt", action="append", required=True, help="repeat for more rows")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n", type=int, default=4, help="images per prompt (grid columns)")
+    parser.add_argument("--resolution", type=int, help="pixels; default: the run's data.resolution")
+    parser.add_argument("--out", default="grid.png")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+
+    unet, vae, text_encoder, config = load_checkpoint(args.checkpoint, args.device)
+    resolution = args.resolution or config["data"]["resolution"]
+    images = sample_images(
+        unet, vae, text_encoder, args.prompt, resolution=resolution, n=args.n, steps=args.steps,
+        guidance=args.guidance, seed=args.seed, prediction_type=config["diffusion"]["prediction_type"],
+    )
+    save_grid(images, args.out, rows=len(args.prompt))
+    print(f"wrote {args.out}: {len(args.prompt)} prompts x {args.n} images at {resolution} px")
+
+
+if __name__ == "__main__":
+    main()

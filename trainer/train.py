@@ -1,0 +1,216 @@
+"""Train a text-to-image latent diffusion UNet (the main job).
+
+    # the tiny default on the built-in Creative-Commons images, 2 CPU processes
+    torchrun --standalone --nproc_per_node=2 trainer/train.py
+    # one GPU / eight GPUs on one node, SD2-base at 256 px on your own folder
+    torchrun --standalone --nproc_per_node=8 trainer/train.py --config configs/sd2-base.yaml data.path=/data/cc
+    # two nodes: run on each, with node_rank 0 and 1
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv-backend=c10d \
+        --rdzv-endpoint=HOST:29500 --max-restarts=3 trainer/train.py --config configs/sd2-base.yaml
+
+Any config key can be overridden as key=value (train.steps=1000 data.backend=dali ...).
+Running again with the same out_dir resumes from its latest checkpoint (resume=false
+starts over); an elastic restart by torchrun resumes the same way.
+"""
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `torchrun trainer/train.py` from a checkout
+
+import cckernels as ck  # noqa: E402
+from trainer import checkpoint, config, data, diffusion, encoders  # noqa: E402
+from trainer.ddp import DistributedDataParallel  # noqa: E402
+from trainer.ema import ScheduledEMA  # noqa: E402
+from trainer.sample import sample_images, save_grid  # noqa: E402
+from trainer.unet import UNet  # noqa: E402
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help="YAML config (default: configs/tiny.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=100")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    # -- config ----------------------------------------------------------------------------
+    args = parse_args(argv)
+    cfg = config.load(args.config, args.overrides)
+    out_dir = Path(cfg["out_dir"])
+
+    # -- distributed setup: torchrun's environment variables ---------------------------------
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    is_main = rank == 0
+    torch.manual_seed(cfg["seed"] + rank)  # each rank draws its own noise and timesteps
+    autocast = device.type == "cuda" and cfg["train"]["precision"] == "bf16"
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+
+    def log(msg):
+        if is_main:
+            tqdm.write(msg)
+
+    # -- resume ------------------------------------------------------------------------------
+    ckpt_path = checkpoint.latest(out_dir) if cfg["resume"] else None
+    ckpt = checkpoint.load(ckpt_path, rank) if ckpt_path else None
+    start_step = ckpt["state"]["step"] if ckpt else 0
+    log(f"resuming from {ckpt_path} at step {start_step}" if ckpt else f"starting from scratch in {out_dir}")
+
+    # -- data --------------------------------------------------------------------------------
+    batch, accum = cfg["train"]["batch_size"], cfg["train"]["grad_accum"]
+    loader = data.make_loader(
+        cfg["data"], batch, rank=rank, world_size=world, seed=cfg["seed"], device=device,
+        start=tuple(ckpt["state"]["data_position"]) if ckpt else (0, 0), out_dir=out_dir if is_main else None,
+    )
+    batches = iter(loader)
+    latents_format = cfg["data"]["format"] == "latents"
+    # Frozen encoders: they encode each batch (unless latents were precomputed) and the samples.
+    vae = encoders.load_vae(cfg["model"]["vae"], device)
+    text_encoder = encoders.load_text_encoder(cfg["model"]["text_encoder"], device)
+    empty_ctx = text_encoder.empty_embedding().to(device)
+
+    # -- model, optimizer, EMA -----------------------------------------------------------------
+    unet = UNet.from_config(cfg["model"]["unet"]).to(device)
+    if cfg["model"]["channels_last"]:
+        unet = unet.to(memory_format=torch.channels_last)
+    if cfg["model"]["gradient_checkpointing"]:
+        unet.enable_gradient_checkpointing()
+    if ckpt:
+        unet.load_state_dict(ckpt["unet"])
+    model = DistributedDataParallel(unet) if world > 1 else unet
+    tc = cfg["train"]
+    optimizer = ck.FusedAdamWEMA(unet.parameters(), lr=tc["lr"], betas=tuple(tc["betas"]), weight_decay=tc["weight_decay"])
+    ema = ScheduledEMA(unet, decay=cfg["ema"]["decay"], start_step=cfg["ema"]["start_step"],
+                       every=cfg["ema"]["every"], warmup=cfg["ema"]["warmup"], optimizer=optimizer)
+    if ckpt:
+        optimizer.load_state_dict(ckpt["optimizer"]["optimizer"])
+        ema.load_state_dict(ckpt["optimizer"]["ema"], ckpt["ema"])
+        checkpoint.set_rng_state(ckpt["rng"])
+    warmup = max(1, tc["warmup_steps"])
+    lr_at = lambda step: tc["lr"] * min(1.0, (step + 1) / warmup)  # noqa: E731  linear warm-up, then constant
+    schedule = diffusion.NoiseSchedule().to(device)
+    dc = cfg["diffusion"]
+
+    n_params = sum(p.numel() for p in unet.parameters())
+    log(f"world {world} x batch {batch} x accum {accum} = {world * batch * accum} images/step, "
+        f"{n_params / 1e6:.1f}M UNet parameters, device {device}, autocast bf16: {autocast}")
+    log("kernel backends: " + ", ".join(f"{op}={names[0]}" for op, names in ck.available_backends(device).items()))
+
+    # -- training loop ---------------------------------------------------------------------------
+    def train_step(step):
+        for g in optimizer.param_groups:
+            g["lr"] = lr_at(step)
+        total = 0.0
+        for micro in range(accum):
+            images, captions = next(batches)
+            with torch.no_grad():
+                if latents_format:
+                    latents, ctx = images.to(device), captions.to(device)
+                else:
+                    latents = encoders.encode_images(vae, images.to(device))
+                    ctx = text_encoder.encode(captions)
+                ctx = diffusion.drop_captions(ctx, empty_ctx, dc["caption_dropout"])
+            with model.no_sync() if world > 1 and micro < accum - 1 else contextlib.nullcontext():
+                with torch.autocast(device.type, torch.bfloat16, enabled=autocast):
+                    loss = diffusion.training_loss(model, schedule, latents, ctx, prediction_type=dc["prediction_type"],
+                                                   min_snr_gamma=dc["min_snr_gamma"])
+                (loss / accum).backward()
+            total += loss.item() / accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), tc["grad_clip"])
+        finite = bool(torch.isfinite(grad_norm))  # grads are all-reduced: every rank agrees
+        if finite:
+            optimizer.step()
+            ema.step(step)
+        optimizer.zero_grad(set_to_none=True)
+        return total, grad_norm.item(), finite
+
+    def save(step):
+        if is_main:
+            checkpoint.begin(out_dir, step)
+        _barrier(world)
+        checkpoint.save_rank_rng(out_dir, step, rank)
+        _barrier(world)
+        if is_main:
+            state = {"step": step, "data_position": list(loader.position()), "bad_steps": bad_steps}
+            path = checkpoint.commit(
+                out_dir, step, unet=unet.state_dict(), ema=ema.state_tensors(), config=cfg,
+                optimizer={"optimizer": optimizer.state_dict(), "ema": ema.state_dict()},
+                state=state, keep=cfg["checkpoint"]["keep"],
+            )
+            log(f"step {step}: checkpoint {path}")
+        _barrier(world)
+
+    def samples(step):
+        if is_main:
+            sc = cfg["sample"]
+            with ema.swapped_in():
+                images = sample_images(unet, vae, text_encoder, sc["prompts"], resolution=cfg["data"]["resolution"],
+                                       steps=sc["steps"], guidance=sc["guidance"], seed=sc["seed"],
+                                       prediction_type=dc["prediction_type"], schedule=schedule)
+            path = save_grid(images, out_dir / "samples" / f"step_{step:07d}.png", rows=len(sc["prompts"]))
+            log(f"step {step}: samples {path}")
+        _barrier(world)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics = open(out_dir / "metrics.jsonl", "a") if is_main else None
+    steps = tc["steps"]
+    bad_steps = ckpt["state"]["bad_steps"] if ckpt else 0
+    bar = tqdm(range(start_step, steps), initial=start_step, total=steps, disable=not is_main, desc="train")
+    t0 = time.perf_counter()
+    for step in bar:
+        loss, grad_norm, finite = train_step(step)
+        bad_steps = 0 if finite else bad_steps + 1
+        if not finite:
+            log(f"step {step}: non-finite gradients (loss {loss}), step skipped ({bad_steps} in a row)")
+            if bad_steps >= tc["max_bad_steps"]:
+                raise RuntimeError(f"{bad_steps} consecutive steps with non-finite loss or gradients; stopping")
+        done = step + 1
+        if is_main:
+            images_per_s = world * batch * accum * (done - start_step) / (time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_s:.1f}")
+            if done % tc["log_every"] == 0 or done == steps:
+                record = {"step": done, "loss": loss, "grad_norm": grad_norm, "lr": lr_at(step),
+                          "images_per_s": images_per_s, "skipped": not finite}
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+        if done == start_step + 1:
+            log("kernels used: " + ", ".join(f"{op}={b}" for op, b in ck.used_backends().items()))
+        if done % cfg["checkpoint"]["every"] == 0 or done == steps:
+            save(done)
+        if cfg["sample"]["every"] and done % cfg["sample"]["every"] == 0 and done != steps:
+            samples(done)
+
+    samples(steps)
+    if is_main:
+        with ema.swapped_in():
+            unet.save_diffusers(out_dir / "diffusers" / "unet")
+        log(f"done: checkpoints in {checkpoint.checkpoint_dir(out_dir)}, diffusers UNet in {out_dir / 'diffusers' / 'unet'}")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def _barrier(world):
+    if world > 1:
+        dist.barrier()
+
+
+if __name__ == "__main__":
+    main()
