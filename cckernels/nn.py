@@ -20,6 +20,13 @@ class GroupNorm(torch.nn.GroupNorm):
         return super().extra_repr() + (f", activation={self.activation}" if self.activation else "")
 
 
+class GroupNormSiLU(GroupNorm):
+    """silu(group_norm(x)) in one fused kernel; state_dict-compatible with torch.nn.GroupNorm."""
+
+    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, device=None, dtype=None):
+        super().__init__(num_groups, num_channels, eps, affine, activation="silu", device=device, dtype=dtype)
+
+
 def patch_module(model):
     """Swap every torch.nn.GroupNorm in `model` for GroupNorm in place; returns how many."""
     replaced = 0

@@ -1,0 +1,205 @@
+"""GroupNorm + SiLU on SD2 training shapes: ours against the ways PyTorch runs it.
+
+    python benchmarks/bench_group_norm.py [--out DIR] [--tiny]
+
+Bytes moved (the minimum any implementation must move; weights and statistics are ignored):
+    forward              read x, write y                      2 * numel * itemsize
+    forward + backward   forward, then read x, dy, write dx   5 * numel * itemsize
+with itemsize of the bf16 input. GB/s = bytes / median time; "of copy" divides it by the
+device-to-device copy bandwidth measured here (dst.copy_(src) on a 1 GiB tensor, 2 bytes
+moved per byte copied). Times are medians with 20/80 % quantiles from triton.testing.do_bench.
+
+Peers: torch eager under autocast (bf16 x and fp32 parameters: autocast runs group_norm in
+fp32 and SiLU as a second fp32 pass), plain bf16 eager, torch.compile of the bf16 eager code,
+and apex's contrib GroupNorm (channels_last only) when it imports. --tiny (automatic without a
+GPU) runs one tiny shape on the CPU with a wall-clock timer, so a test can smoke-run the script.
+"""
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import cckernels as ck
+
+GROUPS = 32
+# (batch, channels, latent side): SD2 UNet GroupNorm inputs, encoder and decoder (whose
+# resnets see the skip-concatenated channels 640 ... 2560); 256 px -> 32x32 latents, 512 -> 64.
+SHAPES = {
+    "256px": [(32, 320, 32), (32, 640, 16), (32, 1280, 8), (32, 1280, 4), (32, 2560, 8), (32, 1920, 16), (32, 960, 32)],
+    "512px": [(8, 320, 64), (8, 640, 32), (8, 1280, 16), (8, 1280, 8), (8, 2560, 16), (8, 1920, 32), (8, 960, 64)],
+}
+TINY_SHAPES = {"tiny": [(2, 64, 4)]}
+
+
+def timer(fn, on_gpu):
+    """(median, q20, q80) milliseconds."""
+    if on_gpu:
+        import triton.testing
+
+        return tuple(triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8]))
+    fn()
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    q = statistics.quantiles(times, n=5)
+    return statistics.median(times), q[0], q[3]
+
+
+def copy_bandwidth(device, on_gpu):
+    """Device-to-device copy GB/s (bytes read + bytes written)."""
+    numel = (1 << 30) // 4 if on_gpu else 1 << 20
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    ms = timer(lambda: dst.copy_(src), on_gpu)[0]
+    return 2 * src.numel() * src.element_size() / ms / 1e6
+
+
+def eager_silu_group_norm(x, w, b):
+    return F.silu(F.group_norm(x, GROUPS, w, b))
+
+
+def peers(device, tiny):
+    """name -> (fn(x, w, b) -> y, parameter dtype, layouts it takes). Only those that import."""
+    out = {}
+    if not tiny:
+        out["ck-triton"] = (lambda x, w, b: ck.group_norm(x, GROUPS, w, b, activation="silu", backend="triton"),
+                            torch.float32, ("nchw", "nhwc"))
+        if "cuda" in ck.available_backends(device)["group_norm"]:
+            out["ck-cuda"] = (lambda x, w, b: ck.group_norm(x, GROUPS, w, b, activation="silu", backend="cuda"),
+                              torch.float32, ("nhwc",))
+    else:
+        out["ck-default"] = (lambda x, w, b: ck.group_norm(x, GROUPS, w, b, activation="silu"),
+                             torch.float32, ("nchw", "nhwc"))
+
+    def autocast(x, w, b):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return eager_silu_group_norm(x, w, b)
+
+    out["torch-autocast"] = (autocast, torch.float32, ("nchw", "nhwc"))
+    out["torch-bf16"] = (eager_silu_group_norm, torch.bfloat16, ("nchw", "nhwc"))
+    if not tiny:
+        out["torch-compile"] = (torch.compile(eager_silu_group_norm, dynamic=False), torch.bfloat16, ("nchw", "nhwc"))
+        try:
+            from apex.contrib.group_norm import GroupNorm as ApexGroupNorm
+        except ImportError:
+            pass
+        else:
+            modules = {}
+
+            def apex(x, w, b):
+                C = x.shape[1]
+                if C not in modules:
+                    modules[C] = ApexGroupNorm(GROUPS, C, act="silu").to(device=device, dtype=w.dtype)
+                m = modules[C]
+                with torch.no_grad():
+                    m.weight.copy_(w)
+                    m.bias.copy_(b)
+                return m(x)
+
+            out["apex"] = (apex, torch.float32, ("nhwc",))
+    return out
+
+
+def measure(name, fn, param_dtype, shape, layout, device, on_gpu):
+    N, C, side = shape
+    x = torch.randn(N, C, side, side, device=device, dtype=torch.bfloat16)
+    if layout == "nhwc":
+        x = x.to(memory_format=torch.channels_last)
+    w = torch.randn(C, device=device, dtype=param_dtype)
+    b = torch.randn(C, device=device, dtype=param_dtype)
+    xg, wg, bg = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    if name == "torch-compile":
+        torch._dynamo.reset()  # a fresh graph per case: 28 shapes would pass dynamo's recompile limit
+    try:
+        dy = torch.randn_like(fn(xg, wg, bg))
+    except (RuntimeError, ValueError, AssertionError, NotImplementedError) as e:  # a peer that cannot take it
+        print(f"  {name} skipped {shape} {layout}: {str(e).splitlines()[0][:100]}")
+        return []
+    if name == "ck-cuda" and ck.used_backends()["group_norm"] != "cuda":
+        return []
+    bytes_fwd = 2 * x.numel() * x.element_size()
+    rows = []
+    for mode, run, nbytes in (
+        ("fwd", lambda: fn(x, w, b), bytes_fwd),
+        ("fwd+bwd", lambda: fn(xg, wg, bg).backward(dy), bytes_fwd * 5 // 2),
+    ):
+        with torch.set_grad_enabled(mode != "fwd"):
+            run()  # compiles (torch.compile, Triton) outside the timed region
+            ms, lo, hi = timer(run, on_gpu)
+        rows.append({"impl": name, "shape": [N, C, side, side], "layout": layout, "mode": mode,
+                     "ms": ms, "ms_q20": lo, "ms_q80": hi, "bytes": nbytes, "GBps": nbytes / ms / 1e6})
+    return rows
+
+
+def plot(rows, copy_gbps, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = ["fwd", "fwd+bwd"]
+    impls = sorted({r["impl"] for r in rows})
+    cases = sorted({(tuple(r["shape"]), r["layout"]) for r in rows})
+    fig, axes = plt.subplots(len(modes), 1, figsize=(max(8, len(cases) * 0.9), 8), squeeze=False)
+    width = 0.8 / max(1, len(impls))
+    for ax, mode in zip(axes[:, 0], modes):
+        for i, impl in enumerate(impls):
+            vals = {(tuple(r["shape"]), r["layout"]): r["GBps"] / copy_gbps for r in rows
+                    if r["impl"] == impl and r["mode"] == mode}
+            xs = [j + i * width for j, case in enumerate(cases) if case in vals]
+            ax.bar(xs, [vals[case] for case in cases if case in vals], width, label=impl)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))])
+        ax.set_xticklabels([f"{'x'.join(map(str, s))}\n{l}" for s, l in cases], fontsize=7)
+        ax.set_ylabel("fraction of copy bandwidth")
+        ax.set_title(f"GroupNorm+SiLU {mode}, bf16")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="benchmarks/results/local", help="directory for JSON and PNG")
+    parser.add_argument("--tiny", action="store_true", help="one tiny CPU shape (automatic without a GPU)")
+    args = parser.parse_args()
+    on_gpu = torch.cuda.is_available() and not args.tiny
+    device = torch.device("cuda" if on_gpu else "cpu")
+    tiny = not on_gpu
+    copy_gbps = copy_bandwidth(device, on_gpu)
+    name = torch.cuda.get_device_name(device) if on_gpu else "cpu"
+    print(f"device: {name}; device-to-device copy: {copy_gbps:.0f} GB/s")
+    rows = []
+    for res, shapes in (TINY_SHAPES if tiny else SHAPES).items():
+        for impl, (fn, param_dtype, layouts) in peers(device, tiny).items():
+            for shape in shapes:
+                for layout in layouts:
+                    for row in measure(impl, fn, param_dtype, shape, layout, device, on_gpu):
+                        row["res"] = res
+                        row["of_copy"] = row["GBps"] / copy_gbps
+                        rows.append(row)
+    base = {(tuple(r["shape"]), r["layout"], r["mode"]): r["ms"] for r in rows if r["impl"] == "torch-autocast"}
+    print(f"{'res':6} {'shape':>18} {'layout':6} {'mode':8} {'impl':15} {'ms (q20-q80)':>24} {'GB/s':>7} {'of copy':>7} {'vs autocast':>11}")
+    for r in rows:
+        key = (tuple(r["shape"]), r["layout"], r["mode"])
+        speedup = base[key] / r["ms"] if key in base else float("nan")
+        r["speedup_vs_autocast"] = speedup
+        print(f"{r['res']:6} {'x'.join(map(str, r['shape'])):>18} {r['layout']:6} {r['mode']:8} {r['impl']:15} "
+              f"{r['ms']:9.4f} ({r['ms_q20']:.4f}-{r['ms_q80']:.4f}) {r['GBps']:7.1f} {r['of_copy']:7.2f} {speedup:10.2f}x")
+    os.makedirs(args.out, exist_ok=True)
+    result = {"device": name, "copy_GBps": copy_gbps, "dtype": "bfloat16", "groups": GROUPS,
+              "bytes": {"fwd": "2 * numel * itemsize", "fwd+bwd": "5 * numel * itemsize"},
+              "torch": torch.__version__, "rows": rows}
+    with open(os.path.join(args.out, "group_norm.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    plot(rows, copy_gbps, os.path.join(args.out, "group_norm.png"))
+    print(f"wrote {args.out}/group_norm.json and group_norm.png")
+
+
+if __name__ == "__main__":
+    main()

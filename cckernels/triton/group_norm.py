@@ -1,0 +1,436 @@
+"""GroupNorm (+ fused SiLU) in Triton: fp32 statistics, NCHW or channels_last, any spatial rank.
+
+x (N, C, *spatial) is seen as (N, C, S) with S = prod(spatial) through three strides:
+contiguous (C*S, S, 1) or channels_last (S*C, 1, C); y, dy and dx share x's strides. Every
+pass tiles (BLOCK_C channels) x (a chunk of CHUNK spatial positions), so one (sample, group)
+is spread over many programs and batch 1 at 64x64x320 still fills the GPU:
+
+forward   1. _channel_stats_kernel: per (sample, chunk, channel) mean and M2 (sum of squared
+             deviations). Each BLOCK_S tile is reduced exactly (its own mean, then squared
+             deviations from it) and merged into the running result with Chan's formula, so no
+             E[x^2] - E[x]^2 cancellation however large the offset of x.
+          2. _group_stats_kernel: per (sample, group) mean and rstd from those partials, again
+             by Chan's rule in its parallel form (pooled mean first, then M2 + n*(mean_i-mean)^2).
+          3. _normalize_kernel: y = silu?(x * a_c + b_c) with a_c = rstd*w_c, b_c = bias_c - mean*a_c.
+backward  1. _backward_partials_kernel: per (sample, chunk, channel) sums of dz and dz*xhat, where
+             dz = dy * silu'(z) recomputes z from x, mean and rstd (nothing but mean and rstd is
+             saved besides the inputs).
+          2. _backward_group_kernel: per (sample, group) means of w*dz and w*dz*xhat.
+          3. _backward_affine_kernel: dweight, dbias per channel, summed over (sample, chunk)
+             in a fixed order (deterministic: no atomics).
+          4. _backward_dx_kernel: dx = rstd * (w*dz - mean(w*dz) - xhat * mean(w*dz*xhat)).
+All sums are fp32 whatever the I/O dtype.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from cckernels.backend import Unsupported
+
+TILE = 2048  # elements per (BLOCK_C, BLOCK_S) tile: 16 fp32 values per thread at 4 warps
+MAX_BLOCK_C = 64  # channels_last: 64 channels = one 128-byte line of bf16 per spatial position
+MAX_BLOCK_S = 1024  # contiguous: up to 1024 positions of one channel per tile row
+PROGRAMS_PER_SM = 4
+
+
+@triton.jit
+def _channel_stats_kernel(
+    x_ptr,  # (N, C, S) input, strides (stride_n, stride_c, stride_s)
+    mean_ptr,  # (N, K, C) fp32 out: mean of x over the chunk's positions, per channel
+    m2_ptr,  # (N, K, C) fp32 out: sum of squared deviations from that mean
+    C, S, CHUNK,  # CHUNK: positions per chunk, a multiple of BLOCK_S; K = cdiv(S, CHUNK)
+    stride_n, stride_c, stride_s,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    n, cb, k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    x_row = x_ptr + n.to(tl.int64) * stride_n + c[:, None] * stride_c
+    count = 0.0
+    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for s0 in range(k * CHUNK, tl.minimum(k * CHUNK + CHUNK, S), BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        mask = c_mask[:, None] & (s < S)[None, :]
+        # evict_last: the normalize pass reads x again right after; L2 may still hold it
+        x = tl.load(x_row + s[None, :] * stride_s, mask=mask, other=0.0, eviction_policy="evict_last")
+        x = x.to(tl.float32)
+        tile_count = tl.minimum(S - s0, BLOCK_S).to(tl.float32)
+        tile_mean = tl.sum(x, axis=1) / tile_count
+        dev = tl.where(mask, x - tile_mean[:, None], 0.0)
+        tile_m2 = tl.sum(dev * dev, axis=1)
+        total = count + tile_count
+        delta = tile_mean - mean
+        mean += delta * (tile_count / total)
+        m2 += tile_m2 + delta * delta * (count * tile_count / total)
+        count = total
+    out = n * tl.num_programs(2) * C + k * C + c
+    tl.store(mean_ptr + out, mean, mask=c_mask)
+    tl.store(m2_ptr + out, m2, mask=c_mask)
+
+
+@triton.jit
+def _group_stats_kernel(
+    mean_ptr, m2_ptr,  # (N, K, C) fp32 per-chunk channel partials from _channel_stats_kernel
+    group_mean_ptr, group_rstd_ptr,  # (N, G) fp32 out
+    C, S, K, CHUNK, CPG, eps,  # CPG: channels per group
+    BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    n = tl.program_id(0)
+    G = C // CPG
+    g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+    base = n.to(tl.int64) * K * C + g[:, None] * CPG
+    parts = K * CPG  # each group's (chunk, channel) partials, flattened
+    acc = tl.zeros([BLOCK_G, BLOCK_P], dtype=tl.float32)
+    for i0 in range(0, parts, BLOCK_P):
+        i = i0 + tl.arange(0, BLOCK_P)[None, :]
+        mask = (g < G)[:, None] & (i < parts)
+        count = tl.minimum(S - (i // CPG) * CHUNK, CHUNK).to(tl.float32)
+        mu = tl.load(mean_ptr + base + (i // CPG) * C + i % CPG, mask=mask, other=0.0)
+        acc += count * mu
+    mean = tl.sum(acc, axis=1) / (CPG * S)
+    acc = tl.zeros([BLOCK_G, BLOCK_P], dtype=tl.float32)
+    for i0 in range(0, parts, BLOCK_P):
+        i = i0 + tl.arange(0, BLOCK_P)[None, :]
+        mask = (g < G)[:, None] & (i < parts)
+        count = tl.minimum(S - (i // CPG) * CHUNK, CHUNK).to(tl.float32)
+        mu = tl.load(mean_ptr + base + (i // CPG) * C + i % CPG, mask=mask, other=0.0)
+        m2 = tl.load(m2_ptr + base + (i // CPG) * C + i % CPG, mask=mask, other=0.0)
+        dev = mu - mean[:, None]
+        acc += tl.where(mask, m2 + count * dev * dev, 0.0)
+    var = tl.sum(acc, axis=1) / (CPG * S)
+    tl.store(group_mean_ptr + n * G + g, mean, mask=g < G)
+    tl.store(group_rstd_ptr + n * G + g, tl.rsqrt(var + eps), mask=g < G)
+
+
+@triton.jit
+def _load_channel_params(w_ptr, b_ptr, mean_ptr, rstd_ptr, n, c, c_mask, C, CPG,
+                         HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Per-channel (mean, rstd, weight, bias) of sample n as fp32 (BLOCK_C,) vectors."""
+    G = C // CPG
+    mean = tl.load(mean_ptr + n * G + c // CPG, mask=c_mask, other=0.0)
+    rstd = tl.load(rstd_ptr + n * G + c // CPG, mask=c_mask, other=0.0)
+    w = tl.load(w_ptr + c, mask=c_mask, other=0.0).to(tl.float32) if HAS_WEIGHT else tl.full(c.shape, 1.0, tl.float32)
+    b = tl.load(b_ptr + c, mask=c_mask, other=0.0).to(tl.float32) if HAS_BIAS else tl.zeros(c.shape, tl.float32)
+    return mean, rstd, w, b
+
+
+@triton.jit
+def _normalize_kernel(
+    x_ptr, y_ptr,  # (N, C, S) input and output, same strides (stride_n, stride_c, stride_s)
+    w_ptr, b_ptr,  # (C,) weight and bias, any float dtype (unused without HAS_WEIGHT / HAS_BIAS)
+    mean_ptr, rstd_ptr,  # (N, G) fp32 group statistics
+    C, S, CHUNK, CPG,
+    stride_n, stride_c, stride_s,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    n, cb, k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    mean, rstd, w, b = _load_channel_params(w_ptr, b_ptr, mean_ptr, rstd_ptr, n, c, c_mask, C, CPG, HAS_WEIGHT, HAS_BIAS)
+    scale = rstd * w
+    shift = b - mean * scale
+    offset = n.to(tl.int64) * stride_n + c[:, None] * stride_c
+    for s0 in range(k * CHUNK, tl.minimum(k * CHUNK + CHUNK, S), BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        mask = c_mask[:, None] & (s < S)[None, :]
+        x = tl.load(x_ptr + offset + s[None, :] * stride_s, mask=mask, other=0.0, eviction_policy="evict_first")
+        y = x.to(tl.float32) * scale[:, None] + shift[:, None]
+        if SILU:
+            y = y * tl.sigmoid(y)
+        tl.store(y_ptr + offset + s[None, :] * stride_s, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _load_xhat_dz(x_ptr, dy_ptr, offs, mask, mean, rstd, w, b, SILU: tl.constexpr, EVICT: tl.constexpr):
+    """(xhat, dL/dz) of one tile for z = xhat * w + b; with SILU, z is recomputed, not saved.
+    dz is 0 where masked (dy loads as 0). EVICT: the loads' L2 eviction policy."""
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0, eviction_policy=EVICT).to(tl.float32)
+    dz = tl.load(dy_ptr + offs, mask=mask, other=0.0, eviction_policy=EVICT).to(tl.float32)
+    xhat = (x - mean[:, None]) * rstd[:, None]
+    if SILU:
+        z = xhat * w[:, None] + b[:, None]
+        sig = tl.sigmoid(z)
+        dz = dz * sig * (1.0 + z * (1.0 - sig))
+    return xhat, dz
+
+
+@triton.jit
+def _backward_partials_kernel(
+    x_ptr, dy_ptr,  # (N, C, S), same strides (stride_n, stride_c, stride_s)
+    w_ptr, b_ptr,  # (C,) weight and bias (unused without HAS_WEIGHT / HAS_BIAS)
+    mean_ptr, rstd_ptr,  # (N, G) fp32 group statistics saved by the forward
+    sum_dz_ptr, sum_dz_xhat_ptr,  # (N, K, C) fp32 out: per-chunk sums of dz and dz * xhat
+    C, S, CHUNK, CPG,
+    stride_n, stride_c, stride_s,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    n, cb, k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    mean, rstd, w, b = _load_channel_params(w_ptr, b_ptr, mean_ptr, rstd_ptr, n, c, c_mask, C, CPG, HAS_WEIGHT, HAS_BIAS)
+    offset = n.to(tl.int64) * stride_n + c[:, None] * stride_c
+    sum_dz = tl.zeros([BLOCK_C], dtype=tl.float32)
+    sum_dz_xhat = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for s0 in range(k * CHUNK, tl.minimum(k * CHUNK + CHUNK, S), BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        mask = c_mask[:, None] & (s < S)[None, :]
+        # evict_last: the dx pass reads x and dy again right after
+        xhat, dz = _load_xhat_dz(x_ptr, dy_ptr, offset + s[None, :] * stride_s, mask, mean, rstd, w, b, SILU,
+                                 "evict_last")
+        sum_dz += tl.sum(dz, axis=1)
+        sum_dz_xhat += tl.sum(dz * xhat, axis=1)
+    out = n * tl.num_programs(2) * C + k * C + c
+    tl.store(sum_dz_ptr + out, sum_dz, mask=c_mask)
+    tl.store(sum_dz_xhat_ptr + out, sum_dz_xhat, mask=c_mask)
+
+
+@triton.jit
+def _backward_group_kernel(
+    sum_dz_ptr, sum_dz_xhat_ptr,  # (N, K, C) fp32 partials from _backward_partials_kernel
+    w_ptr,  # (C,) weight (unused without HAS_WEIGHT)
+    coef_dz_ptr, coef_xhat_ptr,  # (N, G) fp32 out: group means of w*dz and of w*dz*xhat
+    C, S, K, CPG,
+    HAS_WEIGHT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    n = tl.program_id(0)
+    G = C // CPG
+    g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+    base = n.to(tl.int64) * K * C + g[:, None] * CPG
+    parts = K * CPG
+    acc_dz = tl.zeros([BLOCK_G, BLOCK_P], dtype=tl.float32)
+    acc_xhat = tl.zeros([BLOCK_G, BLOCK_P], dtype=tl.float32)
+    for i0 in range(0, parts, BLOCK_P):
+        i = i0 + tl.arange(0, BLOCK_P)[None, :]
+        mask = (g < G)[:, None] & (i < parts)
+        offs = base + (i // CPG) * C + i % CPG
+        w = tl.load(w_ptr + g[:, None] * CPG + i % CPG, mask=mask, other=0.0).to(tl.float32) if HAS_WEIGHT else 1.0
+        acc_dz += w * tl.load(sum_dz_ptr + offs, mask=mask, other=0.0)
+        acc_xhat += w * tl.load(sum_dz_xhat_ptr + offs, mask=mask, other=0.0)
+    tl.store(coef_dz_ptr + n * G + g, tl.sum(acc_dz, axis=1) / (CPG * S), mask=g < G)
+    tl.store(coef_xhat_ptr + n * G + g, tl.sum(acc_xhat, axis=1) / (CPG * S), mask=g < G)
+
+
+@triton.jit
+def _backward_affine_kernel(
+    sum_dz_ptr, sum_dz_xhat_ptr,  # (R, C) fp32 partials, R = N * K rows
+    dw_ptr, db_ptr,  # (C,) fp32 out: dweight = sum of dz * xhat, dbias = sum of dz
+    R, C,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    acc_w = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        mask = (r < R)[:, None] & (c < C)[None, :]
+        offs = r[:, None].to(tl.int64) * C + c[None, :]
+        acc_w += tl.load(sum_dz_xhat_ptr + offs, mask=mask, other=0.0)
+        acc_b += tl.load(sum_dz_ptr + offs, mask=mask, other=0.0)
+    tl.store(dw_ptr + c, tl.sum(acc_w, axis=0), mask=c < C)
+    tl.store(db_ptr + c, tl.sum(acc_b, axis=0), mask=c < C)
+
+
+@triton.jit
+def _backward_dx_kernel(
+    x_ptr, dy_ptr, dx_ptr,  # (N, C, S), same strides (stride_n, stride_c, stride_s)
+    w_ptr, b_ptr,  # (C,) weight and bias (unused without HAS_WEIGHT / HAS_BIAS)
+    mean_ptr, rstd_ptr, coef_dz_ptr, coef_xhat_ptr,  # (N, G) fp32
+    C, S, CHUNK, CPG,
+    stride_n, stride_c, stride_s,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    n, cb, k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    mean, rstd, w, b = _load_channel_params(w_ptr, b_ptr, mean_ptr, rstd_ptr, n, c, c_mask, C, CPG, HAS_WEIGHT, HAS_BIAS)
+    G = C // CPG
+    coef_dz = tl.load(coef_dz_ptr + n * G + c // CPG, mask=c_mask, other=0.0)
+    coef_xhat = tl.load(coef_xhat_ptr + n * G + c // CPG, mask=c_mask, other=0.0)
+    offset = n.to(tl.int64) * stride_n + c[:, None] * stride_c
+    for s0 in range(k * CHUNK, tl.minimum(k * CHUNK + CHUNK, S), BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        mask = c_mask[:, None] & (s < S)[None, :]
+        xhat, dz = _load_xhat_dz(x_ptr, dy_ptr, offset + s[None, :] * stride_s, mask, mean, rstd, w, b, SILU,
+                                 "evict_first")
+        dx = rstd[:, None] * (w[:, None] * dz - coef_dz[:, None] - xhat * coef_xhat[:, None])
+        tl.store(dx_ptr + offset + s[None, :] * stride_s, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def _layout(x):
+    """(S, strides (n, c, s)) of x seen as (N, C, S); Unsupported unless contiguous or channels_last."""
+    N, C = x.shape[:2]
+    S = x[0, 0].numel()
+    if x.is_contiguous():
+        return S, (C * S, S, 1)
+    if x.permute(0, *range(2, x.dim()), 1).is_contiguous():  # channels_last in any spatial rank
+        return S, (S * C, 1, C)
+    raise Unsupported(f"x with strides {x.stride()} is neither contiguous nor channels_last")
+
+
+def _grow(x):
+    """Tile growth factor: the interpreter pays per program, not per element."""
+    return 1 if x.is_cuda else 4
+
+
+def _tiling(x, C, S, strides):
+    """(BLOCK_C, BLOCK_S, CHUNK, K): tile shape along the contiguous axis, and the spatial
+    split into K chunks so that N * channel blocks * K programs cover every SM a few times."""
+    N = x.shape[0]
+    grow = _grow(x)
+    if strides[1] == 1 and C > 1:  # channels_last: channels are contiguous
+        block_c = min(triton.next_power_of_2(C), MAX_BLOCK_C * grow)
+        block_s = min(max(TILE * grow // block_c, 1), triton.next_power_of_2(S))
+    else:
+        block_s = min(triton.next_power_of_2(S), MAX_BLOCK_S * grow)
+        block_c = min(max(TILE * grow // block_s, 1), triton.next_power_of_2(C))
+    # a couple of chunks on the interpreter exercise the split paths cheaply
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 2
+    s_blocks = triton.cdiv(S, block_s)
+    k = max(1, min(s_blocks, triton.cdiv(PROGRAMS_PER_SM * sms, N * triton.cdiv(C, block_c))))
+    chunk = triton.cdiv(s_blocks, k) * block_s
+    return block_c, block_s, chunk, triton.cdiv(S, chunk)
+
+
+def _group_tiling(G, parts):
+    """(BLOCK_G, BLOCK_P): groups per program and partials per group per step, ~1024 a tile."""
+    block_p = min(triton.next_power_of_2(parts), 1024)
+    return min(max(1024 // block_p, 1), triton.next_power_of_2(G)), block_p
+
+
+def _check(x, weight, bias):
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise Unsupported(f"dtype {x.dtype}")
+    if x.numel() == 0:
+        raise Unsupported("empty input")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise Unsupported(f"{name} dtype {t.dtype}")
+    S, strides = _layout(x)
+    if x.shape[1] * S >= 2**31:  # offsets inside one sample are int32
+        raise Unsupported(f"{x.shape[1] * S} elements per sample")
+    return S, strides
+
+
+def group_norm_forward(x, num_groups, weight, bias, eps, activation):
+    """y, mean (N, G) fp32, rstd (N, G) fp32."""
+    N, C = x.shape[:2]
+    S, strides = _layout(x)
+    block_c, block_s, chunk, K = _tiling(x, C, S, strides)
+    cpg = C // num_groups
+    part_mean = torch.empty(N, K, C, device=x.device, dtype=torch.float32)
+    part_m2 = torch.empty_like(part_mean)
+    mean = torch.empty(N, num_groups, device=x.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    y = torch.empty_like(x)  # keeps x's (dense) strides, hence its memory format
+    grid = (N, triton.cdiv(C, block_c), K)
+    _channel_stats_kernel[grid](x, part_mean, part_m2, C, S, chunk, *strides, BLOCK_C=block_c, BLOCK_S=block_s)
+    block_g, block_p = _group_tiling(num_groups, K * cpg)
+    _group_stats_kernel[(N, triton.cdiv(num_groups, block_g))](
+        part_mean, part_m2, mean, rstd, C, S, K, chunk, cpg, eps, BLOCK_G=block_g, BLOCK_P=block_p
+    )
+    _normalize_kernel[grid](
+        x, y, weight, bias, mean, rstd, C, S, chunk, cpg, *strides,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SILU=activation == "silu",
+        BLOCK_C=block_c, BLOCK_S=block_s,
+    )
+    return y, mean, rstd
+
+
+def group_norm_backward(dy, x, weight, bias, mean, rstd, activation, need_dx, need_affine):
+    """(dx or None, dweight fp32 or None, dbias fp32 or None)."""
+    N, C = x.shape[:2]
+    G = mean.shape[1]
+    S, strides = _layout(x)
+    if dy.stride() != x.stride():
+        dy = torch.empty_like(x).copy_(dy)
+    block_c, block_s, chunk, K = _tiling(x, C, S, strides)
+    cpg = C // G
+    has_w, has_b, silu = weight is not None, bias is not None, activation == "silu"
+    sum_dz = torch.empty(N, K, C, device=x.device, dtype=torch.float32)
+    sum_dz_xhat = torch.empty_like(sum_dz)
+    grid = (N, triton.cdiv(C, block_c), K)
+    _backward_partials_kernel[grid](
+        x, dy, weight, bias, mean, rstd, sum_dz, sum_dz_xhat, C, S, chunk, cpg, *strides,
+        HAS_WEIGHT=has_w, HAS_BIAS=has_b, SILU=silu, BLOCK_C=block_c, BLOCK_S=block_s,
+    )
+    dw = db = dx = None
+    if need_affine:
+        dw = torch.empty(C, device=x.device, dtype=torch.float32)
+        db = torch.empty_like(dw)
+        block = 64 * _grow(x)
+        _backward_affine_kernel[(triton.cdiv(C, block),)](sum_dz, sum_dz_xhat, dw, db, N * K, C, BLOCK_R=16, BLOCK_C=block)
+    if need_dx:
+        coef_dz = torch.empty_like(mean)
+        coef_xhat = torch.empty_like(mean)
+        block_g, block_p = _group_tiling(G, K * cpg)
+        _backward_group_kernel[(N, triton.cdiv(G, block_g))](
+            sum_dz, sum_dz_xhat, weight, coef_dz, coef_xhat, C, S, K, cpg,
+            HAS_WEIGHT=has_w, BLOCK_G=block_g, BLOCK_P=block_p,
+        )
+        dx = torch.empty_like(x)
+        _backward_dx_kernel[grid](
+            x, dy, dx, weight, bias, mean, rstd, coef_dz, coef_xhat, C, S, chunk, cpg, *strides,
+            HAS_WEIGHT=has_w, HAS_BIAS=has_b, SILU=silu, BLOCK_C=block_c, BLOCK_S=block_s,
+        )
+    return dx, dw, db
+
+
+class GroupNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, num_groups, weight, bias, eps, activation):
+        weight = None if weight is None else weight.contiguous()
+        bias = None if bias is None else bias.contiguous()
+        y, mean, rstd = group_norm_forward(x, num_groups, weight, bias, eps, activation)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.activation = activation
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        need_dx, _, need_w, need_b = ctx.needs_input_grad[:4]
+        dx, dw, db = group_norm_backward(
+            dy, x, weight, bias, mean, rstd, ctx.activation, need_dx, need_w or need_b
+        )
+        dw = dw.to(weight.dtype) if need_w else None
+        db = db.to(bias.dtype) if need_b else None
+        return dx, None, dw, db, None, None
+
+
+def group_norm(x, num_groups, weight, bias, eps, activation):
+    """Backend entry (arguments validated by cckernels.group_norm); see the module docstring."""
+    _check(x, weight, bias)
+    return GroupNormFunction.apply(x, num_groups, weight, bias, eps, activation)
+
+
+# ----------------------------------------------------------------------------------------
+# Ahead-of-time inspection (python -m cckernels.inspect): what to compile for sm80/sm90 and
+# what the machine code must show. Variants: the two layouts at their GPU tile shapes, with
+# the unit stride Triton specializes to a constant (the vectorized path).
+# ----------------------------------------------------------------------------------------
+_ARGS = {
+    "x_ptr": "*T", "y_ptr": "*T", "dy_ptr": "*T", "dx_ptr": "*T", "*_ptr": "*fp32",
+    "C": "i32:16", "S": "i32:16", "CHUNK": "i32:16", "stride_*": "i32:16",
+    "HAS_WEIGHT": True, "HAS_BIAS": True, "SILU": True,
+}  # fmt: skip
+_LAYOUTS = {
+    "nchw": {"stride_s": 1, "BLOCK_C": TILE // MAX_BLOCK_S, "BLOCK_S": MAX_BLOCK_S},
+    "nhwc": {"stride_c": 1, "BLOCK_C": MAX_BLOCK_C, "BLOCK_S": TILE // MAX_BLOCK_C},
+}
+_STREAM = {"op": "group_norm", "dtypes": (torch.float32, torch.float16, torch.bfloat16), "args": _ARGS,
+           "variants": _LAYOUTS, "expect": {"sm90": {"ldg128": True}}}  # fmt: skip
+_REDUCE = {"op": "group_norm", "dtypes": (torch.float32,)}  # fp32 partials only
+_BLOCK_G, _BLOCK_P = _group_tiling(32, 10 * 16)  # SD2: 32 groups of 10 channels, 16 chunks
+INSPECT = [
+    {**_STREAM, "kernel": _channel_stats_kernel},
+    {**_STREAM, "kernel": _normalize_kernel},
+    {**_STREAM, "kernel": _backward_partials_kernel},
+    {**_STREAM, "kernel": _backward_dx_kernel},
+    {**_REDUCE, "kernel": _group_stats_kernel, "args": {**_ARGS, "BLOCK_G": _BLOCK_G, "BLOCK_P": _BLOCK_P}},
+    {**_REDUCE, "kernel": _backward_group_kernel, "args": {**_ARGS, "BLOCK_G": _BLOCK_G, "BLOCK_P": _BLOCK_P}},
+    {**_REDUCE, "kernel": _backward_affine_kernel, "args": {**_ARGS, "BLOCK_R": 16, "BLOCK_C": 64}},  # as on a GPU
+]

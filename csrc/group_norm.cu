@@ -1,0 +1,141 @@
+// Host launchers of the channels_last GroupNorm (+ SiLU) kernels: pick the element type, the
+// vector width (16-byte packs when C and the pointers allow, else scalar) and the SiLU flag,
+// then launch the passes described in group_norm.cuh on the caller's stream.
+#include "group_norm.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <initializer_list>
+#include <type_traits>
+
+#include "group_norm.cuh"
+
+namespace cck {
+
+namespace {
+
+using gn::kThreads;
+
+constexpr int kBlocksPerSM = 4;     // enough resident blocks to hide DRAM latency
+constexpr int kMinRowsPerThread = 4;  // fewer and the partial sums cost more than they save
+
+int cdiv(int a, int b) { return (a + b - 1) / b; }
+
+// C / vec channel packs split evenly over blocks at most 128 threads across; rows fill the rest.
+dim3 block_shape(int packs) {
+  const int tx = cdiv(packs, cdiv(packs, 128));
+  return dim3(tx, std::max(1, kThreads / tx));
+}
+
+struct Launch {
+  dim3 grid, block;
+  int chunk;        // rows per chunk
+  size_t row_smem;  // shared memory of sum_over_rows
+};
+
+Launch launch_shape(int N, int S, int C, int K, int vec) {
+  const dim3 block = block_shape(C / vec);
+  return {dim3(cdiv(C / vec, block.x), K, N), block, cdiv(S, K), 2 * block.x * block.y * vec * sizeof(float)};
+}
+
+bool valid(int N, int S, int C, int G, int K) {
+  return N >= 1 && N <= 65535 && S >= 1 && G >= 1 && C % G == 0 && K >= 1 && K <= 65535 &&
+         cdiv(S, cdiv(S, K)) == K;  // every chunk non-empty, as group_norm_nhwc_chunks gives
+}
+
+template <typename T>
+bool packs_fit(int C, std::initializer_list<const void*> pointers) {
+  if (C % (16 / sizeof(T))) return false;
+  for (const void* p : pointers) {
+    if (p && reinterpret_cast<std::uintptr_t>(p) % 16) return false;
+  }
+  return true;
+}
+
+template <int V>
+using Vec = std::integral_constant<int, V>;
+template <bool B>
+using Silu = std::integral_constant<bool, B>;
+
+// Calls f(T{}, Vec<VEC>{}, Silu<SILU>{}) for the runtime element type, vector width and flag.
+template <typename T, typename F>
+cudaError_t with_type(int C, std::initializer_list<const void*> pointers, bool silu, F& f) {
+  constexpr int kPack = 16 / sizeof(T);
+  if (packs_fit<T>(C, pointers)) return silu ? f(T{}, Vec<kPack>{}, Silu<true>{}) : f(T{}, Vec<kPack>{}, Silu<false>{});
+  return silu ? f(T{}, Vec<1>{}, Silu<true>{}) : f(T{}, Vec<1>{}, Silu<false>{});
+}
+
+template <typename F>
+cudaError_t dispatch(DType dtype, int C, std::initializer_list<const void*> pointers, bool silu, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return with_type<float>(C, pointers, silu, f);
+    case DType::kFloat16:
+      return with_type<__half>(C, pointers, silu, f);
+    case DType::kBFloat16:
+      return with_type<__nv_bfloat16>(C, pointers, silu, f);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+int group_norm_nhwc_chunks(int N, int S, int C, DType dtype, int sm_count) {
+  const int pack = dtype == DType::kFloat32 ? 4 : 8;
+  const int vec = C % pack == 0 ? pack : 1;
+  const dim3 block = block_shape(C / vec);
+  const int blocks_per_chunk = std::max(1, N * cdiv(C / vec, block.x));
+  const int most = std::max(1, std::min(65535, S / (kMinRowsPerThread * static_cast<int>(block.y))));
+  const int K = std::min(most, std::max(1, cdiv(kBlocksPerSM * sm_count, blocks_per_chunk)));
+  return cdiv(S, cdiv(S, K));
+}
+
+cudaError_t group_norm_nhwc_forward(const void* x, const float* weight, const float* bias, void* y,
+                                    float* mean, float* rstd, float* part_a, float* part_b,
+                                    int N, int S, int C, int G, int K, float eps, bool silu,
+                                    DType dtype, cudaStream_t stream) {
+  if (!valid(N, S, C, G, K)) return cudaErrorInvalidValue;
+  return dispatch(dtype, C, {x, y}, silu, [&](auto type, auto vec, auto act) {
+    using T = decltype(type);
+    constexpr int VEC = decltype(vec)::value;
+    const Launch l = launch_shape(N, S, C, K, VEC);
+    gn::channel_stats_kernel<T, VEC><<<l.grid, l.block, l.row_smem, stream>>>(
+        static_cast<const T*>(x), part_a, part_b, S, C, l.chunk);
+    gn::group_stats_kernel<<<dim3(G, N), kThreads, 0, stream>>>(part_a, part_b, mean, rstd, S, C, G, K,
+                                                                 l.chunk, eps);
+    gn::normalize_kernel<T, VEC, decltype(act)::value><<<l.grid, l.block, 0, stream>>>(
+        static_cast<const T*>(x), static_cast<T*>(y), weight, bias, mean, rstd, S, C, G, l.chunk);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t group_norm_nhwc_backward(const void* dy, const void* x, const float* weight, const float* bias,
+                                     const float* mean, const float* rstd, void* dx, float* dweight,
+                                     float* dbias, float* part_a, float* part_b, float* coef_a,
+                                     float* coef_b, int N, int S, int C, int G, int K, bool silu,
+                                     DType dtype, cudaStream_t stream) {
+  if (!valid(N, S, C, G, K)) return cudaErrorInvalidValue;
+  return dispatch(dtype, C, {dy, x, dx}, silu, [&](auto type, auto vec, auto act) {
+    using T = decltype(type);
+    constexpr int VEC = decltype(vec)::value;
+    constexpr bool SILU = decltype(act)::value;
+    const Launch l = launch_shape(N, S, C, K, VEC);
+    gn::backward_partials_kernel<T, VEC, SILU><<<l.grid, l.block, l.row_smem, stream>>>(
+        static_cast<const T*>(dy), static_cast<const T*>(x), weight, bias, mean, rstd, part_a, part_b, S, C, G,
+        l.chunk);
+    if (dweight || dbias) {
+      gn::backward_affine_kernel<<<cdiv(C, kThreads), kThreads, 0, stream>>>(part_a, part_b, dweight, dbias,
+                                                                             N * K, C);
+    }
+    if (dx) {
+      gn::backward_group_kernel<<<dim3(G, N), kThreads, 0, stream>>>(part_a, part_b, weight, coef_a, coef_b, S,
+                                                                      C, G, K);
+      gn::backward_dx_kernel<T, VEC, SILU><<<l.grid, l.block, 0, stream>>>(
+          static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<T*>(dx), weight, bias, mean, rstd,
+          coef_a, coef_b, S, C, G, l.chunk);
+    }
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace cck

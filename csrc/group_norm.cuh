@@ -1,0 +1,371 @@
+// GroupNorm (+ fused SiLU) kernels for channels_last tensors (NHWC, NDHWC, ...), seen as
+// (N, S, C) with S the flattened spatial size and channels contiguous. Statistics and every
+// sum are fp32; x, y, dy, dx are float, __half or __nv_bfloat16; weight and bias are fp32.
+//
+// Each thread owns VEC consecutive channels (one 16-byte Pack when VEC = 16 / sizeof(T), else
+// VEC = 1, the scalar fallback) and walks the rows of one spatial chunk. Block (TX, TY): TX
+// threads across channel packs, TY across rows; grid (channel-pack blocks, K chunks, N).
+//
+// forward   channel_stats: per (n, chunk, channel) mean and M2 from fp32 sums of (x - shift),
+//           shift = the chunk's first value of that channel, so the sums stay O(std) and
+//           M2 = S2 - S1^2 / count does not cancel catastrophically (streaming, one read);
+//           group_stats: per (n, group) mean and rstd, Chan's parallel merge of the partials;
+//           normalize: y = silu?(x * scale_c + shift_c).
+// backward  backward_partials: per (n, chunk, channel) sums of dz and dz * xhat (z recomputed);
+//           backward_group: per (n, group) means of w * dz and w * dz * xhat;
+//           backward_affine: dweight, dbias summed over (n, chunk) in a fixed order;
+//           backward_dx: dx = rstd * (w * dz - mean(w * dz) - xhat * mean(w * dz * xhat)).
+// No atomics anywhere: results are bitwise reproducible.
+#pragma once
+
+#ifdef __CUDACC__
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace cck {
+namespace gn {
+
+#ifdef __CUDACC_RTC__
+using int64_t = long long;
+#endif
+
+constexpr int kThreads = 256;  // threads per block in every kernel
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// VEC elements moved as one aligned access (16 bytes when VEC = 16 / sizeof(T)).
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+template <typename T, int VEC>
+__device__ __forceinline__ void load(const T* p, float (&out)[VEC]) {
+  const Pack<T, VEC> pack = *reinterpret_cast<const Pack<T, VEC>*>(p);
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) out[i] = to_float(pack.v[i]);
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void store(T* p, const float (&in)[VEC]) {
+  Pack<T, VEC> pack;
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) pack.v[i] = from_float<T>(in[i]);
+  *reinterpret_cast<Pack<T, VEC>*>(p) = pack;
+}
+
+// The rows [s_begin, s_end) of chunk blockIdx.y of sample blockIdx.z, and this thread's
+// first channel c0 = VEC * (its channel pack); threads past the last pack are not active.
+struct Walk {
+  int n, k, c0, s_begin, s_end;
+  bool active;
+  int64_t sample;  // offset of sample n's first element
+};
+
+template <int VEC>
+__device__ __forceinline__ Walk walk(int S, int C, int chunk) {
+  Walk w;
+  w.n = blockIdx.z;
+  w.k = blockIdx.y;
+  w.c0 = (blockIdx.x * blockDim.x + threadIdx.x) * VEC;
+  w.s_begin = w.k * chunk;
+  w.s_end = min(S, w.s_begin + chunk);
+  w.active = w.c0 < C;
+  w.sample = static_cast<int64_t>(w.n) * S * C;
+  return w;
+}
+
+// Per-channel fp32 group statistics and affine parameters of this thread's VEC channels.
+template <int VEC>
+struct ChannelParams {
+  float mean[VEC], rstd[VEC], w[VEC], b[VEC];
+};
+
+template <int VEC>
+__device__ __forceinline__ ChannelParams<VEC> channel_params(const Walk& wk, const float* weight, const float* bias,
+                                                             const float* mean, const float* rstd, int C, int G) {
+  ChannelParams<VEC> p;
+  const int cpg = C / G;
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) {
+    const int c = wk.c0 + i;
+    const int ng = wk.n * G + c / cpg;
+    p.mean[i] = mean[ng];
+    p.rstd[i] = rstd[ng];
+    p.w[i] = weight ? weight[c] : 1.0f;
+    p.b[i] = bias ? bias[c] : 0.0f;
+  }
+  return p;
+}
+
+__device__ __forceinline__ float sigmoid(float z) { return 1.0f / (1.0f + __expf(-z)); }
+
+// Loads x and dy at one pack and gives xhat and dL/dz for z = xhat * w + b; with SILU,
+// y = z * sigmoid(z) and z is recomputed here rather than saved by the forward.
+template <typename T, int VEC, bool SILU>
+__device__ __forceinline__ void load_xhat_dz(const T* x, const T* dy, const ChannelParams<VEC>& p,
+                                             float (&xhat)[VEC], float (&dz)[VEC]) {
+  load<T, VEC>(x, xhat);
+  load<T, VEC>(dy, dz);
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) {
+    xhat[i] = (xhat[i] - p.mean[i]) * p.rstd[i];
+    if (SILU) {
+      const float z = fmaf(xhat[i], p.w[i], p.b[i]);
+      const float s = sigmoid(z);
+      dz[i] *= s * fmaf(z, 1.0f - s, 1.0f);
+    }
+  }
+}
+
+// Sums a and b over threadIdx.y into the threads with threadIdx.y == 0, in a fixed order.
+// smem: 2 * blockDim.x * blockDim.y * VEC floats. Every thread of the block must call it.
+template <int VEC>
+__device__ __forceinline__ void sum_over_rows(float (&a)[VEC], float (&b)[VEC], float* smem) {
+  const int slot = (threadIdx.y * blockDim.x + threadIdx.x) * VEC;
+  float* sb = smem + blockDim.x * blockDim.y * VEC;
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) {
+    smem[slot + i] = a[i];
+    sb[slot + i] = b[i];
+  }
+  __syncthreads();
+  if (threadIdx.y != 0) return;
+  for (int r = 1; r < blockDim.y; ++r) {
+    const int other = (r * blockDim.x + threadIdx.x) * VEC;
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      a[i] += smem[other + i];
+      b[i] += sb[other + i];
+    }
+  }
+}
+
+// The sum of v over a 1-D block of kThreads threads, returned to every thread (fixed order).
+__device__ __forceinline__ float block_sum(float v, float* smem) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  __syncthreads();  // smem may still be read by a previous call
+  if (threadIdx.x % 32 == 0) smem[threadIdx.x / 32] = v;
+  __syncthreads();
+  float total = 0.0f;
+#pragma unroll
+  for (int w = 0; w < kThreads / 32; ++w) total += smem[w];
+  return total;
+}
+
+// Partials are (N, K, C) fp32 arrays; a group's K * cpg entries are visited as i -> (k, j).
+__device__ __forceinline__ int64_t part_index(int n, int K, int C, int g, int cpg, int i) {
+  return (static_cast<int64_t>(n) * K + i / cpg) * C + g * cpg + i % cpg;
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads) channel_stats_kernel(
+    const T* __restrict__ x,          // (N, S, C)
+    float* __restrict__ part_mean,    // (N, K, C) out: chunk mean per channel
+    float* __restrict__ part_m2,      // (N, K, C) out: chunk sum of squared deviations
+    int S, int C, int chunk) {
+  extern __shared__ float smem[];
+  const Walk wk = walk<VEC>(S, C, chunk);
+  float shift[VEC], s1[VEC] = {}, s2[VEC] = {};
+  if (wk.active) {
+    const T* xc = x + wk.sample + wk.c0;
+    load<T, VEC>(xc + static_cast<int64_t>(wk.s_begin) * C, shift);
+#pragma unroll 4
+    for (int s = wk.s_begin + threadIdx.y; s < wk.s_end; s += blockDim.y) {
+      float v[VEC];
+      load<T, VEC>(xc + static_cast<int64_t>(s) * C, v);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) {
+        const float d = v[i] - shift[i];
+        s1[i] += d;
+        s2[i] = fmaf(d, d, s2[i]);
+      }
+    }
+  }
+  sum_over_rows<VEC>(s1, s2, smem);
+  if (threadIdx.y != 0 || !wk.active) return;
+  const float count = static_cast<float>(wk.s_end - wk.s_begin);
+  const int64_t out = (static_cast<int64_t>(wk.n) * gridDim.y + wk.k) * C + wk.c0;
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) {
+    const float m = s1[i] / count;
+    part_mean[out + i] = shift[i] + m;
+    part_m2[out + i] = fmaxf(s2[i] - s1[i] * m, 0.0f);
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) group_stats_kernel(
+    const float* __restrict__ part_mean, const float* __restrict__ part_m2,  // (N, K, C)
+    float* __restrict__ mean, float* __restrict__ rstd,                      // (N, G) out
+    int S, int C, int G, int K, int chunk, float eps) {
+  __shared__ float smem[kThreads / 32];
+  const int g = blockIdx.x, n = blockIdx.y, cpg = C / G, parts = K * cpg;
+  const float count_all = static_cast<float>(cpg) * S;
+  float acc = 0.0f;
+  for (int i = threadIdx.x; i < parts; i += kThreads) {
+    const float count = static_cast<float>(min(chunk, S - (i / cpg) * chunk));
+    acc = fmaf(count, part_mean[part_index(n, K, C, g, cpg, i)], acc);
+  }
+  const float mu = block_sum(acc, smem) / count_all;
+  acc = 0.0f;
+  for (int i = threadIdx.x; i < parts; i += kThreads) {
+    const float count = static_cast<float>(min(chunk, S - (i / cpg) * chunk));
+    const int64_t at = part_index(n, K, C, g, cpg, i);
+    const float d = part_mean[at] - mu;
+    acc += part_m2[at] + count * d * d;
+  }
+  const float var = block_sum(acc, smem) / count_all;
+  if (threadIdx.x == 0) {
+    mean[n * G + g] = mu;
+    rstd[n * G + g] = rsqrtf(var + eps);
+  }
+}
+
+template <typename T, int VEC, bool SILU>
+__global__ void __launch_bounds__(kThreads) normalize_kernel(
+    const T* __restrict__ x, T* __restrict__ y,                          // (N, S, C)
+    const float* __restrict__ weight, const float* __restrict__ bias,    // (C,) or null
+    const float* __restrict__ mean, const float* __restrict__ rstd,      // (N, G)
+    int S, int C, int G, int chunk) {
+  const Walk wk = walk<VEC>(S, C, chunk);
+  if (!wk.active) return;
+  const ChannelParams<VEC> p = channel_params<VEC>(wk, weight, bias, mean, rstd, C, G);
+  float scale[VEC], shift[VEC];
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) {
+    scale[i] = p.rstd[i] * p.w[i];
+    shift[i] = p.b[i] - p.mean[i] * scale[i];
+  }
+  const int64_t base = wk.sample + wk.c0;
+#pragma unroll 4
+  for (int s = wk.s_begin + threadIdx.y; s < wk.s_end; s += blockDim.y) {
+    const int64_t at = base + static_cast<int64_t>(s) * C;
+    float v[VEC];
+    load<T, VEC>(x + at, v);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      const float z = fmaf(v[i], scale[i], shift[i]);
+      v[i] = SILU ? z * sigmoid(z) : z;
+    }
+    store<T, VEC>(y + at, v);
+  }
+}
+
+template <typename T, int VEC, bool SILU>
+__global__ void __launch_bounds__(kThreads) backward_partials_kernel(
+    const T* __restrict__ dy, const T* __restrict__ x,                   // (N, S, C)
+    const float* __restrict__ weight, const float* __restrict__ bias,    // (C,) or null
+    const float* __restrict__ mean, const float* __restrict__ rstd,      // (N, G)
+    float* __restrict__ part_dz, float* __restrict__ part_dz_xhat,       // (N, K, C) out
+    int S, int C, int G, int chunk) {
+  extern __shared__ float smem[];
+  const Walk wk = walk<VEC>(S, C, chunk);
+  float sum_dz[VEC] = {}, sum_dz_xhat[VEC] = {};
+  if (wk.active) {
+    const ChannelParams<VEC> p = channel_params<VEC>(wk, weight, bias, mean, rstd, C, G);
+    const int64_t base = wk.sample + wk.c0;
+#pragma unroll 4
+    for (int s = wk.s_begin + threadIdx.y; s < wk.s_end; s += blockDim.y) {
+      const int64_t at = base + static_cast<int64_t>(s) * C;
+      float xhat[VEC], dz[VEC];
+      load_xhat_dz<T, VEC, SILU>(x + at, dy + at, p, xhat, dz);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) {
+        sum_dz[i] += dz[i];
+        sum_dz_xhat[i] = fmaf(dz[i], xhat[i], sum_dz_xhat[i]);
+      }
+    }
+  }
+  sum_over_rows<VEC>(sum_dz, sum_dz_xhat, smem);
+  if (threadIdx.y != 0 || !wk.active) return;
+  const int64_t out = (static_cast<int64_t>(wk.n) * gridDim.y + wk.k) * C + wk.c0;
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) {
+    part_dz[out + i] = sum_dz[i];
+    part_dz_xhat[out + i] = sum_dz_xhat[i];
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) backward_group_kernel(
+    const float* __restrict__ part_dz, const float* __restrict__ part_dz_xhat,  // (N, K, C)
+    const float* __restrict__ weight,                                          // (C,) or null
+    float* __restrict__ coef_dz, float* __restrict__ coef_xhat,                // (N, G) out
+    int S, int C, int G, int K) {
+  __shared__ float smem[kThreads / 32];
+  const int g = blockIdx.x, n = blockIdx.y, cpg = C / G, parts = K * cpg;
+  float acc_dz = 0.0f, acc_xhat = 0.0f;
+  for (int i = threadIdx.x; i < parts; i += kThreads) {
+    const float w = weight ? weight[g * cpg + i % cpg] : 1.0f;
+    const int64_t at = part_index(n, K, C, g, cpg, i);
+    acc_dz = fmaf(w, part_dz[at], acc_dz);
+    acc_xhat = fmaf(w, part_dz_xhat[at], acc_xhat);
+  }
+  const float count_all = static_cast<float>(cpg) * S;
+  const float dz = block_sum(acc_dz, smem) / count_all;
+  const float xhat = block_sum(acc_xhat, smem) / count_all;
+  if (threadIdx.x == 0) {
+    coef_dz[n * G + g] = dz;
+    coef_xhat[n * G + g] = xhat;
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) backward_affine_kernel(
+    const float* __restrict__ part_dz, const float* __restrict__ part_dz_xhat,  // (rows, C)
+    float* __restrict__ dweight, float* __restrict__ dbias,                    // (C,) out, or null
+    int rows, int C) {
+  const int c = blockIdx.x * kThreads + threadIdx.x;
+  if (c >= C) return;
+  float dw = 0.0f, db = 0.0f;
+  for (int r = 0; r < rows; ++r) {
+    dw += part_dz_xhat[static_cast<int64_t>(r) * C + c];
+    db += part_dz[static_cast<int64_t>(r) * C + c];
+  }
+  if (dweight) dweight[c] = dw;
+  if (dbias) dbias[c] = db;
+}
+
+template <typename T, int VEC, bool SILU>
+__global__ void __launch_bounds__(kThreads) backward_dx_kernel(
+    const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,     // (N, S, C)
+    const float* __restrict__ weight, const float* __restrict__ bias,          // (C,) or null
+    const float* __restrict__ mean, const float* __restrict__ rstd,            // (N, G)
+    const float* __restrict__ coef_dz, const float* __restrict__ coef_xhat,    // (N, G)
+    int S, int C, int G, int chunk) {
+  const Walk wk = walk<VEC>(S, C, chunk);
+  if (!wk.active) return;
+  const ChannelParams<VEC> p = channel_params<VEC>(wk, weight, bias, mean, rstd, C, G);
+  float c_dz[VEC], c_xhat[VEC];
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) {
+    const int ng = wk.n * G + (wk.c0 + i) / (C / G);
+    c_dz[i] = coef_dz[ng];
+    c_xhat[i] = coef_xhat[ng];
+  }
+  const int64_t base = wk.sample + wk.c0;
+#pragma unroll 4
+  for (int s = wk.s_begin + threadIdx.y; s < wk.s_end; s += blockDim.y) {
+    const int64_t at = base + static_cast<int64_t>(s) * C;
+    float xhat[VEC], dz[VEC];
+    load_xhat_dz<T, VEC, SILU>(x + at, dy + at, p, xhat, dz);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) dz[i] = p.rstd[i] * (p.w[i] * dz[i] - c_dz[i] - xhat[i] * c_xhat[i]);
+    store<T, VEC>(dx + at, dz);
+  }
+}
+
+}  // namespace gn
+}  // namespace cck
+
+#endif  // __CUDACC__

@@ -1,0 +1,32 @@
+// Torch-free host entries of the channels_last GroupNorm (+ SiLU) kernels (csrc/group_norm.cu).
+// Tensors are device pointers to (N, S, C) arrays with channels contiguous (NHWC, NDHWC, ...
+// flattened spatially); weight and bias are fp32 (C,) or null. All statistics are fp32.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include "dtype.h"
+
+namespace cck {
+
+// How many spatial chunks K to split each sample into so that the grid covers the GPU; the
+// caller allocates the (N, K, C) fp32 workspaces with it and passes the same K back.
+int group_norm_nhwc_chunks(int N, int S, int C, DType dtype, int sm_count);
+
+// y = silu?(group_norm(x)); writes mean and rstd (N, G) for the backward.
+// part_a, part_b: (N, K, C) fp32 workspaces. Returns the first CUDA error.
+cudaError_t group_norm_nhwc_forward(const void* x, const float* weight, const float* bias, void* y,
+                                    float* mean, float* rstd, float* part_a, float* part_b,
+                                    int N, int S, int C, int G, int K, float eps, bool silu,
+                                    DType dtype, cudaStream_t stream);
+
+// dx (skipped when null), dweight and dbias (each skipped when null; fp32) from dy, which has
+// x's layout, and the forward's mean and rstd. part_a, part_b: (N, K, C) fp32 workspaces;
+// coef_a, coef_b: (N, G) fp32 workspaces. Returns the first CUDA error.
+cudaError_t group_norm_nhwc_backward(const void* dy, const void* x, const float* weight, const float* bias,
+                                     const float* mean, const float* rstd, void* dx, float* dweight,
+                                     float* dbias, float* part_a, float* part_b, float* coef_a,
+                                     float* coef_b, int N, int S, int C, int G, int K, bool silu,
+                                     DType dtype, cudaStream_t stream);
+
+}  // namespace cck

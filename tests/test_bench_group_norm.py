@@ -1,0 +1,25 @@
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_bench_group_norm_tiny_smoke(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # torch path: fast
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run(
+        [sys.executable, os.path.join(REPO, "benchmarks", "bench_group_norm.py"), "--tiny", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads((tmp_path / "group_norm.json").read_text())
+    assert (tmp_path / "group_norm.png").stat().st_size > 0
+    assert result["copy_GBps"] > 0
+    impls = {r["impl"] for r in result["rows"]}
+    assert {"ck-default", "torch-autocast", "torch-bf16"} <= impls
+    assert {(r["layout"], r["mode"]) for r in result["rows"]} == {
+        (layout, mode) for layout in ("nchw", "nhwc") for mode in ("fwd", "fwd+bwd")
+    }
+    assert all(r["ms"] > 0 and r["GBps"] > 0 for r in result["rows"])

@@ -1,0 +1,283 @@
+"""GroupNorm (+ SiLU) kernels against an fp64 reference, with flash-attention's tolerance rule:
+the kernel's max error must be within 2x (3x for gradients) of plain PyTorch's error in the
+same dtype, plus a small floor. CPU tests run the Triton kernels in the interpreter on tiny
+spatial sizes; GPU tests (marked) cover both backends at SD2 sizes."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cckernels as ck
+from cckernels.backend import Unsupported
+from test_reference import group_norm_fp64 as fp64_group_norm  # the definition, in fp64
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Floor relative to the reference's magnitude: fp32 results differ from torch's only by
+# summation order (~1e-7), so the floor, not the 2x rule, decides there; low-precision errors
+# are dominated by the one rounding of the output, which both sides share.
+FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 4e-3}
+SD2_CHANNELS = [320, 640, 960, 1280, 1920, 2560]
+
+
+def torch_group_norm(x, G, w, b, eps, silu):
+    """Plain PyTorch in x's dtype: the error baseline."""
+    y = F.group_norm(x, G, w, b, eps)
+    return F.silu(y) if silu else y
+
+
+def outputs_and_grads(fn, x, w, b, dy):
+    """fn(x, w, b) and d(sum(fn * dy))/d(x, w, b) on fresh leaves."""
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in (x, w, b)]
+    y = fn(*leaves)
+    y.backward(dy)
+    return [y] + [None if t is None else t.grad for t in leaves]
+
+
+def poison_cuda_allocator():
+    """Fills cached free GPU memory with NaN, so outputs and workspaces that torch.empty hands
+    the kernels start as NaN: any element a kernel forgets to write shows up in the checks."""
+    torch.empty(256 << 20, dtype=torch.uint8, device="cuda").fill_(0xFF)  # 0xFFFF.. is NaN in every float dtype
+
+
+def check(x, G, w=None, b=None, silu=False, eps=1e-5, backend="triton", dy=None):
+    """Runs ck.group_norm on `backend` and checks output and every gradient with the 2x/3x rule."""
+    dy = torch.randn_like(x) if dy is None else dy
+    act = "silu" if silu else None
+    if x.is_cuda:
+        poison_cuda_allocator()
+    got = outputs_and_grads(lambda x, w, b: ck.group_norm(x, G, w, b, eps, activation=act, backend=backend), x, w, b, dy)
+    assert ck.used_backends()["group_norm"] == backend
+    want = outputs_and_grads(lambda x, w, b: fp64_group_norm(x, G, w, b, eps, silu), x.double(),
+                             None if w is None else w.double(), None if b is None else b.double(), dy.double())
+    base = outputs_and_grads(lambda x, w, b: torch_group_norm(x, G, w, b, eps, silu), x,
+                             None if w is None else w.to(x.dtype), None if b is None else b.to(x.dtype), dy)
+    y = got[0]
+    assert y.dtype == x.dtype and y.shape == x.shape and y.stride() == x.stride()
+    for name, g, r, p, factor in zip(("y", "dx", "dweight", "dbias"), got, want, base, (2, 3, 3, 3)):
+        if r is None:
+            continue
+        assert g.dtype == (x.dtype if name in ("y", "dx") else (w if name == "dweight" else b).dtype)
+        err = (g.double() - r).abs().max().item()
+        base_err = (p.double() - r).abs().max().item()
+        bound = factor * base_err + FLOOR[x.dtype] * (1 + r.abs().max().item())
+        assert err <= bound, f"{name}: error {err:.3g} > {bound:.3g} (torch {x.dtype}: {base_err:.3g})"
+
+
+def make(shape, dtype, channels_last=False, offset=1.0, affine=True):
+    x = (torch.randn(shape) * 2 + offset).to(dtype)
+    if channels_last:
+        x = x.permute(0, *range(2, x.dim()), 1).contiguous().permute(0, x.dim() - 1, *range(1, x.dim() - 1))
+    C = shape[1]
+    w, b = (torch.randn(C).to(dtype), torch.randn(C).to(dtype)) if affine else (None, None)
+    return x, w, b
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "C,channels_last,silu", list(zip(SD2_CHANNELS, [True, False] * 3, [True, True, False, True, False, True]))
+)
+def test_sd2_channel_counts(dtype, C, channels_last, silu):
+    shape = (2, C, 3, 3) if C <= 960 else (1, C, 2, 3)
+    x, w, b = make(shape, dtype, channels_last)
+    check(x, 32, w, b, silu)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("silu", [False, True])
+def test_three_channels_per_group_odd_spatial(dtype, channels_last, silu):
+    x, w, b = make((2, 96, 5, 7), dtype, channels_last)
+    check(x, 32, w, b, silu)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,G", [((3, 96, 1, 1), 32), ((1, 6, 1, 1), 3), ((1, 40, 1, 77), 8), ((2, 64, 17, 1), 32)])
+def test_degenerate_spatial_sizes(dtype, shape, G):
+    x, w, b = make(shape, dtype, channels_last=shape[2] > 1)
+    check(x, G, w, b, silu=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape", [(2, 96, 77), (1, 64, 3, 5, 7)])
+def test_1d_and_3d_inputs(dtype, channels_last, shape):
+    x, w, b = make(shape, dtype, channels_last)
+    assert x.is_contiguous() != channels_last
+    check(x, 32, w, b, silu=True)
+
+
+@pytest.mark.parametrize("has_w,has_b", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_weight_and_bias_optional(has_w, has_b, channels_last):
+    x, w, b = make((1, 96, 5, 3), torch.float32, channels_last)
+    check(x, 32, w if has_w else None, b if has_b else None, silu=True)
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Tiny tiles and many programs per SM: tests split each group over many programs."""
+    from cckernels.triton import group_norm as gn
+
+    for name, value in (("TILE", 32), ("MAX_BLOCK_C", 2), ("MAX_BLOCK_S", 2), ("PROGRAMS_PER_SM", 64)):
+        monkeypatch.setattr(gn, name, value)
+    return gn
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_split_groups(small_tiles, dtype, channels_last):
+    x, w, b = make((1, 24, 7, 5), dtype, channels_last)
+    S, strides = small_tiles._layout(x)
+    block_c, block_s, chunk, K = small_tiles._tiling(x, 24, S, strides)
+    assert K >= 3 and block_c < 24  # each group spans several chunks and channel tiles
+    check(x, 8, w, b, silu=True)
+
+
+def test_statistics_survive_a_large_offset(small_tiles):
+    # E[x^2] - E[x]^2 in fp32 would lose a unit variance under an offset of 3000 entirely
+    # (1e7 vs ulp 1); per-chunk mean/M2 merged with Chan's formula keeps it.
+    x, w, b = make((1, 32, 9, 7), torch.float32, offset=3000.0)
+    y = ck.group_norm(x, 4, w, b, backend="triton")
+    torch.testing.assert_close(y.double(), fp64_group_norm(x, 4, w, b, 1e-5, False), atol=2e-3, rtol=1e-3)
+
+
+def test_fp32_weight_with_low_precision_input():
+    # As under autocast: bf16 activations, fp32 parameters; gradients keep each leaf's dtype.
+    x, _, _ = make((2, 64, 4, 4), torch.bfloat16, channels_last=True)
+    w, b = torch.randn(64, requires_grad=True), torch.randn(64, requires_grad=True)
+    x.requires_grad_()
+    y = ck.group_norm(x, 32, w, b, activation="silu", backend="triton")
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    assert (y.dtype, x.grad.dtype, w.grad.dtype, b.grad.dtype) == (torch.bfloat16, torch.bfloat16, torch.float32, torch.float32)
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    fp64_group_norm(x64, 32, w64, b64, 1e-5, True).backward(dy.double())
+    torch.testing.assert_close(w.grad.double(), w64.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(b.grad.double(), b64.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_gradient_in_another_memory_format():
+    x, w, b = make((2, 96, 4, 5), torch.float32, channels_last=True)
+    check(x, 32, w, b, silu=True, dy=torch.randn(x.shape))  # contiguous dy for a channels_last x
+
+
+def test_only_some_gradients():
+    x, w, b = make((1, 32, 3, 3), torch.float32)
+    w.requires_grad_()
+    ck.group_norm(x, 8, w, b, activation="silu", backend="triton").sum().backward()
+    assert w.grad is not None and x.grad is None and b.grad is None
+
+
+@pytest.mark.parametrize("case", ["fp64", "strided"])
+def test_unsupported_inputs_fall_back(case):
+    from cckernels.triton.group_norm import group_norm as triton_group_norm
+
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64 if case == "fp64" else torch.float32)
+    if case == "strided":
+        x = x[..., ::2]
+    with pytest.raises(Unsupported):
+        triton_group_norm(x, 4, None, None, 1e-5, None)
+    y = ck.group_norm(x, 4, backend="triton")
+    assert ck.used_backends()["group_norm"] == "torch"
+    torch.testing.assert_close(y.double(), fp64_group_norm(x, 4, None, None, 1e-5, False), atol=1e-5, rtol=1e-5)
+
+
+# nn.GroupNorm and patch_module on the default backend (Triton in the interpreter here)
+
+
+def test_nn_group_norm_silu_loads_torch_state_dict():
+    ref = torch.nn.GroupNorm(8, 32)
+    torch.nn.init.normal_(ref.weight)
+    torch.nn.init.normal_(ref.bias)
+    ours = ck.nn.GroupNorm(8, 32, activation="silu")
+    ours.load_state_dict(ref.state_dict())
+    assert "activation=silu" in repr(ours)
+    x = torch.randn(2, 32, 3, 5).to(memory_format=torch.channels_last)
+    y = ours(x)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, F.silu(ref(x)), atol=1e-5, rtol=1e-5)
+
+
+def test_nn_group_norm_silu_module():
+    m = ck.nn.GroupNormSiLU(4, 12, affine=False)
+    assert m.activation == "silu" and not list(m.parameters())
+    x = torch.randn(2, 12, 3)
+    torch.testing.assert_close(m(x), F.silu(F.group_norm(x, 4)), atol=1e-5, rtol=1e-5)
+
+
+def test_patched_model_matches_in_output_and_gradients():
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(4, 64, 3, padding=1), torch.nn.GroupNorm(32, 64), torch.nn.SiLU(),
+        torch.nn.Conv2d(64, 32, 1), torch.nn.GroupNorm(8, 32, affine=False),
+    )
+    x = torch.randn(1, 4, 5, 6)
+    want = model(x)
+    want.square().sum().backward()
+    want_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    assert ck.nn.patch_module(model) == 2
+    got = model(x)
+    got.square().sum().backward()
+    assert ck.used_backends()["group_norm"] == ck.available_backends("cpu")["group_norm"][0]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for g, w in zip((p.grad for p in model.parameters()), want_grads):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+
+
+# GPU: both backends at SD2 training sizes, including groups split over many programs.
+
+GPU_SHAPES = [(1, 320, 64, 64), (4, 640, 32, 32), (8, 1280, 8, 8), (2, 1920, 16, 16), (3, 96, 7, 9), (2, 2560, 1, 1)]
+
+
+def gpu_case(shape, dtype, channels_last):
+    x, w, b = make(shape, dtype, channels_last)
+    return x.cuda(), w.cuda(), b.cuda()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape", GPU_SHAPES)
+def test_gpu_triton(dtype, channels_last, shape):
+    x, w, b = gpu_case(shape, dtype, channels_last)
+    check(x, 32, w, b, silu=True)
+    check(x, 32, w, b, silu=False)
+
+
+def cuda_backend_loaded():
+    from cckernels import cuda
+
+    return cuda.loaded() is not None and hasattr(cuda.loaded(), "group_norm_forward")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,G", [(s, 32) for s in GPU_SHAPES] + [((2, 30, 5, 5), 30), ((2, 36, 3, 3), 4)])
+def test_gpu_cuda_channels_last(dtype, shape, G):
+    if not cuda_backend_loaded():
+        pytest.skip("cckernels._C built without the GroupNorm kernels")
+    x, w, b = gpu_case(shape, dtype, channels_last=shape[2] > 1)
+    for silu in (True, False):
+        check(x, G, w, b, silu, backend="cuda")
+    check(x, G, None, None, True, backend="cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_nchw_falls_back_to_triton():
+    if not cuda_backend_loaded():
+        pytest.skip("cckernels._C built without the GroupNorm kernels")
+    x = torch.randn(2, 64, 8, 8, device="cuda", dtype=torch.bfloat16)
+    ck.group_norm(x, 32, backend="cuda")
+    assert ck.used_backends()["group_norm"] == "triton"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_backward_is_deterministic(backend):
+    if backend == "cuda" and not cuda_backend_loaded():
+        pytest.skip("cckernels._C built without the GroupNorm kernels")
+    x, w, b = gpu_case((2, 320, 32, 32), torch.bfloat16, channels_last=True)
+    dy = torch.randn_like(x)
+    runs = [outputs_and_grads(lambda x, w, b: ck.group_norm(x, 32, w, b, activation="silu", backend=backend), x, w, b, dy)
+            for _ in range(2)]
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
