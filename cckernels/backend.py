@@ -36,6 +36,7 @@ IMPLEMENTATIONS = {
 # available_backends() leaves them out.
 OPTIMIZER_STEPS = {
     "adamw_ema_": {
+        "cuda": "cckernels.cuda:adamw_ema_",
         "triton": "cckernels.triton.adamw_ema:adamw_ema_",
         "torch": "cckernels.reference:adamw_ema_",
     },

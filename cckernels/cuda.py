@@ -1,4 +1,7 @@
-"""The CUDA backend: the compiled extension cckernels._C built from csrc/ by setup.py."""
+"""The CUDA backend: the compiled extension cckernels._C built from csrc/ by setup.py, else
+the same csrc/ kernels compiled at run time with NVRTC through CuPy (cckernels.cupy_kernels),
+so users without nvcc still get them. Both offer the same functions."""
+import functools
 import importlib.util
 
 import torch
@@ -18,15 +21,30 @@ else:
     _import_error = None
 
 
+@functools.cache
+def _cupy_kernels():
+    """The CuPy-compiled kernels, or the reason there are none (a str). Loaded on first use:
+    importing CuPy and compiling takes seconds, and only matters without _C."""
+    from cckernels import cupy_kernels
+
+    return cupy_kernels.load()
+
+
 def loaded():
-    """The loaded kernel module, or None."""
-    return _C
+    """The kernel module: cckernels._C, else the CuPy-compiled kernels, else None."""
+    if _C is not None:
+        return _C
+    kernels = _cupy_kernels()
+    return None if isinstance(kernels, str) else kernels
 
 
 def build_info():
-    if _C is None:
-        return {"_C": False, "archs": [], "reason": _import_error}
-    return {"_C": True, "archs": list(_C.archs()), "cuda_version": _C.cuda_version()}
+    if _C is not None:
+        return {"_C": True, "cupy": False, "archs": list(_C.archs()), "cuda_version": _C.cuda_version()}
+    kernels = _cupy_kernels()
+    if isinstance(kernels, str):
+        return {"_C": False, "cupy": False, "archs": [], "reason": f"{_import_error}; no CuPy fallback: {kernels}"}
+    return {"_C": False, "cupy": True, "archs": kernels.archs(), "cuda_version": kernels.cuda_version(), "reason": _import_error}
 
 
 def _same_dense_layout(a, b):
@@ -37,15 +55,33 @@ def _same_dense_layout(a, b):
     return fmt is not None and a.is_contiguous(memory_format=fmt) and b.is_contiguous(memory_format=fmt)
 
 
-def ema_update_(ema, params, decay):
+def _check_params(params):
     if params[0].dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise Unsupported(f"params dtype {params[0].dtype}")
     if len({p.dtype for p in params}) != 1:
         raise Unsupported("params of mixed dtypes")
-    for i, (e, p) in enumerate(zip(ema, params)):
-        if not _same_dense_layout(e, p):
-            raise Unsupported(f"ema[{i}] and params[{i}] are not both contiguous (or both channels_last)")
-    _C.ema_update_(ema, params, decay)
+
+
+def _check_layouts(name, params, *lists):
+    for other in lists:
+        for i, (t, p) in enumerate(zip(other, params)):
+            if not _same_dense_layout(t, p):
+                raise Unsupported(f"{name}: tensor {i} is not laid out as params[{i}] (both contiguous or channels_last)")
+
+
+def ema_update_(ema, params, decay):
+    _check_params(params)
+    _check_layouts("ema_update_", params, ema)
+    loaded().ema_update_(ema, params, decay)
+
+
+def adamw_ema_(params, grads, exp_avgs, exp_avg_sqs, masters, emas, scalars):
+    """FusedAdamWEMA's step (see cckernels.reference.adamw_ema_); masters, emas: lists or None."""
+    _check_params(params)
+    if any(g.dtype != params[0].dtype for g in grads):
+        raise Unsupported("grads and params of different dtypes")
+    _check_layouts("adamw_ema_", params, grads, exp_avgs, exp_avg_sqs, masters or [], emas or [])
+    loaded().adamw_ema_(params, grads, exp_avgs, exp_avg_sqs, masters or [], emas or [], list(scalars))
 
 
 def _channels_last(x):
@@ -84,7 +120,18 @@ def group_norm(x, num_groups, weight, bias, eps, activation):
         raise Unsupported(f"dtype {x.dtype}")
     if not _channels_last(x):
         raise Unsupported(f"x with strides {x.stride()} is not channels_last")
-    N, C = x.shape[:2]
-    if x.numel() == 0 or N > 65535 or x[0].numel() >= 2**31:
+    if x.numel() == 0 or x.shape[0] > 65535 or x[0].numel() >= 2**31:
         raise Unsupported(f"shape {tuple(x.shape)}")
     return _GroupNormNHWC.apply(x, num_groups, weight, bias, eps, activation)
+
+
+# Ahead-of-time inspection of csrc (python -m cckernels.inspect): per .cu file, what the SASS
+# of its kernels (regex on the demangled name) must show. The vectorized instantiations
+# (16-byte packs: 4 floats or 8 halves) must load 16 bytes at a time on sm90.
+INSPECT = [
+    {"op": "ema_update_", "source": "csrc/ema.cu", "expect": {r"EmaFunctor": {"sm90": {"ldg128": True}}}},
+    {"op": "adamw_ema_", "source": "csrc/adamw_ema.cu", "expect": {r"AdamWEmaFunctor": {"sm90": {"ldg128": True}}}},
+    {"op": "group_norm", "source": "csrc/group_norm.cu", "expect": {
+        r"(channel_stats|normalize|backward_partials|backward_dx)_kernel<[\w ]+, (4|8)\b": {"sm90": {"ldg128": True}},
+    }},
+]  # fmt: skip

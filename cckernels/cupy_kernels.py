@@ -121,6 +121,13 @@ class Kernels:
         version = self.cupy.cuda.runtime.runtimeGetVersion()
         return f"{version // 1000}.{version % 1000 // 10}"
 
+    def _stream(self, device):
+        """torch's current stream on `device` as a CuPy stream, so kernels queue in order."""
+        stream = torch.cuda.current_stream(device)
+        if hasattr(self.cupy.cuda.Stream, "from_external") and hasattr(stream, "__cuda_stream__"):
+            return self.cupy.cuda.Stream.from_external(stream)  # CuPy >= 14
+        return self.cupy.cuda.ExternalStream(stream.cuda_stream, device.index)
+
     def _apply(self, name, lists, functor, device):
         """Launch kernel `name` over tensor lists (one row per list; None rows pass null)."""
         depth = len(lists)
@@ -131,8 +138,7 @@ class Kernels:
                              dtype=np.uint64)  # fmt: skip
         kernel = self.module.get_function(name)
         chunk = np.int64(limits()["kChunkSize"])
-        stream = self.cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream, device.index)
-        with self.cupy.cuda.Device(device.index), stream:
+        with self.cupy.cuda.Device(device.index), self._stream(device):
             for tensors, slots, chunks in plan_launches(sizes, max_tensors):
                 table = np.zeros(1, dtype=table_type)
                 table["addresses"][0, : len(tensors)] = addresses[:, tensors].T

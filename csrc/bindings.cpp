@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "adamw_ema.h"
 #include "ema.h"
 #include "group_norm.h"
 
@@ -182,6 +183,74 @@ std::vector<c10::optional<at::Tensor>> group_norm_backward(
   return {dx, dweight, dbias};
 }
 
+// Checks a per-parameter buffer against params[i]: same device, shape and dense layout.
+void check_like_param(const at::Tensor& t, const at::Tensor& param, at::ScalarType dtype,
+                      const std::string& name, const std::string& param_name) {
+  TORCH_CHECK_VALUE(t.device() == param.device(), name, " is on ", t.device(), " but ", param_name,
+                    " is on ", param.device());
+  TORCH_CHECK_VALUE(t.scalar_type() == dtype, name, " has dtype ", t.scalar_type(), "; expected ", dtype);
+  TORCH_CHECK_VALUE(t.sizes() == param.sizes(), name, " shape ", t.sizes(), " != ", param_name, " shape ",
+                    param.sizes());
+  TORCH_CHECK_VALUE(same_dense_layout(t, param), name, " (strides ", t.strides(), ") and ", param_name,
+                    " (strides ", param.strides(), ") must both be contiguous or both channels_last");
+}
+
+void adamw_ema_(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
+                const std::vector<at::Tensor>& masters, const std::vector<at::Tensor>& emas,
+                const std::vector<double>& scalars) {
+  const size_t n = params.size();
+  TORCH_CHECK_VALUE(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n,
+                    "params, grads, exp_avgs, exp_avg_sqs have ", n, ", ", grads.size(), ", ",
+                    exp_avgs.size(), ", ", exp_avg_sqs.size(), " tensors; expected equal counts");
+  TORCH_CHECK_VALUE(masters.empty() || masters.size() == n, "masters has ", masters.size(),
+                    " tensors; expected 0 or ", n);
+  TORCH_CHECK_VALUE(emas.empty() || emas.size() == n, "emas has ", emas.size(), " tensors; expected 0 or ", n);
+  TORCH_CHECK_VALUE(scalars.size() == 8, "scalars has ", scalars.size(),
+                    " values; expected 8 (decay_factor, beta1_w, beta2, beta2_w, step_size, bc2_sqrt, eps, ema_w)");
+  if (n == 0) return;
+  TORCH_CHECK_VALUE(params[0].is_cuda(), "params[0] is on ", params[0].device(), "; expected a CUDA tensor");
+  const cck::DType dtype = to_dtype(params[0], "params[0]");
+  TORCH_CHECK_VALUE(masters.empty() == (dtype == cck::DType::kFloat32),
+                    "fp32 params are stepped in place (no masters); fp16/bf16 params need fp32 masters, got ",
+                    masters.size(), " masters for ", params[0].scalar_type(), " params");
+  std::vector<void*> param_ptrs(n);
+  std::vector<const void*> grad_ptrs(n);
+  std::vector<float*> m_ptrs(n), v_ptrs(n), master_ptrs(masters.size()), ema_ptrs(emas.size());
+  std::vector<int64_t> sizes(n);
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    const std::string pi = "params[" + std::to_string(i) + "]";
+    const std::string at_i = "[" + std::to_string(i) + "]";
+    TORCH_CHECK_VALUE(p.device() == params[0].device() && p.scalar_type() == params[0].scalar_type(), pi,
+                      " (", p.scalar_type(), " on ", p.device(), ") differs from params[0] (",
+                      params[0].scalar_type(), " on ", params[0].device(), ") in dtype or device");
+    check_like_param(grads[i], p, p.scalar_type(), "grads" + at_i, pi);
+    check_like_param(exp_avgs[i], p, at::kFloat, "exp_avgs" + at_i, pi);
+    check_like_param(exp_avg_sqs[i], p, at::kFloat, "exp_avg_sqs" + at_i, pi);
+    if (!masters.empty()) check_like_param(masters[i], p, at::kFloat, "masters" + at_i, pi);
+    if (!emas.empty()) check_like_param(emas[i], p, at::kFloat, "emas" + at_i, pi);
+    param_ptrs[i] = p.data_ptr();
+    grad_ptrs[i] = grads[i].data_ptr();
+    m_ptrs[i] = exp_avgs[i].data_ptr<float>();
+    v_ptrs[i] = exp_avg_sqs[i].data_ptr<float>();
+    if (!masters.empty()) master_ptrs[i] = masters[i].data_ptr<float>();
+    if (!emas.empty()) ema_ptrs[i] = emas[i].data_ptr<float>();
+    sizes[i] = p.numel();
+  }
+  const cck::AdamWEmaScalars s{
+      static_cast<float>(scalars[0]), static_cast<float>(scalars[1]), static_cast<float>(scalars[2]),
+      static_cast<float>(scalars[3]), static_cast<float>(scalars[4]), static_cast<float>(scalars[5]),
+      static_cast<float>(scalars[6]), static_cast<float>(scalars[7])};
+  const c10::Device device = params[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaError_t err = cck::adamw_ema_step(
+      static_cast<int>(n), param_ptrs.data(), grad_ptrs.data(), m_ptrs.data(), v_ptrs.data(),
+      masters.empty() ? nullptr : master_ptrs.data(), emas.empty() ? nullptr : ema_ptrs.data(), sizes.data(),
+      dtype, s, c10::cuda::getCurrentCUDAStream(device.index()).stream());
+  TORCH_CHECK(err == cudaSuccess, "adamw_ema_ kernel launch failed: ", cudaGetErrorString(err));
+}
+
 std::vector<std::string> archs() {
   std::vector<std::string> out;
   const std::string all = CCK_STRINGIFY(CCKERNELS_ARCHS);
@@ -211,6 +280,11 @@ PYBIND11_MODULE(_C, m) {
         pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("mean"), pybind11::arg("rstd"),
         pybind11::arg("silu"), pybind11::arg("need_dx"), pybind11::arg("need_weight"), pybind11::arg("need_bias"),
         "-> [dx, dweight, dbias] (fp32 parameter gradients), None where not asked for");
+  m.def("adamw_ema_", &adamw_ema_, pybind11::arg("params"), pybind11::arg("grads"),
+        pybind11::arg("exp_avgs"), pybind11::arg("exp_avg_sqs"), pybind11::arg("masters"),
+        pybind11::arg("emas"), pybind11::arg("scalars"),
+        "one fused AdamW step (+ EMA when emas is not empty) in place, on the current CUDA stream; "
+        "masters: fp32 weights of fp16/bf16 params ([] for fp32 params)");
   m.def("archs", &archs, "GPU architectures compiled in, e.g. ['sm_90']");
   m.def("cuda_version", &cuda_version, "CUDA runtime version the extension was built with");
 }

@@ -30,21 +30,31 @@ def _compiled_extension():
     return _C
 
 
+def _cupy_kernels():
+    """The CuPy-compiled kernels (the "cuda" backend without _C), or None."""
+    from cckernels import cupy_kernels
+
+    found = cupy_kernels.load()
+    return None if isinstance(found, str) else found
+
+
 def test_build_info_is_truthful():
     info = cckernels.build_info()
     _C = _compiled_extension()
     assert info["_C"] is (_C is not None)
-    if _C is None:
+    kernels = _C if _C is not None else _cupy_kernels()
+    assert info["cupy"] is (_C is None and kernels is not None)
+    if kernels is None:
         assert info["archs"] == [] and info["reason"]
     else:
-        assert info["archs"] == list(_C.archs()) and info["archs"]
+        assert info["archs"] == list(kernels.archs()) and info["archs"]
         assert all(re.fullmatch(r"(sm|compute)_\d+[af]?", a) for a in info["archs"])
         assert re.fullmatch(r"\d+\.\d+", info["cuda_version"])
 
 
-def test_cuda_backend_listed_only_with_extension():
+def test_cuda_backend_listed_only_with_kernels():
     listed = "cuda" in cckernels.available_backends("cuda")["ema_update_"]
-    assert listed is (_compiled_extension() is not None)
+    assert listed is (_compiled_extension() is not None or _cupy_kernels() is not None)
     assert "cuda" not in cckernels.available_backends("cpu")["ema_update_"]
 
 

@@ -221,3 +221,21 @@ def test_ema_controls(backend):
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ck.FusedAdamWEMA([torch.zeros(3, requires_grad=True)], **kwargs)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(params=[torch.zeros(3)]), r"params\[0\] is on cpu"),
+        (dict(grads=[]), "expected equal counts"),
+        (dict(scalars=[1.0] * 7), "scalars has 7 values"),
+        (dict(masters=[torch.zeros(3)] * 2), "masters has 2 tensors"),
+    ],
+)
+def test_extension_boundary_checks(change, match):
+    """cckernels._C.adamw_ema_ names the bad argument (these checks need no GPU)."""
+    _C = pytest.importorskip("cckernels._C", reason="cckernels._C was not built")
+    args = dict(params=[torch.zeros(3)], grads=[torch.zeros(3)], exp_avgs=[torch.zeros(3)], exp_avg_sqs=[torch.zeros(3)],
+                masters=[], emas=[], scalars=[1.0] * 8) | change  # fmt: skip
+    with pytest.raises(ValueError, match=match):
+        _C.adamw_ema_(**args)

@@ -45,6 +45,7 @@ DEFAULTS = {
         "random_crop": True,
         "random_flip": True,
         "workers": 2,
+        "caption_field": "text",  # or synthetic_text: the BLIP-2 captions of trainer.caption
     },
     "train": {
         "steps": 300,

@@ -85,7 +85,8 @@ def main(argv=None):
     # Frozen encoders: they encode each batch (unless latents were precomputed) and the samples.
     vae = encoders.load_vae(cfg["model"]["vae"], device)
     text_encoder = encoders.load_text_encoder(cfg["model"]["text_encoder"], device)
-    empty_ctx = text_encoder.empty_embedding().to(device)
+    # Caption dropout's empty caption, from the same encoder that made the training embeddings.
+    empty_ctx = loader.empty_embedding if latents_format else text_encoder.empty_embedding().to(device)
 
     # -- model, optimizer, EMA -----------------------------------------------------------------
     unet = UNet.from_config(cfg["model"]["unet"]).to(device)

@@ -229,7 +229,12 @@ class ResnetBlock(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention over tokens; keys and values from `context` (cross) or x (self)."""
+    """Multi-head attention over tokens; keys and values from `context` (cross) or x (self).
+
+    `attend(q, k, v)` on BLHD tensors is ck.attention; benchmarks may set another function of
+    the same contract on an instance (a materializing baseline, PyTorch's SDPA)."""
+
+    attend = staticmethod(ck.attention)
 
     def __init__(self, dim, heads, context_dim, dropout):
         super().__init__()
@@ -246,7 +251,7 @@ class Attention(nn.Module):
         q = self.to_q(x).view(B, Lq, self.heads, -1)
         k = self.to_k(context).view(B, Lk, self.heads, -1)
         v = self.to_v(context).view(B, Lk, self.heads, -1)
-        return self.to_out(ck.attention(q, k, v).reshape(B, Lq, -1))
+        return self.to_out(self.attend(q, k, v).reshape(B, Lq, -1))
 
 
 class GEGLU(nn.Module):

@@ -22,6 +22,9 @@ from cckernels.triton.multi_tensor import check_same_layout, lerp, load, program
 BLOCK = 1024
 ITERS = 4
 CHUNK = BLOCK * ITERS  # elements per program
+# 8 warps: with 4, each thread holds 8 elements of 6 buffers and ptxas for sm90 spills at 255
+# registers (sm80: 105); with 8 it needs 58 (python -m cckernels.inspect --op adamw_ema_).
+NUM_WARPS = 8
 
 
 @triton.jit
@@ -108,4 +111,22 @@ def adamw_ema_(params, grads, exp_avgs, exp_avg_sqs, masters, emas, scalars):
     _adamw_ema_kernel[(len(tensors),)](
         *bases, offsets, len(keep), sizes, tensors, chunks, *scalars,
         HAS_MASTER=masters is not None, HAS_EMA=emas is not None, ALIGNED=aligned, BLOCK=BLOCK, ITERS=ITERS,
+        num_warps=NUM_WARPS,
     )  # fmt: skip
+
+
+# Ahead-of-time inspection (python -m cckernels.inspect): fp16/bf16 params carry fp32 masters;
+# the aligned full-chunk path must move 16 bytes per load on sm90.
+def _inspect_args(dtype):
+    return {
+        "param_base": "*T", "grad_base": "*T", "*_base": "*fp32", "offsets": "*i64", "sizes": "*i64",
+        "tensors": "*i64", "chunks": "*i64", "decay_factor": "fp32", "beta*": "fp32", "step_size": "fp32",
+        "bc2_sqrt": "fp32", "eps": "fp32", "ema_w": "fp32",
+        "HAS_MASTER": dtype != torch.float32, "HAS_EMA": True, "ALIGNED": True, "BLOCK": BLOCK, "ITERS": ITERS,
+    }  # fmt: skip
+
+
+INSPECT = [{
+    "op": "adamw_ema_", "kernel": _adamw_ema_kernel, "dtypes": (torch.float32, torch.float16, torch.bfloat16),
+    "args": _inspect_args, "options": {"num_warps": NUM_WARPS}, "expect": {"sm90": {"ldg128": True}},
+}]  # fmt: skip

@@ -75,13 +75,14 @@ def _max_shared_memory(device):
     return triton.runtime.driver.active.utils.get_device_properties(device.index)["max_shared_mem"]
 
 
-def _prune(configs, named_args, footprint, short_kv_block=False, **kwargs):
-    """Configs that fit this device and these lengths, each block at most the padded length.
+def _prune(configs, named_args, footprint, short_kv_block=False, smem_limit=None, **kwargs):
+    """Configs that fit this device (or smem_limit bytes) and these lengths, each block at most
+    the padded length.
 
     short_kv_block: when Lk <= 128 every config takes all keys as one block (short-key path).
     """
     q = named_args["Q"]
-    smem_limit = _max_shared_memory(q.device)
+    smem_limit = smem_limit or _max_shared_memory(q.device)
     m_cap = max(16, triton.next_power_of_2(named_args["Lq"]))
     n_cap = max(16, triton.next_power_of_2(named_args["Lk"]))
     one_block = short_kv_block and n_cap <= 128
@@ -474,3 +475,37 @@ def attention(q, k, v, scale):
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _Attention.apply(q, k, v, scale)
     return _forward(q, k, v, scale)[0]
+
+
+# ----------------------------------------------------------------------------------------
+# Ahead-of-time inspection (python -m cckernels.inspect): what to compile for sm80/sm90 and
+# what the machine code must show. Head dims: SD2's 64, and 80 (padded to 128, masked).
+# ----------------------------------------------------------------------------------------
+def _inspect_args(head_dim):
+    def args(dtype):
+        q = torch.empty(1, 1, 1, head_dim, dtype=dtype, device="meta")
+        return {
+            "Q": "*T", "K": "*T", "V": "*T", "O": "*T", "DO": "*T", "DQ": "*T", "DK": "*T", "DV": "*T",
+            "LSE": "*fp32", "DELTA": "*fp32", "stride_*": "i32:16", "scale": "fp32", "qk_scale": "fp32",
+            "EVEN_M": True, "EVEN_N": True, "SHORT_KV": False, **_head_args(q),
+        }  # fmt: skip
+    return args
+
+
+def _inspect_configs(footprint):
+    """The configs _prune keeps for long sequences on a target with smem_limit bytes."""
+    def keep(configs, smem_limit, dtype, args):
+        q = torch.empty(0, dtype=dtype, device="meta")
+        return _prune(configs, {"Q": q, "Lq": 4096, "Lk": 4096}, footprint, smem_limit=smem_limit, BLOCK_D=args["BLOCK_D"])
+    return keep
+
+
+_TENSOR_CORES = {"sm80": {"hmma": True}, "sm90": {"hgmma": True}}
+_INSPECT = {"op": "attention", "dtypes": DTYPES, "variants": {"d64": _inspect_args(64), "d80": _inspect_args(80)},
+            "expect": lambda dtype: {} if dtype == torch.float32 else _TENSOR_CORES}  # fmt: skip
+INSPECT = [
+    {**_INSPECT, "kernel": _attn_fwd_kernel, "configs": _inspect_configs(_fwd_footprint)},
+    {**_INSPECT, "kernel": _attn_bwd_dkdv_kernel, "configs": _inspect_configs(_dkdv_footprint)},
+    {**_INSPECT, "kernel": _attn_bwd_dq_kernel, "configs": _inspect_configs(_dq_footprint)},
+    {**_INSPECT, "kernel": _attn_bwd_delta_kernel, "args": {"BLOCK_M": 64}, "expect": {}},
+]

@@ -69,3 +69,13 @@ def ema_update_(ema, params, decay):
             *bases, offsets[0], offsets[1], sizes, tensors, chunks, 1.0 - decay,
             ALIGNED=aligned, BLOCK=BLOCK, ITERS=ITERS,
         )  # fmt: skip
+
+
+# Ahead-of-time inspection (python -m cckernels.inspect): the aligned full-chunk path must
+# move 16 bytes per load on sm90.
+INSPECT = [{
+    "op": "ema_update_", "kernel": _ema_kernel, "dtypes": DTYPES,
+    "args": {"ema_base": "*fp32", "param_base": "*T", "*s": "*i64", "w": "fp32",
+             "ALIGNED": True, "BLOCK": BLOCK, "ITERS": ITERS},
+    "expect": {"sm90": {"ldg128": True}},
+}]  # fmt: skip

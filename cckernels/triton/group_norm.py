@@ -405,3 +405,32 @@ def group_norm(x, num_groups, weight, bias, eps, activation):
     """Backend entry (arguments validated by cckernels.group_norm); see the module docstring."""
     _check(x, weight, bias)
     return GroupNormFunction.apply(x, num_groups, weight, bias, eps, activation)
+
+
+# ----------------------------------------------------------------------------------------
+# Ahead-of-time inspection (python -m cckernels.inspect): what to compile for sm80/sm90 and
+# what the machine code must show. Variants: the two layouts at their GPU tile shapes, with
+# the unit stride Triton specializes to a constant (the vectorized path).
+# ----------------------------------------------------------------------------------------
+_ARGS = {
+    "x_ptr": "*T", "y_ptr": "*T", "dy_ptr": "*T", "dx_ptr": "*T", "*_ptr": "*fp32",
+    "C": "i32:16", "S": "i32:16", "CHUNK": "i32:16", "stride_*": "i32:16",
+    "HAS_WEIGHT": True, "HAS_BIAS": True, "SILU": True,
+}  # fmt: skip
+_LAYOUTS = {
+    "nchw": {"stride_s": 1, "BLOCK_C": TILE // MAX_BLOCK_S, "BLOCK_S": MAX_BLOCK_S},
+    "nhwc": {"stride_c": 1, "BLOCK_C": MAX_BLOCK_C, "BLOCK_S": TILE // MAX_BLOCK_C},
+}
+_STREAM = {"op": "group_norm", "dtypes": (torch.float32, torch.float16, torch.bfloat16), "args": _ARGS,
+           "variants": _LAYOUTS, "expect": {"sm90": {"ldg128": True}}}  # fmt: skip
+_REDUCE = {"op": "group_norm", "dtypes": (torch.float32,)}  # fp32 partials only
+_BLOCK_G, _BLOCK_P = _group_tiling(32, 10 * 16)  # SD2: 32 groups of 10 channels, 16 chunks
+INSPECT = [
+    {**_STREAM, "kernel": _channel_stats_kernel},
+    {**_STREAM, "kernel": _normalize_kernel},
+    {**_STREAM, "kernel": _backward_partials_kernel},
+    {**_STREAM, "kernel": _backward_dx_kernel},
+    {**_REDUCE, "kernel": _group_stats_kernel, "args": {**_ARGS, "BLOCK_G": _BLOCK_G, "BLOCK_P": _BLOCK_P}},
+    {**_REDUCE, "kernel": _backward_group_kernel, "args": {**_ARGS, "BLOCK_G": _BLOCK_G, "BLOCK_P": _BLOCK_P}},
+    {**_REDUCE, "kernel": _backward_affine_kernel, "args": {**_ARGS, "BLOCK_R": 16, "BLOCK_C": 64}},  # as on a GPU
+]

@@ -8,12 +8,15 @@
         state["data_position"] = loader.position()
 
 `data.path: builtin` reads the Creative-Commons sample photographs (`builtin_dataset_path()`).
+`data.format: latents` reads a folder written by `python -m trainer.precompute` and yields
+(latents, text_embeddings) instead; `loader.empty_embedding` is the empty caption's.
+`data.caption_field: synthetic_text` trains on the captions `python -m trainer.caption` wrote.
 """
 
 from trainer.data.builtin import builtin_dataset_path
 from trainer.data.config import DataConfig
 from trainer.data.index import DatasetIndex, build_index
-from trainer.data.loader import Loader, make_loader
+from trainer.data.loader import LatentLoader, Loader, decode_once, make_loader
 
-__all__ = ["DataConfig", "DatasetIndex", "Loader", "build_index", "builtin_dataset_path",
-           "make_loader"]
+__all__ = ["DataConfig", "DatasetIndex", "LatentLoader", "Loader", "build_index",
+           "builtin_dataset_path", "decode_once", "make_loader"]

@@ -3,16 +3,18 @@
 import dataclasses
 from dataclasses import dataclass
 
-FORMATS = ("folder", "webdataset")
+FORMATS = ("folder", "webdataset", "latents")
 BACKENDS = ("dali", "pil")
 LAYOUTS = ("NCHW", "NHWC")
 DTYPES = ("float32", "bfloat16")
+CAPTION_FIELDS = ("text", "synthetic_text")
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    path: str = "builtin"       # a folder, a WebDataset .tar or folder of .tar, or "builtin"
-    format: str = "folder"      # folder | webdataset
+    path: str = "builtin"       # a folder, a WebDataset .tar or folder of .tar, "builtin",
+                                # or (format latents) a folder written by trainer.precompute
+    format: str = "folder"      # folder | webdataset | latents
     backend: str = "dali"       # dali | pil; dali falls back to pil when not importable
     resolution: int = 64        # square output side in pixels
     random_crop: bool = True    # False: centre crop
@@ -20,6 +22,7 @@ class DataConfig:
     workers: int = 2            # PIL DataLoader processes, or DALI CPU threads
     layout: str = "NCHW"        # NCHW | NHWC
     dtype: str = "float32"      # float32 | bfloat16
+    caption_field: str = "text"  # text | synthetic_text (written by trainer.caption)
 
     @classmethod
     def from_dict(cls, d):
@@ -36,7 +39,7 @@ class DataConfig:
 
     def _check(self):
         for name, allowed in (("format", FORMATS), ("backend", BACKENDS), ("layout", LAYOUTS),
-                              ("dtype", DTYPES)):
+                              ("dtype", DTYPES), ("caption_field", CAPTION_FIELDS)):
             value = getattr(self, name)
             if value not in allowed:
                 raise ValueError(f"data.{name}={value!r}; expected one of {list(allowed)}")

@@ -8,6 +8,8 @@ keyed by size and modification time, so a second run only re-checks what changed
 Folder: images (.jpg .jpeg .png .webp, any depth); caption from a metadata.jsonl row
 (Hugging Face imagefolder: file_name relative to the jsonl's folder, text, and optional
 license, source), else from a same-name .txt next to the image, else "" (counted).
+caption_field="synthetic_text" takes that field of the rows instead (trainer.caption writes
+it), and of a WebDataset sample's .json; .txt captions are then not used.
 WebDataset: .tar shards; a sample is the members sharing a key (the name up to the first
 dot of its basename); image from its jpg/jpeg/png/webp member, caption from .txt, else from
 .json ("caption" or "text", plus optional license, source). Each shard needs the index
@@ -74,17 +76,23 @@ class DatasetIndex:
 
     def report(self, out_dir=None):
         """Logs the counts and writes <out_dir>/skipped_files.txt (name <TAB> reason)."""
-        where = ""
-        if out_dir is not None and self.skipped:
-            os.makedirs(out_dir, exist_ok=True)
-            path = os.path.join(out_dir, "skipped_files.txt")
-            with open(path, "w") as f:
-                f.writelines(f"{name}\t{reason}\n" for name, reason in self.skipped)
-            where = f" (listed in {path})"
+        where = list_skipped(out_dir, "skipped_files.txt", self.skipped)
         log.info("data: %d images in %s, %d unreadable skipped%s, %d without caption",
                  len(self.samples), self.root, len(self.skipped), where, self.missing_captions)
         for name, reason in self.skipped[:5]:
             log.warning("data: skipped %s: %s", name, reason)
+
+
+def list_skipped(out_dir, filename, skipped):
+    """Writes the (name, reason) pairs to <out_dir>/<filename>, one 'name <TAB> reason' line
+    each, when there are any and out_dir is given; returns ' (listed in PATH)' or ''."""
+    if out_dir is None or not skipped:
+        return ""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, filename)
+    with open(path, "w") as f:
+        f.writelines(f"{name}\t{reason}\n" for name, reason in skipped)
+    return f" (listed in {path})"
 
 
 def read_bytes(path, offset, size):
@@ -118,7 +126,7 @@ def check_image(data):
     return None
 
 
-def build_index(path, format="folder", *, cache_dir=None, workers=None):
+def build_index(path, format="folder", *, cache_dir=None, workers=None, caption_field="text"):
     """Scans and validates the dataset at `path`; raises ValueError when no image is usable."""
     root = Path(path).expanduser().resolve()
     if not root.exists():
@@ -126,9 +134,9 @@ def build_index(path, format="folder", *, cache_dir=None, workers=None):
     if format == "folder":
         if not root.is_dir():
             raise ValueError(f"data.path {str(path)!r} is not a folder (data.format=folder)")
-        candidates, captions = _scan_folder(root)
+        candidates, captions = _scan_folder(root, caption_field)
     elif format == "webdataset":
-        candidates, captions = _scan_webdataset(root)
+        candidates, captions = _scan_webdataset(root, caption_field)
     else:
         raise ValueError(f"build_index reads format 'folder' or 'webdataset', got {format!r}")
 
@@ -154,7 +162,7 @@ def build_index(path, format="folder", *, cache_dir=None, workers=None):
 # ---- folders ----------------------------------------------------------------------------
 
 
-def _scan_folder(root):
+def _scan_folder(root, caption_field):
     files = sorted(p for p in root.rglob("*")
                    if p.suffix[1:].lower() in IMAGE_EXTS and p.is_file()
                    and not any(part.startswith(".") for part in p.relative_to(root).parts))
@@ -163,7 +171,7 @@ def _scan_folder(root):
     captions = {}
     for c in candidates:
         txt = Path(c.path).with_suffix(".txt")
-        if txt.is_file():
+        if caption_field == "text" and txt.is_file():
             captions[c.name] = {"text": txt.read_text(encoding="utf-8", errors="replace").strip()}
     for jsonl in sorted(root.rglob("metadata.jsonl")):
         prefix = jsonl.parent.relative_to(root).as_posix()
@@ -177,7 +185,7 @@ def _scan_folder(root):
                 raise ValueError(f"{jsonl}:{lineno}: expected a JSON object with 'file_name' "
                                  f"({type(e).__name__}: {e})") from None
             key = name if prefix == "." else f"{prefix}/{name}"
-            captions[key] = {"text": str(row.get("text", "")).strip(),
+            captions[key] = {"text": str(row.get(caption_field) or "").strip(),
                              "license": row.get("license", ""), "source": row.get("source", "")}
     return candidates, captions
 
@@ -185,7 +193,7 @@ def _scan_folder(root):
 # ---- WebDataset shards --------------------------------------------------------------------
 
 
-def _scan_webdataset(root):
+def _scan_webdataset(root, caption_field):
     shards = sorted(root.glob("*.tar")) if root.is_dir() else [root]
     if not shards or any(s.suffix != ".tar" for s in shards):
         raise ValueError(f"data.path {str(root)!r}: expected a .tar shard or a folder of them")
@@ -199,11 +207,11 @@ def _scan_webdataset(root):
                     continue  # e.g. a stray metadata member; nothing to train on
                 name = f"{shard.name}/{image[2]}"
                 candidates.append(_Candidate(str(shard), image[0], image[1], name))
-                captions[name] = _wds_caption(f, by_ext)
+                captions[name] = _wds_caption(f, by_ext, caption_field)
     return candidates, captions
 
 
-def _wds_caption(f, by_ext):
+def _wds_caption(f, by_ext, caption_field):
     def member(ext):
         off, size, _ = by_ext[ext]
         f.seek(off)
@@ -216,9 +224,10 @@ def _wds_caption(f, by_ext):
         except json.JSONDecodeError:
             row = None  # a broken json member only costs the caption, not the image
         if isinstance(row, dict):
-            meta = {"text": str(row.get("caption", row.get("text", ""))).strip(),
+            text = row.get("caption", row.get("text")) if caption_field == "text" else row.get(caption_field)
+            meta = {"text": str(text or "").strip(),
                     "license": row.get("license", ""), "source": row.get("source", "")}
-    if "txt" in by_ext:
+    if caption_field == "text" and "txt" in by_ext:
         meta["text"] = member("txt").strip()
     return meta or None
 

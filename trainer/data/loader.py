@@ -12,8 +12,11 @@ Order, sharding and resuming are decided here, on the host, identically for both
   - position: (epoch, samples this rank has delivered in the epoch); equal on all ranks.
     Resuming from a stored position yields exactly the rest of that epoch (same world size
     and batch size), then carries on with the next epochs as if never stopped.
+data.format=latents follows the same rules over precomputed samples (trainer/data/latents.py).
+decode_once is trainer.precompute's single pass: the given samples, in order, each once.
 """
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -22,6 +25,7 @@ import torch
 from trainer.data.builtin import builtin_dataset_path
 from trainer.data.config import DataConfig
 from trainer.data.index import build_index
+from trainer.data.latents import LatentReader, load_latent_index
 
 log = logging.getLogger("trainer.data")
 
@@ -34,6 +38,8 @@ def make_loader(cfg_data, batch_size, rank=0, world_size=1, seed=0, device="cpu"
     values in [-1, 1]. captions: list of B strings ("" where a sample has none).
     `out_dir` receives skipped_files.txt (rank 0); `cache_dir` holds the validation cache
     and the built-in images.
+    data.format=latents yields (latents (B, C, R/f, R/f), text embeddings (B, 77, dim)) instead,
+    same layout and dtype rules, and the loader has `empty_embedding` (1, 77, dim) on `device`.
     """
     cfg = DataConfig.from_dict(cfg_data)
     if type(batch_size) is not int or batch_size < 1:
@@ -47,12 +53,46 @@ def make_loader(cfg_data, batch_size, rank=0, world_size=1, seed=0, device="cpu"
     rank0_first = world_size > 1 and dist.is_available() and dist.is_initialized()
     if rank0_first and rank != 0:
         dist.barrier()
-    path = builtin_dataset_path(cache_dir) if cfg.path == "builtin" else cfg.path
-    index = build_index(path, cfg.format, cache_dir=cache_dir)
+    if cfg.format == "latents":
+        index = load_latent_index(cfg.path, cfg, cache_dir=cache_dir)
+    else:
+        path = builtin_dataset_path(cache_dir) if cfg.path == "builtin" else cfg.path
+        index = build_index(path, cfg.format, cache_dir=cache_dir, caption_field=cfg.caption_field)
     if rank0_first and rank == 0:
         dist.barrier()
     index.report(out_dir if rank == 0 else None)
 
+    if cfg.format == "latents":
+        reader = LatentReader(index, cfg, batch_size, device)
+        log.info("data: precomputed latents at %d px, %d batches of %d per rank per epoch",
+                 cfg.resolution, len(index) // world_size // batch_size, batch_size)
+        return LatentLoader(index, reader, batch_size, rank, world_size, seed, start)
+    decoder = _decoder(index, cfg, batch_size, seed, device)
+    log.info("data: backend %s, %d batches of %d per rank per epoch", decoder.name,
+             len(index) // world_size // batch_size, batch_size)
+    return Loader(index, decoder, batch_size, rank, world_size, seed, start)
+
+
+def decode_once(index, cfg_data, ids, batch_size, device="cpu"):
+    """(images, ids) batches of the samples `ids` of `index`, in that order, each exactly once,
+    the last batch possibly smaller; centre crop and no flip whatever cfg_data says."""
+    cfg = dataclasses.replace(DataConfig.from_dict(cfg_data), random_crop=False, random_flip=False)
+    ids = np.asarray(ids, dtype=np.int64)
+    if len(ids) == 0:
+        return
+    # Decoders take whole batches (DALI's reader splits its list into equal batches), so the
+    # last batch is padded with repeats of the last id, and the repeats are dropped here.
+    padded = np.concatenate([ids, np.repeat(ids[-1:], -len(ids) % batch_size)])
+    decoder = _decoder(index, cfg, batch_size, 0, torch.device(device))
+    left = len(ids)
+    for images, got in decoder.stream([(0, [padded])], 0):
+        yield images[:left], got[:left]
+        left -= len(got)
+        if left <= 0:
+            break
+
+
+def _decoder(index, cfg, batch_size, seed, device):
     backend = cfg.backend
     if backend == "dali":
         try:
@@ -65,10 +105,7 @@ def make_loader(cfg_data, batch_size, rank=0, world_size=1, seed=0, device="cpu"
         from trainer.data.dali import DaliDecoder as Decoder
     else:
         from trainer.data.pil import PilDecoder as Decoder
-    decoder = Decoder(index, cfg, batch_size, seed, device)
-    log.info("data: backend %s, %d batches of %d per rank per epoch", decoder.name,
-             len(index) // world_size // batch_size, batch_size)
-    return Loader(index, decoder, batch_size, rank, world_size, seed, start)
+    return Decoder(index, cfg, batch_size, seed, device)
 
 
 def epoch_order(index, seed, epoch):
@@ -114,7 +151,11 @@ class Loader:
             self._sample += len(ids)
             if self._sample == self.samples_per_epoch:
                 self._epoch, self._sample = self._epoch + 1, 0
-            yield images, [self.index.samples[i].caption for i in ids]
+            yield images, self.labels(ids)
+
+    def labels(self, ids):
+        """What a batch pairs with its images: the samples' captions."""
+        return [self.index.samples[i].caption for i in ids]
 
     def _plans(self):
         """(epoch, every rank's sample ids) from the current position on, forever. Decoders
@@ -123,3 +164,15 @@ class Loader:
         while True:
             yield epoch, self.shards(epoch, start)
             epoch, start = epoch + 1, 0
+
+
+class LatentLoader(Loader):
+    """data.format=latents: yields (latents, text embeddings); `empty_embedding` is the empty
+    caption's (1, 77, dim), for caption dropout."""
+
+    def __init__(self, index, reader, *args):
+        super().__init__(index, reader, *args)
+        self.empty_embedding = reader.empty_embedding()
+
+    def labels(self, ids):
+        return self.decoder.read("text_embeddings", ids)

@@ -1,0 +1,654 @@
+"""End-to-end training throughput of the SD2-base UNet: the plain-PyTorch baseline recipe, our
+optimizations switched on one after another (cumulative, as CommonCanvas's ablation), and the
+strongest plain-PyTorch recipe a user could pick instead.
+
+    python benchmarks/bench_train.py [--out DIR] [--resolution 256|512] [--batch 32] [--steps 10]
+    torchrun --standalone --nproc_per_node=8 benchmarks/bench_train.py     # a world of 8 GPUs
+    python benchmarks/bench_train.py --count-flops    # recount the UNet's FLOPs per image and exit
+    python benchmarks/bench_train.py --tiny           # tiny config on the CPU in seconds (smoke test)
+
+Every row is a full training step as trainer/train.py runs it: data -> (VAE + text encoder when
+online) -> caption dropout -> UNet forward/backward under bf16 autocast (fp32 weights) through a
+DDP wrapper -> gradient clipping -> optimizer -> EMA. Rows (cumulative unless said otherwise):
+  baseline       attention materializing the softmax (ck.attention's "torch" reference: scores
+                 and probabilities stored, as the original latent-diffusion code), torch.nn.GroupNorm
+                 (autocast runs it in fp32) then a separate SiLU, torch.optim.AdamW with its
+                 defaults (foreach, not fused), a per-tensor EMA every step, JPEGs decoded by the
+                 PIL DataLoader and encoded online by the VAE and text encoder (random SD2-size
+                 encoders, configs/encoders/sd2.yaml, unless --vae/--text-encoder give local
+                 folders), torch's DistributedDataParallel
+  + our attention / + our GroupNorm+SiLU    the best cckernels backend (triton or cuda)
+  + channels_last
+  + fused AdamW+EMA, scheduled EMA   cckernels.FusedAdamWEMA + trainer.ema.ScheduledEMA. The EMA
+                 only runs in the last --ema-fraction of training (CommonCanvas: 3.5%), so the
+                 step time is (1 - f) * t(no EMA) + f * t(fused EMA), both measured; the peak
+                 memory includes the EMA shadow
+  + DALI decoding   (before precomputed latents, which remove decoding from the loop: after
+                 them DALI would change nothing)
+  + precomputed latents   data.format=latents written by trainer.precompute, no encoders
+  + our DDP      trainer.ddp.DistributedDataParallel
+  + larger micro-batch   the largest multiple of 8 whose estimated peak (persistent memory + the
+                 previous row's activation memory per image) fits 90% of the GPU; halved
+                 steps back on out-of-memory
+  plain PyTorch best (not cumulative): SDPA (PyTorch's own backend choice), torch.compile,
+                 AdamW(fused=True), torch._foreach_lerp_ EMA every step, precomputed latents,
+                 channels_last, torch DDP, at the baseline micro-batch
+A row whose pieces are missing (DALI not installed, no triton/cuda backend for an op) is
+reported as skipped with the reason, and later rows go on without that piece. A world of 1
+still wraps the model in DDP (an initialized one-process group), so the code path runs.
+
+Timing: one CUDA-synchronized wall time per step after --warmup steps (compilation, autotuning,
+optimizer state allocation), median with 20/80 quantiles over --steps steps. Not
+triton.testing.do_bench: a step consumes the data pipeline, whose host time must count.
+images/s = world * micro-batch / median step time.
+Model FLOPs per image per training step (forward + backward of the UNet, no recomputation,
+encoders not counted), counted with torch.utils.flop_counter.FlopCounterMode on the meta
+device (--count-flops prints them): SD2 UNet 539 GFLOP at 256 px, 2,409 at 512 px.
+MFU = FLOPs per image * images/s / peak, against the bf16 dense matmul peak measured here
+(an 8192^3 bf16 matmul, do_bench) and against the nominal 989 TFLOP/s of an H100 SXM.
+Writes bench_train.json (after every row, so an interrupted run keeps what it measured) and
+bench_train.png to --out (default benchmarks/results/local).
+"""
+
+import argparse
+import dataclasses
+import datetime
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # trainer, cckernels and bench_data from a checkout
+
+import cckernels as ck  # noqa: E402
+from bench_data import make_dataset  # noqa: E402
+from trainer import diffusion, encoders  # noqa: E402
+from trainer.config import load as load_config  # noqa: E402
+from trainer.unet import Attention, UNet  # noqa: E402
+
+SD2_GFLOP_PER_IMAGE = {256: 539.0, 512: 2409.0}  # counted by --count-flops (torch 2.14)
+H100_SXM_BF16_TFLOPS = 989.0  # nominal dense bf16 peak
+EMA_DECAY = 0.9999
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    attention: str = "materialized"  # materialized | ours | sdpa
+    group_norm: str = "torch"  # torch (nn.GroupNorm + SiLU) | ours (ck.group_norm, fused SiLU)
+    channels_last: bool = False
+    optimizer: str = "adamw"  # adamw (defaults) | adamw_fused | fused_ema (ck.FusedAdamWEMA)
+    ema: str = "per_tensor"  # per_tensor | foreach_lerp | scheduled
+    data: str = "online"  # online (decode + VAE + text encoder every step) | latents
+    decoder: str = "pil"  # pil | dali (online data only)
+    ddp: str = "torch"  # torch | ours
+    batch: str = "base"  # base | max
+    compile: bool = False
+
+
+LADDER = [
+    ("baseline", {}),
+    ("+ our attention", {"attention": "ours"}),
+    ("+ our GroupNorm+SiLU", {"group_norm": "ours"}),
+    ("+ channels_last", {"channels_last": True}),
+    ("+ fused AdamW+EMA, scheduled EMA", {"optimizer": "fused_ema", "ema": "scheduled"}),
+    ("+ DALI decoding", {"decoder": "dali"}),
+    ("+ precomputed latents", {"data": "latents"}),
+    ("+ our DDP", {"ddp": "ours"}),
+    ("+ larger micro-batch", {"batch": "max"}),
+]
+PLAIN = ("plain PyTorch best", Recipe(attention="sdpa", channels_last=True, optimizer="adamw_fused",
+                                      ema="foreach_lerp", data="latents", compile=True))
+
+
+# --- model pieces the recipes swap ---------------------------------------------------------------
+
+class TorchGroupNormSiLU(torch.nn.GroupNorm):
+    """torch.nn.GroupNorm then a separate SiLU pass: what a plain PyTorch UNet runs (under
+    autocast torch's group_norm computes and returns fp32)."""
+
+    def __init__(self, num_groups, num_channels, eps, affine, activation):
+        super().__init__(num_groups, num_channels, eps=eps, affine=affine)
+        self.activation = activation
+
+    def forward(self, x):
+        y = super().forward(x)
+        return F.silu(y) if self.activation == "silu" else y
+
+
+def plain_group_norm(model):
+    """Swap every ck.nn.GroupNorm of `model` for TorchGroupNormSiLU in place; returns how many."""
+    replaced = 0
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, ck.nn.GroupNorm):
+                new = TorchGroupNormSiLU(child.num_groups, child.num_channels, child.eps, child.affine,
+                                         child.activation).to(child.weight.device)
+                new.load_state_dict(child.state_dict())
+                setattr(parent, name, new)
+                replaced += 1
+    return replaced
+
+
+def materialized_attention(q, k, v):
+    """The baseline: scores and softmax stored in full (ck.attention's torch reference)."""
+    return ck.attention(q, k, v, backend="torch")
+
+
+def sdpa_attention(q, k, v):
+    """PyTorch's fused SDPA on (B, H, L, D) views of the BLHD tensors, backend chosen by PyTorch."""
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+
+ATTENTION = {"materialized": materialized_attention, "ours": ck.attention, "sdpa": sdpa_attention}
+
+
+def set_attention(model, fn):
+    """Point every Attention of `model` at fn(q, k, v); returns how many."""
+    blocks = [m for m in model.modules() if isinstance(m, Attention)]
+    for m in blocks:
+        m.attend = fn
+    return len(blocks)
+
+
+def build_unet(unet_cfg, recipe, device):
+    with torch.device(device):  # random init on the device: seconds, not a minute on the CPU
+        unet = UNet.from_config(unet_cfg)
+    if recipe.group_norm == "torch":
+        plain_group_norm(unet)
+    set_attention(unet, ATTENTION[recipe.attention])
+    if recipe.channels_last:
+        unet = unet.to(memory_format=torch.channels_last)
+    return unet
+
+
+# --- FLOPs and peak --------------------------------------------------------------------------------
+
+def count_flops(unet_cfg, resolution, batch=1):
+    """UNet forward + backward FLOPs per image at `resolution` px (8x VAE), counted on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        unet = UNet.from_config(unet_cfg)
+        side = resolution // 8
+        x = torch.randn(batch, unet.config["in_channels"], side, side)
+        t = torch.randint(0, 1000, (batch,))
+        ctx = torch.randn(batch, 77, unet.config["cross_attention_dim"])
+        counter = FlopCounterMode(display=False)
+        with counter:
+            unet(x, t, ctx).float().square().mean().backward()
+    return counter.get_total_flops() / batch
+
+
+def measured_peak_tflops(device):
+    """bf16 dense matmul rate on this device (fp32 on a CPU), TFLOP/s."""
+    if device.type != "cuda":
+        a = torch.randn(512, 512)
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            a @ a
+            times.append(time.perf_counter() - t0)
+        return 2 * 512**3 / float(np.median(times)) / 1e12
+    from triton.testing import do_bench
+
+    n = 8192
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    ms = do_bench(lambda: a @ b, warmup=100, rep=500)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+# --- one row ----------------------------------------------------------------------------------------
+
+def missing_piece(change, device, tiny):
+    """Why `change` (a LADDER entry's dict) cannot run here, or None."""
+    for op, key in (("attention", "attention"), ("group_norm", "group_norm")):
+        if change.get(key) == "ours":
+            best = ck.available_backends(device)[op][0]
+            if best == "torch" and not tiny:
+                return f"no triton or cuda backend for ck.{op} on {device.type}"
+    if change.get("decoder") == "dali":
+        try:
+            import nvidia.dali  # noqa: F401
+        except ImportError as e:
+            return f"DALI not importable ({e})"
+    if change.get("optimizer") == "fused_ema" and not hasattr(ck, "FusedAdamWEMA"):
+        return "cckernels.FusedAdamWEMA not present (branch ema not merged)"
+    if change.get("data") == "latents":
+        try:
+            import trainer.precompute  # noqa: F401
+        except ImportError as e:
+            return f"trainer.precompute not importable ({e})"
+    return None
+
+
+class Shared:
+    """What rows reuse: encoders (online rows), the JPEG folder and the latents folder."""
+
+    def __init__(self, args, cfg, world, rank, device):
+        self.args, self.cfg, self.world, self.rank, self.device = args, cfg, world, rank, device
+        self._encoders = None
+        self._latents = None
+
+    def encoders(self):
+        if self._encoders is None:
+            vae = encoders.load_vae(self.cfg["model"]["vae"], self.device)
+            text = encoders.load_text_encoder(self.cfg["model"]["text_encoder"], self.device)
+            self._encoders = (vae, text, text.empty_embedding())
+        return self._encoders
+
+    def drop_encoders(self):
+        self._encoders = None
+
+    def latents(self):
+        """trainer.precompute's folder for the JPEGs at this resolution (made once, then reused)."""
+        if self._latents is None:
+            from trainer.precompute import precompute
+
+            a = self.args
+            out = a.cache / f"bench-train-latents-{a.images}-{a.resolution}-{a.encoders_name}"
+            precompute(self.image_data("pil"), self.cfg["model"]["vae"], self.cfg["model"]["text_encoder"],
+                       [a.resolution], out, batch_size=32, shard_size=256, rank=self.rank,
+                       world_size=self.world, device=self.device, cache_dir=a.cache)
+            self._latents = out
+        return self._latents
+
+    def image_data(self, backend):
+        a = self.args
+        return {"path": str(a.jpegs), "format": "folder", "backend": backend, "resolution": a.resolution,
+                "workers": a.workers}
+
+
+def make_loader(recipe, batch, shared):
+    from trainer.data import make_loader as trainer_loader
+
+    a = shared.args
+    if recipe.data == "latents":
+        cfg = {"path": str(shared.latents()), "format": "latents", "resolution": a.resolution}
+    else:
+        cfg = shared.image_data(recipe.decoder)
+    return trainer_loader(cfg, batch, rank=shared.rank, world_size=shared.world, seed=0, device=shared.device,
+                          cache_dir=a.cache)
+
+
+def make_optimizer(recipe, unet, ema_start):
+    """(optimizer, ema_step(step)); ema_step runs after each optimizer step."""
+    params = [p for p in unet.parameters() if p.requires_grad]
+    lr, wd = 1e-4, 0.01
+    if recipe.optimizer == "fused_ema":
+        optimizer = ck.FusedAdamWEMA(params, lr=lr, weight_decay=wd)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=wd, fused=recipe.optimizer == "adamw_fused" or None)
+    if recipe.ema == "scheduled":
+        from trainer.ema import ScheduledEMA
+
+        ema = ScheduledEMA(unet, decay=EMA_DECAY, start_step=ema_start, optimizer=optimizer)
+        return optimizer, ema.step
+    with torch.no_grad():
+        shadow = [p.detach().float().clone() for p in params]
+    if recipe.ema == "per_tensor":
+        return optimizer, lambda step: ck.ema_update_(shadow, params, EMA_DECAY, backend="torch")
+    return optimizer, lambda step: torch._foreach_lerp_(shadow, [p.detach() for p in params], 1.0 - EMA_DECAY)
+
+
+def wrap(recipe, unet, args):
+    if recipe.ddp == "ours":
+        from trainer.ddp import DistributedDataParallel
+
+        model = DistributedDataParallel(unet)
+    else:
+        model = torch.nn.parallel.DistributedDataParallel(unet, device_ids=[unet.conv_in.weight.device]
+                                                          if unet.conv_in.weight.is_cuda else None)
+    return torch.compile(model, backend=args.compile_backend) if recipe.compile else model
+
+
+def run_row(recipe, batch, shared):
+    """Times one recipe; returns {step times, peak and persistent memory, backends used}."""
+    a, device = shared.args, shared.device
+    cuda = device.type == "cuda"
+    torch.manual_seed(shared.rank)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    unet = build_unet(shared.cfg["model"]["unet"], recipe, device)
+    model = wrap(recipe, unet, a)
+    scheduled = recipe.ema == "scheduled"
+    # Scheduled EMA starts after the untimed step that follows the first timed window.
+    optimizer, ema_step = make_optimizer(recipe, unet, ema_start=a.warmup + a.steps + 1)
+    if recipe.data == "latents":
+        shared.drop_encoders()
+    loader = make_loader(recipe, batch, shared)
+    batches = iter(loader)
+    if recipe.data == "latents":
+        vae, text, empty = None, None, loader.empty_embedding
+    else:
+        vae, text, empty = shared.encoders()
+    schedule = diffusion.NoiseSchedule().to(device)
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=cuda)
+
+    def step(i):
+        images, captions = next(batches)
+        with torch.no_grad(), autocast:
+            if recipe.data == "latents":
+                latents, ctx = images, captions
+            else:
+                latents, ctx = encoders.encode_images(vae, images.to(device)), text.encode(captions)
+            ctx = diffusion.drop_captions(ctx, empty, 0.1)
+        with autocast:
+            loss = diffusion.training_loss(model, schedule, latents, ctx)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        ema_step(i)
+        optimizer.zero_grad(set_to_none=True)
+
+    def window(first, n):
+        times = []
+        for i in range(first, first + n):
+            t0 = time.perf_counter()
+            step(i)
+            if cuda:
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t0)
+        return times
+
+    window(0, a.warmup)
+    times = window(a.warmup, a.steps)
+    result = {"step_s": times}
+    if scheduled:
+        window(a.warmup + a.steps, 1)  # the EMA starts here: a one-time copy of the weights
+        result["step_s_ema"] = window(a.warmup + a.steps + 1, max(1, a.steps // 2))
+    if cuda:
+        result["peak_bytes"] = torch.cuda.max_memory_allocated(device)
+        result["persistent_bytes"] = torch.cuda.memory_allocated(device)  # weights, states, encoders
+    used = ck.used_backends()
+    result["backends"] = {
+        "attention": used["attention"] if recipe.attention == "ours" else recipe.attention,
+        "group_norm": used["group_norm"] if recipe.group_norm == "ours" else "torch.nn+silu",
+    }
+    del batches, loader, model, unet, optimizer, ema_step
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return result
+
+
+def measure(recipe, name, rows, shared):
+    """Runs one row; the larger micro-batch steps back (halving the increase) on out-of-memory."""
+    a = shared.args
+    batch = a.batch
+    if recipe.batch == "max":
+        prev = next((r for r in reversed(rows[:-1]) if "images_per_s" in r), None)
+        batch = max_batch(prev, a.batch, shared.device, a.tiny) if prev else a.batch
+    while True:
+        try:
+            result = run_row(recipe, batch, shared)
+            break
+        except Exception as e:  # noqa: BLE001  a row failing is reported, not fatal
+            if not (is_oom(e) and recipe.batch == "max" and batch > a.batch):
+                return {"status": f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+            batch = max(a.batch, (a.batch + batch) // 2 // 8 * 8)
+        # Out of the except block the traceback, and the row's tensors it holds, are gone.
+        gc.collect()
+        torch.cuda.empty_cache()
+    return {**summarize(result, batch, shared.world, a.ema_fraction), **result}
+
+
+def summarize(result, batch, world, ema_fraction):
+    """Median step time with 20/80 quantiles; a scheduled EMA row mixes its two windows."""
+    q = np.quantile(result["step_s"], [0.2, 0.5, 0.8])
+    if "step_s_ema" in result:
+        q = (1 - ema_fraction) * q + ema_fraction * np.quantile(result["step_s_ema"], [0.2, 0.5, 0.8])
+    q20, med, q80 = (float(v) for v in q)
+    return {"batch": batch, "step_ms": med * 1e3, "step_ms_q20": q20 * 1e3, "step_ms_q80": q80 * 1e3,
+            "images_per_s": world * batch / med}
+
+
+def max_batch(prev, base, device, tiny):
+    """The larger micro-batch: fits 90% of the GPU by the previous row's memory per image."""
+    if tiny or device.type != "cuda":
+        return 2 * base  # no memory model on the CPU: the path only
+    per_image = (prev["peak_bytes"] - prev["persistent_bytes"]) / prev["batch"]
+    capacity = 0.9 * torch.cuda.get_device_properties(device).total_memory
+    fit = int((capacity - prev["persistent_bytes"]) / per_image)
+    return max(base, fit // 8 * 8)
+
+
+def is_oom(e):
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+# --- output ----------------------------------------------------------------------------------------------
+
+def add_ratios(rows, flops_per_image, peak_tflops):
+    done = [r for r in rows if "images_per_s" in r]
+    base = next((r for r in done if r["name"] == "baseline"), None)
+    plain = next((r for r in done if r["name"] == PLAIN[0]), None)
+    for r in done:
+        rate = r["images_per_s"]
+        r["speedup_vs_baseline"] = rate / base["images_per_s"] if base else None
+        r["speedup_vs_plain_pytorch"] = rate / plain["images_per_s"] if plain else None
+        r["tflops"] = flops_per_image * rate / 1e12
+        r["mfu_measured_peak"] = r["tflops"] / peak_tflops
+        r["mfu_h100_nominal"] = r["tflops"] / H100_SXM_BF16_TFLOPS
+
+
+def print_table(rows):
+    head = (f"{'recipe':<36}{'batch':>6}{'img/s':>9}{'step ms (q20-q80)':>26}{'peak GiB':>10}"
+            f"{'x base':>8}{'x plain':>8}{'MFU':>7}{'MFU989':>8}  backends")
+    print(head)
+    for r in rows:
+        if "images_per_s" not in r:
+            print(f"{r['name']:<36}  {r['status']}")
+            continue
+        mem = f"{r['peak_bytes'] / 2**30:.1f}" if "peak_bytes" in r else "-"
+        ratio = lambda v: f"{v:.2f}x" if v else "-"  # noqa: E731
+        steps = f"{r['step_ms']:.1f} ({r['step_ms_q20']:.1f}-{r['step_ms_q80']:.1f})"
+        backends = ",".join(f"{k}={v}" for k, v in r["backends"].items())
+        print(f"{r['name']:<36}{r['batch']:>6}{r['images_per_s']:>9.1f}{steps:>26}{mem:>10}"
+              f"{ratio(r['speedup_vs_baseline']):>8}{ratio(r['speedup_vs_plain_pytorch']):>8}"
+              f"{r['mfu_measured_peak']:>7.1%}{r['mfu_h100_nominal']:>8.1%}  {backends} {r.get('note', '')}")
+
+
+def plot(rows, path, meta):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.5))
+    names = [r["name"] for r in rows][::-1]
+    rates = [r.get("images_per_s", 0.0) for r in rows][::-1]
+    colors = ["tab:gray" if n == PLAIN[0] else "tab:blue" for n in names]
+    bars = ax.barh(names, rates, color=colors)
+    for bar, r in zip(bars, rows[::-1]):
+        label = f" {r['speedup_vs_baseline']:.2f}x" if r.get("speedup_vs_baseline") else f" {r['status']}"
+        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, label, va="center", fontsize=8)
+    ax.set_xlabel("images / s (higher is better)")
+    ax.set_title(f"SD2 UNet training, {meta['resolution']} px, world {meta['world']}, {meta['device']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+# --- main ---------------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="benchmarks/results/local")
+    p.add_argument("--tiny", action="store_true", help="tiny config on the CPU: seconds (automatic without a GPU)")
+    p.add_argument("--count-flops", action="store_true", help="count the UNet's FLOPs per image and exit")
+    p.add_argument("--resolution", type=int, default=None, help="image side in px (default 256; tiny: 64)")
+    p.add_argument("--batch", type=int, default=None, help="micro-batch per GPU (default 32 at 256 px, 8 at 512)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per row")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per row (compile, autotune, state)")
+    p.add_argument("--images", type=int, default=512, help="generated JPEGs (1024x768, quality 90)")
+    p.add_argument("--workers", type=int, default=None, help="PIL worker processes / DALI threads per rank")
+    p.add_argument("--ema-fraction", type=float, default=0.035, help="share of steps with a scheduled EMA")
+    p.add_argument("--vae", help="local VAE folder (default: random SD2-size VAE)")
+    p.add_argument("--text-encoder", help="local text encoder folder (default: random SD2-size CLIP text model)")
+    p.add_argument("--rows", nargs="+", help="only these rows (names as printed); the baseline always runs")
+    p.add_argument("--no-compile", action="store_true", help="skip the plain-PyTorch row's torch.compile")
+    p.add_argument("--budget-s", type=float, default=None, help="skip rows that would start after this many seconds")
+    return p.parse_args(argv)
+
+
+def setup(args):
+    """Fills in defaults; returns (run config, world, rank, device)."""
+    gpu = torch.cuda.is_available()
+    args.tiny = args.tiny or not (gpu or args.count_flops)  # counting runs on the meta device
+    cfg = load_config(ROOT / "configs" / ("tiny.yaml" if args.tiny else "sd2-base.yaml"))
+    args.encoders_name = "tiny" if args.tiny else "sd2"
+    cfg["model"]["vae"] = {"path": args.vae} if args.vae else {"preset": args.encoders_name}
+    cfg["model"]["text_encoder"] = {"path": args.text_encoder} if args.text_encoder else {"preset": args.encoders_name}
+    if args.vae or args.text_encoder:
+        args.encoders_name = "local"
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if gpu else torch.device("cpu")
+    if args.tiny:
+        args.resolution = args.resolution or 64
+        args.batch = args.batch or 4
+        args.steps, args.warmup, args.images = min(args.steps, 2), min(args.warmup, 1), min(args.images, 8)
+        args.workers = 0 if args.workers is None else args.workers  # no worker start-up per epoch
+        args.image_size = (160, 120)
+    else:
+        args.resolution = args.resolution or 256
+        args.batch = args.batch or (32 if args.resolution <= 256 else 8)
+        args.workers = args.workers or max(1, min(16, (os.cpu_count() or 2) // world))
+        args.image_size = (1024, 768)
+    # tiny: dynamo's graph capture only; inductor's compile alone would take minutes
+    args.compile_backend = "eager" if args.tiny else "inductor"
+    args.cache = Path(os.environ.get("CCKERNELS_CACHE", "~/.cache/cckernels")).expanduser()
+    w, h = args.image_size
+    # same folder name as bench_data.py's, so run_gpu.sh generates the JPEGs once
+    args.jpegs = args.cache / f"bench-jpegs-{args.images}-{w}x{h}"
+    return cfg, world, rank, device
+
+
+def past_budget(local, device):
+    """Whether any rank is past the time budget: every rank must skip the same rows."""
+    flag = torch.tensor([float(local)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def init_process_group(world, device):
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if world > 1:
+        dist.init_process_group(backend)
+    else:  # one process: a private in-memory store, no ports
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg, world, rank, device = setup(args)
+    unet_cfg = cfg["model"]["unet"]
+    if args.count_flops:
+        for res in ([args.resolution] if args.tiny else [256, 512]):
+            gflop = count_flops(unet_cfg, res) / 1e9
+            print(f"UNet forward+backward at {res} px: {gflop:,.1f} GFLOP per image (FlopCounterMode, meta device)")
+        return
+    threads = torch.get_num_threads()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+    else:  # tiny shapes gain nothing from threads, and spinning threads crawl on a busy machine
+        torch.set_num_threads(1)
+    init_process_group(world, device)
+    try:
+        return run(args, cfg, world, rank, device)
+    finally:
+        dist.destroy_process_group()
+        torch.set_num_threads(threads)
+
+
+def run(args, cfg, world, rank, device):
+    unet_cfg = cfg["model"]["unet"]
+    is_main = rank == 0
+    t_start = time.perf_counter()
+    out = Path(args.out)
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        make_dataset(args.jpegs, args.images, *args.image_size)
+    dist.barrier()
+
+    gflop_known = SD2_GFLOP_PER_IMAGE.get(args.resolution) if not args.tiny else None
+    flops_per_image = gflop_known * 1e9 if gflop_known else count_flops(unet_cfg, args.resolution)
+    peak = measured_peak_tflops(device)
+    meta = {
+        "benchmark": "SD2 UNet training throughput: baseline -> our recipe (cumulative), plain PyTorch best",
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "world": world, "resolution": args.resolution, "base_batch": args.batch, "tiny": args.tiny,
+        "steps": args.steps, "warmup": args.warmup, "ema_fraction": args.ema_fraction,
+        "encoders": args.encoders_name, "workers": args.workers, "torch": torch.__version__,
+        "commit": git_commit(), "gflop_per_image": flops_per_image / 1e9,
+        "gflop_formula": "UNet forward+backward per image, torch.utils.flop_counter (matmul/conv/attention)",
+        "peak_tflops_measured": peak, "peak_formula": "2*8192^3 / time of an 8192^3 bf16 matmul (do_bench)",
+        "nominal_tflops": H100_SXM_BF16_TFLOPS, "timing": "per-step synchronized wall time, median, q20/q80",
+    }
+    if is_main:
+        print(f"{meta['device']}, world {world}, {args.resolution} px, micro-batch {args.batch}, "
+              f"{flops_per_image / 1e9:,.0f} GFLOP/image, measured peak {peak:,.0f} TFLOP/s")
+    shared = Shared(args, cfg, world, rank, device)
+
+    recipe, dropped, rows = Recipe(), [], []
+    plan = [(name, change) for name, change in LADDER] + [PLAIN]
+    for name, change in plan:
+        row = {"name": name}
+        rows.append(row)
+        if isinstance(change, Recipe):
+            this = dataclasses.replace(change, compile=False) if args.no_compile else change
+            reason = missing_piece(dataclasses.asdict(change), device, args.tiny)
+            if args.no_compile:
+                row["note"] = "(no torch.compile: --no-compile)"
+        else:
+            reason = missing_piece(change, device, args.tiny)
+            if reason:
+                dropped.append(name)
+            else:
+                recipe = dataclasses.replace(recipe, **change)
+            this = recipe
+        if reason:
+            row["status"] = f"skipped: {reason}"
+        elif args.rows and name != "baseline" and name not in args.rows:
+            row["status"] = "skipped: not in --rows"
+        elif args.budget_s is not None and past_budget(time.perf_counter() - t_start > args.budget_s, device):
+            row["status"] = f"skipped: time budget of {args.budget_s:.0f} s spent"
+        else:
+            row.update(measure(this, name, rows, shared))
+        if dropped and not isinstance(change, Recipe) and "status" not in row:
+            row["note"] = f"(without: {', '.join(dropped)})"
+        row["recipe"] = dataclasses.asdict(this)
+        add_ratios(rows, flops_per_image, peak)
+        if is_main:
+            status = row.get("status") or f"{row['images_per_s']:.1f} img/s"
+            print(f"  {name}: {status}", flush=True)
+            (out / "bench_train.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
+
+    if is_main:
+        print()
+        print_table(rows)
+        plot(rows, out / "bench_train.png", meta)
+        print(f"wrote {out / 'bench_train.json'} and {out / 'bench_train.png'}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

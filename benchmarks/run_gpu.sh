@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# Everything a GPU visit should produce, in one command and under 10 minutes on one H100:
+# build the CUDA extension for sm_90, the GPU tests and the rest of the suite, every benchmark,
+# all into one folder benchmarks/results/<date>-<device>/ (tables and logs in logs/, JSON and
+# PNG plots from each benchmark, meta.json, summary.md). Commit that folder afterwards.
+#
+#   benchmarks/run_gpu.sh [OUT_DIR]          # PYTHON=... to pick the interpreter
+#
+# Budget per step (seconds, enforced with `timeout`; a step that fails or runs out is logged in
+# summary.md and the next one still runs):
+#   build 110 | pytest -m gpu 90 | pytest -m "not gpu" 60 | cckernels.inspect 150 (on the CPU,
+#   in the background during the tests) | bench_attention 40 | bench_group_norm 40 |
+#   bench_ema 25 | bench_data 25 | bench_ddp 15 | bench_train 190 (6 timed steps per row; it
+#   starts no row after 165 s, and writes its JSON after every row)
+#   = 595 s worst case in sequence; most steps finish well inside their budget.
+# DALI, diffusers and transformers are not on the GPU machines: carry them first with
+# benchmarks/carry_dali.sh; its folder $CARRY_SCRATCH/site is put on PYTHONPATH when present.
+set -uo pipefail  # no -e: every step runs even when an earlier one failed
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+SCRATCH=${CARRY_SCRATCH:-/tmp/cc-carry}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+[ -d "$SCRATCH/site" ] && export PYTHONPATH="$PYTHONPATH:$SCRATCH/site"
+export CCKERNELS_CACHE=${CCKERNELS_CACHE:-/tmp/cckernels-cache}  # generated JPEGs, latents
+
+device=$("$PY" -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')" |
+         tr -c 'A-Za-z0-9.\n' '-' | tr -s '-')
+OUT=${1:-benchmarks/results/$(date -u +%Y-%m-%d)-$device}
+mkdir -p "$OUT/logs"
+printf '| step | exit | seconds | budget |\n|---|---|---|---|\n' > "$OUT/steps.md"
+t_all=$(date +%s)
+
+# step NAME BUDGET_S COMMAND...: runs it under timeout, output to logs/NAME.log.
+step() {
+    local name=$1 budget=$2 t0 rc
+    shift 2
+    t0=$(date +%s)
+    echo "== $name (budget ${budget} s)"
+    timeout --kill-after=10 "$budget" "$@" > "$OUT/logs/$name.log" 2>&1
+    rc=$?
+    [ $rc = 124 ] && echo "TIMEOUT after ${budget} s" >> "$OUT/logs/$name.log"
+    printf '| %s | %s | %s | %s |\n' "$name" "$rc" "$(( $(date +%s) - t0 ))" "$budget" >> "$OUT/steps.md"
+    tail -n 3 "$OUT/logs/$name.log"
+}
+
+# bench NAME BUDGET_S [ARGS...]: a benchmark script if this checkout has it (other branches bring some).
+bench() {
+    local name=$1
+    shift
+    if [ -f "benchmarks/$name.py" ]; then
+        step "$name" "$1" "$PY" "benchmarks/$name.py" --out "$OUT" "${@:2}"
+    else
+        printf '| %s | not in this checkout | - | - |\n' "$name" >> "$OUT/steps.md"
+    fi
+}
+
+if [ -f setup.py ]; then
+    step build 110 env CCKERNELS_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="$(nproc)" \
+        "$PY" -m pip install --no-build-isolation --no-index --no-deps -v -e .
+else
+    printf '| build | no setup.py in this checkout | - | - |\n' >> "$OUT/steps.md"
+fi
+
+"$PY" - "$OUT/meta.json" <<'EOF'
+import json, platform, subprocess, sys, datetime
+import torch
+def run(*cmd):
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+try:
+    import triton
+    triton_version = triton.__version__
+except ImportError:
+    triton_version = None
+import cckernels
+meta = {
+    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "commit": run("git", "rev-parse", "HEAD"),
+    "dirty": bool(run("git", "status", "--porcelain", "--untracked-files=no")),
+    "device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    "driver": run("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"),
+    "python": platform.python_version(), "torch": torch.__version__, "triton": triton_version,
+    "cuda": torch.version.cuda, "nvcc": (run("nvcc", "--version") or "").splitlines()[-1:],
+    "build_info": cckernels.build_info(),
+    "available_backends": cckernels.available_backends(),
+}
+open(sys.argv[1], "w").write(json.dumps(meta, indent=2, default=str))
+print(json.dumps(meta, default=str))
+EOF
+
+# The Triton/ptxas inspection needs no GPU: it compiles on the CPU while the tests run.
+inspect_pid=
+if "$PY" -c "import cckernels.inspect" 2>/dev/null; then
+    step inspect 150 "$PY" -m cckernels.inspect --json "$OUT/inspect.json" &
+    inspect_pid=$!
+else
+    printf '| inspect | not in this checkout | - | - |\n' >> "$OUT/steps.md"
+fi
+step pytest-gpu 90 "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider --junitxml="$OUT/pytest-gpu.xml" tests
+step pytest-rest 60 "$PY" -m pytest -m "not gpu" -q -rs -p no:cacheprovider --junitxml="$OUT/pytest-rest.xml" tests
+[ -n "$inspect_pid" ] && wait "$inspect_pid"
+
+bench bench_attention 40
+bench bench_group_norm 40
+bench bench_ema 25
+bench bench_data 25 --images 512
+bench bench_ddp 15
+# Several GPUs: the training benchmark runs one process per GPU (a world of N), the others on one.
+ngpu=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+if [ "$ngpu" -gt 1 ]; then
+    step bench_train 190 "$PY" -m torch.distributed.run --standalone --nproc_per_node="$ngpu" \
+        benchmarks/bench_train.py --out "$OUT" --steps 6 --warmup 2 --budget-s 165
+else
+    bench bench_train 190 --steps 6 --warmup 2 --budget-s 165
+fi
+
+{
+    echo "# GPU run $(date -u +%Y-%m-%dT%H:%MZ) on $device ($(( $(date +%s) - t_all )) s)"
+    echo
+    cat "$OUT/steps.md"
+    echo
+    echo "Logs (with every benchmark's table) in logs/; JSON and PNG next to this file; versions in meta.json."
+    if [ -f "$OUT/logs/bench_train.log" ]; then
+        echo
+        echo '```'
+        sed -n '/^recipe /,/^wrote /p' "$OUT/logs/bench_train.log"
+        echo '```'
+    fi
+} > "$OUT/summary.md"
+rm "$OUT/steps.md"
+cat "$OUT/summary.md"

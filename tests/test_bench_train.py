@@ -1,0 +1,71 @@
+"""Smoke test of benchmarks/bench_train.py's tiny mode, and the recipe swaps it relies on."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer.config import load as load_config
+
+ROOT = Path(__file__).parents[1]
+BENCH = ROOT / "benchmarks" / "bench_train.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_train", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_unet(bench, recipe):
+    torch.manual_seed(0)
+    return bench.build_unet(load_config(ROOT / "configs" / "tiny.yaml")["model"]["unet"], recipe, "cpu")
+
+
+def test_baseline_and_plain_swaps_keep_the_output(bench, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the torch backend is the reference here
+    torch.manual_seed(1)
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([3, 900]), torch.randn(2, 77, 32)
+    ours = tiny_unet(bench, bench.Recipe(attention="ours", group_norm="ours"))
+    expected = ours(x, t, ctx)
+    for attention in ("materialized", "sdpa"):
+        model = tiny_unet(bench, bench.Recipe(attention=attention, group_norm="torch"))
+        assert any(isinstance(m, bench.TorchGroupNormSiLU) for m in model.modules())
+        assert not any(type(m).__module__ == "cckernels.nn" for m in model.modules())
+        torch.testing.assert_close(model(x, t, ctx), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_plain_group_norm_counts_and_keeps_state_dict(bench):
+    unet = tiny_unet(bench, bench.Recipe(group_norm="ours"))
+    keys = set(unet.state_dict())
+    n = sum(isinstance(m, torch.nn.GroupNorm) for m in unet.modules())
+    assert bench.plain_group_norm(unet) == n > 0
+    assert set(unet.state_dict()) == keys
+
+
+def test_tiny_run_writes_table_json_and_plot(bench, tmp_path, monkeypatch, capsys):
+    # Timing Triton's interpreter says nothing: "ours" runs the torch backend on the CPU here.
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("CCKERNELS_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    rows = bench.main(["--tiny", "--steps", "1", "--warmup", "0", "--out", str(out)])
+    saved = json.loads((out / "bench_train.json").read_text())
+    assert (out / "bench_train.png").stat().st_size > 0
+    names = [name for name, _ in bench.LADDER] + [bench.PLAIN[0]]
+    assert [r["name"] for r in saved["rows"]] == names
+    by_name = {r["name"]: r for r in saved["rows"]}
+    for name, row in by_name.items():
+        if row.get("status", "").startswith("skipped: DALI"):
+            continue  # DALI is an optional dependency
+        assert "images_per_s" in row, (name, row.get("status"))
+        assert row["images_per_s"] > 0 and row["tflops"] > 0
+    assert by_name["baseline"]["speedup_vs_baseline"] == 1.0
+    assert by_name["baseline"]["backends"] == {"attention": "materialized", "group_norm": "torch.nn+silu"}
+    assert by_name["+ larger micro-batch"]["batch"] == 2 * by_name["baseline"]["batch"]
+    assert by_name["+ fused AdamW+EMA, scheduled EMA"]["step_s_ema"]
+    assert by_name[bench.PLAIN[0]]["recipe"]["compile"] is True
+    assert len(rows) == len(names)
+    assert "x base" in capsys.readouterr().out

@@ -1,0 +1,130 @@
+"""Ahead-of-time compile checks (python -m cckernels.inspect) for sm80/sm90, on a CPU machine.
+
+The compile run happens once per session in a subprocess without TRITON_INTERPRET (the
+interpreter replaces the kernels and their autotune configs) and is cached on disk by
+content, so reruns cost seconds. It covers every kernel on both archs in bf16 (the training
+dtype) with the first config each kernel keeps; `python -m cckernels.inspect` covers every
+config and dtype.
+"""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cckernels import inspect as ck_inspect
+
+ROOT = Path(__file__).resolve().parent.parent
+OPS = ("attention", "group_norm", "ema_update_", "adamw_ema_")
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """(rows, stderr) of one quick run: bf16 (fp32-only kernels in fp32), attention at head
+    dim 80 (128-wide tiles, masked), both GroupNorm layouts, csrc for sm90."""
+    out = tmp_path_factory.mktemp("inspect") / "rows.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-m", "cckernels.inspect", "--quick", "--dtype", "bf16", "--variant", "-", "d80", "nchw",
+           "nhwc", "--cuda-arch", "90", "--jobs", "2", "--json", str(out)]  # fmt: skip
+    if shutil.which("nvcc") is None:
+        cmd.append("--no-cuda")
+    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert out.exists(), run.stderr[-3000:]
+    return json.loads(out.read_text()), run.stderr
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_kernels_compile_fit_and_do_not_spill(report, op):
+    rows, _ = report
+    mine = [r for r in rows if r["op"] == op]
+    assert {r["arch"] for r in mine if r["kind"] == "triton"} == {80, 90}
+    failed = ck_inspect.failures(mine)
+    assert not failed, "\n".join(failed)
+
+
+def test_every_kernel_has_a_spec(report):
+    _, stderr = report
+    assert "no INSPECT entry" not in stderr, stderr[-3000:]
+
+
+def test_attention_uses_tensor_cores(report):
+    rows, _ = report
+    for r in rows:
+        if r["op"] == "attention" and r["kernel"] != "_attn_bwd_delta_kernel":
+            assert r["counts"]["hgmma" if r["arch"] == 90 else "hmma"] > 0, r
+
+
+def test_streaming_kernels_load_16_bytes_on_sm90(report):
+    rows, _ = report
+    sm90 = [r for r in rows if r["arch"] == 90]
+    streaming = [r for r in sm90 if r["kind"] == "triton" and r["dtype"] == "bfloat16" and r["op"] != "attention"]
+    assert len({r["kernel"] for r in streaming}) == 6  # 4 GroupNorm passes, EMA, AdamW+EMA
+    for r in streaming:
+        assert r["counts"]["ldg128"] > 0, r
+    vectorized = [r for r in sm90 if r["kind"] == "cuda" and re.search(r"Functor|, 8, ", r["config"])]
+    for r in vectorized:  # csrc: the EMA functors and the 8-wide bf16/fp16 GroupNorm instantiations
+        assert r["counts"]["ldg128"] > 0, r
+
+
+# ---- the machinery on synthetic input: no compiler needed --------------------------------
+USAGE = """
+Resource usage:
+ Common:
+  GLOBAL:0
+ Function _k:
+  REG:40 STACK:8 SHARED:1024 LOCAL:0 CONSTANT[0]:616 TEXTURE:0 SURFACE:0 SAMPLER:0
+"""
+SASS = """
+\tcode for sm_90a
+\t\tFunction : _k
+        /*0000*/                   LDG.E.128 R4, desc[UR4][R2.64] ;   /* 0x0000000402047981 */
+                                                                     /* 0x000ea8000c1e1d00 */
+        /*0010*/              @!P0 LDG.E.128.CONSTANT R8, desc[UR4][R2.64+0x10] ;
+        /*0020*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24 ;
+        /*0030*/                   LDGSTS.E.BYPASS.128 [R1], desc[UR4][R2.64] ;
+        /*0040*/                   STL.64 [R1], R20 ;
+        /*0050*/                   STG.E desc[UR4][R6.64], R0 ;
+"""
+
+
+def test_cubin_parsing():
+    (info,) = ck_inspect.count_instructions(SASS, ck_inspect.parse_resource_usage(USAGE)).values()
+    assert (info["regs"], info["static_smem"], info["local"]) == (40, 1024, 8)
+    counts = {k: v for k, v in info["counts"].items() if v}
+    assert counts == {"ldg128": 2, "ldg": 2, "hgmma": 1, "ldgsts": 1, "stl": 1, "stg": 1}
+
+
+def _row(**kw):
+    counts = dict.fromkeys(ck_inspect.COUNTERS, 0)
+    counts.update(kw.pop("counts", {}))
+    return {"arch": 90, "smem": 1024, "local": 0, "config": "BLOCK_M=64 w4 s3", "counts": counts, **kw}
+
+
+def test_expectations():
+    check = ck_inspect.check
+    assert check(_row(counts={"hgmma": 4}), {"sm90": {"hgmma": True}}) == ("ok", [])
+    assert check(_row(arch=80), {"sm90": {"hgmma": True}}) == ("ok", [])  # sm90-only expectation
+    assert check(_row(), {"sm90": {"hgmma": True}})[0] == "FAIL"
+    assert check(_row(counts={"ldg128": 2}), {"ldg128": False})[0] == "FAIL"
+    assert "shared memory" in check(_row(smem=228 * 1024), {})[1][0]
+    assert check(_row(arch=80, smem=200 * 1024), {})[0] == "FAIL"
+    assert "spills" in check(_row(local=16), {})[1][0]
+    assert "does not compile" in check({"error": "boom", "config": "-", "arch": 90}, {})[1][0]
+    assert check(_row(smem=10**6), {}, kept={"other"}) == ("pruned", [])
+
+
+def test_signature_from_spec():
+    class Fn:
+        arg_names = ["X", "Y", "n", "stride_a", "stride_b", "scale", "BLOCK"]
+
+    args = {"X": "*T", "*": "*fp32", "n": "i32", "stride_*": "i32:16", "stride_b": 1, "scale": "fp32", "BLOCK": 64}
+    signature, constexprs, attrs = ck_inspect.triton_signature(Fn, args, "bf16")
+    assert signature == {"X": "*bf16", "Y": "*fp32", "n": "i32", "stride_a": "i32", "stride_b": "constexpr",
+                         "scale": "fp32", "BLOCK": "constexpr"}  # fmt: skip
+    assert constexprs == {"stride_b": 1, "BLOCK": 64}
+    assert set(attrs) == {(0,), (1,), (3,)}  # pointers and the divisible-by-16 stride
