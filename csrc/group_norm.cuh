@@ -263,8 +263,10 @@ __global__ void __launch_bounds__(kThreads) normalize_kernel(
   }
 }
 
+// Two blocks per SM (<= 128 registers): without the hint ptxas spilled 16 bytes in some
+// instantiations of this kernel and the dx kernel, far below any register limit.
 template <typename T, int VEC, bool SILU>
-__global__ void __launch_bounds__(kThreads) backward_partials_kernel(
+__global__ void __launch_bounds__(kThreads, 2) backward_partials_kernel(
     const T* __restrict__ dy, const T* __restrict__ x,                   // (N, S, C)
     const float* __restrict__ weight, const float* __restrict__ bias,    // (C,) or null
     const float* __restrict__ mean, const float* __restrict__ rstd,      // (N, G)
@@ -337,7 +339,7 @@ __global__ void __launch_bounds__(kThreads) backward_affine_kernel(
 }
 
 template <typename T, int VEC, bool SILU>
-__global__ void __launch_bounds__(kThreads) backward_dx_kernel(
+__global__ void __launch_bounds__(kThreads, 2) backward_dx_kernel(
     const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,     // (N, S, C)
     const float* __restrict__ weight, const float* __restrict__ bias,          // (C,) or null
     const float* __restrict__ mean, const float* __restrict__ rstd,            // (N, G)
