@@ -116,25 +116,35 @@ def _nvrtc():
     return None
 
 
-@pytest.mark.parametrize("param", ["float", "__half", "__nv_bfloat16"])
-def test_ema_kernel_compiles_under_nvrtc(param):
+def nvrtc_compile(header, names):
+    """Compile csrc/<header> with NVRTC for compute_90, instantiating the kernel name
+    expressions `names`; returns their lowered (mangled) names. Skips without libnvrtc."""
     found = _nvrtc()
     if found is None:
         pytest.skip("no libnvrtc from the nvidia-* wheels")
     lib, cuda_include = found
     prog = ctypes.c_void_p()
-    assert lib.nvrtcCreateProgram(ctypes.byref(prog), b'#include "ema.cuh"\n', b"ema.cu", 0, None, None) == 0
-    kernel = f"&cck::multi_tensor_kernel<2, cck::EmaFunctor<{param}> >".encode()
-    assert lib.nvrtcAddNameExpression(prog, kernel) == 0
+    source = f'#include "{header}"\n'.encode()
+    assert lib.nvrtcCreateProgram(ctypes.byref(prog), source, b"kernels.cu", 0, None, None) == 0
+    for name in names:
+        assert lib.nvrtcAddNameExpression(prog, name.encode()) == 0
     options = [f"-I{ROOT}/csrc".encode(), f"-I{cuda_include}".encode(), b"--std=c++17", b"-arch=compute_90"]
     rc = lib.nvrtcCompileProgram(prog, len(options), (ctypes.c_char_p * len(options))(*options))
     size = ctypes.c_size_t()
     lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
     log = ctypes.create_string_buffer(size.value)
     lib.nvrtcGetProgramLog(prog, log)
-    lowered = ctypes.c_char_p()
-    found_kernel = lib.nvrtcGetLoweredName(prog, kernel, ctypes.byref(lowered)) == 0
-    lowered = lowered.value  # owned by prog: read it before destroying prog
+    lowered = []
+    for name in names if rc == 0 else []:
+        out = ctypes.c_char_p()
+        assert lib.nvrtcGetLoweredName(prog, name.encode(), ctypes.byref(out)) == 0, name
+        lowered.append(out.value)  # owned by prog: read it before destroying prog
     lib.nvrtcDestroyProgram(ctypes.byref(prog))
     assert rc == 0, log.value.decode()
-    assert found_kernel and b"multi_tensor_kernel" in lowered
+    return lowered
+
+
+@pytest.mark.parametrize("param", ["float", "__half", "__nv_bfloat16"])
+def test_ema_kernel_compiles_under_nvrtc(param):
+    (lowered,) = nvrtc_compile("ema.cuh", [f"&cck::multi_tensor_kernel<2, cck::EmaFunctor<{param}> >"])
+    assert b"multi_tensor_kernel" in lowered

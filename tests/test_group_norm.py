@@ -240,30 +240,13 @@ def test_cuda_extension_checks_run_without_a_gpu():
 
 @pytest.mark.parametrize("T", ["float", "__half", "__nv_bfloat16"])
 def test_cuda_kernels_compile_under_nvrtc(T):
-    import ctypes
+    from test_build import nvrtc_compile
 
-    from test_build import ROOT, _nvrtc
-
-    found = _nvrtc()
-    if found is None:
-        pytest.skip("no libnvrtc from the nvidia-* wheels")
-    lib, cuda_include = found
     names = [f"&cck::gn::{k}<{T}, {v}>" for k, v in (("channel_stats_kernel", 1), ("normalize_kernel", "8, true"),
                                                       ("backward_partials_kernel", "4, true"),
                                                       ("backward_dx_kernel", "8, false"))]
     names += [f"&cck::gn::{k}" for k in ("group_stats_kernel", "backward_group_kernel", "backward_affine_kernel")]
-    prog = ctypes.c_void_p()
-    assert lib.nvrtcCreateProgram(ctypes.byref(prog), b'#include "group_norm.cuh"\n', b"gn.cu", 0, None, None) == 0
-    for name in names:
-        assert lib.nvrtcAddNameExpression(prog, name.encode()) == 0
-    options = [f"-I{ROOT}/csrc".encode(), f"-I{cuda_include}".encode(), b"--std=c++17", b"-arch=compute_90"]
-    rc = lib.nvrtcCompileProgram(prog, len(options), (ctypes.c_char_p * len(options))(*options))
-    size = ctypes.c_size_t()
-    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-    log = ctypes.create_string_buffer(size.value)
-    lib.nvrtcGetProgramLog(prog, log)
-    lib.nvrtcDestroyProgram(ctypes.byref(prog))
-    assert rc == 0, log.value.decode()
+    assert len(nvrtc_compile("group_norm.cuh", names)) == len(names)
 
 
 # GPU: both backends at SD2 training sizes, including groups split over many programs.

@@ -46,16 +46,6 @@ VARIANT = dict(
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Several test runs share this machine's 2 cores; torch's spinning OpenMP threads then slow
-    # the small ops of a tiny UNet by an order of magnitude. One thread is fast enough.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def inputs(cfg, batch=2, size=(8, 8), tokens=5, dtype=torch.float32, device="cpu"):
     cross = cfg["cross_attention_dim"]
     cross = cross[0] if isinstance(cross, list) else cross
