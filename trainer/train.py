@@ -113,7 +113,9 @@ def main(argv=None):
     n_params = sum(p.numel() for p in unet.parameters())
     log(f"world {world} x batch {batch} x accum {accum} = {world * batch * accum} images/step, "
         f"{n_params / 1e6:.1f}M UNet parameters, device {device}, autocast bf16: {autocast}")
-    log("kernel backends: " + ", ".join(f"{op}={names[0]}" for op, names in ck.available_backends(device).items()))
+    log("kernel backends usable, best first: "
+        + "; ".join(f"{op}: {', '.join(names)}" for op, names in ck.available_backends(device).items())
+        + f" (CCKERNELS_BACKEND={os.environ.get('CCKERNELS_BACKEND', 'unset')})")
 
     # -- training loop ---------------------------------------------------------------------------
     def train_step(step):
