@@ -7,6 +7,7 @@ import importlib.util
 import torch
 
 from cckernels.backend import Unsupported
+from cckernels.reference import channels_last
 
 try:
     from cckernels import _C
@@ -84,11 +85,6 @@ def adamw_ema_(params, grads, exp_avgs, exp_avg_sqs, masters, emas, scalars):
     loaded().adamw_ema_(params, grads, exp_avgs, exp_avg_sqs, masters or [], emas or [], list(scalars))
 
 
-def _channels_last(x):
-    """(N, C, *spatial) with channels contiguous: what the CUDA GroupNorm kernels walk."""
-    return x.permute(0, *range(2, x.dim()), 1).is_contiguous()
-
-
 class _GroupNormNHWC(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, num_groups, weight, bias, eps, activation):
@@ -118,7 +114,7 @@ def group_norm(x, num_groups, weight, bias, eps, activation):
         raise Unsupported("this build of cckernels._C has no GroupNorm kernels")
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise Unsupported(f"dtype {x.dtype}")
-    if not _channels_last(x):
+    if not channels_last(x):  # what the CUDA GroupNorm kernels walk
         raise Unsupported(f"x with strides {x.stride()} is not channels_last")
     if x.numel() == 0 or x.shape[0] > 65535 or x[0].numel() >= 2**31:
         raise Unsupported(f"shape {tuple(x.shape)}")

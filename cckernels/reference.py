@@ -70,3 +70,8 @@ def adamw_ema_(params, grads, exp_avgs, exp_avg_sqs, masters, emas, scalars):
         torch._foreach_copy_(params, masters)
     if emas is not None:
         torch._foreach_lerp_(emas, weights, ema_w)
+
+
+def channels_last(x):
+    """(N, C, *spatial) with channels contiguous and no gaps: channels_last in any spatial rank."""
+    return x.permute(0, *range(2, x.dim()), 1).is_contiguous()

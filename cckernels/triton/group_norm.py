@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from cckernels.backend import Unsupported
+from cckernels.reference import channels_last
 
 TILE = 2048  # elements per (BLOCK_C, BLOCK_S) tile: 16 fp32 values per thread at 4 warps
 MAX_BLOCK_C = 64  # channels_last: 64 channels = one 128-byte line of bf16 per spatial position
@@ -266,7 +267,7 @@ def _layout(x):
     S = x[0, 0].numel()
     if x.is_contiguous():
         return S, (C * S, S, 1)
-    if x.permute(0, *range(2, x.dim()), 1).is_contiguous():  # channels_last in any spatial rank
+    if channels_last(x):
         return S, (S * C, 1, C)
     raise Unsupported(f"x with strides {x.stride()} is neither contiguous nor channels_last")
 
