@@ -11,16 +11,21 @@ from pathlib import Path
 
 import yaml
 
+from trainer.data import config as data_config
+from trainer.diffusion import PREDICTION_TYPES
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "configs" / "tiny.yaml"
 
 # Mappings whose keys belong to another library's config and are not checked here.
 OPAQUE = {"model.unet", "model.vae", "model.text_encoder"}
 
+# Checked here, at load time, so a typo fails before any model is built; the tuples belong
+# to the code that uses the values.
 CHOICES = {
-    "data.format": ("folder", "webdataset", "latents"),
-    "data.backend": ("dali", "pil"),
-    "diffusion.prediction_type": ("epsilon", "v_prediction"),
+    "data.format": data_config.FORMATS,
+    "data.backend": data_config.BACKENDS,
+    "diffusion.prediction_type": PREDICTION_TYPES,
     "train.precision": ("bf16", "fp32"),
 }
 
