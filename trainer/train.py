@@ -82,9 +82,12 @@ def main(argv=None):
     )
     batches = iter(loader)
     latents_format = cfg["data"]["format"] == "latents"
-    # Frozen encoders: they encode each batch (unless latents were precomputed) and the samples.
-    vae = encoders.load_vae(cfg["model"]["vae"], device)
-    text_encoder = encoders.load_text_encoder(cfg["model"]["text_encoder"], device)
+    # Frozen encoders: they encode each batch (unless latents were precomputed) and, on rank 0,
+    # the sample prompts and images; ranks training on latents need neither.
+    vae = text_encoder = None
+    if not latents_format or is_main:
+        vae = encoders.load_vae(cfg["model"]["vae"], device)
+        text_encoder = encoders.load_text_encoder(cfg["model"]["text_encoder"], device)
     # Caption dropout's empty caption, from the same encoder that made the training embeddings.
     empty_ctx = loader.empty_embedding if latents_format else text_encoder.empty_embedding().to(device)
 
