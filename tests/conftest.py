@@ -28,3 +28,10 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def torch_kernels(monkeypatch):
+    """Plain torch ops for tests of the model and trainer: the kernels have their own tests, and
+    without a GPU the default backend would be Triton's interpreter (seconds per UNet layer)."""
+    monkeypatch.setenv("CCKERNELS_BACKEND", "torch")

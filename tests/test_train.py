@@ -11,10 +11,7 @@ TINY = ["train.batch_size=2", "data.workers=0", "sample.prompts=[a cat]", "sampl
         "ema.start_step=1", "train.log_every=1"]
 
 
-@pytest.fixture(autouse=True)
-def _torch_kernels(monkeypatch):
-    # The Triton kernels would run in the interpreter here: right, but far too slow to train.
-    monkeypatch.setenv("CCKERNELS_BACKEND", "torch")
+pytestmark = pytest.mark.usefixtures("torch_kernels")
 
 
 def run(out_dir, *overrides):

@@ -8,11 +8,8 @@ import cckernels as ck
 from trainer.ema import ScheduledEMA
 
 
-@pytest.fixture(autouse=True)
-def _torch_backend(monkeypatch):
-    # The schedule is under test here, not the kernels (tests/test_ema_update.py and
-    # tests/test_fused_adamw_ema.py cover those); Triton's interpreter would only slow it down.
-    monkeypatch.setenv("CCKERNELS_BACKEND", "torch")
+# The schedule is under test here, not the kernels (test_ema_update.py, test_fused_adamw_ema.py).
+pytestmark = pytest.mark.usefixtures("torch_kernels")
 
 
 def model():

@@ -11,12 +11,8 @@ from trainer.unet import UNet, to_image, to_tokens
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-@pytest.fixture(autouse=True)
-def _torch_ops_on_cpu(monkeypatch):
-    """Without a GPU the default backend is Triton's interpreter (seconds per UNet layer); the
-    kernels have their own tests, and test_triton_backend_matches_torch picks backends itself."""
-    if not torch.cuda.is_available():
-        monkeypatch.setenv("CCKERNELS_BACKEND", "torch")
+# The tests comparing backends pick them themselves.
+pytestmark = pytest.mark.usefixtures("torch_kernels")
 
 
 def unet_config(name):
