@@ -327,6 +327,8 @@ def test_cuda_kernels_compile_under_nvrtc(T):
     from test_build import nvrtc_compile
 
     names = [f"&cck::gn::{k}<{T}, {v}>" for k, v in (("channel_stats_kernel", 1), ("normalize_kernel", "8, true"),
+                                                      ("single_pass_kernel", "8, true"),
+                                                      ("single_pass_kernel", "1, false"),
                                                       ("backward_partials_kernel", "4, true"),
                                                       ("backward_dx_kernel", "8, false"))]
     names += [f"&cck::gn::{k}" for k in ("group_stats_kernel", "backward_group_kernel", "backward_affine_kernel")]
