@@ -373,6 +373,72 @@ def test_gpu_cuda_channels_last(dtype, shape, G):
     check(x, G, None, None, True, backend="cuda")
 
 
+# The CUDA single-pass forward takes a shape only when its blocks fill the GPU, so these
+# odd shapes come in batches of >= 132 blocks; the kernel itself is the same for any batch.
+CUDA_SINGLE_PASS_CASES = [
+    ((64, 96, 5, 7), 32),  # 3 channels per group, odd S: blocks of lcm(3, pack) channels
+    ((136, 40, 1, 1), 8),  # 1x1 spatial
+    ((160, 36, 3, 3), 4),  # 36 channels: no 16-byte packs in fp16/bf16 (scalar loads)
+    ((140, 96, 77), 32),  # 1-D
+    ((140, 64, 3, 5, 7), 32),  # 3-D
+    ((32, 320, 32, 32), 32), ((32, 640, 16, 16), 32), ((32, 1280, 8, 8), 32),  # SD2, 256 px
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,G", CUDA_SINGLE_PASS_CASES)
+def test_gpu_cuda_single_pass(dtype, shape, G):
+    from cckernels import cuda
+
+    if not cuda_backend_loaded():
+        pytest.skip("cckernels._C built without the GroupNorm kernels")
+    x, w, b = gpu_case(shape, dtype, channels_last=True)
+    assert cuda.group_norm_forward_path(x, G) == "single-pass"
+    check(x, G, w, b, silu=True, backend="cuda")
+    check(x, G, w, b, silu=False, backend="cuda")
+    check(x, G, None, None, silu=True, backend="cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_single_pass_statistics_survive_a_large_offset():
+    from cckernels import cuda
+
+    if not cuda_backend_loaded():
+        pytest.skip("cckernels._C built without the GroupNorm kernels")
+    x = (torch.randn(64, 96, 6, 5, device="cuda") + 1e3).to(memory_format=torch.channels_last)
+    assert cuda.group_norm_forward_path(x, 32) == "single-pass"
+    y, mean, rstd = cuda.loaded().group_norm_forward(x, 32, None, None, 1e-5, False)
+    xg = x.double().reshape(64, 32, -1)
+    torch.testing.assert_close(mean.double(), xg.mean(-1), atol=0, rtol=1e-6)
+    torch.testing.assert_close(rstd.double(), (xg.var(-1, unbiased=False) + 1e-5).rsqrt(), atol=0, rtol=1e-5)
+    torch.testing.assert_close(y.double(), fp64_group_norm(x, 32, None, None, 1e-5, False), atol=1e-3, rtol=0)
+
+
+# (batch, channels, latent side) -> the CUDA forward on an H100 (132 SMs, 113 KB a block) in bf16
+SD2_CUDA_PATHS = {
+    **dict.fromkeys([(32, 320, 32), (32, 640, 16), (32, 1280, 8), (32, 1280, 4), (32, 2560, 8), (32, 1920, 16),
+                     (32, 640, 32), (8, 1280, 16), (8, 2560, 16)], "single-pass"),
+    # tiles over 113 KB (960 channels: lcm(30, 8) = 120 channels x 1024 positions = 240 KB; 64x64x320:
+    # 40 x 4096 = 320 KB), or fewer blocks than SMs (batch 1, batch 8 at 32x32x640: 128)
+    **dict.fromkeys([(32, 960, 32), (8, 320, 64), (8, 640, 32), (1, 320, 64), (1, 320, 32)], "split"),
+}  # fmt: skip
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_forward_path_for_sd2_shapes():
+    from cckernels import cuda
+
+    if not cuda_backend_loaded():
+        pytest.skip("cckernels._C built without the GroupNorm kernels")
+    props = torch.cuda.get_device_properties(0)
+    if (props.major, props.minor, props.multi_processor_count) != (9, 0, 132):
+        pytest.skip(f"the table is for an H100 SXM (sm90, 132 SMs), not {props.name}")
+    for (N, C, side), path in SD2_CUDA_PATHS.items():
+        x = torch.empty(N, C, side, side, device="cuda", dtype=torch.bfloat16, memory_format=torch.channels_last)
+        assert cuda.group_norm_forward_path(x, 32) == path, (N, C, side)
+
+
 @pytest.mark.gpu
 def test_gpu_cuda_nchw_falls_back_to_triton():
     if not cuda_backend_loaded():
