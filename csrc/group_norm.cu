@@ -1,6 +1,7 @@
 // Host launchers of the channels_last GroupNorm (+ SiLU) kernels: pick the element type, the
 // vector width (16-byte packs when C and the pointers allow, else scalar) and the SiLU flag,
-// then launch the passes described in group_norm.cuh on the caller's stream.
+// then launch the passes described in group_norm.cuh on the caller's stream. The forward is
+// one pass where group_norm_nhwc_single_pass_channels finds a block that fits, else split.
 #include "group_norm.h"
 
 #include <algorithm>

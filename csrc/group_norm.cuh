@@ -3,22 +3,25 @@
 // sum are fp32; x, y, dy, dx are float, __half or __nv_bfloat16; weight and bias are fp32.
 //
 // Each thread owns VEC consecutive channels (one 16-byte Pack when VEC = 16 / sizeof(T), else
-// VEC = 1, the scalar fallback) and walks the rows of one spatial chunk. Block (TX, TY): TX
-// threads across channel packs, TY across rows; grid (channel-pack blocks, K chunks, N).
+// VEC = 1, the scalar fallback) and walks rows (spatial positions). Block (TX, TY): TX
+// threads across channel packs, TY across rows.
 //
+// forward, single pass (single_pass_kernel), where a block's tile fits shared memory and the
+//           blocks fill the GPU (group_norm_nhwc_single_pass_channels): a block stages a whole
+//           number of groups (channels) x all S positions of one sample in shared memory,
+//           reading x once; then exact fp32 statistics from the staged tile (the mean first,
+//           then squared deviations from it) and y from the tile. Grid (channel blocks, N).
+// Otherwise every pass splits each sample into K spatial chunks, grid (channel-pack blocks,
+// K chunks, N), so that small batches still fill the GPU:
 // forward   channel_stats: per (n, chunk, channel) mean and M2 from fp32 sums of (x - shift),
 //           shift = the chunk's first value of that channel, so the sums stay O(std) and
 //           M2 = S2 - S1^2 / count does not cancel catastrophically (streaming, one read);
 //           group_stats: per (n, group) mean and rstd, Chan's parallel merge of the partials;
-//           normalize: y = silu?(x * scale_c + shift_c).
+//           normalize: y = silu?(x * scale_c + shift_c) (x read a second time).
 // backward  backward_partials: per (n, chunk, channel) sums of dz and dz * xhat (z recomputed);
 //           backward_group: per (n, group) means of w * dz and w * dz * xhat;
 //           backward_affine: dweight, dbias summed over (n, chunk) in a fixed order;
 //           backward_dx: dx = rstd * (w * dz - mean(w * dz) - xhat * mean(w * dz * xhat)).
-// forward, single pass (single_pass_kernel), where a block's tile fits shared memory: one block
-//           stages a whole number of groups (channels) x all S positions of one sample in
-//           shared memory, reading x once; then exact fp32 statistics from the staged tile (the
-//           mean first, then squared deviations from it) and y from the tile.
 // No atomics anywhere: results are bitwise reproducible.
 #pragma once
 

@@ -1,9 +1,20 @@
 """GroupNorm (+ fused SiLU) in Triton: fp32 statistics, NCHW or channels_last, any spatial rank.
 
 x (N, C, *spatial) is seen as (N, C, S) with S = prod(spatial) through three strides:
-contiguous (C*S, S, 1) or channels_last (S*C, 1, C); y, dy and dx share x's strides. Every
-pass tiles (BLOCK_C channels) x (a chunk of CHUNK spatial positions), so one (sample, group)
-is spread over many programs and batch 1 at 64x64x320 still fills the GPU:
+contiguous (C*S, S, 1) or channels_last (S*C, 1, C); y, dy and dx share x's strides.
+
+The forward takes one of two paths (group_norm_forward_path says which):
+
+single pass  _single_pass_kernel: one program holds GROUPS whole groups of one sample in
+             registers (GROUPS * C/G channels x S positions, at most SINGLE_PASS_TILE
+             elements), so x is read once: the mean first, then the sum of squared deviations
+             from it (exact, fp32), mean and rstd stored for the backward, then y. Taken when
+             the tile fits and the N * G / GROUPS programs give every SM one; channels_last
+             takes GROUPS groups so that each position's channel run is >= 64 bytes (coalesced),
+             contiguous takes one group (a contiguous run of C/G * S elements).
+split        three passes, each tiling (BLOCK_C channels) x (a chunk of CHUNK positions), so
+             one (sample, group) is spread over many programs and batch 1 at 64x64x320 still
+             fills the GPU. Its forward reads x twice; the backward always runs this way:
 
 forward   1. _channel_stats_kernel: per (sample, chunk, channel) mean and M2 (sum of squared
              deviations). Each BLOCK_S tile is reduced exactly (its own mean, then squared
