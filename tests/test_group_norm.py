@@ -355,6 +355,29 @@ def test_gpu_triton(dtype, channels_last, shape):
     check(x, 32, w, b, silu=False)
 
 
+# Triton's single pass on the GPU: odd shapes in batches that give >= 132 SMs a program each
+TRITON_SINGLE_PASS_CASES = [
+    ((96, 96, 5, 7), 32, False), ((96, 96, 5, 7), 32, True),  # 3 channels per group, odd S
+    ((300, 40, 1, 1), 8, True),  # 1x1 spatial
+    ((140, 36, 3, 3), 4, False),  # 9 channels per group
+    ((140, 96, 77), 32, False),  # 1-D
+    ((140, 64, 3, 5, 7), 32, True),  # 3-D
+    ((32, 320, 32, 32), 32, False), ((32, 640, 16, 16), 32, True), ((32, 1280, 8, 8), 32, True),  # SD2
+]  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,G,channels_last", TRITON_SINGLE_PASS_CASES)
+def test_gpu_triton_single_pass(dtype, shape, G, channels_last):
+    from cckernels.triton.group_norm import group_norm_forward_path
+
+    x, w, b = gpu_case(shape, dtype, channels_last)
+    assert group_norm_forward_path(x, G) == "single-pass"
+    check(x, G, w, b, silu=True)
+    check(x, G, None, None, silu=False)
+
+
 def cuda_backend_loaded():
     from cckernels import cuda
 
