@@ -396,7 +396,7 @@ __device__ __forceinline__ void sum_over_groups(const float (&acc)[VEC], float* 
 #pragma unroll
   for (int i = 0; i < VEC; ++i) scratch[threadIdx.y * width + threadIdx.x * VEC + i] = acc[i];
   __syncthreads();
-  for (int rows = blockDim.y; rows > 1;) {  // fold the lower half of the rows onto the upper
+  for (int rows = blockDim.y; rows > 1;) {  // add the upper half of the rows onto the lower
     const int half = (rows + 1) / 2;
     for (int k = tid; k < (rows - half) * width; k += threads) scratch[k] += scratch[k + half * width];
     __syncthreads();
