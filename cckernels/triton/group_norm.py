@@ -529,8 +529,9 @@ _STREAM = {"op": "group_norm", "dtypes": (torch.float32, torch.float16, torch.bf
            "variants": _LAYOUTS, "expect": {"sm90": {"ldg128": True}}}  # fmt: skip
 _REDUCE = {"op": "group_norm", "dtypes": (torch.float32,)}  # fp32 partials only
 # The single pass at its largest tiles (32 elements a thread at 16 warps), batch 32:
-# NCHW 32x32x320 (one group of 10 channels x 1024 positions) and NHWC 16x16x640 (bf16: two
-# groups of 20 channels x 256; in fp32 one such group already is a 64-byte run, so 1280 channels).
+# NCHW 32x32x320 (one group of 10 channels x 1024 positions) and NHWC 16x16x640 in bf16 (two
+# groups of 20 channels x 256). In fp32 a 20-channel group alone is a 64-byte run (a 32 x 256
+# tile), so its largest NHWC tile comes from 1280 channels (one group of 40 x 256).
 def _single_pass_variant(channels, S, channels_last, strides):  # channels: itemsize -> C
     def args(dtype):
         plan = _single_pass_plan(32, channels[dtype.itemsize], S, 32, channels_last, dtype.itemsize, 132)
