@@ -13,6 +13,9 @@ Peers: torch eager under autocast (bf16 x and fp32 parameters: autocast runs gro
 fp32 and SiLU as a second fp32 pass), plain bf16 eager, torch.compile of the bf16 eager code,
 and apex's contrib GroupNorm (channels_last only) when it imports. --tiny (automatic without a
 GPU) runs one tiny shape on the CPU with a wall-clock timer, so a test can smoke-run the script.
+The "forward" column says which of our forwards ran: "single-pass" (each group read once) or
+"split" (three passes), as the backend's group_norm_forward_path reports it; a backend name
+when ours fell back to it; "-" for the peers.
 """
 import argparse
 import json
@@ -24,6 +27,8 @@ import torch
 import torch.nn.functional as F
 
 import cckernels as ck
+from cckernels import cuda as ck_cuda
+from cckernels.triton import group_norm as ck_triton_group_norm
 
 GROUPS = 32
 # (batch, channels, latent side): SD2 UNet GroupNorm inputs, encoder and decoder (whose
@@ -106,6 +111,15 @@ def peers(device, tiny):
     return out
 
 
+def forward_path(name, x):
+    """Which forward of ours ran last for x (see the module docstring)."""
+    if not name.startswith("ck-"):
+        return "-"
+    backend = ck.used_backends()["group_norm"]
+    module = {"triton": ck_triton_group_norm, "cuda": ck_cuda}.get(backend)
+    return module.group_norm_forward_path(x, GROUPS) if module else backend
+
+
 def measure(name, fn, param_dtype, shape, layout, device, on_gpu):
     N, C, side = shape
     x = torch.randn(N, C, side, side, device=device, dtype=torch.bfloat16)
@@ -123,6 +137,7 @@ def measure(name, fn, param_dtype, shape, layout, device, on_gpu):
         return []
     if name == "ck-cuda" and ck.used_backends()["group_norm"] != "cuda":
         return []
+    path = forward_path(name, x)
     bytes_fwd = 2 * x.numel() * x.element_size()
     rows = []
     for mode, run, nbytes in (
@@ -132,7 +147,7 @@ def measure(name, fn, param_dtype, shape, layout, device, on_gpu):
         with torch.set_grad_enabled(mode != "fwd"):
             run()  # compiles (torch.compile, Triton) outside the timed region
             ms, lo, hi = timer(run, on_gpu)
-        rows.append({"impl": name, "shape": [N, C, side, side], "layout": layout, "mode": mode,
+        rows.append({"impl": name, "forward": path, "shape": [N, C, side, side], "layout": layout, "mode": mode,
                      "ms": ms, "ms_q20": lo, "ms_q80": hi, "bytes": nbytes, "GBps": nbytes / ms / 1e6})
     return rows
 
@@ -184,12 +199,13 @@ def main():
                         row["of_copy"] = row["GBps"] / copy_gbps
                         rows.append(row)
     base = {(tuple(r["shape"]), r["layout"], r["mode"]): r["ms"] for r in rows if r["impl"] == "torch-autocast"}
-    print(f"{'res':6} {'shape':>18} {'layout':6} {'mode':8} {'impl':15} {'ms (q20-q80)':>24} {'GB/s':>7} {'of copy':>7} {'vs autocast':>11}")
+    print(f"{'res':6} {'shape':>18} {'layout':6} {'mode':8} {'impl':15} {'forward':11} {'ms (q20-q80)':>24} {'GB/s':>7} "
+          f"{'of copy':>7} {'vs autocast':>11}")
     for r in rows:
         key = (tuple(r["shape"]), r["layout"], r["mode"])
         speedup = base[key] / r["ms"] if key in base else float("nan")
         r["speedup_vs_autocast"] = speedup
-        print(f"{r['res']:6} {'x'.join(map(str, r['shape'])):>18} {r['layout']:6} {r['mode']:8} {r['impl']:15} "
+        print(f"{r['res']:6} {'x'.join(map(str, r['shape'])):>18} {r['layout']:6} {r['mode']:8} {r['impl']:15} {r['forward']:11} "
               f"{r['ms']:9.4f} ({r['ms_q20']:.4f}-{r['ms_q80']:.4f}) {r['GBps']:7.1f} {r['of_copy']:7.2f} {speedup:10.2f}x")
     os.makedirs(args.out, exist_ok=True)
     result = {"device": name, "copy_GBps": copy_gbps, "dtype": "bfloat16", "groups": GROUPS,

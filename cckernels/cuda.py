@@ -108,6 +108,12 @@ class _GroupNormNHWC(torch.autograd.Function):
         return dx, None, None if dw is None else dw.to(w_dtype), None if db is None else db.to(b_dtype), None, None
 
 
+def group_norm_forward_path(x, num_groups):
+    """Which forward runs for x (CUDA, channels_last): "single-pass" (a block stages whole groups
+    in shared memory, so x is read once) or "split" (three passes, as in csrc/group_norm.cuh)."""
+    return "single-pass" if _C.group_norm_single_pass_channels(x, num_groups) else "split"
+
+
 def group_norm(x, num_groups, weight, bias, eps, activation):
     """Channels_last (NHWC, NDHWC, ...) GroupNorm + optional SiLU; NCHW is left to Triton."""
     if not hasattr(_C, "group_norm_forward"):
@@ -128,6 +134,6 @@ INSPECT = [
     {"op": "ema_update_", "source": "csrc/ema.cu", "expect": {r"EmaFunctor": {"sm90": {"ldg128": True}}}},
     {"op": "adamw_ema_", "source": "csrc/adamw_ema.cu", "expect": {r"AdamWEmaFunctor": {"sm90": {"ldg128": True}}}},
     {"op": "group_norm", "source": "csrc/group_norm.cu", "expect": {
-        r"(channel_stats|normalize|backward_partials|backward_dx)_kernel<[\w ]+, (4|8)\b": {"sm90": {"ldg128": True}},
+        r"(channel_stats|normalize|single_pass|backward_partials|backward_dx)_kernel<[\w ]+, (4|8)\b": {"sm90": {"ldg128": True}},
     }},
 ]  # fmt: skip

@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include <algorithm>
 #include <array>
 #include <string>
 #include <vector>
@@ -125,11 +126,27 @@ std::array<int, 4> group_norm_shape(const at::Tensor& x, int64_t num_groups) {
   return {static_cast<int>(N), static_cast<int>(S), static_cast<int>(C), K};
 }
 
+// Channels per block of the single-pass forward of x (shape from group_norm_shape), or 0 for
+// the split forward. A block may use half an SM's shared memory, less the per-block reserve,
+// so that two blocks share an SM (sm80: 81 KB, sm90: 113 KB).
+int single_pass_channels(const at::Tensor& x, const std::array<int, 4>& shape, int64_t num_groups) {
+  const cudaDeviceProp* props = at::cuda::getDeviceProperties(x.device().index());
+  const int budget = std::min(static_cast<int>(props->sharedMemPerBlockOptin),
+                              static_cast<int>(props->sharedMemPerMultiprocessor / 2 - props->reservedSharedMemPerBlock));
+  return cck::group_norm_nhwc_single_pass_channels(shape[0], shape[1], shape[2], static_cast<int>(num_groups),
+                                                   to_dtype(x, "x"), props->multiProcessorCount, budget);
+}
+
+int group_norm_single_pass_channels(const at::Tensor& x, int64_t num_groups) {
+  return single_pass_channels(x, group_norm_shape(x, num_groups), num_groups);
+}
+
 // Returns {y, mean, rstd}; mean and rstd are (N, G) fp32 for the backward.
 std::vector<at::Tensor> group_norm_forward(const at::Tensor& x, int64_t num_groups,
                                            const c10::optional<at::Tensor>& weight,
                                            const c10::optional<at::Tensor>& bias, double eps, bool silu) {
-  const auto [N, S, C, K] = group_norm_shape(x, num_groups);
+  const auto shape = group_norm_shape(x, num_groups);
+  const auto [N, S, C, K] = shape;
   check_group_norm_param(weight, "weight", x);
   check_group_norm_param(bias, "bias", x);
   TORCH_CHECK_VALUE(eps > 0, "eps must be positive, got ", eps);
@@ -137,12 +154,21 @@ std::vector<at::Tensor> group_norm_forward(const at::Tensor& x, int64_t num_grou
   const auto f32 = x.options().dtype(at::kFloat);
   at::Tensor y = at::empty_like(x);  // keeps x's channels_last strides
   at::Tensor mean = at::empty({N, num_groups}, f32), rstd = at::empty({N, num_groups}, f32);
-  at::Tensor part_a = at::empty({N, K, C}, f32), part_b = at::empty({N, K, C}, f32);
-  const cudaError_t err = cck::group_norm_nhwc_forward(
-      x.data_ptr(), optional_data(weight), optional_data(bias), y.data_ptr(), mean.data_ptr<float>(),
-      rstd.data_ptr<float>(), part_a.data_ptr<float>(), part_b.data_ptr<float>(), N, S, C,
-      static_cast<int>(num_groups), K, static_cast<float>(eps), silu, to_dtype(x, "x"),
-      c10::cuda::getCurrentCUDAStream(x.device().index()).stream());
+  const int G = static_cast<int>(num_groups);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  cudaError_t err;
+  if (const int channels = single_pass_channels(x, shape, num_groups)) {
+    err = cck::group_norm_nhwc_forward_single_pass(x.data_ptr(), optional_data(weight), optional_data(bias),
+                                                   y.data_ptr(), mean.data_ptr<float>(), rstd.data_ptr<float>(), N, S,
+                                                   C, G, channels, static_cast<float>(eps), silu, to_dtype(x, "x"),
+                                                   stream);
+  } else {
+    at::Tensor part_a = at::empty({N, K, C}, f32), part_b = at::empty({N, K, C}, f32);
+    err = cck::group_norm_nhwc_forward(x.data_ptr(), optional_data(weight), optional_data(bias), y.data_ptr(),
+                                       mean.data_ptr<float>(), rstd.data_ptr<float>(), part_a.data_ptr<float>(),
+                                       part_b.data_ptr<float>(), N, S, C, G, K, static_cast<float>(eps), silu,
+                                       to_dtype(x, "x"), stream);
+  }
   TORCH_CHECK(err == cudaSuccess, "group_norm forward kernel launch failed: ", cudaGetErrorString(err));
   return {y, mean, rstd};
 }
@@ -276,6 +302,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("group_norm_forward", &group_norm_forward, pybind11::arg("x"), pybind11::arg("num_groups"),
         pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("eps"), pybind11::arg("silu"),
         "channels_last GroupNorm (+ SiLU) -> [y, mean, rstd]; weight, bias: fp32 (C,) or None");
+  m.def("group_norm_single_pass_channels", &group_norm_single_pass_channels, pybind11::arg("x"),
+        pybind11::arg("num_groups"),
+        "channels a block of group_norm_forward's single pass holds for x, or 0 where it runs the split forward");
   m.def("group_norm_backward", &group_norm_backward, pybind11::arg("dy"), pybind11::arg("x"),
         pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("mean"), pybind11::arg("rstd"),
         pybind11::arg("silu"), pybind11::arg("need_dx"), pybind11::arg("need_weight"), pybind11::arg("need_bias"),

@@ -1,6 +1,7 @@
 // Host launchers of the channels_last GroupNorm (+ SiLU) kernels: pick the element type, the
 // vector width (16-byte packs when C and the pointers allow, else scalar) and the SiLU flag,
-// then launch the passes described in group_norm.cuh on the caller's stream.
+// then launch the passes described in group_norm.cuh on the caller's stream. The forward is
+// one pass where group_norm_nhwc_single_pass_channels finds a block that fits, else split.
 #include "group_norm.h"
 
 #include <algorithm>
@@ -18,8 +19,19 @@ using gn::kThreads;
 
 constexpr int kBlocksPerSM = 4;     // enough resident blocks to hide DRAM latency
 constexpr int kMinRowsPerThread = 4;  // fewer and the partial sums cost more than they save
+constexpr int kRowBytes = 128;      // single pass: widen a block's channel run up to a cache line
 
 int cdiv(int a, int b) { return (a + b - 1) / b; }
+
+int gcd(int a, int b) { return b ? gcd(b, a % b) : a; }
+
+int itemsize(DType dtype) { return dtype == DType::kFloat32 ? 4 : 2; }
+
+// The vector width the launchers use when the pointers are 16-byte aligned (else 1).
+int pack_width(int C, DType dtype) {
+  const int pack = 16 / itemsize(dtype);
+  return C % pack == 0 ? pack : 1;
+}
 
 // C / vec channel packs split evenly over blocks at most 128 threads across; rows fill the rest.
 dim3 block_shape(int packs) {
@@ -81,8 +93,7 @@ cudaError_t dispatch(DType dtype, int C, std::initializer_list<const void*> poin
 }  // namespace
 
 int group_norm_nhwc_chunks(int N, int S, int C, DType dtype, int sm_count) {
-  const int pack = dtype == DType::kFloat32 ? 4 : 8;
-  const int vec = C % pack == 0 ? pack : 1;
+  const int vec = pack_width(C, dtype);
   const dim3 block = block_shape(C / vec);
   const int blocks_per_chunk = std::max(1, N * cdiv(C / vec, block.x));
   const int most = std::max(1, std::min(65535, S / (kMinRowsPerThread * static_cast<int>(block.y))));
@@ -105,6 +116,42 @@ cudaError_t group_norm_nhwc_forward(const void* x, const float* weight, const fl
                                                                  l.chunk, eps);
     gn::normalize_kernel<T, VEC, decltype(act)::value><<<l.grid, l.block, 0, stream>>>(
         static_cast<const T*>(x), static_cast<T*>(y), weight, bias, mean, rstd, S, C, G, l.chunk);
+    return cudaGetLastError();
+  });
+}
+
+int group_norm_nhwc_single_pass_channels(int N, int S, int C, int G, DType dtype, int sm_count, int smem_bytes) {
+  if (N < 1 || S < 1 || G < 1 || C % G) return 0;
+  const int vec = pack_width(C, dtype), cpg = C / G;
+  const int unit = cpg / gcd(cpg, vec) * vec;  // lcm: whole groups and whole packs
+  int best = 0;
+  // width <= kThreads: a block also has a thread per channel if the pointers force VEC = 1
+  for (int width = unit; width <= std::min(C, kThreads); width += unit) {
+    if (C % width) continue;  // blocks tile C exactly
+    if (gn::single_pass_smem_bytes(S, width, cpg, vec, itemsize(dtype)) > smem_bytes) break;  // grows with width
+    if (best && (best * itemsize(dtype) >= kRowBytes || N * (C / width) < sm_count)) break;
+    best = width;
+  }
+  return best && N * (C / best) >= sm_count ? best : 0;
+}
+
+cudaError_t group_norm_nhwc_forward_single_pass(const void* x, const float* weight, const float* bias, void* y,
+                                                float* mean, float* rstd, int N, int S, int C, int G, int channels,
+                                                float eps, bool silu, DType dtype, cudaStream_t stream) {
+  if (!valid(N, S, C, G, 1) || channels < 1 || C % channels || channels % (C / G) || channels > kThreads) {
+    return cudaErrorInvalidValue;
+  }
+  return dispatch(dtype, C, {x, y}, silu, [&](auto type, auto vec, auto act) {
+    using T = decltype(type);
+    constexpr int VEC = decltype(vec)::value;
+    const auto kernel = gn::single_pass_kernel<T, VEC, decltype(act)::value>;
+    const long long smem = gn::single_pass_smem_bytes(S, channels, C / G, VEC, sizeof(T));
+    // above 48 KB a kernel must opt in to dynamic shared memory
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+    const dim3 block(channels / VEC, kThreads / (channels / VEC));
+    kernel<<<dim3(C / channels, N), block, smem, stream>>>(static_cast<const T*>(x), static_cast<T*>(y), weight, bias,
+                                                          mean, rstd, S, C, G, eps);
     return cudaGetLastError();
   });
 }

@@ -3,14 +3,21 @@
 // sum are fp32; x, y, dy, dx are float, __half or __nv_bfloat16; weight and bias are fp32.
 //
 // Each thread owns VEC consecutive channels (one 16-byte Pack when VEC = 16 / sizeof(T), else
-// VEC = 1, the scalar fallback) and walks the rows of one spatial chunk. Block (TX, TY): TX
-// threads across channel packs, TY across rows; grid (channel-pack blocks, K chunks, N).
+// VEC = 1, the scalar fallback) and walks rows (spatial positions). Block (TX, TY): TX
+// threads across channel packs, TY across rows.
 //
+// forward, single pass (single_pass_kernel), where a block's tile fits shared memory and the
+//           blocks fill the GPU (group_norm_nhwc_single_pass_channels): a block stages a whole
+//           number of groups (channels) x all S positions of one sample in shared memory,
+//           reading x once; then exact fp32 statistics from the staged tile (the mean first,
+//           then squared deviations from it) and y from the tile. Grid (channel blocks, N).
+// Otherwise every pass splits each sample into K spatial chunks, grid (channel-pack blocks,
+// K chunks, N), so that small batches still fill the GPU:
 // forward   channel_stats: per (n, chunk, channel) mean and M2 from fp32 sums of (x - shift),
 //           shift = the chunk's first value of that channel, so the sums stay O(std) and
 //           M2 = S2 - S1^2 / count does not cancel catastrophically (streaming, one read);
 //           group_stats: per (n, group) mean and rstd, Chan's parallel merge of the partials;
-//           normalize: y = silu?(x * scale_c + shift_c).
+//           normalize: y = silu?(x * scale_c + shift_c) (x read a second time).
 // backward  backward_partials: per (n, chunk, channel) sums of dz and dz * xhat (z recomputed);
 //           backward_group: per (n, group) means of w * dz and w * dz * xhat;
 //           backward_affine: dweight, dbias summed over (n, chunk) in a fixed order;
@@ -30,6 +37,7 @@ using int64_t = long long;
 #endif
 
 constexpr int kThreads = 256;  // threads per block in every kernel
+constexpr int kLoadBatch = 8;  // single_pass_kernel: 16-byte loads a thread keeps in flight
 
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
@@ -364,6 +372,120 @@ __global__ void __launch_bounds__(kThreads, 2) backward_dx_kernel(
 #pragma unroll
     for (int i = 0; i < VEC; ++i) dz[i] = p.rstd[i] * (p.w[i] * dz[i] - c_dz[i] - xhat[i] * c_xhat[i]);
     store<T, VEC>(dx + at, dz);
+  }
+}
+
+// Shared memory of single_pass_kernel for `width` channels (a block of width / vec threads
+// across): the tile of x (S rows of width elements, padded to 16 bytes), then rows x width
+// fp32 partial sums, then the group sums (2 floats a group). The host sizes the launch with it.
+__host__ __device__ inline long long single_pass_tile_bytes(int S, int width, int itemsize) {
+  return (static_cast<long long>(S) * width * itemsize + 15) / 16 * 16;
+}
+__host__ __device__ inline long long single_pass_smem_bytes(int S, int width, int cpg, int vec, int itemsize) {
+  const int rows = kThreads / (width / vec);
+  return single_pass_tile_bytes(S, width, itemsize) + (rows * width + 2 * (width / cpg)) * 4;
+}
+
+// Sums every thread's acc (partials of its VEC channels) over the rows and then over each
+// group's channels into out[j], j < width / cpg, in a fixed order; every thread must call it.
+// scratch: blockDim.y * width floats. out is complete and visible to all threads on return.
+template <int VEC>
+__device__ __forceinline__ void sum_over_groups(const float (&acc)[VEC], float* scratch, float* out, int width,
+                                                int cpg) {
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x, threads = blockDim.x * blockDim.y;
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) scratch[threadIdx.y * width + threadIdx.x * VEC + i] = acc[i];
+  __syncthreads();
+  for (int rows = blockDim.y; rows > 1;) {  // add the upper half of the rows onto the lower
+    const int half = (rows + 1) / 2;
+    for (int k = tid; k < (rows - half) * width; k += threads) scratch[k] += scratch[k + half * width];
+    __syncthreads();
+    rows = half;
+  }
+  for (int j = tid; j < width / cpg; j += threads) {
+    float sum = 0.0f;
+    for (int c = 0; c < cpg; ++c) sum += scratch[j * cpg + c];
+    out[j] = sum;
+  }
+  __syncthreads();
+}
+
+// Block (blockIdx.x, blockIdx.y): channels [c0, c0 + width) of sample n, width = blockDim.x *
+// VEC a multiple of cpg; thread (tx, ty) owns pack column tx at rows ty, ty + blockDim.y, ...
+// and only ever reads back the tile cells it wrote, so the tile needs no barrier. Dynamic
+// shared memory: single_pass_smem_bytes(S, width, cpg, VEC, sizeof(T)).
+template <typename T, int VEC, bool SILU>
+__global__ void __launch_bounds__(kThreads, 2) single_pass_kernel(
+    const T* __restrict__ x, T* __restrict__ y,                          // (N, S, C)
+    const float* __restrict__ weight, const float* __restrict__ bias,    // (C,) or null
+    float* __restrict__ mean, float* __restrict__ rstd,                  // (N, G) out
+    int S, int C, int G, float eps) {
+  extern __shared__ float4 smem_f4[];  // float4: 16-byte aligned for the packs
+  const int cpg = C / G, width = blockDim.x * VEC, groups = width / cpg;
+  const int n = blockIdx.y, c0 = blockIdx.x * width, col = threadIdx.x * VEC;
+  unsigned char* smem = reinterpret_cast<unsigned char*>(smem_f4);
+  T* tile = reinterpret_cast<T*>(smem) + col;
+  float* scratch = reinterpret_cast<float*>(smem + single_pass_tile_bytes(S, width, sizeof(T)));
+  float* group_sum = scratch + blockDim.y * width;  // [groups] sums of x, then [groups] of squared deviations
+  const int64_t base = static_cast<int64_t>(n) * S * C + c0 + col;
+
+  float acc[VEC] = {};
+  // kLoadBatch loads in flight before their shared-memory stores (else ptxas waits on each)
+  for (int s0 = threadIdx.y; s0 < S; s0 += kLoadBatch * blockDim.y) {
+    Pack<T, VEC> packs[kLoadBatch];
+#pragma unroll
+    for (int u = 0; u < kLoadBatch; ++u) {
+      const int s = s0 + u * blockDim.y;
+      if (s < S) packs[u] = *reinterpret_cast<const Pack<T, VEC>*>(x + base + static_cast<int64_t>(s) * C);
+    }
+#pragma unroll
+    for (int u = 0; u < kLoadBatch; ++u) {
+      const int s = s0 + u * blockDim.y;
+      if (s >= S) break;
+      *reinterpret_cast<Pack<T, VEC>*>(tile + s * width) = packs[u];
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) acc[i] += to_float(packs[u].v[i]);
+    }
+  }
+  sum_over_groups<VEC>(acc, scratch, group_sum, width, cpg);
+  const float count = static_cast<float>(cpg) * S;
+  float mu[VEC];
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) {
+    mu[i] = group_sum[(col + i) / cpg] / count;
+    acc[i] = 0.0f;
+  }
+#pragma unroll 4
+  for (int s = threadIdx.y; s < S; s += blockDim.y) {
+    float v[VEC];
+    load<T, VEC>(tile + s * width, v);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) acc[i] = fmaf(v[i] - mu[i], v[i] - mu[i], acc[i]);
+  }
+  sum_over_groups<VEC>(acc, scratch, group_sum + groups, width, cpg);
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  if (tid < groups) {
+    const int ng = n * G + c0 / cpg + tid;
+    mean[ng] = group_sum[tid] / count;
+    rstd[ng] = rsqrtf(group_sum[groups + tid] / count + eps);
+  }
+  float scale[VEC], shift[VEC];
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) {
+    const int c = c0 + col + i;
+    scale[i] = rsqrtf(group_sum[groups + (col + i) / cpg] / count + eps) * (weight ? weight[c] : 1.0f);
+    shift[i] = bias ? bias[c] : 0.0f;
+  }
+#pragma unroll 4
+  for (int s = threadIdx.y; s < S; s += blockDim.y) {
+    float v[VEC];
+    load<T, VEC>(tile + s * width, v);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      const float z = fmaf(v[i] - mu[i], scale[i], shift[i]);  // x - mean first: no cancellation
+      v[i] = SILU ? z * sigmoid(z) : z;
+    }
+    store<T, VEC>(y + base + static_cast<int64_t>(s) * C, v);
   }
 }
 

@@ -20,6 +20,18 @@ cudaError_t group_norm_nhwc_forward(const void* x, const float* weight, const fl
                                     int N, int S, int C, int G, int K, float eps, bool silu,
                                     DType dtype, cudaStream_t stream);
 
+// Channels per block of the single-pass forward, or 0 where the split forward must run. A
+// block stages that many channels (whole groups, whole 16-byte packs, dividing C) x all S
+// positions of one sample in shared memory; the tile must fit smem_bytes (what one block may
+// use: half an SM's, so that two blocks share it) and the N * C / channels blocks must give
+// every one of sm_count SMs one. Wider blocks (up to 128-byte runs) while they fill the GPU.
+int group_norm_nhwc_single_pass_channels(int N, int S, int C, int G, DType dtype, int sm_count, int smem_bytes);
+
+// As group_norm_nhwc_forward in one pass over x, `channels` (from the function above) a block.
+cudaError_t group_norm_nhwc_forward_single_pass(const void* x, const float* weight, const float* bias, void* y,
+                                                float* mean, float* rstd, int N, int S, int C, int G, int channels,
+                                                float eps, bool silu, DType dtype, cudaStream_t stream);
+
 // dx (skipped when null), dweight and dbias (each skipped when null; fp32) from dy, which has
 // x's layout, and the forward's mean and rstd. part_a, part_b: (N, K, C) fp32 workspaces;
 // coef_a, coef_b: (N, G) fp32 workspaces. Returns the first CUDA error.

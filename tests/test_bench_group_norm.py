@@ -23,3 +23,6 @@ def test_bench_group_norm_tiny_smoke(tmp_path):
         (layout, mode) for layout in ("nchw", "nhwc") for mode in ("fwd", "fwd+bwd")
     }
     assert all(r["ms"] > 0 and r["GBps"] > 0 for r in result["rows"])
+    # which forward of ours ran (the torch backend here: no GPU, no interpreter); "-" for peers
+    assert {r["forward"] for r in result["rows"] if r["impl"] == "ck-default"} <= {"single-pass", "split", "torch"}
+    assert {r["forward"] for r in result["rows"] if not r["impl"].startswith("ck-")} == {"-"}

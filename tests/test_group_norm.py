@@ -117,7 +117,8 @@ def small_tiles(monkeypatch):
     """Tiny tiles and many programs per SM: tests split each group over many programs."""
     from cckernels.triton import group_norm as gn
 
-    for name, value in (("TILE", 32), ("MAX_BLOCK_C", 2), ("MAX_BLOCK_S", 2), ("PROGRAMS_PER_SM", 64)):
+    for name, value in (("TILE", 32), ("MAX_BLOCK_C", 2), ("MAX_BLOCK_S", 2), ("PROGRAMS_PER_SM", 64),
+                        ("SINGLE_PASS_TILE", 0)):  # fmt: skip
         monkeypatch.setattr(gn, name, value)
     return gn
 
@@ -126,6 +127,7 @@ def small_tiles(monkeypatch):
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_split_groups(small_tiles, dtype, channels_last):
     x, w, b = make((1, 24, 7, 5), dtype, channels_last)
+    assert small_tiles.group_norm_forward_path(x, 8) == "split"
     S, strides = small_tiles._layout(x)
     block_c, block_s, chunk, K = small_tiles._tiling(x, 24, S, strides)
     assert K >= 3 and block_c < 24  # each group spans several chunks and channel tiles
@@ -138,6 +140,88 @@ def test_statistics_survive_a_large_offset(small_tiles):
     x, w, b = make((1, 32, 9, 7), torch.float32, offset=3000.0)
     y = ck.group_norm(x, 4, w, b, backend="triton")
     torch.testing.assert_close(y.double(), fp64_group_norm(x, 4, w, b, 1e-5, False), atol=2e-3, rtol=1e-3)
+
+
+# The single-pass forward (one program holds whole groups): both sides of its size threshold,
+# the layouts, odd sizes; check() also runs the backward on the mean and rstd it saved.
+
+
+@pytest.fixture
+def gn(monkeypatch):
+    """The Triton module with a 1024-element single-pass tile limit: tiny inputs can exceed it."""
+    from cckernels.triton import group_norm
+
+    monkeypatch.setattr(group_norm, "SINGLE_PASS_TILE", 1024)
+    return group_norm
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "shape,G,channels_last,silu,affine",
+    [
+        ((2, 96, 5, 7), 32, False, True, True),  # 3 channels per group, odd S
+        ((2, 96, 3, 3), 32, True, False, True),  # channels_last: 8 (16) groups of 3 a program
+        ((2, 40, 3, 3), 10, True, True, True),  # ... 4 (8) groups a program, the last one partial
+        ((2, 64, 3, 5), 4, True, True, True),  # channels_last runs of whole 16-byte packs
+        ((1, 32, 5, 7), 4, False, True, False),  # batch 1
+        ((3, 40, 1, 1), 8, True, True, True),  # 1x1 spatial
+        ((2, 48, 77), 16, False, True, True),  # 1-D
+        ((2, 24, 3, 2, 5), 8, True, False, False),  # 3-D
+    ],
+)
+def test_single_pass_matches_fp64(gn, dtype, shape, G, channels_last, silu, affine):
+    x, w, b = make(shape, dtype, channels_last, affine=affine)
+    assert gn.group_norm_forward_path(x, G) == "single-pass"
+    check(x, G, w, b, silu)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_single_pass_threshold(gn, monkeypatch, channels_last):
+    # At a 256-element limit. NCHW: 2 channels x 128 positions fit, 2 x 129 (256 wide) do not;
+    # channels_last: 2 groups of 8 fp32 channels (a 64-byte run) x 16 positions fit, x 17 do not.
+    monkeypatch.setattr(gn, "SINGLE_PASS_TILE", 256)
+    G = 4 if channels_last else 16
+    sizes = ((2, 32, 4, 4), (2, 32, 1, 17)) if channels_last else ((2, 32, 8, 16), (2, 32, 3, 43))
+    for shape, path in zip(sizes, ("single-pass", "split")):
+        x, w, b = make(shape, torch.float32, channels_last)
+        assert gn.group_norm_forward_path(x, G) == path, shape
+        check(x, G, w, b, silu=True)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_single_pass_statistics_survive_a_large_offset(channels_last):
+    # mean 1e3, std 1: E[x^2] - E[x]^2 in fp32 (1e6 with ulp 0.06) would be off by percents;
+    # the mean first, then squared deviations, keeps rstd exact to fp32 rounding.
+    from cckernels.triton import group_norm as gn
+
+    x = (torch.randn(2, 64, 6, 5) + 1e3).to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert gn.group_norm_forward_path(x, 4) == "single-pass"
+    y, mean, rstd = gn.group_norm_forward(x, 4, None, None, 1e-5, None)
+    xg = x.double().reshape(2, 4, -1)
+    torch.testing.assert_close(mean.double(), xg.mean(-1), atol=0, rtol=1e-6)
+    torch.testing.assert_close(rstd.double(), (xg.var(-1, unbiased=False) + 1e-5).rsqrt(), atol=0, rtol=1e-5)
+    torch.testing.assert_close(y.double(), fp64_group_norm(x, 4, None, None, 1e-5, False), atol=1e-3, rtol=0)
+
+
+# (batch, channels, latent side, channels_last) -> Triton's forward on 132 SMs in bf16
+SD2_TRITON_PATHS = {
+    **dict.fromkeys([(32, 320, 32, False), (32, 640, 16, False), (32, 1280, 8, False), (32, 1280, 4, False),
+                     (32, 2560, 8, False), (8, 1280, 16, False), (8, 1920, 16, False),
+                     (32, 640, 16, True), (32, 1280, 8, True), (32, 2560, 8, True), (8, 1280, 16, True)],
+                    "single-pass"),
+    # tiles over 16K elements (32x32x640: 20 channels -> 32 x 1024), channels_last runs of
+    # 10 channels (4 groups to reach 64 bytes: 64 x 1024), or 32 programs for batch 1
+    **dict.fromkeys([(32, 640, 32, False), (32, 960, 32, False), (8, 320, 64, False), (32, 320, 32, True),
+                     (1, 320, 64, False), (1, 320, 64, True), (1, 320, 32, False), (2, 640, 16, True)], "split"),
+}  # fmt: skip
+
+
+def test_forward_path_for_sd2_shapes():
+    from cckernels.triton.group_norm import _single_pass_plan
+
+    for (N, C, side, channels_last), path in SD2_TRITON_PATHS.items():
+        plan = _single_pass_plan(N, C, side * side, 32, channels_last, 2, 132)
+        assert ("single-pass" if plan else "split") == path, (N, C, side, channels_last)
 
 
 def test_fp32_weight_with_low_precision_input():
@@ -243,6 +327,8 @@ def test_cuda_kernels_compile_under_nvrtc(T):
     from test_build import nvrtc_compile
 
     names = [f"&cck::gn::{k}<{T}, {v}>" for k, v in (("channel_stats_kernel", 1), ("normalize_kernel", "8, true"),
+                                                      ("single_pass_kernel", "8, true"),
+                                                      ("single_pass_kernel", "1, false"),
                                                       ("backward_partials_kernel", "4, true"),
                                                       ("backward_dx_kernel", "8, false"))]
     names += [f"&cck::gn::{k}" for k in ("group_stats_kernel", "backward_group_kernel", "backward_affine_kernel")]
@@ -269,6 +355,29 @@ def test_gpu_triton(dtype, channels_last, shape):
     check(x, 32, w, b, silu=False)
 
 
+# Triton's single pass on the GPU: odd shapes in batches that give >= 132 SMs a program each
+TRITON_SINGLE_PASS_CASES = [
+    ((96, 96, 5, 7), 32, False), ((96, 96, 5, 7), 32, True),  # 3 channels per group, odd S
+    ((300, 40, 1, 1), 8, True),  # 1x1 spatial
+    ((140, 36, 3, 3), 4, False),  # 9 channels per group
+    ((140, 96, 77), 32, False),  # 1-D
+    ((140, 64, 3, 5, 7), 32, True),  # 3-D
+    ((32, 320, 32, 32), 32, False), ((32, 640, 16, 16), 32, True), ((32, 1280, 8, 8), 32, True),  # SD2
+]  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,G,channels_last", TRITON_SINGLE_PASS_CASES)
+def test_gpu_triton_single_pass(dtype, shape, G, channels_last):
+    from cckernels.triton.group_norm import group_norm_forward_path
+
+    x, w, b = gpu_case(shape, dtype, channels_last)
+    assert group_norm_forward_path(x, G) == "single-pass"
+    check(x, G, w, b, silu=True)
+    check(x, G, None, None, silu=False)
+
+
 def cuda_backend_loaded():
     from cckernels import cuda
 
@@ -285,6 +394,72 @@ def test_gpu_cuda_channels_last(dtype, shape, G):
     for silu in (True, False):
         check(x, G, w, b, silu, backend="cuda")
     check(x, G, None, None, True, backend="cuda")
+
+
+# The CUDA single-pass forward takes a shape only when its blocks fill the GPU, so these
+# odd shapes come in batches of >= 132 blocks; the kernel itself is the same for any batch.
+CUDA_SINGLE_PASS_CASES = [
+    ((64, 96, 5, 7), 32),  # 3 channels per group, odd S: blocks of lcm(3, pack) channels
+    ((136, 40, 1, 1), 8),  # 1x1 spatial
+    ((160, 36, 3, 3), 4),  # 36 channels: no 16-byte packs in fp16/bf16 (scalar loads)
+    ((140, 96, 77), 32),  # 1-D
+    ((140, 64, 3, 5, 7), 32),  # 3-D
+    ((32, 320, 32, 32), 32), ((32, 640, 16, 16), 32), ((32, 1280, 8, 8), 32),  # SD2, 256 px
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,G", CUDA_SINGLE_PASS_CASES)
+def test_gpu_cuda_single_pass(dtype, shape, G):
+    from cckernels import cuda
+
+    if not cuda_backend_loaded():
+        pytest.skip("cckernels._C built without the GroupNorm kernels")
+    x, w, b = gpu_case(shape, dtype, channels_last=True)
+    assert cuda.group_norm_forward_path(x, G) == "single-pass"
+    check(x, G, w, b, silu=True, backend="cuda")
+    check(x, G, w, b, silu=False, backend="cuda")
+    check(x, G, None, None, silu=True, backend="cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_single_pass_statistics_survive_a_large_offset():
+    from cckernels import cuda
+
+    if not cuda_backend_loaded():
+        pytest.skip("cckernels._C built without the GroupNorm kernels")
+    x = (torch.randn(64, 96, 6, 5, device="cuda") + 1e3).to(memory_format=torch.channels_last)
+    assert cuda.group_norm_forward_path(x, 32) == "single-pass"
+    y, mean, rstd = cuda.loaded().group_norm_forward(x, 32, None, None, 1e-5, False)
+    xg = x.double().reshape(64, 32, -1)
+    torch.testing.assert_close(mean.double(), xg.mean(-1), atol=0, rtol=1e-6)
+    torch.testing.assert_close(rstd.double(), (xg.var(-1, unbiased=False) + 1e-5).rsqrt(), atol=0, rtol=1e-5)
+    torch.testing.assert_close(y.double(), fp64_group_norm(x, 32, None, None, 1e-5, False), atol=1e-3, rtol=0)
+
+
+# (batch, channels, latent side) -> the CUDA forward on an H100 (132 SMs, 113 KB a block) in bf16
+SD2_CUDA_PATHS = {
+    **dict.fromkeys([(32, 320, 32), (32, 640, 16), (32, 1280, 8), (32, 1280, 4), (32, 2560, 8), (32, 1920, 16),
+                     (32, 640, 32), (8, 1280, 16), (8, 2560, 16)], "single-pass"),
+    # tiles over 113 KB (960 channels: lcm(30, 8) = 120 channels x 1024 positions = 240 KB; 64x64x320:
+    # 40 x 4096 = 320 KB), or fewer blocks than SMs (batch 1, batch 8 at 32x32x640: 128)
+    **dict.fromkeys([(32, 960, 32), (8, 320, 64), (8, 640, 32), (1, 320, 64), (1, 320, 32)], "split"),
+}  # fmt: skip
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_forward_path_for_sd2_shapes():
+    from cckernels import cuda
+
+    if not cuda_backend_loaded():
+        pytest.skip("cckernels._C built without the GroupNorm kernels")
+    props = torch.cuda.get_device_properties(0)
+    if (props.major, props.minor, props.multi_processor_count) != (9, 0, 132):
+        pytest.skip(f"the table is for an H100 SXM (sm90, 132 SMs), not {props.name}")
+    for (N, C, side), path in SD2_CUDA_PATHS.items():
+        x = torch.empty(N, C, side, side, device="cuda", dtype=torch.bfloat16, memory_format=torch.channels_last)
+        assert cuda.group_norm_forward_path(x, 32) == path, (N, C, side)
 
 
 @pytest.mark.gpu

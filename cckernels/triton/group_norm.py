@@ -1,9 +1,20 @@
 """GroupNorm (+ fused SiLU) in Triton: fp32 statistics, NCHW or channels_last, any spatial rank.
 
 x (N, C, *spatial) is seen as (N, C, S) with S = prod(spatial) through three strides:
-contiguous (C*S, S, 1) or channels_last (S*C, 1, C); y, dy and dx share x's strides. Every
-pass tiles (BLOCK_C channels) x (a chunk of CHUNK spatial positions), so one (sample, group)
-is spread over many programs and batch 1 at 64x64x320 still fills the GPU:
+contiguous (C*S, S, 1) or channels_last (S*C, 1, C); y, dy and dx share x's strides.
+
+The forward takes one of two paths (group_norm_forward_path says which):
+
+single pass  _single_pass_kernel: one program holds GROUPS whole groups of one sample in
+             registers (GROUPS * C/G channels x S positions, at most SINGLE_PASS_TILE
+             elements), so x is read once: the mean first, then the sum of squared deviations
+             from it (exact, fp32), mean and rstd stored for the backward, then y. Taken when
+             the tile fits and the N * G / GROUPS programs give every SM one; channels_last
+             takes GROUPS groups so that each position's channel run is >= 64 bytes (coalesced),
+             contiguous takes one group (a contiguous run of C/G * S elements).
+split        three passes, each tiling (BLOCK_C channels) x (a chunk of CHUNK positions), so
+             one (sample, group) is spread over many programs and batch 1 at 64x64x320 still
+             fills the GPU. Its forward reads x twice; the backward always runs this way:
 
 forward   1. _channel_stats_kernel: per (sample, chunk, channel) mean and M2 (sum of squared
              deviations). Each BLOCK_S tile is reduced exactly (its own mean, then squared
@@ -32,6 +43,9 @@ TILE = 2048  # elements per (BLOCK_C, BLOCK_S) tile: 16 fp32 values per thread a
 MAX_BLOCK_C = 64  # channels_last: 64 channels = one 128-byte line of bf16 per spatial position
 MAX_BLOCK_S = 1024  # contiguous: up to 1024 positions of one channel per tile row
 PROGRAMS_PER_SM = 4
+SINGLE_PASS_TILE = 16384  # most elements one program holds in registers (32 fp32 a thread at 16 warps)
+SINGLE_PASS_ELEMENTS_PER_THREAD = 32  # sets num_warps; more and ptxas spills
+MIN_RUN_BYTES = 64  # channels_last: a program's channel run per position, for coalesced loads
 
 
 @triton.jit
@@ -141,6 +155,53 @@ def _normalize_kernel(
         if SILU:
             y = y * tl.sigmoid(y)
         tl.store(y_ptr + offset + s[None, :] * stride_s, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _single_pass_kernel(
+    x_ptr, y_ptr,  # (N, C, S) input and output, same strides (stride_n, stride_c, stride_s)
+    w_ptr, b_ptr,  # (C,) weight and bias, any float dtype (unused without HAS_WEIGHT / HAS_BIAS)
+    mean_ptr, rstd_ptr,  # (N, G) fp32 out: group statistics for the backward
+    C, S, CPG, eps,
+    stride_n, stride_c, stride_s,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+    GROUPS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ALIGN: tl.constexpr,
+):
+    # Program (n, gb) holds groups [gb * GROUPS, gb * GROUPS + GROUPS) of sample n whole in
+    # registers: GROUPS * CPG <= BLOCK_C channels by S <= BLOCK_S positions. ALIGN divides
+    # GROUPS * CPG and C: the channel run starts and ends on ALIGN-channel boundaries, which
+    # lets channels_last loads be 16 bytes wide (the compiler cannot see it: CPG is runtime).
+    n, gb = tl.program_id(0), tl.program_id(1)
+    G = C // CPG
+    j = tl.arange(0, BLOCK_C)
+    c = tl.multiple_of(gb * GROUPS * CPG + j, ALIGN)
+    c_mask = tl.max_constancy((j < GROUPS * CPG) & (c < C), ALIGN)
+    s = tl.arange(0, BLOCK_S)
+    mask = c_mask[:, None] & (s < S)[None, :]
+    offs = n.to(tl.int64) * stride_n + c[:, None] * stride_c + s[None, :] * stride_s
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    # one_hot[g, j]: channel j of the tile belongs to local group g; folds channel sums into
+    # group sums and spreads group values back over their channels
+    g = tl.arange(0, GROUPS)
+    one_hot = (j // CPG)[None, :] == g[:, None]
+    count = CPG * S * 1.0  # fp32 (a Python float if Triton made both constant 1)
+    mean = tl.sum(tl.where(one_hot, tl.sum(x, axis=1)[None, :], 0.0), axis=1) / count
+    dev = tl.where(mask, x - tl.sum(tl.where(one_hot, mean[:, None], 0.0), axis=0)[:, None], 0.0)
+    var = tl.sum(tl.where(one_hot, tl.sum(dev * dev, axis=1)[None, :], 0.0), axis=1) / count
+    rstd = tl.rsqrt(var + eps)
+    g_out = gb * GROUPS + g
+    g_mask = g_out < G
+    tl.store(mean_ptr + n * G + g_out, mean, mask=g_mask)
+    tl.store(rstd_ptr + n * G + g_out, rstd, mask=g_mask)
+    scale = tl.sum(tl.where(one_hot, rstd[:, None], 0.0), axis=0)
+    if HAS_WEIGHT:
+        scale *= tl.load(w_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+    y = dev * scale[:, None]
+    if HAS_BIAS:
+        y += tl.load(b_ptr + c, mask=c_mask, other=0.0).to(tl.float32)[:, None]
+    if SILU:
+        y = y * tl.sigmoid(y)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -289,11 +350,46 @@ def _tiling(x, C, S, strides):
         block_s = min(triton.next_power_of_2(S), MAX_BLOCK_S * grow)
         block_c = min(max(TILE * grow // block_s, 1), triton.next_power_of_2(C))
     # a couple of chunks on the interpreter exercise the split paths cheaply
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 2
+    sms = _sm_count(x)
     s_blocks = triton.cdiv(S, block_s)
     k = max(1, min(s_blocks, triton.cdiv(PROGRAMS_PER_SM * sms, N * triton.cdiv(C, block_c))))
     chunk = triton.cdiv(s_blocks, k) * block_s
     return block_c, block_s, chunk, triton.cdiv(S, chunk)
+
+
+def _single_pass_plan(N, C, S, G, channels_last, itemsize, sms):
+    """(GROUPS, BLOCK_C, BLOCK_S, ALIGN, num_warps) of the single-pass forward, or None where
+    the split path is the better one: a tile of GROUPS whole groups must fit SINGLE_PASS_TILE,
+    and the programs must give every SM one (else splitting the groups fills the GPU better)."""
+    cpg = C // G
+    groups = 1
+    if channels_last:  # each position's run of GROUPS * CPG channels must coalesce
+        while groups * cpg * itemsize < MIN_RUN_BYTES and groups < G:
+            groups *= 2
+    block_c, block_s = triton.next_power_of_2(groups * cpg), triton.next_power_of_2(S)
+    if block_c * block_s > SINGLE_PASS_TILE or N * triton.cdiv(G, groups) < sms:
+        return None
+    vec = 16 // itemsize
+    align = vec if channels_last and (groups * cpg) % vec == 0 and C % vec == 0 else 1
+    num_warps = min(max(block_c * block_s // (32 * SINGLE_PASS_ELEMENTS_PER_THREAD), 4), 16)
+    return groups, block_c, block_s, align, num_warps
+
+
+def _sm_count(x):
+    """SMs to fill; two on the interpreter, so that small tests take both paths."""
+    return torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 2
+
+
+def _plan(x, num_groups):
+    N, C = x.shape[:2]
+    S, strides = _layout(x)
+    return _single_pass_plan(N, C, S, num_groups, strides[1] == 1 and C > 1, x.element_size(), _sm_count(x))
+
+
+def group_norm_forward_path(x, num_groups):
+    """Which forward runs for x: "single-pass" (each group read once, held in registers) or
+    "split" (three passes, groups spread over many programs)."""
+    return "single-pass" if _plan(x, num_groups) else "split"
 
 
 def _group_tiling(G, parts):
@@ -320,13 +416,22 @@ def group_norm_forward(x, num_groups, weight, bias, eps, activation):
     """y, mean (N, G) fp32, rstd (N, G) fp32."""
     N, C = x.shape[:2]
     S, strides = _layout(x)
-    block_c, block_s, chunk, K = _tiling(x, C, S, strides)
     cpg = C // num_groups
-    part_mean = torch.empty(N, K, C, device=x.device, dtype=torch.float32)
-    part_m2 = torch.empty_like(part_mean)
     mean = torch.empty(N, num_groups, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     y = torch.empty_like(x)  # keeps x's (dense) strides, hence its memory format
+    flags = {"HAS_WEIGHT": weight is not None, "HAS_BIAS": bias is not None, "SILU": activation == "silu"}
+    plan = _plan(x, num_groups)
+    if plan:
+        groups, block_c, block_s, align, num_warps = plan
+        _single_pass_kernel[(N, triton.cdiv(num_groups, groups))](
+            x, y, weight, bias, mean, rstd, C, S, cpg, eps, *strides, **flags,
+            GROUPS=groups, BLOCK_C=block_c, BLOCK_S=block_s, ALIGN=align, num_warps=num_warps,
+        )
+        return y, mean, rstd
+    block_c, block_s, chunk, K = _tiling(x, C, S, strides)
+    part_mean = torch.empty(N, K, C, device=x.device, dtype=torch.float32)
+    part_m2 = torch.empty_like(part_mean)
     grid = (N, triton.cdiv(C, block_c), K)
     _channel_stats_kernel[grid](x, part_mean, part_m2, C, S, chunk, *strides, BLOCK_C=block_c, BLOCK_S=block_s)
     block_g, block_p = _group_tiling(num_groups, K * cpg)
@@ -334,9 +439,7 @@ def group_norm_forward(x, num_groups, weight, bias, eps, activation):
         part_mean, part_m2, mean, rstd, C, S, K, chunk, cpg, eps, BLOCK_G=block_g, BLOCK_P=block_p
     )
     _normalize_kernel[grid](
-        x, y, weight, bias, mean, rstd, C, S, chunk, cpg, *strides,
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SILU=activation == "silu",
-        BLOCK_C=block_c, BLOCK_S=block_s,
+        x, y, weight, bias, mean, rstd, C, S, chunk, cpg, *strides, **flags, BLOCK_C=block_c, BLOCK_S=block_s,
     )
     return y, mean, rstd
 
@@ -425,10 +528,26 @@ _LAYOUTS = {
 _STREAM = {"op": "group_norm", "dtypes": (torch.float32, torch.float16, torch.bfloat16), "args": _ARGS,
            "variants": _LAYOUTS, "expect": {"sm90": {"ldg128": True}}}  # fmt: skip
 _REDUCE = {"op": "group_norm", "dtypes": (torch.float32,)}  # fp32 partials only
+# The single pass at its largest tiles (32 elements a thread at 16 warps), batch 32:
+# NCHW 32x32x320 (one group of 10 channels x 1024 positions) and NHWC 16x16x640 in bf16 (two
+# groups of 20 channels x 256). In fp32 a 20-channel group alone is a 64-byte run (a 32 x 256
+# tile), so its largest NHWC tile comes from 1280 channels (one group of 40 x 256).
+def _single_pass_variant(channels, S, channels_last, strides):  # channels: itemsize -> C
+    def args(dtype):
+        plan = _single_pass_plan(32, channels[dtype.itemsize], S, 32, channels_last, dtype.itemsize, 132)
+        return {**strides, **dict(zip(("GROUPS", "BLOCK_C", "BLOCK_S", "ALIGN"), plan))}
+
+    return args
+
+
+_SINGLE_PASS = {"nchw": _single_pass_variant({2: 320, 4: 320}, 1024, False, {"stride_s": 1}),
+                "nhwc": _single_pass_variant({2: 640, 4: 1280}, 256, True, {"stride_c": 1})}  # fmt: skip
 _BLOCK_G, _BLOCK_P = _group_tiling(32, 10 * 16)  # SD2: 32 groups of 10 channels, 16 chunks
 INSPECT = [
     {**_STREAM, "kernel": _channel_stats_kernel},
     {**_STREAM, "kernel": _normalize_kernel},
+    {**_STREAM, "kernel": _single_pass_kernel, "variants": _SINGLE_PASS,
+     "options": {"num_warps": _single_pass_plan(32, 320, 1024, 32, False, 2, 132)[-1]}},  # 16
     {**_STREAM, "kernel": _backward_partials_kernel},
     {**_STREAM, "kernel": _backward_dx_kernel},
     {**_REDUCE, "kernel": _group_stats_kernel, "args": {**_ARGS, "BLOCK_G": _BLOCK_G, "BLOCK_P": _BLOCK_P}},
