@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors import safe_open
-from test_data import BACKENDS, REPO, make_folder
+from test_data import BACKENDS, REPO, make_folder, repo_env
 from tiny_models import TINY_UNET, StandInUNet
 
 from trainer import checkpoint, train
@@ -183,7 +183,7 @@ def test_two_ranks_precompute_resume_and_train_on_latents(tmp_path, tiny, monkey
     argv = ["--encoders", "tiny", "--data", "builtin", "--backend", "pil", "--workers", "0",
             "--resolutions", "32", "64", "--shard-size", "5", "--batch-size", "2",
             "--cache-dir", str(cache), "--out", str(out)]
-    env = dict(os.environ, PYTHONPATH=str(REPO), CCKERNELS_CACHE=str(cache), CCKERNELS_BACKEND="torch")
+    env = repo_env(CCKERNELS_CACHE=str(cache), CCKERNELS_BACKEND="torch")
     launch = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                              "--nproc_per_node=2", "-m", "trainer.precompute", *argv],
                             env=env, capture_output=True, text=True, timeout=300)
@@ -368,8 +368,7 @@ def test_bench_precompute_tiny(tmp_path):
     out = tmp_path / "bench"
     # Plain torch ops: the smoke test checks the benchmark, not the kernels (Triton's CPU
     # interpreter would take minutes).
-    env = dict(os.environ, PYTHONPATH=str(REPO), CCKERNELS_CACHE=str(tmp_path / "cache"),
-               CCKERNELS_BACKEND="torch")
+    env = repo_env(CCKERNELS_CACHE=str(tmp_path / "cache"), CCKERNELS_BACKEND="torch")
     subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_precompute.py"), "--tiny",
                     "--out", str(out)], check=True, env=env, timeout=600)
     result = json.loads((out / "bench_precompute.json").read_text())
