@@ -141,6 +141,12 @@ install() {
     echo "installing ${#missing[@]} of $(ls "$SCRATCH"/wheels/*.whl | wc -l) wheels into $SCRATCH/site"
     rm -rf "$SCRATCH/site"  # pip --target skips folders that exist: start clean
     "$python" -m pip install --no-index --no-deps --no-compile --target "$SCRATCH/site" "${missing[@]}"
+    # nvimgcodec, nvjpeg2k and nvtiff each ship nvidia/__init__.py, some empty; whichever pip
+    # wrote last decides. An empty one, first on PYTHONPATH, would hide the machine's own
+    # nvidia-* packages (torch's CUDA headers, which setup.py finds through nvidia.__path__).
+    if [ -f "$SCRATCH/site/nvidia/__init__.py" ]; then
+        echo "__path__ = __import__('pkgutil').extend_path(__path__, __name__)" > "$SCRATCH/site/nvidia/__init__.py"
+    fi
     PYTHONPATH="$SCRATCH/site${PYTHONPATH:+:$PYTHONPATH}" "$python" - <<'EOF'
 import importlib
 for name in ("diffusers", "transformers", "nvidia.dali"):
