@@ -13,11 +13,11 @@
 #   bench_ema 25 | bench_data 25 | bench_ddp 15 | bench_train 190 (6 timed steps per row; it
 #   starts no row after 165 s, and writes its JSON after every row)
 #   = 595 s worst case in sequence; most steps finish well inside their budget.
-# DALI, diffusers and transformers are not on the GPU machines: carry them first with
-# benchmarks/carry_dali.sh; its folder $CARRY_SCRATCH/site is put on PYTHONPATH when present.
+# DALI and diffusers are not on the GPU machines: carry them with benchmarks/carry_dali.sh (its
+# header lists the run calls); its folder $CARRY_SCRATCH/site is put on PYTHONPATH when present.
 set -uo pipefail  # no -e: every step runs even when an earlier one failed
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python}
+PY=${PYTHON:-python3}  # the GPU image has python3 (not always python)
 SCRATCH=${CARRY_SCRATCH:-/tmp/cc-carry}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 [ -d "$SCRATCH/site" ] && export PYTHONPATH="$PYTHONPATH:$SCRATCH/site"

@@ -27,6 +27,13 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]  # cuda: DALI "mi
 REPO = Path(__file__).resolve().parents[1]
 
 
+def repo_env(**extra):
+    """os.environ for a subprocess that imports this checkout: REPO goes in front of
+    PYTHONPATH, whose entries stay (run_gpu.sh puts the carried diffusers and DALI there)."""
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return dict(os.environ, PYTHONPATH=path, **extra)
+
+
 def smooth_image(seed, h, w):
     """A smooth colour field, different for every seed, so images are told apart easily."""
     rng = np.random.default_rng(seed)
@@ -436,7 +443,7 @@ def test_builtin_dataset(tmp_path):
 
 def test_bench_data_tiny(tmp_path):
     out = tmp_path / "bench"
-    env = dict(os.environ, PYTHONPATH=str(REPO), CCKERNELS_CACHE=str(tmp_path / "cache"))
+    env = repo_env(CCKERNELS_CACHE=str(tmp_path / "cache"))
     subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_data.py"), "--tiny",
                     "--out", str(out)], check=True, env=env, timeout=300)
     result = json.loads((out / "bench_data.json").read_text())

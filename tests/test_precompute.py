@@ -2,16 +2,21 @@ import json
 import logging
 import os
 import shutil
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 from safetensors import safe_open
-from test_data import BACKENDS, make_folder
+from test_data import BACKENDS, REPO, make_folder, repo_env
 from tiny_models import TINY_UNET, StandInUNet
 
+from trainer import checkpoint, train
 from trainer import precompute as pc
-from trainer.data import build_index, make_loader
+from trainer.data import build_index, builtin_dataset_path, make_loader
 from trainer.data.latents import TEXT_KEY, latent_key, shard_file
 from trainer.data import decode_once
 from trainer.diffusion import NoiseSchedule, training_loss
@@ -150,6 +155,88 @@ def test_bad_arguments(tmp_path, tiny):
                       precision="fp8")
 
 
+# ---- several processes ------------------------------------------------------------------------
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_after_torchrun(rank, ports, precompute_argv, train_argv):
+    """One forked rank: precompute.main again (the rerun), then train.main on the latents. Each
+    main() starts its own process group, on its own port (a process group cannot be started
+    twice through torchrun's store, and a fork skips importing torch and diffusers again)."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
+    os.environ["MASTER_PORT"] = str(ports[0])
+    pc.main(precompute_argv)
+    os.environ["MASTER_PORT"] = str(ports[1])
+    train.main(train_argv)
+
+
+def test_two_ranks_precompute_resume_and_train_on_latents(tmp_path, tiny, monkeypatch):
+    """The built-in images precomputed by 2 ranks under torch.distributed.run equal a
+    single-process run; a rerun after a finished shard was deleted encodes only that shard;
+    2 ranks then train on the latents."""
+    cache, out = tmp_path / "cache", tmp_path / "latents"
+    argv = ["--encoders", "tiny", "--data", "builtin", "--backend", "pil", "--workers", "0",
+            "--resolutions", "32", "64", "--shard-size", "5", "--batch-size", "2",
+            "--cache-dir", str(cache), "--out", str(out)]
+    env = repo_env(CCKERNELS_CACHE=str(cache), CCKERNELS_BACKEND="torch")
+    launch = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node=2", "-m", "trainer.precompute", *argv],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert launch.returncode == 0, launch.stderr[-3000:]
+    # 12 images in shards of 5, 5, 2: shards 0 and 2 to rank 0, shard 1 to rank 1.
+    assert "rank 0 of 2: 12 samples in 3 shards, 7 samples in 2 of them" in launch.stderr
+    assert "rank 1 of 2: 12 samples in 3 shards, 5 samples in 1 of them" in launch.stderr
+
+    index = build_index(builtin_dataset_path(str(cache)), cache_dir=str(cache))
+    meta = json.loads((out / "index.json").read_text())
+    shards = [read_shard(out / s["file"]) for s in meta["shards"]]
+    assert [s["file"] for s in meta["shards"]] == [shard_file(k) for k in range(3)]
+    assert [s["count"] for s in meta["shards"]] == [len(rows) for _, rows in shards] == [5, 5, 2]
+    assert [row["name"] for _, rows in shards for row in rows] == [s.name for s in index.samples]
+    for s in meta["shards"]:
+        assert json.loads((out / s["file"].replace(".safetensors", ".json")).read_text()) == s
+        assert pc.hashlib.sha256((out / s["file"]).read_bytes()).hexdigest() == s["sha256"]
+
+    # The same numbers as one process writing every shard (same batches, one thread each).
+    single = tmp_path / "single"
+    pc.precompute({"path": "builtin", "backend": "pil", "workers": 0}, tiny["vae"], tiny["text_encoder"],
+                  [32, 64], single, batch_size=2, shard_size=5, cache_dir=str(cache))
+    for (got, got_rows), k in zip(shards, range(3)):
+        want, want_rows = read_shard(single / shard_file(k))
+        assert got_rows == want_rows and got.keys() == want.keys()
+        assert all(torch.equal(got[key], want[key]) for key in want), k
+    assert json.loads((single / "index.json").read_text()) == meta
+
+    # Rerun with shard 1 (rank 1's) deleted, in forked ranks: only shard 1 is encoded again.
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name.startswith("shard-")}
+    before = (out / shard_file(1)).read_bytes()
+    (out / shard_file(1)).unlink()
+    monkeypatch.setenv("CCKERNELS_CACHE", str(cache))
+    monkeypatch.setenv("CCKERNELS_BACKEND", "torch")  # the interpreter would take minutes to train
+    run_dir = tmp_path / "run"
+    train_argv = ["data.format=latents", f"data.path={out}", "data.resolution=64", "train.steps=2",
+                  "train.batch_size=2", "checkpoint.every=2", "ema.start_step=1", "train.log_every=1",
+                  "sample.prompts=[a cat]", "sample.steps=2", f"out_dir={run_dir}"]
+    mp.start_processes(_rank_after_torchrun, args=([_free_port(), _free_port()], argv, train_argv),
+                       nprocs=2, start_method="fork")
+    assert (out / shard_file(1)).read_bytes() == before
+    kept = {name: t for name, t in stamps.items() if not name.startswith("shard-00001.")}
+    assert {name: (out / name).stat().st_mtime_ns for name in kept} == kept and len(kept) == 4
+    assert json.loads((out / "index.json").read_text()) == meta
+
+    # Training: 2 ranks x 2 samples per step, 2 steps, from every rank's share of the 12 latents.
+    ckpt = checkpoint.load(checkpoint.latest(run_dir))
+    assert ckpt["state"]["step"] == 2 and ckpt["state"]["data_position"] == [0, 4]
+    metrics = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    assert [m["step"] for m in metrics] == [1, 2] and all(np.isfinite(m["loss"]) for m in metrics)
+    assert (run_dir / "samples" / "step_0000002.png").is_file()
+
+
 # ---- data.format=latents --------------------------------------------------------------------
 
 
@@ -278,16 +365,10 @@ def test_precompute_on_gpu_matches_cpu(precomputed, tiny, tmp_path, backend):
 
 
 def test_bench_precompute_tiny(tmp_path):
-    import subprocess
-    import sys
-
-    from test_data import REPO
-
     out = tmp_path / "bench"
     # Plain torch ops: the smoke test checks the benchmark, not the kernels (Triton's CPU
     # interpreter would take minutes).
-    env = dict(os.environ, PYTHONPATH=str(REPO), CCKERNELS_CACHE=str(tmp_path / "cache"),
-               CCKERNELS_BACKEND="torch")
+    env = repo_env(CCKERNELS_CACHE=str(tmp_path / "cache"), CCKERNELS_BACKEND="torch")
     subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_precompute.py"), "--tiny",
                     "--out", str(out)], check=True, env=env, timeout=600)
     result = json.loads((out / "bench_precompute.json").read_text())

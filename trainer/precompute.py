@@ -102,9 +102,9 @@ def precompute(data_cfg, vae_cfg, text_cfg, resolutions, out, *, batch_size=32, 
     n_shards = -(-len(index) // shard_size)
     todo = [k for k in range(rank, n_shards, world_size) if not _finished(out, k)]
     count = sum(min(len(index), (k + 1) * shard_size) - k * shard_size for k in todo)
-    if rank == 0:
-        log.info("precompute: %d samples in %d shards, %d to encode on this rank (world %d)",
-                 len(index), n_shards, count, world_size)
+    # Every rank says what it encodes: under torchrun the lines show how the work was split.
+    log.info("precompute rank %d of %d: %d samples in %d shards, %d samples in %d of them to encode",
+             rank, world_size, len(index), n_shards, count, len(todo))
     bar = tqdm(total=count * len(resolutions), unit="img", desc=f"precompute rank {rank}",
                disable=rank != 0)
     for k in todo:
