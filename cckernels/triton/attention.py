@@ -30,12 +30,13 @@ from cckernels.backend import Unsupported
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 128
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# Atomic by default, as FlashAttention-2: it does 5/7 of the deterministic backward's matmul
-# work, the only way to the 300 TFLOP/s fwd+bwd target (FLOPs counted for 5 backward
-# matmuls). Run-to-run bit-identity is only promised where asked for: the trainer's GPU runs
-# are not bit-reproducible anyway (cuDNN picks non-deterministic algorithms) unless
-# `train.deterministic=true`, which turns on torch.use_deterministic_algorithms and with it
-# the deterministic backward here. Its CPU resume test runs the torch backend.
+# Atomic by default, as FlashAttention-2: its backward does 5/7 of the deterministic one's
+# matmul work, and the 300 TFLOP/s fwd+bwd target counts 5 backward matmuls, so the
+# deterministic path would need ~390 real TFLOP/s (bench_attention.py times both; flip this
+# if the atomics cost more than they save). Bit-identity is only promised where asked for:
+# the trainer's GPU runs are not bit-reproducible anyway (cuDNN may pick non-deterministic
+# algorithms) unless `train.deterministic=true`, which turns on
+# torch.use_deterministic_algorithms and with it the deterministic backward here.
 DETERMINISTIC_BY_DEFAULT = False
 
 
@@ -56,7 +57,8 @@ def _configs(pool):
 
 # (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages): FlashAttention-2 / Triton-tutorial
 # shapes for A100 (sm80, 163 KB shared memory) and H100 (sm90, 227 KB); the 8-warp 64x64
-# dK/dV and dQ shapes are the ones that fit head dim 128, the smallest ones fp32.
+# dK/dV and dQ shapes are the ones that fit head dim 128, the smallest ones fp32; 32x64 with
+# 8 warps is the dK/dV shape whose atomic-dQ pass fits head dims above 64 on sm80.
 FWD_POOL = [
     (128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 4), (64, 64, 4, 4), (128, 32, 4, 4),
     (64, 32, 4, 3), (64, 64, 8, 3),
@@ -76,7 +78,7 @@ AUTOTUNE_KEY = ["q_bucket", "k_bucket", "HEAD_DIM", "ATOMIC_DQ"]  # names a kern
 # fitting 255 registers without spilling, measured over these pools and head dims 32-128:
 # sm90's wgmma keeps up to 224 (256 spills); sm80's mma up to 160 (some 192s spill). fp32
 # gets half of sm80's on every arch (IEEE dots on FMA units hold fp32 operands); it is the
-# accuracy path, not the speed path, and still spills a little (24-800 bytes of stack).
+# accuracy path, not the speed path, and still spills (stack) on sm90.
 REGISTER_BUDGET = {90: 224, 80: 160}
 
 
@@ -88,8 +90,8 @@ def _dkdv_footprint(m, n, d, stages, esize, atomic_dq=False):
     smem = (2 * n * d + stages * 2 * m * d) * esize + (stages - 1) * 2 * m * 4
     regs = 2 * n * d + 2 * m * n + n * d
     if atomic_dq:
-        # dS transposed for dS @ K and the fp32 dQ tile rearranged for the atomics share one
-        # scratch buffer; below 64 rows (too few for wgmma) both are held, and dS at 4 bytes.
+        # Measured: dS transposed for dS @ K and the fp32 dQ tile rearranged for the atomics
+        # share one scratch buffer; below 64 query rows both are held, dS at 4 bytes.
         scratch = max(m * d * 4, m * n * esize) if m >= 64 else m * d * 4 + m * n * 4
         return smem + scratch, regs + m * d + m * n // 2
     return smem, regs
