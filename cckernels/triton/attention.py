@@ -595,7 +595,7 @@ INSPECT = [
     {**_INSPECT, "kernel": _attn_fwd_kernel, "configs": _inspect_configs(_fwd_footprint)},
     {**_INSPECT, "kernel": _attn_bwd_dkdv_kernel, "configs": _inspect_configs(_dkdv_footprint)},
     {**_INSPECT, "kernel": _attn_bwd_dkdv_kernel, "configs": _inspect_configs(_dkdv_footprint),
-     "variants": {"d64 atomic-dq": _inspect_args(64, True), "d80 atomic-dq": _inspect_args(80, True)}},
+     "variants": {"d64-atomic-dq": _inspect_args(64, True), "d80-atomic-dq": _inspect_args(80, True)}},
     {**_INSPECT, "kernel": _attn_bwd_dq_kernel, "configs": _inspect_configs(_dq_footprint)},
     {**_INSPECT, "kernel": _attn_bwd_delta_kernel, "args": {"BLOCK_M": 64}, "expect": {}},
     {"op": "attention", "kernel": _attn_bwd_dq_convert_kernel, "dtypes": DTYPES,
