@@ -143,8 +143,9 @@ def measure(fns, shapes, device, dtype, tiny):
             if backend == "triton" and ck.used_backends()["attention"] != "triton":
                 print(f"  skip triton on {name}: it fell back to {ck.used_backends()['attention']}")
                 continue
-            runs = [(False, backend, None)]
-            runs += [(True, *variant) for variant in TRITON_BACKWARDS.items()] if backend == "triton" else [(True, backend, None)]
+            # (backward, row label, CCKERNELS_DETERMINISTIC): triton's fwd+bwd once per variant
+            backwards = [(True, *v) for v in TRITON_BACKWARDS.items()] if backend == "triton" else [(True, backend, None)]
+            runs = [(False, backend, None), *backwards]
             for backward, label, deterministic in runs:
                 if backward:
                     timed = lambda: fn(q, k, v).backward(dout)  # noqa: E731

@@ -224,7 +224,8 @@ def test_config_pools_fit_shared_memory(monkeypatch, arch, smem):
                     for c in kept:
                         m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
                         extra = {"atomic_dq": True} if atomic_dq else {}
-                        assert footprint(m, n, block_d, c.num_stages, q.element_size(), **extra)[0] <= smem, (D, dtype, c)
+                        smem_used = footprint(m, n, block_d, c.num_stages, q.element_size(), **extra)[0]
+                        assert smem_used <= smem, (D, dtype, c)
                         assert m <= max(16, triton.next_power_of_2(Lq)) and n <= max(16, triton.next_power_of_2(Lk))
                         if short_kv and Lk <= 128:
                             assert n == max(16, triton.next_power_of_2(Lk))

@@ -30,8 +30,9 @@ def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("inspect") / "rows.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, "-m", "cckernels.inspect", "--quick", "--dtype", "bf16", "--variant", "-", "d80", "d80-atomic-dq",
-           "nchw", "nhwc", "--cuda-arch", "90", "--jobs", "2", "--json", str(out)]  # fmt: skip
+    cmd = [sys.executable, "-m", "cckernels.inspect", "--quick", "--dtype", "bf16",
+           "--variant", "-", "d80", "d80-atomic-dq", "nchw", "nhwc",
+           "--cuda-arch", "90", "--jobs", "2", "--json", str(out)]  # fmt: skip
     if shutil.which("nvcc") is None:
         cmd.append("--no-cuda")
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
