@@ -18,7 +18,7 @@ module is only the machinery. A Triton entry:
      "dtypes": (torch.float16, ...),                  # "*T" pointers take each in turn
      "args": {"Q": "*T", "LSE": "*fp32", "stride_*": "i32:16", "scale": "fp32", "EVEN_N": True},
      "variants": {"d64": {...}, "d128": {...}},        # optional, merged over args
-     "configs": fn(configs, smem_limit, dtype, args),  # optional: the configs the kernel keeps
+     "configs": fn(configs, arch, dtype, args),  # optional: the configs the kernel keeps on arch 80/90
      "options": {"num_warps": 8},                     # optional: launch options, if not autotuned
      "expect": {"sm90": {"hgmma": True}}}             # or fn(dtype) -> dict
 
@@ -246,7 +246,7 @@ def kept_configs(entry, arch, dtype, args):
     if configs is None:
         return None
     keep = entry.get("configs")
-    return {config_label(c) for c in (keep(configs, SMEM_LIMIT[arch], dtype, args) if keep else configs)}
+    return {config_label(c) for c in (keep(configs, arch, dtype, args) if keep else configs)}
 
 
 # ----------------------------------------------------------------------------------------

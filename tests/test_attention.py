@@ -1,4 +1,5 @@
-"""Triton attention vs an fp64 reference: outputs and all three gradients.
+"""Triton attention vs an fp64 reference: outputs and all three gradients, with each of the
+two backward variants (atomic dQ and deterministic).
 
 CPU runs the kernels in Triton's interpreter in fp32 and fp16 (its bf16 tl.dot is broken,
 triton-lang/triton#11584); bf16 and the SD2 shapes run in the GPU-marked tests. Tolerance
@@ -62,6 +63,13 @@ def separate(q, k, v):
     return q, k, v
 
 
+@pytest.fixture(params=["atomic", "deterministic"])
+def backward(request, monkeypatch):
+    """Run the test with each backward variant, chosen through CCKERNELS_DETERMINISTIC."""
+    monkeypatch.setenv("CCKERNELS_DETERMINISTIC", "1" if request.param == "deterministic" else "0")
+    return request.param
+
+
 # (B, Lq, Lk, H, D): odd lengths, 1-3 heads, every head dim; 257 x 77 takes the split dK/dV path.
 CASES = [
     (1, 1, 1, 1, 32),
@@ -75,14 +83,14 @@ CASES = [
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("B,Lq,Lk,H,D", CASES)
-def test_matches_fp64(B, Lq, Lk, H, D, dtype):
+def test_matches_fp64(B, Lq, Lk, H, D, dtype, backward):
     q, k, v = torch.randn(B, Lq, H, D), torch.randn(B, Lk, H, D), torch.randn(B, Lk, H, D)
     check_against_fp64(separate, [q, k, v], None, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("kind", ["self", "cross"])
-def test_strided_projection_views(kind, dtype):
+def test_strided_projection_views(kind, dtype, backward):
     """BLHD views sliced out of (B, L, n*H*D) projections, batch 2, a custom scale."""
     B, Lq, Lk, H, D = 2, 77, 100, 2, 40
     if kind == "self":
@@ -96,7 +104,61 @@ def test_strided_projection_views(kind, dtype):
     check_against_fp64(make, leaves, 0.3, dtype)
 
 
-def test_backward_is_deterministic():
+@pytest.mark.parametrize("how", ["env", "torch"])
+@pytest.mark.parametrize("needs", ["qkv", "q", "kv"])
+def test_deterministic_flag_selects_atomic_free_kernels(monkeypatch, how, needs):
+    """CCKERNELS_DETERMINISTIC=1 or torch.use_deterministic_algorithms(True): dK/dV without
+    atomics, then the dQ kernel; otherwise (=0) one atomic pass when q and k/v both need
+    gradients. Every launch is recorded by wrapping the kernels."""
+    from cckernels.triton import attention as A
+
+    launches = []
+
+    class Spy:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((self.name, kwargs.get("ATOMIC_DQ")))
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    for name in ("_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dq_convert_kernel"):
+        monkeypatch.setattr(A, name, Spy(name, getattr(A, name)))
+    q, k, v = (torch.randn(1, L, 1, 32, requires_grad=name in needs) for L, name in ((40, "q"), (9, "k"), (9, "v")))
+
+    def backward_launches():
+        launches.clear()
+        triton_attention(q, k, v, 0.2).sum().backward()
+        return launches
+
+    monkeypatch.setenv("CCKERNELS_DETERMINISTIC", "0")
+    if needs == "qkv":
+        assert backward_launches() == [("_attn_bwd_dkdv_kernel", True), ("_attn_bwd_dq_convert_kernel", None)]
+    expected = {"qkv": [("_attn_bwd_dkdv_kernel", False), ("_attn_bwd_dq_kernel", None)],
+                "q": [("_attn_bwd_dq_kernel", None)], "kv": [("_attn_bwd_dkdv_kernel", False)]}
+    if how == "env":
+        monkeypatch.setenv("CCKERNELS_DETERMINISTIC", "1")
+        assert backward_launches() == expected[needs]
+    else:
+        torch.use_deterministic_algorithms(True)  # wins over CCKERNELS_DETERMINISTIC=0
+        try:
+            assert backward_launches() == expected[needs]
+        finally:
+            torch.use_deterministic_algorithms(False)
+
+
+def test_bad_deterministic_env(monkeypatch):
+    from cckernels.triton.attention import deterministic_backward
+
+    monkeypatch.setenv("CCKERNELS_DETERMINISTIC", "yes")
+    with pytest.raises(ValueError, match="CCKERNELS_DETERMINISTIC='yes'"):
+        deterministic_backward()
+
+
+def test_backward_is_deterministic(monkeypatch):
+    monkeypatch.setenv("CCKERNELS_DETERMINISTIC", "1")
     # 129 queries x 77 keys: dK/dV sums two query splits, dQ has a masked key block.
     q, k, v = (torch.randn(1, L, 1, 32, dtype=torch.float16, requires_grad=True) for L in (129, 77, 77))
     dout = torch.randn(1, 129, 1, 32, dtype=torch.float16)
@@ -132,34 +194,38 @@ def test_unsupported_falls_back_to_torch(shape, dtype, why):
     torch.testing.assert_close(out, reference(q, k, v, shape[-1] ** -0.5))
 
 
-@pytest.mark.parametrize("smem", [166912, 232448], ids=["sm80", "sm90"])
-def test_config_pools_fit_shared_memory(monkeypatch, smem):
+@pytest.mark.parametrize("arch,smem", [(80, 166912), (90, 232448)], ids=["sm80", "sm90"])
+def test_config_pools_fit_shared_memory(monkeypatch, arch, smem):
     """The GPU config pools, pruned for each head dim, dtype and length, fit the arch's shared
-    memory (the sm80/sm90 compile check gave these estimates as upper bounds); Lk <= 128 takes
-    the short-key path in the forward; blocks never exceed the padded lengths."""
+    memory (the footprints match what the sm90 compiles allocate, sm80 takes less: see
+    python -m cckernels.inspect); Lk <= 128 takes the short-key path in the forward; blocks
+    never exceed the padded lengths."""
     import triton
 
     from cckernels.triton import attention as A
 
-    monkeypatch.setattr(A, "_max_shared_memory", lambda device: smem)
-    kernels = [(A.FWD_POOL, A._fwd_footprint, True), (A.DKDV_POOL, A._dkdv_footprint, False),
-               (A.DQ_POOL, A._dq_footprint, False)]
+    kernels = [(A.FWD_POOL, A._fwd_footprint, True, False), (A.DKDV_POOL, A._dkdv_footprint, False, False),
+               (A.DKDV_POOL, A._dkdv_footprint, False, True), (A.DQ_POOL, A._dq_footprint, False, False)]
     for dtype in (torch.bfloat16, torch.float32):
         for D in (32, 40, 64, 80, 96, 128):
             q = torch.empty(1, 1, 1, D, dtype=dtype)
             block_d = A._head_args(q)["BLOCK_D"]
-            for pool, footprint, short_kv in kernels:
+            for pool, footprint, short_kv, atomic_dq in kernels:
                 configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pool]
                 for Lq, Lk in [(4096, 4096), (4096, 77), (64, 64), (1, 1)]:
-                    kept = A._prune(configs, {"Q": q, "Lq": Lq, "Lk": Lk}, footprint, short_kv, BLOCK_D=block_d)
+                    def prune():
+                        return A._prune(configs, {"Q": q, "Lq": Lq, "Lk": Lk}, footprint, short_kv, target=(arch, smem),
+                                        BLOCK_D=block_d, ATOMIC_DQ=atomic_dq)
+                    kept = prune()
                     assert kept
                     with monkeypatch.context() as env:
                         env.setenv("CCKERNELS_AUTOTUNE", "0")
-                        first = A._prune(configs, {"Q": q, "Lq": Lq, "Lk": Lk}, footprint, short_kv, BLOCK_D=block_d)
-                    assert [c.all_kwargs() for c in first] == [kept[0].all_kwargs()]
+                        assert [c.all_kwargs() for c in prune()] == [kept[0].all_kwargs()]
                     for c in kept:
                         m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-                        assert footprint(m, n, block_d, c.num_stages)[0] * q.element_size() <= smem, (D, dtype, c)
+                        extra = {"atomic_dq": True} if atomic_dq else {}
+                        smem_used = footprint(m, n, block_d, c.num_stages, q.element_size(), **extra)[0]
+                        assert smem_used <= smem, (D, dtype, c)
                         assert m <= max(16, triton.next_power_of_2(Lq)) and n <= max(16, triton.next_power_of_2(Lk))
                         if short_kv and Lk <= 128:
                             assert n == max(16, triton.next_power_of_2(Lk))
@@ -171,12 +237,13 @@ def test_benchmark_tiny_mode(tmp_path):
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     rows = json.loads((tmp_path / "attention.json").read_text())["rows"]
-    assert {r["backend"] for r in rows} >= {"triton", "torch-reference"}
+    assert {r["backend"] for r in rows} >= {"triton", "triton atomic-dQ", "triton deterministic", "torch-reference"}
     assert (tmp_path / "attention.png").stat().st_size > 0
 
 
 # ---------------------------------------------------------------------------------------
-# GPU: bf16/fp16 at SD2 training shapes, odd shapes in every dtype, determinism, memory.
+# GPU: bf16/fp16 at SD2 training shapes (both backward variants), odd shapes in every dtype,
+# determinism, memory.
 # ---------------------------------------------------------------------------------------
 SD2_SHAPES = [  # (B, Lq, Lk, H) with head dim 64: self-attention at 512 px, cross with 77 tokens
     (2, 4096, 4096, 5),
@@ -193,9 +260,12 @@ def cuda_randn(*shape):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(  # both backward variants in bf16; fp16 with the atomic one
+    "dtype,backward", [(torch.bfloat16, "atomic"), (torch.bfloat16, "deterministic"), (torch.float16, "atomic")],
+    indirect=["backward"],
+)
 @pytest.mark.parametrize("B,Lq,Lk,H", SD2_SHAPES)
-def test_gpu_sd2_shapes(B, Lq, Lk, H, dtype):
+def test_gpu_sd2_shapes(B, Lq, Lk, H, dtype, backward):
     qkv = [cuda_randn(B, Lq, H, 64), cuda_randn(B, Lk, H, 64), cuda_randn(B, Lk, H, 64)]
     check_against_fp64(separate, qkv, None, dtype)
 
@@ -213,7 +283,8 @@ def test_gpu_odd_shapes(D, Lq, Lk, dtype, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("Lq,Lk", [(4096, 77), (1024, 1024)])
-def test_gpu_backward_is_deterministic(Lq, Lk):
+def test_gpu_backward_is_deterministic(Lq, Lk, monkeypatch):
+    monkeypatch.setenv("CCKERNELS_DETERMINISTIC", "1")
     q, k, v = (cuda_randn(4, L, 5, 64).bfloat16().requires_grad_() for L in (Lq, Lk, Lk))
     dout = cuda_randn(4, Lq, 5, 64).bfloat16()
     first, second = (torch.autograd.grad(triton_attention(q, k, v, 0.125), (q, k, v), dout) for _ in range(2))

@@ -25,12 +25,14 @@ OPS = ("attention", "group_norm", "ema_update_", "adamw_ema_")
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     """(rows, stderr) of one quick run: bf16 (fp32-only kernels in fp32), attention at head
-    dim 80 (128-wide tiles, masked), both GroupNorm layouts, csrc for sm90."""
+    dim 80 (128-wide tiles, masked; both backward variants), both GroupNorm layouts, csrc for
+    sm90."""
     out = tmp_path_factory.mktemp("inspect") / "rows.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, "-m", "cckernels.inspect", "--quick", "--dtype", "bf16", "--variant", "-", "d80", "nchw",
-           "nhwc", "--cuda-arch", "90", "--jobs", "2", "--json", str(out)]  # fmt: skip
+    cmd = [sys.executable, "-m", "cckernels.inspect", "--quick", "--dtype", "bf16",
+           "--variant", "-", "d80", "d80-atomic-dq", "nchw", "nhwc",
+           "--cuda-arch", "90", "--jobs", "2", "--json", str(out)]  # fmt: skip
     if shutil.which("nvcc") is None:
         cmd.append("--no-cuda")
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -55,7 +57,7 @@ def test_every_kernel_has_a_spec(report):
 def test_attention_uses_tensor_cores(report):
     rows, _ = report
     for r in rows:
-        if r["op"] == "attention" and r["kernel"] != "_attn_bwd_delta_kernel":
+        if r["op"] == "attention" and r["kernel"] not in ("_attn_bwd_delta_kernel", "_attn_bwd_dq_convert_kernel"):
             assert r["counts"]["hgmma" if r["arch"] == 90 else "hmma"] > 0, r
 
 

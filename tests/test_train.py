@@ -36,6 +36,15 @@ def test_resumed_run_is_bit_identical_to_an_unbroken_one(tmp_path, capsys):
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
 
 
+def test_deterministic_turns_on_deterministic_algorithms(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # train.py's value, restored afterwards
+    try:
+        run(tmp_path, "train.steps=1", "train.deterministic=true")
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
 def test_resume_false_starts_over(tmp_path, capsys):
     run(tmp_path, "train.steps=2")
     run(tmp_path, "train.steps=2", "resume=false")

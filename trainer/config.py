@@ -62,6 +62,9 @@ DEFAULTS = {
         "betas": [0.9, 0.999],
         "grad_clip": 1.0,
         "precision": "bf16",  # bf16 autocast on GPU; CPU always trains in fp32
+        # true: torch.use_deterministic_algorithms (cuDNN, cuBLAS, our attention's atomic-free
+        # backward), so a GPU run, and its resume, repeat bit for bit; somewhat slower
+        "deterministic": False,
         "max_bad_steps": 10,  # consecutive non-finite steps before the run stops
         "log_every": 10,
     },

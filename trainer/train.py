@@ -46,6 +46,10 @@ def main(argv=None):
     args = parse_args(argv)
     cfg = config.load(args.config, args.overrides)
     out_dir = Path(cfg["out_dir"])
+    if cfg["train"]["deterministic"]:
+        # cuBLAS is deterministic only with a fixed workspace, set before its first use.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
 
     # -- distributed setup: torchrun's environment variables ---------------------------------
     world = int(os.environ.get("WORLD_SIZE", 1))

@@ -1,12 +1,19 @@
-"""Fused attention (FlashAttention-2 style): forward and deterministic backward in Triton.
+"""Fused attention (FlashAttention-2 style): forward and backward in Triton.
 
 Layout BLHD (batch, length, heads, head dim) with any strides and a contiguous last dim, so
 views of a (B, L, 3*H*D) projection need no copy. Non-causal. The forward never stores the
 (Lq, Lk) score matrix: it streams K/V blocks with an online softmax and saves the row
-logsumexp. The backward recomputes the probabilities block by block in two kernels, one
-owning a K/V block and looping over queries (dK, dV), one owning a query block and looping
-over keys (dQ), so every gradient element has exactly one writer: no atomics, bit-identical
-gradients run to run.
+logsumexp. The backward recomputes the probabilities block by block, in one of two ways:
+- atomic (FlashAttention-2's): one kernel owns a K/V block and loops over queries, giving dK
+  and dV and adding each tile's share of dQ to an fp32 buffer with atomics (5 matmuls per
+  tile pair); a small kernel then converts dQ to the input dtype. The order of the atomic
+  additions varies, so dQ's last bits vary run to run.
+- deterministic: the same K/V kernel without dQ, then a kernel owning a query block that
+  loops over keys for dQ (7 matmuls per tile pair: P and dP are computed twice). Every
+  gradient element has exactly one writer: bit-identical gradients run to run.
+`deterministic_backward()` picks one: torch.use_deterministic_algorithms(True) or
+CCKERNELS_DETERMINISTIC=1 forces the deterministic one, CCKERNELS_DETERMINISTIC=0 the atomic
+one; otherwise DETERMINISTIC_BY_DEFAULT decides.
 
 Scores live in the log2 domain: log2(e) is folded into the scale and exp2 replaces exp.
 Head dims up to 128 are padded to the next power of two inside the kernels (masked loads).
@@ -23,6 +30,14 @@ from cckernels.backend import Unsupported
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 128
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Atomic by default, as FlashAttention-2: its backward does 5/7 of the deterministic one's
+# matmul work, and the 300 TFLOP/s fwd+bwd target counts 5 backward matmuls, so the
+# deterministic path would need ~390 real TFLOP/s (bench_attention.py times both; flip this
+# if the atomics cost more than they save). Bit-identity is only promised where asked for:
+# the trainer's GPU runs are not bit-reproducible anyway (cuDNN may pick non-deterministic
+# algorithms) unless `train.deterministic=true`, which turns on
+# torch.use_deterministic_algorithms and with it the deterministic backward here.
+DETERMINISTIC_BY_DEFAULT = False
 
 
 # ----------------------------------------------------------------------------------------
@@ -42,59 +57,78 @@ def _configs(pool):
 
 # (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages): FlashAttention-2 / Triton-tutorial
 # shapes for A100 (sm80, 163 KB shared memory) and H100 (sm90, 227 KB); the 8-warp 64x64
-# dK/dV and dQ shapes are the ones that fit head dim 128, the smallest ones fp32.
+# dK/dV and dQ shapes are the ones that fit head dim 128, the smallest ones fp32; 32x64 with
+# 8 warps is the dK/dV shape whose atomic-dQ pass fits head dims above 64 on sm80.
 FWD_POOL = [
     (128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 4), (64, 64, 4, 4), (128, 32, 4, 4),
     (64, 32, 4, 3), (64, 64, 8, 3),
 ]
-DKDV_POOL = [(64, 128, 8, 3), (64, 128, 8, 2), (64, 64, 8, 3), (64, 64, 8, 2), (64, 64, 4, 3), (32, 64, 4, 4), (32, 64, 4, 2)]
+DKDV_POOL = [
+    (64, 128, 8, 3), (64, 128, 8, 2), (64, 64, 8, 3), (64, 64, 8, 2), (64, 64, 4, 3), (32, 64, 4, 4), (32, 64, 4, 2),
+    (32, 64, 8, 2),
+]
 DQ_POOL = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4), (64, 32, 4, 3)]
-AUTOTUNE_KEY = ["q_bucket", "k_bucket", "HEAD_DIM"]
-# Footprints: (shared-memory elements = tiles loaded once + pipelined tiles x stages, which is
-# what Triton allocates on sm90 (sm80 needs less); fp32-equivalent register values = fp32
-# accumulators + fp32 score tiles + 16-bit tiles held for the whole loop at half weight).
-# Above 160 values per thread the fp16/bf16 sm80/sm90 compiles hit 255 registers and spill.
-# fp32 gets half that budget (IEEE dots on FMA units hold fp32 operands); it is the accuracy
-# path, not the speed path, and still spills a little (24-800 bytes of stack) on sm90.
-REGISTER_VALUES_PER_THREAD = 160
+AUTOTUNE_KEY = ["q_bucket", "k_bucket", "HEAD_DIM", "ATOMIC_DQ"]  # names a kernel lacks are ignored
+# Footprints: (shared-memory bytes, fp32-equivalent register values) of a (BLOCK_M, BLOCK_N,
+# head dim padded, stages, element size) config. Shared memory: the tiles loaded once plus the
+# pipelined tiles times stages (and, in dK/dV, the pipelined fp32 lse and delta rows): exactly
+# what Triton allocates on sm90, an upper bound on sm80 (`python -m cckernels.inspect` shows
+# both). Registers: fp32 accumulators + fp32 score tiles + 16-bit tiles held for the whole loop
+# at half weight. REGISTER_BUDGET: the values per thread at which fp16/bf16 compiles stop
+# fitting 255 registers without spilling, measured over these pools and head dims 32-128:
+# sm90's wgmma keeps up to 224 (256 spills); sm80's mma up to 160 (some 192s spill). fp32
+# gets half of sm80's on every arch (IEEE dots on FMA units hold fp32 operands); it is the
+# accuracy path, not the speed path, and still spills (stack) on sm90.
+REGISTER_BUDGET = {90: 224, 80: 160}
 
 
-def _fwd_footprint(m, n, d, stages):
-    return m * d + stages * 2 * n * d, m * d + m * n + m * d // 2
+def _fwd_footprint(m, n, d, stages, esize):
+    return (m * d + stages * 2 * n * d) * esize, m * d + m * n + m * d // 2
 
 
-def _dkdv_footprint(m, n, d, stages):
-    return 2 * n * d + stages * 2 * m * d, 2 * n * d + 2 * m * n + n * d
+def _dkdv_footprint(m, n, d, stages, esize, atomic_dq=False):
+    smem = (2 * n * d + stages * 2 * m * d) * esize + (stages - 1) * 2 * m * 4
+    regs = 2 * n * d + 2 * m * n + n * d
+    if atomic_dq:
+        # Measured: dS transposed for dS @ K and the fp32 dQ tile rearranged for the atomics
+        # share one scratch buffer; below 64 query rows both are held, dS at 4 bytes.
+        scratch = max(m * d * 4, m * n * esize) if m >= 64 else m * d * 4 + m * n * 4
+        return smem + scratch, regs + m * d + m * n // 2
+    return smem, regs
 
 
-def _dq_footprint(m, n, d, stages):
-    return 2 * m * d + stages * 2 * n * d, m * d + 2 * m * n + m * d
+def _dq_footprint(m, n, d, stages, esize):
+    return (2 * m * d + stages * 2 * n * d) * esize, m * d + 2 * m * n + m * d
 
 
 def _max_shared_memory(device):
     return triton.runtime.driver.active.utils.get_device_properties(device.index)["max_shared_mem"]
 
 
-def _prune(configs, named_args, footprint, short_kv_block=False, smem_limit=None, **kwargs):
-    """Configs that fit this device (or smem_limit bytes) and these lengths, each block at most
-    the padded length.
+def _prune(configs, named_args, footprint, short_kv_block=False, target=None, **kwargs):
+    """Configs that fit this device (or target = (arch, shared-memory bytes), e.g. (90, 232448))
+    and these lengths, each block at most the padded length.
 
     short_kv_block: when Lk <= 128 every config takes all keys as one block (short-key path).
     """
     q = named_args["Q"]
-    smem_limit = smem_limit or _max_shared_memory(q.device)
+    if target is None:
+        major, minor = torch.cuda.get_device_capability(q.device)
+        target = (10 * major + minor, _max_shared_memory(q.device))
+    arch, smem_limit = target
     m_cap = max(16, triton.next_power_of_2(named_args["Lq"]))
     n_cap = max(16, triton.next_power_of_2(named_args["Lk"]))
     one_block = short_kv_block and n_cap <= 128
+    atomic_dq = {"atomic_dq": True} if kwargs.get("ATOMIC_DQ") else {}  # dK/dV kernel with dQ
     capped = {}
     for c in configs:
         m = min(c.kwargs["BLOCK_M"], m_cap)
         n = n_cap if one_block else min(c.kwargs["BLOCK_N"], n_cap)
         stages = 1 if one_block else c.num_stages  # no key loop, nothing to pipeline
-        capped.setdefault((m, n, c.num_warps, stages), footprint(m, n, kwargs["BLOCK_D"], stages))
-    budget = REGISTER_VALUES_PER_THREAD * 2 // q.element_size()
-    fits = [shape for shape, (smem, regs) in capped.items()
-            if smem * q.element_size() <= smem_limit and regs <= budget * 32 * shape[2]]
+        shape = (m, n, c.num_warps, stages)
+        capped.setdefault(shape, footprint(m, n, kwargs["BLOCK_D"], stages, q.element_size(), **atomic_dq))
+    budget = REGISTER_BUDGET[90 if arch == 90 else 80] if q.element_size() == 2 else REGISTER_BUDGET[80] // 2
+    fits = [shape for shape, (smem, regs) in capped.items() if smem <= smem_limit and regs <= budget * 32 * shape[2]]
     if not fits:
         fits = [min(capped, key=lambda shape: capped[shape][0])]
     if os.environ.get("CCKERNELS_AUTOTUNE") == "0":
@@ -126,12 +160,16 @@ def _load_tile(ptrs, rows, n_rows, cols, n_cols, MASK_ROWS: tl.constexpr, MASK_C
 
 
 @triton.jit
-def _store_tile(ptrs, tile, rows, n_rows, cols, n_cols, MASK_COLS: tl.constexpr):
-    """Store a (rows, cols) tile; rows are always masked (written once per program)."""
+def _store_tile(ptrs, tile, rows, n_rows, cols, n_cols, MASK_COLS: tl.constexpr, ADD: tl.constexpr = False):
+    """Store a (rows, cols) tile, or with ADD atomically add it (fp32); rows are always masked."""
+    mask = rows[:, None] < n_rows
     if MASK_COLS:
-        tl.store(ptrs, tile, mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols))
+        mask = mask & (cols[None, :] < n_cols)
+    if ADD:
+        # relaxed: a pure accumulation, nothing reads dQ before the kernel ends
+        tl.atomic_add(ptrs, tile, mask=mask, sem="relaxed")
     else:
-        tl.store(ptrs, tile, mask=rows[:, None] < n_rows)
+        tl.store(ptrs, tile, mask=mask)
 
 
 @triton.jit
@@ -240,16 +278,19 @@ def _attn_bwd_dkdv_kernel(
     Q, K, V, DO,  # (B, Lq, H, D), (B, Lk, H, D) x2, (B, Lq, H, D); any strides
     LSE, DELTA,  # (B, H, Lq) fp32
     DK, DV,  # (S, B, Lk, H, D) out: one slice per query split (S = 1: the gradients themselves)
+    DQ_ACC,  # ATOMIC_DQ: (B, Lq, H, D) fp32 in/out, zeroed: dQ / scale accumulates here; else None
     stride_qb, stride_ql, stride_qh,
     stride_kb, stride_kl, stride_kh,
     stride_vb, stride_vl, stride_vh,
     stride_dob, stride_dol, stride_doh,
     stride_dks, stride_dkb, stride_dkl, stride_dkh,  # shared by DK and DV
+    stride_dqb, stride_dql, stride_dqh,  # DQ_ACC (unused without ATOMIC_DQ)
     H, Lq, Lk,
     q_rows_per_split,  # queries handled by one program (a multiple of 128, so of BLOCK_M)
     scale, qk_scale,
     q_bucket, k_bucket,  # autotune key only
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,  # also dQ, FlashAttention-2's single pass (5 matmuls instead of 4 + 3)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
 ):
     pid_n, bh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -268,6 +309,8 @@ def _attn_bwd_dkdv_kernel(
     offs_m0 = tl.arange(0, BLOCK_M)
     q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m0[:, None] * stride_ql + offs_d[None, :]
     do_ptrs = DO + b * stride_dob + h * stride_doh + offs_m0[:, None] * stride_dol + offs_d[None, :]
+    if ATOMIC_DQ:
+        dq_ptrs = DQ_ACC + b * stride_dqb + h * stride_dqh + offs_m0[:, None] * stride_dql + offs_d[None, :]
     for start_m in range(m_start, m_end, BLOCK_M):
         offs_m = start_m + offs_m0
         q = _load_tile(q_ptrs + start_m * stride_ql, offs_m, Lq, offs_d, HEAD_DIM, not EVEN_M, MASK_D)
@@ -280,12 +323,21 @@ def _attn_bwd_dkdv_kernel(
             lse = tl.load(LSE + bh * Lq + offs_m, mask=offs_m < Lq, other=float("inf"))
             delta = tl.load(DELTA + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
         # Transposed problem (keys x queries), so dK and dV accumulate without transposes.
-        # Padded key rows (k = v = 0) only produce rows that are never stored.
-        pT = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale - lse[None, :])
+        # Padded key rows (k = v = 0) only produce dK/dV rows that are never stored.
+        qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+        if ATOMIC_DQ and not EVEN_N:
+            # but they reach dQ: they need probability 0 (exp2(0 - lse) can overflow to inf)
+            qkT = tl.where(offs_n[:, None] < Lk, qkT, float("-inf"))
+        pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         dsT = pT * (dpT - delta[None, :])
         dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+        if ATOMIC_DQ:
+            # Every key block adds its share to the same dQ rows: fp32 atomics, so the order
+            # of the additions (and dQ's last bits) varies from run to run.
+            dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=DOT_PRECISION)
+            _store_tile(dq_ptrs + start_m * stride_dql, dq, offs_m, Lq, offs_d, HEAD_DIM, MASK_D, ADD=True)
 
     out = split * stride_dks + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkl + offs_d[None, :]
     _store_tile(DK + out, (dk * scale).to(DK.dtype.element_ty), offs_n, Lk, offs_d, HEAD_DIM, MASK_D)
@@ -341,6 +393,18 @@ def _attn_bwd_dq_kernel(
     _store_tile(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), offs_m, Lq, offs_d, HEAD_DIM, MASK_D)
 
 
+@triton.jit
+def _attn_bwd_dq_convert_kernel(
+    DQ_ACC,  # (B, Lq, H, D) fp32, contiguous: dQ / scale, as the atomic dK/dV/dQ pass left it
+    DQ,  # (B, Lq, H, D) out in q's dtype, contiguous (DQ_ACC itself when that is fp32)
+    n_elements, scale,
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_elements
+    tl.store(DQ + offs, (tl.load(DQ_ACC + offs, mask=mask) * scale).to(DQ.dtype.element_ty), mask=mask)
+
+
 # ----------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------
@@ -393,7 +457,21 @@ def _dkdv_splits(Lq, Lk, BH, device):
     return rows, triton.cdiv(Lq, rows)
 
 
-def _backward(do, q, k, v, o, lse, scale, need_dq, need_dkdv):
+def deterministic_backward():
+    """Whether the backward must give bit-identical gradients run to run: when
+    torch.use_deterministic_algorithms(True) is on, else as env CCKERNELS_DETERMINISTIC says
+    (1 or 0), else DETERMINISTIC_BY_DEFAULT."""
+    if torch.are_deterministic_algorithms_enabled():
+        return True
+    env = os.environ.get("CCKERNELS_DETERMINISTIC")
+    if env not in (None, "", "0", "1"):
+        raise ValueError(f"CCKERNELS_DETERMINISTIC={env!r}: use 1 (deterministic backward) or 0 (atomic dQ)")
+    return DETERMINISTIC_BY_DEFAULT if env in (None, "") else env == "1"
+
+
+def _backward(do, q, k, v, o, lse, scale, need_dq, need_dkdv, deterministic):
+    """dq, dk, dv (None where not needed). With both dQ and dK/dV wanted and deterministic
+    False, one atomic pass gives all three; otherwise one kernel each, no atomics."""
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     head = _head_args(q)
@@ -407,18 +485,24 @@ def _backward(do, q, k, v, o, lse, scale, need_dq, need_dkdv):
     )
 
     dq = dk = dv = None
+    atomic_dq = need_dq and need_dkdv and not deterministic
     if need_dkdv:
         rows, splits = _dkdv_splits(Lq, Lk, B * H, q.device)
         partial_dtype = q.dtype if splits == 1 else torch.float32
         dk_s = torch.empty((splits, B, Lk, H, D), device=q.device, dtype=partial_dtype)
         dv_s = torch.empty_like(dk_s)
+        dq_acc = torch.zeros((B, Lq, H, D), device=q.device, dtype=torch.float32) if atomic_dq else None
         grid = lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * H, splits)  # noqa: E731
         _attn_bwd_dkdv_kernel[grid](
-            q, k, v, do, lse, delta, dk_s, dv_s, *strides, *dk_s.stride()[:4],
-            H, Lq, Lk, rows, scale, scale * LOG2E, *buckets, **head,
+            q, k, v, do, lse, delta, dk_s, dv_s, dq_acc, *strides, *dk_s.stride()[:4],
+            *(dq_acc.stride()[:3] if atomic_dq else (0, 0, 0)),
+            H, Lq, Lk, rows, scale, scale * LOG2E, *buckets, **head, ATOMIC_DQ=atomic_dq,
         )
         dk, dv = (t[0] if splits == 1 else t.sum(0).to(q.dtype) for t in (dk_s, dv_s))
-    if need_dq:
+    if atomic_dq:
+        dq = dq_acc if q.dtype == torch.float32 else torch.empty_like(dq_acc, dtype=q.dtype)
+        _attn_bwd_dq_convert_kernel[(triton.cdiv(dq.numel(), 1024),)](dq_acc, dq, dq.numel(), scale, BLOCK=1024)
+    elif need_dq:
         dq = torch.empty((B, Lq, H, D), device=q.device, dtype=q.dtype)
         grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
         _attn_bwd_dq_kernel[grid](
@@ -444,7 +528,7 @@ class _Attention(torch.autograd.Function):
         q, k, v, o, lse = ctx.saved_tensors
         do = do if do.stride(-1) == 1 else do.contiguous()
         need_q, need_k, need_v = ctx.needs_input_grad[:3]
-        dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.scale, need_q, need_k or need_v)
+        dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.scale, need_q, need_k or need_v, deterministic_backward())
         return dq, dk, dv, None
 
 
@@ -481,22 +565,26 @@ def attention(q, k, v, scale):
 # Ahead-of-time inspection (python -m cckernels.inspect): what to compile for sm80/sm90 and
 # what the machine code must show. Head dims: SD2's 64, and 80 (padded to 128, masked).
 # ----------------------------------------------------------------------------------------
-def _inspect_args(head_dim):
+def _inspect_args(head_dim, atomic_dq=False):
     def args(dtype):
         q = torch.empty(1, 1, 1, head_dim, dtype=dtype, device="meta")
         return {
             "Q": "*T", "K": "*T", "V": "*T", "O": "*T", "DO": "*T", "DQ": "*T", "DK": "*T", "DV": "*T",
-            "LSE": "*fp32", "DELTA": "*fp32", "stride_*": "i32:16", "scale": "fp32", "qk_scale": "fp32",
+            "LSE": "*fp32", "DELTA": "*fp32", "DQ_ACC": "*fp32" if atomic_dq else None, "ATOMIC_DQ": atomic_dq,
+            "stride_*": "i32:16", "scale": "fp32", "qk_scale": "fp32",
             "EVEN_M": True, "EVEN_N": True, "SHORT_KV": False, **_head_args(q),
         }  # fmt: skip
     return args
 
 
 def _inspect_configs(footprint):
-    """The configs _prune keeps for long sequences on a target with smem_limit bytes."""
-    def keep(configs, smem_limit, dtype, args):
+    """The configs _prune keeps for long sequences on an arch (80, 90)."""
+    def keep(configs, arch, dtype, args):
+        from cckernels.inspect import SMEM_LIMIT
+
         q = torch.empty(0, dtype=dtype, device="meta")
-        return _prune(configs, {"Q": q, "Lq": 4096, "Lk": 4096}, footprint, smem_limit=smem_limit, BLOCK_D=args["BLOCK_D"])
+        return _prune(configs, {"Q": q, "Lq": 4096, "Lk": 4096}, footprint, target=(arch, SMEM_LIMIT[arch]),
+                      BLOCK_D=args["BLOCK_D"], ATOMIC_DQ=args["ATOMIC_DQ"])  # fmt: skip
     return keep
 
 
@@ -506,6 +594,11 @@ _INSPECT = {"op": "attention", "dtypes": DTYPES, "variants": {"d64": _inspect_ar
 INSPECT = [
     {**_INSPECT, "kernel": _attn_fwd_kernel, "configs": _inspect_configs(_fwd_footprint)},
     {**_INSPECT, "kernel": _attn_bwd_dkdv_kernel, "configs": _inspect_configs(_dkdv_footprint)},
+    {**_INSPECT, "kernel": _attn_bwd_dkdv_kernel, "configs": _inspect_configs(_dkdv_footprint),
+     "variants": {"d64-atomic-dq": _inspect_args(64, True), "d80-atomic-dq": _inspect_args(80, True)}},
     {**_INSPECT, "kernel": _attn_bwd_dq_kernel, "configs": _inspect_configs(_dq_footprint)},
     {**_INSPECT, "kernel": _attn_bwd_delta_kernel, "args": {"BLOCK_M": 64}, "expect": {}},
+    {"op": "attention", "kernel": _attn_bwd_dq_convert_kernel, "dtypes": DTYPES,
+     "args": {"DQ_ACC": "*fp32", "DQ": "*T", "n_elements": "i32:16", "scale": "fp32", "BLOCK": 1024},
+     "expect": {"ldg128": True, "stg128": True}},
 ]
