@@ -126,11 +126,15 @@ def env(name, value):
             os.environ[name] = old
 
 
-def measure(fns, shapes, device, dtype, tiny):
+def measure(fns, shapes, device, dtype, tiny, budget_s=None):
+    """Rows for every shape, backend and pass; with budget_s, no shape starts after that many seconds."""
     import cckernels as ck
 
-    rows = []
-    for name, B, Lq, Lk, H, D in shapes:
+    rows, t_start = [], time.perf_counter()
+    for i, (name, B, Lq, Lk, H, D) in enumerate(shapes):
+        if budget_s is not None and time.perf_counter() - t_start > budget_s:
+            print(f"time budget of {budget_s:.0f} s spent: not measured: {', '.join(s[0] for s in shapes[i:])}")
+            break
         q = torch.randn(B, Lq, H, D, device=device, dtype=dtype, requires_grad=True)
         k, v = (torch.randn(B, Lk, H, D, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
         dout = torch.randn_like(q)
@@ -246,6 +250,7 @@ def main():
     parser.add_argument("--tiny", action="store_true", help="tiny shapes on CPU in seconds (default without a GPU)")
     parser.add_argument("--batch-256", type=int, default=32)
     parser.add_argument("--batch-512", type=int, default=8)
+    parser.add_argument("--budget-s", type=float, default=None, help="start no shape after this many seconds")
     args = parser.parse_args()
 
     tiny = args.tiny or not torch.cuda.is_available()
@@ -257,7 +262,7 @@ def main():
     shapes = TINY_SHAPES if tiny else sd2_shapes(args.batch_256, args.batch_512)
     torch.manual_seed(0)
 
-    rows = measure(peers(), shapes, device, dtype, tiny)
+    rows = measure(peers(), shapes, device, dtype, tiny, args.budget_s)
     summary = summarize(rows)
     checks = [] if tiny else targets(summary)
     print_table(rows, summary, checks)
