@@ -11,7 +11,7 @@
 # and still write their JSON):
 #   build 90 | pytest -m gpu 110 | bench_attention 90 | bench_group_norm 45 | bench_ema 30 |
 #   bench_data 25 | bench_ddp 15 | bench_train 130 (6 timed steps per row; no row starts after
-#   105 s; JSON written after every row) = 535 s worst case, inside the `timeout 540` of
+#   105 s; JSON written after every row) = 535 s worst case, inside the outer `timeout` of
 #   docs/benchmarks.md's call; most steps finish well inside their budget.
 # DALI and diffusers are not on the GPU machines: carry them with benchmarks/carry_dali.sh (its
 # header lists the run calls); its folder $CARRY_SCRATCH/site is put on PYTHONPATH when present.
