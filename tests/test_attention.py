@@ -241,6 +241,16 @@ def test_benchmark_tiny_mode(tmp_path):
     assert (tmp_path / "attention.png").stat().st_size > 0
 
 
+def test_benchmark_budget_measures_the_first_shape_only(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_attention.py"), "--tiny", "--budget-s", "0",
+           "--out", str(tmp_path)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "not measured: tiny cross L=16" in done.stdout
+    assert {r["shape"] for r in json.loads((tmp_path / "attention.json").read_text())["rows"]} == {"tiny self L=16"}
+
+
 # ---------------------------------------------------------------------------------------
 # GPU: bf16/fp16 at SD2 training shapes (both backward variants), odd shapes in every dtype,
 # determinism, memory.
