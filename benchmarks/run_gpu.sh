@@ -94,10 +94,12 @@ EOF
 # and `python -m cckernels.inspect` are CI's job; torch 2.11 + triton 3.6 were checked on a CPU
 # machine (docs/building.md); this image's numpy 2.5 breaks triton 3.6's interpreter anyway.
 # CCKERNELS_AUTOTUNE=0: tests check results, so each shape compiles one config, not a pool;
-# xdist spreads those compiles (CPU-bound) over the cores.
+# xdist spreads those compiles (CPU-bound) over the cores. -v: a line per test as it ends, so a
+# run cut by the budget still says what passed; --durations sizes the next visit's budget.
 xdist=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
-step pytest-gpu 110 env CCKERNELS_AUTOTUNE=0 "$PY" -m pytest -m gpu $xdist -q -rs -p no:cacheprovider \
-    --junitxml="$OUT/pytest-gpu.xml" tests
+per_test=$("$PY" -c "import pytest_timeout" 2>/dev/null && echo "--timeout 60")
+step pytest-gpu 110 env CCKERNELS_AUTOTUNE=0 "$PY" -m pytest -m gpu $xdist $per_test -v -rs --durations 15 \
+    -p no:cacheprovider --junitxml="$OUT/pytest-gpu.xml" tests
 
 bench bench_attention 90 --budget-s 70
 bench bench_group_norm 45 --budget-s 30
