@@ -12,7 +12,9 @@
 #   build 90 | pytest -m gpu 110 | bench_attention 90 | bench_group_norm 45 | bench_ema 30 |
 #   bench_data 25 | bench_ddp 15 | bench_train 130 (6 timed steps per row; no row starts after
 #   105 s; JSON written after every row) = 535 s worst case, inside the outer `timeout` of
-#   docs/benchmarks.md's call; most steps finish well inside their budget.
+#   docs/benchmarks.md's call; most steps finish well inside their budget. bench_precompute is
+#   left out for time: its GPU question (training on latents vs encoding online, same UNet) is
+#   bench_train's "+ precomputed latents" row; run it alone when a visit has time left.
 # DALI and diffusers are not on the GPU machines: carry them with benchmarks/carry_dali.sh (its
 # header lists the run calls); its folder $CARRY_SCRATCH/site is put on PYTHONPATH when present.
 set -uo pipefail  # no -e: every step runs even when an earlier one failed
