@@ -9,7 +9,6 @@ order 1-10) still rules out TF32 dots (errors ~1e-3); it covers cases such as Lk
 plain PyTorch's dq is exactly 0 and a fused kernel's is rounding noise.
 """
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 
 import cckernels as ck
 from cckernels.reference import attention as reference
+from test_data import repo_env
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOOR = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-3}
@@ -232,7 +232,7 @@ def test_config_pools_fit_shared_memory(monkeypatch, arch, smem):
 
 
 def test_benchmark_tiny_mode(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"}
+    env = repo_env(TRITON_INTERPRET="1")
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_attention.py"), "--tiny", "--out", str(tmp_path)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -242,7 +242,7 @@ def test_benchmark_tiny_mode(tmp_path):
 
 
 def test_benchmark_budget_measures_the_first_shape_only(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"}
+    env = repo_env(TRITON_INTERPRET="1")
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_attention.py"), "--tiny", "--budget-s", "0",
            "--out", str(tmp_path)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

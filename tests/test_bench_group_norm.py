@@ -3,12 +3,11 @@ import os
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from test_data import REPO, repo_env
 
 
 def test_bench_group_norm_tiny_smoke(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # torch path: fast
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env = repo_env(drop=["TRITON_INTERPRET"])  # torch path: fast
     out = subprocess.run(
         [sys.executable, os.path.join(REPO, "benchmarks", "bench_group_norm.py"), "--tiny", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=300, env=env,

@@ -27,11 +27,13 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]  # cuda: DALI "mi
 REPO = Path(__file__).resolve().parents[1]
 
 
-def repo_env(**extra):
+def repo_env(drop=(), **extra):
     """os.environ for a subprocess that imports this checkout: REPO goes in front of
-    PYTHONPATH, whose entries stay (run_gpu.sh puts the carried diffusers and DALI there)."""
+    PYTHONPATH, whose entries stay (run_gpu.sh puts the carried diffusers and DALI there);
+    the variables named in drop are left out, extra ones set."""
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    return dict(os.environ, PYTHONPATH=path, **extra)
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    return dict(env, PYTHONPATH=path, **extra)
 
 
 def smooth_image(seed, h, w):

@@ -7,7 +7,6 @@ dtype) with the first config each kernel keeps; `python -m cckernels.inspect` co
 config and dtype.
 """
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from cckernels import inspect as ck_inspect
+from test_data import repo_env
 
 ROOT = Path(__file__).resolve().parent.parent
 OPS = ("attention", "group_norm", "ema_update_", "adamw_ema_")
@@ -28,8 +28,7 @@ def report(tmp_path_factory):
     dim 80 (128-wide tiles, masked; both backward variants), both GroupNorm layouts, csrc for
     sm90."""
     out = tmp_path_factory.mktemp("inspect") / "rows.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env = repo_env(drop=["TRITON_INTERPRET"])
     cmd = [sys.executable, "-m", "cckernels.inspect", "--quick", "--dtype", "bf16",
            "--variant", "-", "d80", "d80-atomic-dq", "nchw", "nhwc",
            "--cuda-arch", "90", "--jobs", "2", "--json", str(out)]  # fmt: skip
