@@ -13,9 +13,12 @@ Peers: torch eager under autocast (bf16 x and fp32 parameters: autocast runs gro
 fp32 and SiLU as a second fp32 pass), plain bf16 eager, torch.compile of the bf16 eager code,
 and apex's contrib GroupNorm (channels_last only) when it imports. --tiny (automatic without a
 GPU) runs one tiny shape on the CPU with a wall-clock timer, so a test can smoke-run the script.
-The "forward" column says which of our forwards ran: "single-pass" (each group read once) or
-"split" (three passes), as the backend's group_norm_forward_path reports it; a backend name
-when ours fell back to it; "-" for the peers.
+The "forward" column says which of our forwards ran: "single-pass" (each group read once),
+"cluster-K" (CUDA on sm90: the same, each group staged by a cluster of K blocks) or "split"
+(three passes, x read twice), as the backend's group_norm_forward_path reports it; a backend
+name when ours fell back to it; "-" for the peers. The rows ck-triton-split and ck-cuda-split
+force the split forward where the backend would take a single pass, to measure what the single
+pass gains (they run last, after torch.compile, and are the first cut by --budget-s).
 """
 import argparse
 import json
@@ -78,6 +81,10 @@ def peers(device, tiny):
         if "cuda" in ck.available_backends(device)["group_norm"]:
             out["ck-cuda"] = (lambda x, w, b: ck.group_norm(x, GROUPS, w, b, activation="silu", backend="cuda"),
                               torch.float32, ("nhwc",))
+        out["ck-triton-split"] = (forced_split("triton", ck_triton_group_norm, "SINGLE_PASS_TILE", 0),
+                                  torch.float32, ("nchw", "nhwc"))
+        if "ck-cuda" in out:
+            out["ck-cuda-split"] = (forced_split("cuda", ck_cuda, "SINGLE_PASS", False), torch.float32, ("nhwc",))
     else:
         out["ck-default"] = (lambda x, w, b: ck.group_norm(x, GROUPS, w, b, activation="silu"),
                              torch.float32, ("nchw", "nhwc"))
@@ -111,10 +118,26 @@ def peers(device, tiny):
     return out
 
 
+def forced_split(backend, module, setting, split_value):
+    """ck.group_norm on `backend` with module.setting = split_value during the call: the split forward."""
+
+    def fn(x, w, b):
+        default = getattr(module, setting)
+        setattr(module, setting, split_value)
+        try:
+            return ck.group_norm(x, GROUPS, w, b, activation="silu", backend=backend)
+        finally:
+            setattr(module, setting, default)
+
+    return fn
+
+
 def forward_path(name, x):
     """Which forward of ours ran last for x (see the module docstring)."""
     if not name.startswith("ck-"):
         return "-"
+    if name.endswith("-split"):
+        return "split"
     backend = ck.used_backends()["group_norm"]
     module = {"triton": ck_triton_group_norm, "cuda": ck_cuda}.get(backend)
     return module.group_norm_forward_path(x, GROUPS) if module else backend
@@ -135,8 +158,10 @@ def measure(name, fn, param_dtype, shape, layout, device, on_gpu):
     except (RuntimeError, ValueError, AssertionError, NotImplementedError) as e:  # a peer that cannot take it
         print(f"  {name} skipped {shape} {layout}: {str(e).splitlines()[0][:100]}")
         return []
-    if name == "ck-cuda" and ck.used_backends()["group_norm"] != "cuda":
+    if name in ("ck-cuda", "ck-cuda-split") and ck.used_backends()["group_norm"] != "cuda":
         return []
+    if name.endswith("-split") and forward_path(name.removesuffix("-split"), x) == "split":
+        return []  # the backend's own row is this one already
     path = forward_path(name, x)
     bytes_fwd = 2 * x.numel() * x.element_size()
     rows = []
@@ -190,11 +215,12 @@ def main():
     copy_gbps = copy_bandwidth(device, on_gpu)
     name = torch.cuda.get_device_name(device) if on_gpu else "cpu"
     print(f"device: {name}; device-to-device copy: {copy_gbps:.0f} GB/s")
-    # torch.compile last: it compiles once per case, so a short budget cuts it, not ours.
+    # torch.compile near the end: it compiles once per case, so a short budget cuts it, not ours;
+    # the forced-split rows of ours after it (a diagnostic, not a peer).
     cases = sorted(((impl, fn, param_dtype, res, shape, layout)
                     for impl, (fn, param_dtype, layouts) in peers(device, tiny).items()
                     for res, shapes in (TINY_SHAPES if tiny else SHAPES).items() for shape in shapes for layout in layouts),
-                   key=lambda case: case[0] == "torch-compile")
+                   key=lambda case: (case[0].endswith("-split"), case[0] == "torch-compile"))
     rows, skipped, t_start = [], [], time.perf_counter()
     for impl, fn, param_dtype, res, shape, layout in cases:
         if args.budget_s is not None and time.perf_counter() - t_start > args.budget_s:

@@ -85,13 +85,17 @@ def adamw_ema_(params, grads, exp_avgs, exp_avg_sqs, masters, emas, scalars):
     loaded().adamw_ema_(params, grads, exp_avgs, exp_avg_sqs, masters or [], emas or [], list(scalars))
 
 
+# False: GroupNorm always runs the split forward (bench_group_norm compares it with the single pass).
+SINGLE_PASS = True
+
+
 class _GroupNormNHWC(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, num_groups, weight, bias, eps, activation):
         # The kernels read fp32 parameters; (C,) casts are negligible next to x.
         w = None if weight is None else weight.float().contiguous()
         b = None if bias is None else bias.float().contiguous()
-        y, mean, rstd = _C.group_norm_forward(x, num_groups, w, b, eps, activation == "silu")
+        y, mean, rstd = _C.group_norm_forward(x, num_groups, w, b, eps, activation == "silu", SINGLE_PASS)
         ctx.save_for_backward(x, w, b, mean, rstd)
         ctx.silu = activation == "silu"
         ctx.param_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
@@ -110,8 +114,10 @@ class _GroupNormNHWC(torch.autograd.Function):
 
 def group_norm_forward_path(x, num_groups):
     """Which forward runs for x (CUDA, channels_last): "single-pass" (a block stages whole groups
-    in shared memory, so x is read once) or "split" (three passes, as in csrc/group_norm.cuh)."""
-    return "single-pass" if _C.group_norm_single_pass_channels(x, num_groups) else "split"
+    in shared memory, so x is read once), "cluster-K" (the same with each group's positions
+    staged by a cluster of K blocks, sm90) or "split" (three passes), as in csrc/group_norm.cuh."""
+    channels, cluster = _C.group_norm_single_pass_plan(x, num_groups) if SINGLE_PASS else (0, 0)
+    return "split" if not channels else "single-pass" if cluster == 1 else f"cluster-{cluster}"
 
 
 def group_norm(x, num_groups, weight, bias, eps, activation):

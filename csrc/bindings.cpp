@@ -126,25 +126,30 @@ std::array<int, 4> group_norm_shape(const at::Tensor& x, int64_t num_groups) {
   return {static_cast<int>(N), static_cast<int>(S), static_cast<int>(C), K};
 }
 
-// Channels per block of the single-pass forward of x (shape from group_norm_shape), or 0 for
-// the split forward. A block may use half an SM's shared memory, less the per-block reserve,
-// so that two blocks share an SM (sm80: 81 KB, sm90: 113 KB).
-int single_pass_channels(const at::Tensor& x, const std::array<int, 4>& shape, int64_t num_groups) {
+// The single-pass forward of x (shape from group_norm_shape); plan.channels == 0: split. A
+// block may use half an SM's shared memory, less the per-block reserve, so that two blocks
+// share an SM (sm80: 81 KB, sm90: 113 KB).
+cck::gn::SinglePassPlan single_pass_plan(const at::Tensor& x, const std::array<int, 4>& shape, int64_t num_groups) {
   const cudaDeviceProp* props = at::cuda::getDeviceProperties(x.device().index());
   const int budget = std::min(static_cast<int>(props->sharedMemPerBlockOptin),
                               static_cast<int>(props->sharedMemPerMultiprocessor / 2 - props->reservedSharedMemPerBlock));
-  return cck::group_norm_nhwc_single_pass_channels(shape[0], shape[1], shape[2], static_cast<int>(num_groups),
-                                                   to_dtype(x, "x"), props->multiProcessorCount, budget);
+  const int max_cluster = props->major >= 9 ? cck::group_norm_nhwc_max_cluster() : 1;
+  return cck::group_norm_nhwc_single_pass_plan(shape[0], shape[1], shape[2], static_cast<int>(num_groups),
+                                               to_dtype(x, "x"), props->multiProcessorCount, budget, max_cluster);
 }
 
-int group_norm_single_pass_channels(const at::Tensor& x, int64_t num_groups) {
-  return single_pass_channels(x, group_norm_shape(x, num_groups), num_groups);
+// (channels per block, blocks per cluster) of the single-pass forward, (0, 0) for split.
+std::array<int, 2> group_norm_single_pass_plan(const at::Tensor& x, int64_t num_groups) {
+  const cck::gn::SinglePassPlan plan = single_pass_plan(x, group_norm_shape(x, num_groups), num_groups);
+  return {plan.channels, plan.cluster};
 }
 
 // Returns {y, mean, rstd}; mean and rstd are (N, G) fp32 for the backward.
+// single_pass = false runs the split forward whatever the plan (benchmarks compare the two).
 std::vector<at::Tensor> group_norm_forward(const at::Tensor& x, int64_t num_groups,
                                            const c10::optional<at::Tensor>& weight,
-                                           const c10::optional<at::Tensor>& bias, double eps, bool silu) {
+                                           const c10::optional<at::Tensor>& bias, double eps, bool silu,
+                                           bool single_pass) {
   const auto shape = group_norm_shape(x, num_groups);
   const auto [N, S, C, K] = shape;
   check_group_norm_param(weight, "weight", x);
@@ -157,11 +162,11 @@ std::vector<at::Tensor> group_norm_forward(const at::Tensor& x, int64_t num_grou
   const int G = static_cast<int>(num_groups);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
   cudaError_t err;
-  if (const int channels = single_pass_channels(x, shape, num_groups)) {
+  const cck::gn::SinglePassPlan plan = single_pass ? single_pass_plan(x, shape, num_groups) : cck::gn::SinglePassPlan{0, 0};
+  if (plan.channels) {
     err = cck::group_norm_nhwc_forward_single_pass(x.data_ptr(), optional_data(weight), optional_data(bias),
                                                    y.data_ptr(), mean.data_ptr<float>(), rstd.data_ptr<float>(), N, S,
-                                                   C, G, channels, static_cast<float>(eps), silu, to_dtype(x, "x"),
-                                                   stream);
+                                                   C, G, plan, static_cast<float>(eps), silu, to_dtype(x, "x"), stream);
   } else {
     at::Tensor part_a = at::empty({N, K, C}, f32), part_b = at::empty({N, K, C}, f32);
     err = cck::group_norm_nhwc_forward(x.data_ptr(), optional_data(weight), optional_data(bias), y.data_ptr(),
@@ -301,10 +306,12 @@ PYBIND11_MODULE(_C, m) {
         "ema[i] <- decay * ema[i] + (1 - decay) * params[i] in place, on the current CUDA stream");
   m.def("group_norm_forward", &group_norm_forward, pybind11::arg("x"), pybind11::arg("num_groups"),
         pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("eps"), pybind11::arg("silu"),
-        "channels_last GroupNorm (+ SiLU) -> [y, mean, rstd]; weight, bias: fp32 (C,) or None");
-  m.def("group_norm_single_pass_channels", &group_norm_single_pass_channels, pybind11::arg("x"),
-        pybind11::arg("num_groups"),
-        "channels a block of group_norm_forward's single pass holds for x, or 0 where it runs the split forward");
+        pybind11::arg("single_pass") = true,
+        "channels_last GroupNorm (+ SiLU) -> [y, mean, rstd]; weight, bias: fp32 (C,) or None; "
+        "single_pass=False: the split forward even where a single pass fits");
+  m.def("group_norm_single_pass_plan", &group_norm_single_pass_plan, pybind11::arg("x"), pybind11::arg("num_groups"),
+        "[channels a block holds, blocks per cluster] of group_norm_forward's single pass for x, or [0, 0] where "
+        "it runs the split forward");
   m.def("group_norm_backward", &group_norm_backward, pybind11::arg("dy"), pybind11::arg("x"),
         pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("mean"), pybind11::arg("rstd"),
         pybind11::arg("silu"), pybind11::arg("need_dx"), pybind11::arg("need_weight"), pybind11::arg("need_bias"),

@@ -1,7 +1,7 @@
 // Host launchers of the channels_last GroupNorm (+ SiLU) kernels: pick the element type, the
 // vector width (16-byte packs when C and the pointers allow, else scalar) and the SiLU flag,
 // then launch the passes described in group_norm.cuh on the caller's stream. The forward is
-// one pass where group_norm_nhwc_single_pass_channels finds a block that fits, else split.
+// one pass where gn::single_pass_plan finds a tile that fits, else split.
 #include "group_norm.h"
 
 #include <algorithm>
@@ -15,15 +15,11 @@ namespace cck {
 
 namespace {
 
+using gn::cdiv;
 using gn::kThreads;
 
 constexpr int kBlocksPerSM = 4;     // enough resident blocks to hide DRAM latency
 constexpr int kMinRowsPerThread = 4;  // fewer and the partial sums cost more than they save
-constexpr int kRowBytes = 128;      // single pass: widen a block's channel run up to a cache line
-
-int cdiv(int a, int b) { return (a + b - 1) / b; }
-
-int gcd(int a, int b) { return b ? gcd(b, a % b) : a; }
 
 int itemsize(DType dtype) { return dtype == DType::kFloat32 ? 4 : 2; }
 
@@ -120,39 +116,56 @@ cudaError_t group_norm_nhwc_forward(const void* x, const float* weight, const fl
   });
 }
 
-int group_norm_nhwc_single_pass_channels(int N, int S, int C, int G, DType dtype, int sm_count, int smem_bytes) {
-  if (N < 1 || S < 1 || G < 1 || C % G) return 0;
-  const int vec = pack_width(C, dtype), cpg = C / G;
-  const int unit = cpg / gcd(cpg, vec) * vec;  // lcm: whole groups and whole packs
-  int best = 0;
-  // width <= kThreads: a block also has a thread per channel if the pointers force VEC = 1
-  for (int width = unit; width <= std::min(C, kThreads); width += unit) {
-    if (C % width) continue;  // blocks tile C exactly
-    if (gn::single_pass_smem_bytes(S, width, cpg, vec, itemsize(dtype)) > smem_bytes) break;  // grows with width
-    if (best && (best * itemsize(dtype) >= kRowBytes || N * (C / width) < sm_count)) break;
-    best = width;
-  }
-  return best && N * (C / best) >= sm_count ? best : 0;
+gn::SinglePassPlan group_norm_nhwc_single_pass_plan(int N, int S, int C, int G, DType dtype, int sm_count,
+                                                    int smem_bytes, int max_cluster) {
+  return gn::single_pass_plan(N, S, C, G, itemsize(dtype), pack_width(C, dtype), sm_count, smem_bytes, max_cluster);
+}
+
+int group_norm_nhwc_max_cluster() {
+  // Clusters need the sm90 code path of the kernel: not there when the driver JIT-compiled PTX
+  // of an older architecture. Asked once, for the device current at the first call.
+  static const int most = [] {
+    cudaFuncAttributes attr;
+    if (cudaFuncGetAttributes(&attr, gn::single_pass_kernel<float, 4, false>) != cudaSuccess) {
+      cudaGetLastError();  // clear it: the caller then takes clusters of one block
+      return 1;
+    }
+    return attr.ptxVersion >= 90 ? gn::kMaxCluster : 1;
+  }();
+  return most;
 }
 
 cudaError_t group_norm_nhwc_forward_single_pass(const void* x, const float* weight, const float* bias, void* y,
-                                                float* mean, float* rstd, int N, int S, int C, int G, int channels,
-                                                float eps, bool silu, DType dtype, cudaStream_t stream) {
-  if (!valid(N, S, C, G, 1) || channels < 1 || C % channels || channels % (C / G) || channels > kThreads) {
+                                                float* mean, float* rstd, int N, int S, int C, int G,
+                                                gn::SinglePassPlan plan, float eps, bool silu, DType dtype,
+                                                cudaStream_t stream) {
+  const int channels = plan.channels, cluster = plan.cluster;
+  if (!valid(N, S, C, G, 1) || channels < 1 || C % channels || channels % (C / G) || channels > kThreads ||
+      cluster < 1 || cluster > gn::kMaxCluster || cdiv(S, cdiv(S, cluster)) != cluster) {
     return cudaErrorInvalidValue;
   }
   return dispatch(dtype, C, {x, y}, silu, [&](auto type, auto vec, auto act) {
     using T = decltype(type);
     constexpr int VEC = decltype(vec)::value;
     const auto kernel = gn::single_pass_kernel<T, VEC, decltype(act)::value>;
-    const long long smem = gn::single_pass_smem_bytes(S, channels, C / G, VEC, sizeof(T));
+    const long long smem = gn::single_pass_smem_bytes(cdiv(S, cluster), channels, C / G, VEC, sizeof(T));
     // above 48 KB a kernel must opt in to dynamic shared memory
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (err != cudaSuccess) return err;
-    const dim3 block(channels / VEC, kThreads / (channels / VEC));
-    kernel<<<dim3(C / channels, N), block, smem, stream>>>(static_cast<const T*>(x), static_cast<T*>(y), weight, bias,
-                                                          mean, rstd, S, C, G, eps);
-    return cudaGetLastError();
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(C / channels * cluster, N);
+    config.blockDim = dim3(channels / VEC, kThreads / (channels / VEC));
+    config.dynamicSmemBytes = smem;
+    config.stream = stream;
+    cudaLaunchAttribute attr;
+    attr.id = cudaLaunchAttributeClusterDimension;
+    attr.val.clusterDim.x = cluster;
+    attr.val.clusterDim.y = 1;
+    attr.val.clusterDim.z = 1;
+    config.attrs = &attr;
+    config.numAttrs = cluster > 1 ? 1 : 0;  // no attribute at all where clusters do not exist
+    return cudaLaunchKernelEx(&config, kernel, static_cast<const T*>(x), static_cast<T*>(y), weight, bias, mean,
+                              rstd, S, C, G, eps);
   });
 }
 

@@ -6,11 +6,13 @@
 // VEC = 1, the scalar fallback) and walks rows (spatial positions). Block (TX, TY): TX
 // threads across channel packs, TY across rows.
 //
-// forward, single pass (single_pass_kernel), where a block's tile fits shared memory and the
-//           blocks fill the GPU (group_norm_nhwc_single_pass_channels): a block stages a whole
-//           number of groups (channels) x all S positions of one sample in shared memory,
-//           reading x once; then exact fp32 statistics from the staged tile (the mean first,
-//           then squared deviations from it) and y from the tile. Grid (channel blocks, N).
+// forward, single pass (single_pass_kernel), where single_pass_plan finds a tile that fits
+//           shared memory with blocks that fill the GPU: a cluster of K blocks (K = 1 except on
+//           sm90) stages a whole number of groups (channels) x all S positions of one sample in
+//           shared memory, each block S / K of the positions, reading x once; then exact fp32
+//           statistics from the staged tiles (the mean first, then squared deviations from
+//           it), the blocks of a cluster adding their partial sums through distributed shared
+//           memory, and y from the tiles. Grid (channel blocks x K, N), clusters (K, 1, 1).
 // Otherwise every pass splits each sample into K spatial chunks, grid (channel-pack blocks,
 // K chunks, N), so that small batches still fill the GPU:
 // forward   channel_stats: per (n, chunk, channel) mean and M2 from fp32 sums of (x - shift),
@@ -23,7 +25,75 @@
 //           backward_affine: dweight, dbias summed over (n, chunk) in a fixed order;
 //           backward_dx: dx = rstd * (w * dz - mean(w * dz) - xhat * mean(w * dz * xhat)).
 // No atomics anywhere: results are bitwise reproducible.
+//
+// Two parts: the planning of the single-pass forward (plain C++ for host and device, so a CPU
+// C++ test checks it) and the kernels (nvcc and NVRTC).
 #pragma once
+
+#ifdef __CUDACC__
+#define CCK_HOST_DEVICE __host__ __device__
+#else
+#define CCK_HOST_DEVICE
+#endif
+
+namespace cck {
+namespace gn {
+
+constexpr int kThreads = 256;   // threads per block in every kernel
+constexpr int kMaxCluster = 8;  // blocks per cluster: the portable limit of sm90
+constexpr int kRowBytes = 128;  // single pass: widen a block's channel run up to a cache line
+
+CCK_HOST_DEVICE inline int cdiv(int a, int b) { return (a + b - 1) / b; }
+CCK_HOST_DEVICE inline int gcd(int a, int b) { return b ? gcd(b, a % b) : a; }
+
+// Shared memory of single_pass_kernel for a block of `rows` positions x `width` channels (a
+// block of width / vec threads across): the tile of x (padded to 16 bytes), then the threads'
+// fp32 partial sums (width floats per row of threads), then per group the block's partial and
+// the cluster's total sums of x and of squared deviations (4 floats). The host sizes the
+// launch with it.
+CCK_HOST_DEVICE inline long long single_pass_tile_bytes(int rows, int width, int itemsize) {
+  return (static_cast<long long>(rows) * width * itemsize + 15) / 16 * 16;
+}
+CCK_HOST_DEVICE inline long long single_pass_smem_bytes(int rows, int width, int cpg, int vec, int itemsize) {
+  const int thread_rows = kThreads / (width / vec);
+  return single_pass_tile_bytes(rows, width, itemsize) + (thread_rows * width + 4 * (width / cpg)) * 4;
+}
+
+#ifndef __CUDACC_RTC__  // host planning: not for NVRTC, which compiles device code only
+struct SinglePassPlan {
+  int channels;  // per block: whole groups, whole vec packs, dividing C; 0 = use the split forward
+  int cluster;   // blocks per cluster, each staging cdiv(S, cluster) positions
+};
+
+// The single-pass forward of an (N, S, C) tensor with G groups, packs of vec elements of
+// itemsize bytes: the smallest cluster (up to max_cluster) whose tile fits smem_bytes (what one
+// block may use: half an SM's, so that two blocks share it) with N * C / channels * cluster
+// blocks giving every one of sm_count SMs one; the widest channel block (up to kRowBytes
+// runs) while they do. Smaller clusters first: fewer cross-block sums, larger runs of rows.
+inline SinglePassPlan single_pass_plan(int N, int S, int C, int G, int itemsize, int vec, int sm_count,
+                                       int smem_bytes, int max_cluster) {
+  if (N < 1 || S < 1 || G < 1 || C % G || C % vec) return {0, 0};
+  const int cpg = C / G;
+  const int unit = cpg / gcd(cpg, vec) * vec;  // lcm: whole groups and whole packs
+  for (int cluster = 1; cluster <= max_cluster && cluster <= S; ++cluster) {
+    const int rows = cdiv(S, cluster);
+    if (cdiv(S, rows) != cluster) continue;  // a block would get no positions
+    int best = 0;
+    // width <= kThreads: a block also has a thread per channel if the pointers force vec = 1
+    for (int width = unit; width <= C && width <= kThreads; width += unit) {
+      if (C % width) continue;  // blocks tile C exactly
+      if (single_pass_smem_bytes(rows, width, cpg, vec, itemsize) > smem_bytes) break;  // grows with width
+      if (best && (best * itemsize >= kRowBytes || N * (C / width) * cluster < sm_count)) break;
+      best = width;
+    }
+    if (best && N * (C / best) * cluster >= sm_count) return {best, cluster};
+  }
+  return {0, 0};
+}
+#endif  // !__CUDACC_RTC__
+
+}  // namespace gn
+}  // namespace cck
 
 #ifdef __CUDACC__
 #include <cuda_bf16.h>
@@ -36,7 +106,6 @@ namespace gn {
 using int64_t = long long;
 #endif
 
-constexpr int kThreads = 256;  // threads per block in every kernel
 constexpr int kLoadBatch = 8;  // single_pass_kernel: 16-byte loads a thread keeps in flight
 
 __device__ __forceinline__ float to_float(float v) { return v; }
@@ -375,17 +444,6 @@ __global__ void __launch_bounds__(kThreads, 2) backward_dx_kernel(
   }
 }
 
-// Shared memory of single_pass_kernel for `width` channels (a block of width / vec threads
-// across): the tile of x (S rows of width elements, padded to 16 bytes), then rows x width
-// fp32 partial sums, then the group sums (2 floats a group). The host sizes the launch with it.
-__host__ __device__ inline long long single_pass_tile_bytes(int S, int width, int itemsize) {
-  return (static_cast<long long>(S) * width * itemsize + 15) / 16 * 16;
-}
-__host__ __device__ inline long long single_pass_smem_bytes(int S, int width, int cpg, int vec, int itemsize) {
-  const int rows = kThreads / (width / vec);
-  return single_pass_tile_bytes(S, width, itemsize) + (rows * width + 2 * (width / cpg)) * 4;
-}
-
 // Sums every thread's acc (partials of its VEC channels) over the rows and then over each
 // group's channels into out[j], j < width / cpg, in a fixed order; every thread must call it.
 // scratch: blockDim.y * width floats. out is complete and visible to all threads on return.
@@ -410,10 +468,68 @@ __device__ __forceinline__ void sum_over_groups(const float (&acc)[VEC], float* 
   __syncthreads();
 }
 
-// Block (blockIdx.x, blockIdx.y): channels [c0, c0 + width) of sample n, width = blockDim.x *
-// VEC a multiple of cpg; thread (tx, ty) owns pack column tx at rows ty, ty + blockDim.y, ...
-// and only ever reads back the tile cells it wrote, so the tile needs no barrier. Dynamic
-// shared memory: single_pass_smem_bytes(S, width, cpg, VEC, sizeof(T)).
+// Thread block clusters (sm90): the blocks of a cluster read each other's shared memory. Code
+// built for an older architecture has none, and its host never launches a cluster of more
+// than one block (group_norm_nhwc_max_cluster checks the kernel's PTX version).
+__device__ __forceinline__ int cluster_blocks() {
+#if __CUDA_ARCH__ >= 900
+  return static_cast<int>(__clusterSizeInBlocks());
+#else
+  return 1;
+#endif
+}
+__device__ __forceinline__ int cluster_rank() {
+#if __CUDA_ARCH__ >= 900
+  return static_cast<int>(__clusterRelativeBlockRank());
+#else
+  return 0;
+#endif
+}
+// Barrier of every thread of the cluster; arrive releases this block's shared-memory writes,
+// wait acquires the others'. Split so that independent work can run in between.
+__device__ __forceinline__ void cluster_arrive() {
+#if __CUDA_ARCH__ >= 900
+  __cluster_barrier_arrive();
+#endif
+}
+__device__ __forceinline__ void cluster_wait() {
+#if __CUDA_ARCH__ >= 900
+  __cluster_barrier_wait();
+#endif
+}
+// p, a shared-memory address of this block, in block `rank` of the cluster.
+__device__ __forceinline__ const float* cluster_shared(const float* p, int rank) {
+#if __CUDA_ARCH__ >= 900
+  return static_cast<const float*>(__cluster_map_shared_rank(p, rank));
+#else
+  return p;
+#endif
+}
+
+// total[j] = sum over the K blocks of the cluster of their part[j], j < groups, added in rank
+// order (block `rank` reads its own), so every block gets the same bits. Every thread of the cluster must call it after
+// writing part; total is visible to all threads of the block on return. With K > 1 the caller
+// must keep part unchanged, and the block alive, until the cluster's next barrier.
+__device__ __forceinline__ void sum_over_cluster(const float* part, float* total, int groups, int K, int rank) {
+  if (K > 1) {
+    cluster_arrive();
+    cluster_wait();
+  }
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x, threads = blockDim.x * blockDim.y;
+  for (int j = tid; j < groups; j += threads) {
+    float sum = 0.0f;
+    for (int r = 0; r < K; ++r) sum += (r == rank ? part : cluster_shared(part, r))[j];
+    total[j] = sum;
+  }
+  __syncthreads();
+}
+
+// Cluster of K blocks (blockIdx.x / K, blockIdx.y): channels [c0, c0 + width) of sample n,
+// width = blockDim.x * VEC a multiple of cpg; block rank r of the cluster stages positions
+// [r * rows, min(S, (r + 1) * rows)), rows = cdiv(S, K). Thread (tx, ty) owns pack column tx
+// at rows ty, ty + blockDim.y, ... and only ever reads back the tile cells it wrote, so the
+// tile needs no barrier. Dynamic shared memory: single_pass_smem_bytes(rows, width, cpg, VEC,
+// sizeof(T)).
 template <typename T, int VEC, bool SILU>
 __global__ void __launch_bounds__(kThreads, 2) single_pass_kernel(
     const T* __restrict__ x, T* __restrict__ y,                          // (N, S, C)
@@ -421,65 +537,72 @@ __global__ void __launch_bounds__(kThreads, 2) single_pass_kernel(
     float* __restrict__ mean, float* __restrict__ rstd,                  // (N, G) out
     int S, int C, int G, float eps) {
   extern __shared__ float4 smem_f4[];  // float4: 16-byte aligned for the packs
+  const int K = cluster_blocks(), rank = cluster_rank(), rows = cdiv(S, K);
+  const int s_begin = rank * rows, s_end = min(S, s_begin + rows);
   const int cpg = C / G, width = blockDim.x * VEC, groups = width / cpg;
-  const int n = blockIdx.y, c0 = blockIdx.x * width, col = threadIdx.x * VEC;
+  const int n = blockIdx.y, c0 = blockIdx.x / K * width, col = threadIdx.x * VEC;
   unsigned char* smem = reinterpret_cast<unsigned char*>(smem_f4);
-  T* tile = reinterpret_cast<T*>(smem) + col;
-  float* scratch = reinterpret_cast<float*>(smem + single_pass_tile_bytes(S, width, sizeof(T)));
-  float* group_sum = scratch + blockDim.y * width;  // [groups] sums of x, then [groups] of squared deviations
+  T* tile = reinterpret_cast<T*>(smem) + col;  // row s - s_begin holds position s
+  float* scratch = reinterpret_cast<float*>(smem + single_pass_tile_bytes(rows, width, sizeof(T)));
+  // per group: this block's sum of x and of squared deviations, then the cluster's totals
+  float* part = scratch + blockDim.y * width;
+  float* total = part + 2 * groups;
   const int64_t base = static_cast<int64_t>(n) * S * C + c0 + col;
 
   float acc[VEC] = {};
   // kLoadBatch loads in flight before their shared-memory stores (else ptxas waits on each)
-  for (int s0 = threadIdx.y; s0 < S; s0 += kLoadBatch * blockDim.y) {
+  for (int s0 = s_begin + threadIdx.y; s0 < s_end; s0 += kLoadBatch * blockDim.y) {
     Pack<T, VEC> packs[kLoadBatch];
 #pragma unroll
     for (int u = 0; u < kLoadBatch; ++u) {
       const int s = s0 + u * blockDim.y;
-      if (s < S) packs[u] = *reinterpret_cast<const Pack<T, VEC>*>(x + base + static_cast<int64_t>(s) * C);
+      if (s < s_end) packs[u] = *reinterpret_cast<const Pack<T, VEC>*>(x + base + static_cast<int64_t>(s) * C);
     }
 #pragma unroll
     for (int u = 0; u < kLoadBatch; ++u) {
       const int s = s0 + u * blockDim.y;
-      if (s >= S) break;
-      *reinterpret_cast<Pack<T, VEC>*>(tile + s * width) = packs[u];
+      if (s >= s_end) break;
+      *reinterpret_cast<Pack<T, VEC>*>(tile + (s - s_begin) * width) = packs[u];
 #pragma unroll
       for (int i = 0; i < VEC; ++i) acc[i] += to_float(packs[u].v[i]);
     }
   }
-  sum_over_groups<VEC>(acc, scratch, group_sum, width, cpg);
+  sum_over_groups<VEC>(acc, scratch, part, width, cpg);
+  sum_over_cluster(part, total, groups, K, rank);
   const float count = static_cast<float>(cpg) * S;
   float mu[VEC];
 #pragma unroll
   for (int i = 0; i < VEC; ++i) {
-    mu[i] = group_sum[(col + i) / cpg] / count;
+    mu[i] = total[(col + i) / cpg] / count;
     acc[i] = 0.0f;
   }
 #pragma unroll 4
-  for (int s = threadIdx.y; s < S; s += blockDim.y) {
+  for (int s = s_begin + threadIdx.y; s < s_end; s += blockDim.y) {
     float v[VEC];
-    load<T, VEC>(tile + s * width, v);
+    load<T, VEC>(tile + (s - s_begin) * width, v);
 #pragma unroll
     for (int i = 0; i < VEC; ++i) acc[i] = fmaf(v[i] - mu[i], v[i] - mu[i], acc[i]);
   }
-  sum_over_groups<VEC>(acc, scratch, group_sum + groups, width, cpg);
+  sum_over_groups<VEC>(acc, scratch, part + groups, width, cpg);
+  sum_over_cluster(part + groups, total + groups, groups, K, rank);
+  if (K > 1) cluster_arrive();  // done reading the others' parts; they may exit after the store loop
   const int tid = threadIdx.y * blockDim.x + threadIdx.x;
-  if (tid < groups) {
+  if (rank == 0 && tid < groups) {
     const int ng = n * G + c0 / cpg + tid;
-    mean[ng] = group_sum[tid] / count;
-    rstd[ng] = rsqrtf(group_sum[groups + tid] / count + eps);
+    mean[ng] = total[tid] / count;
+    rstd[ng] = rsqrtf(total[groups + tid] / count + eps);
   }
   float scale[VEC], shift[VEC];
 #pragma unroll
   for (int i = 0; i < VEC; ++i) {
     const int c = c0 + col + i;
-    scale[i] = rsqrtf(group_sum[groups + (col + i) / cpg] / count + eps) * (weight ? weight[c] : 1.0f);
+    scale[i] = rsqrtf(total[groups + (col + i) / cpg] / count + eps) * (weight ? weight[c] : 1.0f);
     shift[i] = bias ? bias[c] : 0.0f;
   }
 #pragma unroll 4
-  for (int s = threadIdx.y; s < S; s += blockDim.y) {
+  for (int s = s_begin + threadIdx.y; s < s_end; s += blockDim.y) {
     float v[VEC];
-    load<T, VEC>(tile + s * width, v);
+    load<T, VEC>(tile + (s - s_begin) * width, v);
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
       const float z = fmaf(v[i] - mu[i], scale[i], shift[i]);  // x - mean first: no cancellation
@@ -487,6 +610,7 @@ __global__ void __launch_bounds__(kThreads, 2) single_pass_kernel(
     }
     store<T, VEC>(y + base + static_cast<int64_t>(s) * C, v);
   }
+  if (K > 1) cluster_wait();  // keep this block's parts alive until every block has read them
 }
 
 }  // namespace gn

@@ -6,6 +6,7 @@
 #include <cuda_runtime_api.h>
 
 #include "dtype.h"
+#include "group_norm.cuh"  // gn::SinglePassPlan (its kernels only under nvcc)
 
 namespace cck {
 
@@ -20,17 +21,22 @@ cudaError_t group_norm_nhwc_forward(const void* x, const float* weight, const fl
                                     int N, int S, int C, int G, int K, float eps, bool silu,
                                     DType dtype, cudaStream_t stream);
 
-// Channels per block of the single-pass forward, or 0 where the split forward must run. A
-// block stages that many channels (whole groups, whole 16-byte packs, dividing C) x all S
-// positions of one sample in shared memory; the tile must fit smem_bytes (what one block may
-// use: half an SM's, so that two blocks share it) and the N * C / channels blocks must give
-// every one of sm_count SMs one. Wider blocks (up to 128-byte runs) while they fill the GPU.
-int group_norm_nhwc_single_pass_channels(int N, int S, int C, int G, DType dtype, int sm_count, int smem_bytes);
+// The single-pass forward of this shape on a GPU with sm_count SMs, smem_bytes of shared
+// memory a block may use (half an SM's, so that two blocks share it) and clusters of at most
+// max_cluster blocks (group_norm_nhwc_max_cluster()): gn::single_pass_plan in group_norm.cuh.
+// plan.channels == 0: the split forward must run.
+gn::SinglePassPlan group_norm_nhwc_single_pass_plan(int N, int S, int C, int G, DType dtype, int sm_count,
+                                                    int smem_bytes, int max_cluster);
 
-// As group_norm_nhwc_forward in one pass over x, `channels` (from the function above) a block.
+// The largest cluster the single-pass kernel can take on the current device: gn::kMaxCluster
+// where its sm90 code runs, else 1.
+int group_norm_nhwc_max_cluster();
+
+// As group_norm_nhwc_forward in one pass over x, with a plan from the function above.
 cudaError_t group_norm_nhwc_forward_single_pass(const void* x, const float* weight, const float* bias, void* y,
-                                                float* mean, float* rstd, int N, int S, int C, int G, int channels,
-                                                float eps, bool silu, DType dtype, cudaStream_t stream);
+                                                float* mean, float* rstd, int N, int S, int C, int G,
+                                                gn::SinglePassPlan plan, float eps, bool silu, DType dtype,
+                                                cudaStream_t stream);
 
 // dx (skipped when null), dweight and dbias (each skipped when null; fp32) from dy, which has
 // x's layout, and the forward's mean and rstd. part_a, part_b: (N, K, C) fp32 workspaces;

@@ -412,43 +412,59 @@ CUDA_SINGLE_PASS_CASES = [
 ]
 
 
+# Groups too large for one block's shared memory: on sm90 a cluster of blocks stages each
+# (cluster sizes 2 to 7 between the dtypes; odd positions per block; 3 channels per group without
+# 16-byte packs in fp16/bf16; SD2 at 512 px and 256 px).
+CUDA_CLUSTER_CASES = [((3, 960, 33, 31), 32), ((2, 1920, 31, 33), 32), ((4, 60, 257, 3), 20),
+                      ((8, 320, 64, 64), 32), ((32, 960, 32, 32), 32)]  # fmt: skip
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,G", CUDA_SINGLE_PASS_CASES)
-def test_gpu_cuda_single_pass(dtype, shape, G):
+@pytest.mark.parametrize("shape,G,path", [(s, G, "single-pass") for s, G in CUDA_SINGLE_PASS_CASES] +
+                         [(s, G, "cluster") for s, G in CUDA_CLUSTER_CASES])  # fmt: skip
+def test_gpu_cuda_single_pass(dtype, shape, G, path):
     from cckernels import cuda
 
     if not cuda_backend_loaded():
         pytest.skip("cckernels._C built without the GroupNorm kernels")
+    if path == "cluster" and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("thread block clusters need sm90")
     x, w, b = gpu_case(shape, dtype, channels_last=True)
-    assert cuda.group_norm_forward_path(x, G) == "single-pass"
+    assert cuda.group_norm_forward_path(x, G).startswith(path)
     check(x, G, w, b, silu=True, backend="cuda")
     check(x, G, w, b, silu=False, backend="cuda")
     check(x, G, None, None, silu=True, backend="cuda")
 
 
 @pytest.mark.gpu
-def test_gpu_cuda_single_pass_statistics_survive_a_large_offset():
+@pytest.mark.parametrize("shape,path", [((64, 96, 6, 5), "single-pass"), ((3, 960, 33, 31), "cluster-3")])
+def test_gpu_cuda_single_pass_statistics_survive_a_large_offset(shape, path):
     from cckernels import cuda
 
     if not cuda_backend_loaded():
         pytest.skip("cckernels._C built without the GroupNorm kernels")
-    x = (torch.randn(64, 96, 6, 5, device="cuda") + 1e3).to(memory_format=torch.channels_last)
-    assert cuda.group_norm_forward_path(x, 32) == "single-pass"
+    x = (torch.randn(shape, device="cuda") + 1e3).to(memory_format=torch.channels_last)
+    if cuda.group_norm_forward_path(x, 32) != path:
+        pytest.skip(f"this GPU runs {cuda.group_norm_forward_path(x, 32)} for {shape}, not {path}")
     y, mean, rstd = cuda.loaded().group_norm_forward(x, 32, None, None, 1e-5, False)
-    xg = x.double().reshape(64, 32, -1)
+    xg = x.double().reshape(shape[0], 32, -1)
     torch.testing.assert_close(mean.double(), xg.mean(-1), atol=0, rtol=1e-6)
     torch.testing.assert_close(rstd.double(), (xg.var(-1, unbiased=False) + 1e-5).rsqrt(), atol=0, rtol=1e-5)
     torch.testing.assert_close(y.double(), fp64_group_norm(x, 32, None, None, 1e-5, False), atol=1e-3, rtol=0)
 
 
 # (batch, channels, latent side) -> the CUDA forward on an H100 (132 SMs, 113 KB a block) in bf16
+# (tests/cpp/test_group_norm_plan.cpp checks the same plans on the host)
 SD2_CUDA_PATHS = {
     **dict.fromkeys([(32, 320, 32), (32, 640, 16), (32, 1280, 8), (32, 1280, 4), (32, 2560, 8), (32, 1920, 16),
                      (32, 640, 32), (8, 1280, 16), (8, 2560, 16)], "single-pass"),
-    # tiles over 113 KB (960 channels: lcm(30, 8) = 120 channels x 1024 positions = 240 KB; 64x64x320:
-    # 40 x 4096 = 320 KB), or fewer blocks than SMs (batch 1, batch 8 at 32x32x640: 128)
-    **dict.fromkeys([(32, 960, 32), (8, 320, 64), (8, 640, 32), (1, 320, 64), (1, 320, 32)], "split"),
+    # tiles over 113 KB (960 channels: lcm(30, 8) = 120 channels x 1024 positions = 240 KB, so 3
+    # blocks of 342 positions; 64x64x320: 40 x 4096 = 320 KB), or fewer blocks than SMs (8 x 16 = 128)
+    (32, 960, 32): "cluster-3", (8, 1920, 32): "cluster-3", (8, 320, 64): "cluster-4", (8, 640, 32): "cluster-2",
+    # 120 channels x 4096 positions need 9 blocks (the portable cluster limit is 8); batch 1 has
+    # too few clusters to fill the GPU (and fits in L2, where the split forward's second read is cheap)
+    **dict.fromkeys([(8, 960, 64), (1, 320, 64), (1, 320, 32)], "split"),
 }  # fmt: skip
 
 

@@ -1,0 +1,85 @@
+// Host-side planning of the single-pass GroupNorm forward (gn::single_pass_plan).
+// Plain C++ (no CUDA, no torch), run by CTest.
+#include <cstdio>
+#include <random>
+
+#include "group_norm.cuh"
+
+using cck::gn::single_pass_plan;
+using cck::gn::single_pass_smem_bytes;
+using cck::gn::SinglePassPlan;
+
+static int failures = 0;
+
+#define CHECK(cond)                                                        \
+  do {                                                                     \
+    if (!(cond)) {                                                         \
+      std::printf("%s:%d: CHECK(%s) failed\n", __FILE__, __LINE__, #cond); \
+      ++failures;                                                          \
+    }                                                                      \
+  } while (0)
+
+// H100 SXM: 132 SMs, 113 KB of shared memory a block (half of 228 KB, less the 1 KB reserve).
+constexpr int kSMs = 132, kSmem = 233472 / 2 - 1024;
+
+// Whether (channels, cluster) is a launch the kernel can take that fits and fills the GPU.
+static bool feasible(int N, int S, int C, int G, int itemsize, int vec, int channels, int cluster) {
+  const int cpg = C / G, rows = (S + cluster - 1) / cluster;
+  return channels >= 1 && channels <= cck::gn::kThreads && C % channels == 0 && channels % cpg == 0 &&
+         channels % vec == 0 && (S + rows - 1) / rows == cluster &&
+         single_pass_smem_bytes(rows, channels, cpg, vec, itemsize) <= kSmem && N * (C / channels) * cluster >= kSMs;
+}
+
+// Every plan is feasible, with the smallest feasible cluster; no plan only where none is.
+static void check_plan(int N, int S, int C, int G, int itemsize, int vec, int max_cluster) {
+  const SinglePassPlan plan = single_pass_plan(N, S, C, G, itemsize, vec, kSMs, kSmem, max_cluster);
+  const int first = plan.channels ? plan.cluster : max_cluster + 1;  // clusters below this must have no launch
+  if (plan.channels) {
+    CHECK(plan.cluster >= 1 && plan.cluster <= max_cluster);
+    CHECK(feasible(N, S, C, G, itemsize, vec, plan.channels, plan.cluster));
+  }
+  for (int cluster = 1; cluster < first; ++cluster) {
+    for (int channels = 1; channels <= C; ++channels) {
+      if (feasible(N, S, C, G, itemsize, vec, channels, cluster)) {
+        std::printf("N=%d S=%d C=%d G=%d itemsize=%d: (%d, %d) is feasible but the plan is (%d, %d)\n", N, S, C, G,
+                    itemsize, channels, cluster, plan.channels, plan.cluster);
+        ++failures;
+        return;
+      }
+    }
+  }
+}
+
+int main() {
+  // SD2 UNet shapes in bf16 (batch, channels, latent side) -> (channels a block, cluster).
+  struct Case {
+    int N, C, side, channels, cluster;
+  };
+  const Case sd2[] = {{32, 320, 32, 40, 1}, {32, 640, 16, 80, 1}, {32, 1280, 8, 80, 1}, {32, 2560, 8, 80, 1},
+                      {32, 1920, 16, 120, 1}, {32, 960, 32, 120, 3}, {8, 320, 64, 40, 4}, {8, 640, 32, 40, 2},
+                      {8, 1920, 32, 120, 3}, {8, 960, 64, 0, 0}, {1, 320, 64, 0, 0}};
+  for (const Case& c : sd2) {
+    const SinglePassPlan plan = single_pass_plan(c.N, c.side * c.side, c.C, 32, 2, 8, kSMs, kSmem, 8);
+    if (plan.channels != c.channels || plan.cluster != c.cluster) {
+      std::printf("%dx%dx%d^2: plan (%d, %d), want (%d, %d)\n", c.N, c.C, c.side, plan.channels, plan.cluster,
+                  c.channels, c.cluster);
+      ++failures;
+    }
+  }
+  // Without clusters (sm80, or code JIT-compiled from older PTX) the large groups split.
+  CHECK(single_pass_plan(32, 1024, 960, 32, 2, 8, kSMs, kSmem, 1).channels == 0);
+  CHECK(single_pass_plan(32, 1024, 320, 32, 2, 8, kSMs, kSmem, 1).channels == 40);
+  // Invalid shapes never get a plan.
+  CHECK(single_pass_plan(0, 16, 64, 32, 2, 8, kSMs, kSmem, 8).channels == 0);
+  CHECK(single_pass_plan(4, 16, 64, 30, 2, 8, kSMs, kSmem, 8).channels == 0);
+
+  std::mt19937 rng(0);
+  for (int trial = 0; trial < 3000; ++trial) {
+    const int G = 1 + rng() % 40, cpg = 1 + rng() % 64, C = G * cpg;
+    const int itemsize = rng() % 2 ? 2 : 4, vec = C % (16 / itemsize) == 0 ? 16 / itemsize : 1;
+    const int N = 1 + rng() % 64, S = 1 + rng() % 5000;
+    check_plan(N, S, C, G, itemsize, vec, 1 + rng() % 8);
+  }
+  if (failures) std::printf("%d failures\n", failures);
+  return failures ? 1 : 0;
+}
