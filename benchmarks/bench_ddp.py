@@ -73,6 +73,44 @@ def timed(run, steps, sync, device):
     return elapsed.item()
 
 
+def _measure(rank, device, args, sync):
+    """{run name: seconds per step, one per repetition}, bucket sizes: the timed part of a rank."""
+    base = make_model(args.width, args.depth, seed=0).to(device)
+    torch.manual_seed(1 + rank)  # each rank its own data
+    x = torch.randn(args.batch, args.width, device=device)
+
+    def step(model):
+        def run():
+            for p in model.parameters():
+                p.grad = None
+            model(x).pow(2).mean().backward()
+        return run
+
+    wrapped = {f"{impl} {dtype}": wrap(impl, dtype, copy.deepcopy(base), args.bucket_mb)
+               for impl in ("ours", "torch") for dtype in ("fp32", "bf16")}
+    buckets = wrapped["ours fp32"]._buckets
+    comm_buffers = {dtype: [torch.randn(b.buffer.numel(), device=device, dtype=dt) for b in buckets]
+                    for dtype, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+
+    def comm(dtype):
+        def run():
+            works = [dist.all_reduce(buf, async_op=True) for buf in comm_buffers[dtype]]
+            for w in works:
+                w.wait()
+        return run
+
+    runs = {"bare": step(base), "comm fp32": comm("fp32"), "comm bf16": comm("bf16")}
+    runs.update({name: step(m) for name, m in wrapped.items()})
+    for run in runs.values():  # warm-up: allocations, torch's bucket rebuild after its first step
+        run()
+        run()
+    seconds = {name: [] for name in runs}
+    for _ in range(args.reps):
+        for name, run in runs.items():
+            seconds[name].append(timed(run, args.steps, sync, device))
+    return seconds, [b.buffer.numel() for b in buckets]
+
+
 def _worker(rank, world, backend, store_path, args, out_path):
     torch.set_num_threads(1)  # CPU: one core per rank
     device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
@@ -82,44 +120,14 @@ def _worker(rank, world, backend, store_path, args, out_path):
                             timeout=datetime.timedelta(minutes=5))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     try:
-        base = make_model(args.width, args.depth, seed=0).to(device)
-        torch.manual_seed(1 + rank)  # each rank its own data
-        x = torch.randn(args.batch, args.width, device=device)
-
-        def step(model):
-            def run():
-                for p in model.parameters():
-                    p.grad = None
-                model(x).pow(2).mean().backward()
-            return run
-
-        wrapped = {f"{impl} {dtype}": wrap(impl, dtype, copy.deepcopy(base), args.bucket_mb)
-                   for impl in ("ours", "torch") for dtype in ("fp32", "bf16")}
-        buckets = wrapped["ours fp32"]._buckets
-        comm_buffers = {dtype: [torch.randn(b.buffer.numel(), device=device, dtype=dt) for b in buckets]
-                        for dtype, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
-
-        def comm(dtype):
-            def run():
-                works = [dist.all_reduce(buf, async_op=True) for buf in comm_buffers[dtype]]
-                for w in works:
-                    w.wait()
-            return run
-
-        runs = {"bare": step(base), "comm fp32": comm("fp32"), "comm bf16": comm("bf16")}
-        runs.update({name: step(m) for name, m in wrapped.items()})
-        for run in runs.values():  # warm-up: allocations, torch's bucket rebuild after its first step
-            run()
-            run()
-        seconds = {name: [] for name in runs}
-        for _ in range(args.reps):
-            for name, run in runs.items():
-                seconds[name].append(timed(run, args.steps, sync, device))
+        # The DDP models die with _measure's frame, before the process group: torch 2.11 can
+        # hang at exit when torch DDP's reducer outlives its (destroyed) gloo group.
+        seconds, bucket_numels = _measure(rank, device, args, sync)
     finally:
         dist.destroy_process_group()
     if rank == 0:
-        Path(out_path).write_text(json.dumps({"seconds": seconds, "n_buckets": len(buckets),
-                                              "bucket_numels": [b.buffer.numel() for b in buckets]}))
+        Path(out_path).write_text(json.dumps({"seconds": seconds, "n_buckets": len(bucket_numels),
+                                              "bucket_numels": bucket_numels}))
 
 
 def _stats(seconds):
