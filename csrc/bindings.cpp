@@ -133,14 +133,16 @@ cck::gn::SinglePassPlan single_pass_plan(const at::Tensor& x, const std::array<i
   const cudaDeviceProp* props = at::cuda::getDeviceProperties(x.device().index());
   const int budget = std::min(static_cast<int>(props->sharedMemPerBlockOptin),
                               static_cast<int>(props->sharedMemPerMultiprocessor / 2 - props->reservedSharedMemPerBlock));
-  const int max_cluster = props->major >= 9 ? cck::group_norm_nhwc_max_cluster() : 1;
+  const int max_cluster = props->major >= 9 ? cck::group_norm_nhwc_max_cluster(budget) : 1;
   return cck::group_norm_nhwc_single_pass_plan(shape[0], shape[1], shape[2], static_cast<int>(num_groups),
                                                to_dtype(x, "x"), props->multiProcessorCount, budget, max_cluster);
 }
 
 // (channels per block, blocks per cluster) of the single-pass forward, (0, 0) for split.
 std::array<int, 2> group_norm_single_pass_plan(const at::Tensor& x, int64_t num_groups) {
-  const cck::gn::SinglePassPlan plan = single_pass_plan(x, group_norm_shape(x, num_groups), num_groups);
+  const auto shape = group_norm_shape(x, num_groups);  // checks x first
+  const c10::cuda::CUDAGuard guard(x.device());        // the cluster limit is asked of the current device
+  const cck::gn::SinglePassPlan plan = single_pass_plan(x, shape, num_groups);
   return {plan.channels, plan.cluster};
 }
 

@@ -5,6 +5,7 @@
 #include "group_norm.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <initializer_list>
 #include <type_traits>
@@ -121,17 +122,54 @@ gn::SinglePassPlan group_norm_nhwc_single_pass_plan(int N, int S, int C, int G, 
   return gn::single_pass_plan(N, S, C, G, itemsize(dtype), pack_width(C, dtype), sm_count, smem_bytes, max_cluster);
 }
 
-int group_norm_nhwc_max_cluster() {
-  // Clusters need the sm90 code path of the kernel: not there when the driver JIT-compiled PTX
-  // of an older architecture. Asked once, for the device current at the first call.
-  static const int most = [] {
-    cudaFuncAttributes attr;
-    if (cudaFuncGetAttributes(&attr, gn::single_pass_kernel<float, 4, false>) != cudaSuccess) {
-      cudaGetLastError();  // clear it: the caller then takes clusters of one block
-      return 1;
+namespace {
+
+// A launch of single_pass_kernel in clusters of `cluster` blocks (no cluster attribute for one
+// block: older GPUs have none); `attr` holds the attribute the config points to.
+cudaLaunchConfig_t cluster_launch(dim3 grid, dim3 block, long long smem, cudaStream_t stream, int cluster,
+                                  cudaLaunchAttribute* attr) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  attr->id = cudaLaunchAttributeClusterDimension;
+  attr->val.clusterDim.x = cluster;
+  attr->val.clusterDim.y = 1;
+  attr->val.clusterDim.z = 1;
+  config.attrs = attr;
+  config.numAttrs = cluster > 1 ? 1 : 0;
+  return config;
+}
+
+}  // namespace
+
+int group_norm_nhwc_max_cluster(int smem_bytes) {
+  // Per device, asked once: its answer does not change within a process.
+  static std::atomic<int> known[64];  // 0: not asked yet
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) {
+    cudaGetLastError();
+    return 1;
+  }
+  if (const int most = known[device].load()) return most;
+  int most = 1;
+  const auto kernel = gn::single_pass_kernel<float, 4, false>;  // every instantiation fits 2 blocks an SM
+  cudaFuncAttributes attr;
+  // ptxVersion < 90: the driver JIT-compiled PTX of an older architecture, whose code path has no clusters
+  if (cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.ptxVersion >= 90 &&
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes) == cudaSuccess) {
+    // the largest cluster of such blocks the GPU can place (fewer SMs a GPC, e.g. under MIG, place less)
+    for (int cluster = gn::kMaxCluster; cluster > 1 && most == 1; --cluster) {
+      cudaLaunchAttribute cluster_attr;
+      const cudaLaunchConfig_t config = cluster_launch(dim3(cluster), dim3(kThreads), smem_bytes, 0, cluster,
+                                                       &cluster_attr);
+      int clusters = 0;
+      if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) == cudaSuccess && clusters > 0) most = cluster;
     }
-    return attr.ptxVersion >= 90 ? gn::kMaxCluster : 1;
-  }();
+  }
+  cudaGetLastError();  // a failed query only means no clusters
+  known[device].store(most);
   return most;
 }
 
@@ -152,18 +190,10 @@ cudaError_t group_norm_nhwc_forward_single_pass(const void* x, const float* weig
     // above 48 KB a kernel must opt in to dynamic shared memory
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (err != cudaSuccess) return err;
-    cudaLaunchConfig_t config = {};
-    config.gridDim = dim3(C / channels * cluster, N);
-    config.blockDim = dim3(channels / VEC, kThreads / (channels / VEC));
-    config.dynamicSmemBytes = smem;
-    config.stream = stream;
     cudaLaunchAttribute attr;
-    attr.id = cudaLaunchAttributeClusterDimension;
-    attr.val.clusterDim.x = cluster;
-    attr.val.clusterDim.y = 1;
-    attr.val.clusterDim.z = 1;
-    config.attrs = &attr;
-    config.numAttrs = cluster > 1 ? 1 : 0;  // no attribute at all where clusters do not exist
+    const cudaLaunchConfig_t config = cluster_launch(dim3(C / channels * cluster, N),
+                                                     dim3(channels / VEC, kThreads / (channels / VEC)), smem, stream,
+                                                     cluster, &attr);
     return cudaLaunchKernelEx(&config, kernel, static_cast<const T*>(x), static_cast<T*>(y), weight, bias, mean,
                               rstd, S, C, G, eps);
   });
