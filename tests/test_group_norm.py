@@ -122,7 +122,7 @@ def small_tiles(monkeypatch):
     from cckernels.triton import group_norm as gn
 
     for name, value in (("TILE", 32), ("MAX_BLOCK_C", 2), ("MAX_BLOCK_S", 2), ("PROGRAMS_PER_SM", 64),
-                        ("SINGLE_PASS_TILE", 0)):  # fmt: skip
+                        ("SINGLE_PASS_BYTES", 0)):  # fmt: skip
         monkeypatch.setattr(gn, name, value)
     return gn
 
@@ -152,10 +152,10 @@ def test_statistics_survive_a_large_offset(small_tiles):
 
 @pytest.fixture
 def gn(monkeypatch):
-    """The Triton module with a 1024-element single-pass tile limit: tiny inputs can exceed it."""
+    """The Triton module with a 4 KB single-pass tile limit: tiny inputs can exceed it."""
     from cckernels.triton import group_norm
 
-    monkeypatch.setattr(group_norm, "SINGLE_PASS_TILE", 1024)
+    monkeypatch.setattr(group_norm, "SINGLE_PASS_BYTES", 4096)
     return group_norm
 
 
@@ -181,9 +181,10 @@ def test_single_pass_matches_fp64(gn, dtype, shape, G, channels_last, silu, affi
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_single_pass_threshold(gn, monkeypatch, channels_last):
-    # At a 256-element limit. NCHW: 2 channels x 128 positions fit, 2 x 129 (256 wide) do not;
-    # channels_last: 2 groups of 8 fp32 channels (a 64-byte run) x 16 positions fit, x 17 do not.
-    monkeypatch.setattr(gn, "SINGLE_PASS_TILE", 256)
+    # At a 1 KB limit, 256 fp32 elements. NCHW: 2 channels x 128 positions fit, 2 x 129 (256
+    # wide) do not; channels_last: 2 groups of 8 fp32 channels (a 64-byte run) x 16 positions
+    # fit, x 17 do not.
+    monkeypatch.setattr(gn, "SINGLE_PASS_BYTES", 1024)
     G = 4 if channels_last else 16
     sizes = ((2, 32, 4, 4), (2, 32, 1, 17)) if channels_last else ((2, 32, 8, 16), (2, 32, 3, 43))
     for shape, path in zip(sizes, ("single-pass", "split")):
@@ -211,11 +212,13 @@ def test_single_pass_statistics_survive_a_large_offset(channels_last):
 SD2_TRITON_PATHS = {
     **dict.fromkeys([(32, 320, 32, False), (32, 640, 16, False), (32, 1280, 8, False), (32, 1280, 4, False),
                      (32, 2560, 8, False), (8, 1280, 16, False), (8, 1920, 16, False),
-                     (32, 640, 16, True), (32, 1280, 8, True), (32, 2560, 8, True), (8, 1280, 16, True)],
+                     (32, 640, 16, True), (32, 1280, 8, True), (32, 2560, 8, True), (8, 1280, 16, True),
+                     # 32K-element tiles at 32 warps (32x32x960: 30 channels -> 32 x 1024)
+                     (32, 640, 32, False), (32, 960, 32, False), (8, 640, 32, False), (8, 2560, 16, False)],
                     "single-pass"),
-    # tiles over 16K elements (32x32x640: 20 channels -> 32 x 1024), channels_last runs of
-    # 10 channels (4 groups to reach 64 bytes: 64 x 1024), or 32 programs for batch 1
-    **dict.fromkeys([(32, 640, 32, False), (32, 960, 32, False), (8, 320, 64, False), (32, 320, 32, True),
+    # tiles over 64 KB (64x64x320: 10 channels -> 16 x 4096), channels_last runs of 10 channels
+    # (4 groups to reach 64 bytes: 64 x 1024), or too few programs (batch 1; 2 x 32 / 2 groups)
+    **dict.fromkeys([(8, 320, 64, False), (8, 1920, 32, False), (8, 960, 64, False), (32, 320, 32, True),
                      (1, 320, 64, False), (1, 320, 64, True), (1, 320, 32, False), (2, 640, 16, True)], "split"),
 }  # fmt: skip
 
@@ -368,11 +371,16 @@ TRITON_SINGLE_PASS_CASES = [
     ((140, 64, 3, 5, 7), 32, True),  # 3-D
     ((32, 320, 32, 32), 32, False), ((32, 640, 16, 16), 32, True), ((32, 1280, 8, 8), 32, True),  # SD2
 ]  # fmt: skip
+# 32K-element tiles at 32 warps, contiguous fp16/bf16 only: 30 channels x 1023 positions (masked
+# to 32 x 1024), and SD2's 32x32x960
+TRITON_32K_CASES = [(dtype, shape) for dtype in (torch.float16, torch.bfloat16)
+                    for shape in ((140, 60, 31, 33), (32, 960, 32, 32))]  # fmt: skip
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,G,channels_last", TRITON_SINGLE_PASS_CASES)
+@pytest.mark.parametrize("dtype,shape,G,channels_last",
+                         [(dtype, *case) for dtype in DTYPES for case in TRITON_SINGLE_PASS_CASES] +
+                         [(dtype, shape, 2 if shape[1] == 60 else 32, False) for dtype, shape in TRITON_32K_CASES])
 def test_gpu_triton_single_pass(dtype, shape, G, channels_last):
     from cckernels.triton.group_norm import group_norm_forward_path
 

@@ -6,8 +6,8 @@ contiguous (C*S, S, 1) or channels_last (S*C, 1, C); y, dy and dx share x's stri
 The forward takes one of two paths (group_norm_forward_path says which):
 
 single pass  _single_pass_kernel: one program holds GROUPS whole groups of one sample in
-             registers (GROUPS * C/G channels x S positions, at most SINGLE_PASS_TILE
-             elements), so x is read once: the mean first, then the sum of squared deviations
+             registers (GROUPS * C/G channels x S positions, at most SINGLE_PASS_BYTES
+             of x), so x is read once: the mean first, then the sum of squared deviations
              from it (exact, fp32), mean and rstd stored for the backward, then y. Taken when
              the tile fits and the N * G / GROUPS programs give every SM one; channels_last
              takes GROUPS groups so that each position's channel run is >= 64 bytes (coalesced),
@@ -43,8 +43,13 @@ TILE = 2048  # elements per (BLOCK_C, BLOCK_S) tile: 16 fp32 values per thread a
 MAX_BLOCK_C = 64  # channels_last: 64 channels = one 128-byte line of bf16 per spatial position
 MAX_BLOCK_S = 1024  # contiguous: up to 1024 positions of one channel per tile row
 PROGRAMS_PER_SM = 4
-SINGLE_PASS_TILE = 16384  # most elements one program holds in registers (32 fp32 a thread at 16 warps)
-SINGLE_PASS_ELEMENTS_PER_THREAD = 32  # sets num_warps; more and ptxas spills
+# Most bytes of x one program holds in registers, 32 values a thread (SINGLE_PASS_ELEMENTS_PER_THREAD,
+# which sets num_warps; more and ptxas spills): 32K bf16/fp16 values at 32 warps (64 registers a
+# thread) or 16K fp32 ones at 16 warps (at 32 warps fp32 spills), and channels_last tiles at most
+# 16 warps (at 32 their per-channel vectors spill).
+SINGLE_PASS_BYTES = 65536
+SINGLE_PASS_ELEMENTS_PER_THREAD = 32
+SINGLE_PASS_MAX_WARPS = {False: 32, True: 16}  # by channels_last
 MIN_RUN_BYTES = 64  # channels_last: a program's channel run per position, for coalesced loads
 
 
@@ -359,7 +364,7 @@ def _tiling(x, C, S, strides):
 
 def _single_pass_plan(N, C, S, G, channels_last, itemsize, sms):
     """(GROUPS, BLOCK_C, BLOCK_S, ALIGN, num_warps) of the single-pass forward, or None where
-    the split path is the better one: a tile of GROUPS whole groups must fit SINGLE_PASS_TILE,
+    the split path is the better one: a tile of GROUPS whole groups must fit SINGLE_PASS_BYTES,
     and the programs must give every SM one (else splitting the groups fills the GPU better)."""
     cpg = C // G
     groups = 1
@@ -367,11 +372,14 @@ def _single_pass_plan(N, C, S, G, channels_last, itemsize, sms):
         while groups * cpg * itemsize < MIN_RUN_BYTES and groups < G:
             groups *= 2
     block_c, block_s = triton.next_power_of_2(groups * cpg), triton.next_power_of_2(S)
-    if block_c * block_s > SINGLE_PASS_TILE or N * triton.cdiv(G, groups) < sms:
+    max_warps = SINGLE_PASS_MAX_WARPS[channels_last]
+    elements = block_c * block_s
+    if (elements * itemsize > SINGLE_PASS_BYTES or elements > 32 * SINGLE_PASS_ELEMENTS_PER_THREAD * max_warps
+            or N * triton.cdiv(G, groups) < sms):
         return None
     vec = 16 // itemsize
     align = vec if channels_last and (groups * cpg) % vec == 0 and C % vec == 0 else 1
-    num_warps = min(max(block_c * block_s // (32 * SINGLE_PASS_ELEMENTS_PER_THREAD), 4), 16)
+    num_warps = min(max(elements // (32 * SINGLE_PASS_ELEMENTS_PER_THREAD), 4), max_warps)
     return groups, block_c, block_s, align, num_warps
 
 
@@ -528,10 +536,12 @@ _LAYOUTS = {
 _STREAM = {"op": "group_norm", "dtypes": (torch.float32, torch.float16, torch.bfloat16), "args": _ARGS,
            "variants": _LAYOUTS, "expect": {"sm90": {"ldg128": True}}}  # fmt: skip
 _REDUCE = {"op": "group_norm", "dtypes": (torch.float32,)}  # fp32 partials only
-# The single pass at its largest tiles (32 elements a thread at 16 warps), batch 32:
-# NCHW 32x32x320 (one group of 10 channels x 1024 positions) and NHWC 16x16x640 in bf16 (two
-# groups of 20 channels x 256). In fp32 a 20-channel group alone is a 64-byte run (a 32 x 256
-# tile), so its largest NHWC tile comes from 1280 channels (one group of 40 x 256).
+# The single pass at 16K-element tiles (32 elements a thread at 16 warps, the largest in fp32),
+# batch 32: NCHW 32x32x320 (one group of 10 channels x 1024 positions) and NHWC 16x16x640 in
+# bf16 (two groups of 20 channels x 256). In fp32 a 20-channel group alone is a 64-byte run (a
+# 32 x 256 tile), so its largest NHWC tile comes from 1280 channels (one group of 40 x 256).
+# Contiguous bf16/fp16 tiles go up to 32K elements at 32 warps: NCHW 32x32x960 (one group of 30
+# channels x 1024).
 def _single_pass_variant(channels, S, channels_last, strides):  # channels: itemsize -> C
     def args(dtype):
         plan = _single_pass_plan(32, channels[dtype.itemsize], S, 32, channels_last, dtype.itemsize, 132)
@@ -542,12 +552,15 @@ def _single_pass_variant(channels, S, channels_last, strides):  # channels: item
 
 _SINGLE_PASS = {"nchw": _single_pass_variant({2: 320, 4: 320}, 1024, False, {"stride_s": 1}),
                 "nhwc": _single_pass_variant({2: 640, 4: 1280}, 256, True, {"stride_c": 1})}  # fmt: skip
+_SINGLE_PASS_32K = {"nchw-32k": _single_pass_variant({2: 960}, 1024, False, {"stride_s": 1})}
 _BLOCK_G, _BLOCK_P = _group_tiling(32, 10 * 16)  # SD2: 32 groups of 10 channels, 16 chunks
 INSPECT = [
     {**_STREAM, "kernel": _channel_stats_kernel},
     {**_STREAM, "kernel": _normalize_kernel},
     {**_STREAM, "kernel": _single_pass_kernel, "variants": _SINGLE_PASS,
      "options": {"num_warps": _single_pass_plan(32, 320, 1024, 32, False, 2, 132)[-1]}},  # 16
+    {**_STREAM, "kernel": _single_pass_kernel, "variants": _SINGLE_PASS_32K, "dtypes": (torch.float16, torch.bfloat16),
+     "options": {"num_warps": _single_pass_plan(32, 960, 1024, 32, False, 2, 132)[-1]}},  # 32
     {**_STREAM, "kernel": _backward_partials_kernel},
     {**_STREAM, "kernel": _backward_dx_kernel},
     {**_REDUCE, "kernel": _group_stats_kernel, "args": {**_ARGS, "BLOCK_G": _BLOCK_G, "BLOCK_P": _BLOCK_P}},
