@@ -8,6 +8,9 @@
 Every op has backends "cuda" (compiled csrc), "triton" and "torch" (cckernels.reference).
 The backend is the `backend=` argument, else env CCKERNELS_BACKEND, else the best usable
 one for the tensors' device; one that cannot take an input falls back to the next.
+
+Under torch.compile every op is a graph break: it runs eagerly, as outside (dynamo cannot
+trace the kernels' launch code), and the compiled graphs around it are unaffected.
 """
 import math
 
@@ -39,6 +42,7 @@ def _check_float(name, t):
         raise ValueError(f"{name} has dtype {t.dtype}; expected one of float32, float16, bfloat16")
 
 
+@torch.compiler.disable
 def attention(q, k, v, *, scale=None, backend=None):
     """Non-causal scaled dot-product attention softmax(q k^T * scale) v.
 
@@ -72,6 +76,7 @@ def attention(q, k, v, *, scale=None, backend=None):
     return dispatch("attention", q.device, backend, q, k, v, float(scale))
 
 
+@torch.compiler.disable
 def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, activation=None, backend=None):
     """GroupNorm over (N, C, *spatial), optionally fused with SiLU.
 
@@ -102,6 +107,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, activation=No
     return dispatch("group_norm", x.device, backend, x, num_groups, weight, bias, float(eps), activation)
 
 
+@torch.compiler.disable
 def ema_update_(ema, params, decay, *, backend=None):
     """ema[i] <- decay * ema[i] + (1 - decay) * params[i], in place, in few launches.
 
