@@ -79,3 +79,14 @@ def test_many_non_finite_steps_in_a_row_stop_the_run(tmp_path, monkeypatch):
     _poison_losses(monkeypatch, set(range(1, 100)))
     with pytest.raises(RuntimeError, match="3 consecutive steps with non-finite"):
         run(tmp_path, "train.steps=10", "train.max_bad_steps=3")
+
+
+def test_compiled_unet_trains_as_the_eager_one(tmp_path):
+    # model.compile takes a torch.compile backend (aot_eager: fast, no C++ compiler); the
+    # kernels inside are graph breaks, the loss follows the eager run's.
+    run(tmp_path / "eager", "train.steps=2")
+    run(tmp_path / "compiled", "train.steps=2", "model.compile=aot_eager")
+    eager, compiled = ([json.loads(line)["loss"] for line in open(tmp_path / name / "metrics.jsonl")]
+                       for name in ("eager", "compiled"))
+    assert len(compiled) == 2
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-6)

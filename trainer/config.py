@@ -36,6 +36,9 @@ DEFAULTS = {
         "text_encoder": {},  # {path: local CLIP text model folder} or {config: {...}}
         "channels_last": False,
         "gradient_checkpointing": False,
+        # torch.compile the UNet: false, true (inductor) or a torch.compile backend name; the
+        # cckernels ops in it are graph breaks that run eagerly (cckernels/__init__.py)
+        "compile": False,
     },
     "diffusion": {
         "prediction_type": "epsilon",

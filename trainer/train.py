@@ -103,7 +103,10 @@ def main(argv=None):
         unet.enable_gradient_checkpointing()
     if ckpt:
         unet.load_state_dict(ckpt["unet"])
-    model = DistributedDataParallel(unet) if world > 1 else unet
+    compile_backend = {True: "inductor", False: None}.get(cfg["model"]["compile"], cfg["model"]["compile"])
+    # the compiled forward shares unet's parameters; checkpoints and EMA keep using unet
+    model = torch.compile(unet, backend=compile_backend) if compile_backend else unet
+    model = DistributedDataParallel(model) if world > 1 else model
     tc = cfg["train"]
     optimizer = ck.FusedAdamWEMA(unet.parameters(), lr=tc["lr"], betas=tuple(tc["betas"]), weight_decay=tc["weight_decay"])
     ema = ScheduledEMA(unet, decay=cfg["ema"]["decay"], start_step=cfg["ema"]["start_step"],
