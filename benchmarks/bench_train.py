@@ -30,6 +30,8 @@ DDP wrapper -> gradient clipping -> optimizer -> EMA. Rows (cumulative unless sa
   + larger micro-batch   the largest multiple of 8 whose estimated peak (persistent memory + the
                  previous row's activation memory per image) fits 90% of the GPU; halved
                  steps back on out-of-memory
+  + torch.compile   the UNet compiled around cckernels' ops (each a graph break that runs
+                 eagerly); last, as the one step of the ladder a user may leave out
   plain PyTorch best (not cumulative): SDPA (PyTorch's own backend choice), torch.compile,
                  AdamW(fused=True), torch._foreach_lerp_ EMA every step, precomputed latents,
                  channels_last, torch DDP, at the baseline micro-batch
@@ -105,6 +107,7 @@ LADDER = [
     ("+ precomputed latents", {"data": "latents"}),
     ("+ our DDP", {"ddp": "ours"}),
     ("+ larger micro-batch", {"batch": "max"}),
+    ("+ torch.compile", {"compile": True}),
 ]
 PLAIN = ("plain PyTorch best", Recipe(attention="sdpa", channels_last=True, optimizer="adamw_fused",
                                       ema="foreach_lerp", data="latents", compile=True))
@@ -503,7 +506,8 @@ def parse_args(argv=None):
     p.add_argument("--vae", help="local VAE folder (default: random SD2-size VAE)")
     p.add_argument("--text-encoder", help="local text encoder folder (default: random SD2-size CLIP text model)")
     p.add_argument("--rows", nargs="+", help="only these rows (names as printed); the baseline always runs")
-    p.add_argument("--no-compile", action="store_true", help="skip the plain-PyTorch row's torch.compile")
+    p.add_argument("--no-compile", action="store_true",
+                   help="no torch.compile: the plain-PyTorch row without it, the + torch.compile row skipped")
     p.add_argument("--budget-s", type=float, default=None, help="skip rows that would start after this many seconds")
     return p.parse_args(argv)
 
@@ -620,6 +624,8 @@ def run(args, cfg, world, rank, device):
                 row["note"] = "(no torch.compile: --no-compile)"
         else:
             reason = missing_piece(change, device, args.tiny)
+            if change.get("compile") and args.no_compile:
+                reason = "--no-compile"
             if reason:
                 dropped.append(name)
             else:

@@ -67,5 +67,6 @@ def test_tiny_run_writes_table_json_and_plot(bench, tmp_path, monkeypatch, capsy
     assert by_name["+ larger micro-batch"]["batch"] == 2 * by_name["baseline"]["batch"]
     assert by_name["+ fused AdamW+EMA, scheduled EMA"]["step_s_ema"]
     assert by_name[bench.PLAIN[0]]["recipe"]["compile"] is True
+    assert by_name["+ torch.compile"]["recipe"] == {**by_name["+ larger micro-batch"]["recipe"], "compile": True}
     assert len(rows) == len(names)
     assert "x base" in capsys.readouterr().out
