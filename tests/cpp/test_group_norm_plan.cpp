@@ -4,20 +4,11 @@
 #include <random>
 
 #include "group_norm.cuh"
+#include "check.h"
 
 using cck::gn::single_pass_plan;
 using cck::gn::single_pass_smem_bytes;
 using cck::gn::SinglePassPlan;
-
-static int failures = 0;
-
-#define CHECK(cond)                                                        \
-  do {                                                                     \
-    if (!(cond)) {                                                         \
-      std::printf("%s:%d: CHECK(%s) failed\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                          \
-    }                                                                      \
-  } while (0)
 
 // H100 SXM: 132 SMs, 113 KB of shared memory a block (half of 228 KB, less the 1 KB reserve).
 constexpr int kSMs = 132, kSmem = 233472 / 2 - 1024;

@@ -5,19 +5,10 @@
 #include <vector>
 
 #include "multi_tensor_apply.cuh"
+#include "check.h"
 
 using cck::Launch;
 using cck::plan_launches;
-
-static int failures = 0;
-
-#define CHECK(cond)                                                 \
-  do {                                                              \
-    if (!(cond)) {                                                  \
-      std::printf("%s:%d: CHECK(%s) failed\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                   \
-    }                                                               \
-  } while (0)
 
 // The invariants every plan must satisfy: table limits respected, every chunk of every
 // non-empty tensor run exactly once and in order, a tensor only continued in slot 0.
