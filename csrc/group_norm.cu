@@ -158,7 +158,8 @@ int group_norm_nhwc_max_cluster(int smem_bytes) {
   cudaFuncAttributes attr;
   // ptxVersion < 90: the driver JIT-compiled PTX of an older architecture, whose code path has no clusters
   if (cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.ptxVersion >= 90 &&
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes) == cudaSuccess) {
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes) == cudaSuccess &&
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess) {
     // the largest cluster of such blocks the GPU can place (fewer SMs a GPC, e.g. under MIG, place less)
     for (int cluster = gn::kMaxCluster; cluster > 1 && most == 1; --cluster) {
       cudaLaunchAttribute cluster_attr;
@@ -189,6 +190,9 @@ cudaError_t group_norm_nhwc_forward_single_pass(const void* x, const float* weig
     const long long smem = gn::single_pass_smem_bytes(cdiv(S, cluster), channels, C / G, VEC, sizeof(T));
     // above 48 KB a kernel must opt in to dynamic shared memory
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (err == cudaSuccess && cluster > gn::kMaxPortableCluster) {
+      err = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+    }
     if (err != cudaSuccess) return err;
     cudaLaunchAttribute attr;
     const cudaLaunchConfig_t config = cluster_launch(dim3(C / channels * cluster, N),

@@ -40,7 +40,8 @@ namespace cck {
 namespace gn {
 
 constexpr int kThreads = 256;   // threads per block in every kernel
-constexpr int kMaxCluster = 8;  // blocks per cluster: the portable limit of sm90
+constexpr int kMaxCluster = 16;        // blocks per cluster: H100's limit (opted in above 8)
+constexpr int kMaxPortableCluster = 8;  // what every sm90 GPU takes without opting in
 constexpr int kRowBytes = 128;  // single pass: widen a block's channel run up to a cache line
 
 CCK_HOST_DEVICE inline int cdiv(int a, int b) { return (a + b - 1) / b; }

@@ -29,7 +29,8 @@ gn::SinglePassPlan group_norm_nhwc_single_pass_plan(int N, int S, int C, int G, 
                                                     int smem_bytes, int max_cluster);
 
 // The largest cluster of blocks with smem_bytes of shared memory each that the single-pass
-// kernel can take on the current device (up to gn::kMaxCluster where its sm90 code runs, else 1).
+// kernel can take on the current device (up to gn::kMaxCluster where its sm90 code runs and the
+// GPU places such clusters, else 1).
 int group_norm_nhwc_max_cluster(int smem_bytes);
 
 // As group_norm_nhwc_forward in one pass over x, with a plan from the function above.

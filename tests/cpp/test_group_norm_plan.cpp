@@ -48,16 +48,18 @@ int main() {
   };
   const Case sd2[] = {{32, 320, 32, 40, 1}, {32, 640, 16, 80, 1}, {32, 1280, 8, 80, 1}, {32, 2560, 8, 80, 1},
                       {32, 1920, 16, 120, 1}, {32, 960, 32, 120, 3}, {8, 320, 64, 40, 4}, {8, 640, 32, 40, 2},
-                      {8, 1920, 32, 120, 3}, {8, 960, 64, 0, 0}, {1, 320, 64, 0, 0}};
+                      {8, 1920, 32, 120, 3}, {8, 960, 64, 120, 10}, {1, 320, 64, 0, 0}};
   for (const Case& c : sd2) {
-    const SinglePassPlan plan = single_pass_plan(c.N, c.side * c.side, c.C, 32, 2, 8, kSMs, kSmem, 8);
+    const SinglePassPlan plan = single_pass_plan(c.N, c.side * c.side, c.C, 32, 2, 8, kSMs, kSmem, cck::gn::kMaxCluster);
     if (plan.channels != c.channels || plan.cluster != c.cluster) {
       std::printf("%dx%dx%d^2: plan (%d, %d), want (%d, %d)\n", c.N, c.C, c.side, plan.channels, plan.cluster,
                   c.channels, c.cluster);
       ++failures;
     }
   }
-  // Without clusters (sm80, or code JIT-compiled from older PTX) the large groups split.
+  // Up to the portable 8 blocks a cluster, 64x64x960 splits; without clusters (sm80, or code
+  // JIT-compiled from older PTX) the large groups split.
+  CHECK(single_pass_plan(8, 4096, 960, 32, 2, 8, kSMs, kSmem, 8).channels == 0);
   CHECK(single_pass_plan(32, 1024, 960, 32, 2, 8, kSMs, kSmem, 1).channels == 0);
   CHECK(single_pass_plan(32, 1024, 320, 32, 2, 8, kSMs, kSmem, 1).channels == 40);
   // Invalid shapes never get a plan.
@@ -69,7 +71,7 @@ int main() {
     const int G = 1 + rng() % 40, cpg = 1 + rng() % 64, C = G * cpg;
     const int itemsize = rng() % 2 ? 2 : 4, vec = C % (16 / itemsize) == 0 ? 16 / itemsize : 1;
     const int N = 1 + rng() % 64, S = 1 + rng() % 5000;
-    check_plan(N, S, C, G, itemsize, vec, 1 + rng() % 8);
+    check_plan(N, S, C, G, itemsize, vec, 1 + rng() % cck::gn::kMaxCluster);
   }
   if (failures) std::printf("%d failures\n", failures);
   return failures ? 1 : 0;
