@@ -167,6 +167,18 @@ def test_backward_is_deterministic(monkeypatch):
         assert torch.equal(a, b)
 
 
+def test_autotuning_zeroes_the_atomic_dq_accumulator():
+    # Triton's search runs a kernel many times on the real arguments and calls this hook before
+    # each run and before the real one: the atomic dQ must not add up over the runs.
+    from cckernels.triton.attention import _attn_bwd_dkdv_kernel, _attn_fwd_kernel
+
+    acc = torch.randn(2, 3)
+    _attn_bwd_dkdv_kernel.pre_hook({"DQ_ACC": acc})
+    assert torch.equal(acc, torch.zeros(2, 3))
+    _attn_bwd_dkdv_kernel.pre_hook({"DQ_ACC": None}, reset_only=True)  # deterministic: no buffer
+    assert not getattr(_attn_fwd_kernel, "user_defined_pre_hook", False)  # pure stores: no hook
+
+
 def test_no_grad_path_saves_nothing():
     q, k, v = (torch.randn(1, 33, 1, 32, requires_grad=True) for _ in range(3))
     with torch.no_grad():
@@ -289,6 +301,17 @@ def test_gpu_odd_shapes(D, Lq, Lk, dtype, monkeypatch):
     monkeypatch.setenv("CCKERNELS_AUTOTUNE", "0")  # correctness only: one compile per kernel
     qkv = [cuda_randn(1, Lq, 3, D), cuda_randn(1, Lk, 3, D), cuda_randn(1, Lk, 3, D)]
     check_against_fp64(separate, qkv, None, dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_atomic_backward_right_after_a_full_autotune(monkeypatch):
+    # The search over every config runs the atomic dK/dV kernel many times on the real dQ
+    # accumulator; the gradients of that very first call must still be right. (The other GPU
+    # tests run with CCKERNELS_AUTOTUNE=0.) A key no other test uses: 300 x 200 in fp16.
+    monkeypatch.delenv("CCKERNELS_AUTOTUNE", raising=False)
+    monkeypatch.setenv("CCKERNELS_DETERMINISTIC", "0")
+    qkv = [cuda_randn(2, 300, 3, 64), cuda_randn(2, 200, 3, 64), cuda_randn(2, 200, 3, 64)]
+    check_against_fp64(separate, qkv, None, torch.float16)
 
 
 @pytest.mark.gpu

@@ -136,9 +136,19 @@ def _prune(configs, named_args, footprint, short_kv_block=False, target=None, **
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in fits]
 
 
-def _autotune(pool, footprint, short_kv_block=False):
+def _autotune(pool, footprint, short_kv_block=False, accumulators=()):
+    """accumulators: arguments the kernel adds into (atomics). The search runs the kernel many
+    times on the real arguments, so Triton calls this hook before each of those runs and once
+    more before the real run: each starts from zeros, not from the sum of the runs before."""
     prune = functools.partial(_prune, footprint=footprint, short_kv_block=short_kv_block)
-    return triton.autotune(configs=_configs(pool), key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": prune})
+
+    def zero_accumulators(kwargs, reset_only=False):
+        for name in accumulators:
+            if kwargs[name] is not None:
+                kwargs[name].zero_()
+
+    return triton.autotune(configs=_configs(pool), key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": prune},
+                           pre_hook=zero_accumulators if accumulators else None)
 
 
 # ----------------------------------------------------------------------------------------
@@ -268,7 +278,7 @@ def _attn_bwd_delta_kernel(
     tl.store(DELTA + bh * Lq + offs_m, delta, mask=offs_m < Lq)
 
 
-@_autotune(DKDV_POOL, _dkdv_footprint)
+@_autotune(DKDV_POOL, _dkdv_footprint, accumulators=("DQ_ACC",))
 @triton.heuristics({
     "EVEN_M": lambda a: a["Lq"] % a["BLOCK_M"] == 0,
     "EVEN_N": lambda a: a["Lk"] % a["BLOCK_N"] == 0,
