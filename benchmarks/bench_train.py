@@ -319,8 +319,6 @@ def run_row(recipe, batch, shared):
     a, device = shared.args, shared.device
     cuda = device.type == "cuda"
     torch.manual_seed(shared.rank)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
     unet = build_unet(shared.cfg["model"]["unet"], recipe, device)
     model = wrap(recipe, unet, a)
     scheduled = recipe.ema == "scheduled"
@@ -364,6 +362,8 @@ def run_row(recipe, batch, shared):
         return times
 
     window(0, a.warmup)
+    if cuda:  # the peak of training steps, not of the warm-up's autotuning (its 256 MiB flush buffer)
+        torch.cuda.reset_peak_memory_stats(device)
     times = window(a.warmup, a.steps)
     result = {"step_s": times}
     if scheduled:

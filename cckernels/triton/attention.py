@@ -542,7 +542,12 @@ class _Attention(torch.autograd.Function):
         return dq, dk, dv, None
 
 
-def _check_supported(q):
+def _check_supported(q, k):
+    B, Lq, H, _ = q.shape
+    if B * H > 65535:  # grid dimension y
+        raise Unsupported(f"batch x heads = {B * H} > 65535")
+    if max(B * Lq, B * k.shape[1]) * H * q.shape[-1] >= 2**31:  # int32 offsets in the kernels
+        raise Unsupported(f"q {tuple(q.shape)} or k {tuple(k.shape)} has 2^31 or more elements")
     if q.dtype not in DTYPES:
         raise Unsupported(f"dtype {q.dtype} (triton attention takes float16, bfloat16, float32)")
     if q.shape[-1] > MAX_HEAD_DIM:
@@ -561,11 +566,12 @@ def attention(q, k, v, scale):
     """softmax(q k^T * scale) v for BLHD q (B, Lq, H, D) and k, v (B, Lk, H, D).
 
     The "triton" backend of `cckernels.attention`, which validates the arguments first.
-    Last dims contiguous, other strides free. fp16/bf16/fp32, head dim <= 128; anything else
-    raises `Unsupported` before touching memory. Saves tensors for backward only when a
+    Last dims contiguous, other strides free. fp16/bf16/fp32, head dim <= 128, fewer than 2^31
+    elements a tensor, batch x heads <= 65535; anything else raises `Unsupported` before
+    touching memory. Saves tensors for backward only when a
     gradient is needed.
     """
-    _check_supported(q)
+    _check_supported(q, k)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _Attention.apply(q, k, v, scale)
     return _forward(q, k, v, scale)[0]

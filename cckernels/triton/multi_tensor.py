@@ -94,7 +94,7 @@ def tables(lists, chunk):
     numels = tuple(t.numel() for t in lists[0])
     lowest = [min(range(len(row)), key=row.__getitem__) for row in addresses]
     bases = [ts[i] for ts, i in zip(lists, lowest)]
-    key = (device, chunk, addresses, numels)
+    key = (device, chunk, addresses, numels, tuple(ts[0].dtype for ts in lists))  # offsets count elements
     hit = _cache.get(key)
     if hit is not None:
         _cache.move_to_end(key)
