@@ -9,12 +9,13 @@
 # Budget per step (seconds, enforced with `timeout`; a step that fails or runs out is logged in
 # summary.md and the next one still runs; benchmarks with --budget-s start no new case after it
 # and still write their JSON):
-#   build 90 | pytest -m gpu 110 | bench_attention 90 | bench_group_norm 45 | bench_ema 30 |
-#   bench_data 25 | bench_ddp 15 | bench_train 130 (6 timed steps per row; no row starts after
-#   105 s; JSON written after every row) = 535 s worst case, inside the outer `timeout` of
-#   docs/benchmarks.md's call; most steps finish well inside their budget. bench_precompute is
-#   left out for time: its GPU question (training on latents vs encoding online, same UNet) is
-#   bench_train's "+ precomputed latents" row; run it alone when a visit has time left.
+#   build 90 | build-check 15 | pytest -m gpu 110 | bench_attention 90 | bench_group_norm 45 |
+#   bench_ema 30 | bench_data 25 | bench_ddp 15 | bench_train 130 (6 timed steps per row; no
+#   row starts after 105 s; JSON written after every row) = 550 s worst case, inside the outer
+#   `timeout` of docs/benchmarks.md's call; most steps finish well inside their budget.
+#   bench_precompute is left out for time: its GPU question (training on latents vs encoding
+#   online, same UNet) is bench_train's "+ precomputed latents" row; run it alone when a visit
+#   has time left.
 # DALI and diffusers are not on the GPU machines: carry them with benchmarks/carry_dali.sh (its
 # header lists the run calls); its folder $CARRY_SCRATCH/site is put on PYTHONPATH when present.
 set -uo pipefail  # no -e: every step runs even when an earlier one failed
@@ -61,6 +62,8 @@ if [ -f setup.py ]; then
     # image's setuptools and writes only into this checkout (PYTHONPATH above finds cckernels._C).
     step build 90 env CCKERNELS_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="$(nproc)" \
         "$PY" setup.py build_ext --inplace
+    # Without a loadable _C the CUDA tests skip rather than fail: say so here, where it shows.
+    step build-check 15 "$PY" -c "import cckernels, cckernels._C; i = cckernels.build_info(); print(i); assert i['_C'], i"
 else
     printf '| build | no setup.py in this checkout | - | - |\n' >> "$OUT/steps.md"
 fi

@@ -5,9 +5,13 @@ The kernels are the same torch-free headers (csrc/*.cuh) that nvcc builds into _
 module replaces csrc/*.cu and bindings.cpp: it plans the launches as multi_tensor_apply
 does, packs each launch's TensorTable and functor into numpy structs with the C++ layout,
 and launches on torch's current stream. It offers _C's functions with _C's arguments.
+
+CuPy compiles with flush-to-zero (-ftz=true): values below ~1.2e-38 become 0 here but not in
+_C or torch, so the two CUDA paths agree to rounding, not bit for bit.
 """
 import functools
 import glob
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -97,9 +101,16 @@ def kernel_names():
 
 
 def nvrtc_program():
-    """(source, options) compiled by NVRTC; the kernels are found through kernel_names()."""
+    """(source, options) compiled by NVRTC; the kernels are found through kernel_names().
+
+    CuPy caches compiled binaries on disk keyed by this source text and the options, not by
+    the headers it includes: the first line, a digest of csrc's headers, makes an edited header
+    compile afresh instead of loading the binary of the old one.
+    """
     options = ["--std=c++17", f"-I{CSRC}"] + [f"-I{d}" for d in cuda_include_dirs()]
-    return '#include "ema.cuh"\n#include "adamw_ema.cuh"\n', options
+    headers = sorted(CSRC.glob("*.cuh")) + sorted(CSRC.glob("*.h"))
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in headers)).hexdigest()
+    return f'// csrc headers sha256 {digest}\n#include "ema.cuh"\n#include "adamw_ema.cuh"\n', options
 
 
 class Kernels:

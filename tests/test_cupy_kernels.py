@@ -41,6 +41,17 @@ def compile_with_nvrtc(source, names):
     return [nvrtc.getLoweredName(prog, name) for name in names]
 
 
+def test_program_changes_with_any_header(tmp_path, monkeypatch):
+    # CuPy's disk cache keys on the program text: it must change when a header does.
+    for name in ("ema.cuh", "multi_tensor_apply.cuh", "dtype.h"):
+        (tmp_path / name).write_text((ckc.CSRC / name).read_text())
+    monkeypatch.setattr(ckc, "CSRC", tmp_path)
+    before, _ = ckc.nvrtc_program()
+    (tmp_path / "multi_tensor_apply.cuh").write_text((tmp_path / "multi_tensor_apply.cuh").read_text() + "\n// edit\n")
+    after, _ = ckc.nvrtc_program()
+    assert before != after and before.splitlines()[1:] == after.splitlines()[1:]
+
+
 def test_every_kernel_compiles_under_nvrtc():
     source, _ = ckc.nvrtc_program()
     lowered = compile_with_nvrtc(source, ckc.kernel_names())

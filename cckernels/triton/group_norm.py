@@ -22,7 +22,7 @@ forward   1. _channel_stats_kernel: per (sample, chunk, channel) mean and M2 (su
              E[x^2] - E[x]^2 cancellation however large the offset of x.
           2. _group_stats_kernel: per (sample, group) mean and rstd from those partials, again
              by Chan's rule in its parallel form (pooled mean first, then M2 + n*(mean_i-mean)^2).
-          3. _normalize_kernel: y = silu?(x * a_c + b_c) with a_c = rstd*w_c, b_c = bias_c - mean*a_c.
+          3. _normalize_kernel: y = silu?((x - mean) * a_c + bias_c) with a_c = rstd*w_c.
 backward  1. _backward_partials_kernel: per (sample, chunk, channel) sums of dz and dz*xhat, where
              dz = dy * silu'(z) recomputes z from x, mean and rstd (nothing but mean and rstd is
              saved besides the inputs).
@@ -150,13 +150,13 @@ def _normalize_kernel(
     c_mask = c < C
     mean, rstd, w, b = _load_channel_params(w_ptr, b_ptr, mean_ptr, rstd_ptr, n, c, c_mask, C, CPG, HAS_WEIGHT, HAS_BIAS)
     scale = rstd * w
-    shift = b - mean * scale
     offset = n.to(tl.int64) * stride_n + c[:, None] * stride_c
     for s0 in range(k * CHUNK, tl.minimum(k * CHUNK + CHUNK, S), BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         mask = c_mask[:, None] & (s < S)[None, :]
         x = tl.load(x_ptr + offset + s[None, :] * stride_s, mask=mask, other=0.0, eviction_policy="evict_first")
-        y = x.to(tl.float32) * scale[:, None] + shift[:, None]
+        # x - mean first: a folded shift (b - mean * scale) would lose |mean| / std bits
+        y = (x.to(tl.float32) - mean[:, None]) * scale[:, None] + b[:, None]
         if SILU:
             y = y * tl.sigmoid(y)
         tl.store(y_ptr + offset + s[None, :] * stride_s, y.to(y_ptr.dtype.element_ty), mask=mask)
