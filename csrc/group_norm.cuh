@@ -19,7 +19,8 @@
 //           shift = the chunk's first value of that channel, so the sums stay O(std) and
 //           M2 = S2 - S1^2 / count does not cancel catastrophically (streaming, one read);
 //           group_stats: per (n, group) mean and rstd, Chan's parallel merge of the partials;
-//           normalize: y = silu?((x - mean) * scale_c + bias_c) (x read a second time).
+//           normalize: y = silu?(x * scale_c + shift_c) (x read a second time; the folded
+//           shift rounds like the mean itself, and subtracting the mean first spilled).
 // backward  backward_partials: per (n, chunk, channel) sums of dz and dz * xhat (z recomputed);
 //           backward_group: per (n, group) means of w * dz and w * dz * xhat;
 //           backward_affine: dweight, dbias summed over (n, chunk) in a fixed order;
@@ -320,9 +321,12 @@ __global__ void __launch_bounds__(kThreads) normalize_kernel(
   const Walk wk = walk<VEC>(S, C, chunk);
   if (!wk.active) return;
   const ChannelParams<VEC> p = channel_params<VEC>(wk, weight, bias, mean, rstd, C, G);
-  float scale[VEC];
+  float scale[VEC], shift[VEC];
 #pragma unroll
-  for (int i = 0; i < VEC; ++i) scale[i] = p.rstd[i] * p.w[i];
+  for (int i = 0; i < VEC; ++i) {
+    scale[i] = p.rstd[i] * p.w[i];
+    shift[i] = p.b[i] - p.mean[i] * scale[i];
+  }
   const int64_t base = wk.sample + wk.c0;
 #pragma unroll 4
   for (int s = wk.s_begin + threadIdx.y; s < wk.s_end; s += blockDim.y) {
@@ -331,9 +335,7 @@ __global__ void __launch_bounds__(kThreads) normalize_kernel(
     load<T, VEC>(x + at, v);
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
-      // x - mean first: folding the mean into a shift (x * scale + (b - mean * scale)) would
-      // lose |mean| / std bits when the mean is large
-      const float z = fmaf(v[i] - p.mean[i], scale[i], p.b[i]);
+      const float z = fmaf(v[i], scale[i], shift[i]);
       v[i] = SILU ? z * sigmoid(z) : z;
     }
     store<T, VEC>(y + at, v);
