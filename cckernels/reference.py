@@ -19,21 +19,19 @@ def attention(q, k, v, scale):
     return torch.einsum("bhqk,bkhd->bqhd", probs, v.to(ct)).to(q.dtype)
 
 
+def torch_group_norm(x, num_groups, weight, bias, eps):
+    """F.group_norm in x's dtype. A bias without weight is added outside: torch 2.11's
+    group_norm backward fails on it ("tensor does not have a device")."""
+    if weight is None and bias is not None:
+        return F.group_norm(x, num_groups, None, None, eps) + bias.view(-1, *[1] * (x.dim() - 2))
+    return F.group_norm(x, num_groups, weight, bias, eps)
+
+
 def group_norm(x, num_groups, weight, bias, eps, activation):
     """GroupNorm (+ optional SiLU) with fp32 statistics; keeps x's dtype and memory format."""
     ct = _compute_dtype(x.dtype)
-    # torch 2.11's group_norm backward fails ("tensor does not have a device") when bias needs a
-    # gradient but weight is None, so that case adds the bias outside.
-    bias_outside = weight is None and bias is not None
-    y = F.group_norm(
-        x.to(ct),
-        num_groups,
-        None if weight is None else weight.to(ct),
-        None if bias is None or bias_outside else bias.to(ct),
-        eps,
-    )
-    if bias_outside:
-        y = y + bias.to(ct).view(-1, *[1] * (x.dim() - 2))
+    y = torch_group_norm(x.to(ct), num_groups, None if weight is None else weight.to(ct),
+                         None if bias is None else bias.to(ct), eps)
     if activation == "silu":
         y = F.silu(y)
     return y.to(x.dtype).contiguous(memory_format=memory_format(x))

@@ -509,9 +509,10 @@ __device__ __forceinline__ const float* cluster_shared(const float* p, int rank)
 }
 
 // total[j] = sum over the K blocks of the cluster of their part[j], j < groups, added in rank
-// order (block `rank` reads its own), so every block gets the same bits. Every thread of the cluster must call it after
-// writing part; total is visible to all threads of the block on return. With K > 1 the caller
-// must keep part unchanged, and the block alive, until the cluster's next barrier.
+// order (block `rank` reads its own), so every block gets the same bits. Every thread of the
+// cluster must call it after writing part; total is visible to all threads of the block on
+// return. With K > 1 the caller must keep part unchanged, and the block alive, until the
+// cluster's next barrier.
 __device__ __forceinline__ void sum_over_cluster(const float* part, float* total, int groups, int K, int rank) {
   if (K > 1) {
     cluster_arrive();

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import cckernels as ck
+from cckernels import reference
 from cckernels.backend import Unsupported
 from test_reference import group_norm_fp64 as fp64_group_norm  # the definition, in fp64
 
@@ -19,11 +20,8 @@ SD2_CHANNELS = [320, 640, 960, 1280, 1920, 2560]
 
 
 def torch_group_norm(x, G, w, b, eps, silu):
-    """Plain PyTorch in x's dtype: the error baseline. (Bias without weight is added outside:
-    torch 2.11's group_norm backward fails on it, see cckernels/reference.py.)"""
-    y = F.group_norm(x, G, w, b if w is not None else None, eps)
-    if w is None and b is not None:
-        y = y + b.view(-1, *[1] * (x.dim() - 2))
+    """Plain PyTorch in x's dtype: the error baseline."""
+    y = reference.torch_group_norm(x, G, w, b, eps)
     return F.silu(y) if silu else y
 
 

@@ -379,7 +379,7 @@ def _single_pass_plan(N, C, S, G, channels_last, itemsize, sms):
         return None
     vec = 16 // itemsize
     align = vec if channels_last and (groups * cpg) % vec == 0 and C % vec == 0 else 1
-    num_warps = min(max(elements // (32 * SINGLE_PASS_ELEMENTS_PER_THREAD), 4), max_warps)
+    num_warps = max(elements // (32 * SINGLE_PASS_ELEMENTS_PER_THREAD), 4)  # <= max_warps, checked above
     return groups, block_c, block_s, align, num_warps
 
 
