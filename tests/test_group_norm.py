@@ -2,6 +2,8 @@
 the kernel's max error must be within 2x (3x for gradients) of plain PyTorch's error in the
 same dtype, plus a small floor. CPU tests run the Triton kernels in the interpreter on tiny
 spatial sizes; GPU tests (marked) cover both backends at SD2 sizes."""
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -33,19 +35,29 @@ def outputs_and_grads(fn, x, w, b, dy):
     return [y] + [None if t is None else t.grad for t in leaves]
 
 
-def poison_cuda_allocator():
-    """Fills cached free GPU memory with NaN, so outputs and workspaces that torch.empty hands
-    the kernels start as NaN: any element a kernel forgets to write shows up in the checks."""
-    torch.empty(256 << 20, dtype=torch.uint8, device="cuda").fill_(0xFF)  # 0xFFFF.. is NaN in every float dtype
+@contextlib.contextmanager
+def nan_filled_empty():
+    """Every torch.empty / at::empty inside (Python or the C++ extension, any size: small
+    tensors such as mean, rstd and dweight come from a pool that a large poison allocation
+    never reaches) returns NaN, so any output or workspace element a kernel forgets to write
+    shows up in the checks. PyTorch fills uninitialized memory in deterministic mode."""
+    enabled, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
 
 
 def check(x, G, w=None, b=None, silu=False, eps=1e-5, backend="triton", dy=None):
     """Runs ck.group_norm on `backend` and checks output and every gradient with the 2x/3x rule."""
     dy = torch.randn_like(x) if dy is None else dy
     act = "silu" if silu else None
-    if x.is_cuda:
-        poison_cuda_allocator()
-    got = outputs_and_grads(lambda x, w, b: ck.group_norm(x, G, w, b, eps, activation=act, backend=backend), x, w, b, dy)
+    with nan_filled_empty():
+        got = outputs_and_grads(lambda x, w, b: ck.group_norm(x, G, w, b, eps, activation=act, backend=backend), x, w, b, dy)
     assert ck.used_backends()["group_norm"] == backend
     want = outputs_and_grads(lambda x, w, b: fp64_group_norm(x, G, w, b, eps, silu), x.double(),
                              None if w is None else w.double(), None if b is None else b.double(), dy.double())
