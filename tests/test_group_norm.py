@@ -27,9 +27,18 @@ def torch_group_norm(x, G, w, b, eps, silu):
     return F.silu(y) if silu else y
 
 
-def outputs_and_grads(fn, x, w, b, dy):
-    """fn(x, w, b) and d(sum(fn * dy))/d(x, w, b) on fresh leaves."""
+def misaligned(t):
+    """A copy of t with t's strides whose data starts one element past a 16-byte boundary."""
+    flat = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    return flat[1:].as_strided(t.shape, t.stride()).copy_(t)
+
+
+def outputs_and_grads(fn, x, w, b, dy, misalign=False):
+    """fn(x, w, b) and d(sum(fn * dy))/d(x, w, b) on fresh leaves (x and dy misaligned)."""
     leaves = [None if t is None else t.detach().clone().requires_grad_() for t in (x, w, b)]
+    if misalign:
+        leaves[0], dy = misaligned(x.detach()).requires_grad_(), misaligned(dy)
+        assert leaves[0].data_ptr() % 16 and dy.data_ptr() % 16
     y = fn(*leaves)
     y.backward(dy)
     return [y] + [None if t is None else t.grad for t in leaves]
@@ -52,12 +61,14 @@ def nan_filled_empty():
         torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
 
 
-def check(x, G, w=None, b=None, silu=False, eps=1e-5, backend="triton", dy=None):
-    """Runs ck.group_norm on `backend` and checks output and every gradient with the 2x/3x rule."""
+def check(x, G, w=None, b=None, silu=False, eps=1e-5, backend="triton", dy=None, misalign=False):
+    """Runs ck.group_norm on `backend` and checks output and every gradient with the 2x/3x rule;
+    misalign: the kernel gets x and dy one element off 16-byte alignment (no vector loads)."""
     dy = torch.randn_like(x) if dy is None else dy
     act = "silu" if silu else None
     with nan_filled_empty():
-        got = outputs_and_grads(lambda x, w, b: ck.group_norm(x, G, w, b, eps, activation=act, backend=backend), x, w, b, dy)
+        got = outputs_and_grads(lambda x, w, b: ck.group_norm(x, G, w, b, eps, activation=act, backend=backend), x, w, b, dy,
+                                misalign)
     assert ck.used_backends()["group_norm"] == backend
     want = outputs_and_grads(lambda x, w, b: fp64_group_norm(x, G, w, b, eps, silu), x.double(),
                              None if w is None else w.double(), None if b is None else b.double(), dy.double())
@@ -261,6 +272,12 @@ def test_gradient_in_another_memory_format():
     check(x, 32, w, b, silu=True, dy=torch.randn(x.shape))  # contiguous dy for a channels_last x
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_misaligned_input(channels_last):
+    x, w, b = make((2, 64, 3, 5), torch.float16, channels_last)
+    check(x, 8, w, b, silu=True, misalign=True)
+
+
 def test_only_some_gradients():
     x, w, b = make((1, 32, 3, 3), torch.float32)
     w.requires_grad_()
@@ -453,6 +470,54 @@ def test_gpu_cuda_single_pass(dtype, shape, G, path):
     check(x, G, w, b, silu=True, backend="cuda")
     check(x, G, w, b, silu=False, backend="cuda")
     check(x, G, None, None, silu=True, backend="cuda")
+
+
+# The CUDA split forward, forced (the single-pass plan leaves it few shapes): many chunks per
+# sample with 16-byte packs, and with scalar loads (60 channels in fp16/bf16); 3 channels per
+# group; batch 1; 1x1 spatial with channels_last strides.
+CUDA_SPLIT_CASES = [((1, 96, 33, 31), 32), ((2, 60, 17, 19), 20), ((1, 320, 64, 64), 32), ((3, 40, 1, 1), 8)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,G", CUDA_SPLIT_CASES)
+def test_gpu_cuda_split_forward(monkeypatch, dtype, shape, G):
+    from cckernels import cuda
+
+    if not cuda_backend_loaded():
+        pytest.skip("cckernels._C built without the GroupNorm kernels")
+    monkeypatch.setattr(cuda, "SINGLE_PASS", False)
+    x, w, b = gpu_case(shape, dtype, channels_last=True)
+    assert cuda.group_norm_forward_path(x, G) == "split"
+    check(x, G, w, b, silu=True, backend="cuda")
+    check(x, G, None, None, silu=False, backend="cuda")
+
+
+# Pointers off 16-byte alignment: the CUDA kernels fall back to scalar loads (single pass,
+# cluster and split forwards; backward), Triton to narrower ones.
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(140, 64, 3, 5), (3, 960, 33, 31), (1, 320, 64, 64)])
+def test_gpu_misaligned_input(backend, dtype, shape):
+    if backend == "cuda" and not cuda_backend_loaded():
+        pytest.skip("cckernels._C built without the GroupNorm kernels")
+    x, w, b = gpu_case(shape, dtype, channels_last=True)
+    check(x, 32, w, b, silu=True, backend=backend, misalign=True)
+
+
+# dy in another layout than x: contiguous for channels_last, including batch 1 and 1x1 spatial,
+# where PyTorch's strides are ambiguous (both layouts' strides describe the same dense order).
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("shape,G", [((2, 96, 4, 5), 32), ((1, 96, 4, 5), 32), ((3, 40, 1, 1), 8)])
+def test_gpu_gradient_in_another_memory_format(backend, shape, G):
+    if backend == "cuda" and not cuda_backend_loaded():
+        pytest.skip("cckernels._C built without the GroupNorm kernels")
+    x, w, b = gpu_case(shape, torch.bfloat16, channels_last=True)
+    dy = torch.randn(shape, device="cuda", dtype=x.dtype)
+    assert dy.stride() != x.stride()
+    check(x, G, w, b, silu=True, backend=backend, dy=dy)
 
 
 @pytest.mark.gpu
