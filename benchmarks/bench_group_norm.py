@@ -169,7 +169,8 @@ def measure(name, fn, param_dtype, shape, layout, device, on_gpu):
     rows = []
     for mode, run, nbytes in (
         ("fwd", lambda: fn(x, w, b), bytes_fwd),
-        ("fwd+bwd", lambda: fn(xg, wg, bg).backward(dy), bytes_fwd * 5 // 2),
+        # autograd.grad, not backward(): .grad accumulation would add a read-add-write of dx per call
+        ("fwd+bwd", lambda: torch.autograd.grad(fn(xg, wg, bg), (xg, wg, bg), dy), bytes_fwd * 5 // 2),
     ):
         with torch.set_grad_enabled(mode != "fwd"):
             run()  # compiles (torch.compile, Triton) outside the timed region
