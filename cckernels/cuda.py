@@ -1,6 +1,7 @@
 """The CUDA backend: the compiled extension cckernels._C built from csrc/ by setup.py, else
 the same csrc/ kernels compiled at run time with NVRTC through CuPy (cckernels.cupy_kernels),
-so users without nvcc still get them. Both offer the same functions."""
+so users without nvcc still get them. Both offer ema_update_ and adamw_ema_; the GroupNorm
+kernels only come with _C (without it, group_norm falls back to Triton)."""
 import functools
 import importlib.util
 
