@@ -493,6 +493,20 @@ def test_gpu_cuda_split_forward(monkeypatch, dtype, shape, G):
     check(x, G, None, None, silu=False, backend="cuda")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("has_w,has_b", [(True, False), (False, True)])
+@pytest.mark.parametrize("single_pass", [True, False])
+def test_gpu_cuda_weight_or_bias_alone(monkeypatch, has_w, has_b, single_pass):
+    from cckernels import cuda
+
+    if not cuda_backend_loaded():
+        pytest.skip("cckernels._C built without the GroupNorm kernels")
+    monkeypatch.setattr(cuda, "SINGLE_PASS", single_pass)
+    x, w, b = gpu_case((140, 96, 5, 7), torch.float32, channels_last=True)
+    assert (cuda.group_norm_forward_path(x, 32) == "split") != single_pass
+    check(x, 32, w if has_w else None, b if has_b else None, silu=True, backend="cuda")
+
+
 # Pointers off 16-byte alignment: the CUDA kernels fall back to scalar loads (single pass,
 # cluster and split forwards; backward), Triton to narrower ones.
 @pytest.mark.gpu
