@@ -28,6 +28,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import cckernels as ck
 from cckernels import cuda as ck_cuda
@@ -158,7 +159,7 @@ def measure(name, fn, param_dtype, shape, layout, device, on_gpu):
     try:
         dy = torch.randn_like(fn(xg, wg, bg))
     except (RuntimeError, ValueError, AssertionError, NotImplementedError) as e:  # a peer that cannot take it
-        print(f"  {name} skipped {shape} {layout}: {str(e).splitlines()[0][:100]}")
+        tqdm.write(f"  {name} skipped {shape} {layout}: {str(e).splitlines()[0][:100]}")
         return []
     if name in ("ck-cuda", "ck-cuda-split") and ck.used_backends()["group_norm"] != "cuda":
         return []
@@ -225,7 +226,7 @@ def main():
                     for res, shapes in (TINY_SHAPES if tiny else SHAPES).items() for shape in shapes for layout in layouts),
                    key=lambda case: (case[0].endswith("-split"), case[0] == "torch-compile"))
     rows, skipped, t_start = [], [], time.perf_counter()
-    for impl, fn, param_dtype, res, shape, layout in cases:
+    for impl, fn, param_dtype, res, shape, layout in tqdm(cases, desc="cases", disable=tiny):
         if args.budget_s is not None and time.perf_counter() - t_start > args.budget_s:
             skipped.append(f"{impl} {res} {'x'.join(map(str, shape))} {layout}")
             continue
