@@ -224,6 +224,29 @@ def test_bad_arguments(kwargs, match):
 
 
 @pytest.mark.parametrize(
+    "group, match",
+    [
+        (dict(betas=(0.9, 1.0)), r"param group 1: betas\[1\]"),  # would divide by sqrt(1 - 1) = 0
+        (dict(lr=-1e-3), "param group 1: lr"),
+        (dict(ema_decay=2.0), "param group 1: ema_decay"),
+        (dict(amsgrad=True), "param group 1: amsgrad=True is not supported"),  # would be ignored
+        (dict(maximize=True), "param group 1: maximize=True is not supported"),
+    ],
+)
+def test_bad_param_group(group, match):
+    good = dict(params=[torch.zeros(3, requires_grad=True)])
+    with pytest.raises(ValueError, match=match):
+        ck.FusedAdamWEMA([good, dict(params=[torch.zeros(2, requires_grad=True)], **group)])
+    opt = ck.FusedAdamWEMA([good])
+    with pytest.raises(ValueError, match=match):
+        opt.add_param_group(dict(params=[torch.zeros(2, requires_grad=True)], **group))
+    assert len(opt.param_groups) == 1
+    # A group copied from torch.optim.AdamW's param_groups (amsgrad=False, ...) is fine.
+    torch_group = torch.optim.AdamW([torch.zeros(2, requires_grad=True)]).param_groups[0]
+    opt.add_param_group(dict(torch_group))
+
+
+@pytest.mark.parametrize(
     "change, match",
     [
         (dict(params=[torch.zeros(3)]), r"params\[0\] is on cpu"),
