@@ -106,6 +106,50 @@ def test_many_tensors_mixed_dtypes_gpu(backend):
         check(ema, params, decay, backend)
 
 
+def views_of_one_buffer(shapes, dtype, device, offset):
+    """Consecutive views of one flat buffer starting `offset` elements in (as flat-parameter
+    wrappers make; offset 1: no view is 16-byte aligned), and the buffer."""
+    flat = torch.randn(offset + sum(torch.Size(s).numel() for s in shapes) + 1, device=device).to(dtype)
+    views, at = [], offset
+    for shape in shapes:
+        views.append(flat[at : at + torch.Size(shape).numel()].view(shape))
+        at += views[-1].numel()
+    return views, flat
+
+
+def run_views_case(backend, device):
+    # Misaligned: the Triton and CUDA kernels must take their unvectorized paths, and every
+    # tensor's offset is counted from one shared storage.
+    skip_unless_usable(backend, device)
+    ema, ema_flat = views_of_one_buffer(SHAPES, torch.float32, device, 1)
+    params, _ = views_of_one_buffer(SHAPES, torch.bfloat16, device, 3)
+    before = ema_flat.clone()
+    check(ema, params, 0.9, backend)
+    assert ema_flat[0] == before[0] and ema_flat[-1] == before[-1]  # nothing written outside the views
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_misaligned_views_of_one_buffer_cpu(backend):
+    run_views_case(backend, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_misaligned_views_of_one_buffer_gpu(backend):
+    run_views_case(backend, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_tensors_on_a_gpu_that_is_not_the_current_one(backend):
+    # Triton launches on the current device: the launcher must switch to the tensors' device.
+    skip_unless_usable(backend, "cuda:1")
+    ema, params = make(SHAPES, torch.bfloat16, "cuda:1")
+    with torch.cuda.device(0):
+        check(ema, params, 0.9, backend)
+
+
 def test_triton_refuses_strided_inputs_and_dispatch_falls_back():
     from cckernels.triton.ema import ema_update_ as triton_ema
 
