@@ -14,6 +14,7 @@ import torch
 
 import cckernels as ck
 from cckernels import cupy_kernels as ckc
+from test_ema_update import long_run_errors
 
 LAYOUT_CHECKS = """
 using Table{depth} = cck::TensorTable<{depth}>;
@@ -70,7 +71,7 @@ def gxx(tmp_path, source, *run):
 
 def test_struct_layouts_match_cpp(tmp_path):
     # TensorTable and AdamWEmaScalars are plain C++ (no CUDA types): the host compiler lays
-    # them out as the device does. EmaFunctor (device-only) is two floats.
+    # them out as the device does. EmaFunctor (device-only) is one float.
     source = '#include <cstddef>\n#include "adamw_ema.cuh"\n'
     for depth in (ckc.EMA_DEPTH, ckc.limits()["kAdamWEmaDepth"]):
         dtype = ckc.table_dtype(depth)
@@ -139,6 +140,12 @@ def test_cupy_ema_vs_fp64(kernels, dtype):
             if out.numel():
                 err, base_err = ((t.double() - ref).abs().max().item() for t in (out, b))
                 assert err <= 2 * base_err + 1e-6 * ref.abs().max().item()
+
+
+@pytest.mark.gpu
+def test_cupy_ema_long_run_stays_as_close_as_torch(kernels):
+    err, torch_err, top = long_run_errors(kernels.ema_update_, "cuda")
+    assert err <= 2 * torch_err + 1e-6 * top, (err, torch_err)
 
 
 @pytest.mark.gpu

@@ -106,6 +106,31 @@ def test_many_tensors_mixed_dtypes_gpu(backend):
         check(ema, params, decay, backend)
 
 
+def long_run_errors(update, device, steps=10_000, decay=0.9999):
+    """Max error vs fp64 after `steps` updates toward noisy weights, of `update` and of the torch
+    backend, and the fp64 EMA's max. One-step tests miss errors that only add up: a form whose
+    fp32 decay and 1 - decay do not sum to 1 ends 25x further off than torch.lerp here."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    base = torch.randn(4099, device=device, generator=gen) + 2
+    ours = [torch.randn(4099, device=device, generator=gen)]
+    theirs, exact = [ours[0].clone()], ours[0].double()
+    for _ in range(steps):
+        p = [base + 0.1 * torch.randn(4099, device=device, generator=gen)]
+        exact = decay * exact + (1 - decay) * p[0].double()
+        update(ours, p, decay)
+        ck.ema_update_(theirs, p, decay, backend="torch")
+    return [(t[0].double() - exact).abs().max().item() for t in (ours, theirs)] + [exact.abs().max().item()]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_long_run_stays_as_close_as_torch(backend):
+    skip_unless_usable(backend, "cuda")
+    err, torch_err, top = long_run_errors(lambda e, p, d: ck.ema_update_(e, p, d, backend=backend), "cuda")
+    assert ck.used_backends()["ema_update_"] == backend
+    assert err <= 2 * torch_err + 1e-6 * top, (err, torch_err)
+
+
 def views_of_one_buffer(shapes, dtype, device, offset):
     """Consecutive views of one flat buffer starting `offset` elements in (as flat-parameter
     wrappers make; offset 1: no view is 16-byte aligned), and the buffer."""
