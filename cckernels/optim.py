@@ -133,9 +133,13 @@ class FusedAdamWEMA(torch.optim.Optimizer):
                 buckets.setdefault((p.device, p.dtype, state["step"]), []).append(p)
             for (device, _, step), ps in buckets.items():
                 self._step_bucket(group, ps, step, decay if use_ema else None)
-            if use_ema and gradless:
-                emas = [self.state[p]["ema"] for p in gradless]
-                cckernels.ema_update_(emas, [self._weights(p) for p in gradless], decay, backend=self.backend)
+            if use_ema:
+                by_device = {}  # ema_update_ takes one device per call
+                for p in gradless:
+                    by_device.setdefault(p.device, []).append(p)
+                for ps in by_device.values():
+                    emas = [self.state[p]["ema"] for p in ps]
+                    cckernels.ema_update_(emas, [self._weights(p) for p in ps], decay, backend=self.backend)
         return loss
 
     def _step_bucket(self, group, params, step, ema_decay):

@@ -193,3 +193,9 @@ def test_triton_refuses_fp64_params():
 
     with pytest.raises(Unsupported):
         triton_ema([torch.zeros(3)], [torch.ones(3, dtype=torch.float64)], 0.5)
+
+
+def test_lists_on_two_devices_are_refused_by_name():
+    ema, params = [torch.zeros(3), torch.zeros(2, device="meta")], [torch.randn(3), torch.randn(2, device="meta")]
+    with pytest.raises(ValueError, match=r"ema\[1\] \(meta\) and params\[1\] \(meta\) must be on ema\[0\]'s device \(cpu\)"):
+        ck.ema_update_(ema, params, 0.9)

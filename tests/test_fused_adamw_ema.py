@@ -217,6 +217,18 @@ def test_params_on_a_gpu_that_is_not_the_current_one(backend):
         check_run(backend, torch.bfloat16, "cuda:1", steps=5)
 
 
+def test_params_on_two_devices_without_grads():
+    cpu = torch.randn(3, requires_grad=True)
+    meta = torch.randn(4, device="meta", requires_grad=True)  # stands in for a second device
+    opt = ck.FusedAdamWEMA([cpu, meta], ema_decay=0.5, backend="torch")
+    start = cpu.detach().clone()
+    with torch.no_grad():
+        cpu.add_(1.0)
+    opt.step()  # no grads: nothing is stepped; each device's EMA moves toward its params
+    torch.testing.assert_close(opt.state[cpu]["ema"], start + 0.5)
+    assert opt.state[meta]["ema"].device.type == "meta"
+
+
 def test_state_dict_round_trip_keeps_fp32_state():
     params = [p.to(torch.bfloat16).requires_grad_() for p in make_params("cpu")]
     opt = ck.FusedAdamWEMA(groups_of(params), backend="torch")
