@@ -152,7 +152,9 @@ def test_cupy_ema_long_run_stays_as_close_as_torch(kernels):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("with_ema", [False, True])
 def test_cupy_adamw_ema_matches_torch_backend(kernels, dtype, with_ema):
-    sizes = [1, 77, 1000, 65537, 3 * 65536 + 5]
+    # More tensors than one launch's table holds (36 at depth 6) and one longer than a launch.
+    sizes = [1, 77, 1000, 65537, 3 * 65536 + 5, 384 * 65536 + 1]
+    sizes += [int(n) for n in torch.randint(0, 3000, (60,), generator=torch.Generator().manual_seed(0))]
     scalars = (1 - 1e-3 * 0.1, 0.1, 0.999, 0.001, 1e-3 / (1 - 0.9**3), (1 - 0.999**3) ** 0.5, 1e-8, 0.01)
     runs = []
     for step in (kernels.adamw_ema_, ck.reference.adamw_ema_):
