@@ -126,7 +126,7 @@ def ema_update_(ema, params, decay, *, backend=None):
         if e.shape != p.shape:
             raise ValueError(f"ema[{i}] shape {tuple(e.shape)} != params[{i}] shape {tuple(p.shape)}")
         if e.device != p.device or e.device != ema[0].device:
-            raise ValueError(f"ema[{i}] ({e.device}) and params[{i}] ({p.device}) must share one device")
+            raise ValueError(f"ema[{i}] ({e.device}) and params[{i}] ({p.device}) must be on ema[0]'s device ({ema[0].device})")
     if not ema:
         return
     with torch.no_grad():

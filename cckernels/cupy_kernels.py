@@ -159,7 +159,7 @@ class Kernels:
                 kernel((len(slots),), (limits()["kBlockThreads"],), (chunk, table, functor))
 
     def ema_update_(self, ema, params, decay):
-        functor = np.array([(decay, 1.0 - decay)], dtype=[("decay", np.float32), ("one_minus_decay", np.float32)])
+        functor = np.array([1.0 - decay], dtype=[("weight", np.float32)])  # cck::EmaFunctor
         self._apply(ema_kernel_name(PARAM_TYPES[params[0].dtype]), [ema, params], functor, ema[0].device)
 
     def adamw_ema_(self, params, grads, exp_avgs, exp_avg_sqs, masters, emas, scalars):

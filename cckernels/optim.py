@@ -13,6 +13,23 @@ def _check_number(name, value, low, high, high_open=False):
         raise ValueError(f"{name} must be a number in [{low}, {high}{')' if high_open else ']'}, got {value!r}")
 
 
+def _check_hyperparameters(h, where=""):
+    """Raise ValueError naming the first bad value of `h` (the defaults, or a param group)."""
+    _check_number(f"{where}lr", h["lr"], 0.0, math.inf)
+    betas = h["betas"]
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"{where}betas must be a pair (beta1, beta2), got {betas!r}")
+    _check_number(f"{where}betas[0]", betas[0], 0.0, 1.0, high_open=True)
+    _check_number(f"{where}betas[1]", betas[1], 0.0, 1.0, high_open=True)
+    _check_number(f"{where}eps", h["eps"], 0.0, math.inf)
+    _check_number(f"{where}weight_decay", h["weight_decay"], 0.0, math.inf)
+    if h["ema_decay"] is not None:
+        _check_number(f"{where}ema_decay", h["ema_decay"], 0.0, 1.0)
+    for flag in ("amsgrad", "maximize"):  # torch.optim.AdamW options this step does not have
+        if h.get(flag):
+            raise ValueError(f"{where}{flag}={h[flag]!r} is not supported by FusedAdamWEMA")
+
+
 class FusedAdamWEMA(torch.optim.Optimizer):
     """torch.optim.AdamW (decoupled weight decay, bias correction) fused with an EMA update.
 
@@ -34,20 +51,17 @@ class FusedAdamWEMA(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *, ema_decay=None, backend=None):
-        _check_number("lr", lr, 0.0, math.inf)
-        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-        _check_number("betas[0]", betas[0], 0.0, 1.0, high_open=True)
-        _check_number("betas[1]", betas[1], 0.0, 1.0, high_open=True)
-        _check_number("eps", eps, 0.0, math.inf)
-        _check_number("weight_decay", weight_decay, 0.0, math.inf)
-        if ema_decay is not None:
-            _check_number("ema_decay", ema_decay, 0.0, 1.0)
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, ema_decay=ema_decay)
-        super().__init__(params, defaults)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, ema_decay=ema_decay)
+        _check_hyperparameters(defaults)
+        defaults["betas"] = tuple(betas)
+        super().__init__(params, defaults)  # checks each param group (add_param_group)
         self.backend = backend
         if ema_decay is not None:
             self.start_ema()
+
+    def add_param_group(self, param_group):
+        _check_hyperparameters({**self.defaults, **param_group}, f"param group {len(self.param_groups)}: ")
+        super().add_param_group(param_group)
 
     def _params(self):
         return [p for group in self.param_groups for p in group["params"]]
@@ -119,9 +133,13 @@ class FusedAdamWEMA(torch.optim.Optimizer):
                 buckets.setdefault((p.device, p.dtype, state["step"]), []).append(p)
             for (device, _, step), ps in buckets.items():
                 self._step_bucket(group, ps, step, decay if use_ema else None)
-            if use_ema and gradless:
-                emas = [self.state[p]["ema"] for p in gradless]
-                cckernels.ema_update_(emas, [self._weights(p) for p in gradless], decay, backend=self.backend)
+            if use_ema:
+                by_device = {}  # ema_update_ takes one device per call
+                for p in gradless:
+                    by_device.setdefault(p.device, []).append(p)
+                for ps in by_device.values():
+                    emas = [self.state[p]["ema"] for p in ps]
+                    cckernels.ema_update_(emas, [self._weights(p) for p in ps], decay, backend=self.backend)
         return loss
 
     def _step_bucket(self, group, params, step, ema_decay):

@@ -32,18 +32,13 @@ struct AdamWEmaScalars {
 }  // namespace cck
 
 #ifdef __CUDACC__
-#include "ema.cuh"  // to_float, Pack
+#include "ema.cuh"  // to_float, Pack, torch_lerp
 
 namespace cck {
 
 __device__ __forceinline__ void from_float(float x, float* out) { *out = x; }
 __device__ __forceinline__ void from_float(float x, __half* out) { *out = __float2half_rn(x); }
 __device__ __forceinline__ void from_float(float x, __nv_bfloat16* out) { *out = __float2bfloat16_rn(x); }
-
-// torch.lerp's formula: exact at w = 0 and w = 1.
-__device__ __forceinline__ float torch_lerp(float a, float b, float w) {
-  return w < 0.5f ? a + w * (b - a) : b - (b - a) * (1.0f - w);
-}
 
 template <typename P, bool kMaster, bool kEma>
 struct AdamWEmaFunctor {

@@ -10,7 +10,7 @@ namespace {
 template <typename P>
 cudaError_t launch(int n_tensors, float* const* ema, const void* const* params,
                    const int64_t* sizes, double decay, cudaStream_t stream) {
-  const EmaFunctor<P> functor{static_cast<float>(decay), static_cast<float>(1.0 - decay)};
+  const EmaFunctor<P> functor{static_cast<float>(1.0 - decay)};
   auto address_of = [&](int list, int tensor) -> void* {
     return list == 0 ? static_cast<void*>(ema[tensor]) : const_cast<void*>(params[tensor]);
   };

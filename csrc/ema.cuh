@@ -1,4 +1,5 @@
-// EMA functor for multi_tensor_apply: ema <- decay * ema + (1 - decay) * param over one chunk.
+// EMA functor for multi_tensor_apply: ema <- decay * ema + (1 - decay) * param over one chunk,
+// computed as torch.lerp(ema, param, 1 - decay) like the torch and Triton backends.
 // The shadow is fp32; params are float, __half or __nv_bfloat16; the math is fp32.
 #pragma once
 
@@ -20,18 +21,23 @@ struct alignas(16) Pack {
   T v[N];
 };
 
+// torch.lerp's formula: exact at w = 0 and w = 1, and a constant b is its fixed point.
+__device__ __forceinline__ float torch_lerp(float a, float b, float w) {
+  return w < 0.5f ? a + w * (b - a) : b - (b - a) * (1.0f - w);
+}
+
 template <typename P>
 struct EmaFunctor {
   // Eight elements per step: two 16-byte accesses of the fp32 shadow, one 16-byte access of
   // bf16/fp16 params (two for fp32).
   static constexpr int kVec = 8;
   static_assert(kChunkSize % kVec == 0, "chunks must start on a pack boundary");
-  float decay;
-  float one_minus_decay;  // computed on the host in double: 1 - float(decay) loses digits
+  // 1 - decay, computed on the host in double. Not decay * e + (1 - decay) * p: float(decay)
+  // and float(1 - decay) do not sum to 1, so that form scales the shadow by their sum every
+  // step (at 0.9999 it settles at 0.99983 times the weights it averages).
+  float weight;
 
-  __device__ __forceinline__ float update(float e, float p) const {
-    return fmaf(decay, e, one_minus_decay * p);  // exact at decay 0 and 1
-  }
+  __device__ __forceinline__ float update(float e, float p) const { return torch_lerp(e, p, weight); }
 
   __device__ void operator()(void* const* addresses, int64_t start, int64_t n) const {
     float* __restrict__ ema = static_cast<float*>(addresses[0]) + start;

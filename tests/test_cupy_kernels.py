@@ -14,6 +14,7 @@ import torch
 
 import cckernels as ck
 from cckernels import cupy_kernels as ckc
+from test_ema_update import long_run_errors
 
 LAYOUT_CHECKS = """
 using Table{depth} = cck::TensorTable<{depth}>;
@@ -70,7 +71,7 @@ def gxx(tmp_path, source, *run):
 
 def test_struct_layouts_match_cpp(tmp_path):
     # TensorTable and AdamWEmaScalars are plain C++ (no CUDA types): the host compiler lays
-    # them out as the device does. EmaFunctor (device-only) is two floats.
+    # them out as the device does. EmaFunctor (device-only) is one float.
     source = '#include <cstddef>\n#include "adamw_ema.cuh"\n'
     for depth in (ckc.EMA_DEPTH, ckc.limits()["kAdamWEmaDepth"]):
         dtype = ckc.table_dtype(depth)
@@ -142,10 +143,18 @@ def test_cupy_ema_vs_fp64(kernels, dtype):
 
 
 @pytest.mark.gpu
+def test_cupy_ema_long_run_stays_as_close_as_torch(kernels):
+    err, torch_err, top = long_run_errors(kernels.ema_update_, "cuda")
+    assert err <= 2 * torch_err + 1e-6 * top, (err, torch_err)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("with_ema", [False, True])
 def test_cupy_adamw_ema_matches_torch_backend(kernels, dtype, with_ema):
-    sizes = [1, 77, 1000, 65537, 3 * 65536 + 5]
+    # More tensors than one launch's table holds (36 at depth 6) and one longer than a launch.
+    sizes = [1, 77, 1000, 65537, 3 * 65536 + 5, 384 * 65536 + 1]
+    sizes += [int(n) for n in torch.randint(0, 3000, (60,), generator=torch.Generator().manual_seed(0))]
     scalars = (1 - 1e-3 * 0.1, 0.1, 0.999, 0.001, 1e-3 / (1 - 0.9**3), (1 - 0.999**3) ** 0.5, 1e-8, 0.01)
     runs = []
     for step in (kernels.adamw_ema_, ck.reference.adamw_ema_):

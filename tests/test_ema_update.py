@@ -106,6 +106,75 @@ def test_many_tensors_mixed_dtypes_gpu(backend):
         check(ema, params, decay, backend)
 
 
+def long_run_errors(update, device, steps=10_000, decay=0.9999):
+    """Max error vs fp64 after `steps` updates toward noisy weights, of `update` and of the torch
+    backend, and the fp64 EMA's max. One-step tests miss errors that only add up: a form whose
+    fp32 decay and 1 - decay do not sum to 1 ends 25x further off than torch.lerp here."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    base = torch.randn(4099, device=device, generator=gen) + 2
+    ours = [torch.randn(4099, device=device, generator=gen)]
+    theirs, exact = [ours[0].clone()], ours[0].double()
+    for _ in range(steps):
+        p = [base + 0.1 * torch.randn(4099, device=device, generator=gen)]
+        exact = decay * exact + (1 - decay) * p[0].double()
+        update(ours, p, decay)
+        ck.ema_update_(theirs, p, decay, backend="torch")
+    return [(t[0].double() - exact).abs().max().item() for t in (ours, theirs)] + [exact.abs().max().item()]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_long_run_stays_as_close_as_torch(backend):
+    skip_unless_usable(backend, "cuda")
+    err, torch_err, top = long_run_errors(lambda e, p, d: ck.ema_update_(e, p, d, backend=backend), "cuda")
+    assert ck.used_backends()["ema_update_"] == backend
+    assert err <= 2 * torch_err + 1e-6 * top, (err, torch_err)
+
+
+def views_of_one_buffer(shapes, dtype, device, offset):
+    """Consecutive views of one flat buffer starting `offset` elements in (as flat-parameter
+    wrappers make; offset 1: no view is 16-byte aligned), and the buffer."""
+    flat = torch.randn(offset + sum(torch.Size(s).numel() for s in shapes) + 1, device=device).to(dtype)
+    views, at = [], offset
+    for shape in shapes:
+        views.append(flat[at : at + torch.Size(shape).numel()].view(shape))
+        at += views[-1].numel()
+    return views, flat
+
+
+def run_views_case(backend, device):
+    # Misaligned: the Triton and CUDA kernels must take their unvectorized paths, and every
+    # tensor's offset is counted from one shared storage.
+    skip_unless_usable(backend, device)
+    ema, ema_flat = views_of_one_buffer(SHAPES, torch.float32, device, 1)
+    params, _ = views_of_one_buffer(SHAPES, torch.bfloat16, device, 3)
+    before = ema_flat.clone()
+    check(ema, params, 0.9, backend)
+    assert ema_flat[0] == before[0] and ema_flat[-1] == before[-1]  # nothing written outside the views
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_misaligned_views_of_one_buffer_cpu(backend):
+    run_views_case(backend, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_misaligned_views_of_one_buffer_gpu(backend):
+    run_views_case(backend, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_tensors_on_a_gpu_that_is_not_the_current_one(backend):
+    # Triton launches on the current device: the launcher must switch to the tensors' device.
+    skip_unless_usable(backend, "cuda:1")
+    ema, params = make(SHAPES, torch.bfloat16, "cuda:1")
+    with torch.cuda.device(0):
+        check(ema, params, 0.9, backend)
+
+
 def test_triton_refuses_strided_inputs_and_dispatch_falls_back():
     from cckernels.triton.ema import ema_update_ as triton_ema
 
@@ -124,3 +193,9 @@ def test_triton_refuses_fp64_params():
 
     with pytest.raises(Unsupported):
         triton_ema([torch.zeros(3)], [torch.ones(3, dtype=torch.float64)], 0.5)
+
+
+def test_lists_on_two_devices_are_refused_by_name():
+    ema, params = [torch.zeros(3), torch.zeros(2, device="meta")], [torch.randn(3), torch.randn(2, device="meta")]
+    with pytest.raises(ValueError, match=r"ema\[1\] \(meta\) and params\[1\] \(meta\) must be on ema\[0\]'s device \(cpu\)"):
+        ck.ema_update_(ema, params, 0.9)

@@ -156,6 +156,79 @@ def test_one_step_vs_fp64_gpu(backend, dtype):
     check_one_step_fp64(backend, dtype, "cuda")
 
 
+def steps_on_flat_views(backend, dtype, device, shapes, offset=1):
+    """3 steps of params whose data and grads are views of flat buffers starting `offset`
+    elements in (flat-parameter wrappers; offset 1: nothing 16-byte aligned)."""
+    torch.manual_seed(3)
+    total = sum(torch.Size(s).numel() for s in shapes)
+    flat = torch.randn(offset + total + 1, device=device).to(dtype)
+    grad_flat = torch.empty_like(flat)
+    params, at = [], offset
+    for shape in shapes:
+        n = torch.Size(shape).numel()
+        params.append(flat[at : at + n].view(shape))
+        params[-1].grad = grad_flat[at : at + n].view(shape)
+        at += n
+    opt = ck.FusedAdamWEMA(params, lr=1e-2, ema_decay=0.9, backend=backend)
+    for _ in range(3):
+        grad_flat.normal_()
+        opt.step()
+    return params, opt, flat
+
+
+def check_flat_views(backend, dtype, device, shapes):
+    """`backend` against the torch backend on misaligned views (and untouched around them)."""
+    skip_unless_usable(backend, device)
+    ours, opt, flat = steps_on_flat_views(backend, dtype, device, shapes)
+    assert ck.used_backends()["adamw_ema_"] == backend
+    theirs, ref_opt, ref_flat = steps_on_flat_views("torch", dtype, device, shapes)
+    assert flat[0] == ref_flat[0] and flat[-1] == ref_flat[-1]  # the torch backend never writes there
+    truncates = backend == "triton" and dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+    for p, r in zip(ours, theirs):
+        for key in ("exp_avg", "exp_avg_sq", "ema") + (() if dtype == torch.float32 else ("master",)):
+            torch.testing.assert_close(opt.state[p][key], ref_opt.state[r][key], rtol=1e-5, atol=1e-6)
+        w = opt.state[p].get("master", p)
+        if truncates:  # see check_run
+            torch.testing.assert_close(p, w.to(dtype), rtol=2**-7, atol=0)
+        else:
+            assert torch.equal(p, w.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_misaligned_flat_views_cpu(dtype):
+    check_flat_views("triton", dtype, "cpu", SHAPES + [(2 * 4096 + 5,)])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_many_tensors_misaligned_flat_views_gpu(backend, dtype):
+    # More tensors than one CUDA launch's table holds (36 at depth 6), one tensor longer than a
+    # launch's 384 chunks of 65536, odd sizes and empty ones.
+    sizes = [int(n) for n in torch.randint(0, 3000, (100,), generator=torch.Generator().manual_seed(0))]
+    check_flat_views(backend, dtype, "cuda", [(n,) for n in sizes] + [(65537,), (384 * 65536 + 1,)] + SHAPES)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_params_on_a_gpu_that_is_not_the_current_one(backend):
+    with torch.cuda.device(0):  # Triton launches on the current device unless told otherwise
+        check_run(backend, torch.bfloat16, "cuda:1", steps=5)
+
+
+def test_params_on_two_devices_without_grads():
+    cpu = torch.randn(3, requires_grad=True)
+    meta = torch.randn(4, device="meta", requires_grad=True)  # stands in for a second device
+    opt = ck.FusedAdamWEMA([cpu, meta], ema_decay=0.5, backend="torch")
+    start = cpu.detach().clone()
+    with torch.no_grad():
+        cpu.add_(1.0)
+    opt.step()  # no grads: nothing is stepped; each device's EMA moves toward its params
+    torch.testing.assert_close(opt.state[cpu]["ema"], start + 0.5)
+    assert opt.state[meta]["ema"].device.type == "meta"
+
+
 def test_state_dict_round_trip_keeps_fp32_state():
     params = [p.to(torch.bfloat16).requires_grad_() for p in make_params("cpu")]
     opt = ck.FusedAdamWEMA(groups_of(params), backend="torch")
@@ -221,6 +294,29 @@ def test_ema_controls(backend):
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ck.FusedAdamWEMA([torch.zeros(3, requires_grad=True)], **kwargs)
+
+
+@pytest.mark.parametrize(
+    "group, match",
+    [
+        (dict(betas=(0.9, 1.0)), r"param group 1: betas\[1\]"),  # would divide by sqrt(1 - 1) = 0
+        (dict(lr=-1e-3), "param group 1: lr"),
+        (dict(ema_decay=2.0), "param group 1: ema_decay"),
+        (dict(amsgrad=True), "param group 1: amsgrad=True is not supported"),  # would be ignored
+        (dict(maximize=True), "param group 1: maximize=True is not supported"),
+    ],
+)
+def test_bad_param_group(group, match):
+    good = dict(params=[torch.zeros(3, requires_grad=True)])
+    with pytest.raises(ValueError, match=match):
+        ck.FusedAdamWEMA([good, dict(params=[torch.zeros(2, requires_grad=True)], **group)])
+    opt = ck.FusedAdamWEMA([good])
+    with pytest.raises(ValueError, match=match):
+        opt.add_param_group(dict(params=[torch.zeros(2, requires_grad=True)], **group))
+    assert len(opt.param_groups) == 1
+    # A group copied from torch.optim.AdamW's param_groups (amsgrad=False, ...) is fine.
+    torch_group = torch.optim.AdamW([torch.zeros(2, requires_grad=True)]).param_groups[0]
+    opt.add_param_group(dict(torch_group))
 
 
 @pytest.mark.parametrize(
