@@ -3,6 +3,7 @@
 A backend implementation raises `Unsupported` *before touching any memory* when it cannot
 take an input (dtype, head dim, device); the dispatcher then tries the next backend.
 """
+import contextlib
 import importlib
 import logging
 import os
@@ -122,13 +123,19 @@ def dispatch(op, device, backend, *args):
     for name in order:
         fn = _load(_table(op)[name])
         try:
-            out = fn(*args)
+            with _on_device(device):
+                out = fn(*args)
         except Unsupported as why:
             _report(op, name, str(why))
             continue
         _last_used[op] = name
         return out
     raise RuntimeError(f"no backend could run {op}")  # unreachable: torch takes everything
+
+
+def _on_device(device):
+    """Triton launches on the current CUDA device, not the tensors': make it theirs."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _report(op, backend, why):

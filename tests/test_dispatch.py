@@ -164,3 +164,23 @@ def test_ops_run_eagerly_inside_torch_compile(device):
         results.append([out] + [t.grad for t in args])
     for eager, compiled in zip(*results):
         torch.testing.assert_close(compiled, eager)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_ops_run_on_the_tensors_gpu_not_the_current_one(backend):
+    # Triton launches on the current device; dispatch makes it the tensors' device.
+    if backend not in ck.available_backends("cuda:1")["group_norm"]:
+        pytest.skip(f"{backend} not usable")
+    x = torch.randn(2, 64, 5, 5, device="cuda:1", requires_grad=True)
+    q = torch.randn(1, 77, 2, 64, device="cuda:1", dtype=torch.bfloat16, requires_grad=True)
+    with torch.cuda.device(0):
+        y = ck.group_norm(x, 8, activation="silu", backend=backend)
+        a = ck.attention(q, q, q, backend=backend)
+        (y.sum() + a.float().sum()).backward()
+    ref_y = ck.group_norm(x.detach(), 8, activation="silu", backend="torch")
+    ref_a = ck.attention(q.detach(), q.detach(), q.detach(), backend="torch")
+    torch.testing.assert_close(y, ref_y, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(a, ref_a, atol=2e-2, rtol=2e-2)
+    assert x.grad.isfinite().all() and q.grad.isfinite().all()

@@ -18,7 +18,7 @@ import triton.language as tl
 from cckernels.backend import Unsupported
 from cckernels.triton.ema import check_dtypes
 from cckernels.triton.multi_tensor import (
-    check_same_layout, lerp, load, on_device, program_chunk, store, tables, tensor_ptr,
+    check_same_layout, lerp, load, program_chunk, store, tables, tensor_ptr,
 )  # fmt: skip
 
 BLOCK = 1024
@@ -110,12 +110,11 @@ def adamw_ema_(params, grads, exp_avgs, exp_avg_sqs, masters, emas, scalars):
     if not keep:
         return
     bases, offsets, sizes, tensors, chunks, aligned = tables([[row[i] for i in keep] for row in rows], CHUNK)
-    with on_device(params[0].device):
-        _adamw_ema_kernel[(len(tensors),)](
-            *bases, offsets, len(keep), sizes, tensors, chunks, *scalars,
-            HAS_MASTER=masters is not None, HAS_EMA=emas is not None, ALIGNED=aligned, BLOCK=BLOCK, ITERS=ITERS,
-            num_warps=NUM_WARPS,
-        )  # fmt: skip
+    _adamw_ema_kernel[(len(tensors),)](
+        *bases, offsets, len(keep), sizes, tensors, chunks, *scalars,
+        HAS_MASTER=masters is not None, HAS_EMA=emas is not None, ALIGNED=aligned, BLOCK=BLOCK, ITERS=ITERS,
+        num_warps=NUM_WARPS,
+    )  # fmt: skip
 
 
 # Ahead-of-time inspection (python -m cckernels.inspect): fp16/bf16 params carry fp32 masters;

@@ -10,7 +10,7 @@ import triton.language as tl
 
 from cckernels.backend import Unsupported
 from cckernels.triton.multi_tensor import (
-    check_same_layout, lerp, load, on_device, program_chunk, store, tables, tensor_ptr,
+    check_same_layout, lerp, load, program_chunk, store, tables, tensor_ptr,
 )  # fmt: skip
 
 BLOCK = 1024
@@ -67,11 +67,10 @@ def ema_update_(ema, params, decay):
             ps.append(p)
     for es, ps in groups.values():
         bases, offsets, sizes, tensors, chunks, aligned = tables([es, ps], CHUNK)
-        with on_device(es[0].device):
-            _ema_kernel[(len(tensors),)](
-                *bases, offsets[0], offsets[1], sizes, tensors, chunks, 1.0 - decay,
-                ALIGNED=aligned, BLOCK=BLOCK, ITERS=ITERS,
-            )  # fmt: skip
+        _ema_kernel[(len(tensors),)](
+            *bases, offsets[0], offsets[1], sizes, tensors, chunks, 1.0 - decay,
+            ALIGNED=aligned, BLOCK=BLOCK, ITERS=ITERS,
+        )  # fmt: skip
 
 
 # Ahead-of-time inspection (python -m cckernels.inspect): the aligned full-chunk path must

@@ -11,7 +11,6 @@ the base pointer's 16-byte alignment and a multiple_of hint on the offset, so it
 Tables are cached by (addresses, sizes): an EMA or optimizer step over the same tensors
 every iteration reuses the table already on the device instead of rebuilding it.
 """
-import contextlib
 from collections import OrderedDict
 
 import torch
@@ -64,11 +63,6 @@ def store(ptr, offs, value, n, EVEN: tl.constexpr):
 def lerp(a, b, w):
     """torch.lerp's formula (exact at w = 0 and w = 1), so every backend rounds alike."""
     return tl.where(w < 0.5, a + w * (b - a), b - (b - a) * (1.0 - w))
-
-
-def on_device(device):
-    """Triton launches on the current CUDA device, not the tensors': make it theirs (CPU: no-op)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def dense(t):
