@@ -284,7 +284,7 @@ def make_loader(recipe, batch, shared):
 
 
 def make_optimizer(recipe, unet, ema_start):
-    """(optimizer, ema_step(step)); ema_step runs after each optimizer step."""
+    """(optimizer, ema_step); ema_step() runs after each optimizer step."""
     params = [p for p in unet.parameters() if p.requires_grad]
     lr, wd = 1e-4, 0.01
     if recipe.optimizer == "fused_ema":
@@ -299,8 +299,8 @@ def make_optimizer(recipe, unet, ema_start):
     with torch.no_grad():
         shadow = [p.detach().float().clone() for p in params]
     if recipe.ema == "per_tensor":
-        return optimizer, lambda step: ck.ema_update_(shadow, params, EMA_DECAY, backend="torch")
-    return optimizer, lambda step: torch._foreach_lerp_(shadow, [p.detach() for p in params], 1.0 - EMA_DECAY)
+        return optimizer, lambda: ck.ema_update_(shadow, params, EMA_DECAY, backend="torch")
+    return optimizer, lambda: torch._foreach_lerp_(shadow, [p.detach() for p in params], 1.0 - EMA_DECAY)
 
 
 def wrap(recipe, unet, args):
@@ -348,7 +348,7 @@ def run_row(recipe, batch, shared):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         optimizer.step()
-        ema_step(i)
+        ema_step()
         optimizer.zero_grad(set_to_none=True)
 
     def window(first, n):

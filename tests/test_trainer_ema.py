@@ -81,14 +81,26 @@ def test_fused_and_unfused_agree():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_step_index_from_the_training_loop():
-    net = model()
-    opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    ema = ScheduledEMA(net, decay=0.5, start_step=5, optimizer=opt)
-    ema.step(2)  # e.g. resumed at index 2, or steps skipped: the count follows the loop
-    assert ema.steps == 3 and not ema.started
-    ema.step(6)  # jumped past start_step: the EMA still starts
-    assert ema.steps == 7 and ema.started
+@pytest.mark.parametrize("every, warmup", [(2, False), (1, True)])
+def test_skipped_steps_do_not_count_fused_or_not(every, warmup):
+    # The training loop skips optimizer.step() and ema.step() on non-finite gradients: the
+    # fused pre-hook and the unfused update must still agree on each step's decay.
+    nets = [model(), model()]
+    opts = [torch.optim.AdamW(nets[0].parameters(), lr=0.05), ck.FusedAdamWEMA(nets[1].parameters(), lr=0.05)]
+    emas = [ScheduledEMA(net, decay=0.9, start_step=1, every=every, warmup=warmup, optimizer=opt)
+            for net, opt in zip(nets, opts)]
+    x = torch.randn(4, 5)
+    for i in range(7):
+        skipped = i in (2, 3)
+        for ema, opt, net in zip(emas, opts, nets):
+            opt.zero_grad()
+            net(x).square().sum().backward()
+            if not skipped:
+                opt.step()
+                ema.step()
+    assert emas[0].steps == emas[1].steps == 5
+    for a, b in zip(*(ema.shadow for ema in emas)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -4,13 +4,14 @@
     for step in range(steps):
         loss.backward(); clip_grad_norm_(...)
         opt.step()
-        ema.step(step)                # after the optimizer step `step` (0-based)
+        ema.step()                    # after each optimizer step taken
     with ema.swapped_in():            # EMA weights in the model for sampling / eval / export
         sample(unet)
 
-Before `start_step` optimizer steps there is no EMA memory at all; once that many steps are
-done the shadow starts as an fp32 copy of the weights, and every `every` steps after that it
-moves toward them: shadow <- d * shadow + (1 - d) * weights, with d = decay ** every, so the
+The schedule counts optimizer steps taken (a step skipped for non-finite gradients does not
+count, and the count is part of state_dict). Before `start_step` of them there is no EMA
+memory at all; once that many steps are done the shadow starts as an fp32 copy of the
+weights, and every `every` steps after that it moves toward them: shadow <- d * shadow + (1 - d) * weights, with d = decay ** every, so the
 averaging horizon (in optimizer steps) does not depend on the interval. With `warmup`, the
 per-step decay is min(decay, (1 + t) / (10 + t)) t steps after the start, so a young shadow
 is not dominated by its first copy.
@@ -83,9 +84,9 @@ class ScheduledEMA:
         return args, {**kwargs, "ema": decay is not None, "ema_decay": decay}
 
     @torch.no_grad()
-    def step(self, step=None):
-        """Call after each optimizer step; `step`: that step's 0-based index (default: the next)."""
-        self.steps = self.steps + 1 if step is None else step + 1
+    def step(self):
+        """Call after each optimizer step taken (the fused pre-hook assumes the same count)."""
+        self.steps += 1
         if self.optimizer is None and self.started:
             decay = self.decay_at(self.steps)
             if decay is not None:

@@ -151,7 +151,7 @@ def main(argv=None):
         finite = bool(torch.isfinite(grad_norm))  # grads are all-reduced: every rank agrees
         if finite:
             optimizer.step()
-            ema.step(step)
+            ema.step()
         optimizer.zero_grad(set_to_none=True)
         return total, grad_norm.item(), finite
 
