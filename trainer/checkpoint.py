@@ -1,7 +1,10 @@
 """Checkpoints that survive crashes: each is written to a temporary folder, then renamed.
 
 Layout: <out_dir>/checkpoints/step_0000100/{unet,ema}.safetensors, optimizer.pt,
-state.json, rng_rank<r>.pt, config.yaml; <out_dir>/checkpoints/latest names the newest.
+state.json, rng_rank<r>.pt, config.yaml, and unet/ in diffusers layout (config.json +
+diffusion_pytorch_model.safetensors, a hard link to the EMA weights once the EMA has started,
+else to the UNet's), so `UNet2DConditionModel.from_pretrained(step / "unet")` loads any
+checkpoint; <out_dir>/checkpoints/latest names the newest.
 A crash mid-write leaves only a *.tmp folder behind, which the next save clears.
 """
 import json
@@ -77,12 +80,15 @@ def begin(out_dir, step):
     tmp.mkdir(parents=True)
 
 
-def commit(out_dir, step, *, unet, ema, optimizer, state, config, keep):
-    """Rank 0: write the weights and state, then atomically publish the checkpoint."""
+def commit(out_dir, step, *, unet, ema, optimizer, state, config, keep, diffusers_config=None):
+    """Rank 0: write the weights and state, then atomically publish the checkpoint.
+    diffusers_config: the UNet's diffusers config.json dict; given, the folder gets unet/."""
     tmp, final = tmp_path(out_dir, step), checkpoint_dir(out_dir) / step_name(step)
-    save_file(_contiguous_cpu(unet), tmp / "unet.safetensors")
+    save_file(_contiguous_cpu(unet), tmp / "unet.safetensors", metadata={"format": "pt"})
     if ema is not None:
-        save_file(_contiguous_cpu(ema), tmp / "ema.safetensors")
+        save_file(_contiguous_cpu(ema), tmp / "ema.safetensors", metadata={"format": "pt"})
+    if diffusers_config is not None:
+        _diffusers_unet(tmp, diffusers_config, "ema.safetensors" if ema is not None else "unet.safetensors")
     torch.save(optimizer, tmp / "optimizer.pt")
     config_mod.dump(config, tmp / "config.yaml")
     with open(tmp / "state.json", "w") as f:  # written last: its presence marks completeness
@@ -96,6 +102,18 @@ def commit(out_dir, step, *, unet, ema, optimizer, state, config, keep):
     os.replace(pointer.with_suffix(".tmp"), pointer)
     _prune(out_dir, keep)
     return final
+
+
+def _diffusers_unet(folder, diffusers_config, weights):
+    """folder/unet/ for UNet2DConditionModel.from_pretrained: the weights hard-linked (no second
+    copy on disk; copied where the filesystem has no hard links) next to config.json."""
+    unet = folder / "unet"
+    unet.mkdir()
+    (unet / "config.json").write_text(json.dumps(diffusers_config, indent=2) + "\n")
+    try:
+        os.link(folder / weights, unet / "diffusion_pytorch_model.safetensors")
+    except OSError:
+        shutil.copyfile(folder / weights, unet / "diffusion_pytorch_model.safetensors")
 
 
 def _prune(out_dir, keep):

@@ -114,7 +114,11 @@ def main(argv=None):
     if ckpt:
         optimizer.load_state_dict(ckpt["optimizer"]["optimizer"])
         ema.load_state_dict(ckpt["optimizer"]["ema"], ckpt["ema"])
-        checkpoint.set_rng_state(ckpt["rng"])
+        if ckpt["rng"] is not None:
+            checkpoint.set_rng_state(ckpt["rng"])
+        else:  # a rank the saving run did not have
+            print(f"rank {rank}: {ckpt_path} holds no RNG state for this rank; noise and timesteps "
+                  "will not repeat the saved run's", flush=True)
     warmup = max(1, tc["warmup_steps"])
     lr_at = lambda step: tc["lr"] * min(1.0, (step + 1) / warmup)  # noqa: E731  linear warm-up, then constant
     schedule = diffusion.NoiseSchedule().to(device)
@@ -166,7 +170,7 @@ def main(argv=None):
             path = checkpoint.commit(
                 out_dir, step, unet=unet.state_dict(), ema=ema.state_tensors(), config=cfg,
                 optimizer={"optimizer": optimizer.state_dict(), "ema": ema.state_dict()},
-                state=state, keep=cfg["checkpoint"]["keep"],
+                state=state, keep=cfg["checkpoint"]["keep"], diffusers_config=unet.diffusers_config(),
             )
             log(f"step {step}: checkpoint {path}")
         _barrier(world)
