@@ -91,17 +91,33 @@ def commit(out_dir, step, *, unet, ema, optimizer, state, config, keep, diffuser
         _diffusers_unet(tmp, diffusers_config, "ema.safetensors" if ema is not None else "unet.safetensors")
     torch.save(optimizer, tmp / "optimizer.pt")
     config_mod.dump(config, tmp / "config.yaml")
+    # On disk before state.json and the renames: after a machine crash (not only a process
+    # crash) a published checkpoint must not hold weights that never left the page cache.
+    for path in tmp.rglob("*"):
+        _fsync(path)
     with open(tmp / "state.json", "w") as f:  # written last: its presence marks completeness
         json.dump(state, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
+    _fsync(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     pointer = checkpoint_dir(out_dir) / "latest"
     pointer.with_suffix(".tmp").write_text(final.name + "\n")
+    _fsync(pointer.with_suffix(".tmp"))
     os.replace(pointer.with_suffix(".tmp"), pointer)
+    _fsync(checkpoint_dir(out_dir))  # the renames themselves
     _prune(out_dir, keep)
     return final
+
+
+def _fsync(path):
+    """Flush a file's data, or a folder's entries, to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _diffusers_unet(folder, diffusers_config, weights):
