@@ -67,6 +67,16 @@ def test_deterministic_turns_on_deterministic_algorithms(tmp_path, monkeypatch):
         torch.use_deterministic_algorithms(False)
 
 
+def test_kernel_fallbacks_are_logged(tmp_path, monkeypatch, caplog):
+    from cckernels import backend
+
+    monkeypatch.setenv("CCKERNELS_BACKEND", "cuda")  # not usable on a CPU: falls back, says why
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # to torch, not the slow interpreter
+    monkeypatch.setattr(backend, "_reported", set())
+    run(tmp_path, "train.steps=1")
+    assert any(r.name == "cckernels" and "backend cuda skipped" in r.getMessage() for r in caplog.records)
+
+
 def test_resume_false_starts_over(tmp_path, capsys):
     run(tmp_path, "train.steps=2")
     run(tmp_path, "train.steps=2", "resume=false")

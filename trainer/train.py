@@ -15,6 +15,7 @@ starts over); an elastic restart by torchrun resumes the same way.
 import argparse
 import contextlib
 import json
+import logging
 import os
 import sys
 import time
@@ -71,6 +72,13 @@ def main(argv=None):
     def log(msg):
         if is_main:
             tqdm.write(msg)
+
+    # cckernels says at INFO why a backend could not take an input (once per reason); the
+    # data pipeline warns about skipped files and fallbacks. Printed above the progress bar.
+    handler = _TqdmHandler()
+    handler.setFormatter(logging.Formatter(f"rank {rank} %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
+    logging.getLogger("cckernels").setLevel(logging.INFO if is_main else logging.WARNING)
 
     # -- resume ------------------------------------------------------------------------------
     ckpt_path = checkpoint.latest(out_dir) if cfg["resume"] else None
@@ -222,6 +230,11 @@ def main(argv=None):
         log(f"done: checkpoints in {checkpoint.checkpoint_dir(out_dir)}, diffusers UNet in {out_dir / 'diffusers' / 'unet'}")
     if world > 1:
         dist.destroy_process_group()
+
+
+class _TqdmHandler(logging.Handler):
+    def emit(self, record):
+        tqdm.write(self.format(record))
 
 
 def _barrier(world):
