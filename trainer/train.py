@@ -59,6 +59,9 @@ def main(argv=None):
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
+        # Every step has the same shapes: cuDNN's per-shape algorithm search pays off after the
+        # first one (bench_train measures with it); its pick may differ between runs.
+        torch.backends.cudnn.benchmark = not cfg["train"]["deterministic"]
     else:
         device = torch.device("cpu")
     if world > 1:
