@@ -48,8 +48,8 @@ encoders not counted), counted with torch.utils.flop_counter.FlopCounterMode on 
 device (--count-flops prints them): SD2 UNet 539 GFLOP at 256 px, 2,409 at 512 px.
 MFU = FLOPs per image * images/s / peak, against the bf16 dense matmul peak measured here
 (an 8192^3 bf16 matmul, do_bench) and against the nominal 989 TFLOP/s of an H100 SXM.
-Writes bench_train.json (after every row, so an interrupted run keeps what it measured) and
-bench_train.png to --out (default benchmarks/results/local).
+Writes bench_train.json and bench_train.png to --out (default benchmarks/results/local) after
+every row, so a run cut short (run_gpu.sh's time limit) keeps what it measured.
 """
 
 import argparse
@@ -647,11 +647,11 @@ def run(args, cfg, world, rank, device):
             status = row.get("status") or f"{row['images_per_s']:.1f} img/s"
             print(f"  {name}: {status}", flush=True)
             (out / "bench_train.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
+            plot(rows, out / "bench_train.png", meta)
 
     if is_main:
         print()
         print_table(rows)
-        plot(rows, out / "bench_train.png", meta)
         print(f"wrote {out / 'bench_train.json'} and {out / 'bench_train.png'}")
     return rows
 

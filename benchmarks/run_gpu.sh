@@ -41,7 +41,10 @@ step() {
     echo "== $name (budget ${budget} s)"
     timeout --kill-after=10 "$budget" "$@" > "$OUT/logs/$name.log" 2>&1
     rc=$?
-    [ $rc = 124 ] && echo "TIMEOUT after ${budget} s" >> "$OUT/logs/$name.log"
+    case $rc in  # 137: still running 10 s after the TERM, killed (or killed for memory)
+        124) echo "TIMEOUT after ${budget} s" >> "$OUT/logs/$name.log" ;;
+        137) echo "KILLED (budget ${budget} s + 10 s, or out of memory)" >> "$OUT/logs/$name.log" ;;
+    esac
     printf '| %s | %s | %s | %s |\n' "$name" "$rc" "$(( $(date +%s) - t0 ))" "$budget" >> "$OUT/steps.md"
     tail -n 3 "$OUT/logs/$name.log"
 }

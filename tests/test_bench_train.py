@@ -70,3 +70,23 @@ def test_tiny_run_writes_table_json_and_plot(bench, tmp_path, monkeypatch, capsy
     assert by_name["+ torch.compile"]["recipe"] == {**by_name["+ larger micro-batch"]["recipe"], "compile": True}
     assert len(rows) == len(names)
     assert "x base" in capsys.readouterr().out
+
+
+def test_a_run_cut_short_keeps_json_and_plot_of_the_rows_done(bench, tmp_path, monkeypatch):
+    monkeypatch.setenv("CCKERNELS_CACHE", str(tmp_path / "cache"))
+    calls = []
+
+    def measure(recipe, name, rows, shared):  # two rows measured, then the time limit's kill
+        calls.append(name)
+        if len(calls) > 2:
+            raise KeyboardInterrupt
+        return {"batch": 4, "images_per_s": 10.0 * len(calls), "step_s": [0.1]}
+
+    monkeypatch.setattr(bench, "measure", measure)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--tiny", "--out", str(out)])
+    saved = json.loads((out / "bench_train.json").read_text())
+    assert [r["name"] for r in saved["rows"]] == calls[:2]
+    assert saved["rows"][1]["speedup_vs_baseline"] == 2.0
+    assert (out / "bench_train.png").stat().st_size > 0

@@ -36,6 +36,14 @@ def test_unknown_yaml_key_and_bad_choice(tmp_path):
         config.load(bad)
 
 
+@pytest.mark.parametrize("override", ["checkpoint.every=0", "train.log_every=-1", "train.steps=2.5",
+                                      "train.batch_size=true"])
+def test_bad_integer_names_key_and_value(cfg_file, override):
+    key, value = override.split("=")
+    with pytest.raises(ValueError, match=rf"{key} must be an integer >= \d, got {value.replace('true', 'True')}"):
+        config.load(cfg_file, [override])
+
+
 def _save(out_dir, step, value, keep=2):
     checkpoint.begin(out_dir, step)
     checkpoint.save_rank_rng(out_dir, step, rank=0)

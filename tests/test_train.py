@@ -36,6 +36,28 @@ def test_resumed_run_is_bit_identical_to_an_unbroken_one(tmp_path, capsys):
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
 
 
+def test_every_checkpoint_loads_into_diffusers(tmp_path):
+    """Each step folder's unet/ is a diffusers UNet: the EMA weights once there are any."""
+    diffusers = pytest.importorskip("diffusers")
+    run(tmp_path, "train.steps=4", "ema.start_step=3")  # step 2: no EMA yet (the raw weights), step 4: EMA
+    for step, weights in ((2, "unet"), (4, "ema")):
+        folder = checkpoint.checkpoint_dir(tmp_path) / checkpoint.step_name(step)
+        expected = load_file(folder / f"{weights}.safetensors")
+        ref = diffusers.UNet2DConditionModel.from_pretrained(folder / "unet")
+        got = ref.state_dict()
+        assert got.keys() == expected.keys()
+        assert all(torch.equal(got[k], expected[k]) for k in got), step
+
+
+def test_resume_on_a_rank_without_saved_rng_state(tmp_path, capsys):
+    run(tmp_path, "train.steps=2")
+    (checkpoint.latest(tmp_path) / "rng_rank0.pt").unlink()  # as for a rank added since
+    run(tmp_path, "train.steps=3")
+    out = capsys.readouterr().out
+    assert "holds no RNG state for this rank" in out and "resuming from" in out
+    assert checkpoint.load(checkpoint.latest(tmp_path))["state"]["step"] == 3
+
+
 def test_deterministic_turns_on_deterministic_algorithms(tmp_path, monkeypatch):
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # train.py's value, restored afterwards
     try:
@@ -43,6 +65,16 @@ def test_deterministic_turns_on_deterministic_algorithms(tmp_path, monkeypatch):
         assert torch.are_deterministic_algorithms_enabled()
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+def test_kernel_fallbacks_are_logged(tmp_path, monkeypatch, caplog):
+    from cckernels import backend
+
+    monkeypatch.setenv("CCKERNELS_BACKEND", "cuda")  # not usable on a CPU: falls back, says why
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # to torch, not the slow interpreter
+    monkeypatch.setattr(backend, "_reported", set())
+    run(tmp_path, "train.steps=1")
+    assert any(r.name == "cckernels" and "backend cuda skipped" in r.getMessage() for r in caplog.records)
 
 
 def test_resume_false_starts_over(tmp_path, capsys):

@@ -1,7 +1,10 @@
 """Checkpoints that survive crashes: each is written to a temporary folder, then renamed.
 
 Layout: <out_dir>/checkpoints/step_0000100/{unet,ema}.safetensors, optimizer.pt,
-state.json, rng_rank<r>.pt, config.yaml; <out_dir>/checkpoints/latest names the newest.
+state.json, rng_rank<r>.pt, config.yaml, and unet/ in diffusers layout (config.json +
+diffusion_pytorch_model.safetensors, a hard link to the EMA weights once the EMA has started,
+else to the UNet's), so `UNet2DConditionModel.from_pretrained(step / "unet")` loads any
+checkpoint; <out_dir>/checkpoints/latest names the newest.
 A crash mid-write leaves only a *.tmp folder behind, which the next save clears.
 """
 import json
@@ -77,25 +80,56 @@ def begin(out_dir, step):
     tmp.mkdir(parents=True)
 
 
-def commit(out_dir, step, *, unet, ema, optimizer, state, config, keep):
-    """Rank 0: write the weights and state, then atomically publish the checkpoint."""
+def commit(out_dir, step, *, unet, ema, optimizer, state, config, keep, diffusers_config=None):
+    """Rank 0: write the weights and state, then atomically publish the checkpoint.
+    diffusers_config: the UNet's diffusers config.json dict; given, the folder gets unet/."""
     tmp, final = tmp_path(out_dir, step), checkpoint_dir(out_dir) / step_name(step)
-    save_file(_contiguous_cpu(unet), tmp / "unet.safetensors")
+    save_file(_contiguous_cpu(unet), tmp / "unet.safetensors", metadata={"format": "pt"})
     if ema is not None:
-        save_file(_contiguous_cpu(ema), tmp / "ema.safetensors")
+        save_file(_contiguous_cpu(ema), tmp / "ema.safetensors", metadata={"format": "pt"})
+    if diffusers_config is not None:
+        _diffusers_unet(tmp, diffusers_config, "ema.safetensors" if ema is not None else "unet.safetensors")
     torch.save(optimizer, tmp / "optimizer.pt")
     config_mod.dump(config, tmp / "config.yaml")
+    # On disk before state.json and the renames: after a machine crash (not only a process
+    # crash) a published checkpoint must not hold weights that never left the page cache.
+    for path in tmp.rglob("*"):
+        _fsync(path)
     with open(tmp / "state.json", "w") as f:  # written last: its presence marks completeness
         json.dump(state, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
+    _fsync(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     pointer = checkpoint_dir(out_dir) / "latest"
     pointer.with_suffix(".tmp").write_text(final.name + "\n")
+    _fsync(pointer.with_suffix(".tmp"))
     os.replace(pointer.with_suffix(".tmp"), pointer)
+    _fsync(checkpoint_dir(out_dir))  # the renames themselves
     _prune(out_dir, keep)
     return final
+
+
+def _fsync(path):
+    """Flush a file's data, or a folder's entries, to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _diffusers_unet(folder, diffusers_config, weights):
+    """folder/unet/ for UNet2DConditionModel.from_pretrained: the weights hard-linked (no second
+    copy on disk; copied where the filesystem has no hard links) next to config.json."""
+    unet = folder / "unet"
+    unet.mkdir()
+    (unet / "config.json").write_text(json.dumps(diffusers_config, indent=2) + "\n")
+    try:
+        os.link(folder / weights, unet / "diffusion_pytorch_model.safetensors")
+    except OSError:
+        shutil.copyfile(folder / weights, unet / "diffusion_pytorch_model.safetensors")
 
 
 def _prune(out_dir, keep):

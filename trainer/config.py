@@ -28,6 +28,12 @@ CHOICES = {
     "diffusion.prediction_type": PREDICTION_TYPES,
     "train.precision": ("bf16", "fp32"),
 }
+# Integer keys and their smallest valid value (the loop divides by the step intervals).
+MIN_INT = {
+    "train.steps": 1, "train.batch_size": 1, "train.grad_accum": 1, "train.log_every": 1,
+    "train.warmup_steps": 0, "train.max_bad_steps": 1, "checkpoint.every": 1, "checkpoint.keep": 0,
+    "sample.every": 0, "sample.steps": 1, "ema.start_step": 0, "ema.every": 1, "seed": 0,
+}
 
 DEFAULTS = {
     "model": {
@@ -182,6 +188,10 @@ def load(path=None, overrides=()):
         value = get(cfg, key)
         if value not in allowed:
             raise ValueError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
+    for key, low in MIN_INT.items():
+        value = get(cfg, key)
+        if type(value) is not int or value < low:
+            raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
     return cfg
 
 

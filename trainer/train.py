@@ -15,6 +15,7 @@ starts over); an elastic restart by torchrun resumes the same way.
 import argparse
 import contextlib
 import json
+import logging
 import os
 import sys
 import time
@@ -58,6 +59,9 @@ def main(argv=None):
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
+        # Every step has the same shapes: cuDNN's per-shape algorithm search pays off after the
+        # first one (bench_train measures with it); its pick may differ between runs.
+        torch.backends.cudnn.benchmark = not cfg["train"]["deterministic"]
     else:
         device = torch.device("cpu")
     if world > 1:
@@ -71,6 +75,13 @@ def main(argv=None):
     def log(msg):
         if is_main:
             tqdm.write(msg)
+
+    # cckernels says at INFO why a backend could not take an input (once per reason); the
+    # data pipeline warns about skipped files and fallbacks. Printed above the progress bar.
+    handler = _TqdmHandler()
+    handler.setFormatter(logging.Formatter(f"rank {rank} %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
+    logging.getLogger("cckernels").setLevel(logging.INFO if is_main else logging.WARNING)
 
     # -- resume ------------------------------------------------------------------------------
     ckpt_path = checkpoint.latest(out_dir) if cfg["resume"] else None
@@ -114,7 +125,11 @@ def main(argv=None):
     if ckpt:
         optimizer.load_state_dict(ckpt["optimizer"]["optimizer"])
         ema.load_state_dict(ckpt["optimizer"]["ema"], ckpt["ema"])
-        checkpoint.set_rng_state(ckpt["rng"])
+        if ckpt["rng"] is not None:
+            checkpoint.set_rng_state(ckpt["rng"])
+        else:  # a rank the saving run did not have
+            print(f"rank {rank}: {ckpt_path} holds no RNG state for this rank; noise and timesteps "
+                  "will not repeat the saved run's", flush=True)
     warmup = max(1, tc["warmup_steps"])
     lr_at = lambda step: tc["lr"] * min(1.0, (step + 1) / warmup)  # noqa: E731  linear warm-up, then constant
     schedule = diffusion.NoiseSchedule().to(device)
@@ -166,7 +181,7 @@ def main(argv=None):
             path = checkpoint.commit(
                 out_dir, step, unet=unet.state_dict(), ema=ema.state_tensors(), config=cfg,
                 optimizer={"optimizer": optimizer.state_dict(), "ema": ema.state_dict()},
-                state=state, keep=cfg["checkpoint"]["keep"],
+                state=state, keep=cfg["checkpoint"]["keep"], diffusers_config=unet.diffusers_config(),
             )
             log(f"step {step}: checkpoint {path}")
         _barrier(world)
@@ -218,6 +233,11 @@ def main(argv=None):
         log(f"done: checkpoints in {checkpoint.checkpoint_dir(out_dir)}, diffusers UNet in {out_dir / 'diffusers' / 'unet'}")
     if world > 1:
         dist.destroy_process_group()
+
+
+class _TqdmHandler(logging.Handler):
+    def emit(self, record):
+        tqdm.write(self.format(record))
 
 
 def _barrier(world):

@@ -567,13 +567,17 @@ class UNet(nn.Module):
         weights, _ = diffusers_files(path)
         self.load_diffusers_state_dict(load_file(str(weights)))
 
+    def diffusers_config(self):
+        """The config.json dict of UNet2DConditionModel.from_pretrained."""
+        return {"_class_name": DIFFUSERS_CLASS, **self.config}
+
     def save_diffusers(self, folder):
         """Write config.json + diffusion_pytorch_model.safetensors for UNet2DConditionModel.from_pretrained."""
         from safetensors.torch import save_file
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / CONFIG_NAME).write_text(json.dumps({"_class_name": DIFFUSERS_CLASS, **self.config}, indent=2) + "\n")
+        (folder / CONFIG_NAME).write_text(json.dumps(self.diffusers_config(), indent=2) + "\n")
         save_file(self.diffusers_state_dict(), str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
 
 
