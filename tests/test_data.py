@@ -174,6 +174,8 @@ def bad_files(root):
         "rgba.png": encode(rgba, "PNG"),
         "gray.jpg": encode(rgb[..., 0]),
         "gray16.png": encode(gray16, "PNG"),
+        # A camera JPEG with a preview image after it: PIL calls it MPO, with 2 frames.
+        "mpo.jpg": encode(rgb, "MPO", save_all=True, append_images=[Image.fromarray(rgb[::-1])]),
         "good.jpg": encode(rgb),
     }
     for name, data in files.items():
@@ -194,9 +196,9 @@ def test_bad_files_are_skipped_and_listed(tmp_path, cache, caplog):
                        "truncated.jpg": reasons["truncated.jpg"]}
     assert reasons["truncated.jpg"].startswith("truncated or corrupt")
     assert "5 unreadable skipped" in caplog.text and "skipped_files.txt" in caplog.text
-    assert "6 without caption" in caplog.text
+    assert "7 without caption" in caplog.text
     assert sorted(s.name for s in loader.index.samples) == [
-        "cmyk.jpg", "good.jpg", "gray.jpg", "gray16.png", "palette.png", "rgba.png"]
+        "cmyk.jpg", "good.jpg", "gray.jpg", "gray16.png", "mpo.jpg", "palette.png", "rgba.png"]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -208,7 +210,7 @@ def test_bad_files_never_crash_and_convert(tmp_path, cache, backend, device):
                          cache_dir=cache)
     names = [s.name for s in loader.index.samples]
     got, it = {}, iter(loader)
-    for epoch in range(2):
+    for epoch in range(4):  # 7 images, 3 batches of 2 per epoch: the one left out changes
         ids = loader.shards(epoch)[0]
         for k in range(3):
             images, _ = next(it)
@@ -216,11 +218,11 @@ def test_bad_files_never_crash_and_convert(tmp_path, cache, backend, device):
             assert images.device.type == device
             for j, i in enumerate(ids[2 * k:2 * k + 2]):
                 got[names[i]] = ((images[j] + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
-    assert len(got) == 6
+    assert len(got) == 7
     rgb = smooth_image(1, 36, 44)[:, 4:40]
     palette = np.asarray(Image.fromarray(smooth_image(1, 36, 44)).quantize(64).convert("RGB"))[:, 4:40]
     gray16 = smooth_image(2, 36, 44)[..., 0].astype(np.uint16) * 257 + 100
-    close = {"rgba.png": rgb, "palette.png": palette, "good.jpg": rgb, "cmyk.jpg": rgb,
+    close = {"rgba.png": rgb, "palette.png": palette, "good.jpg": rgb, "cmyk.jpg": rgb, "mpo.jpg": rgb,
              "gray16.png": np.repeat(np.round(gray16[:, 4:40, None] / 257.0), 3, -1)}
     for name, want in close.items():  # lossless PNGs exactly, JPEGs within their loss
         assert np.abs(got[name].astype(int) - want).mean() < (0.01 if ".png" in name else 3), name
@@ -426,6 +428,29 @@ def test_webdataset_bad_members(tmp_path, cache, backend, with_index):
     assert loader.index.missing_captions == 1
     captions = sorted(c for _, caps in take(loader, 2) for c in caps)
     assert captions == sorted(["", "caption 0", "caption 1", "caption 2", "caption 3"] * 2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_webdataset_damaged_shards_are_skipped(tmp_path, cache, backend):
+    root = make_shards(tmp_path / "w", 12, per_shard=4)                  # shards 000 to 002
+    data = (root / "shard-001.tar").read_bytes()
+    (root / "shard-001.tar").write_bytes(data[:len(data) // 2])          # a cut-off download
+    (root / "shard-003.tar").write_bytes(b"not a tar archive\n" * 40)
+    tarfile.open(root / "shard-004.tar", "w").close()                   # no sample at all
+    with tarfile.open(root / "shard-005.tar", "w:gz") as tar:           # compressed: offsets unusable
+        tar.add(root / "shard-000.tar", arcname="00000.jpg")
+    loader = make_loader(cfg(root, backend, "webdataset"), 2, cache_dir=cache,
+                         out_dir=str(tmp_path / "out"))
+    reasons = dict(loader.index.skipped)
+    assert sorted(reasons) == ["shard-001.tar", "shard-003.tar", "shard-004.tar", "shard-005.tar"]
+    assert all(r.startswith("unreadable WebDataset shard") for r in reasons.values())
+    assert "shard-001.tar\tunreadable" in (tmp_path / "out" / "skipped_files.txt").read_text()
+    captions = sorted(c for _, caps in take(loader, 4) for c in caps)
+    assert captions == sorted(f"caption {i}" for i in [0, 1, 2, 3, 8, 9, 10, 11])
+    for name in ("shard-000.tar", "shard-002.tar"):
+        (root / name).write_bytes(b"")
+    with pytest.raises(ValueError, match="no readable image.*6 image file"):
+        build_index(root, "webdataset", cache_dir=cache)
 
 
 # ---- built-in data and benchmark ------------------------------------------------------------

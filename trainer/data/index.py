@@ -10,9 +10,10 @@ Folder: images (.jpg .jpeg .png .webp, any depth); caption from a metadata.jsonl
 license, source), else from a same-name .txt next to the image, else "" (counted).
 caption_field="synthetic_text" takes that field of the rows instead (trainer.caption writes
 it), and of a WebDataset sample's .json; .txt captions are then not used.
-WebDataset: .tar shards; a sample is the members sharing a key (the name up to the first
-dot of its basename); image from its jpg/jpeg/png/webp member, caption from .txt, else from
-.json ("caption" or "text", plus optional license, source). Each shard needs the index
+WebDataset: uncompressed .tar shards (one that cannot be read, or holds no sample, is
+skipped and listed like a bad image); a sample is the members sharing a key (the name up
+to the first dot of its basename); image from its jpg/jpeg/png/webp member, caption from
+.txt, else from .json ("caption" or "text", plus optional license, source). Each shard needs the index
 file DALI's webdataset reader reads (<shard>.idx, DALI's "v1.2" text format, as DALI's
 wds2idx writes it); it is written next to the shard when missing or older than the shard.
 """
@@ -32,7 +33,9 @@ from PIL import Image
 log = logging.getLogger("trainer.data")
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
+# MPO: a JPEG followed by more images (camera and phone photos carry a large preview so); PIL
+# names it MPO and counts the extra images as frames, both decoders read the first JPEG.
+IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "WEBP")
 # Modes both decoders turn into 8-bit RGB: alpha is dropped (DALI's RGB output does that,
 # so PIL does the same), palettes expanded, CMYK/YCbCr converted, 16-bit scaled down.
 IMAGE_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr",
@@ -61,7 +64,7 @@ class DatasetIndex:
     format: str
     root: str
     samples: list          # usable samples, in a fixed order
-    skipped: list          # (name, reason) of every unusable image file
+    skipped: list          # (name, reason) of every unusable image file or shard
     missing_captions: int
 
     def __len__(self):
@@ -116,7 +119,7 @@ def check_image(data):
         return f"unsupported format {im.format}"
     if im.mode not in IMAGE_MODES:
         return f"unsupported mode {im.mode}"
-    if getattr(im, "n_frames", 1) > 1:
+    if im.format != "MPO" and getattr(im, "n_frames", 1) > 1:
         return "animated image"
     # A truncated file parses its header fine; only a full decode finds the missing data.
     try:
@@ -135,13 +138,14 @@ def build_index(path, format="folder", *, cache_dir=None, workers=None, caption_
         if not root.is_dir():
             raise ValueError(f"data.path {str(path)!r} is not a folder (data.format=folder)")
         candidates, captions = _scan_folder(root, caption_field)
+        skipped = []
     elif format == "webdataset":
-        candidates, captions = _scan_webdataset(root, caption_field)
+        candidates, captions, skipped = _scan_webdataset(root, caption_field)
     else:
         raise ValueError(f"build_index reads format 'folder' or 'webdataset', got {format!r}")
 
     reasons = _ValidationCache(root, format, cache_dir).check(candidates, workers)
-    samples, skipped, missing = [], [], 0
+    samples, missing = [], 0
     for cand, reason in zip(candidates, reasons):
         if reason is not None:
             skipped.append((cand.name, reason))
@@ -155,7 +159,7 @@ def build_index(path, format="folder", *, cache_dir=None, workers=None, caption_
                               str(meta.get("source", "") or "")))
     if not samples:
         raise ValueError(f"no readable image in {str(root)!r} (format={format}): "
-                         f"{len(skipped)} image file(s) found, all unusable: {skipped[:3]}")
+                         f"{len(skipped)} image file(s) or shard(s) found, all unusable: {skipped[:3]}")
     return DatasetIndex(format, str(root), samples, skipped, missing)
 
 
@@ -197,10 +201,17 @@ def _scan_webdataset(root, caption_field):
     shards = sorted(root.glob("*.tar")) if root.is_dir() else [root]
     if not shards or any(s.suffix != ".tar" for s in shards):
         raise ValueError(f"data.path {str(root)!r}: expected a .tar shard or a folder of them")
-    candidates, captions = [], {}
+    candidates, captions, skipped = [], {}, []
     for shard in shards:
+        # A damaged shard (cut short by a download, not a tar, empty) is skipped and listed
+        # like an unreadable image, so that one bad shard does not stop a run.
+        try:
+            entries = read_dali_index(ensure_dali_index(shard))
+        except (tarfile.TarError, ValueError) as e:
+            skipped.append((shard.name, f"unreadable WebDataset shard ({type(e).__name__}: {e})"))
+            continue
         with open(shard, "rb") as f:
-            for components in read_dali_index(ensure_dali_index(shard)):
+            for components in entries:
                 by_ext = {ext.lower(): (off, size, name) for ext, off, size, name in components}
                 image = next((by_ext[e] for e in IMAGE_EXTS if e in by_ext), None)
                 if image is None:
@@ -208,7 +219,7 @@ def _scan_webdataset(root, caption_field):
                 name = f"{shard.name}/{image[2]}"
                 candidates.append(_Candidate(str(shard), image[0], image[1], name))
                 captions[name] = _wds_caption(f, by_ext, caption_field)
-    return candidates, captions
+    return candidates, captions, skipped
 
 
 def _wds_caption(f, by_ext, caption_field):
@@ -246,7 +257,9 @@ def ensure_dali_index(shard):
             if f.readline().startswith(DALI_INDEX_VERSION + " "):
                 return idx  # up to date, in the version we read (older ones are rewritten)
     samples = []  # consecutive members with the same key form one sample
-    with tarfile.open(shard) as tar:
+    # "r:" reads uncompressed tars only: a compressed one would give offsets into the
+    # decompressed stream, which neither DALI nor read_bytes can use.
+    with tarfile.open(shard, "r:") as tar:
         for m in tar:
             base = m.name.rsplit("/", 1)[-1]
             if not m.isreg() or base.startswith(".") or "." not in base:
@@ -283,6 +296,8 @@ def read_dali_index(path):
         out = []
         for line in f:
             t = line.split()
+            if len(t) % 4:
+                raise ValueError(f"{path}: malformed line {line.strip()!r}")
             if t:
                 out.append([(t[i], int(t[i + 1]), int(t[i + 2]), t[i + 3])
                             for i in range(0, len(t), 4)])
