@@ -132,6 +132,8 @@ def test_resume_keeps_finished_shards(tmp_path, tiny, monkeypatch):
     assert json.loads((out / "index.json").read_text())["count"] == N
     with pytest.raises(ValueError, match="other data or settings.*shard_size"):
         run(tiny, root, out, cache, shard_size=4)
+    with pytest.raises(ValueError, match=r"other data or settings \(differing: \['precision'\]"):
+        run(tiny, root, out, cache, precision="bf16")
 
 
 def test_ranks_split_the_shards(tmp_path, tiny, monkeypatch):
