@@ -236,6 +236,29 @@ def test_unsupported_mode(tmp_path, cache, monkeypatch):
     assert dict(build_index(root, cache_dir=cache).skipped)["cmyk.jpg"] == "unsupported mode CMYK"
 
 
+@pytest.mark.skipif(not HAVE_DALI, reason="DALI not importable")
+def test_files_dali_cannot_decode_are_skipped(tmp_path, cache):
+    """PIL reads a small lossless WebP with EXIF; DALI 2.4's WebP parser does not, and would stop
+    a DALI run mid-epoch. The index pass checks with DALI's decoder too."""
+    from trainer.data.dali import undecodable
+
+    root = make_folder(tmp_path / "d", 5)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    (root / "exif.webp").write_bytes(encode(smooth_image(1, 36, 44), "WEBP", lossless=True, exif=exif))
+    index = build_index(root, cache_dir=cache)
+    reasons = undecodable([s for s in index.samples] + [data_index._Candidate(
+        str(root / "exif.webp"), -1, 0, "exif.webp")], threads=1, batch_size=4)
+    assert reasons[:5] == [None] * 5  # the batch holding the bad file is checked one by one
+    if reasons[5] is not None:        # with the DALI that has this bug
+        assert reasons[5].startswith("DALI cannot decode it")
+        assert dict(index.skipped)["exif.webp"] == reasons[5]
+    for backend in ("dali", "pil"):   # both see the same samples, and neither crashes
+        loader = make_loader(cfg(root, backend), 5, cache_dir=cache)
+        assert [s.name for s in loader.index.samples] == [s.name for s in index.samples]
+        take(loader, 2)
+
+
 def test_no_readable_image(tmp_path, cache):
     root = tmp_path / "d"
     root.mkdir()

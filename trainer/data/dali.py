@@ -83,6 +83,46 @@ class DaliDecoder:
                                      missing_component_behavior="error", **common)
 
 
+def undecodable(samples, threads, batch_size=64):
+    """Per sample (anything with .read() giving its encoded bytes), None if DALI's CPU decoder
+    reads it, else why not. trainer.data.index calls this after PIL's check: DALI's parsers
+    reject a few files PIL reads (small lossless WebPs with EXIF, with DALI 2.4)."""
+    reasons, pipe = [], None
+    for k in range(0, len(samples), batch_size):
+        chunk = [np.frombuffer(s.read(), np.uint8) for s in samples[k:k + batch_size]]
+        try:
+            pipe = _decode_run(pipe, chunk, batch_size, threads)
+            reasons += [None] * len(chunk)
+            continue
+        except RuntimeError:
+            pipe = None  # a failed run leaves the pipeline unusable
+        for data in chunk:  # which one(s) failed
+            try:
+                pipe = _decode_run(pipe, [data], batch_size, threads)
+                reasons.append(None)
+            except RuntimeError as e:
+                pipe = None
+                why = str(e).split("encountered:")[-1].strip().split("\n")[0]
+                reasons.append(f"DALI cannot decode it ({why})")
+    return reasons
+
+
+def _decode_run(pipe, chunk, batch_size, threads):
+    if pipe is None:
+        pipe = _decode_graph(batch_size=batch_size, num_threads=threads, device_id=None,
+                             exec_async=False, exec_pipelined=False, prefetch_queue_depth=1)
+        pipe.build()
+    pipe.feed_input("encoded", chunk)
+    pipe.run()
+    return pipe
+
+
+@pipeline_def
+def _decode_graph():
+    return fn.decoders.image(fn.external_source(name="encoded", dtype=types.UINT8, ndim=1),
+                             device="cpu", output_type=types.RGB)
+
+
 def _member(sample):
     """(ext, offset, size, name) of a shard member, as a DALI index line lists it."""
     name = sample.name.split("/", 1)[1]  # the index names samples "<shard file>/<member>"

@@ -1,8 +1,9 @@
 """The dataset index: every usable sample of an image folder or of WebDataset shards.
 
-Built once before training by a pass that fully decodes every image, so that a bad file
-(empty, truncated, not an image, unsupported format or mode) is skipped here, listed with
-its reason, and never reaches a loader mid-epoch. Validation results are cached per file,
+Built once before training by a pass that fully decodes every image (with PIL, then with
+DALI's decoder where DALI is installed), so that a bad file (empty, truncated, not an image,
+unsupported format or mode, or one DALI cannot read) is skipped here, listed with its
+reason, and never reaches a loader mid-epoch. Validation results are cached per file,
 keyed by size and modification time, so a second run only re-checks what changed.
 
 Folder: images (.jpg .jpeg .png .webp, any depth); caption from a metadata.jsonl row
@@ -144,7 +145,23 @@ def build_index(path, format="folder", *, cache_dir=None, workers=None, caption_
     else:
         raise ValueError(f"build_index reads format 'folder' or 'webdataset', got {format!r}")
 
-    reasons = _ValidationCache(root, format, cache_dir).check(candidates, workers)
+    threads = workers or min(8, os.cpu_count() or 1)
+    cache = _ValidationCache(root, format, cache_dir)
+
+    def pil_check(cands):
+        # PIL releases the GIL while decoding, so threads use all cores.
+        with ThreadPoolExecutor(threads) as pool:
+            return list(pool.map(lambda c: check_image(c.read()), cands))
+
+    reasons = cache.check(candidates, "pil", pil_check)
+    dali_check = _dali_check(threads)
+    if dali_check is not None:
+        # DALI's own decoder too, where installed: it rejects a few files PIL reads, and one of
+        # those would stop a DALI run mid-epoch. Both backends then see the same samples.
+        ok = [i for i, r in enumerate(reasons) if r is None]
+        for i, r in zip(ok, cache.check([candidates[i] for i in ok], "dali", dali_check)):
+            reasons[i] = r
+    cache.save()
     samples, missing = [], 0
     for cand, reason in zip(candidates, reasons):
         if reason is not None:
@@ -161,6 +178,17 @@ def build_index(path, format="folder", *, cache_dir=None, workers=None, caption_
         raise ValueError(f"no readable image in {str(root)!r} (format={format}): "
                          f"{len(skipped)} image file(s) or shard(s) found, all unusable: {skipped[:3]}")
     return DatasetIndex(format, str(root), samples, skipped, missing)
+
+
+def _dali_check(threads):
+    """DALI's decode check (trainer.data.dali.undecodable) on `threads` threads, or None
+    without DALI."""
+    try:
+        import nvidia.dali  # noqa: F401  (as trainer.data.loader tests it)
+        from trainer.data.dali import undecodable
+    except ImportError:
+        return None
+    return lambda cands: undecodable(cands, threads)
 
 
 # ---- folders ----------------------------------------------------------------------------
@@ -314,44 +342,52 @@ class _Candidate:
     size: int
     name: str
 
+    read = Sample.read
+
 
 class _ValidationCache:
-    """check_image results per file, reused while the file's size and mtime are unchanged.
+    """Check results per file and checker, reused while the file's size and mtime are unchanged.
     One JSON file per dataset under `cache_dir` (default $CCKERNELS_CACHE or ~/.cache/cckernels)."""
 
     def __init__(self, root, format, cache_dir):
         cache_dir = Path(cache_dir or os.environ.get("CCKERNELS_CACHE", "~/.cache/cckernels"))
         key = hashlib.sha1(f"{format}:{root}".encode()).hexdigest()[:16]
         self.path = cache_dir.expanduser() / "index" / f"{key}.json"
-
-    def check(self, candidates, workers):
         try:
             cached = json.loads(self.path.read_text())
-            entries = cached["entries"] if cached.get("version") == CACHE_VERSION else {}
+            self.entries = cached["entries"] if cached.get("version") == CACHE_VERSION else {}
         except (OSError, ValueError, KeyError, TypeError):
-            entries = {}
+            self.entries = {}
+        self.used, self.changed = set(), False
+
+    def check(self, candidates, checker, check_many):
+        """Per candidate, None or the reason it is unusable, from the cache or from
+        check_many(list of candidates) for those not cached; `checker` names the check."""
         stamps = {}
         for c in candidates:
             if c.path not in stamps:
                 st = os.stat(c.path)
                 stamps[c.path] = [st.st_size, st.st_mtime_ns]
-        keys = [f"{c.path}:{c.offset}" for c in candidates]
+        # PIL's keys carry no suffix, as before there were two checkers.
+        keys = [f"{c.path}:{c.offset}" + ("" if checker == "pil" else f":{checker}")
+                for c in candidates]
+        self.used.update(keys)
         todo = [i for i, k in enumerate(keys)
-                if k not in entries or entries[k][:2] != stamps[candidates[i].path]]
+                if k not in self.entries or self.entries[k][:2] != stamps[candidates[i].path]]
         if todo:
-            log.info("data: checking %d of %d images (the rest are cached in %s)",
-                     len(todo), len(candidates), self.path)
-            # PIL releases the GIL while decoding, so threads use all cores.
-            with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
-                reasons = pool.map(lambda i: check_image(read_bytes(
-                    candidates[i].path, candidates[i].offset, candidates[i].size)), todo)
-                for i, reason in zip(todo, reasons):
-                    entries[keys[i]] = stamps[candidates[i].path] + [reason]
-            self._save({k: entries[k] for k in keys})
-        return [entries[k][2] for k in keys]
+            log.info("data: checking %d of %d images with %s (the rest are cached in %s)",
+                     len(todo), len(candidates), checker, self.path)
+            for i, reason in zip(todo, check_many([candidates[i] for i in todo])):
+                self.entries[keys[i]] = stamps[candidates[i].path] + [reason]
+            self.changed = True
+        return [self.entries[k][2] for k in keys]
 
-    def _save(self, entries):
+    def save(self):
+        """Writes the entries checked in this run (those of deleted files are dropped)."""
+        if not self.changed:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f"{self.path.name}.tmp{os.getpid()}")
+        entries = {k: self.entries[k] for k in self.used}
         tmp.write_text(json.dumps({"version": CACHE_VERSION, "entries": entries}))
         os.replace(tmp, self.path)
