@@ -154,12 +154,12 @@ def build_index(path, format="folder", *, cache_dir=None, workers=None, caption_
             return list(pool.map(lambda c: check_image(c.read()), cands))
 
     reasons = cache.check(candidates, "pil", pil_check)
-    dali_check = _dali_check(threads)
-    if dali_check is not None:
+    dali = _dali_check(threads)
+    if dali is not None:
         # DALI's own decoder too, where installed: it rejects a few files PIL reads, and one of
         # those would stop a DALI run mid-epoch. Both backends then see the same samples.
         ok = [i for i, r in enumerate(reasons) if r is None]
-        for i, r in zip(ok, cache.check([candidates[i] for i in ok], "dali", dali_check)):
+        for i, r in zip(ok, cache.check([candidates[i] for i in ok], *dali)):
             reasons[i] = r
     cache.save()
     samples, missing = [], 0
@@ -181,14 +181,15 @@ def build_index(path, format="folder", *, cache_dir=None, workers=None, caption_
 
 
 def _dali_check(threads):
-    """DALI's decode check (trainer.data.dali.undecodable) on `threads` threads, or None
-    without DALI."""
+    """(name, check) of DALI's decode check (trainer.data.dali.undecodable) on `threads`
+    threads, or None without DALI. The name holds DALI's version, so a DALI that reads more
+    files checks them again."""
     try:
-        import nvidia.dali  # noqa: F401  (as trainer.data.loader tests it)
+        import nvidia.dali  # as trainer.data.loader tests it
         from trainer.data.dali import undecodable
     except ImportError:
         return None
-    return lambda cands: undecodable(cands, threads)
+    return f"dali {nvidia.dali.__version__}", lambda cands: undecodable(cands, threads)
 
 
 # ---- folders ----------------------------------------------------------------------------
