@@ -10,6 +10,7 @@ mirrors, and normalizes to [-1, 1] in float32. Sample ids travel beside the imag
 an external_source fed in the same order, so captions are looked up on the host.
 WebDataset: each epoch gets small index files in DALI's format listing only validated
 samples in epoch order (one per run of consecutive samples from one shard).
+undecodable() is the index pass's DALI check: DALI's CPU decoder over every image PIL accepted.
 """
 
 import shutil
