@@ -433,6 +433,24 @@ def test_webdataset_index_files(tmp_path, cache):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_webdataset_shard_names_with_dots(tmp_path, cache, backend):
+    """part.0.tar and part.1.tar get an index each (one shared part.idx read part.1.tar at
+    part.0.tar's offsets: images lost as 'truncated', captions paired with other images)."""
+    root = make_shards(tmp_path / "w", 8, per_shard=4)
+    for k in range(2):
+        (root / f"shard-{k:03d}.tar").rename(root / f"part.{k}.tar")
+    loader = make_loader(cfg(root, backend, "webdataset"), 4, cache_dir=cache)
+    assert sorted(p.name for p in root.glob("*.idx")) == ["part.0.idx", "part.1.idx"]
+    assert not loader.index.skipped
+    assert [s.caption for s in loader.index.samples] == [f"caption {i}" for i in range(8)]
+    want = {f"caption {i}": smooth_image(i, 44, 52)[:, 4:48] for i in range(8)}
+    for images, captions in take(make_loader(cfg(root, backend, "webdataset", resolution=44,
+                                                 layout="NHWC"), 4, cache_dir=cache), 2):
+        for x, c in zip(images, captions):  # each image with its own caption
+            assert np.abs(((x + 1) * 127.5).numpy() - want[c]).mean() < 3, c
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("with_index", [False, True])
 def test_webdataset_bad_members(tmp_path, cache, backend, with_index):
     root = make_shards(tmp_path / "w", 4, per_shard=4)

@@ -15,7 +15,7 @@ WebDataset: uncompressed .tar shards (one that cannot be read, or holds no sampl
 skipped and listed like a bad image); a sample is the members sharing a key (the name up
 to the first dot of its basename); image from its jpg/jpeg/png/webp member, caption from
 .txt, else from .json ("caption" or "text", plus optional license, source). Each shard needs the index
-file DALI's webdataset reader reads (<shard>.idx, DALI's "v1.2" text format, as DALI's
+file DALI's webdataset reader reads (a.tar: a.idx, in DALI's "v1.2" text format, as DALI's
 wds2idx writes it); it is written next to the shard when missing or older than the shard.
 """
 
@@ -273,9 +273,10 @@ def _wds_caption(f, by_ext, caption_field):
 
 
 def dali_index_path(shard):
-    """Where DALI's index of a shard lives: next to it, as wds2idx names it."""
-    shard = Path(shard)
-    return shard.with_name(shard.name.split(".", 1)[0] + ".idx")
+    """Where DALI's index of a shard lives: next to it, .tar replaced by .idx (as DALI's
+    examples name wds2idx's output). Only the last suffix goes: shards part.0.tar and
+    part.1.tar need two index files."""
+    return Path(shard).with_suffix(".idx")
 
 
 def ensure_dali_index(shard):
