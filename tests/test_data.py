@@ -433,6 +433,26 @@ def test_webdataset_index_files(tmp_path, cache):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_webdataset_read_only_folder(tmp_path, cache, backend, monkeypatch):
+    """Where the shards' folder is read-only, their DALI indexes go to the cache folder."""
+    root = make_shards(tmp_path / "w", 6, per_shard=3)
+    write = data_index.write_dali_index
+
+    def read_only(path, samples):
+        if Path(path).parent == root:
+            raise PermissionError(13, "Read-only file system", str(path))
+        write(path, samples)
+
+    monkeypatch.setattr(data_index, "write_dali_index", read_only)
+    loader = make_loader(cfg(root, backend, "webdataset"), 3, cache_dir=cache)
+    assert not list(root.glob("*.idx")) and len(list(Path(cache).glob("wds-index/*.idx"))) == 2
+    assert sorted(c for _, caps in take(loader, 2) for c in caps) == [f"caption {i}" for i in range(6)]
+    stamps = sorted(p.stat().st_mtime_ns for p in Path(cache).glob("wds-index/*.idx"))
+    build_index(root, "webdataset", cache_dir=cache)  # the cached indexes are used as they are
+    assert sorted(p.stat().st_mtime_ns for p in Path(cache).glob("wds-index/*.idx")) == stamps
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_webdataset_shard_names_with_dots(tmp_path, cache, backend):
     """part.0.tar and part.1.tar get an index each (one shared part.idx read part.1.tar at
     part.0.tar's offsets: images lost as 'truncated', captions paired with other images)."""

@@ -16,7 +16,8 @@ skipped and listed like a bad image); a sample is the members sharing a key (the
 to the first dot of its basename); image from its jpg/jpeg/png/webp member, caption from
 .txt, else from .json ("caption" or "text", plus optional license, source). Each shard needs the index
 file DALI's webdataset reader reads (a.tar: a.idx, in DALI's "v1.2" text format, as DALI's
-wds2idx writes it); it is written next to the shard when missing or older than the shard.
+wds2idx writes it); it is written next to the shard when missing or older than the shard
+(into the cache folder when the shard's folder is read-only).
 """
 
 import hashlib
@@ -141,7 +142,7 @@ def build_index(path, format="folder", *, cache_dir=None, workers=None, caption_
         candidates, captions = _scan_folder(root, caption_field)
         skipped = []
     elif format == "webdataset":
-        candidates, captions, skipped = _scan_webdataset(root, caption_field)
+        candidates, captions, skipped = _scan_webdataset(root, caption_field, cache_dir)
     else:
         raise ValueError(f"build_index reads format 'folder' or 'webdataset', got {format!r}")
 
@@ -226,7 +227,7 @@ def _scan_folder(root, caption_field):
 # ---- WebDataset shards --------------------------------------------------------------------
 
 
-def _scan_webdataset(root, caption_field):
+def _scan_webdataset(root, caption_field, cache_dir):
     shards = sorted(root.glob("*.tar")) if root.is_dir() else [root]
     if not shards or any(s.suffix != ".tar" for s in shards):
         raise ValueError(f"data.path {str(root)!r}: expected a .tar shard or a folder of them")
@@ -235,7 +236,7 @@ def _scan_webdataset(root, caption_field):
         # A damaged shard (cut short by a download, not a tar, empty) is skipped and listed
         # like an unreadable image, so that one bad shard does not stop a run.
         try:
-            entries = read_dali_index(ensure_dali_index(shard))
+            entries = read_dali_index(ensure_dali_index(shard, cache_dir))
         except (tarfile.TarError, ValueError) as e:
             skipped.append((shard.name, f"unreadable WebDataset shard ({type(e).__name__}: {e})"))
             continue
@@ -279,13 +280,18 @@ def dali_index_path(shard):
     return Path(shard).with_suffix(".idx")
 
 
-def ensure_dali_index(shard):
-    """Writes the DALI index of `shard` when missing or older than the shard; returns its path."""
-    idx = dali_index_path(shard)
-    if idx.exists() and idx.stat().st_mtime_ns >= Path(shard).stat().st_mtime_ns:
-        with open(idx) as f:
-            if f.readline().startswith(DALI_INDEX_VERSION + " "):
-                return idx  # up to date, in the version we read (older ones are rewritten)
+def ensure_dali_index(shard, cache_dir=None):
+    """Writes the DALI index of `shard` when missing or older than the shard; returns its path.
+    It goes next to the shard or, where that folder is read-only (datasets often are), under
+    `cache_dir` (default $CCKERNELS_CACHE or ~/.cache/cckernels)."""
+    cache_dir = Path(cache_dir or os.environ.get("CCKERNELS_CACHE", "~/.cache/cckernels"))
+    digest = hashlib.sha1(str(Path(shard).resolve()).encode()).hexdigest()[:16]
+    places = [dali_index_path(shard), cache_dir.expanduser() / "wds-index" / f"{digest}.idx"]
+    for idx in places:
+        if idx.exists() and idx.stat().st_mtime_ns >= Path(shard).stat().st_mtime_ns:
+            with open(idx) as f:
+                if f.readline().startswith(DALI_INDEX_VERSION + " "):
+                    return idx  # up to date, in the version we read (older ones are rewritten)
     samples = []  # consecutive members with the same key form one sample
     # "r:" reads uncompressed tars only: a compressed one would give offsets into the
     # decompressed stream, which neither DALI nor read_bytes can use.
@@ -301,7 +307,14 @@ def ensure_dali_index(shard):
             samples[-1][1].append((ext, m.offset_data, m.size, m.name))
     if not samples:
         raise ValueError(f"WebDataset shard {str(shard)!r} holds no sample")
-    write_dali_index(idx, [components for _, components in samples])
+    lines = [components for _, components in samples]
+    idx = places[0]
+    try:
+        write_dali_index(idx, lines)
+    except OSError:  # the shard's folder is read-only
+        idx = places[1]
+        idx.parent.mkdir(parents=True, exist_ok=True)
+        write_dali_index(idx, lines)
     log.info("data: wrote DALI index %s (%d samples)", idx, len(samples))
     return idx
 
