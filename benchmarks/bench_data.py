@@ -9,8 +9,8 @@ flip, normalized float32 NCHW output delivered on the GPU when there is one (PIL
 host-to-device copy included, as the trainer pays it). Data: generated ~1024x768 JPEGs at
 quality 90 made of multi-scale smooth noise, so they compress like photographs (~150 KiB).
 Rate per window of `--batches` batches; the table gives the median and 20/80 quantiles
-over `--windows` windows after a warm-up batch. A window may span an epoch boundary (the
-loaders restart their workers / rebuild the DALI pipeline there); the median hides that.
+over `--windows` windows after a warm-up batch. A window may span an epoch boundary (DALI
+builds a new pipeline there; PIL's workers run on across epochs); the median hides that.
 Writes bench_data.json and bench_data.png to --out (default benchmarks/results/local).
 """
 

@@ -174,6 +174,8 @@ def bad_files(root):
         "rgba.png": encode(rgba, "PNG"),
         "gray.jpg": encode(rgb[..., 0]),
         "gray16.png": encode(gray16, "PNG"),
+        # A camera JPEG with a preview image after it: PIL calls it MPO, with 2 frames.
+        "mpo.jpg": encode(rgb, "MPO", save_all=True, append_images=[Image.fromarray(rgb[::-1])]),
         "good.jpg": encode(rgb),
     }
     for name, data in files.items():
@@ -194,9 +196,9 @@ def test_bad_files_are_skipped_and_listed(tmp_path, cache, caplog):
                        "truncated.jpg": reasons["truncated.jpg"]}
     assert reasons["truncated.jpg"].startswith("truncated or corrupt")
     assert "5 unreadable skipped" in caplog.text and "skipped_files.txt" in caplog.text
-    assert "6 without caption" in caplog.text
+    assert "7 without caption" in caplog.text
     assert sorted(s.name for s in loader.index.samples) == [
-        "cmyk.jpg", "good.jpg", "gray.jpg", "gray16.png", "palette.png", "rgba.png"]
+        "cmyk.jpg", "good.jpg", "gray.jpg", "gray16.png", "mpo.jpg", "palette.png", "rgba.png"]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -208,7 +210,7 @@ def test_bad_files_never_crash_and_convert(tmp_path, cache, backend, device):
                          cache_dir=cache)
     names = [s.name for s in loader.index.samples]
     got, it = {}, iter(loader)
-    for epoch in range(2):
+    for epoch in range(4):  # 7 images, 3 batches of 2 per epoch: the one left out changes
         ids = loader.shards(epoch)[0]
         for k in range(3):
             images, _ = next(it)
@@ -216,11 +218,11 @@ def test_bad_files_never_crash_and_convert(tmp_path, cache, backend, device):
             assert images.device.type == device
             for j, i in enumerate(ids[2 * k:2 * k + 2]):
                 got[names[i]] = ((images[j] + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
-    assert len(got) == 6
+    assert len(got) == 7
     rgb = smooth_image(1, 36, 44)[:, 4:40]
     palette = np.asarray(Image.fromarray(smooth_image(1, 36, 44)).quantize(64).convert("RGB"))[:, 4:40]
     gray16 = smooth_image(2, 36, 44)[..., 0].astype(np.uint16) * 257 + 100
-    close = {"rgba.png": rgb, "palette.png": palette, "good.jpg": rgb, "cmyk.jpg": rgb,
+    close = {"rgba.png": rgb, "palette.png": palette, "good.jpg": rgb, "cmyk.jpg": rgb, "mpo.jpg": rgb,
              "gray16.png": np.repeat(np.round(gray16[:, 4:40, None] / 257.0), 3, -1)}
     for name, want in close.items():  # lossless PNGs exactly, JPEGs within their loss
         assert np.abs(got[name].astype(int) - want).mean() < (0.01 if ".png" in name else 3), name
@@ -232,6 +234,29 @@ def test_unsupported_mode(tmp_path, cache, monkeypatch):
     monkeypatch.setattr(data_index, "IMAGE_MODES", tuple(m for m in data_index.IMAGE_MODES
                                                          if m != "CMYK"))
     assert dict(build_index(root, cache_dir=cache).skipped)["cmyk.jpg"] == "unsupported mode CMYK"
+
+
+@pytest.mark.skipif(not HAVE_DALI, reason="DALI not importable")
+def test_files_dali_cannot_decode_are_skipped(tmp_path, cache):
+    """PIL reads a small lossless WebP with EXIF; DALI 2.4's WebP parser does not, and would stop
+    a DALI run mid-epoch. The index pass checks with DALI's decoder too."""
+    from trainer.data.dali import undecodable
+
+    root = make_folder(tmp_path / "d", 5)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    (root / "exif.webp").write_bytes(encode(smooth_image(1, 36, 44), "WEBP", lossless=True, exif=exif))
+    index = build_index(root, cache_dir=cache)
+    reasons = undecodable([s for s in index.samples] + [data_index._Candidate(
+        str(root / "exif.webp"), -1, 0, "exif.webp")], threads=1, batch_size=4)
+    assert reasons[:5] == [None] * 5  # the batch holding the bad file is checked one by one
+    if reasons[5] is not None:        # with the DALI that has this bug
+        assert reasons[5].startswith("DALI cannot decode it")
+        assert dict(index.skipped)["exif.webp"] == reasons[5]
+    for backend in ("dali", "pil"):   # both see the same samples, and neither crashes
+        loader = make_loader(cfg(root, backend), 5, cache_dir=cache)
+        assert [s.name for s in loader.index.samples] == [s.name for s in index.samples]
+        take(loader, 2)
 
 
 def test_no_readable_image(tmp_path, cache):
@@ -408,6 +433,44 @@ def test_webdataset_index_files(tmp_path, cache):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_webdataset_read_only_folder(tmp_path, cache, backend, monkeypatch):
+    """Where the shards' folder is read-only, their DALI indexes go to the cache folder."""
+    root = make_shards(tmp_path / "w", 6, per_shard=3)
+    write = data_index.write_dali_index
+
+    def read_only(path, samples):
+        if Path(path).parent == root:
+            raise PermissionError(13, "Read-only file system", str(path))
+        write(path, samples)
+
+    monkeypatch.setattr(data_index, "write_dali_index", read_only)
+    loader = make_loader(cfg(root, backend, "webdataset"), 3, cache_dir=cache)
+    assert not list(root.glob("*.idx")) and len(list(Path(cache).glob("wds-index/*.idx"))) == 2
+    assert sorted(c for _, caps in take(loader, 2) for c in caps) == [f"caption {i}" for i in range(6)]
+    stamps = sorted(p.stat().st_mtime_ns for p in Path(cache).glob("wds-index/*.idx"))
+    build_index(root, "webdataset", cache_dir=cache)  # the cached indexes are used as they are
+    assert sorted(p.stat().st_mtime_ns for p in Path(cache).glob("wds-index/*.idx")) == stamps
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_webdataset_shard_names_with_dots(tmp_path, cache, backend):
+    """part.0.tar and part.1.tar get an index each (one shared part.idx read part.1.tar at
+    part.0.tar's offsets: images lost as 'truncated', captions paired with other images)."""
+    root = make_shards(tmp_path / "w", 8, per_shard=4)
+    for k in range(2):
+        (root / f"shard-{k:03d}.tar").rename(root / f"part.{k}.tar")
+    loader = make_loader(cfg(root, backend, "webdataset"), 4, cache_dir=cache)
+    assert sorted(p.name for p in root.glob("*.idx")) == ["part.0.idx", "part.1.idx"]
+    assert not loader.index.skipped
+    assert [s.caption for s in loader.index.samples] == [f"caption {i}" for i in range(8)]
+    want = {f"caption {i}": smooth_image(i, 44, 52)[:, 4:48] for i in range(8)}
+    for images, captions in take(make_loader(cfg(root, backend, "webdataset", resolution=44,
+                                                 layout="NHWC"), 4, cache_dir=cache), 2):
+        for x, c in zip(images, captions):  # each image with its own caption
+            assert np.abs(((x + 1) * 127.5).numpy() - want[c]).mean() < 3, c
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("with_index", [False, True])
 def test_webdataset_bad_members(tmp_path, cache, backend, with_index):
     root = make_shards(tmp_path / "w", 4, per_shard=4)
@@ -426,6 +489,29 @@ def test_webdataset_bad_members(tmp_path, cache, backend, with_index):
     assert loader.index.missing_captions == 1
     captions = sorted(c for _, caps in take(loader, 2) for c in caps)
     assert captions == sorted(["", "caption 0", "caption 1", "caption 2", "caption 3"] * 2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_webdataset_damaged_shards_are_skipped(tmp_path, cache, backend):
+    root = make_shards(tmp_path / "w", 12, per_shard=4)                  # shards 000 to 002
+    data = (root / "shard-001.tar").read_bytes()
+    (root / "shard-001.tar").write_bytes(data[:len(data) // 2])          # a cut-off download
+    (root / "shard-003.tar").write_bytes(b"not a tar archive\n" * 40)
+    tarfile.open(root / "shard-004.tar", "w").close()                   # no sample at all
+    with tarfile.open(root / "shard-005.tar", "w:gz") as tar:           # compressed: offsets unusable
+        tar.add(root / "shard-000.tar", arcname="00000.jpg")
+    loader = make_loader(cfg(root, backend, "webdataset"), 2, cache_dir=cache,
+                         out_dir=str(tmp_path / "out"))
+    reasons = dict(loader.index.skipped)
+    assert sorted(reasons) == ["shard-001.tar", "shard-003.tar", "shard-004.tar", "shard-005.tar"]
+    assert all(r.startswith("unreadable WebDataset shard") for r in reasons.values())
+    assert "shard-001.tar\tunreadable" in (tmp_path / "out" / "skipped_files.txt").read_text()
+    captions = sorted(c for _, caps in take(loader, 4) for c in caps)
+    assert captions == sorted(f"caption {i}" for i in [0, 1, 2, 3, 8, 9, 10, 11])
+    for name in ("shard-000.tar", "shard-002.tar"):
+        (root / name).write_bytes(b"")
+    with pytest.raises(ValueError, match="no readable image.*6 image file"):
+        build_index(root, "webdataset", cache_dir=cache)
 
 
 # ---- built-in data and benchmark ------------------------------------------------------------

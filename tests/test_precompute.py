@@ -132,6 +132,8 @@ def test_resume_keeps_finished_shards(tmp_path, tiny, monkeypatch):
     assert json.loads((out / "index.json").read_text())["count"] == N
     with pytest.raises(ValueError, match="other data or settings.*shard_size"):
         run(tiny, root, out, cache, shard_size=4)
+    with pytest.raises(ValueError, match=r"other data or settings \(differing: \['precision'\]"):
+        run(tiny, root, out, cache, precision="bf16")
 
 
 def test_ranks_split_the_shards(tmp_path, tiny, monkeypatch):
@@ -295,6 +297,22 @@ def test_training_on_latents_runs(precomputed):
         loss = training_loss(unet, schedule, z, emb)
         loss.backward()
         assert torch.isfinite(loss)
+
+
+@pytest.mark.usefixtures("torch_kernels")
+def test_training_on_latents_resumes(precomputed, tmp_path, monkeypatch):
+    """train.main on latents, stopped after 2 steps and resumed to 3 (the epoch's end: 3 batches
+    of 2 per epoch), ends where an unbroken run does."""
+    _, out, cache = precomputed
+    monkeypatch.setenv("CCKERNELS_CACHE", cache)
+    common = ["data.format=latents", f"data.path={out}", "data.resolution=32", "train.batch_size=2",
+              "checkpoint.every=2", "ema.start_step=1", "sample.prompts=[a cat]", "sample.steps=2"]
+    train.main([*common, "train.steps=3", f"out_dir={tmp_path / 'a'}"])
+    train.main([*common, "train.steps=2", f"out_dir={tmp_path / 'b'}"])
+    train.main([*common, "train.steps=3", f"out_dir={tmp_path / 'b'}"])
+    a, b = (checkpoint.load(checkpoint.latest(tmp_path / d)) for d in "ab")
+    assert a["state"] == b["state"] and a["state"]["step"] == 3 and a["state"]["data_position"] == [1, 0]
+    assert all(torch.equal(a["unet"][k], b["unet"][k]) for k in a["unet"])
 
 
 def test_damaged_shards_are_skipped_and_listed(precomputed, tmp_path, caplog):

@@ -87,6 +87,7 @@ def precompute(data_cfg, vae_cfg, text_cfg, resolutions, out, *, batch_size=32, 
         "caption_field": data.caption_field, "count": len(index),
         "names_sha256": hashlib.sha256("\n".join(s.name for s in index.samples).encode()).hexdigest(),
         "resolutions": resolutions, "shard_size": shard_size, "dtype": "float16",
+        "precision": precision,  # of the encoders: a rerun in another would mix its rounding in
         "latent_shapes": {str(r): [vae.config.latent_channels, r // factor, r // factor]
                           for r in resolutions},
         "text_embedding_shape": [MAX_LENGTH, text.dim],

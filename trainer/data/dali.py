@@ -10,6 +10,7 @@ mirrors, and normalizes to [-1, 1] in float32. Sample ids travel beside the imag
 an external_source fed in the same order, so captions are looked up on the host.
 WebDataset: each epoch gets small index files in DALI's format listing only validated
 samples in epoch order (one per run of consecutive samples from one shard).
+undecodable() is the index pass's DALI check: DALI's CPU decoder over every image PIL accepted.
 """
 
 import shutil
@@ -81,6 +82,46 @@ class DaliDecoder:
         return fn.readers.webdataset(paths=paths, index_paths=index_paths,
                                      ext=[";".join(IMAGE_EXTS)], case_sensitive_extensions=False,
                                      missing_component_behavior="error", **common)
+
+
+def undecodable(samples, threads, batch_size=64):
+    """Per sample (anything with .read() giving its encoded bytes), None if DALI's CPU decoder
+    reads it, else why not. trainer.data.index calls this after PIL's check: DALI's parsers
+    reject a few files PIL reads (small lossless WebPs with EXIF, with DALI 2.4)."""
+    reasons, pipe = [], None
+    for k in range(0, len(samples), batch_size):
+        chunk = [np.frombuffer(s.read(), np.uint8) for s in samples[k:k + batch_size]]
+        try:
+            pipe = _decode_run(pipe, chunk, batch_size, threads)
+            reasons += [None] * len(chunk)
+            continue
+        except RuntimeError:
+            pipe = None  # a failed run leaves the pipeline unusable
+        for data in chunk:  # which one(s) failed
+            try:
+                pipe = _decode_run(pipe, [data], batch_size, threads)
+                reasons.append(None)
+            except RuntimeError as e:
+                pipe = None
+                why = str(e).split("encountered:")[-1].strip().split("\n")[0]
+                reasons.append(f"DALI cannot decode it ({why})")
+    return reasons
+
+
+def _decode_run(pipe, chunk, batch_size, threads):
+    if pipe is None:
+        pipe = _decode_graph(batch_size=batch_size, num_threads=threads, device_id=None,
+                             exec_async=False, exec_pipelined=False, prefetch_queue_depth=1)
+        pipe.build()
+    pipe.feed_input("encoded", chunk)
+    pipe.run()
+    return pipe
+
+
+@pipeline_def
+def _decode_graph():
+    return fn.decoders.image(fn.external_source(name="encoded", dtype=types.UINT8, ndim=1),
+                             device="cpu", output_type=types.RGB)
 
 
 def _member(sample):

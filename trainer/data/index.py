@@ -1,8 +1,9 @@
 """The dataset index: every usable sample of an image folder or of WebDataset shards.
 
-Built once before training by a pass that fully decodes every image, so that a bad file
-(empty, truncated, not an image, unsupported format or mode) is skipped here, listed with
-its reason, and never reaches a loader mid-epoch. Validation results are cached per file,
+Built once before training by a pass that fully decodes every image (with PIL, then with
+DALI's decoder where DALI is installed), so that a bad file (empty, truncated, not an image,
+unsupported format or mode, or one DALI cannot read) is skipped here, listed with its
+reason, and never reaches a loader mid-epoch. Validation results are cached per file,
 keyed by size and modification time, so a second run only re-checks what changed.
 
 Folder: images (.jpg .jpeg .png .webp, any depth); caption from a metadata.jsonl row
@@ -10,11 +11,13 @@ Folder: images (.jpg .jpeg .png .webp, any depth); caption from a metadata.jsonl
 license, source), else from a same-name .txt next to the image, else "" (counted).
 caption_field="synthetic_text" takes that field of the rows instead (trainer.caption writes
 it), and of a WebDataset sample's .json; .txt captions are then not used.
-WebDataset: .tar shards; a sample is the members sharing a key (the name up to the first
-dot of its basename); image from its jpg/jpeg/png/webp member, caption from .txt, else from
-.json ("caption" or "text", plus optional license, source). Each shard needs the index
-file DALI's webdataset reader reads (<shard>.idx, DALI's "v1.2" text format, as DALI's
-wds2idx writes it); it is written next to the shard when missing or older than the shard.
+WebDataset: uncompressed .tar shards (one that cannot be read, or holds no sample, is
+skipped and listed like a bad image); a sample is the members sharing a key (the name up
+to the first dot of its basename); image from its jpg/jpeg/png/webp member, caption from
+.txt, else from .json ("caption" or "text", plus optional license, source). Each shard needs the index
+file DALI's webdataset reader reads (a.tar: a.idx, in DALI's "v1.2" text format, as DALI's
+wds2idx writes it); it is written next to the shard when missing or older than the shard
+(into the cache folder when the shard's folder is read-only).
 """
 
 import hashlib
@@ -32,7 +35,9 @@ from PIL import Image
 log = logging.getLogger("trainer.data")
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
+# MPO: a JPEG followed by more images (camera and phone photos carry a large preview so); PIL
+# names it MPO and counts the extra images as frames, both decoders read the first JPEG.
+IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "WEBP")
 # Modes both decoders turn into 8-bit RGB: alpha is dropped (DALI's RGB output does that,
 # so PIL does the same), palettes expanded, CMYK/YCbCr converted, 16-bit scaled down.
 IMAGE_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr",
@@ -61,7 +66,7 @@ class DatasetIndex:
     format: str
     root: str
     samples: list          # usable samples, in a fixed order
-    skipped: list          # (name, reason) of every unusable image file
+    skipped: list          # (name, reason) of every unusable image file or shard
     missing_captions: int
 
     def __len__(self):
@@ -116,7 +121,7 @@ def check_image(data):
         return f"unsupported format {im.format}"
     if im.mode not in IMAGE_MODES:
         return f"unsupported mode {im.mode}"
-    if getattr(im, "n_frames", 1) > 1:
+    if im.format != "MPO" and getattr(im, "n_frames", 1) > 1:
         return "animated image"
     # A truncated file parses its header fine; only a full decode finds the missing data.
     try:
@@ -135,13 +140,30 @@ def build_index(path, format="folder", *, cache_dir=None, workers=None, caption_
         if not root.is_dir():
             raise ValueError(f"data.path {str(path)!r} is not a folder (data.format=folder)")
         candidates, captions = _scan_folder(root, caption_field)
+        skipped = []
     elif format == "webdataset":
-        candidates, captions = _scan_webdataset(root, caption_field)
+        candidates, captions, skipped = _scan_webdataset(root, caption_field, cache_dir)
     else:
         raise ValueError(f"build_index reads format 'folder' or 'webdataset', got {format!r}")
 
-    reasons = _ValidationCache(root, format, cache_dir).check(candidates, workers)
-    samples, skipped, missing = [], [], 0
+    threads = workers or min(8, os.cpu_count() or 1)
+    cache = _ValidationCache(root, format, cache_dir)
+
+    def pil_check(cands):
+        # PIL releases the GIL while decoding, so threads use all cores.
+        with ThreadPoolExecutor(threads) as pool:
+            return list(pool.map(lambda c: check_image(c.read()), cands))
+
+    reasons = cache.check(candidates, "pil", pil_check)
+    dali = _dali_check(threads)
+    if dali is not None:
+        # DALI's own decoder too, where installed: it rejects a few files PIL reads, and one of
+        # those would stop a DALI run mid-epoch. Both backends then see the same samples.
+        ok = [i for i, r in enumerate(reasons) if r is None]
+        for i, r in zip(ok, cache.check([candidates[i] for i in ok], *dali)):
+            reasons[i] = r
+    cache.save()
+    samples, missing = [], 0
     for cand, reason in zip(candidates, reasons):
         if reason is not None:
             skipped.append((cand.name, reason))
@@ -155,8 +177,20 @@ def build_index(path, format="folder", *, cache_dir=None, workers=None, caption_
                               str(meta.get("source", "") or "")))
     if not samples:
         raise ValueError(f"no readable image in {str(root)!r} (format={format}): "
-                         f"{len(skipped)} image file(s) found, all unusable: {skipped[:3]}")
+                         f"{len(skipped)} image file(s) or shard(s) found, all unusable: {skipped[:3]}")
     return DatasetIndex(format, str(root), samples, skipped, missing)
+
+
+def _dali_check(threads):
+    """(name, check) of DALI's decode check (trainer.data.dali.undecodable) on `threads`
+    threads, or None without DALI. The name holds DALI's version, so a DALI that reads more
+    files checks them again."""
+    try:
+        import nvidia.dali  # as trainer.data.loader tests it
+        from trainer.data.dali import undecodable
+    except ImportError:
+        return None
+    return f"dali {nvidia.dali.__version__}", lambda cands: undecodable(cands, threads)
 
 
 # ---- folders ----------------------------------------------------------------------------
@@ -193,14 +227,21 @@ def _scan_folder(root, caption_field):
 # ---- WebDataset shards --------------------------------------------------------------------
 
 
-def _scan_webdataset(root, caption_field):
+def _scan_webdataset(root, caption_field, cache_dir):
     shards = sorted(root.glob("*.tar")) if root.is_dir() else [root]
     if not shards or any(s.suffix != ".tar" for s in shards):
         raise ValueError(f"data.path {str(root)!r}: expected a .tar shard or a folder of them")
-    candidates, captions = [], {}
+    candidates, captions, skipped = [], {}, []
     for shard in shards:
+        # A damaged shard (cut short by a download, not a tar, empty) is skipped and listed
+        # like an unreadable image, so that one bad shard does not stop a run.
+        try:
+            entries = read_dali_index(ensure_dali_index(shard, cache_dir))
+        except (tarfile.TarError, ValueError) as e:
+            skipped.append((shard.name, f"unreadable WebDataset shard ({type(e).__name__}: {e})"))
+            continue
         with open(shard, "rb") as f:
-            for components in read_dali_index(ensure_dali_index(shard)):
+            for components in entries:
                 by_ext = {ext.lower(): (off, size, name) for ext, off, size, name in components}
                 image = next((by_ext[e] for e in IMAGE_EXTS if e in by_ext), None)
                 if image is None:
@@ -208,7 +249,7 @@ def _scan_webdataset(root, caption_field):
                 name = f"{shard.name}/{image[2]}"
                 candidates.append(_Candidate(str(shard), image[0], image[1], name))
                 captions[name] = _wds_caption(f, by_ext, caption_field)
-    return candidates, captions
+    return candidates, captions, skipped
 
 
 def _wds_caption(f, by_ext, caption_field):
@@ -233,20 +274,28 @@ def _wds_caption(f, by_ext, caption_field):
 
 
 def dali_index_path(shard):
-    """Where DALI's index of a shard lives: next to it, as wds2idx names it."""
-    shard = Path(shard)
-    return shard.with_name(shard.name.split(".", 1)[0] + ".idx")
+    """Where DALI's index of a shard lives: next to it, .tar replaced by .idx (as DALI's
+    examples name wds2idx's output). Only the last suffix goes: shards part.0.tar and
+    part.1.tar need two index files."""
+    return Path(shard).with_suffix(".idx")
 
 
-def ensure_dali_index(shard):
-    """Writes the DALI index of `shard` when missing or older than the shard; returns its path."""
-    idx = dali_index_path(shard)
-    if idx.exists() and idx.stat().st_mtime_ns >= Path(shard).stat().st_mtime_ns:
-        with open(idx) as f:
-            if f.readline().startswith(DALI_INDEX_VERSION + " "):
-                return idx  # up to date, in the version we read (older ones are rewritten)
+def ensure_dali_index(shard, cache_dir=None):
+    """Writes the DALI index of `shard` when missing or older than the shard; returns its path.
+    It goes next to the shard or, where that folder is read-only (datasets often are), under
+    `cache_dir` (default $CCKERNELS_CACHE or ~/.cache/cckernels)."""
+    cache_dir = Path(cache_dir or os.environ.get("CCKERNELS_CACHE", "~/.cache/cckernels"))
+    digest = hashlib.sha1(str(Path(shard).resolve()).encode()).hexdigest()[:16]
+    places = [dali_index_path(shard), cache_dir.expanduser() / "wds-index" / f"{digest}.idx"]
+    for idx in places:
+        if idx.exists() and idx.stat().st_mtime_ns >= Path(shard).stat().st_mtime_ns:
+            with open(idx) as f:
+                if f.readline().startswith(DALI_INDEX_VERSION + " "):
+                    return idx  # up to date, in the version we read (older ones are rewritten)
     samples = []  # consecutive members with the same key form one sample
-    with tarfile.open(shard) as tar:
+    # "r:" reads uncompressed tars only: a compressed one would give offsets into the
+    # decompressed stream, which neither DALI nor read_bytes can use.
+    with tarfile.open(shard, "r:") as tar:
         for m in tar:
             base = m.name.rsplit("/", 1)[-1]
             if not m.isreg() or base.startswith(".") or "." not in base:
@@ -258,7 +307,14 @@ def ensure_dali_index(shard):
             samples[-1][1].append((ext, m.offset_data, m.size, m.name))
     if not samples:
         raise ValueError(f"WebDataset shard {str(shard)!r} holds no sample")
-    write_dali_index(idx, [components for _, components in samples])
+    lines = [components for _, components in samples]
+    idx = places[0]
+    try:
+        write_dali_index(idx, lines)
+    except OSError:  # the shard's folder is read-only
+        idx = places[1]
+        idx.parent.mkdir(parents=True, exist_ok=True)
+        write_dali_index(idx, lines)
     log.info("data: wrote DALI index %s (%d samples)", idx, len(samples))
     return idx
 
@@ -283,6 +339,8 @@ def read_dali_index(path):
         out = []
         for line in f:
             t = line.split()
+            if len(t) % 4:
+                raise ValueError(f"{path}: malformed line {line.strip()!r}")
             if t:
                 out.append([(t[i], int(t[i + 1]), int(t[i + 2]), t[i + 3])
                             for i in range(0, len(t), 4)])
@@ -299,44 +357,52 @@ class _Candidate:
     size: int
     name: str
 
+    read = Sample.read
+
 
 class _ValidationCache:
-    """check_image results per file, reused while the file's size and mtime are unchanged.
+    """Check results per file and checker, reused while the file's size and mtime are unchanged.
     One JSON file per dataset under `cache_dir` (default $CCKERNELS_CACHE or ~/.cache/cckernels)."""
 
     def __init__(self, root, format, cache_dir):
         cache_dir = Path(cache_dir or os.environ.get("CCKERNELS_CACHE", "~/.cache/cckernels"))
         key = hashlib.sha1(f"{format}:{root}".encode()).hexdigest()[:16]
         self.path = cache_dir.expanduser() / "index" / f"{key}.json"
-
-    def check(self, candidates, workers):
         try:
             cached = json.loads(self.path.read_text())
-            entries = cached["entries"] if cached.get("version") == CACHE_VERSION else {}
+            self.entries = cached["entries"] if cached.get("version") == CACHE_VERSION else {}
         except (OSError, ValueError, KeyError, TypeError):
-            entries = {}
+            self.entries = {}
+        self.used, self.changed = set(), False
+
+    def check(self, candidates, checker, check_many):
+        """Per candidate, None or the reason it is unusable, from the cache or from
+        check_many(list of candidates) for those not cached; `checker` names the check."""
         stamps = {}
         for c in candidates:
             if c.path not in stamps:
                 st = os.stat(c.path)
                 stamps[c.path] = [st.st_size, st.st_mtime_ns]
-        keys = [f"{c.path}:{c.offset}" for c in candidates]
+        # PIL's keys carry no suffix, as before there were two checkers.
+        keys = [f"{c.path}:{c.offset}" + ("" if checker == "pil" else f":{checker}")
+                for c in candidates]
+        self.used.update(keys)
         todo = [i for i, k in enumerate(keys)
-                if k not in entries or entries[k][:2] != stamps[candidates[i].path]]
+                if k not in self.entries or self.entries[k][:2] != stamps[candidates[i].path]]
         if todo:
-            log.info("data: checking %d of %d images (the rest are cached in %s)",
-                     len(todo), len(candidates), self.path)
-            # PIL releases the GIL while decoding, so threads use all cores.
-            with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
-                reasons = pool.map(lambda i: check_image(read_bytes(
-                    candidates[i].path, candidates[i].offset, candidates[i].size)), todo)
-                for i, reason in zip(todo, reasons):
-                    entries[keys[i]] = stamps[candidates[i].path] + [reason]
-            self._save({k: entries[k] for k in keys})
-        return [entries[k][2] for k in keys]
+            log.info("data: checking %d of %d images with %s (the rest are cached in %s)",
+                     len(todo), len(candidates), checker, self.path)
+            for i, reason in zip(todo, check_many([candidates[i] for i in todo])):
+                self.entries[keys[i]] = stamps[candidates[i].path] + [reason]
+            self.changed = True
+        return [self.entries[k][2] for k in keys]
 
-    def _save(self, entries):
+    def save(self):
+        """Writes the entries checked in this run (those of deleted files are dropped)."""
+        if not self.changed:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f"{self.path.name}.tmp{os.getpid()}")
+        entries = {k: self.entries[k] for k in self.used}
         tmp.write_text(json.dumps({"version": CACHE_VERSION, "entries": entries}))
         os.replace(tmp, self.path)
