@@ -258,6 +258,29 @@ def test_state_dict_round_trip_keeps_fp32_state():
             assert torch.equal(opt.state[p][key], opt2.state[p2][key])
 
 
+def test_state_dict_without_ema_then_the_ema_restarted_from_its_tensors():
+    # A trainer saves the EMA once (ema.safetensors), not also inside optimizer.pt.
+    params = [p.requires_grad_() for p in make_params("cpu")]
+    opt = ck.FusedAdamWEMA(params, ema_decay=0.9, backend="torch")
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict(ema=False))  # as torch.save + load: no shared tensors
+    assert all("ema" not in s and "exp_avg" in s for s in saved["state"].values())
+    assert all("ema" in opt.state[p] for p in params)  # the optimizer's own state is untouched
+    opt2 = ck.FusedAdamWEMA([p.detach().clone().requires_grad_() for p in params], backend="torch")
+    opt2.load_state_dict(saved)
+    opt2.start_ema()
+    for e, e2 in zip(opt.ema_params(), opt2.ema_params()):
+        e2.copy_(e)
+    for o in (opt, opt2):
+        for p in o._params():
+            p.grad = torch.ones_like(p)
+        o.step()
+    for e, e2 in zip(opt.ema_params(), opt2.ema_params()):
+        assert torch.equal(e, e2)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_ema_controls(backend):
     params = [torch.randn(s).requires_grad_() for s in SHAPES]

@@ -25,6 +25,7 @@ def test_resumed_run_is_bit_identical_to_an_unbroken_one(tmp_path, capsys):
     assert "resuming from" in capsys.readouterr().out
     a, b = checkpoint.load(checkpoint.latest(tmp_path / "a")), checkpoint.load(checkpoint.latest(tmp_path / "b"))
     assert a["state"] == b["state"] and a["state"]["step"] == 4
+    assert all("ema" not in s for s in a["optimizer"]["optimizer"]["state"].values())  # stored once
     for name in ("unet", "ema"):
         assert a[name].keys() == b[name].keys()
         assert all(torch.equal(a[name][k], b[name][k]) for k in a[name]), name

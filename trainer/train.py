@@ -180,7 +180,7 @@ def main(argv=None):
             state = {"step": step, "data_position": list(loader.position()), "bad_steps": bad_steps}
             path = checkpoint.commit(
                 out_dir, step, unet=unet.state_dict(), ema=ema.state_tensors(), config=cfg,
-                optimizer={"optimizer": optimizer.state_dict(), "ema": ema.state_dict()},
+                optimizer={"optimizer": optimizer.state_dict(ema=False), "ema": ema.state_dict()},
                 state=state, keep=cfg["checkpoint"]["keep"], diffusers_config=unet.diffusers_config(),
             )
             log(f"step {step}: checkpoint {path}")
