@@ -38,6 +38,8 @@ DDP wrapper -> gradient clipping -> optimizer -> EMA. Rows (cumulative unless sa
 A row whose pieces are missing (DALI not installed, no triton/cuda backend for an op) is
 reported as skipped with the reason, and later rows go on without that piece. A world of 1
 still wraps the model in DDP (an initialized one-process group), so the code path runs.
+The baseline, "+ our DDP", "+ larger micro-batch" and the plain row are measured first, so a
+run that --budget-s cuts short keeps the headline comparisons; the table keeps ladder order.
 
 Timing: one CUDA-synchronized wall time per step after --warmup steps (compilation, autotuning,
 optimizer state allocation), median with 20/80 quantiles over --steps steps. Not
@@ -111,6 +113,31 @@ LADDER = [
 ]
 PLAIN = ("plain PyTorch best", Recipe(attention="sdpa", channels_last=True, optimizer="adamw_fused",
                                       ema="foreach_lerp", data="latents", compile=True))
+
+# Measured first (then the rest in ladder order): the baseline, our full recipe at the base and
+# the larger micro-batch, and plain PyTorch's best.
+HEADLINE = ("baseline", "+ our DDP", "+ larger micro-batch", PLAIN[0])
+
+
+def row_plan(args, device):
+    """(name, recipe, why it cannot run or None, note) per row: the ladder, each step on top of
+    the ones before that can run here, then plain PyTorch's best."""
+    plan, recipe, dropped = [], Recipe(), []
+    for name, change in LADDER:
+        reason = missing_piece(change, device, args.tiny)
+        if change.get("compile") and args.no_compile:
+            reason = "--no-compile"
+        if reason:
+            dropped.append(name)
+        else:
+            recipe = dataclasses.replace(recipe, **change)
+        plan.append((name, recipe, reason, f"(without: {', '.join(dropped)})" if dropped else ""))
+    name, plain = PLAIN
+    note = ""
+    if args.no_compile:
+        plain, note = dataclasses.replace(plain, compile=False), "(no torch.compile: --no-compile)"
+    plan.append((name, plain, missing_piece(dataclasses.asdict(plain), device, args.tiny), note))
+    return plan
 
 
 # --- model pieces the recipes swap ---------------------------------------------------------------
@@ -224,13 +251,6 @@ def missing_piece(change, device, tiny):
             import nvidia.dali  # noqa: F401
         except ImportError as e:
             return f"DALI not importable ({e})"
-    if change.get("optimizer") == "fused_ema" and not hasattr(ck, "FusedAdamWEMA"):
-        return "cckernels.FusedAdamWEMA not present (branch ema not merged)"
-    if change.get("data") == "latents":
-        try:
-            import trainer.precompute  # noqa: F401
-        except ImportError as e:
-            return f"trainer.precompute not importable ({e})"
     return None
 
 
@@ -384,12 +404,13 @@ def run_row(recipe, batch, shared):
     return result
 
 
-def measure(recipe, name, rows, shared):
-    """Runs one row; the larger micro-batch steps back (halving the increase) on out-of-memory."""
+def measure(recipe, name, earlier, shared):
+    """Runs one row; the larger micro-batch steps back (halving the increase) on out-of-memory.
+    `earlier`: the rows above it in the table."""
     a = shared.args
     batch = a.batch
     if recipe.batch == "max":
-        prev = next((r for r in reversed(rows[:-1]) if "images_per_s" in r), None)
+        prev = next((r for r in reversed(earlier) if "images_per_s" in r), None)
         batch = max_batch(prev, a.batch, shared.device, a.tiny) if prev else a.batch
     while True:
         try:
@@ -612,25 +633,14 @@ def run(args, cfg, world, rank, device):
               f"{flops_per_image / 1e9:,.0f} GFLOP/image, measured peak {peak:,.0f} TFLOP/s")
     shared = Shared(args, cfg, world, rank, device)
 
-    recipe, dropped, rows = Recipe(), [], []
-    plan = [(name, change) for name, change in LADDER] + [PLAIN]
-    for name, change in plan:
-        row = {"name": name}
-        rows.append(row)
-        if isinstance(change, Recipe):
-            this = dataclasses.replace(change, compile=False) if args.no_compile else change
-            reason = missing_piece(dataclasses.asdict(change), device, args.tiny)
-            if args.no_compile:
-                row["note"] = "(no torch.compile: --no-compile)"
-        else:
-            reason = missing_piece(change, device, args.tiny)
-            if change.get("compile") and args.no_compile:
-                reason = "--no-compile"
-            if reason:
-                dropped.append(name)
-            else:
-                recipe = dataclasses.replace(recipe, **change)
-            this = recipe
+    plan = row_plan(args, device)
+    rows = [{"name": name, "status": "not measured: the run stopped before this row"} for name, *_ in plan]
+    # Headline rows first, so a run cut by its time budget still has the comparisons that matter.
+    order = sorted(range(len(plan)), key=lambda i: plan[i][0] not in HEADLINE)
+    for i in order:
+        name, this, reason, note = plan[i]
+        row = rows[i]
+        del row["status"]
         if reason:
             row["status"] = f"skipped: {reason}"
         elif args.rows and name != "baseline" and name not in args.rows:
@@ -638,9 +648,9 @@ def run(args, cfg, world, rank, device):
         elif args.budget_s is not None and past_budget(time.perf_counter() - t_start > args.budget_s, device):
             row["status"] = f"skipped: time budget of {args.budget_s:.0f} s spent"
         else:
-            row.update(measure(this, name, rows, shared))
-        if dropped and not isinstance(change, Recipe) and "status" not in row:
-            row["note"] = f"(without: {', '.join(dropped)})"
+            row.update(measure(this, name, rows[:i], shared))
+        if note and "status" not in row:
+            row["note"] = note
         row["recipe"] = dataclasses.asdict(this)
         add_ratios(rows, flops_per_image, peak)
         if is_main:
