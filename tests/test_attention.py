@@ -195,7 +195,20 @@ def test_sizes_the_kernels_cannot_index_are_unsupported(q_shape, k_shape, why):
 
     q, k = torch.empty(q_shape, device="meta"), torch.empty(k_shape, device="meta")  # shapes only
     with pytest.raises(ck.Unsupported, match=why):
-        _check_supported(q, k)
+        _check_supported(q, k, k)
+
+
+def test_strided_views_the_kernels_cannot_index_are_unsupported():
+    # 2^30 elements each, but q, k, v are views of a (1, L, 3, H, D) projection: offsets within
+    # the batch entry reach 3 x 2^30, beyond the kernels' int32 arithmetic.
+    from cckernels.triton.attention import _check_supported
+
+    L, H, D = 2**20, 16, 64
+    q, k, v = torch.empty(1, L, 3, H, D, device="meta").unbind(2)
+    with pytest.raises(ck.Unsupported, match="q's strides .* 2\\^31"):
+        _check_supported(q, k, v)
+    with pytest.raises(ck.Unsupported, match="device meta"):  # the same sizes, dense: only the device fails
+        _check_supported(*(t.contiguous() for t in (q, k, v)))
 
 
 @pytest.mark.parametrize(

@@ -536,18 +536,27 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        do = do if do.stride(-1) == 1 else do.contiguous()
+        do = do if do.stride(-1) == 1 and _batch_extent(do) < 2**31 else do.contiguous()
         need_q, need_k, need_v = ctx.needs_input_grad[:3]
         dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.scale, need_q, need_k or need_v, deterministic_backward())
         return dq, dk, dv, None
 
 
-def _check_supported(q, k):
+def _batch_extent(t):
+    """Largest element offset inside one batch entry of a BLHD tensor: the kernels index within
+    a batch entry in int32 (only the batch offset is int64)."""
+    return sum((n - 1) * s for n, s in zip(t.shape[1:], t.stride()[1:]))
+
+
+def _check_supported(q, k, v):
     B, Lq, H, _ = q.shape
     if B * H > 65535:  # grid dimension y
         raise Unsupported(f"batch x heads = {B * H} > 65535")
     if max(B * Lq, B * k.shape[1]) * H * q.shape[-1] >= 2**31:  # int32 offsets in the kernels
         raise Unsupported(f"q {tuple(q.shape)} or k {tuple(k.shape)} has 2^31 or more elements")
+    for name, t in (("q", q), ("k", k), ("v", v)):  # views of wider projections reach further
+        if _batch_extent(t) >= 2**31:
+            raise Unsupported(f"{name}'s strides {t.stride()} reach 2^31 or more elements within a batch entry")
     if q.dtype not in DTYPES:
         raise Unsupported(f"dtype {q.dtype} (triton attention takes float16, bfloat16, float32)")
     if q.shape[-1] > MAX_HEAD_DIM:
@@ -567,11 +576,11 @@ def attention(q, k, v, scale):
 
     The "triton" backend of `cckernels.attention`, which validates the arguments first.
     Last dims contiguous, other strides free. fp16/bf16/fp32, head dim <= 128, fewer than 2^31
-    elements a tensor, batch x heads <= 65535; anything else raises `Unsupported` before
-    touching memory. Saves tensors for backward only when a
-    gradient is needed.
+    elements a tensor (and within one batch entry of a strided view), batch x heads <= 65535;
+    anything else raises `Unsupported` before touching memory. Saves tensors for backward only
+    when a gradient is needed.
     """
-    _check_supported(q, k)
+    _check_supported(q, k, v)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _Attention.apply(q, k, v, scale)
     return _forward(q, k, v, scale)[0]
