@@ -267,6 +267,30 @@ def test_config_pools_fit_shared_memory(monkeypatch, arch, smem):
                             assert n == max(16, triton.next_power_of_2(Lk))
 
 
+def test_deterministic_algorithms_skip_the_timing_based_search():
+    """Autotuning picks block shapes by timing, which can differ between processes; the block
+    shapes set the summation order. A deterministic run (and its resume) takes the first config
+    that fits, as CCKERNELS_AUTOTUNE=0."""
+    import triton
+
+    from cckernels.triton import attention as A
+
+    q = torch.empty(1, 1, 1, 64, dtype=torch.bfloat16)
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in A.FWD_POOL]
+
+    def prune():
+        return A._prune(configs, {"Q": q, "Lq": 4096, "Lk": 4096}, A._fwd_footprint, True, target=(90, 232448),
+                        BLOCK_D=64)
+
+    searched = prune()
+    assert len(searched) > 1
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert [c.all_kwargs() for c in prune()] == [searched[0].all_kwargs()]
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
 def test_benchmark_tiny_mode(tmp_path):
     env = repo_env(TRITON_INTERPRET="1")
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_attention.py"), "--tiny", "--out", str(tmp_path)]

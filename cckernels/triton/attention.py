@@ -47,7 +47,9 @@ DETERMINISTIC_BY_DEFAULT = False
 # (cross-attention with 77 keys gets one 128-key block: the short-key path). Under the
 # interpreter (CPU tests) there is one small config so nothing is benchmarked.
 # CCKERNELS_AUTOTUNE=0 skips the search (each new shape costs one compile, not a dozen) and
-# takes the first config that fits: pools are ordered by expected speed on H100.
+# takes the first config that fits: pools are ordered by expected speed on H100. So does
+# torch.use_deterministic_algorithms(True): the search picks by timing, so another process
+# (a resumed run) could pick other block shapes, hence another summation order and other bits.
 # ----------------------------------------------------------------------------------------
 def _configs(pool):
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -131,7 +133,7 @@ def _prune(configs, named_args, footprint, short_kv_block=False, target=None, **
     fits = [shape for shape, (smem, regs) in capped.items() if smem <= smem_limit and regs <= budget * 32 * shape[2]]
     if not fits:
         fits = [min(capped, key=lambda shape: capped[shape][0])]
-    if os.environ.get("CCKERNELS_AUTOTUNE") == "0":
+    if os.environ.get("CCKERNELS_AUTOTUNE") == "0" or torch.are_deterministic_algorithms_enabled():
         fits = fits[:1]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in fits]
 
