@@ -301,6 +301,20 @@ def test_benchmark_tiny_mode(tmp_path):
     assert (tmp_path / "attention.png").stat().st_size > 0
 
 
+def test_benchmark_saves_after_every_shape():
+    # A GPU run cut by its step's timeout (a shape's first autotuning compiles dozens of
+    # configs) still leaves the shapes measured so far.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_attention", ROOT / "benchmarks" / "bench_attention.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    saved = []
+    fns = {"torch-reference": lambda q, k, v: ck.attention(q, k, v, backend="torch")}
+    rows = bench.measure(fns, bench.TINY_SHAPES, "cpu", torch.float32, True, save=lambda r: saved.append(len(r)))
+    assert saved == [len(rows) // 2, len(rows)]
+
+
 def test_benchmark_budget_measures_the_first_shape_only(tmp_path):
     env = repo_env(TRITON_INTERPRET="1")
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_attention.py"), "--tiny", "--budget-s", "0",
