@@ -126,9 +126,10 @@ def env(name, value):
             os.environ[name] = old
 
 
-def measure(fns, shapes, device, dtype, tiny, budget_s=None):
+def measure(fns, shapes, device, dtype, tiny, budget_s=None, save=None):
     """Rows for every shape, backend and pass; with budget_s, no shape after the first starts
-    after that many seconds."""
+    after that many seconds. save(rows) after each shape keeps what was measured if the run is
+    cut short (the first autotuning of a shape compiles dozens of configs)."""
     import cckernels as ck
 
     rows, t_start = [], time.perf_counter()
@@ -163,6 +164,8 @@ def measure(fns, shapes, device, dtype, tiny, budget_s=None):
                     "pass": "fwd+bwd" if backward else "fwd", "ms": ms, "ms_p20": p20, "ms_p80": p80,
                     "tflops": flops(B, Lq, Lk, H, D, backward) / (ms * 1e-3) / 1e12,
                 })
+        if save is not None:
+            save(rows)
     return rows
 
 
@@ -243,6 +246,7 @@ def plot(rows, path):
     axes[1].set_xticklabels(shapes, rotation=45, ha="right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)  # redrawn after every shape
 
 
 def main():
@@ -263,11 +267,6 @@ def main():
     shapes = TINY_SHAPES if tiny else sd2_shapes(args.batch_256, args.batch_512)
     torch.manual_seed(0)
 
-    rows = measure(peers(), shapes, device, dtype, tiny, args.budget_s)
-    summary = summarize(rows)
-    checks = [] if tiny else targets(summary)
-    print_table(rows, summary, checks)
-
     import triton
 
     out = Path(args.out)
@@ -279,8 +278,17 @@ def main():
         "flops": "fwd 4*B*H*Lq*Lk*D; fwd+bwd 3.5x that (both backward variants)",
         "timing": "triton.testing.do_bench median, 20/80 quantiles" if not tiny else "3 wall-clock runs (tiny)",
     }
-    (out / "attention.json").write_text(json.dumps({**meta, "rows": rows, "summary": summary, "targets": checks}, indent=1))
-    plot(rows, out / "attention.png")
+
+    def save(rows):
+        summary = summarize(rows)
+        checks = [] if tiny else targets(summary)
+        (out / "attention.json").write_text(json.dumps({**meta, "rows": rows, "summary": summary, "targets": checks},
+                                                       indent=1))  # fmt: skip
+        plot(rows, out / "attention.png")
+        return summary, checks
+
+    rows = measure(peers(), shapes, device, dtype, tiny, args.budget_s, save)
+    print_table(rows, *save(rows))
     print(f"\nwrote {out / 'attention.json'} and {out / 'attention.png'} ({meta['device']})")
 
 

@@ -195,7 +195,20 @@ def test_sizes_the_kernels_cannot_index_are_unsupported(q_shape, k_shape, why):
 
     q, k = torch.empty(q_shape, device="meta"), torch.empty(k_shape, device="meta")  # shapes only
     with pytest.raises(ck.Unsupported, match=why):
-        _check_supported(q, k)
+        _check_supported(q, k, k)
+
+
+def test_strided_views_the_kernels_cannot_index_are_unsupported():
+    # 2^30 elements each, but q, k, v are views of a (1, L, 3, H, D) projection: offsets within
+    # the batch entry reach 3 x 2^30, beyond the kernels' int32 arithmetic.
+    from cckernels.triton.attention import _check_supported
+
+    L, H, D = 2**20, 16, 64
+    q, k, v = torch.empty(1, L, 3, H, D, device="meta").unbind(2)
+    with pytest.raises(ck.Unsupported, match="q's strides .* 2\\^31"):
+        _check_supported(q, k, v)
+    with pytest.raises(ck.Unsupported, match="device meta"):  # the same sizes, dense: only the device fails
+        _check_supported(*(t.contiguous() for t in (q, k, v)))
 
 
 @pytest.mark.parametrize(
@@ -254,6 +267,30 @@ def test_config_pools_fit_shared_memory(monkeypatch, arch, smem):
                             assert n == max(16, triton.next_power_of_2(Lk))
 
 
+def test_deterministic_algorithms_skip_the_timing_based_search():
+    """Autotuning picks block shapes by timing, which can differ between processes; the block
+    shapes set the summation order. A deterministic run (and its resume) takes the first config
+    that fits, as CCKERNELS_AUTOTUNE=0."""
+    import triton
+
+    from cckernels.triton import attention as A
+
+    q = torch.empty(1, 1, 1, 64, dtype=torch.bfloat16)
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in A.FWD_POOL]
+
+    def prune():
+        return A._prune(configs, {"Q": q, "Lq": 4096, "Lk": 4096}, A._fwd_footprint, True, target=(90, 232448),
+                        BLOCK_D=64)
+
+    searched = prune()
+    assert len(searched) > 1
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert [c.all_kwargs() for c in prune()] == [searched[0].all_kwargs()]
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
 def test_benchmark_tiny_mode(tmp_path):
     env = repo_env(TRITON_INTERPRET="1")
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_attention.py"), "--tiny", "--out", str(tmp_path)]
@@ -262,6 +299,20 @@ def test_benchmark_tiny_mode(tmp_path):
     rows = json.loads((tmp_path / "attention.json").read_text())["rows"]
     assert {r["backend"] for r in rows} >= {"triton", "triton atomic-dQ", "triton deterministic", "torch-reference"}
     assert (tmp_path / "attention.png").stat().st_size > 0
+
+
+def test_benchmark_saves_after_every_shape():
+    # A GPU run cut by its step's timeout (a shape's first autotuning compiles dozens of
+    # configs) still leaves the shapes measured so far.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_attention", ROOT / "benchmarks" / "bench_attention.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    saved = []
+    fns = {"torch-reference": lambda q, k, v: ck.attention(q, k, v, backend="torch")}
+    rows = bench.measure(fns, bench.TINY_SHAPES, "cpu", torch.float32, True, save=lambda r: saved.append(len(r)))
+    assert saved == [len(rows) // 2, len(rows)]
 
 
 def test_benchmark_budget_measures_the_first_shape_only(tmp_path):

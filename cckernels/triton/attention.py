@@ -47,7 +47,9 @@ DETERMINISTIC_BY_DEFAULT = False
 # (cross-attention with 77 keys gets one 128-key block: the short-key path). Under the
 # interpreter (CPU tests) there is one small config so nothing is benchmarked.
 # CCKERNELS_AUTOTUNE=0 skips the search (each new shape costs one compile, not a dozen) and
-# takes the first config that fits: pools are ordered by expected speed on H100.
+# takes the first config that fits: pools are ordered by expected speed on H100. So does
+# torch.use_deterministic_algorithms(True): the search picks by timing, so another process
+# (a resumed run) could pick other block shapes, hence another summation order and other bits.
 # ----------------------------------------------------------------------------------------
 def _configs(pool):
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -131,7 +133,7 @@ def _prune(configs, named_args, footprint, short_kv_block=False, target=None, **
     fits = [shape for shape, (smem, regs) in capped.items() if smem <= smem_limit and regs <= budget * 32 * shape[2]]
     if not fits:
         fits = [min(capped, key=lambda shape: capped[shape][0])]
-    if os.environ.get("CCKERNELS_AUTOTUNE") == "0":
+    if os.environ.get("CCKERNELS_AUTOTUNE") == "0" or torch.are_deterministic_algorithms_enabled():
         fits = fits[:1]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in fits]
 
@@ -536,18 +538,27 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        do = do if do.stride(-1) == 1 else do.contiguous()
+        do = do if do.stride(-1) == 1 and _batch_extent(do) < 2**31 else do.contiguous()
         need_q, need_k, need_v = ctx.needs_input_grad[:3]
         dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.scale, need_q, need_k or need_v, deterministic_backward())
         return dq, dk, dv, None
 
 
-def _check_supported(q, k):
+def _batch_extent(t):
+    """Largest element offset inside one batch entry of a BLHD tensor: the kernels index within
+    a batch entry in int32 (only the batch offset is int64)."""
+    return sum((n - 1) * s for n, s in zip(t.shape[1:], t.stride()[1:]))
+
+
+def _check_supported(q, k, v):
     B, Lq, H, _ = q.shape
     if B * H > 65535:  # grid dimension y
         raise Unsupported(f"batch x heads = {B * H} > 65535")
     if max(B * Lq, B * k.shape[1]) * H * q.shape[-1] >= 2**31:  # int32 offsets in the kernels
         raise Unsupported(f"q {tuple(q.shape)} or k {tuple(k.shape)} has 2^31 or more elements")
+    for name, t in (("q", q), ("k", k), ("v", v)):  # views of wider projections reach further
+        if _batch_extent(t) >= 2**31:
+            raise Unsupported(f"{name}'s strides {t.stride()} reach 2^31 or more elements within a batch entry")
     if q.dtype not in DTYPES:
         raise Unsupported(f"dtype {q.dtype} (triton attention takes float16, bfloat16, float32)")
     if q.shape[-1] > MAX_HEAD_DIM:
@@ -567,11 +578,11 @@ def attention(q, k, v, scale):
 
     The "triton" backend of `cckernels.attention`, which validates the arguments first.
     Last dims contiguous, other strides free. fp16/bf16/fp32, head dim <= 128, fewer than 2^31
-    elements a tensor, batch x heads <= 65535; anything else raises `Unsupported` before
-    touching memory. Saves tensors for backward only when a
-    gradient is needed.
+    elements a tensor (and within one batch entry of a strided view), batch x heads <= 65535;
+    anything else raises `Unsupported` before touching memory. Saves tensors for backward only
+    when a gradient is needed.
     """
-    _check_supported(q, k)
+    _check_supported(q, k, v)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _Attention.apply(q, k, v, scale)
     return _forward(q, k, v, scale)[0]
