@@ -51,6 +51,20 @@ def test_sample_images_shapes_and_determinism(encoders):
         sample_images(unet, vae, text, "a cat", resolution=64)
 
 
+@pytest.mark.gpu
+def test_sampling_on_a_gpu_runs_the_unet_in_bf16(encoders):
+    # fp32 attention is the accuracy path, slow on GPUs: sampling runs the UNet as training does.
+    from trainer.unet import UNet
+
+    vae, text = (m.to("cuda") for m in encoders)
+    unet = UNet.from_config(TINY_UNET).cuda()
+    seen = []
+    unet.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    images = sample_images(unet, vae, text, ["a cat"], resolution=64, steps=2)
+    assert images.shape == (1, 3, 64, 64) and torch.isfinite(images).all()
+    assert seen and all(dtype == torch.bfloat16 for dtype in seen)
+
+
 @pytest.fixture
 def run_dir(tmp_path, monkeypatch):
     """An out_dir in train.py's checkpoint layout, with trainer.unet.UNet standing in as the

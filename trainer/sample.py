@@ -47,7 +47,7 @@ def sample_images(unet, vae, text_encoder, prompts, *, resolution=None, n=1, ste
     unet(x, t, context) -> prediction; the same seed gives the same images. resolution: in
     pixels; by default the UNet's sample_size (a latent size, as in diffusers) times the VAE's
     downsampling. prediction_type: what the UNet was trained to predict. schedule: the training
-    NoiseSchedule (default: SD2's).
+    NoiseSchedule (default: SD2's). On a GPU the UNet runs under bf16 autocast, as in training.
     """
     if isinstance(prompts, str) or not prompts:
         raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
@@ -59,12 +59,13 @@ def sample_images(unet, vae, text_encoder, prompts, *, resolution=None, n=1, ste
         raise ValueError(f"resolution {resolution} is not a multiple of the VAE's downsampling factor {f}")
     device = next(unet.parameters()).device
     context = text_encoder.encode(list(prompts)).repeat_interleave(n, dim=0).to(device)
-    latents = ddim_sample(
-        unet, schedule or NoiseSchedule(), context, text_encoder.empty_embedding().to(device),
-        latent_shape=(vae.config.latent_channels, resolution // f, resolution // f),
-        steps=steps, guidance=guidance, prediction_type=prediction_type,
-        generator=torch.Generator().manual_seed(seed),
-    )
+    with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        latents = ddim_sample(
+            unet, schedule or NoiseSchedule(), context, text_encoder.empty_embedding().to(device),
+            latent_shape=(vae.config.latent_channels, resolution // f, resolution // f),
+            steps=steps, guidance=guidance, prediction_type=prediction_type,
+            generator=torch.Generator().manual_seed(seed),
+        )
     return decode_latents(vae, latents.to(vae.device))
 
 
