@@ -240,20 +240,28 @@ def test_config_pools_fit_shared_memory(monkeypatch, arch, smem):
 
     from cckernels.triton import attention as A
 
-    kernels = [(A.FWD_POOL, A._fwd_footprint, True, False), (A.DKDV_POOL, A._dkdv_footprint, False, False),
-               (A.DKDV_POOL, A._dkdv_footprint, False, True), (A.DQ_POOL, A._dq_footprint, False, False)]
+    kernels = [(A.FWD_POOL, A._fwd_footprint, A.FWD_FP32, True, False),
+               (A.DKDV_POOL, A._dkdv_footprint, A.DKDV_FP32, False, False),
+               (A.DKDV_POOL, A._dkdv_footprint, A.DKDV_FP32, False, True),
+               (A.DQ_POOL, A._dq_footprint, A.DQ_FP32, False, False)]
     for dtype in (torch.bfloat16, torch.float32):
         for D in (32, 40, 64, 80, 96, 128):
             q = torch.empty(1, 1, 1, D, dtype=dtype)
             block_d = A._head_args(q)["BLOCK_D"]
-            for pool, footprint, short_kv, atomic_dq in kernels:
+            for pool, footprint, fp32_shape, short_kv, atomic_dq in kernels:
                 configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pool]
                 for Lq, Lk in [(4096, 4096), (4096, 77), (64, 64), (1, 1)]:
                     def prune():
-                        return A._prune(configs, {"Q": q, "Lq": Lq, "Lk": Lk}, footprint, short_kv, target=(arch, smem),
-                                        BLOCK_D=block_d, ATOMIC_DQ=atomic_dq)
+                        return A._prune(configs, {"Q": q, "Lq": Lq, "Lk": Lk}, footprint, fp32_shape, short_kv,
+                                        target=(arch, smem), BLOCK_D=block_d, ATOMIC_DQ=atomic_dq)
                     kept = prune()
                     assert kept
+                    if dtype == torch.float32:  # one small shape, capped to the lengths
+                        (c,) = kept
+                        m, n, w, s = fp32_shape
+                        assert (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) == (
+                            min(m, max(16, triton.next_power_of_2(Lq))), min(n, max(16, triton.next_power_of_2(Lk))), w, s)
+                        continue
                     with monkeypatch.context() as env:
                         env.setenv("CCKERNELS_AUTOTUNE", "0")
                         assert [c.all_kwargs() for c in prune()] == [kept[0].all_kwargs()]
@@ -279,8 +287,8 @@ def test_deterministic_algorithms_skip_the_timing_based_search():
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in A.FWD_POOL]
 
     def prune():
-        return A._prune(configs, {"Q": q, "Lq": 4096, "Lk": 4096}, A._fwd_footprint, True, target=(90, 232448),
-                        BLOCK_D=64)
+        return A._prune(configs, {"Q": q, "Lq": 4096, "Lk": 4096}, A._fwd_footprint, A.FWD_FP32, True,
+                        target=(90, 232448), BLOCK_D=64)
 
     searched = prune()
     assert len(searched) > 1

@@ -70,6 +70,11 @@ DKDV_POOL = [
     (32, 64, 8, 2),
 ]
 DQ_POOL = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4), (64, 32, 4, 3)]
+# fp32 runs IEEE dots on FMA units, not tensor cores: the accuracy path, not the speed path. The
+# pools' tiles spill there (6-15 KB a thread on sm90), so fp32 takes one small shape per kernel,
+# no search: each compiles without spills on sm80 and sm90 at head dims 32-128 (triton 3.6,
+# ptxas; python -m cckernels.inspect). Cross-attention loops over its keys in these blocks.
+FWD_FP32, DKDV_FP32, DQ_FP32 = (32, 16, 4, 2), (16, 32, 4, 2), (32, 16, 4, 2)
 AUTOTUNE_KEY = ["q_bucket", "k_bucket", "HEAD_DIM", "ATOMIC_DQ"]  # names a kernel lacks are ignored
 # Footprints: (shared-memory bytes, fp32-equivalent register values) of a (BLOCK_M, BLOCK_N,
 # head dim padded, stages, element size) config. Shared memory: the tiles loaded once plus the
@@ -78,9 +83,7 @@ AUTOTUNE_KEY = ["q_bucket", "k_bucket", "HEAD_DIM", "ATOMIC_DQ"]  # names a kern
 # both). Registers: fp32 accumulators + fp32 score tiles + 16-bit tiles held for the whole loop
 # at half weight. REGISTER_BUDGET: the values per thread at which fp16/bf16 compiles stop
 # fitting 255 registers without spilling, measured over these pools and head dims 32-128:
-# sm90's wgmma keeps up to 224 (256 spills); sm80's mma up to 160 (some 192s spill). fp32
-# gets half of sm80's on every arch (IEEE dots on FMA units hold fp32 operands); it is the
-# accuracy path, not the speed path, and still spills (stack) on sm90.
+# sm90's wgmma keeps up to 224 (256 spills); sm80's mma up to 160 (some 192s spill).
 REGISTER_BUDGET = {90: 224, 80: 160}
 
 
@@ -107,29 +110,34 @@ def _max_shared_memory(device):
     return triton.runtime.driver.active.utils.get_device_properties(device.index)["max_shared_mem"]
 
 
-def _prune(configs, named_args, footprint, short_kv_block=False, target=None, **kwargs):
+def _prune(configs, named_args, footprint, fp32_shape, short_kv_block=False, target=None, **kwargs):
     """Configs that fit this device (or target = (arch, shared-memory bytes), e.g. (90, 232448))
-    and these lengths, each block at most the padded length.
+    and these lengths, each block at most the padded length; fp32 takes `fp32_shape` alone.
 
     short_kv_block: when Lk <= 128 every config takes all keys as one block (short-key path).
     """
     q = named_args["Q"]
+    m_cap = max(16, triton.next_power_of_2(named_args["Lq"]))
+    n_cap = max(16, triton.next_power_of_2(named_args["Lk"]))
+    if q.dtype == torch.float32:
+        m, n, w, s = fp32_shape
+        return [triton.Config({"BLOCK_M": min(m, m_cap), "BLOCK_N": min(n, n_cap)}, num_warps=w, num_stages=s)]
     if target is None:
         major, minor = torch.cuda.get_device_capability(q.device)
         target = (10 * major + minor, _max_shared_memory(q.device))
     arch, smem_limit = target
-    m_cap = max(16, triton.next_power_of_2(named_args["Lq"]))
-    n_cap = max(16, triton.next_power_of_2(named_args["Lk"]))
     one_block = short_kv_block and n_cap <= 128
     atomic_dq = {"atomic_dq": True} if kwargs.get("ATOMIC_DQ") else {}  # dK/dV kernel with dQ
     capped = {}
     for c in configs:
+        if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) == fp32_shape:
+            continue  # listed for fp32 (and inspect), not one of the 16-bit pool's shapes
         m = min(c.kwargs["BLOCK_M"], m_cap)
         n = n_cap if one_block else min(c.kwargs["BLOCK_N"], n_cap)
         stages = 1 if one_block else c.num_stages  # no key loop, nothing to pipeline
         shape = (m, n, c.num_warps, stages)
         capped.setdefault(shape, footprint(m, n, kwargs["BLOCK_D"], stages, q.element_size(), **atomic_dq))
-    budget = REGISTER_BUDGET[90 if arch == 90 else 80] if q.element_size() == 2 else REGISTER_BUDGET[80] // 2
+    budget = REGISTER_BUDGET[90 if arch == 90 else 80]
     fits = [shape for shape, (smem, regs) in capped.items() if smem <= smem_limit and regs <= budget * 32 * shape[2]]
     if not fits:
         fits = [min(capped, key=lambda shape: capped[shape][0])]
@@ -138,18 +146,18 @@ def _prune(configs, named_args, footprint, short_kv_block=False, target=None, **
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in fits]
 
 
-def _autotune(pool, footprint, short_kv_block=False, accumulators=()):
+def _autotune(pool, footprint, fp32_shape, short_kv_block=False, accumulators=()):
     """accumulators: arguments the kernel adds into (atomics). The search runs the kernel many
     times on the real arguments, so Triton calls this hook before each of those runs and once
     more before the real run: each starts from zeros, not from the sum of the runs before."""
-    prune = functools.partial(_prune, footprint=footprint, short_kv_block=short_kv_block)
+    prune = functools.partial(_prune, footprint=footprint, fp32_shape=fp32_shape, short_kv_block=short_kv_block)
 
     def zero_accumulators(kwargs, reset_only=False):
         for name in accumulators:
             if kwargs[name] is not None:
                 kwargs[name].zero_()
 
-    return triton.autotune(configs=_configs(pool), key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": prune},
+    return triton.autotune(configs=_configs(pool + [fp32_shape]), key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": prune},
                            pre_hook=zero_accumulators if accumulators else None)
 
 
@@ -206,7 +214,7 @@ def _fwd_step(
     return acc, l_i, m_new
 
 
-@_autotune(FWD_POOL, _fwd_footprint, short_kv_block=True)
+@_autotune(FWD_POOL, _fwd_footprint, FWD_FP32, short_kv_block=True)
 @triton.heuristics({
     "EVEN_N": lambda a: a["Lk"] % a["BLOCK_N"] == 0,
     "SHORT_KV": lambda a: a["Lk"] <= a["BLOCK_N"],
@@ -280,7 +288,7 @@ def _attn_bwd_delta_kernel(
     tl.store(DELTA + bh * Lq + offs_m, delta, mask=offs_m < Lq)
 
 
-@_autotune(DKDV_POOL, _dkdv_footprint, accumulators=("DQ_ACC",))
+@_autotune(DKDV_POOL, _dkdv_footprint, DKDV_FP32, accumulators=("DQ_ACC",))
 @triton.heuristics({
     "EVEN_M": lambda a: a["Lq"] % a["BLOCK_M"] == 0,
     "EVEN_N": lambda a: a["Lk"] % a["BLOCK_N"] == 0,
@@ -356,7 +364,7 @@ def _attn_bwd_dkdv_kernel(
     _store_tile(DV + out, dv.to(DV.dtype.element_ty), offs_n, Lk, offs_d, HEAD_DIM, MASK_D)
 
 
-@_autotune(DQ_POOL, _dq_footprint)
+@_autotune(DQ_POOL, _dq_footprint, DQ_FP32)
 @triton.heuristics({"EVEN_N": lambda a: a["Lk"] % a["BLOCK_N"] == 0})
 @triton.jit
 def _attn_bwd_dq_kernel(
@@ -604,13 +612,13 @@ def _inspect_args(head_dim, atomic_dq=False):
     return args
 
 
-def _inspect_configs(footprint):
+def _inspect_configs(footprint, fp32_shape):
     """The configs _prune keeps for long sequences on an arch (80, 90)."""
     def keep(configs, arch, dtype, args):
         from cckernels.inspect import SMEM_LIMIT
 
         q = torch.empty(0, dtype=dtype, device="meta")
-        return _prune(configs, {"Q": q, "Lq": 4096, "Lk": 4096}, footprint, target=(arch, SMEM_LIMIT[arch]),
+        return _prune(configs, {"Q": q, "Lq": 4096, "Lk": 4096}, footprint, fp32_shape, target=(arch, SMEM_LIMIT[arch]),
                       BLOCK_D=args["BLOCK_D"], ATOMIC_DQ=args["ATOMIC_DQ"])  # fmt: skip
     return keep
 
@@ -619,11 +627,11 @@ _TENSOR_CORES = {"sm80": {"hmma": True}, "sm90": {"hgmma": True}}
 _INSPECT = {"op": "attention", "dtypes": DTYPES, "variants": {"d64": _inspect_args(64), "d80": _inspect_args(80)},
             "expect": lambda dtype: {} if dtype == torch.float32 else _TENSOR_CORES}  # fmt: skip
 INSPECT = [
-    {**_INSPECT, "kernel": _attn_fwd_kernel, "configs": _inspect_configs(_fwd_footprint)},
-    {**_INSPECT, "kernel": _attn_bwd_dkdv_kernel, "configs": _inspect_configs(_dkdv_footprint)},
-    {**_INSPECT, "kernel": _attn_bwd_dkdv_kernel, "configs": _inspect_configs(_dkdv_footprint),
+    {**_INSPECT, "kernel": _attn_fwd_kernel, "configs": _inspect_configs(_fwd_footprint, FWD_FP32)},
+    {**_INSPECT, "kernel": _attn_bwd_dkdv_kernel, "configs": _inspect_configs(_dkdv_footprint, DKDV_FP32)},
+    {**_INSPECT, "kernel": _attn_bwd_dkdv_kernel, "configs": _inspect_configs(_dkdv_footprint, DKDV_FP32),
      "variants": {"d64-atomic-dq": _inspect_args(64, True), "d80-atomic-dq": _inspect_args(80, True)}},
-    {**_INSPECT, "kernel": _attn_bwd_dq_kernel, "configs": _inspect_configs(_dq_footprint)},
+    {**_INSPECT, "kernel": _attn_bwd_dq_kernel, "configs": _inspect_configs(_dq_footprint, DQ_FP32)},
     {**_INSPECT, "kernel": _attn_bwd_delta_kernel, "args": {"BLOCK_M": 64}, "expect": {}},
     {"op": "attention", "kernel": _attn_bwd_dq_convert_kernel, "dtypes": DTYPES,
      "args": {"DQ_ACC": "*fp32", "DQ": "*T", "n_elements": "i32:16", "scale": "fp32", "BLOCK": 1024},
