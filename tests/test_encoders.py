@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from tiny_models import TINY_OPEN_CLIP, needs_open_clip
+from tiny_models import TINY_OPEN_CLIP, needs_open_clip, tiny_open_clip_arch
 
 from trainer.encoders import (
     MAX_LENGTH,
@@ -171,11 +171,6 @@ def test_sd2_sized_configs():
 
 # --- OpenCLIP ----------------------------------------------------------------------------------
 
-def _tiny_arch(embed_dim=16):
-    """An inline open_clip model config: the tiny tower, loadable from a checkpoint by path."""
-    return {"embed_dim": embed_dim, "text_cfg": {"context_length": 77, "vocab_size": 49408, **TINY_OPEN_CLIP["config"]}}
-
-
 @needs_open_clip
 def test_open_clip_tiny_text_encoder():
     state = torch.get_rng_state()
@@ -256,7 +251,7 @@ def test_open_clip_checkpoint_loads_by_path(tmp_path, layout):
     import open_clip
     from safetensors.torch import save_file
 
-    arch = _tiny_arch()
+    arch = tiny_open_clip_arch()
     vision = {"image_size": 32, "patch_size": 16, "layers": 1, "width": 32, "head_width": 16}
     torch.manual_seed(1)
     if layout == "text tower":
@@ -308,11 +303,11 @@ def test_open_clip_bad_configs(tmp_path):
             load_text_encoder({"open_clip": "ViT-H-14", "path": str(missing)})
     (tmp_path / "junk.bin").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a readable checkpoint"):
-        load_text_encoder({"open_clip": _tiny_arch(), "path": str(tmp_path / "junk.bin")})
+        load_text_encoder({"open_clip": tiny_open_clip_arch(), "path": str(tmp_path / "junk.bin")})
     # A checkpoint of another size: the architecture named does not fit it.
     torch.save(load_open_clip_tower(TINY_OPEN_CLIP).state_dict(), tmp_path / "h14.bin")
     with pytest.raises(ValueError, match="does not hold OpenCLIP model's text tower"):
-        load_text_encoder({"open_clip": _tiny_arch(embed_dim=8), "path": str(tmp_path / "h14.bin")})
+        load_text_encoder({"open_clip": tiny_open_clip_arch(embed_dim=8), "path": str(tmp_path / "h14.bin")})
 
 
 @needs_open_clip

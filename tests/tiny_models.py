@@ -44,6 +44,13 @@ class StandInUNet(torch.nn.Module):
 
 # Width 32 = the tiny UNet's cross_attention_dim; OpenCLIP's BPE tokenizer needs its 49408 tokens.
 TINY_OPEN_CLIP = {"open_clip": "ViT-H-14", "config": {"width": 32, "heads": 2, "layers": 3}}
+
+
+def tiny_open_clip_arch(embed_dim=16):
+    """The tiny tower as an inline open_clip model config, which a checkpoint `path` can name."""
+    return {"embed_dim": embed_dim, "text_cfg": {"context_length": 77, "vocab_size": 49408, **TINY_OPEN_CLIP["config"]}}
+
+
 # CI installs the openclip extra, so these run there.
 needs_open_clip = pytest.mark.skipif(importlib.util.find_spec("open_clip") is None,
                                      reason="open_clip_torch is not installed (pip install '.[openclip]')")

@@ -8,7 +8,7 @@ A text encoder section with `open_clip: NAME` (an open_clip architecture such as
 SD2's) is an OpenCLIP text tower instead (needs the `openclip` extra): `path` is a local
 checkpoint file (open_clip_pytorch_model.bin / .safetensors) and `config` a dict of text_cfg
 keys replacing NAME's (`config: {}` is NAME's tower, randomly initialized); see
-load_text_encoder for the layer each kind returns.
+load_open_clip_tower, and load_text_encoder for the layer each kind returns (SD2's by default).
 Ready-made sections: configs/encoders/tiny.yaml (CPU tests, the tiny default run) and
 configs/encoders/sd2.yaml (SD2 sizes, for benchmarks without weights on disk).
 
