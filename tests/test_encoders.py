@@ -1,15 +1,20 @@
 import json
 import string
+import sys
 
 import pytest
 import torch
 
+from tiny_models import TINY_OPEN_CLIP, needs_open_clip, tiny_open_clip_arch
+
 from trainer.encoders import (
     MAX_LENGTH,
+    OPEN_CLIP_EXAMPLES,
     ByteTokenizer,
     decode_latents,
     encode_images,
     encoder_config,
+    load_open_clip_tower,
     load_text_encoder,
     load_vae,
     vae_downsampling,
@@ -162,3 +167,171 @@ def test_sd2_sized_configs():
     text, vae = sd2["text_encoder"]["config"], sd2["vae"]["config"]
     assert (text["hidden_size"], text["num_hidden_layers"], text["num_attention_heads"]) == (1024, 23, 16)
     assert vae["block_out_channels"] == [128, 256, 512, 512] and vae["scaling_factor"] == 0.18215
+
+
+# --- OpenCLIP ----------------------------------------------------------------------------------
+
+@needs_open_clip
+def test_open_clip_tiny_text_encoder():
+    state = torch.get_rng_state()
+    text = load_text_encoder(TINY_OPEN_CLIP)
+    assert torch.equal(state, torch.get_rng_state())
+    prompts = ["a photo of a cat", "ein Hund", "x " * 100]
+    emb = text.encode(prompts)
+    assert emb.shape == (3, MAX_LENGTH, 32) and emb.dtype == torch.float32 and text.dim == 32
+    assert not emb.requires_grad and not torch.allclose(emb[0], emb[1])
+    assert torch.equal(emb, load_text_encoder(TINY_OPEN_CLIP).encode(prompts))
+    assert not torch.allclose(emb, load_text_encoder({**TINY_OPEN_CLIP, "init_seed": 1}).encode(prompts))
+    assert torch.equal(text.empty_embedding(), text.encode([""]))
+    # open_clip's BPE tokenizer: start and end tokens, zeros after; long captions end in the end token.
+    ids = text.tokenizer(["a photo of a cat", "", "x " * 100])
+    assert ids.shape == (3, MAX_LENGTH) and ids[1, :3].tolist() == [49406, 49407, 0]
+    assert ids[0, :7].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407] and ids[2, -1] == 49407
+    # SD2's default, the penultimate block: the last block and the pooled projection are dropped.
+    assert text.clip_skip == 1 and len(text.model.transformer.resblocks) == 2
+    assert text.model.text_projection is None and not any(p.requires_grad for p in text.parameters())
+    assert len(load_text_encoder({**TINY_OPEN_CLIP, "clip_skip": 0}).model.transformer.resblocks) == 3
+
+
+def _to_transformers_clip(tower, layers):
+    """The first `layers` blocks of an open_clip text tower as a transformers CLIPTextModel, as
+    diffusers converts SD2's OpenCLIP ViT-H (fused in_proj split into q, k, v)."""
+    from open_clip.transformer import QuickGELU
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    state = tower.state_dict()
+    act = "quick_gelu" if isinstance(tower.transformer.resblocks[0].mlp.gelu, QuickGELU) else "gelu"
+    config = CLIPTextConfig(vocab_size=tower.vocab_size, hidden_size=tower.width, intermediate_size=4 * tower.width,
+                            num_attention_heads=tower.heads, num_hidden_layers=layers, max_position_embeddings=77,
+                            hidden_act=act, layer_norm_eps=1e-5)
+    converted = {"embeddings.token_embedding.weight": state["token_embedding.weight"],
+                 "embeddings.position_embedding.weight": state["positional_embedding"],
+                 "final_layer_norm.weight": state["ln_final.weight"], "final_layer_norm.bias": state["ln_final.bias"]}
+    names = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
+             "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+    for i in range(layers):
+        ours, theirs = f"transformer.resblocks.{i}.", f"encoder.layers.{i}."
+        for kind in ("weight", "bias"):
+            for a, b in names.items():
+                converted[theirs + f"{b}.{kind}"] = state[ours + f"{a}.{kind}"]
+            q, k, v = state[ours + f"attn.in_proj_{kind}"].chunk(3)
+            for proj, t in zip("qkv", (q, k, v)):
+                converted[theirs + f"self_attn.{proj}_proj.{kind}"] = t
+    model = CLIPTextModel(config).eval()
+    # transformers < 5 nests the layers under .text_model; 5 puts them on the model itself.
+    getattr(model, "text_model", model).load_state_dict(converted, strict=False)
+    missing = set(getattr(model, "text_model", model).state_dict()) - set(converted) - {"embeddings.position_ids"}
+    assert not missing, missing
+    return model
+
+
+@needs_open_clip
+@pytest.mark.parametrize("arch", ["ViT-H-14", "ViT-B-32-quickgelu"])
+def test_open_clip_penultimate_is_sd2_diffusers_conditioning(arch):
+    """SD2's conditioning two ways: our OpenCLIP encoder's penultimate block (through ln_final),
+    and a transformers CLIPTextModel holding the tower's blocks but the last, which is how SD2's
+    diffusers text_encoder/ stores OpenCLIP ViT-H. Also clip_skip=0 against all blocks."""
+    cfg = {**TINY_OPEN_CLIP, "open_clip": arch}
+    tower = load_open_clip_tower(cfg)
+    prompts = ["a photo of a cat", "", "the quick brown fox jumps over the lazy dog " * 4]
+    penultimate = load_text_encoder(cfg)
+    ids = penultimate.tokenizer(prompts)
+    with torch.no_grad():
+        sd2 = _to_transformers_clip(tower, layers=2)(ids).last_hidden_state
+        full = _to_transformers_clip(tower, layers=3)(ids).last_hidden_state
+    torch.testing.assert_close(penultimate.encode(prompts), sd2)
+    torch.testing.assert_close(load_text_encoder({**cfg, "clip_skip": 0}).encode(prompts), full)
+    assert not torch.allclose(sd2, full, atol=1e-2)
+
+
+@needs_open_clip
+@pytest.mark.parametrize("layout", ["text tower", "CLIP", "CLIP safetensors", "training checkpoint", "CustomTextCLIP"])
+def test_open_clip_checkpoint_loads_by_path(tmp_path, layout):
+    """An OpenCLIP checkpoint file gives the tower its text weights; the vision tower is skipped."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    arch = tiny_open_clip_arch()
+    vision = {"image_size": 32, "patch_size": 16, "layers": 1, "width": 32, "head_width": 16}
+    torch.manual_seed(1)
+    if layout == "text tower":
+        source = model = load_open_clip_tower({"open_clip": arch, "config": {}, "init_seed": 1})
+    elif layout == "CustomTextCLIP":
+        model = open_clip.CustomTextCLIP(arch["embed_dim"], vision, arch["text_cfg"])
+        source = model.text
+    else:
+        source = model = open_clip.CLIP(arch["embed_dim"], vision, arch["text_cfg"])
+    state = model.state_dict()
+    path = tmp_path / ("model.safetensors" if "safetensors" in layout else "model.bin")
+    if layout == "CLIP safetensors":
+        save_file({k: v.contiguous() for k, v in state.items()}, path)
+    elif layout == "training checkpoint":  # as open_clip's training saves: nested, DDP's key prefix
+        torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in state.items()}}, path)
+    else:
+        torch.save(state, path)
+    tower = load_open_clip_tower({"open_clip": arch, "path": str(path)})
+    want = source.state_dict()  # a CLIP's holds the vision tower too, which the tower lacks
+    assert all(torch.equal(v, want[k]) for k, v in tower.state_dict().items())
+    text = load_text_encoder({"open_clip": arch, "path": str(path)})
+    assert text.encode(["a cat"]).shape == (1, MAX_LENGTH, 32)
+
+
+@needs_open_clip
+def test_open_clip_bad_configs(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown OpenCLIP model 'ViT-Q-99'.*ViT-H-14"):
+        load_text_encoder({"open_clip": "ViT-Q-99", "config": {}})
+    with pytest.raises(ValueError, match="unknown OpenCLIP model"):
+        load_text_encoder({"open_clip": {"text_cfg": {}}, "config": {}})  # no embed_dim
+    # Hugging Face text towers and tokenizers (downloads) are refused before anything is built.
+    for arch in ("xlm-roberta-base-ViT-B-32", "ViT-B-16-SigLIP", "ViT-H-14-worldwide"):
+        with pytest.raises(ValueError, match="not supported"):
+            load_text_encoder({"open_clip": arch, "config": {}})
+    with pytest.raises(ValueError, match=r"keys \['norm_kwargs'\] are not supported"):
+        load_text_encoder({**TINY_OPEN_CLIP, "config": {"norm_kwargs": {"eps": 1e-6}}})
+    with pytest.raises(ValueError, match="context_length must be 77"):
+        load_text_encoder({**TINY_OPEN_CLIP, "config": {**TINY_OPEN_CLIP["config"], "context_length": 64}})
+    with pytest.raises(ValueError, match="vocab_size must be >= 49408"):
+        load_text_encoder({**TINY_OPEN_CLIP, "config": {**TINY_OPEN_CLIP["config"], "vocab_size": 1000}})
+    with pytest.raises(ValueError, match="dict of OpenCLIP text_cfg keys"):
+        load_text_encoder({"open_clip": "ViT-H-14", "config": "tiny"})
+    with pytest.raises(ValueError, match=r"clip_skip must be an int in \[0, 3\)"):
+        load_text_encoder({**TINY_OPEN_CLIP, "clip_skip": 3})
+    with pytest.raises(ValueError, match="exactly one of 'path' \\(a local file\\)"):
+        load_text_encoder({**TINY_OPEN_CLIP, "path": str(tmp_path)})
+    for missing in (tmp_path / "nope.bin", tmp_path):
+        with pytest.raises(ValueError, match="is not a file"):
+            load_text_encoder({"open_clip": "ViT-H-14", "path": str(missing)})
+    (tmp_path / "junk.bin").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        load_text_encoder({"open_clip": tiny_open_clip_arch(), "path": str(tmp_path / "junk.bin")})
+    # A checkpoint of another size: the architecture named does not fit it.
+    torch.save(load_open_clip_tower(TINY_OPEN_CLIP).state_dict(), tmp_path / "h14.bin")
+    with pytest.raises(ValueError, match="does not hold OpenCLIP model's text tower"):
+        load_text_encoder({"open_clip": tiny_open_clip_arch(embed_dim=8), "path": str(tmp_path / "h14.bin")})
+
+
+@needs_open_clip
+@pytest.mark.parametrize("arch", OPEN_CLIP_EXAMPLES)
+def test_open_clip_examples_are_accepted(arch):
+    """The names shown when one is unknown all build (narrowed to stay cheap)."""
+    text = load_text_encoder({"open_clip": arch, "config": {"width": 16, "heads": 1, "layers": 2}})
+    assert text.encode(["a"]).shape == (1, MAX_LENGTH, 16)
+
+
+def test_open_clip_missing_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "open_clip", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"cckernels\[openclip\]"):
+        load_text_encoder(TINY_OPEN_CLIP)
+
+
+@needs_open_clip
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_open_clip_half_precision(device, dtype):
+    """Cast like precompute casts its encoders (.to(dtype)): outputs in that dtype, close to fp32."""
+    prompts = ["a photo of a cat", ""]
+    want = load_text_encoder(TINY_OPEN_CLIP).encode(prompts)
+    got = load_text_encoder(TINY_OPEN_CLIP, device).to(dtype).encode(prompts)
+    assert got.dtype == dtype and got.device.type == device
+    err = (got.float().cpu() - want).abs().mean() / want.abs().mean()
+    assert err < (0.02 if dtype == torch.bfloat16 else 0.005), err

@@ -12,7 +12,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors import safe_open
 from test_data import BACKENDS, REPO, make_folder, repo_env
-from tiny_models import TINY_UNET, StandInUNet
+from tiny_models import TINY_UNET, StandInUNet, needs_open_clip, tiny_open_clip_arch
 
 from trainer import checkpoint, train
 from trainer import precompute as pc
@@ -20,8 +20,8 @@ from trainer.data import build_index, builtin_dataset_path, make_loader
 from trainer.data.latents import TEXT_KEY, latent_key, shard_file
 from trainer.data import decode_once
 from trainer.diffusion import NoiseSchedule, training_loss
-from trainer.encoders import (decode_latents, encode_images, encoder_config, load_text_encoder,
-                              load_vae)
+from trainer.encoders import (decode_latents, encode_images, encoder_config, load_open_clip_tower,
+                              load_text_encoder, load_vae)
 
 N, SHARD, RESOLUTIONS = 7, 3, [32, 64]
 
@@ -91,6 +91,27 @@ def test_round_trip(precomputed, encoders):
         torch.testing.assert_close(z, encode_images(vae, images).half(), atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(tensors[TEXT_KEY], text.encode([s["caption"] for s in samples]).half(),
                                atol=1e-3, rtol=1e-3)
+    empty, _ = read_shard(out / "empty.safetensors")
+    torch.testing.assert_close(empty[TEXT_KEY], text.empty_embedding().half(), atol=1e-3, rtol=1e-3)
+
+
+@needs_open_clip
+def test_round_trip_with_open_clip(tmp_path, tiny):
+    """Captions through an OpenCLIP checkpoint: stored embeddings are what a fresh encode gives."""
+    arch = tiny_open_clip_arch()
+    torch.save(load_open_clip_tower({"open_clip": arch, "config": {}}).state_dict(), tmp_path / "text.bin")
+    text_cfg = {"open_clip": arch, "path": str(tmp_path / "text.bin")}
+    root = make_folder(tmp_path / "images", 3, captions="jsonl")
+    out = tmp_path / "latents"
+    pc.precompute(data_cfg(root), tiny["vae"], text_cfg, [32], out, batch_size=2, shard_size=2,
+                  cache_dir=str(tmp_path / "cache"))
+    meta = json.loads((out / "index.json").read_text())
+    assert meta["text_embedding_shape"] == [77, 32] and meta["text_encoder"] == text_cfg
+    text = load_text_encoder(text_cfg)
+    for k in range(2):
+        tensors, samples = read_shard(out / shard_file(k))
+        torch.testing.assert_close(tensors[TEXT_KEY], text.encode([s["caption"] for s in samples]).half(),
+                                   atol=1e-3, rtol=1e-3)
     empty, _ = read_shard(out / "empty.safetensors")
     torch.testing.assert_close(empty[TEXT_KEY], text.empty_embedding().half(), atol=1e-3, rtol=1e-3)
 
@@ -392,3 +413,14 @@ def test_bench_precompute_tiny(tmp_path):
     result = json.loads((out / "bench_precompute.json").read_text())
     assert [r["data"] for r in result["rows"]] == ["online", "latents"]
     assert all(r["images_per_s"] > 0 for r in result["rows"]) and (out / "bench_precompute.png").exists()
+
+
+def test_cli_open_clip_checkpoint(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(pc, "precompute", lambda data, vae, text, *args, **kw: seen.update(vae=vae, text=text))
+    pc.main(["--vae", "sd2/vae", "--text-encoder", "open_clip_pytorch_model.bin", "--open-clip", "ViT-H-14",
+             "--out", str(tmp_path)])
+    assert seen == {"vae": {"path": "sd2/vae"},
+                    "text": {"path": "open_clip_pytorch_model.bin", "open_clip": "ViT-H-14"}}
+    with pytest.raises(SystemExit):  # --open-clip names the architecture of --text-encoder's file
+        pc.parse_args(["--open-clip", "ViT-H-14", "--out", str(tmp_path)])

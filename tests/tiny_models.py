@@ -1,6 +1,10 @@
 """Stand-ins shared by the diffusion, encoder and sampling tests: a tiny randomly initialized
-diffusers UNet2DConditionModel called as model(x, t, context) -> tensor, like trainer.unet.UNet."""
+diffusers UNet2DConditionModel called as model(x, t, context) -> tensor, like trainer.unet.UNet;
+a tiny randomly initialized OpenCLIP text tower (SD2's ViT-H-14 narrowed, 3 blocks)."""
 
+import importlib.util
+
+import pytest
 import torch
 
 TINY_UNET = dict(
@@ -36,3 +40,17 @@ class StandInUNet(torch.nn.Module):
 
     def forward(self, x, t, context):
         return self.unet(x, t, encoder_hidden_states=context).sample
+
+
+# Width 32 = the tiny UNet's cross_attention_dim; OpenCLIP's BPE tokenizer needs its 49408 tokens.
+TINY_OPEN_CLIP = {"open_clip": "ViT-H-14", "config": {"width": 32, "heads": 2, "layers": 3}}
+
+
+def tiny_open_clip_arch(embed_dim=16):
+    """The tiny tower as an inline open_clip model config, which a checkpoint `path` can name."""
+    return {"embed_dim": embed_dim, "text_cfg": {"context_length": 77, "vocab_size": 49408, **TINY_OPEN_CLIP["config"]}}
+
+
+# CI installs the openclip extra, so these run there.
+needs_open_clip = pytest.mark.skipif(importlib.util.find_spec("open_clip") is None,
+                                     reason="open_clip_torch is not installed (pip install '.[openclip]')")

@@ -39,7 +39,8 @@ DEFAULTS = {
     "model": {
         "unet": {},
         "vae": {},  # {path: local diffusers AutoencoderKL folder} or {config: {...}} (random init)
-        "text_encoder": {},  # {path: local CLIP text model folder} or {config: {...}}
+        # {path: local CLIP text model folder} or {config: {...}}; or {open_clip: ViT-H-14, path: file}
+        "text_encoder": {},
         "channels_last": False,
         "gradient_checkpointing": False,
         # torch.compile the UNet: false, true (inductor) or a torch.compile backend name; the

@@ -4,6 +4,11 @@ Both come from a config section holding either `path` (a local folder: the model
 or a diffusers pipeline folder with vae/, text_encoder/, tokenizer/; nothing is downloaded) or
 `config` (a diffusers AutoencoderKL / transformers CLIPTextConfig dict, randomly initialized
 from `init_seed`, default 0, so training, sampling and precompute rebuild the same weights).
+A text encoder section with `open_clip: NAME` (an open_clip architecture such as ViT-H-14,
+SD2's) is an OpenCLIP text tower instead (needs the `openclip` extra): `path` is a local
+checkpoint file (open_clip_pytorch_model.bin / .safetensors) and `config` a dict of text_cfg
+keys replacing NAME's (`config: {}` is NAME's tower, randomly initialized); see
+load_open_clip_tower, and load_text_encoder for the layer each kind returns (SD2's by default).
 Ready-made sections: configs/encoders/tiny.yaml (CPU tests, the tiny default run) and
 configs/encoders/sd2.yaml (SD2 sizes, for benchmarks without weights on disk).
 
@@ -13,6 +18,7 @@ configs/encoders/sd2.yaml (SD2 sizes, for benchmarks without weights on disk).
     emb = text.encode(["a photo of a cat"])       # (1, 77, dim)
 """
 
+import inspect
 from pathlib import Path
 
 import torch
@@ -39,15 +45,16 @@ def _resolve(cfg, what):
     return cfg
 
 
-def _source(cfg, what):
+def _source(cfg, what, file=False):
     # Exactly one of path / config, so a run never silently trains with random weights.
+    kind = "file" if file else "directory"
     if not isinstance(cfg, dict) or ("path" in cfg) == ("config" in cfg):
         raise ValueError(
-            f"{what} config needs exactly one of 'path' (a local folder), 'config' (random init) "
+            f"{what} config needs exactly one of 'path' (a local {kind}), 'config' (random init) "
             f"or 'preset' (configs/encoders/NAME.yaml), got {cfg!r}"
         )
-    if "path" in cfg and not Path(cfg["path"]).is_dir():
-        raise ValueError(f"{what} path {cfg['path']!r} is not a directory")
+    if "path" in cfg and not (Path(cfg["path"]).is_file() if file else Path(cfg["path"]).is_dir()):
+        raise ValueError(f"{what} path {cfg['path']!r} is not a {kind}")
     return cfg.get("path")
 
 
@@ -149,34 +156,46 @@ class _ClipTokenizer:
 
 
 class TextEncoder(torch.nn.Module):
-    """A frozen CLIP text model plus its tokenizer: encode(list[str]) -> (B, 77, dim).
+    """A frozen text model plus its tokenizer: encode(list[str]) -> (B, 77, dim).
 
-    clip_skip=k takes the hidden state k layers before the last, then the final LayerNorm, as
-    diffusers' clip_skip does. SD2 conditions on the penultimate layer of OpenCLIP ViT-H (24
-    layers); its diffusers weights already drop the last layer (23 layers), so with them the
-    final output is that penultimate layer and clip_skip stays 0. For a full 24-layer tower,
-    use clip_skip=1.
+    clip_skip=k takes the hidden state k blocks before the last, then the final LayerNorm, as
+    diffusers' clip_skip does. SD2 conditions on the penultimate block of OpenCLIP ViT-H (24
+    blocks; clip_skip=1, as Stable Diffusion's FrozenOpenCLIPEmbedder with layer="penultimate").
+    Its diffusers weights already drop the last block (23), so with them the final output is
+    that penultimate block and clip_skip stays 0. Subclasses give `dim` and `_hidden(ids)`.
     """
 
-    def __init__(self, model, tokenizer, clip_skip=0):
+    def __init__(self, model, tokenizer, clip_skip, num_layers):
         super().__init__()
-        if not (isinstance(clip_skip, int) and 0 <= clip_skip < model.config.num_hidden_layers):
-            raise ValueError(
-                f"clip_skip must be an int in [0, {model.config.num_hidden_layers}), got {clip_skip!r}"
-            )
+        if not (isinstance(clip_skip, int) and 0 <= clip_skip < num_layers):
+            raise ValueError(f"clip_skip must be an int in [0, {num_layers}), got {clip_skip!r}")
         self.model = _frozen(model)
         self.tokenizer = tokenizer
         self.clip_skip = clip_skip
-
-    @property
-    def dim(self):
-        return self.model.config.hidden_size
 
     @torch.no_grad()
     def encode(self, texts):
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise ValueError(f"encode takes a list of strings, got {texts!r}")
-        ids = self.tokenizer(list(texts)).to(self.model.device)
+        device = next(self.model.parameters()).device
+        return self._hidden(self.tokenizer(list(texts)).to(device))
+
+    def empty_embedding(self):
+        """The empty caption's embedding (1, 77, dim): the unconditional input of guidance."""
+        return self.encode([""])
+
+
+class CLIPTextEncoder(TextEncoder):
+    """A transformers CLIPTextModel (e.g. SD2's diffusers text_encoder/)."""
+
+    def __init__(self, model, tokenizer, clip_skip=0):
+        super().__init__(model, tokenizer, clip_skip, model.config.num_hidden_layers)
+
+    @property
+    def dim(self):
+        return self.model.config.hidden_size
+
+    def _hidden(self, ids):
         if self.clip_skip == 0:
             return self.model(ids).last_hidden_state
         # hidden_states holds the embeddings then each layer's output, before the final LayerNorm.
@@ -184,23 +203,52 @@ class TextEncoder(torch.nn.Module):
         # transformers < 5 nests the layers under .text_model; 5 puts them on the model itself.
         return getattr(self.model, "text_model", self.model).final_layer_norm(hidden)
 
-    def empty_embedding(self):
-        """The empty caption's embedding (1, 77, dim): the unconditional input of guidance."""
-        return self.encode([""])
+
+class OpenCLIPTextEncoder(TextEncoder):
+    """An open_clip TextTransformer (its causal attention mask included) and its BPE tokenizer,
+    which pads with 0 after the end token, as open_clip.tokenize does for SD2."""
+
+    def __init__(self, tower, tokenizer, clip_skip=1):
+        blocks = len(tower.transformer.resblocks)
+        super().__init__(tower, tokenizer, clip_skip, blocks)
+        # The blocks after the one read, and the projection of the pooled token, are never used.
+        self.model.prune_intermediate_layers(indices=[blocks - 1 - clip_skip])
+
+    @property
+    def dim(self):
+        return self.model.width
+
+    def _hidden(self, ids):
+        # The last block left (indices=1: the last one), through ln_final.
+        out = self.model.forward_intermediates(ids, indices=1, normalize_intermediates=True,
+                                               intermediates_only=True, output_fmt="NLC")
+        return out["text_intermediates"][0]
 
 
 def load_text_encoder(cfg, device="cpu"):
     """A TextEncoder on device from cfg = {path[, tokenizer_path]} or {config[, init_seed]}, plus
-    clip_skip.
+    clip_skip (default 0), or from cfg = {open_clip: NAME, path or config[, init_seed]}, plus
+    clip_skip (default 1: SD2's penultimate block).
 
     path: a CLIPTextModel folder with its tokenizer files (or tokenizer_path naming them), or a
     diffusers pipeline folder (text_encoder/ and tokenizer/). config: a CLIPTextConfig dict,
     paired with the ByteTokenizer (its vocab_size must be >= 259; the special ids are set to
-    the tokenizer's).
+    the tokenizer's). With open_clip, see load_open_clip_tower.
     """
+    cfg = _resolve(cfg, "text_encoder")
+    if isinstance(cfg, dict) and "open_clip" in cfg:
+        tower = load_open_clip_tower(cfg)  # first: it says how to install open_clip when missing
+        from open_clip import SimpleTokenizer
+
+        # What open_clip.get_tokenizer gives every tower accepted (no HF tokenizer, no tokenizer_kwargs).
+        tokenizer = SimpleTokenizer(context_length=MAX_LENGTH)
+        if tower.vocab_size < tokenizer.vocab_size:
+            raise ValueError(f"text_encoder vocab_size must be >= {tokenizer.vocab_size} (OpenCLIP's BPE "
+                             f"tokenizer), got {tower.vocab_size}")
+        return OpenCLIPTextEncoder(tower, tokenizer, clip_skip=cfg.get("clip_skip", 1)).to(device)
+
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    cfg = _resolve(cfg, "text_encoder")
     path = _source(cfg, "text_encoder")
     if path is None:
         ids = dict(bos_token_id=ByteTokenizer.BOS, eos_token_id=ByteTokenizer.EOS, pad_token_id=ByteTokenizer.PAD)
@@ -220,4 +268,87 @@ def load_text_encoder(cfg, device="cpu"):
         tokenizer_dir = cfg.get("tokenizer_path") or (root / "tokenizer" if pipeline else root)
         model = CLIPTextModel.from_pretrained(model_dir, local_files_only=True)
         tokenizer = _ClipTokenizer(CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True))
-    return TextEncoder(model, tokenizer, clip_skip=cfg.get("clip_skip", 0)).to(device)
+    return CLIPTextEncoder(model, tokenizer, clip_skip=cfg.get("clip_skip", 0)).to(device)
+
+
+# --- OpenCLIP text tower ------------------------------------------------------------------------
+
+# Architectures of open_clip.list_models() whose text tower fits (shown when a name is unknown).
+OPEN_CLIP_EXAMPLES = ("ViT-H-14", "ViT-bigG-14", "ViT-L-14", "ViT-B-32", "ViT-H-14-quickgelu")
+
+
+def load_open_clip_tower(cfg):
+    """A frozen open_clip TextTransformer on the CPU, built alone (no vision tower), from
+    cfg = {open_clip: ARCH, path: checkpoint file} or {open_clip: ARCH, config: {text_cfg keys}}.
+
+    ARCH is a built-in open_clip architecture name (e.g. ViT-H-14, SD2's) or a model config dict
+    like open_clip's model_configs/*.json ({embed_dim, text_cfg[, quick_gelu]}; vision_cfg is not
+    needed). Its text_cfg, with `config`'s keys on top (`config: {}`: none), sizes the tower,
+    which must be open_clip's own text transformer over 77 tokens (read by its bundled BPE
+    tokenizer): towers of Hugging Face models are refused, their tokenizers being downloads.
+    path: a full CLIP checkpoint (its vision tower is never read into memory), or the text
+    tower's own state dict.
+    """
+    try:
+        import open_clip
+        from open_clip.transformer import QuickGELU, TextTransformer
+    except ImportError as e:
+        raise ImportError("text_encoder.open_clip needs open_clip_torch: pip install 'cckernels[openclip]'") from e
+
+    arch = cfg["open_clip"]
+    if isinstance(arch, str) and arch in open_clip.list_models():
+        model_cfg = open_clip.get_model_config(arch)
+    elif isinstance(arch, dict) and isinstance(arch.get("text_cfg"), dict) and "embed_dim" in arch:
+        model_cfg = arch
+    else:
+        raise ValueError(f"unknown OpenCLIP model {arch!r}: a name such as {list(OPEN_CLIP_EXAMPLES)} "
+                         f"(open_clip.list_models() has all {len(open_clip.list_models())}) or a dict "
+                         f"with embed_dim and text_cfg")
+    name = arch if isinstance(arch, str) else "model"
+    path = _source(cfg, "text_encoder", file=True)
+    if path is None and not isinstance(cfg["config"], dict):
+        raise ValueError(f"text_encoder config must be a dict of OpenCLIP text_cfg keys, got {cfg['config']!r}")
+    text_cfg = {**model_cfg["text_cfg"], **(cfg.get("config") or {})}
+    # text_cfg keys that TextTransformer takes under the same name; the others (hf_*, tokenizer_*,
+    # norm_kwargs, act_kwargs) mean a Hugging Face model or tokenizer, or wiring not done here.
+    known = set(inspect.signature(TextTransformer).parameters) - {"output_dim", "act_layer", "norm_layer"}
+    unsupported = sorted(set(text_cfg) - known)
+    if unsupported:
+        raise ValueError(f"OpenCLIP {name}'s text_cfg keys {unsupported} are not supported: only open_clip's "
+                         f"own text transformer with its BPE tokenizer; its keys: {sorted(known)}")
+    if text_cfg.get("context_length") != MAX_LENGTH:
+        raise ValueError(f"OpenCLIP {name}: context_length must be {MAX_LENGTH}, got {text_cfg.get('context_length')}")
+
+    act = QuickGELU if model_cfg.get("quick_gelu") else torch.nn.GELU
+    # Seeded even when a checkpoint overwrites the init: building must not draw from the caller's RNG.
+    tower = _seeded_init(cfg, lambda: TextTransformer(**text_cfg, output_dim=model_cfg["embed_dim"], act_layer=act))
+    if path is not None:
+        try:
+            tower.load_state_dict(_open_clip_text_state(Path(path)))
+        except RuntimeError as e:
+            raise ValueError(f"text_encoder path {path!r} does not hold OpenCLIP {name}'s text tower: {e}") from e
+    return _frozen(tower)
+
+
+def _open_clip_text_state(path):
+    """The text tower's tensors in an OpenCLIP checkpoint: a safetensors file, or a torch.save'd
+    state dict (also open_clip's training checkpoints: {"state_dict": ...}, keys from DDP)."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                state = {k: f.get_tensor(k) for k in f.keys() if not k.startswith("visual.")}
+        else:
+            # Memory-mapped: the vision tower's tensors are never read.
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            state = state.get("state_dict", state) if isinstance(state, dict) else state
+    except Exception as e:  # torch.load and safetensors raise many kinds on a damaged file
+        raise ValueError(f"text_encoder path {str(path)!r} is not a readable checkpoint: {e}") from e
+    if not isinstance(state, dict):
+        raise ValueError(f"text_encoder path {str(path)!r} holds a {type(state).__name__}, not a state dict")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    if any(k.startswith("text.") for k in state):  # open_clip's CustomTextCLIP nests the tower
+        return {k.removeprefix("text."): v for k, v in state.items() if k.startswith("text.")}
+    # A CLIP checkpoint: the text tower's keys are at the top, beside visual.* and the logit scale.
+    return {k: v for k, v in state.items() if not k.startswith(("visual.", "logit_"))}

@@ -1,6 +1,7 @@
 """Encode a dataset once: VAE latents per resolution and text embeddings, for data.format=latents.
 
     python -m trainer.precompute --data DIR --vae PATH --text-encoder PATH --resolutions 256 512 --out DIR
+    python -m trainer.precompute ... --text-encoder open_clip_pytorch_model.bin --open-clip ViT-H-14
     torchrun --standalone --nproc_per_node=8 -m trainer.precompute --data DIR ... --out DIR
     python -m trainer.precompute --config configs/sd2-base.yaml --out DIR   # data and encoders of a run
     python -m trainer.precompute --encoders tiny --data builtin --resolutions 64 --out DIR  # CPU, random
@@ -212,7 +213,10 @@ def parse_args(argv=None):
     p.add_argument("--config", help="run config: its data section and model.vae / model.text_encoder")
     p.add_argument("--encoders", help="configs/encoders/NAME.yaml for both encoders (e.g. tiny)")
     p.add_argument("--vae", help="local AutoencoderKL or diffusers pipeline folder")
-    p.add_argument("--text-encoder", help="local CLIP text model or diffusers pipeline folder")
+    p.add_argument("--text-encoder", help="local CLIP text model or diffusers pipeline folder, "
+                                          "or with --open-clip an OpenCLIP checkpoint file")
+    p.add_argument("--open-clip", metavar="ARCH",
+                   help="--text-encoder is an OpenCLIP checkpoint of this open_clip architecture (ViT-H-14: SD2's)")
     p.add_argument("--data", help="image folder, WebDataset shards, or builtin (default: the config's)")
     p.add_argument("--format", choices=["folder", "webdataset"])
     p.add_argument("--backend", choices=["dali", "pil"])
@@ -225,7 +229,10 @@ def parse_args(argv=None):
                    help="encoder precision; auto: bf16 on GPU, fp32 on CPU")
     p.add_argument("--workers", type=int, help="decoding processes / threads")
     p.add_argument("--cache-dir", help="validation cache and built-in images")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.open_clip and not args.text_encoder:
+        p.error("--open-clip names the architecture of --text-encoder's checkpoint; give --text-encoder")
+    return args
 
 
 def main(argv=None):
@@ -236,6 +243,8 @@ def main(argv=None):
     model = encoder_config(args.encoders) if args.encoders else cfg["model"]
     vae_cfg = {"path": args.vae} if args.vae else model["vae"]
     text_cfg = {"path": args.text_encoder} if args.text_encoder else model["text_encoder"]
+    if args.open_clip:
+        text_cfg["open_clip"] = args.open_clip
     data = dict(cfg["data"])
     for key, value in (("path", args.data), ("format", args.format), ("backend", args.backend),
                        ("caption_field", args.caption_field), ("workers", args.workers)):
