@@ -72,9 +72,10 @@ DKDV_POOL = [
 DQ_POOL = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4), (64, 32, 4, 3)]
 # fp32 runs IEEE dots on FMA units, not tensor cores: the accuracy path, not the speed path. The
 # pools' tiles spill there (6-15 KB a thread on sm90), so fp32 takes one small shape per kernel,
-# no search: each compiles without spills on sm80 and sm90 at head dims 32-128 (triton 3.6,
-# ptxas; python -m cckernels.inspect). Cross-attention loops over its keys in these blocks.
-FWD_FP32, DKDV_FP32, DQ_FP32 = (32, 16, 4, 2), (16, 32, 4, 2), (32, 16, 4, 2)
+# no search. With triton 3.6 none spills on sm80 or sm90 at head dims 64 and 80 (padded to
+# 128, masked), with or without atomic dQ (python -m cckernels.inspect --dtype fp32 --quick;
+# 3.8: 8 B in the sm80 d64 dK/dV). Cross-attention loops over its keys in these blocks.
+FWD_FP32, DKDV_FP32, DQ_FP32 = (32, 16, 4, 2), (16, 16, 4, 2), (16, 32, 4, 2)
 AUTOTUNE_KEY = ["q_bucket", "k_bucket", "HEAD_DIM", "ATOMIC_DQ"]  # names a kernel lacks are ignored
 # Footprints: (shared-memory bytes, fp32-equivalent register values) of a (BLOCK_M, BLOCK_N,
 # head dim padded, stages, element size) config. Shared memory: the tiles loaded once plus the
