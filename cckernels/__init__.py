@@ -39,7 +39,7 @@ def _check_float(name, t):
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{name} has dtype {t.dtype}; expected one of float32, float16, bfloat16")
+        raise ValueError(f"{name} has dtype {t.dtype}; expected one of float32, float16, bfloat16, float64")
 
 
 @torch.compiler.disable
