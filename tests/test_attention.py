@@ -374,6 +374,7 @@ def test_gpu_odd_shapes(D, Lq, Lk, dtype, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.timeout(300)  # compiles every config of the pools, beside other xdist workers' compiles
 def test_gpu_atomic_backward_right_after_a_full_autotune(monkeypatch):
     # The search over every config runs the atomic dK/dV kernel many times on the real dQ
     # accumulator; the gradients of that very first call must still be right. (The other GPU
