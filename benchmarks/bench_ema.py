@@ -137,6 +137,15 @@ def ema_methods(device):
     return methods
 
 
+def label(name):
+    """`name`, plus the backend that really ran when a ck row's backend fell back to another."""
+    for op, prefix in (("ema_update_", "ck.ema_update_ "), ("adamw_ema_", "FusedAdamWEMA ")):
+        used = ck.used_backends().get(op)
+        if name.startswith(prefix) and used != name.removeprefix(prefix):
+            return f"{name} (ran {used})"
+    return name
+
+
 def bench_ema(shapes, device, tiny, copy_gbps):
     rows = []
     numel = sum(torch.Size(s).numel() for s in shapes)
@@ -153,7 +162,7 @@ def bench_ema(shapes, device, tiny, copy_gbps):
                 continue
             ms, lo, hi = timed(fn, device, tiny)
             gbps = nbytes / ms / 1e6
-            rows.append(dict(bench="ema", dtype=dname, method=name, ms=ms, ms_p20=lo, ms_p80=hi, gbps=gbps,
+            rows.append(dict(bench="ema", dtype=dname, method=label(name), ms=ms, ms_p20=lo, ms_p80=hi, gbps=gbps,
                              frac_copy=gbps / copy_gbps, launches=launches(fn, device)))  # fmt: skip
         del params, ema
     return rows
@@ -209,7 +218,7 @@ def bench_adamw(shapes, device, tiny, copy_gbps):
         for name, step in adamw_setups(shapes, dtype, device):
             ms, lo, hi = timed(step, device, tiny)
             gbps = 36 * numel / ms / 1e6
-            rows.append(dict(bench="adamw_ema", dtype=dname, method=name, ms=ms, ms_p20=lo, ms_p80=hi, gbps=gbps,
+            rows.append(dict(bench="adamw_ema", dtype=dname, method=label(name), ms=ms, ms_p20=lo, ms_p80=hi, gbps=gbps,
                              frac_copy=gbps / copy_gbps, launches=launches(step, device)))  # fmt: skip
             if name == BASELINE:
                 baseline_ms = ms

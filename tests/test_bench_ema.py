@@ -34,3 +34,11 @@ def test_tiny_run_writes_table_json_and_plot(tmp_path, monkeypatch, capsys):
         assert ("adamw_ema", dtype, "AdamW(fused) + ck.ema_update_") in methods
     assert all(r["ms"] > 0 and r["gbps"] > 0 for r in saved["rows"])
     assert "copy bandwidth" in capsys.readouterr().out
+
+
+def test_a_row_whose_backend_fell_back_says_which_ran(monkeypatch):
+    bench = load_bench()
+    monkeypatch.setattr(bench.ck, "used_backends", lambda: {"adamw_ema_": "triton", "ema_update_": "cuda"})
+    assert bench.label("FusedAdamWEMA cuda") == "FusedAdamWEMA cuda (ran triton)"
+    assert bench.label("ck.ema_update_ cuda") == "ck.ema_update_ cuda"
+    assert bench.label("torch._foreach_lerp_ (+casts)") == "torch._foreach_lerp_ (+casts)"
