@@ -84,7 +84,7 @@ def main():
     reused = (latents_dir / "index.json").exists()
     t0 = time.perf_counter()
     precompute(data, enc["vae"], enc["text_encoder"], [args.resolution], latents_dir,
-               batch_size=args.batch_size, device=device)
+               batch_size=args.batch_size, device=device, replace_other=True)
     precompute_rate = None if reused else args.images / (time.perf_counter() - t0)
 
     autocast = gpu  # bf16 autocast on a GPU, fp32 on a CPU, as train.py's default

@@ -281,7 +281,7 @@ class Shared:
             out = a.cache / f"bench-train-latents-{a.images}-{a.resolution}-{a.encoders_name}"
             precompute(self.image_data("pil"), self.cfg["model"]["vae"], self.cfg["model"]["text_encoder"],
                        [a.resolution], out, batch_size=32, shard_size=256, rank=self.rank,
-                       world_size=self.world, device=self.device, cache_dir=a.cache)
+                       world_size=self.world, device=self.device, cache_dir=a.cache, replace_other=True)
             self._latents = out
         return self._latents
 

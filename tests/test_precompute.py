@@ -155,6 +155,10 @@ def test_resume_keeps_finished_shards(tmp_path, tiny, monkeypatch):
         run(tiny, root, out, cache, shard_size=4)
     with pytest.raises(ValueError, match=r"other data or settings \(differing: \['precision'\]"):
         run(tiny, root, out, cache, precision="bf16")
+    # A cache (the benchmarks') is written anew instead.
+    run(tiny, root, out, cache, shard_size=4, replace_other=True)
+    assert json.loads((out / "plan.json").read_text())["shard_size"] == 4
+    assert not (out / shard_file(2)).exists() and json.loads((out / "index.json").read_text())["count"] == N
 
 
 def test_ranks_split_the_shards(tmp_path, tiny, monkeypatch):

@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -44,8 +45,11 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def precompute(data_cfg, vae_cfg, text_cfg, resolutions, out, *, batch_size=32, shard_size=1024,
-               precision="auto", rank=0, world_size=1, device="cpu", cache_dir=None):
-    """Writes the precompute folder `out` (this rank's shards; rank 0 also index.json)."""
+               precision="auto", rank=0, world_size=1, device="cpu", cache_dir=None, replace_other=False):
+    """Writes the precompute folder `out` (this rank's shards; rank 0 also index.json).
+
+    A folder already holding a precompute of other data or settings is an error, unless
+    replace_other: then (a cache, e.g. the benchmarks') it is emptied and written anew."""
     data = DataConfig.from_dict(data_cfg)
     if data.format == "latents":
         raise ValueError("data.format=latents is already precomputed; give the image dataset")
@@ -97,7 +101,7 @@ def precompute(data_cfg, vae_cfg, text_cfg, resolutions, out, *, batch_size=32, 
         "vae": vae_cfg, "text_encoder": text_cfg,
     }
     if rank == 0:
-        _start(out, plan, text)
+        _start(out, plan, text, replace_other)
     barrier()
 
     out.mkdir(parents=True, exist_ok=True)  # every rank writes shards into it
@@ -157,7 +161,7 @@ def _entry(path, data):
     return {"file": path.name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def _start(out, plan, text):
+def _start(out, plan, text, replace_other):
     """Checks a rerun continues the same plan; writes the plan and the empty caption's embedding."""
     out.mkdir(parents=True, exist_ok=True)
     plan_path = out / PLAN_FILE
@@ -165,10 +169,14 @@ def _start(out, plan, text):
     if plan_path.exists():
         old = json.loads(plan_path.read_text())
         diff = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
-        if diff:
+        if diff and not replace_other:
             raise ValueError(f"{out} holds a precompute of other data or settings (differing: "
                              f"{diff}); use another --out or delete it")
-    else:
+        if diff:
+            log.warning("%s held a precompute of other settings (differing: %s): written anew", out, diff)
+            shutil.rmtree(out)
+            out.mkdir(parents=True)
+    if not plan_path.exists():
         _atomic_write(plan_path, json.dumps(plan, indent=1).encode())
     if not (out / "empty.json").exists():
         data = save({TEXT_KEY: text.encode([""]).to("cpu", torch.float16)})
