@@ -76,7 +76,7 @@ def measure(loader, batch_size, batches, windows, device):
 
 
 def main():
-    from trainer.data import make_loader
+    from trainer.data import cache_root, make_loader
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="benchmarks/results/local")
@@ -96,8 +96,7 @@ def main():
         args.resolutions, width, height = [32, 64], 160, 120
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cache = Path(os.environ.get("CCKERNELS_CACHE", "~/.cache/cckernels")).expanduser()
-    folder = Path(args.data or cache / f"bench-jpegs-{args.images}-{width}x{height}")
+    folder = Path(args.data or cache_root() / f"bench-jpegs-{args.images}-{width}x{height}")
     mean_bytes = make_dataset(folder, args.images, width, height)
 
     gpu = torch.cuda.is_available()

@@ -43,7 +43,7 @@ def training(step, loader, warmup):
 
 def main():
     from trainer import config
-    from trainer.data import make_loader
+    from trainer.data import cache_root, make_loader
     from trainer.diffusion import NoiseSchedule, training_loss
     from trainer.encoders import encode_images, encoder_config, load_text_encoder, load_vae
     from trainer.precompute import precompute
@@ -73,7 +73,7 @@ def main():
     unet_cfg = config.load(config.ROOT / "configs" / f"{run}.yaml")["model"]["unet"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cache = Path(os.environ.get("CCKERNELS_CACHE", "~/.cache/cckernels")).expanduser()
+    cache = cache_root()
     folder = cache / f"bench-jpegs-{args.images}-{width}x{height}"
     make_dataset(folder, args.images, width, height)
     enc = encoder_config(encoders)

@@ -78,6 +78,7 @@ import cckernels as ck  # noqa: E402
 from bench_data import make_dataset  # noqa: E402
 from trainer import diffusion, encoders  # noqa: E402
 from trainer.config import load as load_config  # noqa: E402
+from trainer.data import cache_root  # noqa: E402
 from trainer.unet import Attention, UNet  # noqa: E402
 
 SD2_GFLOP_PER_IMAGE = {256: 539.0, 512: 2409.0}  # counted by --count-flops (torch 2.14)
@@ -355,7 +356,7 @@ def run_row(recipe, batch, shared):
     schedule = diffusion.NoiseSchedule().to(device)
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=cuda)
 
-    def step(i):
+    def step():
         images, captions = next(batches)
         with torch.no_grad(), autocast:
             if recipe.data == "latents":
@@ -371,24 +372,24 @@ def run_row(recipe, batch, shared):
         ema_step()
         optimizer.zero_grad(set_to_none=True)
 
-    def window(first, n):
+    def window(n):
         times = []
-        for i in range(first, first + n):
+        for _ in range(n):
             t0 = time.perf_counter()
-            step(i)
+            step()
             if cuda:
                 torch.cuda.synchronize(device)
             times.append(time.perf_counter() - t0)
         return times
 
-    window(0, a.warmup)
+    window(a.warmup)
     if cuda:  # the peak of training steps, not of the warm-up's autotuning (its 256 MiB flush buffer)
         torch.cuda.reset_peak_memory_stats(device)
-    times = window(a.warmup, a.steps)
+    times = window(a.steps)
     result = {"step_s": times}
     if scheduled:
-        window(a.warmup + a.steps, 1)  # the EMA starts here: a one-time copy of the weights
-        result["step_s_ema"] = window(a.warmup + a.steps + 1, max(1, a.steps // 2))
+        window(1)  # the EMA starts here: a one-time copy of the weights
+        result["step_s_ema"] = window(max(1, a.steps // 2))
     if cuda:
         result["peak_bytes"] = torch.cuda.max_memory_allocated(device)
         result["persistent_bytes"] = torch.cuda.memory_allocated(device)  # weights, states, encoders
@@ -558,7 +559,7 @@ def setup(args):
         args.image_size = (1024, 768)
     # tiny: dynamo's graph capture only; inductor's compile alone would take minutes
     args.compile_backend = "eager" if args.tiny else "inductor"
-    args.cache = Path(os.environ.get("CCKERNELS_CACHE", "~/.cache/cckernels")).expanduser()
+    args.cache = cache_root()
     w, h = args.image_size
     # same folder name as bench_data.py's, so run_gpu.sh generates the JPEGs once
     args.jpegs = args.cache / f"bench-jpegs-{args.images}-{w}x{h}"

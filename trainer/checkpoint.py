@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from trainer import config as config_mod
+from trainer.unet import WEIGHTS_NAME, write_diffusers_config
 
 
 def checkpoint_dir(out_dir):
@@ -125,11 +126,11 @@ def _diffusers_unet(folder, diffusers_config, weights):
     copy on disk; copied where the filesystem has no hard links) next to config.json."""
     unet = folder / "unet"
     unet.mkdir()
-    (unet / "config.json").write_text(json.dumps(diffusers_config, indent=2) + "\n")
+    write_diffusers_config(unet, diffusers_config)
     try:
-        os.link(folder / weights, unet / "diffusion_pytorch_model.safetensors")
+        os.link(folder / weights, unet / WEIGHTS_NAME)
     except OSError:
-        shutil.copyfile(folder / weights, unet / "diffusion_pytorch_model.safetensors")
+        shutil.copyfile(folder / weights, unet / WEIGHTS_NAME)
 
 
 def _prune(out_dir, keep):

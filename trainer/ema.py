@@ -11,10 +11,11 @@
 The schedule counts optimizer steps taken (a step skipped for non-finite gradients does not
 count, and the count is part of state_dict). Before `start_step` of them there is no EMA
 memory at all; once that many steps are done the shadow starts as an fp32 copy of the
-weights, and every `every` steps after that it moves toward them: shadow <- d * shadow + (1 - d) * weights, with d = decay ** every, so the
-averaging horizon (in optimizer steps) does not depend on the interval. With `warmup`, the
-per-step decay is min(decay, (1 + t) / (10 + t)) t steps after the start, so a young shadow
-is not dominated by its first copy.
+weights, and every `every` steps after that it moves toward them:
+shadow <- d * shadow + (1 - d) * weights, with d = decay ** every, so the averaging horizon
+(in optimizer steps) does not depend on the interval. With `warmup`, the per-step decay is
+min(decay, (1 + t) / (10 + t)) t steps after the start, so a young shadow is not dominated
+by its first copy.
 
 With a cckernels.FusedAdamWEMA optimizer the update happens inside the optimizer's own pass
 over memory: a step pre-hook tells each opt.step() whether and with which decay to update

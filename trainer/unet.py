@@ -577,8 +577,13 @@ class UNet(nn.Module):
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / CONFIG_NAME).write_text(json.dumps(self.diffusers_config(), indent=2) + "\n")
+        write_diffusers_config(folder, self.diffusers_config())
         save_file(self.diffusers_state_dict(), str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+
+
+def write_diffusers_config(folder, config):
+    """folder/config.json of UNet2DConditionModel.from_pretrained (config: UNet.diffusers_config())."""
+    (Path(folder) / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
 
 
 def diffusers_files(path):

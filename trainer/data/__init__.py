@@ -14,9 +14,9 @@
 """
 
 from trainer.data.builtin import builtin_dataset_path
-from trainer.data.config import DataConfig
+from trainer.data.config import DataConfig, cache_root
 from trainer.data.index import DatasetIndex, build_index
 from trainer.data.loader import LatentLoader, Loader, decode_once, make_loader
 
 __all__ = ["DataConfig", "DatasetIndex", "LatentLoader", "Loader", "build_index",
-           "builtin_dataset_path", "decode_once", "make_loader"]
+           "builtin_dataset_path", "cache_root", "decode_once", "make_loader"]

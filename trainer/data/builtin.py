@@ -13,6 +13,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from trainer.data.config import cache_root
+
 PHOTOS = [
     # (file in skimage/data, caption, license, source)
     ("astronaut.png",
@@ -57,8 +59,7 @@ def builtin_dataset_path(cache_dir=None):
     first use under `cache_dir` (default $CCKERNELS_CACHE or ~/.cache/cckernels)."""
     import skimage.data  # only needed to find the files
 
-    cache_dir = Path(cache_dir or os.environ.get("CCKERNELS_CACHE", "~/.cache/cckernels"))
-    dest = cache_dir.expanduser() / f"cc-sample-v{VERSION}"
+    dest = cache_root(cache_dir) / f"cc-sample-v{VERSION}"
     if (dest / "metadata.jsonl").is_file():
         return str(dest)
     src = Path(skimage.data.__file__).parent

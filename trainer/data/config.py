@@ -1,13 +1,20 @@
 """The `data` section of a run config, validated once."""
 
 import dataclasses
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 FORMATS = ("folder", "webdataset", "latents")
 BACKENDS = ("dali", "pil")
 LAYOUTS = ("NCHW", "NHWC")
 DTYPES = ("float32", "bfloat16")
 CAPTION_FIELDS = ("text", "synthetic_text")
+
+
+def cache_root(cache_dir=None):
+    """Where data caches live: `cache_dir`, else $CCKERNELS_CACHE, else ~/.cache/cckernels."""
+    return Path(cache_dir or os.environ.get("CCKERNELS_CACHE", "~/.cache/cckernels")).expanduser()
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from trainer.data.config import cache_root
+
 log = logging.getLogger("trainer.data")
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -284,9 +286,8 @@ def ensure_dali_index(shard, cache_dir=None):
     """Writes the DALI index of `shard` when missing or older than the shard; returns its path.
     It goes next to the shard or, where that folder is read-only (datasets often are), under
     `cache_dir` (default $CCKERNELS_CACHE or ~/.cache/cckernels)."""
-    cache_dir = Path(cache_dir or os.environ.get("CCKERNELS_CACHE", "~/.cache/cckernels"))
     digest = hashlib.sha1(str(Path(shard).resolve()).encode()).hexdigest()[:16]
-    places = [dali_index_path(shard), cache_dir.expanduser() / "wds-index" / f"{digest}.idx"]
+    places = [dali_index_path(shard), cache_root(cache_dir) / "wds-index" / f"{digest}.idx"]
     for idx in places:
         if idx.exists() and idx.stat().st_mtime_ns >= Path(shard).stat().st_mtime_ns:
             with open(idx) as f:
@@ -365,9 +366,8 @@ class _ValidationCache:
     One JSON file per dataset under `cache_dir` (default $CCKERNELS_CACHE or ~/.cache/cckernels)."""
 
     def __init__(self, root, format, cache_dir):
-        cache_dir = Path(cache_dir or os.environ.get("CCKERNELS_CACHE", "~/.cache/cckernels"))
         key = hashlib.sha1(f"{format}:{root}".encode()).hexdigest()[:16]
-        self.path = cache_dir.expanduser() / "index" / f"{key}.json"
+        self.path = cache_root(cache_dir) / "index" / f"{key}.json"
         try:
             cached = json.loads(self.path.read_text())
             self.entries = cached["entries"] if cached.get("version") == CACHE_VERSION else {}

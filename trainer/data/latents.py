@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trainer.data.config import cache_root
 from trainer.data.index import list_skipped
 
 log = logging.getLogger("trainer.data")
@@ -160,9 +161,8 @@ class _ChecksumCache:
     precompute folder under `cache_dir` (default $CCKERNELS_CACHE or ~/.cache/cckernels)."""
 
     def __init__(self, root, cache_dir):
-        cache_dir = Path(cache_dir or os.environ.get("CCKERNELS_CACHE", "~/.cache/cckernels"))
         key = hashlib.sha1(str(root).encode()).hexdigest()[:16]
-        self.path = cache_dir.expanduser() / "latents" / f"{key}.json"
+        self.path = cache_root(cache_dir) / "latents" / f"{key}.json"
 
     def hashes(self, paths):
         try:
