@@ -8,6 +8,7 @@ import torch
 
 import cckernels as ck
 from cckernels.backend import available
+from test_ema_update import views_of_one_buffer
 
 CPU_BACKENDS = ["torch", "triton"]
 GPU_BACKENDS = ["cuda", "triton", "torch"]
@@ -160,15 +161,10 @@ def steps_on_flat_views(backend, dtype, device, shapes, offset=1):
     """3 steps of params whose data and grads are views of flat buffers starting `offset`
     elements in (flat-parameter wrappers; offset 1: nothing 16-byte aligned)."""
     torch.manual_seed(3)
-    total = sum(torch.Size(s).numel() for s in shapes)
-    flat = torch.randn(offset + total + 1, device=device).to(dtype)
-    grad_flat = torch.empty_like(flat)
-    params, at = [], offset
-    for shape in shapes:
-        n = torch.Size(shape).numel()
-        params.append(flat[at : at + n].view(shape))
-        params[-1].grad = grad_flat[at : at + n].view(shape)
-        at += n
+    params, flat = views_of_one_buffer(shapes, dtype, device, offset)
+    grads, grad_flat = views_of_one_buffer(shapes, dtype, device, offset)
+    for p, g in zip(params, grads):
+        p.grad = g
     opt = ck.FusedAdamWEMA(params, lr=1e-2, ema_decay=0.9, backend=backend)
     for _ in range(3):
         grad_flat.normal_()
