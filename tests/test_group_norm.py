@@ -347,8 +347,7 @@ def test_patched_model_matches_in_output_and_gradients():
 def test_cuda_extension_checks_run_without_a_gpu():
     from cckernels import cuda
 
-    if not cuda_backend_loaded():
-        pytest.skip("cckernels._C built without the GroupNorm kernels")
+    skip_without_cuda_group_norm()
     x = torch.randn(2, 8, 3, 3).to(memory_format=torch.channels_last)
     with pytest.raises(ValueError, match="x is on cpu"):
         cuda.loaded().group_norm_forward(x, 4, None, None, 1e-5, True)
@@ -417,18 +416,18 @@ def test_gpu_triton_single_pass(dtype, shape, G, channels_last):
     check(x, G, None, None, silu=False)
 
 
-def cuda_backend_loaded():
+def skip_without_cuda_group_norm():
     from cckernels import cuda
 
-    return cuda.loaded() is not None and hasattr(cuda.loaded(), "group_norm_forward")
+    if cuda.loaded() is None or not hasattr(cuda.loaded(), "group_norm_forward"):
+        pytest.skip("cckernels._C built without the GroupNorm kernels")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,G", [(s, 32) for s in GPU_SHAPES] + [((2, 30, 5, 5), 30), ((2, 36, 3, 3), 4)])
 def test_gpu_cuda_channels_last(dtype, shape, G):
-    if not cuda_backend_loaded():
-        pytest.skip("cckernels._C built without the GroupNorm kernels")
+    skip_without_cuda_group_norm()
     x, w, b = gpu_case(shape, dtype, channels_last=shape[2] > 1)
     for silu in (True, False):
         check(x, G, w, b, silu, backend="cuda")
@@ -461,8 +460,7 @@ CUDA_CLUSTER_CASES = [((3, 960, 33, 31), 32), ((2, 1920, 31, 33), 32), ((4, 60, 
 def test_gpu_cuda_single_pass(dtype, shape, G, path):
     from cckernels import cuda
 
-    if not cuda_backend_loaded():
-        pytest.skip("cckernels._C built without the GroupNorm kernels")
+    skip_without_cuda_group_norm()
     if path == "cluster" and torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("thread block clusters need sm90")
     x, w, b = gpu_case(shape, dtype, channels_last=True)
@@ -484,8 +482,7 @@ CUDA_SPLIT_CASES = [((1, 96, 33, 31), 32), ((2, 60, 17, 19), 20), ((1, 320, 64, 
 def test_gpu_cuda_split_forward(monkeypatch, dtype, shape, G):
     from cckernels import cuda
 
-    if not cuda_backend_loaded():
-        pytest.skip("cckernels._C built without the GroupNorm kernels")
+    skip_without_cuda_group_norm()
     monkeypatch.setattr(cuda, "SINGLE_PASS", False)
     x, w, b = gpu_case(shape, dtype, channels_last=True)
     assert cuda.group_norm_forward_path(x, G) == "split"
@@ -499,8 +496,7 @@ def test_gpu_cuda_split_forward(monkeypatch, dtype, shape, G):
 def test_gpu_cuda_weight_or_bias_alone(monkeypatch, has_w, has_b, single_pass):
     from cckernels import cuda
 
-    if not cuda_backend_loaded():
-        pytest.skip("cckernels._C built without the GroupNorm kernels")
+    skip_without_cuda_group_norm()
     monkeypatch.setattr(cuda, "SINGLE_PASS", single_pass)
     x, w, b = gpu_case((140, 96, 5, 7), torch.float32, channels_last=True)
     assert (cuda.group_norm_forward_path(x, 32) == "split") != single_pass
@@ -514,8 +510,8 @@ def test_gpu_cuda_weight_or_bias_alone(monkeypatch, has_w, has_b, single_pass):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(140, 64, 3, 5), (3, 960, 33, 31), (1, 320, 64, 64)])
 def test_gpu_misaligned_input(backend, dtype, shape):
-    if backend == "cuda" and not cuda_backend_loaded():
-        pytest.skip("cckernels._C built without the GroupNorm kernels")
+    if backend == "cuda":
+        skip_without_cuda_group_norm()
     x, w, b = gpu_case(shape, dtype, channels_last=True)
     check(x, 32, w, b, silu=True, backend=backend, misalign=True)
 
@@ -526,8 +522,8 @@ def test_gpu_misaligned_input(backend, dtype, shape):
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("shape,G", [((2, 96, 4, 5), 32), ((1, 96, 4, 5), 32), ((3, 40, 1, 1), 8)])
 def test_gpu_gradient_in_another_memory_format(backend, shape, G):
-    if backend == "cuda" and not cuda_backend_loaded():
-        pytest.skip("cckernels._C built without the GroupNorm kernels")
+    if backend == "cuda":
+        skip_without_cuda_group_norm()
     x, w, b = gpu_case(shape, torch.bfloat16, channels_last=True)
     dy = torch.randn(shape, device="cuda", dtype=x.dtype)
     assert dy.stride() != x.stride()
@@ -539,8 +535,7 @@ def test_gpu_gradient_in_another_memory_format(backend, shape, G):
 def test_gpu_cuda_single_pass_statistics_survive_a_large_offset(shape, path):
     from cckernels import cuda
 
-    if not cuda_backend_loaded():
-        pytest.skip("cckernels._C built without the GroupNorm kernels")
+    skip_without_cuda_group_norm()
     x = (torch.randn(shape, device="cuda") + 1e3).to(memory_format=torch.channels_last)
     if cuda.group_norm_forward_path(x, 32) != path:
         pytest.skip(f"this GPU runs {cuda.group_norm_forward_path(x, 32)} for {shape}, not {path}")
@@ -571,8 +566,7 @@ SD2_CUDA_PATHS = {
 def test_gpu_cuda_forward_path_for_sd2_shapes():
     from cckernels import cuda
 
-    if not cuda_backend_loaded():
-        pytest.skip("cckernels._C built without the GroupNorm kernels")
+    skip_without_cuda_group_norm()
     props = torch.cuda.get_device_properties(0)
     if (props.major, props.minor, props.multi_processor_count) != (9, 0, 132):
         pytest.skip(f"the table is for an H100 SXM (sm90, 132 SMs), not {props.name}")
@@ -583,8 +577,7 @@ def test_gpu_cuda_forward_path_for_sd2_shapes():
 
 @pytest.mark.gpu
 def test_gpu_cuda_nchw_falls_back_to_triton():
-    if not cuda_backend_loaded():
-        pytest.skip("cckernels._C built without the GroupNorm kernels")
+    skip_without_cuda_group_norm()
     x = torch.randn(2, 64, 8, 8, device="cuda", dtype=torch.bfloat16)
     ck.group_norm(x, 32, backend="cuda")
     assert ck.used_backends()["group_norm"] == "triton"
@@ -593,8 +586,8 @@ def test_gpu_cuda_nchw_falls_back_to_triton():
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_gpu_backward_is_deterministic(backend):
-    if backend == "cuda" and not cuda_backend_loaded():
-        pytest.skip("cckernels._C built without the GroupNorm kernels")
+    if backend == "cuda":
+        skip_without_cuda_group_norm()
     x, w, b = gpu_case((2, 320, 32, 32), torch.bfloat16, channels_last=True)
     dy = torch.randn_like(x)
     runs = [outputs_and_grads(lambda x, w, b: ck.group_norm(x, 32, w, b, activation="silu", backend=backend), x, w, b, dy)
