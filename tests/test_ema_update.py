@@ -168,7 +168,7 @@ def test_misaligned_views_of_one_buffer_gpu(backend):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_tensors_on_a_gpu_that_is_not_the_current_one(backend):
-    # Triton launches on the current device: the launcher must switch to the tensors' device.
+    # Triton launches on the current device: dispatch must switch to the tensors' device.
     skip_unless_usable(backend, "cuda:1")
     ema, params = make(SHAPES, torch.bfloat16, "cuda:1")
     with torch.cuda.device(0):
