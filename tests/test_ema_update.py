@@ -117,8 +117,8 @@ def long_run_errors(update, device, steps=10_000, decay=0.9999):
     for _ in range(steps):
         p = [base + 0.1 * torch.randn(4099, device=device, generator=gen)]
         exact = decay * exact + (1 - decay) * p[0].double()
-        update(ours, p, decay)
         ck.ema_update_(theirs, p, decay, backend="torch")
+        update(ours, p, decay)  # last: used_backends() then names the backend under test
     return [(t[0].double() - exact).abs().max().item() for t in (ours, theirs)] + [exact.abs().max().item()]
 
 

@@ -516,11 +516,12 @@ def test_gpu_misaligned_input(backend, dtype, shape):
     check(x, 32, w, b, silu=True, backend=backend, misalign=True)
 
 
-# dy in another layout than x: contiguous for channels_last, including batch 1 and 1x1 spatial,
-# where PyTorch's strides are ambiguous (both layouts' strides describe the same dense order).
+# dy in another layout than x: contiguous for channels_last, including batch 1, where both
+# layouts' strides describe the same dense order. (At 1x1 spatial the H200 run showed the two
+# layouts give x and dy identical strides, so there is nothing to test there.)
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-@pytest.mark.parametrize("shape,G", [((2, 96, 4, 5), 32), ((1, 96, 4, 5), 32), ((3, 40, 1, 1), 8)])
+@pytest.mark.parametrize("shape,G", [((2, 96, 4, 5), 32), ((1, 96, 4, 5), 32)])
 def test_gpu_gradient_in_another_memory_format(backend, shape, G):
     if backend == "cuda":
         skip_without_cuda_group_norm()
