@@ -54,7 +54,7 @@ def test_tiny_run_writes_table_json_and_plot(bench, tmp_path, monkeypatch, capsy
     rows = bench.main(["--tiny", "--steps", "1", "--warmup", "0", "--out", str(out)])
     saved = json.loads((out / "bench_train.json").read_text())
     assert (out / "bench_train.png").stat().st_size > 0
-    names = [name for name, _ in bench.LADDER] + [bench.PLAIN[0]]
+    names = [name for name, _ in bench.LADDER] + list(bench.PLAIN_ROWS)
     assert [r["name"] for r in saved["rows"]] == names
     by_name = {r["name"]: r for r in saved["rows"]}
     for name, row in by_name.items():
@@ -67,6 +67,11 @@ def test_tiny_run_writes_table_json_and_plot(bench, tmp_path, monkeypatch, capsy
     assert by_name["+ larger micro-batch"]["batch"] == 2 * by_name["baseline"]["batch"]
     assert by_name["+ fused AdamW+EMA, scheduled EMA"]["step_s_ema"]
     assert by_name[bench.PLAIN[0]]["recipe"]["compile"] is True
+    plain_max = by_name[bench.PLAIN_MAX[0]]
+    assert plain_max["recipe"] == {**by_name[bench.PLAIN[0]]["recipe"], "batch": "max"}
+    assert plain_max["batch"] == 2 * by_name["baseline"]["batch"]
+    fastest_plain = max(by_name[n]["images_per_s"] for n in bench.PLAIN_ROWS)
+    assert by_name["baseline"]["speedup_vs_plain_pytorch"] == by_name["baseline"]["images_per_s"] / fastest_plain
     assert by_name["+ torch.compile"]["recipe"] == {**by_name["+ larger micro-batch"]["recipe"], "compile": True}
     assert len(rows) == len(names)
     assert "x base" in capsys.readouterr().out
