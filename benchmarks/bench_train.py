@@ -56,6 +56,10 @@ MFU = FLOPs per image * images/s / peak, against the bf16 dense matmul peak meas
 (an 8192^3 bf16 matmul, do_bench) and against the nominal 989 TFLOP/s of an H100 SXM.
 Writes bench_train.json and bench_train.png to --out (default benchmarks/results/local) after
 every row, so a run cut short (run_gpu.sh's time limit) keeps what it measured.
+--profile runs 2 more steps per row under torch.profiler: the op table (top 30 by GPU time) in
+--out/bench_train-profile/<row>.txt, and the "busy" column: kernel time per step / median step
+time. Well below 100% the GPU waits for the host (Python, launches): kernel speed-ups cannot
+show in that row, a larger micro-batch or CUDA graphs can.
 """
 
 import argparse
@@ -88,6 +92,7 @@ from trainer.unet import Attention, UNet  # noqa: E402
 SD2_GFLOP_PER_IMAGE = {256: 539.0, 512: 2409.0}  # counted by --count-flops (torch 2.14)
 H100_SXM_BF16_TFLOPS = 989.0  # nominal dense bf16 peak
 EMA_DECAY = 0.9999
+PROFILE_STEPS = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -341,7 +346,7 @@ def wrap(recipe, unet, args):
     return torch.compile(model, backend=args.compile_backend) if recipe.compile else model
 
 
-def run_row(recipe, batch, shared):
+def run_row(recipe, name, batch, shared):
     """Times one recipe; returns {step times, peak and persistent memory, backends used}."""
     a, device = shared.args, shared.device
     cuda = device.type == "cuda"
@@ -393,6 +398,8 @@ def run_row(recipe, batch, shared):
         torch.cuda.reset_peak_memory_stats(device)
     times = window(a.steps)
     result = {"step_s": times}
+    if a.profile:
+        result.update(profile_steps(step, PROFILE_STEPS, cuda, a.profile_dir / f"{slug(name)}.txt", np.median(times)))
     if scheduled:
         window(1)  # the EMA starts here: a one-time copy of the weights
         result["step_s_ema"] = window(max(1, a.steps // 2))
@@ -411,6 +418,32 @@ def run_row(recipe, batch, shared):
     return result
 
 
+def profile_steps(step, n, cuda, path, step_s):
+    """n more steps under torch.profiler: their op table (top 30 by GPU time, CPU time on a
+    CPU) goes to `path`; returns the kernel time per step and its share of the unprofiled
+    median step time `step_s` (the profiler slows the host, not the kernels). A share well
+    below 1 means the GPU waited for the host: kernel speed-ups cannot show there."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(n):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
+                                              row_limit=30))
+    if not cuda:
+        return {}
+    kernel_s = sum(e.time_range.elapsed_us() for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA) * 1e-6 / n
+    return {"kernel_s_per_step": kernel_s, "gpu_busy": kernel_s / step_s}
+
+
+def slug(name):
+    return "".join(c if c.isalnum() else "-" for c in name).strip("-").replace("--", "-")
+
+
 def measure(recipe, name, earlier, shared):
     """Runs one row; the larger micro-batch steps back (halving the increase) on out-of-memory.
     `earlier`: the rows above it in the table; a larger micro-batch row sizes its batch from
@@ -421,7 +454,7 @@ def measure(recipe, name, earlier, shared):
         batch = max_batch(earlier[-1], a.batch, shared.device, a.tiny)
     while True:
         try:
-            result = run_row(recipe, batch, shared)
+            result = run_row(recipe, name, batch, shared)
             break
         except Exception as e:  # noqa: BLE001  a row failing is reported, not fatal
             if not (is_oom(e) and recipe.batch == "max" and batch > a.batch):
@@ -474,7 +507,7 @@ def add_ratios(rows, flops_per_image, peak_tflops):
 
 def print_table(rows):
     head = (f"{'recipe':<36}{'batch':>6}{'img/s':>9}{'step ms (q20-q80)':>26}{'peak GiB':>10}"
-            f"{'x base':>8}{'x plain':>8}{'MFU':>7}{'MFU989':>8}  backends")
+            f"{'x base':>8}{'x plain':>8}{'MFU':>7}{'MFU989':>8}{'busy':>6}  backends")
     print(head)
     for r in rows:
         if "images_per_s" not in r:
@@ -484,9 +517,10 @@ def print_table(rows):
         ratio = lambda v: f"{v:.2f}x" if v else "-"  # noqa: E731
         steps = f"{r['step_ms']:.1f} ({r['step_ms_q20']:.1f}-{r['step_ms_q80']:.1f})"
         backends = ",".join(f"{k}={v}" for k, v in r["backends"].items())
+        busy = f"{r['gpu_busy']:.0%}" if "gpu_busy" in r else "-"
         print(f"{r['name']:<36}{r['batch']:>6}{r['images_per_s']:>9.1f}{steps:>26}{mem:>10}"
               f"{ratio(r['speedup_vs_baseline']):>8}{ratio(r['speedup_vs_plain_pytorch']):>8}"
-              f"{r['mfu_measured_peak']:>7.1%}{r['mfu_h100_nominal']:>8.1%}  {backends} {r.get('note', '')}")
+              f"{r['mfu_measured_peak']:>7.1%}{r['mfu_h100_nominal']:>8.1%}{busy:>6}  {backends} {r.get('note', '')}")
 
 
 def plot(rows, path, meta):
@@ -538,6 +572,9 @@ def parse_args(argv=None):
     p.add_argument("--no-compile", action="store_true",
                    help="no torch.compile: the plain-PyTorch row without it, the + torch.compile row skipped")
     p.add_argument("--budget-s", type=float, default=None, help="skip rows that would start after this many seconds")
+    p.add_argument("--profile", action="store_true",
+                   help=f"profile {PROFILE_STEPS} more steps per row: op tables in OUT/bench_train-profile/, "
+                   "GPU busy share in the table")
     return p.parse_args(argv)
 
 
@@ -567,6 +604,7 @@ def setup(args):
     # tiny: dynamo's graph capture only; inductor's compile alone would take minutes
     args.compile_backend = "eager" if args.tiny else "inductor"
     args.cache = cache_root()
+    args.profile_dir = Path(args.out) / "bench_train-profile"
     w, h = args.image_size
     # same folder name as bench_data.py's, so run_gpu.sh generates the JPEGs once
     args.jpegs = args.cache / f"bench-jpegs-{args.images}-{w}x{h}"

@@ -77,6 +77,15 @@ def test_tiny_run_writes_table_json_and_plot(bench, tmp_path, monkeypatch, capsy
     assert "x base" in capsys.readouterr().out
 
 
+def test_profile_writes_the_op_table_of_each_row(bench, tmp_path, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("CCKERNELS_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    rows = bench.main(["--tiny", "--steps", "1", "--warmup", "0", "--out", str(out), "--rows", "baseline", "--profile"])
+    assert [r["name"] for r in rows if "images_per_s" in r] == ["baseline"]
+    assert "aten::" in (out / "bench_train-profile" / "baseline.txt").read_text()
+
+
 def test_a_run_cut_short_keeps_json_and_plot_of_the_rows_done(bench, tmp_path, monkeypatch):
     monkeypatch.setenv("CCKERNELS_CACHE", str(tmp_path / "cache"))
     calls = []
