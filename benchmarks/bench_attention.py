@@ -20,8 +20,18 @@ with CCKERNELS_DETERMINISTIC for each fwd+bwd row; the forward is the same kerne
 Peers, each only when it runs: torch SDPA with each of its flash, efficient and cuDNN backends
 (forced with torch.nn.attention.sdpa_kernel, fed the transposed BLHD views a UNet passes),
 flash-attn and xformers (BLHD, as ours), and the plain-PyTorch reference that materializes the
-scores. Times: median and 20/80 % quantiles of triton.testing.do_bench. --tiny (automatic
-without a GPU) runs the same code on tiny fp32 shapes in seconds, Triton in its interpreter.
+scores.
+
+Every row, ours and the peers' alike, is timed three ways (benchmarks/timers.py): "eager ms",
+the call as a training step makes it (below about 1 ms this is mostly the host's time to
+enqueue the call, not the GPU's); "graph ms", the same call captured in a CUDA graph and
+replayed, the GPU's time alone; "host us", the host's time to enqueue one call. Times are
+medians with 20/80 % quantiles of triton.testing.do_bench (L2 flushed before each call).
+TFLOP/s in the table come from the graph time; the JSON keeps both ("tflops" eager,
+"graph_tflops"), as it keeps both speed-ups. A backend that cannot be captured gets no graph
+time, and its reason in "graph_error". The shapes run in the order above (512 px first), and
+--budget-s starts no shape after that many seconds. --tiny (automatic without a GPU) runs the
+same code on tiny fp32 shapes in seconds, Triton in its interpreter, without the graph timing.
 """
 import argparse
 import contextlib
@@ -34,6 +44,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from timers import timings
 
 HEADS = {0: 5, 1: 10, 2: 20, 3: 20}  # UNet level -> heads of dim 64 (SD2)
 # fwd+bwd rows of the "triton" backend, one per backward variant: name -> CCKERNELS_DETERMINISTIC.
@@ -95,23 +106,6 @@ def peers():
     return fns
 
 
-def bench(fn, grads, tiny):
-    """(median, p20, p80) milliseconds."""
-    if not tiny:
-        import triton.testing
-
-        return triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], grad_to_none=grads)
-    times = []
-    for _ in range(3):
-        for g in grads:
-            g.grad = None
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    lo, mid, hi = statistics.quantiles(times, n=5)[0], statistics.median(times), statistics.quantiles(times, n=5)[3]
-    return mid, lo, hi
-
-
 @contextlib.contextmanager
 def env(name, value):
     """Set os.environ[name] (None: leave it alone) for the duration of the block."""
@@ -158,12 +152,16 @@ def measure(fns, shapes, device, dtype, tiny, budget_s=None, save=None):
                     timed = lambda: fn(q, k, v).backward(dout)  # noqa: E731
                 else:
                     timed = lambda: fn(q, k, v)  # noqa: E731
+                # the graph is captured under the same grad mode and backward variant
                 with torch.set_grad_enabled(backward), env("CCKERNELS_DETERMINISTIC", deterministic):
-                    ms, p20, p80 = bench(timed, [q, k, v], tiny)
+                    eager, graph, why, host = timings(timed, tiny, grads=[q, k, v])
+                count = flops(B, Lq, Lk, H, D, backward)
                 rows.append({
                     "shape": name, "B": B, "Lq": Lq, "Lk": Lk, "H": H, "D": D, "backend": label,
-                    "pass": "fwd+bwd" if backward else "fwd", "ms": ms, "ms_p20": p20, "ms_p80": p80,
-                    "tflops": flops(B, Lq, Lk, H, D, backward) / (ms * 1e-3) / 1e12,
+                    "pass": "fwd+bwd" if backward else "fwd",
+                    "ms": eager[0], "ms_p20": eager[1], "ms_p80": eager[2], "tflops": count / (eager[0] * 1e-3) / 1e12,
+                    "graph_ms": graph and graph[0], "graph_ms_p20": graph and graph[1], "graph_ms_p80": graph and graph[2],
+                    "graph_tflops": graph and count / (graph[0] * 1e-3) / 1e12, "graph_error": why, "host_us": host,
                 })
         if save is not None:
             save(rows)
@@ -174,59 +172,112 @@ def ours(backend):
     return backend == "triton" or backend in TRITON_BACKWARDS
 
 
+# timing -> (row key of its median ms, prefix of its fields in rows and summary)
+TIMINGS = {"eager": ("ms", ""), "graph": ("graph_ms", "graph_")}
+
+
 def summarize(rows):
-    """Per shape, pass and triton row (the forward; each backward variant): its speed-up over
-    each peer and over the best SDPA backend."""
+    """Per shape, pass and triton row (the forward; each backward variant), in each timing:
+    its speed-up over each peer and over the best SDPA backend (None where either side has no
+    time in that timing)."""
     summary = []
     for shape in dict.fromkeys(r["shape"] for r in rows):
         for pass_ in ("fwd", "fwd+bwd"):
             group = {r["backend"]: r for r in rows if r["shape"] == shape and r["pass"] == pass_}
-            sdpa = [r["ms"] for b, r in group.items() if b.startswith("sdpa")]
             for name, mine in group.items():
-                if ours(name):
-                    summary.append({
-                        "shape": shape, "pass": pass_, "backend": name, "triton_tflops": mine["tflops"],
-                        "speedup_vs": {b: r["ms"] / mine["ms"] for b, r in group.items() if not ours(b)},
-                        "speedup_vs_best_sdpa": min(sdpa) / mine["ms"] if sdpa else None,
-                    })
+                if not ours(name):
+                    continue
+                entry = {"shape": shape, "pass": pass_, "backend": name}
+                for key, prefix in TIMINGS.values():
+                    vs = {} if mine[key] is None else {
+                        b: r[key] / mine[key] for b, r in group.items() if not ours(b) and r[key] is not None
+                    }
+                    sdpa = [x for b, x in vs.items() if b.startswith("sdpa")]
+                    entry[f"{prefix}tflops"] = mine[f"{prefix}tflops"]
+                    entry[f"{prefix}speedup_vs"] = vs
+                    entry[f"{prefix}speedup_vs_best_sdpa"] = min(sdpa) if sdpa else None
+                summary.append(entry)
     return summary
 
 
+def host_times(rows):
+    """Per pass: each of our rows' and the best peer's host time per call (us, median over shapes)."""
+    out = []
+    for pass_ in ("fwd", "fwd+bwd"):
+        per_backend = {}
+        for r in rows:
+            if r["pass"] == pass_:
+                per_backend.setdefault(r["backend"], []).append(r["host_us"])
+        median = {b: statistics.median(us) for b, us in per_backend.items()}
+        peers = {b: us for b, us in median.items() if not ours(b)}
+        best = min(peers, key=peers.get) if peers else None
+        out.append({"pass": pass_, "ours_us": {b: us for b, us in median.items() if ours(b)},
+                    "best_peer": best, "best_peer_us": peers.get(best)})
+    return out
+
+
 def targets(summary):
-    """Issue 3's H100 targets checked on this run, for each backward variant: [(target, met)]."""
+    """Issue 3's H100 targets checked on this run, for each backward variant, on the eager and
+    on the graph time: [(target, met eager, met graph)], None where that time is missing."""
+
+    def met(value, need):
+        return None if value is None else value >= need
+
     checks = []
     for s in summary:
         label = f"{s['shape']} {s['pass']} {s['backend']}"
         if "self L=4096" in s["shape"] and s["pass"] == "fwd+bwd":
-            checks.append((f"{label} >= 300 TFLOP/s", s["triton_tflops"] >= 300))
-        if s["speedup_vs_best_sdpa"] is not None:
+            checks.append((f"{label} >= 300 TFLOP/s", met(s["tflops"], 300), met(s["graph_tflops"], 300)))
+        if s["speedup_vs_best_sdpa"] is not None or s["graph_speedup_vs_best_sdpa"] is not None:
             need = 1.2 if "cross" in s["shape"] else 1.0
-            checks.append((f"{label} >= {need}x best SDPA", s["speedup_vs_best_sdpa"] >= need))
+            checks.append((f"{label} >= {need}x best SDPA", met(s["speedup_vs_best_sdpa"], need),
+                           met(s["graph_speedup_vs_best_sdpa"], need)))
     return checks
 
 
-def print_table(rows, summary, checks):
-    """Every row; 'ours x' is the forward's, or the default (deterministic) backward's, speed-up
-    over that row."""
-    print(f"{'shape':<22}{'pass':<9}{'backend':<22}{'ms':>9}{'p20':>9}{'p80':>9}{'TFLOP/s':>9}{'ours x':>8}")
+def fmt(value, spec, missing="-"):
+    return missing if value is None else format(value, spec)
+
+
+def status(met):
+    return "-" if met is None else "met" if met else "MISS"
+
+
+def print_table(rows, summary, hosts, checks):
+    """Every row; "x eager" and "x graph" are the forward's, or the default (deterministic)
+    backward's, speed-up over that row in each timing; TFLOP/s from the graph time."""
+    print(f"{'shape':<22}{'pass':<9}{'backend':<22}{'eager ms':>9}{'graph ms (p20-p80)':>26}{'host us':>9}"
+          f"{'TFLOP/s':>9}{'x eager':>9}{'x graph':>9}")
     reference = {"fwd": "triton", "fwd+bwd": next(iter(TRITON_BACKWARDS))}
-    speedups = {(s["shape"], s["pass"]): s["speedup_vs"] for s in summary if s["backend"] == reference[s["pass"]]}
+    mine = {(s["shape"], s["pass"]): s for s in summary if s["backend"] == reference[s["pass"]]}
+    no_graph = {}  # reason -> rows without a graph time
     for r in rows:
-        x = speedups.get((r["shape"], r["pass"]), {}).get(r["backend"])
-        print(f"{r['shape']:<22}{r['pass']:<9}{r['backend']:<22}{r['ms']:>9.3f}{r['ms_p20']:>9.3f}"
-              f"{r['ms_p80']:>9.3f}{r['tflops']:>9.1f}{'' if x is None else f'{x:>7.2f}x'}")
-    print("\ntriton vs best SDPA backend (time ratio, >1 = ours faster):")
+        s = mine.get((r["shape"], r["pass"]), {})
+        graph = "-" if r["graph_ms"] is None else f"{r['graph_ms']:.4f} ({r['graph_ms_p20']:.4f}-{r['graph_ms_p80']:.4f})"
+        print(f"{r['shape']:<22}{r['pass']:<9}{r['backend']:<22}{r['ms']:>9.4f}{graph:>26}{r['host_us']:>9.1f}"
+              f"{fmt(r['graph_tflops'], '.1f'):>9}{fmt(s.get('speedup_vs', {}).get(r['backend']), '.2f', ''):>9}"
+              f"{fmt(s.get('graph_speedup_vs', {}).get(r['backend']), '.2f', ''):>9}")
+        if r["graph_error"]:
+            no_graph.setdefault(r["graph_error"], set()).add(f"{r['backend']} {r['pass']}")
+    for why, which in no_graph.items():
+        everything = len(no_graph) == 1 and all(r["graph_error"] for r in rows)
+        print(f"no graph time for {'any row' if everything else ', '.join(sorted(which))}: {why}")
+    print("\ntriton vs best SDPA backend (time ratio, >1 = ours faster; TFLOP/s from the graph time):")
     for s in summary:
-        best = s["speedup_vs_best_sdpa"]
-        print(f"  {s['shape']:<22}{s['pass']:<9}{s['backend']:<22}{s['triton_tflops']:>7.1f} TFLOP/s  "
-              f"{'n/a' if best is None else f'{best:.2f}x'}")
+        print(f"  {s['shape']:<22}{s['pass']:<9}{s['backend']:<22}{fmt(s['graph_tflops'], '>7.1f', '      -')} TFLOP/s  "
+              f"eager {fmt(s['speedup_vs_best_sdpa'], '.2f', 'n/a')}  graph {fmt(s['graph_speedup_vs_best_sdpa'], '.2f', 'n/a')}")
+    print("\nhost time to enqueue one call (us, median over shapes): the eager time cannot go below it")
+    for h in hosts:
+        mine_us = ", ".join(f"{b} {us:.1f}" for b, us in h["ours_us"].items())
+        print(f"  {h['pass']:<9}{mine_us}  |  best peer: {h['best_peer']} {fmt(h['best_peer_us'], '.1f')}")
     if checks:
-        print("\ntargets (H100):")
-    for target, met in checks:
-        print(f"  {'met ' if met else 'MISS'} {target}")
+        print("\ntargets (H100), eager / graph time:")
+    for target, eager, graph in checks:
+        print(f"  {status(eager):<5}{status(graph):<5}{target}")
 
 
 def plot(rows, path):
+    """TFLOP/s from the graph time; hatched bars: the eager time, where there is no graph time."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -238,11 +289,15 @@ def plot(rows, path):
     width = 0.8 / len(backends)
     for ax, pass_ in zip(axes, ("fwd", "fwd+bwd")):
         for i, backend in enumerate(backends):
-            tf = {r["shape"]: r["tflops"] for r in rows if r["backend"] == backend and r["pass"] == pass_}
-            xs = [j + i * width for j, s in enumerate(shapes) if s in tf]
-            ax.bar(xs, [tf[s] for s in shapes if s in tf], width, label=backend)
+            mine = [(j, r) for j, s in enumerate(shapes) for r in rows
+                    if r["shape"] == s and r["backend"] == backend and r["pass"] == pass_]
+            bars = ax.bar([j + i * width for j, _ in mine], [r["graph_tflops"] or r["tflops"] for _, r in mine], width,
+                          label=backend, color=f"C{i}")
+            for bar, (_, r) in zip(bars, mine):
+                bar.set_hatch("" if r["graph_tflops"] else "//")
         ax.set_ylabel(f"{pass_} TFLOP/s")
         ax.grid(axis="y", alpha=0.3)
+    axes[0].set_title("TFLOP/s from CUDA-graph time (hatched: eager time, no graph time)")
     axes[0].legend(fontsize=8)
     axes[1].set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))])
     axes[1].set_xticklabels(shapes, rotation=45, ha="right", fontsize=8)
@@ -278,16 +333,18 @@ def main():
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (Triton interpreter)",
         "torch": torch.__version__, "triton": triton.__version__, "dtype": str(dtype).removeprefix("torch."),
         "flops": "fwd 4*B*H*Lq*Lk*D; fwd+bwd 3.5x that (both backward variants)",
-        "timing": "triton.testing.do_bench median, 20/80 quantiles" if not tiny else "3 wall-clock runs (tiny)",
+        "timing": "3 wall-clock runs (tiny); no graph time" if tiny else
+                  "triton.testing.do_bench median, 20/80 quantiles, L2 flushed: eager calls (ms), and replays of "
+                  "each call captured in a CUDA graph (graph_ms); host_us: median host time to enqueue one call",
     }
 
     def save(rows):
-        summary = summarize(rows)
+        summary, hosts = summarize(rows), host_times(rows)
         checks = [] if tiny else targets(summary)
-        (out / "attention.json").write_text(json.dumps({**meta, "rows": rows, "summary": summary, "targets": checks},
-                                                       indent=1))  # fmt: skip
+        (out / "attention.json").write_text(json.dumps({**meta, "rows": rows, "summary": summary, "host": hosts,
+                                                        "targets": checks}, indent=1))  # fmt: skip
         plot(rows, out / "attention.png")
-        return summary, checks
+        return summary, hosts, checks
 
     rows = measure(peers(), shapes, device, dtype, tiny, args.budget_s, save)
     print_table(rows, *save(rows))

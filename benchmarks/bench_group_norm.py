@@ -7,12 +7,22 @@ Bytes moved (the minimum any implementation must move; weights and statistics ar
     forward + backward   forward, then read x, dy, write dx   5 * numel * itemsize
 with itemsize of the bf16 input. GB/s = bytes / median time; "of copy" divides it by the
 device-to-device copy bandwidth measured here (dst.copy_(src) on a 1 GiB tensor, 2 bytes
-moved per byte copied). Times are medians with 20/80 % quantiles from triton.testing.do_bench.
+moved per byte copied).
+
+Every case, ours and the peers' alike, is timed three ways (benchmarks/timers.py): "eager ms",
+the call as a training step makes it (at these sizes mostly the host's time to enqueue the
+call); "graph ms", the same call captured in a CUDA graph and replayed, the GPU's time alone;
+"host us", the host's time to enqueue one call. Times are medians with 20/80 % quantiles from
+triton.testing.do_bench (L2 flushed before each call). GB/s, "of copy" and the speed-ups in the
+table come from the graph time; the JSON keeps both timings (GBps, of_copy,
+speedup_vs_autocast: eager; graph_GBps, graph_of_copy, graph_speedup_vs_autocast: graph). A
+case that cannot be captured has no graph time, and its reason in "graph_error".
 
 Peers: torch eager under autocast (bf16 x and fp32 parameters: autocast runs group_norm in
 fp32 and SiLU as a second fp32 pass), plain bf16 eager, torch.compile of the bf16 eager code,
 and apex's contrib GroupNorm (channels_last only) when it imports. --tiny (automatic without a
-GPU) runs one tiny shape on the CPU with a wall-clock timer, so a test can smoke-run the script.
+GPU) runs one tiny shape on the CPU with a wall-clock timer and no graph time, so a test can
+smoke-run the script.
 The "forward" column says which of our forwards ran: "single-pass" (each group read once),
 "cluster-K" (CUDA on sm90: the same, each group staged by a cluster of K blocks) or "split"
 (three passes, x read twice), as the backend's group_norm_forward_path reports it; a backend
@@ -33,6 +43,7 @@ from tqdm import tqdm
 import cckernels as ck
 from cckernels import cuda as ck_cuda
 from cckernels.triton import group_norm as ck_triton_group_norm
+from timers import eager_ms, timings
 
 GROUPS = 32
 # (batch, channels, latent side): SD2 UNet GroupNorm inputs, encoder and decoder (whose
@@ -44,22 +55,9 @@ SHAPES = {
 TINY_SHAPES = {"tiny": [(2, 64, 4)]}
 
 
-def timer(fn, on_gpu):
-    """(median, q20, q80) milliseconds."""
-    if on_gpu:
-        import triton.testing
-
-        # 40 ms of repetitions (hundreds of calls at these sizes) rather than do_bench's 100: the
-        # GPU visit's budget then covers about twice the cases
-        return tuple(triton.testing.do_bench(fn, warmup=10, rep=40, quantiles=[0.5, 0.2, 0.8]))
-    fn()
-    times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    q = statistics.quantiles(times, n=5)
-    return statistics.median(times), q[0], q[3]
+# do_bench (warmup, rep) milliseconds of each timing: 20 ms of repetitions is hundreds of calls
+# at these sizes (do_bench's default is 100), so the GPU visit's budget covers more cases
+EAGER, GRAPH = (5, 20), (5, 20)
 
 
 def copy_bandwidth(device, on_gpu):
@@ -67,7 +65,8 @@ def copy_bandwidth(device, on_gpu):
     numel = (1 << 30) // 4 if on_gpu else 1 << 20
     src = torch.randn(numel, device=device)
     dst = torch.empty_like(src)
-    ms = timer(lambda: dst.copy_(src), on_gpu)[0]
+    copy = lambda: dst.copy_(src)  # noqa: E731
+    ms = eager_ms(copy, 10, 40)[0] if on_gpu else timings(copy, tiny=True)[0][0]
     return 2 * src.numel() * src.element_size() / ms / 1e6
 
 
@@ -173,11 +172,14 @@ def measure(name, fn, param_dtype, shape, layout, device, on_gpu):
         # autograd.grad, not backward(): .grad accumulation would add a read-add-write of dx per call
         ("fwd+bwd", lambda: torch.autograd.grad(fn(xg, wg, bg), (xg, wg, bg), dy), bytes_fwd * 5 // 2),
     ):
-        with torch.set_grad_enabled(mode != "fwd"):
+        with torch.set_grad_enabled(mode != "fwd"):  # the graph is captured in the same mode
             run()  # compiles (torch.compile, Triton) outside the timed region
-            ms, lo, hi = timer(run, on_gpu)
+            eager, graph, why, host = timings(run, tiny=not on_gpu, eager=EAGER, graph=GRAPH)
         rows.append({"impl": name, "forward": path, "shape": [N, C, side, side], "layout": layout, "mode": mode,
-                     "ms": ms, "ms_q20": lo, "ms_q80": hi, "bytes": nbytes, "GBps": nbytes / ms / 1e6})
+                     "ms": eager[0], "ms_q20": eager[1], "ms_q80": eager[2], "bytes": nbytes,
+                     "GBps": nbytes / eager[0] / 1e6, "graph_ms": graph and graph[0], "graph_ms_q20": graph and graph[1],
+                     "graph_ms_q80": graph and graph[2], "graph_GBps": graph and nbytes / graph[0] / 1e6,
+                     "graph_error": why, "host_us": host})
     return rows
 
 
@@ -194,17 +196,73 @@ def plot(rows, copy_gbps, path):
     width = 0.8 / max(1, len(impls))
     for ax, mode in zip(axes[:, 0], modes):
         for i, impl in enumerate(impls):
-            vals = {(tuple(r["shape"]), r["layout"]): r["GBps"] / copy_gbps for r in rows
-                    if r["impl"] == impl and r["mode"] == mode}
-            xs = [j + i * width for j, case in enumerate(cases) if case in vals]
-            ax.bar(xs, [vals[case] for case in cases if case in vals], width, label=impl)
+            mine = [(j, r) for j, case in enumerate(cases) for r in rows
+                    if (tuple(r["shape"]), r["layout"]) == case and r["impl"] == impl and r["mode"] == mode]
+            bars = ax.bar([j + i * width for j, _ in mine], [(r["graph_GBps"] or r["GBps"]) / copy_gbps for _, r in mine],
+                          width, label=impl, color=f"C{i}")
+            for bar, (_, r) in zip(bars, mine):
+                bar.set_hatch("" if r["graph_GBps"] else "//")
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))])
         ax.set_xticklabels([f"{'x'.join(map(str, s))}\n{l}" for s, l in cases], fontsize=7)
         ax.set_ylabel("fraction of copy bandwidth")
-        ax.set_title(f"GroupNorm+SiLU {mode}, bf16")
+        ax.set_title(f"GroupNorm+SiLU {mode}, bf16, from the CUDA-graph time (hatched: eager time, no graph time)")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def add_ratios(rows, copy_gbps):
+    """Each row's fraction of copy bandwidth and speed-up over torch-autocast, in both timings
+    (None where a time is missing)."""
+    for prefix in ("", "graph_"):
+        base = {(tuple(r["shape"]), r["layout"], r["mode"]): r[f"{prefix}ms"] for r in rows if r["impl"] == "torch-autocast"}
+        for r in rows:
+            mine, theirs = r[f"{prefix}ms"], base.get((tuple(r["shape"]), r["layout"], r["mode"]))
+            r[f"{prefix}of_copy"] = None if mine is None else r[f"{prefix}GBps"] / copy_gbps
+            r[f"{prefix}speedup_vs_autocast"] = None if mine is None or theirs is None else theirs / mine
+
+
+def fmt(value, spec, suffix=""):
+    return "-" if value is None else format(value, spec) + suffix
+
+
+def print_table(rows):
+    """Every row: both times and the host time; GB/s and "of copy" from the graph time; the
+    speed-up over torch-autocast in both timings."""
+    print(f"{'res':6} {'shape':>18} {'layout':6} {'mode':8} {'impl':15} {'forward':11} {'eager ms':>9} "
+          f"{'graph ms (q20-q80)':>26} {'host us':>8} {'GB/s':>7} {'of copy':>7} {'vs autocast eager':>17} {'graph':>6}")
+    no_graph = {}  # reason -> cases without a graph time
+    for r in rows:
+        graph = "-" if r["graph_ms"] is None else f"{r['graph_ms']:.4f} ({r['graph_ms_q20']:.4f}-{r['graph_ms_q80']:.4f})"
+        print(f"{r['res']:6} {'x'.join(map(str, r['shape'])):>18} {r['layout']:6} {r['mode']:8} {r['impl']:15} {r['forward']:11} "
+              f"{r['ms']:9.4f} {graph:>26} {r['host_us']:8.1f} {fmt(r['graph_GBps'], '.1f'):>7} "
+              f"{fmt(r['graph_of_copy'], '.2f'):>7} {fmt(r['speedup_vs_autocast'], '.2f', 'x'):>17} "
+              f"{fmt(r['graph_speedup_vs_autocast'], '.2f', 'x'):>6}")
+        if r["graph_error"]:
+            no_graph.setdefault(r["graph_error"], set()).add(f"{r['impl']} {r['layout']} {r['mode']}")
+    for why, which in no_graph.items():
+        everything = len(no_graph) == 1 and all(r["graph_error"] for r in rows)
+        print(f"no graph time for {'any row' if everything else ', '.join(sorted(which))}: {why}")
+
+
+def host_times(rows):
+    """Per mode: each of our implementations' and the best peer's host time per call (us,
+    median over cases), printed and returned."""
+    print("host time to enqueue one call (us, median over cases): the eager time cannot go below it")
+    out = []
+    for mode in ("fwd", "fwd+bwd"):
+        per_impl = {}
+        for r in rows:
+            if r["mode"] == mode:
+                per_impl.setdefault(r["impl"], []).append(r["host_us"])
+        median = {impl: statistics.median(us) for impl, us in per_impl.items()}
+        peers = {impl: us for impl, us in median.items() if not impl.startswith("ck-")}
+        best = min(peers, key=peers.get) if peers else None
+        ours = {impl: us for impl, us in median.items() if impl.startswith("ck-")}
+        out.append({"mode": mode, "ours_us": ours, "best_peer": best, "best_peer_us": peers.get(best)})
+        print(f"  {mode:9}{', '.join(f'{impl} {us:.1f}' for impl, us in ours.items())}  |  "
+              f"best peer: {best} {fmt(peers.get(best), '.1f')}")
+    return out
 
 
 def main():
@@ -232,23 +290,19 @@ def main():
             continue
         for row in measure(impl, fn, param_dtype, shape, layout, device, on_gpu):
             row["res"] = res
-            row["of_copy"] = row["GBps"] / copy_gbps
             rows.append(row)
     if skipped:
         print(f"time budget of {args.budget_s:.0f} s spent: {len(skipped)} cases not measured ({skipped[0]}, ...)")
-    base = {(tuple(r["shape"]), r["layout"], r["mode"]): r["ms"] for r in rows if r["impl"] == "torch-autocast"}
-    print(f"{'res':6} {'shape':>18} {'layout':6} {'mode':8} {'impl':15} {'forward':11} {'ms (q20-q80)':>24} {'GB/s':>7} "
-          f"{'of copy':>7} {'vs autocast':>11}")
-    for r in rows:
-        key = (tuple(r["shape"]), r["layout"], r["mode"])
-        speedup = base[key] / r["ms"] if key in base else float("nan")
-        r["speedup_vs_autocast"] = speedup
-        print(f"{r['res']:6} {'x'.join(map(str, r['shape'])):>18} {r['layout']:6} {r['mode']:8} {r['impl']:15} {r['forward']:11} "
-              f"{r['ms']:9.4f} ({r['ms_q20']:.4f}-{r['ms_q80']:.4f}) {r['GBps']:7.1f} {r['of_copy']:7.2f} {speedup:10.2f}x")
+    add_ratios(rows, copy_gbps)
+    print_table(rows)
+    hosts = host_times(rows)
     os.makedirs(args.out, exist_ok=True)
     result = {"device": name, "copy_GBps": copy_gbps, "dtype": "bfloat16", "groups": GROUPS,
               "bytes": {"fwd": "2 * numel * itemsize", "fwd+bwd": "5 * numel * itemsize"},
-              "torch": torch.__version__, "rows": rows, "not_measured": skipped}
+              "timing": "3 wall-clock runs (tiny); no graph time" if tiny else
+                        "triton.testing.do_bench median, 20/80 quantiles, L2 flushed: eager calls (ms), and replays "
+                        "of each call captured in a CUDA graph (graph_ms); host_us: median host time to enqueue one call",
+              "torch": torch.__version__, "rows": rows, "host": hosts, "not_measured": skipped}
     with open(os.path.join(args.out, "group_norm.json"), "w") as f:
         json.dump(result, f, indent=1)
     plot(rows, copy_gbps, os.path.join(args.out, "group_norm.png"))

@@ -1,0 +1,117 @@
+"""The three timings of a kernel benchmark case (bench_attention, bench_group_norm).
+
+    eager  triton.testing.do_bench of the call as a training step makes it, L2 flushed before
+           each call. When the host takes longer to enqueue a call (Python, autograd, launch
+           overhead) than the GPU takes to run it, this is the host's time, not the kernels'.
+    graph  the same call captured once in a CUDA graph; each replay timed the same way
+           (do_bench, L2 flushed). One graph launch per call, queued while the L2 flush runs,
+           so this is the GPU's time alone: what the kernels cost, and what a training step
+           captured in a CUDA graph pays.
+    host   median wall time to enqueue one call, the GPU left running behind (no sync between
+           calls): the floor under the eager time, hidden by it whenever it is the larger.
+
+Why not triton.testing.do_bench_cudagraph (triton 3.6 and 3.8 alike): it does not flush the L2
+(small inputs would stay cached, unlike in the eager column), it unrolls rep / eager-estimate
+calls into one graph, so a host-bound op captures hundreds of calls per case and its quantiles
+are of 10 replay means rather than of single calls, and its side stream does not wait for
+the stream that made the inputs.
+"""
+import statistics
+import time
+
+import torch
+
+QUANTILES = [0.5, 0.2, 0.8]  # -> (median, q20, q80)
+NO_GRAPH_IN_TINY_MODE = "not timed in tiny mode (the CPU smoke run; CUDA graphs need a GPU)"
+
+
+def clear(grads):
+    for t in grads:
+        t.grad = None
+
+
+def eager_ms(fn, warmup, rep, grads=()):
+    """(median, q20, q80) milliseconds of fn(); grads are set to None before each call."""
+    import triton.testing
+
+    return tuple(triton.testing.do_bench(fn, warmup=warmup, rep=rep, grad_to_none=list(grads), quantiles=QUANTILES))
+
+
+def capture(fn, grads=(), warmups=2):
+    """(graph, output): one fn() call captured in a torch.cuda.CUDAGraph, and what that call
+    returned (its tensors live in the graph's memory; each replay rewrites them).
+
+    As PyTorch's recipe asks (autograd's backward included), `warmups` eager calls run first
+    on a side stream (autotuning, compiling and lazy initialization happen there, never in the
+    capture), and the capture runs on that stream. grads are set to None before each call, so
+    a backward() inside fn allocates them in the graph's memory and every replay writes them
+    afresh instead of adding to them. The caller's stream is restored whatever fn raises."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmups):
+            clear(grads)
+            fn()
+        clear(grads)
+        stream.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        graph.capture_begin()
+        try:
+            out = fn()
+        finally:  # ends the capture even when fn raised, so the stream leaves capture mode
+            graph.capture_end()
+    torch.cuda.current_stream().wait_stream(stream)
+    return graph, out
+
+
+def failure(e):
+    """One line for an exception; with its cause when the capture's end error hides it."""
+    inner = e
+    while inner.__context__ is not None:
+        inner = inner.__context__
+    line = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160]}" if str(e).strip() else type(e).__name__
+    if inner is not e:
+        line += f" (during: {type(inner).__name__}: {str(inner).strip().splitlines()[0][:160]})"
+    return line
+
+
+def graph_ms(fn, warmup, rep, grads=()):
+    """((median, q20, q80) milliseconds per replay of fn captured in a CUDA graph, None), or
+    (None, why) when fn cannot be captured or replayed: the caller records it and goes on."""
+    try:
+        graph, _ = capture(fn, grads)
+        import triton.testing
+
+        return tuple(triton.testing.do_bench(graph.replay, warmup=warmup, rep=rep, quantiles=QUANTILES)), None
+    except Exception as e:  # noqa: BLE001 (a backend that cannot be captured must not end the run)
+        return None, failure(e)
+
+
+def timings(fn, tiny, grads=(), eager=(10, 50), graph=(5, 25), calls=20):
+    """(eager, graph, why, host_us) of fn: eager and graph (median, q20, q80) milliseconds,
+    graph None with the reason in `why`, host_us as host_us(). eager and graph: (warmup, rep)
+    milliseconds of do_bench. Tiny mode (CPU) times 3 wall-clock calls, which are also the host
+    time (a CPU call runs as it is enqueued), and has no graph."""
+    if tiny:
+        times = []
+        for _ in range(3):
+            clear(grads)
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        q = statistics.quantiles(times, n=5)
+        return (statistics.median(times), q[0], q[3]), None, NO_GRAPH_IN_TINY_MODE, statistics.median(times) * 1e3
+    return (eager_ms(fn, *eager, grads), *graph_ms(fn, *graph, grads), host_us(fn, calls, grads))
+
+
+def host_us(fn, calls=20, grads=()):
+    """Median microseconds to enqueue one fn() call on the GPU (wall clock, no sync between calls)."""
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(calls):
+        clear(grads)
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    torch.cuda.synchronize()
+    return statistics.median(times) * 1e6
