@@ -65,14 +65,15 @@ def capture(fn, grads=(), warmups=2):
 
 
 def failure(e):
-    """One line for an exception; with its cause when the capture's end error hides it."""
-    inner = e
-    while inner.__context__ is not None:
-        inner = inner.__context__
-    line = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160]}" if str(e).strip() else type(e).__name__
-    if inner is not e:
-        line += f" (during: {type(inner).__name__}: {str(inner).strip().splitlines()[0][:160]})"
-    return line
+    """One line for an exception, and for the one it interrupted: when fn fails inside the
+    capture, capture_end's error ("operation failed due to a previous error during capture")
+    is raised while handling fn's, which names the operation that cannot be captured."""
+
+    def line(e):
+        text = str(e).strip()
+        return f"{type(e).__name__}: {text.splitlines()[0][:160]}" if text else type(e).__name__
+
+    return line(e) if e.__context__ is None else f"{line(e)} (during {line(e.__context__)})"
 
 
 def graph_ms(fn, warmup, rep, grads=()):

@@ -1,7 +1,13 @@
+"""benchmarks/bench_group_norm.py: tiny mode end to end, and its table and plot from rows with
+both timings (the GPU path, with timings faked: CUDA graphs need a GPU)."""
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
+
+import torch
 
 from test_data import REPO, repo_env
 
@@ -21,7 +27,58 @@ def test_bench_group_norm_tiny_smoke(tmp_path):
     assert {(r["layout"], r["mode"]) for r in result["rows"]} == {
         (layout, mode) for layout in ("nchw", "nhwc") for mode in ("fwd", "fwd+bwd")
     }
-    assert all(r["ms"] > 0 and r["GBps"] > 0 for r in result["rows"])
+    assert all(r["ms"] > 0 and r["GBps"] > 0 and r["host_us"] > 0 for r in result["rows"])
+    # no CUDA graphs on the CPU: the graph column is empty, and says why
+    assert all(r["graph_ms"] is None and r["graph_of_copy"] is None and "tiny mode" in r["graph_error"]
+               for r in result["rows"])  # fmt: skip
+    assert "no graph time for any row: not timed in tiny mode" in out.stdout
+    assert [h["mode"] for h in result["host"]] == ["fwd", "fwd+bwd"]
     # which forward of ours ran (the torch backend here: no GPU, no interpreter); "-" for peers
     assert {r["forward"] for r in result["rows"] if r["impl"] == "ck-default"} <= {"single-pass", "split", "torch"}
     assert {r["forward"] for r in result["rows"] if not r["impl"].startswith("ck-")} == {"-"}
+
+
+def load_bench(monkeypatch):
+    benchmarks = Path(REPO) / "benchmarks"
+    monkeypatch.syspath_prepend(str(benchmarks))  # the script imports its sibling timers.py
+    spec = importlib.util.spec_from_file_location("bench_group_norm", benchmarks / "bench_group_norm.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_table_and_plot_from_both_timings(monkeypatch, tmp_path, capsys):
+    """As on a GPU: every call 1 ms eagerly; as a graph replay ours 0.25 ms, autocast 0.5 ms,
+    and torch-bf16 cannot be captured; host time 50 us for ours, 20 for the peers."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    bench = load_bench(monkeypatch)
+    graph_ms = {"ck-default": 0.25, "torch-autocast": 0.5, "torch-bf16": None}
+    impl = None
+
+    def fake_timings(fn, tiny, eager, graph):
+        assert not tiny
+        ms = graph_ms[impl]
+        times = None if ms is None else (ms, ms * 0.9, ms * 1.1)
+        return (1.0, 0.9, 1.1), times, None if times else "RuntimeError: cannot capture", 50.0 if ms == 0.25 else 20.0
+
+    monkeypatch.setattr(bench, "timings", fake_timings)
+    rows = []
+    for impl, (fn, param_dtype, layouts) in bench.peers(torch.device("cpu"), tiny=True).items():
+        rows += bench.measure(impl, fn, param_dtype, (2, 64, 4), "nchw", torch.device("cpu"), on_gpu=True)
+    for r in rows:
+        r["res"] = "tiny"
+    bench.add_ratios(rows, copy_gbps=1.0)
+    bench.print_table(rows)
+    hosts = bench.host_times(rows)
+    bench.plot(rows, 1.0, tmp_path / "group_norm.png")
+    json.dumps({"rows": rows, "host": hosts}, allow_nan=False)
+
+    ours = {r["mode"]: r for r in rows if r["impl"] == "ck-default"}
+    assert ours["fwd"]["speedup_vs_autocast"] == 1.0 and ours["fwd"]["graph_speedup_vs_autocast"] == 2.0
+    assert ours["fwd"]["graph_of_copy"] == 4 * ours["fwd"]["of_copy"]
+    bf16 = next(r for r in rows if r["impl"] == "torch-bf16")
+    assert bf16["graph_ms"] is None and bf16["graph_of_copy"] is None and bf16["graph_speedup_vs_autocast"] is None
+    assert hosts[0] == {"mode": "fwd", "ours_us": {"ck-default": 50.0}, "best_peer": "torch-autocast", "best_peer_us": 20.0}
+    out = capsys.readouterr().out
+    assert "no graph time for torch-bf16 nchw fwd, torch-bf16 nchw fwd+bwd: RuntimeError: cannot capture" in out
+    assert (tmp_path / "group_norm.png").stat().st_size > 0
