@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from timers import timings
+from timers import print_missing_graphs, timings
 
 HEADS = {0: 5, 1: 10, 2: 20, 3: 20}  # UNet level -> heads of dim 64 (SD2)
 # fwd+bwd rows of the "triton" backend, one per backward variant: name -> CCKERNELS_DETERMINISTIC.
@@ -155,14 +155,13 @@ def measure(fns, shapes, device, dtype, tiny, budget_s=None, save=None):
                 # the graph is captured under the same grad mode and backward variant
                 with torch.set_grad_enabled(backward), env("CCKERNELS_DETERMINISTIC", deterministic):
                     eager, graph, why, host = timings(timed, tiny, grads=[q, k, v])
-                count = flops(B, Lq, Lk, H, D, backward)
-                rows.append({
-                    "shape": name, "B": B, "Lq": Lq, "Lk": Lk, "H": H, "D": D, "backend": label,
-                    "pass": "fwd+bwd" if backward else "fwd",
-                    "ms": eager[0], "ms_p20": eager[1], "ms_p80": eager[2], "tflops": count / (eager[0] * 1e-3) / 1e12,
-                    "graph_ms": graph and graph[0], "graph_ms_p20": graph and graph[1], "graph_ms_p80": graph and graph[2],
-                    "graph_tflops": graph and count / (graph[0] * 1e-3) / 1e12, "graph_error": why, "host_us": host,
-                })
+                row = {"shape": name, "B": B, "Lq": Lq, "Lk": Lk, "H": H, "D": D, "backend": label,
+                       "pass": "fwd+bwd" if backward else "fwd", "graph_error": why, "host_us": host}
+                for prefix, times in (("", eager), ("graph_", graph)):
+                    ms, p20, p80 = times or (None, None, None)
+                    row |= {f"{prefix}ms": ms, f"{prefix}ms_p20": p20, f"{prefix}ms_p80": p80,
+                            f"{prefix}tflops": ms and flops(B, Lq, Lk, H, D, backward) / (ms * 1e-3) / 1e12}
+                rows.append(row)
         if save is not None:
             save(rows)
     return rows
@@ -172,8 +171,7 @@ def ours(backend):
     return backend == "triton" or backend in TRITON_BACKWARDS
 
 
-# timing -> (row key of its median ms, prefix of its fields in rows and summary)
-TIMINGS = {"eager": ("ms", ""), "graph": ("graph_ms", "graph_")}
+TIMINGS = ("", "graph_")  # prefixes of the eager and the graph fields (ms, tflops, speedup_vs, ...)
 
 
 def summarize(rows):
@@ -188,7 +186,8 @@ def summarize(rows):
                 if not ours(name):
                     continue
                 entry = {"shape": shape, "pass": pass_, "backend": name}
-                for key, prefix in TIMINGS.values():
+                for prefix in TIMINGS:
+                    key = f"{prefix}ms"
                     vs = {} if mine[key] is None else {
                         b: r[key] / mine[key] for b, r in group.items() if not ours(b) and r[key] is not None
                     }
@@ -250,18 +249,13 @@ def print_table(rows, summary, hosts, checks):
           f"{'TFLOP/s':>9}{'x eager':>9}{'x graph':>9}")
     reference = {"fwd": "triton", "fwd+bwd": next(iter(TRITON_BACKWARDS))}
     mine = {(s["shape"], s["pass"]): s for s in summary if s["backend"] == reference[s["pass"]]}
-    no_graph = {}  # reason -> rows without a graph time
     for r in rows:
         s = mine.get((r["shape"], r["pass"]), {})
         graph = "-" if r["graph_ms"] is None else f"{r['graph_ms']:.4f} ({r['graph_ms_p20']:.4f}-{r['graph_ms_p80']:.4f})"
         print(f"{r['shape']:<22}{r['pass']:<9}{r['backend']:<22}{r['ms']:>9.4f}{graph:>26}{r['host_us']:>9.1f}"
               f"{fmt(r['graph_tflops'], '.1f'):>9}{fmt(s.get('speedup_vs', {}).get(r['backend']), '.2f', ''):>9}"
               f"{fmt(s.get('graph_speedup_vs', {}).get(r['backend']), '.2f', ''):>9}")
-        if r["graph_error"]:
-            no_graph.setdefault(r["graph_error"], set()).add(f"{r['backend']} {r['pass']}")
-    for why, which in no_graph.items():
-        everything = len(no_graph) == 1 and all(r["graph_error"] for r in rows)
-        print(f"no graph time for {'any row' if everything else ', '.join(sorted(which))}: {why}")
+    print_missing_graphs(rows, lambda r: f"{r['backend']} {r['pass']}")
     print("\ntriton vs best SDPA backend (time ratio, >1 = ours faster; TFLOP/s from the graph time):")
     for s in summary:
         print(f"  {s['shape']:<22}{s['pass']:<9}{s['backend']:<22}{fmt(s['graph_tflops'], '>7.1f', '      -')} TFLOP/s  "

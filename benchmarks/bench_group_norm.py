@@ -43,7 +43,7 @@ from tqdm import tqdm
 import cckernels as ck
 from cckernels import cuda as ck_cuda
 from cckernels.triton import group_norm as ck_triton_group_norm
-from timers import eager_ms, timings
+from timers import eager_ms, print_missing_graphs, timings
 
 GROUPS = 32
 # (batch, channels, latent side): SD2 UNet GroupNorm inputs, encoder and decoder (whose
@@ -175,11 +175,13 @@ def measure(name, fn, param_dtype, shape, layout, device, on_gpu):
         with torch.set_grad_enabled(mode != "fwd"):  # the graph is captured in the same mode
             run()  # compiles (torch.compile, Triton) outside the timed region
             eager, graph, why, host = timings(run, tiny=not on_gpu, eager=EAGER, graph=GRAPH)
-        rows.append({"impl": name, "forward": path, "shape": [N, C, side, side], "layout": layout, "mode": mode,
-                     "ms": eager[0], "ms_q20": eager[1], "ms_q80": eager[2], "bytes": nbytes,
-                     "GBps": nbytes / eager[0] / 1e6, "graph_ms": graph and graph[0], "graph_ms_q20": graph and graph[1],
-                     "graph_ms_q80": graph and graph[2], "graph_GBps": graph and nbytes / graph[0] / 1e6,
-                     "graph_error": why, "host_us": host})
+        row = {"impl": name, "forward": path, "shape": [N, C, side, side], "layout": layout, "mode": mode,
+               "bytes": nbytes, "graph_error": why, "host_us": host}
+        for prefix, times in (("", eager), ("graph_", graph)):
+            ms, q20, q80 = times or (None, None, None)
+            row |= {f"{prefix}ms": ms, f"{prefix}ms_q20": q20, f"{prefix}ms_q80": q80,
+                    f"{prefix}GBps": ms and nbytes / ms / 1e6}
+        rows.append(row)
     return rows
 
 
@@ -214,7 +216,7 @@ def plot(rows, copy_gbps, path):
 def add_ratios(rows, copy_gbps):
     """Each row's fraction of copy bandwidth and speed-up over torch-autocast, in both timings
     (None where a time is missing)."""
-    for prefix in ("", "graph_"):
+    for prefix in ("", "graph_"):  # eager, graph
         base = {(tuple(r["shape"]), r["layout"], r["mode"]): r[f"{prefix}ms"] for r in rows if r["impl"] == "torch-autocast"}
         for r in rows:
             mine, theirs = r[f"{prefix}ms"], base.get((tuple(r["shape"]), r["layout"], r["mode"]))
@@ -231,18 +233,13 @@ def print_table(rows):
     speed-up over torch-autocast in both timings."""
     print(f"{'res':6} {'shape':>18} {'layout':6} {'mode':8} {'impl':15} {'forward':11} {'eager ms':>9} "
           f"{'graph ms (q20-q80)':>26} {'host us':>8} {'GB/s':>7} {'of copy':>7} {'vs autocast eager':>17} {'graph':>6}")
-    no_graph = {}  # reason -> cases without a graph time
     for r in rows:
         graph = "-" if r["graph_ms"] is None else f"{r['graph_ms']:.4f} ({r['graph_ms_q20']:.4f}-{r['graph_ms_q80']:.4f})"
         print(f"{r['res']:6} {'x'.join(map(str, r['shape'])):>18} {r['layout']:6} {r['mode']:8} {r['impl']:15} {r['forward']:11} "
               f"{r['ms']:9.4f} {graph:>26} {r['host_us']:8.1f} {fmt(r['graph_GBps'], '.1f'):>7} "
               f"{fmt(r['graph_of_copy'], '.2f'):>7} {fmt(r['speedup_vs_autocast'], '.2f', 'x'):>17} "
               f"{fmt(r['graph_speedup_vs_autocast'], '.2f', 'x'):>6}")
-        if r["graph_error"]:
-            no_graph.setdefault(r["graph_error"], set()).add(f"{r['impl']} {r['layout']} {r['mode']}")
-    for why, which in no_graph.items():
-        everything = len(no_graph) == 1 and all(r["graph_error"] for r in rows)
-        print(f"no graph time for {'any row' if everything else ', '.join(sorted(which))}: {why}")
+    print_missing_graphs(rows, lambda r: f"{r['impl']} {r['layout']} {r['mode']}")
 
 
 def host_times(rows):

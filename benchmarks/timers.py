@@ -88,7 +88,7 @@ def graph_ms(fn, warmup, rep, grads=()):
         return None, failure(e)
 
 
-def timings(fn, tiny, grads=(), eager=(10, 50), graph=(5, 25), calls=20):
+def timings(fn, tiny, grads=(), eager=(10, 50), graph=(5, 25), calls=10):
     """(eager, graph, why, host_us) of fn: eager and graph (median, q20, q80) milliseconds,
     graph None with the reason in `why`, host_us as host_us(). eager and graph: (warmup, rep)
     milliseconds of do_bench. Tiny mode (CPU) times 3 wall-clock calls, which are also the host
@@ -105,8 +105,9 @@ def timings(fn, tiny, grads=(), eager=(10, 50), graph=(5, 25), calls=20):
     return (eager_ms(fn, *eager, grads), *graph_ms(fn, *graph, grads), host_us(fn, calls, grads))
 
 
-def host_us(fn, calls=20, grads=()):
-    """Median microseconds to enqueue one fn() call on the GPU (wall clock, no sync between calls)."""
+def host_us(fn, calls=10, grads=()):
+    """Median microseconds to enqueue one fn() call on the GPU (wall clock, no sync between
+    calls). Few calls: where the GPU is the slower side, the final sync waits for all of them."""
     torch.cuda.synchronize()
     times = []
     for _ in range(calls):
@@ -116,3 +117,14 @@ def host_us(fn, calls=20, grads=()):
         times.append(time.perf_counter() - start)
     torch.cuda.synchronize()
     return statistics.median(times) * 1e6
+
+
+def print_missing_graphs(rows, describe):
+    """One line per reason why rows have no graph time, naming them by describe(row)."""
+    missing = {}
+    for r in rows:
+        if r["graph_error"]:
+            missing.setdefault(r["graph_error"], set()).add(describe(r))
+    for why, which in missing.items():
+        everything = len(missing) == 1 and all(r["graph_error"] for r in rows)
+        print(f"no graph time for {'any row' if everything else ', '.join(sorted(which))}: {why}")
