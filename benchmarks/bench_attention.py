@@ -38,13 +38,12 @@ import contextlib
 import datetime
 import json
 import os
-import statistics
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from timers import print_missing_graphs, timings
+from timers import host_times, print_host_times, print_missing_graphs, timings
 
 HEADS = {0: 5, 1: 10, 2: 20, 3: 20}  # UNet level -> heads of dim 64 (SD2)
 # fwd+bwd rows of the "triton" backend, one per backward variant: name -> CCKERNELS_DETERMINISTIC.
@@ -199,22 +198,6 @@ def summarize(rows):
     return summary
 
 
-def host_times(rows):
-    """Per pass: each of our rows' and the best peer's host time per call (us, median over shapes)."""
-    out = []
-    for pass_ in ("fwd", "fwd+bwd"):
-        per_backend = {}
-        for r in rows:
-            if r["pass"] == pass_:
-                per_backend.setdefault(r["backend"], []).append(r["host_us"])
-        median = {b: statistics.median(us) for b, us in per_backend.items()}
-        peers = {b: us for b, us in median.items() if not ours(b)}
-        best = min(peers, key=peers.get) if peers else None
-        out.append({"pass": pass_, "ours_us": {b: us for b, us in median.items() if ours(b)},
-                    "best_peer": best, "best_peer_us": peers.get(best)})
-    return out
-
-
 def targets(summary):
     """Issue 3's H100 targets checked on this run, for each backward variant, on the eager and
     on the graph time: [(target, met eager, met graph)], None where that time is missing."""
@@ -260,10 +243,8 @@ def print_table(rows, summary, hosts, checks):
     for s in summary:
         print(f"  {s['shape']:<22}{s['pass']:<9}{s['backend']:<22}{fmt(s['graph_tflops'], '>7.1f', '      -')} TFLOP/s  "
               f"eager {fmt(s['speedup_vs_best_sdpa'], '.2f', 'n/a')}  graph {fmt(s['graph_speedup_vs_best_sdpa'], '.2f', 'n/a')}")
-    print("\nhost time to enqueue one call (us, median over shapes): the eager time cannot go below it")
-    for h in hosts:
-        mine_us = ", ".join(f"{b} {us:.1f}" for b, us in h["ours_us"].items())
-        print(f"  {h['pass']:<9}{mine_us}  |  best peer: {h['best_peer']} {fmt(h['best_peer_us'], '.1f')}")
+    print()
+    print_host_times(hosts)
     if checks:
         print("\ntargets (H100), eager / graph time:")
     for target, eager, graph in checks:
@@ -333,7 +314,7 @@ def main():
     }
 
     def save(rows):
-        summary, hosts = summarize(rows), host_times(rows)
+        summary, hosts = summarize(rows), host_times(rows, "backend", "pass", ours)
         checks = [] if tiny else targets(summary)
         (out / "attention.json").write_text(json.dumps({**meta, "rows": rows, "summary": summary, "host": hosts,
                                                         "targets": checks}, indent=1))  # fmt: skip

@@ -33,7 +33,6 @@ pass gains (they run last, after torch.compile, and are the first cut by --budge
 import argparse
 import json
 import os
-import statistics
 import time
 
 import torch
@@ -43,7 +42,7 @@ from tqdm import tqdm
 import cckernels as ck
 from cckernels import cuda as ck_cuda
 from cckernels.triton import group_norm as ck_triton_group_norm
-from timers import eager_ms, print_missing_graphs, timings
+from timers import eager_ms, host_times, print_host_times, print_missing_graphs, timings
 
 GROUPS = 32
 # (batch, channels, latent side): SD2 UNet GroupNorm inputs, encoder and decoder (whose
@@ -242,26 +241,6 @@ def print_table(rows):
     print_missing_graphs(rows, lambda r: f"{r['impl']} {r['layout']} {r['mode']}")
 
 
-def host_times(rows):
-    """Per mode: each of our implementations' and the best peer's host time per call (us,
-    median over cases), printed and returned."""
-    print("host time to enqueue one call (us, median over cases): the eager time cannot go below it")
-    out = []
-    for mode in ("fwd", "fwd+bwd"):
-        per_impl = {}
-        for r in rows:
-            if r["mode"] == mode:
-                per_impl.setdefault(r["impl"], []).append(r["host_us"])
-        median = {impl: statistics.median(us) for impl, us in per_impl.items()}
-        peers = {impl: us for impl, us in median.items() if not impl.startswith("ck-")}
-        best = min(peers, key=peers.get) if peers else None
-        ours = {impl: us for impl, us in median.items() if impl.startswith("ck-")}
-        out.append({"mode": mode, "ours_us": ours, "best_peer": best, "best_peer_us": peers.get(best)})
-        print(f"  {mode:9}{', '.join(f'{impl} {us:.1f}' for impl, us in ours.items())}  |  "
-              f"best peer: {best} {fmt(peers.get(best), '.1f')}")
-    return out
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="benchmarks/results/local", help="directory for JSON and PNG")
@@ -292,7 +271,8 @@ def main():
         print(f"time budget of {args.budget_s:.0f} s spent: {len(skipped)} cases not measured ({skipped[0]}, ...)")
     add_ratios(rows, copy_gbps)
     print_table(rows)
-    hosts = host_times(rows)
+    hosts = host_times(rows, "impl", "mode", lambda impl: impl.startswith("ck-"))
+    print_host_times(hosts)
     os.makedirs(args.out, exist_ok=True)
     result = {"device": name, "copy_GBps": copy_gbps, "dtype": "bfloat16", "groups": GROUPS,
               "bytes": {"fwd": "2 * numel * itemsize", "fwd+bwd": "5 * numel * itemsize"},

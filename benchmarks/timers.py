@@ -128,3 +128,28 @@ def print_missing_graphs(rows, describe):
     for why, which in missing.items():
         everything = len(missing) == 1 and all(r["graph_error"] for r in rows)
         print(f"no graph time for {'any row' if everything else ', '.join(sorted(which))}: {why}")
+
+
+def host_times(rows, name_key, mode_key, ours):
+    """Per mode (rows' mode_key: "fwd", "fwd+bwd"): the median host time per call over the
+    shapes of each of our implementations (ours(row[name_key])) and of the best peer."""
+    out = []
+    for mode in ("fwd", "fwd+bwd"):
+        per_name = {}
+        for r in rows:
+            if r[mode_key] == mode:
+                per_name.setdefault(r[name_key], []).append(r["host_us"])
+        median = {name: statistics.median(us) for name, us in per_name.items()}
+        peers = {name: us for name, us in median.items() if not ours(name)}
+        best = min(peers, key=peers.get) if peers else None
+        out.append({mode_key: mode, "ours_us": {name: us for name, us in median.items() if ours(name)},
+                    "best_peer": best, "best_peer_us": peers.get(best)})
+    return out
+
+
+def print_host_times(hosts):
+    print("host time to enqueue one call (us, median over shapes): the eager time cannot go below it")
+    for h in hosts:
+        mode, ours = next(iter(h.values())), ", ".join(f"{name} {us:.1f}" for name, us in h["ours_us"].items())
+        best = "-" if h["best_peer"] is None else f"{h['best_peer']} {h['best_peer_us']:.1f}"
+        print(f"  {mode:9}{ours}  |  best peer: {best}")

@@ -69,7 +69,8 @@ def test_table_and_plot_from_both_timings(monkeypatch, tmp_path, capsys):
         r["res"] = "tiny"
     bench.add_ratios(rows, copy_gbps=1.0)
     bench.print_table(rows)
-    hosts = bench.host_times(rows)
+    hosts = bench.host_times(rows, "impl", "mode", lambda impl: impl.startswith("ck-"))
+    bench.print_host_times(hosts)
     bench.plot(rows, 1.0, tmp_path / "group_norm.png")
     json.dumps({"rows": rows, "host": hosts}, allow_nan=False)
 
