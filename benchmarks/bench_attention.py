@@ -266,14 +266,16 @@ def plot(rows, path):
         for i, backend in enumerate(backends):
             mine = [(j, r) for j, s in enumerate(shapes) for r in rows
                     if r["shape"] == s and r["backend"] == backend and r["pass"] == pass_]
+            if not mine:  # the triton rows: the forward, or a backward variant
+                continue
             bars = ax.bar([j + i * width for j, _ in mine], [r["graph_tflops"] or r["tflops"] for _, r in mine], width,
                           label=backend, color=f"C{i}")
             for bar, (_, r) in zip(bars, mine):
                 bar.set_hatch("" if r["graph_tflops"] else "//")
         ax.set_ylabel(f"{pass_} TFLOP/s")
         ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
     axes[0].set_title("TFLOP/s from CUDA-graph time (hatched: eager time, no graph time)")
-    axes[0].legend(fontsize=8)
     axes[1].set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))])
     axes[1].set_xticklabels(shapes, rotation=45, ha="right", fontsize=8)
     fig.tight_layout()

@@ -199,6 +199,8 @@ def plot(rows, copy_gbps, path):
         for i, impl in enumerate(impls):
             mine = [(j, r) for j, case in enumerate(cases) for r in rows
                     if (tuple(r["shape"]), r["layout"]) == case and r["impl"] == impl and r["mode"] == mode]
+            if not mine:
+                continue
             bars = ax.bar([j + i * width for j, _ in mine], [(r["graph_GBps"] or r["GBps"]) / copy_gbps for _, r in mine],
                           width, label=impl, color=f"C{i}")
             for bar, (_, r) in zip(bars, mine):
