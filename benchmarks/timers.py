@@ -148,8 +148,10 @@ def host_times(rows, name_key, mode_key, ours):
 
 
 def print_host_times(hosts):
+    """host_times()' entries, one line per mode."""
     print("host time to enqueue one call (us, median over shapes): the eager time cannot go below it")
     for h in hosts:
-        mode, ours = next(iter(h.values())), ", ".join(f"{name} {us:.1f}" for name, us in h["ours_us"].items())
+        mode = next(iter(h.values()))  # the first key is the mode's
+        ours = ", ".join(f"{name} {us:.1f}" for name, us in h["ours_us"].items())
         best = "-" if h["best_peer"] is None else f"{h['best_peer']} {h['best_peer_us']:.1f}"
         print(f"  {mode:9}{ours}  |  best peer: {best}")
