@@ -64,7 +64,7 @@ def test_tables_and_plot_from_both_timings(bench, monkeypatch, tmp_path, capsys)
     monkeypatch.setattr(ck, "used_backends", lambda: {"attention": "triton"})  # "triton" is the reference here
     reference = lambda q, k, v: ck.attention(q, k, v, backend="torch")  # noqa: E731
     fns = {"triton": reference, "sdpa-flash": reference, "sdpa-cudnn": reference}
-    # per shape: triton fwd, atomic-dQ, deterministic, then each peer's fwd and fwd+bwd
+    # per shape: triton fwd, its two backward variants, then each peer's fwd and fwd+bwd
     graph_ms = [0.25, 0.25, 0.25, 0.5, 0.5, None, None]
     calls = []
 
