@@ -106,6 +106,12 @@ class FusedAdamWEMA(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None, *, ema=True, ema_decay=None):
         """One AdamW step; also the EMA update when the EMA has started and `ema` is True."""
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "FusedAdamWEMA.step cannot be captured in a CUDA graph: the step count, learning rate "
+                "and bias corrections are host numbers, so every replay would repeat the captured "
+                "step's. Capture the forward and backward and call step() outside the graph."
+            )
         loss = None
         if closure is not None:
             with torch.enable_grad():

@@ -9,7 +9,10 @@ the base pointer's 16-byte alignment and a multiple_of hint on the offset, so it
 128-bit loads; it drops alignment hints across an int-to-pointer cast.
 
 Tables are cached by (addresses, sizes): an EMA or optimizer step over the same tensors
-every iteration reuses the table already on the device instead of rebuilding it.
+every iteration reuses the table already on the device instead of rebuilding it. A launch
+captured in a CUDA graph reads its table at every replay, so a table used while capturing is
+kept for good; building one cannot be captured (a host-to-device copy from a buffer that is
+gone at replay), so a capture needs one eager call with the same tensors first (a warm-up).
 """
 from collections import OrderedDict
 
@@ -21,6 +24,7 @@ from cckernels.backend import Unsupported
 
 _CACHE_SIZE = 32
 _cache = OrderedDict()
+_captured = {}  # tables that CUDA graphs launched with: never evicted, never freed
 
 
 @triton.jit
@@ -95,10 +99,17 @@ def tables(lists, chunk):
     lowest = [min(range(len(row)), key=row.__getitem__) for row in addresses]
     bases = [ts[i] for ts, i in zip(lists, lowest)]
     key = (device, chunk, addresses, numels, tuple(ts[0].dtype for ts in lists))  # offsets count elements
-    hit = _cache.get(key)
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    hit = _captured.get(key) or _cache.get(key)
     if hit is not None:
-        _cache.move_to_end(key)
+        if capturing:
+            _captured[key] = hit
+        elif key in _cache:
+            _cache.move_to_end(key)
         return (bases, *hit)
+    if capturing:  # Unsupported: the dispatcher falls back to the torch backend, which captures
+        raise Unsupported("no device table for these tensors yet, and building one cannot be captured "
+                          "in a CUDA graph: make one eager call with them before capturing")
     offsets = []
     for row, base in zip(addresses, bases):
         size = base.element_size()
