@@ -9,14 +9,18 @@ Every op has backends "cuda" (compiled csrc), "triton" and "torch" (cckernels.re
 The backend is the `backend=` argument, else env CCKERNELS_BACKEND, else the best usable
 one for the tensors' device; one that cannot take an input falls back to the next.
 
-Under torch.compile every op is a graph break: it runs eagerly, as outside (dynamo cannot
-trace the kernels' launch code), and the compiled graphs around it are unaffected.
+Under torch.compile, attention and group_norm are traced into the graph (no graph break,
+fullgraph=True works): the backend is chosen by the same rules when the graph is traced, the
+"cuda" and "triton" kernels enter it as torch.library custom ops (torch.ops.cckernels.*), the
+"torch" backend as its plain torch ops (cckernels/tracing.py). ema_update_ stays a graph break
+that runs eagerly (it updates tensors in place outside any model's graph).
 """
 import math
 
 import torch
 
 from cckernels import nn  # noqa: F401  (ck.nn.GroupNorm)
+from cckernels import tracing
 from cckernels.backend import BACKENDS, IMPLEMENTATIONS, Unsupported, available, default_device, dispatch, last_used
 from cckernels.optim import FusedAdamWEMA
 
@@ -42,7 +46,6 @@ def _check_float(name, t):
         raise ValueError(f"{name} has dtype {t.dtype}; expected one of float32, float16, bfloat16, float64")
 
 
-@torch.compiler.disable
 def attention(q, k, v, *, scale=None, backend=None):
     """Non-causal scaled dot-product attention softmax(q k^T * scale) v.
 
@@ -73,10 +76,11 @@ def attention(q, k, v, *, scale=None, backend=None):
     elif not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a positive finite number, got {scale!r}")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if torch.compiler.is_compiling():
+        return tracing.dispatch_traced("attention", backend, q, k, v, float(scale))
     return dispatch("attention", q.device, backend, q, k, v, float(scale))
 
 
-@torch.compiler.disable
 def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, activation=None, backend=None):
     """GroupNorm over (N, C, *spatial), optionally fused with SiLU.
 
@@ -104,6 +108,8 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, activation=No
         raise ValueError(f"eps must be positive, got {eps!r}")
     if activation not in (None, "silu"):
         raise ValueError(f"activation must be None or 'silu', got {activation!r}")
+    if torch.compiler.is_compiling():
+        return tracing.dispatch_traced("group_norm", backend, x, num_groups, weight, bias, float(eps), activation)
     return dispatch("group_norm", x.device, backend, x, num_groups, weight, bias, float(eps), activation)
 
 

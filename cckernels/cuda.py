@@ -8,7 +8,9 @@ import importlib.util
 import torch
 
 from cckernels.backend import Unsupported
+from cckernels.group_norm_autograd import custom_ops, input_grads, save_for_backward
 from cckernels.reference import channels_last
+from cckernels.tracing import emitting_custom_ops
 
 try:
     from cckernels import _C
@@ -90,27 +92,33 @@ def adamw_ema_(params, grads, exp_avgs, exp_avg_sqs, masters, emas, scalars):
 SINGLE_PASS = True
 
 
+def _group_norm_forward(x, num_groups, weight, bias, eps, activation):
+    """(y, mean, rstd); weight and bias fp32."""
+    return tuple(_C.group_norm_forward(x, num_groups, weight, bias, eps, activation == "silu", SINGLE_PASS))
+
+
+def _group_norm_backward(dy, x, weight, bias, mean, rstd, activation, need_dx, need_affine):
+    """(dx, dweight, dbias), None where not needed; weight and bias fp32."""
+    if dy.stride() != x.stride() or dy.dtype != x.dtype:  # the kernels walk dy as they walk x
+        dy = torch.empty_like(x).copy_(dy)
+    return _C.group_norm_backward(dy, x, weight, bias, mean, rstd, activation == "silu", need_dx,
+                                  need_affine and weight is not None, need_affine and bias is not None)
+
+
 class _GroupNormNHWC(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, num_groups, weight, bias, eps, activation):
-        # The kernels read fp32 parameters; (C,) casts are negligible next to x.
-        w = None if weight is None else weight.float().contiguous()
-        b = None if bias is None else bias.float().contiguous()
-        y, mean, rstd = _C.group_norm_forward(x, num_groups, w, b, eps, activation == "silu", SINGLE_PASS)
-        ctx.save_for_backward(x, w, b, mean, rstd)
-        ctx.silu = activation == "silu"
-        ctx.param_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+        y, mean, rstd = _group_norm_forward(x, num_groups, weight, bias, eps, activation)
+        save_for_backward(ctx, (x, num_groups, weight, bias, eps, activation), (y, mean, rstd))
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, w, b, mean, rstd = ctx.saved_tensors
-        if dy.stride() != x.stride() or dy.dtype != x.dtype:
-            dy = torch.empty_like(x).copy_(dy)
-        need_dx, _, need_w, need_b = ctx.needs_input_grad[:4]
-        dx, dw, db = _C.group_norm_backward(dy, x, w, b, mean, rstd, ctx.silu, need_dx, need_w, need_b)
-        w_dtype, b_dtype = ctx.param_dtypes
-        return dx, None, None if dw is None else dw.to(w_dtype), None if db is None else db.to(b_dtype), None, None
+        return input_grads(_group_norm_backward, ctx, dy)
+
+
+# cckernels::cuda_group_norm(_backward): the same launchers as custom ops, for torch.compile.
+_group_norm_op = custom_ops("cuda_group_norm", _group_norm_forward, _group_norm_backward, device_types="cuda")
 
 
 def group_norm_forward_path(x, num_groups):
@@ -131,6 +139,11 @@ def group_norm(x, num_groups, weight, bias, eps, activation):
         raise Unsupported(f"x with strides {x.stride()} is not channels_last")
     if x.numel() == 0 or x.shape[0] > 65535 or x[0].numel() >= 2**31:
         raise Unsupported(f"shape {tuple(x.shape)}")
+    # The kernels read fp32 parameters; (C,) casts are negligible next to x, and autograd
+    # casts their gradients back.
+    weight, bias = (None if t is None else t.float().contiguous() for t in (weight, bias))
+    if emitting_custom_ops():
+        return _group_norm_op(x, num_groups, weight, bias, eps, activation)[0]
     return _GroupNormNHWC.apply(x, num_groups, weight, bias, eps, activation)
 
 

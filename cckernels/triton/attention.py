@@ -25,7 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from cckernels.backend import Unsupported
+from cckernels.backend import Unsupported, _on_device
+from cckernels.tracing import emitting_custom_ops
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 128
@@ -539,17 +540,68 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale):
         o, lse = _forward(q, k, v, scale)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.scale = scale
+        _save_for_backward(ctx, (q, k, v, scale), (o, lse))
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        do = do if do.stride(-1) == 1 and _batch_extent(do) < 2**31 else do.contiguous()
-        need_q, need_k, need_v = ctx.needs_input_grad[:3]
-        dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.scale, need_q, need_k or need_v, deterministic_backward())
-        return dq, dk, dv, None
+        return _input_grads(_backward, ctx, do)
+
+
+def _save_for_backward(ctx, inputs, output):
+    q, k, v, scale = inputs
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.scale = scale
+
+
+def _input_grads(backward, ctx, do):
+    """Gradients of (q, k, v, scale) by `backward` (_backward, or its custom op). Eagerly this
+    runs at backward time; under torch.compile when the backward graph is traced, so the
+    deterministic_backward() choice is fixed in the compiled graph."""
+    q, k, v, o, lse = ctx.saved_tensors
+    need_q, need_k, need_v = ctx.needs_input_grad[:3]
+    do = do if do.stride(-1) == 1 and _batch_extent(do) < 2**31 else do.contiguous()
+    dq, dk, dv = backward(do, q, k, v, o, lse, ctx.scale, need_q, need_k or need_v, deterministic_backward())
+    return dq if need_q else None, dk if need_k else None, dv if need_v else None, None
+
+
+# The same forward and backward as torch.library custom ops, which torch.compile keeps in its
+# graph; `attention` below emits them while cckernels/tracing.py traces an op.
+@torch.library.custom_op("cckernels::triton_attention", mutates_args=())
+def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o, lse): the output (B, Lq, H, D) and the fp32 row logsumexp (B, H, Lq), in log2 units."""
+    with _on_device(q.device):
+        return _forward(q, k, v, scale)
+
+
+@attention_op.register_fake
+def _(q, k, v, scale):
+    B, Lq, H, D = q.shape
+    return q.new_empty((B, Lq, H, D)), q.new_empty((B, H, Lq), dtype=torch.float32)
+
+
+@torch.library.custom_op("cckernels::triton_attention_backward", mutates_args=())
+def attention_backward_op(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+    scale: float, need_dq: bool, need_dkdv: bool, deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) by _backward; a gradient not asked for is an empty tensor (ops return no None)."""
+    with _on_device(q.device):
+        grads = _backward(do, q, k, v, o, lse, scale, need_dq, need_dkdv, deterministic)
+    return tuple(q.new_empty(0) if g is None else g for g in grads)
+
+
+@attention_backward_op.register_fake
+def _(do, q, k, v, o, lse, scale, need_dq, need_dkdv, deterministic):
+    dk, dv = (k.new_empty(k.shape, dtype=q.dtype) if need_dkdv else q.new_empty(0) for _ in range(2))
+    return q.new_empty(q.shape) if need_dq else q.new_empty(0), dk, dv
+
+
+def _attention_op_backward(ctx, do, _dlse):
+    return _input_grads(attention_backward_op, ctx, do)
+
+
+attention_op.register_autograd(_attention_op_backward, setup_context=_save_for_backward)
 
 
 def _batch_extent(t):
@@ -591,6 +643,8 @@ def attention(q, k, v, scale):
     when a gradient is needed.
     """
     _check_supported(q, k, v)
+    if emitting_custom_ops():
+        return attention_op(q, k, v, scale)[0]
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _Attention.apply(q, k, v, scale)
     return _forward(q, k, v, scale)[0]

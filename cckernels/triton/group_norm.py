@@ -37,7 +37,9 @@ import triton
 import triton.language as tl
 
 from cckernels.backend import Unsupported
+from cckernels.group_norm_autograd import custom_ops, input_grads, save_for_backward
 from cckernels.reference import channels_last
+from cckernels.tracing import emitting_custom_ops
 
 TILE = 2048  # elements per (BLOCK_C, BLOCK_S) tile: 16 fp32 values per thread at 4 warps
 MAX_BLOCK_C = 64  # channels_last: 64 channels = one 128-byte line of bf16 per spatial position
@@ -494,28 +496,25 @@ def group_norm_backward(dy, x, weight, bias, mean, rstd, activation, need_dx, ne
 class GroupNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, num_groups, weight, bias, eps, activation):
-        weight = None if weight is None else weight.contiguous()
-        bias = None if bias is None else bias.contiguous()
         y, mean, rstd = group_norm_forward(x, num_groups, weight, bias, eps, activation)
-        ctx.save_for_backward(x, weight, bias, mean, rstd)
-        ctx.activation = activation
+        save_for_backward(ctx, (x, num_groups, weight, bias, eps, activation), (y, mean, rstd))
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, bias, mean, rstd = ctx.saved_tensors
-        need_dx, _, need_w, need_b = ctx.needs_input_grad[:4]
-        dx, dw, db = group_norm_backward(
-            dy, x, weight, bias, mean, rstd, ctx.activation, need_dx, need_w or need_b
-        )
-        dw = dw.to(weight.dtype) if need_w else None
-        db = db.to(bias.dtype) if need_b else None
-        return dx, None, dw, db, None, None
+        return input_grads(group_norm_backward, ctx, dy)
+
+
+# cckernels::triton_group_norm(_backward): the same launchers as custom ops, for torch.compile.
+group_norm_op = custom_ops("triton_group_norm", group_norm_forward, group_norm_backward)
 
 
 def group_norm(x, num_groups, weight, bias, eps, activation):
     """Backend entry (arguments validated by cckernels.group_norm); see the module docstring."""
     _check(x, weight, bias)
+    weight, bias = (None if t is None else t.contiguous() for t in (weight, bias))
+    if emitting_custom_ops():
+        return group_norm_op(x, num_groups, weight, bias, eps, activation)[0]
     return GroupNormFunction.apply(x, num_groups, weight, bias, eps, activation)
 
 

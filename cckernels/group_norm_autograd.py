@@ -1,0 +1,69 @@
+"""Autograd glue shared by GroupNorm's triton and cuda backends, eager and under torch.compile.
+
+Both backends have launchers with the same contract:
+    forward(x, num_groups, weight, bias, eps, activation) -> (y, mean (N, G) fp32, rstd (N, G) fp32)
+    backward(dy, x, weight, bias, mean, rstd, activation, need_dx, need_affine)
+        -> (dx or None, dweight fp32 or None, dbias fp32 or None)
+Each wraps them twice: an autograd.Function for eager calls (no custom-op dispatch cost) and
+torch.library custom ops that torch.compile keeps in its graph (`custom_ops` below; the
+backend emits them while cckernels/tracing.py traces an op). Both wrappers save the same
+tensors and turn the same results into gradients, with the functions here. This module
+imports neither triton nor the compiled extension, so either backend works without the other.
+"""
+import torch
+
+from cckernels.backend import _on_device
+
+
+def save_for_backward(ctx, inputs, output):
+    """What the backward needs of (x, num_groups, weight, bias, eps, activation) -> (y, mean, rstd);
+    also the custom op's setup_context."""
+    x, _, weight, bias, _, activation = inputs
+    ctx.save_for_backward(x, weight, bias, *output[1:])
+    ctx.activation = activation
+
+
+def input_grads(backward, ctx, dy):
+    """Gradients of (x, num_groups, weight, bias, eps, activation) by `backward`: a launcher, or
+    its custom op (which gives empty tensors where the launcher gives None)."""
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    need_dx, _, need_w, need_b = ctx.needs_input_grad[:4]
+    dx, dw, db = backward(dy, x, weight, bias, mean, rstd, ctx.activation, need_dx, need_w or need_b)
+    return (dx if need_dx else None, None, dw.to(weight.dtype) if need_w else None,
+            db.to(bias.dtype) if need_b else None, None, None)
+
+
+def custom_ops(name, forward, backward, device_types=None):
+    """Register cckernels::{name} (forward: y, mean, rstd) and cckernels::{name}_backward around
+    a backend's launchers, with fake (shape-only) versions and autograd; returns the forward op."""
+
+    @torch.library.custom_op(f"cckernels::{name}", mutates_args=(), device_types=device_types)
+    def op(
+        x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+        activation: str | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        with _on_device(x.device):
+            return tuple(forward(x, num_groups, weight, bias, eps, activation))
+
+    @op.register_fake
+    def _(x, num_groups, weight, bias, eps, activation):
+        mean = x.new_empty((x.shape[0], num_groups), dtype=torch.float32)
+        return torch.empty_like(x), mean, torch.empty_like(mean)  # y keeps x's strides
+
+    @torch.library.custom_op(f"cckernels::{name}_backward", mutates_args=(), device_types=device_types)
+    def backward_op(
+        dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+        mean: torch.Tensor, rstd: torch.Tensor, activation: str | None, need_dx: bool, need_affine: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        with _on_device(x.device):
+            grads = backward(dy, x, weight, bias, mean, rstd, activation, need_dx, need_affine)
+        return tuple(x.new_empty(0) if g is None else g for g in grads)  # an op returns no None
+
+    @backward_op.register_fake
+    def _(dy, x, weight, bias, mean, rstd, activation, need_dx, need_affine):
+        dw, db = (x.new_empty((x.shape[1] if need_affine else 0,), dtype=torch.float32) for _ in range(2))
+        return torch.empty_like(x) if need_dx else x.new_empty(0), dw, db
+
+    op.register_autograd(lambda ctx, dy, _dmean, _drstd: input_grads(backward_op, ctx, dy),
+                         setup_context=save_for_backward)
+    return op

@@ -1,0 +1,93 @@
+"""How cckernels' ops enter torch.compile graphs: as torch.library custom ops, no graph break.
+
+Under torch.compile, `ck.attention` and `ck.group_norm` validate their arguments as in eager
+(dynamo traces that code) and then call `dispatch_traced`, which runs the eager `dispatch`
+itself, natively in Python, on the fake tensors of the trace. So the backend is chosen by the
+eager rules (backend= argument, env CCKERNELS_BACKEND, best usable; a backend's `Unsupported`
+checks read only metadata, so they work on fake tensors and fall back the same way) once, when
+the graph is traced, and `used_backends()` reports that choice. What lands in the graph:
+
+  triton   torch.ops.cckernels.triton_attention / triton_group_norm (+ their backward ops)
+  cuda     torch.ops.cckernels.cuda_group_norm (+ backward)
+  torch    the plain torch ops of cckernels.reference, which inductor fuses like any others
+
+While `dispatch_traced` runs, `emitting_custom_ops()` is true: each backend's entry function
+then returns its custom op instead of calling its autograd.Function. The custom ops are
+defined next to those Functions (cckernels/triton/attention.py, triton/group_norm.py, cuda.py)
+because both are thin wrappers of the same launchers: a reader compares them in one screen.
+Eager calls never reach this module (one `torch.compiler.is_compiling()` test per call).
+
+Decided at trace time, not per call (guards do not see them; torch._dynamo.reset() or a new
+process re-decides): CCKERNELS_BACKEND, which backends are installed, the triton attention's
+deterministic backward (CCKERNELS_DETERMINISTIC; torch.use_deterministic_algorithms is part
+of dynamo's global-state guard, so flipping it recompiles). Graphs keep our custom ops opaque:
+inductor fuses the elementwise ops around them, and mode="reduce-overhead" replays them inside
+its CUDA graphs (every launch is on the current stream, no host sync).
+
+Mechanics: nonstrict_trace (torch._dynamo's in torch 2.11, also torch.compiler's later) runs `_traced` as plain Python on
+fake tensors, both when dynamo builds its graph and when AOTAutograd traces it. Its inputs
+may only be tensors or pytree containers, so the other arguments travel in the pytree
+context of `_Static`; an exception raised inside would be lost, which is why the ValueError
+checks run before it, in the public functions.
+"""
+import contextlib
+import logging
+
+import torch
+import torch.utils._pytree as pytree
+
+from cckernels.backend import dispatch, last_used
+
+log = logging.getLogger("cckernels")
+
+_emitting = False
+_logged = set()
+
+
+def emitting_custom_ops():
+    """True while an op is traced for torch.compile: backends emit their custom op."""
+    return _emitting
+
+
+@contextlib.contextmanager
+def _custom_ops():
+    global _emitting
+    _emitting = True
+    try:
+        yield
+    finally:
+        _emitting = False
+
+
+class _Static:
+    """An op call's non-tensor arguments (and where its tensors go), held in the pytree context
+    so that nonstrict_trace takes them as constants: it refuses None and str leaves."""
+
+    def __init__(self, values):
+        self.values = values
+
+
+pytree.register_pytree_node(_Static, lambda s: ([], s.values), lambda _, values: _Static(values))
+
+
+def dispatch_traced(op, backend, *args):
+    """`dispatch(op, device, backend, *args)` for a graph torch.compile is tracing."""
+    where = tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor))
+    others = tuple(None if i in where else a for i, a in enumerate(args))
+    return _traced(tuple(args[i] for i in where), _Static((op, backend, others, where)))
+
+
+@torch._dynamo.nonstrict_trace
+def _traced(tensors, static):
+    op, backend, others, where = static.values
+    args = list(others)
+    for i, t in zip(where, tensors):
+        args[i] = t
+    device = tensors[0].device
+    with _custom_ops():
+        out = dispatch(op, device, backend, *args)
+    key = (op, last_used()[op], device.type, tensors[0].dtype)
+    if key not in _logged:
+        _logged.add(key)
+        log.info("torch.compile: %s on %s %s traced with backend %s", op, key[2], str(key[3]).removeprefix("torch."), key[1])
+    return out
