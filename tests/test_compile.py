@@ -1,0 +1,271 @@
+"""torch.compile traces ck.attention and ck.group_norm into one graph (cckernels/tracing.py).
+
+CPU: torch.library.opcheck on every triton custom op, and torch.compile(backend="aot_eager",
+fullgraph=True) of the ops and of the tiny UNet against eager, outputs and gradients. The
+kernels run in Triton's interpreter (fp32; fp16 too for attention: its bf16 tl.dot is broken
+there). aot_eager runs the same kernels as eager, so results agree to rounding. GPU-marked:
+opcheck of the cuda ops, and inductor (default and "reduce-overhead", i.e. CUDA graphs) on
+the triton and cuda backends in bf16, the tiny UNet's forward and backward included.
+"""
+import logging
+
+import pytest
+import torch
+from torch._dynamo.testing import AotEagerAndRecordGraphs
+
+import cckernels as ck
+import cckernels.cuda  # noqa: F401  (each backend module registers its torch.ops.cckernels ops)
+import cckernels.triton.attention  # noqa: F401
+import cckernels.triton.group_norm  # noqa: F401
+from cckernels import tracing
+from trainer.unet import UNet
+
+TINY = {
+    "sample_size": 8, "in_channels": 4, "out_channels": 4, "block_out_channels": [16, 32],
+    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+    "layers_per_block": 1, "attention_head_dim": 8, "cross_attention_dim": 16, "norm_num_groups": 8,
+}  # fmt: skip
+OPS = torch.ops.cckernels
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()  # each test compiles its own functions; no cache limits hit
+    yield
+    torch._dynamo.reset()
+
+
+def attention_inputs(B, Lq, Lk, H, D, dtype=torch.float32, device="cpu"):
+    return [torch.randn(B, L, H, D, dtype=dtype, device=device) for L in (Lq, Lk, Lk)]
+
+
+def group_norm_inputs(shape, channels_last, dtype=torch.float32, device="cpu"):
+    x = torch.randn(shape, dtype=dtype, device=device) + 0.5
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    C = shape[1]
+    return x, torch.randn(C, device=device), torch.randn(C, device=device)
+
+
+def outputs_and_grads(fn, leaves):
+    leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    out = fn(*leaves)
+    grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
+    return [out.detach().clone(), *grads]
+
+
+def assert_compiled_matches_eager(fn, leaves, **compile_args):
+    eager = outputs_and_grads(fn, leaves)
+    compiled = outputs_and_grads(torch.compile(fn, fullgraph=True, **compile_args), leaves)
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b)
+
+
+def cckernels_ops(graphs):
+    return {str(n.target) for g in graphs for n in g.graph.nodes if str(n.target).startswith("cckernels.")}
+
+
+# --- the custom ops themselves --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype,Lq,Lk", [(torch.float32, 77, 1), (torch.float16, 5, 100)])
+def test_opcheck_triton_attention(dtype, Lq, Lk):
+    q, k, v = attention_inputs(1, Lq, Lk, 2, 16, dtype)
+    o, lse = OPS.triton_attention(q, k, v, 0.3)
+    do = torch.randn_like(o)
+    for need_dq, need_dkdv, deterministic in [(True, True, False), (True, False, True), (False, True, False)]:
+        args = (do, q, k, v, o, lse, 0.3, need_dq, need_dkdv, deterministic)
+        torch.library.opcheck(OPS.triton_attention_backward.default, args)
+    torch.library.opcheck(OPS.triton_attention.default, tuple(t.requires_grad_() for t in (q, k, v)) + (0.3,))
+
+
+@pytest.mark.parametrize("channels_last,affine", [(False, True), (True, False)])
+def test_opcheck_triton_group_norm(channels_last, affine):
+    x, w, b = group_norm_inputs((2, 6, 5, 3), channels_last)
+    w, b = (w, b) if affine else (None, None)
+    y, mean, rstd = OPS.triton_group_norm(x, 3, w, b, 1e-5, None)
+    dy = torch.randn_like(y)
+    for need_dx, need_affine in [(True, affine), (False, affine)]:
+        torch.library.opcheck(OPS.triton_group_norm_backward.default, (dy, x, w, b, mean, rstd, None, need_dx, need_affine))
+    leaves = [x] if w is None else [x, w, b]
+    for t in leaves:
+        t.requires_grad_()
+    torch.library.opcheck(OPS.triton_group_norm.default, (x, 3, w, b, 1e-5, "silu"))
+
+
+# --- compiled vs eager, fullgraph -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend,dtype,B,Lq,Lk,H,D", [
+    ("triton", torch.float32, 2, 77, 1, 2, 16), ("triton", torch.float32, 1, 100, 100, 1, 40),
+    ("triton", torch.float16, 1, 33, 77, 2, 32), ("torch", torch.float32, 2, 77, 1, 2, 16),
+])  # fmt: skip
+def test_compiled_attention_matches_eager(backend, dtype, B, Lq, Lk, H, D):
+    def fn(q, k, v):  # elementwise ops around the op, and q as a view of a wider projection
+        return ck.attention(torch.cat([q, q], -1)[..., :D] * 2.0, k, v.sin(), backend=backend) + 1.0
+
+    assert_compiled_matches_eager(fn, attention_inputs(B, Lq, Lk, H, D, dtype), backend="aot_eager")
+    assert ck.used_backends()["attention"] == backend
+
+
+@pytest.mark.parametrize("backend,channels_last,activation", [
+    ("triton", False, None), ("triton", True, "silu"), ("torch", True, "silu"),
+])  # fmt: skip
+def test_compiled_group_norm_matches_eager(backend, channels_last, activation):
+    def fn(x, w, b):
+        y = ck.group_norm(x * 2.0, 4, w, b, activation=activation, backend=backend)
+        assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        return y.cos()
+
+    assert_compiled_matches_eager(fn, group_norm_inputs((2, 8, 5, 7), channels_last), backend="aot_eager")
+    assert ck.used_backends()["group_norm"] == backend
+
+
+def test_backend_is_chosen_at_trace_time_with_eager_fallbacks(monkeypatch, caplog):
+    # triton is asked for through the environment; float64 is Unsupported there, so that call
+    # falls back to the torch ops while the float32 one becomes the custom op.
+    monkeypatch.setenv("CCKERNELS_BACKEND", "triton")
+    monkeypatch.setattr(tracing, "_logged", set())
+    recorder = AotEagerAndRecordGraphs()
+
+    def fn(q, k, v):
+        return ck.attention(q, k, v) + ck.attention(q.double(), k.double(), v.double()).float()
+
+    with caplog.at_level(logging.INFO, logger="cckernels"):
+        assert_compiled_matches_eager(fn, attention_inputs(1, 9, 5, 2, 16), backend=recorder)
+    assert cckernels_ops(recorder.fw_graphs) == {"cckernels.triton_attention.default"}
+    assert cckernels_ops(recorder.bw_graphs) == {"cckernels.triton_attention_backward.default"}
+    assert "attention on cpu float32 traced with backend triton" in caplog.text
+    assert "attention on cpu float64 traced with backend torch" in caplog.text
+
+    torch._dynamo.reset()
+    monkeypatch.setenv("CCKERNELS_BACKEND", "torch")
+    recorder = AotEagerAndRecordGraphs()
+    assert_compiled_matches_eager(fn, attention_inputs(1, 9, 5, 2, 16), backend=recorder)
+    assert not cckernels_ops(recorder.fw_graphs + recorder.bw_graphs)  # plain torch ops, for inductor
+
+
+def test_argument_errors_still_raise_under_compile():
+    # Dynamo traces the checks; with fullgraph=True it reports the ValueError as the cause of
+    # its own error (an uncaught exception ends the graph), without it the ValueError comes out.
+    q, k, v = attention_inputs(1, 4, 4, 1, 8)
+    with pytest.raises(ValueError, match="scale must be a positive"):
+        torch.compile(lambda q, k, v: ck.attention(q, k, v, scale=-1.0), backend="aot_eager")(q, k, v)
+
+
+@pytest.mark.parametrize("env,expected", [("1", True), ("0", False)])
+def test_deterministic_backward_is_fixed_when_the_graph_is_traced(env, expected, monkeypatch):
+    recorder = AotEagerAndRecordGraphs()
+    monkeypatch.setenv("CCKERNELS_DETERMINISTIC", env)
+    compiled = torch.compile(lambda q, k, v: ck.attention(q, k, v, backend="triton"), backend=recorder, fullgraph=True)
+    leaves = [t.requires_grad_() for t in attention_inputs(1, 9, 5, 2, 16)]
+    compiled(*leaves).sum().backward()
+    (node,) = [n for g in recorder.bw_graphs for n in g.graph.nodes if n.target == OPS.triton_attention_backward.default]
+    assert node.args[-1] is expected
+
+
+def test_unet_block_compiles_to_one_graph_with_the_triton_kernels():
+    # The tiny UNet's middle block (resnet, self- and cross-attention transformer, resnet) with
+    # fullgraph=True, which fails on any graph break. On CPU the whole UNet would take a minute
+    # here (its compile, and every kernel in the interpreter); the GPU tests compile it whole.
+    block = UNet.from_config(TINY).mid_block
+    h, temb, ctx = torch.randn(1, 32, 3, 3), torch.randn(1, 64), torch.randn(1, 5, 16)
+    recorder = AotEagerAndRecordGraphs()
+
+    def run(fn):
+        block.zero_grad()
+        out = fn(h, temb, ctx)
+        out.square().mean().backward()
+        return [out.detach()] + [p.grad.clone() for p in block.parameters()]
+
+    eager = run(block)
+    compiled = run(torch.compile(block, backend=recorder, fullgraph=True))
+    assert len(recorder.fw_graphs) == len(recorder.bw_graphs) == 1
+    assert cckernels_ops(recorder.fw_graphs) == {"cckernels.triton_attention.default", "cckernels.triton_group_norm.default"}
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+# --- GPU: the cuda custom ops, inductor and CUDA graphs ---------------------------------------
+
+
+def _cuda_group_norm_or_skip():
+    if "cuda" not in ck.available_backends("cuda")["group_norm"]:
+        pytest.skip("cckernels._C has no GroupNorm kernels in this build")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_cuda_group_norm(dtype):
+    _cuda_group_norm_or_skip()
+    x, w, b = group_norm_inputs((2, 64, 9, 7), True, dtype, "cuda")
+    torch.library.opcheck(OPS.cuda_group_norm.default, (x.requires_grad_(), 32, w.requires_grad_(), b, 1e-5, "silu"))
+    y, mean, rstd = OPS.cuda_group_norm(x, 32, w, b, 1e-5, "silu")
+    args = (torch.randn_like(y), x.detach(), w.detach(), b, mean.detach(), rstd.detach(), "silu", True, True)
+    torch.library.opcheck(OPS.cuda_group_norm_backward.default, args)
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-12)).item()
+
+
+def assert_close_bf16(compiled, eager):
+    # Same kernels; inductor's fused elementwise ops round differently from eager's bf16 ones.
+    for a, b in zip(compiled, eager):
+        assert rel_err(a, b) < 2e-2
+
+
+def compiled_runs(fn, leaves, mode, runs=3):
+    """Outputs and gradients of each of `runs` calls (reduce-overhead records CUDA graphs on
+    the second call and replays them after): every one must match eager."""
+    compiled = torch.compile(fn, fullgraph=True, mode=mode)
+    return [outputs_and_grads(compiled, leaves) for _ in range(runs)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+@pytest.mark.parametrize("gn_backend", ["triton", "cuda"])
+def test_inductor_matches_eager_on_gpu(mode, gn_backend):
+    if gn_backend == "cuda":
+        _cuda_group_norm_or_skip()
+    q_proj = torch.randn(2, 1024, 3 * 4 * 64, device="cuda", dtype=torch.bfloat16)
+    x, w, b = group_norm_inputs((2, 256, 16, 16), True, torch.bfloat16, "cuda")
+    ctx = torch.randn(2, 77, 4, 64, device="cuda", dtype=torch.bfloat16)
+
+    def fn(qkv, ctx, x, w, b):
+        q, k, v = qkv.view(2, 1024, 3, 4, 64).unbind(2)  # strided views, as in the UNet
+        a = ck.attention(q, k, v, backend="triton") + ck.attention(q, ctx, ctx * 0.5, backend="triton")
+        h = ck.group_norm(x, 32, w, b, activation="silu", backend=gn_backend)
+        return (a.float().sum() + h.float().sum()) * 1e-3
+
+    leaves = [q_proj, ctx, x, w, b]
+    eager = outputs_and_grads(fn, leaves)
+    for run in compiled_runs(fn, leaves, mode):
+        assert_close_bf16(run, eager)
+    assert ck.used_backends()["group_norm"] == gn_backend
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+@pytest.mark.parametrize("gn_backend", ["triton", "cuda"])
+def test_tiny_unet_inductor_matches_eager_on_gpu(mode, gn_backend, monkeypatch):
+    if gn_backend == "cuda":
+        _cuda_group_norm_or_skip()
+    monkeypatch.setenv("CCKERNELS_BACKEND", gn_backend)  # attention has no cuda backend: triton
+    unet = UNet.from_config(dict(TINY, attention_head_dim=2, block_out_channels=[64, 128], norm_num_groups=32))
+    unet = unet.cuda().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 4, 16, 16, device="cuda").to(memory_format=torch.channels_last)
+    t, ctx = torch.tensor([10, 500], device="cuda"), torch.randn(2, 77, 16, device="cuda")
+
+    def loss(model):
+        unet.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", torch.bfloat16):
+            out = model(x, t, ctx)
+        out.float().square().mean().backward()
+        return [out.detach().clone()] + [p.grad.clone() for p in unet.parameters()]
+
+    eager = loss(unet)
+    assert ck.used_backends() == {**ck.used_backends(), "attention": "triton", "group_norm": gn_backend}
+    compiled = torch.compile(unet, fullgraph=True, mode=mode)
+    for _ in range(3):
+        assert_close_bf16(loss(compiled), eager)
