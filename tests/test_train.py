@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainer import checkpoint, diffusion, train
+from trainer import checkpoint, config, diffusion, train
 
 TINY = ["train.batch_size=2", "data.workers=0", "sample.prompts=[a cat]", "sample.steps=2", "checkpoint.every=2",
         "ema.start_step=1", "train.log_every=1"]
@@ -116,10 +116,28 @@ def test_many_non_finite_steps_in_a_row_stop_the_run(tmp_path, monkeypatch):
 
 def test_compiled_unet_trains_as_the_eager_one(tmp_path):
     # model.compile takes a torch.compile backend (aot_eager: fast, no C++ compiler); the
-    # kernels inside are graph breaks, the loss follows the eager run's.
+    # kernels are traced into its graph, the loss follows the eager run's.
     run(tmp_path / "eager", "train.steps=2")
     run(tmp_path / "compiled", "train.steps=2", "model.compile=aot_eager")
     eager, compiled = ([json.loads(line)["loss"] for line in open(tmp_path / name / "metrics.jsonl")]
                        for name in ("eager", "compiled"))
     assert len(compiled) == 2
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-6)
+
+
+def test_compile_mode_needs_inductor_and_cuda_graphs_one_process_without_accumulation():
+    def args(compile, mode, world=1, accum=1):
+        return train._compile_args({"compile": compile, "compile_mode": mode}, world, accum)
+
+    assert args(False, "default") is None
+    assert args("aot_eager", "default") == {"backend": "aot_eager"}
+    assert args(True, "reduce-overhead") == {"backend": "inductor", "mode": "reduce-overhead"}
+    assert args(True, "max-autotune-no-cudagraphs", world=8, accum=4)["mode"] == "max-autotune-no-cudagraphs"
+    with pytest.raises(ValueError, match="needs model.compile=true"):
+        args("aot_eager", "reduce-overhead")
+    with pytest.raises(ValueError, match="world size 2"):
+        args(True, "reduce-overhead", world=2)
+    with pytest.raises(ValueError, match="grad_accum=4"):
+        args("inductor", "max-autotune", accum=4)
+    with pytest.raises(ValueError, match="model.compile_mode must be one of"):
+        config.load(None, ["model.compile_mode=fast"])

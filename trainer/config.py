@@ -27,6 +27,7 @@ CHOICES = {
     "data.backend": data_config.BACKENDS,
     "diffusion.prediction_type": PREDICTION_TYPES,
     "train.precision": ("bf16", "fp32"),
+    "model.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
 }
 # Integer keys and their smallest valid value (the loop divides by the step intervals).
 MIN_INT = {
@@ -44,8 +45,11 @@ DEFAULTS = {
         "channels_last": False,
         "gradient_checkpointing": False,
         # torch.compile the UNet: false, true (inductor) or a torch.compile backend name; the
-        # cckernels ops in it are graph breaks that run eagerly (cckernels/__init__.py)
+        # cckernels ops are traced into its graph (cckernels/tracing.py), no graph break
         "compile": False,
+        # inductor's mode: reduce-overhead replays each step as CUDA graphs (see train.py for
+        # where it is refused); max-autotune-no-cudagraphs tunes inductor's own kernels
+        "compile_mode": "default",
     },
     "diffusion": {
         "prediction_type": "epsilon",

@@ -42,6 +42,30 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+# torch.compile modes that replay the compiled forward and backward as CUDA graphs.
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def _compile_args(model_cfg, world, grad_accum):
+    """torch.compile's keyword arguments for model.compile / model.compile_mode, or None."""
+    backend = {True: "inductor", False: None}.get(model_cfg["compile"], model_cfg["compile"])
+    mode = model_cfg["compile_mode"]
+    if mode != "default" and backend != "inductor":
+        raise ValueError(f"model.compile_mode={mode} is an inductor mode: it needs model.compile=true, "
+                         f"got model.compile={model_cfg['compile']!r}")
+    # CUDA graphs free a step's graph outputs when the next step's forward replays. Gradients
+    # that outlive a step, as accumulated ones do (grad_accum > 1, and our DDP's no_sync()),
+    # are then at risk; one step with our DDP is plausible (its hooks and all-reduces run
+    # eagerly after the replayed backward, outside the graphs) but no multi-GPU run checked it.
+    if mode in CUDA_GRAPH_MODES and (world > 1 or grad_accum > 1):
+        raise ValueError(f"model.compile_mode={mode} (CUDA graphs) is supported on one process without "
+                         f"gradient accumulation (got world size {world}, train.grad_accum={grad_accum}); "
+                         "use default or max-autotune-no-cudagraphs")
+    if backend is None:
+        return None
+    return {"backend": backend} if mode == "default" else {"backend": backend, "mode": mode}
+
+
 def main(argv=None):
     # -- config ----------------------------------------------------------------------------
     args = parse_args(argv)
@@ -64,6 +88,7 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = not cfg["train"]["deterministic"]
     else:
         device = torch.device("cpu")
+    compile_args = _compile_args(cfg["model"], world, cfg["train"]["grad_accum"])
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     is_main = rank == 0
@@ -114,9 +139,8 @@ def main(argv=None):
         unet.enable_gradient_checkpointing()
     if ckpt:
         unet.load_state_dict(ckpt["unet"])
-    compile_backend = {True: "inductor", False: None}.get(cfg["model"]["compile"], cfg["model"]["compile"])
     # the compiled forward shares unet's parameters; checkpoints and EMA keep using unet
-    model = torch.compile(unet, backend=compile_backend) if compile_backend else unet
+    model = torch.compile(unet, **compile_args) if compile_args else unet
     model = DistributedDataParallel(model) if world > 1 else model
     tc = cfg["train"]
     optimizer = ck.FusedAdamWEMA(unet.parameters(), lr=tc["lr"], betas=tuple(tc["betas"]), weight_decay=tc["weight_decay"])
