@@ -30,8 +30,8 @@ DDP wrapper -> gradient clipping -> optimizer -> EMA. Rows (cumulative unless sa
   + larger micro-batch   the largest multiple of 8 whose estimated peak (persistent memory + the
                  previous row's activation memory per image) fits 90% of the GPU; halved
                  steps back on out-of-memory
-  + torch.compile   the UNet compiled around cckernels' ops (each a graph break that runs
-                 eagerly); last, as the one step of the ladder a user may leave out
+  + torch.compile   the UNet compiled with cckernels' ops inside its graph (custom ops, no
+                 graph break); last, as the one step of the ladder a user may leave out
   plain PyTorch best (not cumulative): SDPA (PyTorch's own backend choice), torch.compile,
                  AdamW(fused=True), torch._foreach_lerp_ EMA every step, precomputed latents,
                  channels_last, torch DDP, at the baseline micro-batch

@@ -102,7 +102,7 @@ class FusedAdamWEMA(torch.optim.Optimizer):
         if p.dtype != torch.float32:
             state["master"] = self._fp32_copy(p)
 
-    @torch.compiler.disable  # the kernels run eagerly, as in cckernels' ops
+    @torch.compiler.disable  # the kernels run eagerly: a step updates tensors in place, outside any model graph
     @torch.no_grad()
     def step(self, closure=None, *, ema=True, ema_decay=None):
         """One AdamW step; also the EMA update when the EMA has started and `ema` is True."""
