@@ -72,21 +72,24 @@ pytree.register_pytree_node(_Static, lambda s: ([], s.values), lambda _, values:
 
 def dispatch_traced(op, backend, *args):
     """`dispatch(op, device, backend, *args)` for a graph torch.compile is tracing."""
-    where = tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor))
+    # Tensors and numbers are pytree leaves (a number may be symbolic: the default attention
+    # scale under dynamic shapes); None and str go into the context.
+    where = tuple(i for i, a in enumerate(args) if isinstance(a, (torch.Tensor, int, float, torch.SymInt, torch.SymFloat)))
     others = tuple(None if i in where else a for i, a in enumerate(args))
     return _traced(tuple(args[i] for i in where), _Static((op, backend, others, where)))
 
 
 @torch._dynamo.nonstrict_trace
-def _traced(tensors, static):
+def _traced(leaves, static):
     op, backend, others, where = static.values
     args = list(others)
-    for i, t in zip(where, tensors):
-        args[i] = t
-    device = tensors[0].device
+    for i, a in zip(where, leaves):
+        # A symbolic number is fixed here (a guard): the kernels take plain ones.
+        args[i] = float(a) if isinstance(a, torch.SymFloat) else int(a) if isinstance(a, torch.SymInt) else a
+    device = leaves[0].device
     with _custom_ops():
         out = dispatch(op, device, backend, *args)
-    key = (op, last_used()[op], device.type, tensors[0].dtype)
+    key = (op, last_used()[op], device.type, leaves[0].dtype)
     if key not in _logged:
         _logged.add(key)
         log.info("torch.compile: %s on %s %s traced with backend %s", op, key[2], str(key[3]).removeprefix("torch."), key[1])
