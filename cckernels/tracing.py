@@ -12,10 +12,12 @@ the graph is traced, and `used_backends()` reports that choice. What lands in th
   torch    the plain torch ops of cckernels.reference, which inductor fuses like any others
 
 While `dispatch_traced` runs, `emitting_custom_ops()` is true: each backend's entry function
-then returns its custom op instead of calling its autograd.Function. The custom ops are
-defined next to those Functions (cckernels/triton/attention.py, triton/group_norm.py, cuda.py)
-because both are thin wrappers of the same launchers: a reader compares them in one screen.
-Eager calls never reach this module (one `torch.compiler.is_compiling()` test per call).
+then returns its custom op instead of calling its autograd.Function. The custom ops live next
+to those Functions (cckernels/triton/attention.py; GroupNorm's triton and cuda backends share
+theirs, cckernels/group_norm_autograd.py) because both wrap the same launchers and save the
+same tensors: a reader compares them in one screen. Eager calls keep their autograd.Function
+(custom-op dispatch costs tens of microseconds a call) and never reach this module: one
+`torch.compiler.is_compiling()` test per call.
 
 Decided at trace time, not per call (guards do not see them; torch._dynamo.reset() or a new
 process re-decides): CCKERNELS_BACKEND, which backends are installed, the triton attention's
@@ -24,11 +26,12 @@ of dynamo's global-state guard, so flipping it recompiles). Graphs keep our cust
 inductor fuses the elementwise ops around them, and mode="reduce-overhead" replays them inside
 its CUDA graphs (every launch is on the current stream, no host sync).
 
-Mechanics: nonstrict_trace (torch._dynamo's in torch 2.11, also torch.compiler's later) runs `_traced` as plain Python on
-fake tensors, both when dynamo builds its graph and when AOTAutograd traces it. Its inputs
-may only be tensors or pytree containers, so the other arguments travel in the pytree
-context of `_Static`; an exception raised inside would be lost, which is why the ValueError
-checks run before it, in the public functions.
+Mechanics: torch._dynamo.nonstrict_trace (torch 2.11 has it there only) runs `_traced` as plain
+Python on fake tensors, both when dynamo builds its graph and when AOTAutograd traces it. Its
+inputs may only be tensors, numbers or pytree containers of them, so None and str arguments
+travel in the pytree context of `_Static`. An exception raised inside comes out as an obscure
+dynamo error, so the ValueError checks (arguments, backend name) run before it, where dynamo
+traces them.
 """
 import contextlib
 import logging
@@ -36,7 +39,7 @@ import logging
 import torch
 import torch.utils._pytree as pytree
 
-from cckernels.backend import dispatch, last_used
+from cckernels.backend import _requested, dispatch, last_used
 
 log = logging.getLogger("cckernels")
 
@@ -60,8 +63,8 @@ def _custom_ops():
 
 
 class _Static:
-    """An op call's non-tensor arguments (and where its tensors go), held in the pytree context
-    so that nonstrict_trace takes them as constants: it refuses None and str leaves."""
+    """The constants of an op call (op, backend, the None and str arguments, where the others
+    go), held in the pytree context: nonstrict_trace refuses None and str leaves."""
 
     def __init__(self, values):
         self.values = values
@@ -70,11 +73,15 @@ class _Static:
 pytree.register_pytree_node(_Static, lambda s: ([], s.values), lambda _, values: _Static(values))
 
 
+_LEAVES = (torch.Tensor, int, float, torch.SymInt, torch.SymFloat)
+
+
 def dispatch_traced(op, backend, *args):
     """`dispatch(op, device, backend, *args)` for a graph torch.compile is tracing."""
+    _requested(backend)  # a bad backend name (argument or env) raises here, visibly
     # Tensors and numbers are pytree leaves (a number may be symbolic: the default attention
     # scale under dynamic shapes); None and str go into the context.
-    where = tuple(i for i, a in enumerate(args) if isinstance(a, (torch.Tensor, int, float, torch.SymInt, torch.SymFloat)))
+    where = tuple(i for i, a in enumerate(args) if isinstance(a, _LEAVES))
     others = tuple(None if i in where else a for i, a in enumerate(args))
     return _traced(tuple(args[i] for i in where), _Static((op, backend, others, where)))
 
@@ -92,5 +99,6 @@ def _traced(leaves, static):
     key = (op, last_used()[op], device.type, leaves[0].dtype)
     if key not in _logged:
         _logged.add(key)
-        log.info("torch.compile: %s on %s %s traced with backend %s", op, key[2], str(key[3]).removeprefix("torch."), key[1])
+        log.info("torch.compile: %s on %s %s traced with backend %s", op, device.type,
+                 str(key[3]).removeprefix("torch."), key[1])
     return out
