@@ -146,7 +146,8 @@ def available_backends(device=None):
 
 
 def used_backends():
-    """{op: backend} that ran each op's most recent call in this process."""
+    """{op: backend} that ran each op's most recent call in this process; for a call inside a
+    torch.compile graph, the backend chosen when that graph was traced."""
     return last_used()
 
 

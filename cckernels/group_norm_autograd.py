@@ -33,6 +33,11 @@ def input_grads(backward, ctx, dy):
             db.to(bias.dtype) if need_b else None, None, None)
 
 
+def _wanted(weight, bias, need_dx, need_affine):
+    """Which of (dx, dweight, dbias) the backward op returns."""
+    return need_dx, need_affine and weight is not None, need_affine and bias is not None
+
+
 def custom_ops(name, forward, backward, device_types=None):
     """Register cckernels::{name} (forward: y, mean, rstd) and cckernels::{name}_backward around
     a backend's launchers, with fake (shape-only) versions and autograd; returns the forward op."""
@@ -57,12 +62,16 @@ def custom_ops(name, forward, backward, device_types=None):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         with _on_device(x.device):
             grads = backward(dy, x, weight, bias, mean, rstd, activation, need_dx, need_affine)
-        return tuple(x.new_empty(0) if g is None else g for g in grads)  # an op returns no None
+        # An op returns no None: an empty tensor for each gradient not wanted (the launchers
+        # may compute a dweight without weight; nothing reads it).
+        wanted = _wanted(weight, bias, need_dx, need_affine)
+        return tuple(g if want else x.new_empty(0) for g, want in zip(grads, wanted))
 
     @backward_op.register_fake
     def _(dy, x, weight, bias, mean, rstd, activation, need_dx, need_affine):
-        dw, db = (x.new_empty((x.shape[1] if need_affine else 0,), dtype=torch.float32) for _ in range(2))
-        return torch.empty_like(x) if need_dx else x.new_empty(0), dw, db
+        want_dx, want_dw, want_db = _wanted(weight, bias, need_dx, need_affine)
+        dw, db = (x.new_empty((x.shape[1] if want else 0,), dtype=torch.float32) for want in (want_dw, want_db))
+        return torch.empty_like(x) if want_dx else x.new_empty(0), dw, db
 
     op.register_autograd(lambda ctx, dy, _dmean, _drstd: input_grads(backward_op, ctx, dy),
                          setup_context=save_for_backward)
