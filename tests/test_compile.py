@@ -260,12 +260,10 @@ def test_inductor_matches_eager_on_gpu(mode, gn_backend):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("gn_backend", ["triton", "cuda"])
-def test_tiny_unet_in_cuda_graphs_matches_eager_on_gpu(gn_backend, monkeypatch):
-    # mode="reduce-overhead": inductor and CUDA graphs (the default mode is the op test's).
-    if gn_backend == "cuda":
-        skip_without_cuda_group_norm()
-    monkeypatch.setenv("CCKERNELS_BACKEND", gn_backend)  # attention has no cuda backend: triton
+def test_tiny_unet_in_cuda_graphs_matches_eager_on_gpu():
+    # mode="reduce-overhead" (inductor and CUDA graphs) with the default backends: the cuda
+    # GroupNorm and the triton attention (one UNet compile: the op test covers the other pairs).
+    skip_without_cuda_group_norm()
     unet = UNet.from_config(dict(TINY, attention_head_dim=2, block_out_channels=[64, 128], norm_num_groups=32))
     unet = unet.cuda().to(memory_format=torch.channels_last)
     x = torch.randn(2, 4, 16, 16, device="cuda").to(memory_format=torch.channels_last)
@@ -280,7 +278,7 @@ def test_tiny_unet_in_cuda_graphs_matches_eager_on_gpu(gn_backend, monkeypatch):
 
     exact, eager = loss(unet, autocast=False), loss(unet)
     used = ck.used_backends()
-    assert (used["attention"], used["group_norm"]) == ("triton", gn_backend)
+    assert (used["attention"], used["group_norm"]) == ("triton", "cuda")
     compiled = compile_on_gpu(unet, "reduce-overhead")
     for _ in range(3):
         for i, (ref, a, b) in enumerate(zip(exact, eager, loss(compiled))):
