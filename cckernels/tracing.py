@@ -19,12 +19,13 @@ same tensors: a reader compares them in one screen. Eager calls keep their autog
 (custom-op dispatch costs tens of microseconds a call) and never reach this module: one
 `torch.compiler.is_compiling()` test per call.
 
-Decided at trace time, not per call (guards do not see them; torch._dynamo.reset() or a new
-process re-decides): CCKERNELS_BACKEND, which backends are installed, the triton attention's
-deterministic backward (CCKERNELS_DETERMINISTIC; torch.use_deterministic_algorithms is part
-of dynamo's global-state guard, so flipping it recompiles). Graphs keep our custom ops opaque:
-inductor fuses the elementwise ops around them, and mode="reduce-overhead" replays them inside
-its CUDA graphs (every launch is on the current stream, no host sync).
+Decided at trace time, not per call, without a guard (torch._dynamo.reset() or a new process
+re-decides): which backends are installed and usable, the `Unsupported` fallbacks, the triton
+attention's deterministic backward as CCKERNELS_DETERMINISTIC says. Guarded, so a change
+recompiles: CCKERNELS_BACKEND (dynamo traces its read in `dispatch_traced`) and
+torch.use_deterministic_algorithms (part of dynamo's global state). Graphs keep our custom
+ops opaque: inductor fuses the elementwise ops around them, and mode="reduce-overhead" replays
+them inside its CUDA graphs (every launch is on the current stream, no host sync).
 
 Mechanics: torch._dynamo.nonstrict_trace (torch 2.11 has it there only) runs `_traced` as plain
 Python on fake tensors, both when dynamo builds its graph and when AOTAutograd traces it. Its

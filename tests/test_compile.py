@@ -179,6 +179,22 @@ def test_deterministic_backward_is_fixed_when_the_graph_is_traced(env, expected,
     assert node.args[-1] is expected
 
 
+def test_use_deterministic_algorithms_recompiles_with_the_deterministic_backward(monkeypatch):
+    # Part of dynamo's global-state guard: flipping it retraces, and the new graph's backward
+    # is the deterministic one although CCKERNELS_DETERMINISTIC=0 asks for the atomic one.
+    monkeypatch.setenv("CCKERNELS_DETERMINISTIC", "0")
+    recorder = AotEagerAndRecordGraphs()
+    compiled = torch.compile(lambda q: ck.attention(q, q, q, backend="triton"), backend=recorder, fullgraph=True)
+    try:
+        for deterministic in (False, True):
+            torch.use_deterministic_algorithms(deterministic)
+            compiled(torch.randn(1, 9, 2, 16, requires_grad=True)).sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    nodes = [n for g in recorder.bw_graphs for n in g.graph.nodes if n.target == OPS.triton_attention_backward.default]
+    assert [n.args[-1] for n in nodes] == [False, True]
+
+
 def test_unet_block_compiles_to_one_graph_with_the_triton_kernels():
     # The tiny UNet's middle block (resnet, self- and cross-attention transformer, resnet) with
     # fullgraph=True, which fails on any graph break. On CPU the whole UNet would take a minute
