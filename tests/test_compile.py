@@ -250,6 +250,7 @@ def compile_on_gpu(fn, mode):
 
 
 @pytest.mark.gpu
+@pytest.mark.timeout(300)  # inductor compiles (run_gpu.sh gives other tests 60 s)
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
 @pytest.mark.parametrize("gn_backend", ["triton", "cuda"])
 def test_inductor_matches_eager_on_gpu(mode, gn_backend):
@@ -276,6 +277,7 @@ def test_inductor_matches_eager_on_gpu(mode, gn_backend):
 
 
 @pytest.mark.gpu
+@pytest.mark.timeout(300)  # inductor compiles the UNet's forward and backward
 def test_tiny_unet_in_cuda_graphs_matches_eager_on_gpu():
     # mode="reduce-overhead" (inductor and CUDA graphs) with the default backends: the cuda
     # GroupNorm and the triton attention (one UNet compile: the op test covers the other pairs).
