@@ -343,7 +343,10 @@ def wrap(recipe, unet, args):
     else:
         model = torch.nn.parallel.DistributedDataParallel(unet, device_ids=[unet.conv_in.weight.device]
                                                           if unet.conv_in.weight.is_cuda else None)
-    return torch.compile(model, backend=args.compile_backend) if recipe.compile else model
+    if not recipe.compile:
+        return model
+    mode = None if args.tiny or args.compile_mode == "default" else args.compile_mode
+    return torch.compile(model, backend=args.compile_backend, mode=mode)
 
 
 def run_row(recipe, name, batch, shared):
@@ -571,6 +574,10 @@ def parse_args(argv=None):
                    "(and a larger micro-batch row needs the row above it for its memory estimate)")
     p.add_argument("--no-compile", action="store_true",
                    help="no torch.compile: the plain-PyTorch row without it, the + torch.compile row skipped")
+    p.add_argument("--compile-mode", default="default",
+                   choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+                   help="torch.compile mode of the compiled rows, ours and plain PyTorch's alike (the CUDA-graph "
+                   "modes with the DDP wrapper every row has are untried: a row that fails says so); tiny: default")
     p.add_argument("--budget-s", type=float, default=None, help="skip rows that would start after this many seconds")
     p.add_argument("--profile", action="store_true",
                    help=f"profile {PROFILE_STEPS} more steps per row: op tables in OUT/bench_train-profile/, "
