@@ -96,8 +96,6 @@ def _table(op):
 
 
 def _usable(op, backend, device):
-    if backend not in _table(op):
-        return False
     if backend == "cuda" and not cuda_usable(device):
         return False
     if backend == "triton" and not triton_usable(device):
@@ -135,11 +133,11 @@ def dispatch(op, device, backend, *args):
     requested = _requested(backend)
     order = _usable_functions(op, device)
     if requested is not None:
-        at = next((i for i, (name, _) in enumerate(order) if name == requested), None)
-        if at is None:
-            _report(op, requested, f"not usable on {device.type} for this op")
+        names = [name for name, _ in order]
+        if requested in names:
+            order = order[names.index(requested):]
         else:
-            order = order[at:]
+            _report(op, requested, f"not usable on {device.type} for this op")
     for name, fn in order:
         try:
             with _on_device(device):
