@@ -74,11 +74,21 @@ def dense(t):
     )
 
 
+def _same_layout(ts):
+    """Same shape and strides, and dense (tensors laid out like a dense one are dense)."""
+    shape = ts[0].shape
+    if all(t.shape == shape and t.is_contiguous() for t in ts):  # the common case, cheaply
+        return True
+    stride = ts[0].stride()
+    return dense(ts[0]) and all(t.shape == shape and t.stride() == stride for t in ts)
+
+
 def check_same_layout(name, lists):
-    """Raise Unsupported unless every row's tensors are dense with identical strides."""
+    """Raise Unsupported unless every row's tensors are dense with identical shapes and strides.
+    Checked on every call, per tensor: ema_update_ and the optimizer step walk whole models."""
     for i, ts in enumerate(zip(*lists)):
-        if not all(dense(t) for t in ts) or len({t.stride() for t in ts}) != 1:
-            raise Unsupported(f"{name}: tensor {i} is not dense or its lists' strides differ")
+        if not _same_layout(ts):
+            raise Unsupported(f"{name}: tensor {i} is not dense or its lists' shapes or strides differ")
 
 
 def tables(lists, chunk):
@@ -92,7 +102,7 @@ def tables(lists, chunk):
     device = lists[0][0].device
     addresses = tuple(tuple(t.data_ptr() for t in ts) for ts in lists)
     numels = tuple(t.numel() for t in lists[0])
-    lowest = [min(range(len(row)), key=row.__getitem__) for row in addresses]
+    lowest = [row.index(min(row)) for row in addresses]
     bases = [ts[i] for ts, i in zip(lists, lowest)]
     key = (device, chunk, addresses, numels, tuple(ts[0].dtype for ts in lists))  # offsets count elements
     hit = _cache.get(key)
