@@ -74,21 +74,11 @@ def dense(t):
     )
 
 
-def _same_layout(ts):
-    """Same shape and strides, and dense (tensors laid out like a dense one are dense)."""
-    shape = ts[0].shape
-    if all(t.shape == shape and t.is_contiguous() for t in ts):  # the common case, cheaply
-        return True
-    stride = ts[0].stride()
-    return dense(ts[0]) and all(t.shape == shape and t.stride() == stride for t in ts)
-
-
 def check_same_layout(name, lists):
-    """Raise Unsupported unless every row's tensors are dense with identical shapes and strides.
-    Checked on every call, per tensor: ema_update_ and the optimizer step walk whole models."""
+    """Raise Unsupported unless every row's tensors are dense with identical strides."""
     for i, ts in enumerate(zip(*lists)):
-        if not _same_layout(ts):
-            raise Unsupported(f"{name}: tensor {i} is not dense or its lists' shapes or strides differ")
+        if not all(dense(t) for t in ts) or len({t.stride() for t in ts}) != 1:
+            raise Unsupported(f"{name}: tensor {i} is not dense or its lists' strides differ")
 
 
 def tables(lists, chunk):
