@@ -5,9 +5,10 @@
     y = ck.group_norm(x, 32, w, b, activation="silu")  # fp32 statistics, keeps memory format
     ck.ema_update_(ema, params, 0.9999)                # multi-tensor, in place
 
-Every op has backends "cuda" (compiled csrc), "triton" and "torch" (cckernels.reference).
-The backend is the `backend=` argument, else env CCKERNELS_BACKEND, else the best usable
-one for the tensors' device; one that cannot take an input falls back to the next.
+Every op has backends "cuda" (compiled csrc), "triton" and "torch" (cckernels.reference),
+in its own best-first order (cckernels.backend.IMPLEMENTATIONS). The backend is the
+`backend=` argument, else env CCKERNELS_BACKEND, else the best usable one for the tensors'
+device; one that cannot take an input falls back to the next in that op's order.
 
 Under torch.compile, attention and group_norm are traced into the graph (no graph break,
 fullgraph=True works): the backend is chosen by the same rules when the graph is traced, the
@@ -39,7 +40,13 @@ __all__ = [
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def _check_float(name, t):
+def _check_float(name, t, index=None):
+    """ValueError unless t is a float tensor, naming it `name` or `name[index]` (that string is
+    only built to raise: ema_update_ checks every tensor of a model on every call)."""
+    if isinstance(t, torch.Tensor) and t.dtype in FLOAT_DTYPES:
+        return
+    if index is not None:
+        name = f"{name}[{index}]"
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in FLOAT_DTYPES:
@@ -124,23 +131,27 @@ def ema_update_(ema, params, decay, *, backend=None):
         raise ValueError(f"ema has {len(ema)} tensors but params has {len(params)}")
     if not (isinstance(decay, (int, float)) and 0.0 <= decay <= 1.0):
         raise ValueError(f"decay must be a number in [0, 1], got {decay!r}")
+    device = None
     for i, (e, p) in enumerate(zip(ema, params)):
-        _check_float(f"params[{i}]", p)
-        _check_float(f"ema[{i}]", e)
+        _check_float("params", p, i)
+        _check_float("ema", e, i)
         if e.dtype != torch.float32:
             raise ValueError(f"ema[{i}] has dtype {e.dtype}; the EMA shadow must be float32")
         if e.shape != p.shape:
             raise ValueError(f"ema[{i}] shape {tuple(e.shape)} != params[{i}] shape {tuple(p.shape)}")
-        if e.device != p.device or e.device != ema[0].device:
-            raise ValueError(f"ema[{i}] ({e.device}) and params[{i}] ({p.device}) must be on ema[0]'s device ({ema[0].device})")
-    if not ema:
+        if device is None:
+            device = e.device
+        if not (e.device == p.device == device):
+            raise ValueError(f"ema[{i}] ({e.device}) and params[{i}] ({p.device}) must be on ema[0]'s device ({device})")
+    if device is None:  # empty lists
         return
     with torch.no_grad():
-        dispatch("ema_update_", ema[0].device, backend, ema, params, float(decay))
+        dispatch("ema_update_", device, backend, ema, params, float(decay))
 
 
 def available_backends(device=None):
-    """{op: [backends usable on `device`, best first]} (default device: cuda if present)."""
+    """{op: [backends usable on `device`, best first in that op's order]} (default device:
+    cuda if present)."""
     device = torch.device(device) if device is not None else default_device()
     return {op: available(op, device) for op in IMPLEMENTATIONS}
 

@@ -59,11 +59,13 @@ def _same_dense_layout(a, b):
     return fmt is not None and a.is_contiguous(memory_format=fmt) and b.is_contiguous(memory_format=fmt)
 
 
-def _check_params(params):
-    if params[0].dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise Unsupported(f"params dtype {params[0].dtype}")
-    if len({p.dtype for p in params}) != 1:
-        raise Unsupported("params of mixed dtypes")
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_dtypes(params):
+    for i, p in enumerate(params):
+        if p.dtype not in KERNEL_DTYPES:
+            raise Unsupported(f"params[{i}] dtype {p.dtype}")
 
 
 def _check_layouts(name, params, *lists):
@@ -74,14 +76,17 @@ def _check_layouts(name, params, *lists):
 
 
 def ema_update_(ema, params, decay):
-    _check_params(params)
+    """Params may mix dtypes: the kernels run one multi-tensor pass per dtype."""
+    _check_dtypes(params)
     _check_layouts("ema_update_", params, ema)
     loaded().ema_update_(ema, params, decay)
 
 
 def adamw_ema_(params, grads, exp_avgs, exp_avg_sqs, masters, emas, scalars):
     """FusedAdamWEMA's step (see cckernels.reference.adamw_ema_); masters, emas: lists or None."""
-    _check_params(params)
+    _check_dtypes(params)
+    if len({p.dtype for p in params}) != 1:  # FusedAdamWEMA steps one dtype at a time
+        raise Unsupported("params of mixed dtypes")
     if any(g.dtype != params[0].dtype for g in grads):
         raise Unsupported("grads and params of different dtypes")
     _check_layouts("adamw_ema_", params, grads, exp_avgs, exp_avg_sqs, masters or [], emas or [])
@@ -137,7 +142,7 @@ def group_norm(x, num_groups, weight, bias, eps, activation):
         raise Unsupported(f"dtype {x.dtype}")
     if not channels_last(x):  # what the CUDA GroupNorm kernels walk
         raise Unsupported(f"x with strides {x.stride()} is not channels_last")
-    if x.numel() == 0 or x.shape[0] > 65535 or x[0].numel() >= 2**31:
+    if x.numel() == 0 or x.shape[0] > 65535 or x.numel() // x.shape[0] >= 2**31:  # per sample, without a view x[0]
         raise Unsupported(f"shape {tuple(x.shape)}")
     # The kernels read fp32 parameters; (C,) casts are negligible next to x, and autograd
     # casts their gradients back.

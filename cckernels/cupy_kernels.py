@@ -159,8 +159,15 @@ class Kernels:
                 kernel((len(slots),), (limits()["kBlockThreads"],), (chunk, table, functor))
 
     def ema_update_(self, ema, params, decay):
+        """Params may mix dtypes: one multi-tensor pass per dtype, as _C does."""
         functor = np.array([1.0 - decay], dtype=[("weight", np.float32)])  # cck::EmaFunctor
-        self._apply(ema_kernel_name(PARAM_TYPES[params[0].dtype]), [ema, params], functor, ema[0].device)
+        by_dtype = {}
+        for e, p in zip(ema, params):
+            es, ps = by_dtype.setdefault(p.dtype, ([], []))
+            es.append(e)
+            ps.append(p)
+        for dtype, (es, ps) in by_dtype.items():
+            self._apply(ema_kernel_name(PARAM_TYPES[dtype]), [es, ps], functor, ema[0].device)
 
     def adamw_ema_(self, params, grads, exp_avgs, exp_avg_sqs, masters, emas, scalars):
         functor = np.array([tuple(scalars)], dtype=[(n, np.float32) for n in SCALARS])

@@ -41,6 +41,18 @@ cck::DType to_dtype(const at::Tensor& t, const std::string& name) {
   }
 }
 
+// "[2, 4]": sizes or strides for a message. Every message prints them through this, never
+// by streaming a c10::IntArrayRef: the first GPU run (torch 2.11, g++ from /opt/gcc) crashed
+// in exactly the two checks that streamed one, while the checks beside them raised.
+std::string dims_str(c10::IntArrayRef dims) {
+  std::string out = "[";
+  for (size_t d = 0; d < dims.size(); ++d) {
+    if (d) out += ", ";
+    out += std::to_string(dims[d]);
+  }
+  return out + "]";
+}
+
 // Both tensors hold their elements in the same order with no gaps: both contiguous, or both
 // channels_last (conv weights of a channels_last model).
 bool same_dense_layout(const at::Tensor& a, const at::Tensor& b) {
@@ -51,6 +63,15 @@ bool same_dense_layout(const at::Tensor& a, const at::Tensor& b) {
   return a.is_contiguous(format) && b.is_contiguous(format);
 }
 
+// The tensors of one params dtype, as the torch-free launcher takes them.
+struct EmaList {
+  std::vector<float*> ema;
+  std::vector<const void*> params;
+  std::vector<int64_t> sizes;
+};
+
+// Params may mix dtypes (fp32 norms beside bf16 weights): each dtype gets its own
+// multi-tensor pass, so a whole list still takes a few launches per dtype.
 void ema_update_(const std::vector<at::Tensor>& ema, const std::vector<at::Tensor>& params,
                  double decay) {
   TORCH_CHECK_VALUE(ema.size() == params.size(), "ema has ", ema.size(),
@@ -59,10 +80,7 @@ void ema_update_(const std::vector<at::Tensor>& ema, const std::vector<at::Tenso
   if (ema.empty()) return;
   TORCH_CHECK_VALUE(ema[0].is_cuda(), "ema[0] is on ", ema[0].device(), "; expected a CUDA tensor");
   const c10::Device device = ema[0].device();
-  const cck::DType dtype = to_dtype(params[0], "params[0]");
-  std::vector<float*> ema_ptrs(ema.size());
-  std::vector<const void*> param_ptrs(ema.size());
-  std::vector<int64_t> sizes(ema.size());
+  std::array<EmaList, 3> by_dtype;  // indexed by cck::DType
   for (size_t i = 0; i < ema.size(); ++i) {
     const at::Tensor& e = ema[i];
     const at::Tensor& p = params[i];
@@ -72,20 +90,25 @@ void ema_update_(const std::vector<at::Tensor>& ema, const std::vector<at::Tenso
     TORCH_CHECK_VALUE(p.device() == device, pi, " is on ", p.device(), " but ema[0] is on ", device);
     TORCH_CHECK_VALUE(e.scalar_type() == at::kFloat, ei, " has dtype ", e.scalar_type(),
                       "; the EMA shadow must be float32");
-    TORCH_CHECK_VALUE(to_dtype(p, pi) == dtype, pi, " has dtype ", p.scalar_type(), " but params[0] has ",
-                      params[0].scalar_type(), "; all params must share one dtype");
-    TORCH_CHECK_VALUE(e.sizes() == p.sizes(), ei, " shape ", e.sizes(), " != ", pi, " shape ", p.sizes());
-    TORCH_CHECK_VALUE(same_dense_layout(e, p), ei, " (strides ", e.strides(), ") and ", pi, " (strides ",
-                      p.strides(), ") must both be contiguous or both channels_last");
-    ema_ptrs[i] = e.data_ptr<float>();
-    param_ptrs[i] = p.data_ptr();
-    sizes[i] = e.numel();
+    const cck::DType dtype = to_dtype(p, pi);
+    TORCH_CHECK_VALUE(e.sizes() == p.sizes(), ei, " shape ", dims_str(e.sizes()), " != ", pi, " shape ",
+                      dims_str(p.sizes()));
+    TORCH_CHECK_VALUE(same_dense_layout(e, p), ei, " (strides ", dims_str(e.strides()), ") and ", pi,
+                      " (strides ", dims_str(p.strides()), ") must both be contiguous or both channels_last");
+    EmaList& list = by_dtype[static_cast<int>(dtype)];
+    list.ema.push_back(e.data_ptr<float>());
+    list.params.push_back(p.data_ptr());
+    list.sizes.push_back(e.numel());
   }
   const c10::cuda::CUDAGuard guard(device);
-  const cudaError_t err =
-      cck::ema_update(static_cast<int>(ema.size()), ema_ptrs.data(), param_ptrs.data(), sizes.data(),
-                      dtype, decay, c10::cuda::getCurrentCUDAStream(device.index()).stream());
-  TORCH_CHECK(err == cudaSuccess, "ema_update_ kernel launch failed: ", cudaGetErrorString(err));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  for (int d = 0; d < static_cast<int>(by_dtype.size()); ++d) {
+    const EmaList& list = by_dtype[d];
+    if (list.ema.empty()) continue;
+    const cudaError_t err = cck::ema_update(static_cast<int>(list.ema.size()), list.ema.data(), list.params.data(),
+                                            list.sizes.data(), static_cast<cck::DType>(d), decay, stream);
+    TORCH_CHECK(err == cudaSuccess, "ema_update_ kernel launch failed: ", cudaGetErrorString(err));
+  }
 }
 
 // Channels-last layout: (N, C, *spatial) with channels contiguous, i.e. (N, *spatial, C) dense.
@@ -101,7 +124,7 @@ void check_group_norm_param(const c10::optional<at::Tensor>& p, const char* name
   TORCH_CHECK_VALUE(p->device() == x.device(), name, " is on ", p->device(), " but x is on ", x.device());
   TORCH_CHECK_VALUE(p->scalar_type() == at::kFloat, name, " has dtype ", p->scalar_type(), "; the kernel reads float32");
   TORCH_CHECK_VALUE(p->dim() == 1 && p->size(0) == x.size(1) && p->is_contiguous(), name, " must be a contiguous (",
-                    x.size(1), ",) tensor, got shape ", p->sizes(), " strides ", p->strides());
+                    x.size(1), ",) tensor, got shape ", dims_str(p->sizes()), " strides ", dims_str(p->strides()));
 }
 
 const float* optional_data(const c10::optional<at::Tensor>& p) {
@@ -111,8 +134,8 @@ const float* optional_data(const c10::optional<at::Tensor>& p) {
 // Checks x for the channels_last GroupNorm kernels; returns (N, S, C, K).
 std::array<int, 4> group_norm_shape(const at::Tensor& x, int64_t num_groups) {
   TORCH_CHECK_VALUE(x.is_cuda(), "x is on ", x.device(), "; expected a CUDA tensor");
-  TORCH_CHECK_VALUE(x.dim() >= 2, "x must be (N, C, *spatial), got shape ", x.sizes());
-  TORCH_CHECK_VALUE(channels_last_dense(x), "x (shape ", x.sizes(), ", strides ", x.strides(),
+  TORCH_CHECK_VALUE(x.dim() >= 2, "x must be (N, C, *spatial), got shape ", dims_str(x.sizes()));
+  TORCH_CHECK_VALUE(channels_last_dense(x), "x (shape ", dims_str(x.sizes()), ", strides ", dims_str(x.strides()),
                     ") must be channels_last: channels contiguous, no gaps");
   const int64_t N = x.size(0), C = x.size(1), S = N * C != 0 ? x.numel() / (N * C) : 0;
   TORCH_CHECK_VALUE(N >= 1 && N <= 65535, "batch ", N, " outside [1, 65535]");
@@ -191,8 +214,9 @@ std::vector<c10::optional<at::Tensor>> group_norm_backward(
   check_group_norm_param(bias, "bias", x);
   TORCH_CHECK_VALUE(dy.sizes() == x.sizes() && dy.strides() == x.strides() && dy.scalar_type() == x.scalar_type() &&
                         dy.device() == x.device(),
-                    "dy (", dy.sizes(), ", strides ", dy.strides(), ", ", dy.scalar_type(), ") must match x (",
-                    x.sizes(), ", strides ", x.strides(), ", ", x.scalar_type(), ")");
+                    "dy (", dims_str(dy.sizes()), ", strides ", dims_str(dy.strides()), ", ", dy.scalar_type(),
+                    ") must match x (", dims_str(x.sizes()), ", strides ", dims_str(x.strides()), ", ",
+                    x.scalar_type(), ")");
   for (const at::Tensor* t : {&mean, &rstd}) {
     TORCH_CHECK_VALUE(t->scalar_type() == at::kFloat && t->is_contiguous() && t->device() == x.device() &&
                           t->dim() == 2 && t->size(0) == N && t->size(1) == G,
@@ -222,10 +246,10 @@ void check_like_param(const at::Tensor& t, const at::Tensor& param, at::ScalarTy
   TORCH_CHECK_VALUE(t.device() == param.device(), name, " is on ", t.device(), " but ", param_name,
                     " is on ", param.device());
   TORCH_CHECK_VALUE(t.scalar_type() == dtype, name, " has dtype ", t.scalar_type(), "; expected ", dtype);
-  TORCH_CHECK_VALUE(t.sizes() == param.sizes(), name, " shape ", t.sizes(), " != ", param_name, " shape ",
-                    param.sizes());
-  TORCH_CHECK_VALUE(same_dense_layout(t, param), name, " (strides ", t.strides(), ") and ", param_name,
-                    " (strides ", param.strides(), ") must both be contiguous or both channels_last");
+  TORCH_CHECK_VALUE(t.sizes() == param.sizes(), name, " shape ", dims_str(t.sizes()), " != ", param_name,
+                    " shape ", dims_str(param.sizes()));
+  TORCH_CHECK_VALUE(same_dense_layout(t, param), name, " (strides ", dims_str(t.strides()), ") and ", param_name,
+                    " (strides ", dims_str(param.strides()), ") must both be contiguous or both channels_last");
 }
 
 void adamw_ema_(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
@@ -305,7 +329,8 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "cckernels' compiled CUDA kernels (csrc/)";
   m.def("ema_update_", &ema_update_, pybind11::arg("ema"), pybind11::arg("params"),
         pybind11::arg("decay"),
-        "ema[i] <- decay * ema[i] + (1 - decay) * params[i] in place, on the current CUDA stream");
+        "ema[i] <- decay * ema[i] + (1 - decay) * params[i] in place, on the current CUDA stream; ema: fp32, "
+        "params: fp32/fp16/bf16, mixed dtypes allowed (a multi-tensor pass per dtype)");
   m.def("group_norm_forward", &group_norm_forward, pybind11::arg("x"), pybind11::arg("num_groups"),
         pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("eps"), pybind11::arg("silu"),
         pybind11::arg("single_pass") = true,

@@ -126,10 +126,11 @@ def kernels():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, "mixed"])
 def test_cupy_ema_vs_fp64(kernels, dtype):
     sizes = [1, 3, 77, 65537, 384 * 65536 + 1] + [int(n) for n in torch.randint(0, 3000, (100,))]
-    params = [torch.randn(n, device="cuda").to(dtype) for n in sizes]
+    dtypes = [torch.float32, torch.float16, torch.bfloat16] if dtype == "mixed" else [dtype]  # mixed: one pass per dtype
+    params = [torch.randn(n, device="cuda").to(dtypes[i % len(dtypes)]) for i, n in enumerate(sizes)]
     ema = [torch.randn(n, device="cuda") for n in sizes]
     for decay in (0.0, 0.9999, 1.0):
         exact = [decay * e.double() + (1 - decay) * p.double() for e, p in zip(ema, params)]

@@ -12,7 +12,17 @@ def test_available_backends_lists_every_op_best_first():
     for op, names in avail.items():
         assert names[-1] == "torch"
         assert "cuda" not in names  # no CUDA kernels run on CPU tensors
-        assert names == [b for b in ck.BACKENDS if b in names]
+        assert names == [b for b in backend_mod.IMPLEMENTATIONS[op] if b in names]  # the op's own order
+        assert set(names) <= set(ck.BACKENDS)
+
+
+def test_each_op_has_its_measured_order():
+    # bench_ema on an H200: the Triton EMA and AdamW+EMA beat the CUDA ones; bench_group_norm:
+    # the CUDA GroupNorm beats the Triton one.
+    assert list(backend_mod.IMPLEMENTATIONS["ema_update_"]) == ["triton", "cuda", "torch"]
+    assert list(backend_mod.OPTIMIZER_STEPS["adamw_ema_"]) == ["triton", "cuda", "torch"]
+    assert list(backend_mod.IMPLEMENTATIONS["group_norm"]) == ["cuda", "triton", "torch"]
+    assert list(backend_mod.IMPLEMENTATIONS["attention"]) == ["triton", "torch"]
 
 
 def test_triton_on_cpu_only_with_interpreter(monkeypatch):
@@ -46,6 +56,7 @@ def fake_backends(monkeypatch):
     monkeypatch.setattr(
         backend_mod, "IMPLEMENTATIONS", {op: {"cuda": "cuda", "triton": "triton", "torch": "torch"} for op in backend_mod.IMPLEMENTATIONS}
     )
+    monkeypatch.setattr(backend_mod, "_usable_cache", {})  # dispatch caches what _usable and _load found
     monkeypatch.delenv("CCKERNELS_BACKEND", raising=False)
     return calls
 
@@ -65,8 +76,59 @@ def test_requested_backend_then_the_ones_after_it(fake_backends, monkeypatch):
     ck.group_norm(x, 2)
     assert ck.used_backends()["group_norm"] == "triton"
     monkeypatch.setattr(backend_mod, "_load", {"torch": lambda x, *a: torch.zeros_like(x)}.get)
+    monkeypatch.setattr(backend_mod, "_usable_cache", {})
     assert torch.all(ck.group_norm(x, 2, backend="torch") == 0)
     assert ck.used_backends()["group_norm"] == "torch"
+
+
+def test_requested_backend_falls_back_in_the_ops_own_order(monkeypatch):
+    # ema_update_ prefers triton, then cuda: a refused "cuda" request goes on to torch, not back to triton.
+    calls = []
+
+    def fake(name, refuse):
+        def run(*args):
+            calls.append(name)
+            if refuse:
+                raise ck.Unsupported(f"fake {name} refuses")
+
+        return run
+
+    monkeypatch.setattr(backend_mod, "_usable", lambda op, name, device: True)
+    monkeypatch.setattr(backend_mod, "_load", {"triton": fake("triton", False), "cuda": fake("cuda", True), "torch": fake("torch", False)}.get)
+    order = {"triton": "triton", "cuda": "cuda", "torch": "torch"}
+    monkeypatch.setattr(backend_mod, "IMPLEMENTATIONS", {op: order for op in backend_mod.IMPLEMENTATIONS})
+    monkeypatch.setattr(backend_mod, "_usable_cache", {})
+    monkeypatch.delenv("CCKERNELS_BACKEND", raising=False)
+    assert ck.available_backends("cpu")["ema_update_"] == ["triton", "cuda", "torch"]
+    ema, params = [torch.zeros(3)], [torch.ones(3)]
+    ck.ema_update_(ema, params, 0.5)
+    assert calls == ["triton"]
+    ck.ema_update_(ema, params, 0.5, backend="cuda")
+    assert calls == ["triton", "cuda", "torch"] and ck.used_backends()["ema_update_"] == "torch"
+
+
+def test_dispatch_probes_backends_once_but_reads_the_environment_every_call(monkeypatch):
+    probes = []
+    usable = backend_mod._usable
+    monkeypatch.setattr(backend_mod, "_usable", lambda *args: probes.append(args) or usable(*args))
+    monkeypatch.setattr(backend_mod, "_usable_cache", {})
+    monkeypatch.delenv("CCKERNELS_BACKEND", raising=False)
+    ema, params = [torch.randn(5)], [torch.randn(5)]
+    ck.ema_update_(ema, params, 0.5)
+    assert ck.used_backends()["ema_update_"] == "triton" and probes
+    probed = len(probes)
+    ck.ema_update_(ema, params, 0.5)
+    assert len(probes) == probed  # the second call found the usable backends cached
+    monkeypatch.setenv("CCKERNELS_BACKEND", "torch")
+    ck.ema_update_(ema, params, 0.5)
+    assert ck.used_backends()["ema_update_"] == "torch"
+    monkeypatch.delenv("CCKERNELS_BACKEND")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # no Triton on CPU without the interpreter
+    ck.ema_update_(ema, params, 0.5)
+    assert ck.used_backends()["ema_update_"] == "torch"
+    assert ck.available_backends("cpu")["ema_update_"] == ["torch"]
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert ck.available_backends("cpu")["ema_update_"] == ["triton", "torch"]
 
 
 def test_env_selects_backend(monkeypatch):

@@ -82,6 +82,14 @@ def test_misaligned_views_leave_neighbours_untouched(dtype, which):
     assert torch.equal(param_base, param_before)
 
 
+def test_mixed_dtypes_in_one_call():
+    # fp32 norms beside bf16/fp16 weights: one multi-tensor pass per dtype, each past one launch.
+    sizes = [1, 77, 65537, 1000003] + [int(n) for n in torch.randint(0, 3000, (200,), generator=torch.Generator().manual_seed(3))]
+    params = [torch.randn(n, device="cuda", dtype=DTYPES[i % 3]) for i, n in enumerate(sizes)]
+    ema = [torch.randn(n, device="cuda") for n in sizes]
+    _check(ema, params, 0.999)
+
+
 def test_channels_last_conv_weights_stay_on_cuda():
     p = torch.randn(64, 3, 3, 3, device="cuda", dtype=torch.bfloat16).to(memory_format=torch.channels_last)
     e = torch.randn(p.shape, device="cuda").to(memory_format=torch.channels_last)
@@ -92,8 +100,8 @@ def test_non_contiguous_falls_back():
     p = torch.randn(33, 64, device="cuda")[:, ::2]
     e = torch.randn(33, 32, device="cuda")
     expected = _fp64_expected([e], [p], 0.9)
-    ck.ema_update_([e], [p], 0.9)
-    assert ck.used_backends()["ema_update_"] != "cuda"
+    ck.ema_update_([e], [p], 0.9, backend="cuda")
+    assert ck.used_backends()["ema_update_"] == "torch"  # the one after cuda in ema_update_'s order
     assert _max_err([e], expected) < 1e-6
 
 
@@ -114,13 +122,21 @@ def test_runs_on_current_stream():
         (lambda: [torch.randn(4)], lambda: [torch.randn(4)], r"ema\[0\] is on cpu"),
         (lambda: [torch.randn(4, device="cuda")], lambda: [torch.randn(4)], r"params\[0\] is on cpu"),
         (lambda: [torch.randn(4, device="cuda").half()], lambda: [torch.randn(4, device="cuda")], r"ema\[0\] has dtype"),
-        (lambda: [torch.randn(4, device="cuda")], lambda: [torch.randn(5, device="cuda")], r"shape"),
+        (lambda: [torch.randn(4, device="cuda")], lambda: [torch.randn(5, device="cuda")], r"ema\[0\] shape \[4\] != params\[0\] shape \[5\]"),
         (lambda: [torch.randn(4, device="cuda")], lambda: [torch.randn(4, device="cuda").double()], r"params\[0\] has dtype"),
         (
             lambda: [torch.randn(4, 2, device="cuda")],
             lambda: [torch.randn(2, 4, device="cuda").t()],
-            r"strides",
+            r"ema\[0\] \(strides \[2, 1\]\) and params\[0\] \(strides \[1, 4\]\)",
         ),
+        (
+            lambda: [torch.randn(4, device="cuda")] * 2,
+            lambda: [torch.randn(4, device="cuda"), torch.randn(4, device="cuda").double()],
+            r"params\[1\] has dtype",
+        ),
+        # Messages that print numbers with the stream itself, unlike the sizes above (the first
+        # GPU run crashed on the shape and strides messages; these tell whether numbers do too).
+        (lambda: [torch.randn(4, device="cuda")], lambda: [], r"ema has 1 tensors but params has 0"),
     ],
 )
 def test_extension_rejects_bad_tensors_by_name(ema, params, match):
@@ -128,3 +144,10 @@ def test_extension_rejects_bad_tensors_by_name(ema, params, match):
 
     with pytest.raises(ValueError, match=match):
         _C.ema_update_(ema(), params(), 0.9)
+
+
+def test_extension_rejects_bad_decay():
+    from cckernels import _C
+
+    with pytest.raises(ValueError, match=r"decay must be in \[0, 1\], got 1.5"):
+        _C.ema_update_([torch.randn(4, device="cuda")], [torch.randn(4, device="cuda")], 1.5)

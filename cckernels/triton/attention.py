@@ -610,6 +610,12 @@ def _batch_extent(t):
     return sum((n - 1) * s for n, s in zip(t.shape[1:], t.stride()[1:]))
 
 
+@functools.cache
+def _capability(device):
+    """A GPU's compute capability: asked once per device, not on every call."""
+    return torch.cuda.get_device_capability(device)
+
+
 def _check_supported(q, k, v):
     B, Lq, H, _ = q.shape
     if B * H > 65535:  # grid dimension y
@@ -624,7 +630,7 @@ def _check_supported(q, k, v):
     if q.shape[-1] > MAX_HEAD_DIM:
         raise Unsupported(f"head dim {q.shape[-1]} > {MAX_HEAD_DIM}")
     if q.device.type == "cuda":
-        if torch.cuda.get_device_capability(q.device) < (8, 0):
+        if _capability(q.device) < (8, 0):
             raise Unsupported(f"{torch.cuda.get_device_name(q.device)} is older than sm80")
     elif q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
         if q.dtype == torch.bfloat16:

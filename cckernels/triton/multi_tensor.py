@@ -96,7 +96,7 @@ def tables(lists, chunk):
     device = lists[0][0].device
     addresses = tuple(tuple(t.data_ptr() for t in ts) for ts in lists)
     numels = tuple(t.numel() for t in lists[0])
-    lowest = [min(range(len(row)), key=row.__getitem__) for row in addresses]
+    lowest = [row.index(min(row)) for row in addresses]
     bases = [ts[i] for ts, i in zip(lists, lowest)]
     key = (device, chunk, addresses, numels, tuple(ts[0].dtype for ts in lists))  # offsets count elements
     capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
