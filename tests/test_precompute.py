@@ -192,9 +192,11 @@ def _free_port():
 
 
 def _rank_after_torchrun(rank, ports, precompute_argv, train_argv):
-    """One forked rank: precompute.main again (the rerun), then train.main on the latents. Each
-    main() starts its own process group, on its own port (a process group cannot be started
-    twice through torchrun's store, and a fork skips importing torch and diffusers again)."""
+    """One spawned rank: precompute.main again (the rerun), then train.main on the latents.
+    Each main() starts its own process group, on its own port (a process group cannot be
+    started twice through torchrun's store). Spawned, not forked: a fork of a pytest worker
+    whose earlier tests ran autograd (its threads) fails in the child's first backward."""
+    torch.set_num_threads(1)  # as torchrun's OMP_NUM_THREADS=1 in the first run: the same bits
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
     os.environ["MASTER_PORT"] = str(ports[0])
     pc.main(precompute_argv)
@@ -239,7 +241,7 @@ def test_two_ranks_precompute_resume_and_train_on_latents(tmp_path, tiny, monkey
         assert all(torch.equal(got[key], want[key]) for key in want), k
     assert json.loads((single / "index.json").read_text()) == meta
 
-    # Rerun with shard 1 (rank 1's) deleted, in forked ranks: only shard 1 is encoded again.
+    # Rerun with shard 1 (rank 1's) deleted, in spawned ranks: only shard 1 is encoded again.
     stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name.startswith("shard-")}
     before = (out / shard_file(1)).read_bytes()
     (out / shard_file(1)).unlink()
@@ -250,7 +252,7 @@ def test_two_ranks_precompute_resume_and_train_on_latents(tmp_path, tiny, monkey
                   "train.batch_size=2", "checkpoint.every=2", "ema.start_step=1", "train.log_every=1",
                   "sample.prompts=[a cat]", "sample.steps=2", f"out_dir={run_dir}"]
     mp.start_processes(_rank_after_torchrun, args=([_free_port(), _free_port()], argv, train_argv),
-                       nprocs=2, start_method="fork")
+                       nprocs=2, start_method="spawn")
     assert (out / shard_file(1)).read_bytes() == before
     kept = {name: t for name, t in stamps.items() if not name.startswith("shard-00001.")}
     assert {name: (out / name).stat().st_mtime_ns for name in kept} == kept and len(kept) == 4
