@@ -139,6 +139,16 @@ def test_dynamic_shapes_match_eager():
             torch.testing.assert_close(a, b)
 
 
+def test_scale_as_a_compiled_functions_input():
+    # A Python float argument becomes a symbolic float under dynamic shapes (and after a call
+    # with another value): the argument checks must trace it without a graph break.
+    compiled = torch.compile(lambda q, s: ck.attention(q, q, q, scale=s, backend="triton"), backend="aot_eager",
+                             fullgraph=True, dynamic=True)
+    q = torch.randn(1, 5, 1, 16)
+    for scale in (0.3, 0.4):
+        torch.testing.assert_close(compiled(q, scale), ck.attention(q, q, q, scale=scale, backend="triton"))
+
+
 def test_backend_is_chosen_at_trace_time_with_eager_fallbacks(monkeypatch, caplog):
     # triton is asked for through the environment; float64 is Unsupported there, so that call
     # falls back to the torch ops while the float32 one becomes the custom op.
