@@ -57,9 +57,10 @@ MFU = FLOPs per image * images/s / peak, against the bf16 dense matmul peak meas
 Writes bench_train.json and bench_train.png to --out (default benchmarks/results/local) after
 every row, so a run cut short (run_gpu.sh's time limit) keeps what it measured.
 --profile runs 2 more steps per row under torch.profiler: the op table (top 30 by GPU time) in
---out/bench_train-profile/<row>.txt, and the "busy" column: kernel time per step / median step
-time. Well below 100% the GPU waits for the host (Python, launches): kernel speed-ups cannot
-show in that row, a larger micro-batch or CUDA graphs can.
+--out/bench_train-profile/<row>.txt (rank 0's), and the "busy" column: the time per step in
+which some kernel runs (overlapping kernels, as NCCL's or DALI's beside the UNet's, counted
+once) / median step time. Well below 100% the GPU waits for the host (Python, launches): kernel
+speed-ups cannot show in that row, a larger micro-batch or CUDA graphs can.
 """
 
 import argparse
@@ -357,8 +358,10 @@ def run_row(recipe, name, batch, shared):
     unet = build_unet(shared.cfg["model"]["unet"], recipe, device)
     model = wrap(recipe, unet, a)
     scheduled = recipe.ema == "scheduled"
-    # Scheduled EMA starts after the untimed step that follows the first timed window.
-    optimizer, ema_step = make_optimizer(recipe, unet, ema_start=a.warmup + a.steps + 1)
+    # Scheduled EMA starts after the untimed step that follows the first timed window (and the
+    # profiled steps, which then time the same steps as that window).
+    before_ema = a.warmup + a.steps + (PROFILE_STEPS if a.profile else 0)
+    optimizer, ema_step = make_optimizer(recipe, unet, ema_start=before_ema + 1)
     if recipe.data == "latents":
         shared.drop_encoders()
     loader = make_loader(recipe, batch, shared)
@@ -402,7 +405,8 @@ def run_row(recipe, name, batch, shared):
     times = window(a.steps)
     result = {"step_s": times}
     if a.profile:
-        result.update(profile_steps(step, PROFILE_STEPS, cuda, a.profile_dir / f"{slug(name)}.txt", np.median(times)))
+        table = a.profile_dir / f"{slug(name)}.txt" if shared.rank == 0 else None
+        result.update(profile_steps(step, PROFILE_STEPS, cuda, table, np.median(times)))
     if scheduled:
         window(1)  # the EMA starts here: a one-time copy of the weights
         result["step_s_ema"] = window(max(1, a.steps // 2))
@@ -423,9 +427,10 @@ def run_row(recipe, name, batch, shared):
 
 def profile_steps(step, n, cuda, path, step_s):
     """n more steps under torch.profiler: their op table (top 30 by GPU time, CPU time on a
-    CPU) goes to `path`; returns the kernel time per step and its share of the unprofiled
-    median step time `step_s` (the profiler slows the host, not the kernels). A share well
-    below 1 means the GPU waited for the host: kernel speed-ups cannot show there."""
+    CPU) goes to `path` (None: nowhere); returns the time per step in which the GPU runs a
+    kernel and its share of the unprofiled median step time `step_s` (the profiler slows the
+    host, not the kernels). A share well below 1 means the GPU waited for the host: kernel
+    speed-ups cannot show there."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
@@ -433,14 +438,26 @@ def profile_steps(step, n, cuda, path, step_s):
             step()
         if cuda:
             torch.cuda.synchronize()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
-                                              row_limit=30))
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
+                                                  row_limit=30))
     if not cuda:
         return {}
-    kernel_s = sum(e.time_range.elapsed_us() for e in prof.events()
-                   if e.device_type == torch.autograd.DeviceType.CUDA) * 1e-6 / n
-    return {"kernel_s_per_step": kernel_s, "gpu_busy": kernel_s / step_s}
+    busy_s = covered((e.time_range.start, e.time_range.end) for e in prof.events()
+                     if e.device_type == torch.autograd.DeviceType.CUDA) * 1e-6 / n
+    return {"busy_s_per_step": busy_s, "gpu_busy": busy_s / step_s}
+
+
+def covered(intervals):
+    """Length of the union of (start, end) intervals: kernels on several streams overlap, and a
+    sum of their durations would count that time twice (and could pass 100% busy)."""
+    total, reached = 0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reached:
+            total += end - max(start, reached)
+            reached = end
+    return total
 
 
 def slug(name):

@@ -80,7 +80,8 @@ def attention(q, k, v, *, scale=None, backend=None):
         raise ValueError(f"empty dimension in q {tuple(q.shape)} or k {tuple(k.shape)}")
     if scale is None:
         scale = 1.0 / math.sqrt(D)
-    elif not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+    elif not (isinstance(scale, (int, float)) and 0 < scale < math.inf):  # NaN fails too; not math.isfinite,
+        # which dynamo cannot trace on a symbolic float (a scale passed into a compiled function)
         raise ValueError(f"scale must be a positive finite number, got {scale!r}")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if torch.compiler.is_compiling():

@@ -70,8 +70,8 @@ def custom_ops(name, forward, backward, device_types=None):
     @backward_op.register_fake
     def _(dy, x, weight, bias, mean, rstd, activation, need_dx, need_affine):
         want_dx, want_dw, want_db = _wanted(weight, bias, need_dx, need_affine)
-        dw, db = (x.new_empty((x.shape[1] if want else 0,), dtype=torch.float32) for want in (want_dw, want_db))
-        return torch.empty_like(x) if want_dx else x.new_empty(0), dw, db
+        dw, db = (x.new_empty((x.shape[1],), dtype=torch.float32) if want else x.new_empty(0) for want in (want_dw, want_db))
+        return torch.empty_like(x) if want_dx else x.new_empty(0), dw, db  # placeholders as the real op's
 
     op.register_autograd(lambda ctx, dy, _dmean, _drstd: input_grads(backward_op, ctx, dy),
                          setup_context=save_for_backward)

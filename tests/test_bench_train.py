@@ -78,12 +78,26 @@ def test_tiny_run_writes_table_json_and_plot(bench, tmp_path, monkeypatch, capsy
 
 
 def test_profile_writes_the_op_table_of_each_row(bench, tmp_path, monkeypatch):
+    # The scheduled EMA starts after the profiled steps: they profile the steps the timed window had.
+    from trainer.ema import ScheduledEMA
+
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setenv("CCKERNELS_CACHE", str(tmp_path / "cache"))
+    events, start, profile_steps = [], ScheduledEMA._start, bench.profile_steps
+    monkeypatch.setattr(ScheduledEMA, "_start", lambda self: events.append("ema start") or start(self))
+    monkeypatch.setattr(bench, "profile_steps", lambda *a: (profile_steps(*a), events.append("profiled"))[0])
     out = tmp_path / "out"
-    rows = bench.main(["--tiny", "--steps", "1", "--warmup", "0", "--out", str(out), "--rows", "baseline", "--profile"])
-    assert [r["name"] for r in rows if "images_per_s" in r] == ["baseline"]
-    assert "aten::" in (out / "bench_train-profile" / "baseline.txt").read_text()
+    ema_row = "+ fused AdamW+EMA, scheduled EMA"
+    rows = bench.main(["--tiny", "--steps", "1", "--warmup", "0", "--out", str(out), "--rows", ema_row, "--profile"])
+    assert [r["name"] for r in rows if "images_per_s" in r] == ["baseline", ema_row]
+    assert events == ["profiled", "profiled", "ema start"]
+    for name in ("baseline", "fused-AdamW-EMA-scheduled-EMA"):
+        assert "aten::" in (out / "bench_train-profile" / f"{name}.txt").read_text()
+
+
+def test_busy_time_counts_overlapping_kernels_once(bench):
+    assert bench.covered([]) == 0
+    assert bench.covered([(5, 7), (0, 2), (1, 3), (3, 4), (6, 6.5)]) == 3 + 1 + 2  # [0, 3], [3, 4], [5, 7]
 
 
 def test_a_run_cut_short_keeps_json_and_plot_of_the_rows_done(bench, tmp_path, monkeypatch):

@@ -81,9 +81,12 @@ def test_opcheck_triton_attention(dtype, Lq, Lk):
     torch.library.opcheck(OPS.triton_attention.default, tuple(t.requires_grad_() for t in (q, k, v)) + (0.3,))
 
 
-@pytest.mark.parametrize("channels_last,params", [(False, "weight+bias"), (True, "none"), (False, "bias")])
-def test_opcheck_triton_group_norm(channels_last, params):
-    x, w, b = group_norm_inputs((2, 6, 5, 3), channels_last)
+@pytest.mark.parametrize("channels_last,params,dtype", [
+    (False, "weight+bias", torch.float32), (True, "none", torch.bfloat16), (False, "bias", torch.float16),
+])  # fmt: skip
+def test_opcheck_triton_group_norm(channels_last, params, dtype):
+    # bf16/fp16 x with fp32 parameters, as under autocast; "none" and "bias": gradients not returned
+    x, w, b = group_norm_inputs((2, 6, 5, 3), channels_last, dtype)
     w, b = (w if "weight" in params else None), (b if "bias" in params else None)
     y, mean, rstd = OPS.triton_group_norm(x, 3, w, b, 1e-5, None)
     dy = torch.randn_like(y)
@@ -134,6 +137,16 @@ def test_dynamic_shapes_match_eager():
         leaves = [torch.randn(1, Lq, 2, 16), torch.randn(1, 7, 2, 16), torch.randn(2, 8, S, S), torch.randn(8)]
         for a, b in zip(outputs_and_grads(compiled, leaves), outputs_and_grads(fn, leaves)):
             torch.testing.assert_close(a, b)
+
+
+def test_scale_as_a_compiled_functions_input():
+    # A Python float argument becomes a symbolic float under dynamic shapes (and after a call
+    # with another value): the argument checks must trace it without a graph break.
+    compiled = torch.compile(lambda q, s: ck.attention(q, q, q, scale=s, backend="triton"), backend="aot_eager",
+                             fullgraph=True, dynamic=True)
+    q = torch.randn(1, 5, 1, 16)
+    for scale in (0.3, 0.4):
+        torch.testing.assert_close(compiled(q, scale), ck.attention(q, q, q, scale=scale, backend="triton"))
 
 
 def test_backend_is_chosen_at_trace_time_with_eager_fallbacks(monkeypatch, caplog):
@@ -227,8 +240,9 @@ def test_opcheck_cuda_group_norm(dtype):
     x, w, b = group_norm_inputs((2, 64, 9, 7), True, dtype, "cuda")
     torch.library.opcheck(OPS.cuda_group_norm.default, (x.requires_grad_(), 32, w.requires_grad_(), b, 1e-5, "silu"))
     y, mean, rstd = OPS.cuda_group_norm(x, 32, w, b, 1e-5, "silu")
-    args = (torch.randn_like(y), x.detach(), w.detach(), b, mean.detach(), rstd.detach(), "silu", True, True)
-    torch.library.opcheck(OPS.cuda_group_norm_backward.default, args)
+    args = (torch.randn_like(y), x.detach(), w.detach(), b, mean.detach(), rstd.detach(), "silu")
+    for need_dx, need_affine in [(True, True), (True, False), (False, True)]:  # placeholders where not wanted
+        torch.library.opcheck(OPS.cuda_group_norm_backward.default, args + (need_dx, need_affine))
 
 
 def rel_err(a, b):

@@ -147,6 +147,9 @@ def test_env_selects_backend(monkeypatch):
         (dict(q=torch.randint(0, 3, (1, 4, 2, 32))), "dtype torch.int64"),
         (dict(q=torch.randn(1, 0, 2, 32)), "empty dimension"),
         (dict(scale=-1.0), "scale must be a positive"),
+        (dict(scale=0), "scale must be a positive"),
+        (dict(scale=float("nan")), "scale must be a positive finite number, got nan"),
+        (dict(scale=float("inf")), "scale must be a positive finite number, got inf"),
         (dict(q=[1, 2]), "q must be a torch.Tensor"),
     ],
 )

@@ -202,6 +202,29 @@ def test_triton_layout_check_takes_dense_twins_only():
         check_same_layout("t", [[torch.randn(4, 10)[:, ::2]], [torch.randn(4, 10)[:, ::2]]])
 
 
+def test_triton_refuses_before_its_first_launch(monkeypatch):
+    # Mixed dtypes take one launch each. When the second dtype's table cannot be had (during a
+    # CUDA-graph capture: not built yet), nothing may have run yet: the fallback redoes them all.
+    import cckernels.triton.ema as triton_ema
+
+    tables = triton_ema.tables
+    calls = []
+
+    def second_refuses(lists, chunk):
+        calls.append(lists[1][0].dtype)
+        if len(calls) == 2:
+            raise Unsupported("no table")
+        return tables(lists, chunk)
+
+    monkeypatch.setattr(triton_ema, "tables", second_refuses)
+    ema, params = [torch.randn(5), torch.randn(3)], [torch.randn(5), torch.randn(3).half()]
+    exact = [0.5 * e.double() + 0.5 * p.double() for e, p in zip(ema, params)]
+    ck.ema_update_(ema, params, 0.5, backend="triton")
+    assert calls == [torch.float32, torch.float16] and ck.used_backends()["ema_update_"] == "torch"
+    for e, x in zip(ema, exact):
+        torch.testing.assert_close(e, x.float())
+
+
 def test_triton_refuses_fp64_params():
     from cckernels.triton.ema import ema_update_ as triton_ema
 

@@ -65,8 +65,9 @@ def ema_update_(ema, params, decay):
             es, ps = groups.setdefault(p.dtype, ([], []))
             es.append(e)
             ps.append(p)
-    for es, ps in groups.values():
-        bases, offsets, sizes, tensors, chunks, aligned = tables([es, ps], CHUNK)
+    # Every table first: `tables` may raise Unsupported, which must come before any launch
+    # (the fallback backend then updates every tensor, this dtype's included).
+    for bases, offsets, sizes, tensors, chunks, aligned in [tables([es, ps], CHUNK) for es, ps in groups.values()]:
         _ema_kernel[(len(tensors),)](
             *bases, offsets[0], offsets[1], sizes, tensors, chunks, 1.0 - decay,
             ALIGNED=aligned, BLOCK=BLOCK, ITERS=ITERS,

@@ -107,7 +107,7 @@ def tables(lists, chunk):
         elif key in _cache:
             _cache.move_to_end(key)
         return (bases, *hit)
-    if capturing:  # Unsupported: the dispatcher falls back to the torch backend, which captures
+    if capturing:  # Unsupported: the dispatcher falls back to the next backend (cuda, torch: both capture)
         raise Unsupported("no device table for these tensors yet, and building one cannot be captured "
                           "in a CUDA graph: make one eager call with them before capturing")
     offsets = []
