@@ -106,7 +106,8 @@ class FusedAdamWEMA(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None, *, ema=True, ema_decay=None):
         """One AdamW step; also the EMA update when the EMA has started and `ema` is True."""
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        first = self.param_groups[0]["params"][0]  # CPU params: no query that would start CUDA
+        if first.is_cuda and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(
                 "FusedAdamWEMA.step cannot be captured in a CUDA graph: the step count, learning rate "
                 "and bias corrections are host numbers, so every replay would repeat the captured "

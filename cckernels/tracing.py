@@ -16,8 +16,8 @@ then returns its custom op instead of calling its autograd.Function. The custom 
 to those Functions (cckernels/triton/attention.py; GroupNorm's triton and cuda backends share
 theirs, cckernels/group_norm_autograd.py) because both wrap the same launchers and save the
 same tensors: a reader compares them in one screen. Eager calls keep their autograd.Function
-(custom-op dispatch costs tens of microseconds a call) and never reach this module: one
-`torch.compiler.is_compiling()` test per call.
+(custom-op dispatch costs tens of microseconds a call): they pay one
+`torch.compiler.is_compiling()` test, and each backend one `emitting_custom_ops()` read.
 
 Decided at trace time, not per call, without a guard (torch._dynamo.reset() or a new process
 re-decides): which backends are installed and usable, the `Unsupported` fallbacks, the triton
