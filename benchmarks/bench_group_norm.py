@@ -248,6 +248,9 @@ def main():
     parser.add_argument("--out", default="benchmarks/results/local", help="directory for JSON and PNG")
     parser.add_argument("--tiny", action="store_true", help="one tiny CPU shape (automatic without a GPU)")
     parser.add_argument("--budget-s", type=float, default=None, help="start no case after this many seconds")
+    parser.add_argument("--impls", nargs="+", help="only these implementations (names as in the table), e.g. "
+                        "torch-compile, which a short budget cuts; torch-autocast, the 'vs autocast' baseline, "
+                        "always runs")
     args = parser.parse_args()
     on_gpu = torch.cuda.is_available() and not args.tiny
     device = torch.device("cuda" if on_gpu else "cpu")
@@ -257,8 +260,14 @@ def main():
     print(f"device: {name}; device-to-device copy: {copy_gbps:.0f} GB/s")
     # torch.compile near the end: it compiles once per case, so a short budget cuts it, not ours;
     # the forced-split rows of ours after it (a diagnostic, not a peer).
+    impls = peers(device, tiny)
+    if args.impls:
+        unknown = sorted(set(args.impls) - set(impls))
+        if unknown:
+            parser.error(f"--impls {' '.join(unknown)}: not available here; available: {', '.join(impls)}")
+        impls = {k: v for k, v in impls.items() if k in args.impls or k == "torch-autocast"}
     cases = sorted(((impl, fn, param_dtype, res, shape, layout)
-                    for impl, (fn, param_dtype, layouts) in peers(device, tiny).items()
+                    for impl, (fn, param_dtype, layouts) in impls.items()
                     for res, shapes in (TINY_SHAPES if tiny else SHAPES).items() for shape in shapes for layout in layouts),
                    key=lambda case: (case[0].endswith("-split"), case[0] == "torch-compile"))
     rows, skipped, t_start = [], [], time.perf_counter()

@@ -38,6 +38,18 @@ def test_bench_group_norm_tiny_smoke(tmp_path):
     assert {r["forward"] for r in result["rows"] if not r["impl"].startswith("ck-")} == {"-"}
 
 
+def test_bench_group_norm_impls_picks_implementations(tmp_path):
+    script, env = os.path.join(REPO, "benchmarks", "bench_group_norm.py"), repo_env(drop=["TRITON_INTERPRET"])
+    run = lambda *impls: subprocess.run([sys.executable, script, "--tiny", "--out", str(tmp_path), "--impls", *impls],  # noqa: E731
+                                        capture_output=True, text=True, timeout=300, env=env)
+    out = run("torch-bf16")
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads((tmp_path / "group_norm.json").read_text())["rows"]
+    assert {r["impl"] for r in rows} == {"torch-bf16", "torch-autocast"}  # the baseline always runs
+    bad = run("apex-nope")
+    assert bad.returncode == 2 and "--impls apex-nope: not available here; available: ck-default" in bad.stderr
+
+
 def load_bench(monkeypatch):
     benchmarks = Path(REPO) / "benchmarks"
     monkeypatch.syspath_prepend(str(benchmarks))  # the script imports its sibling timers.py
