@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cckernels.reference import ema_pairs_by_dtype
+
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 PARAM_TYPES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
 EMA_DEPTH = 2
@@ -161,12 +163,7 @@ class Kernels:
     def ema_update_(self, ema, params, decay):
         """Params may mix dtypes: one multi-tensor pass per dtype, as _C does."""
         functor = np.array([1.0 - decay], dtype=[("weight", np.float32)])  # cck::EmaFunctor
-        by_dtype = {}
-        for e, p in zip(ema, params):
-            es, ps = by_dtype.setdefault(p.dtype, ([], []))
-            es.append(e)
-            ps.append(p)
-        for dtype, (es, ps) in by_dtype.items():
+        for dtype, (es, ps) in ema_pairs_by_dtype(ema, params).items():
             self._apply(ema_kernel_name(PARAM_TYPES[dtype]), [es, ps], functor, ema[0].device)
 
     def adamw_ema_(self, params, grads, exp_avgs, exp_avg_sqs, masters, emas, scalars):

@@ -44,6 +44,18 @@ def ema_update_(ema, params, decay):
             e.lerp_(p.to(e.dtype), 1.0 - decay)
 
 
+def ema_pairs_by_dtype(ema, params):
+    """{params dtype: (ema tensors, params)} in list order, empty tensors left out (nothing to
+    update): the multi-tensor EMA kernels take one params dtype per pass."""
+    groups = {}
+    for e, p in zip(ema, params):
+        if p.numel():
+            es, ps = groups.setdefault(p.dtype, ([], []))
+            es.append(e)
+            ps.append(p)
+    return groups
+
+
 def memory_format(x):
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last

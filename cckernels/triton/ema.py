@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 
 from cckernels.backend import Unsupported
+from cckernels.reference import ema_pairs_by_dtype
 from cckernels.triton.multi_tensor import (
     check_same_layout, lerp, load, program_chunk, store, tables, tensor_ptr,
 )  # fmt: skip
@@ -59,12 +60,7 @@ def ema_update_(ema, params, decay):
     """One launch per parameter dtype; ema fp32, params fp32/fp16/bf16, dense, same strides."""
     check_dtypes("params", params)
     check_same_layout("ema_update_", [ema, params])
-    groups = {}
-    for e, p in zip(ema, params):
-        if p.numel():
-            es, ps = groups.setdefault(p.dtype, ([], []))
-            es.append(e)
-            ps.append(p)
+    groups = ema_pairs_by_dtype(ema, params)
     # Every table first: `tables` may raise Unsupported, which must come before any launch
     # (the fallback backend then updates every tensor, this dtype's included).
     for bases, offsets, sizes, tensors, chunks, aligned in [tables([es, ps], CHUNK) for es, ps in groups.values()]:
