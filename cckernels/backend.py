@@ -52,6 +52,16 @@ class Unsupported(Exception):
     """Raised by a backend that cannot take an input; the dispatcher falls back."""
 
 
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the multi-tensor kernels read
+
+
+def check_dtypes(name, ts):
+    """Unsupported unless every tensor of the list `name` has one of KERNEL_DTYPES."""
+    for i, t in enumerate(ts):
+        if t.dtype not in KERNEL_DTYPES:
+            raise Unsupported(f"{name}[{i}] dtype {t.dtype}")
+
+
 _last_used = {}
 _reported = set()
 # (op, device, TRITON_INTERPRET on CPU) -> [(backend, function)] usable there, best first.

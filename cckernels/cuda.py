@@ -7,7 +7,7 @@ import importlib.util
 
 import torch
 
-from cckernels.backend import Unsupported
+from cckernels.backend import Unsupported, check_dtypes
 from cckernels.group_norm_autograd import custom_ops, input_grads, save_for_backward
 from cckernels.reference import channels_last
 from cckernels.tracing import emitting_custom_ops
@@ -59,15 +59,6 @@ def _same_dense_layout(a, b):
     return fmt is not None and a.is_contiguous(memory_format=fmt) and b.is_contiguous(memory_format=fmt)
 
 
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _check_dtypes(params):
-    for i, p in enumerate(params):
-        if p.dtype not in KERNEL_DTYPES:
-            raise Unsupported(f"params[{i}] dtype {p.dtype}")
-
-
 def _check_layouts(name, params, *lists):
     for other in lists:
         for i, (t, p) in enumerate(zip(other, params)):
@@ -77,14 +68,14 @@ def _check_layouts(name, params, *lists):
 
 def ema_update_(ema, params, decay):
     """Params may mix dtypes: the kernels run one multi-tensor pass per dtype."""
-    _check_dtypes(params)
+    check_dtypes("params", params)
     _check_layouts("ema_update_", params, ema)
     loaded().ema_update_(ema, params, decay)
 
 
 def adamw_ema_(params, grads, exp_avgs, exp_avg_sqs, masters, emas, scalars):
     """FusedAdamWEMA's step (see cckernels.reference.adamw_ema_); masters, emas: lists or None."""
-    _check_dtypes(params)
+    check_dtypes("params", params)
     if len({p.dtype for p in params}) != 1:  # FusedAdamWEMA steps one dtype at a time
         raise Unsupported("params of mixed dtypes")
     if any(g.dtype != params[0].dtype for g in grads):

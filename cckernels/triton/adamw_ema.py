@@ -15,8 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from cckernels.backend import Unsupported
-from cckernels.triton.ema import check_dtypes
+from cckernels.backend import KERNEL_DTYPES, Unsupported, check_dtypes
 from cckernels.triton.multi_tensor import (
     check_same_layout, lerp, load, program_chunk, store, tables, tensor_ptr,
 )  # fmt: skip
@@ -129,6 +128,6 @@ def _inspect_args(dtype):
 
 
 INSPECT = [{
-    "op": "adamw_ema_", "kernel": _adamw_ema_kernel, "dtypes": (torch.float32, torch.float16, torch.bfloat16),
+    "op": "adamw_ema_", "kernel": _adamw_ema_kernel, "dtypes": KERNEL_DTYPES,
     "args": _inspect_args, "options": {"num_warps": NUM_WARPS}, "expect": {"sm90": {"ldg128": True}},
 }]  # fmt: skip

@@ -4,11 +4,10 @@ One launch per parameter dtype walks every tensor of the list through the device
 of cckernels.triton.multi_tensor (one program per CHUNK elements of one tensor). Bytes
 moved: 4 (read ema) + 4 (write ema) + itemsize(param) per element.
 """
-import torch
 import triton
 import triton.language as tl
 
-from cckernels.backend import Unsupported
+from cckernels.backend import KERNEL_DTYPES, check_dtypes
 from cckernels.reference import ema_pairs_by_dtype
 from cckernels.triton.multi_tensor import (
     check_same_layout, lerp, load, program_chunk, store, tables, tensor_ptr,
@@ -17,7 +16,6 @@ from cckernels.triton.multi_tensor import (
 BLOCK = 1024
 ITERS = 8
 CHUNK = BLOCK * ITERS  # elements per program
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
@@ -50,12 +48,6 @@ def _ema_kernel(
             _ema_block(ema, param, start + i * BLOCK + tl.arange(0, BLOCK), n, w, False)
 
 
-def check_dtypes(name, ts):
-    for i, t in enumerate(ts):
-        if t.dtype not in DTYPES:
-            raise Unsupported(f"{name}[{i}] dtype {t.dtype}")
-
-
 def ema_update_(ema, params, decay):
     """One launch per parameter dtype; ema fp32, params fp32/fp16/bf16, dense, same strides."""
     check_dtypes("params", params)
@@ -73,7 +65,7 @@ def ema_update_(ema, params, decay):
 # Ahead-of-time inspection (python -m cckernels.inspect): the aligned full-chunk path must
 # move 16 bytes per load on sm90.
 INSPECT = [{
-    "op": "ema_update_", "kernel": _ema_kernel, "dtypes": DTYPES,
+    "op": "ema_update_", "kernel": _ema_kernel, "dtypes": KERNEL_DTYPES,
     "args": {"ema_base": "*fp32", "param_base": "*T", "*s": "*i64", "w": "fp32",
              "ALIGNED": True, "BLOCK": BLOCK, "ITERS": ITERS},
     "expect": {"sm90": {"ldg128": True}},
