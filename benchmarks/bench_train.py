@@ -86,7 +86,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # trainer, cckernels and b
 import cckernels as ck  # noqa: E402
 from bench_data import make_dataset  # noqa: E402
 from trainer import diffusion, encoders  # noqa: E402
-from trainer.config import load as load_config  # noqa: E402
+from trainer.config import CHOICES, load as load_config  # noqa: E402
 from trainer.data import cache_root  # noqa: E402
 from trainer.unet import Attention, UNet  # noqa: E402
 
@@ -592,7 +592,7 @@ def parse_args(argv=None):
     p.add_argument("--no-compile", action="store_true",
                    help="no torch.compile: the plain-PyTorch row without it, the + torch.compile row skipped")
     p.add_argument("--compile-mode", default="default",
-                   choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+                   choices=CHOICES["model.compile_mode"],
                    help="torch.compile mode of the compiled rows, ours and plain PyTorch's alike (the CUDA-graph "
                    "modes with the DDP wrapper every row has are untried: a row that fails says so); tiny: default")
     p.add_argument("--budget-s", type=float, default=None, help="skip rows that would start after this many seconds")
