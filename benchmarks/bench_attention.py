@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from timers import host_times, print_host_times, print_missing_graphs, timings
+from timers import fmt, graph_cell, host_times, print_host_times, print_missing_graphs, time_fields, timings
 
 HEADS = {0: 5, 1: 10, 2: 20, 3: 20}  # UNet level -> heads of dim 64 (SD2)
 # fwd+bwd rows of the "triton" backend, one per backward variant: name -> CCKERNELS_DETERMINISTIC.
@@ -156,11 +156,8 @@ def measure(fns, shapes, device, dtype, tiny, budget_s=None, save=None):
                     eager, graph, why, host = timings(timed, tiny, grads=[q, k, v])
                 row = {"shape": name, "B": B, "Lq": Lq, "Lk": Lk, "H": H, "D": D, "backend": label,
                        "pass": "fwd+bwd" if backward else "fwd", "graph_error": why, "host_us": host}
-                for prefix, times in (("", eager), ("graph_", graph)):
-                    ms, p20, p80 = times or (None, None, None)
-                    row |= {f"{prefix}ms": ms, f"{prefix}ms_p20": p20, f"{prefix}ms_p80": p80,
-                            f"{prefix}tflops": ms and flops(B, Lq, Lk, H, D, backward) / (ms * 1e-3) / 1e12}
-                rows.append(row)
+                rate = lambda ms: flops(B, Lq, Lk, H, D, backward) / (ms * 1e-3) / 1e12  # noqa: E731
+                rows.append(row | time_fields(eager, graph, "tflops", rate, q="p"))
         if save is not None:
             save(rows)
     return rows
@@ -217,10 +214,6 @@ def targets(summary):
     return checks
 
 
-def fmt(value, spec, missing="-"):
-    return missing if value is None else format(value, spec)
-
-
 def status(met):
     return "-" if met is None else "met" if met else "MISS"
 
@@ -234,8 +227,7 @@ def print_table(rows, summary, hosts, checks):
     mine = {(s["shape"], s["pass"]): s for s in summary if s["backend"] == reference[s["pass"]]}
     for r in rows:
         s = mine.get((r["shape"], r["pass"]), {})
-        graph = "-" if r["graph_ms"] is None else f"{r['graph_ms']:.4f} ({r['graph_ms_p20']:.4f}-{r['graph_ms_p80']:.4f})"
-        print(f"{r['shape']:<22}{r['pass']:<9}{r['backend']:<22}{r['ms']:>9.4f}{graph:>26}{r['host_us']:>9.1f}"
+        print(f"{r['shape']:<22}{r['pass']:<9}{r['backend']:<22}{r['ms']:>9.4f}{graph_cell(r, q='p'):>26}{r['host_us']:>9.1f}"
               f"{fmt(r['graph_tflops'], '.1f'):>9}{fmt(s.get('speedup_vs', {}).get(r['backend']), '.2f', ''):>9}"
               f"{fmt(s.get('graph_speedup_vs', {}).get(r['backend']), '.2f', ''):>9}")
     print_missing_graphs(rows, lambda r: f"{r['backend']} {r['pass']}")

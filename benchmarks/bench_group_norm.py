@@ -42,7 +42,7 @@ from tqdm import tqdm
 import cckernels as ck
 from cckernels import cuda as ck_cuda
 from cckernels.triton import group_norm as ck_triton_group_norm
-from timers import eager_ms, host_times, print_host_times, print_missing_graphs, timings
+from timers import eager_ms, fmt, graph_cell, host_times, print_host_times, print_missing_graphs, time_fields, timings
 
 GROUPS = 32
 # (batch, channels, latent side): SD2 UNet GroupNorm inputs, encoder and decoder (whose
@@ -176,11 +176,7 @@ def measure(name, fn, param_dtype, shape, layout, device, on_gpu):
             eager, graph, why, host = timings(run, tiny=not on_gpu, eager=EAGER, graph=GRAPH)
         row = {"impl": name, "forward": path, "shape": [N, C, side, side], "layout": layout, "mode": mode,
                "bytes": nbytes, "graph_error": why, "host_us": host}
-        for prefix, times in (("", eager), ("graph_", graph)):
-            ms, q20, q80 = times or (None, None, None)
-            row |= {f"{prefix}ms": ms, f"{prefix}ms_q20": q20, f"{prefix}ms_q80": q80,
-                    f"{prefix}GBps": ms and nbytes / ms / 1e6}
-        rows.append(row)
+        rows.append(row | time_fields(eager, graph, "GBps", lambda ms: nbytes / ms / 1e6))
     return rows
 
 
@@ -225,21 +221,16 @@ def add_ratios(rows, copy_gbps):
             r[f"{prefix}speedup_vs_autocast"] = None if mine is None or theirs is None else theirs / mine
 
 
-def fmt(value, spec, suffix=""):
-    return "-" if value is None else format(value, spec) + suffix
-
-
 def print_table(rows):
     """Every row: both times and the host time; GB/s and "of copy" from the graph time; the
     speed-up over torch-autocast in both timings."""
     print(f"{'res':6} {'shape':>18} {'layout':6} {'mode':8} {'impl':15} {'forward':11} {'eager ms':>9} "
           f"{'graph ms (q20-q80)':>26} {'host us':>8} {'GB/s':>7} {'of copy':>7} {'vs autocast eager':>17} {'graph':>6}")
     for r in rows:
-        graph = "-" if r["graph_ms"] is None else f"{r['graph_ms']:.4f} ({r['graph_ms_q20']:.4f}-{r['graph_ms_q80']:.4f})"
         print(f"{r['res']:6} {'x'.join(map(str, r['shape'])):>18} {r['layout']:6} {r['mode']:8} {r['impl']:15} {r['forward']:11} "
-              f"{r['ms']:9.4f} {graph:>26} {r['host_us']:8.1f} {fmt(r['graph_GBps'], '.1f'):>7} "
-              f"{fmt(r['graph_of_copy'], '.2f'):>7} {fmt(r['speedup_vs_autocast'], '.2f', 'x'):>17} "
-              f"{fmt(r['graph_speedup_vs_autocast'], '.2f', 'x'):>6}")
+              f"{r['ms']:9.4f} {graph_cell(r):>26} {r['host_us']:8.1f} {fmt(r['graph_GBps'], '.1f'):>7} "
+              f"{fmt(r['graph_of_copy'], '.2f'):>7} {fmt(r['speedup_vs_autocast'], '.2f', suffix='x'):>17} "
+              f"{fmt(r['graph_speedup_vs_autocast'], '.2f', suffix='x'):>6}")
     print_missing_graphs(rows, lambda r: f"{r['impl']} {r['layout']} {r['mode']}")
 
 

@@ -105,6 +105,29 @@ def timings(fn, tiny, grads=(), eager=(10, 50), graph=(5, 25), calls=10):
     return (eager_ms(fn, *eager, grads), *graph_ms(fn, *graph, grads), host_us(fn, calls, grads))
 
 
+def time_fields(eager, graph, rate_key, rate, q="q"):
+    """A benchmark row's fields for both timings, eager and graph_-prefixed: ms, ms_{q}20,
+    ms_{q}80 and rate_key = rate(ms) (TFLOP/s, GB/s), each None where that timing has no time."""
+    fields = {}
+    for prefix, times in (("", eager), ("graph_", graph)):
+        ms, low, high = times or (None, None, None)
+        fields |= {f"{prefix}ms": ms, f"{prefix}ms_{q}20": low, f"{prefix}ms_{q}80": high,
+                   f"{prefix}{rate_key}": ms and rate(ms)}
+    return fields
+
+
+def graph_cell(row, q="q"):
+    """A table's "graph ms (20-80)" cell of a row with time_fields()."""
+    if row["graph_ms"] is None:
+        return "-"
+    return f"{row['graph_ms']:.4f} ({row[f'graph_ms_{q}20']:.4f}-{row[f'graph_ms_{q}80']:.4f})"
+
+
+def fmt(value, spec, missing="-", suffix=""):
+    """value in format `spec` (then suffix), or `missing` where there is none."""
+    return missing if value is None else format(value, spec) + suffix
+
+
 def host_us(fn, calls=10, grads=()):
     """Median microseconds to enqueue one fn() call on the GPU (wall clock, no sync between
     calls). Few calls: where the GPU is the slower side, the final sync waits for all of them."""
