@@ -32,13 +32,10 @@ struct AdamWEmaScalars {
 }  // namespace cck
 
 #ifdef __CUDACC__
-#include "ema.cuh"  // to_float, Pack, torch_lerp
+#include "ema.cuh"  // torch_lerp
+#include "vector.cuh"
 
 namespace cck {
-
-__device__ __forceinline__ void from_float(float x, float* out) { *out = x; }
-__device__ __forceinline__ void from_float(float x, __half* out) { *out = __float2half_rn(x); }
-__device__ __forceinline__ void from_float(float x, __nv_bfloat16* out) { *out = __float2bfloat16_rn(x); }
 
 template <typename P, bool kMaster, bool kEma>
 struct AdamWEmaFunctor {
@@ -89,7 +86,7 @@ struct AdamWEmaFunctor {
         if (kMaster) {
           P8 p;
 #pragma unroll
-          for (int j = 0; j < kVec; ++j) from_float(w.v[j], &p.v[j]);
+          for (int j = 0; j < kVec; ++j) p.v[j] = from_float<P>(w.v[j]);
           reinterpret_cast<P8*>(param)[i] = p;
         }
       }
@@ -102,7 +99,7 @@ struct AdamWEmaFunctor {
       exp_avg[i] = m;
       exp_avg_sq[i] = v;
       if (kEma) ema[i] = e;
-      if (kMaster) from_float(w, &param[i]);
+      if (kMaster) param[i] = from_float<P>(w);
     }
   }
 };

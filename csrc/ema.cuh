@@ -6,20 +6,9 @@
 #include "multi_tensor_apply.cuh"
 
 #ifdef __CUDACC__
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#include "vector.cuh"
 
 namespace cck {
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-// N elements read or written as 16-byte pieces (N * sizeof(T) is a multiple of 16).
-template <typename T, int N>
-struct alignas(16) Pack {
-  T v[N];
-};
 
 // torch.lerp's formula: exact at w = 0 and w = 1, and a constant b is its fixed point.
 __device__ __forceinline__ float torch_lerp(float a, float b, float w) {
@@ -49,11 +38,11 @@ struct EmaFunctor {
     if (bits % 16 == 0) {
       const int64_t packs = n / kVec;
       for (int64_t i = threadIdx.x; i < packs; i += blockDim.x) {
-        Pack<float, kVec> e = reinterpret_cast<const Pack<float, kVec>*>(ema)[i];
-        const Pack<P, kVec> p = reinterpret_cast<const Pack<P, kVec>*>(param)[i];
+        Pack<float, kVec> e = load_pack<float, kVec>(ema + i * kVec);
+        const Pack<P, kVec> p = load_pack<P, kVec>(param + i * kVec);
 #pragma unroll
         for (int j = 0; j < kVec; ++j) e.v[j] = update(e.v[j], to_float(p.v[j]));
-        reinterpret_cast<Pack<float, kVec>*>(ema)[i] = e;
+        store_pack(ema + i * kVec, e);
       }
       done = packs * kVec;
     }

@@ -19,7 +19,9 @@ namespace {
 using gn::cdiv;
 using gn::kThreads;
 
-constexpr int kBlocksPerSM = 4;     // enough resident blocks to hide DRAM latency
+// The split passes' grid: a whole number of rounds of resident blocks for the forward's
+// streaming kernels (3 an SM) and the backward's (2), so that no round runs part-empty.
+constexpr int kBlocksPerSM = 6;
 constexpr int kMinRowsPerThread = 4;  // fewer and the partial sums cost more than they save
 
 int itemsize(DType dtype) { return dtype == DType::kFloat32 ? 4 : 2; }

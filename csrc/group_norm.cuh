@@ -98,42 +98,27 @@ inline SinglePassPlan single_pass_plan(int N, int S, int C, int G, int itemsize,
 }  // namespace cck
 
 #ifdef __CUDACC__
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#include "vector.cuh"
 
 namespace cck {
 namespace gn {
 
-#ifdef __CUDACC_RTC__
-using int64_t = long long;
-#endif
+// 16-byte loads a thread keeps in flight (batched()): what the streaming loops over rows and
+// single_pass_kernel's staging issue before they use the first. The streaming kernels' launch
+// bounds are the most blocks an SM at which they do so without spilling (sm90, CUDA 13): three
+// for the forward's (x, kLoadBatch rows), two for the backward's (x and dy, kLoadBatch / 2
+// rows). Without the bounds ptxas spilled in some instantiations, below any register limit.
+constexpr int kLoadBatch = 8;
 
-constexpr int kLoadBatch = 8;  // single_pass_kernel: 16-byte loads a thread keeps in flight
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
-// VEC elements moved as one aligned access (16 bytes when VEC = 16 / sizeof(T)).
 template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Pack {
-  T v[VEC];
-};
+__device__ __forceinline__ void unpack(const Pack<T, VEC>& pack, float (&out)[VEC]) {
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) out[i] = to_float(pack.v[i]);
+}
 
 template <typename T, int VEC>
 __device__ __forceinline__ void load(const T* p, float (&out)[VEC]) {
-  const Pack<T, VEC> pack = *reinterpret_cast<const Pack<T, VEC>*>(p);
-#pragma unroll
-  for (int i = 0; i < VEC; ++i) out[i] = to_float(pack.v[i]);
+  unpack(load_pack<T, VEC>(p), out);
 }
 
 template <typename T, int VEC>
@@ -141,7 +126,7 @@ __device__ __forceinline__ void store(T* p, const float (&in)[VEC]) {
   Pack<T, VEC> pack;
 #pragma unroll
   for (int i = 0; i < VEC; ++i) pack.v[i] = from_float<T>(in[i]);
-  *reinterpret_cast<Pack<T, VEC>*>(p) = pack;
+  store_pack(p, pack);
 }
 
 // The rows [s_begin, s_end) of chunk blockIdx.y of sample blockIdx.z, and this thread's
@@ -190,13 +175,19 @@ __device__ __forceinline__ ChannelParams<VEC> channel_params(const Walk& wk, con
 
 __device__ __forceinline__ float sigmoid(float z) { return 1.0f / (1.0f + __expf(-z)); }
 
-// Loads x and dy at one pack and gives xhat and dL/dz for z = xhat * w + b; with SILU,
-// y = z * sigmoid(z) and z is recomputed here rather than saved by the forward.
+// x and dy at one position of this thread's channels, loaded together by batched().
+template <typename T, int VEC>
+struct XDy {
+  Pack<T, VEC> x, dy;
+};
+
+// xhat and dL/dz for z = xhat * w + b from x and dy; with SILU, y = z * sigmoid(z) and z is
+// recomputed here rather than saved by the forward.
 template <typename T, int VEC, bool SILU>
-__device__ __forceinline__ void load_xhat_dz(const T* x, const T* dy, const ChannelParams<VEC>& p,
-                                             float (&xhat)[VEC], float (&dz)[VEC]) {
-  load<T, VEC>(x, xhat);
-  load<T, VEC>(dy, dz);
+__device__ __forceinline__ void xhat_dz(const XDy<T, VEC>& in, const ChannelParams<VEC>& p, float (&xhat)[VEC],
+                                        float (&dz)[VEC]) {
+  unpack(in.x, xhat);
+  unpack(in.dy, dz);
 #pragma unroll
   for (int i = 0; i < VEC; ++i) {
     xhat[i] = (xhat[i] - p.mean[i]) * p.rstd[i];
@@ -206,6 +197,12 @@ __device__ __forceinline__ void load_xhat_dz(const T* x, const T* dy, const Chan
       dz[i] *= s * fmaf(z, 1.0f - s, 1.0f);
     }
   }
+}
+
+// x and dy at element offset `at`: batched()'s load in the backward kernels.
+template <typename T, int VEC>
+__device__ __forceinline__ XDy<T, VEC> load_x_dy(const T* x, const T* dy, int64_t at) {
+  return {load_pack<T, VEC>(x + at), load_pack<T, VEC>(dy + at)};
 }
 
 // Sums a and b over threadIdx.y into the threads with threadIdx.y == 0, in a fixed order.
@@ -250,7 +247,7 @@ __device__ __forceinline__ int64_t part_index(int n, int K, int C, int g, int cp
 }
 
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kThreads) channel_stats_kernel(
+__global__ void __launch_bounds__(kThreads, 3) channel_stats_kernel(
     const T* __restrict__ x,          // (N, S, C)
     float* __restrict__ part_mean,    // (N, K, C) out: chunk mean per channel
     float* __restrict__ part_m2,      // (N, K, C) out: chunk sum of squared deviations
@@ -261,17 +258,17 @@ __global__ void __launch_bounds__(kThreads) channel_stats_kernel(
   if (wk.active) {
     const T* xc = x + wk.sample + wk.c0;
     load<T, VEC>(xc + static_cast<int64_t>(wk.s_begin) * C, shift);
-#pragma unroll 4
-    for (int s = wk.s_begin + threadIdx.y; s < wk.s_end; s += blockDim.y) {
-      float v[VEC];
-      load<T, VEC>(xc + static_cast<int64_t>(s) * C, v);
+    batched<kLoadBatch>(
+        wk.s_begin + static_cast<int>(threadIdx.y), wk.s_end, static_cast<int>(blockDim.y),
+        [&](int s) { return load_pack<T, VEC>(xc + static_cast<int64_t>(s) * C); },
+        [&](int, const Pack<T, VEC>& pack) {
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) {
-        const float d = v[i] - shift[i];
-        s1[i] += d;
-        s2[i] = fmaf(d, d, s2[i]);
-      }
-    }
+          for (int i = 0; i < VEC; ++i) {
+            const float d = to_float(pack.v[i]) - shift[i];
+            s1[i] += d;
+            s2[i] = fmaf(d, d, s2[i]);
+          }
+        });
   }
   sum_over_rows<VEC>(s1, s2, smem);
   if (threadIdx.y != 0 || !wk.active) return;
@@ -313,7 +310,7 @@ __global__ void __launch_bounds__(kThreads) group_stats_kernel(
 }
 
 template <typename T, int VEC, bool SILU>
-__global__ void __launch_bounds__(kThreads) normalize_kernel(
+__global__ void __launch_bounds__(kThreads, 3) normalize_kernel(
     const T* __restrict__ x, T* __restrict__ y,                          // (N, S, C)
     const float* __restrict__ weight, const float* __restrict__ bias,    // (C,) or null
     const float* __restrict__ mean, const float* __restrict__ rstd,      // (N, G)
@@ -328,22 +325,21 @@ __global__ void __launch_bounds__(kThreads) normalize_kernel(
     shift[i] = p.b[i] - p.mean[i] * scale[i];
   }
   const int64_t base = wk.sample + wk.c0;
-#pragma unroll 4
-  for (int s = wk.s_begin + threadIdx.y; s < wk.s_end; s += blockDim.y) {
-    const int64_t at = base + static_cast<int64_t>(s) * C;
-    float v[VEC];
-    load<T, VEC>(x + at, v);
+  batched<kLoadBatch>(
+      wk.s_begin + static_cast<int>(threadIdx.y), wk.s_end, static_cast<int>(blockDim.y),
+      [&](int s) { return load_pack<T, VEC>(x + base + static_cast<int64_t>(s) * C); },
+      [&](int s, const Pack<T, VEC>& pack) {
+        float v[VEC];
+        unpack(pack, v);
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) {
-      const float z = fmaf(v[i], scale[i], shift[i]);
-      v[i] = SILU ? z * sigmoid(z) : z;
-    }
-    store<T, VEC>(y + at, v);
-  }
+        for (int i = 0; i < VEC; ++i) {
+          const float z = fmaf(v[i], scale[i], shift[i]);
+          v[i] = SILU ? z * sigmoid(z) : z;
+        }
+        store<T, VEC>(y + base + static_cast<int64_t>(s) * C, v);
+      });
 }
 
-// Two blocks per SM (<= 128 registers): without the hint ptxas spilled 16 bytes in some
-// instantiations of this kernel and the dx kernel, far below any register limit.
 template <typename T, int VEC, bool SILU>
 __global__ void __launch_bounds__(kThreads, 2) backward_partials_kernel(
     const T* __restrict__ dy, const T* __restrict__ x,                   // (N, S, C)
@@ -357,17 +353,18 @@ __global__ void __launch_bounds__(kThreads, 2) backward_partials_kernel(
   if (wk.active) {
     const ChannelParams<VEC> p = channel_params<VEC>(wk, weight, bias, mean, rstd, C, G);
     const int64_t base = wk.sample + wk.c0;
-#pragma unroll 4
-    for (int s = wk.s_begin + threadIdx.y; s < wk.s_end; s += blockDim.y) {
-      const int64_t at = base + static_cast<int64_t>(s) * C;
-      float xhat[VEC], dz[VEC];
-      load_xhat_dz<T, VEC, SILU>(x + at, dy + at, p, xhat, dz);
+    batched<kLoadBatch / 2>(
+        wk.s_begin + static_cast<int>(threadIdx.y), wk.s_end, static_cast<int>(blockDim.y),
+        [&](int s) { return load_x_dy<T, VEC>(x, dy, base + static_cast<int64_t>(s) * C); },
+        [&](int, const XDy<T, VEC>& in) {
+          float xhat[VEC], dz[VEC];
+          xhat_dz<T, VEC, SILU>(in, p, xhat, dz);
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) {
-        sum_dz[i] += dz[i];
-        sum_dz_xhat[i] = fmaf(dz[i], xhat[i], sum_dz_xhat[i]);
-      }
-    }
+          for (int i = 0; i < VEC; ++i) {
+            sum_dz[i] += dz[i];
+            sum_dz_xhat[i] = fmaf(dz[i], xhat[i], sum_dz_xhat[i]);
+          }
+        });
   }
   sum_over_rows<VEC>(sum_dz, sum_dz_xhat, smem);
   if (threadIdx.y != 0 || !wk.active) return;
@@ -435,15 +432,16 @@ __global__ void __launch_bounds__(kThreads, 2) backward_dx_kernel(
     c_xhat[i] = coef_xhat[ng];
   }
   const int64_t base = wk.sample + wk.c0;
-#pragma unroll 4
-  for (int s = wk.s_begin + threadIdx.y; s < wk.s_end; s += blockDim.y) {
-    const int64_t at = base + static_cast<int64_t>(s) * C;
-    float xhat[VEC], dz[VEC];
-    load_xhat_dz<T, VEC, SILU>(x + at, dy + at, p, xhat, dz);
+  batched<kLoadBatch / 2>(
+      wk.s_begin + static_cast<int>(threadIdx.y), wk.s_end, static_cast<int>(blockDim.y),
+      [&](int s) { return load_x_dy<T, VEC>(x, dy, base + static_cast<int64_t>(s) * C); },
+      [&](int s, const XDy<T, VEC>& in) {
+        float xhat[VEC], dz[VEC];
+        xhat_dz<T, VEC, SILU>(in, p, xhat, dz);
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) dz[i] = p.rstd[i] * (p.w[i] * dz[i] - c_dz[i] - xhat[i] * c_xhat[i]);
-    store<T, VEC>(dx + at, dz);
-  }
+        for (int i = 0; i < VEC; ++i) dz[i] = p.rstd[i] * (p.w[i] * dz[i] - c_dz[i] - xhat[i] * c_xhat[i]);
+        store<T, VEC>(dx + base + static_cast<int64_t>(s) * C, dz);
+      });
 }
 
 // Sums every thread's acc (partials of its VEC channels) over the rows and then over each
@@ -553,23 +551,14 @@ __global__ void __launch_bounds__(kThreads, 2) single_pass_kernel(
   const int64_t base = static_cast<int64_t>(n) * S * C + c0 + col;
 
   float acc[VEC] = {};
-  // kLoadBatch loads in flight before their shared-memory stores (else ptxas waits on each)
-  for (int s0 = s_begin + threadIdx.y; s0 < s_end; s0 += kLoadBatch * blockDim.y) {
-    Pack<T, VEC> packs[kLoadBatch];
+  batched<kLoadBatch>(
+      s_begin + static_cast<int>(threadIdx.y), s_end, static_cast<int>(blockDim.y),
+      [&](int s) { return load_pack<T, VEC>(x + base + static_cast<int64_t>(s) * C); },
+      [&](int s, const Pack<T, VEC>& pack) {
+        store_pack(tile + (s - s_begin) * width, pack);
 #pragma unroll
-    for (int u = 0; u < kLoadBatch; ++u) {
-      const int s = s0 + u * blockDim.y;
-      if (s < s_end) packs[u] = *reinterpret_cast<const Pack<T, VEC>*>(x + base + static_cast<int64_t>(s) * C);
-    }
-#pragma unroll
-    for (int u = 0; u < kLoadBatch; ++u) {
-      const int s = s0 + u * blockDim.y;
-      if (s >= s_end) break;
-      *reinterpret_cast<Pack<T, VEC>*>(tile + (s - s_begin) * width) = packs[u];
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) acc[i] += to_float(packs[u].v[i]);
-    }
-  }
+        for (int i = 0; i < VEC; ++i) acc[i] += to_float(pack.v[i]);
+      });
   sum_over_groups<VEC>(acc, scratch, part, width, cpg);
   sum_over_cluster(part, total, groups, K, rank);
   const float count = static_cast<float>(cpg) * S;
