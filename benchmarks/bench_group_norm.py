@@ -28,7 +28,8 @@ The "forward" column says which of our forwards ran: "single-pass" (each group r
 (three passes, x read twice), as the backend's group_norm_forward_path reports it; a backend
 name when ours fell back to it; "-" for the peers. The rows ck-triton-split and ck-cuda-split
 force the split forward where the backend would take a single pass, to measure what the single
-pass gains (they run last, after torch.compile, and are the first cut by --budget-s).
+pass gains. Cases run shape by shape, every implementation of a shape together, torch.compile
+(one compile per case) after all the others: --budget-s cuts whole shapes, then torch.compile.
 """
 import argparse
 import json
@@ -249,18 +250,19 @@ def main():
     copy_gbps = copy_bandwidth(device, on_gpu)
     name = torch.cuda.get_device_name(device) if on_gpu else "cpu"
     print(f"device: {name}; device-to-device copy: {copy_gbps:.0f} GB/s")
-    # torch.compile near the end: it compiles once per case, so a short budget cuts it, not ours;
-    # the forced-split rows of ours after it (a diagnostic, not a peer).
     impls = peers(device, tiny)
     if args.impls:
         unknown = sorted(set(args.impls) - set(impls))
         if unknown:
             parser.error(f"--impls {' '.join(unknown)}: not available here; available: {', '.join(impls)}")
         impls = {k: v for k, v in impls.items() if k in args.impls or k == "torch-autocast"}
+    # Shape by shape, so that a short budget cuts whole shapes (every row of a measured shape
+    # has its peers); torch.compile, which compiles once per case, after all the others.
     cases = sorted(((impl, fn, param_dtype, res, shape, layout)
-                    for impl, (fn, param_dtype, layouts) in impls.items()
-                    for res, shapes in (TINY_SHAPES if tiny else SHAPES).items() for shape in shapes for layout in layouts),
-                   key=lambda case: (case[0].endswith("-split"), case[0] == "torch-compile"))
+                    for res, shapes in (TINY_SHAPES if tiny else SHAPES).items() for shape in shapes
+                    for layout in ("nhwc", "nchw")
+                    for impl, (fn, param_dtype, layouts) in impls.items() if layout in layouts),
+                   key=lambda case: case[0] == "torch-compile")
     rows, skipped, t_start = [], [], time.perf_counter()
     for impl, fn, param_dtype, res, shape, layout in tqdm(cases, desc="cases", disable=tiny):
         if args.budget_s is not None and time.perf_counter() - t_start > args.budget_s:
