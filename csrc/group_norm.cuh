@@ -31,11 +31,7 @@
 // C++ test checks it) and the kernels (nvcc and NVRTC).
 #pragma once
 
-#ifdef __CUDACC__
-#define CCK_HOST_DEVICE __host__ __device__
-#else
-#define CCK_HOST_DEVICE
-#endif
+#include "vector.cuh"  // CCK_HOST_DEVICE
 
 namespace cck {
 namespace gn {
@@ -98,8 +94,6 @@ inline SinglePassPlan single_pass_plan(int N, int S, int C, int G, int itemsize,
 }  // namespace cck
 
 #ifdef __CUDACC__
-#include "vector.cuh"
-
 namespace cck {
 namespace gn {
 

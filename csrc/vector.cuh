@@ -1,7 +1,41 @@
 // What every kernel of csrc moves memory with (nvcc and NVRTC): fp32 conversions of the
 // element types, Packs of elements read or written as one access, and batched(), the loop
 // that keeps several of those accesses in flight per thread.
+//
+// batched() is plain C++ for host and device, so a CPU C++ test checks the order it visits.
 #pragma once
+
+#ifdef __CUDACC__
+#define CCK_HOST_DEVICE __host__ __device__
+#define CCK_UNROLL _Pragma("unroll")
+#else  // a host compiler: plain functions, and no pragma it would warn about
+#define CCK_HOST_DEVICE
+#define CCK_UNROLL
+#endif
+
+namespace cck {
+
+// Calls use(i, item) with item = load(i) for i = first, first + step, ... below end, B indices
+// at a time: the B loads first (predicated, so all of them are in flight together), then
+// the B uses. A plain strided loop, even unrolled, has one iteration's loads in flight per
+// thread: the compiler keeps each load behind the previous iteration's exit test and stores.
+// With few warps an SM, that is a fraction of the bytes in flight DRAM needs to stay busy.
+template <int B, typename I, typename Load, typename Use>
+CCK_HOST_DEVICE inline void batched(I first, I end, I step, Load&& load, Use&& use) {
+  for (I i0 = first; i0 < end; i0 += B * step) {
+    decltype(load(i0)) items[B];
+    CCK_UNROLL
+    for (int u = 0; u < B; ++u) {
+      if (i0 + u * step < end) items[u] = load(i0 + u * step);
+    }
+    CCK_UNROLL
+    for (int u = 0; u < B; ++u) {
+      if (i0 + u * step < end) use(i0 + u * step, items[u]);
+    }
+  }
+}
+
+}  // namespace cck
 
 #ifdef __CUDACC__
 #include <cuda_bf16.h>
@@ -47,26 +81,6 @@ __device__ __forceinline__ Pack<T, N> load_pack(const T* p) {
 template <typename T, int N>
 __device__ __forceinline__ void store_pack(T* p, const Pack<T, N>& pack) {
   *reinterpret_cast<Pack<T, N>*>(p) = pack;
-}
-
-// Calls use(i, item) with item = load(i) for i = first, first + step, ... below end, B indices
-// at a time: the B loads first (predicated, so all of them are in flight together), then
-// the B uses. A plain strided loop, even unrolled, has one iteration's loads in flight per
-// thread: the compiler keeps each load behind the previous iteration's exit test and stores.
-// With few warps an SM, that is a fraction of the bytes in flight DRAM needs to stay busy.
-template <int B, typename I, typename Load, typename Use>
-__device__ __forceinline__ void batched(I first, I end, I step, Load&& load, Use&& use) {
-  for (I i0 = first; i0 < end; i0 += B * step) {
-    decltype(load(i0)) items[B];
-#pragma unroll
-    for (int u = 0; u < B; ++u) {
-      if (i0 + u * step < end) items[u] = load(i0 + u * step);
-    }
-#pragma unroll
-    for (int u = 0; u < B; ++u) {
-      if (i0 + u * step < end) use(i0 + u * step, items[u]);
-    }
-  }
 }
 
 }  // namespace cck
