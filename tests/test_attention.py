@@ -144,7 +144,7 @@ def test_deterministic_flag_selects_atomic_free_kernels(monkeypatch, how, needs)
                 return self.kernel[grid](*args, **kwargs)
             return launch
 
-    for name in ("_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dq_convert_kernel"):
+    for name in ("_dkdv_launch", "_dq_launch", "_attn_bwd_dq_convert_kernel"):
         monkeypatch.setattr(A, name, Spy(name, getattr(A, name)))
     q, k, v = (torch.randn(1, L, 1, 32, requires_grad=name in needs) for L, name in ((40, "q"), (9, "k"), (9, "v")))
 
@@ -155,9 +155,9 @@ def test_deterministic_flag_selects_atomic_free_kernels(monkeypatch, how, needs)
 
     monkeypatch.setenv("CCKERNELS_DETERMINISTIC", "0")
     if needs == "qkv":
-        assert backward_launches() == [("_attn_bwd_dkdv_kernel", True), ("_attn_bwd_dq_convert_kernel", None)]
-    expected = {"qkv": [("_attn_bwd_dkdv_kernel", False), ("_attn_bwd_dq_kernel", None)],
-                "q": [("_attn_bwd_dq_kernel", None)], "kv": [("_attn_bwd_dkdv_kernel", False)]}
+        assert backward_launches() == [("_dkdv_launch", True), ("_attn_bwd_dq_convert_kernel", None)]
+    expected = {"qkv": [("_dkdv_launch", False), ("_dq_launch", None)],
+                "q": [("_dq_launch", None)], "kv": [("_dkdv_launch", False)]}
     if how == "env":
         monkeypatch.setenv("CCKERNELS_DETERMINISTIC", "1")
         assert backward_launches() == expected[needs]

@@ -27,6 +27,7 @@ import triton.language as tl
 
 from cckernels.backend import Unsupported, _on_device
 from cckernels.tracing import emitting_custom_ops
+from cckernels.triton.launch import Tuned, cdiv, next_power_of_2
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 128
@@ -118,8 +119,8 @@ def _prune(configs, named_args, footprint, fp32_shape, short_kv_block=False, tar
     short_kv_block: when Lk <= 128 every config takes all keys as one block (short-key path).
     """
     q = named_args["Q"]
-    m_cap = max(16, triton.next_power_of_2(named_args["Lq"]))
-    n_cap = max(16, triton.next_power_of_2(named_args["Lk"]))
+    m_cap = max(16, next_power_of_2(named_args["Lq"]))
+    n_cap = max(16, next_power_of_2(named_args["Lk"]))
     if q.dtype == torch.float32:
         m, n, w, s = fp32_shape
         return [triton.Config({"BLOCK_M": min(m, m_cap), "BLOCK_N": min(n, n_cap)}, num_warps=w, num_stages=s)]
@@ -429,10 +430,14 @@ def _attn_bwd_dq_convert_kernel(
 # ----------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------
+# The autotuned kernels' launches, each signature's config remembered (launch.Tuned).
+_fwd_launch, _dkdv_launch, _dq_launch = Tuned(_attn_fwd_kernel), Tuned(_attn_bwd_dkdv_kernel), Tuned(_attn_bwd_dq_kernel)
+
+
 def _head_args(q):
     """Compile-time head-dim arguments shared by every kernel."""
     D = q.shape[-1]
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d = max(16, next_power_of_2(D))
     return {
         "HEAD_DIM": D,
         "BLOCK_D": block_d,
@@ -442,7 +447,7 @@ def _head_args(q):
 
 
 def _buckets(Lq, Lk):
-    return triton.next_power_of_2(Lq), triton.next_power_of_2(Lk)
+    return next_power_of_2(Lq), next_power_of_2(Lk)
 
 
 def _num_sms(device):
@@ -455,8 +460,8 @@ def _forward(q, k, v, scale):
     Lk = k.shape[1]
     o = torch.empty((B, Lq, H, D), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
-    grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
-    _attn_fwd_kernel[grid](
+    grid = lambda meta: (cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
+    _fwd_launch[grid](
         q, k, v, o, lse,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
         H, Lq, Lk, scale * LOG2E, *_buckets(Lq, Lk), **_head_args(q),
@@ -472,10 +477,10 @@ def _dkdv_splits(Lq, Lk, BH, device):
     reduced in a fixed order, which keeps the backward deterministic. Splits stop at about one
     wave of programs: each one adds a (B, Lk, H, D) fp32 partial per gradient to write and sum.
     """
-    programs = triton.cdiv(Lk, 128) * BH
-    splits = max(1, min(triton.cdiv(Lq, 128), triton.cdiv(_num_sms(device), programs)))
-    rows = triton.cdiv(triton.cdiv(Lq, splits), 128) * 128
-    return rows, triton.cdiv(Lq, rows)
+    programs = cdiv(Lk, 128) * BH
+    splits = max(1, min(cdiv(Lq, 128), cdiv(_num_sms(device), programs)))
+    rows = cdiv(cdiv(Lq, splits), 128) * 128
+    return rows, cdiv(Lq, rows)
 
 
 def deterministic_backward():
@@ -500,7 +505,7 @@ def _backward(do, q, k, v, o, lse, scale, need_dq, need_dkdv, deterministic):
     buckets = _buckets(Lq, Lk)
 
     delta = torch.empty_like(lse)
-    _attn_bwd_delta_kernel[(triton.cdiv(Lq, 64), B * H)](
+    _attn_bwd_delta_kernel[(cdiv(Lq, 64), B * H)](
         o, do, delta, *o.stride()[:3], *do.stride()[:3], H, Lq,
         head["HEAD_DIM"], head["BLOCK_D"], head["MASK_D"], BLOCK_M=64,
     )
@@ -513,8 +518,8 @@ def _backward(do, q, k, v, o, lse, scale, need_dq, need_dkdv, deterministic):
         dk_s = torch.empty((splits, B, Lk, H, D), device=q.device, dtype=partial_dtype)
         dv_s = torch.empty_like(dk_s)
         dq_acc = torch.zeros((B, Lq, H, D), device=q.device, dtype=torch.float32) if atomic_dq else None
-        grid = lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * H, splits)  # noqa: E731
-        _attn_bwd_dkdv_kernel[grid](
+        grid = lambda meta: (cdiv(Lk, meta["BLOCK_N"]), B * H, splits)  # noqa: E731
+        _dkdv_launch[grid](
             q, k, v, do, lse, delta, dk_s, dv_s, dq_acc, *strides, *dk_s.stride()[:4],
             *(dq_acc.stride()[:3] if atomic_dq else (0, 0, 0)),
             H, Lq, Lk, rows, scale, scale * LOG2E, *buckets, **head, ATOMIC_DQ=atomic_dq,
@@ -522,11 +527,11 @@ def _backward(do, q, k, v, o, lse, scale, need_dq, need_dkdv, deterministic):
         dk, dv = (t[0] if splits == 1 else t.sum(0).to(q.dtype) for t in (dk_s, dv_s))
     if atomic_dq:
         dq = dq_acc if q.dtype == torch.float32 else torch.empty_like(dq_acc, dtype=q.dtype)
-        _attn_bwd_dq_convert_kernel[(triton.cdiv(dq.numel(), 1024),)](dq_acc, dq, dq.numel(), scale, BLOCK=1024)
+        _attn_bwd_dq_convert_kernel[(cdiv(dq.numel(), 1024),)](dq_acc, dq, dq.numel(), scale, BLOCK=1024)
     elif need_dq:
         dq = torch.empty((B, Lq, H, D), device=q.device, dtype=q.dtype)
-        grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
-        _attn_bwd_dq_kernel[grid](
+        grid = lambda meta: (cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
+        _dq_launch[grid](
             q, k, v, do, lse, delta, dq, *strides, *dq.stride()[:3],
             H, Lq, Lk, scale, scale * LOG2E, *buckets, **head,
         )

@@ -40,6 +40,7 @@ from cckernels.backend import Unsupported
 from cckernels.group_norm_autograd import custom_ops, input_grads, save_for_backward
 from cckernels.reference import channels_last
 from cckernels.tracing import emitting_custom_ops
+from cckernels.triton.launch import cdiv, next_power_of_2
 
 TILE = 2048  # elements per (BLOCK_C, BLOCK_S) tile: 16 fp32 values per thread at 4 warps
 MAX_BLOCK_C = 64  # channels_last: 64 channels = one 128-byte line of bf16 per spatial position
@@ -351,17 +352,17 @@ def _tiling(x, C, S, strides):
     N = x.shape[0]
     grow = _grow(x)
     if strides[1] == 1 and C > 1:  # channels_last: channels are contiguous
-        block_c = min(triton.next_power_of_2(C), MAX_BLOCK_C * grow)
-        block_s = min(max(TILE * grow // block_c, 1), triton.next_power_of_2(S))
+        block_c = min(next_power_of_2(C), MAX_BLOCK_C * grow)
+        block_s = min(max(TILE * grow // block_c, 1), next_power_of_2(S))
     else:
-        block_s = min(triton.next_power_of_2(S), MAX_BLOCK_S * grow)
-        block_c = min(max(TILE * grow // block_s, 1), triton.next_power_of_2(C))
+        block_s = min(next_power_of_2(S), MAX_BLOCK_S * grow)
+        block_c = min(max(TILE * grow // block_s, 1), next_power_of_2(C))
     # a couple of chunks on the interpreter exercise the split paths cheaply
     sms = _sm_count(x)
-    s_blocks = triton.cdiv(S, block_s)
-    k = max(1, min(s_blocks, triton.cdiv(PROGRAMS_PER_SM * sms, N * triton.cdiv(C, block_c))))
-    chunk = triton.cdiv(s_blocks, k) * block_s
-    return block_c, block_s, chunk, triton.cdiv(S, chunk)
+    s_blocks = cdiv(S, block_s)
+    k = max(1, min(s_blocks, cdiv(PROGRAMS_PER_SM * sms, N * cdiv(C, block_c))))
+    chunk = cdiv(s_blocks, k) * block_s
+    return block_c, block_s, chunk, cdiv(S, chunk)
 
 
 def _single_pass_plan(N, C, S, G, channels_last, itemsize, sms):
@@ -373,11 +374,11 @@ def _single_pass_plan(N, C, S, G, channels_last, itemsize, sms):
     if channels_last:  # each position's run of GROUPS * CPG channels must coalesce
         while groups * cpg * itemsize < MIN_RUN_BYTES and groups < G:
             groups *= 2
-    block_c, block_s = triton.next_power_of_2(groups * cpg), triton.next_power_of_2(S)
+    block_c, block_s = next_power_of_2(groups * cpg), next_power_of_2(S)
     max_warps = SINGLE_PASS_MAX_WARPS[channels_last]
     elements = block_c * block_s
     if (elements * itemsize > SINGLE_PASS_BYTES or elements > 32 * SINGLE_PASS_ELEMENTS_PER_THREAD * max_warps
-            or N * triton.cdiv(G, groups) < sms):
+            or N * cdiv(G, groups) < sms):
         return None
     vec = 16 // itemsize
     align = vec if channels_last and (groups * cpg) % vec == 0 and C % vec == 0 else 1
@@ -404,8 +405,8 @@ def group_norm_forward_path(x, num_groups):
 
 def _group_tiling(G, parts):
     """(BLOCK_G, BLOCK_P): groups per program and partials per group per step, ~1024 a tile."""
-    block_p = min(triton.next_power_of_2(parts), 1024)
-    return min(max(1024 // block_p, 1), triton.next_power_of_2(G)), block_p
+    block_p = min(next_power_of_2(parts), 1024)
+    return min(max(1024 // block_p, 1), next_power_of_2(G)), block_p
 
 
 def _check(x, weight, bias):
@@ -434,7 +435,7 @@ def group_norm_forward(x, num_groups, weight, bias, eps, activation):
     plan = _plan(x, num_groups)
     if plan:
         groups, block_c, block_s, align, num_warps = plan
-        _single_pass_kernel[(N, triton.cdiv(num_groups, groups))](
+        _single_pass_kernel[(N, cdiv(num_groups, groups))](
             x, y, weight, bias, mean, rstd, C, S, cpg, eps, *strides, **flags,
             GROUPS=groups, BLOCK_C=block_c, BLOCK_S=block_s, ALIGN=align, num_warps=num_warps,
         )
@@ -442,10 +443,10 @@ def group_norm_forward(x, num_groups, weight, bias, eps, activation):
     block_c, block_s, chunk, K = _tiling(x, C, S, strides)
     part_mean = torch.empty(N, K, C, device=x.device, dtype=torch.float32)
     part_m2 = torch.empty_like(part_mean)
-    grid = (N, triton.cdiv(C, block_c), K)
+    grid = (N, cdiv(C, block_c), K)
     _channel_stats_kernel[grid](x, part_mean, part_m2, C, S, chunk, *strides, BLOCK_C=block_c, BLOCK_S=block_s)
     block_g, block_p = _group_tiling(num_groups, K * cpg)
-    _group_stats_kernel[(N, triton.cdiv(num_groups, block_g))](
+    _group_stats_kernel[(N, cdiv(num_groups, block_g))](
         part_mean, part_m2, mean, rstd, C, S, K, chunk, cpg, eps, BLOCK_G=block_g, BLOCK_P=block_p
     )
     _normalize_kernel[grid](
@@ -466,7 +467,7 @@ def group_norm_backward(dy, x, weight, bias, mean, rstd, activation, need_dx, ne
     has_w, has_b, silu = weight is not None, bias is not None, activation == "silu"
     sum_dz = torch.empty(N, K, C, device=x.device, dtype=torch.float32)
     sum_dz_xhat = torch.empty_like(sum_dz)
-    grid = (N, triton.cdiv(C, block_c), K)
+    grid = (N, cdiv(C, block_c), K)
     _backward_partials_kernel[grid](
         x, dy, weight, bias, mean, rstd, sum_dz, sum_dz_xhat, C, S, chunk, cpg, *strides,
         HAS_WEIGHT=has_w, HAS_BIAS=has_b, SILU=silu, BLOCK_C=block_c, BLOCK_S=block_s,
@@ -476,12 +477,12 @@ def group_norm_backward(dy, x, weight, bias, mean, rstd, activation, need_dx, ne
         dw = torch.empty(C, device=x.device, dtype=torch.float32)
         db = torch.empty_like(dw)
         block = 64 * _grow(x)
-        _backward_affine_kernel[(triton.cdiv(C, block),)](sum_dz, sum_dz_xhat, dw, db, N * K, C, BLOCK_R=16, BLOCK_C=block)
+        _backward_affine_kernel[(cdiv(C, block),)](sum_dz, sum_dz_xhat, dw, db, N * K, C, BLOCK_R=16, BLOCK_C=block)
     if need_dx:
         coef_dz = torch.empty_like(mean)
         coef_xhat = torch.empty_like(mean)
         block_g, block_p = _group_tiling(G, K * cpg)
-        _backward_group_kernel[(N, triton.cdiv(G, block_g))](
+        _backward_group_kernel[(N, cdiv(G, block_g))](
             sum_dz, sum_dz_xhat, weight, coef_dz, coef_xhat, C, S, K, cpg,
             HAS_WEIGHT=has_w, BLOCK_G=block_g, BLOCK_P=block_p,
         )
