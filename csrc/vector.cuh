@@ -7,9 +7,13 @@
 
 #ifdef __CUDACC__
 #define CCK_HOST_DEVICE __host__ __device__
-#define CCK_UNROLL _Pragma("unroll")
-#else  // a host compiler: plain functions, and no pragma it would warn about
+#else
 #define CCK_HOST_DEVICE
+#endif
+// Only in device code (nvcc's device pass, NVRTC): the host compiler would warn about it.
+#ifdef __CUDA_ARCH__
+#define CCK_UNROLL _Pragma("unroll")
+#else
 #define CCK_UNROLL
 #endif
 
