@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -170,7 +171,7 @@ def main(argv=None):
     def train_step(step):
         for g in optimizer.param_groups:
             g["lr"] = lr_at(step)
-        total = 0.0
+        total = torch.zeros((), device=device)
         for micro in range(accum):
             images, captions = next(batches)
             with torch.no_grad():
@@ -185,14 +186,18 @@ def main(argv=None):
                     loss = diffusion.training_loss(model, schedule, latents, ctx, prediction_type=dc["prediction_type"],
                                                    min_snr_gamma=dc["min_snr_gamma"])
                 (loss / accum).backward()
-            total += loss.item() / accum
+            total += loss.detach() / accum
         grad_norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), tc["grad_clip"])
-        finite = bool(torch.isfinite(grad_norm))  # grads are all-reduced: every rank agrees
+        # The step's one wait for the GPU: loss and grad norm come back together before the
+        # optimizer is launched (an .item() per micro-batch idled the GPU at each, and one after
+        # optimizer.step() waited for the optimizer too). Grads are all-reduced: every rank agrees.
+        mean_loss, norm = torch.stack([total, grad_norm.float()]).tolist()
+        finite = math.isfinite(norm)
         if finite:
             optimizer.step()
             ema.step()
         optimizer.zero_grad(set_to_none=True)
-        return total, grad_norm.item(), finite
+        return mean_loss, norm, finite
 
     def save(step):
         if is_main:
