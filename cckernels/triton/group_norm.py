@@ -42,7 +42,11 @@ from cckernels.reference import channels_last
 from cckernels.tracing import emitting_custom_ops
 from cckernels.triton.launch import cdiv, next_power_of_2
 
-TILE = 2048  # elements per (BLOCK_C, BLOCK_S) tile: 16 fp32 values per thread at 4 warps
+# Elements per (BLOCK_C, BLOCK_S) tile, 32 a thread at 4 warps. A tile's loads are in flight
+# together: 4 16-byte loads a thread in bf16, about 32 KB an SM at PROGRAMS_PER_SM (2048 gave
+# half, the same shortfall the CUDA kernels' SASS showed); 8192 would take the backward
+# kernels past 128 registers (fewer programs an SM). No spills: python -m cckernels.inspect.
+TILE = 4096
 MAX_BLOCK_C = 64  # channels_last: 64 channels = one 128-byte line of bf16 per spatial position
 MAX_BLOCK_S = 1024  # contiguous: up to 1024 positions of one channel per tile row
 PROGRAMS_PER_SM = 4
