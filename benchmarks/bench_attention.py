@@ -49,6 +49,10 @@ HEADS = {0: 5, 1: 10, 2: 20, 3: 20}  # UNet level -> heads of dim 64 (SD2)
 # fwd+bwd rows of the "triton" backend, one per backward variant: name -> CCKERNELS_DETERMINISTIC.
 # The first is the default variant (DETERMINISTIC_BY_DEFAULT), the one "ours x" compares.
 TRITON_BACKWARDS = {"triton deterministic": "1", "triton atomic-dQ": "0"}
+# do_bench (warmup, rep) milliseconds of each timing: 25 ms of repetitions is 15 calls of the
+# slowest case (L=4096 forward+backward, ~1.6 ms on the H200) and hundreds of the short ones
+# (do_bench's default is 100 ms), so that the GPU visit's budget reaches the shorter lengths
+EAGER, GRAPH = (5, 25), (5, 25)
 
 
 def sd2_shapes(batch_256, batch_512):
@@ -153,7 +157,7 @@ def measure(fns, shapes, device, dtype, tiny, budget_s=None, save=None):
                     timed = lambda: fn(q, k, v)  # noqa: E731
                 # the graph is captured under the same grad mode and backward variant
                 with torch.set_grad_enabled(backward), env("CCKERNELS_DETERMINISTIC", deterministic):
-                    eager, graph, why, host = timings(timed, tiny, grads=[q, k, v])
+                    eager, graph, why, host = timings(timed, tiny, grads=[q, k, v], eager=EAGER, graph=GRAPH)
                 row = {"shape": name, "B": B, "Lq": Lq, "Lk": Lk, "H": H, "D": D, "backend": label,
                        "pass": "fwd+bwd" if backward else "fwd", "graph_error": why, "host_us": host}
                 rate = lambda ms: flops(B, Lq, Lk, H, D, backward) / (ms * 1e-3) / 1e12  # noqa: E731

@@ -68,7 +68,7 @@ def test_tables_and_plot_from_both_timings(bench, monkeypatch, tmp_path, capsys)
     graph_ms = [0.25, 0.25, 0.25, 0.5, 0.5, None, None]
     calls = []
 
-    def fake_timings(fn, tiny, grads=()):
+    def fake_timings(fn, tiny, grads=(), eager=None, graph=None):
         assert not tiny
         ms = graph_ms[len(calls) % len(graph_ms)]
         calls.append(fn)
