@@ -71,23 +71,24 @@ struct AdamWEmaFunctor {
       using P8 = Pack<P, kVec>;
       const int64_t packs = n / kVec;
       for (int64_t i = threadIdx.x; i < packs; i += blockDim.x) {
-        const P8 g = reinterpret_cast<const P8*>(grad)[i];
-        F8 w = reinterpret_cast<const F8*>(weight)[i];
-        F8 m = reinterpret_cast<const F8*>(exp_avg)[i];
-        F8 v = reinterpret_cast<const F8*>(exp_avg_sq)[i];
+        const int64_t at = i * kVec;
+        const P8 g = load_pack<P, kVec>(grad + at);
+        F8 w = load_pack<float, kVec>(weight + at);
+        F8 m = load_pack<float, kVec>(exp_avg + at);
+        F8 v = load_pack<float, kVec>(exp_avg_sq + at);
         F8 e;
-        if (kEma) e = reinterpret_cast<const F8*>(ema)[i];
+        if (kEma) e = load_pack<float, kVec>(ema + at);
 #pragma unroll
         for (int j = 0; j < kVec; ++j) update(to_float(g.v[j]), w.v[j], m.v[j], v.v[j], e.v[j]);
-        reinterpret_cast<F8*>(weight)[i] = w;
-        reinterpret_cast<F8*>(exp_avg)[i] = m;
-        reinterpret_cast<F8*>(exp_avg_sq)[i] = v;
-        if (kEma) reinterpret_cast<F8*>(ema)[i] = e;
+        store_pack(weight + at, w);
+        store_pack(exp_avg + at, m);
+        store_pack(exp_avg_sq + at, v);
+        if (kEma) store_pack(ema + at, e);
         if (kMaster) {
           P8 p;
 #pragma unroll
           for (int j = 0; j < kVec; ++j) p.v[j] = from_float<P>(w.v[j]);
-          reinterpret_cast<P8*>(param)[i] = p;
+          store_pack(param + at, p);
         }
       }
       done = packs * kVec;
