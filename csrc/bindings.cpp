@@ -9,6 +9,7 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <array>
 #include <string>
 #include <vector>
@@ -41,14 +42,26 @@ cck::DType to_dtype(const at::Tensor& t, const std::string& name) {
   }
 }
 
-// "[2, 4]": sizes or strides for a message. Every message prints them through this, never
-// by streaming a c10::IntArrayRef: the first GPU run (torch 2.11, g++ from /opt/gcc) crashed
-// in exactly the two checks that streamed one, while the checks beside them raised.
+// Numbers in messages are formatted here, never streamed: on the GPU image (torch 2.11, this
+// extension built by /opt/gcc's g++) streaming a number into a TORCH_CHECK message kills the
+// process (the first runs crashed on streamed sizes, then on a streamed size_t and a double),
+// while streamed strings, dtypes and devices raise as they should.
+template <typename Int>
+std::string num(Int v) {
+  return std::to_string(v);
+}
+std::string num(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%g", v);
+  return buf;
+}
+
+// "[2, 4]": sizes or strides for a message.
 std::string dims_str(c10::IntArrayRef dims) {
   std::string out = "[";
   for (size_t d = 0; d < dims.size(); ++d) {
     if (d) out += ", ";
-    out += std::to_string(dims[d]);
+    out += num(dims[d]);
   }
   return out + "]";
 }
@@ -74,9 +87,9 @@ struct EmaList {
 // multi-tensor pass, so a whole list still takes a few launches per dtype.
 void ema_update_(const std::vector<at::Tensor>& ema, const std::vector<at::Tensor>& params,
                  double decay) {
-  TORCH_CHECK_VALUE(ema.size() == params.size(), "ema has ", ema.size(),
-                    " tensors but params has ", params.size());
-  TORCH_CHECK_VALUE(decay >= 0.0 && decay <= 1.0, "decay must be in [0, 1], got ", decay);
+  TORCH_CHECK_VALUE(ema.size() == params.size(), "ema has ", num(ema.size()),
+                    " tensors but params has ", num(params.size()));
+  TORCH_CHECK_VALUE(decay >= 0.0 && decay <= 1.0, "decay must be in [0, 1], got ", num(decay));
   if (ema.empty()) return;
   TORCH_CHECK_VALUE(ema[0].is_cuda(), "ema[0] is on ", ema[0].device(), "; expected a CUDA tensor");
   const c10::Device device = ema[0].device();
@@ -138,11 +151,11 @@ std::array<int, 4> group_norm_shape(const at::Tensor& x, int64_t num_groups) {
   TORCH_CHECK_VALUE(channels_last_dense(x), "x (shape ", dims_str(x.sizes()), ", strides ", dims_str(x.strides()),
                     ") must be channels_last: channels contiguous, no gaps");
   const int64_t N = x.size(0), C = x.size(1), S = N * C != 0 ? x.numel() / (N * C) : 0;
-  TORCH_CHECK_VALUE(N >= 1 && N <= 65535, "batch ", N, " outside [1, 65535]");
-  TORCH_CHECK_VALUE(C >= 1 && S >= 1 && C * S < (int64_t{1} << 31), "x has ", C, " channels of ", S,
+  TORCH_CHECK_VALUE(N >= 1 && N <= 65535, "batch ", num(N), " outside [1, 65535]");
+  TORCH_CHECK_VALUE(C >= 1 && S >= 1 && C * S < (int64_t{1} << 31), "x has ", num(C), " channels of ", num(S),
                     " positions; need both >= 1 and fewer than 2^31 elements per sample");
-  TORCH_CHECK_VALUE(num_groups >= 1 && C % num_groups == 0, "num_channels ", C,
-                    " is not divisible by num_groups ", num_groups);
+  TORCH_CHECK_VALUE(num_groups >= 1 && C % num_groups == 0, "num_channels ", num(C),
+                    " is not divisible by num_groups ", num(num_groups));
   const int sms = at::cuda::getDeviceProperties(x.device().index())->multiProcessorCount;
   const int K = cck::group_norm_nhwc_chunks(static_cast<int>(N), static_cast<int>(S), static_cast<int>(C),
                                             to_dtype(x, "x"), sms);
@@ -179,7 +192,7 @@ std::vector<at::Tensor> group_norm_forward(const at::Tensor& x, int64_t num_grou
   const auto [N, S, C, K] = shape;
   check_group_norm_param(weight, "weight", x);
   check_group_norm_param(bias, "bias", x);
-  TORCH_CHECK_VALUE(eps > 0, "eps must be positive, got ", eps);
+  TORCH_CHECK_VALUE(eps > 0, "eps must be positive, got ", num(eps));
   const c10::cuda::CUDAGuard guard(x.device());
   const auto f32 = x.options().dtype(at::kFloat);
   at::Tensor y = at::empty_like(x);  // keeps x's channels_last strides
@@ -220,7 +233,7 @@ std::vector<c10::optional<at::Tensor>> group_norm_backward(
   for (const at::Tensor* t : {&mean, &rstd}) {
     TORCH_CHECK_VALUE(t->scalar_type() == at::kFloat && t->is_contiguous() && t->device() == x.device() &&
                           t->dim() == 2 && t->size(0) == N && t->size(1) == G,
-                      "mean and rstd must be contiguous float32 (", N, ", ", G, ") tensors on x's device");
+                      "mean and rstd must be contiguous float32 (", num(N), ", ", num(G), ") tensors on x's device");
   }
   const c10::cuda::CUDAGuard guard(x.device());
   const auto f32 = x.options().dtype(at::kFloat);
@@ -258,19 +271,19 @@ void adamw_ema_(const std::vector<at::Tensor>& params, const std::vector<at::Ten
                 const std::vector<double>& scalars) {
   const size_t n = params.size();
   TORCH_CHECK_VALUE(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n,
-                    "params, grads, exp_avgs, exp_avg_sqs have ", n, ", ", grads.size(), ", ",
-                    exp_avgs.size(), ", ", exp_avg_sqs.size(), " tensors; expected equal counts");
-  TORCH_CHECK_VALUE(masters.empty() || masters.size() == n, "masters has ", masters.size(),
-                    " tensors; expected 0 or ", n);
-  TORCH_CHECK_VALUE(emas.empty() || emas.size() == n, "emas has ", emas.size(), " tensors; expected 0 or ", n);
-  TORCH_CHECK_VALUE(scalars.size() == 8, "scalars has ", scalars.size(),
+                    "params, grads, exp_avgs, exp_avg_sqs have ", num(n), ", ", num(grads.size()), ", ",
+                    num(exp_avgs.size()), ", ", num(exp_avg_sqs.size()), " tensors; expected equal counts");
+  TORCH_CHECK_VALUE(masters.empty() || masters.size() == n, "masters has ", num(masters.size()),
+                    " tensors; expected 0 or ", num(n));
+  TORCH_CHECK_VALUE(emas.empty() || emas.size() == n, "emas has ", num(emas.size()), " tensors; expected 0 or ", num(n));
+  TORCH_CHECK_VALUE(scalars.size() == 8, "scalars has ", num(scalars.size()),
                     " values; expected 8 (decay_factor, beta1_w, beta2, beta2_w, step_size, bc2_sqrt, eps, ema_w)");
   if (n == 0) return;
   TORCH_CHECK_VALUE(params[0].is_cuda(), "params[0] is on ", params[0].device(), "; expected a CUDA tensor");
   const cck::DType dtype = to_dtype(params[0], "params[0]");
   TORCH_CHECK_VALUE(masters.empty() == (dtype == cck::DType::kFloat32),
                     "fp32 params are stepped in place (no masters); fp16/bf16 params need fp32 masters, got ",
-                    masters.size(), " masters for ", params[0].scalar_type(), " params");
+                    num(masters.size()), " masters for ", params[0].scalar_type(), " params");
   std::vector<void*> param_ptrs(n);
   std::vector<const void*> grad_ptrs(n);
   std::vector<float*> m_ptrs(n), v_ptrs(n), master_ptrs(masters.size()), ema_ptrs(emas.size());
