@@ -224,8 +224,11 @@ def test_bad_files_never_crash_and_convert(tmp_path, cache, backend, device):
     gray16 = smooth_image(2, 36, 44)[..., 0].astype(np.uint16) * 257 + 100
     close = {"rgba.png": rgb, "palette.png": palette, "good.jpg": rgb, "cmyk.jpg": rgb, "mpo.jpg": rgb,
              "gray16.png": np.repeat(np.round(gray16[:, 4:40, None] / 257.0), 3, -1)}
-    for name, want in close.items():  # lossless PNGs exactly, JPEGs within their loss
-        assert np.abs(got[name].astype(int) - want).mean() < (0.01 if ".png" in name else 3), name
+    # Lossless PNGs exactly, JPEGs within their loss: 3 levels on average for PIL's and DALI's CPU
+    # decoders; nvJPEG (DALI mixed) upsamples chroma differently: 3.6 on good.jpg (H200, DALI 2.4).
+    jpeg_tol = 5 if (backend, device) == ("dali", "cuda") else 3
+    for name, want in close.items():
+        assert np.abs(got[name].astype(int) - want).mean() < (0.01 if ".png" in name else jpeg_tol), name
     assert (got["gray.jpg"][..., 0] == got["gray.jpg"][..., 2]).all()
 
 
@@ -328,7 +331,11 @@ def assert_same_pairs(batches_a, batches_b):
 @pytest.mark.skipif(not HAVE_DALI, reason="DALI not importable")
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("fmt", ["folder", "webdataset"])
-def test_backends_deliver_same_pairs(tmp_path, cache, fmt, device):
+@pytest.mark.parametrize("pipeline_samples", [1, 8192], ids=["pipeline-per-epoch", "one-pipeline"])
+def test_backends_deliver_same_pairs(tmp_path, cache, fmt, device, pipeline_samples, monkeypatch):
+    import trainer.data.dali
+
+    monkeypatch.setattr(trainer.data.dali, "PIPELINE_SAMPLES", pipeline_samples)
     root = (make_folder(tmp_path / "d", 11) if fmt == "folder"
             else make_shards(tmp_path / "w", 11, per_shard=4))
     for rank in range(2):
