@@ -134,8 +134,8 @@ def test_runs_on_current_stream():
             lambda: [torch.randn(4, device="cuda"), torch.randn(4, device="cuda").double()],
             r"params\[1\] has dtype",
         ),
-        # Messages that print numbers with the stream itself, unlike the sizes above (the first
-        # GPU run crashed on the shape and strides messages; these tell whether numbers do too).
+        # A count in the message: streamed into it, a number killed the process on the GPU image
+        # (2026-11-26); bindings.cpp formats every number itself since.
         (lambda: [torch.randn(4, device="cuda")], lambda: [], r"ema has 1 tensors but params has 0"),
     ],
 )
