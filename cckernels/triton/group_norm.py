@@ -50,11 +50,15 @@ TILE = 4096
 MAX_BLOCK_C = 64  # channels_last: 64 channels = one 128-byte line of bf16 per spatial position
 MAX_BLOCK_S = 1024  # contiguous: up to 1024 positions of one channel per tile row
 PROGRAMS_PER_SM = 4
-# Most bytes of x one program holds in registers, 32 values a thread (SINGLE_PASS_ELEMENTS_PER_THREAD,
-# which sets num_warps; more and ptxas spills): 32K bf16/fp16 values at 32 warps (64 registers a
-# thread) or 16K fp32 ones at 16 warps (at 32 warps fp32 spills), and channels_last tiles at most
-# 16 warps (at 32 their per-channel vectors spill).
-SINGLE_PASS_BYTES = 65536
+# Most bytes of x one single-pass program holds: the measured crossover. On an H200 (bf16, SD2
+# shapes, benchmarks/results/2026-11-26-0507-NVIDIA-H200) the single pass won at tiles of 2-8 KB
+# (up to 1.6x) and the split forward at 16-64 KB (up to 1.7x), in both layouts.
+SINGLE_PASS_BYTES = 8192
+# The largest tile the kernel takes, 32 values a thread (SINGLE_PASS_ELEMENTS_PER_THREAD, which
+# sets num_warps; more and ptxas spills): 32K bf16/fp16 values at 32 warps or 16K fp32 ones at
+# 16 warps (at 32 fp32 spills), channels_last at most 16 warps (at 32 their per-channel vectors
+# spill). Above SINGLE_PASS_BYTES only when a user raises that (another GPU may cross over later).
+SINGLE_PASS_MAX_BYTES = 65536
 SINGLE_PASS_ELEMENTS_PER_THREAD = 32
 SINGLE_PASS_MAX_WARPS = {False: 32, True: 16}  # by channels_last
 MIN_RUN_BYTES = 64  # channels_last: a program's channel run per position, for coalesced loads
@@ -369,10 +373,12 @@ def _tiling(x, C, S, strides):
     return block_c, block_s, chunk, cdiv(S, chunk)
 
 
-def _single_pass_plan(N, C, S, G, channels_last, itemsize, sms):
+def _single_pass_plan(N, C, S, G, channels_last, itemsize, sms, max_bytes=None):
     """(GROUPS, BLOCK_C, BLOCK_S, ALIGN, num_warps) of the single-pass forward, or None where
-    the split path is the better one: a tile of GROUPS whole groups must fit SINGLE_PASS_BYTES,
-    and the programs must give every SM one (else splitting the groups fills the GPU better)."""
+    the split path is the better one: a tile of GROUPS whole groups must fit `max_bytes`
+    (default SINGLE_PASS_BYTES; at most SINGLE_PASS_MAX_BYTES), and the programs must give every
+    SM one (else splitting the groups fills the GPU better)."""
+    max_bytes = min(SINGLE_PASS_BYTES if max_bytes is None else max_bytes, SINGLE_PASS_MAX_BYTES)
     cpg = C // G
     groups = 1
     if channels_last:  # each position's run of GROUPS * CPG channels must coalesce
@@ -381,7 +387,7 @@ def _single_pass_plan(N, C, S, G, channels_last, itemsize, sms):
     block_c, block_s = next_power_of_2(groups * cpg), next_power_of_2(S)
     max_warps = SINGLE_PASS_MAX_WARPS[channels_last]
     elements = block_c * block_s
-    if (elements * itemsize > SINGLE_PASS_BYTES or elements > 32 * SINGLE_PASS_ELEMENTS_PER_THREAD * max_warps
+    if (elements * itemsize > max_bytes or elements > 32 * SINGLE_PASS_ELEMENTS_PER_THREAD * max_warps
             or N * cdiv(G, groups) < sms):
         return None
     vec = 16 // itemsize
@@ -548,7 +554,8 @@ _REDUCE = {"op": "group_norm", "dtypes": (torch.float32,)}  # fp32 partials only
 # channels x 1024).
 def _single_pass_variant(channels, S, channels_last, strides):  # channels: itemsize -> C
     def args(dtype):
-        plan = _single_pass_plan(32, channels[dtype.itemsize], S, 32, channels_last, dtype.itemsize, 132)
+        plan = _single_pass_plan(32, channels[dtype.itemsize], S, 32, channels_last, dtype.itemsize, 132,
+                                 SINGLE_PASS_MAX_BYTES)
         return {**strides, **dict(zip(("GROUPS", "BLOCK_C", "BLOCK_S", "ALIGN"), plan))}
 
     return args
@@ -562,9 +569,9 @@ INSPECT = [
     {**_STREAM, "kernel": _channel_stats_kernel},
     {**_STREAM, "kernel": _normalize_kernel},
     {**_STREAM, "kernel": _single_pass_kernel, "variants": _SINGLE_PASS,
-     "options": {"num_warps": _single_pass_plan(32, 320, 1024, 32, False, 2, 132)[-1]}},  # 16
+     "options": {"num_warps": _single_pass_plan(32, 320, 1024, 32, False, 2, 132, SINGLE_PASS_MAX_BYTES)[-1]}},  # 16
     {**_STREAM, "kernel": _single_pass_kernel, "variants": _SINGLE_PASS_32K, "dtypes": (torch.float16, torch.bfloat16),
-     "options": {"num_warps": _single_pass_plan(32, 960, 1024, 32, False, 2, 132)[-1]}},  # 32
+     "options": {"num_warps": _single_pass_plan(32, 960, 1024, 32, False, 2, 132, SINGLE_PASS_MAX_BYTES)[-1]}},  # 32
     {**_STREAM, "kernel": _backward_partials_kernel},
     {**_STREAM, "kernel": _backward_dx_kernel},
     {**_REDUCE, "kernel": _group_stats_kernel, "args": {**_ARGS, "BLOCK_G": _BLOCK_G, "BLOCK_P": _BLOCK_P}},
