@@ -17,16 +17,19 @@ BACKENDS = ("cuda", "triton", "torch")  # the valid names; each op has its own o
 # op -> backend -> "module:function", best first: dispatch tries an op's backends in this
 # order. A module that is not installed (no compiled extension, no triton) makes that
 # backend unavailable for the op. The order is measured, per op, on an H200 (torch 2.11,
-# benchmarks/results/2026-11-26-NVIDIA-H200): the CUDA GroupNorm beats the Triton one, the
-# Triton EMA beats the CUDA one (98-99% of copy bandwidth in 1 launch vs 77-83% in 37).
+# benchmarks/results/2026-11-26*-NVIDIA-H200): the Triton EMA beats the CUDA one (98-99% of
+# copy bandwidth in 1 launch vs 77-83% in 37); the Triton GroupNorm's forward+backward beat the
+# CUDA one on all 14 SD2 channels_last shapes (bf16, 1.2-1.7x; the CUDA backward's dweight/dbias
+# reduction ran on a handful of blocks), where the first run, before the Triton tiles were
+# retuned, had the CUDA one ahead.
 IMPLEMENTATIONS = {
     "attention": {
         "triton": "cckernels.triton.attention:attention",
         "torch": "cckernels.reference:attention",
     },
     "group_norm": {
-        "cuda": "cckernels.cuda:group_norm",
         "triton": "cckernels.triton.group_norm:group_norm",
+        "cuda": "cckernels.cuda:group_norm",
         "torch": "cckernels.reference:group_norm",
     },
     "ema_update_": {
