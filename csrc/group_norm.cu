@@ -220,8 +220,9 @@ cudaError_t group_norm_nhwc_backward(const void* dy, const void* x, const float*
         static_cast<const T*>(dy), static_cast<const T*>(x), weight, bias, mean, rstd, part_a, part_b, S, C, G,
         l.chunk);
     if (dweight || dbias) {
-      gn::backward_affine_kernel<<<cdiv(C, kThreads), kThreads, 0, stream>>>(part_a, part_b, dweight, dbias,
-                                                                             N * K, C);
+      const dim3 block(gn::kAffineChannels, kThreads / gn::kAffineChannels);
+      gn::backward_affine_kernel<<<cdiv(C, gn::kAffineChannels), block, 0, stream>>>(part_a, part_b, dweight,
+                                                                                     dbias, N * K, C);
     }
     if (dx) {
       gn::backward_group_kernel<<<dim3(G, N), kThreads, 0, stream>>>(part_a, part_b, weight, coef_a, coef_b, S,

@@ -393,19 +393,35 @@ __global__ void __launch_bounds__(kThreads) backward_group_kernel(
   }
 }
 
+// A block of kAffineChannels channels x (kThreads / kAffineChannels) row lanes, each lane
+// summing every lanes-th row with kLoadBatch rows in flight, then the lanes in a fixed order.
+// One thread per channel walking all N * K rows (2 blocks for 320 channels) took 59 us under
+// ncu on an H200 at 32x320x32x32, more than backward_dx.
+constexpr int kAffineChannels = 32;
+
 __global__ void __launch_bounds__(kThreads) backward_affine_kernel(
     const float* __restrict__ part_dz, const float* __restrict__ part_dz_xhat,  // (rows, C)
     float* __restrict__ dweight, float* __restrict__ dbias,                    // (C,) out, or null
     int rows, int C) {
-  const int c = blockIdx.x * kThreads + threadIdx.x;
-  if (c >= C) return;
-  float dw = 0.0f, db = 0.0f;
-  for (int r = 0; r < rows; ++r) {
-    dw += part_dz_xhat[static_cast<int64_t>(r) * C + c];
-    db += part_dz[static_cast<int64_t>(r) * C + c];
+  __shared__ float smem[2 * kThreads];
+  const int c = blockIdx.x * kAffineChannels + threadIdx.x;
+  float dw[1] = {0.0f}, db[1] = {0.0f};
+  if (c < C) {
+    batched<kLoadBatch>(
+        static_cast<int>(threadIdx.y), rows, static_cast<int>(blockDim.y),
+        [&](int r) {
+          const int64_t at = static_cast<int64_t>(r) * C + c;
+          return make_float2(part_dz_xhat[at], part_dz[at]);
+        },
+        [&](int, const float2& v) {
+          dw[0] += v.x;
+          db[0] += v.y;
+        });
   }
-  if (dweight) dweight[c] = dw;
-  if (dbias) dbias[c] = db;
+  sum_over_rows<1>(dw, db, smem);
+  if (threadIdx.y != 0 || c >= C) return;
+  if (dweight) dweight[c] = dw[0];
+  if (dbias) dbias[c] = db[0];
 }
 
 template <typename T, int VEC, bool SILU>
