@@ -293,8 +293,9 @@ def test_inductor_matches_eager_on_gpu(mode, gn_backend):
 @pytest.mark.gpu
 @pytest.mark.timeout(300)  # inductor compiles the UNet's forward and backward
 def test_tiny_unet_in_cuda_graphs_matches_eager_on_gpu():
-    # mode="reduce-overhead" (inductor and CUDA graphs) with the default backends: the triton
-    # GroupNorm and attention (one UNet compile: the op test covers the other pairs).
+    # mode="reduce-overhead" (inductor and CUDA graphs) with the default backends: the cuda
+    # GroupNorm and the triton attention (one UNet compile: the op test covers the other pairs).
+    skip_without_cuda_group_norm()
     unet = UNet.from_config(dict(TINY, attention_head_dim=2, block_out_channels=[64, 128], norm_num_groups=32))
     unet = unet.cuda().to(memory_format=torch.channels_last)
     x = torch.randn(2, 4, 16, 16, device="cuda").to(memory_format=torch.channels_last)
@@ -309,7 +310,7 @@ def test_tiny_unet_in_cuda_graphs_matches_eager_on_gpu():
 
     exact, eager = loss(unet, autocast=False), loss(unet)
     used = ck.used_backends()
-    assert (used["attention"], used["group_norm"]) == ("triton", "triton")
+    assert (used["attention"], used["group_norm"]) == ("triton", "cuda")
     compiled = compile_on_gpu(unet, "reduce-overhead")
     for _ in range(3):
         for i, (ref, a, b) in enumerate(zip(exact, eager, loss(compiled))):
