@@ -231,24 +231,54 @@ def test_single_pass_statistics_survive_a_large_offset(channels_last):
 
 # (batch, channels, latent side, channels_last) -> Triton's forward on 132 SMs in bf16
 SD2_TRITON_PATHS = {
-    # tiles of at most 8 KB (8x8x1280: 40 channels -> 64 x 64 bf16; 4x4: 64 x 16)
-    **dict.fromkeys([(32, 1280, 8, False), (32, 1280, 4, False), (8, 1280, 8, False),
-                     (32, 1280, 8, True), (32, 1280, 4, True), (8, 1280, 8, True)], "single-pass"),
-    # larger tiles (16x16x640: 20 channels -> 32 x 256 = 16 KB; 64x64x320: 16 x 4096), channels_last
-    # runs of 10 channels (4 groups to reach 64 bytes: 64 x 1024), or too few programs (batch 1)
-    **dict.fromkeys([(32, 320, 32, False), (32, 640, 16, False), (32, 2560, 8, False), (8, 1280, 16, False),
-                     (8, 1920, 16, False), (32, 640, 16, True), (32, 2560, 8, True), (8, 1280, 16, True),
-                     (32, 960, 32, False), (8, 320, 64, False), (8, 1920, 32, False), (8, 960, 64, False),
-                     (32, 320, 32, True), (1, 320, 64, False), (1, 320, 64, True), (1, 320, 32, False)], "split"),
+    **dict.fromkeys([(32, 320, 32, False), (32, 640, 16, False), (32, 1280, 8, False), (32, 1280, 4, False),
+                     (32, 2560, 8, False), (8, 1280, 16, False), (8, 1920, 16, False),
+                     (32, 640, 16, True), (32, 1280, 8, True), (32, 2560, 8, True), (8, 1280, 16, True),
+                     # 32K-element tiles at 32 warps (32x32x960: 30 channels -> 32 x 1024)
+                     (32, 640, 32, False), (32, 960, 32, False), (8, 640, 32, False), (8, 2560, 16, False)],
+                    "single-pass"),
+    # tiles over 64 KB (64x64x320: 10 channels -> 16 x 4096), channels_last runs of 10 channels
+    # (4 groups to reach 64 bytes: 64 x 1024), or too few programs (batch 1; 2 x 32 / 2 groups)
+    **dict.fromkeys([(8, 320, 64, False), (8, 1920, 32, False), (8, 960, 64, False), (32, 320, 32, True),
+                     (1, 320, 64, False), (1, 320, 64, True), (1, 320, 32, False), (2, 640, 16, True)], "split"),
 }  # fmt: skip
 
 
-def test_forward_path_for_sd2_shapes():
+# Captured in a CUDA graph, only tiles up to 8 KB take the single pass (8x8x1280: 40 channels
+# -> 64 x 64 bf16; 4x4: 64 x 16); 16x16x640 (20 channels -> 32 x 256 = 16 KB) and up split.
+SD2_TRITON_CAPTURED_SINGLE_PASS = {(32, 1280, 8, False), (32, 1280, 4, False), (32, 1280, 8, True)}
+
+
+@pytest.mark.parametrize("captured", [False, True])
+def test_forward_path_for_sd2_shapes(captured):
     from cckernels.triton.group_norm import _single_pass_plan
 
     for (N, C, side, channels_last), path in SD2_TRITON_PATHS.items():
-        plan = _single_pass_plan(N, C, side * side, 32, channels_last, 2, 132)
+        if captured:
+            path = "single-pass" if (N, C, side, channels_last) in SD2_TRITON_CAPTURED_SINGLE_PASS else "split"
+        plan = _single_pass_plan(N, C, side * side, 32, channels_last, 2, 132, captured)
         assert ("single-pass" if plan else "split") == path, (N, C, side, channels_last)
+
+
+@pytest.mark.gpu
+def test_forward_path_inside_a_cuda_graph_capture(monkeypatch):
+    # 32x32x320 bf16: one group of 10 channels x 1024 positions, a 32 KB tile: single pass
+    # eagerly, split while captured; both give the eager result.
+    from cckernels.triton import group_norm
+
+    x, w, b = gpu_case((32, 320, 32, 32), torch.bfloat16, False)
+    eager = ck.group_norm(x, 32, w, b, activation="silu", backend="triton")
+    paths = [group_norm.group_norm_forward_path(x, 32)]
+    with monkeypatch.context() as m:  # compile the split kernels before the capture
+        m.setattr(group_norm, "SINGLE_PASS_BYTES", 0)
+        ck.group_norm(x, 32, w, b, activation="silu", backend="triton")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        paths.append(group_norm.group_norm_forward_path(x, 32))
+        y = ck.group_norm(x, 32, w, b, activation="silu", backend="triton")
+    graph.replay()
+    assert paths == ["single-pass", "split"]
+    torch.testing.assert_close(y, eager, atol=2e-2, rtol=0)
 
 
 def test_fp32_weight_with_low_precision_input():
@@ -406,13 +436,11 @@ TRITON_32K_CASES = [(dtype, shape) for dtype in (torch.float16, torch.bfloat16)
 @pytest.mark.parametrize("dtype,shape,G,channels_last",
                          [(dtype, *case) for dtype in DTYPES for case in TRITON_SINGLE_PASS_CASES] +
                          [(dtype, shape, 2 if shape[1] == 60 else 32, False) for dtype, shape in TRITON_32K_CASES])
-def test_gpu_triton_single_pass(dtype, shape, G, channels_last, monkeypatch):
-    from cckernels.triton import group_norm
+def test_gpu_triton_single_pass(dtype, shape, G, channels_last):
+    from cckernels.triton.group_norm import group_norm_forward_path
 
-    # Up to the largest tiles the kernel takes, above the default's measured crossover.
-    monkeypatch.setattr(group_norm, "SINGLE_PASS_BYTES", group_norm.SINGLE_PASS_MAX_BYTES)
     x, w, b = gpu_case(shape, dtype, channels_last)
-    assert group_norm.group_norm_forward_path(x, G) == "single-pass"
+    assert group_norm_forward_path(x, G) == "single-pass"
     check(x, G, w, b, silu=True)
     check(x, G, None, None, silu=False)
 

@@ -50,15 +50,16 @@ TILE = 4096
 MAX_BLOCK_C = 64  # channels_last: 64 channels = one 128-byte line of bf16 per spatial position
 MAX_BLOCK_S = 1024  # contiguous: up to 1024 positions of one channel per tile row
 PROGRAMS_PER_SM = 4
-# Most bytes of x one single-pass program holds: the measured crossover. On an H200 (bf16, SD2
-# shapes, benchmarks/results/2026-11-26-0507-NVIDIA-H200) the single pass won at tiles of 2-8 KB
-# (up to 1.6x) and the split forward at 16-64 KB (up to 1.7x), in both layouts.
-SINGLE_PASS_BYTES = 8192
-# The largest tile the kernel takes, 32 values a thread (SINGLE_PASS_ELEMENTS_PER_THREAD, which
-# sets num_warps; more and ptxas spills): 32K bf16/fp16 values at 32 warps or 16K fp32 ones at
-# 16 warps (at 32 fp32 spills), channels_last at most 16 warps (at 32 their per-channel vectors
-# spill). Above SINGLE_PASS_BYTES only when a user raises that (another GPU may cross over later).
-SINGLE_PASS_MAX_BYTES = 65536
+# Most bytes of x one program holds in registers, 32 values a thread (SINGLE_PASS_ELEMENTS_PER_THREAD,
+# which sets num_warps; more and ptxas spills): 32K bf16/fp16 values at 32 warps (64 registers a
+# thread) or 16K fp32 ones at 16 warps (at 32 warps fp32 spills), and channels_last tiles at most
+# 16 warps (at 32 their per-channel vectors spill).
+SINGLE_PASS_BYTES = 65536
+# The same limit while a CUDA graph is captured, where only the GPU's time counts: on an H200
+# (bf16, SD2 shapes, graph replays) the single pass won at tiles of 2-8 KB (up to 1.6x) and the
+# split forward at 16-64 KB (up to 1.7x). Eager calls at those sizes are host-bound, and the
+# single pass is one launch instead of three (forward host time 80-170 us against 120-280 us).
+SINGLE_PASS_CAPTURED_BYTES = 8192
 SINGLE_PASS_ELEMENTS_PER_THREAD = 32
 SINGLE_PASS_MAX_WARPS = {False: 32, True: 16}  # by channels_last
 MIN_RUN_BYTES = 64  # channels_last: a program's channel run per position, for coalesced loads
@@ -374,12 +375,12 @@ def _tiling(x, C, S, strides):
     return block_c, block_s, chunk, cdiv(S, chunk)
 
 
-def _single_pass_plan(N, C, S, G, channels_last, itemsize, sms, max_bytes=None):
+def _single_pass_plan(N, C, S, G, channels_last, itemsize, sms, captured=False):
     """(GROUPS, BLOCK_C, BLOCK_S, ALIGN, num_warps) of the single-pass forward, or None where
-    the split path is the better one: a tile of GROUPS whole groups must fit `max_bytes`
-    (default SINGLE_PASS_BYTES; at most SINGLE_PASS_MAX_BYTES), and the programs must give every
-    SM one (else splitting the groups fills the GPU better)."""
-    max_bytes = min(SINGLE_PASS_BYTES if max_bytes is None else max_bytes, SINGLE_PASS_MAX_BYTES)
+    the split path is the better one: a tile of GROUPS whole groups must fit SINGLE_PASS_BYTES
+    (SINGLE_PASS_CAPTURED_BYTES too when `captured` in a CUDA graph), and the programs must give
+    every SM one (else splitting the groups fills the GPU better)."""
+    max_bytes = min(SINGLE_PASS_BYTES, SINGLE_PASS_CAPTURED_BYTES) if captured else SINGLE_PASS_BYTES
     cpg = C // G
     groups = 1
     if channels_last:  # each position's run of GROUPS * CPG channels must coalesce
@@ -405,12 +406,15 @@ def _sm_count(x):
 def _plan(x, num_groups):
     N, C = x.shape[:2]
     S, strides = _layout(x)
-    return _single_pass_plan(N, C, S, num_groups, strides[1] == 1 and C > 1, x.element_size(), _sm_count(x))
+    captured = x.is_cuda and torch.cuda.is_current_stream_capturing()
+    return _single_pass_plan(N, C, S, num_groups, strides[1] == 1 and C > 1, x.element_size(), _sm_count(x),
+                             captured)
 
 
 def group_norm_forward_path(x, num_groups):
     """Which forward runs for x: "single-pass" (each group read once, held in registers) or
-    "split" (three passes, groups spread over many programs)."""
+    "split" (three passes, groups spread over many programs). Inside a CUDA graph capture the
+    answer may differ (SINGLE_PASS_CAPTURED_BYTES)."""
     return "single-pass" if _plan(x, num_groups) else "split"
 
 
@@ -558,8 +562,7 @@ _REDUCE = {"op": "group_norm", "dtypes": (torch.float32,)}  # fp32 partials only
 # channels x 1024).
 def _single_pass_variant(channels, S, channels_last, strides):  # channels: itemsize -> C
     def args(dtype):
-        plan = _single_pass_plan(32, channels[dtype.itemsize], S, 32, channels_last, dtype.itemsize, 132,
-                                 SINGLE_PASS_MAX_BYTES)
+        plan = _single_pass_plan(32, channels[dtype.itemsize], S, 32, channels_last, dtype.itemsize, 132)
         return {**strides, **dict(zip(("GROUPS", "BLOCK_C", "BLOCK_S", "ALIGN"), plan))}
 
     return args
@@ -573,9 +576,9 @@ INSPECT = [
     {**_STREAM, "kernel": _channel_stats_kernel},
     {**_STREAM, "kernel": _normalize_kernel},
     {**_STREAM, "kernel": _single_pass_kernel, "variants": _SINGLE_PASS,
-     "options": {"num_warps": _single_pass_plan(32, 320, 1024, 32, False, 2, 132, SINGLE_PASS_MAX_BYTES)[-1]}},  # 16
+     "options": {"num_warps": _single_pass_plan(32, 320, 1024, 32, False, 2, 132)[-1]}},  # 16
     {**_STREAM, "kernel": _single_pass_kernel, "variants": _SINGLE_PASS_32K, "dtypes": (torch.float16, torch.bfloat16),
-     "options": {"num_warps": _single_pass_plan(32, 960, 1024, 32, False, 2, 132, SINGLE_PASS_MAX_BYTES)[-1]}},  # 32
+     "options": {"num_warps": _single_pass_plan(32, 960, 1024, 32, False, 2, 132)[-1]}},  # 32
     {**_STREAM, "kernel": _backward_partials_kernel},
     {**_STREAM, "kernel": _backward_dx_kernel},
     {**_REDUCE, "kernel": _group_stats_kernel, "args": {**_ARGS, "BLOCK_G": _BLOCK_G, "BLOCK_P": _BLOCK_P}},
