@@ -54,12 +54,13 @@ PROGRAMS_PER_SM = 4
 # which sets num_warps; more and ptxas spills): 32K bf16/fp16 values at 32 warps (64 registers a
 # thread) or 16K fp32 ones at 16 warps (at 32 warps fp32 spills), and channels_last tiles at most
 # 16 warps (at 32 their per-channel vectors spill).
+# In CUDA graph replays (GPU time only) the split forward beat the single pass from 16 KB
+# tiles up (up to 1.7x; H200, bf16, SD2 shapes), but eager calls at those sizes are host-bound,
+# where the single pass's one launch instead of three wins (forward host time 80-170 us
+# against 120-280 us). Switching by capture state would need the split kernels loaded before
+# a capture: Triton loads a module at a kernel's first launch, which the driver refuses while
+# a stream is captured.
 SINGLE_PASS_BYTES = 65536
-# The same limit while a CUDA graph is captured, where only the GPU's time counts: on an H200
-# (bf16, SD2 shapes, graph replays) the single pass won at tiles of 2-8 KB (up to 1.6x) and the
-# split forward at 16-64 KB (up to 1.7x). Eager calls at those sizes are host-bound, and the
-# single pass is one launch instead of three (forward host time 80-170 us against 120-280 us).
-SINGLE_PASS_CAPTURED_BYTES = 8192
 SINGLE_PASS_ELEMENTS_PER_THREAD = 32
 SINGLE_PASS_MAX_WARPS = {False: 32, True: 16}  # by channels_last
 MIN_RUN_BYTES = 64  # channels_last: a program's channel run per position, for coalesced loads
@@ -375,12 +376,10 @@ def _tiling(x, C, S, strides):
     return block_c, block_s, chunk, cdiv(S, chunk)
 
 
-def _single_pass_plan(N, C, S, G, channels_last, itemsize, sms, captured=False):
+def _single_pass_plan(N, C, S, G, channels_last, itemsize, sms):
     """(GROUPS, BLOCK_C, BLOCK_S, ALIGN, num_warps) of the single-pass forward, or None where
-    the split path is the better one: a tile of GROUPS whole groups must fit SINGLE_PASS_BYTES
-    (SINGLE_PASS_CAPTURED_BYTES too when `captured` in a CUDA graph), and the programs must give
-    every SM one (else splitting the groups fills the GPU better)."""
-    max_bytes = min(SINGLE_PASS_BYTES, SINGLE_PASS_CAPTURED_BYTES) if captured else SINGLE_PASS_BYTES
+    the split path is the better one: a tile of GROUPS whole groups must fit SINGLE_PASS_BYTES,
+    and the programs must give every SM one (else splitting the groups fills the GPU better)."""
     cpg = C // G
     groups = 1
     if channels_last:  # each position's run of GROUPS * CPG channels must coalesce
@@ -389,7 +388,7 @@ def _single_pass_plan(N, C, S, G, channels_last, itemsize, sms, captured=False):
     block_c, block_s = next_power_of_2(groups * cpg), next_power_of_2(S)
     max_warps = SINGLE_PASS_MAX_WARPS[channels_last]
     elements = block_c * block_s
-    if (elements * itemsize > max_bytes or elements > 32 * SINGLE_PASS_ELEMENTS_PER_THREAD * max_warps
+    if (elements * itemsize > SINGLE_PASS_BYTES or elements > 32 * SINGLE_PASS_ELEMENTS_PER_THREAD * max_warps
             or N * cdiv(G, groups) < sms):
         return None
     vec = 16 // itemsize
@@ -406,15 +405,12 @@ def _sm_count(x):
 def _plan(x, num_groups):
     N, C = x.shape[:2]
     S, strides = _layout(x)
-    captured = x.is_cuda and torch.cuda.is_current_stream_capturing()
-    return _single_pass_plan(N, C, S, num_groups, strides[1] == 1 and C > 1, x.element_size(), _sm_count(x),
-                             captured)
+    return _single_pass_plan(N, C, S, num_groups, strides[1] == 1 and C > 1, x.element_size(), _sm_count(x))
 
 
 def group_norm_forward_path(x, num_groups):
     """Which forward runs for x: "single-pass" (each group read once, held in registers) or
-    "split" (three passes, groups spread over many programs). Inside a CUDA graph capture the
-    answer may differ (SINGLE_PASS_CAPTURED_BYTES)."""
+    "split" (three passes, groups spread over many programs)."""
     return "single-pass" if _plan(x, num_groups) else "split"
 
 
