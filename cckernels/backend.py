@@ -19,7 +19,7 @@ BACKENDS = ("cuda", "triton", "torch")  # the valid names; each op has its own o
 # backend unavailable for the op. The order is measured, per op, on an H200 (torch 2.11,
 # benchmarks/results/2026-11-26*-NVIDIA-H200): the Triton EMA beats the CUDA one (98-99% of
 # copy bandwidth in 1 launch vs 77-83% in 37). GroupNorm stays CUDA first: as eager calls go,
-# its forward+backward took 0.14-0.31 ms against Triton's 0.46-0.74 ms on the SD2 channels_last
+# its forward+backward took 0.14-0.35 ms against Triton's 0.46-0.75 ms on the SD2 channels_last
 # shapes at batch 32, since Triton's 5-7 launches cost 450-880 us of host time per call (CUDA:
 # 180-390 us) and eager steps at that batch are host-bound (GPU busy 50% of the step). The
 # Triton kernels are faster on the GPU (1.2-1.7x in CUDA graphs), which a batch large enough to
