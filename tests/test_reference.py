@@ -117,3 +117,20 @@ def test_ema_reference(dtype, decay):
     for e, w in zip(ema, want):
         assert e.dtype == torch.float32
         torch.testing.assert_close(e.double(), w, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (1, 3, 1, 5), (2, 1, 4, 5), (2, 3, 1, 1), (2, 3, 4), (2, 3), (3, 5, 1, 7, 2), (0, 3, 4, 5)])
+def test_channels_last_is_the_permuted_contiguity(shape):
+    # From strides alone, it must agree with x.permute(0, *spatial, 1).is_contiguous() on every
+    # layout: contiguous, channels_last, transposed, sliced, expanded (size-1 dims: any stride).
+    from cckernels.reference import channels_last
+
+    x = torch.randn(shape)
+    last = x.movedim(1, -1).contiguous().movedim(-1, 1)
+    big = torch.randn(*[2 * s + 1 for s in shape]).movedim(1, -1).contiguous().movedim(-1, 1)
+    views = [x, last, x.transpose(0, 1), last[tuple(slice(0, s) for s in shape)],
+             big[tuple(slice(0, s) for s in shape)], torch.randn(1, shape[1], *[1] * (len(shape) - 2)).expand(shape)]
+    if len(shape) > 2:
+        views += [x.transpose(-1, -2), last.transpose(-1, -2)]
+    for v in views:
+        assert channels_last(v) == v.permute(0, *range(2, v.dim()), 1).is_contiguous(), v.stride()

@@ -32,6 +32,8 @@ backward  1. _backward_partials_kernel: per (sample, chunk, channel) sums of dz 
           4. _backward_dx_kernel: dx = rstd * (w*dz - mean(w*dz) - xhat * mean(w*dz*xhat)).
 All sums are fp32 whatever the I/O dtype.
 """
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -343,8 +345,8 @@ def _backward_dx_kernel(
 
 def _layout(x):
     """(S, strides (n, c, s)) of x seen as (N, C, S); Unsupported unless contiguous or channels_last."""
-    N, C = x.shape[:2]
-    S = x[0, 0].numel()
+    C = x.shape[1]
+    S = math.prod(x.shape[2:])
     if x.is_contiguous():
         return S, (C * S, S, 1)
     if channels_last(x):
