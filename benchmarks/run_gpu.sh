@@ -9,9 +9,9 @@
 # Budget per step (seconds, enforced with `timeout`; a step that fails or runs out is logged in
 # summary.md and the next one still runs; benchmarks with --budget-s start no new case after it
 # and still write their JSON):
-#   build 45 | build-check 15 | pytest -m gpu 140 | bench_attention 90 | bench_group_norm 60 |
-#   bench_ema 30 | bench_data 45 | bench_train 200 (6 timed steps and 2 profiled ones per row;
-#   no row starts after 170 s; JSON written after every row) = 625 s worst case on one GPU
+#   build 45 | build-check 15 | pytest -m gpu 140 | bench_attention 80 | bench_group_norm 60 |
+#   bench_ema 30 | bench_data 45 | profile_host 30 | bench_train 200 (6 timed steps and 2 profiled
+#   ones per row; no row starts after 170 s; JSON written after every row) = 645 s worst case
 #   (bench_ddp, 30 s, only runs with several), cut by the outer `timeout` of docs/benchmarks.md's
 #   call; the steps before bench_train took 318 s of their 425 (H200, 2026-11-26 05:07: build 21,
 #   pytest 101, bench_attention 80, bench_group_norm 60, bench_ema 17, bench_data 46). bench_train's
@@ -111,10 +111,12 @@ per_test=$("$PY" -c "import pytest_timeout" 2>/dev/null && echo "--timeout 60")
 step pytest-gpu 140 env CCKERNELS_AUTOTUNE=0 "$PY" -m pytest -m gpu $xdist $per_test -v -rs --durations 15 \
     -p no:cacheprovider --junitxml="$OUT/pytest-gpu.xml" tests
 
-bench bench_attention 90 --budget-s 70
+bench bench_attention 80 --budget-s 60
 bench bench_group_norm 60 --budget-s 45
 bench bench_ema 30
 bench bench_data 45 --images 512
+# Where eager calls spend their host time (our kernels' were 2-4x PyTorch's); one config each.
+step profile_host 30 env CCKERNELS_AUTOTUNE=0 "$PY" benchmarks/profile_host.py --out "$OUT"
 # Several GPUs: the training benchmark runs one process per GPU (a world of N), the others on one.
 # --no-compile: inductor takes minutes on the SD2 UNet, so a compiled row would use up the step's
 # budget; the plain-PyTorch row runs eagerly and "+ torch.compile" is skipped (docs/benchmarks.md

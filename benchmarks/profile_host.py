@@ -1,0 +1,123 @@
+"""Where the host time of eager forward+backward calls goes: ck.attention and ck.group_norm
+at SD2 sizes small enough to be host-bound, on each backend, with the torch peers for scale.
+
+    python benchmarks/profile_host.py [--out DIR] [--calls 200]
+    python benchmarks/profile_host.py --tiny    # CPU, Triton's interpreter: seconds (smoke test)
+
+The first GPU runs timed our eager calls at 450-1030 us of host time per forward+backward
+against 190-600 for PyTorch's own ops, so eager SD2 steps at batch 32 were host-bound.
+Per case this prints the host microseconds per call (the wall time of --calls calls with
+one synchronize at the end: the host's time wherever the host is the slower side) and the
+functions with the most own time under cProfile (Triton's launcher is Python, so its parts
+show); writes profile_host.txt (the same) to --out.
+"""
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+def cases(device, tiny):
+    """(name, fn()) pairs: each fn runs one forward+backward."""
+    import cckernels as ck
+
+    dtype = torch.float32 if tiny else torch.bfloat16
+    B, L, H, D = (1, 8, 2, 32) if tiny else (8, 256, 20, 64)  # 512 px, the 16x16 latent level
+    N, C, side = (2, 64, 4) if tiny else (32, 1280, 8)  # 256 px, the 8x8 level
+
+    def leaf(*shape, channels_last=False):
+        t = torch.randn(*shape, device=device, dtype=dtype)
+        return (t.to(memory_format=torch.channels_last) if channels_last else t).requires_grad_()
+
+    q, k, v, ctx = leaf(B, L, H, D), leaf(B, L, H, D), leaf(B, L, H, D), leaf(B, 77, H, D)
+    do = torch.randn_like(q)
+    x = leaf(N, C, side, side, channels_last=True)
+    w = torch.randn(C, device=device, requires_grad=True)
+    b = torch.randn(C, device=device, requires_grad=True)
+    dy = torch.randn_like(x)
+
+    def attention(backend, keys):
+        def run():
+            ck.attention(q, keys, keys, backend=backend).backward(do)
+        return run
+
+    def sdpa(keys):
+        def run():
+            F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, keys, keys))).transpose(1, 2).backward(do)
+        return run
+
+    def group_norm(backend):
+        def run():
+            ck.group_norm(x, 32, w, b, activation="silu", backend=backend).backward(dy)
+        return run
+
+    def torch_group_norm():
+        F.silu(F.group_norm(x, 32, w.to(dtype), b.to(dtype))).backward(dy)
+
+    usable = ck.available_backends(device)
+    out = []
+    for keys, what in ((k, f"self L={L}"), (ctx, "cross Lk=77")):
+        out += [(f"attention {what} {name}", attention(name, keys)) for name in usable["attention"]]
+        out.append((f"attention {what} sdpa", sdpa(keys)))
+    shape = f"{N}x{C}x{side}x{side}"
+    out += [(f"group_norm {shape} nhwc {name}", group_norm(name)) for name in usable["group_norm"]]
+    out.append((f"group_norm {shape} nhwc torch F.group_norm+silu", torch_group_norm))
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="benchmarks/results/local")
+    p.add_argument("--calls", type=int, default=200)
+    p.add_argument("--top", type=int, default=15, help="functions listed per case")
+    p.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (Triton's interpreter)")
+    args = p.parse_args()
+    gpu = torch.cuda.is_available() and not args.tiny
+    if not gpu:
+        os.environ["TRITON_INTERPRET"] = "1"
+    if args.tiny:
+        args.calls = 3
+    device = torch.device("cuda" if gpu else "cpu")
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
+    report = io.StringIO()
+
+    def say(text=""):
+        print(text)
+        report.write(text + "\n")
+
+    say(f"device: {torch.cuda.get_device_name() if gpu else 'cpu'}; torch {torch.__version__}; "
+        f"{args.calls} calls per case")
+    for name, run in cases(device, args.tiny):
+        for _ in range(3):  # compile, autotune, allocator warm-up
+            run()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(args.calls):
+            run()
+        sync()
+        host_us = (time.perf_counter() - t0) / args.calls * 1e6
+        profile = cProfile.Profile()
+        profile.enable()
+        for _ in range(args.calls):
+            run()
+        profile.disable()
+        sync()
+        say(f"\n== {name}: {host_us:.0f} us per forward+backward")
+        stats = io.StringIO()
+        pstats.Stats(profile, stream=stats).sort_stats("tottime").print_stats(args.top)
+        # From the column header on: the per-function lines (tottime is per all --calls calls).
+        say(stats.getvalue()[stats.getvalue().find("   ncalls"):].rstrip())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "profile_host.txt").write_text(report.getvalue())
+    print(f"wrote {out / 'profile_host.txt'}")
+
+
+if __name__ == "__main__":
+    main()
