@@ -287,6 +287,26 @@ def test_shared_parameter_hook_fires_once():
     assert len(seen) == 1 and torch.equal(seen[0], lin.weight.grad)
 
 
+def test_slots_take_their_parameters_strides():
+    # Grads follow their parameter's layout; slots with the same strides let the bucket's
+    # multi-tensor copies take their fast path. Each slot covers exactly its own slice.
+    from trainer.ddp import _Bucket
+
+    params = [torch.randn(6, 5, 3, 3).to(memory_format=torch.channels_last), torch.randn(7),
+              torch.randn(2, 4, 3, 3, 3).to(memory_format=torch.channels_last_3d), torch.randn(3, 4),
+              torch.randn(4, 1, 1, 1).to(memory_format=torch.channels_last)]
+    bucket = _Bucket(params, torch.float32, torch.device("cpu"))
+    for p, view in zip(params, bucket.views):
+        assert view.shape == p.shape and view.stride() == p.stride()
+    torch._foreach_copy_(bucket.views, params)
+    offsets = [0]
+    for p in params:
+        offsets.append(offsets[-1] + p.numel())
+    for p, view, start, end in zip(params, bucket.views, offsets, offsets[1:]):
+        assert torch.equal(view, p) and view.data_ptr() == bucket.grads[start:end].data_ptr()
+        assert torch.equal(torch.sort(bucket.grads[start:end]).values, torch.sort(p.reshape(-1)).values)
+
+
 def test_group_by_size_first_bucket_and_order():
     sizes = [4, 4, 4, 4, 4, 4]
     groups = _group_by_size(list(range(6)), lambda i: "f32", lambda i: sizes[i], first_cap=4, cap=8)

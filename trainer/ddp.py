@@ -12,21 +12,28 @@ How one synchronized backward runs:
    of registration (roughly the order backward produces their grads), into flat buckets of
    about `bucket_cap_mb` MB, the first one small (1 MiB) so communication starts early.
 2. Backward runs. When autograd has accumulated a parameter's grad, its post-accumulate-grad
-   hook copies grad / world_size into the parameter's slice of its bucket. A bucket whose
-   slices are all filled is all-reduced asynchronously while backward carries on computing
-   the grads of earlier layers. Buckets are launched strictly in index order: collectives
+   hook marks the parameter's slice of its bucket ready. A bucket whose slices are all ready
+   gets the grads / world_size copied in (one multi-tensor copy and one division for the
+   bucket, not one kernel per parameter) and is all-reduced asynchronously while backward
+   carries on computing the grads of earlier layers. Buckets are launched strictly in index order: collectives
    must be issued in the same order on every rank, and hooks need not fire in the same order
    everywhere.
 3. The first hook of a backward queues a finalizer that autograd runs when backward ends. It
    launches the buckets still waiting for grads that never came (a parameter unused in this
-   backward contributes what it accumulated under no_sync(), or zeros), waits for every all-reduce and copies the averaged buckets
-   back into .grad. So `loss.backward()` returns with the final gradients.
+   backward contributes what it accumulated under no_sync(), or zeros), waits for every
+   all-reduce and copies the averaged buckets back into .grad (a multi-tensor copy per bucket).
+   So `loss.backward()` returns with the final gradients.
 
-Averaging divides each grad by world_size while copying it into its bucket (one pass, in the
-grad's own precision, before any rounding to a lower communication dtype): the sum of
-pre-divided values cannot overflow a float16 bucket, and one division rounds once (exactly
-for power-of-two world sizes). torch's DDP also scales (by 1/world_size) while copying, so
-for power-of-two world sizes both give bit-identical gradients.
+Averaging divides each grad by world_size before the all-reduce, in the grad's own precision
+and before any rounding to a lower communication dtype: the sum of pre-divided values cannot
+overflow a float16 bucket, and one division rounds once (exactly for power-of-two world
+sizes). A bucket of the grads' own dtype takes a copy, then one division of the whole bucket
+(the same division of the same values); a lower-precision bucket divides each grad as it
+copies it. torch's DDP also scales (by 1/world_size) before reducing, so for power-of-two
+world sizes both give bit-identical gradients. Slots share their parameter's strides
+(contiguous or channels_last), as grads do, so the multi-tensor copies take their fast path.
+With the SD2 UNet's 686 parameters in 67 buckets of 25 MB that is about 200 copy and division
+kernels a step instead of 1,372 (two per parameter).
 
 Each bucket carries one extra element per parameter, 1 where that rank has a grad for it;
 after the all-reduce, a parameter with no grad on any rank keeps grad None (like
@@ -78,6 +85,14 @@ def _broadcast_coalesced(tensors, src, group):
             t.copy_(value.view(t.shape))
 
 
+def _slot(flat, param):
+    """param's slot in a bucket, with param's strides when it is contiguous or channels_last."""
+    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
+    if not param.is_contiguous() and param.is_contiguous(memory_format=formats.get(param.dim(), torch.contiguous_format)):
+        return flat.as_strided(param.shape, param.stride())
+    return flat.view(param.shape)
+
+
 class _Bucket:
     """A flat communication buffer: every parameter's grad slice, then one used-flag each."""
 
@@ -85,8 +100,8 @@ class _Bucket:
         self.params = params
         numels = [p.numel() for p in params]
         self.buffer = torch.empty(sum(numels) + len(params), dtype=dtype, device=device)
-        grads, self.used = self.buffer.split([sum(numels), len(params)])
-        self.views = [v.view(p.shape) for v, p in zip(grads.split(numels), params)]
+        self.grads, self.used = self.buffer.split([sum(numels), len(params)])
+        self.views = [_slot(v, p) for v, p in zip(self.grads.split(numels), params)]
         self.ready = [False] * len(params)  # this backward has filled the slot
         self.has_grad = [False] * len(params)  # this rank had a grad for it
         self.pending = len(params)
@@ -176,7 +191,7 @@ class DistributedDataParallel(torch.nn.Module):
                 return
             if not self._queued:
                 self._start_backward()
-            self._fill(bucket, index)
+            self._mark(bucket, index)
             bucket.pending -= 1
             self._launch_ready_buckets()
 
@@ -191,24 +206,37 @@ class DistributedDataParallel(torch.nn.Module):
             bucket.pending = len(bucket.params)
         Variable._execution_engine.queue_callback(self._finish_backward)
 
-    def _fill(self, bucket, index):
-        """Copy this rank's grad / world_size (or zeros when it has none) into the bucket."""
+    def _mark(self, bucket, index):
+        """The slot's grad is final for this backward (or will never come)."""
         if bucket.ready[index]:
             raise RuntimeError("a parameter's grad was accumulated twice in one backward; "
                                "reentrant activation checkpointing is not supported (use use_reentrant=False)")
         grad = bucket.params[index].grad
-        if grad is None:
-            bucket.views[index].zero_()
-        else:
-            if grad.is_sparse:
-                raise ValueError("DistributedDataParallel supports dense gradients only (got a sparse grad)")
-            torch.div(grad, self.world_size, out=bucket.views[index])
+        if grad is not None and grad.is_sparse:
+            raise ValueError("DistributedDataParallel supports dense gradients only (got a sparse grad)")
         bucket.has_grad[index] = grad is not None
         bucket.ready[index] = True
+
+    @torch.no_grad()
+    def _fill(self, bucket):
+        """Copy this rank's grads / world_size (zeros where it has none) into the bucket."""
+        slots = [(view, p.grad) for view, p in zip(bucket.views, bucket.params) if p.grad is not None]
+        if len(slots) < len(bucket.views):
+            bucket.grads.zero_()
+        if not slots:
+            return
+        views, grads = (list(t) for t in zip(*slots))
+        if all(g.dtype == bucket.buffer.dtype for g in grads):
+            torch._foreach_copy_(views, grads)
+            bucket.grads.div_(self.world_size)
+        else:  # divide in the grad's precision, then round once to the bucket's
+            for view, grad in slots:
+                torch.div(grad, self.world_size, out=view)
 
     def _launch_ready_buckets(self):
         while self._next < len(self._buckets) and self._buckets[self._next].pending == 0:
             bucket = self._buckets[self._next]
+            self._fill(bucket)
             if all(bucket.has_grad):  # the usual case: one fill, no host-to-device copy
                 bucket.used.fill_(1)
             else:
@@ -221,7 +249,7 @@ class DistributedDataParallel(torch.nn.Module):
         for bucket in self._buckets[self._next:]:
             for i, done in enumerate(bucket.ready):
                 if not done:  # unused in this backward: its accumulated grad or zeros
-                    self._fill(bucket, i)
+                    self._mark(bucket, i)
             bucket.pending = 0
         self._launch_ready_buckets()
         for bucket in self._buckets:
@@ -236,7 +264,7 @@ class DistributedDataParallel(torch.nn.Module):
                 bucket.params[i].grad = torch.zeros_like(bucket.params[i])
         with torch.no_grad():
             for bucket in self._buckets:
-                for p, view in zip(bucket.params, bucket.views):
-                    if p.grad is not None:
-                        p.grad.copy_(view)
+                slots = [(p.grad, view) for p, view in zip(bucket.params, bucket.views) if p.grad is not None]
+                if slots:
+                    torch._foreach_copy_(*(list(t) for t in zip(*slots)))
         self._queued = False
