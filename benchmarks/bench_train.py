@@ -354,6 +354,14 @@ def run_row(recipe, name, batch, shared):
     """Times one recipe; returns {step times, peak and persistent memory, backends used}."""
     a, device = shared.args, shared.device
     cuda = device.type == "cuda"
+    phases, t_phase = {}, time.perf_counter()
+
+    def phase(label):  # seconds since the last phase: where a row's time goes, to size budgets
+        nonlocal t_phase
+        now = time.perf_counter()
+        phases[label] = now - t_phase
+        t_phase = now
+
     torch.manual_seed(shared.rank)
     unet = build_unet(shared.cfg["model"]["unet"], recipe, device)
     model = wrap(recipe, unet, a)
@@ -399,17 +407,22 @@ def run_row(recipe, name, batch, shared):
             times.append(time.perf_counter() - t0)
         return times
 
+    phase("setup")
     window(a.warmup)
+    phase("warmup")
     if cuda:  # the peak of training steps, not of the warm-up's autotuning (its 256 MiB flush buffer)
         torch.cuda.reset_peak_memory_stats(device)
     times = window(a.steps)
-    result = {"step_s": times}
+    phase("timed")
+    result = {"step_s": times, "phases_s": phases}
     if a.profile:
         table = a.profile_dir / f"{slug(name)}.txt" if shared.rank == 0 else None
         result.update(profile_steps(step, PROFILE_STEPS, cuda, table, np.median(times)))
+        phase("profiled")
     if scheduled:
         window(1)  # the EMA starts here: a one-time copy of the weights
         result["step_s_ema"] = window(max(1, a.steps // 2))
+        phase("ema")
     if cuda:
         result["peak_bytes"] = torch.cuda.max_memory_allocated(device)
         result["persistent_bytes"] = torch.cuda.memory_allocated(device)  # weights, states, encoders
@@ -726,7 +739,8 @@ def run(args, cfg, world, rank, device):
         row["recipe"] = dataclasses.asdict(this)
         add_ratios(rows, flops_per_image, peak)
         if is_main:
-            status = row.get("status") or f"{row['images_per_s']:.1f} img/s ({row['row_s']:.0f} s)"
+            phases = "".join(f", {k} {v:.0f}" for k, v in row.get("phases_s", {}).items())
+            status = row.get("status") or f"{row['images_per_s']:.1f} img/s ({row['row_s']:.0f} s{phases})"
             print(f"  {name}: {status}", flush=True)
             (out / "bench_train.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
             plot(rows, out / "bench_train.png", meta)
