@@ -15,9 +15,9 @@ How one synchronized backward runs:
    hook marks the parameter's slice of its bucket ready. A bucket whose slices are all ready
    gets the grads / world_size copied in (one multi-tensor copy and one division for the
    bucket, not one kernel per parameter) and is all-reduced asynchronously while backward
-   carries on computing the grads of earlier layers. Buckets are launched strictly in index order: collectives
-   must be issued in the same order on every rank, and hooks need not fire in the same order
-   everywhere.
+   carries on computing the grads of earlier layers. Buckets are launched strictly in index
+   order: collectives must be issued in the same order on every rank, and hooks need not fire
+   in the same order everywhere.
 3. The first hook of a backward queues a finalizer that autograd runs when backward ends. It
    launches the buckets still waiting for grads that never came (a parameter unused in this
    backward contributes what it accumulated under no_sync(), or zeros), waits for every
@@ -87,8 +87,8 @@ def _broadcast_coalesced(tensors, src, group):
 
 def _slot(flat, param):
     """param's slot in a bucket, with param's strides when it is contiguous or channels_last."""
-    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
-    if not param.is_contiguous() and param.is_contiguous(memory_format=formats.get(param.dim(), torch.contiguous_format)):
+    channels_last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(param.dim())
+    if channels_last and not param.is_contiguous() and param.is_contiguous(memory_format=channels_last):
         return flat.as_strided(param.shape, param.stride())
     return flat.view(param.shape)
 
