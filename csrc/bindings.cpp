@@ -76,6 +76,18 @@ bool same_dense_layout(const at::Tensor& a, const at::Tensor& b) {
   return a.is_contiguous(format) && b.is_contiguous(format);
 }
 
+// Checks a per-parameter buffer against params[i]: same device, shape and dense layout, and `dtype`.
+void check_like_param(const at::Tensor& t, const at::Tensor& param, at::ScalarType dtype,
+                      const std::string& name, const std::string& param_name) {
+  TORCH_CHECK_VALUE(t.device() == param.device(), name, " is on ", t.device(), " but ", param_name,
+                    " is on ", param.device());
+  TORCH_CHECK_VALUE(t.scalar_type() == dtype, name, " has dtype ", t.scalar_type(), "; expected ", dtype);
+  TORCH_CHECK_VALUE(t.sizes() == param.sizes(), name, " shape ", dims_str(t.sizes()), " != ", param_name,
+                    " shape ", dims_str(param.sizes()));
+  TORCH_CHECK_VALUE(same_dense_layout(t, param), name, " (strides ", dims_str(t.strides()), ") and ", param_name,
+                    " (strides ", dims_str(param.strides()), ") must both be contiguous or both channels_last");
+}
+
 // The tensors of one params dtype, as the torch-free launcher takes them.
 struct EmaList {
   std::vector<float*> ema;
@@ -99,15 +111,9 @@ void ema_update_(const std::vector<at::Tensor>& ema, const std::vector<at::Tenso
     const at::Tensor& p = params[i];
     const std::string ei = "ema[" + std::to_string(i) + "]";
     const std::string pi = "params[" + std::to_string(i) + "]";
-    TORCH_CHECK_VALUE(e.device() == device, ei, " is on ", e.device(), " but ema[0] is on ", device);
     TORCH_CHECK_VALUE(p.device() == device, pi, " is on ", p.device(), " but ema[0] is on ", device);
-    TORCH_CHECK_VALUE(e.scalar_type() == at::kFloat, ei, " has dtype ", e.scalar_type(),
-                      "; the EMA shadow must be float32");
+    check_like_param(e, p, at::kFloat, ei, pi);  // the shadow: fp32, p's shape and layout
     const cck::DType dtype = to_dtype(p, pi);
-    TORCH_CHECK_VALUE(e.sizes() == p.sizes(), ei, " shape ", dims_str(e.sizes()), " != ", pi, " shape ",
-                      dims_str(p.sizes()));
-    TORCH_CHECK_VALUE(same_dense_layout(e, p), ei, " (strides ", dims_str(e.strides()), ") and ", pi,
-                      " (strides ", dims_str(p.strides()), ") must both be contiguous or both channels_last");
     EmaList& list = by_dtype[static_cast<int>(dtype)];
     list.ema.push_back(e.data_ptr<float>());
     list.params.push_back(p.data_ptr());
@@ -251,18 +257,6 @@ std::vector<c10::optional<at::Tensor>> group_norm_backward(
       C, static_cast<int>(G), K, silu, to_dtype(x, "x"), c10::cuda::getCurrentCUDAStream(x.device().index()).stream());
   TORCH_CHECK(err == cudaSuccess, "group_norm backward kernel launch failed: ", cudaGetErrorString(err));
   return {dx, dweight, dbias};
-}
-
-// Checks a per-parameter buffer against params[i]: same device, shape and dense layout.
-void check_like_param(const at::Tensor& t, const at::Tensor& param, at::ScalarType dtype,
-                      const std::string& name, const std::string& param_name) {
-  TORCH_CHECK_VALUE(t.device() == param.device(), name, " is on ", t.device(), " but ", param_name,
-                    " is on ", param.device());
-  TORCH_CHECK_VALUE(t.scalar_type() == dtype, name, " has dtype ", t.scalar_type(), "; expected ", dtype);
-  TORCH_CHECK_VALUE(t.sizes() == param.sizes(), name, " shape ", dims_str(t.sizes()), " != ", param_name,
-                    " shape ", dims_str(param.sizes()));
-  TORCH_CHECK_VALUE(same_dense_layout(t, param), name, " (strides ", dims_str(t.strides()), ") and ", param_name,
-                    " (strides ", dims_str(param.strides()), ") must both be contiguous or both channels_last");
 }
 
 void adamw_ema_(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
