@@ -6,25 +6,26 @@ at SD2 sizes small enough to be host-bound, on each backend, with the torch peer
 
 The first GPU runs timed our eager calls at 450-1030 us of host time per forward+backward
 against 190-600 for PyTorch's own ops, so eager SD2 steps at batch 32 were host-bound.
-Per case this prints the host microseconds per call (the wall time of --calls calls with
-one synchronize at the end: the host's time wherever the host is the slower side) and the
-functions with the most own time under cProfile (Triton's launcher is Python, so its parts
-show); writes profile_host.txt (the same) to --out.
+Per case this prints the host microseconds per call (timers.host_us, as the kernel
+benchmarks' "host us" column) and the functions with the most own time under cProfile over
+--calls calls (Triton's launcher is Python, so its parts show); every call starts from grads
+set to None, as in the benchmarks. Writes profile_host.txt (the same) to --out.
 """
 import argparse
 import cProfile
 import io
 import os
 import pstats
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from timers import clear, host_us
+
 
 def cases(device, tiny):
-    """(name, fn()) pairs: each fn runs one forward+backward."""
+    """(leaves, [(name, fn())]): each fn runs one forward+backward into the leaves' grads."""
     import cckernels as ck
 
     dtype = torch.float32 if tiny else torch.bfloat16
@@ -68,7 +69,7 @@ def cases(device, tiny):
     shape = f"{N}x{C}x{side}x{side}"
     out += [(f"group_norm {shape} nhwc {name}", group_norm(name)) for name in usable["group_norm"]]
     out.append((f"group_norm {shape} nhwc torch F.group_norm+silu", torch_group_norm))
-    return out
+    return [q, k, v, ctx, x, w, b], out
 
 
 def main():
@@ -84,7 +85,6 @@ def main():
     if args.tiny:
         args.calls = 3
     device = torch.device("cuda" if gpu else "cpu")
-    sync = torch.cuda.synchronize if gpu else (lambda: None)
     report = io.StringIO()
 
     def say(text=""):
@@ -93,22 +93,18 @@ def main():
 
     say(f"device: {torch.cuda.get_device_name() if gpu else 'cpu'}; torch {torch.__version__}; "
         f"{args.calls} calls per case")
-    for name, run in cases(device, args.tiny):
+    leaves, runs = cases(device, args.tiny)
+    for name, run in runs:
         for _ in range(3):  # compile, autotune, allocator warm-up
             run()
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(args.calls):
-            run()
-        sync()
-        host_us = (time.perf_counter() - t0) / args.calls * 1e6
+        us = host_us(run, args.calls, leaves)
         profile = cProfile.Profile()
-        profile.enable()
         for _ in range(args.calls):
+            clear(leaves)
+            profile.enable()
             run()
-        profile.disable()
-        sync()
-        say(f"\n== {name}: {host_us:.0f} us per forward+backward")
+            profile.disable()
+        say(f"\n== {name}: {us:.0f} us per forward+backward")
         stats = io.StringIO()
         pstats.Stats(profile, stream=stats).sort_stats("tottime").print_stats(args.top)
         # From the column header on: the per-function lines (tottime is per all --calls calls).

@@ -130,15 +130,17 @@ def fmt(value, spec, missing="-", suffix=""):
 
 def host_us(fn, calls=10, grads=()):
     """Median microseconds to enqueue one fn() call on the GPU (wall clock, no sync between
-    calls). Few calls: where the GPU is the slower side, the final sync waits for all of them."""
-    torch.cuda.synchronize()
+    calls). Few calls: where the GPU is the slower side, the final sync waits for all of them.
+    Without a GPU, the time of a call (a CPU call runs as it is enqueued)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
+    sync()
     times = []
     for _ in range(calls):
         clear(grads)
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    torch.cuda.synchronize()
+    sync()
     return statistics.median(times) * 1e6
 
 
