@@ -18,6 +18,9 @@ DDP wrapper -> gradient clipping -> optimizer -> EMA. Rows (cumulative unless sa
                  encoders, configs/encoders/sd2.yaml, unless --vae/--text-encoder give local
                  folders), torch's DistributedDataParallel
   + our attention / + our GroupNorm+SiLU    the best cckernels backend (triton or cuda)
+  + bf16 LayerNorm   trainer.unet.LayerNorm: the transformer blocks' LayerNorms in the autocast
+                 dtype (torch's autocast runs them in fp32: an fp32 copy of the input, and the
+                 output cast back per Linear that reads it), CommonCanvas's low-precision LayerNorm
   + channels_last
   + fused AdamW+EMA, scheduled EMA   cckernels.FusedAdamWEMA + trainer.ema.ScheduledEMA. The EMA
                  only runs in the last --ema-fraction of training (CommonCanvas: 3.5%), so the
@@ -88,7 +91,7 @@ from bench_data import make_dataset  # noqa: E402
 from trainer import diffusion, encoders  # noqa: E402
 from trainer.config import CHOICES, load as load_config  # noqa: E402
 from trainer.data import cache_root  # noqa: E402
-from trainer.unet import Attention, UNet  # noqa: E402
+from trainer.unet import Attention, LayerNorm, UNet  # noqa: E402
 
 SD2_GFLOP_PER_IMAGE = {256: 539.0, 512: 2409.0}  # counted by --count-flops (torch 2.14)
 H100_SXM_BF16_TFLOPS = 989.0  # nominal dense bf16 peak
@@ -100,6 +103,7 @@ PROFILE_STEPS = 2
 class Recipe:
     attention: str = "materialized"  # materialized | ours | sdpa
     group_norm: str = "torch"  # torch (nn.GroupNorm + SiLU) | ours (ck.group_norm, fused SiLU)
+    layer_norm: str = "torch"  # torch (nn.LayerNorm: fp32 under autocast) | bf16 (trainer.unet.LayerNorm)
     channels_last: bool = False
     optimizer: str = "adamw"  # adamw (defaults) | adamw_fused | fused_ema (ck.FusedAdamWEMA)
     ema: str = "per_tensor"  # per_tensor | foreach_lerp | scheduled
@@ -114,6 +118,7 @@ LADDER = [
     ("baseline", {}),
     ("+ our attention", {"attention": "ours"}),
     ("+ our GroupNorm+SiLU", {"group_norm": "ours"}),
+    ("+ bf16 LayerNorm", {"layer_norm": "bf16"}),
     ("+ channels_last", {"channels_last": True}),
     ("+ fused AdamW+EMA, scheduled EMA", {"optimizer": "fused_ema", "ema": "scheduled"}),
     ("+ DALI decoding", {"decoder": "dali"}),
@@ -168,18 +173,29 @@ class TorchGroupNormSiLU(torch.nn.GroupNorm):
         return F.silu(y) if self.activation == "silu" else y
 
 
-def plain_group_norm(model):
-    """Swap every ck.nn.GroupNorm of `model` for TorchGroupNormSiLU in place; returns how many."""
+def swap_modules(model, kind, make):
+    """Replace every `kind` module of `model` by make(module), loaded with its state_dict, in
+    place; returns how many."""
     replaced = 0
     for parent in model.modules():
         for name, child in parent.named_children():
-            if isinstance(child, ck.nn.GroupNorm):
-                new = TorchGroupNormSiLU(child.num_groups, child.num_channels, child.eps, child.affine,
-                                         child.activation).to(child.weight.device)
+            if isinstance(child, kind):
+                new = make(child).to(child.weight.device)
                 new.load_state_dict(child.state_dict())
                 setattr(parent, name, new)
                 replaced += 1
     return replaced
+
+
+def plain_group_norm(model):
+    """Every ck.nn.GroupNorm of `model` becomes a TorchGroupNormSiLU; returns how many."""
+    return swap_modules(model, ck.nn.GroupNorm, lambda m: TorchGroupNormSiLU(m.num_groups, m.num_channels, m.eps,
+                                                                             m.affine, m.activation))
+
+
+def plain_layer_norm(model):
+    """Every trainer.unet.LayerNorm of `model` becomes a torch.nn.LayerNorm; returns how many."""
+    return swap_modules(model, LayerNorm, lambda m: torch.nn.LayerNorm(m.normalized_shape, m.eps, m.elementwise_affine))
 
 
 def materialized_attention(q, k, v):
@@ -208,6 +224,8 @@ def build_unet(unet_cfg, recipe, device):
         unet = UNet.from_config(unet_cfg)
     if recipe.group_norm == "torch":
         plain_group_norm(unet)
+    if recipe.layer_norm == "torch":
+        plain_layer_norm(unet)
     set_attention(unet, ATTENTION[recipe.attention])
     if recipe.channels_last:
         unet = unet.to(memory_format=torch.channels_last)
@@ -430,6 +448,7 @@ def run_row(recipe, name, batch, shared):
     result["backends"] = {
         "attention": used["attention"] if recipe.attention == "ours" else recipe.attention,
         "group_norm": used["group_norm"] if recipe.group_norm == "ours" else "torch.nn+silu",
+        "layer_norm": recipe.layer_norm,
     }
     del batches, loader, model, unet, optimizer, ema_step
     gc.collect()

@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import cckernels as ck
 from trainer.config import load as load_config
+from trainer.unet import LayerNorm
 
 ROOT = Path(__file__).parents[1]
 BENCH = ROOT / "benchmarks" / "bench_train.py"
@@ -29,21 +31,25 @@ def test_baseline_and_plain_swaps_keep_the_output(bench, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the torch backend is the reference here
     torch.manual_seed(1)
     x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([3, 900]), torch.randn(2, 77, 32)
-    ours = tiny_unet(bench, bench.Recipe(attention="ours", group_norm="ours"))
+    ours = tiny_unet(bench, bench.Recipe(attention="ours", group_norm="ours", layer_norm="bf16"))
     expected = ours(x, t, ctx)
     for attention in ("materialized", "sdpa"):
         model = tiny_unet(bench, bench.Recipe(attention=attention, group_norm="torch"))
         assert any(isinstance(m, bench.TorchGroupNormSiLU) for m in model.modules())
-        assert not any(type(m).__module__ == "cckernels.nn" for m in model.modules())
+        assert not any(type(m).__module__ == "cckernels.nn" or isinstance(m, LayerNorm) for m in model.modules())
         torch.testing.assert_close(model(x, t, ctx), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_plain_group_norm_counts_and_keeps_state_dict(bench):
-    unet = tiny_unet(bench, bench.Recipe(group_norm="ours"))
-    keys = set(unet.state_dict())
-    n = sum(isinstance(m, torch.nn.GroupNorm) for m in unet.modules())
-    assert bench.plain_group_norm(unet) == n > 0
-    assert set(unet.state_dict()) == keys
+def test_plain_norms_count_and_keep_state_dict(bench):
+    unet = tiny_unet(bench, bench.Recipe(group_norm="ours", layer_norm="bf16"))
+    state = unet.state_dict()
+    n_group, n_layer = (sum(isinstance(m, kind) for m in unet.modules()) for kind in (ck.nn.GroupNorm, LayerNorm))
+    assert bench.plain_group_norm(unet) == n_group > 0 and bench.plain_layer_norm(unet) == n_layer > 0
+    assert not any(isinstance(m, (ck.nn.GroupNorm, LayerNorm)) for m in unet.modules())
+    assert sum(type(m) is torch.nn.LayerNorm for m in unet.modules()) == n_layer
+    for key, value in unet.state_dict().items():
+        assert torch.equal(value, state[key])
+    assert unet.state_dict().keys() == state.keys()
 
 
 def test_tiny_run_writes_table_json_and_plot(bench, tmp_path, monkeypatch, capsys):
@@ -63,7 +69,9 @@ def test_tiny_run_writes_table_json_and_plot(bench, tmp_path, monkeypatch, capsy
         assert "images_per_s" in row, (name, row.get("status"))
         assert row["images_per_s"] > 0 and row["tflops"] > 0
     assert by_name["baseline"]["speedup_vs_baseline"] == 1.0
-    assert by_name["baseline"]["backends"] == {"attention": "materialized", "group_norm": "torch.nn+silu"}
+    assert by_name["baseline"]["backends"] == {"attention": "materialized", "group_norm": "torch.nn+silu",
+                                               "layer_norm": "torch"}
+    assert by_name["+ bf16 LayerNorm"]["backends"]["layer_norm"] == "bf16"
     assert by_name["+ larger micro-batch"]["batch"] == 2 * by_name["baseline"]["batch"]
     assert by_name["+ fused AdamW+EMA, scheduled EMA"]["step_s_ema"]
     assert by_name[bench.PLAIN[0]]["recipe"]["compile"] is True

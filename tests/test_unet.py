@@ -6,7 +6,7 @@ import torch
 import yaml
 
 import cckernels as ck
-from trainer.unet import UNet, to_image, to_tokens
+from trainer.unet import LayerNorm, UNet, to_image, to_tokens
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -113,6 +113,79 @@ def test_token_reshapes_are_views():
     image = to_image(tokens, 3, 5)
     assert image.data_ptr() == x.data_ptr() and image.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(image, x, rtol=0, atol=0)
+
+
+def layer_norm_case(dtype=torch.bfloat16, rows=231, dim=40, device="cpu"):
+    norm = randomize_(LayerNorm(dim)).to(device)
+    x = torch.randn(rows, dim, dtype=dtype, device=device).requires_grad_()
+    return norm, x
+
+
+def test_layer_norm_is_torch_outside_autocast():
+    norm, x = layer_norm_case(torch.float32)
+    ref = torch.nn.LayerNorm(40)
+    ref.load_state_dict(norm.state_dict())
+    assert norm.state_dict().keys() == ref.state_dict().keys()
+    torch.testing.assert_close(norm(x), ref(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
+def test_layer_norm_runs_in_the_autocast_dtype(x_dtype, monkeypatch):
+    """Under autocast the kernel gets x, weight and bias in the autocast dtype with autocast off
+    (CUDA's autocast would run it in fp32): the same bits as torch's bf16 LayerNorm, with fp32
+    parameter gradients."""
+    norm, x = layer_norm_case(x_dtype)
+    calls = []
+    layer_norm = torch.nn.functional.layer_norm
+
+    def spy(x, shape, weight, bias, eps):
+        calls.append((x.dtype, weight.dtype, bias.dtype, torch.is_autocast_enabled("cpu")))
+        return layer_norm(x, shape, weight, bias, eps)
+
+    monkeypatch.setattr(torch.nn.functional, "layer_norm", spy)
+    with torch.autocast("cpu", torch.bfloat16):
+        out = norm(x)
+    assert calls == [(torch.bfloat16, torch.bfloat16, torch.bfloat16, False)]
+    dy = torch.randn_like(out)
+    out.backward(dy)
+    assert norm.weight.grad.dtype == norm.bias.grad.dtype == torch.float32 and x.grad.dtype == x_dtype
+
+    ref = torch.nn.LayerNorm(40, dtype=torch.bfloat16)
+    ref.load_state_dict(norm.state_dict())
+    x16 = x.detach().bfloat16().requires_grad_()
+    out16 = ref(x16)
+    out16.backward(dy)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, out16)
+    assert torch.equal(x.grad, x16.grad.to(x_dtype))
+    assert torch.equal(norm.weight.grad, ref.weight.grad.float()) and torch.equal(norm.bias.grad, ref.bias.grad.float())
+
+
+def test_layer_norm_compiles_without_graph_breaks_under_autocast():
+    norm, x = layer_norm_case()
+    compiled = torch.compile(norm, backend="aot_eager", fullgraph=True)
+    with torch.autocast("cpu", torch.bfloat16):
+        torch.testing.assert_close(compiled(x), norm(x), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_layer_norm_stays_bf16_under_cuda_autocast():
+    """SD2's largest LayerNorm at 256 px: bf16 out, fp32 statistics inside torch's kernel, so
+    output and gradients within bf16 rounding of fp64 (the CPU kernel sums the parameter
+    gradients less precisely, so this is a GPU test)."""
+    norm, x = layer_norm_case(rows=4 * 1024, dim=320, device="cuda")
+    with torch.autocast("cuda", torch.bfloat16):
+        assert torch.nn.LayerNorm(320).cuda()(x).dtype == torch.float32  # autocast's own policy
+        out = norm(x)
+    assert out.dtype == torch.bfloat16
+    dy = torch.randn_like(out)
+    out.backward(dy)
+    ref = torch.nn.LayerNorm(320, dtype=torch.float64, device="cuda")
+    ref.load_state_dict(norm.state_dict())
+    x64 = x.detach().double().requires_grad_()
+    ref(x64).backward(dy.double())
+    assert rel_err(out, ref(x64)) < 2**-7
+    for got, want in ((x.grad, x64.grad), (norm.weight.grad, ref.weight.grad), (norm.bias.grad, ref.bias.grad)):
+        assert rel_err(got, want) < 2**-6  # bf16 sums over the 4096 rows would be ~6% off
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

@@ -162,7 +162,8 @@ def main(argv=None):
 
     n_params = sum(p.numel() for p in unet.parameters())
     log(f"world {world} x batch {batch} x accum {accum} = {world * batch * accum} images/step, "
-        f"{n_params / 1e6:.1f}M UNet parameters, device {device}, autocast bf16: {autocast}")
+        f"{n_params / 1e6:.1f}M UNet parameters, device {device}, autocast bf16: {autocast}"
+        + (" (LayerNorm in bf16 too)" if autocast else ""))
     log("kernel backends usable, best first: "
         + "; ".join(f"{op}: {', '.join(names)}" for op, names in ck.available_backends(device).items())
         + f" (CCKERNELS_BACKEND={os.environ.get('CCKERNELS_BACKEND', 'unset')})")

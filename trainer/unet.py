@@ -13,7 +13,8 @@ the GroupNorm's name, with the same weight and bias.
 
 Kernels: every GroupNorm runs `ck.group_norm` (fused with SiLU where the model applies one) and
 every attention runs `ck.attention` on (B, L, heads, head_dim) views of the q/k/v projections,
-so the backend is whatever cckernels picks (the `CCKERNELS_BACKEND` variable included).
+so the backend is whatever cckernels picks (the `CCKERNELS_BACKEND` variable included). Every
+LayerNorm stays in the autocast dtype (`LayerNorm`) instead of autocast's fp32.
 
 channels_last: after `unet.to(memory_format=torch.channels_last)` every 4-D activation stays
 channels_last, and the attention blocks turn (B, C, H, W) into (B, H*W, C) tokens and back as views.
@@ -273,16 +274,34 @@ class FeedForward(nn.Module):
         return self.net(x)
 
 
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (same parameters and state_dict) that under autocast runs in the autocast
+    dtype: CommonCanvas's low-precision LayerNorm. Torch's kernel keeps the statistics in fp32
+    either way; autocast's fp32 policy for layer_norm only adds copies: the bf16 input cast to
+    fp32, and the fp32 output cast back once per Linear that reads it (three for q, k, v), then
+    the same for the gradients. The weight and bias are rounded to the autocast dtype, as
+    autocast rounds a Linear's."""
+
+    def forward(self, x):
+        device = x.device.type
+        if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):  # meta has none
+            return super().forward(x)
+        dtype = torch.get_autocast_dtype(device)
+        weight, bias = (None if p is None else p.to(dtype) for p in (self.weight, self.bias))
+        with torch.autocast(device, enabled=False):
+            return F.layer_norm(x.to(dtype), self.normalized_shape, weight, bias, self.eps)
+
+
 class TransformerBlock(nn.Module):
     """Pre-LayerNorm self-attention, cross-attention to the text, GEGLU feed-forward."""
 
     def __init__(self, dim, heads, context_dim, dropout):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = LayerNorm(dim)
         self.attn1 = Attention(dim, heads, dim, dropout)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = LayerNorm(dim)
         self.attn2 = Attention(dim, heads, context_dim, dropout)
-        self.norm3 = nn.LayerNorm(dim)
+        self.norm3 = LayerNorm(dim)
         self.ff = FeedForward(dim, dropout)
 
     def forward(self, x, context):
