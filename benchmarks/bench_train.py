@@ -21,6 +21,8 @@ DDP wrapper -> gradient clipping -> optimizer -> EMA. Rows (cumulative unless sa
   + bf16 LayerNorm   trainer.unet.LayerNorm: the transformer blocks' LayerNorms in the autocast
                  dtype (torch's autocast runs them in fp32: an fp32 copy of the input, and the
                  output cast back per Linear that reads it), CommonCanvas's low-precision LayerNorm
+  + our GEGLU    the feed-forward's h * gelu(gate) in one kernel each way (ck.geglu) instead of
+                 gelu, a multiply, and four kernels back
   + channels_last
   + fused AdamW+EMA, scheduled EMA   cckernels.FusedAdamWEMA + trainer.ema.ScheduledEMA. The EMA
                  only runs in the last --ema-fraction of training (CommonCanvas: 3.5%), so the
@@ -87,11 +89,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # trainer, cckernels and bench_data from a checkout
 
 import cckernels as ck  # noqa: E402
+from cckernels import reference  # noqa: E402
 from bench_data import make_dataset  # noqa: E402
 from trainer import diffusion, encoders  # noqa: E402
 from trainer.config import CHOICES, load as load_config  # noqa: E402
 from trainer.data import cache_root  # noqa: E402
-from trainer.unet import Attention, LayerNorm, UNet  # noqa: E402
+from trainer.unet import GEGLU, Attention, LayerNorm, UNet  # noqa: E402
 
 SD2_GFLOP_PER_IMAGE = {256: 539.0, 512: 2409.0}  # counted by --count-flops (torch 2.14)
 H100_SXM_BF16_TFLOPS = 989.0  # nominal dense bf16 peak
@@ -104,6 +107,7 @@ class Recipe:
     attention: str = "materialized"  # materialized | ours | sdpa
     group_norm: str = "torch"  # torch (nn.GroupNorm + SiLU) | ours (ck.group_norm, fused SiLU)
     layer_norm: str = "torch"  # torch (nn.LayerNorm: fp32 under autocast) | bf16 (trainer.unet.LayerNorm)
+    geglu: str = "torch"  # torch (gelu, then a multiply) | ours (ck.geglu)
     channels_last: bool = False
     optimizer: str = "adamw"  # adamw (defaults) | adamw_fused | fused_ema (ck.FusedAdamWEMA)
     ema: str = "per_tensor"  # per_tensor | foreach_lerp | scheduled
@@ -119,6 +123,7 @@ LADDER = [
     ("+ our attention", {"attention": "ours"}),
     ("+ our GroupNorm+SiLU", {"group_norm": "ours"}),
     ("+ bf16 LayerNorm", {"layer_norm": "bf16"}),
+    ("+ our GEGLU", {"geglu": "ours"}),
     ("+ channels_last", {"channels_last": True}),
     ("+ fused AdamW+EMA, scheduled EMA", {"optimizer": "fused_ema", "ema": "scheduled"}),
     ("+ DALI decoding", {"decoder": "dali"}),
@@ -209,13 +214,15 @@ def sdpa_attention(q, k, v):
 
 
 ATTENTION = {"materialized": materialized_attention, "ours": ck.attention, "sdpa": sdpa_attention}
+GEGLU_FN = {"torch": reference.geglu, "ours": ck.geglu}  # reference: gelu, then a multiply
 
 
-def set_attention(model, fn):
-    """Point every Attention of `model` at fn(q, k, v); returns how many."""
-    blocks = [m for m in model.modules() if isinstance(m, Attention)]
+def set_function(model, kind, name, fn):
+    """Set attribute `name` (a function the module calls) of every `kind` module of `model` to
+    fn; returns how many."""
+    blocks = [m for m in model.modules() if isinstance(m, kind)]
     for m in blocks:
-        m.attend = fn
+        setattr(m, name, fn)
     return len(blocks)
 
 
@@ -226,7 +233,8 @@ def build_unet(unet_cfg, recipe, device):
         plain_group_norm(unet)
     if recipe.layer_norm == "torch":
         plain_layer_norm(unet)
-    set_attention(unet, ATTENTION[recipe.attention])
+    set_function(unet, Attention, "attend", ATTENTION[recipe.attention])
+    set_function(unet, GEGLU, "activate", GEGLU_FN[recipe.geglu])
     if recipe.channels_last:
         unet = unet.to(memory_format=torch.channels_last)
     return unet
@@ -272,8 +280,8 @@ def measured_peak_tflops(device):
 
 def missing_piece(change, device, tiny):
     """Why `change` (a LADDER entry's dict) cannot run here, or None."""
-    for op, key in (("attention", "attention"), ("group_norm", "group_norm")):
-        if change.get(key) == "ours":
+    for op in ("attention", "group_norm", "geglu"):
+        if change.get(op) == "ours":
             best = ck.available_backends(device)[op][0]
             if best == "torch" and not tiny:
                 return f"no triton or cuda backend for ck.{op} on {device.type}"
@@ -449,6 +457,7 @@ def run_row(recipe, name, batch, shared):
         "attention": used["attention"] if recipe.attention == "ours" else recipe.attention,
         "group_norm": used["group_norm"] if recipe.group_norm == "ours" else "torch.nn+silu",
         "layer_norm": recipe.layer_norm,
+        "geglu": used["geglu"] if recipe.geglu == "ours" else "torch",
     }
     del batches, loader, model, unet, optimizer, ema_step
     gc.collect()

@@ -3,6 +3,7 @@
     import cckernels as ck
     out = ck.attention(q, k, v)                       # BLHD, non-causal
     y = ck.group_norm(x, 32, w, b, activation="silu")  # fp32 statistics, keeps memory format
+    y = ck.geglu(x)                                    # h * gelu(gate), h, gate = x.chunk(2, -1)
     ck.ema_update_(ema, params, 0.9999)                # multi-tensor, in place
 
 Every op has backends "cuda" (compiled csrc), "triton" and "torch" (cckernels.reference),
@@ -10,7 +11,7 @@ in its own best-first order (cckernels.backend.IMPLEMENTATIONS). The backend is 
 `backend=` argument, else env CCKERNELS_BACKEND, else the best usable one for the tensors'
 device; one that cannot take an input falls back to the next in that op's order.
 
-Under torch.compile, attention and group_norm are traced into the graph (no graph break,
+Under torch.compile, attention, group_norm and geglu are traced into the graph (no graph break,
 fullgraph=True works): the backend is chosen by the same rules when the graph is traced, the
 "cuda" and "triton" kernels enter it as torch.library custom ops (torch.ops.cckernels.*), the
 "torch" backend as its plain torch ops (cckernels/tracing.py). ema_update_ stays a graph break
@@ -28,6 +29,7 @@ from cckernels.optim import FusedAdamWEMA
 __all__ = [
     "attention",
     "group_norm",
+    "geglu",
     "ema_update_",
     "FusedAdamWEMA",
     "available_backends",
@@ -119,6 +121,19 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, activation=No
     if torch.compiler.is_compiling():
         return tracing.dispatch_traced("group_norm", backend, x, num_groups, weight, bias, float(eps), activation)
     return dispatch("group_norm", x.device, backend, x, num_groups, weight, bias, float(eps), activation)
+
+
+def geglu(x, *, backend=None):
+    """GEGLU: h * gelu(gate) with (h, gate) = x.chunk(2, dim=-1) and the exact (erf) GELU, the
+    feed-forward activation of SD2's transformer blocks. x: (..., 2F), any float dtype; returns
+    (..., F) in x's dtype. Differentiable in x.
+    """
+    _check_float("x", x)
+    if x.dim() < 1 or x.shape[-1] % 2:
+        raise ValueError(f"x's last dim must be even (h and gate halves), got shape {tuple(x.shape)}")
+    if torch.compiler.is_compiling():
+        return tracing.dispatch_traced("geglu", backend, x)
+    return dispatch("geglu", x.device, backend, x)
 
 
 @torch.compiler.disable

@@ -23,7 +23,9 @@ BACKENDS = ("cuda", "triton", "torch")  # the valid names; each op has its own o
 # shapes at batch 32, since Triton's 5-7 launches cost 450-880 us of host time per call (CUDA:
 # 180-390 us) and eager steps at that batch are host-bound (GPU busy 50% of the step). The
 # Triton kernels are faster on the GPU (1.2-1.7x in CUDA graphs), which a batch large enough to
-# be GPU-bound would gain from: at batch 368 GroupNorm was 6.5% of the GPU time.
+# be GPU-bound would gain from: at batch 368 GroupNorm was 6.5% of the GPU time. GEGLU's
+# order is by bytes moved, not yet timed: Triton's kernels move 3 tensors of the output's size
+# forward and 5 backward, where torch's gelu and multiply move 5 and their backward about 13.
 IMPLEMENTATIONS = {
     "attention": {
         "triton": "cckernels.triton.attention:attention",
@@ -33,6 +35,10 @@ IMPLEMENTATIONS = {
         "cuda": "cckernels.cuda:group_norm",
         "triton": "cckernels.triton.group_norm:group_norm",
         "torch": "cckernels.reference:group_norm",
+    },
+    "geglu": {
+        "triton": "cckernels.triton.geglu:geglu",
+        "torch": "cckernels.reference:geglu",
     },
     "ema_update_": {
         "triton": "cckernels.triton.ema:ema_update_",

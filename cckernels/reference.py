@@ -37,6 +37,13 @@ def group_norm(x, num_groups, weight, bias, eps, activation):
     return y.to(x.dtype).contiguous(memory_format=memory_format(x))
 
 
+def geglu(x):
+    """h * gelu(gate), (h, gate) = x.chunk(2, dim=-1), in x's dtype: the plain PyTorch code of
+    SD2's feed-forward (diffusers' GEGLU), which rounds gelu(gate) before the multiply."""
+    h, gate = x.chunk(2, dim=-1)
+    return h * F.gelu(gate)
+
+
 def ema_update_(ema, params, decay):
     """ema[i] <- decay * ema[i] + (1 - decay) * params[i]; ema is fp32 whatever params are."""
     with torch.no_grad():

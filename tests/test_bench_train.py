@@ -31,7 +31,7 @@ def test_baseline_and_plain_swaps_keep_the_output(bench, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the torch backend is the reference here
     torch.manual_seed(1)
     x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([3, 900]), torch.randn(2, 77, 32)
-    ours = tiny_unet(bench, bench.Recipe(attention="ours", group_norm="ours", layer_norm="bf16"))
+    ours = tiny_unet(bench, bench.Recipe(attention="ours", group_norm="ours", layer_norm="bf16", geglu="ours"))
     expected = ours(x, t, ctx)
     for attention in ("materialized", "sdpa"):
         model = tiny_unet(bench, bench.Recipe(attention=attention, group_norm="torch"))
@@ -70,7 +70,7 @@ def test_tiny_run_writes_table_json_and_plot(bench, tmp_path, monkeypatch, capsy
         assert row["images_per_s"] > 0 and row["tflops"] > 0
     assert by_name["baseline"]["speedup_vs_baseline"] == 1.0
     assert by_name["baseline"]["backends"] == {"attention": "materialized", "group_norm": "torch.nn+silu",
-                                               "layer_norm": "torch"}
+                                               "layer_norm": "torch", "geglu": "torch"}
     assert by_name["+ bf16 LayerNorm"]["backends"]["layer_norm"] == "bf16"
     assert by_name["+ larger micro-batch"]["batch"] == 2 * by_name["baseline"]["batch"]
     assert by_name["+ fused AdamW+EMA, scheduled EMA"]["step_s_ema"]

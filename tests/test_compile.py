@@ -225,7 +225,8 @@ def test_unet_block_compiles_to_one_graph_with_the_triton_kernels():
     eager = run(block)
     compiled = run(torch.compile(block, backend=recorder, fullgraph=True))
     assert len(recorder.fw_graphs) == len(recorder.bw_graphs) == 1
-    assert cckernels_ops(recorder.fw_graphs) == {"cckernels.triton_attention.default", "cckernels.triton_group_norm.default"}
+    assert cckernels_ops(recorder.fw_graphs) == {"cckernels.triton_attention.default", "cckernels.triton_group_norm.default",
+                                                 "cckernels.triton_geglu.default"}
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 

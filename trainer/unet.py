@@ -11,9 +11,9 @@ state dict maps to ours by the identity. The only difference is where diffusers 
 followed by a parameter-free SiLU: ours is one fused GroupNorm(activation="silu") module under
 the GroupNorm's name, with the same weight and bias.
 
-Kernels: every GroupNorm runs `ck.group_norm` (fused with SiLU where the model applies one) and
-every attention runs `ck.attention` on (B, L, heads, head_dim) views of the q/k/v projections,
-so the backend is whatever cckernels picks (the `CCKERNELS_BACKEND` variable included). Every
+Kernels: every GroupNorm runs `ck.group_norm` (fused with SiLU where the model applies one),
+every attention `ck.attention` on (B, L, heads, head_dim) views of the q/k/v projections and
+every feed-forward activation `ck.geglu`, so the backend is whatever cckernels picks (the `CCKERNELS_BACKEND` variable included). Every
 LayerNorm stays in the autocast dtype (`LayerNorm`) instead of autocast's fp32.
 
 channels_last: after `unet.to(memory_format=torch.channels_last)` every 4-D activation stays
@@ -256,13 +256,17 @@ class Attention(nn.Module):
 
 
 class GEGLU(nn.Module):
+    """h * gelu(gate) of one projection's two halves, fused: `activate(x)` is ck.geglu
+    (benchmarks may set the plain torch code, ck.geglu's "torch" backend, on an instance)."""
+
+    activate = staticmethod(ck.geglu)
+
     def __init__(self, dim_in, dim_out):
         super().__init__()
         self.proj = nn.Linear(dim_in, 2 * dim_out)
 
     def forward(self, x):
-        h, gate = self.proj(x).chunk(2, dim=-1)
-        return h * F.gelu(gate)
+        return self.activate(self.proj(x))
 
 
 class FeedForward(nn.Module):
