@@ -143,7 +143,7 @@ void check_group_norm_param(const c10::optional<at::Tensor>& p, const char* name
   TORCH_CHECK_VALUE(p->device() == x.device(), name, " is on ", p->device(), " but x is on ", x.device());
   TORCH_CHECK_VALUE(p->scalar_type() == at::kFloat, name, " has dtype ", p->scalar_type(), "; the kernel reads float32");
   TORCH_CHECK_VALUE(p->dim() == 1 && p->size(0) == x.size(1) && p->is_contiguous(), name, " must be a contiguous (",
-                    x.size(1), ",) tensor, got shape ", dims_str(p->sizes()), " strides ", dims_str(p->strides()));
+                    num(x.size(1)), ",) tensor, got shape ", dims_str(p->sizes()), " strides ", dims_str(p->strides()));
 }
 
 const float* optional_data(const c10::optional<at::Tensor>& p) {

@@ -576,6 +576,29 @@ def test_gpu_cuda_forward_path_for_sd2_shapes():
         assert cuda.group_norm_forward_path(x, 32) == path, (N, C, side)
 
 
+# The extension's own messages, each holding a number: streamed into a message, a number
+# killed the process on the GPU image (2026-11-26), so bindings.cpp formats every one itself.
+@pytest.mark.gpu
+def test_gpu_cuda_extension_rejects_bad_arguments_by_value():
+    from cckernels import cuda
+
+    skip_without_cuda_group_norm()
+    ext = cuda.loaded()
+    x = torch.randn(2, 8, 3, 3, device="cuda").to(memory_format=torch.channels_last)
+    ones = torch.ones(8, device="cuda")
+    with pytest.raises(ValueError, match=r"weight must be a contiguous \(8,\) tensor, got shape \[4\]"):
+        ext.group_norm_forward(x, 4, torch.ones(4, device="cuda"), None, 1e-5, False)
+    with pytest.raises(ValueError, match=r"bias must be a contiguous \(8,\) tensor, got shape \[8, 1\]"):
+        ext.group_norm_forward(x, 4, None, torch.ones(8, 1, device="cuda"), 1e-5, False)
+    with pytest.raises(ValueError, match="num_channels 8 is not divisible by num_groups 3"):
+        ext.group_norm_forward(x, 3, ones, ones, 1e-5, False)
+    with pytest.raises(ValueError, match="eps must be positive, got -1"):
+        ext.group_norm_forward(x, 4, ones, ones, -1.0, False)
+    _, mean, rstd = ext.group_norm_forward(x, 4, ones, ones, 1e-5, False)
+    with pytest.raises(ValueError, match=r"mean and rstd must be contiguous float32 \(2, 4\)"):
+        ext.group_norm_backward(torch.randn_like(x), x, ones, ones, mean, rstd[:1], False, True, True, True)
+
+
 @pytest.mark.gpu
 def test_gpu_cuda_nchw_falls_back_to_triton():
     skip_without_cuda_group_norm()
