@@ -11,15 +11,20 @@
 # and still write their JSON):
 #   build 45 | build-check 15 | pytest -m gpu 140 | bench_attention 80 | bench_group_norm 60 |
 #   bench_ema 30 | bench_data 45 | profile_host 30 | bench_train 200 (6 timed steps and 2 profiled
-#   ones per row; no row starts after 170 s; JSON written after every row) = 645 s worst case
-#   (bench_ddp, 30 s, only runs with several), cut by the outer `timeout` of docs/benchmarks.md's
-#   call; the steps before bench_train took 318 s of their 425 (H200, 2026-11-26 05:07: build 21,
-#   pytest 101, bench_attention 80, bench_group_norm 60, bench_ema 17, bench_data 46). bench_train's
-#   headline rows took 43 s (baseline), 56 (+ our DDP, with the Triton autotuning), 26 (+ larger
-#   micro-batch): at 120 s the plain-PyTorch rows were cut; 170 s leaves them about 45 s.
-#   bench_precompute is left out for time: its GPU question (training on latents vs encoding
-#   online, same UNet) is bench_train's "+ precomputed latents" row; run it alone when a visit
-#   has time left.
+#   ones per row; no row starts after its budget less 30 s; JSON written after every row)
+#   = 645 s if every step used all of its budget (bench_ddp, 30 s, only runs with several).
+# The whole run must end inside the caller's outer `timeout` (docs/benchmarks.md: 575 s less the
+# DALI install), or that kills it mid-step and summary.md is never written. So the script ends
+# itself by RUN_GPU_BUDGET_S (default 560): each step gets its budget or what is left of the
+# total (less 15 s: timeout's 10 s kill grace and the summary), whichever is less, and a step
+# with under 10 s left is skipped and logged as such. bench_train comes last and gets the rest,
+# its --budget-s following. The steps before bench_train took 318 s (H200, 2026-11-26 05:07:
+# build 21, pytest 101, bench_attention 80, bench_group_norm 60, bench_ema 17, bench_data 46).
+# bench_train's headline rows took 43 s (baseline), 56 (+ our DDP, with the Triton autotuning),
+# 26 (+ larger micro-batch): at 120 s the plain-PyTorch rows were cut; 170 s leaves them about 45 s.
+# bench_precompute is left out for time: its GPU question (training on latents vs encoding
+# online, same UNet) is bench_train's "+ precomputed latents" row; run it alone when a visit
+# has time left.
 # DALI and diffusers are not on the GPU machines: carry them with benchmarks/carry_dali.sh (its
 # header lists the run calls); its folder $CARRY_SCRATCH/site is put on PYTHONPATH when present.
 set -uo pipefail  # no -e: every step runs even when an earlier one failed
@@ -36,11 +41,26 @@ OUT=${1:-benchmarks/results/$(date -u +%Y-%m-%d)-$device}
 mkdir -p "$OUT/logs"
 printf '| step | exit | seconds | budget |\n|---|---|---|---|\n' > "$OUT/steps.md"
 t_all=$(date +%s)
+TOTAL_S=${RUN_GPU_BUDGET_S:-560}
 
-# step NAME BUDGET_S COMMAND...: runs it under timeout, output to logs/NAME.log.
+# time_left: the seconds a step may still be given: what is left of the run's TOTAL_S, less 15 s
+# (a step may run 10 s past its budget before `timeout` kills it; then the summary is written).
+time_left() {
+    echo $(( TOTAL_S - ($(date +%s) - t_all) - 15 ))
+}
+
+# step NAME BUDGET_S COMMAND...: runs it under timeout (BUDGET_S or time_left, whichever is
+# less), output to logs/NAME.log; skipped when under 10 s are left.
 step() {
-    local name=$1 budget=$2 t0 rc
+    local name=$1 budget=$2 left t0 rc
     shift 2
+    left=$(time_left)
+    if [ "$left" -lt 10 ]; then
+        echo "== $name skipped: the run's ${TOTAL_S} s are spent"
+        printf '| %s | skipped: RUN_GPU_BUDGET_S=%s spent | - | - |\n' "$name" "$TOTAL_S" >> "$OUT/steps.md"
+        return
+    fi
+    [ "$left" -lt "$budget" ] && budget=$left
     t0=$(date +%s)
     echo "== $name (budget ${budget} s)"
     timeout --kill-after=10 "$budget" "$@" > "$OUT/logs/$name.log" 2>&1
@@ -126,11 +146,18 @@ ngpu=$("$PY" -c "import torch; print(torch.cuda.device_count())")
 # CI's smoke test already covers.
 if [ "$ngpu" -gt 1 ]; then
     bench bench_ddp 30
-    step bench_train 200 "$PY" -m torch.distributed.run --standalone --nproc_per_node="$ngpu" \
-        benchmarks/bench_train.py --out "$OUT" --steps 6 --warmup 2 --budget-s 170 --no-compile --profile
+fi
+# Rows start until 30 s before the step's end (rows took 26-56 s, H200); a row still running at
+# the end is cut, leaving the earlier rows' JSON and PNG (written after each) but no final table.
+left=$(time_left)
+train_s=$(( left < 200 ? left : 200 ))
+train_rows_s=$(( train_s > 30 ? train_s - 30 : 0 ))
+if [ "$ngpu" -gt 1 ]; then
+    step bench_train "$train_s" "$PY" -m torch.distributed.run --standalone --nproc_per_node="$ngpu" \
+        benchmarks/bench_train.py --out "$OUT" --steps 6 --warmup 2 --budget-s "$train_rows_s" --no-compile --profile
 else
     printf '| bench_ddp | skipped: one GPU | - | - |\n' >> "$OUT/steps.md"
-    bench bench_train 200 --steps 6 --warmup 2 --budget-s 170 --no-compile --profile
+    bench bench_train "$train_s" --steps 6 --warmup 2 --budget-s "$train_rows_s" --no-compile --profile
 fi
 
 {

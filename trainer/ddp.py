@@ -32,21 +32,23 @@ sizes). A bucket of the grads' own dtype takes a copy, then one division of the 
 copies it. torch's DDP also scales (by 1/world_size) before reducing, so for power-of-two
 world sizes both give bit-identical gradients. Slots share their parameter's strides
 (contiguous or channels_last), as grads do, so the multi-tensor copies take their fast path.
-With the SD2 UNet's 686 parameters in 67 buckets of 25 MB that is about 200 copy and division
-kernels a step instead of 1,372 (two per parameter).
+With the SD2 UNet's 686 fp32 parameters in 69 buckets of 25 MB that is about 200 copy and
+division kernels a step instead of 1,372 (two per parameter).
 
 Each bucket carries one extra element per parameter, 1 where that rank has a grad for it;
 after the all-reduce, a parameter with no grad on any rank keeps grad None (like
 single-process training and torch's DDP: AdamW then leaves it alone) without an extra
 collective.
 
-Limits: every parameter on one device; dense grads; each rank's backward must reach at least
-one trainable parameter (else it never joins the all-reduces); reentrant activation
-checkpointing is not supported (use use_reentrant=False); buffers are broadcast at
-construction only (the UNet has no running statistics); the set of trainable parameters is
-fixed at construction (unfreezing one later needs a new wrapper); a bucket holding a
-parameter unused in this backward waits for the end of backward, and so do the buckets
-after it (collective order), so unused parameters cost overlap, not correctness.
+Limits: every parameter on one device; dense grads, all accumulated on one CUDA stream (the
+usual single-stream forward: a bucket's copy and all-reduce go on the stream of the hook that
+completes it); each rank's backward must reach at least one trainable parameter (else it never
+joins the all-reduces); reentrant activation checkpointing is not supported (use
+use_reentrant=False); buffers are broadcast at construction only (the UNet has no running
+statistics); the set of trainable parameters is fixed at construction (unfreezing one later
+needs a new wrapper); a bucket holding a parameter unused in this backward waits for the end of
+backward, and so do the buckets after it (collective order), so unused parameters cost overlap,
+not correctness.
 """
 import contextlib
 

@@ -1,0 +1,39 @@
+"""benchmarks/run_gpu.sh ends by RUN_GPU_BUDGET_S whatever its steps do, with summary.md written.
+
+A stand-in interpreter answers the script's one-line queries at once and hangs on every step,
+so no GPU (and no real step) is needed: the first step is cut to what the total leaves, and
+the steps after it are skipped and listed as such.
+"""
+import os
+import subprocess
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+case "$1" in
+    -c) case "$2" in *device_count*) echo 1 ;; *) echo cpu ;; esac ;;
+    -) cat > /dev/null ;;
+    *) exec sleep 30 ;;
+esac
+"""
+
+
+def test_run_gpu_ends_inside_its_total_budget(tmp_path):
+    python = tmp_path / "python"
+    python.write_text(FAKE_PYTHON)
+    python.chmod(0o755)
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=str(python), RUN_GPU_BUDGET_S="27", CARRY_SCRATCH=str(tmp_path / "carry"))
+    start = time.monotonic()
+    subprocess.run([str(ROOT / "benchmarks" / "run_gpu.sh"), str(out)], env=env, check=True,
+                   capture_output=True, text=True, timeout=120)
+    assert time.monotonic() - start < 27
+    rows = {line.split("|")[1].strip(): line for line in (out / "summary.md").read_text().splitlines()
+            if line.startswith("| ") and not line.startswith("| step")}
+    first = "build" if (ROOT / "setup.py").exists() else "pytest-gpu"
+    assert rows[first].split("|")[2].strip() == "124"  # cut by its timeout: 27 s less 15 s
+    assert int(rows[first].split("|")[4]) <= 12
+    for name in ("bench_attention", "bench_group_norm", "bench_ema", "bench_data", "profile_host", "bench_train"):
+        assert "skipped: RUN_GPU_BUDGET_S=27 spent" in rows[name], rows[name]
