@@ -10,9 +10,10 @@
 # summary.md and the next one still runs; benchmarks with --budget-s start no new case after it
 # and still write their JSON):
 #   build 45 | build-check 15 | pytest -m gpu 140 | bench_attention 80 | bench_group_norm 60 |
-#   bench_ema 30 | bench_data 45 | profile_host 30 | bench_train 200 (6 timed steps and 2 profiled
-#   ones per row; no row starts after its budget less 30 s; JSON written after every row)
-#   = 645 s if every step used all of its budget (bench_ddp, 30 s, only runs with several).
+#   bench_geglu 25 | bench_ema 30 | bench_data 45 | profile_host 30 | bench_train 200 (6 timed
+#   steps and 2 profiled ones per row; no row starts after its budget less 30 s; JSON written
+#   after every row) = 670 s if every step used all of its budget (bench_ddp, 30 s, only runs
+#   with several).
 # The whole run must end inside the caller's outer `timeout` (docs/benchmarks.md: 575 s less the
 # DALI install), or that kills it mid-step and summary.md is never written. So the script ends
 # itself by RUN_GPU_BUDGET_S (default 560): each step gets its budget or what is left of the
@@ -133,6 +134,7 @@ step pytest-gpu 140 env CCKERNELS_AUTOTUNE=0 "$PY" -m pytest -m gpu $xdist $per_
 
 bench bench_attention 80 --budget-s 60
 bench bench_group_norm 60 --budget-s 45
+bench bench_geglu 25 --budget-s 12
 bench bench_ema 30
 bench bench_data 45 --images 512
 # Where eager calls spend their host time (our kernels' were 2-4x PyTorch's); one config each.
