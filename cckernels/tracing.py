@@ -27,6 +27,11 @@ torch.use_deterministic_algorithms (part of dynamo's global state). Graphs keep 
 ops opaque: inductor fuses the elementwise ops around them, and mode="reduce-overhead" replays
 them inside its CUDA graphs (every launch is on the current stream, no host sync).
 
+Limit: compiled inside torch's DistributedDataParallel, dynamo's DDPOptimizer (which splits
+the graph at gradient-bucket boundaries) fails on these ops ("cannot extract sympy expressions
+from TreeSpec", torch 2.14, CPU gloo): set torch._dynamo.config.optimize_ddp = False, or wrap
+the model in trainer.ddp's DistributedDataParallel, as the trainer does.
+
 Mechanics: torch._dynamo.nonstrict_trace (torch 2.11 has it there only) runs `_traced` as plain
 Python on fake tensors, both when dynamo builds its graph and when AOTAutograd traces it. Its
 inputs may only be tensors, numbers or pytree containers of them, so None and str arguments

@@ -145,3 +145,15 @@ def geglu(x):
         return _GEGLU.apply(x)
     return _forward(x)
 
+
+
+# ----------------------------------------------------------------------------------------
+# Ahead-of-time inspection (python -m cckernels.inspect): SD2's F (1280 ... 5120) and row
+# strides are multiples of 16, which Triton specializes on, so every load and store is 16 bytes.
+# ----------------------------------------------------------------------------------------
+INSPECT = [{
+    "op": "geglu", "kernel": kernel, "dtypes": DTYPES,
+    "args": {"*_ptr": "*T", "F": "i32:16", "x_row_stride": "i32:16", "BLOCK": BLOCK},
+    "options": {"num_warps": 4},
+    "expect": {"ldg128": True, "stg128": True},
+} for kernel in (_geglu_fwd_kernel, _geglu_bwd_kernel)]  # fmt: skip
