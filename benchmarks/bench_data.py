@@ -75,7 +75,7 @@ def measure(loader, batch_size, batches, windows, device):
     return {"images_per_s": med, "q20": q20, "q80": q80, "windows": rates}
 
 
-def main():
+def main(argv=None):
     from trainer.data import cache_root, make_loader
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -89,7 +89,7 @@ def main():
     p.add_argument("--batches", type=int, default=8, help="batches per timed window")
     p.add_argument("--windows", type=int, default=5)
     p.add_argument("--resolutions", type=int, nargs="+", default=[256, 512])
-    args = p.parse_args()
+    args = p.parse_args(argv)
     width, height = 1024, 768
     if args.tiny:
         args.cores, args.images, args.batch_size, args.batches, args.windows = 1, 8, 4, 1, 2
@@ -115,6 +115,22 @@ def main():
             setups.append(("dali mixed", "dali", device))
 
     rows = []
+    meta = {
+        "benchmark": "data: decode + resize + crop + flip + normalize, images/s",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "device": torch.cuda.get_device_name() if gpu else platform.processor() or "cpu",
+        "cpu_cores": args.cores, "torch": torch.__version__, "dali": dali_version,
+        "images": args.images, "image_size": [width, height], "mean_jpeg_bytes": mean_bytes,
+        "batch_size": args.batch_size,
+    }
+
+    def save():  # after every row: a run cut by its time limit keeps what it measured
+        pil = {r["resolution"]: r["images_per_s"] for r in rows if r["backend"] == "pil"}
+        for r in rows:
+            r["speedup_vs_pil"] = r["images_per_s"] / pil[r["resolution"]] if r["resolution"] in pil else None
+        (out / "bench_data.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
+        plot(rows, args.resolutions, [s[0] for s in setups], out / "bench_data.png", meta)
+
     print(f"{args.images} JPEGs {width}x{height} q90 (mean {mean_bytes / 1024:.0f} KiB), "
           f"batch {args.batch_size}, {args.cores} CPU cores, device {device}")
     print(f"{'backend':<12}{'res':>6}{'images/s':>12}{'q20':>10}{'q80':>10}")
@@ -125,22 +141,9 @@ def main():
             loader = make_loader(cfg, args.batch_size, seed=0, device=dev)
             r = measure(loader, args.batch_size, args.batches, args.windows, device)
             rows.append({"backend": name, "resolution": res, **r})
-            print(f"{name:<12}{res:>6}{r['images_per_s']:>12.1f}{r['q20']:>10.1f}{r['q80']:>10.1f}")
+            print(f"{name:<12}{res:>6}{r['images_per_s']:>12.1f}{r['q20']:>10.1f}{r['q80']:>10.1f}", flush=True)
             del loader
-
-    result = {
-        "benchmark": "data: decode + resize + crop + flip + normalize, images/s",
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "device": torch.cuda.get_device_name() if gpu else platform.processor() or "cpu",
-        "cpu_cores": args.cores, "torch": torch.__version__, "dali": dali_version,
-        "images": args.images, "image_size": [width, height], "mean_jpeg_bytes": mean_bytes,
-        "batch_size": args.batch_size, "rows": rows,
-    }
-    pil = {r["resolution"]: r["images_per_s"] for r in rows if r["backend"] == "pil"}
-    for r in rows:
-        r["speedup_vs_pil"] = r["images_per_s"] / pil[r["resolution"]]
-    (out / "bench_data.json").write_text(json.dumps(result, indent=2))
-    plot(rows, args.resolutions, [s[0] for s in setups], out / "bench_data.png", result)
+            save()
     print(f"wrote {out / 'bench_data.json'} and {out / 'bench_data.png'}")
 
 
@@ -152,12 +155,14 @@ def plot(rows, resolutions, names, path, meta):
     fig, ax = plt.subplots(figsize=(6, 4))
     width = 0.8 / len(names)
     for k, name in enumerate(names):
-        sel = [next(r for r in rows if r["backend"] == name and r["resolution"] == res)
-               for res in resolutions]
-        x = np.arange(len(resolutions)) + k * width
-        med = np.array([r["images_per_s"] for r in sel])
-        err = np.array([[m - r["q20"], r["q80"] - m] for m, r in zip(med, sel)]).T
-        ax.bar(x, med, width, yerr=err, label=name)
+        done = {r["resolution"]: r for r in rows if r["backend"] == name}
+        sel = [(i, done[res]) for i, res in enumerate(resolutions) if res in done]  # a cut run lacks some
+        if not sel:
+            continue
+        x = np.array([i for i, _ in sel]) + k * width
+        med = np.array([r["images_per_s"] for _, r in sel])
+        err = np.array([[m - r["q20"], r["q80"] - m] for m, (_, r) in zip(med, sel)]).T
+        ax.bar(x, med, width, yerr=err, label=name, color=f"C{k}")
     ax.set_xticks(np.arange(len(resolutions)) + width * (len(names) - 1) / 2)
     ax.set_xticklabels([f"{r} px" for r in resolutions])
     ax.set_ylabel("images / s")
@@ -165,6 +170,7 @@ def plot(rows, resolutions, names, path, meta):
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

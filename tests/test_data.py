@@ -545,3 +545,26 @@ def test_bench_data_tiny(tmp_path):
     assert {r["backend"] for r in result["rows"]} >= {"pil"}
     assert all(r["images_per_s"] > 0 for r in result["rows"])
     assert (out / "bench_data.png").exists()
+
+
+def test_bench_data_cut_short_keeps_the_rows_done(tmp_path, monkeypatch):
+    # run_gpu.sh's timeout once killed bench_data before it wrote anything: it now writes after each row.
+    monkeypatch.setenv("CCKERNELS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import bench_data
+
+    measure, calls = bench_data.measure, []
+
+    def cut(*args):
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyboardInterrupt  # the time limit's kill
+        return measure(*args)
+
+    monkeypatch.setattr(bench_data, "measure", cut)
+    out = tmp_path / "bench"
+    with pytest.raises(KeyboardInterrupt):
+        bench_data.main(["--tiny", "--out", str(out)])
+    rows = json.loads((out / "bench_data.json").read_text())["rows"]
+    assert [(r["backend"], r["resolution"]) for r in rows] == [("pil", 32)] and rows[0]["speedup_vs_pil"] == 1.0
+    assert (out / "bench_data.png").stat().st_size > 0
