@@ -7,7 +7,9 @@ Bytes moved (the minimum any implementation must move; weights and statistics ar
     forward + backward   forward, then read x, dy, write dx   5 * numel * itemsize
 with itemsize of the bf16 input. GB/s = bytes / median time; "of copy" divides it by the
 device-to-device copy bandwidth measured here (dst.copy_(src) on a 1 GiB tensor, 2 bytes
-moved per byte copied).
+moved per byte copied), "same-size" by that of the "copy" row of the same case (x.clone(),
+forward only: the forward's bytes), the roofline at that size: a 5-40 MB tensor is copied in
+10-30 us, where ramp-up, tail and launch keep even a copy below the 1 GiB rate.
 
 Every case, ours and the peers' alike, is timed three ways (benchmarks/timers.py): "eager ms",
 the call as a training step makes it (at these sizes mostly the host's time to enqueue the
@@ -98,6 +100,7 @@ def peers(device, tiny):
             return eager_silu_group_norm(x, w, b)
 
     out["torch-autocast"] = (autocast, torch.float32, ("nchw", "nhwc"))
+    out["copy"] = (lambda x, w, b: x.clone(), torch.bfloat16, ("nchw", "nhwc"))  # the forward's bytes: its roofline
     out["torch-bf16"] = (eager_silu_group_norm, torch.bfloat16, ("nchw", "nhwc"))
     if not tiny:
         out["torch-compile"] = (torch.compile(eager_silu_group_norm, dynamic=False), torch.bfloat16, ("nchw", "nhwc"))
@@ -169,11 +172,12 @@ def measure(name, fn, param_dtype, shape, layout, device, on_gpu):
     path = forward_path(name, x)
     bytes_fwd = 2 * x.numel() * x.element_size()
     rows = []
-    for mode, run, nbytes in (
+    modes = (
         ("fwd", lambda: fn(x, w, b), bytes_fwd),
         # autograd.grad, not backward(): .grad accumulation would add a read-add-write of dx per call
         ("fwd+bwd", lambda: torch.autograd.grad(fn(xg, wg, bg), (xg, wg, bg), dy), bytes_fwd * 5 // 2),
-    ):
+    )
+    for mode, run, nbytes in modes[:1] if name == "copy" else modes:  # a copy has no backward
         with torch.set_grad_enabled(mode != "fwd"):  # the graph is captured in the same mode
             run()  # compiles (torch.compile, Triton) outside the timed region
             eager, graph, why, host = timings(run, tiny=not on_gpu, eager=EAGER, graph=GRAPH)
@@ -214,13 +218,17 @@ def plot(rows, copy_gbps, path):
 
 
 def add_ratios(rows, copy_gbps):
-    """Each row's fraction of copy bandwidth and speed-up over torch-autocast, in both timings
-    (None where a time is missing)."""
+    """Each row's fraction of copy bandwidth (of the 1 GiB copy's, and of the same-size copy's
+    rate: x.clone() of the same shape and layout, which tiny tensors cannot run at full speed
+    either) and speed-up over torch-autocast, in both timings (None where a time is missing)."""
     for prefix in ("", "graph_"):  # eager, graph
         base = {(tuple(r["shape"]), r["layout"], r["mode"]): r[f"{prefix}ms"] for r in rows if r["impl"] == "torch-autocast"}
+        same_size = {(tuple(r["shape"]), r["layout"]): r[f"{prefix}GBps"] for r in rows if r["impl"] == "copy"}
         for r in rows:
             mine, theirs = r[f"{prefix}ms"], base.get((tuple(r["shape"]), r["layout"], r["mode"]))
+            copy_here = same_size.get((tuple(r["shape"]), r["layout"]))
             r[f"{prefix}of_copy"] = None if mine is None else r[f"{prefix}GBps"] / copy_gbps
+            r[f"{prefix}of_same_size_copy"] = None if mine is None or not copy_here else r[f"{prefix}GBps"] / copy_here
             r[f"{prefix}speedup_vs_autocast"] = None if mine is None or theirs is None else theirs / mine
 
 
@@ -228,11 +236,13 @@ def print_table(rows):
     """Every row: both times and the host time; GB/s and "of copy" from the graph time; the
     speed-up over torch-autocast in both timings."""
     print(f"{'res':6} {'shape':>18} {'layout':6} {'mode':8} {'impl':15} {'forward':11} {'eager ms':>9} "
-          f"{'graph ms (q20-q80)':>26} {'host us':>8} {'GB/s':>7} {'of copy':>7} {'vs autocast eager':>17} {'graph':>6}")
+          f"{'graph ms (q20-q80)':>26} {'host us':>8} {'GB/s':>7} {'of copy':>7} {'same-size':>9} {'vs autocast eager':>17} "
+          f"{'graph':>6}")
     for r in rows:
         print(f"{r['res']:6} {'x'.join(map(str, r['shape'])):>18} {r['layout']:6} {r['mode']:8} {r['impl']:15} {r['forward']:11} "
               f"{r['ms']:9.4f} {graph_cell(r):>26} {r['host_us']:8.1f} {fmt(r['graph_GBps'], '.1f'):>7} "
-              f"{fmt(r['graph_of_copy'], '.2f'):>7} {fmt(r['speedup_vs_autocast'], '.2f', suffix='x'):>17} "
+              f"{fmt(r['graph_of_copy'], '.2f'):>7} {fmt(r['graph_of_same_size_copy'], '.2f'):>9} "
+              f"{fmt(r['speedup_vs_autocast'], '.2f', suffix='x'):>17} "
               f"{fmt(r['graph_speedup_vs_autocast'], '.2f', suffix='x'):>6}")
     print_missing_graphs(rows, lambda r: f"{r['impl']} {r['layout']} {r['mode']}")
 
@@ -277,7 +287,7 @@ def main():
         print(f"time budget of {args.budget_s:.0f} s spent: {len(skipped)} cases not measured ({skipped[0]}, ...)")
     add_ratios(rows, copy_gbps)
     print_table(rows)
-    hosts = host_times(rows, "impl", "mode", lambda impl: impl.startswith("ck-"))
+    hosts = host_times([r for r in rows if r["impl"] != "copy"], "impl", "mode", lambda impl: impl.startswith("ck-"))
     print_host_times(hosts)
     os.makedirs(args.out, exist_ok=True)
     result = {"device": name, "copy_GBps": copy_gbps, "dtype": "bfloat16", "groups": GROUPS,

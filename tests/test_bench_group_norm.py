@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from test_data import REPO, repo_env
@@ -61,10 +62,11 @@ def load_bench(monkeypatch):
 
 def test_table_and_plot_from_both_timings(monkeypatch, tmp_path, capsys):
     """As on a GPU: every call 1 ms eagerly; as a graph replay ours 0.25 ms, autocast 0.5 ms,
-    and torch-bf16 cannot be captured; host time 50 us for ours, 20 for the peers."""
+    a same-size copy 0.2 ms, and torch-bf16 cannot be captured; host time 50 us for ours, 20
+    for the peers."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     bench = load_bench(monkeypatch)
-    graph_ms = {"ck-default": 0.25, "torch-autocast": 0.5, "torch-bf16": None}
+    graph_ms = {"ck-default": 0.25, "torch-autocast": 0.5, "torch-bf16": None, "copy": 0.2}
     impl = None
 
     def fake_timings(fn, tiny, eager, graph):
@@ -81,7 +83,7 @@ def test_table_and_plot_from_both_timings(monkeypatch, tmp_path, capsys):
         r["res"] = "tiny"
     bench.add_ratios(rows, copy_gbps=1.0)
     bench.print_table(rows)
-    hosts = bench.host_times(rows, "impl", "mode", lambda impl: impl.startswith("ck-"))
+    hosts = bench.host_times([r for r in rows if r["impl"] != "copy"], "impl", "mode", lambda impl: impl.startswith("ck-"))
     bench.print_host_times(hosts)
     bench.plot(rows, 1.0, tmp_path / "group_norm.png")
     json.dumps({"rows": rows, "host": hosts}, allow_nan=False)
@@ -89,6 +91,9 @@ def test_table_and_plot_from_both_timings(monkeypatch, tmp_path, capsys):
     ours = {r["mode"]: r for r in rows if r["impl"] == "ck-default"}
     assert ours["fwd"]["speedup_vs_autocast"] == 1.0 and ours["fwd"]["graph_speedup_vs_autocast"] == 2.0
     assert ours["fwd"]["graph_of_copy"] == 4 * ours["fwd"]["of_copy"]
+    assert ours["fwd"]["graph_of_same_size_copy"] == pytest.approx(0.2 / 0.25) and ours["fwd"]["of_same_size_copy"] == 1.0
+    assert ours["fwd+bwd"]["graph_of_same_size_copy"] == pytest.approx(2.5 * 0.2 / 0.25)  # 5 units of bytes, the copy's 2
+    assert [r["mode"] for r in rows if r["impl"] == "copy"] == ["fwd"]
     bf16 = next(r for r in rows if r["impl"] == "torch-bf16")
     assert bf16["graph_ms"] is None and bf16["graph_of_copy"] is None and bf16["graph_speedup_vs_autocast"] is None
     assert hosts[0] == {"mode": "fwd", "ours_us": {"ck-default": 50.0}, "best_peer": "torch-autocast", "best_peer_us": 20.0}
