@@ -13,8 +13,9 @@ the GroupNorm's name, with the same weight and bias.
 
 Kernels: every GroupNorm runs `ck.group_norm` (fused with SiLU where the model applies one),
 every attention `ck.attention` on (B, L, heads, head_dim) views of the q/k/v projections and
-every feed-forward activation `ck.geglu`, so the backend is whatever cckernels picks (the `CCKERNELS_BACKEND` variable included). Every
-LayerNorm stays in the autocast dtype (`LayerNorm`) instead of autocast's fp32.
+every feed-forward activation `ck.geglu`, so the backend is whatever cckernels picks (the
+`CCKERNELS_BACKEND` variable included). Every LayerNorm stays in the autocast dtype
+(`LayerNorm`) instead of autocast's fp32.
 
 channels_last: after `unet.to(memory_format=torch.channels_last)` every 4-D activation stays
 channels_last, and the attention blocks turn (B, C, H, W) into (B, H*W, C) tokens and back as views.
@@ -257,7 +258,7 @@ class Attention(nn.Module):
 
 class GEGLU(nn.Module):
     """h * gelu(gate) of one projection's two halves, fused: `activate(x)` is ck.geglu
-    (benchmarks may set the plain torch code, ck.geglu's "torch" backend, on an instance)."""
+    (benchmarks may set the plain torch code, cckernels.reference.geglu, on an instance)."""
 
     activate = staticmethod(ck.geglu)
 
