@@ -619,6 +619,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default="benchmarks/results/local")
     p.add_argument("--tiny", action="store_true", help="tiny config on the CPU: seconds (automatic without a GPU)")
     p.add_argument("--count-flops", action="store_true", help="count the UNet's FLOPs per image and exit")
+    p.add_argument("--print-table", metavar="JSON", help="print the table of a bench_train.json (a run cut short "
+                   "before its final table still wrote one after each row) and exit")
     p.add_argument("--resolution", type=int, default=None, help="image side in px (default 256; tiny: 64)")
     p.add_argument("--batch", type=int, default=None, help="micro-batch per GPU (default 32 at 256 px, 8 at 512)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per row")
@@ -693,6 +695,10 @@ def init_process_group(world, device):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.print_table:
+        rows = json.loads(Path(args.print_table).read_text())["rows"]
+        print_table(rows)
+        return rows
     cfg, world, rank, device = setup(args)
     unet_cfg = cfg["model"]["unet"]
     if args.count_flops:

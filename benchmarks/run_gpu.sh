@@ -171,7 +171,11 @@ fi
     if [ -f "$OUT/logs/bench_train.log" ]; then
         echo
         echo '```'
-        sed -n '/^recipe /,/^wrote /p' "$OUT/logs/bench_train.log"
+        if grep -q '^recipe ' "$OUT/logs/bench_train.log"; then
+            sed -n '/^recipe /,/^wrote /p' "$OUT/logs/bench_train.log"
+        elif [ -f "$OUT/bench_train.json" ]; then  # cut before its table: the rows it wrote
+            timeout 60 "$PY" benchmarks/bench_train.py --print-table "$OUT/bench_train.json" 2>&1
+        fi
         echo '```'
     fi
 } > "$OUT/summary.md"

@@ -83,6 +83,9 @@ def test_tiny_run_writes_table_json_and_plot(bench, tmp_path, monkeypatch, capsy
     assert by_name["+ torch.compile"]["recipe"] == {**by_name["+ larger micro-batch"]["recipe"], "compile": True}
     assert len(rows) == len(names)
     assert "x base" in capsys.readouterr().out
+    # run_gpu.sh's summary of a run cut before the final table: the table from the JSON
+    assert bench.main(["--print-table", str(out / "bench_train.json")]) == saved["rows"]
+    assert "baseline" in capsys.readouterr().out
 
 
 def test_profile_writes_the_op_table_of_each_row(bench, tmp_path, monkeypatch):
