@@ -59,6 +59,19 @@ def test_strided_views_match_the_contiguous_result():
                                    rtol=0, atol=0)
 
 
+def test_int64_offsets_only_where_int32_would_overflow(monkeypatch):
+    from cckernels.triton import geglu as triton_geglu
+
+    def rows(n_rows, two_f, stride=None):
+        return torch.empty_strided((n_rows, two_f), (stride or two_f, 1), device="meta")
+
+    assert not triton_geglu._int64(rows(368 * 1024, 2 * 1280))  # SD2's largest at 256 px, batch 368
+    assert triton_geglu._int64(rows(2**20, 2 * 1024))  # dx would hold 2^31 elements
+    assert triton_geglu._int64(rows(2**16, 2 * 8, stride=2**15 + 16))  # a view whose rows reach far
+    monkeypatch.setattr(triton_geglu, "_int64", lambda x2: True)  # the int64 kernels, on small inputs
+    check(randn(3, 77, 2 * 33))
+
+
 def test_what_the_kernel_cannot_take_falls_back_to_torch():
     for x in (randn(4, 6).double(), randn(6, 4).t()):  # fp64; last dim not contiguous
         torch.testing.assert_close(ck.geglu(x), reference.geglu(x))

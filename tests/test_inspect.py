@@ -25,12 +25,12 @@ OPS = ("attention", "group_norm", "ema_update_", "adamw_ema_")
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     """(rows, stderr) of one quick run: bf16 (fp32-only kernels in fp32), attention at head
-    dim 80 (128-wide tiles, masked; both backward variants), both GroupNorm layouts, csrc for
-    sm90."""
+    dim 80 (128-wide tiles, masked; both backward variants), both GroupNorm layouts, GEGLU's
+    int32 offsets, csrc for sm90."""
     out = tmp_path_factory.mktemp("inspect") / "rows.json"
     env = repo_env(drop=["TRITON_INTERPRET"])
     cmd = [sys.executable, "-m", "cckernels.inspect", "--quick", "--dtype", "bf16",
-           "--variant", "-", "d80", "d80-atomic-dq", "nchw", "nhwc",
+           "--variant", "-", "d80", "d80-atomic-dq", "nchw", "nhwc", "int32",
            "--cuda-arch", "90", "--jobs", "2", "--json", str(out)]  # fmt: skip
     if shutil.which("nvcc") is None:
         cmd.append("--no-cuda")

@@ -7,8 +7,10 @@ concatenation of the two halves' gradients backward. Here the forward reads x on
 the output (3 sizes); the backward reads dy and x once and writes dx (5), recomputing gelu.
 Math in fp32 whatever the I/O dtype; one rounding per output element.
 
-x is seen as rows of 2F values (F = x.shape[-1] // 2): program (row, block) handles BLOCK
-columns of one row, so a row stride other than 2F (a strided view) needs no copy.
+x is seen as rows of 2F values (F = x.shape[-1] // 2) with a row stride (a strided view needs
+no copy); the output's rows * F elements are cut into programs of BLOCK consecutive ones,
+whatever F is, so no lane idles at the end of a row (F = 1280 in blocks per row would leave a
+third of them idle).
 """
 import os
 
@@ -21,7 +23,7 @@ from cckernels.tracing import emitting_custom_ops
 from cckernels.triton.launch import cdiv
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-BLOCK = 1024  # columns per program: SD2's F is 1280 ... 5120
+BLOCK = 1024  # output elements per program (8 per thread of 4 warps: one 16-byte bf16 access each)
 
 
 @triton.jit
@@ -33,30 +35,39 @@ def _gelu_parts(g):
 
 
 @triton.jit
-def _geglu_fwd_kernel(x_ptr, y_ptr, F, x_row_stride, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < F
-    x_row = x_ptr + row * x_row_stride
-    h = tl.load(x_row + cols, mask=mask).to(tl.float32)
-    g = tl.load(x_row + F + cols, mask=mask).to(tl.float32)
-    cdf, _ = _gelu_parts(g)
-    tl.store(y_ptr + row * F + cols, (h * g * cdf).to(y_ptr.dtype.element_ty), mask=mask)
+def _element(n, F, BLOCK: tl.constexpr, INT64: tl.constexpr):
+    """This program's output elements i (of n = rows * F), their row and column, and mask.
+    int32 offsets unless a tensor reaches 2^31 elements: a 64-bit division is a subroutine
+    call, and this kernel's instruction count is close to its memory time on an H100."""
+    pid = tl.program_id(0)
+    if INT64:
+        pid = pid.to(tl.int64)
+    i = pid * BLOCK + tl.arange(0, BLOCK)
+    row = i // F
+    return i, row, i - row * F, i < n
 
 
 @triton.jit
-def _geglu_bwd_kernel(dy_ptr, x_ptr, dx_ptr, F, x_row_stride, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < F
-    x_row = x_ptr + row * x_row_stride
-    dy = tl.load(dy_ptr + row * F + cols, mask=mask).to(tl.float32)
-    h = tl.load(x_row + cols, mask=mask).to(tl.float32)
-    g = tl.load(x_row + F + cols, mask=mask).to(tl.float32)
+def _geglu_fwd_kernel(x_ptr, y_ptr, n, F, x_row_stride, BLOCK: tl.constexpr, INT64: tl.constexpr):
+    i, row, col, mask = _element(n, F, BLOCK, INT64)
+    x = x_ptr + row * x_row_stride + col
+    h = tl.load(x, mask=mask).to(tl.float32)
+    g = tl.load(x + F, mask=mask).to(tl.float32)
+    cdf, _ = _gelu_parts(g)
+    tl.store(y_ptr + i, (h * g * cdf).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _geglu_bwd_kernel(dy_ptr, x_ptr, dx_ptr, n, F, x_row_stride, BLOCK: tl.constexpr, INT64: tl.constexpr):
+    i, row, col, mask = _element(n, F, BLOCK, INT64)
+    x = x_ptr + row * x_row_stride + col
+    dy = tl.load(dy_ptr + i, mask=mask).to(tl.float32)
+    h = tl.load(x, mask=mask).to(tl.float32)
+    g = tl.load(x + F, mask=mask).to(tl.float32)
     cdf, pdf = _gelu_parts(g)
-    dx_row = dx_ptr + row * 2 * F
-    tl.store(dx_row + cols, (dy * g * cdf).to(dx_ptr.dtype.element_ty), mask=mask)
-    tl.store(dx_row + F + cols, (dy * h * (cdf + g * pdf)).to(dx_ptr.dtype.element_ty), mask=mask)
+    dx = dx_ptr + row * 2 * F + col
+    tl.store(dx, (dy * g * cdf).to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(dx + F, (dy * h * (cdf + g * pdf)).to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 def _rows(x):
@@ -70,12 +81,18 @@ def _rows(x):
         return x.contiguous().view(-1, two_f)
 
 
+def _int64(x2):
+    """Whether some offset into x2 (rows, 2F; row stride) or dx (rows, 2F) reaches 2^31."""
+    rows, two_f = x2.shape
+    return max((rows - 1) * x2.stride(0) + two_f, rows * two_f) + BLOCK >= 2**31
+
+
 def _forward(x):
     x2 = _rows(x)
     F = x2.shape[1] // 2
     y = torch.empty((*x.shape[:-1], F), device=x.device, dtype=x.dtype)
     if y.numel():
-        _geglu_fwd_kernel[(x2.shape[0], cdiv(F, BLOCK))](x2, y, F, x2.stride(0), BLOCK=BLOCK)
+        _geglu_fwd_kernel[(cdiv(y.numel(), BLOCK),)](x2, y, y.numel(), F, x2.stride(0), BLOCK=BLOCK, INT64=_int64(x2))
     return y
 
 
@@ -85,7 +102,8 @@ def _backward(dy, x):
     dy = dy.contiguous()
     dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     if dx.numel():
-        _geglu_bwd_kernel[(x2.shape[0], cdiv(F, BLOCK))](dy, x2, dx, F, x2.stride(0), BLOCK=BLOCK)
+        _geglu_bwd_kernel[(cdiv(dy.numel(), BLOCK),)](dy, x2, dx, dy.numel(), F, x2.stride(0), BLOCK=BLOCK,
+                                                      INT64=_int64(x2))
     return dx
 
 
@@ -153,7 +171,8 @@ def geglu(x):
 # ----------------------------------------------------------------------------------------
 INSPECT = [{
     "op": "geglu", "kernel": kernel, "dtypes": DTYPES,
-    "args": {"*_ptr": "*T", "F": "i32:16", "x_row_stride": "i32:16", "BLOCK": BLOCK},
+    "args": {"*_ptr": "*T", "n": "i32:16", "F": "i32:16", "x_row_stride": "i32:16", "BLOCK": BLOCK, "INT64": False},
+    "variants": {"int32": {}, "int64": {"INT64": True}},
     "options": {"num_warps": 4},
     "expect": {"ldg128": True, "stg128": True},
 } for kernel in (_geglu_fwd_kernel, _geglu_bwd_kernel)]  # fmt: skip
