@@ -1,5 +1,6 @@
-"""Where the host time of eager forward+backward calls goes: ck.attention and ck.group_norm
-at SD2 sizes small enough to be host-bound, on each backend, with the torch peers for scale.
+"""Where the host time of eager forward+backward calls goes: ck.attention, ck.group_norm and
+ck.geglu at SD2 sizes small enough to be host-bound, on each backend, with the torch peers for
+scale.
 
     python benchmarks/profile_host.py [--out DIR] [--calls 200]
     python benchmarks/profile_host.py --tiny    # CPU, Triton's interpreter: seconds (smoke test)
@@ -27,10 +28,12 @@ from timers import clear, host_us
 def cases(device, tiny):
     """(leaves, [(name, fn())]): each fn runs one forward+backward into the leaves' grads."""
     import cckernels as ck
+    from cckernels import reference
 
     dtype = torch.float32 if tiny else torch.bfloat16
     B, L, H, D = (1, 8, 2, 32) if tiny else (8, 256, 20, 64)  # 512 px, the 16x16 latent level
     N, C, side = (2, 64, 4) if tiny else (32, 1280, 8)  # 256 px, the 8x8 level
+    tokens, ff_dim = (8, 16) if tiny else (32 * 16, 5120)  # 256 px, the 4x4 level's feed-forward
 
     def leaf(*shape, channels_last=False):
         t = torch.randn(*shape, device=device, dtype=dtype)
@@ -42,6 +45,8 @@ def cases(device, tiny):
     w = torch.randn(C, device=device, requires_grad=True)
     b = torch.randn(C, device=device, requires_grad=True)
     dy = torch.randn_like(x)
+    proj = leaf(tokens, 2 * ff_dim)
+    dgeglu = torch.randn(tokens, ff_dim, device=device, dtype=dtype)
 
     def attention(backend, keys):
         def run():
@@ -61,6 +66,14 @@ def cases(device, tiny):
     def torch_group_norm():
         F.silu(F.group_norm(x, 32, w.to(dtype), b.to(dtype))).backward(dy)
 
+    def geglu(backend):
+        def run():
+            ck.geglu(proj, backend=backend).backward(dgeglu)
+        return run
+
+    def torch_geglu():
+        reference.geglu(proj).backward(dgeglu)
+
     usable = ck.available_backends(device)
     out = []
     for keys, what in ((k, f"self L={L}"), (ctx, "cross Lk=77")):
@@ -69,7 +82,9 @@ def cases(device, tiny):
     shape = f"{N}x{C}x{side}x{side}"
     out += [(f"group_norm {shape} nhwc {name}", group_norm(name)) for name in usable["group_norm"]]
     out.append((f"group_norm {shape} nhwc torch F.group_norm+silu", torch_group_norm))
-    return [q, k, v, ctx, x, w, b], out
+    out += [(f"geglu {tokens}x{2 * ff_dim} {name}", geglu(name)) for name in usable["geglu"]]
+    out.append((f"geglu {tokens}x{2 * ff_dim} torch gelu*mul", torch_geglu))
+    return [q, k, v, ctx, x, w, b, proj], out
 
 
 def main():
