@@ -150,7 +150,8 @@ if [ "$ngpu" -gt 1 ]; then
     bench bench_ddp 30
 fi
 # Rows start until 30 s before the step's end (rows took 26-56 s, H200); a row still running at
-# the end is cut, leaving the earlier rows' JSON and PNG (written after each) but no final table.
+# the end is cut, leaving the earlier rows' JSON and PNG (written after each) but no table in the
+# log: the summary below prints it from the JSON.
 left=$(time_left)
 train_s=$(( left < 200 ? left : 200 ))
 train_rows_s=$(( train_s > 30 ? train_s - 30 : 0 ))

@@ -12,13 +12,11 @@ no copy); the output's rows * F elements are cut into programs of BLOCK consecut
 whatever F is, so no lane idles at the end of a row (F = 1280 in blocks per row would leave a
 third of them idle).
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from cckernels.backend import Unsupported, _on_device
+from cckernels.backend import Unsupported, _on_device, triton_usable
 from cckernels.tracing import emitting_custom_ops
 from cckernels.triton.launch import cdiv
 
@@ -155,14 +153,13 @@ def geglu(x):
         raise Unsupported(f"dtype {x.dtype} (triton geglu takes float16, bfloat16, float32)")
     if x.stride(-1) != 1:
         raise Unsupported(f"last dim not contiguous (strides {x.stride()})")
-    if x.device.type != "cuda" and not (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
+    if not triton_usable(x.device):
         raise Unsupported(f"device {x.device} (needs CUDA, or CPU with TRITON_INTERPRET=1)")
     if emitting_custom_ops():
         return geglu_op(x)
     if torch.is_grad_enabled() and x.requires_grad:
         return _GEGLU.apply(x)
     return _forward(x)
-
 
 
 # ----------------------------------------------------------------------------------------
