@@ -231,6 +231,70 @@ def test_unet_block_compiles_to_one_graph_with_the_triton_kernels():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+class _OpsBetweenLinears(torch.nn.Module):
+    """ck's three traced ops between 1 MB Linears: torch DDP at bucket_cap_mb=1 puts each Linear
+    in its own bucket, so dynamo's DDPOptimizer splits the graph between the ops."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(512, 512), torch.nn.Linear(512, 512)
+        self.norm = torch.nn.GroupNorm(4, 16)
+
+    def forward(self, x):
+        h = ck.attention(*[self.a(x).view(2, 8, 8, 64)] * 3)
+        h = self.b(h.reshape(2, 8, 512)).reshape(2, 16, 256)
+        return ck.geglu(ck.group_norm(h, 4, self.norm.weight, self.norm.bias, activation="silu"))
+
+
+def _compiled_torch_ddp_worker(rank, store, out_dir):
+    import json
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    graphs = []
+
+    def count_graphs(gm, example_inputs):  # DDPOptimizer compiles each piece with this
+        graphs.append(gm)
+        return torch._dynamo.backends.common.aot_autograd(fw_compiler=lambda g, _: g)(gm, example_inputs)
+
+    models = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        ddp = torch.nn.parallel.DistributedDataParallel(_OpsBetweenLinears(), bucket_cap_mb=1)
+        step = torch.compile(ddp, backend=count_graphs) if compiled else ddp
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        for i in range(2):
+            x = torch.randn(2, 8, 512, generator=torch.Generator().manual_seed(10 * i + rank))
+            step(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        models.append(ddp.module)
+    diff = max((a - b).abs().max().item() for a, b in zip(*(m.parameters() for m in models)))
+    dist.destroy_process_group()
+    with open(f"{out_dir}/rank{rank}.json", "w") as f:
+        json.dump({"graphs": len(graphs), "diff": diff, "used": ck.used_backends()}, f)
+
+
+def test_compiles_inside_torch_ddp_whose_optimizer_splits_the_graph(tmp_path):
+    # torch.compile of a model wrapped in torch's DistributedDataParallel: dynamo's DDPOptimizer
+    # splits the graph at gradient-bucket boundaries (which nonstrict_trace's TreeSpec inputs
+    # broke). 2 gloo ranks, 2 SGD steps on different data per rank, against eager torch DDP.
+    import json
+
+    import torch.multiprocessing as mp
+
+    # spawn, not fork: this process has run autograd, whose threads a fork cannot take along
+    mp.start_processes(_compiled_torch_ddp_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2,
+                       start_method="spawn")
+    for rank in range(2):
+        r = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert r["graphs"] >= 2, r  # the graph was split
+        assert r["diff"] < 1e-5, r
+        assert {r["used"][op] for op in ("attention", "group_norm", "geglu")} == {"triton"}, r
+
+
 # --- GPU: the cuda custom ops, inductor and CUDA graphs ---------------------------------------
 
 
