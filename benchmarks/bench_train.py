@@ -8,8 +8,8 @@ strongest plain-PyTorch recipe a user could pick instead.
     python benchmarks/bench_train.py --tiny           # tiny config on the CPU in seconds (smoke test)
 
 Every row is a full training step as trainer/train.py runs it: data -> (VAE + text encoder when
-online) -> caption dropout -> UNet forward/backward under bf16 autocast (fp32 weights) through a
-DDP wrapper -> gradient clipping -> optimizer -> EMA. Rows (cumulative unless said otherwise):
+online) -> caption dropout -> UNet forward/backward under bf16 autocast (fp32 weights until the
+"+ bf16 weights" row) through a DDP wrapper -> gradient clipping -> optimizer -> EMA. Rows (cumulative unless said otherwise):
   baseline       attention materializing the softmax (ck.attention's "torch" reference: scores
                  and probabilities stored, as the original latent-diffusion code), torch.nn.GroupNorm
                  (autocast runs it in fp32) then a separate SiLU, torch.optim.AdamW with its
@@ -28,6 +28,9 @@ DDP wrapper -> gradient clipping -> optimizer -> EMA. Rows (cumulative unless sa
                  only runs in the last --ema-fraction of training (CommonCanvas: 3.5%), so the
                  step time is (1 - f) * t(no EMA) + f * t(fused EMA), both measured; the peak
                  memory includes the EMA shadow
+  + bf16 weights   the UNet's weights in bf16, FusedAdamWEMA's fp32 masters updated by the step
+                 (train.precision=bf16-weights): autocast has no weight to cast (about 2,000
+                 copy kernels a step for SD2, forward and gradient casts) and grads are bf16
   + DALI decoding   (before precomputed latents, which remove decoding from the loop: after
                  them DALI would change nothing)
   + precomputed latents   data.format=latents written by trainer.precompute, no encoders
@@ -110,6 +113,7 @@ class Recipe:
     geglu: str = "torch"  # torch (gelu, then a multiply) | ours (ck.geglu)
     channels_last: bool = False
     optimizer: str = "adamw"  # adamw (defaults) | adamw_fused | fused_ema (ck.FusedAdamWEMA)
+    weights: str = "fp32"  # fp32 (autocast casts them each step) | bf16 (fused_ema keeps fp32 masters)
     ema: str = "per_tensor"  # per_tensor | foreach_lerp | scheduled
     data: str = "online"  # online (decode + VAE + text encoder every step) | latents
     decoder: str = "pil"  # pil | dali (online data only)
@@ -126,6 +130,7 @@ LADDER = [
     ("+ our GEGLU", {"geglu": "ours"}),
     ("+ channels_last", {"channels_last": True}),
     ("+ fused AdamW+EMA, scheduled EMA", {"optimizer": "fused_ema", "ema": "scheduled"}),
+    ("+ bf16 weights", {"weights": "bf16"}),
     ("+ DALI decoding", {"decoder": "dali"}),
     ("+ precomputed latents", {"data": "latents"}),
     ("+ our DDP", {"ddp": "ours"}),
@@ -390,12 +395,14 @@ def run_row(recipe, name, batch, shared):
 
     torch.manual_seed(shared.rank)
     unet = build_unet(shared.cfg["model"]["unet"], recipe, device)
-    model = wrap(recipe, unet, a)
     scheduled = recipe.ema == "scheduled"
     # Scheduled EMA starts after the untimed step that follows the first timed window (and the
     # profiled steps, which then time the same steps as that window).
     before_ema = a.warmup + a.steps + (PROFILE_STEPS if a.profile else 0)
     optimizer, ema_step = make_optimizer(recipe, unet, ema_start=before_ema + 1)
+    if recipe.weights == "bf16":  # before the DDP wrapper, which buckets grads by dtype
+        optimizer.cast_params_(torch.bfloat16)
+    model = wrap(recipe, unet, a)
     if recipe.data == "latents":
         shared.drop_encoders()
     loader = make_loader(recipe, batch, shared)
@@ -405,7 +412,7 @@ def run_row(recipe, name, batch, shared):
     else:
         vae, text, empty = shared.encoders()
     schedule = diffusion.NoiseSchedule().to(device)
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=cuda)
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=cuda or recipe.weights == "bf16")
 
     def step():
         images, captions = next(batches)
@@ -458,6 +465,7 @@ def run_row(recipe, name, batch, shared):
         "group_norm": used["group_norm"] if recipe.group_norm == "ours" else "torch.nn+silu",
         "layer_norm": recipe.layer_norm,
         "geglu": used["geglu"] if recipe.geglu == "ours" else "torch",
+        "weights": recipe.weights,
     }
     del batches, loader, model, unet, optimizer, ema_step
     gc.collect()

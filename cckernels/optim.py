@@ -40,7 +40,9 @@ class FusedAdamWEMA(torch.optim.Optimizer):
 
     bf16/fp16 params get fp32 master weights in the optimizer state ("master"); the step
     updates the master and writes it back rounded into the param, and the EMA follows the
-    master. All state (exp_avg, exp_avg_sq, master, ema) is fp32.
+    master. All state (exp_avg, exp_avg_sq, master, ema) is fp32. A param that is bf16 from the
+    start gets its master from its rounded values; `cast_params_` turns fp32 params into bf16
+    ones whose masters keep the fp32 values exactly.
 
     EMA: `ema_decay` (per param group) is the default decay. With ema_decay given here the
     shadow weights start as a copy of the initial weights; otherwise `start_ema()` starts them
@@ -94,12 +96,33 @@ class FusedAdamWEMA(torch.optim.Optimizer):
         """The fp32 EMA tensors in param order (over all groups); [] before the EMA starts."""
         return [self.state[p]["ema"] for p in self._params() if "ema" in self.state[p]]
 
+    def master_weights(self):
+        """The fp32 weights in param order (over all groups): each param's master copy, or the
+        param itself when it is fp32. What a checkpoint saves as the model's weights."""
+        return [self._weights(p) for p in self._params()]
+
+    @torch.no_grad()
+    def cast_params_(self, dtype):
+        """Store every fp32 param in `dtype` (bf16 or fp16), its current fp32 values kept as its
+        master: nothing is rounded away. The Parameter objects stay the same (the model and
+        this optimizer keep referring to them); call it before the first backward, before
+        wrapping the model (DDP buckets grads by dtype), after loading weights and state."""
+        if dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"cast_params_ takes torch.bfloat16 or torch.float16, got {dtype}")
+        for p in self._params():
+            if p.dtype != torch.float32:
+                continue
+            if p.grad is not None:
+                raise ValueError("cast_params_ needs params without grads (call it before the first backward)")
+            self.state[p]["master"] = self._fp32_copy(p)
+            p.data = p.data.to(dtype)  # keeps the memory format (channels_last stays)
+
     def _init_state(self, p):
         state = self.state[p]
         state["step"] = 0  # a Python int: no tensor op per parameter per step
         state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
         state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
-        if p.dtype != torch.float32:
+        if p.dtype != torch.float32 and "master" not in state:  # cast_params_ made it already
             state["master"] = self._fp32_copy(p)
 
     @torch.compiler.disable  # the kernels run eagerly: a step updates tensors in place, outside any model graph
@@ -171,22 +194,31 @@ class FusedAdamWEMA(torch.optim.Optimizer):
         exp_avg_sqs = [s["exp_avg_sq"] for s in states]
         dispatch("adamw_ema_", params[0].device, self.backend, params, grads, exp_avgs, exp_avg_sqs, masters, emas, scalars)
 
-    def state_dict(self, *, ema=True):
-        """As torch's; ema=False leaves out the EMA tensors, for a caller that saves them
-        elsewhere (a trainer's ema.safetensors): an SD2 UNet's EMA is 3.5 GB."""
+    def state_dict(self, *, ema=True, master=True):
+        """As torch's; ema=False / master=False leave out the EMA tensors / the master weights,
+        for a caller that saves them elsewhere (a trainer's ema.safetensors, and its
+        unet.safetensors written from master_weights()): each is 3.5 GB for an SD2 UNet."""
         state_dict = super().state_dict()
-        if not ema:
+        left_out = {k for k, keep in (("ema", ema), ("master", master)) if not keep}
+        if left_out:
             state_dict["state"] = {
-                i: {k: v for k, v in s.items() if k != "ema"} for i, s in state_dict["state"].items()
+                i: {k: v for k, v in s.items() if k not in left_out} for i, s in state_dict["state"].items()
             }
         return state_dict
 
     def load_state_dict(self, state_dict):
-        """As torch's, but keeps the state fp32: torch casts it to each param's dtype."""
+        """As torch's, but keeps the state fp32: torch casts it to each param's dtype. A saved
+        master is not loaded for an fp32 param (which is its own master: the state of a bf16
+        run resumed in fp32); the param's own values stand."""
         super().load_state_dict(state_dict)
         saved = state_dict["state"]
         ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         for i, p in zip(ids, self._params()):
+            state = self.state[p]
             for key, value in saved.get(i, {}).items():
-                if key != "step":
-                    self.state[p][key] = value.to(device=p.device, dtype=torch.float32)
+                if key == "step":
+                    continue
+                if key == "master" and p.dtype == torch.float32:
+                    del state[key]
+                else:
+                    state[key] = value.to(device=p.device, dtype=torch.float32)

@@ -70,8 +70,9 @@ def test_tiny_run_writes_table_json_and_plot(bench, tmp_path, monkeypatch, capsy
         assert row["images_per_s"] > 0 and row["tflops"] > 0
     assert by_name["baseline"]["speedup_vs_baseline"] == 1.0
     assert by_name["baseline"]["backends"] == {"attention": "materialized", "group_norm": "torch.nn+silu",
-                                               "layer_norm": "torch", "geglu": "torch"}
+                                               "layer_norm": "torch", "geglu": "torch", "weights": "fp32"}
     assert by_name["+ bf16 LayerNorm"]["backends"]["layer_norm"] == "bf16"
+    assert by_name["+ bf16 weights"]["backends"]["weights"] == by_name["+ our DDP"]["backends"]["weights"] == "bf16"
     assert by_name["+ larger micro-batch"]["batch"] == 2 * by_name["baseline"]["batch"]
     assert by_name["+ fused AdamW+EMA, scheduled EMA"]["step_s_ema"]
     assert by_name[bench.PLAIN[0]]["recipe"]["compile"] is True

@@ -277,6 +277,88 @@ def test_state_dict_without_ema_then_the_ema_restarted_from_its_tensors():
         assert torch.equal(e, e2)
 
 
+def _fp32_params():
+    params = [p.requires_grad_() for p in make_params("cpu")]
+    params[-1].data = params[-1].data.to(memory_format=torch.channels_last)
+    return params
+
+
+def _steps(opt, n, seed):
+    torch.manual_seed(seed)
+    for _ in range(n):
+        for p in opt._params():
+            p.grad = torch.randn(p.shape).to(p.dtype)
+        opt.step()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_cast_params_keeps_the_fp32_values_as_masters(backend):
+    # bf16 weights, fp32 masters: the trainer's train.precision=bf16-weights. The same steps
+    # (grads rounded to bf16, as the bf16 params get them) on fp32 params are the reference.
+    params = _fp32_params()
+    ref = [p.detach().clone().requires_grad_() for p in params]
+    opt = ck.FusedAdamWEMA(groups_of(params), ema_decay=0.9, backend=backend)
+    ids = [id(p) for p in params]
+    opt.cast_params_(torch.bfloat16)
+    assert [id(p) for p in opt._params()] == ids and all(p.dtype == torch.bfloat16 for p in params)
+    assert params[-1].is_contiguous(memory_format=torch.channels_last)
+    for m, r in zip(opt.master_weights(), ref):
+        assert m.dtype == torch.float32 and torch.equal(m, r)  # nothing rounded away
+    ref_opt = ck.FusedAdamWEMA(groups_of(ref), ema_decay=0.9, backend="torch")
+    for p, r in zip(params, ref):
+        p.grad = torch.randn(p.shape).to(torch.bfloat16)
+        r.grad = p.grad.float()
+    opt.step()
+    ref_opt.step()
+    for p, m, r, e, re in zip(params, opt.master_weights(), ref, opt.ema_params(), ref_opt.ema_params()):
+        torch.testing.assert_close(m, r.detach(), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(e, re, rtol=1e-6, atol=1e-6)
+        if not (backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"):  # it truncates to bf16
+            assert torch.equal(p.detach(), m.to(torch.bfloat16))
+
+
+def test_resume_without_masters_from_the_saved_fp32_weights():
+    # The trainer saves master_weights() as the model and state_dict(master=False); resuming
+    # loads the fp32 weights, the state, and casts again: the run goes on bit for bit.
+    params = _fp32_params()
+    opt = ck.FusedAdamWEMA(groups_of(params), backend="torch")
+    opt.cast_params_(torch.bfloat16)
+    _steps(opt, 2, 0)
+    weights = [m.clone() for m in opt.master_weights()]
+    saved = copy.deepcopy(opt.state_dict(master=False))
+    assert all("master" not in s and "exp_avg" in s for s in saved["state"].values())
+    assert all("master" in opt.state[p] for p in params)  # the optimizer's own state is untouched
+    params2 = [w.clone().requires_grad_() for w in weights]
+    opt2 = ck.FusedAdamWEMA(groups_of(params2), backend="torch")
+    opt2.load_state_dict(saved)
+    opt2.cast_params_(torch.bfloat16)
+    _steps(opt, 3, 1)
+    _steps(opt2, 3, 1)
+    for a, b in zip(opt.master_weights() + params, opt2.master_weights() + params2):
+        assert torch.equal(a, b)
+
+
+def test_a_bf16_runs_state_resumed_on_fp32_params_drops_the_masters():
+    params = [p.to(torch.bfloat16).requires_grad_() for p in make_params("cpu")]
+    opt = ck.FusedAdamWEMA(params, backend="torch")
+    _steps(opt, 1, 0)
+    params2 = [m.clone().requires_grad_() for m in opt.master_weights()]
+    opt2 = ck.FusedAdamWEMA(params2, backend="torch")
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert all("master" not in opt2.state[p] for p in params2)
+    assert all(w is p for w, p in zip(opt2.master_weights(), params2))  # an fp32 param is its own master
+
+
+def test_cast_params_bad_input():
+    params = _fp32_params()
+    opt = ck.FusedAdamWEMA(params, backend="torch")
+    with pytest.raises(ValueError, match="bfloat16 or torch.float16"):
+        opt.cast_params_(torch.float64)
+    params[0].grad = torch.zeros_like(params[0])
+    with pytest.raises(ValueError, match="before the first backward"):
+        opt.cast_params_(torch.bfloat16)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_ema_controls(backend):
     params = [torch.randn(s).requires_grad_() for s in SHAPES]

@@ -37,6 +37,29 @@ def test_resumed_run_is_bit_identical_to_an_unbroken_one(tmp_path, capsys):
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
 
 
+def test_bf16_weights_checkpoint_fp32_masters_and_resume_bit_identically(tmp_path, capsys):
+    # train.precision=bf16-weights: the UNet holds bf16 weights (CPU autocast), the optimizer
+    # fp32 masters. Checkpoints and the export hold the masters; a resumed run repeats an
+    # unbroken one bit for bit; the checkpoint resumes under another precision too.
+    bf16 = "train.precision=bf16-weights"
+    run(tmp_path / "a", "train.steps=4", bf16)
+    assert "bf16 weights with fp32 masters" in capsys.readouterr().out
+    run(tmp_path / "b", "train.steps=2", bf16)
+    run(tmp_path / "b", "train.steps=4", bf16)
+    a, b = checkpoint.load(checkpoint.latest(tmp_path / "a")), checkpoint.load(checkpoint.latest(tmp_path / "b"))
+    assert all("master" not in s for s in a["optimizer"]["optimizer"]["state"].values())  # unet.safetensors has them
+    for name in ("unet", "ema"):
+        assert all(v.dtype == torch.float32 for v in a[name].values())
+        assert all(torch.equal(a[name][k], b[name][k]) for k in a[name]), name
+    # masters, not bf16 weights widened: most values fall between two bf16 numbers
+    w = a["unet"]["conv_in.weight"]
+    assert (w != w.bfloat16().float()).float().mean() > 0.9
+    exported = load_file(tmp_path / "a" / "diffusers" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(exported[k], a["ema"][k]) for k in a["ema"])  # fp32 EMA, not rounded to bf16
+    run(tmp_path / "b", "train.steps=5", "train.precision=fp32")
+    assert checkpoint.load(checkpoint.latest(tmp_path / "b"))["state"]["step"] == 5
+
+
 def test_every_checkpoint_loads_into_diffusers(tmp_path):
     """Each step folder's unet/ is a diffusers UNet: the EMA weights once there are any."""
     diffusers = pytest.importorskip("diffusers")

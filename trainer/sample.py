@@ -47,7 +47,8 @@ def sample_images(unet, vae, text_encoder, prompts, *, resolution=None, n=1, ste
     unet(x, t, context) -> prediction; the same seed gives the same images. resolution: in
     pixels; by default the UNet's sample_size (a latent size, as in diffusers) times the VAE's
     downsampling. prediction_type: what the UNet was trained to predict. schedule: the training
-    NoiseSchedule (default: SD2's). On a GPU the UNet runs under bf16 autocast, as in training.
+    NoiseSchedule (default: SD2's). On a GPU the UNet runs under bf16 autocast, as in training
+    (and on a CPU too when its weights are bf16).
     """
     if isinstance(prompts, str) or not prompts:
         raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
@@ -57,9 +58,11 @@ def sample_images(unet, vae, text_encoder, prompts, *, resolution=None, n=1, ste
     resolution = resolution or unet.config["sample_size"] * f
     if resolution % f:
         raise ValueError(f"resolution {resolution} is not a multiple of the VAE's downsampling factor {f}")
-    device = next(unet.parameters()).device
+    weight = next(unet.parameters())
+    device = weight.device
     context = text_encoder.encode(list(prompts)).repeat_interleave(n, dim=0).to(device)
-    with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+    # bf16 weights (train.precision=bf16-weights) need autocast on a CPU too
+    with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda" or weight.dtype != torch.float32):
         latents = ddim_sample(
             unet, schedule or NoiseSchedule(), context, text_encoder.empty_embedding().to(device),
             latent_shape=(vae.config.latent_channels, resolution // f, resolution // f),

@@ -94,7 +94,10 @@ def main(argv=None):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     is_main = rank == 0
     torch.manual_seed(cfg["seed"] + rank)  # each rank draws its own noise and timesteps
-    autocast = device.type == "cuda" and cfg["train"]["precision"] == "bf16"
+    # bf16: autocast on GPUs (on CPUs it would only be slower); bf16-weights: bf16 weights
+    # (autocast then has no weight to cast) with fp32 masters in the optimizer, on any device.
+    precision = cfg["train"]["precision"]
+    autocast = precision == "bf16-weights" or (device.type == "cuda" and precision == "bf16")
     if device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
 
@@ -139,22 +142,25 @@ def main(argv=None):
     if cfg["model"]["gradient_checkpointing"]:
         unet.enable_gradient_checkpointing()
     if ckpt:
-        unet.load_state_dict(ckpt["unet"])
-    # the compiled forward shares unet's parameters; checkpoints and EMA keep using unet
-    model = torch.compile(unet, **compile_args) if compile_args else unet
-    model = DistributedDataParallel(model) if world > 1 else model
+        unet.load_state_dict(ckpt["unet"])  # fp32 weights, whatever the saving run's precision
     tc = cfg["train"]
     optimizer = ck.FusedAdamWEMA(unet.parameters(), lr=tc["lr"], betas=tuple(tc["betas"]), weight_decay=tc["weight_decay"])
+    if ckpt:
+        optimizer.load_state_dict(ckpt["optimizer"]["optimizer"])
+    if precision == "bf16-weights":  # before DDP, which buckets the grads by their dtype
+        optimizer.cast_params_(torch.bfloat16)
     ema = ScheduledEMA(unet, decay=cfg["ema"]["decay"], start_step=cfg["ema"]["start_step"],
                        every=cfg["ema"]["every"], warmup=cfg["ema"]["warmup"], optimizer=optimizer)
     if ckpt:
-        optimizer.load_state_dict(ckpt["optimizer"]["optimizer"])
         ema.load_state_dict(ckpt["optimizer"]["ema"], ckpt["ema"])
         if ckpt["rng"] is not None:
             checkpoint.set_rng_state(ckpt["rng"])
         else:  # a rank the saving run did not have
             print(f"rank {rank}: {ckpt_path} holds no RNG state for this rank; noise and timesteps "
                   "will not repeat the saved run's", flush=True)
+    # the compiled forward shares unet's parameters; checkpoints and EMA keep using unet
+    model = torch.compile(unet, **compile_args) if compile_args else unet
+    model = DistributedDataParallel(model) if world > 1 else model
     warmup = max(1, tc["warmup_steps"])
     lr_at = lambda step: tc["lr"] * min(1.0, (step + 1) / warmup)  # noqa: E731  linear warm-up, then constant
     schedule = diffusion.NoiseSchedule().to(device)
@@ -163,7 +169,8 @@ def main(argv=None):
     n_params = sum(p.numel() for p in unet.parameters())
     log(f"world {world} x batch {batch} x accum {accum} = {world * batch * accum} images/step, "
         f"{n_params / 1e6:.1f}M UNet parameters, device {device}, autocast bf16: {autocast}"
-        + (" (LayerNorm in bf16 too)" if autocast else ""))
+        + (" (LayerNorm in bf16 too)" if autocast else "")
+        + (", bf16 weights with fp32 masters in the optimizer" if precision == "bf16-weights" else ""))
     log("kernel backends usable, best first: "
         + "; ".join(f"{op}: {', '.join(names)}" for op, names in ck.available_backends(device).items())
         + f" (CCKERNELS_BACKEND={os.environ.get('CCKERNELS_BACKEND', 'unset')})")
@@ -200,6 +207,10 @@ def main(argv=None):
         optimizer.zero_grad(set_to_none=True)
         return mean_loss, norm, finite
 
+    def fp32_weights():  # the UNet's state_dict, with the optimizer's fp32 masters of bf16 weights
+        names = (n for n, _ in unet.named_parameters())
+        return {**unet.state_dict(), **dict(zip(names, optimizer.master_weights()))}
+
     def save(step):
         if is_main:
             checkpoint.begin(out_dir, step)
@@ -209,8 +220,8 @@ def main(argv=None):
         if is_main:
             state = {"step": step, "data_position": list(loader.position()), "bad_steps": bad_steps}
             path = checkpoint.commit(
-                out_dir, step, unet=unet.state_dict(), ema=ema.state_tensors(), config=cfg,
-                optimizer={"optimizer": optimizer.state_dict(ema=False), "ema": ema.state_dict()},
+                out_dir, step, unet=fp32_weights(), ema=ema.state_tensors(), config=cfg,
+                optimizer={"optimizer": optimizer.state_dict(ema=False, master=False), "ema": ema.state_dict()},
                 state=state, keep=cfg["checkpoint"]["keep"], diffusers_config=unet.diffusers_config(),
             )
             log(f"step {step}: checkpoint {path}")
@@ -258,8 +269,7 @@ def main(argv=None):
 
     samples(steps)
     if is_main:
-        with ema.swapped_in():
-            unet.save_diffusers(out_dir / "diffusers" / "unet")
+        unet.save_diffusers(out_dir / "diffusers" / "unet", {**fp32_weights(), **(ema.state_tensors() or {})})
         log(f"done: checkpoints in {checkpoint.checkpoint_dir(out_dir)}, diffusers UNet in {out_dir / 'diffusers' / 'unet'}")
     if world > 1:
         dist.destroy_process_group()

@@ -595,14 +595,21 @@ class UNet(nn.Module):
         """The config.json dict of UNet2DConditionModel.from_pretrained."""
         return {"_class_name": DIFFUSERS_CLASS, **self.config}
 
-    def save_diffusers(self, folder):
-        """Write config.json + diffusion_pytorch_model.safetensors for UNet2DConditionModel.from_pretrained."""
+    def save_diffusers(self, folder, state_dict=None):
+        """Write config.json + diffusion_pytorch_model.safetensors for UNet2DConditionModel.from_pretrained.
+        state_dict: the weights to write (e.g. fp32 EMA ones) instead of the module's own."""
         from safetensors.torch import save_file
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         write_diffusers_config(folder, self.diffusers_config())
-        save_file(self.diffusers_state_dict(), str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+        ours = self.state_dict()
+        weights = ours if state_dict is None else state_dict
+        if set(weights) != set(ours):
+            raise ValueError(f"state_dict does not match this UNet: missing {sorted(set(ours) - set(weights))[:3]}, "
+                             f"extra {sorted(set(weights) - set(ours))[:3]}")
+        save_file({k: v.detach().contiguous() for k, v in weights.items()}, str(folder / WEIGHTS_NAME),
+                  metadata={"format": "pt"})
 
 
 def write_diffusers_config(folder, config):
