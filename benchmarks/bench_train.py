@@ -28,7 +28,7 @@ online) -> caption dropout -> UNet forward/backward under bf16 autocast (fp32 we
                  only runs in the last --ema-fraction of training (CommonCanvas: 3.5%), so the
                  step time is (1 - f) * t(no EMA) + f * t(fused EMA), both measured; the peak
                  memory includes the EMA shadow
-  + bf16 weights   the UNet's weights in bf16, FusedAdamWEMA's fp32 masters updated by the step
+  + bf16 weights   the UNet's weights in bf16 (GroupNorms' aside), FusedAdamWEMA's fp32 masters
                  (train.precision=bf16-weights): autocast has no weight to cast (about 2,000
                  copy kernels a step for SD2, forward and gradient casts) and grads are bf16
   + DALI decoding   (before precomputed latents, which remove decoding from the loop: after
@@ -401,7 +401,7 @@ def run_row(recipe, name, batch, shared):
     before_ema = a.warmup + a.steps + (PROFILE_STEPS if a.profile else 0)
     optimizer, ema_step = make_optimizer(recipe, unet, ema_start=before_ema + 1)
     if recipe.weights == "bf16":  # before the DDP wrapper, which buckets grads by dtype
-        optimizer.cast_params_(torch.bfloat16)
+        optimizer.cast_params_(torch.bfloat16, unet.bf16_weight_params())
     model = wrap(recipe, unet, a)
     if recipe.data == "latents":
         shared.drop_encoders()

@@ -102,14 +102,20 @@ class FusedAdamWEMA(torch.optim.Optimizer):
         return [self._weights(p) for p in self._params()]
 
     @torch.no_grad()
-    def cast_params_(self, dtype):
-        """Store every fp32 param in `dtype` (bf16 or fp16), its current fp32 values kept as its
-        master: nothing is rounded away. The Parameter objects stay the same (the model and
-        this optimizer keep referring to them); call it before the first backward, before
-        wrapping the model (DDP buckets grads by dtype), after loading weights and state."""
+    def cast_params_(self, dtype, params=None):
+        """Store every fp32 param (of `params`, default all) in `dtype` (bf16 or fp16), its
+        current fp32 values kept as its master: nothing is rounded away. The Parameter objects
+        stay the same (the model and this optimizer keep referring to them); call it before the
+        first backward, before wrapping the model (DDP buckets grads by dtype), after loading
+        weights and state."""
         if dtype not in (torch.bfloat16, torch.float16):
             raise ValueError(f"cast_params_ takes torch.bfloat16 or torch.float16, got {dtype}")
-        for p in self._params():
+        mine = self._params()
+        chosen = mine if params is None else list(params)
+        ids = {id(p) for p in mine}
+        if any(id(p) not in ids for p in chosen):
+            raise ValueError("cast_params_: params holds tensors this optimizer does not step")
+        for p in chosen:
             if p.dtype != torch.float32:
                 continue
             if p.grad is not None:

@@ -349,11 +349,26 @@ def test_a_bf16_runs_state_resumed_on_fp32_params_drops_the_masters():
     assert all(w is p for w, p in zip(opt2.master_weights(), params2))  # an fp32 param is its own master
 
 
+def test_cast_params_casts_the_chosen_ones():
+    # As the trainer keeps GroupNorm parameters fp32: the others stay as they were, steps mix both.
+    params = _fp32_params()
+    before = [p.detach().clone() for p in params]
+    opt = ck.FusedAdamWEMA(params, backend="torch")
+    opt.cast_params_(torch.bfloat16, params[::2])
+    assert [p.dtype for p in params] == [torch.bfloat16, torch.float32] * 3
+    assert ["master" in opt.state[p] for p in params] == [True, False] * 3
+    assert all(torch.equal(m, b) for m, b in zip(opt.master_weights(), before))
+    _steps(opt, 2, 0)
+    assert all(torch.equal(p, m.to(p.dtype)) for p, m in zip(params, opt.master_weights()))
+
+
 def test_cast_params_bad_input():
     params = _fp32_params()
     opt = ck.FusedAdamWEMA(params, backend="torch")
     with pytest.raises(ValueError, match="bfloat16 or torch.float16"):
         opt.cast_params_(torch.float64)
+    with pytest.raises(ValueError, match="does not step"):
+        opt.cast_params_(torch.bfloat16, [torch.nn.Parameter(torch.zeros(2))])
     params[0].grad = torch.zeros_like(params[0])
     with pytest.raises(ValueError, match="before the first backward"):
         opt.cast_params_(torch.bfloat16)

@@ -308,6 +308,25 @@ def test_export_then_import_is_exact(tmp_path):
         torch.testing.assert_close(unet(x, t, context), ref(x, t, context).sample, rtol=1e-4, atol=1e-5)
 
 
+def test_save_diffusers_writes_given_weights_and_checks_their_names(tmp_path):
+    # The trainer exports fp32 EMA weights / masters of a UNet that may hold bf16 ones.
+    unet = UNet.from_config(TINY)
+    weights = {k: torch.randn_like(v) for k, v in unet.state_dict().items()}
+    unet.save_diffusers(tmp_path / "unet", weights)
+    back = UNet.from_diffusers(tmp_path / "unet").state_dict()
+    assert all(torch.equal(back[k], weights[k]) for k in weights)
+    with pytest.raises(ValueError, match=r"missing \['conv_in.bias'\]"):
+        unet.save_diffusers(tmp_path / "bad", {k: v for k, v in weights.items() if k != "conv_in.bias"})
+
+
+def test_bf16_weight_params_are_all_but_the_group_norms():
+    unet = UNet.from_config(TINY)
+    norms = {id(p) for m in unet.modules() if isinstance(m, torch.nn.GroupNorm) for p in m.parameters()}
+    chosen = {id(p) for p in unet.bf16_weight_params()}
+    assert norms and not norms & chosen
+    assert norms | chosen == {id(p) for p in unet.parameters()}
+
+
 def test_loads_diffusers_pipeline_folder_and_file(tmp_path):
     """A diffusers save (a pipeline's unet/ folder) loads by folder, pipeline folder or file."""
     ref, _ = diffusers_pair(TINY)

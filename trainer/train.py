@@ -148,7 +148,7 @@ def main(argv=None):
     if ckpt:
         optimizer.load_state_dict(ckpt["optimizer"]["optimizer"])
     if precision == "bf16-weights":  # before DDP, which buckets the grads by their dtype
-        optimizer.cast_params_(torch.bfloat16)
+        optimizer.cast_params_(torch.bfloat16, unet.bf16_weight_params())
     ema = ScheduledEMA(unet, decay=cfg["ema"]["decay"], start_step=cfg["ema"]["start_step"],
                        every=cfg["ema"]["every"], warmup=cfg["ema"]["warmup"], optimizer=optimizer)
     if ckpt:
