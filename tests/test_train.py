@@ -60,6 +60,38 @@ def test_bf16_weights_checkpoint_fp32_masters_and_resume_bit_identically(tmp_pat
     assert checkpoint.load(checkpoint.latest(tmp_path / "b"))["state"]["step"] == 5
 
 
+def _bf16_weights_rank(rank, port, out_dir):
+    """One spawned rank of a 2-rank bf16-weights run; writes the UNet's weights after it."""
+    import os
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    wrapped = []
+    ddp = train.DistributedDataParallel
+    train.DistributedDataParallel = lambda model: wrapped.append(model) or ddp(model)
+    train.main([*TINY, "train.steps=2", "train.precision=bf16-weights", "sample.steps=1", f"out_dir={out_dir}"])
+    torch.save({n: p.detach() for n, p in wrapped[0].named_parameters()}, f"{out_dir}/rank{rank}.pt")
+
+
+def test_bf16_weights_ranks_start_from_the_same_masters(tmp_path):
+    # cast_params_ takes the fp32 masters before DDP broadcasts rank 0's weights: a UNet
+    # initialized differently on each rank would leave each its own masters, and the first
+    # optimizer step would write them back into the bf16 weights (the ranks then diverge).
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_bf16_weights_rank, args=(port, str(tmp_path)), nprocs=2, start_method="spawn")
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)
+    masters = checkpoint.load(checkpoint.latest(tmp_path))["unet"]  # rank 0's
+    assert all(torch.equal(r1[k], masters[k].to(r1[k].dtype)) for k in r1)
+
+
 def test_every_checkpoint_loads_into_diffusers(tmp_path):
     """Each step folder's unet/ is a diffusers UNet: the EMA weights once there are any."""
     diffusers = pytest.importorskip("diffusers")

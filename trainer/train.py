@@ -136,7 +136,11 @@ def main(argv=None):
     empty_ctx = loader.empty_embedding if latents_format else text_encoder.empty_embedding().to(device)
 
     # -- model, optimizer, EMA -----------------------------------------------------------------
-    unet = UNet.from_config(cfg["model"]["unet"]).to(device)
+    # The same initial weights on every rank, not only after DDP's broadcast: bf16-weights'
+    # fp32 masters are taken (cast_params_) before DDP wraps the model, and the EMA may start.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg["seed"])
+        unet = UNet.from_config(cfg["model"]["unet"]).to(device)
     if cfg["model"]["channels_last"]:
         unet = unet.to(memory_format=torch.channels_last)
     if cfg["model"]["gradient_checkpointing"]:
