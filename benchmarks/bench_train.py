@@ -393,8 +393,11 @@ def run_row(recipe, name, batch, shared):
         phases[label] = now - t_phase
         t_phase = now
 
-    torch.manual_seed(shared.rank)
+    # The same initial weights on every rank: the bf16 row's fp32 masters are taken before the
+    # DDP wrapper broadcasts rank 0's weights. Then each rank its own noise.
+    torch.manual_seed(0)
     unet = build_unet(shared.cfg["model"]["unet"], recipe, device)
+    torch.manual_seed(shared.rank)
     scheduled = recipe.ema == "scheduled"
     # Scheduled EMA starts after the untimed step that follows the first timed window (and the
     # profiled steps, which then time the same steps as that window).
