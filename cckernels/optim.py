@@ -107,7 +107,7 @@ class FusedAdamWEMA(torch.optim.Optimizer):
         current fp32 values kept as its master: nothing is rounded away. The Parameter objects
         stay the same (the model and this optimizer keep referring to them); call it before the
         first backward, before wrapping the model (DDP buckets grads by dtype), after loading
-        weights and state."""
+        weights. A later `load_state_dict` of a state without masters keeps these."""
         if dtype not in (torch.bfloat16, torch.float16):
             raise ValueError(f"cast_params_ takes torch.bfloat16 or torch.float16, got {dtype}")
         mine = self._params()
@@ -215,8 +215,11 @@ class FusedAdamWEMA(torch.optim.Optimizer):
     def load_state_dict(self, state_dict):
         """As torch's, but keeps the state fp32: torch casts it to each param's dtype. A saved
         master is not loaded for an fp32 param (which is its own master: the state of a bf16
-        run resumed in fp32); the param's own values stand."""
-        super().load_state_dict(state_dict)
+        run resumed in fp32); the param's own values stand. A bf16/fp16 param whose saved state
+        has no master (state_dict(master=False)) keeps the master it had, else gets one from
+        its own values (as its first step would)."""
+        kept = {id(p): self.state[p]["master"] for p in self._params() if "master" in self.state.get(p, {})}
+        super().load_state_dict(state_dict)  # replaces self.state: masters not in state_dict are gone
         saved = state_dict["state"]
         ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         for i, p in zip(ids, self._params()):
@@ -228,3 +231,8 @@ class FusedAdamWEMA(torch.optim.Optimizer):
                     del state[key]
                 else:
                     state[key] = value.to(device=p.device, dtype=torch.float32)
+            if p.dtype != torch.float32 and "master" not in state:
+                if id(p) in kept:
+                    state["master"] = kept[id(p)]
+                elif "step" in state:  # stepped already: no _init_state to make it
+                    state["master"] = self._fp32_copy(p)

@@ -338,6 +338,29 @@ def test_resume_without_masters_from_the_saved_fp32_weights():
         assert torch.equal(a, b)
 
 
+def test_a_state_without_masters_loaded_after_cast_params_keeps_them():
+    # load_state_dict replaces the whole state: cast_params_' masters, and a stepped bf16
+    # param's, must survive a state saved with master=False (else step() has no master).
+    params = _fp32_params()
+    opt = ck.FusedAdamWEMA(params, backend="torch")
+    opt.cast_params_(torch.bfloat16)
+    _steps(opt, 1, 0)
+    saved = copy.deepcopy(opt.state_dict(master=False))
+    params2 = [m.clone().requires_grad_() for m in opt.master_weights()]
+    opt2 = ck.FusedAdamWEMA(params2, backend="torch")
+    opt2.cast_params_(torch.bfloat16)  # before the load, this time
+    opt2.load_state_dict(saved)
+    assert all(torch.equal(a, b) for a, b in zip(opt2.master_weights(), opt.master_weights()))
+    _steps(opt, 1, 1)
+    _steps(opt2, 1, 1)
+    assert all(torch.equal(a, b) for a, b in zip(opt2.master_weights() + params2, opt.master_weights() + params))
+    bf16 = [p.detach().clone().requires_grad_() for p in params]  # bf16 from the start: masters from their values
+    opt3 = ck.FusedAdamWEMA(bf16, backend="torch")
+    opt3.load_state_dict(saved)
+    assert all(torch.equal(m, p.float()) for m, p in zip(opt3.master_weights(), bf16))
+    _steps(opt3, 1, 1)
+
+
 def test_a_bf16_runs_state_resumed_on_fp32_params_drops_the_masters():
     params = [p.to(torch.bfloat16).requires_grad_() for p in make_params("cpu")]
     opt = ck.FusedAdamWEMA(params, backend="torch")
