@@ -31,7 +31,9 @@ Mechanics: `_traced` is marked torch._dynamo.allow_in_graph, so dynamo puts one 
 into its graph without looking inside (its op, backend, None and str arguments stay constants
 of that node, a symbolic number stays a graph input), and runs it on fake tensors. AOTAutograd
 then traces into it, natively in Python: there the eager dispatch runs and our custom ops (or
-the reference's torch ops) are what the graph records. An exception raised inside comes out as
+the reference's torch ops) are what the graph records. With backend="eager" nothing traces into
+it: the graph calls `_traced` on real tensors at every run, so the backend is chosen again per
+call (through the custom ops), not once at trace time. An exception raised inside comes out as
 an obscure dynamo error, so the ValueError checks (arguments, backend name) run before it,
 where dynamo traces them.
 
