@@ -113,13 +113,15 @@ class FusedAdamWEMA(torch.optim.Optimizer):
         mine = self._params()
         chosen = mine if params is None else list(params)
         ids = {id(p) for p in mine}
-        if any(id(p) not in ids for p in chosen):
-            raise ValueError("cast_params_: params holds tensors this optimizer does not step")
+        for i, p in enumerate(chosen):  # all checked before any is cast: an error leaves none cast
+            if id(p) not in ids:
+                raise ValueError(f"cast_params_: params[{i}] (shape {tuple(p.shape)}) is a tensor this optimizer does not step")
+            if p.dtype == torch.float32 and p.grad is not None:
+                raise ValueError(f"cast_params_ needs params without grads (call it before the first backward); "
+                                 f"params[{i}] (shape {tuple(p.shape)}) has one")
         for p in chosen:
             if p.dtype != torch.float32:
                 continue
-            if p.grad is not None:
-                raise ValueError("cast_params_ needs params without grads (call it before the first backward)")
             self.state[p]["master"] = self._fp32_copy(p)
             p.data = p.data.to(dtype)  # keeps the memory format (channels_last stays)
 

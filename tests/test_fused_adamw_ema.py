@@ -390,11 +390,12 @@ def test_cast_params_bad_input():
     opt = ck.FusedAdamWEMA(params, backend="torch")
     with pytest.raises(ValueError, match="bfloat16 or torch.float16"):
         opt.cast_params_(torch.float64)
-    with pytest.raises(ValueError, match="does not step"):
+    with pytest.raises(ValueError, match=r"params\[0\] \(shape \(2,\)\) is a tensor this optimizer does not step"):
         opt.cast_params_(torch.bfloat16, [torch.nn.Parameter(torch.zeros(2))])
-    params[0].grad = torch.zeros_like(params[0])
-    with pytest.raises(ValueError, match="before the first backward"):
+    params[1].grad = torch.zeros_like(params[1])
+    with pytest.raises(ValueError, match=r"before the first backward\); params\[1\]"):
         opt.cast_params_(torch.bfloat16)
+    assert all(p.dtype == torch.float32 for p in params) and not any(opt.state.values())  # none cast
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
