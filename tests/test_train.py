@@ -92,6 +92,27 @@ def test_bf16_weights_ranks_start_from_the_same_masters(tmp_path):
     assert all(torch.equal(r1[k], masters[k].to(r1[k].dtype)) for k in r1)
 
 
+@pytest.mark.gpu
+@pytest.mark.timeout(180)  # three tiny runs with sampling (run_gpu.sh gives other tests 60 s)
+def test_bf16_weights_on_gpu_with_the_default_kernels(tmp_path, monkeypatch, capsys):
+    # The whole bf16-weights path on CUDA with the best backends (the CUDA GroupNorm reading
+    # the fp32 GroupNorm parameters, the fused optimizer's bf16 + fp32 buckets): deterministic,
+    # so 1 + 1 resumed steps repeat 2 unbroken ones bit for bit. (Not on a CPU under Triton's
+    # interpreter: its fp32 -> bf16 casts truncate, so its stepped weights differ in the last
+    # bit from the resumed run's rounded cast of the masters.)
+    monkeypatch.delenv("CCKERNELS_BACKEND")
+    common = ("train.precision=bf16-weights", "train.deterministic=true", "model.channels_last=true")
+    run(tmp_path / "a", "train.steps=2", *common)
+    out = capsys.readouterr().out
+    assert "bf16 weights with fp32 masters" in out and "device cuda" in out
+    run(tmp_path / "b", "train.steps=1", *common)
+    run(tmp_path / "b", "train.steps=2", *common)
+    a, b = (checkpoint.load(checkpoint.latest(tmp_path / n)) for n in "ab")
+    for name in ("unet", "ema"):
+        assert all(v.dtype == torch.float32 for v in a[name].values())
+        assert all(torch.equal(a[name][k], b[name][k]) for k in a[name]), name
+
+
 def test_every_checkpoint_loads_into_diffusers(tmp_path):
     """Each step folder's unet/ is a diffusers UNet: the EMA weights once there are any."""
     diffusers = pytest.importorskip("diffusers")
