@@ -29,7 +29,7 @@ online) -> caption dropout -> UNet forward/backward under bf16 autocast (fp32 we
                  step time is (1 - f) * t(no EMA) + f * t(fused EMA), both measured; the peak
                  memory includes the EMA shadow
   + bf16 weights   the UNet's weights in bf16 (GroupNorms' aside), FusedAdamWEMA's fp32 masters
-                 (train.precision=bf16-weights): autocast has no weight to cast (about 2,000
+                 (train.precision=bf16-weights): autocast has no weight to cast (about 1,100
                  copy kernels a step for SD2, forward and gradient casts) and grads are bf16
   + DALI decoding   (before precomputed latents, which remove decoding from the loop: after
                  them DALI would change nothing)

@@ -77,7 +77,7 @@ DEFAULTS = {
         "grad_clip": 1.0,
         # bf16: autocast with fp32 weights on GPU (a CPU trains in fp32); bf16-weights: autocast
         # with bf16 weights (GroupNorms' stay fp32) and fp32 masters in the optimizer, on any
-        # device: no weight casts (~2,000 copy kernels a step for SD2), grads in bf16 (half the
+        # device: no weight casts (~1,100 copy kernels a step for SD2), grads in bf16 (half the
         # memory and all-reduce bytes; with train.grad_accum > 1 they also add up in bf16);
         # checkpoints and exports hold the fp32 masters
         "precision": "bf16",
