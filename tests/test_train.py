@@ -58,6 +58,8 @@ def test_bf16_weights_checkpoint_fp32_masters_and_resume_bit_identically(tmp_pat
     assert all(torch.equal(exported[k], a["ema"][k]) for k in a["ema"])  # fp32 EMA, not rounded to bf16
     run(tmp_path / "b", "train.steps=5", "train.precision=fp32")
     assert checkpoint.load(checkpoint.latest(tmp_path / "b"))["state"]["step"] == 5
+    run(tmp_path / "b", "train.steps=6", bf16, "train.grad_accum=2")  # and back, accumulating
+    assert "grads add up in bf16 over the 2 micro-batches" in capsys.readouterr().out
 
 
 def _bf16_weights_rank(rank, port, out_dir):

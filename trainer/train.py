@@ -171,10 +171,13 @@ def main(argv=None):
     dc = cfg["diffusion"]
 
     n_params = sum(p.numel() for p in unet.parameters())
+    weights = ""
+    if precision == "bf16-weights":
+        weights = ", bf16 weights with fp32 masters in the optimizer"
+        weights += f" (grads add up in bf16 over the {accum} micro-batches)" if accum > 1 else ""
     log(f"world {world} x batch {batch} x accum {accum} = {world * batch * accum} images/step, "
         f"{n_params / 1e6:.1f}M UNet parameters, device {device}, autocast bf16: {autocast}"
-        + (" (LayerNorm in bf16 too)" if autocast else "")
-        + (", bf16 weights with fp32 masters in the optimizer" if precision == "bf16-weights" else ""))
+        + (" (LayerNorm in bf16 too)" if autocast else "") + weights)
     log("kernel backends usable, best first: "
         + "; ".join(f"{op}: {', '.join(names)}" for op, names in ck.available_backends(device).items())
         + f" (CCKERNELS_BACKEND={os.environ.get('CCKERNELS_BACKEND', 'unset')})")
