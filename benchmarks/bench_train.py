@@ -9,7 +9,8 @@ strongest plain-PyTorch recipe a user could pick instead.
 
 Every row is a full training step as trainer/train.py runs it: data -> (VAE + text encoder when
 online) -> caption dropout -> UNet forward/backward under bf16 autocast (fp32 weights until the
-"+ bf16 weights" row) through a DDP wrapper -> gradient clipping -> optimizer -> EMA. Rows (cumulative unless said otherwise):
+"+ bf16 weights" row) through a DDP wrapper -> gradient clipping -> optimizer -> EMA.
+Rows (cumulative unless said otherwise):
   baseline       attention materializing the softmax (ck.attention's "torch" reference: scores
                  and probabilities stored, as the original latent-diffusion code), torch.nn.GroupNorm
                  (autocast runs it in fp32) then a separate SiLU, torch.optim.AdamW with its

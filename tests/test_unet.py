@@ -315,7 +315,7 @@ def test_save_diffusers_writes_given_weights_and_checks_their_names(tmp_path):
     unet.save_diffusers(tmp_path / "unet", weights)
     back = UNet.from_diffusers(tmp_path / "unet").state_dict()
     assert all(torch.equal(back[k], weights[k]) for k in weights)
-    with pytest.raises(ValueError, match=r"missing \['conv_in.bias'\]"):
+    with pytest.raises(ValueError, match=r"1 missing \(e.g. \['conv_in.bias'\]\)"):
         unet.save_diffusers(tmp_path / "bad", {k: v for k, v in weights.items() if k != "conv_in.bias"})
 
 

@@ -560,8 +560,8 @@ class UNet(nn.Module):
         """A state dict that UNet2DConditionModel(**config).load_state_dict(sd) takes strictly."""
         return {k: v.detach().contiguous() for k, v in self.state_dict().items()}
 
-    def load_diffusers_state_dict(self, sd):
-        """Load a UNet2DConditionModel state dict; every key must match and nothing may be left."""
+    def _check_keys(self, sd):
+        """This UNet's state_dict, after a ValueError unless `sd` has exactly its keys."""
         ours = self.state_dict()
         missing, unexpected = sorted(set(ours) - set(sd)), sorted(set(sd) - set(ours))
         if missing or unexpected:
@@ -569,6 +569,11 @@ class UNet(nn.Module):
                 f"state dict does not match this UNet's config: {len(missing)} missing "
                 f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
             )
+        return ours
+
+    def load_diffusers_state_dict(self, sd):
+        """Load a UNet2DConditionModel state dict; every key must match and nothing may be left."""
+        ours = self._check_keys(sd)
         wrong = [f"{k}: {tuple(sd[k].shape)} vs ours {tuple(v.shape)}" for k, v in ours.items() if sd[k].shape != v.shape]
         if wrong:
             raise ValueError(f"{len(wrong)} tensors have the wrong shape for this config, e.g. {wrong[:3]}")
@@ -610,11 +615,8 @@ class UNet(nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         write_diffusers_config(folder, self.diffusers_config())
-        ours = self.state_dict()
-        weights = ours if state_dict is None else state_dict
-        if set(weights) != set(ours):
-            raise ValueError(f"state_dict does not match this UNet: missing {sorted(set(ours) - set(weights))[:3]}, "
-                             f"extra {sorted(set(weights) - set(ours))[:3]}")
+        weights = self.state_dict() if state_dict is None else state_dict
+        self._check_keys(weights)
         save_file({k: v.detach().contiguous() for k, v in weights.items()}, str(folder / WEIGHTS_NAME),
                   metadata={"format": "pt"})
 
