@@ -24,7 +24,8 @@ BLOCK = 1024
 ITERS = 4
 CHUNK = BLOCK * ITERS  # elements per program
 # 8 warps: with 4, each thread holds 8 elements of 6 buffers and ptxas for sm90 spills at 255
-# registers (sm80: 105); with 8 it needs 58 (python -m cckernels.inspect --op adamw_ema_).
+# registers (sm80: 105); with 8 it needs 59-62 under triton 3.8, 79-90 under 3.6 (the GPU
+# image's): 3 or 2 programs an SM (python -m cckernels.inspect --op adamw_ema_).
 NUM_WARPS = 8
 
 
@@ -38,6 +39,8 @@ def _adamw_ema_block(
     w = load(master, offs, n, EVEN) * decay_factor
     m = lerp(load(exp_avg, offs, n, EVEN), g, beta1_w)
     v = load(exp_avg_sq, offs, n, EVEN) * beta2 + beta2_w * g * g
+    if HAS_EMA:  # loaded with the others: after the stores below (which may alias it, for all the
+        e = load(ema, offs, n, EVEN)  # compiler knows) it would cost a second memory round trip
     denom = tl.math.div_rn(tl.math.sqrt_rn(v), bc2_sqrt) + eps  # IEEE sqrt/div, as torch
     w = w + (-step_size) * tl.math.div_rn(m, denom)
     store(exp_avg, offs, m, n, EVEN)
@@ -46,7 +49,7 @@ def _adamw_ema_block(
     if HAS_MASTER:
         store(param, offs, w, n, EVEN)
     if HAS_EMA:
-        store(ema, offs, lerp(load(ema, offs, n, EVEN), w, ema_w), n, EVEN)
+        store(ema, offs, lerp(e, w, ema_w), n, EVEN)
 
 
 @triton.jit
