@@ -24,8 +24,7 @@ BLOCK = 1024
 ITERS = 4
 CHUNK = BLOCK * ITERS  # elements per program
 # 8 warps: with 4, each thread holds 8 elements of 6 buffers and ptxas for sm90 spills at 255
-# registers (sm80: 105); with 8 it needs 59-62 under triton 3.8, 79-90 under 3.6 (the GPU
-# image's): 3 or 2 programs an SM (python -m cckernels.inspect --op adamw_ema_).
+# registers (sm80: 105); with 8 it needs about 60 (python -m cckernels.inspect --op adamw_ema_).
 NUM_WARPS = 8
 
 
@@ -83,14 +82,15 @@ def _adamw_ema_kernel(
     exp_avg_sq = tensor_ptr(exp_avg_sq_base, offsets + 3 * T, t, ALIGNED)
     master = tensor_ptr(master_base, offsets + 4 * T, t, ALIGNED)
     ema = tensor_ptr(ema_base, offsets + 5 * T, t, ALIGNED)
+    # tl.range, not unrolled: 60-62 registers, not 79-90 (triton 3.6), so 4 programs an SM, not 2-3.
     if start + BLOCK * ITERS <= n:
-        for i in tl.static_range(ITERS):
+        for i in tl.range(ITERS):
             _adamw_ema_block(
                 param, grad, exp_avg, exp_avg_sq, master, ema, start + i * BLOCK + tl.arange(0, BLOCK), n,
                 decay_factor, beta1_w, beta2, beta2_w, step_size, bc2_sqrt, eps, ema_w, HAS_MASTER, HAS_EMA, True,
             )  # fmt: skip
     else:
-        for i in tl.static_range(ITERS):
+        for i in tl.range(ITERS):
             _adamw_ema_block(
                 param, grad, exp_avg, exp_avg_sq, master, ema, start + i * BLOCK + tl.arange(0, BLOCK), n,
                 decay_factor, beta1_w, beta2, beta2_w, step_size, bc2_sqrt, eps, ema_w, HAS_MASTER, HAS_EMA, False,
