@@ -279,6 +279,14 @@ class FeedForward(nn.Module):
         return self.net(x)
 
 
+def autocast_dtype(device):
+    """The autocast dtype on this device type, or None where autocast is off (always on meta,
+    which has no autocast: FLOP counts)."""
+    if device == "meta" or not torch.is_autocast_enabled(device):
+        return None
+    return torch.get_autocast_dtype(device)
+
+
 class LayerNorm(nn.LayerNorm):
     """nn.LayerNorm (same parameters and state_dict) that under autocast runs in the autocast
     dtype: CommonCanvas's low-precision LayerNorm. Torch's kernel keeps the statistics in fp32
@@ -288,12 +296,11 @@ class LayerNorm(nn.LayerNorm):
     autocast rounds a Linear's."""
 
     def forward(self, x):
-        device = x.device.type
-        if device == "meta" or not torch.is_autocast_enabled(device):  # meta has no autocast (FLOP counts)
+        dtype = autocast_dtype(x.device.type)
+        if dtype is None:
             return super().forward(x)
-        dtype = torch.get_autocast_dtype(device)
         weight, bias = (None if p is None else p.to(dtype) for p in (self.weight, self.bias))
-        with torch.autocast(device, enabled=False):
+        with torch.autocast(x.device.type, enabled=False):
             return F.layer_norm(x.to(dtype), self.normalized_shape, weight, bias, self.eps)
 
 
@@ -538,6 +545,9 @@ class UNet(nn.Module):
             )
         if self.config["center_input_sample"]:
             x = 2 * x - 1.0
+        dtype = autocast_dtype(x.device.type)
+        if dtype is not None:  # once, not at each cross-attention's k and v projection (32 in SD2)
+            encoder_hidden_states = encoder_hidden_states.to(dtype)
         t = torch.as_tensor(timesteps, device=x.device).reshape(-1)
         if t.numel() not in (1, x.shape[0]):
             raise ValueError(f"timesteps must be a number or hold 1 or B={x.shape[0]} values, got {t.numel()}")
