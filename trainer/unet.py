@@ -221,9 +221,11 @@ class ResnetBlock(nn.Module):
         self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
         self.output_scale_factor = output_scale_factor
 
-    def forward(self, x, temb):
+    def forward(self, x, temb_act):
+        """temb_act: SiLU of the time embedding. Diffusers applies it in each resnet, to the same
+        embedding: the UNet does it once (22 kernels fewer each way in SD2)."""
         h = self.conv1(self.norm1(x))
-        h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
+        h = h + self.time_emb_proj(temb_act)[:, :, None, None]
         h = self.conv2(self.dropout(self.norm2(h)))
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
         out = skip + h  # skip first: the sum takes x's memory format
@@ -553,7 +555,7 @@ class UNet(nn.Module):
             raise ValueError(f"timesteps must be a number or hold 1 or B={x.shape[0]} values, got {t.numel()}")
         t = t.expand(x.shape[0])
         t_emb = timestep_embedding(t, self.conv_in.out_channels, self.config["flip_sin_to_cos"], self.config["freq_shift"])
-        temb = self.time_embedding(t_emb.to(x.dtype))
+        temb = F.silu(self.time_embedding(t_emb.to(x.dtype)))  # as every resnet takes it
         h = self.conv_in(x)
         skips = [h]
         for block in self.down_blocks:
