@@ -8,21 +8,21 @@
 #
 # Budget per step (seconds, enforced with `timeout`; a step that fails or runs out is logged in
 # summary.md and the next one still runs; benchmarks with --budget-s start no new case after it
-# and still write their JSON):
-#   build 45 | build-check 15 | pytest -m gpu 170 | bench_attention 80 | bench_group_norm 60 |
-#   bench_geglu 25 | bench_ema 30 | bench_data 45 | profile_host 30 | bench_train 200 (6 timed
-#   steps and 2 profiled ones per row; no row starts after its budget less 30 s; JSON written
-#   after every row) = 700 s if every step used all of its budget (bench_ddp, 30 s, only runs
-#   with several).
+# and still write their JSON), in this order:
+#   build 45 | build-check 15 | pytest -m gpu 170 | bench_train 240 (6 timed steps and 2
+#   profiled ones per row; no row starts after its budget less 30 s; JSON written after every
+#   row) | bench_geglu 25 | bench_ema 30 | profile_host 30 | bench_group_norm 60 |
+#   bench_attention 80 | bench_data 45 = 740 s if every step used all of its budget (bench_ddp,
+#   30 s, only runs with several GPUs).
 # The whole run must end inside the caller's outer `timeout` (docs/benchmarks.md: 575 s less the
 # DALI install), or that kills it mid-step and summary.md is never written. So the script ends
 # itself by RUN_GPU_BUDGET_S (default 560): each step gets its budget or what is left of the
 # total (less 15 s: timeout's 10 s kill grace and the summary), whichever is less, and a step
-# with under 10 s left is skipped and logged as such. bench_train comes last and gets the rest,
-# its --budget-s following. The steps before bench_train took 318 s (H200, 2026-11-26 05:07:
-# build 21, pytest 101, bench_attention 80, bench_group_norm 60, bench_ema 17, bench_data 46).
-# bench_train's headline rows took 43 s (baseline), 56 (+ our DDP, with the Triton autotuning),
-# 26 (+ larger micro-batch): at 120 s the plain-PyTorch rows were cut; 170 s leaves them about 45 s.
+# with under 10 s left is skipped and logged as such. At 560 s the last steps get little or
+# nothing: bench_attention and bench_data, which the H200 runs of 2026-11-26 measured and whose
+# code has not changed since. There build took 21 s, pytest 101 (140 budget), and bench_train's
+# headline rows 43 s (baseline), 56 (+ our DDP, with the Triton autotuning), 26 (+ larger
+# micro-batch): at 120 s its plain-PyTorch rows were cut.
 # bench_precompute is left out for time: its GPU question (training on latents vs encoding
 # online, same UNet) is bench_train's "+ precomputed latents" row; run it alone when a visit
 # has time left.
@@ -132,36 +132,45 @@ per_test=$("$PY" -c "import pytest_timeout" 2>/dev/null && echo "--timeout 60")
 step pytest-gpu 170 env CCKERNELS_AUTOTUNE=0 "$PY" -m pytest -m gpu $xdist $per_test -v -rs --durations 15 \
     -p no:cacheprovider --junitxml="$OUT/pytest-gpu.xml" tests
 
-bench bench_attention 80 --budget-s 60
-bench bench_group_norm 60 --budget-s 45
+# Several GPUs: the training benchmark runs one process per GPU (a world of N), the others on one.
+# bench_train right after the tests: it is the headline (issue 11), and the H200 runs cut its
+# plain-PyTorch rows twice when it came last. CCKERNELS_AUTOTUNE=0: each attention shape
+# compiles the first config of its pool that fits instead of searching the pool (the search
+# compiles every config, and no bench_attention has warmed Triton's cache by now), which can
+# only make our rows slower than tuned ones. --no-compile: inductor takes minutes on the SD2
+# UNet, so a compiled row would use up the step's budget; the plain-PyTorch rows run eagerly and
+# "+ torch.compile" is skipped (docs/benchmarks.md has the separate call that measures both
+# compiled). Rows start until 30 s before the step's end (they took 26-56 s on the H200); a row
+# still running at the end is cut, leaving the earlier rows' JSON and PNG (written after each)
+# but no table in the log: the summary below prints it from the JSON.
+ngpu=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+left=$(time_left)
+train_s=$(( left < 240 ? left : 240 ))
+train_rows_s=$(( train_s > 30 ? train_s - 30 : 0 ))
+train_args=(--out "$OUT" --steps 6 --warmup 2 --budget-s "$train_rows_s" --no-compile --profile)
+if [ "$ngpu" -gt 1 ]; then
+    step bench_train "$train_s" env CCKERNELS_AUTOTUNE=0 "$PY" -m torch.distributed.run --standalone \
+        --nproc_per_node="$ngpu" benchmarks/bench_train.py "${train_args[@]}"
+else
+    step bench_train "$train_s" env CCKERNELS_AUTOTUNE=0 "$PY" benchmarks/bench_train.py "${train_args[@]}"
+fi
+
+# Then the kernels, the ones changed since the last GPU run first: attention and data last (the
+# 2026-11-26 H200 runs measured them, and their code has not changed since).
 bench bench_geglu 25 --budget-s 12
 bench bench_ema 30
-bench bench_data 45 --images 512
 # Where eager calls spend their host time (our kernels' were 2-4x PyTorch's); one config each.
 step profile_host 30 env CCKERNELS_AUTOTUNE=0 "$PY" benchmarks/profile_host.py --out "$OUT"
-# Several GPUs: the training benchmark runs one process per GPU (a world of N), the others on one.
-# --no-compile: inductor takes minutes on the SD2 UNet, so a compiled row would use up the step's
-# budget; the plain-PyTorch row runs eagerly and "+ torch.compile" is skipped (docs/benchmarks.md
-# has the separate call that measures both compiled).
-ngpu=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+bench bench_group_norm 60 --budget-s 45
 # bench_ddp needs two GPUs for NCCL; on one it would time two gloo processes on the CPU, which
 # CI's smoke test already covers.
 if [ "$ngpu" -gt 1 ]; then
     bench bench_ddp 30
-fi
-# Rows start until 30 s before the step's end (rows took 26-56 s, H200); a row still running at
-# the end is cut, leaving the earlier rows' JSON and PNG (written after each) but no table in the
-# log: the summary below prints it from the JSON.
-left=$(time_left)
-train_s=$(( left < 200 ? left : 200 ))
-train_rows_s=$(( train_s > 30 ? train_s - 30 : 0 ))
-if [ "$ngpu" -gt 1 ]; then
-    step bench_train "$train_s" "$PY" -m torch.distributed.run --standalone --nproc_per_node="$ngpu" \
-        benchmarks/bench_train.py --out "$OUT" --steps 6 --warmup 2 --budget-s "$train_rows_s" --no-compile --profile
 else
     printf '| bench_ddp | skipped: one GPU | - | - |\n' >> "$OUT/steps.md"
-    bench bench_train "$train_s" --steps 6 --warmup 2 --budget-s "$train_rows_s" --no-compile --profile
 fi
+bench bench_attention 80 --budget-s 60
+bench bench_data 45 --images 512
 
 {
     echo "# GPU run $(date -u +%Y-%m-%dT%H:%MZ) on $device ($(( $(date +%s) - t_all )) s)"

@@ -37,3 +37,7 @@ def test_run_gpu_ends_inside_its_total_budget(tmp_path):
     assert int(rows[first].split("|")[4]) <= 12
     for name in ("bench_attention", "bench_group_norm", "bench_ema", "bench_data", "profile_host", "bench_train"):
         assert "skipped: RUN_GPU_BUDGET_S=27 spent" in rows[name], rows[name]
+    # The headline first: a short run cuts the kernel benchmarks, not the training table.
+    order = list(rows)
+    assert order.index("bench_train") == order.index("pytest-gpu") + 1
+    assert order[-2:] == ["bench_attention", "bench_data"]
