@@ -1,3 +1,4 @@
+import gc
 import json
 import logging
 import os
@@ -5,6 +6,8 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -17,7 +20,7 @@ from tiny_models import TINY_UNET, StandInUNet, needs_open_clip, tiny_open_clip_
 from trainer import checkpoint, train
 from trainer import precompute as pc
 from trainer.data import build_index, builtin_dataset_path, make_loader
-from trainer.data.latents import TEXT_KEY, latent_key, shard_file
+from trainer.data.latents import TEXT_KEY, latent_key, prefetched, shard_file
 from trainer.data import decode_once
 from trainer.diffusion import NoiseSchedule, training_loss
 from trainer.encoders import (decode_latents, encode_images, encoder_config, load_open_clip_tower,
@@ -313,6 +316,51 @@ def test_latents_loader_shards_and_resume(precomputed):
         assert torch.equal(z, z2) and torch.equal(e, e2)
     first = loaders[0]
     assert not np.array_equal(np.concatenate(first.shards(0)), np.concatenate(first.shards(1)))  # reshuffled
+
+
+def test_prefetched_keeps_order_and_raises_at_the_failed_item():
+    def items():
+        yield from range(5)
+        raise ValueError("shard 3 unreadable")
+
+    got = []
+    with pytest.raises(ValueError, match="shard 3 unreadable"):
+        for x in prefetched(items(), 2):
+            got.append(x)
+    assert got == [0, 1, 2, 3, 4]
+    assert list(prefetched(iter(range(3)), 1)) == [0, 1, 2]
+
+
+def test_prefetched_reads_ahead_while_the_caller_works():
+    made = []
+
+    def items():
+        for i in range(4):
+            made.append(i)
+            yield i
+
+    it = prefetched(items(), 2)
+    assert next(it) == 0
+    deadline = time.monotonic() + 10
+    while len(made) < 3 and time.monotonic() < deadline:  # the caller "trains" on item 0
+        time.sleep(0.01)
+    assert made == [0, 1, 2]  # two ahead, no more
+    assert list(it) == [1, 2, 3]
+
+
+def prefetch_threads():
+    return [t for t in threading.enumerate() if t.name == "latents-prefetch"]
+
+
+def test_latents_loader_thread_stops_when_the_iterator_is_dropped(precomputed):
+    _, out, cache = precomputed
+    before = len(prefetch_threads())
+    it = iter(make_loader(latents_cfg(out), 2, cache_dir=cache))
+    next(it)
+    assert len(prefetch_threads()) == before + 1
+    del it
+    gc.collect()
+    assert len(prefetch_threads()) == before
 
 
 def test_training_on_latents_runs(precomputed):

@@ -147,15 +147,15 @@ class Loader:
         return [order[r * n // w:r * n // w + self.samples_per_epoch][start:] for r in range(w)]
 
     def __iter__(self):
-        for images, ids in self.decoder.stream(self._plans(), self.rank):
+        for batch, ids in self.decoder.stream(self._plans(), self.rank):
             self._sample += len(ids)
             if self._sample == self.samples_per_epoch:
                 self._epoch, self._sample = self._epoch + 1, 0
-            yield images, self.labels(ids)
+            yield self.pair(batch, ids)
 
-    def labels(self, ids):
-        """What a batch pairs with its images: the samples' captions."""
-        return [self.index.samples[i].caption for i in ids]
+    def pair(self, images, ids):
+        """A decoded batch and what it pairs with: the samples' captions."""
+        return images, [self.index.samples[i].caption for i in ids]
 
     def _plans(self):
         """(epoch, every rank's sample ids) from the current position on, forever. Decoders
@@ -174,5 +174,5 @@ class LatentLoader(Loader):
         super().__init__(index, reader, *args)
         self.empty_embedding = reader.empty_embedding()
 
-    def labels(self, ids):
-        return self.decoder.read("text_embeddings", ids)
+    def pair(self, batch, ids):
+        return batch  # the reader's (latents, text embeddings)
