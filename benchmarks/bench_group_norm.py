@@ -50,7 +50,11 @@ from timers import eager_ms, fmt, graph_cell, host_times, print_host_times, prin
 GROUPS = 32
 # (batch, channels, latent side): SD2 UNet GroupNorm inputs, encoder and decoder (whose
 # resnets see the skip-concatenated channels 640 ... 2560); 256 px -> 32x32 latents, 512 -> 64.
+# First (a short --budget-s keeps it): the larger micro-batch of 256 px training on one H100
+# (bench_train's "+ larger micro-batch" fits about 256 there), where steps are GPU-bound and the
+# backends' GPU times, not their host times, decide which one a step should call.
 SHAPES = {
+    "256px-b256": [(256, 320, 32), (256, 640, 16), (256, 1280, 8)],
     "256px": [(32, 320, 32), (32, 640, 16), (32, 1280, 8), (32, 1280, 4), (32, 2560, 8), (32, 1920, 16), (32, 960, 32)],
     "512px": [(8, 320, 64), (8, 640, 32), (8, 1280, 16), (8, 1280, 8), (8, 2560, 16), (8, 1920, 32), (8, 960, 64)],
 }
@@ -235,11 +239,11 @@ def add_ratios(rows, copy_gbps):
 def print_table(rows):
     """Every row: both times and the host time; GB/s and "of copy" from the graph time; the
     speed-up over torch-autocast in both timings."""
-    print(f"{'res':6} {'shape':>18} {'layout':6} {'mode':8} {'impl':15} {'forward':11} {'eager ms':>9} "
+    print(f"{'res':10} {'shape':>18} {'layout':6} {'mode':8} {'impl':15} {'forward':11} {'eager ms':>9} "
           f"{'graph ms (q20-q80)':>26} {'host us':>8} {'GB/s':>7} {'of copy':>7} {'same-size':>9} {'vs autocast eager':>17} "
           f"{'graph':>6}")
     for r in rows:
-        print(f"{r['res']:6} {'x'.join(map(str, r['shape'])):>18} {r['layout']:6} {r['mode']:8} {r['impl']:15} {r['forward']:11} "
+        print(f"{r['res']:10} {'x'.join(map(str, r['shape'])):>18} {r['layout']:6} {r['mode']:8} {r['impl']:15} {r['forward']:11} "
               f"{r['ms']:9.4f} {graph_cell(r):>26} {r['host_us']:8.1f} {fmt(r['graph_GBps'], '.1f'):>7} "
               f"{fmt(r['graph_of_copy'], '.2f'):>7} {fmt(r['graph_of_same_size_copy'], '.2f'):>9} "
               f"{fmt(r['speedup_vs_autocast'], '.2f', suffix='x'):>17} "
