@@ -167,7 +167,10 @@ __device__ __forceinline__ ChannelParams<VEC> channel_params(const Walk& wk, con
   return p;
 }
 
-__device__ __forceinline__ float sigmoid(float z) { return 1.0f / (1.0f + __expf(-z)); }
+// __fdividef: one approximate reciprocal and a multiply (2 ulp, as __expf), where 1.0f / d is
+// IEEE division: a reciprocal, Newton steps and a range check that branches to a slow-path call.
+// For z < -88, __expf(-z) is inf and the result 0, the limit.
+__device__ __forceinline__ float sigmoid(float z) { return __fdividef(1.0f, 1.0f + __expf(-z)); }
 
 // x and dy at one position of this thread's channels, loaded together by batched().
 template <typename T, int VEC>
