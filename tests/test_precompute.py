@@ -457,6 +457,22 @@ def test_precompute_on_gpu_matches_cpu(precomputed, tiny, tmp_path, backend):
     assert z.is_cuda and emb.is_cuda and loader.empty_embedding.is_cuda
 
 
+@pytest.mark.gpu
+def test_latents_loader_on_gpu_matches_cpu(precomputed):
+    """Rows gathered in the prefetch thread, pinned there and copied without blocking: the same
+    batches as on the CPU, and the thread stops with the iterator."""
+    _, out, cache = precomputed
+    before = len(prefetch_threads())
+    kw = dict(seed=5, cache_dir=cache)
+    cpu = take(make_loader(latents_cfg(out, dtype="bfloat16"), 2, **kw), 5)
+    gpu = take(make_loader(latents_cfg(out, dtype="bfloat16"), 2, device="cuda", **kw), 5)
+    for (z, e), (zg, eg) in zip(cpu, gpu):
+        assert zg.is_cuda and eg.is_cuda
+        assert torch.equal(z, zg.cpu()) and torch.equal(e, eg.cpu())
+    gc.collect()
+    assert len(prefetch_threads()) == before
+
+
 def test_bench_precompute_tiny(tmp_path):
     out = tmp_path / "bench"
     # Plain torch ops: the smoke test checks the benchmark, not the kernels (Triton's CPU

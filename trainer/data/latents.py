@@ -217,6 +217,8 @@ class LatentReader:
         after another."""
 
         def host_batches():
+            if self.device.type == "cuda":  # pin on this rank's GPU's context (as DataLoader's pin thread)
+                torch.cuda.set_device(self.device)
             for _, shards in plans:
                 ids = shards[rank]
                 for k in range(0, len(ids), self.batch_size):
