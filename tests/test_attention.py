@@ -169,6 +169,43 @@ def test_deterministic_flag_selects_atomic_free_kernels(monkeypatch, how, needs)
             torch.use_deterministic_algorithms(False)
 
 
+@pytest.mark.parametrize("deterministic", ["0", "1"])
+def test_short_keys_take_one_backward_kernel(monkeypatch, deterministic):
+    """fp16/bf16 with at most 128 keys and every gradient wanted: the dK/dV kernel also stores
+    dQ and computes delta (no delta kernel, no dQ kernel, no atomics), whatever the flag.
+    Longer keys and fp32 keep the separate kernels."""
+    from cckernels.triton import attention as A
+
+    launches = []
+
+    class Spy:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((self.name, kwargs.get("STORE_DQ")))
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    for name in ("_dkdv_launch", "_dq_launch", "_attn_bwd_dq_convert_kernel", "_attn_bwd_delta_kernel"):
+        monkeypatch.setattr(A, name, Spy(name, getattr(A, name)))
+    monkeypatch.setenv("CCKERNELS_DETERMINISTIC", deterministic)
+
+    def backward_launches(Lk, dtype):
+        launches.clear()
+        q, k, v = (torch.randn(1, L, 1, 32, dtype=dtype, requires_grad=True) for L in (40, Lk, Lk))
+        triton_attention(q, k, v, 0.2).sum().backward()
+        return launches
+
+    assert backward_launches(77, torch.float16) == [("_dkdv_launch", True)]
+    assert backward_launches(128, torch.float16) == [("_dkdv_launch", True)]
+    separate = [("_attn_bwd_delta_kernel", None), ("_dkdv_launch", False),
+                ("_dq_launch", None) if deterministic == "1" else ("_attn_bwd_dq_convert_kernel", None)]
+    assert backward_launches(129, torch.float16) == separate
+    assert backward_launches(77, torch.float32) == separate
+
+
 def test_bad_deterministic_env(monkeypatch):
     from cckernels.triton.attention import deterministic_backward
 
@@ -193,9 +230,9 @@ def test_autotuning_zeroes_the_atomic_dq_accumulator():
     from cckernels.triton.attention import _attn_bwd_dkdv_kernel, _attn_fwd_kernel
 
     acc = torch.randn(2, 3)
-    _attn_bwd_dkdv_kernel.pre_hook({"DQ_ACC": acc})
+    _attn_bwd_dkdv_kernel.pre_hook({"DQ": acc})
     assert torch.equal(acc, torch.zeros(2, 3))
-    _attn_bwd_dkdv_kernel.pre_hook({"DQ_ACC": None}, reset_only=True)  # deterministic: no buffer
+    _attn_bwd_dkdv_kernel.pre_hook({"DQ": None}, reset_only=True)  # deterministic: no buffer
     assert not getattr(_attn_fwd_kernel, "user_defined_pre_hook", False)  # pure stores: no hook
 
 
@@ -254,26 +291,31 @@ def test_unsupported_falls_back_to_torch(shape, dtype, why):
 def test_config_pools_fit_shared_memory(monkeypatch, arch, smem):
     """The GPU config pools, pruned for each head dim, dtype and length, fit the arch's shared
     memory (the footprints match what the sm90 compiles allocate, sm80 takes less: see
-    python -m cckernels.inspect); Lk <= 128 takes the short-key path in the forward; blocks
-    never exceed the padded lengths."""
+    python -m cckernels.inspect); Lk <= 128 takes the short-key path in the forward and in the
+    backward's STORE_DQ launches (16-bit only); blocks never exceed the padded lengths."""
     import triton
 
     from cckernels.triton import attention as A
 
-    kernels = [(A.FWD_POOL, A._fwd_footprint, A.FWD_FP32, True, False),
-               (A.DKDV_POOL, A._dkdv_footprint, A.DKDV_FP32, False, False),
-               (A.DKDV_POOL, A._dkdv_footprint, A.DKDV_FP32, False, True),
-               (A.DQ_POOL, A._dq_footprint, A.DQ_FP32, False, False)]
+    kernels = [(A.FWD_POOL, A._fwd_footprint, A.FWD_FP32, True, None),
+               (A.DKDV_POOL, A._dkdv_footprint, A.DKDV_FP32, False, None),
+               (A.DKDV_POOL, A._dkdv_footprint, A.DKDV_FP32, False, "atomic"),
+               (A.DKDV_POOL, A._dkdv_footprint, A.DKDV_FP32, False, "store"),
+               (A.DQ_POOL, A._dq_footprint, A.DQ_FP32, False, None)]
     for dtype in (torch.bfloat16, torch.float32):
         for D in (32, 40, 64, 80, 96, 128):
             q = torch.empty(1, 1, 1, D, dtype=dtype)
             block_d = A._head_args(q)["BLOCK_D"]
-            for pool, footprint, fp32_shape, short_kv, atomic_dq in kernels:
+            for pool, footprint, fp32_shape, short_kv, dq in kernels:
                 configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pool]
                 for Lq, Lk in [(4096, 4096), (4096, 77), (64, 64), (1, 1)]:
+                    if dq == "store" and (Lk > 128 or dtype == torch.float32):
+                        continue  # never launched so
+
                     def prune():
                         return A._prune(configs, {"Q": q, "Lq": Lq, "Lk": Lk}, footprint, fp32_shape, short_kv,
-                                        target=(arch, smem), BLOCK_D=block_d, ATOMIC_DQ=atomic_dq)
+                                        target=(arch, smem), BLOCK_D=block_d, ATOMIC_DQ=dq == "atomic",
+                                        STORE_DQ=dq == "store")
                     kept = prune()
                     assert kept
                     if dtype == torch.float32:  # one small shape, capped to the lengths
@@ -287,11 +329,11 @@ def test_config_pools_fit_shared_memory(monkeypatch, arch, smem):
                         assert [c.all_kwargs() for c in prune()] == [kept[0].all_kwargs()]
                     for c in kept:
                         m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-                        extra = {"atomic_dq": True} if atomic_dq else {}
+                        extra = {"atomic_dq": True} if dq == "atomic" else {"store_dq": True} if dq == "store" else {}
                         smem_used = footprint(m, n, block_d, c.num_stages, q.element_size(), **extra)[0]
                         assert smem_used <= smem, (D, dtype, c)
                         assert m <= max(16, triton.next_power_of_2(Lq)) and n <= max(16, triton.next_power_of_2(Lk))
-                        if short_kv and Lk <= 128:
+                        if (short_kv or dq == "store") and Lk <= 128:
                             assert n == max(16, triton.next_power_of_2(Lk))
 
 
@@ -361,13 +403,15 @@ def test_gpu_odd_shapes(D, Lq, Lk, dtype, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.timeout(300)  # compiles every config of the pools, beside other xdist workers' compiles
-def test_gpu_atomic_backward_right_after_a_full_autotune(monkeypatch):
-    # The search over every config runs the atomic dK/dV kernel many times on the real dQ
-    # accumulator; the gradients of that very first call must still be right. (The other GPU
-    # tests run with CCKERNELS_AUTOTUNE=0.) A key no other test uses: 300 x 200 in fp16.
+@pytest.mark.parametrize("Lk", [200, 90])
+def test_gpu_backward_right_after_a_full_autotune(monkeypatch, Lk):
+    # The search over every config runs the dK/dV kernel many times on the real dQ buffer (the
+    # atomic accumulator at 200 keys; at 90, one key block, the stored dQ); the gradients of that
+    # very first call must still be right, and every config the search may pick. (The other GPU
+    # tests run with CCKERNELS_AUTOTUNE=0.) Keys no other test uses: 300 x 200 and 300 x 90, fp16.
     monkeypatch.delenv("CCKERNELS_AUTOTUNE", raising=False)
     monkeypatch.setenv("CCKERNELS_DETERMINISTIC", "0")
-    qkv = [cuda_randn(2, 300, 3, 64), cuda_randn(2, 200, 3, 64), cuda_randn(2, 200, 3, 64)]
+    qkv = [cuda_randn(2, 300, 3, 64), cuda_randn(2, Lk, 3, 64), cuda_randn(2, Lk, 3, 64)]
     check_against_fp64(separate, qkv, None, torch.float16)
 
 

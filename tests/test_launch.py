@@ -48,3 +48,29 @@ def test_tuned_launch_remembers_triton_choice(monkeypatch):
     assert meta(33) == [16, 0, 33] and meta(32) == [16, 1, 32]
     assert runs == [1, 1]
     assert len(launch.meta) == 2
+
+
+@triton.autotune(configs=[triton.Config({"BLOCK": 16}, num_warps=1)], key=["n"])
+@triton.heuristics({
+    "BLOCK": lambda a: 32 if a["wide"] else a["BLOCK"],  # overrides the config's value
+    "EVEN": lambda a: a["n"] % a["BLOCK"] == 0,  # and must see the override, as in Triton
+})
+@triton.jit
+def _override_kernel(out, n, wide, BLOCK: tl.constexpr, EVEN: tl.constexpr):
+    offs = tl.arange(0, 4)
+    even = 1 if EVEN else 0
+    values = tl.where(offs == 0, BLOCK, tl.where(offs == 1, even, n))
+    tl.store(out + offs, values, mask=offs < 3)
+
+
+def test_tuned_launch_applies_heuristics_in_order():
+    launch = Tuned(_override_kernel)
+
+    def meta(n, wide):
+        out = torch.full((3,), -1, dtype=torch.int32, device=DEVICE)
+        launch[(1,)](out, n, wide)
+        return out.tolist()
+
+    assert meta(48, 1) == [32, 0, 48]  # Triton's path: 48 % 32 != 0
+    assert meta(48, 1) == [32, 0, 48]  # remembered, with EVEN from the overridden BLOCK
+    assert meta(48, 0) == [16, 1, 48]

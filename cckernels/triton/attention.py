@@ -14,6 +14,9 @@ logsumexp. The backward recomputes the probabilities block by block, in one of t
 `deterministic_backward()` picks one: torch.use_deterministic_algorithms(True) or
 CCKERNELS_DETERMINISTIC=1 forces the deterministic one, CCKERNELS_DETERMINISTIC=0 the atomic
 one; otherwise DETERMINISTIC_BY_DEFAULT decides.
+Short keys (at most MAX_ONE_BLOCK_KEYS = 128, cross-attention's 77; fp16/bf16 on sm90) take
+neither: all keys are one block, so one dK/dV kernel also computes delta and stores dQ, each
+dQ row from exactly one program (no atomics, deterministic): one launch, q and dO read once.
 
 Scores live in the log2 domain: log2(e) is folded into the scale and exp2 replaces exp.
 Head dims up to 128 are padded to the next power of two inside the kernels (masked loads).
@@ -77,7 +80,10 @@ DQ_POOL = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 8, 3), (6
 # 128, masked), with or without atomic dQ (python -m cckernels.inspect --dtype fp32 --quick;
 # 3.8: 8 B in the sm80 d64 dK/dV). Cross-attention loops over its keys in these blocks.
 FWD_FP32, DKDV_FP32, DQ_FP32 = (32, 16, 4, 2), (16, 16, 4, 2), (16, 32, 4, 2)
-AUTOTUNE_KEY = ["q_bucket", "k_bucket", "HEAD_DIM", "ATOMIC_DQ"]  # names a kernel lacks are ignored
+AUTOTUNE_KEY = ["q_bucket", "k_bucket", "HEAD_DIM", "ATOMIC_DQ", "STORE_DQ"]  # names a kernel lacks are ignored
+# Keys up to this many are one block: the forward's short-key path, and the backward's single
+# kernel for 16-bit inputs (STORE_DQ in _attn_bwd_dkdv_kernel).
+MAX_ONE_BLOCK_KEYS = 128
 # Footprints: (shared-memory bytes, fp32-equivalent register values) of a (BLOCK_M, BLOCK_N,
 # head dim padded, stages, element size) config. Shared memory: the tiles loaded once plus the
 # pipelined tiles times stages (and, in dK/dV, the pipelined fp32 lse and delta rows): exactly
@@ -93,9 +99,12 @@ def _fwd_footprint(m, n, d, stages, esize):
     return (m * d + stages * 2 * n * d) * esize, m * d + m * n + m * d // 2
 
 
-def _dkdv_footprint(m, n, d, stages, esize, atomic_dq=False):
+def _dkdv_footprint(m, n, d, stages, esize, atomic_dq=False, store_dq=False):
     smem = (2 * n * d + stages * 2 * m * d) * esize + (stages - 1) * 2 * m * 4
     regs = 2 * n * d + 2 * m * n + n * d
+    if store_dq:  # the atomic pass's dQ tile and scratch, plus the O tile for delta
+        smem, regs = _dkdv_footprint(m, n, d, stages, esize, atomic_dq=True)
+        return smem, regs + m * d // 2
     if atomic_dq:
         # Measured: dS transposed for dS @ K and the fp32 dQ tile rearranged for the atomics
         # share one scratch buffer; below 64 query rows both are held, dS at 4 bytes.
@@ -116,7 +125,8 @@ def _prune(configs, named_args, footprint, fp32_shape, short_kv_block=False, tar
     """Configs that fit this device (or target = (arch, shared-memory bytes), e.g. (90, 232448))
     and these lengths, each block at most the padded length; fp32 takes `fp32_shape` alone.
 
-    short_kv_block: when Lk <= 128 every config takes all keys as one block (short-key path).
+    short_kv_block: when Lk <= 128 every config takes all keys as one block (short-key path);
+    so does a STORE_DQ launch, which needs it.
     """
     q = named_args["Q"]
     m_cap = max(16, next_power_of_2(named_args["Lq"]))
@@ -124,28 +134,51 @@ def _prune(configs, named_args, footprint, fp32_shape, short_kv_block=False, tar
     if q.dtype == torch.float32:
         m, n, w, s = fp32_shape
         return [triton.Config({"BLOCK_M": min(m, m_cap), "BLOCK_N": min(n, n_cap)}, num_warps=w, num_stages=s)]
+    fits, capped = _fitting(configs, q, m_cap, n_cap, footprint, fp32_shape, short_kv_block, target, **kwargs)
+    if not fits:
+        fits = [min(capped, key=lambda shape: capped[shape][0])]
+    if os.environ.get("CCKERNELS_AUTOTUNE") == "0" or torch.are_deterministic_algorithms_enabled():
+        fits = fits[:1]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in fits]
+
+
+def _fitting(configs, q, m_cap, n_cap, footprint, fp32_shape, short_kv_block, target, **kwargs):
+    """(shapes (BLOCK_M, BLOCK_N, warps, stages) that fit shared memory and the register
+    budget, {every capped shape: its footprint}) for 16-bit q."""
     if target is None:
-        major, minor = torch.cuda.get_device_capability(q.device)
+        major, minor = _capability(q.device)
         target = (10 * major + minor, _max_shared_memory(q.device))
     arch, smem_limit = target
-    one_block = short_kv_block and n_cap <= 128
-    atomic_dq = {"atomic_dq": True} if kwargs.get("ATOMIC_DQ") else {}  # dK/dV kernel with dQ
+    one_block = (short_kv_block or kwargs.get("STORE_DQ")) and n_cap <= MAX_ONE_BLOCK_KEYS
+    dq = {"atomic_dq": True} if kwargs.get("ATOMIC_DQ") else {"store_dq": True} if kwargs.get("STORE_DQ") else {}
     capped = {}
     for c in configs:
         if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) == fp32_shape:
             continue  # listed for fp32 (and inspect), not one of the 16-bit pool's shapes
         m = min(c.kwargs["BLOCK_M"], m_cap)
         n = n_cap if one_block else min(c.kwargs["BLOCK_N"], n_cap)
-        stages = 1 if one_block else c.num_stages  # no key loop, nothing to pipeline
+        stages = 1 if one_block and short_kv_block else c.num_stages  # the forward's: no key loop to pipeline
         shape = (m, n, c.num_warps, stages)
-        capped.setdefault(shape, footprint(m, n, kwargs["BLOCK_D"], stages, q.element_size(), **atomic_dq))
+        capped.setdefault(shape, footprint(m, n, kwargs["BLOCK_D"], stages, q.element_size(), **dq))
     budget = REGISTER_BUDGET[90 if arch == 90 else 80]
     fits = [shape for shape, (smem, regs) in capped.items() if smem <= smem_limit and regs <= budget * 32 * shape[2]]
-    if not fits:
-        fits = [min(capped, key=lambda shape: capped[shape][0])]
-    if os.environ.get("CCKERNELS_AUTOTUNE") == "0" or torch.are_deterministic_algorithms_enabled():
-        fits = fits[:1]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in fits]
+    return fits, capped
+
+
+@functools.cache
+def _one_kernel_backward_fits(device, dtype, block_d, n_cap):
+    """Whether some dK/dV config with dQ stored (STORE_DQ) fits this GPU without spilling: every
+    key is in its one block, and head dims above 64 with 65-128 keys do not fit (they spilled,
+    python -m cckernels.inspect). sm90 only: on sm80 the 64-query shapes that the register
+    model lets through spilled. The interpreter has no registers to fit."""
+    if device.type != "cuda":
+        return True
+    if _capability(device) < (9, 0):
+        return False
+    q = torch.empty(0, dtype=dtype, device=device)
+    configs = _attn_bwd_dkdv_kernel.configs
+    fits, _ = _fitting(configs, q, 128, n_cap, _dkdv_footprint, DKDV_FP32, False, None, BLOCK_D=block_d, STORE_DQ=True)
+    return bool(fits)
 
 
 def _autotune(pool, footprint, fp32_shape, short_kv_block=False, accumulators=()):
@@ -290,29 +323,39 @@ def _attn_bwd_delta_kernel(
     tl.store(DELTA + bh * Lq + offs_m, delta, mask=offs_m < Lq)
 
 
-@_autotune(DKDV_POOL, _dkdv_footprint, DKDV_FP32, accumulators=("DQ_ACC",))
+@_autotune(DKDV_POOL, _dkdv_footprint, DKDV_FP32, accumulators=("DQ",))
 @triton.heuristics({
+    # STORE_DQ needs every key in one block: the configs the GPU pool keeps have it already
+    # (_prune); the interpreter's single config has to be widened here.
+    "BLOCK_N": lambda a: max(16, next_power_of_2(a["Lk"])) if a["STORE_DQ"] else a["BLOCK_N"],
     "EVEN_M": lambda a: a["Lq"] % a["BLOCK_M"] == 0,
     "EVEN_N": lambda a: a["Lk"] % a["BLOCK_N"] == 0,
 })
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO,  # (B, Lq, H, D), (B, Lk, H, D) x2, (B, Lq, H, D); any strides
-    LSE, DELTA,  # (B, H, Lq) fp32
+    O,  # STORE_DQ: (B, Lq, H, D) forward output, any strides (delta from it here); else None
+    LSE, DELTA,  # (B, H, Lq) fp32; DELTA None with STORE_DQ
     DK, DV,  # (S, B, Lk, H, D) out: one slice per query split (S = 1: the gradients themselves)
-    DQ_ACC,  # ATOMIC_DQ: (B, Lq, H, D) fp32 in/out, zeroed: dQ / scale accumulates here; else None
+    DQ,  # (B, Lq, H, D): ATOMIC_DQ fp32 in/out, zeroed, dQ / scale adds up here; STORE_DQ dQ
+         # itself (out, q's dtype); else None
     stride_qb, stride_ql, stride_qh,
     stride_kb, stride_kl, stride_kh,
     stride_vb, stride_vl, stride_vh,
     stride_dob, stride_dol, stride_doh,
+    stride_ob, stride_ol, stride_oh,  # O (unused without STORE_DQ)
     stride_dks, stride_dkb, stride_dkl, stride_dkh,  # shared by DK and DV
-    stride_dqb, stride_dql, stride_dqh,  # DQ_ACC (unused without ATOMIC_DQ)
+    stride_dqb, stride_dql, stride_dqh,  # DQ (unused without ATOMIC_DQ or STORE_DQ)
     H, Lq, Lk,
     q_rows_per_split,  # queries handled by one program (a multiple of 128, so of BLOCK_M)
     scale, qk_scale,
     q_bucket, k_bucket,  # autotune key only
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ATOMIC_DQ: tl.constexpr,  # also dQ, FlashAttention-2's single pass (5 matmuls instead of 4 + 3)
+    # Also dQ, where all keys are one block (Lk <= BLOCK_N): each dQ row then has one writer, so
+    # it is stored, no atomics, no buffer; and delta = rowsum(dO * O) is taken here too. The
+    # whole backward of a short-key attention (cross-attention's 77 keys) in one kernel.
+    STORE_DQ: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
 ):
     pid_n, bh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -331,23 +374,30 @@ def _attn_bwd_dkdv_kernel(
     offs_m0 = tl.arange(0, BLOCK_M)
     q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m0[:, None] * stride_ql + offs_d[None, :]
     do_ptrs = DO + b * stride_dob + h * stride_doh + offs_m0[:, None] * stride_dol + offs_d[None, :]
-    if ATOMIC_DQ:
-        dq_ptrs = DQ_ACC + b * stride_dqb + h * stride_dqh + offs_m0[:, None] * stride_dql + offs_d[None, :]
+    if ATOMIC_DQ or STORE_DQ:
+        dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m0[:, None] * stride_dql + offs_d[None, :]
+    if STORE_DQ:
+        o_ptrs = O + b * stride_ob + h * stride_oh + offs_m0[:, None] * stride_ol + offs_d[None, :]
     for start_m in range(m_start, m_end, BLOCK_M):
         offs_m = start_m + offs_m0
         q = _load_tile(q_ptrs + start_m * stride_ql, offs_m, Lq, offs_d, HEAD_DIM, not EVEN_M, MASK_D)
         do = _load_tile(do_ptrs + start_m * stride_dol, offs_m, Lq, offs_d, HEAD_DIM, not EVEN_M, MASK_D)
         if EVEN_M:
             lse = tl.load(LSE + bh * Lq + offs_m)
-            delta = tl.load(DELTA + bh * Lq + offs_m)
         else:
             # lse = +inf makes the probabilities of padded query rows exactly 0.
             lse = tl.load(LSE + bh * Lq + offs_m, mask=offs_m < Lq, other=float("inf"))
+        if STORE_DQ:  # as _attn_bwd_delta_kernel (padded rows: 0)
+            o = _load_tile(o_ptrs + start_m * stride_ol, offs_m, Lq, offs_d, HEAD_DIM, not EVEN_M, MASK_D)
+            delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        elif EVEN_M:
+            delta = tl.load(DELTA + bh * Lq + offs_m)
+        else:
             delta = tl.load(DELTA + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
         # Transposed problem (keys x queries), so dK and dV accumulate without transposes.
         # Padded key rows (k = v = 0) only produce dK/dV rows that are never stored.
         qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
-        if ATOMIC_DQ and not EVEN_N:
+        if (ATOMIC_DQ or STORE_DQ) and not EVEN_N:
             # but they reach dQ: they need probability 0 (exp2(0 - lse) can overflow to inf)
             qkT = tl.where(offs_n[:, None] < Lk, qkT, float("-inf"))
         pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
@@ -360,6 +410,10 @@ def _attn_bwd_dkdv_kernel(
             # of the additions (and dQ's last bits) varies from run to run.
             dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=DOT_PRECISION)
             _store_tile(dq_ptrs + start_m * stride_dql, dq, offs_m, Lq, offs_d, HEAD_DIM, MASK_D, ADD=True)
+        if STORE_DQ:
+            dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=DOT_PRECISION)
+            _store_tile(dq_ptrs + start_m * stride_dql, (dq * scale).to(DQ.dtype.element_ty), offs_m, Lq, offs_d,
+                        HEAD_DIM, MASK_D)
 
     out = split * stride_dks + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkl + offs_d[None, :]
     _store_tile(DK + out, (dk * scale).to(DK.dtype.element_ty), offs_n, Lk, offs_d, HEAD_DIM, MASK_D)
@@ -496,39 +550,53 @@ def deterministic_backward():
 
 
 def _backward(do, q, k, v, o, lse, scale, need_dq, need_dkdv, deterministic):
-    """dq, dk, dv (None where not needed). With both dQ and dK/dV wanted and deterministic
-    False, one atomic pass gives all three; otherwise one kernel each, no atomics."""
+    """dq, dk, dv (None where not needed). All three wanted:
+    - keys in one block (Lk <= MAX_ONE_BLOCK_KEYS) and fp16/bf16: one kernel gives all three
+      and delta, no atomics (each dQ row has one writer); it reads q, dO and O once where the
+      three kernels below read q and dO twice and O once, and dO a third time;
+    - else with deterministic False, one atomic pass gives all three.
+    Otherwise one kernel each, no atomics. (fp32 keeps its small blocks: see FWD_FP32.)"""
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     head = _head_args(q)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
     buckets = _buckets(Lq, Lk)
+    store_dq = (need_dq and need_dkdv and q.dtype != torch.float32 and Lk <= MAX_ONE_BLOCK_KEYS
+                and _one_kernel_backward_fits(q.device, q.dtype, head["BLOCK_D"], max(16, next_power_of_2(Lk))))
+    atomic_dq = need_dq and need_dkdv and not deterministic and not store_dq
 
-    delta = torch.empty_like(lse)
-    _attn_bwd_delta_kernel[(cdiv(Lq, 64), B * H)](
-        o, do, delta, *o.stride()[:3], *do.stride()[:3], H, Lq,
-        head["HEAD_DIM"], head["BLOCK_D"], head["MASK_D"], BLOCK_M=64,
-    )
+    delta = None
+    if not store_dq:
+        delta = torch.empty_like(lse)
+        _attn_bwd_delta_kernel[(cdiv(Lq, 64), B * H)](
+            o, do, delta, *o.stride()[:3], *do.stride()[:3], H, Lq,
+            head["HEAD_DIM"], head["BLOCK_D"], head["MASK_D"], BLOCK_M=64,
+        )
 
     dq = dk = dv = None
-    atomic_dq = need_dq and need_dkdv and not deterministic
     if need_dkdv:
         rows, splits = _dkdv_splits(Lq, Lk, B * H, q.device)
         partial_dtype = q.dtype if splits == 1 else torch.float32
         dk_s = torch.empty((splits, B, Lk, H, D), device=q.device, dtype=partial_dtype)
         dv_s = torch.empty_like(dk_s)
-        dq_acc = torch.zeros((B, Lq, H, D), device=q.device, dtype=torch.float32) if atomic_dq else None
+        if atomic_dq:
+            dq_out = torch.zeros((B, Lq, H, D), device=q.device, dtype=torch.float32)
+        else:
+            dq_out = torch.empty((B, Lq, H, D), device=q.device, dtype=q.dtype) if store_dq else None
         grid = lambda meta: (cdiv(Lk, meta["BLOCK_N"]), B * H, splits)  # noqa: E731
         _dkdv_launch[grid](
-            q, k, v, do, lse, delta, dk_s, dv_s, dq_acc, *strides, *dk_s.stride()[:4],
-            *(dq_acc.stride()[:3] if atomic_dq else (0, 0, 0)),
-            H, Lq, Lk, rows, scale, scale * LOG2E, *buckets, **head, ATOMIC_DQ=atomic_dq,
+            q, k, v, do, o if store_dq else None, lse, delta, dk_s, dv_s, dq_out, *strides,
+            *(o.stride()[:3] if store_dq else (0, 0, 0)), *dk_s.stride()[:4],
+            *(dq_out.stride()[:3] if dq_out is not None else (0, 0, 0)),
+            H, Lq, Lk, rows, scale, scale * LOG2E, *buckets, **head, ATOMIC_DQ=atomic_dq, STORE_DQ=store_dq,
         )
         dk, dv = (t[0] if splits == 1 else t.sum(0).to(q.dtype) for t in (dk_s, dv_s))
+        if store_dq:
+            dq = dq_out
     if atomic_dq:
-        dq = dq_acc if q.dtype == torch.float32 else torch.empty_like(dq_acc, dtype=q.dtype)
-        _attn_bwd_dq_convert_kernel[(cdiv(dq.numel(), 1024),)](dq_acc, dq, dq.numel(), scale, BLOCK=1024)
-    elif need_dq:
+        dq = dq_out if q.dtype == torch.float32 else torch.empty_like(dq_out, dtype=q.dtype)
+        _attn_bwd_dq_convert_kernel[(cdiv(dq.numel(), 1024),)](dq_out, dq, dq.numel(), scale, BLOCK=1024)
+    elif need_dq and not store_dq:
         dq = torch.empty((B, Lq, H, D), device=q.device, dtype=q.dtype)
         grid = lambda meta: (cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
         _dq_launch[grid](
@@ -665,26 +733,28 @@ def attention(q, k, v, scale):
 # Ahead-of-time inspection (python -m cckernels.inspect): what to compile for sm80/sm90 and
 # what the machine code must show. Head dims: SD2's 64, and 80 (padded to 128, masked).
 # ----------------------------------------------------------------------------------------
-def _inspect_args(head_dim, atomic_dq=False):
+def _inspect_args(head_dim, dq=None):
+    """dq: None, "atomic" or "store": the dK/dV kernel's dQ mode."""
     def args(dtype):
         q = torch.empty(1, 1, 1, head_dim, dtype=dtype, device="meta")
+        # "DQ" is the dQ kernel's output; the dK/dV kernel's is fp32 in its atomic mode
         return {
-            "Q": "*T", "K": "*T", "V": "*T", "O": "*T", "DO": "*T", "DQ": "*T", "DK": "*T", "DV": "*T",
-            "LSE": "*fp32", "DELTA": "*fp32", "DQ_ACC": "*fp32" if atomic_dq else None, "ATOMIC_DQ": atomic_dq,
-            "stride_*": "i32:16", "scale": "fp32", "qk_scale": "fp32",
+            "Q": "*T", "K": "*T", "V": "*T", "O": "*T", "DO": "*T", "DQ": "*fp32" if dq == "atomic" else "*T",
+            "DK": "*T", "DV": "*T", "LSE": "*fp32", "DELTA": "*fp32", "ATOMIC_DQ": dq == "atomic",
+            "STORE_DQ": dq == "store", "stride_*": "i32:16", "scale": "fp32", "qk_scale": "fp32",
             "EVEN_M": True, "EVEN_N": True, "SHORT_KV": False, **_head_args(q),
         }  # fmt: skip
     return args
 
 
-def _inspect_configs(footprint, fp32_shape):
-    """The configs _prune keeps for long sequences on an arch (80, 90)."""
+def _inspect_configs(footprint, fp32_shape, Lk=4096):
+    """The configs _prune keeps for Lq = 4096 queries and Lk keys on an arch (80, 90)."""
     def keep(configs, arch, dtype, args):
         from cckernels.inspect import SMEM_LIMIT
 
         q = torch.empty(0, dtype=dtype, device="meta")
-        return _prune(configs, {"Q": q, "Lq": 4096, "Lk": 4096}, footprint, fp32_shape, target=(arch, SMEM_LIMIT[arch]),
-                      BLOCK_D=args["BLOCK_D"], ATOMIC_DQ=args["ATOMIC_DQ"])  # fmt: skip
+        return _prune(configs, {"Q": q, "Lq": 4096, "Lk": Lk}, footprint, fp32_shape, target=(arch, SMEM_LIMIT[arch]),
+                      BLOCK_D=args["BLOCK_D"], ATOMIC_DQ=args["ATOMIC_DQ"], STORE_DQ=args["STORE_DQ"])  # fmt: skip
     return keep
 
 
@@ -695,7 +765,11 @@ INSPECT = [
     {**_INSPECT, "kernel": _attn_fwd_kernel, "configs": _inspect_configs(_fwd_footprint, FWD_FP32)},
     {**_INSPECT, "kernel": _attn_bwd_dkdv_kernel, "configs": _inspect_configs(_dkdv_footprint, DKDV_FP32)},
     {**_INSPECT, "kernel": _attn_bwd_dkdv_kernel, "configs": _inspect_configs(_dkdv_footprint, DKDV_FP32),
-     "variants": {"d64-atomic-dq": _inspect_args(64, True), "d80-atomic-dq": _inspect_args(80, True)}},
+     "variants": {"d64-atomic-dq": _inspect_args(64, "atomic"), "d80-atomic-dq": _inspect_args(80, "atomic")}},
+    # the short-key backward (cross-attention's 77 keys: one 128-key block); 16-bit only
+    {**_INSPECT, "kernel": _attn_bwd_dkdv_kernel, "configs": _inspect_configs(_dkdv_footprint, DKDV_FP32, Lk=77),
+     "dtypes": (torch.float16, torch.bfloat16),
+     "variants": {"d64-store-dq": _inspect_args(64, "store"), "d80-store-dq": _inspect_args(80, "store")}},
     {**_INSPECT, "kernel": _attn_bwd_dq_kernel, "configs": _inspect_configs(_dq_footprint, DQ_FP32)},
     {**_INSPECT, "kernel": _attn_bwd_delta_kernel, "args": {"BLOCK_M": 64}, "expect": {}},
     {"op": "attention", "kernel": _attn_bwd_dq_convert_kernel, "dtypes": DTYPES,

@@ -40,7 +40,9 @@ class Tuned:
         if meta is not None:
             return self.jit[grid](*args, **kwargs, **meta)
         out = self.kernel[grid](*args, **kwargs)
-        config = self.kernel.best_config.all_kwargs()
-        named = dict(zip(self.jit.arg_names, args)) | kwargs | config
-        self.meta[signature] = config | {name: rule(named) for name, rule in self.rules.items()}
+        meta = self.kernel.best_config.all_kwargs()
+        named = dict(zip(self.jit.arg_names, args)) | kwargs | meta
+        for name, rule in self.rules.items():  # in order, each seeing the ones before: as Heuristics.run
+            named[name] = meta[name] = rule(named)
+        self.meta[signature] = meta
         return out
