@@ -286,6 +286,8 @@ def main():
     parser.add_argument("--batch-256", type=int, default=32)
     parser.add_argument("--batch-512", type=int, default=8)
     parser.add_argument("--budget-s", type=float, default=None, help="start no shape after this many seconds")
+    parser.add_argument("--only", nargs="+", metavar="TEXT", help='only the shapes whose name holds one of these, '
+                        'e.g. --only "256px cross"')
     args = parser.parse_args()
 
     tiny = args.tiny or not torch.cuda.is_available()
@@ -295,6 +297,10 @@ def main():
     # fp32 on CPU: the interpreter's bf16 tl.dot is broken (triton-lang/triton#11584).
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     shapes = TINY_SHAPES if tiny else sd2_shapes(args.batch_256, args.batch_512)
+    if args.only:
+        shapes = [s for s in shapes if any(text in s[0] for text in args.only)]
+        if not shapes:
+            parser.error(f"--only {args.only}: no shape matches; names look like '256px cross L=1024', 'tiny self L=16'")
     torch.manual_seed(0)
 
     import triton

@@ -11,16 +11,16 @@
 # and still write their JSON), in this order:
 #   build 45 | build-check 15 | pytest -m gpu 170 | bench_train 240 (6 timed steps and 2
 #   profiled ones per row; no row starts after its budget less 30 s; JSON written after every
-#   row) | bench_geglu 25 | bench_ema 30 | profile_host 30 | bench_group_norm 60 |
-#   bench_attention 80 | bench_data 45 = 740 s if every step used all of its budget (bench_ddp,
-#   30 s, only runs with several GPUs).
+#   row) | bench_geglu 25 | bench_attention_cross 40 (256 px cross-attention only) | bench_ema 30 |
+#   profile_host 30 | bench_group_norm 60 | bench_attention 80 | bench_data 45 = 780 s if every
+#   step used all of its budget (bench_ddp, 30 s, only runs with several GPUs).
 # The whole run must end inside the caller's outer `timeout` (docs/benchmarks.md: 575 s less the
 # DALI install), or that kills it mid-step and summary.md is never written. So the script ends
 # itself by RUN_GPU_BUDGET_S (default 560): each step gets its budget or what is left of the
 # total (less 15 s: timeout's 10 s kill grace and the summary), whichever is less, and a step
 # with under 10 s left is skipped and logged as such. At 560 s the last steps get little or
-# nothing: bench_attention and bench_data, which the H200 runs of 2026-11-26 measured and whose
-# code has not changed since. There build took 21 s, pytest 101 (140 budget), and bench_train's
+# nothing: bench_group_norm (docs/benchmarks.md: a follow-up call), bench_attention and
+# bench_data, which the H200 runs of 2026-11-26 measured. There build took 21 s, pytest 101 (140 budget), and bench_train's
 # headline rows 43 s (baseline), 56 (+ our DDP, with the Triton autotuning), 26 (+ larger
 # micro-batch): at 120 s its plain-PyTorch rows were cut.
 # bench_precompute is left out for time: its GPU question (training on latents vs encoding
@@ -155,9 +155,12 @@ else
     step bench_train "$train_s" env CCKERNELS_AUTOTUNE=0 "$PY" benchmarks/bench_train.py "${train_args[@]}"
 fi
 
-# Then the kernels, the ones changed since the last GPU run first: attention and data last (the
-# 2026-11-26 H200 runs measured them, and their code has not changed since).
+# Then the kernels, the ones changed since the last GPU run first: the full attention and data
+# tables last (the 2026-11-26 H200 runs measured them; of attention only the short-key backward
+# changed since, which the cross-attention step here times).
 bench bench_geglu 25 --budget-s 12
+step bench_attention_cross 40 "$PY" benchmarks/bench_attention.py --out "$OUT/attention-cross" --only "256px cross" \
+    --budget-s 25
 bench bench_ema 30
 # Where eager calls spend their host time (our kernels' were 2-4x PyTorch's); one config each.
 step profile_host 30 env CCKERNELS_AUTOTUNE=0 "$PY" benchmarks/profile_host.py --out "$OUT"

@@ -58,6 +58,15 @@ def test_benchmark_budget_measures_the_first_shape_only(tmp_path):
     assert {r["shape"] for r in result["rows"]} == {"tiny self L=16"}
 
 
+def test_benchmark_only_the_named_shapes(tmp_path):
+    _, result = run_tiny(tmp_path, "--only", "cross")
+    assert {r["shape"] for r in result["rows"]} == {"tiny cross L=16"}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_attention.py"), "--tiny", "--out", str(tmp_path),
+           "--only", "512px"]
+    done = subprocess.run(cmd, env=repo_env(TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "no shape matches" in done.stderr
+
+
 def test_tables_and_plot_from_both_timings(bench, monkeypatch, tmp_path, capsys):
     """As on a GPU: every row timed eagerly (1 ms) and, but for one backend that cannot be
     captured, as a graph replay (ours 0.25 ms, peers 0.5 ms); host time 100 us."""
