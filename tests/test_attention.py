@@ -124,12 +124,9 @@ def test_strided_projection_views(kind, dtype, backward):
     check_against_fp64(make, leaves, 0.3, dtype)
 
 
-@pytest.mark.parametrize("how", ["env", "torch"])
-@pytest.mark.parametrize("needs", ["qkv", "q", "kv"])
-def test_deterministic_flag_selects_atomic_free_kernels(monkeypatch, how, needs):
-    """CCKERNELS_DETERMINISTIC=1 or torch.use_deterministic_algorithms(True): dK/dV without
-    atomics, then the dQ kernel; otherwise (=0) one atomic pass when q and k/v both need
-    gradients. Every launch is recorded by wrapping the kernels."""
+def record_launches(monkeypatch, names, flag):
+    """Wraps the attention module's launchers `names`; each launch appends (name, its `flag`
+    keyword) to the returned list."""
     from cckernels.triton import attention as A
 
     launches = []
@@ -140,12 +137,22 @@ def test_deterministic_flag_selects_atomic_free_kernels(monkeypatch, how, needs)
 
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                launches.append((self.name, kwargs.get("ATOMIC_DQ")))
+                launches.append((self.name, kwargs.get(flag)))
                 return self.kernel[grid](*args, **kwargs)
             return launch
 
-    for name in ("_dkdv_launch", "_dq_launch", "_attn_bwd_dq_convert_kernel"):
+    for name in names:
         monkeypatch.setattr(A, name, Spy(name, getattr(A, name)))
+    return launches
+
+
+@pytest.mark.parametrize("how", ["env", "torch"])
+@pytest.mark.parametrize("needs", ["qkv", "q", "kv"])
+def test_deterministic_flag_selects_atomic_free_kernels(monkeypatch, how, needs):
+    """CCKERNELS_DETERMINISTIC=1 or torch.use_deterministic_algorithms(True): dK/dV without
+    atomics, then the dQ kernel; otherwise (=0) one atomic pass when q and k/v both need
+    gradients. Every launch is recorded by wrapping the kernels."""
+    launches = record_launches(monkeypatch, ("_dkdv_launch", "_dq_launch", "_attn_bwd_dq_convert_kernel"), "ATOMIC_DQ")
     q, k, v = (torch.randn(1, L, 1, 32, requires_grad=name in needs) for L, name in ((40, "q"), (9, "k"), (9, "v")))
 
     def backward_launches():
@@ -174,22 +181,8 @@ def test_short_keys_take_one_backward_kernel(monkeypatch, deterministic):
     """fp16/bf16 with at most 128 keys and every gradient wanted: the dK/dV kernel also stores
     dQ and computes delta (no delta kernel, no dQ kernel, no atomics), whatever the flag.
     Longer keys and fp32 keep the separate kernels."""
-    from cckernels.triton import attention as A
-
-    launches = []
-
-    class Spy:
-        def __init__(self, name, kernel):
-            self.name, self.kernel = name, kernel
-
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                launches.append((self.name, kwargs.get("STORE_DQ")))
-                return self.kernel[grid](*args, **kwargs)
-            return launch
-
-    for name in ("_dkdv_launch", "_dq_launch", "_attn_bwd_dq_convert_kernel", "_attn_bwd_delta_kernel"):
-        monkeypatch.setattr(A, name, Spy(name, getattr(A, name)))
+    names = ("_dkdv_launch", "_dq_launch", "_attn_bwd_dq_convert_kernel", "_attn_bwd_delta_kernel")
+    launches = record_launches(monkeypatch, names, "STORE_DQ")
     monkeypatch.setenv("CCKERNELS_DETERMINISTIC", deterministic)
 
     def backward_launches(Lk, dtype):
