@@ -363,6 +363,25 @@ def test_latents_loader_thread_stops_when_the_iterator_is_dropped(precomputed):
     assert len(prefetch_threads()) == before
 
 
+@pytest.mark.parametrize("device,gpu", [("cuda", 0), ("cuda:1", 1)])
+def test_latents_prefetch_thread_sets_an_indexed_cuda_device(precomputed, monkeypatch, device, gpu):
+    """The thread makes the loader's GPU current before pinning; torch.cuda.set_device refuses a
+    device without an index, so plain "cuda" means the caller's current GPU. CUDA calls faked:
+    set_device checks its argument as torch does, pinning and the copy are left out."""
+    from torch.cuda._utils import _get_device_index
+
+    from trainer.data.latents import LatentReader
+
+    current = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: current.append(_get_device_index(d)))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t: t)
+    monkeypatch.setattr(LatentReader, "_finish", lambda self, x, key: x)
+    _, out, cache = precomputed
+    take(make_loader(latents_cfg(out), 2, device=device, cache_dir=cache), 1)
+    assert current == [gpu]
+
+
 def test_training_on_latents_runs(precomputed):
     _, out, cache = precomputed
     loader = make_loader(latents_cfg(out, resolution=32), 2, cache_dir=cache)

@@ -216,9 +216,13 @@ class LatentReader:
         """((latents, text embeddings), ids) batches of this rank for the epochs in `plans`, one
         after another."""
 
+        gpu = self.device.index if self.device.type == "cuda" else None
+        if self.device.type == "cuda" and gpu is None:  # plain "cuda": the caller's current GPU
+            gpu = torch.cuda.current_device()
+
         def host_batches():
-            if self.device.type == "cuda":  # pin on this rank's GPU's context (as DataLoader's pin thread)
-                torch.cuda.set_device(self.device)
+            if gpu is not None:  # pin on this rank's GPU's context (as DataLoader's pin thread)
+                torch.cuda.set_device(gpu)
             for _, shards in plans:
                 ids = shards[rank]
                 for k in range(0, len(ids), self.batch_size):
