@@ -335,17 +335,18 @@ def test_prefetched_reads_ahead_while_the_caller_works():
     made = []
 
     def items():
-        for i in range(4):
+        for i in range(6):
             made.append(i)
             yield i
 
     it = prefetched(items(), 2)
     assert next(it) == 0
     deadline = time.monotonic() + 10
-    while len(made) < 3 and time.monotonic() < deadline:  # the caller "trains" on item 0
+    while len(made) < 4 and time.monotonic() < deadline:  # the caller "trains" on item 0
         time.sleep(0.01)
-    assert made == [0, 1, 2]  # two ahead, no more
-    assert list(it) == [1, 2, 3]
+    time.sleep(0.3)  # time enough to make a fifth, were the thread not waiting
+    assert made == [0, 1, 2, 3]  # two queued, one waiting for room, no more
+    assert list(it) == [1, 2, 3, 4, 5]
 
 
 def prefetch_threads():

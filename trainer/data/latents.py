@@ -199,10 +199,10 @@ class LatentReader:
     """Batches of rows gathered from the memory-mapped shards, moved to `device` in cfg.dtype
     (latents in cfg.layout); plays the part of a decoder for trainer.data's Loader.
 
-    A thread gathers the next PREFETCH batches (pinned host memory on CUDA) while the caller
-    trains on this one: at SD2's batch 368 a batch is ~61 MB of random rows (58 MB of them text
-    embeddings), tens of milliseconds of copying that the GPU would otherwise wait for at the
-    start of every step."""
+    A thread gathers the next PREFETCH batches, and one more while it waits for room to queue
+    it (pinned host memory on CUDA), while the caller trains on this one: at SD2's batch 368 a
+    batch is ~61 MB of random rows (58 MB of them text embeddings), tens of milliseconds of
+    copying that the GPU would otherwise wait for at the start of every step."""
 
     name = "latents"
     PREFETCH = 2
@@ -266,7 +266,8 @@ class LatentReader:
 
 
 def prefetched(items, depth):
-    """Iterate `items` in a background thread, at most `depth` items ahead of the caller. An
+    """Iterate `items` in a background thread, at most `depth` items queued ahead of the caller
+    and one more in the thread's hands, waiting for room (so depth + 1 made ahead). An
     exception in the thread is raised here, at the item where it happened; closing (or
     dropping) this generator stops the thread."""
     ready = queue.Queue(maxsize=depth)
