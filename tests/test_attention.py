@@ -199,6 +199,27 @@ def test_short_keys_take_one_backward_kernel(monkeypatch, deterministic):
     assert backward_launches(77, torch.float32) == separate
 
 
+@pytest.mark.parametrize("capability,block_d,n_cap,fits", [
+    ((9, 0), 64, 128, True),  # SD2's cross-attention: 64-dim heads, 77 keys
+    ((9, 0), 128, 128, False),  # head dims above 64 at 65-128 keys spill
+    ((8, 0), 64, 128, False),  # sm80's shapes spill
+    ((8, 9), 64, 64, False),
+    ((10, 0), 64, 128, False),  # sm90 only: no other arch's compiles were inspected
+    ((12, 0), 64, 16, False),
+])  # fmt: skip
+def test_one_kernel_backward_is_for_sm90_only(monkeypatch, capability, block_d, n_cap, fits):
+    from triton import Config
+
+    from cckernels.triton import attention as A
+
+    monkeypatch.setattr(A, "_capability", lambda device: capability)
+    monkeypatch.setattr(A, "_max_shared_memory", lambda device: 232448)
+    monkeypatch.setattr(A._attn_bwd_dkdv_kernel, "configs", [
+        Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in A.DKDV_POOL])
+    device = torch.device("cuda", 0)
+    assert A._one_kernel_backward_fits.__wrapped__(device, torch.bfloat16, block_d, n_cap) == fits
+
+
 def test_bad_deterministic_env(monkeypatch):
     from cckernels.triton.attention import deterministic_backward
 

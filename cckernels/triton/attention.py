@@ -173,11 +173,12 @@ def _one_kernel_backward_fits(device, dtype, block_d, n_cap):
     model lets through spilled. The interpreter has no registers to fit."""
     if device.type != "cuda":
         return True
-    if _capability(device) < (9, 0):
+    if _capability(device)[0] != 9:  # sm80 spilled; sm100+ never compiled (inspect knows 80 and 90)
         return False
-    q = torch.empty(0, dtype=dtype, device=device)
-    configs = _attn_bwd_dkdv_kernel.configs
-    fits, _ = _fitting(configs, q, 128, n_cap, _dkdv_footprint, DKDV_FP32, False, None, BLOCK_D=block_d, STORE_DQ=True)
+    q = torch.empty(0, dtype=dtype, device="meta")  # its dtype is what counts
+    configs, target = _attn_bwd_dkdv_kernel.configs, (90, _max_shared_memory(device))
+    fits, _ = _fitting(configs, q, 128, n_cap, _dkdv_footprint, DKDV_FP32, False, target,
+                       BLOCK_D=block_d, STORE_DQ=True)
     return bool(fits)
 
 
