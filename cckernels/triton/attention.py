@@ -14,9 +14,10 @@ logsumexp. The backward recomputes the probabilities block by block, in one of t
 `deterministic_backward()` picks one: torch.use_deterministic_algorithms(True) or
 CCKERNELS_DETERMINISTIC=1 forces the deterministic one, CCKERNELS_DETERMINISTIC=0 the atomic
 one; otherwise DETERMINISTIC_BY_DEFAULT decides.
-Short keys (at most MAX_ONE_BLOCK_KEYS = 128, cross-attention's 77; fp16/bf16 on sm90) take
-neither: all keys are one block, so one dK/dV kernel also computes delta and stores dQ, each
-dQ row from exactly one program (no atomics, deterministic): one launch, q and dO read once.
+Short keys (at most MAX_ONE_BLOCK_KEYS = 128, cross-attention's 77; fp16/bf16 on sm90; not
+head dims above 64 at 65-128 keys, which spill) take neither: all keys are one block, so one
+dK/dV kernel also computes delta and stores dQ, each dQ row from exactly one program (no
+atomics, deterministic): one launch, q and dO read once.
 
 Scores live in the log2 domain: log2(e) is folded into the scale and exp2 replaces exp.
 Head dims up to 128 are padded to the next power of two inside the kernels (masked loads).
@@ -552,7 +553,8 @@ def deterministic_backward():
 
 def _backward(do, q, k, v, o, lse, scale, need_dq, need_dkdv, deterministic):
     """dq, dk, dv (None where not needed). All three wanted:
-    - keys in one block (Lk <= MAX_ONE_BLOCK_KEYS) and fp16/bf16: one kernel gives all three
+    - keys in one block (Lk <= MAX_ONE_BLOCK_KEYS), fp16/bf16, and a config that fits
+      (_one_kernel_backward_fits: sm90, not head dims > 64 at 65-128 keys): one kernel gives all three
       and delta, no atomics (each dQ row has one writer); it reads q, dO and O once where the
       three kernels below read q and dO twice and O once, and dO a third time;
     - else with deterministic False, one atomic pass gives all three.
