@@ -16,6 +16,9 @@ matmuls, one of them the recomputed scores); forward+backward 3.5x. The same cou
 of our backward variants, so their TFLOP/s compare directly: "triton atomic-dQ" (5 matmuls,
 dQ accumulated with fp32 atomics) and "triton deterministic" (7 matmuls, no atomics), chosen
 with CCKERNELS_DETERMINISTIC for each fwd+bwd row; the forward is the same kernel ("triton").
+The cross-attention shapes (77 keys, bf16, head dim 64) on sm90 take neither: whatever the
+flag, one kernel gives dQ, dK and dV (STORE_DQ in cckernels/triton/attention.py), so both
+rows time that kernel and differ only by noise.
 
 Peers, each only when it runs: torch SDPA with each of its flash, efficient and cuDNN backends
 (forced with torch.nn.attention.sdpa_kernel, fed the transposed BLHD views a UNet passes),
