@@ -96,6 +96,12 @@ MAX_ONE_BLOCK_KEYS = 128
 REGISTER_BUDGET = {90: 224, 80: 160}
 
 
+def _padded(n):
+    """A length or head dim as the kernels' blocks see it: the next power of two, at least 16
+    (tl.dot's smallest tile side)."""
+    return max(16, next_power_of_2(n))
+
+
 def _fwd_footprint(m, n, d, stages, esize):
     return (m * d + stages * 2 * n * d) * esize, m * d + m * n + m * d // 2
 
@@ -130,8 +136,7 @@ def _prune(configs, named_args, footprint, fp32_shape, short_kv_block=False, tar
     so does a STORE_DQ launch, which needs it.
     """
     q = named_args["Q"]
-    m_cap = max(16, next_power_of_2(named_args["Lq"]))
-    n_cap = max(16, next_power_of_2(named_args["Lk"]))
+    m_cap, n_cap = _padded(named_args["Lq"]), _padded(named_args["Lk"])
     if q.dtype == torch.float32:
         m, n, w, s = fp32_shape
         return [triton.Config({"BLOCK_M": min(m, m_cap), "BLOCK_N": min(n, n_cap)}, num_warps=w, num_stages=s)]
@@ -329,7 +334,7 @@ def _attn_bwd_delta_kernel(
 @triton.heuristics({
     # STORE_DQ needs every key in one block: the configs the GPU pool keeps have it already
     # (_prune); the interpreter's single config has to be widened here.
-    "BLOCK_N": lambda a: max(16, next_power_of_2(a["Lk"])) if a["STORE_DQ"] else a["BLOCK_N"],
+    "BLOCK_N": lambda a: _padded(a["Lk"]) if a["STORE_DQ"] else a["BLOCK_N"],
     "EVEN_M": lambda a: a["Lq"] % a["BLOCK_M"] == 0,
     "EVEN_N": lambda a: a["Lk"] % a["BLOCK_N"] == 0,
 })
@@ -493,7 +498,7 @@ _fwd_launch, _dkdv_launch, _dq_launch = Tuned(_attn_fwd_kernel), Tuned(_attn_bwd
 def _head_args(q):
     """Compile-time head-dim arguments shared by every kernel."""
     D = q.shape[-1]
-    block_d = max(16, next_power_of_2(D))
+    block_d = _padded(D)
     return {
         "HEAD_DIM": D,
         "BLOCK_D": block_d,
@@ -565,7 +570,7 @@ def _backward(do, q, k, v, o, lse, scale, need_dq, need_dkdv, deterministic):
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
     buckets = _buckets(Lq, Lk)
     store_dq = (need_dq and need_dkdv and q.dtype != torch.float32 and Lk <= MAX_ONE_BLOCK_KEYS
-                and _one_kernel_backward_fits(q.device, q.dtype, head["BLOCK_D"], max(16, next_power_of_2(Lk))))
+                and _one_kernel_backward_fits(q.device, q.dtype, head["BLOCK_D"], _padded(Lk)))
     atomic_dq = need_dq and need_dkdv and not deterministic and not store_dq
 
     delta = None
