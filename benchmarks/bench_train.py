@@ -524,7 +524,10 @@ def measure(recipe, name, earlier, shared):
     a = shared.args
     batch = a.batch
     if recipe.batch == "max" and earlier and "images_per_s" in earlier[-1]:
-        batch = max_batch(earlier[-1], a.batch, shared.device, a.tiny)
+        # no larger than each rank's share of the --images can fill (the H200 fitted 576 in
+        # memory with 512 images: the loader refused it)
+        images_per_rank = max(a.batch, a.images // shared.world // 8 * 8)
+        batch = min(max_batch(earlier[-1], a.batch, shared.device, a.tiny), images_per_rank)
     while True:
         try:
             result = run_row(recipe, name, batch, shared)
