@@ -416,6 +416,8 @@ def run_row(recipe, name, batch, shared):
     else:
         vae, text, empty = shared.encoders()
     schedule = diffusion.NoiseSchedule().to(device)
+    # bf16 weights beside fp32 norm weights: torch's clipping scales each bf16 grad alone
+    clip_grad_norm_ = ck.clip_grad_norm_ if recipe.weights == "bf16" else torch.nn.utils.clip_grad_norm_
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=cuda or recipe.weights == "bf16")
 
     def step():
@@ -429,7 +431,7 @@ def run_row(recipe, name, batch, shared):
         with autocast:
             loss = diffusion.training_loss(model, schedule, latents, ctx)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        clip_grad_norm_(unet.parameters(), 1.0)
         optimizer.step()
         ema_step()
         optimizer.zero_grad(set_to_none=True)

@@ -24,7 +24,7 @@ import torch
 from cckernels import nn  # noqa: F401  (ck.nn.GroupNorm)
 from cckernels import tracing
 from cckernels.backend import BACKENDS, IMPLEMENTATIONS, Unsupported, available, default_device, dispatch, last_used
-from cckernels.optim import FusedAdamWEMA
+from cckernels.optim import FusedAdamWEMA, clip_grad_norm_
 
 __all__ = [
     "attention",
@@ -32,6 +32,7 @@ __all__ = [
     "geglu",
     "ema_update_",
     "FusedAdamWEMA",
+    "clip_grad_norm_",
     "available_backends",
     "used_backends",
     "build_info",

@@ -475,3 +475,46 @@ def test_extension_boundary_checks(change, match):
                 masters=[], emas=[], scalars=[1.0] * 8) | change  # fmt: skip
     with pytest.raises(ValueError, match=match):
         _C.adamw_ema_(**args)
+
+
+def mixed_dtype_params(device):
+    """bf16 weights beside fp32 norm weights, as train.precision=bf16-weights; odd sizes, fresh grads."""
+    shapes = [(77, 5), (320,), (3, 3, 7, 1), (1,), (1280, 3)]
+    params = [torch.randn(s, device=device, dtype=torch.float32 if i % 2 else torch.bfloat16) for i, s in enumerate(shapes)]
+    for p in params:
+        p.grad = torch.randn_like(p) * 3
+    return params
+
+
+def check_clip_matches_torch(device, max_norm):
+    ours = mixed_dtype_params(device)
+    theirs = [p.detach().clone() for p in ours]
+    for p, q in zip(ours, theirs):
+        q.grad = p.grad.clone()
+    norm = ck.clip_grad_norm_(ours, max_norm)
+    expected = torch.nn.utils.clip_grad_norm_(theirs, max_norm)
+    assert norm.dtype == expected.dtype == torch.float32
+    torch.testing.assert_close(norm, expected, rtol=0, atol=0)
+    for p, q in zip(ours, theirs):
+        assert p.grad.dtype == q.grad.dtype
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("max_norm", [1.0, 1e6])  # clipped, and left alone
+def test_clip_grad_norm_matches_torch_cpu(max_norm):
+    check_clip_matches_torch("cpu", max_norm)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("max_norm", [1.0, 1e6])
+def test_clip_grad_norm_matches_torch_gpu(max_norm):
+    check_clip_matches_torch("cuda", max_norm)
+
+
+@pytest.mark.gpu
+def test_clip_grad_norm_scales_mixed_dtypes_without_a_launch_per_tensor():
+    params = [p for _ in range(20) for p in mixed_dtype_params("cuda")]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        ck.clip_grad_norm_(params, 1.0)
+    names = [e.name for e in prof.events()]
+    assert "aten::_foreach_mul_" in names and "aten::mul_" not in names, sorted(set(names))

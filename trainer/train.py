@@ -202,7 +202,7 @@ def main(argv=None):
                                                    min_snr_gamma=dc["min_snr_gamma"])
                 (loss / accum).backward()
             total += loss.detach() / accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), tc["grad_clip"])
+        grad_norm = ck.clip_grad_norm_(unet.parameters(), tc["grad_clip"])
         # The step's one wait for the GPU: loss and grad norm come back together before the
         # optimizer is launched (an .item() per micro-batch idled the GPU at each, and one after
         # optimizer.step() waited for the optimizer too). Grads are all-reduced: every rank agrees.
