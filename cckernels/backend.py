@@ -66,11 +66,37 @@ class Unsupported(Exception):
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the multi-tensor kernels read
 
 
+# The multi-tensor checks below run on every optimizer step for the ~700 tensors of a UNet:
+# they compare whole rows of attributes at once and loop in Python only to name a culprit.
+
+
 def check_dtypes(name, ts):
     """Unsupported unless every tensor of the list `name` has one of KERNEL_DTYPES."""
-    for i, t in enumerate(ts):
-        if t.dtype not in KERNEL_DTYPES:
-            raise Unsupported(f"{name}[{i}] dtype {t.dtype}")
+    if not {t.dtype for t in ts} <= set(KERNEL_DTYPES):
+        i, t = next((i, t) for i, t in enumerate(ts) if t.dtype not in KERNEL_DTYPES)
+        raise Unsupported(f"{name}[{i}] dtype {t.dtype}")
+
+
+def _dense(t):
+    """Whether t's elements fill numel() consecutive slots from data_ptr() (any dense layout)."""
+    return (
+        t.is_contiguous()
+        or t.is_contiguous(memory_format=torch.channels_last)
+        or t.is_contiguous(memory_format=torch.channels_last_3d)
+    )
+
+
+def check_same_layout(name, lists):
+    """Unsupported unless, for each i, the i-th tensors of all `lists` (rows) are dense with one
+    shape and one set of strides: the multi-tensor kernels walk them as flat memory from
+    data_ptr(), element k of one row with element k of the others."""
+    shapes, strides = [t.shape for t in lists[0]], [t.stride() for t in lists[0]]
+    same = all([t.shape for t in ts] == shapes and [t.stride() for t in ts] == strides for ts in lists[1:])
+    if same and all(map(_dense, lists[0])):  # twins of a dense tensor are dense
+        return
+    for i, ts in enumerate(zip(*lists)):
+        if not all(_dense(t) for t in ts) or len({(t.shape, t.stride()) for t in ts}) != 1:
+            raise Unsupported(f"{name}: tensor {i} is not dense or its lists' shapes or strides differ")
 
 
 _last_used = {}

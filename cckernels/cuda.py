@@ -7,7 +7,7 @@ import importlib.util
 
 import torch
 
-from cckernels.backend import Unsupported, check_dtypes
+from cckernels.backend import Unsupported, check_dtypes, check_same_layout
 from cckernels.group_norm_autograd import custom_ops, input_grads, save_for_backward
 from cckernels.reference import channels_last
 from cckernels.tracing import emitting_custom_ops
@@ -51,36 +51,19 @@ def build_info():
     return {"_C": False, "cupy": True, "archs": kernels.archs(), "cuda_version": kernels.cuda_version(), "reason": _import_error}
 
 
-def _same_dense_layout(a, b):
-    """Both hold their elements in the same order with no gaps (what the kernel walks)."""
-    if a.is_contiguous() and b.is_contiguous():
-        return True
-    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(a.dim())
-    return fmt is not None and a.is_contiguous(memory_format=fmt) and b.is_contiguous(memory_format=fmt)
-
-
-def _check_layouts(name, params, *lists):
-    for other in lists:
-        for i, (t, p) in enumerate(zip(other, params)):
-            if not _same_dense_layout(t, p):
-                raise Unsupported(f"{name}: tensor {i} is not laid out as params[{i}] (both contiguous or channels_last)")
-
-
 def ema_update_(ema, params, decay):
     """Params may mix dtypes: the kernels run one multi-tensor pass per dtype."""
     check_dtypes("params", params)
-    _check_layouts("ema_update_", params, ema)
+    check_same_layout("ema_update_", [params, ema])
     loaded().ema_update_(ema, params, decay)
 
 
 def adamw_ema_(params, grads, exp_avgs, exp_avg_sqs, masters, emas, scalars):
     """FusedAdamWEMA's step (see cckernels.reference.adamw_ema_); masters, emas: lists or None."""
     check_dtypes("params", params)
-    if len({p.dtype for p in params}) != 1:  # FusedAdamWEMA steps one dtype at a time
-        raise Unsupported("params of mixed dtypes")
-    if any(g.dtype != params[0].dtype for g in grads):
-        raise Unsupported("grads and params of different dtypes")
-    _check_layouts("adamw_ema_", params, grads, exp_avgs, exp_avg_sqs, masters or [], emas or [])
+    if len({p.dtype for p in params} | {g.dtype for g in grads}) != 1:  # FusedAdamWEMA steps one dtype at a time
+        raise Unsupported("params and grads of mixed dtypes")
+    check_same_layout("adamw_ema_", [params, grads, exp_avgs, exp_avg_sqs, *(row for row in (masters, emas) if row)])
     loaded().adamw_ema_(params, grads, exp_avgs, exp_avg_sqs, masters or [], emas or [], list(scalars))
 
 

@@ -188,18 +188,20 @@ def test_triton_refuses_strided_inputs_and_dispatch_falls_back():
     torch.testing.assert_close(e.double(), ref)
 
 
-def test_triton_layout_check_takes_dense_twins_only():
-    from cckernels.triton.multi_tensor import check_same_layout
+def test_layout_check_takes_dense_twins_only():
+    from cckernels.backend import check_same_layout
 
     def channels_last():
         return torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)
 
     check_same_layout("t", [[torch.randn(3, 4), channels_last()], [torch.randn(3, 4), channels_last()]])
     for other in (torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 10)[..., ::2], torch.randn(120)):
-        with pytest.raises(Unsupported, match="tensor 0 is not dense or its lists' strides differ"):
+        with pytest.raises(Unsupported, match="tensor 0 is not dense or its lists' shapes or strides differ"):
             check_same_layout("t", [[channels_last()], [other]])
     with pytest.raises(Unsupported):  # same shape and strides, but not dense
         check_same_layout("t", [[torch.randn(4, 10)[:, ::2]], [torch.randn(4, 10)[:, ::2]]])
+    with pytest.raises(Unsupported, match="tensor 1 "):  # dense, same strides, another shape
+        check_same_layout("t", [[torch.randn(3), torch.randn(4, 1)], [torch.randn(3), torch.randn(5, 1)]])
 
 
 def test_triton_refuses_before_its_first_launch(monkeypatch):

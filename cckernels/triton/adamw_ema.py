@@ -15,9 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-from cckernels.backend import KERNEL_DTYPES, Unsupported, check_dtypes
+from cckernels.backend import KERNEL_DTYPES, Unsupported, check_dtypes, check_same_layout
 from cckernels.triton.multi_tensor import (
-    check_same_layout, lerp, load, program_chunk, store, tables, tensor_ptr,
+    lerp, load, program_chunk, store, tables, tensor_ptr,
 )  # fmt: skip
 
 BLOCK = 1024

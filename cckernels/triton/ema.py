@@ -7,10 +7,10 @@ moved: 4 (read ema) + 4 (write ema) + itemsize(param) per element.
 import triton
 import triton.language as tl
 
-from cckernels.backend import KERNEL_DTYPES, check_dtypes
+from cckernels.backend import KERNEL_DTYPES, check_dtypes, check_same_layout
 from cckernels.reference import ema_pairs_by_dtype
 from cckernels.triton.multi_tensor import (
-    check_same_layout, lerp, load, program_chunk, store, tables, tensor_ptr,
+    lerp, load, program_chunk, store, tables, tensor_ptr,
 )  # fmt: skip
 
 BLOCK = 1024

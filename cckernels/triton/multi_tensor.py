@@ -69,22 +69,6 @@ def lerp(a, b, w):
     return tl.where(w < 0.5, a + w * (b - a), b - (b - a) * (1.0 - w))
 
 
-def dense(t):
-    """Whether t's elements fill numel() consecutive slots from data_ptr() (any dense layout)."""
-    return (
-        t.is_contiguous()
-        or t.is_contiguous(memory_format=torch.channels_last)
-        or t.is_contiguous(memory_format=torch.channels_last_3d)
-    )
-
-
-def check_same_layout(name, lists):
-    """Raise Unsupported unless every row's tensors are dense with identical strides."""
-    for i, ts in enumerate(zip(*lists)):
-        if not all(dense(t) for t in ts) or len({t.stride() for t in ts}) != 1:
-            raise Unsupported(f"{name}: tensor {i} is not dense or its lists' strides differ")
-
-
 def tables(lists, chunk):
     """Pack `lists` (rows of T same-size tensors, one dtype per row) for one launch.
 
