@@ -16,6 +16,12 @@ Bytes per element (the whole list is far larger than L2, so each byte moves once
 GB/s counts only those bytes, for every method (a method that moves more is just slower).
 Copy bandwidth: dst.copy_(src) over one fp32 buffer as large as the params, 2 x its bytes.
 Launches: CUDA kernels and copies of one call, counted with torch.profiler (GPU only).
+EMA rows are timed three ways (benchmarks/timers.py): eager calls, replays of one call captured
+in a CUDA graph (the kernels' time alone: the EMA target is about them), and the host time to
+enqueue a call. An eager time near the host time is the host's: the per-tensor checks and
+table lookup of ~700 tensors, not the kernel (an H200 run of 2026-11-26 read the one-launch
+Triton EMA at 50% of copy bandwidth eagerly, 98% in the run before on a faster host).
+FusedAdamWEMA.step refuses capture (its step count is a host number): AdamW rows are eager.
 Peers: torch._foreach_lerp_ (with the fp32 casts bf16 params need), a per-tensor Python
 loop (ck's "torch" backend), apex amp_C.multi_tensor_axpby when it imports and runs;
 torch.optim.AdamW(fused=True) (on fp32 masters for bf16 params) followed by ck.ema_update_.
@@ -30,6 +36,7 @@ from pathlib import Path
 import torch
 
 import cckernels as ck
+from timers import fmt, graph_cell, print_missing_graphs, time_fields, timings
 
 SHAPES_FILE = Path(__file__).with_name("sd2_unet_shapes.json")
 TINY_SHAPES = [(1,), (77,), (320, 3, 3, 3), (257,), (40, 77), (1000,), (3, 5, 7)]
@@ -160,10 +167,13 @@ def bench_ema(shapes, device, tiny, copy_gbps):
             except RuntimeError as e:  # a peer without this dtype (older apex: no bf16)
                 print(f"skipped {name} {dname}: {e}")
                 continue
-            ms, lo, hi = timed(fn, device, tiny)
-            gbps = nbytes / ms / 1e6
-            rows.append(dict(bench="ema", dtype=dname, method=label(name), ms=ms, ms_p20=lo, ms_p80=hi, gbps=gbps,
-                             frac_copy=gbps / copy_gbps, launches=launches(fn, device)))  # fmt: skip
+            eager, graph, why, host = timings(fn, tiny, eager=(25, 300), graph=(25, 300))
+            row = dict(bench="ema", dtype=dname, method=label(name),
+                       **time_fields(eager, graph, "gbps", lambda ms: nbytes / ms / 1e6, q="p"),
+                       graph_error=why, host_us=host, launches=launches(fn, device))  # fmt: skip
+            row["frac_copy"] = row["gbps"] / copy_gbps
+            row["graph_frac_copy"] = row["graph_gbps"] and row["graph_gbps"] / copy_gbps
+            rows.append(row)
         del params, ema
     return rows
 
@@ -232,14 +242,18 @@ def bench_adamw(shapes, device, tiny, copy_gbps):
 
 def print_table(rows, copy_gbps):
     print(f"copy bandwidth: {copy_gbps:.0f} GB/s")
-    header = f"{'bench':10} {'dtype':5} {'method':42} {'ms (p20-p80)':>22} {'GB/s':>8} {'copy%':>6} {'launches':>8} {'speedup':>7}"
+    header = (f"{'bench':10} {'dtype':5} {'method':42} {'ms (p20-p80)':>22} {'GB/s':>8} {'copy%':>6} "
+              f"{'graph ms (p20-p80)':>25} {'graph copy%':>11} {'host us':>8} {'launches':>8} {'speedup':>7}")
     print(header)
     print("-" * len(header))
     for r in rows:
         spread = f"{r['ms']:.3f} ({r['ms_p20']:.3f}-{r['ms_p80']:.3f})"
-        launched = "-" if r["launches"] is None else str(r["launches"])
+        graph = graph_cell(r, q="p") if "graph_ms" in r else "-"
+        graph_copy = fmt(r.get("graph_frac_copy") and 100 * r["graph_frac_copy"], ".0f", suffix="%")
         speedup = f"{r['speedup_vs_baseline']:.2f}x" if "speedup_vs_baseline" in r else ""
-        print(f"{r['bench']:10} {r['dtype']:5} {r['method']:42} {spread:>22} {r['gbps']:8.1f} {100 * r['frac_copy']:5.0f}% {launched:>8} {speedup:>7}")
+        print(f"{r['bench']:10} {r['dtype']:5} {r['method']:42} {spread:>22} {r['gbps']:8.1f} {100 * r['frac_copy']:5.0f}% "
+              f"{graph:>25} {graph_copy:>11} {fmt(r.get('host_us'), '.0f'):>8} {fmt(r['launches'], 'd'):>8} {speedup:>7}")
+    print_missing_graphs([r for r in rows if r["bench"] == "ema"], lambda r: f"{r['method']} {r['dtype']}")
 
 
 def plot(rows, copy_gbps, path):
@@ -252,7 +266,10 @@ def plot(rows, copy_gbps, path):
     for ax, bench, title in ((axes[0], "ema", "EMA update"), (axes[1], "adamw_ema", "AdamW + EMA step")):
         sel = [r for r in rows if r["bench"] == bench]
         labels = [f"{r['method']}\n{r['dtype']}" for r in sel]
-        ax.barh(labels, [r["gbps"] for r in sel])
+        ax.barh(labels, [r["gbps"] for r in sel], label="eager calls")
+        graphs = [r.get("graph_gbps") or 0 for r in sel]
+        if any(graphs):
+            ax.barh(labels, graphs, fill=False, edgecolor="C1", label="CUDA graph replays")
         ax.axvline(copy_gbps, color="k", linestyle="--", label="copy bandwidth")
         ax.set_xlabel("GB/s (useful bytes)")
         ax.set_title(title)
