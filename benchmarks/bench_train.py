@@ -65,10 +65,12 @@ MFU = FLOPs per image * images/s / peak, against the bf16 dense matmul peak meas
 (an 8192^3 bf16 matmul, do_bench) and against the nominal 989 TFLOP/s of an H100 SXM.
 Writes bench_train.json and bench_train.png to --out (default benchmarks/results/local) after
 every row, so a run cut short (run_gpu.sh's time limit) keeps what it measured.
---profile runs 2 more steps per row under torch.profiler: the op table (top 30 by GPU time) in
---out/bench_train-profile/<row>.txt (rank 0's), and the "busy" column: the time per step in
-which some kernel runs (overlapping kernels, as NCCL's or DALI's beside the UNet's, counted
-once) / median step time. Well below 100% the GPU waits for the host (Python, launches): kernel
+--profile runs more steps per row under torch.profiler for the "busy" column: the time per step
+in which some kernel runs (overlapping kernels, as NCCL's or DALI's beside the UNet's, counted
+once) / median step time. The headline rows (baseline, ours and plain PyTorch's at both batch
+sizes) profile 2 steps with their ops, whose table (top 30 by GPU time, rank 0's) goes to
+--out/bench_train-profile/<row>.txt; the other rows 1 step, kernels only: the profiler took
+5-14 s a row on the H200 runs, mostly processing its op events, and cut the ablation rows. Well below 100% the GPU waits for the host (Python, launches): kernel
 speed-ups cannot show in that row, a larger micro-batch or CUDA graphs can.
 """
 
@@ -402,7 +404,8 @@ def run_row(recipe, name, batch, shared):
     scheduled = recipe.ema == "scheduled"
     # Scheduled EMA starts after the untimed step that follows the first timed window (and the
     # profiled steps, which then time the same steps as that window).
-    before_ema = a.warmup + a.steps + (PROFILE_STEPS if a.profile else 0)
+    profiled = (PROFILE_STEPS if name in HEADLINE else 1) if a.profile else 0
+    before_ema = a.warmup + a.steps + profiled
     optimizer, ema_step = make_optimizer(recipe, unet, ema_start=before_ema + 1)
     if recipe.weights == "bf16":  # before the DDP wrapper, which buckets grads by dtype
         optimizer.cast_params_(torch.bfloat16, unet.bf16_weight_params())
@@ -455,8 +458,8 @@ def run_row(recipe, name, batch, shared):
     phase("timed")
     result = {"step_s": times, "phases_s": phases}
     if a.profile:
-        table = a.profile_dir / f"{slug(name)}.txt" if shared.rank == 0 else None
-        result.update(profile_steps(step, PROFILE_STEPS, cuda, table, np.median(times)))
+        table = a.profile_dir / f"{slug(name)}.txt" if shared.rank == 0 and name in HEADLINE else None
+        result.update(profile_steps(step, profiled, cuda, table, np.median(times)))
         phase("profiled")
     if scheduled:
         window(1)  # the EMA starts here: a one-time copy of the weights
@@ -482,13 +485,14 @@ def run_row(recipe, name, batch, shared):
 
 def profile_steps(step, n, cuda, path, step_s):
     """n more steps under torch.profiler: their op table (top 30 by GPU time, CPU time on a
-    CPU) goes to `path` (None: nowhere); returns the time per step in which the GPU runs a
-    kernel and its share of the unprofiled median step time `step_s` (the profiler slows the
-    host, not the kernels). A share well below 1 means the GPU waited for the host: kernel
-    speed-ups cannot show there."""
+    CPU) goes to `path`; with path None only the GPU's kernels are recorded. Returns the time
+    per step in which the GPU runs a kernel and its share of the unprofiled median step time
+    `step_s` (the profiler slows the host, not the kernels). A share well below 1 means the GPU
+    waited for the host: kernel speed-ups cannot show there."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+    ops = path is not None or not cuda
+    with profile(activities=[ProfilerActivity.CPU] * ops + [ProfilerActivity.CUDA] * cuda) as prof:
         for _ in range(n):
             step()
         if cuda:
@@ -657,8 +661,8 @@ def parse_args(argv=None):
                    "modes with the DDP wrapper every row has are untried: a row that fails says so); tiny: default")
     p.add_argument("--budget-s", type=float, default=None, help="skip rows that would start after this many seconds")
     p.add_argument("--profile", action="store_true",
-                   help=f"profile {PROFILE_STEPS} more steps per row: op tables in OUT/bench_train-profile/, "
-                   "GPU busy share in the table")
+                   help="profile more steps per row for the GPU busy share in the table, and the headline "
+                   "rows' op tables in OUT/bench_train-profile/")
     return p.parse_args(argv)
 
 

@@ -9,8 +9,8 @@
 # Budget per step (seconds, enforced with `timeout`; a step that fails or runs out is logged in
 # summary.md and the next one still runs; benchmarks with --budget-s start no new case after it
 # and still write their JSON), in this order:
-#   build 45 | build-check 15 | pytest -m gpu 170 | bench_train 240 (6 timed steps and 2
-#   profiled ones per row; no row starts after its budget less 30 s; JSON written after every
+#   build 45 | build-check 15 | pytest -m gpu 170 | bench_train 240 (6 timed steps a row, and 2
+#   profiled ones with op tables for the headline rows, 1 kernels-only for the others; no row starts after its budget less 30 s; JSON written after every
 #   row) | bench_geglu 25 | bench_attention_cross 40 (256 px cross-attention only) | bench_ema 30 |
 #   profile_host 30 | bench_group_norm 60 | bench_attention 80 | bench_data 45 = 780 s if every
 #   step used all of its budget (bench_ddp, 30 s, only runs with several GPUs).
