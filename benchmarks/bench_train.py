@@ -58,6 +58,10 @@ Timing: one CUDA-synchronized wall time per step after --warmup steps (compilati
 optimizer state allocation), median with 20/80 quantiles over --steps steps. Not
 triton.testing.do_bench: a step consumes the data pipeline, whose host time must count.
 images/s = world * micro-batch / median step time.
+"host ms": median time a step took to enqueue, before its synchronize: close to the step time
+means the GPU waited for the host (Python, launches, the data) and kernel speed-ups cannot show
+in that row; far below, the GPU is the bottleneck. (Enqueueing blocks only at a sync or a full
+launch queue, so a GPU-bound row can read high too; the busy column of --profile tells them apart.)
 Model FLOPs per image per training step (forward + backward of the UNet, no recomputation,
 encoders not counted), counted with torch.utils.flop_counter.FlopCounterMode on the meta
 device (--count-flops prints them): SD2 UNet 539 GFLOP at 256 px, 2,409 at 512 px.
@@ -439,11 +443,14 @@ def run_row(recipe, name, batch, shared):
         ema_step()
         optimizer.zero_grad(set_to_none=True)
 
-    def window(n):
+    def window(n, host=None):
+        """n steps' times, each to its end on the GPU; `host` gets the time each took to enqueue."""
         times = []
         for _ in range(n):
             t0 = time.perf_counter()
             step()
+            if host is not None:
+                host.append(time.perf_counter() - t0)
             if cuda:
                 torch.cuda.synchronize(device)
             times.append(time.perf_counter() - t0)
@@ -454,9 +461,10 @@ def run_row(recipe, name, batch, shared):
     phase("warmup")
     if cuda:  # the peak of training steps, not of the warm-up's autotuning (its 256 MiB flush buffer)
         torch.cuda.reset_peak_memory_stats(device)
-    times = window(a.steps)
+    host = []
+    times = window(a.steps, host)
     phase("timed")
-    result = {"step_s": times, "phases_s": phases}
+    result = {"step_s": times, "host_s": host, "phases_s": phases}
     if a.profile:
         table = a.profile_dir / f"{slug(name)}.txt" if shared.rank == 0 and name in HEADLINE else None
         result.update(profile_steps(step, profiled, cuda, table, np.median(times)))
@@ -555,7 +563,7 @@ def summarize(result, batch, world, ema_fraction):
         q = (1 - ema_fraction) * q + ema_fraction * np.quantile(result["step_s_ema"], [0.2, 0.5, 0.8])
     q20, med, q80 = (float(v) for v in q)
     return {"batch": batch, "step_ms": med * 1e3, "step_ms_q20": q20 * 1e3, "step_ms_q80": q80 * 1e3,
-            "images_per_s": world * batch / med}
+            "host_ms": float(np.median(result["host_s"])) * 1e3, "images_per_s": world * batch / med}
 
 
 def max_batch(prev, base, device, tiny):
@@ -588,7 +596,7 @@ def add_ratios(rows, flops_per_image, peak_tflops):
 
 
 def print_table(rows):
-    head = (f"{'recipe':<36}{'batch':>6}{'img/s':>9}{'step ms (q20-q80)':>26}{'peak GiB':>10}"
+    head = (f"{'recipe':<36}{'batch':>6}{'img/s':>9}{'step ms (q20-q80)':>26}{'host ms':>8}{'peak GiB':>10}"
             f"{'x base':>8}{'x plain':>8}{'MFU':>7}{'MFU989':>8}{'busy':>6}  backends")
     print(head)
     for r in rows:
@@ -600,7 +608,8 @@ def print_table(rows):
         steps = f"{r['step_ms']:.1f} ({r['step_ms_q20']:.1f}-{r['step_ms_q80']:.1f})"
         backends = ",".join(f"{k}={v}" for k, v in r["backends"].items())
         busy = f"{r['gpu_busy']:.0%}" if "gpu_busy" in r else "-"
-        print(f"{r['name']:<36}{r['batch']:>6}{r['images_per_s']:>9.1f}{steps:>26}{mem:>10}"
+        host = f"{r['host_ms']:.1f}" if "host_ms" in r else "-"  # JSON of runs before the column
+        print(f"{r['name']:<36}{r['batch']:>6}{r['images_per_s']:>9.1f}{steps:>26}{host:>8}{mem:>10}"
               f"{ratio(r['speedup_vs_baseline']):>8}{ratio(r['speedup_vs_plain_pytorch']):>8}"
               f"{r['mfu_measured_peak']:>7.1%}{r['mfu_h100_nominal']:>8.1%}{busy:>6}  {backends} {r.get('note', '')}")
 
