@@ -32,6 +32,7 @@ name when ours fell back to it; "-" for the peers. The rows ck-triton-split and 
 force the split forward where the backend would take a single pass, to measure what the single
 pass gains. Cases run shape by shape, every implementation of a shape together, torch.compile
 (one compile per case) after all the others: --budget-s cuts whole shapes, then torch.compile.
+The JSON is rewritten after every case, so a run killed by an outer time limit keeps its rows.
 """
 import argparse
 import json
@@ -279,7 +280,20 @@ def main():
                     for layout in ("nhwc", "nchw")
                     for impl, (fn, param_dtype, layouts) in impls.items() if layout in layouts),
                    key=lambda case: case[0] == "torch-compile")
-    rows, skipped, t_start = [], [], time.perf_counter()
+    os.makedirs(args.out, exist_ok=True)
+    result = {"device": name, "copy_GBps": copy_gbps, "dtype": "bfloat16", "groups": GROUPS,
+              "bytes": {"fwd": "2 * numel * itemsize", "fwd+bwd": "5 * numel * itemsize"},
+              "timing": "3 wall-clock runs (tiny); no graph time" if tiny else
+                        "triton.testing.do_bench median, 20/80 quantiles, L2 flushed: eager calls (ms), and replays "
+                        "of each call captured in a CUDA graph (graph_ms); host_us: median host time to enqueue one call",
+              "torch": torch.__version__, "rows": [], "host": None, "not_measured": []}
+
+    def save():  # after every case: a run killed by its caller's time limit keeps what it measured
+        add_ratios(result["rows"], copy_gbps)
+        with open(os.path.join(args.out, "group_norm.json"), "w") as f:
+            json.dump(result, f, indent=1)
+
+    rows, skipped, t_start = result["rows"], result["not_measured"], time.perf_counter()
     for impl, fn, param_dtype, res, shape, layout in tqdm(cases, desc="cases", disable=tiny):
         if args.budget_s is not None and time.perf_counter() - t_start > args.budget_s:
             skipped.append(f"{impl} {res} {'x'.join(map(str, shape))} {layout}")
@@ -287,21 +301,13 @@ def main():
         for row in measure(impl, fn, param_dtype, shape, layout, device, on_gpu):
             row["res"] = res
             rows.append(row)
+        save()
     if skipped:
         print(f"time budget of {args.budget_s:.0f} s spent: {len(skipped)} cases not measured ({skipped[0]}, ...)")
-    add_ratios(rows, copy_gbps)
     print_table(rows)
-    hosts = host_times([r for r in rows if r["impl"] != "copy"], "impl", "mode", lambda impl: impl.startswith("ck-"))
-    print_host_times(hosts)
-    os.makedirs(args.out, exist_ok=True)
-    result = {"device": name, "copy_GBps": copy_gbps, "dtype": "bfloat16", "groups": GROUPS,
-              "bytes": {"fwd": "2 * numel * itemsize", "fwd+bwd": "5 * numel * itemsize"},
-              "timing": "3 wall-clock runs (tiny); no graph time" if tiny else
-                        "triton.testing.do_bench median, 20/80 quantiles, L2 flushed: eager calls (ms), and replays "
-                        "of each call captured in a CUDA graph (graph_ms); host_us: median host time to enqueue one call",
-              "torch": torch.__version__, "rows": rows, "host": hosts, "not_measured": skipped}
-    with open(os.path.join(args.out, "group_norm.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    result["host"] = host_times([r for r in rows if r["impl"] != "copy"], "impl", "mode", lambda impl: impl.startswith("ck-"))
+    print_host_times(result["host"])
+    save()
     plot(rows, copy_gbps, os.path.join(args.out, "group_norm.png"))
     print(f"wrote {args.out}/group_norm.json and group_norm.png")
 
