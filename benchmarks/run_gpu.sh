@@ -12,9 +12,9 @@
 #   build 45 | build-check 15 | pytest -m gpu 140 (93 s on the third H200 run) | bench_train 270
 #   (6 timed steps a row; 2 profiled ones with op tables for the headline rows, 1 of kernels
 #   only for the others; no row starts after its budget less 30 s; JSON written after every
-#   row) | bench_ema 30 | bench_attention_cross 60 (the cross-attention shapes and 512 px
+#   row) | bench_ema 35 | bench_attention_cross 60 (the cross-attention shapes and 512 px
 #   self-attention at L = 4096) | bench_group_norm 60 | bench_geglu 25 | profile_host 30 |
-#   bench_attention 80 | bench_data 45 = 800 s if every step used all of its budget (bench_ddp,
+#   bench_attention 80 | bench_data 45 = 805 s if every step used all of its budget (bench_ddp,
 #   30 s, only runs with several GPUs).
 # The whole run must end inside the caller's outer `timeout` (docs/benchmarks.md: 575 s less the
 # DALI install), or that kills it mid-step and summary.md is never written. So the script ends
@@ -162,7 +162,7 @@ fi
 # self-attention at L = 4096 (#3), bench_group_norm's batch-256 shapes (#4; its JSON is
 # written after every case); then GEGLU and the host profile (measured on the third H200 run),
 # the full attention and data tables last (the 2026-11-26 H200 runs measured them).
-bench bench_ema 30
+bench bench_ema 35
 step bench_attention_cross 60 "$PY" benchmarks/bench_attention.py --out "$OUT/attention-cross" \
     --only "cross" "512px self L=4096" --budget-s 45
 bench bench_group_norm 60 --budget-s 45
