@@ -291,12 +291,13 @@ def test_latents_loader_batches_and_empty_embedding(precomputed, encoders):
                                atol=2e-2, rtol=2e-2)
 
 
-def test_latents_loader_rows_match_the_shards(precomputed):
+@pytest.mark.parametrize("batch", [7, 1])  # rows of three shards; of one (gathered in one take)
+def test_latents_loader_rows_match_the_shards(precomputed, batch):
     _, out, cache = precomputed
-    loader = make_loader(latents_cfg(out, resolution=32), 7, seed=4, cache_dir=cache)
+    loader = make_loader(latents_cfg(out, resolution=32), batch, seed=4, cache_dir=cache)
     (z, emb), = take(loader, 1)
     rows = [read_shard(out / shard_file(k))[0] for k in range(3)]
-    order = loader.shards(0)[0]
+    order = loader.shards(0)[0][:batch]
     for j, i in enumerate(order):
         assert torch.equal(z[j], rows[i // SHARD][latent_key(32)][i % SHARD].float())
         assert torch.equal(emb[j], rows[i // SHARD][TEXT_KEY][i % SHARD].float())
@@ -376,7 +377,8 @@ def test_latents_prefetch_thread_sets_an_indexed_cuda_device(precomputed, monkey
     current = []
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: current.append(_get_device_index(d)))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t: t)
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *args, pin_memory=False, **kwargs: empty(*args, **kwargs))
     monkeypatch.setattr(LatentReader, "_finish", lambda self, x, key: x)
     _, out, cache = precomputed
     take(make_loader(latents_cfg(out), 2, device=device, cache_dir=cache), 1)

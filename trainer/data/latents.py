@@ -233,19 +233,23 @@ class LatentReader:
             yield (self._finish(latents, self.key), self._finish(text, TEXT_KEY)), ids
 
     def _gather(self, key, ids):
-        """Rows `ids` of tensor `key` over all shards, as one host tensor (pinned for CUDA)."""
+        """Rows `ids` of tensor `key` over all shards, as one host tensor, gathered straight into
+        pinned memory for CUDA (not copied there after: ~61 MB a batch at SD2's batch 368)."""
         ids = np.asarray(ids, dtype=np.int64)
         shard = np.searchsorted(self.index.offsets, ids, side="right") - 1
         rows = ids - self.index.offsets[shard]
-        out = None
-        for s in np.unique(shard):
+        shards, out = np.unique(shard), None
+        for s in shards:
             array = self._array(s, key)
             if out is None:
-                out = np.empty((len(ids), *array.shape[1:]), array.dtype)
-            take = shard == s
-            out[take] = array[rows[take]]
-        out = torch.from_numpy(out)
-        return out.pin_memory() if self.device.type == "cuda" else out
+                out = torch.empty((len(ids), *array.shape[1:]), dtype=torch.from_numpy(np.empty(0, array.dtype)).dtype,
+                                  pin_memory=self.device.type == "cuda")
+            if len(shards) == 1:
+                np.take(array, rows, axis=0, out=out.numpy())
+            else:
+                take = shard == s
+                out.numpy()[take] = array[rows[take]]
+        return out
 
     def empty_embedding(self):
         entry = self.index.meta["empty"]
