@@ -72,9 +72,10 @@ every row, so a run cut short (run_gpu.sh's time limit) keeps what it measured.
 --profile runs more steps per row under torch.profiler for the "busy" column: the time per step
 in which some kernel runs (overlapping kernels, as NCCL's or DALI's beside the UNet's, counted
 once) / median step time. The headline rows (baseline, ours and plain PyTorch's at both batch
-sizes) profile 2 steps with their ops, whose table (top 30 by GPU time, rank 0's) goes to
---out/bench_train-profile/<row>.txt; the other rows 1 step, kernels only: the profiler took
-5-14 s a row on the H200 runs, mostly processing its op events, and cut the ablation rows. Well below 100% the GPU waits for the host (Python, launches): kernel
+sizes) and the rows named in --rows profile 2 steps with their ops, whose table (top 30 by GPU
+time, rank 0's) goes to --out/bench_train-profile/<row>.txt; the other rows 1 step, kernels
+only: the profiler took 5-14 s a row on the H200 runs, mostly processing its op events, and cut
+the ablation rows. A busy share well below 100%: the GPU waits for the host (Python, launches): kernel
 speed-ups cannot show in that row, a larger micro-batch or CUDA graphs can.
 """
 
@@ -408,7 +409,8 @@ def run_row(recipe, name, batch, shared):
     scheduled = recipe.ema == "scheduled"
     # Scheduled EMA starts after the untimed step that follows the first timed window (and the
     # profiled steps, which then time the same steps as that window).
-    profiled = (PROFILE_STEPS if name in HEADLINE else 1) if a.profile else 0
+    op_table = name in HEADLINE or name in (a.rows or ())  # rows asked for by name get theirs
+    profiled = (PROFILE_STEPS if op_table else 1) if a.profile else 0
     before_ema = a.warmup + a.steps + profiled
     optimizer, ema_step = make_optimizer(recipe, unet, ema_start=before_ema + 1)
     if recipe.weights == "bf16":  # before the DDP wrapper, which buckets grads by dtype
@@ -466,7 +468,7 @@ def run_row(recipe, name, batch, shared):
     phase("timed")
     result = {"step_s": times, "host_s": host, "phases_s": phases}
     if a.profile:
-        table = a.profile_dir / f"{slug(name)}.txt" if shared.rank == 0 and name in HEADLINE else None
+        table = a.profile_dir / f"{slug(name)}.txt" if shared.rank == 0 and op_table else None
         result.update(profile_steps(step, profiled, cuda, table, np.median(times)))
         phase("profiled")
     if scheduled:
