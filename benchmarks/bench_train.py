@@ -41,6 +41,9 @@ Rows (cumulative unless said otherwise):
                  steps back on out-of-memory
   + torch.compile   the UNet compiled with cckernels' ops inside its graph (custom ops, no
                  graph break); last, as the one step of the ladder a user may leave out
+  + our DDP, CUDA graphs (not cumulative): the "+ our DDP" recipe at the base micro-batch with
+                 the UNet's forward and backward replayed as CUDA graphs (train.cuda_graphs,
+                 trainer/graphs.py): the host's kernel launches out of the step
   plain PyTorch best (not cumulative): SDPA (PyTorch's own backend choice), torch.compile,
                  AdamW(fused=True), torch._foreach_lerp_ EMA every step, precomputed latents,
                  channels_last, torch DDP, at the baseline micro-batch
@@ -51,8 +54,10 @@ could pick instead.
 A row whose pieces are missing (DALI not installed, no triton/cuda backend for an op) is
 reported as skipped with the reason, and later rows go on without that piece. A world of 1
 still wraps the model in DDP (an initialized one-process group), so the code path runs.
-The baseline, "+ our DDP", "+ larger micro-batch" and the plain rows are measured first, so a
-run that --budget-s cuts short keeps the headline comparisons; the table keeps ladder order.
+The baseline, "+ our DDP", "+ larger micro-batch", the plain rows and "+ our DDP, CUDA graphs"
+are measured first, so a run that --budget-s cuts short keeps the headline comparisons; then
+"+ precomputed latents" and the row above it (the same UNet encoding online: issue #9's
+comparison), then the rest. The table keeps ladder order.
 
 Timing: one CUDA-synchronized wall time per step after --warmup steps (compilation, autotuning,
 optimizer state allocation), median with 20/80 quantiles over --steps steps. Not
@@ -105,6 +110,7 @@ from bench_data import make_dataset  # noqa: E402
 from trainer import diffusion, encoders  # noqa: E402
 from trainer.config import CHOICES, load as load_config  # noqa: E402
 from trainer.data import cache_root  # noqa: E402
+from trainer.graphs import graph_on_first_call  # noqa: E402
 from trainer.unet import GEGLU, Attention, LayerNorm, UNet  # noqa: E402
 
 SD2_GFLOP_PER_IMAGE = {256: 539.0, 512: 2409.0}  # counted by --count-flops (torch 2.14)
@@ -128,6 +134,7 @@ class Recipe:
     ddp: str = "torch"  # torch | ours
     batch: str = "base"  # base | max
     compile: bool = False
+    graphs: bool = False  # the UNet's forward and backward as CUDA graphs (trainer/graphs.py)
 
 
 LADDER = [
@@ -149,10 +156,13 @@ PLAIN = ("plain PyTorch best", Recipe(attention="sdpa", channels_last=True, opti
                                       ema="foreach_lerp", data="latents", compile=True))
 PLAIN_MAX = ("plain PyTorch best, larger micro-batch", dataclasses.replace(PLAIN[1], batch="max"))
 PLAIN_ROWS = (PLAIN[0], PLAIN_MAX[0])
+# Not cumulative: the "+ our DDP" row's recipe (the base micro-batch, where eager steps were
+# host-bound on the H200) with the UNet replayed as CUDA graphs.
+GRAPHED = ("+ our DDP, CUDA graphs", "+ our DDP")
 
-# Measured first (then the rest in ladder order): the baseline, our full recipe at the base and
-# the larger micro-batch, and plain PyTorch's best at both.
-HEADLINE = ("baseline", "+ our DDP", "+ larger micro-batch", *PLAIN_ROWS)
+# Measured first: the baseline, our full recipe at the base and the larger micro-batch, plain
+# PyTorch's best at both, then ours with CUDA graphs (main() says what comes next).
+HEADLINE = ("baseline", "+ our DDP", "+ larger micro-batch", *PLAIN_ROWS, GRAPHED[0])
 
 
 def row_plan(args, device):
@@ -168,6 +178,10 @@ def row_plan(args, device):
         else:
             recipe = dataclasses.replace(recipe, **change)
         plan.append((name, recipe, reason, f"(without: {', '.join(dropped)})" if dropped else ""))
+    name, base = GRAPHED
+    _, recipe, reason, note = next(row for row in plan if row[0] == base)
+    plan.append((name, dataclasses.replace(recipe, graphs=True),
+                 reason or ("CUDA graphs need a GPU" if device.type != "cuda" else None), note))
     for name, plain in (PLAIN, PLAIN_MAX):
         note = ""
         if args.no_compile:
@@ -415,6 +429,8 @@ def run_row(recipe, name, batch, shared):
     optimizer, ema_step = make_optimizer(recipe, unet, ema_start=before_ema + 1)
     if recipe.weights == "bf16":  # before the DDP wrapper, which buckets grads by dtype
         optimizer.cast_params_(torch.bfloat16, unet.bf16_weight_params())
+    if recipe.graphs:  # captured in the first warm-up step
+        graph_on_first_call(unet)
     model = wrap(recipe, unet, a)
     if recipe.data == "latents":
         shared.drop_encoders()
@@ -427,7 +443,8 @@ def run_row(recipe, name, batch, shared):
     schedule = diffusion.NoiseSchedule().to(device)
     # bf16 weights beside fp32 norm weights: torch's clipping scales each bf16 grad alone
     clip_grad_norm_ = ck.clip_grad_norm_ if recipe.weights == "bf16" else torch.nn.utils.clip_grad_norm_
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=cuda or recipe.weights == "bf16")
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=cuda or recipe.weights == "bf16",
+                              cache_enabled=not recipe.graphs)  # a CUDA graph keeps no autocast cache
 
     def step():
         images, captions = next(batches)
@@ -784,8 +801,13 @@ def run(args, cfg, world, rank, device):
 
     plan = row_plan(args, device)
     rows = [{"name": name, "status": "not measured: the run stopped before this row"} for name, *_ in plan]
-    # Headline rows first, so a run cut by its time budget still has the comparisons that matter.
-    order = sorted(range(len(plan)), key=lambda i: plan[i][0] not in HEADLINE)
+    # Headline rows first, so a run cut by its time budget still has the comparisons that matter;
+    # then precomputed latents and the row above it (encoding online, the same UNet: issue #9's
+    # comparison); then the rest of the ladder, in order.
+    latents = next(i for i, row in enumerate(plan) if row[0] == "+ precomputed latents")
+    above = max((i for i in range(latents) if not plan[i][2]), default=latents)
+    first = [*HEADLINE, plan[above][0], plan[latents][0]]
+    order = sorted(range(len(plan)), key=lambda i: first.index(plan[i][0]) if plan[i][0] in first else len(first))
     for i in order:
         name, this, reason, note = plan[i]
         row = rows[i]

@@ -60,12 +60,16 @@ def test_tiny_run_writes_table_json_and_plot(bench, tmp_path, monkeypatch, capsy
     rows = bench.main(["--tiny", "--steps", "1", "--warmup", "0", "--out", str(out)])
     saved = json.loads((out / "bench_train.json").read_text())
     assert (out / "bench_train.png").stat().st_size > 0
-    names = [name for name, _ in bench.LADDER] + list(bench.PLAIN_ROWS)
+    names = [name for name, _ in bench.LADDER] + [bench.GRAPHED[0]] + list(bench.PLAIN_ROWS)
     assert [r["name"] for r in saved["rows"]] == names
     by_name = {r["name"]: r for r in saved["rows"]}
     for name, row in by_name.items():
         if row.get("status", "").startswith("skipped: DALI"):
             continue  # DALI is an optional dependency
+        if name == bench.GRAPHED[0]:
+            assert row["status"] == "skipped: CUDA graphs need a GPU" and row["recipe"] == {
+                **by_name["+ our DDP"]["recipe"], "graphs": True}
+            continue
         assert "images_per_s" in row, (name, row.get("status"))
         assert row["images_per_s"] > 0 and row["tflops"] > 0
         assert row["host_ms"] > 0 and all(h <= t for h, t in zip(row["host_s"], row["step_s"]))
@@ -141,3 +145,23 @@ def test_a_run_cut_short_keeps_json_and_plot_of_the_rows_done(bench, tmp_path, m
     assert by_name["+ our DDP"]["speedup_vs_baseline"] == 2.0
     assert by_name["+ our attention"]["status"].startswith("not measured")
     assert (out / "bench_train.png").stat().st_size > 0
+
+
+def test_rows_are_measured_headline_first_then_latents_against_online(bench, tmp_path, monkeypatch):
+    monkeypatch.setenv("CCKERNELS_CACHE", str(tmp_path / "cache"))
+    calls = []
+    headline = [n for n in bench.HEADLINE if n != bench.GRAPHED[0]]  # a CPU skips the graphs row
+
+    def measure(recipe, name, rows, shared):  # stopped after the rows this test looks at
+        calls.append(name)
+        if len(calls) == len(headline) + 3:
+            raise KeyboardInterrupt
+        return {"batch": 4, "images_per_s": 10.0, "step_s": [0.1]}
+
+    monkeypatch.setattr(bench, "measure", measure)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--tiny", "--out", str(tmp_path / "out")])
+    assert calls[:len(headline)] == headline
+    above = "+ DALI decoding" if "+ DALI decoding" in calls else "+ bf16 weights"
+    assert calls[len(headline):len(headline) + 2] == [above, "+ precomputed latents"]
+    assert calls[len(headline) + 2] == "+ our attention"  # then the ladder in order

@@ -207,6 +207,69 @@ def test_compiled_unet_trains_as_the_eager_one(tmp_path):
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-6)
 
 
+def test_cuda_graphs_need_a_gpu_one_micro_batch_and_an_eager_unet(tmp_path):
+    with pytest.raises(ValueError, match="train.cuda_graphs=true needs a CUDA device"):
+        run(tmp_path, "train.cuda_graphs=true")
+    cfg = config.load(None, ["train.cuda_graphs=true", "train.grad_accum=2", "model.compile=true"])
+    with pytest.raises(ValueError, match="needs train.grad_accum=1 and model.compile=false"):
+        train._check_cuda_graphs(cfg, torch.device("cuda"))
+    train._check_cuda_graphs(config.load(None, ["train.cuda_graphs=true"]), torch.device("cuda"))
+
+
+def graphed_and_eager_unets(device):
+    from tiny_models import TINY_UNET
+    from trainer.graphs import graph_on_first_call
+    from trainer.unet import UNet
+
+    torch.manual_seed(0)
+    eager = UNet.from_config(TINY_UNET).to(device)
+    graphed = graph_on_first_call(UNet.from_config(TINY_UNET).to(device))
+    graphed.load_state_dict(eager.state_dict())
+    x, t, ctx = torch.randn(2, 4, 8, 8, device=device), torch.tensor([3, 700], device=device), torch.randn(2, 77, 32, device=device)
+    return graphed, eager, (x, t, ctx)
+
+
+def test_a_graphed_unet_runs_eagerly_where_it_does_not_train():
+    # Sampling calls it under no_grad (and in training mode): no capture, the eager forward.
+    graphed, eager, args = graphed_and_eager_unets("cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(graphed(*args), eager(*args), rtol=0, atol=0)
+    graphed.eval()
+    torch.testing.assert_close(graphed(*args), eager(*args), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_a_graphed_unet_replays_forward_and_backward():
+    graphed, eager, (x, t, ctx) = graphed_and_eager_unets("cuda")
+    for step in range(3):  # the first call captures; then replays, with new inputs each time
+        x, ctx = torch.randn_like(x), torch.randn_like(ctx)
+        with torch.autocast("cuda", torch.bfloat16, cache_enabled=False):
+            outs = [m(x, t, ctx).float() for m in (graphed, eager)]
+        for out in outs:
+            out.square().mean().backward()
+        torch.testing.assert_close(outs[0], outs[1], rtol=2e-2, atol=2e-2)
+        for p, q in zip(graphed.parameters(), eager.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=5e-2, atol=1e-3)
+            p.grad = q.grad = None
+    with pytest.raises(ValueError, match="captured for inputs"):
+        graphed(x[:1], t[:1], ctx[:1])
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(180)  # two tiny runs with sampling
+def test_cuda_graphs_train_as_the_eager_unet(tmp_path, monkeypatch):
+    # Our kernels inside the captured forward and backward; the sampling at the end runs the
+    # UNet in eval mode, eagerly, after the capture.
+    monkeypatch.delenv("CCKERNELS_BACKEND")
+    for name in ("eager", "graphs"):
+        run(tmp_path / name, "train.steps=3", f"train.cuda_graphs={name == 'graphs'}")
+    eager, graphed = ([json.loads(line)["loss"] for line in open(tmp_path / name / "metrics.jsonl")]
+                      for name in ("eager", "graphs"))
+    assert len(graphed) == 3
+    torch.testing.assert_close(graphed, eager, rtol=1e-3, atol=1e-5)
+    assert (tmp_path / "graphs" / "samples").is_dir()
+
+
 def test_compile_mode_needs_inductor_and_cuda_graphs_one_process_without_accumulation():
     def args(compile, mode, world=1, accum=1):
         return train._compile_args({"compile": compile, "compile_mode": mode}, world, accum)

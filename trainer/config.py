@@ -84,6 +84,10 @@ DEFAULTS = {
         # true: torch.use_deterministic_algorithms (cuDNN, cuBLAS, our attention's atomic-free
         # backward), so a GPU run, and its resume, repeat bit for bit; somewhat slower
         "deterministic": False,
+        # true (CUDA): the UNet's forward and backward replayed as CUDA graphs
+        # (trainer/graphs.py): at small micro-batches the host launching ~4,000 kernels a step
+        # is the bottleneck; not with grad_accum > 1, gradient checkpointing or torch.compile
+        "cuda_graphs": False,
         "max_bad_steps": 10,  # consecutive non-finite steps before the run stops
         "log_every": 10,
     },

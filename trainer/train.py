@@ -32,6 +32,7 @@ import cckernels as ck  # noqa: E402
 from trainer import checkpoint, config, data, diffusion, encoders  # noqa: E402
 from trainer.ddp import DistributedDataParallel  # noqa: E402
 from trainer.ema import ScheduledEMA  # noqa: E402
+from trainer.graphs import graph_on_first_call  # noqa: E402
 from trainer.sample import sample_images, save_grid  # noqa: E402
 from trainer.unet import UNet  # noqa: E402
 
@@ -67,6 +68,19 @@ def _compile_args(model_cfg, world, grad_accum):
     return {"backend": backend} if mode == "default" else {"backend": backend, "mode": mode}
 
 
+def _check_cuda_graphs(cfg, device):
+    """Raise where train.cuda_graphs cannot hold (trainer/graphs.py says why)."""
+    tc, mc = cfg["train"], cfg["model"]
+    if not tc["cuda_graphs"]:
+        return
+    clashes = {"a CUDA device": device.type != "cuda", "train.grad_accum=1": tc["grad_accum"] > 1,
+               "model.gradient_checkpointing=false": mc["gradient_checkpointing"], "model.compile=false": mc["compile"]}
+    needed = [name for name, clash in clashes.items() if clash]
+    if needed:
+        raise ValueError(f"train.cuda_graphs=true needs {' and '.join(needed)} (the graphs hold each backward's "
+                         "grads until the next one, and capture the UNet once, eagerly)")
+
+
 def main(argv=None):
     # -- config ----------------------------------------------------------------------------
     args = parse_args(argv)
@@ -90,6 +104,7 @@ def main(argv=None):
     else:
         device = torch.device("cpu")
     compile_args = _compile_args(cfg["model"], world, cfg["train"]["grad_accum"])
+    _check_cuda_graphs(cfg, device)
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     is_main = rank == 0
@@ -162,6 +177,8 @@ def main(argv=None):
         else:  # a rank the saving run did not have
             print(f"rank {rank}: {ckpt_path} holds no RNG state for this rank; noise and timesteps "
                   "will not repeat the saved run's", flush=True)
+    if tc["cuda_graphs"]:
+        graph_on_first_call(unet)  # captured in the first step, after loading and casting above
     # the compiled forward shares unet's parameters; checkpoints and EMA keep using unet
     model = torch.compile(unet, **compile_args) if compile_args else unet
     model = DistributedDataParallel(model) if world > 1 else model
@@ -197,7 +214,8 @@ def main(argv=None):
                     ctx = text_encoder.encode(captions)
                 ctx = diffusion.drop_captions(ctx, empty_ctx, dc["caption_dropout"])
             with model.no_sync() if world > 1 and micro < accum - 1 else contextlib.nullcontext():
-                with torch.autocast(device.type, torch.bfloat16, enabled=autocast):
+                # a CUDA graph keeps no autocast weight cache (make_graphed_callables refuses one)
+                with torch.autocast(device.type, torch.bfloat16, enabled=autocast, cache_enabled=not tc["cuda_graphs"]):
                     loss = diffusion.training_loss(model, schedule, latents, ctx, prediction_type=dc["prediction_type"],
                                                    min_snr_gamma=dc["min_snr_gamma"])
                 (loss / accum).backward()
