@@ -77,8 +77,7 @@ def _check_cuda_graphs(cfg, device):
                "model.gradient_checkpointing=false": mc["gradient_checkpointing"], "model.compile=false": mc["compile"]}
     needed = [name for name, clash in clashes.items() if clash]
     if needed:
-        raise ValueError(f"train.cuda_graphs=true needs {' and '.join(needed)} (the graphs hold each backward's "
-                         "grads until the next one, and capture the UNet once, eagerly)")
+        raise ValueError(f"train.cuda_graphs=true needs {' and '.join(needed)} (trainer/graphs.py says why)")
 
 
 def main(argv=None):
