@@ -12,6 +12,8 @@ first training call's), the autocast state (with its weight cache off: make_grap
 requires cache_enabled=False), the parameters' storage (in-place updates are fine: optimizers,
 EMA swaps by copy, load_state_dict). The grads it hands out share memory with the graph's
 static buffers, which the next backward overwrites: no gradient accumulation across micro-batches.
+Gradient checkpointing (recomputation inside the captured backward) and torch.compile (whose
+own CUDA-graph modes would nest) are untried: the trainer refuses them with graphs.
 """
 import torch
 
