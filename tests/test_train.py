@@ -238,6 +238,24 @@ def test_a_graphed_unet_runs_eagerly_where_it_does_not_train():
     torch.testing.assert_close(graphed(*args), eager(*args), rtol=0, atol=0)
 
 
+def test_captures_ignore_other_threads_on_older_torch_too(monkeypatch):
+    # Newer torch takes capture_error_mode; older (the GPU image's 2.11) gets torch.cuda.graph
+    # swapped for the call, and back afterwards.
+    import inspect
+
+    from trainer import graphs
+
+    default = torch.cuda.graph
+    if "capture_error_mode" in inspect.signature(torch.cuda.make_graphed_callables).parameters:
+        with graphs._thread_local_capture() as mode:
+            assert mode == {"capture_error_mode": "thread_local"} and torch.cuda.graph is default
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", lambda callables, sample_args: None)
+    with pytest.raises(RuntimeError), graphs._thread_local_capture() as mode:
+        assert mode == {} and torch.cuda.graph is not default and issubclass(torch.cuda.graph, default)
+        raise RuntimeError("a failed capture")
+    assert torch.cuda.graph is default
+
+
 @pytest.mark.gpu
 def test_a_graphed_unet_replays_forward_and_backward():
     graphed, eager, (x, t, ctx) = graphed_and_eager_unets("cuda")

@@ -15,7 +15,32 @@ static buffers, which the next backward overwrites: no gradient accumulation acr
 Gradient checkpointing (recomputation inside the captured backward) and torch.compile (whose
 own CUDA-graph modes would nest) are untried: the trainer refuses them with graphs.
 """
+import contextlib
+import inspect
+
 import torch
+
+
+@contextlib.contextmanager
+def _thread_local_capture():
+    """Captures that only fail on this thread's unsafe CUDA calls, not on other threads' (the
+    latents prefetch thread or DataLoader's pin thread allocating pinned memory mid-capture):
+    make_graphed_callables takes capture_error_mode only in newer torch (2.14 has it, the GPU
+    image's 2.11 not), so there torch.cuda.graph's default is swapped for the call."""
+    if "capture_error_mode" in inspect.signature(torch.cuda.make_graphed_callables).parameters:
+        yield {"capture_error_mode": "thread_local"}
+        return
+    default = torch.cuda.graph
+
+    class ThreadLocalGraph(default):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{"capture_error_mode": "thread_local", **kwargs})
+
+    torch.cuda.graph = ThreadLocalGraph
+    try:
+        yield {}
+    finally:
+        torch.cuda.graph = default
 
 
 def graph_on_first_call(module):
@@ -34,7 +59,8 @@ def graph_on_first_call(module):
             signature = [(a.shape, a.dtype) for a in args]
             del module.forward  # the class's forward, for the warm-up and capture
             samples = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
-            torch.cuda.make_graphed_callables(module, samples, allow_unused_input=True)
+            with _thread_local_capture() as mode:
+                torch.cuda.make_graphed_callables(module, samples, allow_unused_input=True, **mode)
             graphed, module.forward = module.forward, forward
         if [(a.shape, a.dtype) for a in args] != signature:
             raise ValueError(f"the UNet's CUDA graphs were captured for inputs {signature}, "
