@@ -59,14 +59,17 @@ are measured first, so a run that --budget-s cuts short keeps the headline compa
 "+ precomputed latents" and the row above it (the same UNet encoding online: issue #9's
 comparison), then the rest. The table keeps ladder order.
 
-Timing: one CUDA-synchronized wall time per step after --warmup steps (compilation, autotuning,
-optimizer state allocation), median with 20/80 quantiles over --steps steps. Not
+Timing: --steps steps run back to back after --warmup steps (compilation, autotuning, optimizer
+state allocation), as in training: no sync between them, so the host may enqueue a step while
+the GPU runs the one before. Each step's time is between CUDA events recorded after each step
+(wall time on a CPU); median with 20/80 quantiles. (The H200 runs of 2026-11-26 synchronized
+after every step, which added each step's host lead-in to GPU-bound rows.) Not
 triton.testing.do_bench: a step consumes the data pipeline, whose host time must count.
 images/s = world * micro-batch / median step time.
-"host ms": median time a step took to enqueue, before its synchronize: close to the step time
-means the GPU waited for the host (Python, launches, the data) and kernel speed-ups cannot show
-in that row; far below, the GPU is the bottleneck. (Enqueueing blocks only at a sync or a full
-launch queue, so a GPU-bound row can read high too; the busy column of --profile tells them apart.)
+"host ms": median time a step took to enqueue. Well below the step time, the host has time to
+spare (the GPU is the bottleneck: CUDA graphs, large micro-batches). Close to it, either the host
+is the bottleneck or it was held up by a full launch queue behind a busy GPU: the busy column
+of --profile tells which.
 Model FLOPs per image per training step (forward + backward of the UNet, no recomputation,
 encoders not counted), counted with torch.utils.flop_counter.FlopCounterMode on the meta
 device (--count-flops prints them): SD2 UNet 539 GFLOP at 256 px, 2,409 at 512 px.
@@ -76,12 +79,11 @@ Writes bench_train.json and bench_train.png to --out (default benchmarks/results
 every row, so a run cut short (run_gpu.sh's time limit) keeps what it measured.
 --profile runs more steps per row under torch.profiler for the "busy" column: the time per step
 in which some kernel runs (overlapping kernels, as NCCL's or DALI's beside the UNet's, counted
-once) / median step time. The headline rows (baseline, ours and plain PyTorch's at both batch
-sizes) and the rows named in --rows profile 2 steps with their ops, whose table (top 30 by GPU
-time, rank 0's) goes to --out/bench_train-profile/<row>.txt; the other rows 1 step, kernels
-only: the profiler took 5-14 s a row on the H200 runs, mostly processing its op events, and cut
-the ablation rows. A busy share well below 100%: the GPU waits for the host (Python, launches): kernel
-speed-ups cannot show in that row, a larger micro-batch or CUDA graphs can.
+once) / median step time; well below 100% the GPU waits for the host (Python, launches), and
+kernel speed-ups cannot show in that row, a larger micro-batch or CUDA graphs can. Every row
+profiles 1 step, its kernels only; rows named in --rows profile 2 steps with
+their ops too, whose table (top 30 by GPU time, rank 0's) goes to
+--out/bench_train-profile/<row>.txt (op tables took 5-14 s a row on the H200 runs).
 """
 
 import argparse
@@ -423,7 +425,7 @@ def run_row(recipe, name, batch, shared):
     scheduled = recipe.ema == "scheduled"
     # Scheduled EMA starts after the untimed step that follows the first timed window (and the
     # profiled steps, which then time the same steps as that window).
-    op_table = name in HEADLINE or name in (a.rows or ())  # rows asked for by name get theirs
+    op_table = name in (a.rows or ())  # the rows asked for by name
     profiled = (PROFILE_STEPS if op_table else 1) if a.profile else 0
     before_ema = a.warmup + a.steps + profiled
     optimizer, ema_step = make_optimizer(recipe, unet, ema_start=before_ema + 1)
@@ -463,16 +465,25 @@ def run_row(recipe, name, batch, shared):
         optimizer.zero_grad(set_to_none=True)
 
     def window(n, host=None):
-        """n steps' times, each to its end on the GPU; `host` gets the time each took to enqueue."""
+        """n steps' times, back to back as in training (no sync between them: the host may run
+        ahead): on a GPU between CUDA events recorded after each step, else wall time. `host`
+        gets the time each step took to enqueue."""
+        marks = [torch.cuda.Event(enable_timing=True) for _ in range(n + 1)] if cuda else []
+        if cuda:
+            marks[0].record()
         times = []
-        for _ in range(n):
+        for i in range(n):
             t0 = time.perf_counter()
             step()
             if host is not None:
                 host.append(time.perf_counter() - t0)
             if cuda:
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - t0)
+                marks[i + 1].record()
+            else:
+                times.append(time.perf_counter() - t0)
+        if cuda:
+            torch.cuda.synchronize(device)
+            times = [start.elapsed_time(end) / 1e3 for start, end in zip(marks, marks[1:])]
         return times
 
     phase("setup")
@@ -689,8 +700,8 @@ def parse_args(argv=None):
                    "modes with the DDP wrapper every row has are untried: a row that fails says so); tiny: default")
     p.add_argument("--budget-s", type=float, default=None, help="skip rows that would start after this many seconds")
     p.add_argument("--profile", action="store_true",
-                   help="profile more steps per row for the GPU busy share in the table, and the headline "
-                   "rows' op tables in OUT/bench_train-profile/")
+                   help="profile 1 step per row for the GPU busy share in the table; rows named in --rows "
+                   "2 steps with their op tables in OUT/bench_train-profile/")
     return p.parse_args(argv)
 
 

@@ -10,8 +10,8 @@
 # summary.md and the next one still runs; benchmarks with --budget-s start no new case after it
 # and still write their JSON), in this order:
 #   build 45 | build-check 15 | pytest -m gpu 140 (93 s on the third H200 run) | bench_train 270
-#   (6 timed steps a row, no profiling; no row starts after its budget less 30 s; JSON written
-#   after every row) | bench_ema 35 | bench_attention_cross 60 (the cross-attention shapes and 512 px
+#   (6 timed steps and 1 profiled step of kernels a row; no row starts after its budget less
+#   30 s; JSON written after every row) | bench_ema 35 | bench_attention_cross 60 (the cross-attention shapes and 512 px
 #   self-attention at L = 4096) | bench_group_norm 60 | bench_geglu 25 | profile_host 30 |
 #   bench_attention 80 | bench_data 45 = 805 s if every step used all of its budget (bench_ddp,
 #   30 s, only runs with several GPUs).
@@ -143,14 +143,14 @@ step pytest-gpu 140 env CCKERNELS_AUTOTUNE=0 "$PY" -m pytest -m gpu $xdist $per_
 # "+ torch.compile" is skipped (docs/benchmarks.md has the separate call that measures both
 # compiled). Rows start until 30 s before the step's end (they took 26-56 s on the H200); a row
 # still running at the end is cut, leaving the earlier rows' JSON and PNG (written after each)
-# but no table in the log: the summary below prints it from the JSON. No --profile: its op
-# tables took 5-14 s a row on the third H200 run, and the rows matter more (the host ms column
-# says which rows are host-bound); docs/benchmarks.md has the follow-up call that profiles.
+# but no table in the log: the summary below prints it from the JSON. --profile: one step of
+# kernels a row for the busy column (no op tables: they took 5-14 s a row on the third H200
+# run; docs/benchmarks.md has the follow-up call that writes them for named rows).
 ngpu=$("$PY" -c "import torch; print(torch.cuda.device_count())")
 left=$(time_left)
 train_s=$(( left < 270 ? left : 270 ))
 train_rows_s=$(( train_s > 30 ? train_s - 30 : 0 ))
-train_args=(--out "$OUT" --steps 6 --warmup 2 --budget-s "$train_rows_s" --no-compile)
+train_args=(--out "$OUT" --steps 6 --warmup 2 --budget-s "$train_rows_s" --no-compile --profile)
 if [ "$ngpu" -gt 1 ]; then
     step bench_train "$train_s" env CCKERNELS_AUTOTUNE=0 "$PY" -m torch.distributed.run --standalone \
         --nproc_per_node="$ngpu" benchmarks/bench_train.py "${train_args[@]}"
