@@ -5,7 +5,8 @@ longer to launch them than the GPU to run them (GPU busy 32-65% in bench_train's
 run). torch.cuda.make_graphed_callables captures the module's forward and its backward once
 and replays each with one launch: the rest of the step (noise, loss, the DDP all-reduces, the
 optimizer) stays eager around it. Gradients arrive through the graph's one autograd node, so
-parameter hooks (our DDP's) and AccumulateGrad work as before.
+parameter hooks (our DDP's) and AccumulateGrad work as before, but all at once when the
+replayed backward ends: with several GPUs the all-reduces no longer overlap the backward.
 
 What a graph fixes at capture, the caller must keep: the shapes and dtypes of the inputs (the
 first training call's), the autocast state (with its weight cache off: make_graphed_callables
