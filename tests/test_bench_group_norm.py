@@ -100,3 +100,23 @@ def test_table_and_plot_from_both_timings(monkeypatch, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "no graph time for torch-bf16 nchw fwd, torch-bf16 nchw fwd+bwd: RuntimeError: cannot capture" in out
     assert (tmp_path / "group_norm.png").stat().st_size > 0
+
+
+def test_a_run_killed_mid_case_keeps_the_cases_before(monkeypatch, tmp_path):
+    # run_gpu.sh's time limit killed the third H200 run's bench_group_norm mid-case: the JSON
+    # is rewritten after every case, so what was measured stays.
+    bench = load_bench(monkeypatch)
+    measure, calls = bench.measure, []
+
+    def killed_at_the_second(*args):
+        calls.append(args[0])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return measure(*args)
+
+    monkeypatch.setattr(bench, "measure", killed_at_the_second)
+    monkeypatch.setattr(sys, "argv", ["bench_group_norm.py", "--tiny", "--out", str(tmp_path)])
+    with pytest.raises(KeyboardInterrupt):
+        bench.main()
+    saved = json.loads((tmp_path / "group_norm.json").read_text())
+    assert {r["impl"] for r in saved["rows"]} == {calls[0]} and saved["host"] is None
