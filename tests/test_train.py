@@ -257,7 +257,8 @@ def test_captures_ignore_other_threads_on_older_torch_too(monkeypatch):
 
 
 @pytest.mark.gpu
-def test_a_graphed_unet_replays_forward_and_backward():
+def test_a_graphed_unet_replays_forward_and_backward(monkeypatch):
+    monkeypatch.delenv("CCKERNELS_BACKEND")  # our kernels, captured
     graphed, eager, (x, t, ctx) = graphed_and_eager_unets("cuda")
     for step in range(3):  # the first call captures; then replays, with new inputs each time
         x, ctx = torch.randn_like(x), torch.randn_like(ctx)
