@@ -193,7 +193,8 @@ def main(argv=None):
         weights += f" (grads add up in bf16 over the {accum} micro-batches)" if accum > 1 else ""
     log(f"world {world} x batch {batch} x accum {accum} = {world * batch * accum} images/step, "
         f"{n_params / 1e6:.1f}M UNet parameters, device {device}, autocast bf16: {autocast}"
-        + (" (LayerNorm in bf16 too)" if autocast else "") + weights)
+        + (" (LayerNorm in bf16 too)" if autocast else "") + weights
+        + (", the UNet's forward and backward as CUDA graphs (captured in the first step)" if tc["cuda_graphs"] else ""))
     log("kernel backends usable, best first: "
         + "; ".join(f"{op}: {', '.join(names)}" for op, names in ck.available_backends(device).items())
         + f" (CCKERNELS_BACKEND={os.environ.get('CCKERNELS_BACKEND', 'unset')})")
