@@ -142,7 +142,7 @@ def _float_twins_on_one_device(ema, params):
     tensors): fp32 ema, float params of the same shapes, one device. False sends the caller to
     its per-tensor loop, which names the first culprit."""
     try:
-        return bool(ema) and (
+        return (
             {e.dtype for e in ema} == {torch.float32}
             and {p.dtype for p in params} <= set(FLOAT_DTYPES)
             and [e.shape for e in ema] == [p.shape for p in params]
@@ -163,22 +163,21 @@ def ema_update_(ema, params, decay, *, backend=None):
         raise ValueError(f"ema has {len(ema)} tensors but params has {len(params)}")
     if not (isinstance(decay, (int, float)) and 0.0 <= decay <= 1.0):
         raise ValueError(f"decay must be a number in [0, 1], got {decay!r}")
-    device = ema[0].device if _float_twins_on_one_device(ema, params) else None
-    for i, (e, p) in enumerate(zip(ema, params) if device is None else ()):  # names the culprit
-        _check_float("params", p, i)
-        _check_float("ema", e, i)
-        if e.dtype != torch.float32:
-            raise ValueError(f"ema[{i}] has dtype {e.dtype}; the EMA shadow must be float32")
-        if e.shape != p.shape:
-            raise ValueError(f"ema[{i}] shape {tuple(e.shape)} != params[{i}] shape {tuple(p.shape)}")
-        if device is None:
-            device = e.device
-        if not (e.device == p.device == device):
-            raise ValueError(f"ema[{i}] ({e.device}) and params[{i}] ({p.device}) must be on ema[0]'s device ({device})")
-    if device is None:  # empty lists
+    if not ema:
         return
+    if not _float_twins_on_one_device(ema, params):  # the per-tensor checks name the first culprit
+        for i, (e, p) in enumerate(zip(ema, params)):
+            _check_float("params", p, i)
+            _check_float("ema", e, i)
+            if e.dtype != torch.float32:
+                raise ValueError(f"ema[{i}] has dtype {e.dtype}; the EMA shadow must be float32")
+            if e.shape != p.shape:
+                raise ValueError(f"ema[{i}] shape {tuple(e.shape)} != params[{i}] shape {tuple(p.shape)}")
+            if not (e.device == p.device == ema[0].device):
+                raise ValueError(f"ema[{i}] ({e.device}) and params[{i}] ({p.device}) must be on ema[0]'s device "
+                                 f"({ema[0].device})")
     with torch.no_grad():
-        dispatch("ema_update_", device, backend, ema, params, float(decay))
+        dispatch("ema_update_", ema[0].device, backend, ema, params, float(decay))
 
 
 def available_backends(device=None):
