@@ -410,6 +410,7 @@ def run_row(recipe, name, batch, shared):
     a, device = shared.args, shared.device
     cuda = device.type == "cuda"
     phases, t_phase = {}, time.perf_counter()
+    calls_before = ck.backend_calls()
 
     def phase(label):  # seconds since the last phase: where a row's time goes, to size budgets
         nonlocal t_phase
@@ -506,12 +507,12 @@ def run_row(recipe, name, batch, shared):
     if cuda:
         result["peak_bytes"] = torch.cuda.max_memory_allocated(device)
         result["persistent_bytes"] = torch.cuda.memory_allocated(device)  # weights, states, encoders
-    used = ck.used_backends()
+    used = ran_since(calls_before)
     result["backends"] = {
-        "attention": used["attention"] if recipe.attention == "ours" else recipe.attention,
-        "group_norm": used["group_norm"] if recipe.group_norm == "ours" else "torch.nn+silu",
+        "attention": used.get("attention") if recipe.attention == "ours" else recipe.attention,
+        "group_norm": used.get("group_norm") if recipe.group_norm == "ours" else "torch.nn+silu",
         "layer_norm": recipe.layer_norm,
-        "geglu": used["geglu"] if recipe.geglu == "ours" else "torch",
+        "geglu": used.get("geglu") if recipe.geglu == "ours" else "torch",
         "weights": recipe.weights,
     }
     del batches, loader, model, unet, optimizer, ema_step
@@ -519,6 +520,16 @@ def run_row(recipe, name, batch, shared):
     if cuda:
         torch.cuda.empty_cache()
     return result
+
+
+def ran_since(calls_before):
+    """{op: the backends that ran it since ck.backend_calls() gave calls_before, "+"-joined}."""
+    ran = {}
+    for op, counts in ck.backend_calls().items():
+        names = [b for b, n in counts.items() if n > calls_before.get(op, {}).get(b, 0)]
+        if names:
+            ran[op] = "+".join(names)
+    return ran
 
 
 def profile_steps(step, n, cuda, path, step_s):

@@ -23,7 +23,8 @@ import torch
 
 from cckernels import nn  # noqa: F401  (ck.nn.GroupNorm)
 from cckernels import tracing
-from cckernels.backend import BACKENDS, IMPLEMENTATIONS, Unsupported, available, default_device, dispatch, last_used
+from cckernels.backend import (BACKENDS, IMPLEMENTATIONS, Unsupported, available, calls, default_device, dispatch, last_used,
+                               prefer_gpu_time)
 from cckernels.optim import FusedAdamWEMA, clip_grad_norm_
 
 __all__ = [
@@ -35,6 +36,8 @@ __all__ = [
     "clip_grad_norm_",
     "available_backends",
     "used_backends",
+    "backend_calls",
+    "prefer_gpu_time",
     "build_info",
     "Unsupported",
     "BACKENDS",
@@ -191,6 +194,12 @@ def used_backends():
     """{op: backend} that ran each op's most recent call in this process; for a call inside a
     torch.compile graph, the backend chosen when that graph was traced."""
     return last_used()
+
+
+def backend_calls():
+    """{op: {backend: calls}} over this process: which backends ran each op, how often (an op
+    can run on several, e.g. GroupNorm on CUDA for small inputs and on Triton for large ones)."""
+    return calls()
 
 
 def build_info():

@@ -4,6 +4,7 @@ A backend implementation raises `Unsupported` *before touching any memory* when 
 take an input (dtype, head dim, device); the dispatcher then tries the next backend.
 """
 import contextlib
+import contextvars
 import importlib
 import logging
 import os
@@ -18,14 +19,14 @@ BACKENDS = ("cuda", "triton", "torch")  # the valid names; each op has its own o
 # order. A module that is not installed (no compiled extension, no triton) makes that
 # backend unavailable for the op. The order is measured, per op, on an H200 (torch 2.11,
 # benchmarks/results/2026-11-26*-NVIDIA-H200): the Triton EMA beats the CUDA one (98-99% of
-# copy bandwidth in 1 launch vs 77-83% in 37). GroupNorm stays CUDA first: as eager calls go,
-# its forward+backward took 0.14-0.35 ms against Triton's 0.46-0.75 ms on the SD2 channels_last
-# shapes at batch 32, since Triton's 5-7 launches cost 450-880 us of host time per call (CUDA:
-# 180-390 us) and eager steps at that batch are host-bound (GPU busy 50% of the step). The
-# Triton kernels are faster on the GPU (1.2-1.7x in CUDA graphs), which a batch large enough to
-# be GPU-bound would gain from: at batch 368 GroupNorm was 6.5% of the GPU time. GEGLU's
-# order is by bytes moved, not yet timed: Triton's kernels move 3 tensors of the output's size
-# forward and 5 backward, where torch's gelu and multiply move 5 and their backward about 13.
+# copy bandwidth in 1 launch vs 77-83% in 37). GroupNorm stays CUDA first for what eager
+# calls at small batches feel: its forward+backward took 0.14-0.35 ms against Triton's
+# 0.46-0.75 ms on the SD2 channels_last shapes at batch 32, since Triton's 5-7 launches cost
+# 450-880 us of host time per call (CUDA: 180-390 us) and eager steps at that batch are
+# host-bound (GPU busy 50% of the step). Where host time does not count, Triton goes first
+# (_first_choice below). GEGLU's order is by bytes moved, not yet timed: Triton's kernels
+# move 3 tensors of the output's size forward and 5 backward, where torch's gelu and
+# multiply move 5 and their backward about 13.
 IMPLEMENTATIONS = {
     "attention": {
         "triton": "cckernels.triton.attention:attention",
@@ -57,6 +58,38 @@ OPTIMIZER_STEPS = {
         "torch": "cckernels.reference:adamw_ema_",
     },
 }
+
+
+# GroupNorm inputs of at least this many elements take Triton before CUDA. Triton's kernels
+# take less GPU time: forward+backward 1.2-1.7x faster than CUDA's in CUDA graph replays on
+# every SD2 channels_last shape of the second H200 run (0507; 1.2x at the largest, 8 x 960 x
+# 64 x 64, 31M elements), their forwards about even. Their extra host time (~0.4-0.7 ms a call)
+# is hidden once the GPU work of a step outlasts the host's: 64M elements is batch ~200 of the
+# 320-channel 32 x 32 maps at 256 px; at batch 32 every SD2 input stays below (host-bound there).
+# Not yet timed in a training step: bench_train's larger micro-batch row tells.
+GROUP_NORM_TRITON_FIRST_ELEMENTS = 1 << 26
+_prefer_gpu_time = contextvars.ContextVar("prefer_gpu_time", default=False)
+
+
+@contextlib.contextmanager
+def prefer_gpu_time():
+    """Within the block (this thread), ops take the backend whose kernels take the least GPU
+    time, whatever its host time: for CUDA graph capture and the warm-up before it (which must
+    choose as the capture does: Triton loads a kernel at its first launch, which a stream under
+    capture refuses), where the host's launch work is paid once, not at every replay."""
+    token = _prefer_gpu_time.set(True)
+    try:
+        yield
+    finally:
+        _prefer_gpu_time.reset(token)
+
+
+def _group_norm_first(x, *args):
+    return "triton" if _prefer_gpu_time.get() or x.numel() >= GROUP_NORM_TRITON_FIRST_ELEMENTS else None
+
+
+# op -> f(*the op's arguments) -> the backend to try first for them (None: the op's order).
+_first_choice = {"group_norm": _group_norm_first}
 
 
 class Unsupported(Exception):
@@ -100,6 +133,7 @@ def check_same_layout(name, lists):
 
 
 _last_used = {}
+_calls = {}  # op -> {backend: calls}
 _reported = set()
 # (op, device, TRITON_INTERPRET on CPU) -> [(backend, function)] usable there, best first.
 # Whether a backend is usable only changes with that env var (triton on CPU), so dispatch
@@ -185,6 +219,10 @@ def dispatch(op, device, backend, *args):
             order = order[names.index(requested):]
         else:
             _report(op, requested, f"not usable on {device.type} for this op")
+    elif op in _first_choice:
+        first = _first_choice[op](*args)
+        if first is not None and order[0][0] != first:
+            order = sorted(order, key=lambda entry: entry[0] != first)  # stable: the rest keep their order
     for name, fn in order:
         try:
             with _on_device(device):
@@ -193,6 +231,8 @@ def dispatch(op, device, backend, *args):
             _report(op, name, str(why))
             continue
         _last_used[op] = name
+        calls = _calls.setdefault(op, {})
+        calls[name] = calls.get(name, 0) + 1
         return out
     raise RuntimeError(f"no backend could run {op}")  # unreachable: torch takes everything
 
@@ -214,3 +254,12 @@ def _report(op, backend, why):
 
 def last_used():
     return dict(_last_used)
+
+
+def calls():
+    """{op: {backend: calls}} since the process started (or since reset_calls())."""
+    return {op: dict(counts) for op, counts in _calls.items()}
+
+
+def reset_calls():
+    _calls.clear()

@@ -77,6 +77,7 @@ def test_tiny_run_writes_table_json_and_plot(bench, tmp_path, monkeypatch, capsy
     assert by_name["baseline"]["backends"] == {"attention": "materialized", "group_norm": "torch.nn+silu",
                                                "layer_norm": "torch", "geglu": "torch", "weights": "fp32"}
     assert by_name["+ bf16 LayerNorm"]["backends"]["layer_norm"] == "bf16"
+    assert by_name["+ our GroupNorm+SiLU"]["backends"]["group_norm"] == "torch"  # each row's own calls
     assert by_name["+ bf16 weights"]["backends"]["weights"] == by_name["+ our DDP"]["backends"]["weights"] == "bf16"
     assert by_name["+ larger micro-batch"]["batch"] == 2 * by_name["baseline"]["batch"]
     assert by_name["+ fused AdamW+EMA, scheduled EMA"]["step_s_ema"]

@@ -1,4 +1,6 @@
 """Backend selection, fallback and argument checking of the public API."""
+import threading
+
 import pytest
 import torch
 
@@ -106,6 +108,61 @@ def test_requested_backend_falls_back_in_the_ops_own_order(monkeypatch):
     assert calls == ["triton"]
     ck.ema_update_(ema, params, 0.5, backend="cuda")
     assert calls == ["triton", "cuda", "torch"] and ck.used_backends()["ema_update_"] == "torch"
+
+
+@pytest.fixture
+def recording_backends(monkeypatch):
+    """GroupNorm backends 'cuda', 'triton' and 'torch' that each take everything and record their calls."""
+    calls = []
+
+    def records(name):
+        return lambda x, *args: calls.append(name) or x
+
+    monkeypatch.setattr(backend_mod, "_usable", lambda op, name, device: True)
+    monkeypatch.setattr(backend_mod, "_load", records)  # the table below makes each spec its backend's name
+    monkeypatch.setattr(backend_mod, "IMPLEMENTATIONS", {op: {name: name for name in order}
+                                                         for op, order in backend_mod.IMPLEMENTATIONS.items()})
+    monkeypatch.setattr(backend_mod, "_usable_cache", {})
+    monkeypatch.setattr(backend_mod, "_calls", {})
+    monkeypatch.delenv("CCKERNELS_BACKEND", raising=False)
+    return calls
+
+
+def test_group_norm_takes_triton_first_for_large_inputs_and_when_gpu_time_counts(recording_backends, monkeypatch):
+    small, large = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 5, 5)  # 72 and 200 elements
+    monkeypatch.setattr(backend_mod, "GROUP_NORM_TRITON_FIRST_ELEMENTS", 200)
+    ck.group_norm(small, 2)
+    ck.group_norm(large, 2)
+    with ck.prefer_gpu_time():
+        ck.group_norm(small, 2)
+    ck.group_norm(small, 2)  # the block's preference ended with it
+    assert recording_backends == ["cuda", "triton", "triton", "cuda"]
+    assert ck.backend_calls()["group_norm"] == {"cuda": 2, "triton": 2}
+    ck.group_norm(large, 2, backend="cuda")  # a request beats the preference
+    with ck.prefer_gpu_time():
+        ck.ema_update_([torch.zeros(3)], [torch.ones(3)], 0.5)  # other ops keep their own order
+    assert recording_backends[-2:] == ["cuda", "triton"]
+
+
+def test_group_norm_falls_back_from_a_refusing_first_choice(recording_backends, monkeypatch):
+    def refuses(*args):
+        raise ck.Unsupported("fake triton refuses")
+
+    load = backend_mod._load
+    monkeypatch.setattr(backend_mod, "_load", lambda name: refuses if name == "triton" else load(name))
+    with ck.prefer_gpu_time():
+        ck.group_norm(torch.randn(1, 4, 2, 2), 2)
+    assert recording_backends == ["cuda"]
+
+
+def test_prefer_gpu_time_is_per_thread():
+    seen = []
+    with ck.prefer_gpu_time():
+        thread = threading.Thread(target=lambda: seen.append(backend_mod._prefer_gpu_time.get()))
+        thread.start()
+        thread.join()
+        seen.append(backend_mod._prefer_gpu_time.get())
+    assert seen == [False, True]
 
 
 def test_dispatch_probes_backends_once_but_reads_the_environment_every_call(monkeypatch):

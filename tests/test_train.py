@@ -5,6 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import cckernels as ck
 from trainer import checkpoint, config, diffusion, train
 
 TINY = ["train.batch_size=2", "data.workers=0", "sample.prompts=[a cat]", "sample.steps=2", "checkpoint.every=2",
@@ -256,6 +257,22 @@ def test_captures_ignore_other_threads_on_older_torch_too(monkeypatch):
     assert torch.cuda.graph is default
 
 
+def test_the_capture_and_its_warm_up_choose_kernels_by_gpu_time(monkeypatch):
+    # make_graphed_callables warms up, then captures: both under ck.prefer_gpu_time().
+    from cckernels import backend
+
+    preferred = []
+
+    def fake_make_graphed_callables(module, samples, **kwargs):
+        preferred.append(backend._prefer_gpu_time.get())
+        module.forward = type(module).forward.__get__(module)
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", fake_make_graphed_callables)
+    graphed, eager, args = graphed_and_eager_unets("cpu")
+    graphed(*args)
+    assert preferred == [True] and not backend._prefer_gpu_time.get()
+
+
 @pytest.mark.gpu
 def test_a_graphed_unet_replays_forward_and_backward(monkeypatch):
     monkeypatch.delenv("CCKERNELS_BACKEND")  # our kernels, captured
@@ -270,6 +287,7 @@ def test_a_graphed_unet_replays_forward_and_backward(monkeypatch):
         for p, q in zip(graphed.parameters(), eager.parameters()):
             torch.testing.assert_close(p.grad, q.grad, rtol=5e-2, atol=1e-3)
             p.grad = q.grad = None
+    assert "triton" in ck.backend_calls()["group_norm"]  # the capture's choice by GPU time
     with pytest.raises(ValueError, match="captured for inputs"):
         graphed(x[:1], t[:1], ctx[:1])
 

@@ -15,11 +15,17 @@ EMA swaps by copy, load_state_dict). The grads it hands out share memory with th
 static buffers, which the next backward overwrites: no gradient accumulation across micro-batches.
 Gradient checkpointing (recomputation inside the captured backward) and torch.compile (whose
 own CUDA-graph modes would nest) are untried: the trainer refuses them with graphs.
+
+The warm-up and the capture run under ck.prefer_gpu_time(): each op takes the backend whose
+kernels take the least GPU time (GroupNorm: Triton rather than CUDA), since a replay pays
+no host time per kernel.
 """
 import contextlib
 import inspect
 
 import torch
+
+import cckernels as ck
 
 
 @contextlib.contextmanager
@@ -60,7 +66,8 @@ def graph_on_first_call(module):
             signature = [(a.shape, a.dtype) for a in args]
             del module.forward  # the class's forward, for the warm-up and capture
             samples = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
-            with _thread_local_capture() as mode:
+            # host time is paid once: kernels by their GPU time (the warm-up chooses as the capture)
+            with _thread_local_capture() as mode, ck.prefer_gpu_time():
                 torch.cuda.make_graphed_callables(module, samples, allow_unused_input=True, **mode)
             graphed, module.forward = module.forward, forward
         if [(a.shape, a.dtype) for a in args] != signature:

@@ -286,7 +286,8 @@ def main(argv=None):
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
         if done == start_step + 1:
-            log("kernels used: " + ", ".join(f"{op}={b}" for op, b in ck.used_backends().items()))
+            log("kernel calls by backend so far: " + ", ".join(f"{op}=" + " + ".join(f"{b} x{n}" for b, n in counts.items())
+                                                              for op, counts in ck.backend_calls().items()))
         if done % cfg["checkpoint"]["every"] == 0 or done == steps:
             save(done)
         if cfg["sample"]["every"] and done % cfg["sample"]["every"] == 0 and done != steps:
