@@ -82,7 +82,8 @@ in which some kernel runs (overlapping kernels, as NCCL's or DALI's beside the U
 once) / median step time; well below 100% the GPU waits for the host (Python, launches), and
 kernel speed-ups cannot show in that row, a larger micro-batch or CUDA graphs can. Every row
 profiles 1 step, its kernels only; rows named in --rows profile 2 steps with
-their ops too, whose table (top 30 by GPU time, rank 0's) goes to
+their ops too, whose tables (rank 0's: top 30 by GPU time; by host time, self, which shows
+the CUDA runtime's launches, syncs and allocations, and total) go to
 --out/bench_train-profile/<row>.txt (op tables took 5-14 s a row on the H200 runs).
 """
 
@@ -533,8 +534,8 @@ def ran_since(calls_before):
 
 
 def profile_steps(step, n, cuda, path, step_s):
-    """n more steps under torch.profiler: their op table (top 30 by GPU time, CPU time on a
-    CPU) goes to `path`; with path None only the GPU's kernels are recorded. Returns the time
+    """n more steps under torch.profiler: their op tables (top 30 by GPU time, then by host
+    time) go to `path`; with path None only the GPU's kernels are recorded. Returns the time
     per step in which the GPU runs a kernel and its share of the unprofiled median step time
     `step_s` (the profiler slows the host, not the kernels). A share well below 1 means the GPU
     waited for the host: kernel speed-ups cannot show there."""
@@ -548,8 +549,13 @@ def profile_steps(step, n, cuda, path, step_s):
             torch.cuda.synchronize()
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
-                                                  row_limit=30))
+        ops = prof.key_averages()
+        tables = [("GPU: top 30 by self GPU time", "self_device_time_total")] if cuda else []
+        # on a GPU, where the host's time goes: the CUDA runtime's calls (launches, syncs,
+        # allocations) by self time, and the ops and autograd nodes (ours included) by their total
+        tables += [("host: top 30 by self CPU time", "self_cpu_time_total"),
+                   ("host: top 30 by total CPU time", "cpu_time_total")]
+        path.write_text("\n".join(f"{title}, {n} steps\n{ops.table(sort_by=key, row_limit=30)}" for title, key in tables))
     if not cuda:
         return {}
     busy_s = covered((e.time_range.start, e.time_range.end) for e in prof.events()

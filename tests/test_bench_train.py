@@ -110,7 +110,8 @@ def test_profile_writes_the_op_tables_of_the_rows_named(bench, tmp_path, monkeyp
     rows = bench.main(["--tiny", "--steps", "1", "--warmup", "0", "--out", str(out), "--rows", ema_row, "--profile"])
     assert [r["name"] for r in rows if "images_per_s" in r] == ["baseline", ema_row]
     assert events == ["profiled", "profiled", "ema start"]
-    assert "aten::" in (out / "bench_train-profile" / "fused-AdamW-EMA-scheduled-EMA.txt").read_text()
+    table = (out / "bench_train-profile" / "fused-AdamW-EMA-scheduled-EMA.txt").read_text()
+    assert "aten::" in table and "host: top 30 by self CPU time, 2 steps" in table
     assert not (out / "bench_train-profile" / "baseline.txt").exists()  # runs always, not named
 
 
