@@ -66,8 +66,9 @@ OPTIMIZER_STEPS = {
 # 64 x 64, 31M elements), their forwards about even. Their extra host time (~0.4-0.7 ms a call)
 # is hidden once the GPU work of a step outlasts the host's: 64M elements is batch ~200 of the
 # 320-channel 32 x 32 maps at 256 px; at batch 32 every SD2 input stays below (host-bound there).
-# Not yet timed in a training step: bench_train's larger micro-batch row tells.
-GROUP_NORM_TRITON_FIRST_ELEMENTS = 1 << 26
+# Not yet timed in a training step: bench_train's larger micro-batch row tells, against the
+# same row with CCKERNELS_GROUP_NORM_TRITON_FROM set above any input (CUDA for all).
+GROUP_NORM_TRITON_FIRST_ELEMENTS = int(os.environ.get("CCKERNELS_GROUP_NORM_TRITON_FROM", 1 << 26))
 _prefer_gpu_time = contextvars.ContextVar("prefer_gpu_time", default=False)
 
 
