@@ -275,19 +275,32 @@ def test_the_capture_and_its_warm_up_choose_kernels_by_gpu_time(monkeypatch):
 
 @pytest.mark.gpu
 def test_a_graphed_unet_replays_forward_and_backward(monkeypatch):
+    from cckernels import backend
+
     monkeypatch.delenv("CCKERNELS_BACKEND")  # our kernels, captured
     graphed, eager, (x, t, ctx) = graphed_and_eager_unets("cuda")
+    for m in (graphed, eager):  # channels_last: what the CUDA GroupNorm takes
+        m.to(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last)
+    calls = []  # GroupNorm's backends in the graphed UNet's capture, then in the eager UNet's step
     for step in range(3):  # the first call captures; then replays, with new inputs each time
         x, ctx = torch.randn_like(x), torch.randn_like(ctx)
-        with torch.autocast("cuda", torch.bfloat16, cache_enabled=False):
-            outs = [m(x, t, ctx).float() for m in (graphed, eager)]
+        outs = []
+        for m in (graphed, eager):
+            backend.reset_calls()
+            with torch.autocast("cuda", torch.bfloat16, cache_enabled=False):
+                outs.append(m(x, t, ctx).float())
+            calls.append(set(ck.backend_calls().get("group_norm", ())))
         for out in outs:
             out.square().mean().backward()
         torch.testing.assert_close(outs[0], outs[1], rtol=2e-2, atol=2e-2)
         for p, q in zip(graphed.parameters(), eager.parameters()):
             torch.testing.assert_close(p.grad, q.grad, rtol=5e-2, atol=1e-3)
             p.grad = q.grad = None
-    assert "triton" in ck.backend_calls()["group_norm"]  # the capture's choice by GPU time
+    # the capture chose by GPU time (Triton), the eager step by host time (CUDA, when built);
+    # a replay dispatches nothing
+    assert calls[0] == {"triton"} and calls[2] == calls[4] == set()
+    assert ("cuda" in calls[1]) == ("cuda" in ck.available_backends("cuda")["group_norm"])
     with pytest.raises(ValueError, match="captured for inputs"):
         graphed(x[:1], t[:1], ctx[:1])
 
@@ -296,7 +309,7 @@ def test_a_graphed_unet_replays_forward_and_backward(monkeypatch):
 @pytest.mark.timeout(180)  # two tiny runs with sampling
 def test_cuda_graphs_train_as_the_eager_unet(tmp_path, monkeypatch, capsys):
     # Our kernels inside the captured forward and backward; the sampling at the end runs the
-    # UNet in eval mode, eagerly, after the capture.
+    # UNet under no_grad, eagerly, after the capture.
     monkeypatch.delenv("CCKERNELS_BACKEND")
     for name in ("eager", "graphs"):
         run(tmp_path / name, "train.steps=3", f"train.cuda_graphs={name == 'graphs'}")

@@ -66,9 +66,14 @@ def graph_on_first_call(module):
             signature = [(a.shape, a.dtype) for a in args]
             del module.forward  # the class's forward, for the warm-up and capture
             samples = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
-            # host time is paid once: kernels by their GPU time (the warm-up chooses as the capture)
-            with _thread_local_capture() as mode, ck.prefer_gpu_time():
-                torch.cuda.make_graphed_callables(module, samples, allow_unused_input=True, **mode)
+            stream = torch.cuda.current_stream() if samples[0].is_cuda else None
+            try:
+                # host time is paid once: kernels by their GPU time (the warm-up chooses as the capture)
+                with _thread_local_capture() as mode, ck.prefer_gpu_time():
+                    torch.cuda.make_graphed_callables(module, samples, allow_unused_input=True, **mode)
+            finally:
+                if stream is not None:  # a failed capture can leave its side stream current
+                    torch.cuda.set_stream(stream)
             graphed, module.forward = module.forward, forward
         if [(a.shape, a.dtype) for a in args] != signature:
             raise ValueError(f"the UNet's CUDA graphs were captured for inputs {signature}, "
