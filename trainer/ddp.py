@@ -51,6 +51,7 @@ backward, and so do the buckets after it (collective order), so unused parameter
 not correctness.
 """
 import contextlib
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -58,6 +59,20 @@ from torch.autograd import Variable
 
 _FIRST_BUCKET_BYTES = 1 << 20
 _BROADCAST_BYTES = 256 << 20  # chunk size of the start-up broadcast: bounds its extra memory
+
+
+def _hook(ddp, b, index):
+    def hook(param):
+        wrapper = ddp()
+        if wrapper is not None:
+            wrapper._grad_ready(b, index)
+
+    return hook
+
+
+def _remove(handles):
+    for handle in handles:
+        handle.remove()
 
 
 def _group_by_size(items, key, nbytes, first_cap, cap):
@@ -153,9 +168,14 @@ class DistributedDataParallel(torch.nn.Module):
         groups = _group_by_size(reversed(params), comm_dtype, lambda p: p.numel() * comm_dtype(p).itemsize,
                                 min(_FIRST_BUCKET_BYTES, bucket_cap_mb * 2**20), bucket_cap_mb * 2**20)
         self._buckets = [_Bucket(g, comm_dtype(g[0]), device) for g in groups]
-        for bucket in self._buckets:
-            for i, p in enumerate(bucket.params):
-                p.register_post_accumulate_grad_hook(self._make_hook(bucket, i))
+        # The hooks live on the parameters and must not hold this wrapper or its buckets: a
+        # cycle through a Parameter's hooks is one Python's gc cannot free (torch does not
+        # traverse a tensor that C++ also holds), so the wrapper, its module and its buckets
+        # would live on after the last reference (bench_train leaked them row after row).
+        # They hold a weak reference and indexes; the wrapper's end removes them.
+        handles = [p.register_post_accumulate_grad_hook(_hook(weakref.ref(self), b, i))
+                   for b, bucket in enumerate(self._buckets) for i, p in enumerate(bucket.params)]
+        weakref.finalize(self, _remove, handles)
 
     def _check_same_model(self, state, src, device):
         """Raise on every rank if some rank's parameter/buffer shapes differ from rank 0's
@@ -187,17 +207,16 @@ class DistributedDataParallel(torch.nn.Module):
         finally:
             self._require_sync = previous
 
-    def _make_hook(self, bucket, index):
-        def hook(param):
-            if not self._sync:
-                return
-            if not self._queued:
-                self._start_backward()
-            self._mark(bucket, index)
-            bucket.pending -= 1
-            self._launch_ready_buckets()
-
-        return hook
+    def _grad_ready(self, b, index):
+        """Parameter `index` of bucket b has its grad for this backward."""
+        if not self._sync:
+            return
+        if not self._queued:
+            self._start_backward()
+        bucket = self._buckets[b]
+        self._mark(bucket, index)
+        bucket.pending -= 1
+        self._launch_ready_buckets()
 
     def _start_backward(self):
         self._queued = True
