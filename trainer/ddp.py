@@ -62,6 +62,9 @@ _BROADCAST_BYTES = 256 << 20  # chunk size of the start-up broadcast: bounds its
 
 
 def _hook(ddp, b, index):
+    """The post-accumulate-grad hook of parameter `index` of bucket b, holding the wrapper
+    only through the weak reference `ddp` (why: DistributedDataParallel.__init__)."""
+
     def hook(param):
         wrapper = ddp()
         if wrapper is not None:
