@@ -820,7 +820,7 @@ def run(args, cfg, world, rank, device):
         "commit": git_commit(), "gflop_per_image": flops_per_image / 1e9,
         "gflop_formula": "UNet forward+backward per image, torch.utils.flop_counter (matmul/conv/attention)",
         "peak_tflops_measured": peak, "peak_formula": "2*8192^3 / time of an 8192^3 bf16 matmul (do_bench)",
-        "nominal_tflops": H100_SXM_BF16_TFLOPS, "timing": "per-step synchronized wall time, median, q20/q80",
+        "nominal_tflops": H100_SXM_BF16_TFLOPS, "timing": "steps back to back, each timed between CUDA events (wall time on a CPU), median, q20/q80",
     }
     if is_main:
         print(f"{meta['device']}, world {world}, {args.resolution} px, micro-batch {args.batch}, "

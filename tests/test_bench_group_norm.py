@@ -120,3 +120,33 @@ def test_a_run_killed_mid_case_keeps_the_cases_before(monkeypatch, tmp_path):
         bench.main()
     saved = json.loads((tmp_path / "group_norm.json").read_text())
     assert {r["impl"] for r in saved["rows"]} == {calls[0]} and saved["host"] is None
+
+
+def test_the_apex_peer_takes_the_cases_weights_and_gives_their_grads(monkeypatch):
+    # apex is not installable here: a stand-in with its module's interface (torch's GroupNorm
+    # plus act="silu"). The peer must differentiate w.r.t. the case's w and b, copy nothing.
+    import types
+
+    import torch.nn.functional as F
+
+    class GroupNorm(torch.nn.GroupNorm):
+        def __init__(self, groups, channels, act=""):
+            super().__init__(groups, channels)
+            self.act = act
+
+        def forward(self, x):
+            return F.silu(super().forward(x))
+
+    apex = types.ModuleType("apex.contrib.group_norm")
+    apex.GroupNorm = GroupNorm
+    monkeypatch.setitem(sys.modules, "apex.contrib.group_norm", apex)
+    bench = load_bench(monkeypatch)
+    fn, param_dtype, layouts = bench.peers(torch.device("cpu"), tiny=False)["apex"]
+    assert layouts == ("nhwc",)
+    x, w, b = (t.requires_grad_() for t in (torch.randn(2, 64, 3, 3), torch.randn(64), torch.randn(64)))
+    dy = torch.randn_like(x)
+    for _ in range(2):  # the second call reuses the module
+        grads = torch.autograd.grad(fn(x, w, b), (x, w, b), dy)
+        expected = torch.autograd.grad(bench.eager_silu_group_norm(x, w, b), (x, w, b), dy)
+        for got, want in zip(grads, expected):
+            torch.testing.assert_close(got, want)
