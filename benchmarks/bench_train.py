@@ -45,8 +45,9 @@ Rows (cumulative unless said otherwise):
                  the UNet's forward and backward replayed as CUDA graphs (train.cuda_graphs,
                  trainer/graphs.py): the host's kernel launches out of the step
   plain PyTorch best (not cumulative): SDPA (PyTorch's own backend choice), torch.compile,
-                 AdamW(fused=True), torch._foreach_lerp_ EMA every step, precomputed latents,
-                 channels_last, torch DDP, at the baseline micro-batch
+                 AdamW(fused=True), torch._foreach_lerp_ EMA (on our EMA's schedule: the
+                 last --ema-fraction of steps), precomputed latents, channels_last, torch DDP,
+                 at the baseline micro-batch
   plain PyTorch best, larger micro-batch   the same at the largest micro-batch its own memory
                  allows (same rule as ours): a user of plain PyTorch raises the batch too
 "x plain" compares with the faster of the two plain-PyTorch rows: the strongest recipe a user
@@ -91,6 +92,7 @@ import argparse
 import dataclasses
 import datetime
 import gc
+import itertools
 import json
 import os
 import platform
@@ -387,9 +389,17 @@ def make_optimizer(recipe, unet, ema_start):
         return optimizer, ema.step
     with torch.no_grad():
         shadow = [p.detach().float().clone() for p in params]
-    if recipe.ema == "per_tensor":
+    if recipe.ema == "per_tensor":  # the baseline's: every step, as the original code
         return optimizer, lambda: ck.ema_update_(shadow, params, EMA_DECAY, backend="torch")
-    return optimizer, lambda: torch._foreach_lerp_(shadow, [p.detach() for p in params], 1.0 - EMA_DECAY)
+    # Plain PyTorch's EMA on the same schedule as ours (updates after step ema_start, so the
+    # row mixes its windows by --ema-fraction alike); its shadow is allocated from the start.
+    steps = itertools.count(1)
+
+    def foreach_lerp():
+        if next(steps) > ema_start:
+            torch._foreach_lerp_(shadow, [p.detach() for p in params], 1.0 - EMA_DECAY)
+
+    return optimizer, foreach_lerp
 
 
 def wrap(recipe, unet, args):
@@ -403,7 +413,10 @@ def wrap(recipe, unet, args):
     if not recipe.compile:
         return model
     mode = None if args.tiny or args.compile_mode == "default" else args.compile_mode
-    return torch.compile(model, backend=args.compile_backend, mode=mode)
+    # dynamic=False: each row compiles for its own batch. Left to dynamo, a second row with the
+    # same code at another batch (plain PyTorch's larger micro-batch) got a graph with a symbolic
+    # batch dimension, which the rows before it did not.
+    return torch.compile(model, backend=args.compile_backend, mode=mode, dynamic=False)
 
 
 def run_row(recipe, name, batch, shared):
@@ -424,9 +437,10 @@ def run_row(recipe, name, batch, shared):
     torch.manual_seed(0)
     unet = build_unet(shared.cfg["model"]["unet"], recipe, device)
     torch.manual_seed(shared.rank)
-    scheduled = recipe.ema == "scheduled"
-    # Scheduled EMA starts after the untimed step that follows the first timed window (and the
-    # profiled steps, which then time the same steps as that window).
+    scheduled = recipe.ema in ("scheduled", "foreach_lerp")
+    # Scheduled EMA (ours, and plain PyTorch's foreach_lerp on the same schedule) starts after
+    # the untimed step that follows the first timed window (and the profiled steps, which then
+    # time the same steps as that window).
     op_table = name in (a.rows or ())  # the rows asked for by name
     profiled = (PROFILE_STEPS if op_table else 1) if a.profile else 0
     before_ema = a.warmup + a.steps + profiled

@@ -81,6 +81,8 @@ def test_tiny_run_writes_table_json_and_plot(bench, tmp_path, monkeypatch, capsy
     assert by_name["+ bf16 weights"]["backends"]["weights"] == by_name["+ our DDP"]["backends"]["weights"] == "bf16"
     assert by_name["+ larger micro-batch"]["batch"] == 2 * by_name["baseline"]["batch"]
     assert by_name["+ fused AdamW+EMA, scheduled EMA"]["step_s_ema"]
+    assert by_name[bench.PLAIN[0]]["step_s_ema"]  # plain PyTorch's EMA on the same schedule
+    assert "step_s_ema" not in by_name["baseline"]  # the baseline's runs every step
     assert by_name[bench.PLAIN[0]]["recipe"]["compile"] is True
     plain_max = by_name[bench.PLAIN_MAX[0]]
     assert plain_max["recipe"] == {**by_name[bench.PLAIN[0]]["recipe"], "batch": "max"}
