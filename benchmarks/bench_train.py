@@ -36,9 +36,9 @@ Rows (cumulative unless said otherwise):
                  them DALI would change nothing)
   + precomputed latents   data.format=latents written by trainer.precompute, no encoders
   + our DDP      trainer.ddp.DistributedDataParallel
-  + larger micro-batch   the largest multiple of 8 whose estimated peak (persistent memory + the
-                 previous row's activation memory per image) fits 90% of the GPU; halved
-                 steps back on out-of-memory
+  + larger micro-batch   the largest multiple of 8 whose estimated peak (the previous row's
+                 peak + its measured memory per image, from forward+backward peaks at one and
+                 two batches) fits 90% of the GPU; halved steps back on out-of-memory
   + torch.compile   the UNet compiled with cckernels' ops inside its graph (custom ops, no
                  graph break); last, as the one step of the ladder a user may leave out
   + our DDP, CUDA graphs (not cumulative): the "+ our DDP" recipe at the base micro-batch with
@@ -522,6 +522,12 @@ def run_row(recipe, name, batch, shared):
     if cuda:
         result["peak_bytes"] = torch.cuda.max_memory_allocated(device)
         result["persistent_bytes"] = torch.cuda.memory_allocated(device)  # weights, states, encoders
+        if recipe.data == "latents" and not recipe.compile and not recipe.graphs:  # no recompile, no recapture
+            try:  # a failed probe leaves the row (timed already) and the old sizing rule
+                result["bytes_per_image"] = memory_per_image(model, schedule, batches, autocast, batch, device)
+            except Exception as e:  # noqa: BLE001
+                result["bytes_per_image_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                optimizer.zero_grad(set_to_none=True)
     used = ran_since(calls_before)
     result["backends"] = {
         "attention": used.get("attention") if recipe.attention == "ours" else recipe.attention,
@@ -545,6 +551,25 @@ def ran_since(calls_before):
         if names:
             ran[op] = "+".join(names)
     return ran
+
+
+def memory_per_image(model, schedule, batches, autocast, batch, device):
+    """Bytes of peak memory one more image adds: the peaks of a forward and backward over one
+    and over two of the loader's batches (latents), their difference per image. What does not
+    grow with the batch (grads, autocast's weight copies) cancels out, where (peak -
+    persistent) / batch counted it per image: for plain PyTorch 0.45 GiB an image against the
+    0.28 its two rows' peaks gave (third H200 run), so its larger batch came out too small."""
+    peaks = []
+    for n in (1, 2):
+        parts = [next(batches) for _ in range(n)]
+        latents, ctx = (torch.cat([part[i] for part in parts]) for i in (0, 1))
+        torch.cuda.reset_peak_memory_stats(device)
+        with autocast:
+            diffusion.training_loss(model, schedule, latents, ctx).backward()
+        peaks.append(torch.cuda.max_memory_allocated(device))
+        for p in model.parameters():
+            p.grad = None
+    return (peaks[1] - peaks[0]) / batch
 
 
 def profile_steps(step, n, cuda, path, step_s):
@@ -602,7 +627,12 @@ def measure(recipe, name, earlier, shared):
         # no larger than each rank's share of the --images can fill (the H200 fitted 576 in
         # memory with 512 images: the loader refused it)
         images_per_rank = max(a.batch, a.images // shared.world // 8 * 8)
-        batch = min(max_batch(earlier[-1], a.batch, shared.device, a.tiny), images_per_rank)
+        if a.tiny or shared.device.type != "cuda":
+            batch = 2 * a.batch  # no memory model on the CPU: the path only
+        else:
+            capacity = 0.9 * torch.cuda.get_device_properties(shared.device).total_memory
+            batch = max_batch(earlier[-1], a.batch, capacity)
+        batch = min(batch, images_per_rank)
     while True:
         try:
             result = run_row(recipe, name, batch, shared)
@@ -627,13 +657,13 @@ def summarize(result, batch, world, ema_fraction):
             "host_ms": float(np.median(result["host_s"])) * 1e3, "images_per_s": world * batch / med}
 
 
-def max_batch(prev, base, device, tiny):
-    """The larger micro-batch: fits 90% of the GPU by the previous row's memory per image."""
-    if tiny or device.type != "cuda":
-        return 2 * base  # no memory model on the CPU: the path only
-    per_image = (prev["peak_bytes"] - prev["persistent_bytes"]) / prev["batch"]
-    capacity = 0.9 * torch.cuda.get_device_properties(device).total_memory
-    fit = int((capacity - prev["persistent_bytes"]) / per_image)
+def max_batch(prev, base, capacity):
+    """The larger micro-batch: the previous row's peak plus its memory per image (measured by
+    memory_per_image, else (peak - persistent) / batch) up to `capacity` bytes, a multiple of 8."""
+    per_image = prev.get("bytes_per_image", 0)
+    if per_image <= 0:
+        per_image = (prev["peak_bytes"] - prev["persistent_bytes"]) / prev["batch"]
+    fit = prev["batch"] + int((capacity - prev["peak_bytes"]) / per_image)
     return max(base, fit // 8 * 8)
 
 

@@ -168,3 +168,36 @@ def test_rows_are_measured_headline_first_then_latents_against_online(bench, tmp
     above = "+ DALI decoding" if "+ DALI decoding" in calls else "+ bf16 weights"
     assert calls[len(headline):len(headline) + 2] == [above, "+ precomputed latents"]
     assert calls[len(headline) + 2] == "+ our attention"  # then the ladder in order
+
+
+def test_the_larger_batch_grows_the_previous_peak_by_the_measured_memory_per_image(bench):
+    gib = 2**30
+    # the third H200 run's plain PyTorch row at batch 32: peak 37.2 GiB, persistent 22.8
+    prev = {"batch": 32, "peak_bytes": 37.2 * gib, "persistent_bytes": 22.8 * gib}
+    old_rule = bench.max_batch(prev, 32, 125 * gib)  # (peak - persistent) / batch an image
+    measured = bench.max_batch({**prev, "bytes_per_image": 0.28 * gib}, 32, 125 * gib)
+    assert old_rule == 224  # what that run picked, at 0.45 GiB an image
+    assert measured == 344  # 32 + (125 - 37.2) / 0.28, down to a multiple of 8
+    assert bench.max_batch({**prev, "bytes_per_image": 0.0}, 32, 125 * gib) == old_rule  # no probe: the old rule
+    assert bench.max_batch(prev, 32, 30 * gib) == 32  # never below the base batch
+
+
+def test_memory_per_image_is_the_peak_difference_of_one_and_two_batches(bench, monkeypatch):
+    # The CUDA memory statistics stand in: a peak of 1000 bytes an image plus 5000 that do not
+    # grow with the batch, read after each forward+backward.
+    unet = tiny_unet(bench, bench.Recipe())
+    seen = []
+    unet.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 5000 + 1000 * seen[-1])
+    batch, side = 3, 8
+
+    def batches():
+        while True:
+            yield (torch.randn(batch, unet.config["in_channels"], side, side),
+                   torch.randn(batch, 77, unet.config["cross_attention_dim"]))
+
+    per_image = bench.memory_per_image(unet, bench.diffusion.NoiseSchedule(), batches(),
+                                       torch.autocast("cpu", enabled=False), batch, "cpu")
+    assert seen == [3, 6] and per_image == 1000
+    assert all(p.grad is None for p in unet.parameters())  # the probe leaves no grads behind
