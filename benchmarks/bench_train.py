@@ -50,7 +50,9 @@ Rows (cumulative unless said otherwise):
                  at the baseline micro-batch
   plain PyTorch best, larger micro-batch   the same at the largest micro-batch its own memory
                  allows (same rule as ours): a user of plain PyTorch raises the batch too
-"x plain" compares with the faster of the two plain-PyTorch rows: the strongest recipe a user
+  plain PyTorch best, contiguous   the base-batch row without channels_last, which plain
+                 PyTorch's GroupNorm undoes (a copy each way) while its convolutions gain
+"x plain" compares with the fastest of the three plain-PyTorch rows: the strongest recipe a user
 could pick instead.
 A row whose pieces are missing (DALI not installed, no triton/cuda backend for an op) is
 reported as skipped with the reason, and later rows go on without that piece. A world of 1
@@ -160,7 +162,11 @@ LADDER = [
 PLAIN = ("plain PyTorch best", Recipe(attention="sdpa", channels_last=True, optimizer="adamw_fused",
                                       ema="foreach_lerp", data="latents", compile=True))
 PLAIN_MAX = ("plain PyTorch best, larger micro-batch", dataclasses.replace(PLAIN[1], batch="max"))
-PLAIN_ROWS = (PLAIN[0], PLAIN_MAX[0])
+# channels_last is assumed best for plain PyTorch, not measured: convolutions gain, but torch's
+# GroupNorm makes a channels_last input contiguous (its fwd+bwd 1.04-1.33x slower on such inputs
+# in the second H200 run's bench_group_norm). This row measures the other choice.
+PLAIN_CONTIGUOUS = ("plain PyTorch best, contiguous", dataclasses.replace(PLAIN[1], channels_last=False))
+PLAIN_ROWS = (PLAIN[0], PLAIN_MAX[0], PLAIN_CONTIGUOUS[0])
 # Not cumulative: the "+ our DDP" row's recipe (the base micro-batch, where eager steps were
 # host-bound on the H200) with the UNet replayed as CUDA graphs.
 GRAPHED = ("+ our DDP, CUDA graphs", "+ our DDP")
@@ -187,7 +193,7 @@ def row_plan(args, device):
     _, recipe, reason, note = next(row for row in plan if row[0] == base)
     plan.append((name, dataclasses.replace(recipe, graphs=True),
                  reason or ("CUDA graphs need a GPU" if device.type != "cuda" else None), note))
-    for name, plain in (PLAIN, PLAIN_MAX):
+    for name, plain in (PLAIN, PLAIN_MAX, PLAIN_CONTIGUOUS):
         note = ""
         if args.no_compile:
             plain, note = dataclasses.replace(plain, compile=False), "(no torch.compile: --no-compile)"

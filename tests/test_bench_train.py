@@ -86,6 +86,7 @@ def test_tiny_run_writes_table_json_and_plot(bench, tmp_path, monkeypatch, capsy
     assert by_name[bench.PLAIN[0]]["recipe"]["compile"] is True
     plain_max = by_name[bench.PLAIN_MAX[0]]
     assert plain_max["recipe"] == {**by_name[bench.PLAIN[0]]["recipe"], "batch": "max"}
+    assert by_name[bench.PLAIN_CONTIGUOUS[0]]["recipe"] == {**by_name[bench.PLAIN[0]]["recipe"], "channels_last": False}
     assert plain_max["batch"] == 2 * by_name["baseline"]["batch"]
     fastest_plain = max(by_name[n]["images_per_s"] for n in bench.PLAIN_ROWS)
     assert by_name["baseline"]["speedup_vs_plain_pytorch"] == by_name["baseline"]["images_per_s"] / fastest_plain
