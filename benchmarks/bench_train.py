@@ -522,7 +522,7 @@ def run_row(recipe, name, batch, shared):
         result.update(profile_steps(step, profiled, cuda, table, np.median(times)))
         phase("profiled")
     if scheduled:
-        window(1)  # the EMA starts here: a one-time copy of the weights
+        window(1)  # the EMA starts here (ours copies the weights once)
         result["step_s_ema"] = window(max(1, a.steps // 2))
         phase("ema")
     if cuda:
@@ -533,7 +533,6 @@ def run_row(recipe, name, batch, shared):
                 result["bytes_per_image"] = memory_per_image(model, schedule, batches, autocast, batch, device)
             except Exception as e:  # noqa: BLE001
                 result["bytes_per_image_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                optimizer.zero_grad(set_to_none=True)
     used = ran_since(calls_before)
     result["backends"] = {
         "attention": used.get("attention") if recipe.attention == "ours" else recipe.attention,
@@ -570,11 +569,13 @@ def memory_per_image(model, schedule, batches, autocast, batch, device):
         parts = [next(batches) for _ in range(n)]
         latents, ctx = (torch.cat([part[i] for part in parts]) for i in (0, 1))
         torch.cuda.reset_peak_memory_stats(device)
-        with autocast:
-            diffusion.training_loss(model, schedule, latents, ctx).backward()
-        peaks.append(torch.cuda.max_memory_allocated(device))
-        for p in model.parameters():
-            p.grad = None
+        try:
+            with autocast:
+                diffusion.training_loss(model, schedule, latents, ctx).backward()
+            peaks.append(torch.cuda.max_memory_allocated(device))
+        finally:  # no grads left behind, even by a failed probe
+            for p in model.parameters():
+                p.grad = None
     return (peaks[1] - peaks[0]) / batch
 
 
@@ -586,8 +587,8 @@ def profile_steps(step, n, cuda, path, step_s):
     waited for the host: kernel speed-ups cannot show there."""
     from torch.profiler import ProfilerActivity, profile
 
-    ops = path is not None or not cuda
-    with profile(activities=[ProfilerActivity.CPU] * ops + [ProfilerActivity.CUDA] * cuda) as prof:
+    record_ops = path is not None or not cuda
+    with profile(activities=[ProfilerActivity.CPU] * record_ops + [ProfilerActivity.CUDA] * cuda) as prof:
         for _ in range(n):
             step()
         if cuda:
