@@ -4,9 +4,12 @@ training shapes: ck.geglu against PyTorch's gelu-then-multiply, eager and torch.
     python benchmarks/bench_geglu.py [--out DIR] [--tiny] [--budget-s S]
 
 Inputs are the (tokens, 2F) bf16 outputs of the feed-forward's projection: F = 4 x the block's
-width, tokens = batch x latent positions (256 px at batch 32, 512 px at batch 8). Bytes
-moved, the minimum: forward reads x and writes y, 3 * tokens * F * 2 bytes; forward +
-backward adds reading dy and x and writing dx, 8 * tokens * F * 2 in all. GB/s and "of copy"
+width, tokens = batch x latent positions (256 px at batch 32, 512 px at batch 8), and the
+projection's bias, as the UNet runs them: ck.geglu adds the bias and returns its gradient;
+PyTorch's code gets x with the bias already added (in the projection's GEMM) and its backward
+ends with the sum of dx that torch's Linear computes for the bias gradient. Bytes moved, the
+minimum: forward reads x and writes y, 3 * tokens * F * 2 bytes; forward + backward adds
+reading dy and x and writing dx, 8 * tokens * F * 2 in all. GB/s and "of copy"
 (of the device-to-device copy bandwidth measured here) come from the CUDA-graph time; the
 eager and host times are there too (benchmarks/timers.py says what each one is).
 --tiny (automatic without a GPU) runs one small shape on the CPU, wall-clock, as a smoke test.
@@ -34,21 +37,31 @@ EAGER, GRAPH = (3, 10), (3, 10)  # do_bench (warmup, rep) ms: ~10 calls of the s
 
 
 def implementations(tiny):
-    impls = {"ck": ck.geglu, "torch": reference.geglu}
+    """name -> (fn(x, bias), whether fn takes the bias); PyTorch's takes x with the bias added."""
+    impls = {"ck": (ck.geglu, True), "torch": (reference.geglu, False)}
     if not tiny:  # dynamic shapes: one compile per mode for all six shapes
-        impls["torch-compile"] = torch.compile(reference.geglu, dynamic=True)
+        impls["torch-compile"] = (torch.compile(reference.geglu, dynamic=True), False)
     return impls
 
 
-def measure(name, fn, label, tokens, F, device, on_gpu):
+def measure(name, impl, label, tokens, F, device, on_gpu):
+    fn, takes_bias = impl
     x = torch.randn(tokens, 2 * F, device=device, dtype=torch.bfloat16)
-    xg = x.clone().requires_grad_()
+    bias = torch.randn(2 * F, device=device, dtype=torch.bfloat16)
+    xg, bias_g = x.clone().requires_grad_(), bias.clone().requires_grad_()
     dy = torch.randn(tokens, F, device=device, dtype=torch.bfloat16)
+
+    def forward():
+        return fn(x, bias) if takes_bias else fn(x)
+
+    def forward_backward():  # the gradients of x and of the bias
+        if takes_bias:
+            return torch.autograd.grad(fn(xg, bias_g), (xg, bias_g), dy)
+        dx = torch.autograd.grad(fn(xg), xg, dy)[0]
+        return dx, dx.sum(0)  # torch's Linear: the bias gradient from the whole dx
+
     rows = []
-    for mode, run, nbytes in (
-        ("fwd", lambda: fn(x), 3 * tokens * F * 2),
-        ("fwd+bwd", lambda: torch.autograd.grad(fn(xg), xg, dy), 8 * tokens * F * 2),
-    ):
+    for mode, run, nbytes in (("fwd", forward, 3 * tokens * F * 2), ("fwd+bwd", forward_backward, 8 * tokens * F * 2)):
         with torch.set_grad_enabled(mode != "fwd"):
             run()  # compiles (torch.compile, Triton) outside the timed region
             eager, graph, why, host = timings(run, tiny=not on_gpu, eager=EAGER, graph=GRAPH)
@@ -122,8 +135,8 @@ def main(argv=None):
         if args.budget_s is not None and time.perf_counter() - t0 > args.budget_s:
             skipped.append(f"{label} {tokens}x{F}")
             continue
-        for name, fn in impls.items():
-            rows += measure(name, fn, label, tokens, F, device, on_gpu)
+        for name, impl in impls.items():
+            rows += measure(name, impl, label, tokens, F, device, on_gpu)
     add_ratios(rows, copy_gbps)
     device_name = torch.cuda.get_device_name() if on_gpu else "cpu"
     print(f"{device_name}: copy bandwidth {copy_gbps:.0f} GB/s")

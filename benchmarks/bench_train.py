@@ -22,8 +22,9 @@ Rows (cumulative unless said otherwise):
   + bf16 LayerNorm   trainer.unet.LayerNorm: the transformer blocks' LayerNorms in the autocast
                  dtype (torch's autocast runs them in fp32: an fp32 copy of the input, and the
                  output cast back per Linear that reads it), CommonCanvas's low-precision LayerNorm
-  + our GEGLU    the feed-forward's h * gelu(gate) in one kernel each way (ck.geglu) instead of
-                 gelu, a multiply, and four kernels back
+  + our GEGLU    the feed-forward's h * gelu(gate) in one kernel each way (ck.geglu, which also
+                 adds the projection's bias and returns its gradient) instead of gelu, a
+                 multiply, four kernels back and the Linear's sum for its bias gradient
   + channels_last
   + fused AdamW+EMA, scheduled EMA   cckernels.FusedAdamWEMA + trainer.ema.ScheduledEMA. The EMA
                  only runs in the last --ema-fraction of training (CommonCanvas: 3.5%), so the
@@ -112,7 +113,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # trainer, cckernels and bench_data from a checkout
 
 import cckernels as ck  # noqa: E402
-from cckernels import reference  # noqa: E402
 from bench_data import make_dataset  # noqa: E402
 from trainer import diffusion, encoders  # noqa: E402
 from trainer.config import CHOICES, load as load_config  # noqa: E402
@@ -252,12 +252,11 @@ def sdpa_attention(q, k, v):
 
 
 ATTENTION = {"materialized": materialized_attention, "ours": ck.attention, "sdpa": sdpa_attention}
-GEGLU_FN = {"torch": reference.geglu, "ours": ck.geglu}  # reference: gelu, then a multiply
 
 
 def set_function(model, kind, name, fn):
-    """Set attribute `name` (a function the module calls) of every `kind` module of `model` to
-    fn; returns how many."""
+    """Set attribute `name` (a function the module calls, or a flag) of every `kind` module of
+    `model` to fn; returns how many."""
     blocks = [m for m in model.modules() if isinstance(m, kind)]
     for m in blocks:
         setattr(m, name, fn)
@@ -272,7 +271,7 @@ def build_unet(unet_cfg, recipe, device):
     if recipe.layer_norm == "torch":
         plain_layer_norm(unet)
     set_function(unet, Attention, "attend", ATTENTION[recipe.attention])
-    set_function(unet, GEGLU, "activate", GEGLU_FN[recipe.geglu])
+    set_function(unet, GEGLU, "fused", recipe.geglu == "ours")  # else Linear with bias, gelu, a multiply
     if recipe.channels_last:
         unet = unet.to(memory_format=torch.channels_last)
     return unet

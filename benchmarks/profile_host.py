@@ -45,7 +45,7 @@ def cases(device, tiny):
     w = torch.randn(C, device=device, requires_grad=True)
     b = torch.randn(C, device=device, requires_grad=True)
     dy = torch.randn_like(x)
-    proj = leaf(tokens, 2 * ff_dim)
+    proj, proj_bias = leaf(tokens, 2 * ff_dim), leaf(2 * ff_dim)  # the UNet's GEGLU adds the projection's bias
     dgeglu = torch.randn(tokens, ff_dim, device=device, dtype=dtype)
 
     def attention(backend, keys):
@@ -68,11 +68,12 @@ def cases(device, tiny):
 
     def geglu(backend):
         def run():
-            ck.geglu(proj, backend=backend).backward(dgeglu)
+            ck.geglu(proj, proj_bias, backend=backend).backward(dgeglu)
         return run
 
     def torch_geglu():
-        reference.geglu(proj).backward(dgeglu)
+        reference.geglu(proj).backward(dgeglu)  # the bias went into the projection's GEMM
+        proj.grad.sum(0)  # torch's Linear: its bias gradient from the whole gradient
 
     usable = ck.available_backends(device)
     out = []
@@ -84,7 +85,7 @@ def cases(device, tiny):
     out.append((f"group_norm {shape} nhwc torch F.group_norm+silu", torch_group_norm))
     out += [(f"geglu {tokens}x{2 * ff_dim} {name}", geglu(name)) for name in usable["geglu"]]
     out.append((f"geglu {tokens}x{2 * ff_dim} torch gelu*mul", torch_geglu))
-    return [q, k, v, ctx, x, w, b, proj], out
+    return [q, k, v, ctx, x, w, b, proj, proj_bias], out
 
 
 def main():

@@ -3,7 +3,7 @@
     import cckernels as ck
     out = ck.attention(q, k, v)                       # BLHD, non-causal
     y = ck.group_norm(x, 32, w, b, activation="silu")  # fp32 statistics, keeps memory format
-    y = ck.geglu(x)                                    # h * gelu(gate), h, gate = x.chunk(2, -1)
+    y = ck.geglu(x, bias)                              # h * gelu(gate), h, gate = (x + bias).chunk(2, -1)
     ck.ema_update_(ema, params, 0.9999)                # multi-tensor, in place
 
 Every op has backends "cuda" (compiled csrc), "triton" and "torch" (cckernels.reference),
@@ -127,17 +127,25 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, activation=No
     return dispatch("group_norm", x.device, backend, x, num_groups, weight, bias, float(eps), activation)
 
 
-def geglu(x, *, backend=None):
-    """GEGLU: h * gelu(gate) with (h, gate) = x.chunk(2, dim=-1) and the exact (erf) GELU, the
-    feed-forward activation of SD2's transformer blocks. x: (..., 2F), any float dtype; returns
-    (..., F) in x's dtype. Differentiable in x.
+def geglu(x, bias=None, *, backend=None):
+    """GEGLU: h * gelu(gate) with (h, gate) = (x + bias).chunk(2, dim=-1) and the exact (erf)
+    GELU, the feed-forward activation of SD2's transformer blocks. x: (..., 2F), any float
+    dtype; bias: None or (2F,), the projection's bias, which the kernels add and whose gradient
+    they return from their own pass over x (a Linear with its bias would sum the whole gradient
+    of x again). Returns (..., F) in x's dtype. Differentiable in x and bias.
     """
     _check_float("x", x)
     if x.dim() < 1 or x.shape[-1] % 2:
         raise ValueError(f"x's last dim must be even (h and gate halves), got shape {tuple(x.shape)}")
+    if bias is not None:
+        _check_float("bias", bias)
+        if bias.shape != x.shape[-1:]:
+            raise ValueError(f"bias must have shape ({x.shape[-1]},) (x's last dim), got {tuple(bias.shape)}")
+        if bias.device != x.device:
+            raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
     if torch.compiler.is_compiling():
-        return tracing.dispatch_traced("geglu", backend, x)
-    return dispatch("geglu", x.device, backend, x)
+        return tracing.dispatch_traced("geglu", backend, x, bias)
+    return dispatch("geglu", x.device, backend, x, bias)
 
 
 def _float_twins_on_one_device(ema, params):

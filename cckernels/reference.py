@@ -37,9 +37,11 @@ def group_norm(x, num_groups, weight, bias, eps, activation):
     return y.to(x.dtype).contiguous(memory_format=memory_format(x))
 
 
-def geglu(x):
-    """h * gelu(gate), (h, gate) = x.chunk(2, dim=-1), in x's dtype: the plain PyTorch code of
-    SD2's feed-forward (diffusers' GEGLU), which rounds gelu(gate) before the multiply."""
+def geglu(x, bias=None):
+    """h * gelu(gate), (h, gate) = (x + bias).chunk(2, dim=-1), in x's dtype: the plain PyTorch
+    code of SD2's feed-forward (diffusers' GEGLU), which rounds gelu(gate) before the multiply."""
+    if bias is not None:
+        x = x + bias.to(x.dtype)
     h, gate = x.chunk(2, dim=-1)
     return h * F.gelu(gate)
 

@@ -13,7 +13,7 @@ the GroupNorm's name, with the same weight and bias.
 
 Kernels: every GroupNorm runs `ck.group_norm` (fused with SiLU where the model applies one),
 every attention `ck.attention` on (B, L, heads, head_dim) views of the q/k/v projections and
-every feed-forward activation `ck.geglu`, so the backend is whatever cckernels picks (the
+every feed-forward activation `ck.geglu` (with its projection's bias), so the backend is whatever cckernels picks (the
 `CCKERNELS_BACKEND` variable included). Every LayerNorm stays in the autocast dtype
 (`LayerNorm`) instead of autocast's fp32.
 
@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import cckernels as ck
+from cckernels import reference
 
 DIFFUSERS_CLASS = "UNet2DConditionModel"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -259,17 +260,22 @@ class Attention(nn.Module):
 
 
 class GEGLU(nn.Module):
-    """h * gelu(gate) of one projection's two halves, fused: `activate(x)` is ck.geglu
-    (benchmarks may set the plain torch code, cckernels.reference.geglu, on an instance)."""
+    """h * gelu(gate) of one projection's two halves, fused: the projection's GEMM leaves out
+    its bias, which ck.geglu adds and differentiates in its own kernels (torch's Linear would
+    sum the whole gradient of the projection again for it). With `fused = False` (benchmarks
+    set it on an instance) it runs the plain PyTorch code: the Linear with its bias, then
+    cckernels.reference.geglu."""
 
-    activate = staticmethod(ck.geglu)
+    fused = True
 
     def __init__(self, dim_in, dim_out):
         super().__init__()
         self.proj = nn.Linear(dim_in, 2 * dim_out)
 
     def forward(self, x):
-        return self.activate(self.proj(x))
+        if self.fused:
+            return ck.geglu(F.linear(x, self.proj.weight), self.proj.bias)
+        return reference.geglu(self.proj(x))
 
 
 class FeedForward(nn.Module):
