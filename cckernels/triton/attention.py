@@ -245,11 +245,15 @@ def _fwd_step(
     offs_d = tl.arange(0, BLOCK_D)
     k = _load_tile(k_ptrs + start_n * stride_kl, offs_n, Lk, offs_d, HEAD_DIM, MASK_N, MASK_D)
     v = _load_tile(v_ptrs + start_n * stride_vl, offs_n, Lk, offs_d, HEAD_DIM, MASK_N, MASK_D)
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if MASK_N:
         qk = tl.where(offs_n[None, :] < Lk, qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    p = tl.math.exp2(qk - m_new[:, None])
+    # The raw scores' row maximum, scaled after (ck.attention takes positive scales only): each
+    # score's exponent is then one FMA, not a multiply and a subtraction. At head dim 64 the
+    # loop is bound by issuing instructions, and this saves 32 of 308 a thread per
+    # 128x64 block on sm90 (SASS, triton 3.8).
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
