@@ -252,6 +252,18 @@ def test_forward_path_for_sd2_shapes():
         assert ("single-pass" if plan else "split") == path, (N, C, side, channels_last)
 
 
+def test_channels_last_single_pass_loads_whole_vectors_where_it_can():
+    from cckernels.triton.group_norm import _single_pass_plan
+
+    # (N, C, side) -> (GROUPS, ALIGN) in bf16: 60-channel groups (1920) pair up into 120-channel
+    # runs (15 16-byte vectors) at 8x8; at 16x16 that tile would be too large, so one group
+    # takes 8-byte loads; 20-channel groups (640) reach 64 bytes aligned already
+    for (N, C, side), want in {(32, 1920, 8): (2, 8), (32, 1920, 16): (1, 4), (32, 960, 16): (2, 4),
+                               (32, 640, 16): (2, 8)}.items():
+        groups, _, _, align, _ = _single_pass_plan(N, C, side * side, 32, True, 2, 132)
+        assert (groups, align) == want, (N, C, side)
+
+
 def test_fp32_weight_with_low_precision_input():
     # As under autocast: bf16 activations, fp32 parameters; gradients keep each leaf's dtype.
     x, _, _ = make((2, 64, 4, 4), torch.bfloat16, channels_last=True)

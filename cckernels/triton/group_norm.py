@@ -10,8 +10,9 @@ single pass  _single_pass_kernel: one program holds GROUPS whole groups of one s
              of x), so x is read once: the mean first, then the sum of squared deviations
              from it (exact, fp32), mean and rstd stored for the backward, then y. Taken when
              the tile fits and the N * G / GROUPS programs give every SM one; channels_last
-             takes GROUPS groups so that each position's channel run is >= 64 bytes (coalesced),
-             contiguous takes one group (a contiguous run of C/G * S elements).
+             takes GROUPS groups so that each position's channel run is >= 64 bytes (coalesced)
+             and, where the tile allows, a whole number of 16-byte vectors (else the widest
+             loads the run allows), contiguous takes one group (a run of C/G * S elements).
 split        three passes, each tiling (BLOCK_C channels) x (a chunk of CHUNK positions), so
              one (sample, group) is spread over many programs and batch 1 at 64x64x320 still
              fills the GPU. Its forward reads x twice; the backward always runs this way:
@@ -383,20 +384,35 @@ def _single_pass_plan(N, C, S, G, channels_last, itemsize, sms):
     the split path is the better one: a tile of GROUPS whole groups must fit SINGLE_PASS_BYTES,
     and the programs must give every SM one (else splitting the groups fills the GPU better)."""
     cpg = C // G
+    vec = 16 // itemsize
+    max_warps = SINGLE_PASS_MAX_WARPS[channels_last]
+
+    def elements(groups):
+        return next_power_of_2(groups * cpg) * next_power_of_2(S)
+
+    def fits(groups):
+        n = elements(groups)
+        return (n * itemsize <= SINGLE_PASS_BYTES and n <= 32 * SINGLE_PASS_ELEMENTS_PER_THREAD * max_warps
+                and N * cdiv(G, groups) >= sms)
+
     groups = 1
     if channels_last:  # each position's run of GROUPS * CPG channels must coalesce
         while groups * cpg * itemsize < MIN_RUN_BYTES and groups < G:
             groups *= 2
-    block_c, block_s = next_power_of_2(groups * cpg), next_power_of_2(S)
-    max_warps = SINGLE_PASS_MAX_WARPS[channels_last]
-    elements = block_c * block_s
-    if (elements * itemsize > SINGLE_PASS_BYTES or elements > 32 * SINGLE_PASS_ELEMENTS_PER_THREAD * max_warps
-            or N * cdiv(G, groups) < sms):
+        # and be a whole number of 16-byte vectors where the tile allows it: 1920 channels (60
+        # a group) at 8x8 in runs of 60 took 2-byte loads, in runs of 120 they take 16-byte ones
+        aligned = groups
+        while (aligned * cpg) % vec and C % vec == 0 and aligned < G:
+            aligned *= 2
+        if aligned != groups and fits(aligned):
+            groups = aligned
+    if not fits(groups):
         return None
-    vec = 16 // itemsize
-    align = vec if channels_last and (groups * cpg) % vec == 0 and C % vec == 0 else 1
-    num_warps = max(elements // (32 * SINGLE_PASS_ELEMENTS_PER_THREAD), 4)  # <= max_warps, checked above
-    return groups, block_c, block_s, align, num_warps
+    align = vec if channels_last else 1  # else the widest loads the run and C allow: 60 channels, 8 bytes
+    while (groups * cpg) % align or C % align:
+        align //= 2
+    num_warps = max(elements(groups) // (32 * SINGLE_PASS_ELEMENTS_PER_THREAD), 4)  # <= max_warps: fits()
+    return groups, next_power_of_2(groups * cpg), next_power_of_2(S), align, num_warps
 
 
 def _sm_count(x):
@@ -567,7 +583,9 @@ def _single_pass_variant(channels, S, channels_last, strides):  # channels: item
 
 
 _SINGLE_PASS = {"nchw": _single_pass_variant({2: 320, 4: 320}, 1024, False, {"stride_s": 1}),
-                "nhwc": _single_pass_variant({2: 640, 4: 1280}, 256, True, {"stride_c": 1})}  # fmt: skip
+                "nhwc": _single_pass_variant({2: 640, 4: 1280}, 256, True, {"stride_c": 1}),
+                # groups of 60 channels (SD2's 1920): 8-byte loads in bf16 (ALIGN 4), 16-byte in fp32
+                "nhwc-60": _single_pass_variant({2: 1920, 4: 1920}, 256, True, {"stride_c": 1})}  # fmt: skip
 _SINGLE_PASS_32K = {"nchw-32k": _single_pass_variant({2: 960}, 1024, False, {"stride_s": 1})}
 _BLOCK_G, _BLOCK_P = _group_tiling(32, 10 * 16)  # SD2: 32 groups of 10 channels, 16 chunks
 INSPECT = [
