@@ -72,6 +72,8 @@ def test_bias_gradient_is_deterministic_and_needs_no_grad_of_x():
     assert torch.equal(*grads)
     torch.testing.assert_close(grads[0], torch.autograd.grad(reference.geglu(x, bias), bias, dy)[0],
                                rtol=1e-4, atol=1e-4)  # sums of 300 in another order
+    no_rows = torch.autograd.grad(ck.geglu(randn(0, 2 * 40), bias, backend="triton"), bias, randn(0, 40))[0]
+    assert torch.equal(no_rows, torch.zeros_like(bias))
 
 
 def test_strided_views_match_the_contiguous_result():

@@ -152,8 +152,7 @@ def _backward(dy, x, bias):
                                 BLOCK_F=BLOCK_F, TILE_ROWS=TILE_ROWS, ROWS=ROWS, INT64=_int64(x2))
     if bias is None:
         return dx, None
-    dbias = partial.sum(0) if n_rows else torch.zeros_like(bias, dtype=torch.float32)
-    return dx, dbias.to(bias.dtype)
+    return dx, partial.sum(0).to(bias.dtype)  # no rows: zeros
 
 
 class _GEGLU(torch.autograd.Function):
