@@ -408,6 +408,8 @@ TRITON_SINGLE_PASS_CASES = [
     ((140, 96, 77), 32, False),  # 1-D
     ((140, 64, 3, 5, 7), 32, True),  # 3-D
     ((32, 320, 32, 32), 32, False), ((32, 640, 16, 16), 32, True), ((32, 1280, 8, 8), 32, True),  # SD2
+    # runs of 60 channels (8-byte loads in 16-bit dtypes) and of two 60-channel groups (16-byte)
+    ((32, 1920, 16, 16), 32, True), ((32, 960, 16, 16), 32, True), ((32, 1920, 8, 8), 32, True),
 ]  # fmt: skip
 # 32K-element tiles at 32 warps, contiguous fp16/bf16 only: 30 channels x 1023 positions (masked
 # to 32 x 1024), and SD2's 32x32x960
