@@ -18,7 +18,11 @@ Rows (cumulative unless said otherwise):
                  PIL DataLoader and encoded online by the VAE and text encoder (random SD2-size
                  encoders, configs/encoders/sd2.yaml, unless --vae/--text-encoder give local
                  folders), torch's DistributedDataParallel
-  + our attention / + our GroupNorm+SiLU    the best cckernels backend (triton or cuda)
+  + our attention / + our GroupNorm+SiLU    the best cckernels backend (triton or cuda); our
+                 attention reads strided views of one fused q/k/v projection (trainer.unet's
+                 Attention.fused: one GEMM on the weights concatenated, as diffusers'
+                 fuse_qkv_projections; the baseline projects each separately, as the
+                 latent-diffusion code)
   + bf16 LayerNorm   trainer.unet.LayerNorm: the transformer blocks' LayerNorms in the autocast
                  dtype (torch's autocast runs them in fp32: an fp32 copy of the input, and the
                  output cast back per Linear that reads it), CommonCanvas's low-precision LayerNorm
@@ -45,8 +49,8 @@ Rows (cumulative unless said otherwise):
   + our DDP, CUDA graphs (not cumulative): the "+ our DDP" recipe at the base micro-batch with
                  the UNet's forward and backward replayed as CUDA graphs (train.cuda_graphs,
                  trainer/graphs.py): the host's kernel launches out of the step
-  plain PyTorch best (not cumulative): SDPA (PyTorch's own backend choice), torch.compile,
-                 AdamW(fused=True), torch._foreach_lerp_ EMA (on our EMA's schedule: the
+  plain PyTorch best (not cumulative): SDPA (PyTorch's own backend choice) on the fused q/k/v
+                 projection, torch.compile, AdamW(fused=True), torch._foreach_lerp_ EMA (on our EMA's schedule: the
                  last --ema-fraction of steps), precomputed latents, channels_last, torch DDP,
                  at the baseline micro-batch
   plain PyTorch best, larger micro-batch   the same at the largest micro-batch its own memory
@@ -129,6 +133,7 @@ PROFILE_STEPS = 2
 @dataclasses.dataclass(frozen=True)
 class Recipe:
     attention: str = "materialized"  # materialized | ours | sdpa
+    qkv: str = "separate"  # separate (a GEMM each) | fused (one GEMM: trainer.unet.Attention.fused)
     group_norm: str = "torch"  # torch (nn.GroupNorm + SiLU) | ours (ck.group_norm, fused SiLU)
     layer_norm: str = "torch"  # torch (nn.LayerNorm: fp32 under autocast) | bf16 (trainer.unet.LayerNorm)
     geglu: str = "torch"  # torch (gelu, then a multiply) | ours (ck.geglu)
@@ -146,7 +151,7 @@ class Recipe:
 
 LADDER = [
     ("baseline", {}),
-    ("+ our attention", {"attention": "ours"}),
+    ("+ our attention", {"attention": "ours", "qkv": "fused"}),
     ("+ our GroupNorm+SiLU", {"group_norm": "ours"}),
     ("+ bf16 LayerNorm", {"layer_norm": "bf16"}),
     ("+ our GEGLU", {"geglu": "ours"}),
@@ -159,7 +164,7 @@ LADDER = [
     ("+ larger micro-batch", {"batch": "max"}),
     ("+ torch.compile", {"compile": True}),
 ]
-PLAIN = ("plain PyTorch best", Recipe(attention="sdpa", channels_last=True, optimizer="adamw_fused",
+PLAIN = ("plain PyTorch best", Recipe(attention="sdpa", qkv="fused", channels_last=True, optimizer="adamw_fused",
                                       ema="foreach_lerp", data="latents", compile=True))
 PLAIN_MAX = ("plain PyTorch best, larger micro-batch", dataclasses.replace(PLAIN[1], batch="max"))
 # channels_last is assumed best for plain PyTorch, not measured: convolutions gain, but torch's
@@ -271,6 +276,7 @@ def build_unet(unet_cfg, recipe, device):
     if recipe.layer_norm == "torch":
         plain_layer_norm(unet)
     set_function(unet, Attention, "attend", ATTENTION[recipe.attention])
+    set_function(unet, Attention, "fused", recipe.qkv == "fused")
     set_function(unet, GEGLU, "fused", recipe.geglu == "ours")  # else Linear with bias, gelu, a multiply
     if recipe.channels_last:
         unet = unet.to(memory_format=torch.channels_last)

@@ -31,10 +31,11 @@ def test_baseline_and_plain_swaps_keep_the_output(bench, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the torch backend is the reference here
     torch.manual_seed(1)
     x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([3, 900]), torch.randn(2, 77, 32)
-    ours = tiny_unet(bench, bench.Recipe(attention="ours", group_norm="ours", layer_norm="bf16", geglu="ours"))
+    ours = tiny_unet(bench, bench.Recipe(attention="ours", qkv="fused", group_norm="ours", layer_norm="bf16", geglu="ours"))
     expected = ours(x, t, ctx)
-    for attention in ("materialized", "sdpa"):
-        model = tiny_unet(bench, bench.Recipe(attention=attention, group_norm="torch"))
+    for attention, qkv in (("materialized", "separate"), ("sdpa", "fused")):
+        model = tiny_unet(bench, bench.Recipe(attention=attention, qkv=qkv, group_norm="torch"))
+        assert all(m.fused == (qkv == "fused") for m in model.modules() if isinstance(m, bench.Attention))
         assert any(isinstance(m, bench.TorchGroupNormSiLU) for m in model.modules())
         assert not any(type(m).__module__ == "cckernels.nn" or isinstance(m, LayerNorm) for m in model.modules())
         torch.testing.assert_close(model(x, t, ctx), expected, rtol=1e-5, atol=1e-5)

@@ -116,6 +116,29 @@ def test_token_reshapes_are_views():
     torch.testing.assert_close(image, x, rtol=0, atol=0)
 
 
+def test_fused_projections_match_separate_ones():
+    from trainer.unet import Attention
+
+    unet = randomize_(UNet.from_config(TINY))
+    x, t, context = inputs(TINY)
+    attentions = [m for m in unet.modules() if isinstance(m, Attention)]
+    seen = []  # (q, k, v) of each attention call: self-attention's are views of one projection
+    for m in attentions:
+        m.attend = lambda q, k, v: (seen.append((q, k, v)), ck.attention(q, k, v))[1]
+    out = unet(x, t, context)
+    out.square().sum().backward()
+    grads = [p.grad.clone() for p in unet.parameters()]
+    assert len({q.untyped_storage().data_ptr() for q, k, v in seen[0::2] for q in (q, k, v)}) == len(seen) // 2
+    assert all(k.untyped_storage().data_ptr() == v.untyped_storage().data_ptr() for _, k, v in seen[1::2])
+    unet.zero_grad()
+    for m in attentions:
+        m.fused = False
+    torch.testing.assert_close(unet(x, t, context), out, rtol=1e-5, atol=1e-5)
+    unet(x, t, context).square().sum().backward()
+    for p, g in zip(unet.parameters(), grads):
+        assert rel_err(p.grad, g) < 1e-5
+
+
 def layer_norm_case(dtype=torch.bfloat16, rows=231, dim=40, device="cpu"):
     norm = randomize_(LayerNorm(dim)).to(device)
     x = torch.randn(rows, dim, dtype=dtype, device=device).requires_grad_()

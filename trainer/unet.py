@@ -12,10 +12,10 @@ followed by a parameter-free SiLU: ours is one fused GroupNorm(activation="silu"
 the GroupNorm's name, with the same weight and bias.
 
 Kernels: every GroupNorm runs `ck.group_norm` (fused with SiLU where the model applies one),
-every attention `ck.attention` on (B, L, heads, head_dim) views of the q/k/v projections and
-every feed-forward activation `ck.geglu` (with its projection's bias), so the backend is whatever cckernels picks (the
-`CCKERNELS_BACKEND` variable included). Every LayerNorm stays in the autocast dtype
-(`LayerNorm`) instead of autocast's fp32.
+every attention `ck.attention` on (B, L, heads, head_dim) views of its fused q/k/v projection
+and every feed-forward activation `ck.geglu` (with its projection's bias), so the backend is
+whatever cckernels picks (the `CCKERNELS_BACKEND` variable included). Every LayerNorm stays in
+the autocast dtype (`LayerNorm`) instead of autocast's fp32.
 
 channels_last: after `unet.to(memory_format=torch.channels_last)` every 4-D activation stays
 channels_last, and the attention blocks turn (B, C, H, W) into (B, H*W, C) tokens and back as views.
@@ -237,9 +237,18 @@ class Attention(nn.Module):
     """Multi-head attention over tokens; keys and values from `context` (cross) or x (self).
 
     `attend(q, k, v)` on BLHD tensors is ck.attention; benchmarks may set another function of
-    the same contract on an instance (a materializing baseline, PyTorch's SDPA)."""
+    the same contract on an instance (a materializing baseline, PyTorch's SDPA).
+
+    The projections that read the same tokens run as one GEMM on their weights concatenated at
+    each call (the parameters keep diffusers' names): q, k and v of self-attention, k and v of
+    the text. The attention then reads strided BLHD views of one (B, L, n * heads * head_dim)
+    tensor; x is read once, and the backward gives its gradient from one GEMM instead of three
+    summed (autograd stacks the three gradients for it instead: about 4 of x's size less
+    traffic a self-attention, fewer launches). `fused = False` (benchmarks set it on an
+    instance: the original latent-diffusion code) projects each separately."""
 
     attend = staticmethod(ck.attention)
+    fused = True
 
     def __init__(self, dim, heads, context_dim, dropout):
         super().__init__()
@@ -249,13 +258,20 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(context_dim, dim, bias=False)
         self.to_out = nn.Sequential(nn.Linear(dim, dim), nn.Dropout(dropout))
 
+    def project(self, tokens, *linears):
+        """Each Linear of `linears` (no biases) applied to tokens (B, L, C), as BLHD views."""
+        B, L, _ = tokens.shape
+        if not self.fused:
+            return [linear(tokens).view(B, L, self.heads, -1) for linear in linears]
+        weight = torch.cat([linear.weight for linear in linears]) if len(linears) > 1 else linears[0].weight
+        return F.linear(tokens, weight).view(B, L, len(linears), self.heads, -1).unbind(2)
+
     def forward(self, x, context=None):
-        context = x if context is None else context
-        (B, Lq, _), Lk = x.shape, context.shape[1]
-        # (B, L, heads * head_dim) projections viewed as BLHD: no transpose, no copy.
-        q = self.to_q(x).view(B, Lq, self.heads, -1)
-        k = self.to_k(context).view(B, Lk, self.heads, -1)
-        v = self.to_v(context).view(B, Lk, self.heads, -1)
+        B, Lq, _ = x.shape
+        if context is None:
+            q, k, v = self.project(x, self.to_q, self.to_k, self.to_v)
+        else:
+            (q,), (k, v) = self.project(x, self.to_q), self.project(context, self.to_k, self.to_v)
         return self.to_out(self.attend(q, k, v).reshape(B, Lq, -1))
 
 
