@@ -4,6 +4,7 @@
     out = ck.attention(q, k, v)                       # BLHD, non-causal
     y = ck.group_norm(x, 32, w, b, activation="silu")  # fp32 statistics, keeps memory format
     y = ck.geglu(x, bias)                              # h * gelu(gate), h, gate = (x + bias).chunk(2, -1)
+    q, k, v = ck.unpack(qkv)                           # BLHD views of a packed (B, L, 3, H, D) projection
     ck.ema_update_(ema, params, 0.9999)                # multi-tensor, in place
 
 Every op has backends "cuda" (compiled csrc), "triton" and "torch" (cckernels.reference),
@@ -26,11 +27,13 @@ from cckernels import tracing
 from cckernels.backend import (BACKENDS, IMPLEMENTATIONS, Unsupported, available, calls, default_device, dispatch, last_used,
                                prefer_gpu_time)
 from cckernels.optim import FusedAdamWEMA, clip_grad_norm_
+from cckernels.packing import unpack
 
 __all__ = [
     "attention",
     "group_norm",
     "geglu",
+    "unpack",
     "ema_update_",
     "FusedAdamWEMA",
     "clip_grad_norm_",

@@ -124,6 +124,44 @@ def test_strided_projection_views(kind, dtype, backward):
     check_against_fp64(make, leaves, 0.3, dtype)
 
 
+@pytest.mark.parametrize("kind, Lk", [("self", 77), ("self", 257), ("cross", 77), ("cross", 257)])
+def test_unpacked_projections_get_one_packed_gradient(kind, Lk, backward, monkeypatch):
+    """ck.unpack's views: the kernels write their gradients into one packed tensor, which is the
+    packed projection's gradient (no stack); the values are the separate inputs' ones. 77 keys
+    take the one-kernel backward (self: all three gradients packed), 257 the dQ kernel or
+    atomic dQ, cross-attention at 257 keys the split dK/dV partials."""
+    B, H, D = 2, 2, 40
+    Lq = Lk if kind == "self" else 100
+    n = 3 if kind == "self" else 2
+    packed = torch.randn(B, Lk, n, H, D, requires_grad=True)
+    x = torch.randn(B, Lq, H, D, requires_grad=True)
+    dout = torch.randn(B, Lq, H, D)
+    stacks = []
+    stack = torch.stack
+    monkeypatch.setattr(torch, "stack", lambda *a, **kw: (stacks.append(1), stack(*a, **kw))[1])
+
+    def attend(views, backend):
+        q, k, v = views if kind == "self" else (x, *views)
+        return ck.attention(q, k, v, backend=backend)
+
+    attend(ck.unpack(packed), "triton").backward(dout)
+    assert not stacks
+    got = packed.grad.clone(), None if x.grad is None else x.grad.clone()
+    packed.grad = x.grad = None
+    attend([t.contiguous() for t in packed.unbind(2)], "triton").backward(dout)  # separate inputs
+    torch.testing.assert_close(got[0], packed.grad, rtol=0, atol=0)
+    if kind == "cross":
+        torch.testing.assert_close(got[1], x.grad, rtol=0, atol=0)
+    packed.grad = None
+    attend(ck.unpack(packed), "torch").backward(dout)  # gradients not packed: stacked, as unbind's
+    assert stacks and torch.allclose(packed.grad, got[0], atol=1e-4)
+
+
+def test_unpack_takes_five_dims():
+    with pytest.raises(ValueError, match="5-D"):
+        ck.unpack(torch.randn(2, 3, 4))
+
+
 def record_launches(monkeypatch, names, flag):
     """Wraps the attention module's launchers `names`; each launch appends (name, its `flag`
     keyword) to the returned list."""

@@ -242,10 +242,10 @@ class Attention(nn.Module):
     The projections that read the same tokens run as one GEMM on their weights concatenated at
     each call (the parameters keep diffusers' names): q, k and v of self-attention, k and v of
     the text. The attention then reads strided BLHD views of one (B, L, n * heads * head_dim)
-    tensor; x is read once, and the backward gives its gradient from one GEMM instead of three
-    summed (autograd stacks the three gradients for it instead: about 4 of x's size less
-    traffic a self-attention, fewer launches). `fused = False` (benchmarks set it on an
-    instance: the original latent-diffusion code) projects each separately."""
+    tensor (ck.unpack); x is read once, and the backward gives its gradient from one GEMM
+    instead of three summed, from the one packed gradient ck.attention's kernels write (no
+    stack of three). `fused = False` (benchmarks set it on an instance: the original
+    latent-diffusion code) projects each separately."""
 
     attend = staticmethod(ck.attention)
     fused = True
@@ -264,7 +264,7 @@ class Attention(nn.Module):
         if not self.fused:
             return [linear(tokens).view(B, L, self.heads, -1) for linear in linears]
         weight = torch.cat([linear.weight for linear in linears]) if len(linears) > 1 else linears[0].weight
-        return F.linear(tokens, weight).view(B, L, len(linears), self.heads, -1).unbind(2)
+        return ck.unpack(F.linear(tokens, weight).view(B, L, len(linears), self.heads, -1))
 
     def forward(self, x, context=None):
         B, Lq, _ = x.shape

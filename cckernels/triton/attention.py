@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from cckernels.backend import Unsupported, _on_device
+from cckernels.packing import is_packed, packed_empty
 from cckernels.tracing import emitting_custom_ops
 from cckernels.triton.launch import Tuned, cdiv, next_power_of_2
 
@@ -560,8 +561,19 @@ def deterministic_backward():
     return DETERMINISTIC_BY_DEFAULT if env in (None, "") else env == "1"
 
 
-def _backward(do, q, k, v, o, lse, scale, need_dq, need_dkdv, deterministic):
-    """dq, dk, dv (None where not needed). All three wanted:
+def _packed_gradients(q, k, v, need_dq, need_dkdv):
+    """(dq, dk, dv) buffers, None for each the kernels allocate themselves: when q, k, v (or k,
+    v) are views of one packed projection, views of one packed gradient (cckernels.packing)."""
+    if need_dkdv and need_dq and is_packed((q, k, v)):
+        return packed_empty((q, k, v))
+    if need_dkdv and is_packed((k, v)):
+        return None, *packed_empty((k, v))
+    return None, None, None
+
+
+def _backward(do, q, k, v, o, lse, scale, need_dq, need_dkdv, deterministic, pack=False):
+    """dq, dk, dv (None where not needed); with pack, views of one packed gradient where q, k,
+    v (or k, v) are views of one packed tensor. All three wanted:
     - keys in one block (Lk <= MAX_ONE_BLOCK_KEYS), fp16/bf16, and a config that fits
       (_one_kernel_backward_fits: sm90, not head dims > 64 at 65-128 keys): one kernel gives all three
       and delta, no atomics (each dQ row has one writer); it reads q, dO and O once where the
@@ -586,15 +598,20 @@ def _backward(do, q, k, v, o, lse, scale, need_dq, need_dkdv, deterministic):
         )
 
     dq = dk = dv = None
+    dq_buf, dk_buf, dv_buf = _packed_gradients(q, k, v, need_dq, need_dkdv) if pack else (None, None, None)
     if need_dkdv:
         rows, splits = _dkdv_splits(Lq, Lk, B * H, q.device)
-        partial_dtype = q.dtype if splits == 1 else torch.float32
-        dk_s = torch.empty((splits, B, Lk, H, D), device=q.device, dtype=partial_dtype)
-        dv_s = torch.empty_like(dk_s)
+        if splits == 1 and dk_buf is not None:  # written in place: dk and dv share strides
+            dk_s, dv_s = dk_buf[None], dv_buf[None]
+        else:
+            dk_s = torch.empty((splits, B, Lk, H, D), device=q.device, dtype=q.dtype if splits == 1 else torch.float32)
+            dv_s = torch.empty_like(dk_s)
         if atomic_dq:
             dq_out = torch.zeros((B, Lq, H, D), device=q.device, dtype=torch.float32)
+        elif store_dq:
+            dq_out = dq_buf if dq_buf is not None else torch.empty((B, Lq, H, D), device=q.device, dtype=q.dtype)
         else:
-            dq_out = torch.empty((B, Lq, H, D), device=q.device, dtype=q.dtype) if store_dq else None
+            dq_out = None
         grid = lambda meta: (cdiv(Lk, meta["BLOCK_N"]), B * H, splits)  # noqa: E731
         _dkdv_launch[grid](
             q, k, v, do, o if store_dq else None, lse, delta, dk_s, dv_s, dq_out, *strides,
@@ -603,13 +620,17 @@ def _backward(do, q, k, v, o, lse, scale, need_dq, need_dkdv, deterministic):
             H, Lq, Lk, rows, scale, scale * LOG2E, *buckets, **head, ATOMIC_DQ=atomic_dq, STORE_DQ=store_dq,
         )
         dk, dv = (t[0] if splits == 1 else t.sum(0).to(q.dtype) for t in (dk_s, dv_s))
+        if dk_buf is not None and splits > 1:
+            dk, dv = dk_buf.copy_(dk), dv_buf.copy_(dv)
         if store_dq:
             dq = dq_out
     if atomic_dq:
         dq = dq_out if q.dtype == torch.float32 else torch.empty_like(dq_out, dtype=q.dtype)
         _attn_bwd_dq_convert_kernel[(cdiv(dq.numel(), 1024),)](dq_out, dq, dq.numel(), scale, BLOCK=1024)
+        if dq_buf is not None:  # the conversion writes contiguous
+            dq = dq_buf.copy_(dq)
     elif need_dq and not store_dq:
-        dq = torch.empty((B, Lq, H, D), device=q.device, dtype=q.dtype)
+        dq = dq_buf if dq_buf is not None else torch.empty((B, Lq, H, D), device=q.device, dtype=q.dtype)
         grid = lambda meta: (cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
         _dq_launch[grid](
             q, k, v, do, lse, delta, dq, *strides, *dq.stride()[:3],
@@ -630,7 +651,8 @@ class _Attention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do):
-        return _input_grads(_backward, ctx, do)
+        # gradients packed like packed inputs: eagerly only (a custom op's outputs may not alias)
+        return _input_grads(functools.partial(_backward, pack=True), ctx, do)
 
 
 def _save_for_backward(ctx, inputs, output):
@@ -648,6 +670,7 @@ def _input_grads(backward, ctx, do):
     do = do if do.stride(-1) == 1 and _batch_extent(do) < 2**31 else do.contiguous()
     dq, dk, dv = backward(do, q, k, v, o, lse, ctx.scale, need_q, need_k or need_v, deterministic_backward())
     return dq if need_q else None, dk if need_k else None, dv if need_v else None, None
+
 
 
 # The same forward and backward as torch.library custom ops, which torch.compile keeps in its
