@@ -261,9 +261,9 @@ class Attention(nn.Module):
     def project(self, tokens, *linears):
         """Each Linear of `linears` (no biases) applied to tokens (B, L, C), as BLHD views."""
         B, L, _ = tokens.shape
-        if not self.fused:
+        if not self.fused or len(linears) == 1:
             return [linear(tokens).view(B, L, self.heads, -1) for linear in linears]
-        weight = torch.cat([linear.weight for linear in linears]) if len(linears) > 1 else linears[0].weight
+        weight = torch.cat([linear.weight for linear in linears])
         return ck.unpack(F.linear(tokens, weight).view(B, L, len(linears), self.heads, -1))
 
     def forward(self, x, context=None):
