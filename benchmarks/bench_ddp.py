@@ -27,7 +27,6 @@ Writes bench_ddp.json and bench_ddp.png to --out (default benchmarks/results/loc
 import argparse
 import copy
 import datetime
-import importlib
 import json
 import platform
 import tempfile
@@ -155,14 +154,13 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    if backend == "gloo":
-        # Forked ranks inherit what is imported here, torch and the torch._dynamo that torch's
-        # DDP imports: seconds rather than tens of seconds per rank on a small CPU machine.
-        importlib.import_module("torch._dynamo")
     with tempfile.TemporaryDirectory() as tmp:
-        # CUDA cannot run in a forked child, so NCCL ranks are spawned.
+        # Not forked from here: CUDA cannot run in a forked child, nor autograd once the parent
+        # ran torch.compile (as a test process may have). NCCL ranks are spawned; gloo ranks
+        # forked from a fresh server process (spawned ones at times abort in gloo's threads
+        # while the interpreter shuts down).
         mp.start_processes(_worker, args=(world, backend, f"{tmp}/store", args, f"{tmp}/rank0.json"),
-                           nprocs=world, start_method="spawn" if backend == "nccl" else "fork")
+                           nprocs=world, start_method="spawn" if backend == "nccl" else "forkserver")
         raw = json.loads(Path(f"{tmp}/rank0.json").read_text())
 
     sec = raw["seconds"]

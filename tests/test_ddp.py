@@ -1,8 +1,7 @@
 """trainer.ddp against single-process training and torch's DDP, with 2 CPU processes on gloo.
 
-One fork of 2 processes runs every distributed scenario (starting processes is the slow part
-on 2 cores: forked ranks inherit the imported torch instead of importing it again);
-each rank records per scenario how far its parameters ended from the single-process run on
+One start of 2 processes runs every distributed scenario (starting processes is the slow part
+on 2 cores); each rank records per scenario how far its parameters ended from the single-process run on
 the whole batch, and the tests below check those records. Every rank builds its model from
 a different seed, so each scenario also checks that the start-up broadcast made rank 0's
 model everyone's.
@@ -195,10 +194,12 @@ def _worker(rank, store_path, out_dir, backend="gloo", device="cpu"):
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    import torch._dynamo  # noqa: F401  (torch's DDP and optimizers import it: ~10 s; once here, not per rank)
-
+    # forkserver: ranks forked from a fresh process. Forked from this one they fail their
+    # backward after some tests ran here (torch.compile's, in test_compile.py: "autograd's
+    # threading in combination with fork"); spawned, they exit through the interpreter's
+    # finalization, which at times aborts in gloo's threads.
     out = tmp_path_factory.mktemp("ddp")
-    mp.start_processes(_worker, args=(str(out / "store"), str(out)), nprocs=WORLD, start_method="fork")
+    mp.start_processes(_worker, args=(str(out / "store"), str(out)), nprocs=WORLD, start_method="forkserver")
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 
