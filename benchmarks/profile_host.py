@@ -40,6 +40,7 @@ def cases(device, tiny):
         return (t.to(memory_format=torch.channels_last) if channels_last else t).requires_grad_()
 
     q, k, v, ctx = leaf(B, L, H, D), leaf(B, L, H, D), leaf(B, L, H, D), leaf(B, 77, H, D)
+    qkv = leaf(B, L, 3, H, D)  # the UNet's fused projection, ck.unpack'ed
     do = torch.randn_like(q)
     x = leaf(N, C, side, side, channels_last=True)
     w = torch.randn(C, device=device, requires_grad=True)
@@ -51,6 +52,11 @@ def cases(device, tiny):
     def attention(backend, keys):
         def run():
             ck.attention(q, keys, keys, backend=backend).backward(do)
+        return run
+
+    def packed_attention(backend):
+        def run():
+            ck.attention(*ck.unpack(qkv), backend=backend).backward(do)
         return run
 
     def sdpa(keys):
@@ -80,12 +86,13 @@ def cases(device, tiny):
     for keys, what in ((k, f"self L={L}"), (ctx, "cross Lk=77")):
         out += [(f"attention {what} {name}", attention(name, keys)) for name in usable["attention"]]
         out.append((f"attention {what} sdpa", sdpa(keys)))
+    out.append((f"attention self L={L} {usable['attention'][0]} packed qkv", packed_attention(usable["attention"][0])))
     shape = f"{N}x{C}x{side}x{side}"
     out += [(f"group_norm {shape} nhwc {name}", group_norm(name)) for name in usable["group_norm"]]
     out.append((f"group_norm {shape} nhwc torch F.group_norm+silu", torch_group_norm))
     out += [(f"geglu {tokens}x{2 * ff_dim} {name}", geglu(name)) for name in usable["geglu"]]
     out.append((f"geglu {tokens}x{2 * ff_dim} torch gelu*mul", torch_geglu))
-    return [q, k, v, ctx, x, w, b, proj, proj_bias], out
+    return [q, k, v, ctx, qkv, x, w, b, proj, proj_bias], out
 
 
 def main():
