@@ -1,0 +1,32 @@
+"""Smoke test of benchmarks/traffic_audit.py on the tiny config: per-image groups, JSON."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def audit(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # the script imports bench_train
+    spec = importlib.util.spec_from_file_location("traffic_audit", BENCHMARKS / "traffic_audit.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tiny_run_groups_the_traffic_that_grows_with_the_image(audit, tmp_path):
+    rows = audit.main(["--tiny", "--top", "5", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "traffic_audit.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(rows)) and saved["total_GB"] > 0
+    assert all(r["MB"] > 0 and r["calls"] > 0 for r in rows)
+    places = {(r["op"], r["where"]) for r in rows}
+    assert ("convolution_backward.default", "bwd:ConvolutionBackward0") in places
+    assert any(where.startswith("fwd:") and ".0." not in where for _, where in places)  # block indices folded
+
+
+def test_a_row_not_on_the_ladder_lists_the_valid_ones(audit):
+    with pytest.raises(ValueError, match=r"valid: baseline, \+ our attention"):
+        audit.main(["--tiny", "--row", "+ warp drive"])
