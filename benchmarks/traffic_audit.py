@@ -49,7 +49,7 @@ VIEWS = ("view", "detach", "t.default", "transpose", "permute", "expand", "unsqu
 
 class TrafficLog(TorchDispatchMode):
     """Records (op, place, read, write, dtypes, shape) of every memory-moving aten op; `place`
-    comes from `where()`. Ops inside Triton's interpreter are left out (interpreter_calls)."""
+    comes from `where()`. Ops inside Triton's interpreter are left out (interpreter_calls_unlogged)."""
 
     def __init__(self, where):
         super().__init__()
@@ -110,7 +110,7 @@ def build(cfg, row):
     return unet, recipe
 
 
-def step_records(unet, recipe, side, context_dim):
+def step_records(unet, recipe, side):
     """The log of one training step (batch 1) at `side` x `side` latents."""
     stack = []
 
@@ -123,7 +123,7 @@ def step_records(unet, recipe, side, context_dim):
     log = TrafficLog(lambda: f"bwd:{node().name()}" if node() is not None else f"fwd:{stack[-1] if stack else '-'}")
     layout = torch.channels_last if recipe.channels_last else torch.contiguous_format
     latents = torch.randn(1, unet.config["in_channels"], side, side).to(memory_format=layout)
-    context = torch.randn(1, 77, context_dim)
+    context = torch.randn(1, 77, unet.config["cross_attention_dim"])
     try:
         with interpreter_calls_unlogged(log), log:
             with torch.autocast("cpu", torch.float16):
@@ -173,10 +173,8 @@ def main(argv=None):
     cfg = load_config(ROOT / "configs" / ("tiny.yaml" if args.tiny else "sd2-base.yaml"))
     sides = (4, 8) if args.tiny else (8, 16)
     unet, recipe = build(cfg, args.row)
-    context_dim = unet.config["cross_attention_dim"]
-    context_dim = context_dim[0] if isinstance(context_dim, list) else context_dim
-    step_records(unet, recipe, sides[0], context_dim)  # first calls: compiles, caches
-    logs = [step_records(unet, recipe, side, context_dim) for side in sides]
+    step_records(unet, recipe, sides[0])  # first calls: compiles, caches
+    logs = [step_records(unet, recipe, side) for side in sides]
     groups = per_image(*logs, sides)
     total = sum(g[1] for g in groups.values())
     print(f"{args.row}: {recipe}")

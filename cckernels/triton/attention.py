@@ -672,7 +672,6 @@ def _input_grads(backward, ctx, do):
     return dq if need_q else None, dk if need_k else None, dv if need_v else None, None
 
 
-
 # The same forward and backward as torch.library custom ops, which torch.compile keeps in its
 # graph; `attention` below emits them while cckernels/tracing.py traces an op.
 @torch.library.custom_op("cckernels::triton_attention", mutates_args=())
