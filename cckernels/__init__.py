@@ -4,6 +4,7 @@
     out = ck.attention(q, k, v)                       # BLHD, non-causal
     y = ck.group_norm(x, 32, w, b, activation="silu")  # fp32 statistics, keeps memory format
     y = ck.geglu(x, bias)                              # h * gelu(gate), h, gate = (x + bias).chunk(2, -1)
+    y, s = ck.layer_norm(x, w, b, residual=r)          # LayerNorm(x + r) and x + r, in one pass
     q, k, v = ck.unpack(qkv)                           # BLHD views of a packed (B, L, 3, H, D) projection
     ck.ema_update_(ema, params, 0.9999)                # multi-tensor, in place
 
@@ -12,7 +13,7 @@ in its own best-first order (cckernels.backend.IMPLEMENTATIONS). The backend is 
 `backend=` argument, else env CCKERNELS_BACKEND, else the best usable one for the tensors'
 device; one that cannot take an input falls back to the next in that op's order.
 
-Under torch.compile, attention, group_norm and geglu are traced into the graph (no graph break,
+Under torch.compile, attention, group_norm, geglu and layer_norm are traced into the graph (no graph break,
 fullgraph=True works): the backend is chosen by the same rules when the graph is traced, the
 "cuda" and "triton" kernels enter it as torch.library custom ops (torch.ops.cckernels.*), the
 "torch" backend as its plain torch ops (cckernels/tracing.py). ema_update_ stays a graph break
@@ -33,6 +34,7 @@ __all__ = [
     "attention",
     "group_norm",
     "geglu",
+    "layer_norm",
     "unpack",
     "ema_update_",
     "FusedAdamWEMA",
@@ -149,6 +151,40 @@ def geglu(x, bias=None, *, backend=None):
     if torch.compiler.is_compiling():
         return tracing.dispatch_traced("geglu", backend, x, bias)
     return dispatch("geglu", x.device, backend, x, bias)
+
+
+def layer_norm(x, weight=None, bias=None, eps=1e-5, *, residual=None, backend=None):
+    """LayerNorm over the last dim, statistics in fp32 whatever x's dtype; output in x's dtype.
+    x: (..., C); weight, bias: None or (C,), any float dtype (an fp32 model's parameters under
+    a bf16 x: their gradients come back fp32, summed in fp32).
+
+    With `residual` (x's shape and dtype) it is the pre-norm transformer's residual add fused
+    in: returns (LayerNorm(x + residual), x + residual), the sum rounded to x's dtype as
+    torch's add would, in one pass over x and residual each way instead of an add, a LayerNorm
+    and autograd's add of their gradients. Differentiable in x, residual, weight, bias.
+    """
+    _check_float("x", x)
+    if x.dim() < 1 or x.shape[-1] < 1:
+        raise ValueError(f"x must have a non-empty last dim (normalized), got shape {tuple(x.shape)}")
+    C = x.shape[-1]
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        _check_float(name, t)
+        if t.shape != (C,):
+            raise ValueError(f"{name} must have shape ({C},) (x's last dim), got {tuple(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if residual is not None:
+        _check_float("residual", residual)
+        if (residual.shape, residual.dtype, residual.device) != (x.shape, x.dtype, x.device):
+            raise ValueError(f"residual must match x (shape {tuple(x.shape)}, {x.dtype}, {x.device}), got "
+                             f"shape {tuple(residual.shape)}, {residual.dtype}, {residual.device}")
+    if not (eps > 0):
+        raise ValueError(f"eps must be positive, got {eps!r}")
+    if torch.compiler.is_compiling():
+        return tracing.dispatch_traced("layer_norm", backend, x, weight, bias, float(eps), residual)
+    return dispatch("layer_norm", x.device, backend, x, weight, bias, float(eps), residual)
 
 
 def _float_twins_on_one_device(ema, params):

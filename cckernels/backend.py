@@ -26,7 +26,8 @@ BACKENDS = ("cuda", "triton", "torch")  # the valid names; each op has its own o
 # host-bound (GPU busy 50% of the step). Where host time does not count, Triton goes first
 # (_first_choice below). GEGLU's order is by bytes moved, not yet timed: Triton's kernels
 # move 3 tensors of the output's size forward and 5 backward, where torch's gelu and
-# multiply move 5 and their backward about 13.
+# multiply move 5 and their backward about 13; LayerNorm's likewise (with the residual add
+# fused: 8 tensors of its size against torch's 13), not yet timed.
 IMPLEMENTATIONS = {
     "attention": {
         "triton": "cckernels.triton.attention:attention",
@@ -40,6 +41,10 @@ IMPLEMENTATIONS = {
     "geglu": {
         "triton": "cckernels.triton.geglu:geglu",
         "torch": "cckernels.reference:geglu",
+    },
+    "layer_norm": {
+        "triton": "cckernels.triton.layer_norm:layer_norm",
+        "torch": "cckernels.reference:layer_norm",
     },
     "ema_update_": {
         "triton": "cckernels.triton.ema:ema_update_",

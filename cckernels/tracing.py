@@ -1,13 +1,14 @@
 """How cckernels' ops enter torch.compile graphs: as torch.library custom ops, no graph break.
 
-Under torch.compile, `ck.attention`, `ck.group_norm` and `ck.geglu` validate their arguments
+Under torch.compile, `ck.attention`, `ck.group_norm`, `ck.geglu` and `ck.layer_norm` validate their arguments
 as in eager (dynamo traces that code) and then call `dispatch_traced`, which runs the eager
 `dispatch` itself, natively in Python, on the fake tensors of the trace. So the backend is chosen by the
 eager rules (backend= argument, env CCKERNELS_BACKEND, best usable; a backend's `Unsupported`
 checks read only metadata, so they work on fake tensors and fall back the same way) once, when
 the graph is traced, and `used_backends()` reports that choice. What lands in the graph:
 
-  triton   torch.ops.cckernels.triton_attention / triton_group_norm / triton_geglu (+ backward ops)
+  triton   torch.ops.cckernels.triton_attention / triton_group_norm / triton_geglu / triton_layer_norm
+           (+ backward ops)
   cuda     torch.ops.cckernels.cuda_group_norm (+ backward)
   torch    the plain torch ops of cckernels.reference, which inductor fuses like any others
 

@@ -10,7 +10,7 @@ from cckernels import backend as backend_mod
 
 def test_available_backends_lists_every_op_best_first():
     avail = ck.available_backends("cpu")
-    assert set(avail) == {"attention", "group_norm", "geglu", "ema_update_"}
+    assert set(avail) == {"attention", "group_norm", "geglu", "layer_norm", "ema_update_"}
     for op, names in avail.items():
         assert names[-1] == "torch"
         assert "cuda" not in names  # no CUDA kernels run on CPU tensors
@@ -26,6 +26,7 @@ def test_each_op_has_its_measured_order():
     assert list(backend_mod.IMPLEMENTATIONS["group_norm"]) == ["cuda", "triton", "torch"]
     assert list(backend_mod.IMPLEMENTATIONS["attention"]) == ["triton", "torch"]
     assert list(backend_mod.IMPLEMENTATIONS["geglu"]) == ["triton", "torch"]  # by bytes moved: not yet timed
+    assert list(backend_mod.IMPLEMENTATIONS["layer_norm"]) == ["triton", "torch"]  # likewise
 
 
 def test_triton_on_cpu_only_with_interpreter(monkeypatch):

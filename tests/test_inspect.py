@@ -19,14 +19,14 @@ from cckernels import inspect as ck_inspect
 from test_data import repo_env
 
 ROOT = Path(__file__).resolve().parent.parent
-OPS = ("attention", "group_norm", "ema_update_", "adamw_ema_")
+OPS = ("attention", "group_norm", "geglu", "layer_norm", "ema_update_", "adamw_ema_")
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     """(rows, stderr) of one quick run: bf16 (fp32-only kernels in fp32), attention at head
     dim 80 (128-wide tiles, masked; both backward variants), both GroupNorm layouts, GEGLU's
-    int32 offsets, csrc for sm90."""
+    and LayerNorm's int32 offsets, csrc for sm90."""
     out = tmp_path_factory.mktemp("inspect") / "rows.json"
     env = repo_env(drop=["TRITON_INTERPRET"])
     cmd = [sys.executable, "-m", "cckernels.inspect", "--quick", "--dtype", "bf16",
@@ -64,7 +64,8 @@ def test_streaming_kernels_load_16_bytes_on_sm90(report):
     rows, _ = report
     sm90 = [r for r in rows if r["arch"] == 90]
     streaming = [r for r in sm90 if r["kind"] == "triton" and r["dtype"] == "bfloat16" and r["op"] != "attention"]
-    assert len({r["kernel"] for r in streaming}) == 9  # 4 GroupNorm passes and its single pass, EMA, AdamW+EMA, GEGLU's 2
+    # 4 GroupNorm passes and its single pass, EMA, AdamW+EMA, GEGLU's 2, LayerNorm's 2
+    assert len({r["kernel"] for r in streaming}) == 11
     for r in streaming:
         assert r["counts"]["ldg128"] > 0, r
     vectorized = [r for r in sm90 if r["kind"] == "cuda" and re.search(r"Functor|, 8, ", r["config"])]
