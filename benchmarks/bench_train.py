@@ -23,9 +23,10 @@ Rows (cumulative unless said otherwise):
                  Attention.fused: one GEMM on the weights concatenated, as diffusers'
                  fuse_qkv_projections; the baseline projects each separately, as the
                  latent-diffusion code)
-  + bf16 LayerNorm   trainer.unet.LayerNorm: the transformer blocks' LayerNorms in the autocast
-                 dtype (torch's autocast runs them in fp32: an fp32 copy of the input, and the
-                 output cast back per Linear that reads it), CommonCanvas's low-precision LayerNorm
+  + our LayerNorm   the transformer blocks' LayerNorms in the autocast dtype (torch's autocast
+                 runs them in fp32: an fp32 copy of the input, and the output cast back per
+                 Linear that reads it), CommonCanvas's low-precision LayerNorm, in ck.layer_norm's
+                 kernels with the residual add before each fused in (trainer.unet.LayerNorm)
   + our GEGLU    the feed-forward's h * gelu(gate) in one kernel each way (ck.geglu, which also
                  adds the projection's bias and returns its gradient) instead of gelu, a
                  multiply, four kernels back and the Linear's sum for its bias gradient
@@ -135,7 +136,7 @@ class Recipe:
     attention: str = "materialized"  # materialized | ours | sdpa
     qkv: str = "separate"  # separate (a GEMM each) | fused (one GEMM: trainer.unet.Attention.fused)
     group_norm: str = "torch"  # torch (nn.GroupNorm + SiLU) | ours (ck.group_norm, fused SiLU)
-    layer_norm: str = "torch"  # torch (nn.LayerNorm: fp32 under autocast) | bf16 (trainer.unet.LayerNorm)
+    layer_norm: str = "torch"  # torch (an add, then nn.LayerNorm: fp32 under autocast) | ours (ck.layer_norm)
     geglu: str = "torch"  # torch (gelu, then a multiply) | ours (ck.geglu)
     channels_last: bool = False
     optimizer: str = "adamw"  # adamw (defaults) | adamw_fused | fused_ema (ck.FusedAdamWEMA)
@@ -153,7 +154,7 @@ LADDER = [
     ("baseline", {}),
     ("+ our attention", {"attention": "ours", "qkv": "fused"}),
     ("+ our GroupNorm+SiLU", {"group_norm": "ours"}),
-    ("+ bf16 LayerNorm", {"layer_norm": "bf16"}),
+    ("+ our LayerNorm", {"layer_norm": "ours"}),
     ("+ our GEGLU", {"geglu": "ours"}),
     ("+ channels_last", {"channels_last": True}),
     ("+ fused AdamW+EMA, scheduled EMA", {"optimizer": "fused_ema", "ema": "scheduled"}),
@@ -241,11 +242,6 @@ def plain_group_norm(model):
                                                                              m.affine, m.activation))
 
 
-def plain_layer_norm(model):
-    """Every trainer.unet.LayerNorm of `model` becomes a torch.nn.LayerNorm; returns how many."""
-    return swap_modules(model, LayerNorm, lambda m: torch.nn.LayerNorm(m.normalized_shape, m.eps, m.elementwise_affine))
-
-
 def materialized_attention(q, k, v):
     """The baseline: scores and softmax stored in full (ck.attention's torch reference)."""
     return ck.attention(q, k, v, backend="torch")
@@ -273,11 +269,10 @@ def build_unet(unet_cfg, recipe, device):
         unet = UNet.from_config(unet_cfg)
     if recipe.group_norm == "torch":
         plain_group_norm(unet)
-    if recipe.layer_norm == "torch":
-        plain_layer_norm(unet)
     set_function(unet, Attention, "attend", ATTENTION[recipe.attention])
     set_function(unet, Attention, "fused", recipe.qkv == "fused")
     set_function(unet, GEGLU, "fused", recipe.geglu == "ours")  # else Linear with bias, gelu, a multiply
+    set_function(unet, LayerNorm, "fused", recipe.layer_norm == "ours")  # else an add, then nn.LayerNorm
     if recipe.channels_last:
         unet = unet.to(memory_format=torch.channels_last)
     return unet
@@ -323,7 +318,7 @@ def measured_peak_tflops(device):
 
 def missing_piece(change, device, tiny):
     """Why `change` (a LADDER entry's dict) cannot run here, or None."""
-    for op in ("attention", "group_norm", "geglu"):
+    for op in ("attention", "group_norm", "layer_norm", "geglu"):
         if change.get(op) == "ours":
             best = ck.available_backends(device)[op][0]
             if best == "torch" and not tiny:
@@ -542,7 +537,7 @@ def run_row(recipe, name, batch, shared):
     result["backends"] = {
         "attention": used.get("attention") if recipe.attention == "ours" else recipe.attention,
         "group_norm": used.get("group_norm") if recipe.group_norm == "ours" else "torch.nn+silu",
-        "layer_norm": recipe.layer_norm,
+        "layer_norm": used.get("layer_norm") if recipe.layer_norm == "ours" else "torch",
         "geglu": used.get("geglu") if recipe.geglu == "ours" else "torch",
         "weights": recipe.weights,
     }

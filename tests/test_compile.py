@@ -226,24 +226,26 @@ def test_unet_block_compiles_to_one_graph_with_the_triton_kernels():
     compiled = run(torch.compile(block, backend=recorder, fullgraph=True))
     assert len(recorder.fw_graphs) == len(recorder.bw_graphs) == 1
     assert cckernels_ops(recorder.fw_graphs) == {"cckernels.triton_attention.default", "cckernels.triton_group_norm.default",
-                                                 "cckernels.triton_geglu.default"}
+                                                 "cckernels.triton_geglu.default", "cckernels.triton_layer_norm.default"}
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 class _OpsBetweenLinears(torch.nn.Module):
-    """ck's three traced ops between 1 MB Linears: torch DDP at bucket_cap_mb=1 puts each Linear
+    """ck's four traced ops between 1 MB Linears: torch DDP at bucket_cap_mb=1 puts each Linear
     in its own bucket, so dynamo's DDPOptimizer splits the graph between the ops."""
 
     def __init__(self):
         super().__init__()
         self.a, self.b = torch.nn.Linear(512, 512), torch.nn.Linear(512, 512)
-        self.norm = torch.nn.GroupNorm(4, 16)
+        self.norm, self.layer_norm = torch.nn.GroupNorm(4, 16), torch.nn.LayerNorm(128)
 
     def forward(self, x):
         h = ck.attention(*[self.a(x).view(2, 8, 8, 64)] * 3)
         h = self.b(h.reshape(2, 8, 512)).reshape(2, 16, 256)
-        return ck.geglu(ck.group_norm(h, 4, self.norm.weight, self.norm.bias, activation="silu"))
+        h = ck.geglu(ck.group_norm(h, 4, self.norm.weight, self.norm.bias, activation="silu"))
+        y, s = ck.layer_norm(h, self.layer_norm.weight, self.layer_norm.bias, residual=h.flip(-1))  # a tuple out
+        return y * s
 
 
 def _compiled_torch_ddp_worker(rank, store, out_dir, device, inductor):
@@ -296,7 +298,7 @@ def check_compiled_torch_ddp(tmp_path, device="cpu", inductor=False, tol=1e-5):
         r = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert r["graphs"] >= 2, r  # the graph was split
         assert r["diff"] < tol, r
-        assert {r["used"][op] for op in ("attention", "group_norm", "geglu")} == {"triton"}, r
+        assert {r["used"][op] for op in ("attention", "group_norm", "geglu", "layer_norm")} == {"triton"}, r
 
 
 def test_compiles_inside_torch_ddp_whose_optimizer_splits_the_graph(tmp_path):

@@ -150,38 +150,37 @@ def test_layer_norm_is_torch_outside_autocast():
     ref = torch.nn.LayerNorm(40)
     ref.load_state_dict(norm.state_dict())
     assert norm.state_dict().keys() == ref.state_dict().keys()
-    torch.testing.assert_close(norm(x), ref(x), rtol=0, atol=0)
+    torch.testing.assert_close(norm(x), ref(x))
+    residual = torch.randn_like(x)
+    y, s = norm(x, residual)
+    torch.testing.assert_close(s, x + residual, rtol=0, atol=0)
+    torch.testing.assert_close(y, ref(x + residual))
+    norm.fused = False  # the plain PyTorch code: the add, then torch's LayerNorm
+    torch.testing.assert_close(norm(x, residual), (ref(x + residual), x + residual), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
-def test_layer_norm_runs_in_the_autocast_dtype(x_dtype, monkeypatch):
-    """Under autocast the kernel gets x, weight and bias in the autocast dtype with autocast off
-    (CUDA's autocast would run it in fp32): the same bits as torch's bf16 LayerNorm, with fp32
-    parameter gradients."""
+def test_layer_norm_runs_in_the_autocast_dtype(x_dtype):
+    """Under autocast ck.layer_norm gets x and the residual in the autocast dtype and the fp32
+    parameters as they are: bf16 out, fp32 parameter gradients, the same bits as a call on bf16
+    inputs outside autocast."""
     norm, x = layer_norm_case(x_dtype)
-    calls = []
-    layer_norm = torch.nn.functional.layer_norm
-
-    def spy(x, shape, weight, bias, eps):
-        calls.append((x.dtype, weight.dtype, bias.dtype, torch.is_autocast_enabled("cpu")))
-        return layer_norm(x, shape, weight, bias, eps)
-
-    monkeypatch.setattr(torch.nn.functional, "layer_norm", spy)
+    residual = torch.randn_like(x).requires_grad_()
     with torch.autocast("cpu", torch.bfloat16):
-        out = norm(x)
-    assert calls == [(torch.bfloat16, torch.bfloat16, torch.bfloat16, False)]
-    dy = torch.randn_like(out)
-    out.backward(dy)
-    assert norm.weight.grad.dtype == norm.bias.grad.dtype == torch.float32 and x.grad.dtype == x_dtype
+        y, s = norm(x, residual)
+    assert y.dtype == s.dtype == torch.bfloat16
+    dy, ds = torch.randn_like(y), torch.randn_like(s)
+    torch.autograd.backward((y, s), (dy, ds))
+    assert norm.weight.grad.dtype == norm.bias.grad.dtype == torch.float32
+    assert x.grad.dtype == residual.grad.dtype == x_dtype
 
-    ref = torch.nn.LayerNorm(40, dtype=torch.bfloat16)
-    ref.load_state_dict(norm.state_dict())
-    x16 = x.detach().bfloat16().requires_grad_()
-    out16 = ref(x16)
-    out16.backward(dy)
-    assert out.dtype == torch.bfloat16 and torch.equal(out, out16)
-    assert torch.equal(x.grad, x16.grad.to(x_dtype))
-    assert torch.equal(norm.weight.grad, ref.weight.grad.float()) and torch.equal(norm.bias.grad, ref.bias.grad.float())
+    x16, r16 = (t.detach().bfloat16().requires_grad_() for t in (x, residual))
+    w, b = (p.detach().clone().requires_grad_() for p in (norm.weight, norm.bias))
+    y16, s16 = ck.layer_norm(x16, w, b, norm.eps, residual=r16)
+    torch.autograd.backward((y16, s16), (dy, ds))
+    assert torch.equal(y, y16) and torch.equal(s, s16)
+    assert torch.equal(x.grad, x16.grad.to(x_dtype)) and torch.equal(residual.grad, r16.grad.to(x_dtype))
+    assert torch.equal(norm.weight.grad, w.grad) and torch.equal(norm.bias.grad, b.grad)
 
 
 def test_layer_norm_compiles_without_graph_breaks_under_autocast():
@@ -193,9 +192,8 @@ def test_layer_norm_compiles_without_graph_breaks_under_autocast():
 
 @pytest.mark.gpu
 def test_layer_norm_stays_bf16_under_cuda_autocast():
-    """SD2's largest LayerNorm at 256 px: bf16 out, fp32 statistics inside torch's kernel, so
-    output and gradients within bf16 rounding of fp64 (the CPU kernel sums the parameter
-    gradients less precisely, so this is a GPU test)."""
+    """SD2's largest LayerNorm at 256 px: bf16 out, fp32 statistics and parameter-gradient sums
+    inside ck.layer_norm's kernels, so output and gradients within bf16 rounding of fp64."""
     norm, x = layer_norm_case(rows=4 * 1024, dim=320, device="cuda")
     with torch.autocast("cuda", torch.bfloat16):
         assert torch.nn.LayerNorm(320).cuda()(x).dtype == torch.float32  # autocast's own policy

@@ -14,8 +14,9 @@ the GroupNorm's name, with the same weight and bias.
 Kernels: every GroupNorm runs `ck.group_norm` (fused with SiLU where the model applies one),
 every attention `ck.attention` on (B, L, heads, head_dim) views of its fused q/k/v projection
 and every feed-forward activation `ck.geglu` (with its projection's bias), so the backend is
-whatever cckernels picks (the `CCKERNELS_BACKEND` variable included). Every LayerNorm stays in
-the autocast dtype (`LayerNorm`) instead of autocast's fp32.
+whatever cckernels picks (the `CCKERNELS_BACKEND` variable included). Every LayerNorm runs
+`ck.layer_norm` in the autocast dtype (`LayerNorm`) instead of autocast's fp32, with the residual
+add before it fused in.
 
 channels_last: after `unet.to(memory_format=torch.channels_last)` every 4-D activation stays
 channels_last, and the attention blocks turn (B, C, H, W) into (B, H*W, C) tokens and back as views.
@@ -312,24 +313,33 @@ def autocast_dtype(device):
 
 
 class LayerNorm(nn.LayerNorm):
-    """nn.LayerNorm (same parameters and state_dict) that under autocast runs in the autocast
-    dtype: CommonCanvas's low-precision LayerNorm. Torch's kernel keeps the statistics in fp32
-    either way; autocast's fp32 policy for layer_norm only adds copies: the bf16 input cast to
-    fp32, and the fp32 output cast back once per Linear that reads it (three for q, k, v), then
-    the same for the gradients. The weight and bias are rounded to the autocast dtype, as
-    autocast rounds a Linear's."""
+    """nn.LayerNorm (same parameters and state_dict) that can take the residual add before it:
+    `norm(x, residual)` returns (LayerNorm(x + residual), x + residual).
 
-    def forward(self, x):
+    It runs ck.layer_norm in the autocast dtype (CommonCanvas's low-precision LayerNorm; torch's
+    autocast runs layer_norm in fp32: a copy of the bf16 input in fp32, the fp32 output cast back
+    once per Linear that reads it, then the same for the gradients), with fp32 statistics, the
+    parameters as they are (fp32 ones get fp32 gradients, summed in fp32) and the residual add
+    fused in. `fused = False` (benchmarks set it on an instance) runs the plain PyTorch code:
+    the add, then nn.LayerNorm, which autocast runs in fp32."""
+
+    fused = True
+
+    def forward(self, x, residual=None):
+        if not self.fused:
+            if residual is None:
+                return super().forward(x)
+            x = x + residual
+            return super().forward(x), x
         dtype = autocast_dtype(x.device.type)
-        if dtype is None:
-            return super().forward(x)
-        weight, bias = (None if p is None else p.to(dtype) for p in (self.weight, self.bias))
-        with torch.autocast(x.device.type, enabled=False):
-            return F.layer_norm(x.to(dtype), self.normalized_shape, weight, bias, self.eps)
+        if dtype is not None:
+            x, residual = x.to(dtype), None if residual is None else residual.to(dtype)
+        return ck.layer_norm(x, self.weight, self.bias, self.eps, residual=residual)
 
 
 class TransformerBlock(nn.Module):
-    """Pre-LayerNorm self-attention, cross-attention to the text, GEGLU feed-forward."""
+    """Pre-LayerNorm self-attention, cross-attention to the text, GEGLU feed-forward; each
+    residual add that a LayerNorm reads is fused into that LayerNorm."""
 
     def __init__(self, dim, heads, context_dim, dropout):
         super().__init__()
@@ -341,9 +351,9 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(dim, dropout)
 
     def forward(self, x, context):
-        x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
-        return x + self.ff(self.norm3(x))
+        h, x = self.norm2(self.attn1(self.norm1(x)), x)  # x + attn1(norm1(x)), and its norm2
+        h, x = self.norm3(self.attn2(h, context), x)
+        return x + self.ff(h)
 
 
 def to_tokens(x):
