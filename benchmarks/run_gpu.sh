@@ -12,9 +12,9 @@
 #   build 45 | build-check 15 | pytest -m gpu 140 (93 s on the third H200 run) | bench_train 270
 #   (6 timed steps and 1 profiled step of kernels a row; no row starts after its budget less
 #   30 s; JSON written after every row) | bench_ema 35 | bench_attention_cross 60 (the cross-attention shapes and 512 px
-#   self-attention at L = 4096) | bench_group_norm 60 | bench_geglu 25 | profile_host 30 |
-#   bench_attention 80 | bench_data 45 = 805 s if every step used all of its budget (bench_ddp,
-#   30 s, only runs with several GPUs).
+#   self-attention at L = 4096) | bench_group_norm 60 | bench_geglu 25 | bench_layer_norm 25 |
+#   profile_host 30 | bench_attention 55 | bench_data 45 = 805 s
+#   if every step used all of its budget (bench_ddp, 30 s, only runs with several GPUs).
 # The whole run must end inside the caller's outer `timeout` (docs/benchmarks.md: 575 s less the
 # DALI install), or that kills it mid-step and summary.md is never written. So the script ends
 # itself by RUN_GPU_BUDGET_S (default 560): each step gets its budget or what is left of the
@@ -161,13 +161,15 @@ fi
 # Then the kernels, in the order of what open issues still need measured: bench_ema (#5: the
 # EMA's graph column), the cross-attention shapes at 256 and 512 px and the 512 px
 # self-attention at L = 4096 (#3), bench_group_norm's batch-256 shapes (#4; its JSON is
-# written after every case); then GEGLU and the host profile (measured on the third H200 run),
-# the full attention and data tables last (the 2026-11-26 H200 runs measured them).
+# written after every case); then GEGLU, LayerNorm (not yet measured) and the host profile
+# (the others measured on the third H200 run), the full attention and data tables last (the
+# 2026-11-26 H200 runs measured them).
 bench bench_ema 35
 step bench_attention_cross 60 "$PY" benchmarks/bench_attention.py --out "$OUT/attention-cross" \
     --only "cross" "512px self L=4096" --budget-s 45
 bench bench_group_norm 60 --budget-s 45
 bench bench_geglu 25 --budget-s 12
+bench bench_layer_norm 25 --budget-s 12  # bench_geglu's budget: its token counts (22 s of 25 on the H200)
 # Where eager calls spend their host time (our kernels' were 2-4x PyTorch's); one config each.
 step profile_host 30 env CCKERNELS_AUTOTUNE=0 "$PY" benchmarks/profile_host.py --out "$OUT"
 # bench_ddp needs two GPUs for NCCL; on one it would time two gloo processes on the CPU, which
@@ -177,7 +179,7 @@ if [ "$ngpu" -gt 1 ]; then
 else
     printf '| bench_ddp | skipped: one GPU | - | - |\n' >> "$OUT/steps.md"
 fi
-bench bench_attention 80 --budget-s 60
+bench bench_attention 55 --budget-s 35
 bench bench_data 45 --images 512
 
 {
