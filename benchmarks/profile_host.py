@@ -1,6 +1,6 @@
-"""Where the host time of eager forward+backward calls goes: ck.attention, ck.group_norm and
-ck.geglu at SD2 sizes small enough to be host-bound, on each backend, with the torch peers for
-scale.
+"""Where the host time of eager forward+backward calls goes: ck.attention, ck.group_norm,
+ck.geglu and ck.layer_norm at SD2 sizes small enough to be host-bound, on each backend, with the
+torch peers for scale.
 
     python benchmarks/profile_host.py [--out DIR] [--calls 200]
     python benchmarks/profile_host.py --tiny    # CPU, Triton's interpreter: seconds (smoke test)
@@ -48,6 +48,11 @@ def cases(device, tiny):
     dy = torch.randn_like(x)
     proj, proj_bias = leaf(tokens, 2 * ff_dim), leaf(2 * ff_dim)  # the UNet's GEGLU adds the projection's bias
     dgeglu = torch.randn(tokens, ff_dim, device=device, dtype=dtype)
+    width = ff_dim // 4  # the feed-forward's block: its LayerNorms' inputs and residuals
+    h, residual = leaf(tokens, width), leaf(tokens, width)
+    ln_w = torch.randn(width, device=device, requires_grad=True)
+    ln_b = torch.randn(width, device=device, requires_grad=True)
+    dln = torch.randn(tokens, width, device=device, dtype=dtype)
 
     def attention(backend, keys):
         def run():
@@ -81,6 +86,15 @@ def cases(device, tiny):
         reference.geglu(proj).backward(dgeglu)  # the bias went into the projection's GEMM
         proj.grad.sum(0)  # torch's Linear: its bias gradient from the whole gradient
 
+    def layer_norm(backend):
+        def run():
+            torch.autograd.backward(ck.layer_norm(h, ln_w, ln_b, residual=residual, backend=backend), (dln, dln))
+        return run
+
+    def torch_layer_norm():  # the add, then torch's LayerNorm in the activations' dtype
+        s = h + residual
+        torch.autograd.backward((F.layer_norm(s, (width,), ln_w.to(dtype), ln_b.to(dtype)), s), (dln, dln))
+
     usable = ck.available_backends(device)
     out = []
     for keys, what in ((k, f"self L={L}"), (ctx, "cross Lk=77")):
@@ -92,7 +106,9 @@ def cases(device, tiny):
     out.append((f"group_norm {shape} nhwc torch F.group_norm+silu", torch_group_norm))
     out += [(f"geglu {tokens}x{2 * ff_dim} {name}", geglu(name)) for name in usable["geglu"]]
     out.append((f"geglu {tokens}x{2 * ff_dim} torch gelu*mul", torch_geglu))
-    return [q, k, v, ctx, qkv, x, w, b, proj, proj_bias], out
+    out += [(f"layer_norm {tokens}x{width} + residual {name}", layer_norm(name)) for name in usable["layer_norm"]]
+    out.append((f"layer_norm {tokens}x{width} + residual torch add+F.layer_norm", torch_layer_norm))
+    return [q, k, v, ctx, qkv, x, w, b, proj, proj_bias, h, residual, ln_w, ln_b], out
 
 
 def main():
