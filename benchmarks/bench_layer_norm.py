@@ -38,7 +38,7 @@ def implementations(device, tiny):
     """name -> fn(x, residual, weight, bias) -> (LayerNorm(x + residual), x + residual)."""
 
     def ck_fused(x, residual, weight, bias):
-        return ck.layer_norm(x, weight, bias, EPS, residual=residual)
+        return ck.layer_norm(x, weight, bias, EPS, residual=residual, prenorm=True)
 
     def autocast(x, residual, weight, bias):  # plain PyTorch's UNet: layer_norm in fp32, fp32 out
         with torch.autocast(device.type, torch.bfloat16):  # on the CPU (--tiny) autocast keeps it bf16

@@ -88,7 +88,8 @@ def cases(device, tiny):
 
     def layer_norm(backend):
         def run():
-            torch.autograd.backward(ck.layer_norm(h, ln_w, ln_b, residual=residual, backend=backend), (dln, dln))
+            torch.autograd.backward(ck.layer_norm(h, ln_w, ln_b, residual=residual, prenorm=True, backend=backend),
+                                    (dln, dln))
         return run
 
     def torch_layer_norm():  # the add, then torch's LayerNorm in the activations' dtype

@@ -4,7 +4,7 @@
     out = ck.attention(q, k, v)                       # BLHD, non-causal
     y = ck.group_norm(x, 32, w, b, activation="silu")  # fp32 statistics, keeps memory format
     y = ck.geglu(x, bias)                              # h * gelu(gate), h, gate = (x + bias).chunk(2, -1)
-    y, s = ck.layer_norm(x, w, b, residual=r)          # LayerNorm(x + r) and x + r, in one pass
+    y, s = ck.layer_norm(x, w, b, residual=r, prenorm=True)  # LayerNorm(x + r) and x + r, one pass
     q, k, v = ck.unpack(qkv)                           # BLHD views of a packed (B, L, 3, H, D) projection
     ck.ema_update_(ema, params, 0.9999)                # multi-tensor, in place
 
@@ -153,15 +153,18 @@ def geglu(x, bias=None, *, backend=None):
     return dispatch("geglu", x.device, backend, x, bias)
 
 
-def layer_norm(x, weight=None, bias=None, eps=1e-5, *, residual=None, backend=None):
+def layer_norm(x, weight=None, bias=None, eps=1e-5, *, residual=None, prenorm=False, backend=None):
     """LayerNorm over the last dim, statistics in fp32 whatever x's dtype; output in x's dtype.
     x: (..., C); weight, bias: None or (C,), any float dtype (an fp32 model's parameters under
     a bf16 x: their gradients come back fp32, summed in fp32).
 
-    With `residual` (x's shape and dtype) it is the pre-norm transformer's residual add fused
-    in: returns (LayerNorm(x + residual), x + residual), the sum rounded to x's dtype as
-    torch's add would, in one pass over x and residual each way instead of an add, a LayerNorm
-    and autograd's add of their gradients. Differentiable in x, residual, weight, bias.
+    `residual` (x's shape and dtype) fuses the pre-norm transformer's residual add in: it
+    normalizes s = x + residual, rounded to x's dtype as torch's add would. `prenorm=True`
+    returns (LayerNorm(s), s), s the residual stream for the block's next add (x itself without
+    a residual), as flash-attn's layer_norm_fn. Backward, the gradient arriving at s is added
+    to x's and the residual's inside the kernel: one pass over x and residual each way instead
+    of an add, a LayerNorm and autograd's add of their gradients. Differentiable in x,
+    residual, weight, bias.
     """
     _check_float("x", x)
     if x.dim() < 1 or x.shape[-1] < 1:
@@ -183,8 +186,8 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5, *, residual=None, backend=No
     if not (eps > 0):
         raise ValueError(f"eps must be positive, got {eps!r}")
     if torch.compiler.is_compiling():
-        return tracing.dispatch_traced("layer_norm", backend, x, weight, bias, float(eps), residual)
-    return dispatch("layer_norm", x.device, backend, x, weight, bias, float(eps), residual)
+        return tracing.dispatch_traced("layer_norm", backend, x, weight, bias, float(eps), residual, bool(prenorm))
+    return dispatch("layer_norm", x.device, backend, x, weight, bias, float(eps), residual, bool(prenorm))
 
 
 def _float_twins_on_one_device(ema, params):

@@ -46,14 +46,14 @@ def geglu(x, bias=None):
     return h * F.gelu(gate)
 
 
-def layer_norm(x, weight, bias, eps, residual=None):
-    """LayerNorm over the last dim with fp32 statistics, in x's dtype; with a residual,
-    (LayerNorm(x + residual), x + residual), the sum rounded to x's dtype before it is normalized."""
+def layer_norm(x, weight, bias, eps, residual=None, prenorm=False):
+    """LayerNorm(s) over the last dim with fp32 statistics, in x's dtype, s = x + residual (x
+    without one) rounded to x's dtype before it is normalized; with prenorm, (LayerNorm(s), s)."""
     s = x if residual is None else x + residual
     ct = _compute_dtype(x.dtype)
     y = F.layer_norm(s.to(ct), s.shape[-1:], None if weight is None else weight.to(ct),
                      None if bias is None else bias.to(ct), eps).to(x.dtype)
-    return y if residual is None else (y, s)
+    return (y, s) if prenorm else y
 
 
 def ema_update_(ema, params, decay):

@@ -17,27 +17,31 @@ def randn(*shape, dtype=torch.float32):
 
 
 def outputs_and_grads(fn, x, residual, weight, bias, dy, ds):
-    """Outputs of fn(x, residual, weight, bias) (y, or y and the sum) and the gradients of
-    x, residual, weight, bias (None for a None input) backward from dy (and ds)."""
+    """Outputs of fn(x, residual, weight, bias) (y, or y and the sum where ds is given) and the
+    gradients of x, residual, weight, bias (None for a None input) backward from dy (and ds)."""
     inputs = [None if t is None else t.detach().clone().requires_grad_() for t in (x, residual, weight, bias)]
     out = fn(*inputs)
-    outs = (out,) if residual is None else out
-    torch.autograd.backward(outs, (dy,) if residual is None else (dy, ds))
+    outs = (out,) if ds is None else out
+    torch.autograd.backward(outs, (dy,) if ds is None else (dy, ds))
     return (*outs, *(None if t is None else t.grad for t in inputs))
 
 
-def check(x, residual=None, weight=None, bias=None, eps=1e-5, backend="triton"):
+def check(x, residual=None, weight=None, bias=None, eps=1e-5, prenorm=True, backend="triton"):
     """Outputs 2x and gradients 3x the error of PyTorch's own (x + residual, then F.layer_norm in
-    x's dtype with fp32 statistics) against fp64; the kernels' outputs start as NaN."""
-    dy, ds = torch.randn_like(x), torch.randn_like(x)
+    x's dtype with fp32 statistics) against fp64; the kernels' outputs start as NaN. With
+    prenorm the sum is an output too, and its gradient joins x's."""
+    dy, ds = torch.randn_like(x), torch.randn_like(x) if prenorm else None
+
+    def run(x, r, w, b, op=ck.layer_norm, **kwargs):
+        return op(x, w, b, eps, residual=r, prenorm=prenorm, **kwargs)
+
     with nan_filled_empty():
-        got = outputs_and_grads(lambda *a: ck.layer_norm(a[0], *a[2:], eps, residual=a[1], backend=backend),
-                                x, residual, weight, bias, dy, ds)
+        got = outputs_and_grads(lambda *a: run(*a, backend=backend), x, residual, weight, bias, dy, ds)
     assert ck.used_backends()["layer_norm"] == backend
     double = [None if t is None else t.double() for t in (x, residual, weight, bias, dy, ds)]
-    want = outputs_and_grads(lambda x, r, w, b: reference.layer_norm(x, w, b, eps, r), *double)
-    base = outputs_and_grads(lambda x, r, w, b: reference.layer_norm(x, w, b, eps, r), x, residual, weight, bias, dy, ds)
-    outputs = [("y", x)] + ([("sum", x)] if residual is not None else [])
+    want = outputs_and_grads(lambda *a: run(*a, op=reference.layer_norm), *double)
+    base = outputs_and_grads(lambda *a: run(*a, op=reference.layer_norm), x, residual, weight, bias, dy, ds)
+    outputs = [("y", x)] + ([("sum", x)] if prenorm else [])
     grads = list(zip(("dx", "dresidual", "dweight", "dbias"), (x, residual, weight, bias)))
     for (name, t), g, r, p in zip(outputs + grads, got, want, base):
         if r is None:
@@ -66,11 +70,18 @@ def test_with_a_residual_matches_fp64(dtype, shape):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("affine", ["both", "weight", "bias", "none"])
-def test_without_a_residual_matches_fp64(dtype, affine):
+@pytest.mark.parametrize("prenorm", [True, False])
+def test_without_a_residual_matches_fp64(dtype, affine, prenorm):
+    # prenorm: x comes back as the sum, and its gradient is added to dx in the kernel
     C = 77
     weight = randn(C, dtype=dtype) if affine in ("both", "weight") else None
     bias = randn(C, dtype=dtype) if affine in ("both", "bias") else None
-    check(randn(3, 50, C, dtype=dtype), None, weight, bias, eps=1e-6)
+    check(randn(3, 50, C, dtype=dtype), None, weight, bias, eps=1e-6, prenorm=prenorm)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_residual_without_prenorm_matches_fp64(dtype):
+    check(randn(2, 77, 96, dtype=dtype), randn(2, 77, 96, dtype=dtype), randn(96), randn(96), prenorm=False)
 
 
 def test_the_residual_gets_the_same_gradient_as_x_and_the_sum_is_torchs_add():
@@ -82,10 +93,16 @@ def test_the_residual_gets_the_same_gradient_as_x_and_the_sum_is_torchs_add():
     assert torch.equal(dx, dr)
 
 
+def test_without_a_residual_the_sum_is_x_through_the_kernels_backward():
+    x = randn(5, 24).requires_grad_()
+    y, s = ck.layer_norm(x, randn(24), randn(24), prenorm=True, backend="triton")
+    assert torch.equal(s, x) and s.grad_fn is y.grad_fn  # s's gradient reaches the kernel, not an add
+
+
 def test_parameter_gradients_are_deterministic():
     x, r, w, b = randn(300, 40), randn(300, 40), randn(40).requires_grad_(), randn(40).requires_grad_()
     dy = randn(300, 40)
-    grads = [torch.autograd.grad(ck.layer_norm(x, w, b, residual=r, backend="triton")[0], (w, b), dy) for _ in range(2)]
+    grads = [torch.autograd.grad(ck.layer_norm(x, w, b, residual=r, backend="triton"), (w, b), dy) for _ in range(2)]
     assert all(torch.equal(a, b) for a, b in zip(*grads))
     empty = torch.autograd.grad(ck.layer_norm(randn(0, 40), w, b, backend="triton"), (w, b), randn(0, 40))
     assert all(torch.equal(g, torch.zeros(40, device=DEVICE)) for g in empty)
@@ -98,8 +115,9 @@ def test_strided_views_match_the_contiguous_result():
     w, b = randn(24), randn(24)
     for x in (strided, transposed):
         check(x, transposed, w, b)
-        for got, want in zip(ck.layer_norm(x, w, b, residual=strided, backend="triton"),
-                             ck.layer_norm(x.contiguous(), w, b, residual=strided.contiguous(), backend="triton")):
+        for got, want in zip(ck.layer_norm(x, w, b, residual=strided, prenorm=True, backend="triton"),
+                             ck.layer_norm(x.contiguous(), w, b, residual=strided.contiguous(), prenorm=True,
+                                           backend="triton")):
             torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
@@ -150,8 +168,8 @@ def test_compiles_into_the_graph_as_a_custom_op(with_residual):
               randn(12).requires_grad_(), randn(12).requires_grad_()]
 
     def fn(x, r, w, b):
-        out = ck.layer_norm(x, w, b, residual=r, backend="triton")
-        return out[0] * out[1] if with_residual else out * 2
+        y, s = ck.layer_norm(x, w, b, residual=r, prenorm=True, backend="triton")
+        return y * s
 
     recorder = AotEagerAndRecordGraphs()
     compiled = torch.compile(fn, backend=recorder, fullgraph=True)

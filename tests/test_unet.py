@@ -150,13 +150,16 @@ def test_layer_norm_is_torch_outside_autocast():
     ref = torch.nn.LayerNorm(40)
     ref.load_state_dict(norm.state_dict())
     assert norm.state_dict().keys() == ref.state_dict().keys()
-    torch.testing.assert_close(norm(x), ref(x))
+    y, s = norm(x)
+    assert torch.equal(s, x)
+    torch.testing.assert_close(y, ref(x))
     residual = torch.randn_like(x)
     y, s = norm(x, residual)
     torch.testing.assert_close(s, x + residual, rtol=0, atol=0)
     torch.testing.assert_close(y, ref(x + residual))
     norm.fused = False  # the plain PyTorch code: the add, then torch's LayerNorm
     torch.testing.assert_close(norm(x, residual), (ref(x + residual), x + residual), rtol=0, atol=0)
+    torch.testing.assert_close(norm(x), (ref(x), x), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
@@ -176,7 +179,7 @@ def test_layer_norm_runs_in_the_autocast_dtype(x_dtype):
 
     x16, r16 = (t.detach().bfloat16().requires_grad_() for t in (x, residual))
     w, b = (p.detach().clone().requires_grad_() for p in (norm.weight, norm.bias))
-    y16, s16 = ck.layer_norm(x16, w, b, norm.eps, residual=r16)
+    y16, s16 = ck.layer_norm(x16, w, b, norm.eps, residual=r16, prenorm=True)
     torch.autograd.backward((y16, s16), (dy, ds))
     assert torch.equal(y, y16) and torch.equal(s, s16)
     assert torch.equal(x.grad, x16.grad.to(x_dtype)) and torch.equal(residual.grad, r16.grad.to(x_dtype))
@@ -197,7 +200,7 @@ def test_layer_norm_stays_bf16_under_cuda_autocast():
     norm, x = layer_norm_case(rows=4 * 1024, dim=320, device="cuda")
     with torch.autocast("cuda", torch.bfloat16):
         assert torch.nn.LayerNorm(320).cuda()(x).dtype == torch.float32  # autocast's own policy
-        out = norm(x)
+        out, _ = norm(x)
     assert out.dtype == torch.bfloat16
     dy = torch.randn_like(out)
     out.backward(dy)

@@ -313,28 +313,28 @@ def autocast_dtype(device):
 
 
 class LayerNorm(nn.LayerNorm):
-    """nn.LayerNorm (same parameters and state_dict) that can take the residual add before it:
-    `norm(x, residual)` returns (LayerNorm(x + residual), x + residual).
+    """nn.LayerNorm (same parameters and state_dict) for a pre-norm block: `norm(x, residual)`
+    returns (LayerNorm(s), s) with s = x + residual (x itself without one), the normalized
+    tokens and the residual stream for the block's next add.
 
     It runs ck.layer_norm in the autocast dtype (CommonCanvas's low-precision LayerNorm; torch's
     autocast runs layer_norm in fp32: a copy of the bf16 input in fp32, the fp32 output cast back
     once per Linear that reads it, then the same for the gradients), with fp32 statistics, the
-    parameters as they are (fp32 ones get fp32 gradients, summed in fp32) and the residual add
-    fused in. `fused = False` (benchmarks set it on an instance) runs the plain PyTorch code:
-    the add, then nn.LayerNorm, which autocast runs in fp32."""
+    parameters as they are (fp32 ones get fp32 gradients, summed in fp32), the residual add fused
+    in, and the gradient of s added to x's in its backward kernel. `fused = False` (benchmarks
+    set it on an instance) runs the plain PyTorch code: the add, then nn.LayerNorm, which
+    autocast runs in fp32."""
 
     fused = True
 
     def forward(self, x, residual=None):
         if not self.fused:
-            if residual is None:
-                return super().forward(x)
-            x = x + residual
-            return super().forward(x), x
+            s = x if residual is None else x + residual
+            return super().forward(s), s
         dtype = autocast_dtype(x.device.type)
         if dtype is not None:
             x, residual = x.to(dtype), None if residual is None else residual.to(dtype)
-        return ck.layer_norm(x, self.weight, self.bias, self.eps, residual=residual)
+        return ck.layer_norm(x, self.weight, self.bias, self.eps, residual=residual, prenorm=True)
 
 
 class TransformerBlock(nn.Module):
@@ -351,7 +351,8 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(dim, dropout)
 
     def forward(self, x, context):
-        h, x = self.norm2(self.attn1(self.norm1(x)), x)  # x + attn1(norm1(x)), and its norm2
+        h, x = self.norm1(x)
+        h, x = self.norm2(self.attn1(h), x)  # x <- x + attn1(h), h <- norm2(x)
         h, x = self.norm3(self.attn2(h, context), x)
         return x + self.ff(h)
 

@@ -7,7 +7,9 @@ s's size: the add 3, torch's LayerNorm 2 forward and 5 backward (dx from dy and 
 kernel that reads both again for dweight and dbias), autograd's add 3. Here: forward reads x and
 residual and writes s and y (4); backward reads dy, s and the gradient of s, and writes dx,
 which is also the residual's gradient (4), with dweight and dbias from the same pass: each
-program's column sums, added up per column afterwards (deterministic). Without a residual: 2 and 3.
+program's column sums, added up per column afterwards (deterministic). Without a residual, s is
+x itself (returned with prenorm: the block's first LayerNorm, whose input is also the next
+add's residual), and its gradient is added to dx in the same pass, not by autograd's add.
 
 Rows (of C values, C <= MAX_C) are cut into tiles of TILE_ROWS x BLOCK_C (BLOCK_C = C rounded up
 to a power of two): the forward takes one tile a program, the backward a run of tiles, so its
@@ -187,22 +189,25 @@ def _backward(dy, ds, x, weight, bias, mean, rstd):
 
 class _LayerNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, residual, weight, bias, eps):
+    def forward(ctx, x, residual, weight, bias, eps, prenorm):
         y, s, mean, rstd = _forward(x, residual, weight, bias, eps)
         ctx.save_for_backward(x if s is None else s, weight, bias, mean, rstd)
         ctx.has_residual = s is not None
-        return y if s is None else (y, s)
+        # x itself without a residual: autograd hands its gradient from the caller's other uses
+        # to backward as ds, where autograd would have added it to dx in a pass of its own
+        return (y, x if s is None else s) if prenorm else y
 
     @staticmethod
     def backward(ctx, dy, ds=None):
         dx, dweight, dbias = _backward(dy, ds, *ctx.saved_tensors)
-        return dx, dx if ctx.has_residual else None, dweight, dbias, None
+        return dx, dx if ctx.has_residual else None, dweight, dbias, None, None
 
 
 # The same forward and backward as torch.library custom ops, which torch.compile keeps in its
 # graph; `layer_norm` below emits them while cckernels/tracing.py traces an op. A custom op
 # cannot return None nor an alias of an input: without a residual, s is an empty tensor (x is
-# saved instead), and so are the gradients of missing parameters, dropped again.
+# saved instead, and returned as s outside the op: autograd adds its gradients), and so are the
+# gradients of missing parameters, dropped again.
 @torch.library.custom_op("cckernels::triton_layer_norm", mutates_args=())
 def layer_norm_op(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[torch.Tensor],
                   bias: Optional[torch.Tensor], eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -251,9 +256,9 @@ def _layer_norm_op_backward(ctx, dy, ds, _dmean, _drstd):
 layer_norm_op.register_autograd(_layer_norm_op_backward, setup_context=_setup_context)
 
 
-def layer_norm(x, weight, bias, eps, residual):
-    """LayerNorm(x) over the last dim, or (LayerNorm(x + residual), x + residual): the "triton"
-    backend of `cckernels.layer_norm`, which validates the arguments first. fp16/bf16/fp32 on a
+def layer_norm(x, weight, bias, eps, residual, prenorm):
+    """LayerNorm(s) over the last dim, s = x + residual (x without one), and with prenorm s too:
+    the "triton" backend of `cckernels.layer_norm`, which validates the arguments first. fp16/bf16/fp32 on a
     GPU (or the CPU under TRITON_INTERPRET=1), last dims contiguous, C <= MAX_C, contiguous
     parameters of any of those dtypes; anything else raises `Unsupported` before touching memory."""
     tensors = [t for t in (x, residual, weight, bias) if t is not None]
@@ -267,11 +272,11 @@ def layer_norm(x, weight, bias, eps, residual):
         raise Unsupported(f"device {x.device} (needs CUDA, or CPU with TRITON_INTERPRET=1)")
     if emitting_custom_ops():
         y, s, _, _ = layer_norm_op(x, residual, weight, bias, eps)
-        return y if residual is None else (y, s)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return _LayerNorm.apply(x, residual, weight, bias, eps)
-    y, s, _, _ = _forward(x, residual, weight, bias, eps)
-    return y if s is None else (y, s)
+    elif torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return _LayerNorm.apply(x, residual, weight, bias, eps, prenorm)
+    else:
+        y, s, _, _ = _forward(x, residual, weight, bias, eps)
+    return (y, x if residual is None else s) if prenorm else y
 
 
 # ----------------------------------------------------------------------------------------
