@@ -217,9 +217,10 @@ class TorchGroupNormSiLU(torch.nn.GroupNorm):
         super().__init__(num_groups, num_channels, eps=eps, affine=affine)
         self.activation = activation
 
-    def forward(self, x):
+    def forward(self, x, prenorm=False):
         y = super().forward(x)
-        return F.silu(y) if self.activation == "silu" else y
+        y = F.silu(y) if self.activation == "silu" else y
+        return (y, x) if prenorm else y  # as ck.nn.GroupNorm's: x for the skip connection
 
 
 def swap_modules(model, kind, make):

@@ -100,12 +100,17 @@ def attention(q, k, v, *, scale=None, backend=None):
     return dispatch("attention", q.device, backend, q, k, v, float(scale))
 
 
-def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, activation=None, backend=None):
+def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, activation=None, prenorm=False, backend=None):
     """GroupNorm over (N, C, *spatial), optionally fused with SiLU.
 
     x contiguous or channels_last; the output keeps x's memory format and dtype.
     Statistics are fp32 whatever x's dtype. C must be divisible by num_groups.
     weight, bias: (C,) or None. Differentiable in x, weight, bias.
+
+    prenorm=True returns (y, x), x for the block's skip connection (a pre-norm residual block:
+    ResNet's, the spatial transformer's): backward, x's gradient from the skip is added to the
+    GroupNorm's dx inside its kernel (Triton) instead of by autograd's add, as
+    ck.layer_norm(prenorm=True) does.
     """
     _check_float("x", x)
     if x.dim() < 2:
@@ -128,8 +133,9 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, activation=No
     if activation not in (None, "silu"):
         raise ValueError(f"activation must be None or 'silu', got {activation!r}")
     if torch.compiler.is_compiling():
-        return tracing.dispatch_traced("group_norm", backend, x, num_groups, weight, bias, float(eps), activation)
-    return dispatch("group_norm", x.device, backend, x, num_groups, weight, bias, float(eps), activation)
+        return tracing.dispatch_traced("group_norm", backend, x, num_groups, weight, bias, float(eps), activation,
+                                       bool(prenorm))
+    return dispatch("group_norm", x.device, backend, x, num_groups, weight, bias, float(eps), activation, bool(prenorm))
 
 
 def geglu(x, bias=None, *, backend=None):

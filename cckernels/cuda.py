@@ -8,7 +8,7 @@ import importlib.util
 import torch
 
 from cckernels.backend import Unsupported, check_dtypes, check_same_layout
-from cckernels.group_norm_autograd import custom_ops, input_grads, save_for_backward
+from cckernels.group_norm_autograd import GroupNormFunction, custom_ops
 from cckernels.reference import channels_last
 from cckernels.tracing import emitting_custom_ops
 
@@ -76,24 +76,15 @@ def _group_norm_forward(x, num_groups, weight, bias, eps, activation):
     return tuple(_C.group_norm_forward(x, num_groups, weight, bias, eps, activation == "silu", SINGLE_PASS))
 
 
-def _group_norm_backward(dy, x, weight, bias, mean, rstd, activation, need_dx, need_affine):
-    """(dx, dweight, dbias), None where not needed; weight and bias fp32."""
+def _group_norm_backward(dy, x, weight, bias, mean, rstd, activation, need_dx, need_affine, dx_addend):
+    """(dx (+ dx_addend), dweight, dbias), None where not needed; weight and bias fp32."""
     if dy.stride() != x.stride() or dy.dtype != x.dtype:  # the kernels walk dy as they walk x
         dy = torch.empty_like(x).copy_(dy)
-    return _C.group_norm_backward(dy, x, weight, bias, mean, rstd, activation == "silu", need_dx,
-                                  need_affine and weight is not None, need_affine and bias is not None)
-
-
-class _GroupNormNHWC(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, num_groups, weight, bias, eps, activation):
-        y, mean, rstd = _group_norm_forward(x, num_groups, weight, bias, eps, activation)
-        save_for_backward(ctx, (x, num_groups, weight, bias, eps, activation), (y, mean, rstd))
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        return input_grads(_group_norm_backward, ctx, dy)
+    dx, dw, db = _C.group_norm_backward(dy, x, weight, bias, mean, rstd, activation == "silu", need_dx,
+                                        need_affine and weight is not None, need_affine and bias is not None)
+    if dx is not None and dx_addend is not None:  # not in the kernel (yet): a pass as autograd's add
+        dx.add_(dx_addend)
+    return dx, dw, db
 
 
 # cckernels::cuda_group_norm(_backward): the same launchers as custom ops, for torch.compile.
@@ -108,7 +99,7 @@ def group_norm_forward_path(x, num_groups):
     return "split" if not channels else "single-pass" if cluster == 1 else f"cluster-{cluster}"
 
 
-def group_norm(x, num_groups, weight, bias, eps, activation):
+def group_norm(x, num_groups, weight, bias, eps, activation, prenorm):
     """Channels_last (NHWC, NDHWC, ...) GroupNorm + optional SiLU; NCHW is left to Triton."""
     if not hasattr(_C, "group_norm_forward"):
         raise Unsupported("this build of cckernels._C has no GroupNorm kernels")
@@ -122,8 +113,10 @@ def group_norm(x, num_groups, weight, bias, eps, activation):
     # casts their gradients back.
     weight, bias = (None if t is None else t.float().contiguous() for t in (weight, bias))
     if emitting_custom_ops():
-        return _group_norm_op(x, num_groups, weight, bias, eps, activation)[0]
-    return _GroupNormNHWC.apply(x, num_groups, weight, bias, eps, activation)
+        y = _group_norm_op(x, num_groups, weight, bias, eps, activation)[0]
+        return (y, x) if prenorm else y
+    return GroupNormFunction.apply(x, num_groups, weight, bias, eps, activation, prenorm,
+                                   (_group_norm_forward, _group_norm_backward))
 
 
 # Ahead-of-time inspection of csrc (python -m cckernels.inspect): per .cu file, what the SASS

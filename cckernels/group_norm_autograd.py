@@ -2,13 +2,18 @@
 
 Both backends have launchers with the same contract:
     forward(x, num_groups, weight, bias, eps, activation) -> (y, mean (N, G) fp32, rstd (N, G) fp32)
-    backward(dy, x, weight, bias, mean, rstd, activation, need_dx, need_affine)
-        -> (dx or None, dweight fp32 or None, dbias fp32 or None)
-Each wraps them twice: an autograd.Function for eager calls (no custom-op dispatch cost) and
+    backward(dy, x, weight, bias, mean, rstd, activation, need_dx, need_affine, dx_addend)
+        -> (dx (+ dx_addend where given) or None, dweight fp32 or None, dbias fp32 or None)
+Each is wrapped twice: `GroupNormFunction` for eager calls (no custom-op dispatch cost) and
 torch.library custom ops that torch.compile keeps in its graph (`custom_ops` below; the
 backend emits them while cckernels/tracing.py traces an op). Both wrappers save the same
 tensors and turn the same results into gradients, with the functions here. This module
 imports neither triton nor the compiled extension, so either backend works without the other.
+
+With prenorm, the eager Function returns x too, for the block's skip connection: autograd then
+hands x's gradient from the skip to its backward (dx_addend), which the launcher adds to dx
+instead of autograd adding the two in a pass of its own. A custom op cannot return its input,
+so under torch.compile x is returned beside the op and autograd adds (inductor fuses that).
 """
 import torch
 
@@ -23,14 +28,29 @@ def save_for_backward(ctx, inputs, output):
     ctx.activation = activation
 
 
-def input_grads(backward, ctx, dy):
+def input_grads(backward, ctx, dy, dx_addend=None):
     """Gradients of (x, num_groups, weight, bias, eps, activation) by `backward`: a launcher, or
     its custom op (which gives empty tensors where the launcher gives None)."""
     x, weight, bias, mean, rstd = ctx.saved_tensors
     need_dx, _, need_w, need_b = ctx.needs_input_grad[:4]
-    dx, dw, db = backward(dy, x, weight, bias, mean, rstd, ctx.activation, need_dx, need_w or need_b)
+    dx, dw, db = backward(dy, x, weight, bias, mean, rstd, ctx.activation, need_dx, need_w or need_b, dx_addend)
     return (dx if need_dx else None, None, dw.to(weight.dtype) if need_w else None,
             db.to(bias.dtype) if need_b else None, None, None)
+
+
+class GroupNormFunction(torch.autograd.Function):
+    """A backend's launchers (forward, backward) for eager calls: y, or (y, x) with prenorm."""
+
+    @staticmethod
+    def forward(ctx, x, num_groups, weight, bias, eps, activation, prenorm, launchers):
+        forward, ctx.backward = launchers
+        y, mean, rstd = forward(x, num_groups, weight, bias, eps, activation)
+        save_for_backward(ctx, (x, num_groups, weight, bias, eps, activation), (y, mean, rstd))
+        return (y, x) if prenorm else y
+
+    @staticmethod
+    def backward(ctx, dy, dx_addend=None):
+        return *input_grads(ctx.backward, ctx, dy, dx_addend), None, None
 
 
 def _wanted(weight, bias, need_dx, need_affine):
@@ -59,16 +79,17 @@ def custom_ops(name, forward, backward, device_types=None):
     def backward_op(
         dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
         mean: torch.Tensor, rstd: torch.Tensor, activation: str | None, need_dx: bool, need_affine: bool,
+        dx_addend: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         with _on_device(x.device):
-            grads = backward(dy, x, weight, bias, mean, rstd, activation, need_dx, need_affine)
+            grads = backward(dy, x, weight, bias, mean, rstd, activation, need_dx, need_affine, dx_addend)
         # An op returns no None: an empty tensor for each gradient not wanted (the launchers
         # may compute a dweight without weight; nothing reads it).
         wanted = _wanted(weight, bias, need_dx, need_affine)
         return tuple(g if want else x.new_empty(0) for g, want in zip(grads, wanted))
 
     @backward_op.register_fake
-    def _(dy, x, weight, bias, mean, rstd, activation, need_dx, need_affine):
+    def _(dy, x, weight, bias, mean, rstd, activation, need_dx, need_affine, dx_addend):
         want_dx, want_dw, want_db = _wanted(weight, bias, need_dx, need_affine)
         dw, db = (x.new_empty((x.shape[1],), dtype=torch.float32) if want else x.new_empty(0) for want in (want_dw, want_db))
         return torch.empty_like(x) if want_dx else x.new_empty(0), dw, db  # placeholders as the real op's

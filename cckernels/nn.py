@@ -13,8 +13,10 @@ class GroupNorm(torch.nn.GroupNorm):
         super().__init__(num_groups, num_channels, eps=eps, affine=affine, device=device, dtype=dtype)
         self.activation = activation
 
-    def forward(self, x):
-        return cckernels.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, activation=self.activation)
+    def forward(self, x, prenorm=False):
+        """y, or (y, x) with prenorm: x for the block's skip connection (see cckernels.group_norm)."""
+        return cckernels.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, activation=self.activation,
+                                    prenorm=prenorm)
 
     def extra_repr(self):
         return super().extra_repr() + (f", activation={self.activation}" if self.activation else "")

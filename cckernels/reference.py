@@ -27,14 +27,16 @@ def torch_group_norm(x, num_groups, weight, bias, eps):
     return F.group_norm(x, num_groups, weight, bias, eps)
 
 
-def group_norm(x, num_groups, weight, bias, eps, activation):
-    """GroupNorm (+ optional SiLU) with fp32 statistics; keeps x's dtype and memory format."""
+def group_norm(x, num_groups, weight, bias, eps, activation, prenorm=False):
+    """GroupNorm (+ optional SiLU) with fp32 statistics; keeps x's dtype and memory format.
+    With prenorm, (y, x)."""
     ct = _compute_dtype(x.dtype)
     y = torch_group_norm(x.to(ct), num_groups, None if weight is None else weight.to(ct),
                          None if bias is None else bias.to(ct), eps)
     if activation == "silu":
         y = F.silu(y)
-    return y.to(x.dtype).contiguous(memory_format=memory_format(x))
+    y = y.to(x.dtype).contiguous(memory_format=memory_format(x))
+    return (y, x) if prenorm else y
 
 
 def geglu(x, bias=None):

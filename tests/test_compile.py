@@ -91,7 +91,9 @@ def test_opcheck_triton_group_norm(channels_last, params, dtype):
     y, mean, rstd = OPS.triton_group_norm(x, 3, w, b, 1e-5, None)
     dy = torch.randn_like(y)
     for need_dx, need_affine in [(True, params != "none"), (False, params != "none")]:
-        torch.library.opcheck(OPS.triton_group_norm_backward.default, (dy, x, w, b, mean, rstd, None, need_dx, need_affine))
+        for addend in (None, torch.randn_like(x)):
+            torch.library.opcheck(OPS.triton_group_norm_backward.default,
+                                  (dy, x, w, b, mean, rstd, None, need_dx, need_affine, addend))
     for t in (x, w, b):
         if t is not None:
             t.requires_grad_()
@@ -325,7 +327,8 @@ def test_opcheck_cuda_group_norm(dtype):
     y, mean, rstd = OPS.cuda_group_norm(x, 32, w, b, 1e-5, "silu")
     args = (torch.randn_like(y), x.detach(), w.detach(), b, mean.detach(), rstd.detach(), "silu")
     for need_dx, need_affine in [(True, True), (True, False), (False, True)]:  # placeholders where not wanted
-        torch.library.opcheck(OPS.cuda_group_norm_backward.default, args + (need_dx, need_affine))
+        for addend in (None, torch.randn_like(x)):
+            torch.library.opcheck(OPS.cuda_group_norm_backward.default, args + (need_dx, need_affine, addend))
 
 
 def rel_err(a, b):

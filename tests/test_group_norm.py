@@ -305,10 +305,46 @@ def test_unsupported_inputs_fall_back(case):
     if case == "strided":
         x = x[..., ::2]
     with pytest.raises(Unsupported):
-        triton_group_norm(x, 4, None, None, 1e-5, None)
+        triton_group_norm(x, 4, None, None, 1e-5, None, False)
     y = ck.group_norm(x, 4, backend="triton")
     assert ck.used_backends()["group_norm"] == "torch"
     torch.testing.assert_close(y.double(), fp64_group_norm(x, 4, None, None, 1e-5, False), atol=1e-5, rtol=1e-5)
+
+
+def check_prenorm(backend, dtype, channels_last, skip_format=None, device="cpu"):
+    """ck.group_norm(prenorm=True) returns x as the skip, and x's gradient is the GroupNorm's dx
+    plus the skip's (added in the backward kernel: one rounding, so within 4 roundings of the sum
+    of the separate call's dx and the skip's gradient, in fp64)."""
+    x, w, b = make((2, 96, 5, 3), dtype, channels_last)
+    x, w, b = x.to(device), w.to(device), b.to(device)
+    dy, dskip = torch.randn_like(x), torch.randn_like(x)
+    if skip_format is not None:
+        dskip = dskip.contiguous(memory_format=skip_format)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+    with nan_filled_empty():
+        y, skip = ck.group_norm(*leaves[:1], 32, *leaves[1:], activation="silu", prenorm=True, backend=backend)
+    assert ck.used_backends()["group_norm"] == backend
+    assert torch.equal(skip, x) and (backend == "torch" or skip.grad_fn is y.grad_fn)  # through the kernel's backward
+    torch.autograd.backward((y, skip), (dy, dskip))
+    plain = outputs_and_grads(lambda x, w, b: ck.group_norm(x, 32, w, b, activation="silu", backend=backend), x, w, b, dy)
+    assert torch.equal(y, plain[0])
+    want = plain[1].double() + dskip.double()
+    eps = torch.finfo(dtype).eps
+    assert (leaves[0].grad.double() - want).abs().max() <= 4 * eps * (1 + want.abs().max())
+    assert leaves[0].grad.stride() == x.stride()
+    for got, ref in zip((leaves[1].grad, leaves[2].grad), plain[2:]):
+        assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_prenorm_adds_the_skip_gradient(backend, dtype, channels_last):
+    check_prenorm(backend, dtype, channels_last)
+
+
+def test_prenorm_skip_gradient_in_another_memory_format():
+    check_prenorm("triton", torch.float32, True, skip_format=torch.contiguous_format)
 
 
 # nn.GroupNorm and patch_module on the default backend (Triton in the interpreter here)
@@ -364,7 +400,7 @@ def test_cuda_extension_checks_run_without_a_gpu():
     with pytest.raises(ValueError, match="x is on cpu"):
         cuda.loaded().group_norm_forward(x, 4, None, None, 1e-5, True)
     with pytest.raises(Unsupported, match="not channels_last"):
-        cuda.group_norm(x.contiguous(), 4, None, None, 1e-5, None)
+        cuda.group_norm(x.contiguous(), 4, None, None, 1e-5, None, False)
 
 
 @pytest.mark.parametrize("T", ["float", "__half", "__nv_bfloat16"])
@@ -543,6 +579,16 @@ def test_gpu_gradient_in_another_memory_format(backend, shape, G):
     dy = torch.randn(shape, device="cuda", dtype=x.dtype)
     assert dy.stride() != x.stride()
     check(x, G, w, b, silu=True, backend=backend, dy=dy)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_prenorm_adds_the_skip_gradient(backend, dtype):
+    if backend == "cuda":
+        skip_without_cuda_group_norm()
+    check_prenorm(backend, dtype, channels_last=True, device="cuda")
+    check_prenorm(backend, dtype, channels_last=True, skip_format=torch.contiguous_format, device="cuda")
 
 
 @pytest.mark.gpu

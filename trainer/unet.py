@@ -11,8 +11,9 @@ state dict maps to ours by the identity. The only difference is where diffusers 
 followed by a parameter-free SiLU: ours is one fused GroupNorm(activation="silu") module under
 the GroupNorm's name, with the same weight and bias.
 
-Kernels: every GroupNorm runs `ck.group_norm` (fused with SiLU where the model applies one),
-every attention `ck.attention` on (B, L, heads, head_dim) views of its fused q/k/v projection
+Kernels: every GroupNorm runs `ck.group_norm` (fused with SiLU where the model applies one;
+with prenorm=True where its input also feeds the block's skip connection, so the backward
+kernel adds the skip's gradient to its own), every attention `ck.attention` on (B, L, heads, head_dim) views of its fused q/k/v projection
 and every feed-forward activation `ck.geglu` (with its projection's bias), so the backend is
 whatever cckernels picks (the `CCKERNELS_BACKEND` variable included). Every LayerNorm runs
 `ck.layer_norm` in the autocast dtype (`LayerNorm`) instead of autocast's fp32, with the residual
@@ -226,7 +227,8 @@ class ResnetBlock(nn.Module):
     def forward(self, x, temb_act):
         """temb_act: SiLU of the time embedding. Diffusers applies it in each resnet, to the same
         embedding: the UNet does it once (22 kernels fewer each way in SD2)."""
-        h = self.conv1(self.norm1(x))
+        h, x = self.norm1(x, prenorm=True)  # x again: the skip's gradient joins norm1's dx in its kernel
+        h = self.conv1(h)
         h = h + self.time_emb_proj(temb_act)[:, :, None, None]
         h = self.conv2(self.dropout(self.norm2(h)))
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
@@ -390,7 +392,7 @@ class Transformer2D(nn.Module):
 
     def forward(self, x, context):
         H, W = x.shape[-2:]
-        h = self.norm(x)
+        h, x = self.norm(x, prenorm=True)  # x again, for the final add: its gradient joins the norm's dx
         if self.linear_projection:
             h = self.proj_in(to_tokens(h))
         else:

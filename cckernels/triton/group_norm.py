@@ -30,7 +30,8 @@ backward  1. _backward_partials_kernel: per (sample, chunk, channel) sums of dz 
           2. _backward_group_kernel: per (sample, group) means of w*dz and w*dz*xhat.
           3. _backward_affine_kernel: dweight, dbias per channel, summed over (sample, chunk)
              in a fixed order (deterministic: no atomics).
-          4. _backward_dx_kernel: dx = rstd * (w*dz - mean(w*dz) - xhat * mean(w*dz*xhat)).
+          4. _backward_dx_kernel: dx = rstd * (w*dz - mean(w*dz) - xhat * mean(w*dz*xhat)),
+             plus x's gradient from its other uses where given (prenorm: the skip connection's).
 All sums are fp32 whatever the I/O dtype.
 """
 import math
@@ -40,7 +41,7 @@ import triton
 import triton.language as tl
 
 from cckernels.backend import Unsupported
-from cckernels.group_norm_autograd import custom_ops, input_grads, save_for_backward
+from cckernels.group_norm_autograd import GroupNormFunction, custom_ops
 from cckernels.reference import channels_last
 from cckernels.tracing import emitting_custom_ops
 from cckernels.triton.launch import cdiv, next_power_of_2
@@ -319,14 +320,15 @@ def _backward_affine_kernel(
 
 @triton.jit
 def _backward_dx_kernel(
-    x_ptr, dy_ptr, dx_ptr,  # (N, C, S), same strides (stride_n, stride_c, stride_s)
+    x_ptr, dy_ptr, addend_ptr, dx_ptr,  # (N, C, S), same strides (stride_n, stride_c, stride_s)
     w_ptr, b_ptr,  # (C,) weight and bias (unused without HAS_WEIGHT / HAS_BIAS)
     mean_ptr, rstd_ptr, coef_dz_ptr, coef_xhat_ptr,  # (N, G) fp32
     C, S, CHUNK, CPG,
     stride_n, stride_c, stride_s,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, ADDEND: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
+    """dx, plus x's gradient from its other uses (ADDEND: the block's skip connection)."""
     n, cb, k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
@@ -341,6 +343,9 @@ def _backward_dx_kernel(
         xhat, dz = _load_xhat_dz(x_ptr, dy_ptr, offset + s[None, :] * stride_s, mask, mean, rstd, w, b, SILU,
                                  "evict_first")
         dx = rstd[:, None] * (w[:, None] * dz - coef_dz[:, None] - xhat * coef_xhat[:, None])
+        if ADDEND:
+            dx += tl.load(addend_ptr + offset + s[None, :] * stride_s, mask=mask, other=0.0,
+                          eviction_policy="evict_first").to(tl.float32)
         tl.store(dx_ptr + offset + s[None, :] * stride_s, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -484,13 +489,14 @@ def group_norm_forward(x, num_groups, weight, bias, eps, activation):
     return y, mean, rstd
 
 
-def group_norm_backward(dy, x, weight, bias, mean, rstd, activation, need_dx, need_affine):
-    """(dx or None, dweight fp32 or None, dbias fp32 or None)."""
+def group_norm_backward(dy, x, weight, bias, mean, rstd, activation, need_dx, need_affine, dx_addend=None):
+    """(dx (+ dx_addend) or None, dweight fp32 or None, dbias fp32 or None)."""
     N, C = x.shape[:2]
     G = mean.shape[1]
     S, strides = _layout(x)
-    if dy.stride() != x.stride():
-        dy = torch.empty_like(x).copy_(dy)
+    # the kernels walk dy and the addend as they walk x
+    dy, dx_addend = (t if t is None or t.stride() == x.stride() else torch.empty_like(x).copy_(t)
+                     for t in (dy, dx_addend))
     block_c, block_s, chunk, K = _tiling(x, C, S, strides)
     cpg = C // G
     has_w, has_b, silu = weight is not None, bias is not None, activation == "silu"
@@ -520,35 +526,25 @@ def group_norm_backward(dy, x, weight, bias, mean, rstd, activation, need_dx, ne
         )
         dx = torch.empty_like(x)
         _backward_dx_kernel[grid](
-            x, dy, dx, weight, bias, mean, rstd, coef_dz, coef_xhat, C, S, chunk, cpg, *strides,
-            HAS_WEIGHT=has_w, HAS_BIAS=has_b, SILU=silu, BLOCK_C=block_c, BLOCK_S=block_s,
+            x, dy, dx_addend, dx, weight, bias, mean, rstd, coef_dz, coef_xhat, C, S, chunk, cpg, *strides,
+            HAS_WEIGHT=has_w, HAS_BIAS=has_b, SILU=silu, ADDEND=dx_addend is not None, BLOCK_C=block_c, BLOCK_S=block_s,
         )
     return dx, dw, db
-
-
-class GroupNormFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, num_groups, weight, bias, eps, activation):
-        y, mean, rstd = group_norm_forward(x, num_groups, weight, bias, eps, activation)
-        save_for_backward(ctx, (x, num_groups, weight, bias, eps, activation), (y, mean, rstd))
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        return input_grads(group_norm_backward, ctx, dy)
 
 
 # cckernels::triton_group_norm(_backward): the same launchers as custom ops, for torch.compile.
 group_norm_op = custom_ops("triton_group_norm", group_norm_forward, group_norm_backward)
 
 
-def group_norm(x, num_groups, weight, bias, eps, activation):
+def group_norm(x, num_groups, weight, bias, eps, activation, prenorm):
     """Backend entry (arguments validated by cckernels.group_norm); see the module docstring."""
     _check(x, weight, bias)
     weight, bias = (None if t is None else t.contiguous() for t in (weight, bias))
     if emitting_custom_ops():
-        return group_norm_op(x, num_groups, weight, bias, eps, activation)[0]
-    return GroupNormFunction.apply(x, num_groups, weight, bias, eps, activation)
+        y = group_norm_op(x, num_groups, weight, bias, eps, activation)[0]
+        return (y, x) if prenorm else y
+    return GroupNormFunction.apply(x, num_groups, weight, bias, eps, activation, prenorm,
+                                   (group_norm_forward, group_norm_backward))
 
 
 # ----------------------------------------------------------------------------------------
@@ -557,9 +553,9 @@ def group_norm(x, num_groups, weight, bias, eps, activation):
 # the unit stride Triton specializes to a constant (the vectorized path).
 # ----------------------------------------------------------------------------------------
 _ARGS = {
-    "x_ptr": "*T", "y_ptr": "*T", "dy_ptr": "*T", "dx_ptr": "*T", "*_ptr": "*fp32",
+    "x_ptr": "*T", "y_ptr": "*T", "dy_ptr": "*T", "addend_ptr": "*T", "dx_ptr": "*T", "*_ptr": "*fp32",
     "C": "i32:16", "S": "i32:16", "CHUNK": "i32:16", "stride_*": "i32:16",
-    "HAS_WEIGHT": True, "HAS_BIAS": True, "SILU": True,
+    "HAS_WEIGHT": True, "HAS_BIAS": True, "SILU": True, "ADDEND": True,
 }  # fmt: skip
 _LAYOUTS = {
     "nchw": {"stride_s": 1, "BLOCK_C": TILE // MAX_BLOCK_S, "BLOCK_S": MAX_BLOCK_S},
