@@ -22,7 +22,8 @@ Rows (cumulative unless said otherwise):
                  attention reads strided views of one fused q/k/v projection (trainer.unet's
                  Attention.fused: one GEMM on the weights concatenated, as diffusers'
                  fuse_qkv_projections; the baseline projects each separately, as the
-                 latent-diffusion code)
+                 latent-diffusion code); our GroupNorm adds the skip connection's gradient to
+                 its own in its backward kernel (ck.group_norm's prenorm, Triton)
   + our LayerNorm   the transformer blocks' LayerNorms in the autocast dtype (torch's autocast
                  runs them in fp32: an fp32 copy of the input, and the output cast back per
                  Linear that reads it), CommonCanvas's low-precision LayerNorm, in ck.layer_norm's
