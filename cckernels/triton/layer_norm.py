@@ -74,13 +74,13 @@ def _layer_norm_fwd_kernel(x_ptr, res_ptr, weight_ptr, bias_ptr, y_ptr, s_ptr, m
 
 
 @triton.jit
-def _layer_norm_bwd_kernel(dy_ptr, ds_ptr, x_ptr, weight_ptr, mean_ptr, rstd_ptr, dx_ptr, dweight_ptr, dbias_ptr,
+def _layer_norm_bwd_kernel(dy_ptr, ds_ptr, x_ptr, weight_ptr, mean_ptr, rstd_ptr, dx_ptr, partial_ptr,
                            n_rows, C, x_row_stride, rows_per_program,
-                           HAS_DS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           HAS_DS: tl.constexpr, HAS_WEIGHT: tl.constexpr, AFFINE: tl.constexpr,
                            TILE_ROWS: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr):
     """Rows [rows_per_program * pid, ...) of dx (plus ds: the gradient arriving at the sum);
-    their column sums of dy * xhat and dy go to row pid of dweight_ptr and dbias_ptr (fp32,
-    (programs, C))."""
+    with AFFINE, their column sums of dy * xhat and of dy go to row pid of partial_ptr (fp32,
+    (programs, 2, C): one sum over the programs afterwards gives dweight and dbias)."""
     pid = tl.program_id(0)
     start = pid * rows_per_program
     if INT64:
@@ -105,15 +105,13 @@ def _layer_norm_bwd_kernel(dy_ptr, ds_ptr, x_ptr, weight_ptr, mean_ptr, rstd_ptr
         if HAS_DS:
             dx += tl.load(ds_ptr + row[:, None] * C + col[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(dx_ptr + row[:, None] * C + col[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
-        if HAS_WEIGHT:  # 0 in masked lanes, where dy loads as 0
+        if AFFINE:  # 0 in masked lanes, where dy loads as 0
             dweight += dy * xhat
-        if HAS_BIAS:
             dbias += dy
-    col_ok = col < C
-    if HAS_WEIGHT:
-        tl.store(dweight_ptr + pid * C + col, tl.sum(dweight, axis=0), mask=col_ok)
-    if HAS_BIAS:
-        tl.store(dbias_ptr + pid * C + col, tl.sum(dbias, axis=0), mask=col_ok)
+    if AFFINE:  # both sums whichever parameters there are: no row of partial_ptr left unwritten
+        col_ok = col < C
+        tl.store(partial_ptr + pid * 2 * C + col, tl.sum(dweight, axis=0), mask=col_ok)
+        tl.store(partial_ptr + pid * 2 * C + C + col, tl.sum(dbias, axis=0), mask=col_ok)
 
 
 def _rows(t):
@@ -167,8 +165,8 @@ def _programs(n_rows, tile_rows, device):
 
 
 def _backward(dy, ds, x, weight, bias, mean, rstd):
-    """(dx, dweight, dbias): dx of x (s with a residual) plus ds where given; dweight and dbias
-    in their parameters' dtypes, None without them."""
+    """(dx, affine): dx of x (s with a residual) plus ds where given; affine (2, C) fp32, the
+    sums that give dweight and dbias (`_affine_grads`), None without parameters."""
     x2 = _rows(x)
     n_rows, C = x2.shape
     dy = dy.contiguous()
@@ -177,14 +175,21 @@ def _backward(dy, ds, x, weight, bias, mean, rstd):
     tile_rows, block_c, num_warps = _tile_shape(C, BWD_TILE, BWD_PER_THREAD)
     rows_per_program = _programs(max(n_rows, 1), tile_rows, x.device)
     programs = cdiv(n_rows, rows_per_program)
-    partials = [None if p is None else torch.empty((programs, C), device=x.device, dtype=torch.float32)
-                for p in (weight, bias)]
+    affine = weight is not None or bias is not None
+    partial = torch.empty((programs, 2, C), device=x.device, dtype=torch.float32) if affine else None
     if n_rows:
         _layer_norm_bwd_kernel[(programs,)](
-            dy, ds, x2, weight, mean, rstd, dx, *partials, n_rows, C, x2.stride(0), rows_per_program,
-            HAS_DS=ds is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+            dy, ds, x2, weight, mean, rstd, dx, partial, n_rows, C, x2.stride(0), rows_per_program,
+            HAS_DS=ds is not None, HAS_WEIGHT=weight is not None, AFFINE=affine,
             TILE_ROWS=tile_rows, BLOCK_C=block_c, INT64=_int64(x2), num_warps=num_warps)
-    return (dx, *(None if p is None else partial.sum(0).to(p.dtype) for p, partial in zip((weight, bias), partials)))
+    return dx, None if partial is None else partial.sum(0)  # one launch for both; no rows: zeros
+
+
+def _affine_grads(affine, weight, bias):
+    """(dweight, dbias) in the parameters' dtypes from _backward's sums, None where absent."""
+    if affine is None:
+        return None, None
+    return tuple(None if p is None else total.to(p.dtype) for p, total in zip((weight, bias), affine))
 
 
 class _LayerNorm(torch.autograd.Function):
@@ -199,15 +204,16 @@ class _LayerNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, ds=None):
-        dx, dweight, dbias = _backward(dy, ds, *ctx.saved_tensors)
-        return dx, dx if ctx.has_residual else None, dweight, dbias, None, None
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        dx, affine = _backward(dy, ds, x, weight, bias, mean, rstd)
+        return dx, dx if ctx.has_residual else None, *_affine_grads(affine, weight, bias), None, None
 
 
 # The same forward and backward as torch.library custom ops, which torch.compile keeps in its
 # graph; `layer_norm` below emits them while cckernels/tracing.py traces an op. A custom op
 # cannot return None nor an alias of an input: without a residual, s is an empty tensor (x is
 # saved instead, and returned as s outside the op: autograd adds its gradients), and so are the
-# gradients of missing parameters, dropped again.
+# parameters' gradient sums without parameters.
 @torch.library.custom_op("cckernels::triton_layer_norm", mutates_args=())
 def layer_norm_op(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[torch.Tensor],
                   bias: Optional[torch.Tensor], eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -227,16 +233,16 @@ def _(x, residual, weight, bias, eps):
 @torch.library.custom_op("cckernels::triton_layer_norm_backward", mutates_args=())
 def layer_norm_backward_op(dy: torch.Tensor, ds: Optional[torch.Tensor], x: torch.Tensor, weight: Optional[torch.Tensor],
                            bias: Optional[torch.Tensor], mean: torch.Tensor,
-                           rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                           rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     with _on_device(x.device):
-        dx, dweight, dbias = _backward(dy, ds, x, weight, bias, mean, rstd)
-    return dx, *(x.new_empty(0) if g is None else g for g in (dweight, dbias))
+        dx, affine = _backward(dy, ds, x, weight, bias, mean, rstd)
+    return dx, x.new_empty(0) if affine is None else affine
 
 
 @layer_norm_backward_op.register_fake
 def _(dy, ds, x, weight, bias, mean, rstd):
-    return (torch.empty_like(x, memory_format=torch.contiguous_format),
-            *(x.new_empty(0) if p is None else torch.empty_like(p) for p in (weight, bias)))
+    affine = x.new_empty(0) if weight is None and bias is None else x.new_empty((2, x.shape[-1]), dtype=torch.float32)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), affine
 
 
 def _setup_context(ctx, inputs, output):
@@ -248,9 +254,9 @@ def _setup_context(ctx, inputs, output):
 
 def _layer_norm_op_backward(ctx, dy, ds, _dmean, _drstd):
     x, weight, bias, mean, rstd = ctx.saved_tensors
-    dx, dweight, dbias = layer_norm_backward_op(dy, ds if ctx.has_residual else None, x, weight, bias, mean, rstd)
-    return (dx, dx if ctx.has_residual else None, None if weight is None else dweight, None if bias is None else dbias,
-            None)
+    dx, affine = layer_norm_backward_op(dy, ds if ctx.has_residual else None, x, weight, bias, mean, rstd)
+    affine = None if weight is None and bias is None else affine
+    return dx, dx if ctx.has_residual else None, *_affine_grads(affine, weight, bias), None
 
 
 layer_norm_op.register_autograd(_layer_norm_op_backward, setup_context=_setup_context)
@@ -288,9 +294,9 @@ def layer_norm(x, weight, bias, eps, residual, prenorm):
 INSPECT = [{
     "op": "layer_norm", "kernel": kernel, "dtypes": DTYPES,
     "args": {"*_ptr": "*T", "weight_ptr": "*fp32", "bias_ptr": "*fp32", "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
-             "dweight_ptr": "*fp32", "dbias_ptr": "*fp32", "n_rows": "i32", "C": "i32:16",
+             "partial_ptr": "*fp32", "n_rows": "i32", "C": "i32:16",
              "x_row_stride": "i32:16", "res_row_stride": "i32:16", "rows_per_program": "i32:16", "eps": "fp32",
-             "HAS_RES": True, "HAS_DS": True, "HAS_WEIGHT": True, "HAS_BIAS": True,
+             "HAS_RES": True, "HAS_DS": True, "HAS_WEIGHT": True, "HAS_BIAS": True, "AFFINE": True,
              "TILE_ROWS": tile_rows, "BLOCK_C": block_c, "INT64": False},
     "variants": {"int32": {}, "int64": {"INT64": True}},
     "options": {"num_warps": num_warps},
