@@ -343,6 +343,17 @@ def test_prenorm_adds_the_skip_gradient(backend, dtype, channels_last):
     check_prenorm(backend, dtype, channels_last)
 
 
+def test_gradients_are_copied_only_where_the_kernels_cannot_walk_them():
+    from cckernels.triton.group_norm import _walks_like
+
+    cl = torch.channels_last
+    one_by_one = torch.randn(2, 8, 1, 1).to(memory_format=cl)
+    assert one_by_one.stride() != torch.randn(2, 8, 1, 1).stride() and _walks_like(torch.randn(2, 8, 1, 1), one_by_one)
+    x = torch.randn(2, 8, 3, 3).to(memory_format=cl)
+    assert _walks_like(torch.randn(2, 8, 3, 3).to(memory_format=cl), x) and not _walks_like(torch.randn(2, 8, 3, 3), x)
+    assert not _walks_like(x, x.contiguous())
+
+
 def test_prenorm_skip_gradient_in_another_memory_format():
     check_prenorm("triton", torch.float32, True, skip_format=torch.contiguous_format)
 

@@ -360,6 +360,12 @@ def _layout(x):
     raise Unsupported(f"x with strides {x.stride()} is neither contiguous nor channels_last")
 
 
+def _walks_like(t, x):
+    """Whether the kernels can walk t with x's strides from _layout (which ignores the strides of
+    size-1 dims: a 1x1 map's gradient may come back contiguous for a channels_last x)."""
+    return t.is_contiguous() if x.is_contiguous() else channels_last(t)
+
+
 def _grow(x):
     """Tile growth factor: the interpreter pays per program, not per element."""
     return 1 if x.is_cuda else 4
@@ -494,9 +500,7 @@ def group_norm_backward(dy, x, weight, bias, mean, rstd, activation, need_dx, ne
     N, C = x.shape[:2]
     G = mean.shape[1]
     S, strides = _layout(x)
-    # the kernels walk dy and the addend as they walk x
-    dy, dx_addend = (t if t is None or t.stride() == x.stride() else torch.empty_like(x).copy_(t)
-                     for t in (dy, dx_addend))
+    dy, dx_addend = (t if t is None or _walks_like(t, x) else torch.empty_like(x).copy_(t) for t in (dy, dx_addend))
     block_c, block_s, chunk, K = _tiling(x, C, S, strides)
     cpg = C // G
     has_w, has_b, silu = weight is not None, bias is not None, activation == "silu"
