@@ -64,6 +64,18 @@ def _check_float(name, t, index=None):
         raise ValueError(f"{name} has dtype {t.dtype}; expected one of float32, float16, bfloat16, float64")
 
 
+def _check_vector(name, t, n, x, which=""):
+    """ValueError unless t (None passes) is a float (n,) tensor on x's device; `which` says what
+    n is, in the message."""
+    if t is None:
+        return
+    _check_float(name, t)
+    if t.shape != (n,):
+        raise ValueError(f"{name} must have shape ({n},){which}, got {tuple(t.shape)}")
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+
+
 def attention(q, k, v, *, scale=None, backend=None):
     """Non-causal scaled dot-product attention softmax(q k^T * scale) v.
 
@@ -120,14 +132,8 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, activation=No
         raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
     if C % num_groups:
         raise ValueError(f"num_channels {C} is not divisible by num_groups {num_groups}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        _check_float(name, t)
-        if t.shape != (C,):
-            raise ValueError(f"{name} must have shape ({C},), got {tuple(t.shape)}")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    _check_vector("weight", weight, C, x)
+    _check_vector("bias", bias, C, x)
     if not (eps > 0):
         raise ValueError(f"eps must be positive, got {eps!r}")
     if activation not in (None, "silu"):
@@ -148,12 +154,7 @@ def geglu(x, bias=None, *, backend=None):
     _check_float("x", x)
     if x.dim() < 1 or x.shape[-1] % 2:
         raise ValueError(f"x's last dim must be even (h and gate halves), got shape {tuple(x.shape)}")
-    if bias is not None:
-        _check_float("bias", bias)
-        if bias.shape != x.shape[-1:]:
-            raise ValueError(f"bias must have shape ({x.shape[-1]},) (x's last dim), got {tuple(bias.shape)}")
-        if bias.device != x.device:
-            raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
+    _check_vector("bias", bias, x.shape[-1], x, " (x's last dim)")
     if torch.compiler.is_compiling():
         return tracing.dispatch_traced("geglu", backend, x, bias)
     return dispatch("geglu", x.device, backend, x, bias)
@@ -176,14 +177,8 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5, *, residual=None, prenorm=Fa
     if x.dim() < 1 or x.shape[-1] < 1:
         raise ValueError(f"x must have a non-empty last dim (normalized), got shape {tuple(x.shape)}")
     C = x.shape[-1]
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        _check_float(name, t)
-        if t.shape != (C,):
-            raise ValueError(f"{name} must have shape ({C},) (x's last dim), got {tuple(t.shape)}")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    _check_vector("weight", weight, C, x, " (x's last dim)")
+    _check_vector("bias", bias, C, x, " (x's last dim)")
     if residual is not None:
         _check_float("residual", residual)
         if (residual.shape, residual.dtype, residual.device) != (x.shape, x.dtype, x.device):

@@ -1,23 +1,13 @@
 """Smoke test of benchmarks/bench_layer_norm.py's tiny mode: table, JSON and plot."""
-import importlib.util
-import json
 import os
-from pathlib import Path
 
-BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+from test_bench_geglu import run_tiny
 
 
 def test_tiny_run_writes_table_json_and_plot(tmp_path, monkeypatch, capsys):
     # TRITON_INTERPRET stays as conftest.py set it: without a GPU "ck" runs its Triton kernels in
     # the interpreter (one 64 x 96 shape: seconds), so the benchmark's call of them is run too.
-    monkeypatch.syspath_prepend(str(BENCHMARKS))  # the script imports its siblings
-    spec = importlib.util.spec_from_file_location("bench_layer_norm", BENCHMARKS / "bench_layer_norm.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    rows = bench.main(["--tiny", "--out", str(tmp_path)])
-    saved = json.loads((tmp_path / "layer_norm.json").read_text())
-    assert (tmp_path / "layer_norm.png").stat().st_size > 0
-    assert saved["rows"] == json.loads(json.dumps(rows))
+    rows = run_tiny("layer_norm", tmp_path, monkeypatch)
     impls = ("ck", "torch-autocast", "torch-bf16")
     assert {(r["impl"], r["mode"]) for r in rows} == {(i, m) for i in impls for m in ("fwd", "fwd+bwd")}
     for r in rows:
