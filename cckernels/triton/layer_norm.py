@@ -34,6 +34,7 @@ MAX_C = 8192  # one row's values stay in registers
 # well), so half as many a thread: sm90, C = 320, bf16: 72 registers forward, 112 backward.
 FWD_TILE, FWD_PER_THREAD = 4096, 32
 BWD_TILE, BWD_PER_THREAD = 2048, 16
+MIN_ROWS_PER_PROGRAM = 32  # backward: see _programs
 
 
 @triton.jit
@@ -158,10 +159,13 @@ def _forward(x, residual, weight, bias, eps):
 
 
 def _programs(n_rows, tile_rows, device):
-    """Rows per backward program, a multiple of tile_rows: about 4 programs an SM (few partial
-    sums to add up, every SM busy), at least one tile."""
+    """Rows per backward program, a multiple of tile_rows: about 4 programs an SM (every SM
+    busy), but at least MIN_ROWS_PER_PROGRAM: each program writes 2 fp32 partial rows, which
+    the sum reads again, so with r rows a program they move 8/r of dx's bf16 bytes (a quarter
+    of a pass at 32; at 4 rows, SD2's 1280-wide blocks at batch 32, they would move 2 passes)."""
     slots = 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-    return cdiv(cdiv(n_rows, slots), tile_rows) * tile_rows
+    rows = max(cdiv(n_rows, slots), MIN_ROWS_PER_PROGRAM)
+    return cdiv(rows, tile_rows) * tile_rows
 
 
 def _backward(dy, ds, x, weight, bias, mean, rstd):
