@@ -13,9 +13,9 @@ add's residual), and its gradient is added to dx in the same pass, not by autogr
 
 Rows (of C values, C <= MAX_C) are cut into tiles of TILE_ROWS x BLOCK_C (BLOCK_C = C rounded up
 to a power of two): the forward takes one tile a program, the backward a run of tiles, so its
-partial sums stay few (about 4 programs an SM) whatever the number of rows. s is stored rounded
-to the I/O dtype, as torch's add would, and normalized as stored: forward and backward see
-the same values.
+partial sums stay few (about 4 programs an SM, 32 rows or more each) whatever the number of
+rows. s is stored rounded to the I/O dtype, as torch's add would, and normalized as stored:
+forward and backward see the same values.
 """
 from typing import Optional
 
@@ -31,7 +31,7 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_C = 8192  # one row's values stay in registers
 # Elements of a tile (TILE_ROWS = tile // BLOCK_C rows; SD2's C = 320: 8 rows of 512 forward)
 # and per thread: the backward holds twice the values (its two column-sum accumulators as
-# well), so half as many a thread: sm90, C = 320, bf16: 72 registers forward, 112 backward.
+# well), so half as many a thread: sm90, C = 320, bf16: 72 registers forward, 122 backward.
 FWD_TILE, FWD_PER_THREAD = 4096, 32
 BWD_TILE, BWD_PER_THREAD = 2048, 16
 MIN_ROWS_PER_PROGRAM = 32  # backward: see _programs
@@ -134,7 +134,8 @@ def _tile_shape(C, tile, per_thread):
 
 def _int64(*row_views):
     """Whether some offset into the (rows, C) views (with their row strides) or into a
-    contiguous tensor of their rows (y, s, dx) reaches 2^31; a tile of rows past the end included."""
+    contiguous tensor of their rows (y, s, dx) reaches 2^31, with a margin of FWD_TILE rows
+    (more than a forward tile) past the end."""
     rows, C = row_views[0].shape
     rows += FWD_TILE
     return max(rows * C, *(rows * t.stride(0) for t in row_views)) >= 2**31
@@ -268,9 +269,10 @@ layer_norm_op.register_autograd(_layer_norm_op_backward, setup_context=_setup_co
 
 def layer_norm(x, weight, bias, eps, residual, prenorm):
     """LayerNorm(s) over the last dim, s = x + residual (x without one), and with prenorm s too:
-    the "triton" backend of `cckernels.layer_norm`, which validates the arguments first. fp16/bf16/fp32 on a
-    GPU (or the CPU under TRITON_INTERPRET=1), last dims contiguous, C <= MAX_C, contiguous
-    parameters of any of those dtypes; anything else raises `Unsupported` before touching memory."""
+    the "triton" backend of `cckernels.layer_norm`, which validates the arguments first.
+    fp16/bf16/fp32 on a GPU (or the CPU under TRITON_INTERPRET=1), last dims contiguous,
+    C <= MAX_C, contiguous parameters of any of those dtypes; anything else raises `Unsupported`
+    before touching memory."""
     tensors = [t for t in (x, residual, weight, bias) if t is not None]
     if any(t.dtype not in DTYPES for t in tensors):
         raise Unsupported(f"dtypes {[t.dtype for t in tensors]} (triton layer_norm takes float16, bfloat16, float32)")
