@@ -13,11 +13,11 @@ the GroupNorm's name, with the same weight and bias.
 
 Kernels: every GroupNorm runs `ck.group_norm` (fused with SiLU where the model applies one;
 with prenorm=True where its input also feeds the block's skip connection, so the backward
-kernel adds the skip's gradient to its own), every attention `ck.attention` on (B, L, heads, head_dim) views of its fused q/k/v projection
-and every feed-forward activation `ck.geglu` (with its projection's bias), so the backend is
-whatever cckernels picks (the `CCKERNELS_BACKEND` variable included). Every LayerNorm runs
-`ck.layer_norm` in the autocast dtype (`LayerNorm`) instead of autocast's fp32, with the residual
-add before it fused in.
+kernel adds the skip's gradient to its own), every attention `ck.attention` on (B, L, heads,
+head_dim) views of its fused q/k/v projection, every feed-forward activation `ck.geglu` (with
+its projection's bias) and every LayerNorm `ck.layer_norm`, in the autocast dtype instead of
+autocast's fp32 and with the residual add before it fused in (`LayerNorm`), so the backend is
+whatever cckernels picks (the `CCKERNELS_BACKEND` variable included).
 
 channels_last: after `unet.to(memory_format=torch.channels_last)` every 4-D activation stays
 channels_last, and the attention blocks turn (B, C, H, W) into (B, H*W, C) tokens and back as views.
