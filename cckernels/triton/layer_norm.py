@@ -25,7 +25,7 @@ import triton.language as tl
 
 from cckernels.backend import Unsupported, _on_device, triton_usable
 from cckernels.tracing import emitting_custom_ops
-from cckernels.triton.launch import cdiv
+from cckernels.triton.launch import cdiv, next_power_of_2
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_C = 8192  # one row's values stay in registers
@@ -127,7 +127,7 @@ def _rows(t):
 def _tile_shape(C, tile, per_thread):
     """(TILE_ROWS, BLOCK_C, num_warps) for rows of C values: tiles of at least `tile` elements,
     `per_thread` of them a thread."""
-    block_c = triton.next_power_of_2(C)
+    block_c = next_power_of_2(C)
     rows = max(1, tile // block_c)
     return rows, block_c, rows * block_c // (32 * per_thread)
 
