@@ -311,11 +311,11 @@ def test_unsupported_inputs_fall_back(case):
     torch.testing.assert_close(y.double(), fp64_group_norm(x, 4, None, None, 1e-5, False), atol=1e-5, rtol=1e-5)
 
 
-def check_prenorm(backend, dtype, channels_last, skip_format=None, device="cpu"):
+def check_prenorm(backend, dtype, channels_last, skip_format=None, device="cpu", shape=(2, 96, 5, 3)):
     """ck.group_norm(prenorm=True) returns x as the skip, and x's gradient is the GroupNorm's dx
     plus the skip's (added in the backward kernel: one rounding, so within 4 roundings of the sum
     of the separate call's dx and the skip's gradient, in fp64)."""
-    x, w, b = make((2, 96, 5, 3), dtype, channels_last)
+    x, w, b = make(shape, dtype, channels_last)
     x, w, b = x.to(device), w.to(device), b.to(device)
     dy, dskip = torch.randn_like(x), torch.randn_like(x)
     if skip_format is not None:
@@ -341,6 +341,12 @@ def check_prenorm(backend, dtype, channels_last, skip_format=None, device="cpu")
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_prenorm_adds_the_skip_gradient(backend, dtype, channels_last):
     check_prenorm(backend, dtype, channels_last)
+
+
+@pytest.mark.parametrize("shape", [(1, 96, 1, 77), (1, 64, 1, 1), (2, 96, 3, 5, 7), (1, 96, 100)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_prenorm_odd_shapes(shape):
+    check_prenorm("triton", torch.float16, channels_last=len(shape) > 3 and shape[-1] > 1, shape=shape)
 
 
 def test_gradients_are_copied_only_where_the_kernels_cannot_walk_them():
