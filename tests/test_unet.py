@@ -213,6 +213,31 @@ def test_layer_norm_stays_bf16_under_cuda_autocast():
         assert rel_err(got, want) < 2**-6  # bf16 sums over the 4096 rows would be ~6% off
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_norms_take_the_skip_gradients_without_autograd_adds(backend, monkeypatch):
+    """The mid block (resnet, transformer, resnet) backward on Triton's kernels: no add of
+    activation-sized gradients (the GroupNorms' and LayerNorms' prenorm fuse them); the torch
+    backend, as plain PyTorch, adds at every GroupNorm and LayerNorm input that a residual shares."""
+    monkeypatch.setenv("CCKERNELS_BACKEND", backend)
+    block = randomize_(UNet.from_config(TINY).mid_block)
+    C = TINY["block_out_channels"][-1]
+    h = torch.randn(2, C, 3, 3, requires_grad=True)
+    out = block(h, torch.randn(2, 4 * TINY["block_out_channels"][0]), torch.randn(2, 5, TINY["cross_attention_dim"]))
+    adds = []
+
+    class ActivationAdds(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten.add.Tensor and result.numel() >= h.numel():
+                adds.append(tuple(result.shape))
+            return result
+
+    with ActivationAdds():
+        out.square().mean().backward()
+    # torch: at 2 resnets' norm1 and the transformer's GroupNorm inputs, and at the block's 3 LayerNorms'
+    assert len(adds) == (0 if backend == "triton" else 6), adds
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     unet = randomize_(UNet.from_config(TINY))
     x, t, context = inputs(TINY)
