@@ -93,6 +93,19 @@ def test_the_residual_gets_the_same_gradient_as_x_and_the_sum_is_torchs_add():
     assert torch.equal(dx, dr)
 
 
+def test_x_as_its_own_residual():
+    # s = 2x: autograd gives x the kernel's dx twice, once as x's and once as the residual's
+    x0, w, b, dy, ds = randn(6, 40), randn(40), randn(40), randn(6, 40), randn(6, 40)
+    grads = []
+    for dtype, op, kwargs in ((torch.float32, ck.layer_norm, {"backend": "triton"}),
+                              (torch.float64, reference.layer_norm, {})):
+        x = x0.to(dtype).requires_grad_()
+        out = op(x, w.to(dtype), b.to(dtype), 1e-5, residual=x, prenorm=True, **kwargs)
+        torch.autograd.backward(out, (dy.to(dtype), ds.to(dtype)))
+        grads.append(x.grad.double())
+    torch.testing.assert_close(*grads, rtol=1e-4, atol=1e-4)
+
+
 def test_without_a_residual_the_sum_is_x_through_the_kernels_backward():
     x = randn(5, 24).requires_grad_()
     y, s = ck.layer_norm(x, randn(24), randn(24), prenorm=True, backend="triton")
