@@ -7,6 +7,7 @@ import contextlib
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import cckernels as ck
 from cckernels import reference
@@ -350,14 +351,42 @@ def test_prenorm_odd_shapes(shape):
 
 
 def test_gradients_are_copied_only_where_the_kernels_cannot_walk_them():
-    from cckernels.triton.group_norm import _walks_like
+    from cckernels.triton.group_norm import _walk_strides
 
     cl = torch.channels_last
-    one_by_one = torch.randn(2, 8, 1, 1).to(memory_format=cl)
-    assert one_by_one.stride() != torch.randn(2, 8, 1, 1).stride() and _walks_like(torch.randn(2, 8, 1, 1), one_by_one)
-    x = torch.randn(2, 8, 3, 3).to(memory_format=cl)
-    assert _walks_like(torch.randn(2, 8, 3, 3).to(memory_format=cl), x) and not _walks_like(torch.randn(2, 8, 3, 3), x)
-    assert not _walks_like(x, x.contiguous())
+    nhwc = (9 * 8, 1, 8)  # _layout's strides of a channels_last (2, 8, 3, 3)
+    assert _walk_strides(torch.randn(2, 8, 3, 3).to(memory_format=cl), nhwc) == nhwc
+    assert _walk_strides(torch.randn(2, 8, 3, 3), nhwc) is None  # contiguous: copied
+    assert _walk_strides(torch.randn(2, 8, 1, 1), (8, 1, 8)) == (8, 1, 8)  # a 1x1 map reads as x
+    concat = torch.randn(2, 24, 3, 3).to(memory_format=cl)
+    assert _walk_strides(concat[:, 8:16], nhwc) == (24 * 9, 1, 24)  # a channel slice: its own strides
+    assert _walk_strides(concat[:, :, :, :2], nhwc) is None  # spatial dims that do not merge
+    nchw = (8 * 9, 9, 1)
+    assert _walk_strides(torch.randn(2, 8, 3, 3), nchw) == nchw
+    assert _walk_strides(torch.randn(2, 8, 3, 3).to(memory_format=cl), nchw) is None
+
+
+def test_prenorm_reads_a_concatenations_gradient_slice_without_a_copy():
+    """The UNet's skips: the gradient of h in cat([h, skip]) is a channel slice of the cat's."""
+    x, w, b = make((2, 96, 5, 3), torch.float16, channels_last=True)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+    y, skip = ck.group_norm(*leaves[:1], 32, *leaves[1:], prenorm=True, backend="triton")
+    dy = torch.randn_like(y)
+    dskip = torch.randn(2, 160, 5, 3).to(torch.float16).to(memory_format=torch.channels_last)[:, 32:128]
+    copies = []
+
+    class Copies(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.copy_.default and args[0].dim() == 4:  # the interpreter's are flat
+                copies.append(tuple(args[0].shape))
+            return func(*args, **(kwargs or {}))
+
+    with Copies():
+        torch.autograd.backward((y, skip), (dy, dskip))
+    assert copies == []
+    plain = outputs_and_grads(lambda x, w, b: ck.group_norm(x, 32, w, b, backend="triton"), x, w, b, dy)
+    want = plain[1].double() + dskip.double()
+    assert (leaves[0].grad.double() - want).abs().max() <= 4 * torch.finfo(torch.float16).eps * (1 + want.abs().max())
 
 
 def test_prenorm_skip_gradient_in_another_memory_format():

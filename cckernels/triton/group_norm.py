@@ -1,7 +1,8 @@
 """GroupNorm (+ fused SiLU) in Triton: fp32 statistics, NCHW or channels_last, any spatial rank.
 
 x (N, C, *spatial) is seen as (N, C, S) with S = prod(spatial) through three strides:
-contiguous (C*S, S, 1) or channels_last (S*C, 1, C); y, dy and dx share x's strides.
+contiguous (C*S, S, 1) or channels_last (S*C, 1, C); y, dy and dx share x's strides (a dy with
+others is copied into them), the skip's gradient that prenorm adds to dx may keep its own.
 
 The forward takes one of two paths (group_norm_forward_path says which):
 
@@ -320,11 +321,13 @@ def _backward_affine_kernel(
 
 @triton.jit
 def _backward_dx_kernel(
-    x_ptr, dy_ptr, addend_ptr, dx_ptr,  # (N, C, S), same strides (stride_n, stride_c, stride_s)
+    x_ptr, dy_ptr, dx_ptr,  # (N, C, S), same strides (stride_n, stride_c, stride_s)
+    addend_ptr,  # (N, C, S), strides (stride_addend_n, _c, _s): added to dx with ADDEND
     w_ptr, b_ptr,  # (C,) weight and bias (unused without HAS_WEIGHT / HAS_BIAS)
     mean_ptr, rstd_ptr, coef_dz_ptr, coef_xhat_ptr,  # (N, G) fp32
     C, S, CHUNK, CPG,
     stride_n, stride_c, stride_s,
+    stride_addend_n, stride_addend_c, stride_addend_s,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, ADDEND: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
@@ -344,8 +347,8 @@ def _backward_dx_kernel(
                                  "evict_first")
         dx = rstd[:, None] * (w[:, None] * dz - coef_dz[:, None] - xhat * coef_xhat[:, None])
         if ADDEND:
-            dx += tl.load(addend_ptr + offset + s[None, :] * stride_s, mask=mask, other=0.0,
-                          eviction_policy="evict_first").to(tl.float32)
+            at = n.to(tl.int64) * stride_addend_n + c[:, None] * stride_addend_c + s[None, :] * stride_addend_s
+            dx += tl.load(addend_ptr + at, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
         tl.store(dx_ptr + offset + s[None, :] * stride_s, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -360,10 +363,20 @@ def _layout(x):
     raise Unsupported(f"x with strides {x.stride()} is neither contiguous nor channels_last")
 
 
-def _walks_like(t, x):
-    """Whether the kernels can walk t with x's strides from _layout (which ignores the strides of
-    size-1 dims: a 1x1 map's gradient may come back contiguous for a channels_last x)."""
-    return t.is_contiguous() if x.is_contiguous() else channels_last(t)
+def _walk_strides(t, strides):
+    """t's strides seen as (N, C, S), where the kernels can read it along x's unit-stride dim
+    (strides: x's, from _layout): its spatial dims merge into one stride. Size-1 dims take x's
+    stride (any works: their index is 0), so a 1x1 map's contiguous gradient for a channels_last
+    x reads as x; a channel slice of a concatenation's gradient (the UNet's skips) keeps its own
+    strides. None where t must be copied into x's layout first."""
+    spatial = [(n, st) for n, st in zip(t.shape[2:], t.stride()[2:]) if n > 1]
+    if any(outer != inner * n for (_, outer), (n, inner) in zip(spatial, spatial[1:])):
+        return None
+    sizes = (t.shape[0], t.shape[1], math.prod(t.shape[2:]))
+    mine = (t.stride(0), t.stride(1), spatial[-1][1] if spatial else 1)
+    mine = tuple(m if n > 1 else x_stride for m, n, x_stride in zip(mine, sizes, strides))
+    unit = strides.index(1)  # c for channels_last, s for contiguous: the coalesced dim
+    return mine if mine[unit] == 1 else None
 
 
 def _grow(x):
@@ -500,7 +513,11 @@ def group_norm_backward(dy, x, weight, bias, mean, rstd, activation, need_dx, ne
     N, C = x.shape[:2]
     G = mean.shape[1]
     S, strides = _layout(x)
-    dy, dx_addend = (t if t is None or _walks_like(t, x) else torch.empty_like(x).copy_(t) for t in (dy, dx_addend))
+    if _walk_strides(dy, strides) != strides:  # the kernels walk dy with x's strides
+        dy = torch.empty_like(x).copy_(dy)
+    addend_strides = strides if dx_addend is None else _walk_strides(dx_addend, strides)
+    if addend_strides is None:
+        dx_addend, addend_strides = torch.empty_like(x).copy_(dx_addend), strides
     block_c, block_s, chunk, K = _tiling(x, C, S, strides)
     cpg = C // G
     has_w, has_b, silu = weight is not None, bias is not None, activation == "silu"
@@ -530,7 +547,7 @@ def group_norm_backward(dy, x, weight, bias, mean, rstd, activation, need_dx, ne
         )
         dx = torch.empty_like(x)
         _backward_dx_kernel[grid](
-            x, dy, dx_addend, dx, weight, bias, mean, rstd, coef_dz, coef_xhat, C, S, chunk, cpg, *strides,
+            x, dy, dx, dx_addend, weight, bias, mean, rstd, coef_dz, coef_xhat, C, S, chunk, cpg, *strides, *addend_strides,
             HAS_WEIGHT=has_w, HAS_BIAS=has_b, SILU=silu, ADDEND=dx_addend is not None, BLOCK_C=block_c, BLOCK_S=block_s,
         )
     return dx, dw, db
@@ -562,8 +579,8 @@ _ARGS = {
     "HAS_WEIGHT": True, "HAS_BIAS": True, "SILU": True, "ADDEND": True,
 }  # fmt: skip
 _LAYOUTS = {
-    "nchw": {"stride_s": 1, "BLOCK_C": TILE // MAX_BLOCK_S, "BLOCK_S": MAX_BLOCK_S},
-    "nhwc": {"stride_c": 1, "BLOCK_C": MAX_BLOCK_C, "BLOCK_S": TILE // MAX_BLOCK_C},
+    "nchw": {"stride_s": 1, "stride_addend_s": 1, "BLOCK_C": TILE // MAX_BLOCK_S, "BLOCK_S": MAX_BLOCK_S},
+    "nhwc": {"stride_c": 1, "stride_addend_c": 1, "BLOCK_C": MAX_BLOCK_C, "BLOCK_S": TILE // MAX_BLOCK_C},
 }
 _STREAM = {"op": "group_norm", "dtypes": (torch.float32, torch.float16, torch.bfloat16), "args": _ARGS,
            "variants": _LAYOUTS, "expect": {"sm90": {"ldg128": True}}}  # fmt: skip
