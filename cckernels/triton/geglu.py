@@ -24,7 +24,7 @@ import triton.language as tl
 
 from cckernels.backend import Unsupported, _on_device, triton_usable
 from cckernels.tracing import emitting_custom_ops
-from cckernels.triton.launch import cdiv
+from cckernels.triton.launch import cdiv, row_view
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BLOCK = 1024  # forward: output elements per program (8 per thread of 4 warps: one 16-byte bf16 access each)
@@ -112,17 +112,6 @@ def _geglu_bwd_kernel(dy_ptr, x_ptr, bias_ptr, dx_ptr, dbias_ptr, n_rows, F, x_r
         tl.store(dbias + F, tl.sum(dg_sum, axis=0), mask=col_ok)
 
 
-def _rows(x):
-    """x as (rows, 2F) with a row stride: a view when x's leading dims flatten, else a copy."""
-    two_f = x.shape[-1]
-    if x.dim() == 1:
-        return x.view(1, two_f)
-    try:
-        return x.view(-1, two_f)
-    except RuntimeError:  # leading dims that do not flatten into one stride
-        return x.contiguous().view(-1, two_f)
-
-
 def _int64(x2):
     """Whether some offset into x2 (rows, 2F; row stride) or dx (rows, 2F) reaches 2^31."""
     rows, two_f = x2.shape
@@ -130,7 +119,7 @@ def _int64(x2):
 
 
 def _forward(x, bias):
-    x2 = _rows(x)
+    x2 = row_view(x)
     F = x2.shape[1] // 2
     y = torch.empty((*x.shape[:-1], F), device=x.device, dtype=x.dtype)
     if y.numel():
@@ -141,7 +130,7 @@ def _forward(x, bias):
 
 def _backward(dy, x, bias):
     """(dx, dbias): dbias in bias's dtype, None without a bias."""
-    x2 = _rows(x)
+    x2 = row_view(x)
     n_rows, F = x2.shape[0], x2.shape[1] // 2
     dy = dy.contiguous()
     dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)

@@ -16,6 +16,17 @@ def next_power_of_2(n):
     return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
+def row_view(t):
+    """t as (rows, t.shape[-1]) with a row stride, for kernels that walk rows: a view when t's
+    leading dims flatten into one stride, else a copy."""
+    if t.dim() == 1:
+        return t.view(1, t.shape[-1])
+    try:
+        return t.view(-1, t.shape[-1])
+    except RuntimeError:  # leading dims that do not flatten into one stride
+        return t.contiguous().view(-1, t.shape[-1])
+
+
 class Tuned:
     """Launches a @triton.autotune(@triton.heuristics(@triton.jit)) kernel with Triton's choice
     of meta-parameters remembered per call signature. Triton's Autotuner.run and

@@ -25,7 +25,7 @@ import triton.language as tl
 
 from cckernels.backend import Unsupported, _on_device, triton_usable
 from cckernels.tracing import emitting_custom_ops
-from cckernels.triton.launch import cdiv, next_power_of_2
+from cckernels.triton.launch import cdiv, next_power_of_2, row_view
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_C = 8192  # one row's values stay in registers
@@ -115,15 +115,6 @@ def _layer_norm_bwd_kernel(dy_ptr, ds_ptr, x_ptr, weight_ptr, mean_ptr, rstd_ptr
         tl.store(partial_ptr + pid * 2 * C + C + col, tl.sum(dbias, axis=0), mask=col_ok)
 
 
-def _rows(t):
-    """t as (rows, C) with a row stride: a view when t's leading dims flatten, else a copy."""
-    C = t.shape[-1]
-    try:
-        return t.view(-1, C)
-    except RuntimeError:  # leading dims that do not flatten into one stride
-        return t.contiguous().view(-1, C)
-
-
 def _tile_shape(C, tile, per_thread):
     """(TILE_ROWS, BLOCK_C, num_warps) for rows of C values: tiles of at least `tile` elements,
     `per_thread` of them a thread."""
@@ -144,8 +135,8 @@ def _int64(*row_views):
 def _forward(x, residual, weight, bias, eps):
     """(y, s, mean, rstd): s = x + residual (None without one), y = LayerNorm(s or x), mean and
     rstd fp32 per row."""
-    x2 = _rows(x)
-    r2 = None if residual is None else _rows(residual)
+    x2 = row_view(x)
+    r2 = None if residual is None else row_view(residual)
     n_rows, C = x2.shape
     y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     s = None if residual is None else torch.empty(x.shape, device=x.device, dtype=x.dtype)
@@ -172,7 +163,7 @@ def _programs(n_rows, tile_rows, device):
 def _backward(dy, ds, x, weight, bias, mean, rstd):
     """(dx, affine): dx of x (s with a residual) plus ds where given; affine (2, C) fp32, the
     sums that give dweight and dbias (`_affine_grads`), None without parameters."""
-    x2 = _rows(x)
+    x2 = row_view(x)
     n_rows, C = x2.shape
     dy = dy.contiguous()
     ds = None if ds is None else ds.contiguous()
