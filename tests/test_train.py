@@ -337,3 +337,32 @@ def test_compile_mode_needs_inductor_and_cuda_graphs_one_process_without_accumul
         args("inductor", "max-autotune", accum=4)
     with pytest.raises(ValueError, match="model.compile_mode must be one of"):
         config.load(None, ["model.compile_mode=fast"])
+
+
+def test_a_new_run_starts_from_another_runs_weights(tmp_path, capsys):
+    # model.init_from: the 512 px phase after a 256 px run. lr=0 keeps the weights as loaded.
+    run(tmp_path / "a", "train.steps=2", "ema.start_step=0")
+    a = checkpoint.load(checkpoint.latest(tmp_path / "a"))
+    assert not all(torch.equal(a["unet"][k], a["ema"][k]) for k in a["unet"])
+    sources = ((tmp_path / "a", a["unet"]),  # a run: its trained weights
+               (a["path"], a["unet"]),  # one of its checkpoints: the same
+               (tmp_path / "a" / "diffusers" / "unet", a["ema"]))  # a diffusers folder: what it holds
+    for i, (source, expected) in enumerate(sources):
+        out = tmp_path / f"b{i}"
+        run(out, "train.steps=1", "train.lr=0", "train.weight_decay=0", "data.resolution=32",
+            f"model.init_from={source}")
+        assert "UNet weights from" in capsys.readouterr().out
+        got = checkpoint.load(checkpoint.latest(out))["unet"]
+        assert all(torch.equal(got[k], expected[k]) for k in expected), source
+    # Resuming, the run's own checkpoint wins.
+    run(out, "train.steps=2", f"model.init_from={tmp_path / 'a'}")
+    assert "ignored: resuming" in capsys.readouterr().out
+
+
+def test_init_from_a_path_without_weights_or_another_architecture_says_so(tmp_path):
+    with pytest.raises(ValueError, match="neither one of our checkpoints"):
+        run(tmp_path / "b", "train.steps=1", f"model.init_from={tmp_path}")
+    run(tmp_path / "a", "train.steps=2")
+    with pytest.raises(ValueError, match=r"does not fit model.unet: .*wrong shape"):
+        run(tmp_path / "c", "train.steps=1", f"model.init_from={tmp_path / 'a'}",
+            "model.unet.block_out_channels=[32,48]")

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from trainer import config as config_mod
-from trainer.unet import WEIGHTS_NAME, write_diffusers_config
+from trainer.unet import WEIGHTS_NAME, diffusers_files, write_diffusers_config
 
 
 def checkpoint_dir(out_dir):
@@ -46,6 +46,21 @@ def resolve(path):
         if found is not None:
             return found
     raise FileNotFoundError(f"no checkpoint at {path} (expected state.json or a 'latest' pointer)")
+
+
+def init_weights(path):
+    """The weights file model.init_from names: one of our checkpoints, or a run or checkpoints
+    folder (its latest), gives its trained weights (unet.safetensors; the EMA ones are in its
+    unet/, which is a diffusers folder); anything else is read as a diffusers UNet."""
+    try:
+        return resolve(path) / "unet.safetensors"
+    except FileNotFoundError:
+        pass
+    try:
+        return diffusers_files(path)[0]
+    except ValueError as e:
+        raise ValueError(f"model.init_from={path}: neither one of our checkpoints (no state.json, no "
+                         f"checkpoints/latest) nor a diffusers UNet ({e})") from None
 
 
 def _contiguous_cpu(state_dict):

@@ -42,6 +42,11 @@ DEFAULTS = {
         "vae": {},  # {path: local diffusers AutoencoderKL folder} or {config: {...}} (random init)
         # {path: local CLIP text model folder} or {config: {...}}; or {open_clip: ViT-H-14, path: file}
         "text_encoder": {},
+        # A new run's UNet weights (ignored when resuming): one of our runs or checkpoints (its
+        # trained weights), or a diffusers UNet: a folder with diffusion_pytorch_model.safetensors,
+        # a pipeline folder holding unet/ (SD2's), or a checkpoint's unet/ (its EMA weights).
+        # E.g. the 512 px phase after a 256 px run, or fine-tuning SD2.
+        "init_from": None,
         "channels_last": False,
         "gradient_checkpointing": False,
         # torch.compile the UNet: false, true (inductor) or a torch.compile backend name; the

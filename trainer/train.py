@@ -159,8 +159,18 @@ def main(argv=None):
         unet = unet.to(memory_format=torch.channels_last)
     if cfg["model"]["gradient_checkpointing"]:
         unet.enable_gradient_checkpointing()
+    init_from = cfg["model"]["init_from"]
     if ckpt:
         unet.load_state_dict(ckpt["unet"])  # fp32 weights, whatever the saving run's precision
+        if init_from:
+            log(f"model.init_from={init_from} ignored: resuming this run's own checkpoint")
+    elif init_from:
+        weights = checkpoint.init_weights(init_from)
+        try:
+            unet.load_diffusers(weights)
+        except ValueError as e:  # a key or shape that model.unet's config does not have
+            raise ValueError(f"model.init_from={init_from} ({weights}) does not fit model.unet: {e}") from None
+        log(f"UNet weights from {weights}")
     tc = cfg["train"]
     optimizer = ck.FusedAdamWEMA(unet.parameters(), lr=tc["lr"], betas=tuple(tc["betas"]), weight_decay=tc["weight_decay"])
     if ckpt:
