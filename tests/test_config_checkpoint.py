@@ -36,6 +36,22 @@ def test_unknown_yaml_key_and_bad_choice(tmp_path):
         config.load(bad)
 
 
+def test_a_config_on_top_of_its_base(tmp_path):
+    cfg = config.load(config.ROOT / "configs" / "sd2-base-512.yaml", ["train.lr=3e-5"])
+    base = config.load(config.ROOT / "configs" / "sd2-base.yaml")
+    assert cfg["model"]["unet"] == base["model"]["unet"] and cfg["data"]["backend"] == base["data"]["backend"]
+    assert cfg["data"]["resolution"] == 512 and cfg["model"]["init_from"] == "runs/sd2-base"
+    assert cfg["train"]["lr"] == 3e-5 and cfg["train"]["warmup_steps"] == base["train"]["warmup_steps"]
+    assert "base" not in cfg
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ValueError, match="config bases form a cycle: a.yaml -> b.yaml -> a.yaml"):
+        config.load(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(FileNotFoundError, match=r"missing.yaml not found \(the base of .*c.yaml\)"):
+        config.load(tmp_path / "c.yaml")
+
+
 @pytest.mark.parametrize("override", ["checkpoint.every=0", "train.log_every=-1", "train.steps=2.5",
                                       "train.batch_size=true"])
 def test_bad_integer_names_key_and_value(cfg_file, override):

@@ -1,4 +1,5 @@
-"""Run configuration: defaults below, a YAML file on top, then dotted `key=value` overrides.
+"""Run configuration: defaults below, a YAML file on top (itself on top of the file its `base:`
+key names, if any), then dotted `key=value` overrides.
 
 Every valid key has a default here, so an unknown key (a typo) is an error that lists the
 valid ones. `model.unet`, `model.vae` and `model.text_encoder` hold diffusers/transformers
@@ -195,12 +196,26 @@ def parse_overrides(items):
     return pairs
 
 
-def load(path=None, overrides=()):
-    """The full config: DEFAULTS <- YAML file (default configs/tiny.yaml) <- overrides."""
-    cfg = copy.deepcopy(DEFAULTS)
-    path = Path(path) if path else DEFAULT_CONFIG
+def _read(path, chain=()):
+    """The trees of a YAML file and of the files its `base: FILE` names (relative to it), base
+    first: each file's keys go on top of its base's (a model.unet mapping replaces the base's)."""
+    path = Path(path).resolve()
+    if path in chain:
+        raise ValueError(f"config bases form a cycle: {' -> '.join(p.name for p in (*chain, path))}")
+    if not path.is_file():
+        raise FileNotFoundError(f"config {path} not found" + (f" (the base of {chain[-1]})" if chain else ""))
     with open(path) as f:
-        _merge(cfg, _yaml(f) or {})
+        tree = _yaml(f) or {}
+    base = tree.pop("base", None)
+    return (_read(path.parent / base, (*chain, path)) if base else []) + [tree]
+
+
+def load(path=None, overrides=()):
+    """The full config: DEFAULTS <- YAML file (default configs/tiny.yaml; on top of its base, if
+    it names one) <- overrides."""
+    cfg = copy.deepcopy(DEFAULTS)
+    for tree in _read(path or DEFAULT_CONFIG):
+        _merge(cfg, tree)
     for key, value in parse_overrides(overrides):
         _set(cfg, key, value)
     for key, allowed in CHOICES.items():
