@@ -33,6 +33,7 @@ from trainer import checkpoint, config, data, diffusion, encoders  # noqa: E402
 from trainer.ddp import DistributedDataParallel  # noqa: E402
 from trainer.ema import ScheduledEMA  # noqa: E402
 from trainer.graphs import graph_on_first_call  # noqa: E402
+from trainer.metrics import plot as plot_metrics  # noqa: E402
 from trainer.sample import sample_images, save_grid  # noqa: E402
 from trainer.unet import UNet  # noqa: E402
 
@@ -259,7 +260,7 @@ def main(argv=None):
                 optimizer={"optimizer": optimizer.state_dict(ema=False, master=False), "ema": ema.state_dict()},
                 state=state, keep=cfg["checkpoint"]["keep"], diffusers_config=unet.diffusers_config(),
             )
-            log(f"step {step}: checkpoint {path}")
+            log(f"step {step}: checkpoint {path}, loss plot {plot_metrics(metrics.name, out_dir / 'metrics.png')}")
         _barrier(world)
 
     def samples(step):

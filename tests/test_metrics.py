@@ -1,0 +1,33 @@
+import json
+
+from PIL import Image
+
+from trainer import metrics
+
+
+def _write(path, steps, skipped=()):
+    with open(path, "a") as f:
+        for step in steps:
+            f.write(json.dumps({"step": step, "loss": 1.0 / step, "grad_norm": 1.0, "lr": 1e-4,
+                                "images_per_s": 10.0 + step, "skipped": step in skipped}) + "\n")
+
+
+def test_a_resumed_runs_repeated_steps_keep_their_last_record(tmp_path):
+    jsonl = tmp_path / "metrics.jsonl"
+    _write(jsonl, range(1, 6))
+    _write(jsonl, [4, 5, 6])  # resumed from step 3's checkpoint
+    records = metrics.read(jsonl)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert len(jsonl.read_text().splitlines()) == 8
+
+
+def test_plot_from_the_command_line(tmp_path, capsys):
+    _write(tmp_path / "metrics.jsonl", range(1, 40), skipped={7})
+    metrics.main([str(tmp_path)])
+    assert "wrote" in capsys.readouterr().out
+    with Image.open(tmp_path / "metrics.png") as image:
+        assert image.size == (800, 600)
+    assert not list(tmp_path.glob("*.tmp.png"))
+    (tmp_path / "empty.jsonl").write_text("")
+    assert metrics.plot(tmp_path / "empty.jsonl", tmp_path / "empty.png") is None
+    assert not (tmp_path / "empty.png").exists()

@@ -1,0 +1,77 @@
+"""A run's metrics.jsonl (a record every train.log_every steps) and its plot, metrics.png.
+
+    python -m trainer.metrics runs/tiny          # -> runs/tiny/metrics.png
+
+train.py redraws the plot at every checkpoint and at the end. A resumed run appends the steps
+after its checkpoint again; the plot keeps the last record of each step.
+"""
+import argparse
+import json
+import os
+from pathlib import Path
+
+
+def read(path):
+    """The records of a metrics.jsonl, one per step (the last written), by step."""
+    by_step = {}
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                record = json.loads(line)
+                by_step[record["step"]] = record
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def plot(jsonl, png):
+    """Loss (each record and a running mean) and images/s against the step, as a PNG written
+    whole (a viewer never sees half a file). Returns png, or None with no records yet."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read(jsonl)
+    if not records:
+        return None
+    steps = [r["step"] for r in records]
+    losses = [r["loss"] for r in records]
+    fig, (ax_loss, ax_speed) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=(2, 1))
+    ax_loss.plot(steps, losses, lw=0.6, alpha=0.5, label="loss (logged steps)")
+    window = len(losses) // 20
+    if window > 1:
+        starts = [max(0, i - window + 1) for i in range(len(losses))]
+        smooth = [sum(losses[a:i + 1]) / (i + 1 - a) for i, a in enumerate(starts)]
+        ax_loss.plot(steps, smooth, lw=1.5, label=f"running mean of {window} records")
+    skipped = [r["step"] for r in records if r.get("skipped")]
+    if skipped:
+        ax_loss.plot(skipped, [0] * len(skipped), "rx", transform=ax_loss.get_xaxis_transform(),
+                     label="skipped (non-finite)")
+    ax_loss.set_ylabel("loss")
+    ax_loss.legend()
+    ax_speed.plot(steps, [r["images_per_s"] for r in records], lw=1)
+    ax_speed.set_ylabel("images/s (run mean)")
+    ax_speed.set_xlabel("step")
+    fig.tight_layout()
+    png = Path(png)
+    tmp = png.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, png)
+    return png
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", help="a run's out_dir (holding metrics.jsonl) or a metrics.jsonl")
+    p.add_argument("--out", default=None, help="the PNG (default: metrics.png next to metrics.jsonl)")
+    args = p.parse_args(argv)
+    jsonl = Path(args.run)
+    jsonl = jsonl / "metrics.jsonl" if jsonl.is_dir() else jsonl
+    if not jsonl.is_file():
+        p.error(f"no metrics at {jsonl}")
+    png = plot(jsonl, args.out or jsonl.with_name("metrics.png"))
+    print(f"wrote {png}" if png else f"{jsonl} holds no records yet")
+
+
+if __name__ == "__main__":
+    main()
