@@ -389,6 +389,36 @@ def test_the_text_context_is_cast_to_the_autocast_dtype_once():
         assert torch.equal(out, unet(x, t, context.bfloat16()))
 
 
+def test_resnet_conv1_bias_joins_the_time_embedding():
+    """conv1 runs without its bias, which rides on the time embedding's (N, C) add: the same
+    outputs and gradients as conv1(h) + temb, and under autocast no activation in fp32."""
+    block = randomize_(UNet.from_config(TINY).down_blocks[0].resnets[0])
+    x, temb = torch.randn(2, 32, 8, 8, requires_grad=True), torch.randn(2, block.time_emb_proj.in_features)
+
+    def plain(x):  # diffusers' order
+        h = block.conv1(block.norm1(x)) + block.time_emb_proj(temb)[:, :, None, None]
+        return x + block.conv2(block.norm2(h))
+
+    ours = block(x, temb)
+    grads = torch.autograd.grad(ours.square().sum(), [x, *block.parameters()])
+    ref = plain(x)
+    ref_grads = torch.autograd.grad(ref.square().sum(), [x, *block.parameters()])
+    assert rel_err(ours, ref) < 1e-6
+    assert all(rel_err(g, r) < 1e-5 for g, r in zip(grads, ref_grads))
+    dtypes = set()
+
+    class ActivationDtypes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func in (torch.ops.aten.convolution.default, torch.ops.aten.add.Tensor) and out.shape == x.shape:
+                dtypes.add(out.dtype)  # (the norms' torch reference computes in fp32: not ours to check)
+            return out
+
+    with torch.autocast("cpu", torch.bfloat16), ActivationDtypes():
+        assert block(x.bfloat16(), temb).dtype == torch.bfloat16
+    assert dtypes == {torch.bfloat16}
+
+
 def test_bf16_weight_params_are_all_but_the_group_norms():
     unet = UNet.from_config(TINY)
     norms = {id(p) for m in unet.modules() if isinstance(m, torch.nn.GroupNorm) for p in m.parameters()}

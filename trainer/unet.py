@@ -228,8 +228,11 @@ class ResnetBlock(nn.Module):
         """temb_act: SiLU of the time embedding. Diffusers applies it in each resnet, to the same
         embedding: the UNet does it once (22 kernels fewer each way in SD2)."""
         h, x = self.norm1(x, prenorm=True)  # x again: the skip's gradient joins norm1's dx in its kernel
-        h = self.conv1(h)
-        h = h + self.time_emb_proj(temb_act)[:, :, None, None]
+        # conv1's bias joins the time embedding's (N, C) add: cuDNN adds a conv's bias in a pass
+        # of its own and sums its gradient over (N, H, W) in another, here the (N, C) sum serves.
+        h = F.conv2d(h, self.conv1.weight, None, padding=self.conv1.padding)
+        shift = self.time_emb_proj(temb_act) + self.conv1.bias
+        h = h + shift.to(h.dtype)[:, :, None, None]  # autocast: the bf16 conv output stays bf16
         h = self.conv2(self.dropout(self.norm2(h)))
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
         out = skip + h  # skip first: the sum takes x's memory format
