@@ -233,9 +233,12 @@ class ResnetBlock(nn.Module):
         h = F.conv2d(h, self.conv1.weight, None, padding=self.conv1.padding)
         shift = self.time_emb_proj(temb_act) + self.conv1.bias
         h = h + shift.to(h.dtype)[:, :, None, None]  # autocast: the bf16 conv output stays bf16
-        h = self.conv2(self.dropout(self.norm2(h)))
-        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        out = skip + h  # skip first: the sum takes x's memory format
+        h = self.dropout(self.norm2(h))
+        if self.conv_shortcut is None:
+            out = x + self.conv2(h)  # x first: the sum takes x's memory format
+        else:  # conv2's bias joins the shortcut's: one bias pass each way, not two
+            skip = F.conv2d(x, self.conv_shortcut.weight, self.conv_shortcut.bias + self.conv2.bias)
+            out = skip + F.conv2d(h, self.conv2.weight, None, padding=self.conv2.padding)
         return out if self.output_scale_factor == 1 else out / self.output_scale_factor
 
 
