@@ -16,7 +16,8 @@ bf16 dots wrong, so the attention kernel refuses bf16 on the CPU and would fall 
 torch reference, whose traffic is not a GPU's. What it does not see: cckernels' kernels run in
 the interpreter, whose own copies are left out; their outputs show where they are allocated
 (the kernels write them), their reads do not. GEMMs and convolutions are listed with what they
-read and write, not with their real traffic. Prints the largest groups of (op, place, dtypes)
+read and write, not with their real traffic; a convolution's bias, which the CPU adds inside it,
+is listed as the add_ and the gradient sum a GPU runs apart (`(GPU)` in the op's name). Prints the largest groups of (op, place, dtypes)
 per image and writes traffic_audit.json.
 """
 import argparse
@@ -62,6 +63,16 @@ class TrafficLog(TorchDispatchMode):
             return out
         inputs = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         outputs = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        self.record(name, inputs, outputs)
+        # On a GPU torch adds a cuDNN convolution's bias in an add_ of its own and sums its
+        # gradient over the output's gradient in a reduction of its own; the CPU fuses both.
+        if func is torch.ops.aten.convolution.default and args[2] is not None:
+            self.record("convolution bias add_ (GPU)", [out, args[2]], [out])
+        if func is torch.ops.aten.convolution_backward.default and args[-1][2]:
+            self.record("convolution_backward bias sum (GPU)", [args[0]], [out[2]])
+        return out
+
+    def record(self, name, inputs, outputs):
         self.records.append({
             "op": name, "where": self.where(),
             "read": sum(t.numel() * t.element_size() for t in inputs),
@@ -69,7 +80,6 @@ class TrafficLog(TorchDispatchMode):
             "dtypes": [str(t.dtype).removeprefix("torch.") for t in inputs[:2] + outputs[:1]],
             "shape": list(inputs[0].shape) if inputs else [],
         })
-        return out
 
 
 @contextlib.contextmanager
