@@ -36,9 +36,9 @@ def plot(jsonl, png):
     steps = [r["step"] for r in records]
     losses = [r["loss"] for r in records]
     fig, (ax_loss, ax_speed) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=(2, 1))
-    ax_loss.plot(steps, losses, lw=0.6, alpha=0.5, label="loss (logged steps)")
     window = len(losses) // 20
-    if window > 1:
+    ax_loss.plot(steps, losses, **({"lw": 0.6, "alpha": 0.5} if window > 1 else {}), label="loss (logged steps)")
+    if window > 1:  # enough records for a running mean to say more than they do
         starts = [max(0, i - window + 1) for i in range(len(losses))]
         smooth = [sum(losses[a:i + 1]) / (i + 1 - a) for i, a in enumerate(starts)]
         ax_loss.plot(steps, smooth, lw=1.5, label=f"running mean of {window} records")
