@@ -1,11 +1,9 @@
-import json
-import string
 import sys
 
 import pytest
 import torch
 
-from tiny_models import TINY_OPEN_CLIP, needs_open_clip, tiny_open_clip_arch
+from tiny_models import TINY_OPEN_CLIP, needs_open_clip, save_tiny_clip, tiny_open_clip_arch
 
 from trainer.encoders import (
     MAX_LENGTH,
@@ -112,28 +110,10 @@ def test_tiny_text_encoder(tiny):
         load_text_encoder({**tiny["text_encoder"], "clip_skip": 2})
 
 
-def _save_tiny_clip(folder, num_layers):
-    """A tiny CLIP text model and a real CLIPTokenizer over a letters-only vocabulary."""
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for token in [*string.ascii_lowercase, *(c + "</w>" for c in string.ascii_lowercase)]:
-        vocab[token] = len(vocab)
-    folder.mkdir(parents=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_attention_heads=2,
-                            num_hidden_layers=num_layers, max_position_embeddings=77, hidden_act="gelu",
-                            bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    model = CLIPTextModel(config).eval()
-    model.save_pretrained(folder)
-    return model
-
-
 def test_clip_skip_is_the_penultimate_layer_then_final_layer_norm(tmp_path):
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    full = _save_tiny_clip(tmp_path / "clip", num_layers=3)
+    full = save_tiny_clip(tmp_path / "clip", num_layers=3)
     prompts = ["a cat", "the quick brown fox"]
     ids = CLIPTokenizer.from_pretrained(tmp_path / "clip")(
         prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
@@ -153,7 +133,7 @@ def test_clip_skip_is_the_penultimate_layer_then_final_layer_norm(tmp_path):
 
 
 def test_text_encoder_from_a_pipeline_folder(tmp_path):
-    model = _save_tiny_clip(tmp_path / "pipe" / "tokenizer", num_layers=1)
+    model = save_tiny_clip(tmp_path / "pipe" / "tokenizer", num_layers=1)
     model.save_pretrained(tmp_path / "pipe" / "text_encoder")
     text = load_text_encoder({"path": str(tmp_path / "pipe")})
     emb = text.encode(["a dog"])

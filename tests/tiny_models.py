@@ -1,8 +1,11 @@
 """Stand-ins shared by the diffusion, encoder and sampling tests: a tiny randomly initialized
 diffusers UNet2DConditionModel called as model(x, t, context) -> tensor, like trainer.unet.UNet;
-a tiny randomly initialized OpenCLIP text tower (SD2's ViT-H-14 narrowed, 3 blocks)."""
+a tiny randomly initialized OpenCLIP text tower (SD2's ViT-H-14 narrowed, 3 blocks); a tiny
+CLIP text model saved with a real tokenizer."""
 
 import importlib.util
+import json
+import string
 
 import pytest
 import torch
@@ -54,3 +57,21 @@ def tiny_open_clip_arch(embed_dim=16):
 # CI installs the openclip extra, so these run there.
 needs_open_clip = pytest.mark.skipif(importlib.util.find_spec("open_clip") is None,
                                      reason="open_clip_torch is not installed (pip install '.[openclip]')")
+
+
+def save_tiny_clip(folder, num_layers):
+    """A tiny CLIP text model and a real CLIPTokenizer over a letters-only vocabulary."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for token in [*string.ascii_lowercase, *(c + "</w>" for c in string.ascii_lowercase)]:
+        vocab[token] = len(vocab)
+    folder.mkdir(parents=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                            num_hidden_layers=num_layers, max_position_embeddings=77, hidden_act="gelu",
+                            bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    model = CLIPTextModel(config).eval()
+    model.save_pretrained(folder)
+    return model

@@ -6,11 +6,15 @@
 --checkpoint is a step folder (<out_dir>/checkpoints/step_0000100), or a checkpoints folder or
 an out_dir (their `latest` file names the newest step). The run's config.yaml in the step folder
 rebuilds the UNet, VAE and text encoder; EMA weights are used when the checkpoint has them.
+It may also be a diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/,
+tokenizer/: SD2's, say, to compare with a run fine-tuned from it), whose scheduler config gives
+the prediction type and whose UNet's sample size the default resolution.
 The grid has one row per prompt and --n images per row. train.py calls sample_images and
 save_grid in-process for its periodic sample grids.
 """
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
@@ -73,11 +77,20 @@ def sample_images(unet, vae, text_encoder, prompts, *, resolution=None, n=1, ste
 
 
 def load_checkpoint(path, device="cpu"):
-    """(unet, vae, text_encoder, config) from a checkpoint; the UNet holds the EMA weights when saved."""
+    """(unet, vae, text_encoder, config) from a checkpoint (the UNet holds the EMA weights when
+    saved) or a diffusers pipeline folder (config: just the keys sampling reads)."""
     from safetensors.torch import load_file
 
-    from trainer.unet import UNet  # written in parallel; imported only where a checkpoint is loaded
+    from trainer.unet import UNet  # imported only where a checkpoint is loaded
 
+    if (Path(path) / "model_index.json").is_file():
+        unet = UNet.from_diffusers(path)
+        vae, text_encoder = load_vae({"path": str(path)}, device), load_text_encoder({"path": str(path)}, device)
+        scheduler = Path(path) / "scheduler" / "scheduler_config.json"
+        prediction = json.loads(scheduler.read_text()).get("prediction_type") if scheduler.is_file() else None
+        config = {"data": {"resolution": unet.config["sample_size"] * vae_downsampling(vae)},
+                  "diffusion": {"prediction_type": prediction or "epsilon"}}
+        return unet.to(device).eval(), vae, text_encoder, config
     step = checkpoint.resolve(path)
     config = run_config.load(step / "config.yaml")
     weights = step / "ema.safetensors" if (step / "ema.safetensors").is_file() else step / "unet.safetensors"
@@ -90,7 +103,8 @@ def load_checkpoint(path, device="cpu"):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="step folder, checkpoints folder or out_dir")
+    parser.add_argument("--checkpoint", required=True,
+                        help="step folder, checkpoints folder or out_dir; or a diffusers pipeline folder")
     parser.add_argument("--prompt", action="append", required=True, help="repeat for more rows")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--guidance", type=float, default=7.5)
