@@ -12,6 +12,9 @@ autograd gets exactly while the formula leaves rounding noise that dK sums over 
 (4.9e-5 in fp32 at Lq = 4095 on an H200). The fp32 floor (1e-5 on values of order 1-10)
 still rules out TF32 dots (errors ~1e-3).
 """
+import contextlib
+from unittest import mock
+
 import pytest
 import torch
 
@@ -56,6 +59,22 @@ def triton_attention(q, k, v, scale):
     return out
 
 
+@contextlib.contextmanager
+def nan_filled_buffers():
+    """torch.empty and torch.empty_like return NaN-filled floating tensors inside, so an output,
+    gradient or workspace element (lse, delta, the split dK/dV partials) that a kernel forgets
+    to write shows up in the checks. (test_group_norm's nan_filled_empty fills them through
+    deterministic mode, which would also select the deterministic backward.)"""
+    def filled(make):
+        def allocate(*args, **kwargs):
+            t = make(*args, **kwargs)
+            return t.fill_(float("nan")) if t.is_floating_point() else t
+        return allocate
+
+    with mock.patch("torch.empty", filled(torch.empty)), mock.patch("torch.empty_like", filled(torch.empty_like)):
+        yield
+
+
 def run(fn, make, leaves, scale, dout, dtype):
     """fn's output and gradients w.r.t. `leaves` (cast to dtype), q, k, v = make(*leaves)."""
     leaves = [t.detach().to(dtype).requires_grad_() for t in leaves]
@@ -70,7 +89,8 @@ def check_against_fp64(make, leaves, scale, dtype):
     dout = torch.randn(q.shape[0], q.shape[1], q.shape[2], q.shape[3], device=q.device)
     s = scale if scale is not None else q.shape[-1] ** -0.5
     ref = run(reference, make, leaves, s, dout, torch.float64)
-    ours = run(triton_attention, make, leaves, scale, dout, dtype)
+    with nan_filled_buffers():
+        ours = run(triton_attention, make, leaves, scale, dout, dtype)
     plains = [run(fn, make, leaves, s, dout, dtype) for fn in (plain_attention, FlashFormula.apply)]
     for name, r, o, *p, factor in zip(["out", *(f"grad{i}" for i in range(len(leaves)))], ref, ours, *plains, [2, 3, 3, 3]):
         assert o.dtype == dtype and o.shape == r.shape
@@ -140,7 +160,8 @@ def check_packed_gradient(monkeypatch, kind, Lk, B=2, H=2, D=40, device="cpu", d
         q, k, v = views if kind == "self" else (x, *views)
         return ck.attention(q, k, v, backend=backend)
 
-    attend(ck.unpack(packed), "triton").backward(dout)
+    with nan_filled_buffers():  # packing.packed_empty's buffer too
+        attend(ck.unpack(packed), "triton").backward(dout)
     assert not stacks
     got = packed.grad.clone(), None if x.grad is None else x.grad.clone()
     packed.grad = x.grad = None
