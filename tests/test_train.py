@@ -350,9 +350,12 @@ def test_a_new_run_starts_from_another_runs_weights(tmp_path, capsys):
                (tmp_path / "a" / "diffusers" / "unet", a["ema"]))  # a diffusers folder: what it holds
     for i, (source, expected) in enumerate(sources):
         out = tmp_path / f"b{i}"
+        objective = "v_prediction" if i == 0 else "epsilon"  # the first one switches: said, not refused
         run(out, "train.steps=1", "train.lr=0", "train.weight_decay=0", "data.resolution=32",
-            f"model.init_from={source}")
-        assert "UNet weights from" in capsys.readouterr().out
+            f"model.init_from={source}", f"diffusion.prediction_type={objective}")
+        log = capsys.readouterr().out
+        assert "UNet weights from" in log
+        assert ("trained to predict epsilon, this run trains them to predict v_prediction" in log) == (i == 0)
         got = checkpoint.load(checkpoint.latest(out))["unet"]
         assert all(torch.equal(got[k], expected[k]) for k in expected), source
     # Resuming, the run's own checkpoint wins.

@@ -49,18 +49,30 @@ def resolve(path):
 
 
 def init_weights(path):
-    """The weights file model.init_from names: one of our checkpoints, or a run or checkpoints
-    folder (its latest), gives its trained weights (unet.safetensors; the EMA ones are in its
-    unet/, which is a diffusers folder); anything else is read as a diffusers UNet."""
+    """(weights file, prediction type or None) for model.init_from: one of our checkpoints, or
+    a run or checkpoints folder (its latest), gives its trained weights (unet.safetensors; the
+    EMA ones are in its unet/, which is a diffusers folder) and its config's prediction type;
+    anything else is read as a diffusers UNet, with the prediction type of the pipeline around
+    it, if any."""
     try:
-        return resolve(path) / "unet.safetensors"
+        step = resolve(path)
+        return step / "unet.safetensors", config_mod.load(step / "config.yaml")["diffusion"]["prediction_type"]
     except FileNotFoundError:
         pass
     try:
-        return diffusers_files(path)[0]
+        weights = diffusers_files(path)[0]
     except ValueError as e:
         raise ValueError(f"model.init_from={path}: neither one of our checkpoints (no state.json, no "
                          f"checkpoints/latest) nor a diffusers UNet ({e})") from None
+    pipeline = next((p for p in weights.parents if (p / "model_index.json").is_file()), None)
+    return weights, pipeline_prediction_type(pipeline) if pipeline else None
+
+
+def pipeline_prediction_type(folder):
+    """What a diffusers pipeline's UNet predicts, from its scheduler config (diffusers'
+    default: epsilon), or None without one."""
+    scheduler = Path(folder) / "scheduler" / "scheduler_config.json"
+    return json.loads(scheduler.read_text()).get("prediction_type", "epsilon") if scheduler.is_file() else None
 
 
 def _contiguous_cpu(state_dict):

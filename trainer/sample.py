@@ -14,7 +14,6 @@ save_grid in-process for its periodic sample grids.
 """
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -86,10 +85,8 @@ def load_checkpoint(path, device="cpu"):
     if (Path(path) / "model_index.json").is_file():
         unet = UNet.from_diffusers(path)
         vae, text_encoder = load_vae({"path": str(path)}, device), load_text_encoder({"path": str(path)}, device)
-        scheduler = Path(path) / "scheduler" / "scheduler_config.json"
-        prediction = json.loads(scheduler.read_text()).get("prediction_type") if scheduler.is_file() else None
         config = {"data": {"resolution": unet.config["sample_size"] * vae_downsampling(vae)},
-                  "diffusion": {"prediction_type": prediction or "epsilon"}}
+                  "diffusion": {"prediction_type": checkpoint.pipeline_prediction_type(path) or "epsilon"}}
         return unet.to(device).eval(), vae, text_encoder, config
     step = checkpoint.resolve(path)
     config = run_config.load(step / "config.yaml")

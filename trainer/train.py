@@ -166,12 +166,15 @@ def main(argv=None):
         if init_from:
             log(f"model.init_from={init_from} ignored: resuming this run's own checkpoint")
     elif init_from:
-        weights = checkpoint.init_weights(init_from)
+        weights, trained_for = checkpoint.init_weights(init_from)
         try:
             unet.load_diffusers(weights)
         except ValueError as e:  # a key or shape that model.unet's config does not have
             raise ValueError(f"model.init_from={init_from} ({weights}) does not fit model.unet: {e}") from None
         log(f"UNet weights from {weights}")
+        if trained_for not in (None, cfg["diffusion"]["prediction_type"]):  # e.g. SD2-768's v_prediction
+            log(f"warning: those weights were trained to predict {trained_for}, this run trains them to predict "
+                f"{cfg['diffusion']['prediction_type']} (diffusion.prediction_type)")
     tc = cfg["train"]
     optimizer = ck.FusedAdamWEMA(unet.parameters(), lr=tc["lr"], betas=tuple(tc["betas"]), weight_decay=tc["weight_decay"])
     if ckpt:
