@@ -96,3 +96,18 @@ def test_keeps_only_the_newest(tmp_path):
         _save(tmp_path, step, step, keep=2)
     names = sorted(p.name for p in checkpoint.checkpoint_dir(tmp_path).glob("step_*"))
     assert names == ["step_0000002", "step_0000003"]
+
+
+def test_init_weights_of_a_pipeline_folder_and_its_prediction_type(tmp_path):
+    weights = tmp_path / "pipe" / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"")  # only found here, not read
+    assert checkpoint.init_weights(tmp_path / "pipe" / "unet") == (weights, None)  # a bare UNet folder
+    (tmp_path / "pipe" / "model_index.json").write_text("{}")
+    assert checkpoint.init_weights(tmp_path / "pipe") == (weights, None)  # no scheduler config
+    (tmp_path / "pipe" / "scheduler").mkdir()
+    (tmp_path / "pipe" / "scheduler" / "scheduler_config.json").write_text('{"prediction_type": "v_prediction"}')
+    for path in (tmp_path / "pipe", tmp_path / "pipe" / "unet", weights):
+        assert checkpoint.init_weights(path) == (weights, "v_prediction")
+    (tmp_path / "pipe" / "scheduler" / "scheduler_config.json").write_text("{}")  # diffusers' default
+    assert checkpoint.init_weights(tmp_path / "pipe") == (weights, "epsilon")

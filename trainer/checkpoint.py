@@ -64,7 +64,7 @@ def init_weights(path):
     except ValueError as e:
         raise ValueError(f"model.init_from={path}: neither one of our checkpoints (no state.json, no "
                          f"checkpoints/latest) nor a diffusers UNet ({e})") from None
-    pipeline = next((p for p in weights.parents if (p / "model_index.json").is_file()), None)
+    pipeline = next((p for p in weights.parents[:2] if (p / "model_index.json").is_file()), None)  # unet/, its pipeline
     return weights, pipeline_prediction_type(pipeline) if pipeline else None
 
 
