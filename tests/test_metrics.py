@@ -9,7 +9,7 @@ def _write(path, steps, skipped=()):
     with open(path, "a") as f:
         for step in steps:
             f.write(json.dumps({"step": step, "loss": 1.0 / step, "grad_norm": 1.0, "lr": 1e-4,
-                                "images_per_s": 10.0 + step, "skipped": step in skipped}) + "\n")
+                                "images_per_s": 10.0 + step, "data_wait": 0.1, "skipped": step in skipped}) + "\n")
 
 
 def test_a_resumed_runs_repeated_steps_keep_their_last_record(tmp_path):

@@ -36,6 +36,7 @@ def test_resumed_run_is_bit_identical_to_an_unbroken_one(tmp_path, capsys):
     assert all(torch.equal(exported[k], a["ema"][k].to(exported[k].dtype)) for k in a["ema"])  # EMA weights exported
     metrics = [json.loads(line) for line in open(tmp_path / "b" / "metrics.jsonl")]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert all(0 <= m["data_wait"] < 1 for m in metrics)
     assert (tmp_path / "b" / "metrics.png").stat().st_size > 0
 
 

@@ -23,8 +23,9 @@ def read(path):
 
 
 def plot(jsonl, png):
-    """Loss (each record and a running mean) and images/s against the step, as a PNG written
-    whole (a viewer never sees half a file). Returns png, or None with no records yet."""
+    """Loss (each record and a running mean), images/s and the share of the time spent waiting
+    for data against the step, as a PNG written whole (a viewer never sees half a file).
+    Returns png, or None with no records yet."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -51,6 +52,11 @@ def plot(jsonl, png):
     ax_speed.plot(steps, [r["images_per_s"] for r in records], lw=1)
     ax_speed.set_ylabel("images/s (run mean)")
     ax_speed.set_xlabel("step")
+    if all("data_wait" in r for r in records):  # runs before 2026-11-27 did not record it
+        ax_wait = ax_speed.twinx()
+        ax_wait.plot(steps, [100 * r["data_wait"] for r in records], lw=1, color="tab:red")
+        ax_wait.set_ylabel("% waiting for data", color="tab:red")
+        ax_wait.set_ylim(0, 100)
     fig.tight_layout()
     png = Path(png)
     tmp = png.with_suffix(".tmp.png")

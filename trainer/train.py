@@ -214,12 +214,17 @@ def main(argv=None):
         + f" (CCKERNELS_BACKEND={os.environ.get('CCKERNELS_BACKEND', 'unset')})")
 
     # -- training loop ---------------------------------------------------------------------------
+    data_wait = 0.0  # seconds spent waiting for batches: near the run's time, the data is the bottleneck
+
     def train_step(step):
+        nonlocal data_wait
         for g in optimizer.param_groups:
             g["lr"] = lr_at(step)
         total = torch.zeros((), device=device)
         for micro in range(accum):
+            t = time.perf_counter()
             images, captions = next(batches)
+            data_wait += time.perf_counter() - t
             with torch.no_grad():
                 if latents_format:
                     latents, ctx = images.to(device), captions.to(device)
@@ -292,11 +297,12 @@ def main(argv=None):
                 raise RuntimeError(f"{bad_steps} consecutive steps with non-finite loss or gradients; stopping")
         done = step + 1
         if is_main:
-            images_per_s = world * batch * accum * (done - start_step) / (time.perf_counter() - t0)
-            bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_s:.1f}")
+            elapsed = time.perf_counter() - t0
+            images_per_s, data_share = world * batch * accum * (done - start_step) / elapsed, data_wait / elapsed
+            bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_s:.1f}", data_wait=f"{data_share:.0%}")
             if done % tc["log_every"] == 0 or done == steps:
                 record = {"step": done, "loss": loss, "grad_norm": grad_norm, "lr": lr_at(step),
-                          "images_per_s": images_per_s, "skipped": not finite}
+                          "images_per_s": images_per_s, "data_wait": data_share, "skipped": not finite}
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
         if done == start_step + 1:
