@@ -1,6 +1,7 @@
 """The main job, in-process on one CPU rank: resume, bad config, non-finite steps."""
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -371,3 +372,27 @@ def test_init_from_a_path_without_weights_or_another_architecture_says_so(tmp_pa
     with pytest.raises(ValueError, match=r"does not fit model.unet: .*wrong shape"):
         run(tmp_path / "c", "train.steps=1", f"model.init_from={tmp_path / 'a'}",
             "model.unet.block_out_channels=[32,48]")
+
+
+def test_a_run_with_clip_and_vae_folders_ends_as_a_diffusers_pipeline(tmp_path, capsys):
+    diffusers = pytest.importorskip("diffusers")
+    from tiny_models import save_tiny_clip
+    from trainer import encoders
+
+    encoders.load_vae(encoders.encoder_config("tiny")["vae"]).save_pretrained(tmp_path / "vae")
+    save_tiny_clip(tmp_path / "clip", num_layers=1)
+    run(tmp_path / "run", "train.steps=2", f"model.vae={{path: {tmp_path / 'vae'}}}",
+        f"model.text_encoder={{path: {tmp_path / 'clip'}}}")
+    assert "diffusers pipeline (StableDiffusionPipeline.from_pretrained)" in capsys.readouterr().out
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(tmp_path / "run" / "diffusers")
+    assert pipe.scheduler.config.prediction_type == "epsilon" and pipe.tokenizer.model_max_length == 77
+    image = pipe("a cat", num_inference_steps=2, height=64, width=64, output_type="np").images
+    assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
+    ema = load_file(tmp_path / "run" / "diffusers" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(v, ema[k]) for k, v in pipe.unet.state_dict().items())
+    from trainer.sample import load_checkpoint  # and trainer.sample reads it back
+    assert load_checkpoint(tmp_path / "run" / "diffusers")[3]["data"]["resolution"] == 64
+    # The default run's byte tokenizer has no transformers form: the UNet only, and why.
+    run(tmp_path / "tiny", "train.steps=1")
+    assert "no whole pipeline: the text encoder's tokenizer is the byte tokenizer" in capsys.readouterr().out
+    assert not (tmp_path / "tiny" / "diffusers" / "model_index.json").exists()

@@ -35,7 +35,7 @@ class NoiseSchedule:
             raise ValueError(f"num_train_timesteps must be an int >= 2, got {num_train_timesteps!r}")
         if not 0.0 < beta_start < beta_end < 1.0:
             raise ValueError(f"need 0 < beta_start < beta_end < 1, got beta_start={beta_start}, beta_end={beta_end}")
-        self.num_train_timesteps = num_train_timesteps
+        self.num_train_timesteps, self.beta_start, self.beta_end = num_train_timesteps, beta_start, beta_end
         betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
         alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
         self.alphas_cumprod = alphas_cumprod.float()

@@ -143,7 +143,7 @@ class ByteTokenizer:
         return ids
 
 
-class _ClipTokenizer:
+class ClipTokenizer:
     """transformers' CLIPTokenizer called the way SD's pipelines call it: pad to 77, truncate."""
 
     def __init__(self, tokenizer):
@@ -267,7 +267,7 @@ def load_text_encoder(cfg, device="cpu"):
         model_dir = root / "text_encoder" if pipeline else root
         tokenizer_dir = cfg.get("tokenizer_path") or (root / "tokenizer" if pipeline else root)
         model = CLIPTextModel.from_pretrained(model_dir, local_files_only=True)
-        tokenizer = _ClipTokenizer(CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True))
+        tokenizer = ClipTokenizer(CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True))
     return CLIPTextEncoder(model, tokenizer, clip_skip=cfg.get("clip_skip", 0)).to(device)
 
 

@@ -32,6 +32,7 @@ import cckernels as ck  # noqa: E402
 from trainer import checkpoint, config, data, diffusion, encoders  # noqa: E402
 from trainer.ddp import DistributedDataParallel  # noqa: E402
 from trainer.ema import ScheduledEMA  # noqa: E402
+from trainer.export import save_pipeline  # noqa: E402
 from trainer.graphs import graph_on_first_call  # noqa: E402
 from trainer.metrics import plot as plot_metrics  # noqa: E402
 from trainer.sample import sample_images, save_grid  # noqa: E402
@@ -316,7 +317,10 @@ def main(argv=None):
     samples(steps)
     if is_main:
         unet.save_diffusers(out_dir / "diffusers" / "unet", {**fp32_weights(), **(ema.state_tensors() or {})})
-        log(f"done: checkpoints in {checkpoint.checkpoint_dir(out_dir)}, diffusers UNet in {out_dir / 'diffusers' / 'unet'}")
+        why_not = save_pipeline(out_dir / "diffusers", vae, text_encoder, schedule, dc["prediction_type"])
+        log(f"done: checkpoints in {checkpoint.checkpoint_dir(out_dir)}, "
+            + (f"diffusers UNet in {out_dir / 'diffusers' / 'unet'} (no whole pipeline: {why_not})" if why_not else
+               f"diffusers pipeline (StableDiffusionPipeline.from_pretrained) in {out_dir / 'diffusers'}"))
     if world > 1:
         dist.destroy_process_group()
 
