@@ -380,12 +380,17 @@ def test_a_run_with_clip_and_vae_folders_ends_as_a_diffusers_pipeline(tmp_path, 
     from trainer import encoders
 
     encoders.load_vae(encoders.encoder_config("tiny")["vae"]).save_pretrained(tmp_path / "vae")
-    save_tiny_clip(tmp_path / "clip", num_layers=1)
+    save_tiny_clip(tmp_path / "clip", num_layers=2)
+    clip = {"path": str(tmp_path / "clip"), "clip_skip": 1}  # the pipeline's text model ends a block early
     run(tmp_path / "run", "train.steps=2", f"model.vae={{path: {tmp_path / 'vae'}}}",
-        f"model.text_encoder={{path: {tmp_path / 'clip'}}}")
+        f"model.text_encoder={json.dumps(clip)}")
     assert "diffusers pipeline (StableDiffusionPipeline.from_pretrained)" in capsys.readouterr().out
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(tmp_path / "run" / "diffusers")
     assert pipe.scheduler.config.prediction_type == "epsilon" and pipe.tokenizer.model_max_length == 77
+    ids = pipe.tokenizer(["a cat"], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.text_encoder(ids).last_hidden_state, encoders.load_text_encoder(clip).encode(["a cat"]))
+    assert pipe.text_encoder.config.num_hidden_layers == 1
     image = pipe("a cat", num_inference_steps=2, height=64, width=64, output_type="np").images
     assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
     ema = load_file(tmp_path / "run" / "diffusers" / "unet" / "diffusion_pytorch_model.safetensors")

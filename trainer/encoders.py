@@ -200,8 +200,13 @@ class CLIPTextEncoder(TextEncoder):
             return self.model(ids).last_hidden_state
         # hidden_states holds the embeddings then each layer's output, before the final LayerNorm.
         hidden = self.model(ids, output_hidden_states=True).hidden_states[-(self.clip_skip + 1)]
-        # transformers < 5 nests the layers under .text_model; 5 puts them on the model itself.
-        return getattr(self.model, "text_model", self.model).final_layer_norm(hidden)
+        return clip_text_transformer(self.model).final_layer_norm(hidden)
+
+
+def clip_text_transformer(model):
+    """A CLIPTextModel's transformer (embeddings, encoder.layers, final_layer_norm): transformers
+    < 5 nests it under .text_model; 5 puts its parts on the model itself."""
+    return getattr(model, "text_model", model)
 
 
 class OpenCLIPTextEncoder(TextEncoder):

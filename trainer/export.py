@@ -2,13 +2,14 @@
 
 train.py writes the UNet to diffusers/unet/ at the end of every run; where the text encoder
 can be written as transformers' CLIPTextModel and CLIPTokenizer (one loaded from a local
-folder, clip_skip 0: SD2's diffusers text encoder already ends at the penultimate block),
-save_pipeline adds vae/, text_encoder/, tokenizer/, scheduler/ (DDIM on the run's noise
-schedule and prediction type, SD2's settings) and model_index.json beside it.
+folder; with clip_skip, its last blocks dropped), save_pipeline adds vae/, text_encoder/,
+tokenizer/, scheduler/ (DDIM on the run's noise schedule and prediction type, SD2's settings)
+and model_index.json beside it.
 """
+import copy
 import json
 
-from trainer.encoders import MAX_LENGTH, ClipTokenizer, CLIPTextEncoder
+from trainer.encoders import MAX_LENGTH, ClipTokenizer, CLIPTextEncoder, clip_text_transformer
 
 
 def unexportable(text_encoder):
@@ -17,9 +18,19 @@ def unexportable(text_encoder):
         return f"the text encoder is {type(text_encoder).__name__}, not transformers' CLIPTextModel"
     if not isinstance(text_encoder.tokenizer, ClipTokenizer):
         return "the text encoder's tokenizer is the byte tokenizer of randomly initialized encoders, not CLIP's"
-    if text_encoder.clip_skip:
-        return f"clip_skip={text_encoder.clip_skip}: a pipeline reads the text model's last block"
     return None
+
+
+def pipeline_text_model(text_encoder):
+    """The CLIPTextModel whose last block's output (after the final LayerNorm) is what
+    text_encoder.encode gives: with clip_skip k, a copy without its last k blocks (as SD2's
+    diffusers text encoder is OpenCLIP's tower without its last block)."""
+    model, k = text_encoder.model, text_encoder.clip_skip
+    if k:
+        model = copy.deepcopy(model)
+        del clip_text_transformer(model).encoder.layers[-k:]
+        model.config.num_hidden_layers -= k
+    return model
 
 
 def save_pipeline(folder, vae, text_encoder, schedule, prediction_type):
@@ -32,7 +43,7 @@ def save_pipeline(folder, vae, text_encoder, schedule, prediction_type):
         (folder / "model_index.json").unlink(missing_ok=True)  # an earlier run's pipeline is not this one
         return why
     vae.save_pretrained(folder / "vae")
-    text_encoder.model.save_pretrained(folder / "text_encoder")
+    pipeline_text_model(text_encoder).save_pretrained(folder / "text_encoder")
     tokenizer = text_encoder.tokenizer.tokenizer
     tokenizer.model_max_length = MAX_LENGTH  # the pipeline pads prompts to it
     tokenizer.save_pretrained(folder / "tokenizer")
