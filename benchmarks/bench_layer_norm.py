@@ -57,8 +57,13 @@ def measure(name, fn, label, tokens, C, device, on_gpu):
     bias = 0.1 * torch.randn(C, device=device)
     inputs = (x, residual, weight, bias)
     leaves = tuple(t.clone().requires_grad_() for t in inputs)
-    # dy in the output's dtype: fp32 for autocast's, whose next layer's cast sends it back in fp32
-    y, s = fn(*leaves)
+    # dy in the output's dtype: fp32 for autocast's, whose next layer's cast sends it back in fp32.
+    # Without grad: a graph kept alive here holds the leaves' AccumulateGrad nodes, made on the
+    # default stream, and the backward captured on timers.capture's side stream then syncs with
+    # that stream, which invalidates the capture (and leaves torch's CUDA generator in capture
+    # mode: the next torch.randn raised, the first H200 run of this benchmark died so)
+    with torch.no_grad():
+        y, s = fn(*inputs)
     dy, ds = torch.randn_like(y), torch.randn_like(s)
 
     def forward_backward():  # autograd.grad: no .grad accumulation to time
