@@ -9,21 +9,22 @@
 # Budget per step (seconds, enforced with `timeout`; a step that fails or runs out is logged in
 # summary.md and the next one still runs; benchmarks with --budget-s start no new case after it
 # and still write their JSON), in this order:
-#   build 45 | build-check 15 | pytest -m gpu 140 (93 s on the third H200 run) | bench_train 270
-#   (6 timed steps and 1 profiled step of kernels a row; no row starts after its budget less
-#   30 s; JSON written after every row) | bench_ema 35 | bench_attention_cross 60 (the cross-attention shapes and 512 px
-#   self-attention at L = 4096) | bench_group_norm 60 | bench_geglu 25 | bench_layer_norm 25 |
-#   profile_host 30 | bench_attention 55 | bench_data 45 = 805 s
+#   build 45 | build-check 15 | pytest -m gpu 150 (93 s on the third H200 run, just over 140
+#   on the fourth) | bench_train 270 (6 timed steps and 1 profiled step of kernels a row; no
+#   row starts after its budget less 30 s; JSON written after every row) |
+#   bench_attention_cross 60 (the cross-attention shapes and 512 px self-attention at
+#   L = 4096) | bench_layer_norm 25 | bench_geglu 25 | bench_group_norm 60 | profile_host 30 |
+#   bench_ema 35 | bench_attention 55 | bench_data 45 = 815 s
 #   if every step used all of its budget (bench_ddp, 30 s, only runs with several GPUs).
 # The whole run must end inside the caller's outer `timeout` (docs/benchmarks.md: 575 s less the
 # DALI install), or that kills it mid-step and summary.md is never written. So the script ends
 # itself by RUN_GPU_BUDGET_S (default 560): each step gets its budget or what is left of the
 # total (less 15 s: timeout's 10 s kill grace and the summary), whichever is less, and a step
 # with under 10 s left is skipped and logged as such. At 560 s the last steps get little or
-# nothing: bench_group_norm (docs/benchmarks.md: a follow-up call), bench_attention and
-# bench_data, which the H200 runs of 2026-11-26 measured. There build took 21 s, pytest 101 (140 budget), and bench_train's
-# headline rows 43 s (baseline), 56 (+ our DDP, with the Triton autotuning), 26 (+ larger
-# micro-batch): at 120 s its plain-PyTorch rows were cut.
+# nothing (docs/benchmarks.md: a follow-up call on the warm machine). On the fourth H200 run
+# (2026-11-27, 541 s) build took 22 s, pytest 140, bench_train 256 (its headline and
+# plain-PyTorch rows; five ablation rows cut), bench_ema 24, bench_attention_cross 48, and
+# bench_group_norm got the 24 s that were left.
 # bench_precompute is left out for time: its GPU question (training on latents vs encoding
 # online, same UNet) is bench_train's "+ precomputed latents" row; run it alone when a visit
 # has time left.
@@ -130,7 +131,7 @@ EOF
 # run cut by the budget still says what passed; --durations sizes the next visit's budget.
 xdist=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
 per_test=$("$PY" -c "import pytest_timeout" 2>/dev/null && echo "--timeout 60")
-step pytest-gpu 140 env CCKERNELS_AUTOTUNE=0 "$PY" -m pytest -m gpu $xdist $per_test -v -rs --durations 15 \
+step pytest-gpu 150 env CCKERNELS_AUTOTUNE=0 "$PY" -m pytest -m gpu $xdist $per_test -v -rs --durations 15 \
     -p no:cacheprovider --junitxml="$OUT/pytest-gpu.xml" tests
 
 # Several GPUs: the training benchmark runs one process per GPU (a world of N), the others on one.
@@ -158,20 +159,19 @@ else
     step bench_train "$train_s" env CCKERNELS_AUTOTUNE=0 "$PY" benchmarks/bench_train.py "${train_args[@]}"
 fi
 
-# Then the kernels, in the order of what open issues still need measured: bench_ema (#5: the
-# EMA's graph column), the cross-attention shapes at 256 and 512 px and the 512 px
-# self-attention at L = 4096 (#3), bench_group_norm's batch-256 shapes (#4; its JSON is
-# written after every case); then GEGLU, LayerNorm (not yet measured) and the host profile
-# (the others measured on the third H200 run), the full attention and data tables last (the
-# 2026-11-26 H200 runs measured them).
-bench bench_ema 35
+# Then the kernels, in the order of what open issues still need measured: the cross-attention
+# shapes at 256 and 512 px and the 512 px self-attention at L = 4096 (#3), LayerNorm (never
+# measured: the fourth run's call crashed in the benchmark), GEGLU (its fused bias, to tune),
+# bench_group_norm's batch-256 shapes (#4; its JSON is written after every case), the host
+# profile, then EMA (#5's targets met on the fourth run), the full attention and data tables.
 step bench_attention_cross 60 "$PY" benchmarks/bench_attention.py --out "$OUT/attention-cross" \
     --only "cross" "512px self L=4096" --budget-s 45
-bench bench_group_norm 60 --budget-s 45
-bench bench_geglu 25 --budget-s 12
 bench bench_layer_norm 25 --budget-s 12  # bench_geglu's budget: its token counts (22 s of 25 on the H200)
+bench bench_geglu 25 --budget-s 12
+bench bench_group_norm 60 --budget-s 45
 # Where eager calls spend their host time (our kernels' were 2-4x PyTorch's); one config each.
 step profile_host 30 env CCKERNELS_AUTOTUNE=0 "$PY" benchmarks/profile_host.py --out "$OUT"
+bench bench_ema 35
 # bench_ddp needs two GPUs for NCCL; on one it would time two gloo processes on the CPU, which
 # CI's smoke test already covers.
 if [ "$ngpu" -gt 1 ]; then
