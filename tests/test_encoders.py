@@ -173,55 +173,56 @@ def test_open_clip_tiny_text_encoder():
     assert len(load_text_encoder({**TINY_OPEN_CLIP, "clip_skip": 0}).model.transformer.resblocks) == 3
 
 
-def _to_transformers_clip(tower, layers):
-    """The first `layers` blocks of an open_clip text tower as a transformers CLIPTextModel, as
-    diffusers converts SD2's OpenCLIP ViT-H (fused in_proj split into q, k, v)."""
-    from open_clip.transformer import QuickGELU
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    state = tower.state_dict()
-    act = "quick_gelu" if isinstance(tower.transformer.resblocks[0].mlp.gelu, QuickGELU) else "gelu"
-    config = CLIPTextConfig(vocab_size=tower.vocab_size, hidden_size=tower.width, intermediate_size=4 * tower.width,
-                            num_attention_heads=tower.heads, num_hidden_layers=layers, max_position_embeddings=77,
-                            hidden_act=act, layer_norm_eps=1e-5)
-    converted = {"embeddings.token_embedding.weight": state["token_embedding.weight"],
-                 "embeddings.position_embedding.weight": state["positional_embedding"],
-                 "final_layer_norm.weight": state["ln_final.weight"], "final_layer_norm.bias": state["ln_final.bias"]}
-    names = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
-             "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
-    for i in range(layers):
-        ours, theirs = f"transformer.resblocks.{i}.", f"encoder.layers.{i}."
-        for kind in ("weight", "bias"):
-            for a, b in names.items():
-                converted[theirs + f"{b}.{kind}"] = state[ours + f"{a}.{kind}"]
-            q, k, v = state[ours + f"attn.in_proj_{kind}"].chunk(3)
-            for proj, t in zip("qkv", (q, k, v)):
-                converted[theirs + f"self_attn.{proj}_proj.{kind}"] = t
-    model = CLIPTextModel(config).eval()
-    # transformers < 5 nests the layers under .text_model; 5 puts them on the model itself.
-    getattr(model, "text_model", model).load_state_dict(converted, strict=False)
-    missing = set(getattr(model, "text_model", model).state_dict()) - set(converted) - {"embeddings.position_ids"}
-    assert not missing, missing
-    return model
-
-
 @needs_open_clip
 @pytest.mark.parametrize("arch", ["ViT-H-14", "ViT-B-32-quickgelu"])
 def test_open_clip_penultimate_is_sd2_diffusers_conditioning(arch):
     """SD2's conditioning two ways: our OpenCLIP encoder's penultimate block (through ln_final),
     and a transformers CLIPTextModel holding the tower's blocks but the last, which is how SD2's
-    diffusers text_encoder/ stores OpenCLIP ViT-H. Also clip_skip=0 against all blocks."""
+    diffusers text_encoder/ stores OpenCLIP ViT-H (export.open_clip_text_model: the fused in_proj
+    split into q, k, v). Also clip_skip=0 against all blocks."""
+    from trainer.export import open_clip_text_model
+
     cfg = {**TINY_OPEN_CLIP, "open_clip": arch}
-    tower = load_open_clip_tower(cfg)
     prompts = ["a photo of a cat", "", "the quick brown fox jumps over the lazy dog " * 4]
-    penultimate = load_text_encoder(cfg)
+    penultimate, full = load_text_encoder(cfg), load_text_encoder({**cfg, "clip_skip": 0})
     ids = penultimate.tokenizer(prompts)
     with torch.no_grad():
-        sd2 = _to_transformers_clip(tower, layers=2)(ids).last_hidden_state
-        full = _to_transformers_clip(tower, layers=3)(ids).last_hidden_state
+        sd2 = open_clip_text_model(penultimate.model)(ids).last_hidden_state
+        every_block = open_clip_text_model(full.model)(ids).last_hidden_state
     torch.testing.assert_close(penultimate.encode(prompts), sd2)
-    torch.testing.assert_close(load_text_encoder({**cfg, "clip_skip": 0}).encode(prompts), full)
-    assert not torch.allclose(sd2, full, atol=1e-2)
+    torch.testing.assert_close(full.encode(prompts), every_block)
+    assert not torch.allclose(sd2, every_block, atol=1e-2)
+    config = open_clip_text_model(penultimate.model).config
+    assert (config.num_hidden_layers, config.hidden_act) == (2, "quick_gelu" if "quickgelu" in arch else "gelu")
+
+
+@needs_open_clip
+def test_open_clip_tokenizer_as_transformers_clip_tokenizer():
+    """The exported tokenizer gives open_clip's ids (start, BPE, end, zeros after), except where
+    diffusers' own SD2 tokenizer differs from open_clip's too: "!" is its pad token, and it does
+    not straighten curly quotes (open_clip's ftfy does)."""
+    from trainer.export import open_clip_tokenizer
+
+    text = load_text_encoder(TINY_OPEN_CLIP)
+    tokenizer = open_clip_tokenizer(text.tokenizer)
+    prompts = ["a photo of a cat", "", "Hello, world. 1234 café naïve 'quotes' (x) #tag", "don't stop's",
+               "the quick brown fox jumps over the lazy dog " * 4]
+    ids = tokenizer(prompts, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt").input_ids
+    assert torch.equal(ids, text.tokenizer(prompts)) and tokenizer.model_max_length == MAX_LENGTH
+    sd2_like = tokenizer(["wow!", "\u201cquoted\u201d"], padding="max_length", max_length=MAX_LENGTH, return_tensors="pt").input_ids
+    assert not torch.equal(sd2_like, text.tokenizer(["wow!", "\u201cquoted\u201d"]))
+
+
+@needs_open_clip
+def test_open_clip_towers_a_clip_text_model_cannot_hold_say_so():
+    from trainer.export import open_clip_text_model
+
+    layer_scale = load_open_clip_tower({**TINY_OPEN_CLIP, "config": {**TINY_OPEN_CLIP["config"], "ls_init_value": 0.1}})
+    with pytest.raises(ValueError, match="no place for: .*ls_1"):
+        open_clip_text_model(layer_scale)
+    no_mask = load_open_clip_tower({**TINY_OPEN_CLIP, "config": {**TINY_OPEN_CLIP["config"], "no_causal_mask": True}})
+    with pytest.raises(ValueError, match="no causal mask"):
+        open_clip_text_model(no_mask)
 
 
 @needs_open_clip

@@ -374,23 +374,29 @@ def test_init_from_a_path_without_weights_or_another_architecture_says_so(tmp_pa
             "model.unet.block_out_channels=[32,48]")
 
 
-def test_a_run_with_clip_and_vae_folders_ends_as_a_diffusers_pipeline(tmp_path, capsys):
+@pytest.mark.parametrize("kind", ["clip", "open_clip"])
+def test_a_run_with_a_vae_folder_and_a_clip_text_encoder_ends_as_a_diffusers_pipeline(tmp_path, capsys, kind):
     diffusers = pytest.importorskip("diffusers")
-    from tiny_models import save_tiny_clip
+    from tiny_models import TINY_OPEN_CLIP, save_tiny_clip
     from trainer import encoders
 
     encoders.load_vae(encoders.encoder_config("tiny")["vae"]).save_pretrained(tmp_path / "vae")
-    save_tiny_clip(tmp_path / "clip", num_layers=2)
-    clip = {"path": str(tmp_path / "clip"), "clip_skip": 1}  # the pipeline's text model ends a block early
+    if kind == "clip":
+        save_tiny_clip(tmp_path / "clip", num_layers=2)
+        text = {"path": str(tmp_path / "clip"), "clip_skip": 1}  # the pipeline's text model ends a block early
+    else:  # 3 blocks, the penultimate read (SD2's): converted as diffusers stores SD2's text encoder
+        pytest.importorskip("open_clip")
+        text = TINY_OPEN_CLIP
     run(tmp_path / "run", "train.steps=2", f"model.vae={{path: {tmp_path / 'vae'}}}",
-        f"model.text_encoder={json.dumps(clip)}")
+        f"model.text_encoder={json.dumps(text)}")
     assert "diffusers pipeline (StableDiffusionPipeline.from_pretrained)" in capsys.readouterr().out
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(tmp_path / "run" / "diffusers")
     assert pipe.scheduler.config.prediction_type == "epsilon" and pipe.tokenizer.model_max_length == 77
-    ids = pipe.tokenizer(["a cat"], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    prompts = ["a cat", ""]
+    ids = pipe.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     with torch.no_grad():
-        torch.testing.assert_close(pipe.text_encoder(ids).last_hidden_state, encoders.load_text_encoder(clip).encode(["a cat"]))
-    assert pipe.text_encoder.config.num_hidden_layers == 1
+        torch.testing.assert_close(pipe.text_encoder(ids).last_hidden_state, encoders.load_text_encoder(text).encode(prompts))
+    assert pipe.text_encoder.config.num_hidden_layers == (1 if kind == "clip" else 2)
     image = pipe("a cat", num_inference_steps=2, height=64, width=64, output_type="np").images
     assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
     ema = load_file(tmp_path / "run" / "diffusers" / "unet" / "diffusion_pytorch_model.safetensors")

@@ -2,23 +2,23 @@
 
 train.py writes the UNet to diffusers/unet/ at the end of every run; where the text encoder
 can be written as transformers' CLIPTextModel and CLIPTokenizer (one loaded from a local
-folder; with clip_skip, its last blocks dropped), save_pipeline adds vae/, text_encoder/,
-tokenizer/, scheduler/ (DDIM on the run's noise schedule and prediction type, SD2's settings)
-and model_index.json beside it.
+folder, with clip_skip its last blocks dropped; or an OpenCLIP tower, converted as diffusers
+stores SD2's), save_pipeline adds vae/, text_encoder/, tokenizer/, scheduler/ (DDIM on the
+run's noise schedule and prediction type, SD2's settings) and model_index.json beside it,
+after checking that the pipeline's text encoder conditions on a few prompts as the run did.
 """
 import copy
 import json
+import tempfile
+from pathlib import Path
 
-from trainer.encoders import MAX_LENGTH, ClipTokenizer, CLIPTextEncoder, clip_text_transformer
+import torch
 
+from trainer.encoders import MAX_LENGTH, ClipTokenizer, CLIPTextEncoder, OpenCLIPTextEncoder, clip_text_transformer
 
-def unexportable(text_encoder):
-    """Why text_encoder has no transformers form for a pipeline, or None."""
-    if not isinstance(text_encoder, CLIPTextEncoder):
-        return f"the text encoder is {type(text_encoder).__name__}, not transformers' CLIPTextModel"
-    if not isinstance(text_encoder.tokenizer, ClipTokenizer):
-        return "the text encoder's tokenizer is the byte tokenizer of randomly initialized encoders, not CLIP's"
-    return None
+# Prompts the exported text encoder must encode as the run's did (the empty one is guidance's;
+# the last is cut at 77 tokens).
+PROBE_PROMPTS = ["a photo of a cat", "", "An oil painting of a lighthouse at dusk, waves, 4k, " * 6]
 
 
 def pipeline_text_model(text_encoder):
@@ -33,19 +33,118 @@ def pipeline_text_model(text_encoder):
     return model
 
 
+def open_clip_text_model(tower):
+    """An open_clip TextTransformer as a transformers CLIPTextModel on its device: every block
+    it holds (OpenCLIPTextEncoder prunes those after the one it reads), the fused attention
+    in_proj split into q, k and v, ln_final as the final LayerNorm, as diffusers stores SD2's
+    OpenCLIP ViT-H. ValueError where the tower has parts a CLIPTextModel has not."""
+    from open_clip.transformer import QuickGELU
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    blocks = tower.transformer.resblocks
+    gelu = blocks[0].mlp.gelu
+    if getattr(tower, "attn_mask", None) is None or getattr(tower, "cls_emb", None) is not None:
+        raise ValueError("its OpenCLIP tower has no causal mask or a class token, which CLIPTextModel has not")
+    if not isinstance(gelu, QuickGELU) and not (isinstance(gelu, torch.nn.GELU) and gelu.approximate == "none"):
+        raise ValueError(f"its OpenCLIP tower's activation is {gelu}, not GELU or QuickGELU")
+    state = tower.state_dict()
+    config = CLIPTextConfig(
+        vocab_size=tower.vocab_size, hidden_size=tower.width, num_attention_heads=tower.heads,
+        num_hidden_layers=len(blocks), intermediate_size=blocks[0].mlp.c_fc.out_features,
+        max_position_embeddings=state["positional_embedding"].shape[0], layer_norm_eps=tower.ln_final.eps,
+        hidden_act="quick_gelu" if isinstance(gelu, QuickGELU) else "gelu",
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=0)  # open_clip's BPE: start, end, pad
+    # CLIPTextModel's parameter -> the tower's key (or, for q, k and v, a third of in_proj's)
+    source = {"embeddings.token_embedding.weight": "token_embedding.weight",
+              "embeddings.position_embedding.weight": "positional_embedding",
+              "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}
+    names = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
+             "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+    thirds = {}
+    for i in range(len(blocks)):
+        for kind in ("weight", "bias"):
+            source |= {f"encoder.layers.{i}.{ours}.{kind}": f"transformer.resblocks.{i}.{name}.{kind}"
+                       for ours, name in names.items()}
+            thirds |= {f"encoder.layers.{i}.self_attn.{p}_proj.{kind}": (f"transformer.resblocks.{i}.attn.in_proj_{kind}", j)
+                       for j, p in enumerate("qkv")}
+    unused = set(state) - set(source.values()) - {fused for fused, _ in thirds.values()} - {"text_projection"}
+    if unused:
+        raise ValueError(f"its OpenCLIP tower has weights a CLIPTextModel has no place for: {sorted(unused)[:4]}")
+    model = CLIPTextModel(config).eval().requires_grad_(False)
+    params = dict(clip_text_transformer(model).named_parameters())
+    missing = set(params) - set(source) - set(thirds)
+    if missing:  # a transformers version that lays CLIPTextModel out otherwise
+        raise ValueError(f"this transformers' CLIPTextModel has parameters the conversion does not fill: {sorted(missing)[:4]}")
+    with torch.no_grad():
+        for name, param in params.items():
+            if name in thirds:
+                fused, j = thirds[name]
+                param.copy_(state[fused].chunk(3)[j])
+            else:
+                param.copy_(state[source[name]])
+    return model.to(next(tower.parameters()).device)
+
+
+def open_clip_tokenizer(tokenizer):
+    """open_clip's SimpleTokenizer as a transformers CLIPTokenizer: the same BPE vocabulary and
+    merges (CLIP's), its start and end tokens under transformers' names, prompts padded with
+    id 0 ("!") after the end token, as open_clip pads them."""
+    from transformers import CLIPTokenizer
+
+    special = {tokenizer.sot_token_id: "<|startoftext|>", tokenizer.eot_token_id: "<|endoftext|>"}
+    vocab = {special.get(i, token): i for token, i in tokenizer.encoder.items()}
+    merges = sorted(tokenizer.bpe_ranks, key=tokenizer.bpe_ranks.get)
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "vocab.json").write_text(json.dumps(vocab))
+        (Path(folder) / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+        return CLIPTokenizer.from_pretrained(folder, pad_token="!", model_max_length=MAX_LENGTH, local_files_only=True)
+
+
+def pipeline_text_parts(text_encoder):
+    """(CLIPTextModel, CLIPTokenizer) for a StableDiffusionPipeline to encode prompts as
+    text_encoder.encode does; ValueError saying why where there are none."""
+    if isinstance(text_encoder, OpenCLIPTextEncoder):
+        return open_clip_text_model(text_encoder.model), open_clip_tokenizer(text_encoder.tokenizer)
+    if not isinstance(text_encoder, CLIPTextEncoder):
+        raise ValueError(f"the text encoder is {type(text_encoder).__name__}, not transformers' CLIPTextModel or OpenCLIP")
+    if not isinstance(text_encoder.tokenizer, ClipTokenizer):
+        raise ValueError("the text encoder's tokenizer is the byte tokenizer of randomly initialized encoders, not CLIP's")
+    tokenizer = copy.copy(text_encoder.tokenizer.tokenizer)
+    tokenizer.model_max_length = MAX_LENGTH  # the pipeline pads prompts to it
+    return pipeline_text_model(text_encoder), tokenizer
+
+
+def conditioning_differs(model, tokenizer, text_encoder):
+    """Why the pipeline's text encoder (model, tokenizer: as StableDiffusionPipeline calls
+    them) would condition PROBE_PROMPTS otherwise than the run's text_encoder, or None."""
+    ids = tokenizer(PROBE_PROMPTS, padding="max_length", max_length=MAX_LENGTH, truncation=True,
+                    return_tensors="pt").input_ids
+    if not torch.equal(ids, text_encoder.tokenizer(PROBE_PROMPTS).cpu()):
+        return "its transformers tokenizer splits prompts otherwise than the run's"
+    with torch.no_grad():
+        ours = text_encoder.encode(PROBE_PROMPTS).float()
+        theirs = model(ids.to(ours.device)).last_hidden_state.float()
+    error = ((theirs - ours).abs().max() / ours.abs().max()).item()
+    if not error <= 1e-2:  # fp32 both sides: ~1e-6 apart; a wrong conversion is tens of percent off
+        return f"its transformers text model's output differs from the run's encoder by {error:.1e} of its largest value"
+    return None
+
+
 def save_pipeline(folder, vae, text_encoder, schedule, prediction_type):
     """vae/, text_encoder/, tokenizer/, scheduler/ and model_index.json beside folder/unet/.
     Returns None, or why the text encoder cannot be written (then nothing is)."""
     import diffusers
 
-    why = unexportable(text_encoder)
+    try:
+        text_model, tokenizer = pipeline_text_parts(text_encoder)
+        why = conditioning_differs(text_model, tokenizer, text_encoder)
+    except ValueError as e:
+        why = str(e)
     if why is not None:
         (folder / "model_index.json").unlink(missing_ok=True)  # an earlier run's pipeline is not this one
         return why
     vae.save_pretrained(folder / "vae")
-    pipeline_text_model(text_encoder).save_pretrained(folder / "text_encoder")
-    tokenizer = text_encoder.tokenizer.tokenizer
-    tokenizer.model_max_length = MAX_LENGTH  # the pipeline pads prompts to it
+    text_model.save_pretrained(folder / "text_encoder")
     tokenizer.save_pretrained(folder / "tokenizer")
     scheduler = diffusers.DDIMScheduler(
         num_train_timesteps=schedule.num_train_timesteps, beta_start=schedule.beta_start, beta_end=schedule.beta_end,
