@@ -412,6 +412,23 @@ def test_training_on_latents_resumes(precomputed, tmp_path, monkeypatch):
     assert all(torch.equal(a["unet"][k], b["unet"][k]) for k in a["unet"])
 
 
+def test_a_run_on_latents_samples_with_the_encoders_that_made_them(precomputed, tmp_path, monkeypatch, capsys):
+    """model.vae / model.text_encoder left empty (as sd2-base.yaml leaves them): the samples and
+    the export use the encoders recorded in the latents' index; others named get a warning."""
+    _, out, cache = precomputed
+    monkeypatch.setenv("CCKERNELS_CACHE", cache)
+    common = ["data.format=latents", f"data.path={out}", "data.resolution=32", "train.batch_size=2",
+              "train.steps=1", "sample.prompts=[a cat]", "sample.steps=2"]
+    train.main([*common, "model.vae={}", "model.text_encoder={}", f"out_dir={tmp_path / 'a'}"])
+    log = capsys.readouterr().out
+    assert f"model.vae: the one that encoded {out}" in log and f"model.text_encoder: the one that encoded {out}" in log
+    assert "warning" not in log and (tmp_path / "a" / "samples" / "step_0000001.png").is_file()
+    train.main([*common, "model.text_encoder={preset: tiny, init_seed: 3}", f"out_dir={tmp_path / 'b'}"])
+    log = capsys.readouterr().out
+    assert "warning: model.text_encoder" in log and "will not condition as training did" in log
+    assert "model.vae" not in log  # the tiny preset is what encoded the latents
+
+
 def test_damaged_shards_are_skipped_and_listed(precomputed, tmp_path, caplog):
     _, good, cache = precomputed
     out = tmp_path / "latents"

@@ -37,7 +37,7 @@ def encoder_config(name):
     return yaml.safe_load(path.read_text())
 
 
-def _resolve(cfg, what):
+def resolve_preset(cfg, what):
     """{preset: NAME, ...} -> the `what` section of configs/encoders/NAME.yaml, other keys on top."""
     if isinstance(cfg, dict) and "preset" in cfg:
         rest = {k: v for k, v in cfg.items() if k != "preset"}
@@ -75,7 +75,7 @@ def load_vae(cfg, device="cpu"):
     """A frozen diffusers AutoencoderKL from cfg = {path} or {config[, init_seed]}, on device."""
     from diffusers import AutoencoderKL
 
-    cfg = _resolve(cfg, "vae")
+    cfg = resolve_preset(cfg, "vae")
     path = _source(cfg, "vae")
     if path is None:
         vae = _seeded_init(cfg, lambda: AutoencoderKL.from_config(cfg["config"]))
@@ -240,7 +240,7 @@ def load_text_encoder(cfg, device="cpu"):
     paired with the ByteTokenizer (its vocab_size must be >= 259; the special ids are set to
     the tokenizer's). With open_clip, see load_open_clip_tower.
     """
-    cfg = _resolve(cfg, "text_encoder")
+    cfg = resolve_preset(cfg, "text_encoder")
     if isinstance(cfg, dict) and "open_clip" in cfg:
         tower = load_open_clip_tower(cfg)  # first: it says how to install open_clip when missing
         from open_clip import SimpleTokenizer

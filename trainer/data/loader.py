@@ -168,11 +168,13 @@ class Loader:
 
 class LatentLoader(Loader):
     """data.format=latents: yields (latents, text embeddings); `empty_embedding` is the empty
-    caption's (1, 77, dim), for caption dropout."""
+    caption's (1, 77, dim), for caption dropout; `encoders` the model.vae and
+    model.text_encoder configs that made them (as trainer.precompute recorded them)."""
 
     def __init__(self, index, reader, *args):
         super().__init__(index, reader, *args)
         self.empty_embedding = reader.empty_embedding()
+        self.encoders = {"vae": index.meta["vae"], "text_encoder": index.meta["text_encoder"]}
 
     def pair(self, batch, ids):
         return batch  # the reader's (latents, text embeddings)
