@@ -18,8 +18,31 @@ import torch
 
 import cckernels as ck
 from cckernels import reference
+from cckernels.triton import geglu as triton_geglu
 import token_ops
 from token_ops import TOKENS, WIDTHS, Bench, time_modes
+
+
+# Other tilings of ck's backward, (TILE_ROWS, ROWS, warps), timed beside its own (4, 64, 4):
+# the fourth H200 run had the 2-D backward with the bias's column sums at 51-62% of copy where
+# the flat one without them had reached 84-89%; on a GPU these rows say which tiling to keep.
+BACKWARD_TILINGS = [(8, 64, 8), (4, 32, 4), (2, 64, 2)]  # 8 values a thread each, as (4, 64, 4)
+
+
+def tiled_backward(tile_rows, rows, warps):
+    """ck.geglu's Triton kernels with another tiling of the backward (x, bias -> y)."""
+
+    class Tiled(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, bias):
+            ctx.save_for_backward(x, bias)
+            return triton_geglu._forward(x, bias)
+
+        @staticmethod
+        def backward(ctx, dy):
+            return triton_geglu._backward(dy, *ctx.saved_tensors, tile_rows, rows, warps)
+
+    return Tiled.apply
 
 
 def implementations(device, tiny):
@@ -27,6 +50,7 @@ def implementations(device, tiny):
     impls = {"ck": (ck.geglu, True), "torch": (reference.geglu, False)}
     if not tiny:  # dynamic shapes: one compile per mode for all six shapes
         impls["torch-compile"] = (torch.compile(reference.geglu, dynamic=True), False)
+        impls |= {f"ck bwd {t}/{r}/w{w}": (tiled_backward(t, r, w), True) for t, r, w in BACKWARD_TILINGS}
     return impls
 
 

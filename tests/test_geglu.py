@@ -76,6 +76,19 @@ def test_bias_gradient_is_deterministic_and_needs_no_grad_of_x():
     assert torch.equal(no_rows, torch.zeros_like(bias))
 
 
+@pytest.mark.parametrize("tile_rows, rows", [(8, 64), (4, 32), (2, 64)])
+def test_other_backward_tilings_give_the_same_gradients(tile_rows, rows):
+    # bench_geglu times these tilings on a GPU (BACKWARD_TILINGS); 77 rows: partial row blocks
+    from cckernels.triton.geglu import _backward
+
+    x, bias, dy = randn(77, 2 * 300), randn(2 * 300), randn(77, 300)
+    want = outputs_and_grads(reference.geglu, x.double(), dy.double(), bias.double())[1:]
+    with nan_filled_empty():
+        got = _backward(dy, x, bias, tile_rows, rows)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4)
+
+
 def test_strided_views_match_the_contiguous_result():
     wide = randn(3, 5, 2 * 7 + 4)
     strided = wide[..., :14]  # rows 18 apart: no copy

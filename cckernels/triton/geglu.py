@@ -128,17 +128,18 @@ def _forward(x, bias):
     return y
 
 
-def _backward(dy, x, bias):
-    """(dx, dbias): dbias in bias's dtype, None without a bias."""
+def _backward(dy, x, bias, tile_rows=TILE_ROWS, rows=ROWS, num_warps=4):
+    """(dx, dbias): dbias in bias's dtype, None without a bias. tile_rows, rows (a multiple of
+    it) and num_warps: the backward's tiling, other values only for bench_geglu's sweep."""
     x2 = row_view(x)
     n_rows, F = x2.shape[0], x2.shape[1] // 2
     dy = dy.contiguous()
     dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
-    grid = (cdiv(n_rows, ROWS), cdiv(F, BLOCK_F))
+    grid = (cdiv(n_rows, rows), cdiv(F, BLOCK_F))
     partial = None if bias is None else torch.empty((grid[0], 2 * F), device=x.device, dtype=torch.float32)
     if dx.numel():
         _geglu_bwd_kernel[grid](dy, x2, bias, dx, partial, n_rows, F, x2.stride(0), HAS_BIAS=bias is not None,
-                                BLOCK_F=BLOCK_F, TILE_ROWS=TILE_ROWS, ROWS=ROWS, INT64=_int64(x2))
+                                BLOCK_F=BLOCK_F, TILE_ROWS=tile_rows, ROWS=rows, INT64=_int64(x2), num_warps=num_warps)
     if bias is None:
         return dx, None
     return dx, partial.sum(0).to(bias.dtype)  # no rows: zeros
