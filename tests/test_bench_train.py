@@ -133,6 +133,21 @@ def test_busy_time_counts_overlapping_kernels_once(bench):
     assert bench.covered([(5, 7), (0, 2), (1, 3), (3, 4), (6, 6.5)]) == 3 + 1 + 2  # [0, 3], [3, 4], [5, 7]
 
 
+def test_gpu_time_rates_are_the_rates_the_busy_share_allows(bench, tmp_path, capsys):
+    rows = [{"name": "baseline", "images_per_s": 100.0, "gpu_busy": 0.5},
+            {"name": "+ our attention", "images_per_s": 90.0, "gpu_busy": 0.3},
+            {"name": "+ channels_last", "images_per_s": 95.0}]  # not profiled
+    assert bench.gpu_time_rates(rows) == {"baseline": (200.0, 1.0), "+ our attention": (300.0, 1.5)}
+    assert bench.gpu_time_rates(rows[1:]) == {"+ our attention": (300.0, None)}  # no baseline to compare
+    full = [dict(r, batch=32, step_ms=1.0, step_ms_q20=1.0, step_ms_q80=1.0, backends={}, speedup_vs_baseline=1.0,
+                 speedup_vs_plain_pytorch=None, mfu_measured_peak=0.1, mfu_h100_nominal=0.1) for r in rows]
+    bench.print_table(full)
+    table = capsys.readouterr().out
+    assert "300.0 (1.50x base)" in table and "GPU-time img/s" in table
+    bench.plot(full, tmp_path / "plot.png", {"resolution": 256, "world": 1, "device": "test"})
+    assert (tmp_path / "plot.png").stat().st_size > 0
+
+
 def test_a_run_cut_short_keeps_json_and_plot_of_the_rows_done(bench, tmp_path, monkeypatch):
     monkeypatch.setenv("CCKERNELS_CACHE", str(tmp_path / "cache"))
     calls = []
