@@ -67,7 +67,8 @@ def open_clip_text_model(tower):
                        for ours, name in names.items()}
             thirds |= {f"encoder.layers.{i}.self_attn.{p}_proj.{kind}": (f"transformer.resblocks.{i}.attn.in_proj_{kind}", j)
                        for j, p in enumerate("qkv")}
-    unused = set(state) - set(source.values()) - {fused for fused, _ in thirds.values()} - {"text_projection"}
+    unused = {k for k in state if not k.startswith("text_projection")}  # the pooled token's, never read
+    unused -= set(source.values()) | {fused for fused, _ in thirds.values()}
     if unused:
         raise ValueError(f"its OpenCLIP tower has weights a CLIPTextModel has no place for: {sorted(unused)[:4]}")
     model = CLIPTextModel(config).eval().requires_grad_(False)
