@@ -423,6 +423,8 @@ def test_a_run_on_latents_samples_with_the_encoders_that_made_them(precomputed, 
     log = capsys.readouterr().out
     assert f"model.vae: the one that encoded {out}" in log and f"model.text_encoder: the one that encoded {out}" in log
     assert "warning" not in log and (tmp_path / "a" / "samples" / "step_0000001.png").is_file()
+    from trainer.sample import load_checkpoint  # the checkpoint names them: sampling from it works
+    assert load_checkpoint(tmp_path / "a")[3]["model"]["vae"] == json.loads((out / "index.json").read_text())["vae"]
     train.main([*common, "model.text_encoder={preset: tiny, init_seed: 3}", f"out_dir={tmp_path / 'b'}"])
     log = capsys.readouterr().out
     assert "warning: model.text_encoder" in log and "will not condition as training did" in log

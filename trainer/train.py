@@ -82,18 +82,19 @@ def _check_cuda_graphs(cfg, device):
         raise ValueError(f"train.cuda_graphs=true needs {' and '.join(needed)} (trainer/graphs.py says why)")
 
 
-def latents_encoders(configured, recorded, latents_path, log):
+def latents_encoders(model_cfg, recorded, latents_path, log):
     """model.vae and model.text_encoder for a run on precomputed latents (its samples and its
     exported pipeline): the configured ones, or where a section is empty, the ones that made
     the latents (recorded in their index); a configured one unlike those gets a warning."""
     chosen = {}
-    for name, mine in configured.items():
+    for name, theirs in recorded.items():
+        mine = model_cfg[name]
         if not mine:
-            log(f"model.{name}: the one that encoded {latents_path}: {recorded[name]}")
-        elif encoders.resolve_preset(mine, name) != encoders.resolve_preset(recorded[name], name):
-            log(f"warning: model.{name} {mine} is not the {recorded[name]} that encoded {latents_path}: "
+            log(f"model.{name}: the one that encoded {latents_path}: {theirs}")
+        elif encoders.resolve_preset(mine, name) != encoders.resolve_preset(theirs, name):
+            log(f"warning: model.{name} {mine} is not the {theirs} that encoded {latents_path}: "
                 "samples and the exported pipeline will not condition as training did")
-        chosen[name] = mine or recorded[name]
+        chosen[name] = mine or theirs
     return chosen
 
 
@@ -161,11 +162,10 @@ def main(argv=None):
     # the sample prompts and images; ranks training on latents need neither.
     vae = text_encoder = None
     if not latents_format or is_main:
-        encoder_cfgs = {name: cfg["model"][name] for name in ("vae", "text_encoder")}
-        if latents_format:
-            encoder_cfgs = latents_encoders(encoder_cfgs, loader.encoders, cfg["data"]["path"], log)
-        vae = encoders.load_vae(encoder_cfgs["vae"], device)
-        text_encoder = encoders.load_text_encoder(encoder_cfgs["text_encoder"], device)
+        if latents_format:  # then the checkpoints' config names them: trainer.sample loads those
+            cfg["model"].update(latents_encoders(cfg["model"], loader.encoders, cfg["data"]["path"], log))
+        vae = encoders.load_vae(cfg["model"]["vae"], device)
+        text_encoder = encoders.load_text_encoder(cfg["model"]["text_encoder"], device)
     # Caption dropout's empty caption, from the same encoder that made the training embeddings.
     empty_ctx = loader.empty_embedding if latents_format else text_encoder.empty_embedding().to(device)
 
