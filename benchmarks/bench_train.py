@@ -91,7 +91,7 @@ every row, so a run cut short (run_gpu.sh's time limit) keeps what it measured.
 in which some kernel runs (overlapping kernels, as NCCL's or DALI's beside the UNet's, counted
 once) / median step time; well below 100% the GPU waits for the host (Python, launches), and
 kernel speed-ups cannot show in that row, a larger micro-batch or CUDA graphs can. Every row
-profiles 1 step, its kernels only; rows named in --rows profile 2 steps with
+profiles 1 step, its kernels only; rows named in --rows (or --op-tables) profile 2 steps with
 their ops too, whose tables (rank 0's: top 30 by GPU time; by host time, self, which shows
 the CUDA runtime's launches, syncs and allocations, and total) go to
 --out/bench_train-profile/<row>.txt (op tables took 5-14 s a row on the H200 runs).
@@ -449,7 +449,7 @@ def run_row(recipe, name, batch, shared):
     # Scheduled EMA (ours, and plain PyTorch's foreach_lerp on the same schedule) starts after
     # the untimed step that follows the first timed window (and the profiled steps, which then
     # time the same steps as that window).
-    op_table = name in (a.rows or ())  # the rows asked for by name
+    op_table = name in (a.op_tables or a.rows or ())  # the rows asked for by name
     profiled = (PROFILE_STEPS if op_table else 1) if a.profile else 0
     before_ema = a.warmup + a.steps + profiled
     optimizer, ema_step = make_optimizer(recipe, unet, ema_start=before_ema + 1)
@@ -789,7 +789,9 @@ def parse_args(argv=None):
     p.add_argument("--budget-s", type=float, default=None, help="skip rows that would start after this many seconds")
     p.add_argument("--profile", action="store_true",
                    help="profile 1 step per row for the GPU busy share in the table; rows named in --rows "
-                   "2 steps with their op tables in OUT/bench_train-profile/")
+                   "(or --op-tables) 2 steps with their op tables in OUT/bench_train-profile/")
+    p.add_argument("--op-tables", nargs="+", metavar="ROW",
+                   help="with --profile: the rows whose op tables are written (default: those of --rows)")
     return p.parse_args(argv)
 
 

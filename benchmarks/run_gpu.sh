@@ -145,13 +145,14 @@ step pytest-gpu 150 env CCKERNELS_AUTOTUNE=0 "$PY" -m pytest -m gpu $xdist $per_
 # compiled). Rows start until 30 s before the step's end (they took 26-56 s on the H200); a row
 # still running at the end is cut, leaving the earlier rows' JSON and PNG (written after each)
 # but no table in the log: the summary below prints it from the JSON. --profile: one step of
-# kernels a row for the busy column (no op tables: they took 5-14 s a row on the third H200
-# run; docs/benchmarks.md has the follow-up call that writes them for named rows).
+# kernels a row for the busy column, and the GPU-time rate; op tables (5-14 s a row on the
+# third H200 run) only for the headline row (docs/benchmarks.md has the call for others).
 ngpu=$("$PY" -c "import torch; print(torch.cuda.device_count())")
 left=$(time_left)
 train_s=$(( left < 270 ? left : 270 ))
 train_rows_s=$(( train_s > 30 ? train_s - 30 : 0 ))
-train_args=(--out "$OUT" --steps 6 --warmup 2 --budget-s "$train_rows_s" --no-compile --profile)
+train_args=(--out "$OUT" --steps 6 --warmup 2 --budget-s "$train_rows_s" --no-compile --profile
+            --op-tables "+ larger micro-batch")
 if [ "$ngpu" -gt 1 ]; then
     step bench_train "$train_s" env CCKERNELS_AUTOTUNE=0 "$PY" -m torch.distributed.run --standalone \
         --nproc_per_node="$ngpu" benchmarks/bench_train.py "${train_args[@]}"

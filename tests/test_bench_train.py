@@ -122,6 +122,15 @@ def test_profile_writes_the_op_tables_of_the_rows_named(bench, tmp_path, monkeyp
     assert not (out / "bench_train-profile" / "baseline.txt").exists()  # runs always, not named
 
 
+def test_op_tables_names_the_rows_whose_tables_are_written(bench, tmp_path, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("CCKERNELS_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    bench.main(["--tiny", "--steps", "1", "--warmup", "0", "--out", str(out), "--rows", "+ our attention",
+                "--profile", "--op-tables", "baseline"])
+    assert sorted(p.name for p in (out / "bench_train-profile").iterdir()) == ["baseline.txt"]
+
+
 def test_profile_without_a_table_runs_its_steps(bench):
     steps = []
     assert bench.profile_steps(lambda: steps.append(1), 1, False, None, 1.0) == {}  # no GPU: no busy share
