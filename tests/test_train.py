@@ -310,12 +310,13 @@ def test_a_graphed_unet_replays_forward_and_backward(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.timeout(180)  # two tiny runs with sampling
-def test_cuda_graphs_train_as_the_eager_unet(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("channels_last", [False, True])  # True: as configs/sd2-base.yaml trains
+def test_cuda_graphs_train_as_the_eager_unet(tmp_path, monkeypatch, capsys, channels_last):
     # Our kernels inside the captured forward and backward; the sampling at the end runs the
     # UNet under no_grad, eagerly, after the capture.
     monkeypatch.delenv("CCKERNELS_BACKEND")
     for name in ("eager", "graphs"):
-        run(tmp_path / name, "train.steps=3", f"train.cuda_graphs={name == 'graphs'}")
+        run(tmp_path / name, "train.steps=3", f"train.cuda_graphs={name == 'graphs'}", f"model.channels_last={channels_last}")
         assert ("as CUDA graphs" in capsys.readouterr().out) == (name == "graphs")
     eager, graphed = ([json.loads(line)["loss"] for line in open(tmp_path / name / "metrics.jsonl")]
                       for name in ("eager", "graphs"))
