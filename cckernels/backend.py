@@ -65,15 +65,15 @@ OPTIMIZER_STEPS = {
 }
 
 
-# GroupNorm inputs of at least this many elements take Triton before CUDA. Triton's kernels
-# take less GPU time: forward+backward 1.2-1.7x faster than CUDA's in CUDA graph replays on
-# every SD2 channels_last shape of the second H200 run (0507; 1.2x at the largest, 8 x 960 x
-# 64 x 64, 31M elements), their forwards about even. Their extra host time (~0.4-0.7 ms a call)
-# is hidden once the GPU work of a step outlasts the host's: 64M elements is batch ~200 of the
-# 320-channel 32 x 32 maps at 256 px; at batch 32 every SD2 input stays below (host-bound there).
-# Not yet timed in a training step: bench_train's larger micro-batch row tells, against the
-# same row with CCKERNELS_GROUP_NORM_TRITON_FROM set above any input (CUDA for all).
-GROUP_NORM_TRITON_FIRST_ELEMENTS = int(os.environ.get("CCKERNELS_GROUP_NORM_TRITON_FROM", 1 << 26))
+# GroupNorm inputs of at least CCKERNELS_GROUP_NORM_TRITON_FROM elements take Triton before
+# CUDA; unset, none do. It was 64M by default after the second H200 run, whose graph replays
+# had Triton's forward+backward 1.2-1.7x faster than CUDA's at batch 32. The fourth run (same
+# run, same device, current kernels) had CUDA's 1.48x and 1.59x faster at batch 256 on the
+# 320-channel 32x32 and 640-channel 16x16 maps, the inputs that rule sent to Triton at the
+# headline's batch 512, and the two about even over batch 32's shapes (Triton ahead on the
+# 8x8 and 4x4 maps, CUDA on the larger). Kept for A/B runs of the whole step (docs/benchmarks.md).
+_TRITON_FROM = os.environ.get("CCKERNELS_GROUP_NORM_TRITON_FROM")
+GROUP_NORM_TRITON_FIRST_ELEMENTS = int(_TRITON_FROM) if _TRITON_FROM else None
 _prefer_gpu_time = contextvars.ContextVar("prefer_gpu_time", default=False)
 
 
@@ -91,7 +91,8 @@ def prefer_gpu_time():
 
 
 def _group_norm_first(x, *args):
-    return "triton" if _prefer_gpu_time.get() or x.numel() >= GROUP_NORM_TRITON_FIRST_ELEMENTS else None
+    large = GROUP_NORM_TRITON_FIRST_ELEMENTS is not None and x.numel() >= GROUP_NORM_TRITON_FIRST_ELEMENTS
+    return "triton" if _prefer_gpu_time.get() or large else None
 
 
 # op -> f(*the op's arguments) -> the backend to try first for them (None: the op's order).

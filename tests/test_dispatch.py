@@ -129,16 +129,18 @@ def recording_backends(monkeypatch):
     return calls
 
 
-def test_group_norm_takes_triton_first_for_large_inputs_and_when_gpu_time_counts(recording_backends, monkeypatch):
+def test_group_norm_takes_triton_first_for_large_inputs_if_asked_and_when_gpu_time_counts(recording_backends, monkeypatch):
     small, large = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 5, 5)  # 72 and 200 elements
+    assert backend_mod.GROUP_NORM_TRITON_FIRST_ELEMENTS is None  # CCKERNELS_GROUP_NORM_TRITON_FROM unset
+    ck.group_norm(large, 2)
     monkeypatch.setattr(backend_mod, "GROUP_NORM_TRITON_FIRST_ELEMENTS", 200)
     ck.group_norm(small, 2)
     ck.group_norm(large, 2)
     with ck.prefer_gpu_time():
         ck.group_norm(small, 2)
     ck.group_norm(small, 2)  # the block's preference ended with it
-    assert recording_backends == ["cuda", "triton", "triton", "cuda"]
-    assert ck.backend_calls()["group_norm"] == {"cuda": 2, "triton": 2}
+    assert recording_backends == ["cuda", "cuda", "triton", "triton", "cuda"]
+    assert ck.backend_calls()["group_norm"] == {"cuda": 3, "triton": 2}
     ck.group_norm(large, 2, backend="cuda")  # a request beats the preference
     with ck.prefer_gpu_time():
         ck.ema_update_([torch.zeros(3)], [torch.ones(3)], 0.5)  # other ops keep their own order
