@@ -160,14 +160,34 @@ def measure(fns, shapes, device, dtype, tiny, budget_s=None, save=None):
                     timed = lambda: fn(q, k, v)  # noqa: E731
                 # the graph is captured under the same grad mode and backward variant
                 with torch.set_grad_enabled(backward), env("CCKERNELS_DETERMINISTIC", deterministic):
+                    chosen_configs()  # forget earlier launches
                     eager, graph, why, host = timings(timed, tiny, grads=[q, k, v], eager=EAGER, graph=GRAPH)
                 row = {"shape": name, "B": B, "Lq": Lq, "Lk": Lk, "H": H, "D": D, "backend": label,
                        "pass": "fwd+bwd" if backward else "fwd", "graph_error": why, "host_us": host}
+                if ours(label):
+                    row["configs"] = chosen_configs()
                 rate = lambda ms: flops(B, Lq, Lk, H, D, backward) / (ms * 1e-3) / 1e12  # noqa: E731
                 rows.append(row | time_fields(eager, graph, "tflops", rate, q="p"))
         if save is not None:
             save(rows)
     return rows
+
+
+def chosen_configs():
+    """{kernel: "BLOCK_MxBLOCK_N wWARPS sSTAGES"} of our Triton attention kernels launched since
+    the last call: what the autotuner chose (or, with CCKERNELS_AUTOTUNE=0, the first config of
+    the pool that fits), to order the pools by (their first fitting config is what
+    deterministic and CCKERNELS_AUTOTUNE=0 runs take, bench_train's included)."""
+    from cckernels.triton import attention
+
+    chosen = {}
+    for name in ("fwd", "dkdv", "dq"):
+        launcher = getattr(attention, f"_{name}_launch")
+        if launcher.last is not None:
+            m = launcher.last
+            chosen[name] = f"{m['BLOCK_M']}x{m['BLOCK_N']} w{m.get('num_warps')} s{m.get('num_stages')}"
+        launcher.last = None
+    return chosen
 
 
 def ours(backend):
@@ -238,6 +258,10 @@ def print_table(rows, summary, hosts, checks):
               f"{fmt(r['graph_tflops'], '.1f'):>9}{fmt(s.get('speedup_vs', {}).get(r['backend']), '.2f', ''):>9}"
               f"{fmt(s.get('graph_speedup_vs', {}).get(r['backend']), '.2f', ''):>9}")
     print_missing_graphs(rows, lambda r: f"{r['backend']} {r['pass']}")
+    print("\nour kernels' block shapes (BLOCK_M x BLOCK_N, warps, stages) as launched:")
+    for r in rows:
+        if r.get("configs"):
+            print(f"  {r['shape']:<22}{r['pass']:<9}{r['backend']:<22}" + ", ".join(f"{k} {v}" for k, v in r["configs"].items()))
     print("\ntriton vs best SDPA backend (time ratio, >1 = ours faster; TFLOP/s from the graph time):")
     for s in summary:
         print(f"  {s['shape']:<22}{s['pass']:<9}{s['backend']:<22}{fmt(s['graph_tflops'], '>7.1f', '      -')} TFLOP/s  "

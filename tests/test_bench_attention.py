@@ -41,6 +41,13 @@ def test_benchmark_tiny_mode(tmp_path):
     assert all(r["graph_ms"] is None and "tiny mode" in r["graph_error"] and r["host_us"] > 0 for r in rows)
     assert "no graph time for any row: not timed in tiny mode" in stdout
     assert {h["pass"] for h in result["host"]} == {"fwd", "fwd+bwd"}
+    # our kernels' block shapes as launched: the forward alone, then the backward's kernels too
+    configs = {(r["shape"], r["pass"], r["backend"]): r["configs"] for r in rows if "configs" in r}
+    assert configs[("tiny self L=16", "fwd", "triton")].keys() == {"fwd"}
+    assert configs[("tiny self L=16", "fwd+bwd", "triton deterministic")].keys() == {"fwd", "dkdv", "dq"}
+    assert configs[("tiny self L=16", "fwd+bwd", "triton atomic-dQ")].keys() == {"fwd", "dkdv"}
+    assert all(" w" in c and " s" in c for r in configs.values() for c in r.values())
+    assert "our kernels' block shapes" in stdout
 
 
 def test_benchmark_saves_after_every_shape(bench):

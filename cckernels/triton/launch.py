@@ -41,13 +41,14 @@ class Tuned:
         inner = kernel.fn
         self.jit, self.rules = (inner.fn, inner.values) if isinstance(inner, Heuristics) else (inner, {})
         self.meta = {}  # signature -> meta-parameters
+        self.last = None  # the meta-parameters of the latest launch (bench_attention reports them)
 
     def __getitem__(self, grid):
         return lambda *args, **kwargs: self.launch(grid, args, kwargs)
 
     def launch(self, grid, args, kwargs):
         signature = (tuple(a.dtype if isinstance(a, torch.Tensor) else a for a in args), *kwargs.items())
-        meta = self.meta.get(signature)
+        meta = self.last = self.meta.get(signature)
         if meta is not None:
             return self.jit[grid](*args, **kwargs, **meta)
         out = self.kernel[grid](*args, **kwargs)
@@ -55,5 +56,5 @@ class Tuned:
         named = dict(zip(self.jit.arg_names, args)) | kwargs | meta
         for name, rule in self.rules.items():  # in order, each seeing the ones before: as Heuristics.run
             named[name] = meta[name] = rule(named)
-        self.meta[signature] = meta
+        self.meta[signature] = self.last = meta
         return out
