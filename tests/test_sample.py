@@ -1,7 +1,6 @@
 import json
 import sys
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,10 +10,9 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from tiny_models import TINY_UNET, StandInUNet
+from trainer import config as run_config
 from trainer.encoders import encoder_config, load_text_encoder, load_vae
 from trainer.sample import load_checkpoint, main, sample_images, save_grid
-
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +112,7 @@ def test_a_diffusers_pipeline_folder_samples_as_the_same_parts_do(tmp_path, caps
     from trainer.unet import UNet
 
     pipe = tmp_path / "pipe"
-    unet = UNet.from_config(yaml.safe_load((CONFIGS / "tiny.yaml").read_text())["model"]["unet"])
+    unet = UNet.from_config(run_config.load()["model"]["unet"])  # configs/tiny.yaml's
     unet.save_diffusers(pipe / "unet")
     vae = load_vae(encoder_config("tiny")["vae"])
     vae.save_pretrained(pipe / "vae")
