@@ -9,10 +9,10 @@
 // forward, single pass (single_pass_kernel), where single_pass_plan finds a tile that fits
 //           shared memory with blocks that fill the GPU: a cluster of K blocks (K = 1 except on
 //           sm90) stages a whole number of groups (channels) x all S positions of one sample in
-//           shared memory, each block S / K of the positions, reading x once; then exact fp32
-//           statistics from the staged tiles (the mean first, then squared deviations from
-//           it), the blocks of a cluster adding their partial sums through distributed shared
-//           memory, and y from the tiles. Grid (channel blocks x K, N), clusters (K, 1, 1).
+//           shared memory (cp.async on sm80+), each block S / K of the positions, reading x
+//           once; then exact fp32 statistics from the staged tiles (the mean first, then
+//           squared deviations from it), the blocks of a cluster adding their partial sums
+//           through distributed shared memory, and y from the tiles. Grid (channel blocks x K, N), clusters (K, 1, 1).
 // Otherwise every pass splits each sample into K spatial chunks, grid (channel-pack blocks,
 // K chunks, N), so that small batches still fill the GPU:
 // forward   channel_stats: per (n, chunk, channel) mean and M2 from fp32 sums of (x - shift),
@@ -543,13 +543,15 @@ __device__ __forceinline__ void sum_over_cluster(const float* part, float* total
 // [r * rows, min(S, (r + 1) * rows)), rows = cdiv(S, K). Thread (tx, ty) owns pack column tx
 // at rows ty, ty + blockDim.y, ... and only ever reads back the tile cells it wrote, so the
 // tile needs no barrier. Dynamic shared memory: single_pass_smem_bytes(rows, width, cpg, VEC,
-// sizeof(T)).
+// sizeof(T)). stage_async (16-byte packs only): x reaches the tile by copy_pack_async, all of a
+// thread's rows in flight together, instead of kLoadBatch rows at a time through registers:
+// bench_group_norm's ck-cuda and ck-cuda-sync rows compare the two.
 template <typename T, int VEC, bool SILU>
 __global__ void __launch_bounds__(kThreads, 2) single_pass_kernel(
     const T* __restrict__ x, T* __restrict__ y,                          // (N, S, C)
     const float* __restrict__ weight, const float* __restrict__ bias,    // (C,) or null
     float* __restrict__ mean, float* __restrict__ rstd,                  // (N, G) out
-    int S, int C, int G, float eps) {
+    int S, int C, int G, float eps, bool stage_async) {
   extern __shared__ float4 smem_f4[];  // float4: 16-byte aligned for the packs
   const int K = cluster_blocks(), rank = cluster_rank(), rows = cdiv(S, K);
   const int s_begin = rank * rows, s_end = min(S, s_begin + rows);
@@ -564,14 +566,31 @@ __global__ void __launch_bounds__(kThreads, 2) single_pass_kernel(
   const int64_t base = static_cast<int64_t>(n) * S * C + c0 + col;
 
   float acc[VEC] = {};
-  batched<kLoadBatch>(
-      s_begin + static_cast<int>(threadIdx.y), s_end, static_cast<int>(blockDim.y),
-      [&](int s) { return load_pack<T, VEC>(x + base + static_cast<int64_t>(s) * C); },
-      [&](int s, const Pack<T, VEC>& pack) {
-        store_pack(tile + (s - s_begin) * width, pack);
+  if constexpr (sizeof(Pack<T, VEC>) == 16) {
+    if (stage_async) {  // every row of the thread in flight at once, then the sums from the tile
+      for (int s = s_begin + threadIdx.y; s < s_end; s += blockDim.y) {
+        copy_pack_async<T, VEC>(tile + (s - s_begin) * width, x + base + static_cast<int64_t>(s) * C);
+      }
+      wait_copies();
+#pragma unroll 4
+      for (int s = s_begin + threadIdx.y; s < s_end; s += blockDim.y) {
+        float v[VEC];
+        load<T, VEC>(tile + (s - s_begin) * width, v);
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) acc[i] += to_float(pack.v[i]);
-      });
+        for (int i = 0; i < VEC; ++i) acc[i] += v[i];
+      }
+    }
+  }
+  if (!stage_async || sizeof(Pack<T, VEC>) != 16) {  // kLoadBatch rows in flight, through registers
+    batched<kLoadBatch>(
+        s_begin + static_cast<int>(threadIdx.y), s_end, static_cast<int>(blockDim.y),
+        [&](int s) { return load_pack<T, VEC>(x + base + static_cast<int64_t>(s) * C); },
+        [&](int s, const Pack<T, VEC>& pack) {
+          store_pack(tile + (s - s_begin) * width, pack);
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) acc[i] += to_float(pack.v[i]);
+        });
+  }
   sum_over_groups<VEC>(acc, scratch, part, width, cpg);
   sum_over_cluster(part, total, groups, K, rank);
   const float count = static_cast<float>(cpg) * S;

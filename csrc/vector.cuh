@@ -87,5 +87,27 @@ __device__ __forceinline__ void store_pack(T* p, const Pack<T, N>& pack) {
   *reinterpret_cast<Pack<T, N>*>(p) = pack;
 }
 
+// A 16-byte Pack copied from global to shared memory without passing through registers
+// (cp.async, sm80+; .cg: cached in L2 only), so a thread can have all its copies in flight at
+// once; visible to this thread after wait_copies(). Older GPUs copy through registers, one at
+// a time. Both addresses must be 16-byte aligned.
+template <typename T, int N>
+__device__ __forceinline__ void copy_pack_async(T* shared, const T* global) {
+  static_assert(sizeof(Pack<T, N>) == 16, "cp.async moves 16-byte packs");
+#if __CUDA_ARCH__ >= 800
+  const unsigned to = static_cast<unsigned>(__cvta_generic_to_shared(shared));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(to), "l"(global) : "memory");
+#else
+  store_pack(shared, load_pack<T, N>(global));
+#endif
+}
+
+// Waits for this thread's copy_pack_async copies.
+__device__ __forceinline__ void wait_copies() {
+#if __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+#endif
+}
+
 }  // namespace cck
 #endif  // __CUDACC__
