@@ -13,8 +13,8 @@
 #   on the fourth) | bench_train 270 (6 timed steps and 1 profiled step of kernels a row; no
 #   row starts after its budget less 30 s; JSON written after every row) |
 #   bench_attention_cross 60 (the cross-attention shapes and 512 px self-attention at
-#   L = 4096) | bench_layer_norm 25 | bench_geglu 35 | bench_group_norm 60 | profile_host 30 |
-#   bench_ema 35 | bench_attention 55 | bench_data 45 = 835 s
+#   L = 4096) | bench_layer_norm 25 | bench_geglu 35 | bench_group_norm 60 | ncu_kernels 45 |
+#   profile_host 30 | bench_ema 35 | bench_attention 55 | bench_data 45 = 880 s
 #   if every step used all of its budget (bench_ddp, 30 s, only runs with several GPUs).
 # The whole run must end inside the caller's outer `timeout` (docs/benchmarks.md: 575 s less the
 # DALI install), or that kills it mid-step and summary.md is never written. So the script ends
@@ -170,6 +170,18 @@ step bench_attention_cross 60 "$PY" benchmarks/bench_attention.py --out "$OUT/at
 bench bench_layer_norm 25 --budget-s 12  # bench_geglu's token counts, whose 3 rows a shape took 22 s of 25 (H200)
 bench bench_geglu 35 --budget-s 20  # with its backward tilings: 6 rows a shape
 bench bench_group_norm 60 --budget-s 45
+# Hardware counters of one call of each kernel that misses its target (#3, #4, GEGLU), so that
+# sessions without a GPU reason from measurements: Nsight Compute (Firecracker machines; on
+# gVisor it cannot read counters and fails in seconds). ncu prints its report when the program
+# ends, so the program stops starting cases before the step's budget would kill it.
+ncu=$(command -v ncu || ls -d /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -n 1)
+if [ -n "$ncu" ]; then
+    step ncu_kernels 45 "$ncu" --profile-from-start off --clock-control none --section LaunchStats \
+        --section Occupancy --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
+        "$PY" benchmarks/ncu_kernels.py --budget-s 25
+else
+    printf '| ncu_kernels | skipped: no ncu on PATH or in /opt/nvidia | - | - |\n' >> "$OUT/steps.md"
+fi
 # Where eager calls spend their host time (our kernels' were 2-4x PyTorch's); one config each.
 step profile_host 30 env CCKERNELS_AUTOTUNE=0 "$PY" benchmarks/profile_host.py --out "$OUT"
 bench bench_ema 35
