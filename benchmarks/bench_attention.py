@@ -17,8 +17,10 @@ of our backward variants, so their TFLOP/s compare directly: "triton atomic-dQ" 
 dQ accumulated with fp32 atomics) and "triton deterministic" (7 matmuls, no atomics), chosen
 with CCKERNELS_DETERMINISTIC for each fwd+bwd row; the forward is the same kernel ("triton").
 The cross-attention shapes (77 keys, bf16, head dim 64) on sm90 take neither: whatever the
-flag, one kernel gives dQ, dK and dV (STORE_DQ in cckernels/triton/attention.py), so both
-rows time that kernel and differ only by noise.
+flag, one kernel gives dQ, dK and dV (STORE_DQ in cckernels/triton/attention.py). Their second
+row is "triton 4 waves" instead: that kernel with its query loop split for about 4 programs
+an SM instead of 1 (CCKERNELS_ATTENTION_SPLIT_WAVES=4), each split adding fp32 dK/dV partials
+to write and sum.
 
 Peers, each only when it runs: torch SDPA with each of its flash, efficient and cuDNN backends
 (forced with torch.nn.attention.sdpa_kernel, fed the transposed BLHD views a UNet passes),
@@ -49,9 +51,17 @@ import torch.nn.functional as F
 from timers import fmt, graph_cell, host_times, print_host_times, print_missing_graphs, time_fields, timings
 
 HEADS = {0: 5, 1: 10, 2: 20, 3: 20}  # UNet level -> heads of dim 64 (SD2)
-# fwd+bwd rows of the "triton" backend, one per backward variant: name -> CCKERNELS_DETERMINISTIC.
-# The first is the default variant (DETERMINISTIC_BY_DEFAULT), the one "ours x" compares.
-TRITON_BACKWARDS = {"triton deterministic": "1", "triton atomic-dQ": "0"}
+# fwd+bwd rows of the "triton" backend, one per backward variant: name -> (the environment it
+# runs in, whether it runs for short keys, whether for long ones). The first is the default
+# variant (DETERMINISTIC_BY_DEFAULT), the one "ours x" compares. Short keys (one key block:
+# cross-attention's 77) take one kernel whatever CCKERNELS_DETERMINISTIC says, so instead of an
+# atomic-dQ row they get one whose dK/dV query loop is split for 4 programs an SM instead of
+# 1 (CCKERNELS_ATTENTION_SPLIT_WAVES): whether more programs pay for their partial sums.
+TRITON_BACKWARDS = {
+    "triton deterministic": ({"CCKERNELS_DETERMINISTIC": "1"}, True, True),
+    "triton atomic-dQ": ({"CCKERNELS_DETERMINISTIC": "0"}, False, True),
+    "triton 4 waves": ({"CCKERNELS_DETERMINISTIC": "1", "CCKERNELS_ATTENTION_SPLIT_WAVES": "4"}, True, False),
+}
 # do_bench (warmup, rep) milliseconds of each timing: 25 ms of repetitions is 15 calls of the
 # slowest case (L=4096 forward+backward, ~1.6 ms on the H200) and hundreds of the short ones
 # (do_bench's default is 100 ms), so that the GPU visit's budget reaches the shorter lengths
@@ -69,7 +79,8 @@ def sd2_shapes(batch_256, batch_512):
     return shapes
 
 
-TINY_SHAPES = [("tiny self L=16", 1, 16, 16, 2, 32), ("tiny cross L=16", 1, 16, 7, 2, 32)]
+# self with more keys than one block (the atomic-dQ row), cross with fewer (the 4-waves row)
+TINY_SHAPES = [("tiny self L=130", 1, 130, 130, 2, 32), ("tiny cross L=16", 1, 16, 7, 2, 32)]
 
 
 def flops(B, Lq, Lk, H, D, backward):
@@ -113,18 +124,18 @@ def peers():
 
 
 @contextlib.contextmanager
-def env(name, value):
-    """Set os.environ[name] (None: leave it alone) for the duration of the block."""
-    old = os.environ.get(name)
-    if value is not None:
-        os.environ[name] = value
+def env(values):
+    """Set os.environ[name] = value for each of values for the duration of the block."""
+    old = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
+        for name, value in old.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def measure(fns, shapes, device, dtype, tiny, budget_s=None, save=None):
@@ -132,6 +143,7 @@ def measure(fns, shapes, device, dtype, tiny, budget_s=None, save=None):
     after that many seconds. save(rows) after each shape keeps what was measured if the run is
     cut short (the first autotuning of a shape compiles dozens of configs)."""
     import cckernels as ck
+    from cckernels.triton.attention import MAX_ONE_BLOCK_KEYS
 
     rows, t_start = [], time.perf_counter()
     for i, (name, B, Lq, Lk, H, D) in enumerate(shapes):
@@ -150,16 +162,18 @@ def measure(fns, shapes, device, dtype, tiny, budget_s=None, save=None):
             if backend == "triton" and ck.used_backends()["attention"] != "triton":
                 print(f"  skip triton on {name}: it fell back to {ck.used_backends()['attention']}")
                 continue
-            # (backward, row label, CCKERNELS_DETERMINISTIC): triton's fwd+bwd once per variant
-            backwards = [(True, *v) for v in TRITON_BACKWARDS.items()] if backend == "triton" else [(True, backend, None)]
-            runs = [(False, backend, None), *backwards]
-            for backward, label, deterministic in runs:
+            # (backward, row label, environment): triton's fwd+bwd once per variant of this length
+            short = Lk <= MAX_ONE_BLOCK_KEYS
+            backwards = [(True, label, variables) for label, (variables, for_short, for_long) in TRITON_BACKWARDS.items()
+                         if (for_short if short else for_long)] if backend == "triton" else [(True, backend, {})]
+            runs = [(False, backend, {}), *backwards]
+            for backward, label, variables in runs:
                 if backward:
                     timed = lambda: fn(q, k, v).backward(dout)  # noqa: E731
                 else:
                     timed = lambda: fn(q, k, v)  # noqa: E731
                 # the graph is captured under the same grad mode and backward variant
-                with torch.set_grad_enabled(backward), env("CCKERNELS_DETERMINISTIC", deterministic):
+                with torch.set_grad_enabled(backward), env(variables):
                     chosen_configs()  # forget earlier launches
                     eager, graph, why, host = timings(timed, tiny, grads=[q, k, v], eager=EAGER, graph=GRAPH)
                 row = {"shape": name, "B": B, "Lq": Lq, "Lk": Lk, "H": H, "D": D, "backend": label,
@@ -327,7 +341,7 @@ def main():
     if args.only:
         shapes = [s for s in shapes if any(text in s[0] for text in args.only)]
         if not shapes:
-            parser.error(f"--only {args.only}: no shape matches; names look like '256px cross L=1024', 'tiny self L=16'")
+            parser.error(f"--only {args.only}: no shape matches; names look like '256px cross L=1024', 'tiny self L=130'")
     torch.manual_seed(0)
 
     import triton

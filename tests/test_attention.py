@@ -290,6 +290,22 @@ def test_bad_deterministic_env(monkeypatch):
         deterministic_backward()
 
 
+def test_split_waves_env(monkeypatch):
+    """CCKERNELS_ATTENTION_SPLIT_WAVES: more dK/dV query splits (the interpreter counts 4 SMs),
+    gradients still within the fp64 rule; a bad value names the variable."""
+    from cckernels.triton.attention import _dkdv_splits
+
+    cpu = torch.device("cpu")
+    assert _dkdv_splits(1024, 77, 2, cpu) == (512, 2)
+    monkeypatch.setenv("CCKERNELS_ATTENTION_SPLIT_WAVES", "4")
+    assert _dkdv_splits(1024, 77, 2, cpu) == (128, 8)
+    q, k, v = torch.randn(1, 1000, 2, 32), torch.randn(1, 77, 2, 32), torch.randn(1, 77, 2, 32)
+    check_against_fp64(separate, [q, k, v], None, torch.float16)
+    monkeypatch.setenv("CCKERNELS_ATTENTION_SPLIT_WAVES", "0")
+    with pytest.raises(ValueError, match="CCKERNELS_ATTENTION_SPLIT_WAVES='0'"):
+        _dkdv_splits(1024, 77, 2, cpu)
+
+
 def test_backward_is_deterministic(monkeypatch):
     monkeypatch.setenv("CCKERNELS_DETERMINISTIC", "1")
     # 129 queries x 77 keys: dK/dV sums two query splits, dQ has a masked key block.

@@ -43,9 +43,12 @@ def test_benchmark_tiny_mode(tmp_path):
     assert {h["pass"] for h in result["host"]} == {"fwd", "fwd+bwd"}
     # our kernels' block shapes as launched: the forward alone, then the backward's kernels too
     configs = {(r["shape"], r["pass"], r["backend"]): r["configs"] for r in rows if "configs" in r}
-    assert configs[("tiny self L=16", "fwd", "triton")].keys() == {"fwd"}
-    assert configs[("tiny self L=16", "fwd+bwd", "triton deterministic")].keys() == {"fwd", "dkdv", "dq"}
-    assert configs[("tiny self L=16", "fwd+bwd", "triton atomic-dQ")].keys() == {"fwd", "dkdv"}
+    assert configs[("tiny self L=130", "fwd", "triton")].keys() == {"fwd"}
+    assert configs[("tiny self L=130", "fwd+bwd", "triton deterministic")].keys() == {"fwd", "dkdv", "dq"}
+    assert configs[("tiny self L=130", "fwd+bwd", "triton atomic-dQ")].keys() == {"fwd", "dkdv"}
+    # short keys: no atomic-dQ row (one kernel either way), a row with 4 waves of dK/dV splits
+    cross = {r["backend"] for r in rows if r["shape"] == "tiny cross L=16" and r["pass"] == "fwd+bwd"}
+    assert "triton 4 waves" in cross and "triton atomic-dQ" not in cross
     assert all(" w" in c and " s" in c for r in configs.values() for c in r.values())
     assert "our kernels' block shapes" in stdout
 
@@ -62,7 +65,7 @@ def test_benchmark_saves_after_every_shape(bench):
 def test_benchmark_budget_measures_the_first_shape_only(tmp_path):
     stdout, result = run_tiny(tmp_path, "--budget-s", "0")
     assert "not measured: tiny cross L=16" in stdout
-    assert {r["shape"] for r in result["rows"]} == {"tiny self L=16"}
+    assert {r["shape"] for r in result["rows"]} == {"tiny self L=130"}
 
 
 def test_benchmark_only_the_named_shapes(tmp_path):

@@ -535,16 +535,27 @@ def _forward(q, k, v, scale):
     return o, lse
 
 
+def _split_waves():
+    """CCKERNELS_ATTENTION_SPLIT_WAVES (default 1): programs per SM _dkdv_splits aims at."""
+    env = os.environ.get("CCKERNELS_ATTENTION_SPLIT_WAVES", "1")
+    if not env.isdigit() or int(env) < 1:
+        raise ValueError(f"CCKERNELS_ATTENTION_SPLIT_WAVES={env!r}: use a whole number >= 1 (waves of programs)")
+    return int(env)
+
+
 def _dkdv_splits(Lq, Lk, BH, device):
     """Query rows per dK/dV program: split the query loop when too few key blocks fill the GPU.
 
     Cross-attention with 77 keys has one key block per (batch, head); without a split a
     handful of programs would each walk all of Lq. Partial sums go to an fp32 buffer and are
     reduced in a fixed order, which keeps the backward deterministic. Splits stop at about one
-    wave of programs: each one adds a (B, Lk, H, D) fp32 partial per gradient to write and sum.
+    wave of programs (CCKERNELS_ATTENTION_SPLIT_WAVES waves: one program an SM each): each one
+    adds a (B, Lk, H, D) fp32 partial per gradient to write and sum, little next to the query
+    side's traffic when keys are few (2 * Lk / Lq of it per split), but one program an SM
+    leaves most of an SM idle: bench_attention's "triton 4 waves" rows time 4 for short keys.
     """
     programs = cdiv(Lk, 128) * BH
-    splits = max(1, min(cdiv(Lq, 128), cdiv(_num_sms(device), programs)))
+    splits = max(1, min(cdiv(Lq, 128), cdiv(_split_waves() * _num_sms(device), programs)))
     rows = cdiv(cdiv(Lq, splits), 128) * 128
     return rows, cdiv(Lq, rows)
 
