@@ -290,6 +290,23 @@ def test_bad_deterministic_env(monkeypatch):
         deterministic_backward()
 
 
+@pytest.mark.parametrize("Lk,split", [(77, (64, 16)), (90, (64, 32)), (40, (32, 16)), (64, (0, 0)), (100, (0, 0))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_short_key_forward_split(monkeypatch, Lk, split, dtype):
+    """The short-key forward with its one 128-key block (the GPU pool's width for <= 128 keys;
+    the interpreter's config has 32) computes 77 keys as 64 + 16, 90 as 64 + 32, ..."""
+    import triton
+
+    from cckernels.triton import attention as A
+
+    assert A._short_key_split(Lk, 128) == split
+    monkeypatch.setattr(A._attn_fwd_kernel, "configs", [triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=4, num_stages=1)])
+    monkeypatch.setattr(A._fwd_launch, "meta", {})  # configs remembered from other tests' launches
+    q, k, v = torch.randn(2, 33, 2, 40), torch.randn(2, Lk, 2, 40), torch.randn(2, Lk, 2, 40)
+    check_against_fp64(separate, [q, k, v], None, dtype)
+    assert (A._fwd_launch.last["MAIN_N"], A._fwd_launch.last["TAIL_N"]) == split
+
+
 def test_split_waves_env(monkeypatch):
     """CCKERNELS_ATTENTION_SPLIT_WAVES: more dK/dV query splits (the interpreter counts 4 SMs),
     gradients still within the fp64 rule; a bad value names the variable."""
