@@ -24,7 +24,9 @@ module is only the machinery. A Triton entry:
 
 `args` (or a function of the dtype returning it) gives each argument a Triton type ("*fp16",
 "i32", "fp32"; "i32:16" = divisible by 16 as Triton specializes it at run time) or a Python
-value (a constexpr; an int 1 is what Triton makes of a unit stride). Keys may be globs (the
+value (a constexpr; an int 1 is what Triton makes of a unit stride), or a function of the
+other arguments, the config's included, giving one (a block size that follows BLOCK_N, as a
+heuristic would). Keys may be globs (the
 longest match wins) and name arguments a kernel lacks, so one dict serves all kernels of a
 file; unlisted arguments are i32. A csrc entry: {"op": ..., "source": "csrc/x.cu", "expect": {regex: expect}} with
 the regex matched against demangled kernel names.
@@ -286,6 +288,7 @@ def compile_triton(job, use_cache=True):
     if config is not None:
         args.update(config.kwargs)
         options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    args = {name: value(args) if callable(value) and name in fn.arg_names else value for name, value in args.items()}
     signature, constexprs, attrs = triton_signature(fn, args, DTYPE_NAMES[job["dtype"]])
     key = [triton.__version__, job["arch"], fn.cache_key, signature, repr(sorted(constexprs.items())),
            repr(sorted(attrs.items())), options]  # fmt: skip

@@ -299,12 +299,12 @@ def test_short_key_forward_split(monkeypatch, Lk, split, dtype):
 
     from cckernels.triton import attention as A
 
-    assert A._short_key_split(Lk, 128) == split
+    assert A._key_blocks(Lk, 128, True) == (split if split[1] else (128, 0))
     monkeypatch.setattr(A._attn_fwd_kernel, "configs", [triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=4, num_stages=1)])
     monkeypatch.setattr(A._fwd_launch, "meta", {})  # configs remembered from other tests' launches
-    q, k, v = torch.randn(2, 33, 2, 40), torch.randn(2, Lk, 2, 40), torch.randn(2, Lk, 2, 40)
+    q, k, v = torch.randn(2, 33, 2, 40), torch.randn(2, Lk, 2, 40), torch.randn(2, Lk, 2, 40)  # head dim <= 64
     check_against_fp64(separate, [q, k, v], None, dtype)
-    assert (A._fwd_launch.last["MAIN_N"], A._fwd_launch.last["TAIL_N"]) == split
+    assert (A._fwd_launch.last["MAIN_N"], A._fwd_launch.last["TAIL_N"]) == A._key_blocks(Lk, 128, True)
 
 
 def test_split_waves_env(monkeypatch):

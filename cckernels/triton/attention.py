@@ -19,7 +19,7 @@ head dims above 64 at 65-128 keys, which spill) take neither: all keys are one b
 dK/dV kernel also computes delta and stores dQ, each dQ row from exactly one program (no
 atomics, deterministic): one launch, q and dO read once. The forward takes short keys without
 a loop too, as a block of the largest power of two of them and a masked tail block (77 keys:
-64 + 16, not 128 padded: _short_key_split).
+64 + 16, not 128 padded: _key_blocks).
 
 Scores live in the log2 domain: log2(e) is folded into the scale and exp2 replaces exp.
 Head dims up to 128 are padded to the next power of two inside the kernels (masked loads).
@@ -263,23 +263,27 @@ def _fwd_step(
     return acc, l_i, m_new
 
 
-def _short_key_split(Lk, block_n):
-    """(main, tail) key blocks for the short-key forward: main = the largest power of two <= Lk
-    keys (no mask), tail the smallest block >= 16 (tl.dot's least) that holds the rest, where
-    the two together are narrower than block_n, the padded one-block width: 77 keys as 64 + 16
-    = 80 wide instead of 128, 37.5% less of the score tile's matmuls and exp2 spent on padding.
-    (0, 0) where no split is narrower (64 or 100 keys)."""
+def _key_blocks(Lk, block_n, one_block):
+    """(MAIN_N, TAIL_N): the key blocks of a kernel whose keys are all one block_n-wide block
+    (one_block) as a block of the largest power of two <= Lk keys (no mask) and a masked tail,
+    the smallest block >= 16 (tl.dot's least) that holds the rest, where the two are narrower
+    than block_n: 77 keys as 64 + 16 = 80 wide instead of 128, 37.5% less of the score tiles'
+    matmuls and exp2 spent on padding. Else (block_n, 0): blocks of block_n, no tail (64 or
+    100 keys, or keys in a loop)."""
     main = 1 << (Lk.bit_length() - 1)
     tail = max(16, next_power_of_2(Lk - main))
-    return (main, tail) if Lk <= block_n and main >= 16 and Lk > main and main + tail < block_n else (0, 0)
+    split = one_block and Lk <= block_n and main >= 16 and Lk > main and main + tail < block_n
+    return (main, tail) if split else (block_n, 0)
 
 
 @_autotune(FWD_POOL, _fwd_footprint, FWD_FP32, short_kv_block=True)
 @triton.heuristics({
     "EVEN_N": lambda a: a["Lk"] % a["BLOCK_N"] == 0,
     "SHORT_KV": lambda a: a["Lk"] <= a["BLOCK_N"],
-    "MAIN_N": lambda a: _short_key_split(a["Lk"], a["BLOCK_N"])[0],
-    "TAIL_N": lambda a: _short_key_split(a["Lk"], a["BLOCK_N"])[1],
+    # head dims above 64 (padded to 128) keep one block: on sm80 the split spilled where one
+    # block did not (python -m cckernels.inspect)
+    "MAIN_N": lambda a: _key_blocks(a["Lk"], a["BLOCK_N"], a["SHORT_KV"] and a["BLOCK_D"] <= 64)[0],
+    "TAIL_N": lambda a: _key_blocks(a["Lk"], a["BLOCK_N"], a["SHORT_KV"] and a["BLOCK_D"] <= 64)[1],
 })
 @triton.jit
 def _attn_fwd_kernel(
@@ -295,12 +299,12 @@ def _attn_fwd_kernel(
     q_bucket, k_bucket,  # power-of-two length buckets: autotune key only
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, SHORT_KV: tl.constexpr,
-    MAIN_N: tl.constexpr, TAIL_N: tl.constexpr,  # short keys as two narrower blocks: _short_key_split
+    MAIN_N: tl.constexpr, TAIL_N: tl.constexpr,  # key blocks of MAIN_N, then TAIL_N more: _key_blocks
 ):
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = (bh // H).to(tl.int64), bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
+    offs_n = tl.arange(0, MAIN_N)
     offs_d = tl.arange(0, BLOCK_D)
 
     q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :]
@@ -311,26 +315,20 @@ def _attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    if SHORT_KV and MAIN_N > 0:
+    if SHORT_KV:
         # Short-key path (cross-attention, Lk <= BLOCK_N): all of K/V on chip, loaded once, no
-        # loop; as a MAIN_N block of whole keys and a masked TAIL_N block after it.
-        offs_main, offs_tail = tl.arange(0, MAIN_N), tl.arange(0, TAIL_N)
-        k_base, v_base = K + b * stride_kb + h * stride_kh, V + b * stride_vb + h * stride_vh
-        acc, l_i, m_i = _fwd_step(
-            acc, l_i, m_i, q, k_base + offs_main[:, None] * stride_kl + offs_d[None, :],
-            v_base + offs_main[:, None] * stride_vl + offs_d[None, :], stride_kl, stride_vl, 0, Lk, qk_scale,
-            HEAD_DIM, MAIN_N, BLOCK_D, False, MASK_D, DOT_PRECISION,
-        )
-        acc, l_i, m_i = _fwd_step(
-            acc, l_i, m_i, q, k_base + offs_tail[:, None] * stride_kl + offs_d[None, :],
-            v_base + offs_tail[:, None] * stride_vl + offs_d[None, :], stride_kl, stride_vl, MAIN_N, Lk, qk_scale,
-            HEAD_DIM, TAIL_N, BLOCK_D, True, MASK_D, DOT_PRECISION,
-        )
-    elif SHORT_KV:  # as one block
+        # loop: one block, or a MAIN_N block of whole keys and a masked TAIL_N block after it.
         acc, l_i, m_i = _fwd_step(
             acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kl, stride_vl, 0, Lk, qk_scale,
-            HEAD_DIM, BLOCK_N, BLOCK_D, not EVEN_N, MASK_D, DOT_PRECISION,
+            HEAD_DIM, MAIN_N, BLOCK_D, not EVEN_N and TAIL_N == 0, MASK_D, DOT_PRECISION,
         )
+        if TAIL_N > 0:
+            offs_t = tl.arange(0, TAIL_N)
+            acc, l_i, m_i = _fwd_step(
+                acc, l_i, m_i, q, K + b * stride_kb + h * stride_kh + offs_t[:, None] * stride_kl + offs_d[None, :],
+                V + b * stride_vb + h * stride_vh + offs_t[:, None] * stride_vl + offs_d[None, :], stride_kl,
+                stride_vl, MAIN_N, Lk, qk_scale, HEAD_DIM, TAIL_N, BLOCK_D, True, MASK_D, DOT_PRECISION,
+            )
     else:
         for start_n in range(0, Lk, BLOCK_N):
             acc, l_i, m_i = _fwd_step(
@@ -809,7 +807,7 @@ def attention(q, k, v, scale):
 # ----------------------------------------------------------------------------------------
 def _inspect_args(head_dim, dq=None, short_keys=False):
     """dq: None, "atomic" or "store": the dK/dV kernel's dQ mode; short_keys: the forward of 77
-    keys (one block, split 64 + 16)."""
+    keys, all in one block, taken as 64 + 16 (_key_blocks; head dims up to 64)."""
     def args(dtype):
         q = torch.empty(1, 1, 1, head_dim, dtype=dtype, device="meta")
         # "DQ" is the dQ kernel's output; the dK/dV kernel's is fp32 in its atomic mode
@@ -817,20 +815,28 @@ def _inspect_args(head_dim, dq=None, short_keys=False):
             "Q": "*T", "K": "*T", "V": "*T", "O": "*T", "DO": "*T", "DQ": "*fp32" if dq == "atomic" else "*T",
             "DK": "*T", "DV": "*T", "LSE": "*fp32", "DELTA": "*fp32", "ATOMIC_DQ": dq == "atomic",
             "STORE_DQ": dq == "store", "stride_*": "i32:16", "scale": "fp32", "qk_scale": "fp32",
-            "EVEN_M": True, "EVEN_N": not short_keys, "SHORT_KV": short_keys, "MAIN_N": 64 if short_keys else 0,
-            "TAIL_N": 16 if short_keys else 0, **_head_args(q),
+            "EVEN_M": True, "EVEN_N": not short_keys, "SHORT_KV": short_keys,
+            "MAIN_N": 64 if short_keys else lambda a: a["BLOCK_N"], "TAIL_N": 16 if short_keys else 0, **_head_args(q),
         }  # fmt: skip
     return args
 
 
-def _inspect_configs(footprint, fp32_shape, Lk=4096):
-    """The configs _prune keeps for Lq = 4096 queries and Lk keys on an arch (80, 90)."""
+def _inspect_configs(footprint, fp32_shape, Lk=4096, short_kv_block=False):
+    """The configs _prune keeps for Lq = 4096 queries and Lk keys on an arch (80, 90). With
+    short_kv_block (the forward's one-block path) _prune widens them to one block of keys and
+    one stage; the pool's configs of the same BLOCK_M and warps stand for them (that path's
+    code depends on nothing else: its key blocks are MAIN_N / TAIL_N, it has no loop)."""
     def keep(configs, arch, dtype, args):
         from cckernels.inspect import SMEM_LIMIT
 
         q = torch.empty(0, dtype=dtype, device="meta")
-        return _prune(configs, {"Q": q, "Lq": 4096, "Lk": Lk}, footprint, fp32_shape, target=(arch, SMEM_LIMIT[arch]),
-                      BLOCK_D=args["BLOCK_D"], ATOMIC_DQ=args["ATOMIC_DQ"], STORE_DQ=args["STORE_DQ"])  # fmt: skip
+        kept = _prune(configs, {"Q": q, "Lq": 4096, "Lk": Lk}, footprint, fp32_shape, short_kv_block=short_kv_block,
+                      target=(arch, SMEM_LIMIT[arch]), BLOCK_D=args["BLOCK_D"], ATOMIC_DQ=args["ATOMIC_DQ"],
+                      STORE_DQ=args["STORE_DQ"])  # fmt: skip
+        if not short_kv_block:
+            return kept
+        shapes = {(c.kwargs["BLOCK_M"], c.num_warps) for c in kept}
+        return [c for c in configs if (c.kwargs["BLOCK_M"], c.num_warps) in shapes]
     return keep
 
 
@@ -839,8 +845,10 @@ _INSPECT = {"op": "attention", "dtypes": DTYPES, "variants": {"d64": _inspect_ar
             "expect": lambda dtype: {} if dtype == torch.float32 else _TENSOR_CORES}  # fmt: skip
 INSPECT = [
     {**_INSPECT, "kernel": _attn_fwd_kernel, "configs": _inspect_configs(_fwd_footprint, FWD_FP32)},
-    {**_INSPECT, "kernel": _attn_fwd_kernel, "configs": _inspect_configs(_fwd_footprint, FWD_FP32, Lk=77),
-     "variants": {"d64-77-keys": _inspect_args(64, short_keys=True), "d80-77-keys": _inspect_args(80, short_keys=True)}},
+    # the short-key forward (77 keys: 64 + 16; head dims up to 64); 16-bit only (fp32's 16-key blocks loop)
+    {**_INSPECT, "kernel": _attn_fwd_kernel, "configs": _inspect_configs(_fwd_footprint, FWD_FP32, 77, True),
+     "dtypes": (torch.float16, torch.bfloat16),
+     "variants": {"d64-77-keys": _inspect_args(64, short_keys=True)}},
     {**_INSPECT, "kernel": _attn_bwd_dkdv_kernel, "configs": _inspect_configs(_dkdv_footprint, DKDV_FP32)},
     {**_INSPECT, "kernel": _attn_bwd_dkdv_kernel, "configs": _inspect_configs(_dkdv_footprint, DKDV_FP32),
      "variants": {"d64-atomic-dq": _inspect_args(64, "atomic"), "d80-atomic-dq": _inspect_args(80, "atomic")}},
