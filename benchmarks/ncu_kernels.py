@@ -125,10 +125,14 @@ def main(argv=None):
         if args.budget_s is not None and time.monotonic() - start > args.budget_s:
             print(f"== {name}: not profiled, --budget-s {args.budget_s:g} spent", flush=True)
             continue
-        for _ in range(2):
-            call()
-        if on_gpu:
-            torch.cuda.synchronize()
+        try:
+            for _ in range(2):
+                call()
+            if on_gpu:
+                torch.cuda.synchronize()
+        except (RuntimeError, NotImplementedError) as e:  # e.g. no cuDNN attention in this build
+            print(f"== {name}: skipped, {str(e).splitlines()[0][:120]}", flush=True)
+            continue
         backend = ck.used_backends().get(name.split()[0])  # sdpa is not ours: none
         print(f"== {name}" + (f" (backend {backend})" if backend else ""), flush=True)
         if on_gpu:
