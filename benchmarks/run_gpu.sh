@@ -5,6 +5,8 @@
 # PNG plots from each benchmark, meta.json, summary.md). Commit that folder afterwards.
 #
 #   benchmarks/run_gpu.sh [OUT_DIR]          # PYTHON=... to pick the interpreter
+#   RUN_GPU_STEPS="bench_group_norm ncu_kernels" benchmarks/run_gpu.sh OUT_DIR   # only those steps
+#                                            # (a follow-up call: the first call's build stays)
 #
 # Budget per step (seconds, enforced with `timeout`; a step that fails or runs out is logged in
 # summary.md and the next one still runs; benchmarks with --budget-s start no new case after it
@@ -13,7 +15,7 @@
 #   on the fourth) | bench_train 270 (6 timed steps and 1 profiled step of kernels a row; no
 #   row starts after its budget less 30 s; JSON written after every row) |
 #   bench_attention_cross 60 (the cross-attention shapes and 512 px self-attention at
-#   L = 4096) | bench_layer_norm 25 | bench_geglu 35 | bench_group_norm 60 | ncu_kernels 45 |
+#   L = 4096) | bench_group_norm 60 | ncu_kernels 45 | bench_layer_norm 25 | bench_geglu 35 |
 #   profile_host 30 | bench_ema 35 | bench_attention 55 | bench_data 45 = 880 s
 #   if every step used all of its budget (bench_ddp, 30 s, only runs with several GPUs).
 # The whole run must end inside the caller's outer `timeout` (docs/benchmarks.md: 575 s less the
@@ -53,10 +55,15 @@ time_left() {
 }
 
 # step NAME BUDGET_S COMMAND...: runs it under timeout (BUDGET_S or time_left, whichever is
-# less), output to logs/NAME.log; skipped when under 10 s are left.
+# less), output to logs/NAME.log; skipped when under 10 s are left, or when RUN_GPU_STEPS
+# (space-separated step names) is set and does not name it.
 step() {
     local name=$1 budget=$2 left t0 rc
     shift 2
+    if [ -n "${RUN_GPU_STEPS:-}" ] && [[ " $RUN_GPU_STEPS " != *" $name "* ]]; then
+        printf '| %s | skipped: not in RUN_GPU_STEPS | - | - |\n' "$name" >> "$OUT/steps.md"
+        return
+    fi
     left=$(time_left)
     if [ "$left" -lt 10 ]; then
         echo "== $name skipped: the run's ${TOTAL_S} s are spent"
@@ -161,14 +168,14 @@ else
 fi
 
 # Then the kernels, in the order of what open issues still need measured: the cross-attention
-# shapes at 256 and 512 px and the 512 px self-attention at L = 4096 (#3), LayerNorm (never
-# measured: the fourth run's call crashed in the benchmark), GEGLU (its fused bias, to tune),
-# bench_group_norm's batch-256 shapes (#4; its JSON is written after every case), the host
-# profile, then EMA (#5's targets met on the fourth run), the full attention and data tables.
+# shapes at 256 and 512 px and the 512 px self-attention at L = 4096 (#3: the short-key forward
+# as 64 + 16 keys and the 4-waves backward rows, new), bench_group_norm's batch-256 shapes (#4:
+# the cp.async single pass against its register twin ck-cuda-sync; its JSON is written after
+# every case), the hardware counters, LayerNorm (never measured: the fourth run's call crashed
+# in the benchmark), GEGLU (its fused bias, to tune), the host profile, then EMA (#5's targets
+# met on the fourth run), the full attention and data tables.
 step bench_attention_cross 60 "$PY" benchmarks/bench_attention.py --out "$OUT/attention-cross" \
     --only "cross" "512px self L=4096" --budget-s 45
-bench bench_layer_norm 25 --budget-s 12  # bench_geglu's token counts, whose 3 rows a shape took 22 s of 25 (H200)
-bench bench_geglu 35 --budget-s 20  # with its backward tilings: 6 rows a shape
 bench bench_group_norm 60 --budget-s 45
 # Hardware counters of one call of each kernel that misses its target (#3, #4, GEGLU), so that
 # sessions without a GPU reason from measurements: Nsight Compute (Firecracker machines; on
@@ -182,6 +189,8 @@ if [ -n "$ncu" ]; then
 else
     printf '| ncu_kernels | skipped: no ncu on PATH or in /opt/nvidia | - | - |\n' >> "$OUT/steps.md"
 fi
+bench bench_layer_norm 25 --budget-s 12  # bench_geglu's token counts, whose 3 rows a shape took 22 s of 25 (H200)
+bench bench_geglu 35 --budget-s 20  # with its backward tilings: 6 rows a shape
 # Where eager calls spend their host time (our kernels' were 2-4x PyTorch's); one config each.
 step profile_host 30 env CCKERNELS_AUTOTUNE=0 "$PY" benchmarks/profile_host.py --out "$OUT"
 bench bench_ema 35

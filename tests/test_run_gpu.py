@@ -41,3 +41,23 @@ def test_run_gpu_ends_inside_its_total_budget(tmp_path):
     order = list(rows)
     assert order.index("bench_train") == order.index("pytest-gpu") + 1
     assert order[-2:] == ["bench_attention", "bench_data"]
+
+
+def test_run_gpu_runs_only_the_steps_named(tmp_path):
+    """RUN_GPU_STEPS (a follow-up call on a warm machine): the steps it names run, the others,
+    the build included, are listed as skipped."""
+    python = tmp_path / "python"
+    python.write_text(FAKE_PYTHON)
+    python.chmod(0o755)
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=str(python), RUN_GPU_BUDGET_S="27", RUN_GPU_STEPS="bench_ema",
+               CARRY_SCRATCH=str(tmp_path / "carry"))
+    subprocess.run([str(ROOT / "benchmarks" / "run_gpu.sh"), str(out)], env=env, check=True,
+                   capture_output=True, text=True, timeout=120)
+    rows = {line.split("|")[1].strip(): line for line in (out / "summary.md").read_text().splitlines()
+            if line.startswith("| ") and not line.startswith("| step")}
+    assert rows["bench_ema"].split("|")[2].strip() == "124"  # it ran (the stand-in hangs until the budget)
+    for name in ("pytest-gpu", "bench_train", "bench_group_norm", "bench_attention", "bench_data"):
+        assert "skipped: not in RUN_GPU_STEPS" in rows[name], rows[name]
+    if (ROOT / "setup.py").exists():
+        assert "skipped: not in RUN_GPU_STEPS" in rows["build"]
