@@ -98,10 +98,11 @@ namespace cck {
 namespace gn {
 
 // 16-byte loads a thread keeps in flight (batched()): what the streaming loops over rows and
-// single_pass_kernel's staging issue before they use the first. The streaming kernels' launch
-// bounds are the most blocks an SM at which they do so without spilling (sm90, CUDA 13): three
-// for the forward's (x, kLoadBatch rows), two for the backward's (x and dy, kLoadBatch / 2
-// rows). Without the bounds ptxas spilled in some instantiations, below any register limit.
+// single_pass_kernel's register staging (stage_async false) issue before they use the first.
+// The streaming kernels' launch bounds are the most blocks an SM at which they do so without
+// spilling (sm90, CUDA 13): three for the forward's (x, kLoadBatch rows), two for the
+// backward's (x and dy, kLoadBatch / 2 rows). Without the bounds ptxas spilled in some
+// instantiations, below any register limit.
 constexpr int kLoadBatch = 8;
 
 template <typename T, int VEC>
