@@ -12,7 +12,8 @@
 //           shared memory (cp.async on sm80+), each block S / K of the positions, reading x
 //           once; then exact fp32 statistics from the staged tiles (the mean first, then
 //           squared deviations from it), the blocks of a cluster adding their partial sums
-//           through distributed shared memory, and y from the tiles. Grid (channel blocks x K, N), clusters (K, 1, 1).
+//           through distributed shared memory, and y from the tiles. Grid (channel blocks x K,
+//           N), clusters (K, 1, 1).
 // Otherwise every pass splits each sample into K spatial chunks, grid (channel-pack blocks,
 // K chunks, N), so that small batches still fill the GPU:
 // forward   channel_stats: per (n, chunk, channel) mean and M2 from fp32 sums of (x - shift),
@@ -567,7 +568,8 @@ __global__ void __launch_bounds__(kThreads, 2) single_pass_kernel(
   const int64_t base = static_cast<int64_t>(n) * S * C + c0 + col;
 
   float acc[VEC] = {};
-  if constexpr (sizeof(Pack<T, VEC>) == 16) {
+  bool staged = false;
+  if constexpr (sizeof(Pack<T, VEC>) == 16) {  // what cp.async moves
     if (stage_async) {  // every row of the thread in flight at once, then the sums from the tile
       for (int s = s_begin + threadIdx.y; s < s_end; s += blockDim.y) {
         copy_pack_async<T, VEC>(tile + (s - s_begin) * width, x + base + static_cast<int64_t>(s) * C);
@@ -580,9 +582,10 @@ __global__ void __launch_bounds__(kThreads, 2) single_pass_kernel(
 #pragma unroll
         for (int i = 0; i < VEC; ++i) acc[i] += v[i];
       }
+      staged = true;
     }
   }
-  if (!stage_async || sizeof(Pack<T, VEC>) != 16) {  // kLoadBatch rows in flight, through registers
+  if (!staged) {  // kLoadBatch rows in flight, through registers
     batched<kLoadBatch>(
         s_begin + static_cast<int>(threadIdx.y), s_end, static_cast<int>(blockDim.y),
         [&](int s) { return load_pack<T, VEC>(x + base + static_cast<int64_t>(s) * C); },
