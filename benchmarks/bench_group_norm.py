@@ -31,8 +31,9 @@ The "forward" column says which of our forwards ran: "single-pass" (each group r
 name when ours fell back to it; "-" for the peers. The rows ck-triton-split and ck-cuda-split
 force the split forward where the backend would take a single pass, to measure what the single
 pass gains; ck-cuda-sync (forward only) stages the CUDA single pass's tile through registers
-instead of by cp.async (cckernels.cuda.STAGE_ASYNC), to measure what cp.async gains. Cases run shape by shape, every implementation of a shape together, torch.compile
-(one compile per case) after all the others: --budget-s cuts whole shapes, then torch.compile.
+instead of by cp.async (cckernels.cuda.STAGE_ASYNC), to measure what cp.async gains. Cases
+run shape by shape, every implementation of a shape together, torch.compile (one compile per
+case) after all the others: --budget-s cuts whole shapes, then torch.compile.
 The JSON is rewritten after every case, so a run killed by an outer time limit keeps its rows.
 """
 import argparse
