@@ -4,6 +4,7 @@ Compute.
 
     ncu --profile-from-start off --clock-control none --section LaunchStats --section Occupancy \
         --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
+        --section ComputeWorkloadAnalysis --section SchedulerStats \
         python benchmarks/ncu_kernels.py            # run_gpu.sh's ncu_kernels step does this
     python benchmarks/ncu_kernels.py --tiny         # CPU: the same calls at tiny sizes, no profiler
 

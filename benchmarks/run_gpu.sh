@@ -185,7 +185,7 @@ ncu=$(command -v ncu || ls -d /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tai
 if [ -n "$ncu" ]; then
     step ncu_kernels 45 "$ncu" --profile-from-start off --clock-control none --section LaunchStats \
         --section Occupancy --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
-        "$PY" benchmarks/ncu_kernels.py --budget-s 25
+        --section ComputeWorkloadAnalysis --section SchedulerStats "$PY" benchmarks/ncu_kernels.py --budget-s 25
 else
     printf '| ncu_kernels | skipped: no ncu on PATH or in /opt/nvidia | - | - |\n' >> "$OUT/steps.md"
 fi
