@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 import cckernels as ck
+from bench_group_norm import GROUPS, with_setting
 from cckernels import cuda as ck_cuda
 
 
@@ -53,18 +54,6 @@ def forward_backward(fn, *leaves):
     return run
 
 
-def with_setting(module, name, value, fn):
-    def run():
-        default = getattr(module, name)
-        setattr(module, name, value)
-        try:
-            fn()
-        finally:
-            setattr(module, name, default)
-
-    return run
-
-
 def cases(device, tiny):
     """[(name, fn())]: each fn makes one call of the case."""
     dtype = torch.float32 if tiny else torch.bfloat16
@@ -74,17 +63,13 @@ def cases(device, tiny):
     N, C, side = (2, 64, 4) if tiny else (256, 320, 32)
     x = leaf((N, C, side, side), device, dtype, channels_last=True)
     w, b = (leaf((C,), device, torch.float32) for _ in range(2))
-    gn = lambda x, w, b: ck.group_norm(x, 32, w, b, activation="silu")  # noqa: E731
+    gn = lambda x, w, b: ck.group_norm(x, GROUPS, w, b, activation="silu")  # noqa: E731
     if on_gpu and "cuda" in ck.available_backends(device)["group_norm"]:
-        gn = lambda x, w, b: ck.group_norm(x, 32, w, b, activation="silu", backend="cuda")  # noqa: E731
-
-        @torch.no_grad()
-        def forward():
-            gn(x, w, b)
-
-        out.append((f"group_norm cuda fwd {N}x{C}x{side}x{side} nhwc, cp.async", forward))
+        gn = lambda x, w, b: ck.group_norm(x, GROUPS, w, b, activation="silu", backend="cuda")  # noqa: E731
+        forward = lambda fn: torch.no_grad()(lambda: fn(x, w, b))  # noqa: E731
+        out.append((f"group_norm cuda fwd {N}x{C}x{side}x{side} nhwc, cp.async", forward(gn)))
         out.append((f"group_norm cuda fwd {N}x{C}x{side}x{side} nhwc, through registers",
-                    with_setting(ck_cuda, "STAGE_ASYNC", False, forward)))
+                    forward(with_setting("cuda", ck_cuda, "STAGE_ASYNC", False))))
     out.append((f"group_norm fwd+bwd {N}x{C}x{side}x{side} nhwc", forward_backward(gn, x, w, b)))
 
     for name, B, Lq, Lk, H in (("self", 8, 4096, 4096, 5), ("cross", 8, 1024, 77, 10)):
