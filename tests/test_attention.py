@@ -290,21 +290,22 @@ def test_bad_deterministic_env(monkeypatch):
         deterministic_backward()
 
 
-@pytest.mark.parametrize("Lk,split", [(77, (64, 16)), (90, (64, 32)), (40, (32, 16)), (64, (0, 0)), (100, (0, 0))])
+# (keys, (MAIN_N, TAIL_N)): 64 and 100 keys keep the one 128-key block, no tail
+@pytest.mark.parametrize("Lk,blocks", [(77, (64, 16)), (90, (64, 32)), (40, (32, 16)), (64, (128, 0)), (100, (128, 0))])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_short_key_forward_split(monkeypatch, Lk, split, dtype):
+def test_short_key_forward_split(monkeypatch, Lk, blocks, dtype):
     """The short-key forward with its one 128-key block (the GPU pool's width for <= 128 keys;
     the interpreter's config has 32) computes 77 keys as 64 + 16, 90 as 64 + 32, ..."""
     import triton
 
     from cckernels.triton import attention as A
 
-    assert A._key_blocks(Lk, 128, True) == (split if split[1] else (128, 0))
+    assert A._key_blocks(Lk, 128, True) == blocks
     monkeypatch.setattr(A._attn_fwd_kernel, "configs", [triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=4, num_stages=1)])
     monkeypatch.setattr(A._fwd_launch, "meta", {})  # configs remembered from other tests' launches
     q, k, v = torch.randn(2, 33, 2, 40), torch.randn(2, Lk, 2, 40), torch.randn(2, Lk, 2, 40)  # head dim <= 64
     check_against_fp64(separate, [q, k, v], None, dtype)
-    assert (A._fwd_launch.last["MAIN_N"], A._fwd_launch.last["TAIL_N"]) == A._key_blocks(Lk, 128, True)
+    assert (A._fwd_launch.last["MAIN_N"], A._fwd_launch.last["TAIL_N"]) == blocks
 
 
 def test_split_waves_env(monkeypatch):
