@@ -34,7 +34,8 @@ import triton.language as tl
 from cckernels.backend import Unsupported, _on_device
 from cckernels.packing import is_packed, packed_empty
 from cckernels.tracing import emitting_custom_ops
-from cckernels.triton.launch import Tuned, cdiv, next_power_of_2
+from cckernels.triton.column_sum import column_sum
+from cckernels.triton.launch import Tuned, cdiv, next_power_of_2, sm_count
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 128
@@ -543,11 +544,6 @@ def _buckets(Lq, Lk):
     return next_power_of_2(Lq), next_power_of_2(Lk)
 
 
-def _num_sms(device):
-    # Under the interpreter a small number, so CPU tests exercise the split dK/dV path.
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-
-
 def _forward(q, k, v, scale):
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
@@ -582,7 +578,7 @@ def _dkdv_splits(Lq, Lk, BH, device):
     leaves most of an SM idle: bench_attention's "triton 4 waves" rows time 4 for short keys.
     """
     programs = cdiv(Lk, 128) * BH
-    splits = max(1, min(cdiv(Lq, 128), cdiv(_split_waves() * _num_sms(device), programs)))
+    splits = max(1, min(cdiv(Lq, 128), cdiv(_split_waves() * sm_count(device, on_cpu=4), programs)))
     rows = cdiv(cdiv(Lq, splits), 128) * 128
     return rows, cdiv(Lq, rows)
 
@@ -639,11 +635,16 @@ def _backward(do, q, k, v, o, lse, scale, need_dq, need_dkdv, deterministic, pac
     dq_buf, dk_buf, dv_buf = _packed_gradients(q, k, v, need_dq, need_dkdv) if pack else (None, None, None)
     if need_dkdv:
         rows, splits = _dkdv_splits(Lq, Lk, B * H, q.device)
-        if splits == 1 and dk_buf is not None:  # written in place: dk and dv share strides
+        packed = dk_buf is not None  # dk, dv: views of one packed gradient, dv's row after dk's
+        if not packed:  # separate tensors: a custom op's outputs may not alias
+            dk_buf = torch.empty((B, Lk, H, D), device=q.device, dtype=q.dtype)
+            dv_buf = torch.empty_like(dk_buf)
+        if splits == 1:  # written in place: dk and dv share strides
             dk_s, dv_s = dk_buf[None], dv_buf[None]
-        else:
-            dk_s = torch.empty((splits, B, Lk, H, D), device=q.device, dtype=q.dtype if splits == 1 else torch.float32)
-            dv_s = torch.empty_like(dk_s)
+        else:  # fp32 partials, one per split, laid out as the gradients (dk_s and dv_s share strides)
+            partial = torch.empty((splits, B, Lk, 2, H, D) if packed else (splits, 2, B, Lk, H, D),
+                                  device=q.device, dtype=torch.float32)
+            dk_s, dv_s = (partial[:, :, :, 0], partial[:, :, :, 1]) if packed else partial.unbind(1)
         if atomic_dq:
             dq_out = torch.zeros((B, Lq, H, D), device=q.device, dtype=torch.float32)
         elif store_dq:
@@ -657,9 +658,14 @@ def _backward(do, q, k, v, o, lse, scale, need_dq, need_dkdv, deterministic, pac
             *(dq_out.stride()[:3] if dq_out is not None else (0, 0, 0)),
             H, Lq, Lk, rows, scale, scale * LOG2E, *buckets, **head, ATOMIC_DQ=atomic_dq, STORE_DQ=store_dq,
         )
-        dk, dv = (t[0] if splits == 1 else t.sum(0).to(q.dtype) for t in (dk_s, dv_s))
-        if dk_buf is not None and splits > 1:
-            dk, dv = dk_buf.copy_(dk), dv_buf.copy_(dv)
+        if splits > 1:  # the splits' sum in a fixed order, cast, stored into dk and dv
+            if packed:  # one launch: a row of the packed gradient per (b, key) is dk's row then dv's
+                rows_kv = dk_buf.as_strided((B * Lk, 2 * H * D), (dk_buf.stride(1), 1))
+                column_sum(partial.view(splits, B * Lk, 2 * H * D), rows_kv)
+            else:
+                for part, grad in ((dk_s, dk_buf), (dv_s, dv_buf)):
+                    column_sum(part.view(splits, -1), grad.view(-1))
+        dk, dv = dk_buf, dv_buf
         if store_dq:
             dq = dq_out
     if atomic_dq:

@@ -45,7 +45,7 @@ from cckernels.backend import Unsupported
 from cckernels.group_norm_autograd import GroupNormFunction, custom_ops
 from cckernels.reference import channels_last
 from cckernels.tracing import emitting_custom_ops
-from cckernels.triton.launch import cdiv, next_power_of_2
+from cckernels.triton.launch import cdiv, next_power_of_2, sm_count
 
 # Elements per (BLOCK_C, BLOCK_S) tile, 32 a thread at 4 warps. A tile's loads are in flight
 # together: 4 16-byte loads a thread in bf16, about 32 KB an SM at PROGRAMS_PER_SM (2048 gave
@@ -396,7 +396,7 @@ def _tiling(x, C, S, strides):
         block_s = min(next_power_of_2(S), MAX_BLOCK_S * grow)
         block_c = min(max(TILE * grow // block_s, 1), next_power_of_2(C))
     # a couple of chunks on the interpreter exercise the split paths cheaply
-    sms = _sm_count(x)
+    sms = sm_count(x.device, on_cpu=2)
     s_blocks = cdiv(S, block_s)
     k = max(1, min(s_blocks, cdiv(PROGRAMS_PER_SM * sms, N * cdiv(C, block_c))))
     chunk = cdiv(s_blocks, k) * block_s
@@ -439,15 +439,10 @@ def _single_pass_plan(N, C, S, G, channels_last, itemsize, sms):
     return groups, next_power_of_2(groups * cpg), next_power_of_2(S), align, num_warps
 
 
-def _sm_count(x):
-    """SMs to fill; two on the interpreter, so that small tests take both paths."""
-    return torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 2
-
-
 def _plan(x, num_groups):
     N, C = x.shape[:2]
     S, strides = _layout(x)
-    return _single_pass_plan(N, C, S, num_groups, strides[1] == 1 and C > 1, x.element_size(), _sm_count(x))
+    return _single_pass_plan(N, C, S, num_groups, strides[1] == 1 and C > 1, x.element_size(), sm_count(x.device, on_cpu=2))
 
 
 def group_norm_forward_path(x, num_groups):

@@ -16,6 +16,12 @@ def next_power_of_2(n):
     return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
+def sm_count(device, on_cpu):
+    """The SMs of a CUDA device; on the CPU (Triton's interpreter) the stand-in on_cpu, small, so
+    that small test shapes take the paths a GPU takes when work is short of SMs."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else on_cpu
+
+
 def row_view(t):
     """t as (rows, t.shape[-1]) with a row stride, for kernels that walk rows: a view when t's
     leading dims flatten into one stride, else a copy."""

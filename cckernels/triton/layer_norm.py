@@ -25,7 +25,8 @@ import triton.language as tl
 
 from cckernels.backend import Unsupported, _on_device, triton_usable
 from cckernels.tracing import emitting_custom_ops
-from cckernels.triton.launch import cdiv, next_power_of_2, row_view
+from cckernels.triton.column_sum import column_sum
+from cckernels.triton.launch import cdiv, next_power_of_2, row_view, sm_count
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_C = 8192  # one row's values stay in registers
@@ -155,7 +156,7 @@ def _programs(n_rows, tile_rows, device):
     busy), but at least MIN_ROWS_PER_PROGRAM: each program writes 2 fp32 partial rows, which
     the sum reads again, so with r rows a program they move 8/r of dx's bf16 bytes (a quarter
     of a pass at 32; at 4 rows, SD2's 1280-wide blocks at batch 32, they would move 2 passes)."""
-    slots = 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    slots = 4 * sm_count(device, on_cpu=2)
     rows = max(cdiv(n_rows, slots), MIN_ROWS_PER_PROGRAM)
     return cdiv(rows, tile_rows) * tile_rows
 
@@ -178,7 +179,9 @@ def _backward(dy, ds, x, weight, bias, mean, rstd):
             dy, ds, x2, weight, mean, rstd, dx, partial, n_rows, C, x2.stride(0), rows_per_program,
             HAS_DS=ds is not None, HAS_WEIGHT=weight is not None, AFFINE=affine,
             TILE_ROWS=tile_rows, BLOCK_C=block_c, INT64=_int64(x2), num_warps=num_warps)
-    return dx, None if partial is None else partial.sum(0)  # one launch for both; no rows: zeros
+    if partial is None:
+        return dx, None
+    return dx, column_sum(partial, torch.empty((2, C), device=x.device, dtype=torch.float32))  # no rows: zeros
 
 
 def _affine_grads(affine, weight, bias):
