@@ -23,14 +23,13 @@ import token_ops
 from token_ops import TOKENS, WIDTHS, Bench, time_modes
 
 
-# Other tilings of ck's backward, (TILE_ROWS, ROWS, warps), timed beside its own (4, 64, 4):
-# the fourth H200 run had the 2-D backward with the bias's column sums at 51-62% of copy where
-# the flat one without them had reached 84-89%; on a GPU these rows say which tiling to keep.
-BACKWARD_TILINGS = [(8, 64, 8), (4, 32, 4), (2, 64, 2)]  # 8 values a thread each, as (4, 64, 4)
+# ck's backward tilings, (TILE_ROWS, warps), each timed on its own: ck picks one by the number
+# of programs (cckernels/triton/geglu.py, WIDE_TILE), from these rows of the fifth H200 run.
+BACKWARD_TILINGS = [triton_geglu.WIDE_TILE, triton_geglu.NARROW_TILE]
 
 
-def tiled_backward(tile_rows, rows, warps):
-    """ck.geglu's Triton kernels with another tiling of the backward (x, bias -> y)."""
+def tiled_backward(tiling):
+    """ck.geglu's Triton kernels with the backward's tiling fixed (x, bias -> y)."""
 
     class Tiled(torch.autograd.Function):
         @staticmethod
@@ -40,7 +39,7 @@ def tiled_backward(tile_rows, rows, warps):
 
         @staticmethod
         def backward(ctx, dy):
-            return triton_geglu._backward(dy, *ctx.saved_tensors, tile_rows, rows, warps)
+            return triton_geglu._backward(dy, *ctx.saved_tensors, tiling)
 
     return Tiled.apply
 
@@ -50,7 +49,7 @@ def implementations(device, tiny):
     impls = {"ck": (ck.geglu, True), "torch": (reference.geglu, False)}
     if not tiny:  # dynamic shapes: one compile per mode for all six shapes
         impls["torch-compile"] = (torch.compile(reference.geglu, dynamic=True), False)
-        impls |= {f"ck bwd {t}/{r}/w{w}": (tiled_backward(t, r, w), True) for t, r, w in BACKWARD_TILINGS}
+        impls |= {f"ck bwd {t}/w{w}": (tiled_backward((t, w)), True) for t, w in BACKWARD_TILINGS}
     return impls
 
 

@@ -76,17 +76,25 @@ def test_bias_gradient_is_deterministic_and_needs_no_grad_of_x():
     assert torch.equal(no_rows, torch.zeros_like(bias))
 
 
-@pytest.mark.parametrize("tile_rows, rows", [(8, 64), (4, 32), (2, 64)])
-def test_other_backward_tilings_give_the_same_gradients(tile_rows, rows):
-    # bench_geglu times these tilings on a GPU (BACKWARD_TILINGS); 77 rows: partial row blocks
-    from cckernels.triton.geglu import _backward
+@pytest.mark.parametrize("tiling", ["WIDE_TILE", "NARROW_TILE"])
+def test_both_backward_tilings_give_the_same_gradients(tiling):
+    # 77 rows: a partial program of rows; 300 outputs: a partial column block
+    from cckernels.triton import geglu
 
     x, bias, dy = randn(77, 2 * 300), randn(2 * 300), randn(77, 300)
     want = outputs_and_grads(reference.geglu, x.double(), dy.double(), bias.double())[1:]
     with nan_filled_empty():
-        got = _backward(dy, x, bias, tile_rows, rows)
+        got = geglu._backward(dy, x, bias, getattr(geglu, tiling))
     for g, w in zip(got, want):
         torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4)
+
+
+def test_backward_tiling_follows_the_program_count():
+    from cckernels.triton.geglu import NARROW_TILE, WIDE_TILE, _backward_tiling
+
+    cpu = torch.device("cpu")  # 2 SMs stand in: narrow from 16 programs
+    assert _backward_tiling(64 * 7, 512, cpu) == WIDE_TILE  # 7 x 2 programs
+    assert _backward_tiling(64 * 8, 512, cpu) == NARROW_TILE  # 8 x 2
 
 
 def test_strided_views_match_the_contiguous_result():

@@ -24,13 +24,19 @@ import triton.language as tl
 
 from cckernels.backend import Unsupported, _on_device, triton_usable
 from cckernels.tracing import emitting_custom_ops
-from cckernels.triton.launch import cdiv, row_view
+from cckernels.triton.column_sum import column_sum
+from cckernels.triton.launch import cdiv, row_view, sm_count
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BLOCK = 1024  # forward: output elements per program (8 per thread of 4 warps: one 16-byte bf16 access each)
 BLOCK_F = 256  # backward: columns of a tile (32 threads x 8: 16-byte bf16 accesses along a row)
-TILE_ROWS = 4  # backward: rows of a tile; 1024 elements, 8 per thread of 4 warps (72 registers on sm90)
 ROWS = 64  # backward: rows per program, in tiles: one partial bias-grad row per 64 rows of dx
+# Backward tiles of (TILE_ROWS, warps), 8 values a thread each: 4 rows on 4 warps (72 registers
+# on sm90) while programs are few, 2 rows on 2 warps from MANY_PROGRAMS an SM. H200, fifth run,
+# forward+backward: 126 against 139 us at 8192x2560 (9.7 programs an SM), 248 against 251 at
+# 32768x1280 (19), but 89 against 77 at 2048x5120 (4.8). Tried and slower at all three: 8 rows
+# on 8 warps, and 32-row programs.
+WIDE_TILE, NARROW_TILE, MANY_PROGRAMS = (4, 4), (2, 2), 8
 
 
 @triton.jit
@@ -128,21 +134,28 @@ def _forward(x, bias):
     return y
 
 
-def _backward(dy, x, bias, tile_rows=TILE_ROWS, rows=ROWS, num_warps=4):
-    """(dx, dbias): dbias in bias's dtype, None without a bias. tile_rows, rows (a multiple of
-    it) and num_warps: the backward's tiling, other values only for bench_geglu's sweep."""
+def _backward_tiling(n_rows, F, device):
+    """(TILE_ROWS, warps) of the backward for n_rows rows of F outputs: see WIDE_TILE."""
+    programs = cdiv(n_rows, ROWS) * cdiv(F, BLOCK_F)
+    return NARROW_TILE if programs >= MANY_PROGRAMS * sm_count(device, on_cpu=2) else WIDE_TILE
+
+
+def _backward(dy, x, bias, tiling=None):
+    """(dx, dbias): dbias in bias's dtype, None without a bias. tiling: (TILE_ROWS, warps) of the
+    backward, by default as the number of programs says (see WIDE_TILE); bench_geglu times each."""
     x2 = row_view(x)
     n_rows, F = x2.shape[0], x2.shape[1] // 2
+    tile_rows, num_warps = tiling or _backward_tiling(n_rows, F, x.device)
     dy = dy.contiguous()
     dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
-    grid = (cdiv(n_rows, rows), cdiv(F, BLOCK_F))
+    grid = (cdiv(n_rows, ROWS), cdiv(F, BLOCK_F))
     partial = None if bias is None else torch.empty((grid[0], 2 * F), device=x.device, dtype=torch.float32)
     if dx.numel():
         _geglu_bwd_kernel[grid](dy, x2, bias, dx, partial, n_rows, F, x2.stride(0), HAS_BIAS=bias is not None,
-                                BLOCK_F=BLOCK_F, TILE_ROWS=tile_rows, ROWS=rows, INT64=_int64(x2), num_warps=num_warps)
+                                BLOCK_F=BLOCK_F, TILE_ROWS=tile_rows, ROWS=ROWS, INT64=_int64(x2), num_warps=num_warps)
     if bias is None:
         return dx, None
-    return dx, partial.sum(0).to(bias.dtype)  # no rows: zeros
+    return dx, column_sum(partial, torch.empty(2 * F, device=x.device, dtype=bias.dtype))  # no rows: zeros
 
 
 class _GEGLU(torch.autograd.Function):
@@ -220,7 +233,7 @@ def geglu(x, bias=None):
 INSPECT = [{
     "op": "geglu", "kernel": kernel, "dtypes": DTYPES,
     "args": {"*_ptr": "*T", "dbias_ptr": "*fp32", "n": "i32:16", "F": "i32:16", "x_row_stride": "i32:16",
-             "HAS_BIAS": True, "BLOCK": BLOCK, "BLOCK_F": BLOCK_F, "TILE_ROWS": TILE_ROWS, "ROWS": ROWS, "INT64": False},
+             "HAS_BIAS": True, "BLOCK": BLOCK, "BLOCK_F": BLOCK_F, "TILE_ROWS": WIDE_TILE[0], "ROWS": ROWS, "INT64": False},
     "variants": {"int32": {}, "int64": {"INT64": True}},
     "options": {"num_warps": 4},
     "expect": {"ldg128": True, "stg128": True},
