@@ -30,8 +30,7 @@ The "forward" column says which of our forwards ran: "single-pass" (each group r
 (three passes, x read twice), as the backend's group_norm_forward_path reports it; a backend
 name when ours fell back to it; "-" for the peers. The rows ck-triton-split and ck-cuda-split
 force the split forward where the backend would take a single pass, to measure what the single
-pass gains; ck-cuda-sync (forward only) stages the CUDA single pass's tile through registers
-instead of by cp.async (cckernels.cuda.STAGE_ASYNC), to measure what cp.async gains. Cases
+pass gains. Cases
 run shape by shape, every implementation of a shape together, torch.compile (one compile per
 case) after all the others: --budget-s cuts whole shapes, then torch.compile.
 The JSON is rewritten after every case, so a run killed by an outer time limit keeps its rows.
@@ -98,7 +97,6 @@ def peers(device, tiny):
                                   torch.float32, ("nchw", "nhwc"))
         if "ck-cuda" in out:
             out["ck-cuda-split"] = (with_setting("cuda", ck_cuda, "SINGLE_PASS", False), torch.float32, ("nhwc",))
-            out["ck-cuda-sync"] = (with_setting("cuda", ck_cuda, "STAGE_ASYNC", False), torch.float32, ("nhwc",))
     else:
         out["ck-default"] = (lambda x, w, b: ck.group_norm(x, GROUPS, w, b, activation="silu"),
                              torch.float32, ("nchw", "nhwc"))

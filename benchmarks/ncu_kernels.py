@@ -11,8 +11,8 @@ Compute.
 The cases (bf16; the shapes of bench_group_norm's 256px-b256, bench_attention's 512 px, and
 bench_geglu's / bench_layer_norm's 256 px rows):
   group_norm   ck.group_norm + SiLU on CUDA, 256x320x32x32 channels_last: the single-pass
-               forward staged by cp.async and through registers (#4: 52% of copy on an H200),
-               then forward+backward (the backward's four kernels)
+               forward (#4: 51% of copy on an H200), then forward+backward (the backward's
+               four kernels)
   attention    ck.attention forward+backward at L = 4096 (#3: 0.88x cuDNN on an H200) and the
                cross-attention of L = 1024 against 77 keys (1.05x the best SDPA); cuDNN's
                SDPA at L = 4096 beside it
@@ -31,8 +31,7 @@ import torch
 import torch.nn.functional as F
 
 import cckernels as ck
-from bench_group_norm import GROUPS, with_setting
-from cckernels import cuda as ck_cuda
+from bench_group_norm import GROUPS
 
 
 def leaf(shape, device, dtype, channels_last=False):
@@ -67,9 +66,7 @@ def cases(device, tiny):
     if on_gpu and "cuda" in ck.available_backends(device)["group_norm"]:
         gn = lambda x, w, b: ck.group_norm(x, GROUPS, w, b, activation="silu", backend="cuda")  # noqa: E731
         forward = lambda fn: torch.no_grad()(lambda: fn(x, w, b))  # noqa: E731
-        out.append((f"group_norm cuda fwd {N}x{C}x{side}x{side} nhwc, cp.async", forward(gn)))
-        out.append((f"group_norm cuda fwd {N}x{C}x{side}x{side} nhwc, through registers",
-                    forward(with_setting("cuda", ck_cuda, "STAGE_ASYNC", False))))
+        out.append((f"group_norm cuda fwd {N}x{C}x{side}x{side} nhwc", forward(gn)))
     out.append((f"group_norm fwd+bwd {N}x{C}x{side}x{side} nhwc", forward_backward(gn, x, w, b)))
 
     for name, B, Lq, Lk, H in (("self", 8, 4096, 4096, 5), ("cross", 8, 1024, 77, 10)):

@@ -169,11 +169,10 @@ fi
 
 # Then the kernels, in the order of what open issues still need measured: the cross-attention
 # shapes at 256 and 512 px and the 512 px self-attention at L = 4096 (#3: the short-key forward
-# as 64 + 16 keys and the 4-waves backward rows, new), bench_group_norm's batch-256 shapes (#4:
-# the cp.async single pass against its register twin ck-cuda-sync; its JSON is written after
-# every case), the hardware counters, LayerNorm (never measured: the fourth run's call crashed
-# in the benchmark), GEGLU (its fused bias, to tune), the host profile, then EMA (#5's targets
-# met on the fourth run), the full attention and data tables.
+# as 64 + 16 keys and the 4-waves backward rows), bench_group_norm's batch-256 shapes (#4; its
+# JSON is written after every case), the hardware counters, LayerNorm, GEGLU (its two backward
+# tilings), the host profile, then EMA (#5's targets met on the fourth run), the full attention
+# and data tables.
 step bench_attention_cross 60 "$PY" benchmarks/bench_attention.py --out "$OUT/attention-cross" \
     --only "cross" "512px self L=4096" --budget-s 45
 bench bench_group_norm 60 --budget-s 45

@@ -69,14 +69,11 @@ def adamw_ema_(params, grads, exp_avgs, exp_avg_sqs, masters, emas, scalars):
 
 # False: GroupNorm always runs the split forward (bench_group_norm compares it with the single pass).
 SINGLE_PASS = True
-# False: the single pass stages x through registers, kLoadBatch rows at a time, instead of by
-# cp.async with all rows in flight (bench_group_norm's ck-cuda-sync row; not yet timed on a GPU).
-STAGE_ASYNC = True
 
 
 def _group_norm_forward(x, num_groups, weight, bias, eps, activation):
     """(y, mean, rstd); weight and bias fp32."""
-    return tuple(_C.group_norm_forward(x, num_groups, weight, bias, eps, activation == "silu", SINGLE_PASS, STAGE_ASYNC))
+    return tuple(_C.group_norm_forward(x, num_groups, weight, bias, eps, activation == "silu", SINGLE_PASS))
 
 
 def _group_norm_backward(dy, x, weight, bias, mean, rstd, activation, need_dx, need_affine, dx_addend):
@@ -130,7 +127,7 @@ INSPECT = [
     {"op": "adamw_ema_", "source": "csrc/adamw_ema.cu", "expect": {r"AdamWEmaFunctor": {"sm90": {"ldg128": True}}}},
     {"op": "group_norm", "source": "csrc/group_norm.cu", "expect": {
         r"(channel_stats|normalize|backward_partials|backward_dx)_kernel<[\w ]+, (4|8)\b": {"sm90": {"ldg128": True}},
-        # and the single pass stages its tile with cp.async (its register path stays for the A/B)
-        r"single_pass_kernel<[\w ]+, (4|8)\b": {"sm80": {"ldgsts": True}, "sm90": {"ldg128": True, "ldgsts": True}},
+        # and the single pass stages its tile with cp.async, never through registers
+        r"single_pass_kernel<[\w ]+, (4|8)\b": {arch: {"ldgsts": True, "ldg128": False} for arch in ("sm80", "sm90")},
     }},
 ]  # fmt: skip

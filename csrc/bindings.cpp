@@ -189,12 +189,11 @@ std::array<int, 2> group_norm_single_pass_plan(const at::Tensor& x, int64_t num_
 }
 
 // Returns {y, mean, rstd}; mean and rstd are (N, G) fp32 for the backward.
-// single_pass = false runs the split forward whatever the plan, stage_async = false stages the
-// single pass's tile through registers (benchmarks compare each pair).
+// single_pass = false runs the split forward whatever the plan (benchmarks compare the two).
 std::vector<at::Tensor> group_norm_forward(const at::Tensor& x, int64_t num_groups,
                                            const c10::optional<at::Tensor>& weight,
                                            const c10::optional<at::Tensor>& bias, double eps, bool silu,
-                                           bool single_pass, bool stage_async) {
+                                           bool single_pass) {
   const auto shape = group_norm_shape(x, num_groups);
   const auto [N, S, C, K] = shape;
   check_group_norm_param(weight, "weight", x);
@@ -211,8 +210,8 @@ std::vector<at::Tensor> group_norm_forward(const at::Tensor& x, int64_t num_grou
   if (plan.channels) {
     err = cck::group_norm_nhwc_forward_single_pass(x.data_ptr(), optional_data(weight), optional_data(bias),
                                                    y.data_ptr(), mean.data_ptr<float>(), rstd.data_ptr<float>(), N, S,
-                                                   C, G, plan, static_cast<float>(eps), silu, stage_async,
-                                                   to_dtype(x, "x"), stream);
+                                                   C, G, plan, static_cast<float>(eps), silu, to_dtype(x, "x"),
+                                                   stream);
   } else {
     at::Tensor part_a = at::empty({N, K, C}, f32), part_b = at::empty({N, K, C}, f32);
     err = cck::group_norm_nhwc_forward(x.data_ptr(), optional_data(weight), optional_data(bias), y.data_ptr(),
@@ -342,10 +341,9 @@ PYBIND11_MODULE(_C, m) {
         "params: fp32/fp16/bf16, mixed dtypes allowed (a multi-tensor pass per dtype)");
   m.def("group_norm_forward", &group_norm_forward, pybind11::arg("x"), pybind11::arg("num_groups"),
         pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("eps"), pybind11::arg("silu"),
-        pybind11::arg("single_pass") = true, pybind11::arg("stage_async") = true,
+        pybind11::arg("single_pass") = true,
         "channels_last GroupNorm (+ SiLU) -> [y, mean, rstd]; weight, bias: fp32 (C,) or None; "
-        "single_pass=False: the split forward even where a single pass fits; stage_async=False: the single "
-        "pass loads x through registers instead of cp.async");
+        "single_pass=False: the split forward even where a single pass fits");
   m.def("group_norm_single_pass_plan", &group_norm_single_pass_plan, pybind11::arg("x"), pybind11::arg("num_groups"),
         "[channels a block holds, blocks per cluster] of group_norm_forward's single pass for x, or [0, 0] where "
         "it runs the split forward");

@@ -181,8 +181,8 @@ int group_norm_nhwc_max_cluster(int smem_bytes) {
 
 cudaError_t group_norm_nhwc_forward_single_pass(const void* x, const float* weight, const float* bias, void* y,
                                                 float* mean, float* rstd, int N, int S, int C, int G,
-                                                gn::SinglePassPlan plan, float eps, bool silu, bool stage_async,
-                                                DType dtype, cudaStream_t stream) {
+                                                gn::SinglePassPlan plan, float eps, bool silu, DType dtype,
+                                                cudaStream_t stream) {
   const int channels = plan.channels, cluster = plan.cluster;
   if (!valid(N, S, C, G, 1) || channels < 1 || C % channels || channels % (C / G) || channels > kThreads ||
       cluster < 1 || cluster > gn::kMaxCluster || cdiv(S, cdiv(S, cluster)) != cluster) {
@@ -204,7 +204,7 @@ cudaError_t group_norm_nhwc_forward_single_pass(const void* x, const float* weig
                                                      dim3(channels / VEC, kThreads / (channels / VEC)), smem, stream,
                                                      cluster, &attr);
     return cudaLaunchKernelEx(&config, kernel, static_cast<const T*>(x), static_cast<T*>(y), weight, bias, mean,
-                              rstd, S, C, G, eps, stage_async);
+                              rstd, S, C, G, eps);
   });
 }
 

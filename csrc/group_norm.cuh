@@ -98,8 +98,8 @@ inline SinglePassPlan single_pass_plan(int N, int S, int C, int G, int itemsize,
 namespace cck {
 namespace gn {
 
-// 16-byte loads a thread keeps in flight (batched()): what the streaming loops over rows and
-// single_pass_kernel's register staging (stage_async false) issue before they use the first.
+// 16-byte loads a thread keeps in flight (batched()): what the streaming loops over rows (and
+// single_pass_kernel's scalar staging) issue before they use the first.
 // The streaming kernels' launch bounds are the most blocks an SM at which they do so without
 // spilling (sm90, CUDA 13): three for the forward's (x, kLoadBatch rows), two for the
 // backward's (x and dy, kLoadBatch / 2 rows). Without the bounds ptxas spilled in some
@@ -545,15 +545,15 @@ __device__ __forceinline__ void sum_over_cluster(const float* part, float* total
 // [r * rows, min(S, (r + 1) * rows)), rows = cdiv(S, K). Thread (tx, ty) owns pack column tx
 // at rows ty, ty + blockDim.y, ... and only ever reads back the tile cells it wrote, so the
 // tile needs no barrier. Dynamic shared memory: single_pass_smem_bytes(rows, width, cpg, VEC,
-// sizeof(T)). stage_async (16-byte packs only): x reaches the tile by copy_pack_async, all of a
-// thread's rows in flight together, instead of kLoadBatch rows at a time through registers:
-// bench_group_norm's ck-cuda and ck-cuda-sync rows compare the two.
+// sizeof(T)). 16-byte packs reach the tile by copy_pack_async, all of a thread's rows in flight
+// together (H200, fifth run: up to 8% faster than kLoadBatch rows at a time through registers,
+// 156 against 160 us at 256x320x32x32); the scalar fallback goes through registers.
 template <typename T, int VEC, bool SILU>
-__global__ void __launch_bounds__(kThreads, 2) single_pass_kernel(
+__global__ void __launch_bounds__(kThreads, 3) single_pass_kernel(
     const T* __restrict__ x, T* __restrict__ y,                          // (N, S, C)
     const float* __restrict__ weight, const float* __restrict__ bias,    // (C,) or null
     float* __restrict__ mean, float* __restrict__ rstd,                  // (N, G) out
-    int S, int C, int G, float eps, bool stage_async) {
+    int S, int C, int G, float eps) {
   extern __shared__ float4 smem_f4[];  // float4: 16-byte aligned for the packs
   const int K = cluster_blocks(), rank = cluster_rank(), rows = cdiv(S, K);
   const int s_begin = rank * rows, s_end = min(S, s_begin + rows);
@@ -568,24 +568,20 @@ __global__ void __launch_bounds__(kThreads, 2) single_pass_kernel(
   const int64_t base = static_cast<int64_t>(n) * S * C + c0 + col;
 
   float acc[VEC] = {};
-  bool staged = false;
   if constexpr (sizeof(Pack<T, VEC>) == 16) {  // what cp.async moves
-    if (stage_async) {  // every row of the thread in flight at once, then the sums from the tile
-      for (int s = s_begin + threadIdx.y; s < s_end; s += blockDim.y) {
-        copy_pack_async<T, VEC>(tile + (s - s_begin) * width, x + base + static_cast<int64_t>(s) * C);
-      }
-      wait_copies();
-#pragma unroll 4
-      for (int s = s_begin + threadIdx.y; s < s_end; s += blockDim.y) {
-        float v[VEC];
-        load<T, VEC>(tile + (s - s_begin) * width, v);
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) acc[i] += v[i];
-      }
-      staged = true;
+    // every row of the thread in flight at once, then the sums from the tile
+    for (int s = s_begin + threadIdx.y; s < s_end; s += blockDim.y) {
+      copy_pack_async<T, VEC>(tile + (s - s_begin) * width, x + base + static_cast<int64_t>(s) * C);
     }
-  }
-  if (!staged) {  // kLoadBatch rows in flight, through registers
+    wait_copies();
+#pragma unroll 4
+    for (int s = s_begin + threadIdx.y; s < s_end; s += blockDim.y) {
+      float v[VEC];
+      load<T, VEC>(tile + (s - s_begin) * width, v);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) acc[i] += v[i];
+    }
+  } else {  // kLoadBatch rows in flight, through registers
     batched<kLoadBatch>(
         s_begin + static_cast<int>(threadIdx.y), s_end, static_cast<int>(blockDim.y),
         [&](int s) { return load_pack<T, VEC>(x + base + static_cast<int64_t>(s) * C); },

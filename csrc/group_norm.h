@@ -33,12 +33,11 @@ gn::SinglePassPlan group_norm_nhwc_single_pass_plan(int N, int S, int C, int G, 
 // GPU places such clusters, else 1).
 int group_norm_nhwc_max_cluster(int smem_bytes);
 
-// As group_norm_nhwc_forward in one pass over x, with a plan from the function above;
-// stage_async: x reaches shared memory by cp.async (sm80+, 16-byte packs), see single_pass_kernel.
+// As group_norm_nhwc_forward in one pass over x, with a plan from the function above.
 cudaError_t group_norm_nhwc_forward_single_pass(const void* x, const float* weight, const float* bias, void* y,
                                                 float* mean, float* rstd, int N, int S, int C, int G,
-                                                gn::SinglePassPlan plan, float eps, bool silu, bool stage_async,
-                                                DType dtype, cudaStream_t stream);
+                                                gn::SinglePassPlan plan, float eps, bool silu, DType dtype,
+                                                cudaStream_t stream);
 
 // dx (skipped when null), dweight and dbias (each skipped when null; fp32) from dy, which has
 // x's layout, and the forward's mean and rstd. part_a, part_b: (N, K, C) fp32 workspaces;

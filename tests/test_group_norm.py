@@ -553,12 +553,10 @@ CUDA_CLUSTER_CASES = [((3, 960, 33, 31), 32), ((2, 1920, 31, 33), 32), ((4, 60, 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,G,path", [(s, G, "single-pass") for s, G in CUDA_SINGLE_PASS_CASES] +
                          [(s, G, "cluster") for s, G in CUDA_CLUSTER_CASES])  # fmt: skip
-@pytest.mark.parametrize("stage_async", [True, False])  # the tile staged by cp.async, or through registers
-def test_gpu_cuda_single_pass(monkeypatch, stage_async, dtype, shape, G, path):
+def test_gpu_cuda_single_pass(dtype, shape, G, path):
     from cckernels import cuda
 
     skip_without_cuda_group_norm()
-    monkeypatch.setattr(cuda, "STAGE_ASYNC", stage_async)
     if path == "cluster" and torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("thread block clusters need sm90")
     x, w, b = gpu_case(shape, dtype, channels_last=True)
