@@ -114,8 +114,8 @@ cudaError_t group_norm_nhwc_forward(const void* x, const float* weight, const fl
     const Launch l = launch_shape(N, S, C, K, VEC);
     gn::channel_stats_kernel<T, VEC><<<l.grid, l.block, l.row_smem, stream>>>(
         static_cast<const T*>(x), part_a, part_b, S, C, l.chunk);
-    gn::group_stats_kernel<<<dim3(G, N), kThreads, 0, stream>>>(part_a, part_b, mean, rstd, S, C, G, K,
-                                                                 l.chunk, eps);
+    gn::group_stats_kernel<<<dim3(cdiv(G, gn::kGroupsPerBlock), N), kThreads, 0, stream>>>(part_a, part_b, mean,
+                                                                                          rstd, S, C, G, K, l.chunk, eps);
     gn::normalize_kernel<T, VEC, decltype(act)::value><<<l.grid, l.block, 0, stream>>>(
         static_cast<const T*>(x), static_cast<T*>(y), weight, bias, mean, rstd, S, C, G, l.chunk);
     return cudaGetLastError();
@@ -228,8 +228,8 @@ cudaError_t group_norm_nhwc_backward(const void* dy, const void* x, const float*
                                                                                      dbias, N * K, C);
     }
     if (dx) {
-      gn::backward_group_kernel<<<dim3(G, N), kThreads, 0, stream>>>(part_a, part_b, weight, coef_a, coef_b, S,
-                                                                      C, G, K);
+      gn::backward_group_kernel<<<dim3(cdiv(G, gn::kGroupsPerBlock), N), kThreads, 0, stream>>>(
+          part_a, part_b, weight, coef_a, coef_b, S, C, G, K);
       gn::backward_dx_kernel<T, VEC, SILU><<<l.grid, l.block, 0, stream>>>(
           static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<T*>(dx), weight, bias, mean, rstd,
           coef_a, coef_b, S, C, G, l.chunk);

@@ -227,18 +227,19 @@ __device__ __forceinline__ void sum_over_rows(float (&a)[VEC], float (&b)[VEC], 
   }
 }
 
-// The sum of v over a 1-D block of kThreads threads, returned to every thread (fixed order).
-__device__ __forceinline__ float block_sum(float v, float* smem) {
+// The sum of v over a warp, returned to every lane (fixed order). Every lane must call it.
+__device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  __syncthreads();  // smem may still be read by a previous call
-  if (threadIdx.x % 32 == 0) smem[threadIdx.x / 32] = v;
-  __syncthreads();
-  float total = 0.0f;
-#pragma unroll
-  for (int w = 0; w < kThreads / 32; ++w) total += smem[w];
-  return total;
+  return v;
 }
+
+// The per-group kernels (group_stats, backward_group) give each (n, group) one warp, kThreads /
+// 32 groups of a sample to a block: a group's K * cpg partials are few (30 at 32x32 with 320
+// channels), and a block per group spent 14 us of the H200's backward at 256x320x32x32 (ncu,
+// fifth run) on 8192 blocks with 30 busy threads each. The warp of (blockIdx.y, group()):
+constexpr int kGroupsPerBlock = kThreads / 32;
+__device__ __forceinline__ int this_warps_group() { return blockIdx.x * kGroupsPerBlock + threadIdx.x / 32; }
 
 // Partials are (N, K, C) fp32 arrays; a group's K * cpg entries are visited as i -> (k, j).
 __device__ __forceinline__ int64_t part_index(int n, int K, int C, int g, int cpg, int i) {
@@ -285,24 +286,24 @@ __global__ void __launch_bounds__(kThreads) group_stats_kernel(
     const float* __restrict__ part_mean, const float* __restrict__ part_m2,  // (N, K, C)
     float* __restrict__ mean, float* __restrict__ rstd,                      // (N, G) out
     int S, int C, int G, int K, int chunk, float eps) {
-  __shared__ float smem[kThreads / 32];
-  const int g = blockIdx.x, n = blockIdx.y, cpg = C / G, parts = K * cpg;
+  const int g = this_warps_group(), n = blockIdx.y, cpg = C / G, parts = K * cpg, lane = threadIdx.x % 32;
+  if (g >= G) return;  // whole warps
   const float count_all = static_cast<float>(cpg) * S;
   float acc = 0.0f;
-  for (int i = threadIdx.x; i < parts; i += kThreads) {
+  for (int i = lane; i < parts; i += 32) {
     const float count = static_cast<float>(min(chunk, S - (i / cpg) * chunk));
     acc = fmaf(count, part_mean[part_index(n, K, C, g, cpg, i)], acc);
   }
-  const float mu = block_sum(acc, smem) / count_all;
+  const float mu = warp_sum(acc) / count_all;
   acc = 0.0f;
-  for (int i = threadIdx.x; i < parts; i += kThreads) {
+  for (int i = lane; i < parts; i += 32) {
     const float count = static_cast<float>(min(chunk, S - (i / cpg) * chunk));
     const int64_t at = part_index(n, K, C, g, cpg, i);
     const float d = part_mean[at] - mu;
     acc += part_m2[at] + count * d * d;
   }
-  const float var = block_sum(acc, smem) / count_all;
-  if (threadIdx.x == 0) {
+  const float var = warp_sum(acc) / count_all;
+  if (lane == 0) {
     mean[n * G + g] = mu;
     rstd[n * G + g] = rsqrtf(var + eps);
   }
@@ -380,19 +381,19 @@ __global__ void __launch_bounds__(kThreads) backward_group_kernel(
     const float* __restrict__ weight,                                          // (C,) or null
     float* __restrict__ coef_dz, float* __restrict__ coef_xhat,                // (N, G) out
     int S, int C, int G, int K) {
-  __shared__ float smem[kThreads / 32];
-  const int g = blockIdx.x, n = blockIdx.y, cpg = C / G, parts = K * cpg;
+  const int g = this_warps_group(), n = blockIdx.y, cpg = C / G, parts = K * cpg, lane = threadIdx.x % 32;
+  if (g >= G) return;  // whole warps
   float acc_dz = 0.0f, acc_xhat = 0.0f;
-  for (int i = threadIdx.x; i < parts; i += kThreads) {
+  for (int i = lane; i < parts; i += 32) {
     const float w = weight ? weight[g * cpg + i % cpg] : 1.0f;
     const int64_t at = part_index(n, K, C, g, cpg, i);
     acc_dz = fmaf(w, part_dz[at], acc_dz);
     acc_xhat = fmaf(w, part_dz_xhat[at], acc_xhat);
   }
   const float count_all = static_cast<float>(cpg) * S;
-  const float dz = block_sum(acc_dz, smem) / count_all;
-  const float xhat = block_sum(acc_xhat, smem) / count_all;
-  if (threadIdx.x == 0) {
+  const float dz = warp_sum(acc_dz) / count_all;
+  const float xhat = warp_sum(acc_xhat) / count_all;
+  if (lane == 0) {
     coef_dz[n * G + g] = dz;
     coef_xhat[n * G + g] = xhat;
   }
@@ -400,9 +401,10 @@ __global__ void __launch_bounds__(kThreads) backward_group_kernel(
 
 // A block of kAffineChannels channels x (kThreads / kAffineChannels) row lanes, each lane
 // summing every lanes-th row with kLoadBatch rows in flight, then the lanes in a fixed order.
-// One thread per channel walking all N * K rows (2 blocks for 320 channels) took 59 us under
-// ncu on an H200 at 32x320x32x32, more than backward_dx.
-constexpr int kAffineChannels = 32;
+// The walk is latency-bound: one thread per channel walking all N * K rows (2 blocks for 320
+// channels) took 59 us under ncu on an H200 at 32x320x32x32, 32 channels x 8 lanes (10 blocks)
+// 16 us at 256x320x32x32 (768 rows, 96 a lane); 8 x 32 gives 40 blocks, 24 rows a lane.
+constexpr int kAffineChannels = 8;
 
 __global__ void __launch_bounds__(kThreads) backward_affine_kernel(
     const float* __restrict__ part_dz, const float* __restrict__ part_dz_xhat,  // (rows, C)
