@@ -121,6 +121,17 @@ def test_parameter_gradients_are_deterministic():
     assert all(torch.equal(g, torch.zeros(40, device=DEVICE)) for g in empty)
 
 
+def test_backward_programs_fill_the_sms_before_taking_32_rows_each(monkeypatch):
+    from cckernels.triton import layer_norm
+
+    monkeypatch.setattr(layer_norm, "sm_count", lambda device, on_cpu: 132)
+    cpu = torch.device("cpu")
+    assert layer_norm._programs(2048, 1, cpu) == 16  # SD2's 1280-wide blocks at batch 32: 128 programs
+    assert layer_norm._programs(8192, 1, cpu) == 32  # 256 programs
+    assert layer_norm._programs(32768, 8, cpu) == 64  # about 4 an SM
+    assert layer_norm._programs(100, 8, cpu) == 8  # one tile
+
+
 def test_strided_views_match_the_contiguous_result():
     wide = randn(3, 5, 24 + 8)
     strided = wide[..., :24]  # rows 32 apart: no copy
