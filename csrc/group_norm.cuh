@@ -169,10 +169,18 @@ __device__ __forceinline__ ChannelParams<VEC> channel_params(const Walk& wk, con
   return p;
 }
 
-// __fdividef: one approximate reciprocal and a multiply (2 ulp, as __expf), where 1.0f / d is
-// IEEE division: a reciprocal, Newton steps and a range check that branches to a slow-path call.
-// For z < -88, __expf(-z) is inf and the result 0, the limit.
-__device__ __forceinline__ float sigmoid(float z) { return __fdividef(1.0f, 1.0f + __expf(-z)); }
+// 1 / (1 + 2^(-z log2 e)) by the SFU's approximate exp2 and reciprocal (2 ulp and 1 ulp), the
+// instructions __expf and __fdividef come down to, without __fdividef's range check (which
+// scales divisors above 2^126: a compare and two multiplies an element, sm90 SASS, when the
+// forward's normalize loop is issue-bound: 31 instructions an element, ncu on an H200) and
+// without IEEE division's Newton steps and slow path. For z < -88, 2^(-z log2 e) is inf and the
+// result 0, the limit.
+__device__ __forceinline__ float sigmoid(float z) {
+  float e, r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(z * -1.4426950408889634f));
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(1.0f + e));
+  return r;
+}
 
 // x and dy at one position of this thread's channels, loaded together by batched().
 template <typename T, int VEC>
