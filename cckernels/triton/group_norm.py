@@ -29,8 +29,8 @@ backward  1. _backward_partials_kernel: per (sample, chunk, channel) sums of dz 
              dz = dy * silu'(z) recomputes z from x, mean and rstd (nothing but mean and rstd is
              saved besides the inputs).
           2. _backward_group_kernel: per (sample, group) means of w*dz and w*dz*xhat.
-          3. _backward_affine_kernel: dweight, dbias per channel, summed over (sample, chunk)
-             in a fixed order (deterministic: no atomics).
+          3. column_sum (cckernels/triton/column_sum.py): dweight, dbias per channel, summed
+             over (sample, chunk) in a fixed order (deterministic: no atomics).
           4. _backward_dx_kernel: dx = rstd * (w*dz - mean(w*dz) - xhat * mean(w*dz*xhat)),
              plus x's gradient from its other uses where given (prenorm: the skip connection's).
 All sums are fp32 whatever the I/O dtype.
@@ -45,6 +45,7 @@ from cckernels.backend import Unsupported
 from cckernels.group_norm_autograd import GroupNormFunction, custom_ops
 from cckernels.reference import channels_last
 from cckernels.tracing import emitting_custom_ops
+from cckernels.triton.column_sum import column_sum
 from cckernels.triton.launch import cdiv, next_power_of_2, sm_count
 
 # Elements per (BLOCK_C, BLOCK_S) tile, 32 a thread at 4 warps. A tile's loads are in flight
@@ -69,7 +70,6 @@ SINGLE_PASS_BYTES = 65536
 SINGLE_PASS_ELEMENTS_PER_THREAD = 32
 SINGLE_PASS_MAX_WARPS = {False: 32, True: 16}  # by channels_last
 MIN_RUN_BYTES = 64  # channels_last: a program's channel run per position, for coalesced loads
-AFFINE_BLOCK_C, AFFINE_BLOCK_R = 16, 64  # dweight/dbias: 16 channels (64-byte runs) x 64 rows a step
 
 
 @triton.jit
@@ -300,26 +300,6 @@ def _backward_group_kernel(
 
 
 @triton.jit
-def _backward_affine_kernel(
-    sum_dz_ptr, sum_dz_xhat_ptr,  # (R, C) fp32 partials, R = N * K rows
-    dw_ptr, db_ptr,  # (C,) fp32 out: dweight = sum of dz * xhat, dbias = sum of dz
-    R, C,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    acc_w = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-    acc_b = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)
-        mask = (r < R)[:, None] & (c < C)[None, :]
-        offs = r[:, None].to(tl.int64) * C + c[None, :]
-        acc_w += tl.load(sum_dz_xhat_ptr + offs, mask=mask, other=0.0)
-        acc_b += tl.load(sum_dz_ptr + offs, mask=mask, other=0.0)
-    tl.store(dw_ptr + c, tl.sum(acc_w, axis=0), mask=c < C)
-    tl.store(db_ptr + c, tl.sum(acc_b, axis=0), mask=c < C)
-
-
-@triton.jit
 def _backward_dx_kernel(
     x_ptr, dy_ptr, dx_ptr,  # (N, C, S), same strides (stride_n, stride_c, stride_s)
     addend_ptr,  # (N, C, S), strides (stride_addend_n, _c, _s): added to dx with ADDEND
@@ -516,8 +496,8 @@ def group_norm_backward(dy, x, weight, bias, mean, rstd, activation, need_dx, ne
     block_c, block_s, chunk, K = _tiling(x, C, S, strides)
     cpg = C // G
     has_w, has_b, silu = weight is not None, bias is not None, activation == "silu"
-    sum_dz = torch.empty(N, K, C, device=x.device, dtype=torch.float32)
-    sum_dz_xhat = torch.empty_like(sum_dz)
+    sums = torch.empty(2, N, K, C, device=x.device, dtype=torch.float32)  # of dz * xhat, then of dz
+    sum_dz_xhat, sum_dz = sums
     grid = (N, cdiv(C, block_c), K)
     _backward_partials_kernel[grid](
         x, dy, weight, bias, mean, rstd, sum_dz, sum_dz_xhat, C, S, chunk, cpg, *strides,
@@ -525,13 +505,8 @@ def group_norm_backward(dy, x, weight, bias, mean, rstd, activation, need_dx, ne
     )
     dw = db = dx = None
     if need_affine:
-        dw = torch.empty(C, device=x.device, dtype=torch.float32)
-        db = torch.empty_like(dw)
-        # Narrow columns, many rows a step: C / 16 programs. With C / 64 programs the CUDA twin
-        # of this reduction ran on 2 blocks for 59 us at C=320 (ncu, H200), more than its dx pass.
-        cols = AFFINE_BLOCK_C * _grow(x)
-        _backward_affine_kernel[(cdiv(C, cols),)](sum_dz, sum_dz_xhat, dw, db, N * K, C, BLOCK_R=AFFINE_BLOCK_R,
-                                                  BLOCK_C=cols)
+        dw, db = column_sum(sums.view(2, N * K, C).transpose(0, 1), torch.empty(2, C, device=x.device,
+                                                                                  dtype=torch.float32))
     if need_dx:
         coef_dz = torch.empty_like(mean)
         coef_xhat = torch.empty_like(mean)
@@ -611,6 +586,4 @@ INSPECT = [
     {**_STREAM, "kernel": _backward_dx_kernel},
     {**_REDUCE, "kernel": _group_stats_kernel, "args": {**_ARGS, "BLOCK_G": _BLOCK_G, "BLOCK_P": _BLOCK_P}},
     {**_REDUCE, "kernel": _backward_group_kernel, "args": {**_ARGS, "BLOCK_G": _BLOCK_G, "BLOCK_P": _BLOCK_P}},
-    {**_REDUCE, "kernel": _backward_affine_kernel,
-     "args": {**_ARGS, "BLOCK_R": AFFINE_BLOCK_R, "BLOCK_C": AFFINE_BLOCK_C}},
 ]
