@@ -26,11 +26,11 @@ OPS = ("attention", "group_norm", "geglu", "layer_norm", "ema_update_", "adamw_e
 def report(tmp_path_factory):
     """(rows, stderr) of one quick run: bf16 (fp32-only kernels in fp32), attention at head
     dim 80 (128-wide tiles, masked; both backward variants), both GroupNorm layouts, GEGLU's
-    and LayerNorm's int32 offsets, csrc for sm90."""
+    and LayerNorm's int32 offsets, column_sum's LayerNorm-shaped tiles, csrc for sm90."""
     out = tmp_path_factory.mktemp("inspect") / "rows.json"
     env = repo_env(drop=["TRITON_INTERPRET"])
     cmd = [sys.executable, "-m", "cckernels.inspect", "--quick", "--dtype", "bf16",
-           "--variant", "-", "d80", "d80-atomic-dq", "nchw", "nhwc", "int32",
+           "--variant", "-", "d80", "d80-atomic-dq", "nchw", "nhwc", "int32", "rows",
            "--cuda-arch", "90", "--jobs", "2", "--json", str(out)]  # fmt: skip
     if shutil.which("nvcc") is None:
         cmd.append("--no-cuda")
@@ -64,13 +64,14 @@ def test_streaming_kernels_load_16_bytes_on_sm90(report):
     rows, _ = report
     sm90 = [r for r in rows if r["arch"] == 90]
     streaming = [r for r in sm90 if r["kind"] == "triton" and r["dtype"] == "bfloat16" and r["op"] != "attention"]
-    # 4 GroupNorm passes and its single pass, EMA, AdamW+EMA, GEGLU's 2, LayerNorm's 2
-    assert len({r["kernel"] for r in streaming}) == 11
+    # 4 GroupNorm passes and its single pass, EMA, AdamW+EMA, GEGLU's 2, LayerNorm's 2, column_sum
+    assert len({r["kernel"] for r in streaming}) == 12
     for r in streaming:
         assert r["counts"]["ldg128"] > 0, r
     vectorized = [r for r in sm90 if r["kind"] == "cuda" and re.search(r"Functor|, 8, ", r["config"])]
     for r in vectorized:  # csrc: the EMA functors and the 8-wide bf16/fp16 GroupNorm instantiations
-        assert r["counts"]["ldg128"] > 0, r
+        # (the single pass: 16-byte cp.async, global to shared)
+        assert r["counts"]["ldg128" if "single_pass" not in r["kernel"] else "ldgsts"] > 0, r
 
 
 # ---- the machinery on synthetic input: no compiler needed --------------------------------
