@@ -40,7 +40,11 @@ namespace gn {
 constexpr int kThreads = 256;   // threads per block in every kernel
 constexpr int kMaxCluster = 16;        // blocks per cluster: H100's limit (opted in above 8)
 constexpr int kMaxPortableCluster = 8;  // what every sm90 GPU takes without opting in
-constexpr int kRowBytes = 128;  // single pass: widen a block's channel run up to a cache line
+constexpr int kRowBytes = 128;  // single pass: widen a block's channel run up to a cache line,
+// and on while its tile is under kTileBytes: a round of blocks costs 7-10 us whatever their
+// tile below ~16 KB (H200, fifth run: 32x1280x8x8, 512 blocks of 80 channels x 64 positions,
+// 20 us; 256x1280x8x8, 4096 such blocks, 115 us where the split forward took 69)
+constexpr int kTileBytes = 32 * 1024;
 
 CCK_HOST_DEVICE inline int cdiv(int a, int b) { return (a + b - 1) / b; }
 CCK_HOST_DEVICE inline int gcd(int a, int b) { return b ? gcd(b, a % b) : a; }
@@ -68,7 +72,8 @@ struct SinglePassPlan {
 // itemsize bytes: the smallest cluster (up to max_cluster) whose tile fits smem_bytes (what one
 // block may use: half an SM's, so that two blocks share it) with N * C / channels * cluster
 // blocks giving every one of sm_count SMs one; the widest channel block (up to kRowBytes
-// runs) while they do. Smaller clusters first: fewer cross-block sums, larger runs of rows.
+// runs, or kTileBytes tiles where rows are few) while they do. Smaller clusters first: fewer
+// cross-block sums, larger runs of rows.
 inline SinglePassPlan single_pass_plan(int N, int S, int C, int G, int itemsize, int vec, int sm_count,
                                        int smem_bytes, int max_cluster) {
   if (N < 1 || S < 1 || G < 1 || C % G || C % vec) return {0, 0};
@@ -82,7 +87,8 @@ inline SinglePassPlan single_pass_plan(int N, int S, int C, int G, int itemsize,
     for (int width = unit; width <= C && width <= kThreads; width += unit) {
       if (C % width) continue;  // blocks tile C exactly
       if (single_pass_smem_bytes(rows, width, cpg, vec, itemsize) > smem_bytes) break;  // grows with width
-      if (best && (best * itemsize >= kRowBytes || N * (C / width) * cluster < sm_count)) break;
+      const bool wide = best * itemsize >= kRowBytes && static_cast<long long>(rows) * best * itemsize >= kTileBytes;
+      if (best && (wide || N * (C / width) * cluster < sm_count)) break;
       best = width;
     }
     if (best && N * (C / best) * cluster >= sm_count) return {best, cluster};
