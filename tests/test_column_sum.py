@@ -37,14 +37,6 @@ def test_slices_any_stride_apart_and_one_dim_out():
     torch.testing.assert_close(column_sum(partial, out), partial.sum(0), rtol=1e-6, atol=1e-6)
 
 
-def test_partials_with_strided_rows():
-    """GroupNorm's two (N * K, C) partial arrays, one (2, N * K, C) tensor seen as (N * K, 2, C)."""
-    two = torch.randn(2, 600, 320, device=DEVICE)
-    out = torch.empty(2, 320, device=DEVICE)
-    column_sum(two.transpose(0, 1), out)
-    torch.testing.assert_close(out, two.sum(1), rtol=1e-5, atol=1e-4)
-
-
 def test_same_bits_whatever_the_width():
     """attention sums a packed (dk, dv) gradient in one call, separate ones in two: equal bits."""
     partial = torch.randn(9, 2, 3000, device=DEVICE)
@@ -65,7 +57,7 @@ def test_bad_input_is_named():
         column_sum(torch.randn(2, 4, 8, device=DEVICE).half(), out)
     with pytest.raises(ValueError, match="fp32 of shape"):
         column_sum(torch.randn(2, 8, 4, device=DEVICE), out)
-    with pytest.raises(ValueError, match="unit stride along"):
+    with pytest.raises(ValueError, match="contiguous"):
         column_sum(torch.randn(2, 8, 4, device=DEVICE).transpose(1, 2), out)
     with pytest.raises(ValueError, match="unit column stride"):
         column_sum(torch.randn(2, 8, 4, device=DEVICE), torch.empty(4, 8, device=DEVICE).t())

@@ -23,35 +23,33 @@ MIN_PROGRAMS = 256  # about two an SM while columns allow: this is a latency-bou
 
 @triton.jit
 def _column_sum_kernel(
-    PARTIAL,  # (P, rows, cols) fp32, column stride 1; P stride stride_p, row stride stride_prow
+    PARTIAL,  # (P, rows * cols) fp32, each of the P slices contiguous, stride_p apart
     OUT,  # (rows, cols), column stride 1, row stride stride_out
-    P, N, cols, stride_p, stride_prow, stride_out,
-    FLAT: tl.constexpr,  # each partial[p] contiguous (stride_prow == cols): flat offsets, 16-byte loads
+    P, N, cols, stride_p, stride_out,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     in_range = offs < N
-    row, col = (offs // cols).to(tl.int64), offs % cols
-    at = offs if FLAT else row * stride_prow + col
     acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
     for r0 in range(0, P, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
-        ptrs = PARTIAL + r[:, None].to(tl.int64) * stride_p + at[None, :]
+        ptrs = PARTIAL + r[:, None].to(tl.int64) * stride_p + offs[None, :]
         acc += tl.load(ptrs, mask=(r < P)[:, None] & in_range[None, :], other=0.0)
-    tl.store(OUT + row * stride_out + col, tl.sum(acc, 0).to(OUT.dtype.element_ty), mask=in_range)
+    out = (offs // cols).to(tl.int64) * stride_out + offs % cols
+    tl.store(OUT + out, tl.sum(acc, 0).to(OUT.dtype.element_ty), mask=in_range)
 
 
 def column_sum(partial, out):
-    """out = partial.sum(0) in out's dtype. partial: (P, *out.shape) fp32 with unit stride along
-    its last dim (P may be 0: zeros); out: 1-D and contiguous, or 2-D (rows, cols) with unit
-    column stride and any row stride. Returns out."""
+    """out = partial.sum(0) in out's dtype. partial: (P, *out.shape) fp32, each partial[p]
+    contiguous, any stride between them (P may be 0: zeros); out: 1-D and contiguous, or 2-D
+    (rows, cols) with unit column stride and any row stride. Returns out."""
     if out.dim() not in (1, 2):
         raise ValueError(f"out must be 1-D or 2-D, got shape {tuple(out.shape)}")
     rows, cols = out.shape if out.dim() == 2 else (1, out.numel())
     P, N = partial.shape[0], rows * cols
-    if partial.dtype != torch.float32 or partial.shape[1:] != out.shape or (partial.stride(-1) != 1 and cols > 1):
-        raise ValueError(f"partial must be fp32 of shape (P, {', '.join(map(str, out.shape))}) with unit stride "
-                         f"along its last dim, got {partial.dtype} {tuple(partial.shape)} with strides {partial.stride()}")
+    if partial.dtype != torch.float32 or partial.shape[1:] != out.shape or (P and not partial[0].is_contiguous()):
+        raise ValueError(f"partial must be fp32 of shape (P, {', '.join(map(str, out.shape))}) with contiguous "
+                         f"slices, got {partial.dtype} {tuple(partial.shape)} with strides {partial.stride()}")
     if out.stride(-1) != 1 and cols > 1:
         raise ValueError(f"out needs unit column stride, got strides {out.stride()}")
     if N == 0:
@@ -60,10 +58,9 @@ def column_sum(partial, out):
     # separate ones get the same bits.
     block_r = max(1, min(next_power_of_2(P), MAX_BLOCK_R))
     block_c = min(TILE // block_r, max(16, next_power_of_2(cdiv(N, MIN_PROGRAMS))))
-    stride_prow = partial.stride(1) if out.dim() == 2 else cols
-    _column_sum_kernel[(cdiv(N, block_c),)](
-        partial, out, P, N, cols, partial.stride(0), stride_prow, out.stride(0) if out.dim() == 2 else 0,
-        FLAT=stride_prow == cols or rows == 1, BLOCK_R=block_r, BLOCK_C=block_c)
+    stride_out = out.stride(0) if out.dim() == 2 else 0
+    _column_sum_kernel[(cdiv(N, block_c),)](partial, out, P, N, cols, partial.stride(0), stride_out,
+                                            BLOCK_R=block_r, BLOCK_C=block_c)
     return out
 
 
@@ -75,7 +72,7 @@ def column_sum(partial, out):
 INSPECT = [{
     "op": "column_sum", "kernel": _column_sum_kernel, "dtypes": (torch.float32, torch.float16, torch.bfloat16),
     "args": {"PARTIAL": "*fp32", "OUT": "*T", "P": "i32", "N": "i32:16", "cols": "i32", "stride_p": "i32:16",
-             "stride_prow": "i32", "stride_out": "i32", "FLAT": True},
+             "stride_out": "i32"},
     "variants": {"rows": {"BLOCK_R": 256, "BLOCK_C": 16}, "columns": {"BLOCK_R": 2, "BLOCK_C": 2048}},
     "options": {"num_warps": 4},
     "expect": {"ldg128": True},

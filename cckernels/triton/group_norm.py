@@ -505,8 +505,9 @@ def group_norm_backward(dy, x, weight, bias, mean, rstd, activation, need_dx, ne
     )
     dw = db = dx = None
     if need_affine:
-        dw, db = column_sum(sums.view(2, N * K, C).transpose(0, 1), torch.empty(2, C, device=x.device,
-                                                                                  dtype=torch.float32))
+        # two tensors, not views of one: a custom op's outputs may not alias
+        dw, db = (column_sum(part.view(N * K, C), torch.empty(C, device=x.device, dtype=torch.float32))
+                  for part in sums)
     if need_dx:
         coef_dz = torch.empty_like(mean)
         coef_xhat = torch.empty_like(mean)
