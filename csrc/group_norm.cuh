@@ -251,7 +251,7 @@ __device__ __forceinline__ float warp_sum(float v) {
 // The per-group kernels (group_stats, backward_group) give each (n, group) one warp, kThreads /
 // 32 groups of a sample to a block: a group's K * cpg partials are few (30 at 32x32 with 320
 // channels), and a block per group spent 14 us of the H200's backward at 256x320x32x32 (ncu,
-// fifth run) on 8192 blocks with 30 busy threads each. The warp of (blockIdx.y, group()):
+// fifth run) on 8192 blocks with 30 busy threads each. This warp's group of sample blockIdx.y:
 constexpr int kGroupsPerBlock = kThreads / 32;
 __device__ __forceinline__ int this_warps_group() { return blockIdx.x * kGroupsPerBlock + threadIdx.x / 32; }
 
@@ -563,7 +563,9 @@ __device__ __forceinline__ void sum_over_cluster(const float* part, float* total
 // tile needs no barrier. Dynamic shared memory: single_pass_smem_bytes(rows, width, cpg, VEC,
 // sizeof(T)). 16-byte packs reach the tile by copy_pack_async, all of a thread's rows in flight
 // together (H200, fifth run: up to 8% faster than kLoadBatch rows at a time through registers,
-// 156 against 160 us at 256x320x32x32); the scalar fallback goes through registers.
+// 156 against 160 us at 256x320x32x32); the scalar fallback goes through registers. Launch
+// bounds for 3 blocks an SM (sm90: 78 registers, no spills), which small tiles' shared memory
+// allows: their blocks wait on memory and barriers, and a third one an SM overlaps more.
 template <typename T, int VEC, bool SILU>
 __global__ void __launch_bounds__(kThreads, 3) single_pass_kernel(
     const T* __restrict__ x, T* __restrict__ y,                          // (N, S, C)
