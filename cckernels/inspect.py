@@ -33,7 +33,8 @@ the regex matched against demangled kernel names.
 
 Always checked: the config compiles, fits the target's shared memory, and does not touch
 local memory (no spills). Expect keys: any SASS count below (True: > 0, False: == 0, int:
-equal), under "sm80"/"sm90" or at the top level for both archs.
+equal), under "sm80"/"sm90" or at the top level for both archs. "archs": (90,) limits an entry
+to those archs (code that only sm90 runs).
 """
 import argparse
 import concurrent.futures
@@ -67,6 +68,7 @@ COUNTERS = {
     "stg": lambda op: op.startswith("STG."),
     "ldgsts": lambda op: op.startswith("LDGSTS"),  # cp.async global -> shared (sm80 pipelining)
     "tma": lambda op: op.startswith("UTMALDG"),
+    "tma_reduce": lambda op: op.startswith("UTMAREDG"),  # TMA reduction global <- shared (atomic tiles)
     "stl": lambda op: op.startswith("STL"),  # local-memory stores: spills
     "ldl": lambda op: op.startswith("LDL"),
 }
@@ -231,7 +233,7 @@ def triton_jobs(module, index, entry, archs, dtypes=None, quick=False):
     chosen = [d for d in entry["dtypes"] if not dtypes or DTYPE_NAMES[torch_name(d)] in dtypes]
     for variant in variants:
         for dtype in chosen or entry["dtypes"][:1]:
-            for arch in archs:
+            for arch in (a for a in archs if a in entry.get("archs", archs)):
                 indices = range(len(configs)) if configs else [None]
                 if quick and configs:
                     kept = kept_configs(entry, arch, dtype, resolve_args(entry, variant, dtype))

@@ -411,6 +411,7 @@ def test_config_pools_fit_shared_memory(monkeypatch, arch, smem):
                (A.DKDV_POOL, A._dkdv_footprint, A.DKDV_FP32, False, None),
                (A.DKDV_POOL, A._dkdv_footprint, A.DKDV_FP32, False, "atomic"),
                (A.DKDV_POOL, A._dkdv_footprint, A.DKDV_FP32, False, "store"),
+               *[(A.DKDV_POOL, A._dkdv_footprint, A.DKDV_FP32, False, "atomic-tma")] * (arch == 90),
                (A.DQ_POOL, A._dq_footprint, A.DQ_FP32, False, None)]
     for dtype in (torch.bfloat16, torch.float32):
         for D in (32, 40, 64, 80, 96, 128):
@@ -424,8 +425,8 @@ def test_config_pools_fit_shared_memory(monkeypatch, arch, smem):
 
                     def prune():
                         return A._prune(configs, {"Q": q, "Lq": Lq, "Lk": Lk}, footprint, fp32_shape, short_kv,
-                                        target=(arch, smem), BLOCK_D=block_d, ATOMIC_DQ=dq == "atomic",
-                                        STORE_DQ=dq == "store")
+                                        target=(arch, smem), BLOCK_D=block_d, ATOMIC_DQ=dq in ("atomic", "atomic-tma"),
+                                        TMA_DQ=dq == "atomic-tma", STORE_DQ=dq == "store")
                     kept = prune()
                     assert kept
                     if dtype == torch.float32:  # one small shape, capped to the lengths
@@ -439,7 +440,8 @@ def test_config_pools_fit_shared_memory(monkeypatch, arch, smem):
                         assert [c.all_kwargs() for c in prune()] == [kept[0].all_kwargs()]
                     for c in kept:
                         m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-                        extra = {"atomic_dq": True} if dq == "atomic" else {"store_dq": True} if dq == "store" else {}
+                        extra = ({"atomic_dq": True, "tma_dq": dq == "atomic-tma"} if dq in ("atomic", "atomic-tma")
+                                 else {"store_dq": True} if dq == "store" else {})
                         smem_used = footprint(m, n, block_d, c.num_stages, q.element_size(), **extra)[0]
                         assert smem_used <= smem, (D, dtype, c)
                         assert m <= max(16, triton.next_power_of_2(Lq)) and n <= max(16, triton.next_power_of_2(Lk))
@@ -509,6 +511,18 @@ def test_gpu_odd_shapes(D, Lq, Lk, dtype, monkeypatch):
     monkeypatch.setenv("CCKERNELS_AUTOTUNE", "0")  # correctness only: one compile per kernel
     qkv = [cuda_randn(1, Lq, 3, D), cuda_randn(1, Lk, 3, D), cuda_randn(1, Lk, 3, D)]
     check_against_fp64(separate, qkv, None, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backward", ["atomic"], indirect=True)
+@pytest.mark.parametrize("D,Lq,Lk", [(80, 257, 300), (64, 100, 1000)])
+def test_gpu_atomic_dq_at_batch_and_head_edges(D, Lq, Lk, backward, monkeypatch):
+    # On sm90 the atomic dQ tiles go by TMA reductions into dQ seen as (B * Lq, H * D): a tile's
+    # padded query rows reach the next batch's first rows, its padded head-dim columns (80 -> 128)
+    # the next head's, adding zeros there. Over 128 keys: not the one-kernel short-key backward.
+    monkeypatch.setenv("CCKERNELS_AUTOTUNE", "0")
+    qkv = [cuda_randn(3, Lq, 3, D), cuda_randn(3, Lk, 3, D), cuda_randn(3, Lk, 3, D)]
+    check_against_fp64(separate, qkv, None, torch.bfloat16)
 
 
 @pytest.mark.gpu

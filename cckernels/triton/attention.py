@@ -7,7 +7,8 @@ logsumexp. The backward recomputes the probabilities block by block, in one of t
 - atomic (FlashAttention-2's): one kernel owns a K/V block and loops over queries, giving dK
   and dV and adding each tile's share of dQ to an fp32 buffer with atomics (5 matmuls per
   tile pair); a small kernel then converts dQ to the input dtype. The order of the atomic
-  additions varies, so dQ's last bits vary run to run.
+  additions varies, so dQ's last bits vary run to run. On sm90 a tile is added by one TMA
+  reduction (as FlashAttention-3 does), elsewhere element by element.
 - deterministic: the same K/V kernel without dQ, then a kernel owning a query block that
   loops over keys for dQ (7 matmuls per tile pair: P and dP are computed twice). Every
   gradient element has exactly one writer: bit-identical gradients run to run.
@@ -46,6 +47,9 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # ran fwd+bwd at 369 TFLOP/s deterministic and 320 with atomic dQ: the fp32 atomics and the
 # extra dQ pass cost more than the two recomputed matmuls. (The shorter shapes were host-bound
 # in that run and do not tell the two apart.) CCKERNELS_DETERMINISTIC=0 picks the atomic one.
+# Those atomics were per element (4,096 REDs a 64x64 tile); on sm90 they are now one TMA
+# reduction a tile, not yet timed: bench_attention's "triton atomic-dQ" row is the comparison
+# (the fifth H200 run: 1.849 ms against 1.542 deterministic and cuDNN's 1.348 at L = 4096).
 DETERMINISTIC_BY_DEFAULT = True
 
 
@@ -110,7 +114,7 @@ def _fwd_footprint(m, n, d, stages, esize):
     return (m * d + stages * 2 * n * d) * esize, m * d + m * n + m * d // 2
 
 
-def _dkdv_footprint(m, n, d, stages, esize, atomic_dq=False, store_dq=False):
+def _dkdv_footprint(m, n, d, stages, esize, atomic_dq=False, store_dq=False, tma_dq=False):
     smem = (2 * n * d + stages * 2 * m * d) * esize + (stages - 1) * 2 * m * 4
     regs = 2 * n * d + 2 * m * n + n * d
     if store_dq:  # the atomic pass's dQ tile and scratch, plus the O tile for delta
@@ -120,6 +124,8 @@ def _dkdv_footprint(m, n, d, stages, esize, atomic_dq=False, store_dq=False):
         # Measured: dS transposed for dS @ K and the fp32 dQ tile rearranged for the atomics
         # share one scratch buffer; below 64 query rows both are held, dS at 4 bytes.
         scratch = max(m * d * 4, m * n * esize) if m >= 64 else m * d * 4 + m * n * 4
+        if tma_dq:  # the fp32 dQ tile staged for the TMA reduction, besides
+            scratch += m * d * 4
         return smem + scratch, regs + m * d + m * n // 2
     return smem, regs
 
@@ -160,7 +166,8 @@ def _fitting(configs, q, m_cap, n_cap, footprint, fp32_shape, short_kv_block, ta
         target = (10 * major + minor, _max_shared_memory(q.device))
     arch, smem_limit = target
     one_block = (short_kv_block or kwargs.get("STORE_DQ")) and n_cap <= MAX_ONE_BLOCK_KEYS
-    dq = {"atomic_dq": True} if kwargs.get("ATOMIC_DQ") else {"store_dq": True} if kwargs.get("STORE_DQ") else {}
+    dq = ({"atomic_dq": True, "tma_dq": bool(kwargs.get("TMA_DQ"))} if kwargs.get("ATOMIC_DQ")
+          else {"store_dq": True} if kwargs.get("STORE_DQ") else {})
     capped = {}
     for c in configs:
         if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) == fp32_shape:
@@ -392,6 +399,8 @@ def _attn_bwd_dkdv_kernel(
     q_bucket, k_bucket,  # autotune key only
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ATOMIC_DQ: tl.constexpr,  # also dQ, FlashAttention-2's single pass (5 matmuls instead of 4 + 3)
+    # ATOMIC_DQ's tiles added by one TMA reduction each (sm90: UTMAREDG), not element by element
+    TMA_DQ: tl.constexpr,
     # Also dQ, where all keys are one block (Lk <= BLOCK_N): each dQ row then has one writer, so
     # it is stored, no atomics, no buffer; and delta = rowsum(dO * O) is taken here too. The
     # whole backward of a short-key attention (cross-attention's 77 keys) in one kernel.
@@ -416,6 +425,9 @@ def _attn_bwd_dkdv_kernel(
     do_ptrs = DO + b * stride_dob + h * stride_doh + offs_m0[:, None] * stride_dol + offs_d[None, :]
     if ATOMIC_DQ or STORE_DQ:
         dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m0[:, None] * stride_dql + offs_d[None, :]
+    if TMA_DQ:  # DQ as (B * Lq, H * HEAD_DIM), contiguous
+        dq_desc = tl.make_tensor_descriptor(DQ, shape=[tl.num_programs(1) // H * Lq, H * HEAD_DIM],
+                                            strides=[H * HEAD_DIM, 1], block_shape=[BLOCK_M, BLOCK_D])
     if STORE_DQ:
         o_ptrs = O + b * stride_ob + h * stride_oh + offs_m0[:, None] * stride_ol + offs_d[None, :]
     for start_m in range(m_start, m_end, BLOCK_M):
@@ -449,7 +461,13 @@ def _attn_bwd_dkdv_kernel(
             # Every key block adds its share to the same dQ rows: fp32 atomics, so the order
             # of the additions (and dQ's last bits) varies from run to run.
             dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=DOT_PRECISION)
-            _store_tile(dq_ptrs + start_m * stride_dql, dq, offs_m, Lq, offs_d, HEAD_DIM, MASK_D, ADD=True)
+            if TMA_DQ:
+                # The tile's padded rows (queries past Lq: probability 0) and columns (head dims
+                # past HEAD_DIM: k's are 0) are exact zeros, so where they reach the next batch's
+                # rows or the next head's columns they add nothing; TMA clips at the end.
+                dq_desc.atomic_add([(b * Lq + start_m).to(tl.int32), h * HEAD_DIM], dq)
+            else:
+                _store_tile(dq_ptrs + start_m * stride_dql, dq, offs_m, Lq, offs_d, HEAD_DIM, MASK_D, ADD=True)
         if STORE_DQ:
             dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=DOT_PRECISION)
             _store_tile(dq_ptrs + start_m * stride_dql, (dq * scale).to(DQ.dtype.element_ty), offs_m, Lq, offs_d,
@@ -583,6 +601,20 @@ def _dkdv_splits(Lq, Lk, BH, device):
     return rows, cdiv(Lq, rows)
 
 
+def _tma_reductions(device):
+    """Whether the atomic dQ tiles go by TMA reductions: sm90 (the architecture inspect checks;
+    Triton's interpreter has no descriptor reductions). The descriptor is built in the kernel,
+    in 128 bytes of global scratch a program that Triton allocates through triton.set_allocator:
+    set here when no allocator is (a ContextVar: the autograd thread that runs this needs its own)."""
+    if device.type != "cuda" or _capability(device)[0] != 9:
+        return False
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+    return True
+
+
 def deterministic_backward():
     """Whether the backward must give bit-identical gradients run to run: when
     torch.use_deterministic_algorithms(True) is on, else as env CCKERNELS_DETERMINISTIC says
@@ -656,7 +688,8 @@ def _backward(do, q, k, v, o, lse, scale, need_dq, need_dkdv, deterministic, pac
             q, k, v, do, o if store_dq else None, lse, delta, dk_s, dv_s, dq_out, *strides,
             *(o.stride()[:3] if store_dq else (0, 0, 0)), *dk_s.stride()[:4],
             *(dq_out.stride()[:3] if dq_out is not None else (0, 0, 0)),
-            H, Lq, Lk, rows, scale, scale * LOG2E, *buckets, **head, ATOMIC_DQ=atomic_dq, STORE_DQ=store_dq,
+            H, Lq, Lk, rows, scale, scale * LOG2E, *buckets, **head, ATOMIC_DQ=atomic_dq,
+            TMA_DQ=atomic_dq and _tma_reductions(q.device), STORE_DQ=store_dq,
         )
         if splits > 1:  # the splits' sum in a fixed order, cast, stored into dk and dv
             if packed:  # one launch: a row of the packed gradient per (b, key) is dk's row then dv's
@@ -812,14 +845,17 @@ def attention(q, k, v, scale):
 # what the machine code must show. Head dims: SD2's 64, and 80 (padded to 128, masked).
 # ----------------------------------------------------------------------------------------
 def _inspect_args(head_dim, dq=None, short_keys=False):
-    """dq: None, "atomic" or "store": the dK/dV kernel's dQ mode; short_keys: the forward of 77
-    keys, all in one block, taken as 64 + 16 (_key_blocks; head dims up to 64)."""
+    """dq: None, "atomic", "atomic-tma" (its tiles by TMA reductions) or "store": the dK/dV
+    kernel's dQ mode; short_keys: the forward of 77 keys, all in one block, taken as 64 + 16
+    (_key_blocks; head dims up to 64)."""
+    atomic = dq in ("atomic", "atomic-tma")
+
     def args(dtype):
         q = torch.empty(1, 1, 1, head_dim, dtype=dtype, device="meta")
         # "DQ" is the dQ kernel's output; the dK/dV kernel's is fp32 in its atomic mode
         return {
-            "Q": "*T", "K": "*T", "V": "*T", "O": "*T", "DO": "*T", "DQ": "*fp32" if dq == "atomic" else "*T",
-            "DK": "*T", "DV": "*T", "LSE": "*fp32", "DELTA": "*fp32", "ATOMIC_DQ": dq == "atomic",
+            "Q": "*T", "K": "*T", "V": "*T", "O": "*T", "DO": "*T", "DQ": "*fp32" if atomic else "*T",
+            "DK": "*T", "DV": "*T", "LSE": "*fp32", "DELTA": "*fp32", "ATOMIC_DQ": atomic, "TMA_DQ": dq == "atomic-tma",
             "STORE_DQ": dq == "store", "stride_*": "i32:16", "scale": "fp32", "qk_scale": "fp32",
             "EVEN_M": True, "EVEN_N": not short_keys, "SHORT_KV": short_keys,
             "MAIN_N": 64 if short_keys else lambda a: a["BLOCK_N"], "TAIL_N": 16 if short_keys else 0, **_head_args(q),
@@ -838,7 +874,7 @@ def _inspect_configs(footprint, fp32_shape, Lk=4096, short_kv_block=False):
         q = torch.empty(0, dtype=dtype, device="meta")
         kept = _prune(configs, {"Q": q, "Lq": 4096, "Lk": Lk}, footprint, fp32_shape, short_kv_block=short_kv_block,
                       target=(arch, SMEM_LIMIT[arch]), BLOCK_D=args["BLOCK_D"], ATOMIC_DQ=args["ATOMIC_DQ"],
-                      STORE_DQ=args["STORE_DQ"])  # fmt: skip
+                      TMA_DQ=args["TMA_DQ"], STORE_DQ=args["STORE_DQ"])  # fmt: skip
         if not short_kv_block:
             return kept
         shapes = {(c.kwargs["BLOCK_M"], c.num_warps) for c in kept}
@@ -858,6 +894,11 @@ INSPECT = [
     {**_INSPECT, "kernel": _attn_bwd_dkdv_kernel, "configs": _inspect_configs(_dkdv_footprint, DKDV_FP32)},
     {**_INSPECT, "kernel": _attn_bwd_dkdv_kernel, "configs": _inspect_configs(_dkdv_footprint, DKDV_FP32),
      "variants": {"d64-atomic-dq": _inspect_args(64, "atomic"), "d80-atomic-dq": _inspect_args(80, "atomic")}},
+    # on sm90 the atomic dQ tiles go by TMA reductions: one UTMAREDG a tile, not an atomic an element
+    {**_INSPECT, "kernel": _attn_bwd_dkdv_kernel, "configs": _inspect_configs(_dkdv_footprint, DKDV_FP32),
+     "archs": (90,), "variants": {"d64-atomic-dq-tma": _inspect_args(64, "atomic-tma"),
+                                  "d80-atomic-dq-tma": _inspect_args(80, "atomic-tma")},
+     "expect": lambda dtype: {"sm90": {"tma_reduce": True, **({} if dtype == torch.float32 else {"hgmma": True})}}},
     # the short-key backward (cross-attention's 77 keys: one 128-key block); 16-bit only
     {**_INSPECT, "kernel": _attn_bwd_dkdv_kernel, "configs": _inspect_configs(_dkdv_footprint, DKDV_FP32, Lk=77),
      "dtypes": (torch.float16, torch.bfloat16),
