@@ -601,12 +601,13 @@ def _dkdv_splits(Lq, Lk, BH, device):
     return rows, cdiv(Lq, rows)
 
 
-def _tma_reductions(device):
+def _tma_reductions(device, row_elements):
     """Whether the atomic dQ tiles go by TMA reductions: sm90 (the architecture inspect checks;
-    Triton's interpreter has no descriptor reductions). The descriptor is built in the kernel,
+    Triton's interpreter has no descriptor reductions), with dQ's fp32 rows of row_elements
+    (H * D) a multiple of 16 bytes, as TMA needs. The descriptor is built in the kernel,
     in 128 bytes of global scratch a program that Triton allocates through triton.set_allocator:
     set here when no allocator is (a ContextVar: the autograd thread that runs this needs its own)."""
-    if device.type != "cuda" or _capability(device)[0] != 9:
+    if device.type != "cuda" or _capability(device)[0] != 9 or row_elements % 4:
         return False
     from triton.runtime import _allocation
 
@@ -689,7 +690,7 @@ def _backward(do, q, k, v, o, lse, scale, need_dq, need_dkdv, deterministic, pac
             *(o.stride()[:3] if store_dq else (0, 0, 0)), *dk_s.stride()[:4],
             *(dq_out.stride()[:3] if dq_out is not None else (0, 0, 0)),
             H, Lq, Lk, rows, scale, scale * LOG2E, *buckets, **head, ATOMIC_DQ=atomic_dq,
-            TMA_DQ=atomic_dq and _tma_reductions(q.device), STORE_DQ=store_dq,
+            TMA_DQ=atomic_dq and _tma_reductions(q.device, H * D), STORE_DQ=store_dq,
         )
         if splits > 1:  # the splits' sum in a fixed order, cast, stored into dk and dv
             if packed:  # one launch: a row of the packed gradient per (b, key) is dk's row then dv's
