@@ -13,7 +13,8 @@ bench_geglu's / bench_layer_norm's 256 px rows):
   group_norm   ck.group_norm + SiLU on CUDA, 256x320x32x32 channels_last: the single-pass
                forward (#4: 51% of copy on an H200), then forward+backward (the backward's
                four kernels)
-  attention    ck.attention forward+backward at L = 4096 (#3: 0.88x cuDNN on an H200) and the
+  attention    ck.attention forward+backward at L = 4096 (#3: 0.88x cuDNN on an H200), with
+               the deterministic and the atomic-dQ backward (TMA reductions on sm90), and the
                cross-attention of L = 1024 against 77 keys (1.05x the best SDPA); cuDNN's
                SDPA at L = 4096 beside it
   geglu, layer_norm   forward+backward at 32x32x32 tokens of 1280 / 320 features (GEGLU: 51-62%
@@ -31,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import cckernels as ck
+from bench_attention import env
 from bench_group_norm import GROUPS
 
 
@@ -74,6 +76,9 @@ def cases(device, tiny):
             B, Lq, Lk, H = 1, 16, 7 if name == "cross" else 16, 2
         q, k, v = (leaf((B, L, H, 64), device, dtype) for L in (Lq, Lk, Lk))
         out.append((f"attention {name} fwd+bwd B={B} Lq={Lq} Lk={Lk} H={H} D=64", forward_backward(ck.attention, q, k, v)))
+        if name == "self":  # the atomic-dQ backward too (on sm90 its dQ tiles go by TMA reductions)
+            out.append((f"attention {name} fwd+bwd B={B} Lq={Lq} Lk={Lk} H={H} D=64, atomic dQ",
+                        env({"CCKERNELS_DETERMINISTIC": "0"})(forward_backward(ck.attention, q, k, v))))
         if name == "self" and on_gpu:
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
