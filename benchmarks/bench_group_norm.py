@@ -30,9 +30,8 @@ The "forward" column says which of our forwards ran: "single-pass" (each group r
 (three passes, x read twice), as the backend's group_norm_forward_path reports it; a backend
 name when ours fell back to it; "-" for the peers. The rows ck-triton-split and ck-cuda-split
 force the split forward where the backend would take a single pass, to measure what the single
-pass gains. Cases
-run shape by shape, every implementation of a shape together, torch.compile (one compile per
-case) after all the others: --budget-s cuts whole shapes, then torch.compile.
+pass gains. Cases run shape by shape, every implementation of a shape together, torch.compile
+(one compile per case) after all the others: --budget-s cuts whole shapes, then torch.compile.
 The JSON is rewritten after every case, so a run killed by an outer time limit keeps its rows.
 """
 import argparse
@@ -93,10 +92,10 @@ def peers(device, tiny):
         if "cuda" in ck.available_backends(device)["group_norm"]:
             out["ck-cuda"] = (lambda x, w, b: ck.group_norm(x, GROUPS, w, b, activation="silu", backend="cuda"),
                               torch.float32, ("nhwc",))
-        out["ck-triton-split"] = (with_setting("triton", ck_triton_group_norm, "SINGLE_PASS_BYTES", 0),
+        out["ck-triton-split"] = (forced_split("triton", ck_triton_group_norm, "SINGLE_PASS_BYTES", 0),
                                   torch.float32, ("nchw", "nhwc"))
         if "ck-cuda" in out:
-            out["ck-cuda-split"] = (with_setting("cuda", ck_cuda, "SINGLE_PASS", False), torch.float32, ("nhwc",))
+            out["ck-cuda-split"] = (forced_split("cuda", ck_cuda, "SINGLE_PASS", False), torch.float32, ("nhwc",))
     else:
         out["ck-default"] = (lambda x, w, b: ck.group_norm(x, GROUPS, w, b, activation="silu"),
                              torch.float32, ("nchw", "nhwc"))
@@ -133,12 +132,12 @@ def peers(device, tiny):
     return out
 
 
-def with_setting(backend, module, setting, value):
-    """ck.group_norm on `backend` with module.setting = value during the call (a forced forward)."""
+def forced_split(backend, module, setting, split_value):
+    """ck.group_norm on `backend` with module.setting = split_value during the call: the split forward."""
 
     def fn(x, w, b):
         default = getattr(module, setting)
-        setattr(module, setting, value)
+        setattr(module, setting, split_value)
         try:
             return ck.group_norm(x, GROUPS, w, b, activation="silu", backend=backend)
         finally:
@@ -153,7 +152,6 @@ def forward_path(name, x):
         return "-"
     if name.endswith("-split"):
         return "split"
-    name = name.removesuffix("-sync")
     backend = ck.used_backends()["group_norm"]
     module = {"triton": ck_triton_group_norm, "cuda": ck_cuda}.get(backend)
     return module.group_norm_forward_path(x, GROUPS) if module else backend
@@ -174,12 +172,10 @@ def measure(name, fn, param_dtype, shape, layout, device, on_gpu):
     except (RuntimeError, ValueError, AssertionError, NotImplementedError) as e:  # a peer that cannot take it
         tqdm.write(f"  {name} skipped {shape} {layout}: {str(e).splitlines()[0][:100]}")
         return []
-    if name.startswith("ck-cuda") and ck.used_backends()["group_norm"] != "cuda":
+    if name in ("ck-cuda", "ck-cuda-split") and ck.used_backends()["group_norm"] != "cuda":
         return []
     if name.endswith("-split") and forward_path(name.removesuffix("-split"), x) == "split":
         return []  # the backend's own row is this one already
-    if name.endswith("-sync") and forward_path(name, x) == "split":
-        return []  # no single pass to stage
     path = forward_path(name, x)
     bytes_fwd = 2 * x.numel() * x.element_size()
     rows = []
@@ -188,8 +184,7 @@ def measure(name, fn, param_dtype, shape, layout, device, on_gpu):
         # autograd.grad, not backward(): .grad accumulation would add a read-add-write of dx per call
         ("fwd+bwd", lambda: torch.autograd.grad(fn(xg, wg, bg), (xg, wg, bg), dy), bytes_fwd * 5 // 2),
     )
-    # a copy has no backward; the -sync row's differs from its backend's only in the forward
-    for mode, run, nbytes in modes[:1] if name == "copy" or name.endswith("-sync") else modes:
+    for mode, run, nbytes in modes[:1] if name == "copy" else modes:  # a copy has no backward
         with torch.set_grad_enabled(mode != "fwd"):  # the graph is captured in the same mode
             run()  # compiles (torch.compile, Triton) outside the timed region
             eager, graph, why, host = timings(run, tiny=not on_gpu, eager=EAGER, graph=GRAPH)
