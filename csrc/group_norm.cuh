@@ -10,10 +10,10 @@
 //           shared memory with blocks that fill the GPU: a cluster of K blocks (K = 1 except on
 //           sm90) stages a whole number of groups (channels) x all S positions of one sample in
 //           shared memory (cp.async on sm80+), each block S / K of the positions, reading x
-//           once; then exact fp32 statistics from the staged tiles (the mean first, then
-//           squared deviations from it), the blocks of a cluster adding their partial sums
-//           through distributed shared memory, and y from the tiles. Grid (channel blocks x K,
-//           N), clusters (K, 1, 1).
+//           once; then fp32 statistics from the staged tiles in one pass (sums of x - shift
+//           and its square, shift = a value of the group, as channel_stats), the blocks of a
+//           cluster adding their partial sums through distributed shared memory, and y from
+//           the tiles. Grid (channel blocks x K, N), clusters (K, 1, 1).
 // Otherwise every pass splits each sample into K spatial chunks, grid (channel-pack blocks,
 // K chunks, N), so that small batches still fill the GPU:
 // forward   channel_stats: per (n, chunk, channel) mean and M2 from fp32 sums of (x - shift),
@@ -116,6 +116,24 @@ template <typename T, int VEC>
 __device__ __forceinline__ void unpack(const Pack<T, VEC>& pack, float (&out)[VEC]) {
 #pragma unroll
   for (int i = 0; i < VEC; ++i) out[i] = to_float(pack.v[i]);
+}
+
+// bf16 pairs a 32-bit word at a time: the low element shifted up, the high one masked in place,
+// one integer instruction an element (element by element, ptxas spent a PRMT and often a move
+// more on every high element: sm90 SASS of single_pass_kernel).
+template <int VEC>
+__device__ __forceinline__ void unpack(const Pack<__nv_bfloat16, VEC>& pack, float (&out)[VEC]) {
+  if constexpr (VEC % 2 == 0) {  // then the Pack is at least 4-byte aligned
+    const unsigned int* words = reinterpret_cast<const unsigned int*>(pack.v);
+#pragma unroll
+    for (int i = 0; i < VEC; i += 2) {
+      out[i] = __uint_as_float(words[i / 2] << 16);
+      out[i + 1] = __uint_as_float(words[i / 2] & 0xffff0000u);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) out[i] = to_float(pack.v[i]);
+  }
 }
 
 template <typename T, int VEC>
@@ -276,9 +294,11 @@ __global__ void __launch_bounds__(kThreads, 3) channel_stats_kernel(
         wk.s_begin + static_cast<int>(threadIdx.y), wk.s_end, static_cast<int>(blockDim.y),
         [&](int s) { return load_pack<T, VEC>(xc + static_cast<int64_t>(s) * C); },
         [&](int, const Pack<T, VEC>& pack) {
+          float v[VEC];
+          unpack(pack, v);
 #pragma unroll
           for (int i = 0; i < VEC; ++i) {
-            const float d = to_float(pack.v[i]) - shift[i];
+            const float d = v[i] - shift[i];
             s1[i] += d;
             s2[i] = fmaf(d, d, s2[i]);
           }
@@ -475,26 +495,29 @@ __global__ void __launch_bounds__(kThreads, 2) backward_dx_kernel(
       });
 }
 
-// Sums every thread's acc (partials of its VEC channels) over the rows and then over each
-// group's channels into out[j], j < width / cpg, in a fixed order; every thread must call it.
-// scratch: blockDim.y * width floats. out is complete and visible to all threads on return.
+// Sums every thread's acc (partials of its VEC channels) over the rows and over each group's
+// channels into out[j], j < width / cpg, in a fixed order: a warp a group, its lanes over the
+// rows, then warp_sum. (Halving the rows in shared memory took 7 barriers and ~3 instructions
+// an element of the forward at 256x320x32x32: 51 rows of 5 threads, sm90 SASS.) Every thread
+// must call it; scratch: blockDim.y * width floats. out is visible to all threads on return.
 template <int VEC>
 __device__ __forceinline__ void sum_over_groups(const float (&acc)[VEC], float* scratch, float* out, int width,
                                                 int cpg) {
-  const int tid = threadIdx.y * blockDim.x + threadIdx.x, threads = blockDim.x * blockDim.y;
 #pragma unroll
   for (int i = 0; i < VEC; ++i) scratch[threadIdx.y * width + threadIdx.x * VEC + i] = acc[i];
   __syncthreads();
-  for (int rows = blockDim.y; rows > 1;) {  // add the upper half of the rows onto the lower
-    const int half = (rows + 1) / 2;
-    for (int k = tid; k < (rows - half) * width; k += threads) scratch[k] += scratch[k + half * width];
-    __syncthreads();
-    rows = half;
-  }
-  for (int j = tid; j < width / cpg; j += threads) {
-    float sum = 0.0f;
-    for (int c = 0; c < cpg; ++c) sum += scratch[j * cpg + c];
-    out[j] = sum;
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x, lane = tid % 32;
+  const int warps = blockDim.x * blockDim.y / 32;  // whole warps only: warp_sum needs every lane
+  if (tid / 32 < warps) {
+    for (int j = tid / 32; j < width / cpg; j += warps) {
+      float sum = 0.0f;
+      for (int r = lane; r < blockDim.y; r += 32) {
+        const float* row = scratch + r * width + j * cpg;
+        for (int c = 0; c < cpg; ++c) sum += row[c];
+      }
+      sum = warp_sum(sum);
+      if (lane == 0) out[j] = sum;
+    }
   }
   __syncthreads();
 }
@@ -566,6 +589,12 @@ __device__ __forceinline__ void sum_over_cluster(const float* part, float* total
 // 156 against 160 us at 256x320x32x32); the scalar fallback goes through registers. Launch
 // bounds for 3 blocks an SM (sm90: 78 registers, no spills), which small tiles' shared memory
 // allows: their blocks wait on memory and barriers, and a third one an SM overlaps more.
+// The statistics take one pass over the tile, sums of x - shift and of its square with shift
+// = the group's first value (position 0 of its first channel, the same in every block of the
+// cluster), so that the sums stay O(std) and var = E[d^2] - E[d]^2 does not cancel, as in
+// channel_stats. The fifth run's counters found this kernel issue-bound (31 instructions an
+// element, ncu on an H200): a second pass for squared deviations from the mean cost ~4.7 of
+// them, and a second round of block and cluster sums.
 template <typename T, int VEC, bool SILU>
 __global__ void __launch_bounds__(kThreads, 3) single_pass_kernel(
     const T* __restrict__ x, T* __restrict__ y,                          // (N, S, C)
@@ -580,77 +609,113 @@ __global__ void __launch_bounds__(kThreads, 3) single_pass_kernel(
   unsigned char* smem = reinterpret_cast<unsigned char*>(smem_f4);
   T* tile = reinterpret_cast<T*>(smem) + col;  // row s - s_begin holds position s
   float* scratch = reinterpret_cast<float*>(smem + single_pass_tile_bytes(rows, width, sizeof(T)));
-  // per group: this block's sum of x and of squared deviations, then the cluster's totals
+  // per group: this block's sums of d and d^2, then the cluster's
   float* part = scratch + blockDim.y * width;
   float* total = part + 2 * groups;
-  const int64_t base = static_cast<int64_t>(n) * S * C + c0 + col;
+  const int64_t sample = static_cast<int64_t>(n) * S * C;
+  const int64_t base = sample + c0 + col;
+  const int64_t x_step = static_cast<int64_t>(blockDim.y) * C;  // a thread's rows: blockDim.y apart
+  const int tile_step = blockDim.y * width;
 
-  float acc[VEC] = {};
-  if constexpr (sizeof(Pack<T, VEC>) == 16) {  // what cp.async moves
-    // every row of the thread in flight at once, then the sums from the tile
-    for (int s = s_begin + threadIdx.y; s < s_end; s += blockDim.y) {
-      copy_pack_async<T, VEC>(tile + (s - s_begin) * width, x + base + static_cast<int64_t>(s) * C);
+  float shift[VEC], s1[VEC] = {}, s2[VEC] = {};
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) shift[i] = to_float(x[sample + (c0 + col + i) / cpg * cpg]);
+  const auto accumulate = [&](const float (&v)[VEC]) {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      const float d = v[i] - shift[i];
+      s1[i] += d;
+      s2[i] = fmaf(d, d, s2[i]);
     }
+  };
+  const int first = s_begin + threadIdx.y;
+  if constexpr (sizeof(Pack<T, VEC>) == 16) {  // what cp.async moves
+    // every row of the thread in flight at once (pointers stepped, not recomputed: the 64-bit
+    // index math took 12 of the loop's 17 instructions), then the sums from the tile
+    const T* from = x + base + static_cast<int64_t>(first) * C;
+    T* to = tile + (first - s_begin) * width;
+    for (int s = first; s < s_end; s += blockDim.y, from += x_step, to += tile_step) copy_pack_async<T, VEC>(to, from);
     wait_copies();
 #pragma unroll 4
-    for (int s = s_begin + threadIdx.y; s < s_end; s += blockDim.y) {
+    for (int s = first; s < s_end; s += blockDim.y) {
       float v[VEC];
       load<T, VEC>(tile + (s - s_begin) * width, v);
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) acc[i] += v[i];
+      accumulate(v);
     }
   } else {  // kLoadBatch rows in flight, through registers
     batched<kLoadBatch>(
-        s_begin + static_cast<int>(threadIdx.y), s_end, static_cast<int>(blockDim.y),
+        first, s_end, static_cast<int>(blockDim.y),
         [&](int s) { return load_pack<T, VEC>(x + base + static_cast<int64_t>(s) * C); },
         [&](int s, const Pack<T, VEC>& pack) {
           store_pack(tile + (s - s_begin) * width, pack);
-#pragma unroll
-          for (int i = 0; i < VEC; ++i) acc[i] += to_float(pack.v[i]);
+          float v[VEC];
+          unpack(pack, v);
+          accumulate(v);
         });
   }
-  sum_over_groups<VEC>(acc, scratch, part, width, cpg);
-  sum_over_cluster(part, total, groups, K, rank);
+  sum_over_groups<VEC>(s1, scratch, part, width, cpg);
+  sum_over_groups<VEC>(s2, scratch, part + groups, width, cpg);
+  sum_over_cluster(part, total, 2 * groups, K, rank);
+  if (K > 1) cluster_arrive();  // done reading the others' parts
   const float count = static_cast<float>(cpg) * S;
-  float mu[VEC];
+  // Group g's variance from the totals: E[d^2] - E[d]^2, whose relative rounding error grows
+  // with E[d^2] / var = 1 + E[d]^2 / var (a shift 6 std from the mean: 1.4e-5 in rstd, a
+  // float32 model of these sums against fp64). Where that exceeds kMaxCancel for a group of
+  // the block, a second pass over the tile sums the squared deviations from the mean instead
+  // (the same branch in every block of a cluster: they hold the same totals).
+  constexpr float kMaxCancel = 8.0f;
+  bool refined = false;
+  const auto variance = [&](int g) {
+    const float d = total[g] / count, e2 = total[groups + g] / count;
+    return refined ? e2 : fmaxf(e2 - d * d, 0.0f);
+  };
+  bool cancels = false;
 #pragma unroll
   for (int i = 0; i < VEC; ++i) {
-    mu[i] = total[(col + i) / cpg] / count;
-    acc[i] = 0.0f;
+    const float d = total[(col + i) / cpg] / count;
+    cancels |= d * d > (kMaxCancel - 1.0f) * variance((col + i) / cpg);
   }
-#pragma unroll 4
-  for (int s = s_begin + threadIdx.y; s < s_end; s += blockDim.y) {
-    float v[VEC];
-    load<T, VEC>(tile + (s - s_begin) * width, v);
+  if (__syncthreads_or(cancels)) {
+    if (K > 1) cluster_wait();  // every block done reading this one's parts, which change now
+    float mu[VEC], m2[VEC] = {};
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) acc[i] = fmaf(v[i] - mu[i], v[i] - mu[i], acc[i]);
+    for (int i = 0; i < VEC; ++i) mu[i] = shift[i] + total[(col + i) / cpg] / count;
+#pragma unroll 4
+    for (int s = first; s < s_end; s += blockDim.y) {
+      float v[VEC];
+      load<T, VEC>(tile + (s - s_begin) * width, v);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) m2[i] = fmaf(v[i] - mu[i], v[i] - mu[i], m2[i]);
+    }
+    sum_over_groups<VEC>(m2, scratch, part + groups, width, cpg);
+    sum_over_cluster(part + groups, total + groups, groups, K, rank);
+    if (K > 1) cluster_arrive();
+    refined = true;
   }
-  sum_over_groups<VEC>(acc, scratch, part + groups, width, cpg);
-  sum_over_cluster(part + groups, total + groups, groups, K, rank);
-  if (K > 1) cluster_arrive();  // done reading the others' parts; they may exit after the store loop
   const int tid = threadIdx.y * blockDim.x + threadIdx.x;
   if (rank == 0 && tid < groups) {
-    const int ng = n * G + c0 / cpg + tid;
-    mean[ng] = total[tid] / count;
-    rstd[ng] = rsqrtf(total[groups + tid] / count + eps);
+    mean[n * G + c0 / cpg + tid] = to_float(x[sample + c0 + tid * cpg]) + total[tid] / count;
+    rstd[n * G + c0 / cpg + tid] = rsqrtf(variance(tid) + eps);
   }
-  float scale[VEC], shift[VEC];
+  // y = silu?(x * scale + offset): the mean folded into the offset, as normalize_kernel does
+  float scale[VEC], offset[VEC];
 #pragma unroll
   for (int i = 0; i < VEC; ++i) {
-    const int c = c0 + col + i;
-    scale[i] = rsqrtf(total[groups + (col + i) / cpg] / count + eps) * (weight ? weight[c] : 1.0f);
-    shift[i] = bias ? bias[c] : 0.0f;
+    const int c = c0 + col + i, g = (col + i) / cpg;
+    scale[i] = rsqrtf(variance(g) + eps) * (weight ? weight[c] : 1.0f);
+    offset[i] = (bias ? bias[c] : 0.0f) - (shift[i] + total[g] / count) * scale[i];
   }
+  T* out = y + base + static_cast<int64_t>(first) * C;
 #pragma unroll 4
-  for (int s = s_begin + threadIdx.y; s < s_end; s += blockDim.y) {
+  for (int s = first; s < s_end; s += blockDim.y, out += x_step) {
     float v[VEC];
     load<T, VEC>(tile + (s - s_begin) * width, v);
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
-      const float z = fmaf(v[i] - mu[i], scale[i], shift[i]);  // x - mean first: no cancellation
+      const float z = fmaf(v[i], scale[i], offset[i]);
       v[i] = SILU ? z * sigmoid(z) : z;
     }
-    store<T, VEC>(y + base + static_cast<int64_t>(s) * C, v);
+    store<T, VEC>(out, v);
   }
   if (K > 1) cluster_wait();  // keep this block's parts alive until every block has read them
 }
