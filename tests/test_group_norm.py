@@ -639,11 +639,17 @@ def test_gpu_prenorm_adds_the_skip_gradient(backend, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape,path", [((64, 96, 6, 5), "single-pass"), ((3, 960, 33, 31), "cluster-3")])
-def test_gpu_cuda_single_pass_statistics_survive_a_large_offset(shape, path):
+@pytest.mark.parametrize("first_position", ["typical", "outlier"])
+def test_gpu_cuda_single_pass_statistics_survive_a_large_offset(shape, path, first_position):
+    # The single pass sums x - shift, shift = a group's value at position 0; 8 std away from
+    # the mean there, E[d^2] - E[d]^2 would cancel and the kernel must take its second pass.
     from cckernels import cuda
 
     skip_without_cuda_group_norm()
-    x = (torch.randn(shape, device="cuda") + 1e3).to(memory_format=torch.channels_last)
+    x = torch.randn(shape, device="cuda") + 1e3
+    if first_position == "outlier":
+        x[:, :, 0, 0] += 8.0
+    x = x.to(memory_format=torch.channels_last)
     if cuda.group_norm_forward_path(x, 32) != path:
         pytest.skip(f"this GPU runs {cuda.group_norm_forward_path(x, 32)} for {shape}, not {path}")
     y, mean, rstd = cuda.loaded().group_norm_forward(x, 32, None, None, 1e-5, False)
