@@ -8,7 +8,9 @@
 #include <atomic>
 #include <cstdint>
 #include <initializer_list>
+#include <mutex>
 #include <type_traits>
+#include <vector>
 
 #include "group_norm.cuh"
 
@@ -147,6 +149,43 @@ cudaLaunchConfig_t cluster_launch(dim3 grid, dim3 block, long long smem, cudaStr
   return config;
 }
 
+// How many clusters of `config` (blockDim, dynamic shared memory, `cluster` blocks) of
+// `kernel` the current device holds at once; 0 if the query fails. Asked once per device,
+// kernel, shared memory size and cluster: the single-pass forward asks on every launch.
+int resident_clusters(const void* kernel, const cudaLaunchConfig_t& config, int cluster) {
+  struct Known {
+    int device;
+    const void* kernel;
+    size_t smem;
+    int cluster, clusters;
+  };
+  static std::mutex lock;
+  static std::vector<Known> known;
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  const std::lock_guard<std::mutex> guard(lock);
+  for (const Known& k : known) {
+    if (k.device == device && k.kernel == kernel && k.smem == config.dynamicSmemBytes && k.cluster == cluster) {
+      return k.clusters;
+    }
+  }
+  int clusters = 0, per_sm = 0, sms = 0;
+  if (cluster > 1) {  // clusters are placed GPC by GPC: the driver counts them
+    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess) clusters = 0;
+  } else if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, static_cast<int>(config.blockDim.x *
+                                                                                                 config.blockDim.y),
+                                                           config.dynamicSmemBytes) == cudaSuccess &&
+             cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) == cudaSuccess) {
+    clusters = per_sm * sms;
+  }
+  cudaGetLastError();  // a failed query only means no persistent grid
+  known.push_back({device, kernel, config.dynamicSmemBytes, cluster, clusters});
+  return clusters;
+}
+
 }  // namespace
 
 int group_norm_nhwc_max_cluster(int smem_bytes) {
@@ -200,11 +239,15 @@ cudaError_t group_norm_nhwc_forward_single_pass(const void* x, const float* weig
     }
     if (err != cudaSuccess) return err;
     cudaLaunchAttribute attr;
-    const cudaLaunchConfig_t config = cluster_launch(dim3(C / channels * cluster, N),
-                                                     dim3(channels / VEC, kThreads / (channels / VEC)), smem, stream,
-                                                     cluster, &attr);
+    cudaLaunchConfig_t config = cluster_launch(dim3(cluster), dim3(channels / VEC, kThreads / (channels / VEC)), smem,
+                                               stream, cluster, &attr);
+    // persistent: as many clusters as the GPU holds at once, each looping over tiles (all of
+    // them, one a cluster, if the occupancy query failed: slower, not wrong)
+    const int tiles = N * (C / channels);
+    const int resident = resident_clusters(reinterpret_cast<const void*>(kernel), config, cluster);
+    config.gridDim = dim3((resident > 0 ? std::min(tiles, resident) : tiles) * cluster);
     return cudaLaunchKernelEx(&config, kernel, static_cast<const T*>(x), static_cast<T*>(y), weight, bias, mean,
-                              rstd, S, C, G, eps);
+                              rstd, N, S, C, G, eps);
   });
 }
 

@@ -6,14 +6,15 @@
 // VEC = 1, the scalar fallback) and walks rows (spatial positions). Block (TX, TY): TX
 // threads across channel packs, TY across rows.
 //
-// forward, single pass (single_pass_kernel), where single_pass_plan finds a tile that fits
-//           shared memory with blocks that fill the GPU: a cluster of K blocks (K = 1 except on
-//           sm90) stages a whole number of groups (channels) x all S positions of one sample in
-//           shared memory (cp.async on sm80+), each block S / K of the positions, reading x
-//           once; then fp32 statistics from the staged tiles in one pass (sums of x - shift
-//           and its square, shift = a value of the group, as channel_stats), the blocks of a
-//           cluster adding their partial sums through distributed shared memory, and y from
-//           the tiles. Grid (channel blocks x K, N), clusters (K, 1, 1).
+// forward, single pass (single_pass_kernel), where single_pass_plan finds a tile of which two
+//           fit shared memory, with tiles that fill the GPU: a cluster of K blocks (K = 1
+//           except on sm90) stages a whole number of groups (channels) x all S positions of one
+//           sample in shared memory (cp.async on sm80+), each block S / K of the positions,
+//           reading x once; then fp32 statistics from the staged tiles in one pass (sums of
+//           x - shift and its square, shift = a value of the group, as channel_stats), the
+//           blocks of a cluster adding their partial sums through distributed shared memory,
+//           and y from the tiles, while the cluster's next tile is staged in the other buffer.
+//           A persistent grid: as many clusters (K, 1, 1) as the GPU holds, looping over tiles.
 // Otherwise every pass splits each sample into K spatial chunks, grid (channel-pack blocks,
 // K chunks, N), so that small batches still fill the GPU:
 // forward   channel_stats: per (n, chunk, channel) mean and M2 from fp32 sums of (x - shift),
@@ -50,16 +51,16 @@ CCK_HOST_DEVICE inline int cdiv(int a, int b) { return (a + b - 1) / b; }
 CCK_HOST_DEVICE inline int gcd(int a, int b) { return b ? gcd(b, a % b) : a; }
 
 // Shared memory of single_pass_kernel for a block of `rows` positions x `width` channels (a
-// block of width / vec threads across): the tile of x (padded to 16 bytes), then the threads'
-// fp32 partial sums (width floats per row of threads), then per group the block's partial and
-// the cluster's total sums of x and of squared deviations (4 floats). The host sizes the
-// launch with it.
+// block of width / vec threads across): two tiles of x (each padded to 16 bytes; one is staged
+// while the other is used), then the threads' fp32 partial sums (width floats per row of
+// threads), then per group the block's and the cluster's sums of d and d^2 (4 floats). The
+// host sizes the launch with it.
 CCK_HOST_DEVICE inline long long single_pass_tile_bytes(int rows, int width, int itemsize) {
   return (static_cast<long long>(rows) * width * itemsize + 15) / 16 * 16;
 }
 CCK_HOST_DEVICE inline long long single_pass_smem_bytes(int rows, int width, int cpg, int vec, int itemsize) {
   const int thread_rows = kThreads / (width / vec);
-  return single_pass_tile_bytes(rows, width, itemsize) + (thread_rows * width + 4 * (width / cpg)) * 4;
+  return 2 * single_pass_tile_bytes(rows, width, itemsize) + (thread_rows * width + 4 * (width / cpg)) * 4;
 }
 
 #ifndef __CUDACC_RTC__  // host planning: not for NVRTC, which compiles device code only
@@ -69,9 +70,9 @@ struct SinglePassPlan {
 };
 
 // The single-pass forward of an (N, S, C) tensor with G groups, packs of vec elements of
-// itemsize bytes: the smallest cluster (up to max_cluster) whose tile fits smem_bytes (what one
-// block may use: half an SM's, so that two blocks share it) with N * C / channels * cluster
-// blocks giving every one of sm_count SMs one; the widest channel block (up to kRowBytes
+// itemsize bytes: the smallest cluster (up to max_cluster) whose two tile buffers fit
+// smem_bytes (what one block may use: half an SM's, so that two blocks share it) with
+// N * C / channels * cluster blocks giving every one of sm_count SMs one; the widest channel block (up to kRowBytes
 // runs, or kTileBytes tiles where rows are few) while they do. Smaller clusters first: fewer
 // cross-block sums, larger runs of rows.
 inline SinglePassPlan single_pass_plan(int N, int S, int C, int G, int itemsize, int vec, int sm_count,
@@ -579,145 +580,159 @@ __device__ __forceinline__ void sum_over_cluster(const float* part, float* total
   __syncthreads();
 }
 
-// Cluster of K blocks (blockIdx.x / K, blockIdx.y): channels [c0, c0 + width) of sample n,
-// width = blockDim.x * VEC a multiple of cpg; block rank r of the cluster stages positions
-// [r * rows, min(S, (r + 1) * rows)), rows = cdiv(S, K). Thread (tx, ty) owns pack column tx
-// at rows ty, ty + blockDim.y, ... and only ever reads back the tile cells it wrote, so the
-// tile needs no barrier. Dynamic shared memory: single_pass_smem_bytes(rows, width, cpg, VEC,
-// sizeof(T)). 16-byte packs reach the tile by copy_pack_async, all of a thread's rows in flight
-// together (H200, fifth run: up to 8% faster than kLoadBatch rows at a time through registers,
-// 156 against 160 us at 256x320x32x32); the scalar fallback goes through registers. Launch
-// bounds for 3 blocks an SM (sm90: 78 registers, no spills), which small tiles' shared memory
-// allows: their blocks wait on memory and barriers, and a third one an SM overlaps more.
+// A persistent grid of clusters of K blocks, each cluster taking tiles blockIdx.x / K,
+// + gridDim.x / K, ... of the N * C / width tiles: tile t is channels [c0, c0 + width) of sample
+// n, c0 = (t % (C / width)) * width, n = t / (C / width), width = blockDim.x * VEC a multiple of
+// cpg; block rank r of the cluster stages positions [r * rows, min(S, (r + 1) * rows)), rows =
+// cdiv(S, K). Thread (tx, ty) owns pack column tx at rows ty, ty + blockDim.y, ... and only ever
+// reads back the tile cells it wrote, so the tiles need no barrier. Dynamic shared memory:
+// single_pass_smem_bytes(rows, width, cpg, VEC, sizeof(T)).
+// Two tile buffers: the next tile's copies fly while this one's statistics and y are computed.
+// One tile a block at a time left DRAM idle while blocks computed: in the fifth run's counters
+// (ncu, H200, 256x320x32x32, one tile a block) DRAM was busy 42% and issue 53%, as if loading
+// and computing took turns. 16-byte packs reach the tiles by copy_pack_async, all of a
+// thread's rows of a tile in flight together; the scalar fallback goes through registers (no
+// overlap). Launch bounds for 2 blocks an SM, as the plan's shared memory budget (half an SM's)
+// allows: at 3 (80 registers) ptxas spilled the loop's state (sm90).
 // The statistics take one pass over the tile, sums of x - shift and of its square with shift
 // = the group's first value (position 0 of its first channel, the same in every block of the
 // cluster), so that the sums stay O(std) and var = E[d^2] - E[d]^2 does not cancel, as in
-// channel_stats. The fifth run's counters found this kernel issue-bound (31 instructions an
-// element, ncu on an H200): a second pass for squared deviations from the mean cost ~4.7 of
-// them, and a second round of block and cluster sums.
+// channel_stats. The fifth run's counters found this kernel issue-bound too (31 instructions
+// an element): a second pass for squared deviations from the mean cost ~4.7 of them, and a
+// second round of block and cluster sums.
 template <typename T, int VEC, bool SILU>
-__global__ void __launch_bounds__(kThreads, 3) single_pass_kernel(
+__global__ void __launch_bounds__(kThreads, 2) single_pass_kernel(
     const T* __restrict__ x, T* __restrict__ y,                          // (N, S, C)
     const float* __restrict__ weight, const float* __restrict__ bias,    // (C,) or null
     float* __restrict__ mean, float* __restrict__ rstd,                  // (N, G) out
-    int S, int C, int G, float eps) {
+    int N, int S, int C, int G, float eps) {
   extern __shared__ float4 smem_f4[];  // float4: 16-byte aligned for the packs
   const int K = cluster_blocks(), rank = cluster_rank(), rows = cdiv(S, K);
-  const int s_begin = rank * rows, s_end = min(S, s_begin + rows);
-  const int cpg = C / G, width = blockDim.x * VEC, groups = width / cpg;
-  const int n = blockIdx.y, c0 = blockIdx.x / K * width, col = threadIdx.x * VEC;
+  const int s_begin = rank * rows, s_end = min(S, s_begin + rows), first = s_begin + threadIdx.y;
+  const int cpg = C / G, width = blockDim.x * VEC, groups = width / cpg, col = threadIdx.x * VEC;
+  const int blocks_c = C / width, tiles = N * blocks_c, clusters = gridDim.x / K;
   unsigned char* smem = reinterpret_cast<unsigned char*>(smem_f4);
-  T* tile = reinterpret_cast<T*>(smem) + col;  // row s - s_begin holds position s
-  float* scratch = reinterpret_cast<float*>(smem + single_pass_tile_bytes(rows, width, sizeof(T)));
+  const long long tile_bytes = single_pass_tile_bytes(rows, width, sizeof(T));
+  T* const buffer = reinterpret_cast<T*>(smem) + col;  // buffer b at + b * buffer_step (tile_bytes is a multiple of 16)
+  const int buffer_step = static_cast<int>(tile_bytes / sizeof(T));
+  float* scratch = reinterpret_cast<float*>(smem + 2 * tile_bytes);
   // per group: this block's sums of d and d^2, then the cluster's
   float* part = scratch + blockDim.y * width;
   float* total = part + 2 * groups;
-  const int64_t sample = static_cast<int64_t>(n) * S * C;
-  const int64_t base = sample + c0 + col;
   const int64_t x_step = static_cast<int64_t>(blockDim.y) * C;  // a thread's rows: blockDim.y apart
   const int tile_step = blockDim.y * width;
-
-  float shift[VEC], s1[VEC] = {}, s2[VEC] = {};
-#pragma unroll
-  for (int i = 0; i < VEC; ++i) shift[i] = to_float(x[sample + (c0 + col + i) / cpg * cpg]);
-  const auto accumulate = [&](const float (&v)[VEC]) {
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) {
-      const float d = v[i] - shift[i];
-      s1[i] += d;
-      s2[i] = fmaf(d, d, s2[i]);
-    }
+  // element offset of this thread's first row of tile t
+  const auto origin = [&](int t) {
+    return static_cast<int64_t>(t / blocks_c) * S * C + static_cast<int64_t>(first) * C + (t % blocks_c) * width + col;
   };
-  const int first = s_begin + threadIdx.y;
-  if constexpr (sizeof(Pack<T, VEC>) == 16) {  // what cp.async moves
-    // every row of the thread in flight at once (pointers stepped, not recomputed: the 64-bit
-    // index math took 12 of the loop's 17 instructions), then the sums from the tile
-    const T* from = x + base + static_cast<int64_t>(first) * C;
+  const auto stage = [&](int t, T* tile) {  // this thread's rows of tile t into `tile`
+    const T* from = x + origin(t);
     T* to = tile + (first - s_begin) * width;
-    for (int s = first; s < s_end; s += blockDim.y, from += x_step, to += tile_step) copy_pack_async<T, VEC>(to, from);
-    wait_copies();
-#pragma unroll 4
-    for (int s = first; s < s_end; s += blockDim.y) {
-      float v[VEC];
-      load<T, VEC>(tile + (s - s_begin) * width, v);
-      accumulate(v);
+    if constexpr (sizeof(Pack<T, VEC>) == 16) {  // what cp.async moves
+      // pointers stepped, not recomputed: the 64-bit index math took 12 of the loop's 17
+      // instructions (sm90 SASS)
+      for (int s = first; s < s_end; s += blockDim.y, from += x_step, to += tile_step) copy_pack_async<T, VEC>(to, from);
+      commit_copies();
+    } else {  // kLoadBatch rows in flight, through registers
+      batched<kLoadBatch>(
+          0, cdiv(s_end - first, static_cast<int>(blockDim.y)), 1,
+          [&](int r) { return load_pack<T, VEC>(from + r * x_step); },
+          [&](int r, const Pack<T, VEC>& pack) { store_pack(to + r * tile_step, pack); });
     }
-  } else {  // kLoadBatch rows in flight, through registers
-    batched<kLoadBatch>(
-        first, s_end, static_cast<int>(blockDim.y),
-        [&](int s) { return load_pack<T, VEC>(x + base + static_cast<int64_t>(s) * C); },
-        [&](int s, const Pack<T, VEC>& pack) {
-          store_pack(tile + (s - s_begin) * width, pack);
-          float v[VEC];
-          unpack(pack, v);
-          accumulate(v);
-        });
-  }
-  sum_over_groups<VEC>(s1, scratch, part, width, cpg);
-  sum_over_groups<VEC>(s2, scratch, part + groups, width, cpg);
-  sum_over_cluster(part, total, 2 * groups, K, rank);
-  if (K > 1) cluster_arrive();  // done reading the others' parts
-  const float count = static_cast<float>(cpg) * S;
-  // Group g's variance from the totals: E[d^2] - E[d]^2, whose relative rounding error grows
-  // with E[d^2] / var = 1 + E[d]^2 / var (a shift 6 std from the mean: 1.4e-5 in rstd, a
-  // float32 model of these sums against fp64). Where that exceeds kMaxCancel for a group of
-  // the block, a second pass over the tile sums the squared deviations from the mean instead
-  // (the same branch in every block of a cluster: they hold the same totals).
-  constexpr float kMaxCancel = 8.0f;
-  bool refined = false;
-  const auto variance = [&](int g) {
-    const float d = total[g] / count, e2 = total[groups + g] / count;
-    return refined ? e2 : fmaxf(e2 - d * d, 0.0f);
   };
-  bool cancels = false;
+
+  int t = blockIdx.x / K;
+  if (t < tiles) stage(t, buffer);
+  for (int b = 0; t < tiles; t += clusters, b ^= 1) {
+    if (t + clusters < tiles) {
+      stage(t + clusters, buffer + (b ^ 1) * buffer_step);
+      wait_copies<1>();  // this tile's copies, not the next one's
+    } else {
+      wait_copies<0>();
+    }
+    const T* tile = buffer + b * buffer_step;
+    const int n = t / blocks_c, c0 = (t % blocks_c) * width;
+    const int64_t sample = static_cast<int64_t>(n) * S * C;
+    float shift[VEC], s1[VEC] = {}, s2[VEC] = {};
 #pragma unroll
-  for (int i = 0; i < VEC; ++i) {
-    const float d = total[(col + i) / cpg] / count;
-    cancels |= d * d > (kMaxCancel - 1.0f) * variance((col + i) / cpg);
-  }
-  if (__syncthreads_or(cancels)) {
-    if (K > 1) cluster_wait();  // every block done reading this one's parts, which change now
-    float mu[VEC], m2[VEC] = {};
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) mu[i] = shift[i] + total[(col + i) / cpg] / count;
+    for (int i = 0; i < VEC; ++i) shift[i] = to_float(x[sample + (c0 + col + i) / cpg * cpg]);
 #pragma unroll 4
     for (int s = first; s < s_end; s += blockDim.y) {
       float v[VEC];
       load<T, VEC>(tile + (s - s_begin) * width, v);
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) m2[i] = fmaf(v[i] - mu[i], v[i] - mu[i], m2[i]);
+      for (int i = 0; i < VEC; ++i) {
+        const float d = v[i] - shift[i];
+        s1[i] += d;
+        s2[i] = fmaf(d, d, s2[i]);
+      }
     }
-    sum_over_groups<VEC>(m2, scratch, part + groups, width, cpg);
-    sum_over_cluster(part + groups, total + groups, groups, K, rank);
-    if (K > 1) cluster_arrive();
-    refined = true;
-  }
-  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
-  if (rank == 0 && tid < groups) {
-    mean[n * G + c0 / cpg + tid] = to_float(x[sample + c0 + tid * cpg]) + total[tid] / count;
-    rstd[n * G + c0 / cpg + tid] = rsqrtf(variance(tid) + eps);
-  }
-  // y = silu?(x * scale + offset): the mean folded into the offset, as normalize_kernel does
-  float scale[VEC], offset[VEC];
-#pragma unroll
-  for (int i = 0; i < VEC; ++i) {
-    const int c = c0 + col + i, g = (col + i) / cpg;
-    scale[i] = rsqrtf(variance(g) + eps) * (weight ? weight[c] : 1.0f);
-    offset[i] = (bias ? bias[c] : 0.0f) - (shift[i] + total[g] / count) * scale[i];
-  }
-  T* out = y + base + static_cast<int64_t>(first) * C;
-#pragma unroll 4
-  for (int s = first; s < s_end; s += blockDim.y, out += x_step) {
-    float v[VEC];
-    load<T, VEC>(tile + (s - s_begin) * width, v);
+    sum_over_groups<VEC>(s1, scratch, part, width, cpg);
+    sum_over_groups<VEC>(s2, scratch, part + groups, width, cpg);
+    sum_over_cluster(part, total, 2 * groups, K, rank);
+    if (K > 1) cluster_arrive();  // done reading the others' parts
+    const float count = static_cast<float>(cpg) * S;
+    // Group g's variance from the totals: E[d^2] - E[d]^2, whose relative rounding error grows
+    // with E[d^2] / var = 1 + E[d]^2 / var (a shift 6 std from the mean: 1.4e-5 in rstd, a
+    // float32 model of these sums against fp64). Where that exceeds kMaxCancel for a group of
+    // the tile, a second pass over it sums the squared deviations from the mean instead (the
+    // same branch in every block of a cluster: they hold the same totals).
+    constexpr float kMaxCancel = 8.0f;
+    bool refined = false;
+    const auto variance = [&](int g) {
+      const float d = total[g] / count, e2 = total[groups + g] / count;
+      return refined ? e2 : fmaxf(e2 - d * d, 0.0f);
+    };
+    bool cancels = false;
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
-      const float z = fmaf(v[i], scale[i], offset[i]);
-      v[i] = SILU ? z * sigmoid(z) : z;
+      const float d = total[(col + i) / cpg] / count;
+      cancels |= d * d > (kMaxCancel - 1.0f) * variance((col + i) / cpg);
     }
-    store<T, VEC>(out, v);
+    if (__syncthreads_or(cancels)) {
+      if (K > 1) cluster_wait();  // every block done reading this one's parts, which change now
+      float mu[VEC], m2[VEC] = {};
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) mu[i] = shift[i] + total[(col + i) / cpg] / count;
+#pragma unroll 4
+      for (int s = first; s < s_end; s += blockDim.y) {
+        float v[VEC];
+        load<T, VEC>(tile + (s - s_begin) * width, v);
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) m2[i] = fmaf(v[i] - mu[i], v[i] - mu[i], m2[i]);
+      }
+      sum_over_groups<VEC>(m2, scratch, part + groups, width, cpg);
+      sum_over_cluster(part + groups, total + groups, groups, K, rank);
+      if (K > 1) cluster_arrive();
+      refined = true;
+    }
+    const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+    if (rank == 0 && tid < groups) {
+      mean[n * G + c0 / cpg + tid] = to_float(x[sample + c0 + tid * cpg]) + total[tid] / count;
+      rstd[n * G + c0 / cpg + tid] = rsqrtf(variance(tid) + eps);
+    }
+    // y = silu?(x * scale + offset): the mean folded into the offset, as normalize_kernel does
+    float scale[VEC], offset[VEC];
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      const int c = c0 + col + i, g = (col + i) / cpg;
+      scale[i] = rsqrtf(variance(g) + eps) * (weight ? weight[c] : 1.0f);
+      offset[i] = (bias ? bias[c] : 0.0f) - (shift[i] + total[g] / count) * scale[i];
+    }
+    T* out = y + origin(t);
+#pragma unroll 4
+    for (int s = first; s < s_end; s += blockDim.y, out += x_step) {
+      float v[VEC];
+      load<T, VEC>(tile + (s - s_begin) * width, v);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) {
+        const float z = fmaf(v[i], scale[i], offset[i]);
+        v[i] = SILU ? z * sigmoid(z) : z;
+      }
+      store<T, VEC>(out, v);
+    }
+    if (K > 1) cluster_wait();  // every block done reading this one's parts before the next tile's
   }
-  if (K > 1) cluster_wait();  // keep this block's parts alive until every block has read them
 }
 
 }  // namespace gn

@@ -89,8 +89,9 @@ __device__ __forceinline__ void store_pack(T* p, const Pack<T, N>& pack) {
 
 // A 16-byte Pack copied from global to shared memory without passing through registers
 // (cp.async, sm80+; .cg: cached in L2 only), so a thread can have all its copies in flight at
-// once; visible to this thread after wait_copies(). Older GPUs copy through registers, one at
-// a time. Both addresses must be 16-byte aligned.
+// once; visible to this thread once commit_copies() closed their group and wait_copies() saw
+// it land. Older GPUs copy through registers, one at a time. Both addresses must be 16-byte
+// aligned.
 template <typename T, int N>
 __device__ __forceinline__ void copy_pack_async(T* shared, const T* global) {
   static_assert(sizeof(Pack<T, N>) == 16, "cp.async moves 16-byte packs");
@@ -102,10 +103,18 @@ __device__ __forceinline__ void copy_pack_async(T* shared, const T* global) {
 #endif
 }
 
-// Waits for this thread's copy_pack_async copies.
+// Closes a group of this thread's copy_pack_async copies (those since the last group).
+__device__ __forceinline__ void commit_copies() {
+#if __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+// Waits until at most PENDING of this thread's latest committed groups are still in flight.
+template <int PENDING>
 __device__ __forceinline__ void wait_copies() {
 #if __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_all;\n" ::: "memory");
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING) : "memory");
 #endif
 }
 

@@ -543,10 +543,10 @@ CUDA_SINGLE_PASS_CASES = [
 
 
 # Groups too large for one block's shared memory: on sm90 a cluster of blocks stages each
-# (cluster sizes 2 to 10 between the dtypes, 10 beyond the portable 8; odd positions per block;
-# 3 channels per group without 16-byte packs in fp16/bf16; SD2 at 512 px and 256 px).
+# (cluster sizes 2 to 11 between the dtypes, 10 and 11 beyond the portable 8; odd positions per
+# block; 3 channels per group without 16-byte packs in fp16/bf16; SD2 at 512 px and 256 px).
 CUDA_CLUSTER_CASES = [((3, 960, 33, 31), 32), ((2, 1920, 31, 33), 32), ((4, 60, 257, 3), 20),
-                      ((8, 320, 64, 64), 32), ((32, 960, 32, 32), 32), ((8, 960, 64, 64), 32)]  # fmt: skip
+                      ((8, 320, 64, 64), 32), ((32, 960, 32, 32), 32), ((8, 960, 48, 48), 32)]  # fmt: skip
 
 
 @pytest.mark.gpu
@@ -638,7 +638,7 @@ def test_gpu_prenorm_adds_the_skip_gradient(backend, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape,path", [((64, 96, 6, 5), "single-pass"), ((3, 960, 33, 31), "cluster-3")])
+@pytest.mark.parametrize("shape,path", [((64, 96, 6, 5), "single-pass"), ((3, 960, 33, 31), "cluster")])
 @pytest.mark.parametrize("first_position", ["typical", "outlier"])
 def test_gpu_cuda_single_pass_statistics_survive_a_large_offset(shape, path, first_position):
     # The single pass sums x - shift, shift = a group's value at position 0; 8 std away from
@@ -650,7 +650,7 @@ def test_gpu_cuda_single_pass_statistics_survive_a_large_offset(shape, path, fir
     if first_position == "outlier":
         x[:, :, 0, 0] += 8.0
     x = x.to(memory_format=torch.channels_last)
-    if cuda.group_norm_forward_path(x, 32) != path:
+    if not cuda.group_norm_forward_path(x, 32).startswith(path):
         pytest.skip(f"this GPU runs {cuda.group_norm_forward_path(x, 32)} for {shape}, not {path}")
     y, mean, rstd = cuda.loaded().group_norm_forward(x, 32, None, None, 1e-5, False)
     xg = x.double().reshape(shape[0], 32, -1)
@@ -662,16 +662,17 @@ def test_gpu_cuda_single_pass_statistics_survive_a_large_offset(shape, path, fir
 # (batch, channels, latent side) -> the CUDA forward on an H100 (132 SMs, 113 KB a block) in bf16
 # (tests/cpp/test_group_norm_plan.cpp checks the same plans on the host)
 SD2_CUDA_PATHS = {
-    **dict.fromkeys([(32, 320, 32), (32, 640, 16), (32, 1280, 8), (32, 1280, 4), (32, 2560, 8), (32, 1920, 16),
-                     (32, 640, 32), (8, 1280, 16), (8, 2560, 16)], "single-pass"),
-    # tiles over 113 KB (960 channels: lcm(30, 8) = 120 channels x 1024 positions = 240 KB, so 3
-    # blocks of 342 positions; 64x64x320: 40 x 4096 = 320 KB), or fewer blocks than SMs (8 x 16 = 128)
-    (32, 960, 32): "cluster-3", (8, 1920, 32): "cluster-3", (8, 320, 64): "cluster-4", (8, 640, 32): "cluster-2",
-    # 120 channels x 4096 positions: 10 blocks of 410, beyond the portable 8 (H100 takes 16)
-    (8, 960, 64): "cluster-10",
+    **dict.fromkeys([(32, 640, 16), (32, 1280, 8), (32, 1280, 4), (32, 2560, 8), (8, 1280, 16), (8, 2560, 16)],
+                    "single-pass"),
+    # two tiles over 113 KB (32x32x320: 40 channels x 1024 positions x 2 bytes x 2 tiles = 160 KB,
+    # so 2 blocks of 512 positions; 960 channels: lcm(30, 8) = 120 channels), or fewer blocks
+    # than SMs (8 x 16 = 128)
+    **dict.fromkeys([(32, 320, 32), (32, 1920, 16), (32, 640, 32), (8, 640, 32)], "cluster-2"),
+    (32, 960, 32): "cluster-5", (8, 1920, 32): "cluster-5", (8, 320, 64): "cluster-7",
+    # 64x64x960 (120 channels x 4096 positions) would need 18 blocks, beyond the 16 a cluster;
     # batch 1 has too few clusters to fill the GPU (and fits in L2, where the split forward's
     # second read is cheap)
-    **dict.fromkeys([(1, 320, 64), (1, 320, 32)], "split"),
+    **dict.fromkeys([(8, 960, 64), (1, 320, 64), (1, 320, 32)], "split"),
 }  # fmt: skip
 
 

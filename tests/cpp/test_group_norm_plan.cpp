@@ -46,9 +46,9 @@ int main() {
   struct Case {
     int N, C, side, channels, cluster;
   };
-  const Case sd2[] = {{32, 320, 32, 40, 1}, {32, 640, 16, 80, 1}, {32, 1280, 8, 160, 1}, {32, 2560, 8, 160, 1},
-                      {32, 1920, 16, 120, 1}, {32, 960, 32, 120, 3}, {8, 320, 64, 40, 4}, {8, 640, 32, 40, 2},
-                      {8, 1920, 32, 120, 3}, {8, 960, 64, 120, 10}, {1, 320, 64, 0, 0}};
+  const Case sd2[] = {{32, 320, 32, 40, 2}, {32, 640, 16, 80, 1}, {32, 1280, 8, 160, 1}, {32, 2560, 8, 160, 1},
+                      {32, 1920, 16, 120, 2}, {32, 960, 32, 120, 5}, {8, 320, 64, 40, 7}, {8, 640, 32, 40, 2},
+                      {8, 1920, 32, 120, 5}, {8, 960, 64, 0, 0}, {8, 960, 48, 120, 11}, {1, 320, 64, 0, 0}};
   for (const Case& c : sd2) {
     const SinglePassPlan plan = single_pass_plan(c.N, c.side * c.side, c.C, 32, 2, 8, kSMs, kSmem, cck::gn::kMaxCluster);
     if (plan.channels != c.channels || plan.cluster != c.cluster) {
@@ -57,11 +57,11 @@ int main() {
       ++failures;
     }
   }
-  // Up to the portable 8 blocks a cluster, 64x64x960 splits; without clusters (sm80, or code
+  // Up to the portable 8 blocks a cluster, 48x48x960 splits; without clusters (sm80, or code
   // JIT-compiled from older PTX) the large groups split.
-  CHECK(single_pass_plan(8, 4096, 960, 32, 2, 8, kSMs, kSmem, 8).channels == 0);
-  CHECK(single_pass_plan(32, 1024, 960, 32, 2, 8, kSMs, kSmem, 1).channels == 0);
-  CHECK(single_pass_plan(32, 1024, 320, 32, 2, 8, kSMs, kSmem, 1).channels == 40);
+  CHECK(single_pass_plan(8, 2304, 960, 32, 2, 8, kSMs, kSmem, 8).channels == 0);
+  CHECK(single_pass_plan(32, 1024, 320, 32, 2, 8, kSMs, kSmem, 1).channels == 0);
+  CHECK(single_pass_plan(32, 256, 640, 32, 2, 8, kSMs, kSmem, 1).channels == 80);
   // Invalid shapes never get a plan.
   CHECK(single_pass_plan(0, 16, 64, 32, 2, 8, kSMs, kSmem, 8).channels == 0);
   CHECK(single_pass_plan(4, 16, 64, 30, 2, 8, kSMs, kSmem, 8).channels == 0);
