@@ -80,9 +80,14 @@ def _group_norm_backward(dy, x, weight, bias, mean, rstd, activation, need_dx, n
     """(dx (+ dx_addend), dweight, dbias), None where not needed; weight and bias fp32."""
     if dy.stride() != x.stride() or dy.dtype != x.dtype:  # the kernels walk dy as they walk x
         dy = torch.empty_like(x).copy_(dy)
+    # The kernel adds dx_addend where it walks as x does (its 16-byte packs aligned as x's, or
+    # both scalar); other layouts take a pass of their own, as autograd's add would.
+    fused = (dx_addend is not None and need_dx and dx_addend.stride() == x.stride() and dx_addend.dtype == x.dtype
+             and dx_addend.data_ptr() % 16 == x.data_ptr() % 16)
     dx, dw, db = _C.group_norm_backward(dy, x, weight, bias, mean, rstd, activation == "silu", need_dx,
-                                        need_affine and weight is not None, need_affine and bias is not None)
-    if dx is not None and dx_addend is not None:  # not in the kernel (yet): a pass as autograd's add
+                                        need_affine and weight is not None, need_affine and bias is not None,
+                                        dx_addend if fused else None)
+    if dx is not None and dx_addend is not None and not fused:
         dx.add_(dx_addend)
     return dx, dw, db
 

@@ -227,7 +227,7 @@ std::vector<at::Tensor> group_norm_forward(const at::Tensor& x, int64_t num_grou
 std::vector<c10::optional<at::Tensor>> group_norm_backward(
     const at::Tensor& dy, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& rstd, bool silu,
-    bool need_dx, bool need_weight, bool need_bias) {
+    bool need_dx, bool need_weight, bool need_bias, const c10::optional<at::Tensor>& dx_addend) {
   const int64_t G = mean.size(1);
   const auto [N, S, C, K] = group_norm_shape(x, G);
   check_group_norm_param(weight, "weight", x);
@@ -242,6 +242,15 @@ std::vector<c10::optional<at::Tensor>> group_norm_backward(
                           t->dim() == 2 && t->size(0) == N && t->size(1) == G,
                       "mean and rstd must be contiguous float32 (", num(N), ", ", num(G), ") tensors on x's device");
   }
+  if (dx_addend) {
+    const at::Tensor& a = *dx_addend;
+    TORCH_CHECK_VALUE(need_dx, "dx_addend given without need_dx");
+    TORCH_CHECK_VALUE(a.sizes() == x.sizes() && a.strides() == x.strides() && a.scalar_type() == x.scalar_type() &&
+                          a.device() == x.device(),
+                      "dx_addend (", dims_str(a.sizes()), ", strides ", dims_str(a.strides()), ", ", a.scalar_type(),
+                      ") must match x (", dims_str(x.sizes()), ", strides ", dims_str(x.strides()), ", ",
+                      x.scalar_type(), ")");
+  }
   const c10::cuda::CUDAGuard guard(x.device());
   const auto f32 = x.options().dtype(at::kFloat);
   at::Tensor part_a = at::empty({N, K, C}, f32), part_b = at::empty({N, K, C}, f32);
@@ -252,7 +261,8 @@ std::vector<c10::optional<at::Tensor>> group_norm_backward(
   if (need_bias) dbias = at::empty({C}, f32);
   const cudaError_t err = cck::group_norm_nhwc_backward(
       dy.data_ptr(), x.data_ptr(), optional_data(weight), optional_data(bias), mean.data_ptr<float>(),
-      rstd.data_ptr<float>(), dx ? dx->data_ptr() : nullptr, dweight ? dweight->data_ptr<float>() : nullptr,
+      rstd.data_ptr<float>(), dx ? dx->data_ptr() : nullptr, dx_addend ? dx_addend->data_ptr() : nullptr,
+      dweight ? dweight->data_ptr<float>() : nullptr,
       dbias ? dbias->data_ptr<float>() : nullptr,
       part_a.data_ptr<float>(), part_b.data_ptr<float>(), coef_a.data_ptr<float>(), coef_b.data_ptr<float>(), N, S,
       C, static_cast<int>(G), K, silu, to_dtype(x, "x"), c10::cuda::getCurrentCUDAStream(x.device().index()).stream());
@@ -350,7 +360,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("group_norm_backward", &group_norm_backward, pybind11::arg("dy"), pybind11::arg("x"),
         pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("mean"), pybind11::arg("rstd"),
         pybind11::arg("silu"), pybind11::arg("need_dx"), pybind11::arg("need_weight"), pybind11::arg("need_bias"),
-        "-> [dx, dweight, dbias] (fp32 parameter gradients), None where not asked for");
+        pybind11::arg("dx_addend") = pybind11::none(),
+        "-> [dx (+ dx_addend, which has x's strides and dtype), dweight, dbias] (fp32 parameter gradients), None "
+        "where not asked for");
   m.def("adamw_ema_", &adamw_ema_, pybind11::arg("params"), pybind11::arg("grads"),
         pybind11::arg("exp_avgs"), pybind11::arg("exp_avg_sqs"), pybind11::arg("masters"),
         pybind11::arg("emas"), pybind11::arg("scalars"),

@@ -252,12 +252,12 @@ cudaError_t group_norm_nhwc_forward_single_pass(const void* x, const float* weig
 }
 
 cudaError_t group_norm_nhwc_backward(const void* dy, const void* x, const float* weight, const float* bias,
-                                     const float* mean, const float* rstd, void* dx, float* dweight,
-                                     float* dbias, float* part_a, float* part_b, float* coef_a,
+                                     const float* mean, const float* rstd, void* dx, const void* dx_addend,
+                                     float* dweight, float* dbias, float* part_a, float* part_b, float* coef_a,
                                      float* coef_b, int N, int S, int C, int G, int K, bool silu,
                                      DType dtype, cudaStream_t stream) {
   if (!valid(N, S, C, G, K)) return cudaErrorInvalidValue;
-  return dispatch(dtype, C, {dy, x, dx}, silu, [&](auto type, auto vec, auto act) {
+  return dispatch(dtype, C, {dy, x, dx, dx_addend}, silu, [&](auto type, auto vec, auto act) {
     using T = decltype(type);
     constexpr int VEC = decltype(vec)::value;
     constexpr bool SILU = decltype(act)::value;
@@ -275,7 +275,7 @@ cudaError_t group_norm_nhwc_backward(const void* dy, const void* x, const float*
           part_a, part_b, weight, coef_a, coef_b, S, C, G, K);
       gn::backward_dx_kernel<T, VEC, SILU><<<l.grid, l.block, 0, stream>>>(
           static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<T*>(dx), weight, bias, mean, rstd,
-          coef_a, coef_b, S, C, G, l.chunk);
+          coef_a, coef_b, static_cast<const T*>(dx_addend), S, C, G, l.chunk);
     }
     return cudaGetLastError();
   });

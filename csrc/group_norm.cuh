@@ -26,7 +26,9 @@
 // backward  backward_partials: per (n, chunk, channel) sums of dz and dz * xhat (z recomputed);
 //           backward_group: per (n, group) means of w * dz and w * dz * xhat;
 //           backward_affine: dweight, dbias summed over (n, chunk) in a fixed order;
-//           backward_dx: dx = rstd * (w * dz - mean(w * dz) - xhat * mean(w * dz * xhat)).
+//           backward_dx: dx = rstd * (w * dz - mean(w * dz) - xhat * mean(w * dz * xhat)),
+//           plus x's gradient from its other uses where given (prenorm: the skip connection's),
+//           added in fp32 before dx is rounded.
 // No atomics anywhere: results are bitwise reproducible.
 //
 // Two parts: the planning of the single-pass forward (plain C++ for host and device, so a CPU
@@ -211,6 +213,7 @@ __device__ __forceinline__ float sigmoid(float z) {
 template <typename T, int VEC>
 struct XDy {
   Pack<T, VEC> x, dy;
+  Pack<T, VEC> addend;  // backward_dx_kernel's, where it has one
 };
 
 // xhat and dL/dz for z = xhat * w + b from x and dy; with SILU, y = z * sigmoid(z) and z is
@@ -234,7 +237,7 @@ __device__ __forceinline__ void xhat_dz(const XDy<T, VEC>& in, const ChannelPara
 // x and dy at element offset `at`: batched()'s load in the backward kernels.
 template <typename T, int VEC>
 __device__ __forceinline__ XDy<T, VEC> load_x_dy(const T* x, const T* dy, int64_t at) {
-  return {load_pack<T, VEC>(x + at), load_pack<T, VEC>(dy + at)};
+  return {load_pack<T, VEC>(x + at), load_pack<T, VEC>(dy + at), {}};
 }
 
 // Sums a and b over threadIdx.y into the threads with threadIdx.y == 0, in a fixed order.
@@ -472,6 +475,7 @@ __global__ void __launch_bounds__(kThreads, 2) backward_dx_kernel(
     const float* __restrict__ weight, const float* __restrict__ bias,          // (C,) or null
     const float* __restrict__ mean, const float* __restrict__ rstd,            // (N, G)
     const float* __restrict__ coef_dz, const float* __restrict__ coef_xhat,    // (N, G)
+    const T* __restrict__ addend,  // (N, S, C) or null: added to dx (prenorm: x's gradient from the skip)
     int S, int C, int G, int chunk) {
   const Walk wk = walk<VEC>(S, C, chunk);
   if (!wk.active) return;
@@ -486,12 +490,21 @@ __global__ void __launch_bounds__(kThreads, 2) backward_dx_kernel(
   const int64_t base = wk.sample + wk.c0;
   batched<kLoadBatch / 2>(
       wk.s_begin + static_cast<int>(threadIdx.y), wk.s_end, static_cast<int>(blockDim.y),
-      [&](int s) { return load_x_dy<T, VEC>(x, dy, base + static_cast<int64_t>(s) * C); },
+      [&](int s) {
+        const int64_t at = base + static_cast<int64_t>(s) * C;
+        XDy<T, VEC> in = load_x_dy<T, VEC>(x, dy, at);
+        if (addend) in.addend = load_pack<T, VEC>(addend + at);
+        return in;
+      },
       [&](int s, const XDy<T, VEC>& in) {
-        float xhat[VEC], dz[VEC];
+        float xhat[VEC], dz[VEC], a[VEC];
         xhat_dz<T, VEC, SILU>(in, p, xhat, dz);
+        if (addend) unpack(in.addend, a);
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) dz[i] = p.rstd[i] * (p.w[i] * dz[i] - c_dz[i] - xhat[i] * c_xhat[i]);
+        for (int i = 0; i < VEC; ++i) {
+          dz[i] = p.rstd[i] * (p.w[i] * dz[i] - c_dz[i] - xhat[i] * c_xhat[i]);
+          if (addend) dz[i] += a[i];
+        }
         store<T, VEC>(dx + base + static_cast<int64_t>(s) * C, dz);
       });
 }

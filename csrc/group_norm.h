@@ -39,12 +39,13 @@ cudaError_t group_norm_nhwc_forward_single_pass(const void* x, const float* weig
                                                 gn::SinglePassPlan plan, float eps, bool silu, DType dtype,
                                                 cudaStream_t stream);
 
-// dx (skipped when null), dweight and dbias (each skipped when null; fp32) from dy, which has
-// x's layout, and the forward's mean and rstd. part_a, part_b: (N, K, C) fp32 workspaces;
-// coef_a, coef_b: (N, G) fp32 workspaces. Returns the first CUDA error.
+// dx (skipped when null; plus dx_addend, x's layout, where not null), dweight and dbias (each
+// skipped when null; fp32) from dy, which has x's layout, and the forward's mean and rstd.
+// part_a, part_b: (N, K, C) fp32 workspaces; coef_a, coef_b: (N, G) fp32 workspaces. Returns
+// the first CUDA error.
 cudaError_t group_norm_nhwc_backward(const void* dy, const void* x, const float* weight, const float* bias,
-                                     const float* mean, const float* rstd, void* dx, float* dweight,
-                                     float* dbias, float* part_a, float* part_b, float* coef_a,
+                                     const float* mean, const float* rstd, void* dx, const void* dx_addend,
+                                     float* dweight, float* dbias, float* part_a, float* part_b, float* coef_a,
                                      float* coef_b, int N, int S, int C, int G, int K, bool silu,
                                      DType dtype, cudaStream_t stream);
 
