@@ -67,7 +67,8 @@ def adamw_ema_(params, grads, exp_avgs, exp_avg_sqs, masters, emas, scalars):
     loaded().adamw_ema_(params, grads, exp_avgs, exp_avg_sqs, masters or [], emas or [], list(scalars))
 
 
-# False: GroupNorm always runs the split forward (bench_group_norm compares it with the single pass).
+# False: GroupNorm always runs the split forward and backward (bench_group_norm compares them
+# with the single passes).
 SINGLE_PASS = True
 
 
@@ -86,7 +87,7 @@ def _group_norm_backward(dy, x, weight, bias, mean, rstd, activation, need_dx, n
              and dx_addend.data_ptr() % 16 == x.data_ptr() % 16)
     dx, dw, db = _C.group_norm_backward(dy, x, weight, bias, mean, rstd, activation == "silu", need_dx,
                                         need_affine and weight is not None, need_affine and bias is not None,
-                                        dx_addend if fused else None)
+                                        dx_addend if fused else None, SINGLE_PASS)
     if dx is not None and dx_addend is not None and not fused:
         dx.add_(dx_addend)
     return dx, dw, db
@@ -96,12 +97,22 @@ def _group_norm_backward(dy, x, weight, bias, mean, rstd, activation, need_dx, n
 _group_norm_op = custom_ops("cuda_group_norm", _group_norm_forward, _group_norm_backward, device_types="cuda")
 
 
+def _group_norm_path(x, num_groups, backward):
+    channels, cluster = _C.group_norm_single_pass_plan(x, num_groups, backward) if SINGLE_PASS else (0, 0)
+    return "split" if not channels else "single-pass" if cluster == 1 else f"cluster-{cluster}"
+
+
 def group_norm_forward_path(x, num_groups):
     """Which forward runs for x (CUDA, channels_last): "single-pass" (a block stages whole groups
     in shared memory, so x is read once), "cluster-K" (the same with each group's positions
     staged by a cluster of K blocks, sm90) or "split" (three passes), as in csrc/group_norm.cuh."""
-    channels, cluster = _C.group_norm_single_pass_plan(x, num_groups) if SINGLE_PASS else (0, 0)
-    return "split" if not channels else "single-pass" if cluster == 1 else f"cluster-{cluster}"
+    return _group_norm_path(x, num_groups, False)
+
+
+def group_norm_backward_path(x, num_groups):
+    """Which backward computes x's gradient: as group_norm_forward_path, with x and dy staged
+    together ("split": x and dy read twice each)."""
+    return _group_norm_path(x, num_groups, True)
 
 
 def group_norm(x, num_groups, weight, bias, eps, activation, prenorm):
@@ -132,7 +143,9 @@ INSPECT = [
     {"op": "adamw_ema_", "source": "csrc/adamw_ema.cu", "expect": {r"AdamWEmaFunctor": {"sm90": {"ldg128": True}}}},
     {"op": "group_norm", "source": "csrc/group_norm.cu", "expect": {
         r"(channel_stats|normalize|backward_partials|backward_dx)_kernel<[\w ]+, (4|8)\b": {"sm90": {"ldg128": True}},
-        # and the single pass stages its tile with cp.async, never through registers
-        r"single_pass_kernel<[\w ]+, (4|8)\b": {arch: {"ldgsts": True, "ldg128": False} for arch in ("sm80", "sm90")},
+        # and the single passes stage their tiles with cp.async, never through registers (the
+        # backward's 16-byte loads: the skip gradient it adds to dx)
+        r"\bsingle_pass_kernel<[\w ]+, (4|8)\b": {arch: {"ldgsts": True, "ldg128": False} for arch in ("sm80", "sm90")},
+        r"backward_single_pass_kernel<[\w ]+, (4|8)\b": {arch: {"ldgsts": True} for arch in ("sm80", "sm90")},
     }},
 ]  # fmt: skip

@@ -168,23 +168,25 @@ std::array<int, 4> group_norm_shape(const at::Tensor& x, int64_t num_groups) {
   return {static_cast<int>(N), static_cast<int>(S), static_cast<int>(C), K};
 }
 
-// The single-pass forward of x (shape from group_norm_shape); plan.channels == 0: split. A
-// block may use half an SM's shared memory, less the per-block reserve, so that two blocks
-// share an SM (sm80: 81 KB, sm90: 113 KB).
-cck::gn::SinglePassPlan single_pass_plan(const at::Tensor& x, const std::array<int, 4>& shape, int64_t num_groups) {
+// The single-pass forward (or backward) of x (shape from group_norm_shape); plan.channels == 0:
+// split. A block may use half an SM's shared memory, less the per-block reserve, so that two
+// blocks share an SM (sm80: 81 KB, sm90: 113 KB).
+cck::gn::SinglePassPlan single_pass_plan(const at::Tensor& x, const std::array<int, 4>& shape, int64_t num_groups,
+                                         bool backward) {
   const cudaDeviceProp* props = at::cuda::getDeviceProperties(x.device().index());
   const int budget = std::min(static_cast<int>(props->sharedMemPerBlockOptin),
                               static_cast<int>(props->sharedMemPerMultiprocessor / 2 - props->reservedSharedMemPerBlock));
   const int max_cluster = props->major >= 9 ? cck::group_norm_nhwc_max_cluster(budget) : 1;
   return cck::group_norm_nhwc_single_pass_plan(shape[0], shape[1], shape[2], static_cast<int>(num_groups),
-                                               to_dtype(x, "x"), props->multiProcessorCount, budget, max_cluster);
+                                               to_dtype(x, "x"), props->multiProcessorCount, budget, max_cluster,
+                                               backward);
 }
 
-// (channels per block, blocks per cluster) of the single-pass forward, (0, 0) for split.
-std::array<int, 2> group_norm_single_pass_plan(const at::Tensor& x, int64_t num_groups) {
+// (channels per block, blocks per cluster) of the single-pass forward (backward), (0, 0) for split.
+std::array<int, 2> group_norm_single_pass_plan(const at::Tensor& x, int64_t num_groups, bool backward) {
   const auto shape = group_norm_shape(x, num_groups);  // checks x first
   const c10::cuda::CUDAGuard guard(x.device());        // the cluster limit is asked of the current device
-  const cck::gn::SinglePassPlan plan = single_pass_plan(x, shape, num_groups);
+  const cck::gn::SinglePassPlan plan = single_pass_plan(x, shape, num_groups, backward);
   return {plan.channels, plan.cluster};
 }
 
@@ -206,7 +208,8 @@ std::vector<at::Tensor> group_norm_forward(const at::Tensor& x, int64_t num_grou
   const int G = static_cast<int>(num_groups);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
   cudaError_t err;
-  const cck::gn::SinglePassPlan plan = single_pass ? single_pass_plan(x, shape, num_groups) : cck::gn::SinglePassPlan{0, 0};
+  const cck::gn::SinglePassPlan plan =
+      single_pass ? single_pass_plan(x, shape, num_groups, false) : cck::gn::SinglePassPlan{0, 0};
   if (plan.channels) {
     err = cck::group_norm_nhwc_forward_single_pass(x.data_ptr(), optional_data(weight), optional_data(bias),
                                                    y.data_ptr(), mean.data_ptr<float>(), rstd.data_ptr<float>(), N, S,
@@ -227,7 +230,7 @@ std::vector<at::Tensor> group_norm_forward(const at::Tensor& x, int64_t num_grou
 std::vector<c10::optional<at::Tensor>> group_norm_backward(
     const at::Tensor& dy, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& rstd, bool silu,
-    bool need_dx, bool need_weight, bool need_bias, const c10::optional<at::Tensor>& dx_addend) {
+    bool need_dx, bool need_weight, bool need_bias, const c10::optional<at::Tensor>& dx_addend, bool single_pass) {
   const int64_t G = mean.size(1);
   const auto [N, S, C, K] = group_norm_shape(x, G);
   check_group_norm_param(weight, "weight", x);
@@ -253,19 +256,34 @@ std::vector<c10::optional<at::Tensor>> group_norm_backward(
   }
   const c10::cuda::CUDAGuard guard(x.device());
   const auto f32 = x.options().dtype(at::kFloat);
-  at::Tensor part_a = at::empty({N, K, C}, f32), part_b = at::empty({N, K, C}, f32);
-  at::Tensor coef_a = at::empty({N, G}, f32), coef_b = at::empty({N, G}, f32);
   c10::optional<at::Tensor> dx, dweight, dbias;
   if (need_dx) dx = at::empty_like(x);
   if (need_weight) dweight = at::empty({C}, f32);
   if (need_bias) dbias = at::empty({C}, f32);
-  const cudaError_t err = cck::group_norm_nhwc_backward(
-      dy.data_ptr(), x.data_ptr(), optional_data(weight), optional_data(bias), mean.data_ptr<float>(),
-      rstd.data_ptr<float>(), dx ? dx->data_ptr() : nullptr, dx_addend ? dx_addend->data_ptr() : nullptr,
-      dweight ? dweight->data_ptr<float>() : nullptr,
-      dbias ? dbias->data_ptr<float>() : nullptr,
-      part_a.data_ptr<float>(), part_b.data_ptr<float>(), coef_a.data_ptr<float>(), coef_b.data_ptr<float>(), N, S,
-      C, static_cast<int>(G), K, silu, to_dtype(x, "x"), c10::cuda::getCurrentCUDAStream(x.device().index()).stream());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  const cck::DType dtype = to_dtype(x, "x");
+  // one read of x and dy where dx is asked for and a plan fits; the parameter gradients alone
+  // read them once anyway (backward_partials)
+  const cck::gn::SinglePassPlan plan =
+      single_pass && need_dx ? single_pass_plan(x, {N, S, C, K}, G, true) : cck::gn::SinglePassPlan{0, 0};
+  const int rows = plan.channels ? plan.cluster : K;  // of the (N, rows, C) partials
+  at::Tensor part_a = at::empty({N, rows, C}, f32), part_b = at::empty({N, rows, C}, f32);
+  cudaError_t err;
+  if (plan.channels) {
+    err = cck::group_norm_nhwc_backward_single_pass(
+        dy.data_ptr(), x.data_ptr(), optional_data(weight), optional_data(bias), mean.data_ptr<float>(),
+        rstd.data_ptr<float>(), dx->data_ptr(), dx_addend ? dx_addend->data_ptr() : nullptr,
+        dweight ? dweight->data_ptr<float>() : nullptr, dbias ? dbias->data_ptr<float>() : nullptr,
+        part_a.data_ptr<float>(), part_b.data_ptr<float>(), N, S, C, static_cast<int>(G), plan, silu, dtype, stream);
+  } else {
+    at::Tensor coef_a = at::empty({N, G}, f32), coef_b = at::empty({N, G}, f32);
+    err = cck::group_norm_nhwc_backward(
+        dy.data_ptr(), x.data_ptr(), optional_data(weight), optional_data(bias), mean.data_ptr<float>(),
+        rstd.data_ptr<float>(), dx ? dx->data_ptr() : nullptr, dx_addend ? dx_addend->data_ptr() : nullptr,
+        dweight ? dweight->data_ptr<float>() : nullptr, dbias ? dbias->data_ptr<float>() : nullptr,
+        part_a.data_ptr<float>(), part_b.data_ptr<float>(), coef_a.data_ptr<float>(), coef_b.data_ptr<float>(), N, S,
+        C, static_cast<int>(G), K, silu, dtype, stream);
+  }
   TORCH_CHECK(err == cudaSuccess, "group_norm backward kernel launch failed: ", cudaGetErrorString(err));
   return {dx, dweight, dbias};
 }
@@ -355,14 +373,15 @@ PYBIND11_MODULE(_C, m) {
         "channels_last GroupNorm (+ SiLU) -> [y, mean, rstd]; weight, bias: fp32 (C,) or None; "
         "single_pass=False: the split forward even where a single pass fits");
   m.def("group_norm_single_pass_plan", &group_norm_single_pass_plan, pybind11::arg("x"), pybind11::arg("num_groups"),
-        "[channels a block holds, blocks per cluster] of group_norm_forward's single pass for x, or [0, 0] where "
-        "it runs the split forward");
+        pybind11::arg("backward") = false,
+        "[channels a block holds, blocks per cluster] of group_norm_forward's (backward's) single pass for x, or "
+        "[0, 0] where it runs the split forward (backward)");
   m.def("group_norm_backward", &group_norm_backward, pybind11::arg("dy"), pybind11::arg("x"),
         pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("mean"), pybind11::arg("rstd"),
         pybind11::arg("silu"), pybind11::arg("need_dx"), pybind11::arg("need_weight"), pybind11::arg("need_bias"),
-        pybind11::arg("dx_addend") = pybind11::none(),
+        pybind11::arg("dx_addend") = pybind11::none(), pybind11::arg("single_pass") = true,
         "-> [dx (+ dx_addend, which has x's strides and dtype), dweight, dbias] (fp32 parameter gradients), None "
-        "where not asked for");
+        "where not asked for; single_pass=False: the split backward even where a single pass fits");
   m.def("adamw_ema_", &adamw_ema_, pybind11::arg("params"), pybind11::arg("grads"),
         pybind11::arg("exp_avgs"), pybind11::arg("exp_avg_sqs"), pybind11::arg("masters"),
         pybind11::arg("emas"), pybind11::arg("scalars"),

@@ -125,8 +125,9 @@ cudaError_t group_norm_nhwc_forward(const void* x, const float* weight, const fl
 }
 
 gn::SinglePassPlan group_norm_nhwc_single_pass_plan(int N, int S, int C, int G, DType dtype, int sm_count,
-                                                    int smem_bytes, int max_cluster) {
-  return gn::single_pass_plan(N, S, C, G, itemsize(dtype), pack_width(C, dtype), sm_count, smem_bytes, max_cluster);
+                                                    int smem_bytes, int max_cluster, bool backward) {
+  return gn::single_pass_plan(N, S, C, G, itemsize(dtype), pack_width(C, dtype), sm_count, smem_bytes, max_cluster,
+                              backward ? 2 : 1);
 }
 
 namespace {
@@ -218,36 +219,73 @@ int group_norm_nhwc_max_cluster(int smem_bytes) {
   return most;
 }
 
+namespace {
+
+bool valid_plan(int N, int S, int C, int G, gn::SinglePassPlan plan) {
+  const int channels = plan.channels, cluster = plan.cluster;
+  return valid(N, S, C, G, 1) && channels >= 1 && C % channels == 0 && channels % (C / G) == 0 && channels <= kThreads &&
+         cluster >= 1 && cluster <= gn::kMaxCluster && cdiv(S, cdiv(S, cluster)) == cluster;
+}
+
+// Launches a single-pass kernel of VEC-element packs staging `tensors` inputs of T as a
+// persistent grid: as many clusters as the GPU holds at once, each looping over tiles (all of
+// them, one a cluster, if the occupancy query failed: slower, not wrong).
+template <typename T, int VEC, typename... Params, typename... Args>
+cudaError_t launch_single_pass(void (*kernel)(Params...), int N, int S, int C, int G, gn::SinglePassPlan plan,
+                               int tensors, cudaStream_t stream, Args... args) {
+  const int channels = plan.channels, cluster = plan.cluster;
+  const long long smem = gn::single_pass_smem_bytes(cdiv(S, cluster), channels, C / G, VEC, sizeof(T), tensors);
+  // above 48 KB a kernel must opt in to dynamic shared memory
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (err == cudaSuccess && cluster > gn::kMaxPortableCluster) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+  }
+  if (err != cudaSuccess) return err;
+  cudaLaunchAttribute attr;
+  cudaLaunchConfig_t config = cluster_launch(dim3(cluster), dim3(channels / VEC, kThreads / (channels / VEC)), smem,
+                                             stream, cluster, &attr);
+  const int tiles = N * (C / channels);
+  const int resident = resident_clusters(reinterpret_cast<const void*>(kernel), config, cluster);
+  config.gridDim = dim3((resident > 0 ? std::min(tiles, resident) : tiles) * cluster);
+  return cudaLaunchKernelEx(&config, kernel, args...);
+}
+
+}  // namespace
+
 cudaError_t group_norm_nhwc_forward_single_pass(const void* x, const float* weight, const float* bias, void* y,
                                                 float* mean, float* rstd, int N, int S, int C, int G,
                                                 gn::SinglePassPlan plan, float eps, bool silu, DType dtype,
                                                 cudaStream_t stream) {
-  const int channels = plan.channels, cluster = plan.cluster;
-  if (!valid(N, S, C, G, 1) || channels < 1 || C % channels || channels % (C / G) || channels > kThreads ||
-      cluster < 1 || cluster > gn::kMaxCluster || cdiv(S, cdiv(S, cluster)) != cluster) {
-    return cudaErrorInvalidValue;
-  }
+  if (!valid_plan(N, S, C, G, plan)) return cudaErrorInvalidValue;
   return dispatch(dtype, C, {x, y}, silu, [&](auto type, auto vec, auto act) {
     using T = decltype(type);
     constexpr int VEC = decltype(vec)::value;
-    const auto kernel = gn::single_pass_kernel<T, VEC, decltype(act)::value>;
-    const long long smem = gn::single_pass_smem_bytes(cdiv(S, cluster), channels, C / G, VEC, sizeof(T));
-    // above 48 KB a kernel must opt in to dynamic shared memory
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (err == cudaSuccess && cluster > gn::kMaxPortableCluster) {
-      err = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+    return launch_single_pass<T, VEC>(gn::single_pass_kernel<T, VEC, decltype(act)::value>, N, S, C, G, plan, 1,
+                                      stream, static_cast<const T*>(x), static_cast<T*>(y), weight, bias, mean, rstd,
+                                      N, S, C, G, eps);
+  });
+}
+
+cudaError_t group_norm_nhwc_backward_single_pass(const void* dy, const void* x, const float* weight,
+                                                 const float* bias, const float* mean, const float* rstd, void* dx,
+                                                 const void* dx_addend, float* dweight, float* dbias, float* part_a,
+                                                 float* part_b, int N, int S, int C, int G, gn::SinglePassPlan plan,
+                                                 bool silu, DType dtype, cudaStream_t stream) {
+  if (!valid_plan(N, S, C, G, plan) || !dx) return cudaErrorInvalidValue;
+  return dispatch(dtype, C, {dy, x, dx, dx_addend}, silu, [&](auto type, auto vec, auto act) {
+    using T = decltype(type);
+    constexpr int VEC = decltype(vec)::value;
+    cudaError_t err = launch_single_pass<T, VEC>(
+        gn::backward_single_pass_kernel<T, VEC, decltype(act)::value>, N, S, C, G, plan, 2, stream,
+        static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<T*>(dx), static_cast<const T*>(dx_addend),
+        weight, bias, mean, rstd, part_a, part_b, N, S, C, G);
+    if (err == cudaSuccess && (dweight || dbias)) {
+      const dim3 block(gn::kAffineChannels, kThreads / gn::kAffineChannels);
+      gn::backward_affine_kernel<<<cdiv(C, gn::kAffineChannels), block, 0, stream>>>(part_a, part_b, dweight, dbias,
+                                                                                     N * plan.cluster, C);
+      err = cudaGetLastError();
     }
-    if (err != cudaSuccess) return err;
-    cudaLaunchAttribute attr;
-    cudaLaunchConfig_t config = cluster_launch(dim3(cluster), dim3(channels / VEC, kThreads / (channels / VEC)), smem,
-                                               stream, cluster, &attr);
-    // persistent: as many clusters as the GPU holds at once, each looping over tiles (all of
-    // them, one a cluster, if the occupancy query failed: slower, not wrong)
-    const int tiles = N * (C / channels);
-    const int resident = resident_clusters(reinterpret_cast<const void*>(kernel), config, cluster);
-    config.gridDim = dim3((resident > 0 ? std::min(tiles, resident) : tiles) * cluster);
-    return cudaLaunchKernelEx(&config, kernel, static_cast<const T*>(x), static_cast<T*>(y), weight, bias, mean,
-                              rstd, N, S, C, G, eps);
+    return err;
   });
 }
 

@@ -52,17 +52,21 @@ constexpr int kTileBytes = 32 * 1024;
 CCK_HOST_DEVICE inline int cdiv(int a, int b) { return (a + b - 1) / b; }
 CCK_HOST_DEVICE inline int gcd(int a, int b) { return b ? gcd(b, a % b) : a; }
 
-// Shared memory of single_pass_kernel for a block of `rows` positions x `width` channels (a
-// block of width / vec threads across): two tiles of x (each padded to 16 bytes; one is staged
-// while the other is used), then the threads' fp32 partial sums (width floats per row of
-// threads), then per group the block's and the cluster's sums of d and d^2 (4 floats). The
-// host sizes the launch with it.
+// Shared memory of single_pass_kernel (tensors = 1: x) and backward_single_pass_kernel (2: x and
+// dy) for a block of `rows` positions x `width` channels (a block of width / vec threads
+// across): two tiles of each tensor (each padded to 16 bytes; one is staged while the other is
+// used), then the threads' fp32 partial sums (width floats per row of threads), the backward's
+// channel sums (2 * width floats), then per group the block's and the cluster's sums (4
+// floats). The host sizes the launch with it.
 CCK_HOST_DEVICE inline long long single_pass_tile_bytes(int rows, int width, int itemsize) {
   return (static_cast<long long>(rows) * width * itemsize + 15) / 16 * 16;
 }
-CCK_HOST_DEVICE inline long long single_pass_smem_bytes(int rows, int width, int cpg, int vec, int itemsize) {
+CCK_HOST_DEVICE inline long long single_pass_smem_bytes(int rows, int width, int cpg, int vec, int itemsize,
+                                                        int tensors = 1) {
   const int thread_rows = kThreads / (width / vec);
-  return 2 * single_pass_tile_bytes(rows, width, itemsize) + (thread_rows * width + 4 * (width / cpg)) * 4;
+  const int channel_sums = tensors == 2 ? 2 * width : 0;  // the backward's
+  return 2 * tensors * single_pass_tile_bytes(rows, width, itemsize) +
+         (thread_rows * width + channel_sums + 4 * (width / cpg)) * 4;
 }
 
 #ifndef __CUDACC_RTC__  // host planning: not for NVRTC, which compiles device code only
@@ -71,14 +75,14 @@ struct SinglePassPlan {
   int cluster;   // blocks per cluster, each staging cdiv(S, cluster) positions
 };
 
-// The single-pass forward of an (N, S, C) tensor with G groups, packs of vec elements of
-// itemsize bytes: the smallest cluster (up to max_cluster) whose two tile buffers fit
-// smem_bytes (what one block may use: half an SM's, so that two blocks share it) with
-// N * C / channels * cluster blocks giving every one of sm_count SMs one; the widest channel block (up to kRowBytes
-// runs, or kTileBytes tiles where rows are few) while they do. Smaller clusters first: fewer
-// cross-block sums, larger runs of rows.
+// The single-pass forward (tensors = 1) or backward (2) of an (N, S, C) tensor with G groups,
+// packs of vec elements of itemsize bytes: the smallest cluster (up to max_cluster) whose tile
+// buffers fit smem_bytes (what one block may use: half an SM's, so that two blocks share it)
+// with N * C / channels * cluster blocks giving every one of sm_count SMs one; the widest
+// channel block (up to kRowBytes runs, or kTileBytes tiles where rows are few) while they do.
+// Smaller clusters first: fewer cross-block sums, larger runs of rows.
 inline SinglePassPlan single_pass_plan(int N, int S, int C, int G, int itemsize, int vec, int sm_count,
-                                       int smem_bytes, int max_cluster) {
+                                       int smem_bytes, int max_cluster, int tensors = 1) {
   if (N < 1 || S < 1 || G < 1 || C % G || C % vec) return {0, 0};
   const int cpg = C / G;
   const int unit = cpg / gcd(cpg, vec) * vec;  // lcm: whole groups and whole packs
@@ -89,7 +93,7 @@ inline SinglePassPlan single_pass_plan(int N, int S, int C, int G, int itemsize,
     // width <= kThreads: a block also has a thread per channel if the pointers force vec = 1
     for (int width = unit; width <= C && width <= kThreads; width += unit) {
       if (C % width) continue;  // blocks tile C exactly
-      if (single_pass_smem_bytes(rows, width, cpg, vec, itemsize) > smem_bytes) break;  // grows with width
+      if (single_pass_smem_bytes(rows, width, cpg, vec, itemsize, tensors) > smem_bytes) break;  // grows with width
       const bool wide = best * itemsize >= kRowBytes && static_cast<long long>(rows) * best * itemsize >= kTileBytes;
       if (best && (wide || N * (C / width) * cluster < sm_count)) break;
       best = width;
@@ -213,7 +217,6 @@ __device__ __forceinline__ float sigmoid(float z) {
 template <typename T, int VEC>
 struct XDy {
   Pack<T, VEC> x, dy;
-  Pack<T, VEC> addend;  // backward_dx_kernel's, where it has one
 };
 
 // xhat and dL/dz for z = xhat * w + b from x and dy; with SILU, y = z * sigmoid(z) and z is
@@ -237,7 +240,7 @@ __device__ __forceinline__ void xhat_dz(const XDy<T, VEC>& in, const ChannelPara
 // x and dy at element offset `at`: batched()'s load in the backward kernels.
 template <typename T, int VEC>
 __device__ __forceinline__ XDy<T, VEC> load_x_dy(const T* x, const T* dy, int64_t at) {
-  return {load_pack<T, VEC>(x + at), load_pack<T, VEC>(dy + at), {}};
+  return {load_pack<T, VEC>(x + at), load_pack<T, VEC>(dy + at)};
 }
 
 // Sums a and b over threadIdx.y into the threads with threadIdx.y == 0, in a fixed order.
@@ -490,16 +493,12 @@ __global__ void __launch_bounds__(kThreads, 2) backward_dx_kernel(
   const int64_t base = wk.sample + wk.c0;
   batched<kLoadBatch / 2>(
       wk.s_begin + static_cast<int>(threadIdx.y), wk.s_end, static_cast<int>(blockDim.y),
-      [&](int s) {
-        const int64_t at = base + static_cast<int64_t>(s) * C;
-        XDy<T, VEC> in = load_x_dy<T, VEC>(x, dy, at);
-        if (addend) in.addend = load_pack<T, VEC>(addend + at);
-        return in;
-      },
+      [&](int s) { return load_x_dy<T, VEC>(x, dy, base + static_cast<int64_t>(s) * C); },
       [&](int s, const XDy<T, VEC>& in) {
         float xhat[VEC], dz[VEC], a[VEC];
+        // loaded here, not with x and dy: in flight with them, sm80's fp16 SiLU instance spilled
+        if (addend) load<T, VEC>(addend + base + static_cast<int64_t>(s) * C, a);
         xhat_dz<T, VEC, SILU>(in, p, xhat, dz);
-        if (addend) unpack(in.addend, a);
 #pragma unroll
         for (int i = 0; i < VEC; ++i) {
           dz[i] = p.rstd[i] * (p.w[i] * dz[i] - c_dz[i] - xhat[i] * c_xhat[i]);
@@ -593,20 +592,96 @@ __device__ __forceinline__ void sum_over_cluster(const float* part, float* total
   __syncthreads();
 }
 
-// A persistent grid of clusters of K blocks, each cluster taking tiles blockIdx.x / K,
-// + gridDim.x / K, ... of the N * C / width tiles: tile t is channels [c0, c0 + width) of sample
-// n, c0 = (t % (C / width)) * width, n = t / (C / width), width = blockDim.x * VEC a multiple of
-// cpg; block rank r of the cluster stages positions [r * rows, min(S, (r + 1) * rows)), rows =
-// cdiv(S, K). Thread (tx, ty) owns pack column tx at rows ty, ty + blockDim.y, ... and only ever
-// reads back the tile cells it wrote, so the tiles need no barrier. Dynamic shared memory:
-// single_pass_smem_bytes(rows, width, cpg, VEC, sizeof(T)).
-// Two tile buffers: the next tile's copies fly while this one's statistics and y are computed.
-// One tile a block at a time left DRAM idle while blocks computed: in the fifth run's counters
-// (ncu, H200, 256x320x32x32, one tile a block) DRAM was busy 42% and issue 53%, as if loading
-// and computing took turns. 16-byte packs reach the tiles by copy_pack_async, all of a
-// thread's rows of a tile in flight together; the scalar fallback goes through registers (no
-// overlap). Launch bounds for 2 blocks an SM, as the plan's shared memory budget (half an SM's)
-// allows: at 3 (80 registers) ptxas spilled the loop's state (sm90).
+// The single-pass kernels' tiles. A persistent grid of clusters of K blocks, each cluster
+// taking tiles blockIdx.x / K, + gridDim.x / K, ... of the N * C / width tiles: tile t is
+// channels [c0, c0 + width) of sample n, c0 = (t % (C / width)) * width, n = t / (C / width),
+// width = blockDim.x * VEC a multiple of cpg; block rank r of the cluster stages positions
+// [r * rows, min(S, (r + 1) * rows)) of each of its `tensors` inputs, rows = cdiv(S, K). Thread
+// (tx, ty) owns pack column tx at rows ty, ty + blockDim.y, ... and only ever reads back the
+// tile cells it wrote, so the tiles need no barrier. Two buffers a tensor: the next tile's copies
+// fly while this one is used. One tile a block at a time left DRAM idle while blocks computed:
+// in the fifth run's counters (ncu, H200, the forward at 256x320x32x32, one tile a block) DRAM
+// was busy 42% and issue 53%, as if loading and computing took turns. 16-byte packs reach the
+// tiles by copy_pack_async, all of a thread's rows of a tile in flight together; the scalar
+// fallback goes through registers (no overlap).
+// Dynamic shared memory: single_pass_smem_bytes(rows, width, cpg, VEC, sizeof(T), tensors): the
+// tiles (tensor k's buffer b at index 2 * k + b), then the kernel's fp32 scratch.
+template <typename T, int VEC>
+struct Tiles {
+  int K, rank, s_begin, s_end, first;  // cluster, rows of this block, this thread's first row
+  int cpg, width, groups, col, blocks_c, tiles, S, C;
+  int buffer_step, tile_step;  // elements between buffers, between a thread's rows in a buffer
+  int64_t x_step;              // elements between a thread's rows in a tensor
+  T* buffer;                   // buffer 0 at this thread's column
+  float* scratch;              // past the buffers
+
+  __device__ Tiles(int N, int S_, int C_, int G, int tensors, void* smem) : S(S_), C(C_) {
+    K = cluster_blocks();
+    rank = cluster_rank();
+    const int rows = cdiv(S, K);
+    s_begin = rank * rows;
+    s_end = min(S, s_begin + rows);
+    first = s_begin + threadIdx.y;
+    cpg = C / G;
+    width = blockDim.x * VEC;
+    groups = width / cpg;
+    col = threadIdx.x * VEC;
+    blocks_c = C / width;
+    tiles = N * blocks_c;
+    const long long tile_bytes = single_pass_tile_bytes(rows, width, sizeof(T));  // a multiple of 16
+    buffer_step = static_cast<int>(tile_bytes / sizeof(T));
+    tile_step = blockDim.y * width;
+    x_step = static_cast<int64_t>(blockDim.y) * C;
+    buffer = static_cast<T*>(smem) + col;
+    scratch = reinterpret_cast<float*>(static_cast<unsigned char*>(smem) + 2 * tensors * tile_bytes);
+  }
+  __device__ int sample(int t) const { return t / blocks_c; }
+  __device__ int channel0(int t) const { return (t % blocks_c) * width; }
+  // element offset of this thread's first row of tile t in a (N, S, C) tensor
+  __device__ int64_t origin(int t) const {
+    return static_cast<int64_t>(sample(t)) * S * C + static_cast<int64_t>(first) * C + channel0(t) + col;
+  }
+  __device__ T* tile(int tensor, int b) const { return buffer + (2 * tensor + b) * buffer_step; }
+  // this thread's rows of tile t of `tensor` (its pointer) into buffer b; the caller commits
+  __device__ void stage(const T* tensor_ptr, int tensor, int t, int b) const {
+    const T* from = tensor_ptr + origin(t);
+    T* to = tile(tensor, b) + (first - s_begin) * width;
+    if constexpr (sizeof(Pack<T, VEC>) == 16) {  // what cp.async moves
+      // pointers stepped, not recomputed: the 64-bit index math took 12 of the loop's 17
+      // instructions (sm90 SASS)
+      for (int s = first; s < s_end; s += blockDim.y, from += x_step, to += tile_step) copy_pack_async<T, VEC>(to, from);
+    } else {  // kLoadBatch rows in flight, through registers
+      batched<kLoadBatch>(
+          0, cdiv(s_end - first, static_cast<int>(blockDim.y)), 1,
+          [&](int r) { return load_pack<T, VEC>(from + r * x_step); },
+          [&](int r, const Pack<T, VEC>& pack) { store_pack(to + r * tile_step, pack); });
+    }
+  }
+  // Runs use(t, b) for this cluster's tiles, tile t staged in buffer b by stage_all(t, b) (all
+  // the kernel's tensors), the next tile's copies in flight meanwhile.
+  template <typename StageAll, typename Use>
+  __device__ void for_each(StageAll&& stage_all, Use&& use) const {
+    const int clusters = gridDim.x / K;
+    int t = blockIdx.x / K;
+    if (t < tiles) {
+      stage_all(t, 0);
+      commit_copies();
+    }
+    for (int b = 0; t < tiles; t += clusters, b ^= 1) {
+      if (t + clusters < tiles) {
+        stage_all(t + clusters, b ^ 1);
+        commit_copies();
+        wait_copies<1>();  // this tile's copies, not the next one's
+      } else {
+        wait_copies<0>();
+      }
+      use(t, b);
+    }
+  }
+};
+
+// Launch bounds for 2 blocks an SM, as the plan's shared memory budget (half an SM's) allows: at
+// 3 (80 registers) ptxas spilled the forward's loop state (sm90).
 // The statistics take one pass over the tile, sums of x - shift and of its square with shift
 // = the group's first value (position 0 of its first channel, the same in every block of the
 // cluster), so that the sums stay O(std) and var = E[d^2] - E[d]^2 does not cancel, as in
@@ -620,51 +695,16 @@ __global__ void __launch_bounds__(kThreads, 2) single_pass_kernel(
     float* __restrict__ mean, float* __restrict__ rstd,                  // (N, G) out
     int N, int S, int C, int G, float eps) {
   extern __shared__ float4 smem_f4[];  // float4: 16-byte aligned for the packs
-  const int K = cluster_blocks(), rank = cluster_rank(), rows = cdiv(S, K);
-  const int s_begin = rank * rows, s_end = min(S, s_begin + rows), first = s_begin + threadIdx.y;
-  const int cpg = C / G, width = blockDim.x * VEC, groups = width / cpg, col = threadIdx.x * VEC;
-  const int blocks_c = C / width, tiles = N * blocks_c, clusters = gridDim.x / K;
-  unsigned char* smem = reinterpret_cast<unsigned char*>(smem_f4);
-  const long long tile_bytes = single_pass_tile_bytes(rows, width, sizeof(T));
-  T* const buffer = reinterpret_cast<T*>(smem) + col;  // buffer b at + b * buffer_step (tile_bytes is a multiple of 16)
-  const int buffer_step = static_cast<int>(tile_bytes / sizeof(T));
-  float* scratch = reinterpret_cast<float*>(smem + 2 * tile_bytes);
+  const Tiles<T, VEC> tl(N, S, C, G, 1, smem_f4);
+  const int K = tl.K, rank = tl.rank, first = tl.first, s_begin = tl.s_begin, s_end = tl.s_end;
+  const int cpg = tl.cpg, width = tl.width, groups = tl.groups, col = tl.col;
   // per group: this block's sums of d and d^2, then the cluster's
+  float* scratch = tl.scratch;
   float* part = scratch + blockDim.y * width;
   float* total = part + 2 * groups;
-  const int64_t x_step = static_cast<int64_t>(blockDim.y) * C;  // a thread's rows: blockDim.y apart
-  const int tile_step = blockDim.y * width;
-  // element offset of this thread's first row of tile t
-  const auto origin = [&](int t) {
-    return static_cast<int64_t>(t / blocks_c) * S * C + static_cast<int64_t>(first) * C + (t % blocks_c) * width + col;
-  };
-  const auto stage = [&](int t, T* tile) {  // this thread's rows of tile t into `tile`
-    const T* from = x + origin(t);
-    T* to = tile + (first - s_begin) * width;
-    if constexpr (sizeof(Pack<T, VEC>) == 16) {  // what cp.async moves
-      // pointers stepped, not recomputed: the 64-bit index math took 12 of the loop's 17
-      // instructions (sm90 SASS)
-      for (int s = first; s < s_end; s += blockDim.y, from += x_step, to += tile_step) copy_pack_async<T, VEC>(to, from);
-      commit_copies();
-    } else {  // kLoadBatch rows in flight, through registers
-      batched<kLoadBatch>(
-          0, cdiv(s_end - first, static_cast<int>(blockDim.y)), 1,
-          [&](int r) { return load_pack<T, VEC>(from + r * x_step); },
-          [&](int r, const Pack<T, VEC>& pack) { store_pack(to + r * tile_step, pack); });
-    }
-  };
-
-  int t = blockIdx.x / K;
-  if (t < tiles) stage(t, buffer);
-  for (int b = 0; t < tiles; t += clusters, b ^= 1) {
-    if (t + clusters < tiles) {
-      stage(t + clusters, buffer + (b ^ 1) * buffer_step);
-      wait_copies<1>();  // this tile's copies, not the next one's
-    } else {
-      wait_copies<0>();
-    }
-    const T* tile = buffer + b * buffer_step;
-    const int n = t / blocks_c, c0 = (t % blocks_c) * width;
+  tl.for_each([&](int t, int b) { tl.stage(x, 0, t, b); }, [&](int t, int b) {
+    const T* tile = tl.tile(0, b);
+    const int n = tl.sample(t), c0 = tl.channel0(t);
     const int64_t sample = static_cast<int64_t>(n) * S * C;
     float shift[VEC], s1[VEC] = {}, s2[VEC] = {};
 #pragma unroll
@@ -732,9 +772,9 @@ __global__ void __launch_bounds__(kThreads, 2) single_pass_kernel(
       scale[i] = rsqrtf(variance(g) + eps) * (weight ? weight[c] : 1.0f);
       offset[i] = (bias ? bias[c] : 0.0f) - (shift[i] + total[g] / count) * scale[i];
     }
-    T* out = y + origin(t);
+    T* out = y + tl.origin(t);
 #pragma unroll 4
-    for (int s = first; s < s_end; s += blockDim.y, out += x_step) {
+    for (int s = first; s < s_end; s += blockDim.y, out += tl.x_step) {
       float v[VEC];
       load<T, VEC>(tile + (s - s_begin) * width, v);
 #pragma unroll
@@ -745,7 +785,118 @@ __global__ void __launch_bounds__(kThreads, 2) single_pass_kernel(
       store<T, VEC>(out, v);
     }
     if (K > 1) cluster_wait();  // every block done reading this one's parts before the next tile's
-  }
+  });
+}
+
+// The backward in one read of x and dy: tiles of both (Tiles, tensors 0 and 1), then per
+// channel the block's sums of dz and dz * xhat over its rows (part_dz, part_dz_xhat at row
+// n * K + rank: backward_affine sums them into dbias and dweight), per group their weighted
+// sums over the cluster (backward_group's coefficients), and dx from the tiles, where the
+// split backward reads x and dy twice (backward_partials, backward_dx). Shared memory past the
+// tiles: blockDim.y * width floats of row partials, 2 * width of channel sums, 4 per group.
+template <typename T, int VEC, bool SILU>
+__global__ void __launch_bounds__(kThreads, 2) backward_single_pass_kernel(
+    const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,  // (N, S, C)
+    const T* __restrict__ addend,                                           // (N, S, C) or null: added to dx
+    const float* __restrict__ weight, const float* __restrict__ bias,       // (C,) or null
+    const float* __restrict__ mean, const float* __restrict__ rstd,         // (N, G)
+    float* __restrict__ part_dz, float* __restrict__ part_dz_xhat,          // (N, K, C) out
+    int N, int S, int C, int G) {
+  extern __shared__ float4 smem_f4[];
+  const Tiles<T, VEC> tl(N, S, C, G, 2, smem_f4);
+  const int K = tl.K, rank = tl.rank, first = tl.first, s_begin = tl.s_begin, s_end = tl.s_end;
+  const int cpg = tl.cpg, width = tl.width, groups = tl.groups, col = tl.col;
+  float* scratch = tl.scratch;
+  float* channel_sums = scratch + blockDim.y * width;  // dz, then dz * xhat: width each
+  float* part = channel_sums + 2 * width;               // per group: w-weighted sums of both
+  float* total = part + 2 * groups;
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  const auto stage_all = [&](int t, int b) {
+    tl.stage(x, 0, t, b);
+    tl.stage(dy, 1, t, b);
+  };
+  tl.for_each(stage_all, [&](int t, int b) {
+    const T* x_tile = tl.tile(0, b) + (first - s_begin) * width;
+    const T* dy_tile = tl.tile(1, b) + (first - s_begin) * width;
+    const int n = tl.sample(t), c0 = tl.channel0(t);
+    ChannelParams<VEC> p;
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      const int c = c0 + col + i, ng = n * G + c / cpg;
+      p.mean[i] = mean[ng];
+      p.rstd[i] = rstd[ng];
+      p.w[i] = weight ? weight[c] : 1.0f;
+      p.b[i] = bias ? bias[c] : 0.0f;
+    }
+    const auto tile_row = [&](int r) {  // this thread's r-th row of both tiles
+      return XDy<T, VEC>{load_pack<T, VEC>(x_tile + r * tl.tile_step), load_pack<T, VEC>(dy_tile + r * tl.tile_step)};
+    };
+    const int my_rows = cdiv(s_end - first, static_cast<int>(blockDim.y));
+    float sum_dz[VEC] = {}, sum_dz_xhat[VEC] = {};
+#pragma unroll 2
+    for (int r = 0; r < my_rows; ++r) {
+      float xhat[VEC], dz[VEC];
+      xhat_dz<T, VEC, SILU>(tile_row(r), p, xhat, dz);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) {
+        sum_dz[i] += dz[i];
+        sum_dz_xhat[i] = fmaf(dz[i], xhat[i], sum_dz_xhat[i]);
+      }
+    }
+    // per channel over the rows (groups of one channel), in a fixed order: dbias's and
+    // dweight's partials, this block's row of them
+    sum_over_groups<VEC>(sum_dz, scratch, channel_sums, width, 1);
+    sum_over_groups<VEC>(sum_dz_xhat, scratch, channel_sums + width, width, 1);
+    const int64_t part_row = (static_cast<int64_t>(n) * K + rank) * C + c0;
+    for (int j = tid; j < width; j += blockDim.x * blockDim.y) {
+      part_dz[part_row + j] = channel_sums[j];
+      part_dz_xhat[part_row + j] = channel_sums[width + j];
+    }
+    // per group, weighted by w: a warp a group, then the cluster's
+    const int lane = tid % 32, warps = blockDim.x * blockDim.y / 32;
+    if (tid / 32 < warps) {
+      for (int j = tid / 32; j < groups; j += warps) {
+        float a = 0.0f, bsum = 0.0f;
+        for (int c = lane; c < cpg; c += 32) {
+          const float w = weight ? weight[c0 + j * cpg + c] : 1.0f;
+          a = fmaf(w, channel_sums[j * cpg + c], a);
+          bsum = fmaf(w, channel_sums[width + j * cpg + c], bsum);
+        }
+        a = warp_sum(a);
+        bsum = warp_sum(bsum);
+        if (lane == 0) {
+          part[j] = a;
+          part[groups + j] = bsum;
+        }
+      }
+    }
+    __syncthreads();
+    sum_over_cluster(part, total, 2 * groups, K, rank);
+    if (K > 1) cluster_arrive();  // done reading the others' parts
+    const float count = static_cast<float>(cpg) * S;
+    float c_dz[VEC], c_xhat[VEC];
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      c_dz[i] = total[(col + i) / cpg] / count;
+      c_xhat[i] = total[groups + (col + i) / cpg] / count;
+    }
+    const int64_t at = tl.origin(t);
+    T* out = dx + at;
+    const T* add = addend ? addend + at : nullptr;
+#pragma unroll 2
+    for (int r = 0; r < my_rows; ++r) {
+      float xhat[VEC], dz[VEC], a[VEC];
+      if (add) load<T, VEC>(add + r * tl.x_step, a);
+      xhat_dz<T, VEC, SILU>(tile_row(r), p, xhat, dz);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) {
+        dz[i] = p.rstd[i] * (p.w[i] * dz[i] - c_dz[i] - xhat[i] * c_xhat[i]);
+        if (add) dz[i] += a[i];
+      }
+      store<T, VEC>(out + r * tl.x_step, dz);
+    }
+    if (K > 1) cluster_wait();  // every block done reading this one's parts before the next tile's
+  });
 }
 
 }  // namespace gn

@@ -21,12 +21,12 @@ cudaError_t group_norm_nhwc_forward(const void* x, const float* weight, const fl
                                     int N, int S, int C, int G, int K, float eps, bool silu,
                                     DType dtype, cudaStream_t stream);
 
-// The single-pass forward of this shape on a GPU with sm_count SMs, smem_bytes of shared
-// memory a block may use (half an SM's, so that two blocks share it) and clusters of at most
-// max_cluster blocks (group_norm_nhwc_max_cluster()): gn::single_pass_plan in group_norm.cuh.
-// plan.channels == 0: the split forward must run.
+// The single-pass forward (or backward) of this shape on a GPU with sm_count SMs, smem_bytes of
+// shared memory a block may use (half an SM's, so that two blocks share it) and clusters of at
+// most max_cluster blocks (group_norm_nhwc_max_cluster()): gn::single_pass_plan in
+// group_norm.cuh. plan.channels == 0: the split forward (backward) must run.
 gn::SinglePassPlan group_norm_nhwc_single_pass_plan(int N, int S, int C, int G, DType dtype, int sm_count,
-                                                    int smem_bytes, int max_cluster);
+                                                    int smem_bytes, int max_cluster, bool backward);
 
 // The largest cluster of blocks with smem_bytes of shared memory each that the single-pass
 // kernel can take on the current device (up to gn::kMaxCluster where its sm90 code runs and the
@@ -48,5 +48,13 @@ cudaError_t group_norm_nhwc_backward(const void* dy, const void* x, const float*
                                      float* dweight, float* dbias, float* part_a, float* part_b, float* coef_a,
                                      float* coef_b, int N, int S, int C, int G, int K, bool silu,
                                      DType dtype, cudaStream_t stream);
+
+// As group_norm_nhwc_backward with dx (not null), reading x and dy once, with a backward plan from
+// group_norm_nhwc_single_pass_plan. part_a, part_b: (N, plan.cluster, C) fp32 workspaces.
+cudaError_t group_norm_nhwc_backward_single_pass(const void* dy, const void* x, const float* weight,
+                                                 const float* bias, const float* mean, const float* rstd, void* dx,
+                                                 const void* dx_addend, float* dweight, float* dbias, float* part_a,
+                                                 float* part_b, int N, int S, int C, int G, gn::SinglePassPlan plan,
+                                                 bool silu, DType dtype, cudaStream_t stream);
 
 }  // namespace cck

@@ -456,6 +456,8 @@ def test_cuda_kernels_compile_under_nvrtc(T):
     names = [f"&cck::gn::{k}<{T}, {v}>" for k, v in (("channel_stats_kernel", 1), ("normalize_kernel", "8, true"),
                                                       ("single_pass_kernel", "8, true"),
                                                       ("single_pass_kernel", "1, false"),
+                                                      ("backward_single_pass_kernel", "8, true"),
+                                                      ("backward_single_pass_kernel", "1, false"),
                                                       ("backward_partials_kernel", "4, true"),
                                                       ("backward_dx_kernel", "8, false"))]
     names += [f"&cck::gn::{k}" for k in ("group_stats_kernel", "backward_group_kernel", "backward_affine_kernel")]
@@ -635,6 +637,34 @@ def test_gpu_prenorm_adds_the_skip_gradient(backend, dtype):
         skip_without_cuda_group_norm()
     check_prenorm(backend, dtype, channels_last=True, device="cuda")
     check_prenorm(backend, dtype, channels_last=True, skip_format=torch.contiguous_format, device="cuda")
+    if backend == "cuda":  # the skip's gradient added by the single-pass backward too
+        check_prenorm(backend, dtype, channels_last=True, device="cuda", shape=(64, 96, 5, 7))
+
+
+# The CUDA backward: one read of x and dy where two tiles of each fit (a block, or a cluster on
+# sm90), else the split backward; the single pass writes dweight's and dbias's partials per
+# block of a cluster (paths from tests/cpp/test_group_norm_plan.cpp's host planning, 132 SMs).
+CUDA_BACKWARD_CASES = [((64, 96, 5, 7), 32, "single-pass"), ((140, 96, 77), 32, "single-pass"),
+                       ((160, 36, 3, 3), 4, "single-pass"), ((32, 320, 32, 32), 32, "cluster"),
+                       ((3, 960, 33, 31), 32, "cluster"), ((4, 60, 257, 3), 20, "cluster"),
+                       ((8, 960, 48, 48), 32, "split")]  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,G,path", CUDA_BACKWARD_CASES)
+def test_gpu_cuda_backward_paths(dtype, shape, G, path):
+    from cckernels import cuda
+
+    skip_without_cuda_group_norm()
+    if path == "cluster" and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("thread block clusters need sm90")
+    x, w, b = gpu_case(shape, dtype, channels_last=True)
+    got = cuda.group_norm_backward_path(x, G)
+    if torch.cuda.get_device_properties(0).multi_processor_count == 132:
+        assert got.startswith(path), (shape, got)
+    check(x, G, w, b, silu=True, backend="cuda")
+    check(x, G, None, None, silu=False, backend="cuda")
 
 
 @pytest.mark.gpu
@@ -676,6 +706,15 @@ SD2_CUDA_PATHS = {
 }  # fmt: skip
 
 
+# The backward's two tensors need twice the forward's tiles: smaller blocks or larger clusters.
+SD2_CUDA_BACKWARD_PATHS = {
+    **dict.fromkeys([(32, 640, 16), (32, 1280, 8), (32, 1280, 4), (32, 2560, 8), (8, 1280, 16)], "single-pass"),
+    (8, 2560, 16): "cluster-2", (32, 1920, 16): "cluster-3", (32, 320, 32): "cluster-4", (32, 640, 32): "cluster-4",
+    (8, 640, 32): "cluster-4", (32, 960, 32): "cluster-10", (8, 1920, 32): "cluster-10", (8, 320, 64): "cluster-13",
+    **dict.fromkeys([(8, 960, 64), (1, 320, 64), (1, 320, 32)], "split"),
+}  # fmt: skip
+
+
 @pytest.mark.gpu
 def test_gpu_cuda_forward_path_for_sd2_shapes():
     from cckernels import cuda
@@ -687,6 +726,9 @@ def test_gpu_cuda_forward_path_for_sd2_shapes():
     for (N, C, side), path in SD2_CUDA_PATHS.items():
         x = torch.empty(N, C, side, side, device="cuda", dtype=torch.bfloat16, memory_format=torch.channels_last)
         assert cuda.group_norm_forward_path(x, 32) == path, (N, C, side)
+    for (N, C, side), path in SD2_CUDA_BACKWARD_PATHS.items():
+        x = torch.empty(N, C, side, side, device="cuda", dtype=torch.bfloat16, memory_format=torch.channels_last)
+        assert cuda.group_norm_backward_path(x, 32) == path, (N, C, side)
 
 
 # The extension's own messages, each holding a number: streamed into a message, a number
