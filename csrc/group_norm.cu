@@ -152,14 +152,16 @@ cudaLaunchConfig_t cluster_launch(dim3 grid, dim3 block, long long smem, cudaStr
 
 // How many clusters of `config` (blockDim, dynamic shared memory, `cluster` blocks) of
 // `kernel` the current device holds at once; 0 if the query fails. Asked once per device,
-// kernel, shared memory size and cluster: the single-pass forward asks on every launch.
+// kernel, block, shared memory size and cluster: the single passes ask on every launch.
 int resident_clusters(const void* kernel, const cudaLaunchConfig_t& config, int cluster) {
   struct Known {
     int device;
     const void* kernel;
+    unsigned threads;
     size_t smem;
     int cluster, clusters;
   };
+  const unsigned threads = config.blockDim.x * config.blockDim.y * config.blockDim.z;
   static std::mutex lock;
   static std::vector<Known> known;
   int device = 0;
@@ -169,21 +171,21 @@ int resident_clusters(const void* kernel, const cudaLaunchConfig_t& config, int 
   }
   const std::lock_guard<std::mutex> guard(lock);
   for (const Known& k : known) {
-    if (k.device == device && k.kernel == kernel && k.smem == config.dynamicSmemBytes && k.cluster == cluster) {
+    if (k.device == device && k.kernel == kernel && k.threads == threads && k.smem == config.dynamicSmemBytes &&
+        k.cluster == cluster) {
       return k.clusters;
     }
   }
   int clusters = 0, per_sm = 0, sms = 0;
   if (cluster > 1) {  // clusters are placed GPC by GPC: the driver counts them
     if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess) clusters = 0;
-  } else if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, static_cast<int>(config.blockDim.x *
-                                                                                                 config.blockDim.y),
+  } else if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, static_cast<int>(threads),
                                                            config.dynamicSmemBytes) == cudaSuccess &&
              cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) == cudaSuccess) {
     clusters = per_sm * sms;
   }
   cudaGetLastError();  // a failed query only means no persistent grid
-  known.push_back({device, kernel, config.dynamicSmemBytes, cluster, clusters});
+  known.push_back({device, kernel, threads, config.dynamicSmemBytes, cluster, clusters});
   return clusters;
 }
 
@@ -228,11 +230,12 @@ bool valid_plan(int N, int S, int C, int G, gn::SinglePassPlan plan) {
 }
 
 // Launches a single-pass kernel of VEC-element packs staging `tensors` inputs of T as a
-// persistent grid: as many clusters as the GPU holds at once, each looping over tiles (all of
-// them, one a cluster, if the occupancy query failed: slower, not wrong).
+// persistent grid: as many clusters as the GPU holds at once, each taking tiles from
+// *tile_counter, zeroed here, until none are left (one cluster a tile if the occupancy query
+// failed: slower, not wrong).
 template <typename T, int VEC, typename... Params, typename... Args>
 cudaError_t launch_single_pass(void (*kernel)(Params...), int N, int S, int C, int G, gn::SinglePassPlan plan,
-                               int tensors, cudaStream_t stream, Args... args) {
+                               int tensors, int* tile_counter, cudaStream_t stream, Args... args) {
   const int channels = plan.channels, cluster = plan.cluster;
   const long long smem = gn::single_pass_smem_bytes(cdiv(S, cluster), channels, C / G, VEC, sizeof(T), tensors);
   // above 48 KB a kernel must opt in to dynamic shared memory
@@ -240,6 +243,7 @@ cudaError_t launch_single_pass(void (*kernel)(Params...), int N, int S, int C, i
   if (err == cudaSuccess && cluster > gn::kMaxPortableCluster) {
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
   }
+  if (err == cudaSuccess) err = cudaMemsetAsync(tile_counter, 0, sizeof(int), stream);
   if (err != cudaSuccess) return err;
   cudaLaunchAttribute attr;
   cudaLaunchConfig_t config = cluster_launch(dim3(cluster), dim3(channels / VEC, kThreads / (channels / VEC)), smem,
@@ -253,32 +257,32 @@ cudaError_t launch_single_pass(void (*kernel)(Params...), int N, int S, int C, i
 }  // namespace
 
 cudaError_t group_norm_nhwc_forward_single_pass(const void* x, const float* weight, const float* bias, void* y,
-                                                float* mean, float* rstd, int N, int S, int C, int G,
-                                                gn::SinglePassPlan plan, float eps, bool silu, DType dtype,
+                                                float* mean, float* rstd, int* tile_counter, int N, int S, int C,
+                                                int G, gn::SinglePassPlan plan, float eps, bool silu, DType dtype,
                                                 cudaStream_t stream) {
   if (!valid_plan(N, S, C, G, plan)) return cudaErrorInvalidValue;
   return dispatch(dtype, C, {x, y}, silu, [&](auto type, auto vec, auto act) {
     using T = decltype(type);
     constexpr int VEC = decltype(vec)::value;
     return launch_single_pass<T, VEC>(gn::single_pass_kernel<T, VEC, decltype(act)::value>, N, S, C, G, plan, 1,
-                                      stream, static_cast<const T*>(x), static_cast<T*>(y), weight, bias, mean, rstd,
-                                      N, S, C, G, eps);
+                                      tile_counter, stream, static_cast<const T*>(x), static_cast<T*>(y), weight, bias,
+                                      mean, rstd, tile_counter, N, S, C, G, eps);
   });
 }
 
 cudaError_t group_norm_nhwc_backward_single_pass(const void* dy, const void* x, const float* weight,
                                                  const float* bias, const float* mean, const float* rstd, void* dx,
                                                  const void* dx_addend, float* dweight, float* dbias, float* part_a,
-                                                 float* part_b, int N, int S, int C, int G, gn::SinglePassPlan plan,
-                                                 bool silu, DType dtype, cudaStream_t stream) {
+                                                 float* part_b, int* tile_counter, int N, int S, int C, int G,
+                                                 gn::SinglePassPlan plan, bool silu, DType dtype, cudaStream_t stream) {
   if (!valid_plan(N, S, C, G, plan) || !dx) return cudaErrorInvalidValue;
   return dispatch(dtype, C, {dy, x, dx, dx_addend}, silu, [&](auto type, auto vec, auto act) {
     using T = decltype(type);
     constexpr int VEC = decltype(vec)::value;
     cudaError_t err = launch_single_pass<T, VEC>(
-        gn::backward_single_pass_kernel<T, VEC, decltype(act)::value>, N, S, C, G, plan, 2, stream,
+        gn::backward_single_pass_kernel<T, VEC, decltype(act)::value>, N, S, C, G, plan, 2, tile_counter, stream,
         static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<T*>(dx), static_cast<const T*>(dx_addend),
-        weight, bias, mean, rstd, part_a, part_b, N, S, C, G);
+        weight, bias, mean, rstd, part_a, part_b, tile_counter, N, S, C, G);
     if (err == cudaSuccess && (dweight || dbias)) {
       const dim3 block(gn::kAffineChannels, kThreads / gn::kAffineChannels);
       gn::backward_affine_kernel<<<cdiv(C, gn::kAffineChannels), block, 0, stream>>>(part_a, part_b, dweight, dbias,

@@ -565,9 +565,10 @@ __device__ __forceinline__ void cluster_wait() {
 #endif
 }
 // p, a shared-memory address of this block, in block `rank` of the cluster.
-__device__ __forceinline__ const float* cluster_shared(const float* p, int rank) {
+template <typename V>
+__device__ __forceinline__ const V* cluster_shared(const V* p, int rank) {
 #if __CUDA_ARCH__ >= 900
-  return static_cast<const float*>(__cluster_map_shared_rank(p, rank));
+  return static_cast<const V*>(__cluster_map_shared_rank(const_cast<V*>(p), rank));
 #else
   return p;
 #endif
@@ -593,7 +594,7 @@ __device__ __forceinline__ void sum_over_cluster(const float* part, float* total
 }
 
 // The single-pass kernels' tiles. A persistent grid of clusters of K blocks, each cluster
-// taking tiles blockIdx.x / K, + gridDim.x / K, ... of the N * C / width tiles: tile t is
+// taking tiles one after the other (Tiles::for_each) of the N * C / width tiles: tile t is
 // channels [c0, c0 + width) of sample n, c0 = (t % (C / width)) * width, n = t / (C / width),
 // width = blockDim.x * VEC a multiple of cpg; block rank r of the cluster stages positions
 // [r * rows, min(S, (r + 1) * rows)) of each of its `tensors` inputs, rows = cdiv(S, K). Thread
@@ -657,25 +658,46 @@ struct Tiles {
           [&](int r, const Pack<T, VEC>& pack) { store_pack(to + r * tile_step, pack); });
     }
   }
-  // Runs use(t, b) for this cluster's tiles, tile t staged in buffer b by stage_all(t, b) (all
-  // the kernel's tensors), the next tile's copies in flight meanwhile.
+  // Runs use(t, b) for the tiles this cluster takes, tile t staged in buffer b by stage_all(t, b)
+  // (all the kernel's tensors), the next tile's copies in flight meanwhile. Clusters take tiles
+  // from *counter (zero at launch) as they go, so a cluster that starts late (its SMs busy with
+  // another kernel, as NCCL's beside a backward) takes fewer: with tiles dealt out in advance,
+  // it would finish its share after all the others. use() must pass a barrier of the whole
+  // cluster (of the block where K = 1): through it rank 0 hands the tile after next to the
+  // others (its thread 0 took it from the counter before), the j-th tile in slot[j % 3]: a slot
+  // is rewritten two uses (two barriers) after its last reading.
   template <typename StageAll, typename Use>
-  __device__ void for_each(StageAll&& stage_all, Use&& use) const {
-    const int clusters = gridDim.x / K;
-    int t = blockIdx.x / K;
+  __device__ void for_each(int* counter, StageAll&& stage_all, Use&& use) const {
+    __shared__ int slot[3];
+    const bool taker = rank == 0 && threadIdx.x == 0 && threadIdx.y == 0;
+    const auto handed = [&](int j) { return *cluster_shared(&slot[j % 3], 0); };  // rank 0's
+    if (taker) {
+      slot[0] = atomicAdd(counter, 1);
+      slot[1] = atomicAdd(counter, 1);
+    }
+    if (K > 1) {
+      cluster_arrive();
+      cluster_wait();
+    } else {
+      __syncthreads();
+    }
+    int t = handed(0), next = handed(1);
     if (t < tiles) {
       stage_all(t, 0);
       commit_copies();
     }
-    for (int b = 0; t < tiles; t += clusters, b ^= 1) {
-      if (t + clusters < tiles) {
-        stage_all(t + clusters, b ^ 1);
+    for (int j = 0, b = 0; t < tiles; ++j, b ^= 1) {
+      if (next < tiles) {
+        stage_all(next, b ^ 1);
         commit_copies();
         wait_copies<1>();  // this tile's copies, not the next one's
       } else {
         wait_copies<0>();
       }
+      if (taker) slot[(j + 2) % 3] = atomicAdd(counter, 1);  // tile j + 2, read after use()'s barrier
       use(t, b);
+      t = next;
+      next = handed(j + 2);
     }
   }
 };
@@ -693,6 +715,7 @@ __global__ void __launch_bounds__(kThreads, 2) single_pass_kernel(
     const T* __restrict__ x, T* __restrict__ y,                          // (N, S, C)
     const float* __restrict__ weight, const float* __restrict__ bias,    // (C,) or null
     float* __restrict__ mean, float* __restrict__ rstd,                  // (N, G) out
+    int* __restrict__ tile_counter,                                      // zero at launch
     int N, int S, int C, int G, float eps) {
   extern __shared__ float4 smem_f4[];  // float4: 16-byte aligned for the packs
   const Tiles<T, VEC> tl(N, S, C, G, 1, smem_f4);
@@ -702,7 +725,7 @@ __global__ void __launch_bounds__(kThreads, 2) single_pass_kernel(
   float* scratch = tl.scratch;
   float* part = scratch + blockDim.y * width;
   float* total = part + 2 * groups;
-  tl.for_each([&](int t, int b) { tl.stage(x, 0, t, b); }, [&](int t, int b) {
+  tl.for_each(tile_counter, [&](int t, int b) { tl.stage(x, 0, t, b); }, [&](int t, int b) {
     const T* tile = tl.tile(0, b);
     const int n = tl.sample(t), c0 = tl.channel0(t);
     const int64_t sample = static_cast<int64_t>(n) * S * C;
@@ -801,6 +824,7 @@ __global__ void __launch_bounds__(kThreads, 2) backward_single_pass_kernel(
     const float* __restrict__ weight, const float* __restrict__ bias,       // (C,) or null
     const float* __restrict__ mean, const float* __restrict__ rstd,         // (N, G)
     float* __restrict__ part_dz, float* __restrict__ part_dz_xhat,          // (N, K, C) out
+    int* __restrict__ tile_counter,                                         // zero at launch
     int N, int S, int C, int G) {
   extern __shared__ float4 smem_f4[];
   const Tiles<T, VEC> tl(N, S, C, G, 2, smem_f4);
@@ -815,7 +839,7 @@ __global__ void __launch_bounds__(kThreads, 2) backward_single_pass_kernel(
     tl.stage(x, 0, t, b);
     tl.stage(dy, 1, t, b);
   };
-  tl.for_each(stage_all, [&](int t, int b) {
+  tl.for_each(tile_counter, stage_all, [&](int t, int b) {
     const T* x_tile = tl.tile(0, b) + (first - s_begin) * width;
     const T* dy_tile = tl.tile(1, b) + (first - s_begin) * width;
     const int n = tl.sample(t), c0 = tl.channel0(t);
@@ -833,7 +857,7 @@ __global__ void __launch_bounds__(kThreads, 2) backward_single_pass_kernel(
     };
     const int my_rows = cdiv(s_end - first, static_cast<int>(blockDim.y));
     float sum_dz[VEC] = {}, sum_dz_xhat[VEC] = {};
-#pragma unroll 2
+#pragma unroll 1
     for (int r = 0; r < my_rows; ++r) {
       float xhat[VEC], dz[VEC];
       xhat_dz<T, VEC, SILU>(tile_row(r), p, xhat, dz);
