@@ -28,9 +28,11 @@ smoke-run the script.
 The "forward" column says which of our forwards ran: "single-pass" (each group read once),
 "cluster-K" (CUDA on sm90: the same, each group staged by a cluster of K blocks) or "split"
 (three passes, x read twice), as the backend's group_norm_forward_path reports it; a backend
-name when ours fell back to it; "-" for the peers. The rows ck-triton-split and ck-cuda-split
-force the split forward where the backend would take a single pass, to measure what the single
-pass gains. Cases run shape by shape, every implementation of a shape together, torch.compile
+name when ours fell back to it; "-" for the peers. The "backward" column says the same of the
+CUDA backward on fwd+bwd rows (cuda.group_norm_backward_path: a single pass reads x and dy
+once, "split" twice each); "-" elsewhere. The rows ck-triton-split and ck-cuda-split force the
+split forward (and CUDA's split backward) where the backend would take a single pass, to
+measure what the single passes gain. Cases run shape by shape, every implementation of a shape together, torch.compile
 (one compile per case) after all the others: --budget-s cuts whole shapes, then torch.compile.
 The JSON is rewritten after every case, so a run killed by an outer time limit keeps its rows.
 """
@@ -157,6 +159,13 @@ def forward_path(name, x):
     return module.group_norm_forward_path(x, GROUPS) if module else backend
 
 
+def backward_path(name, x, mode):
+    """Which CUDA backward ran for x on a fwd+bwd row (see the module docstring)."""
+    if mode != "fwd+bwd" or not name.startswith("ck-cuda") or ck.used_backends()["group_norm"] != "cuda":
+        return "-"
+    return "split" if name.endswith("-split") else ck_cuda.group_norm_backward_path(x, GROUPS)
+
+
 def measure(name, fn, param_dtype, shape, layout, device, on_gpu):
     N, C, side = shape
     x = torch.randn(N, C, side, side, device=device, dtype=torch.bfloat16)
@@ -188,8 +197,8 @@ def measure(name, fn, param_dtype, shape, layout, device, on_gpu):
         with torch.set_grad_enabled(mode != "fwd"):  # the graph is captured in the same mode
             run()  # compiles (torch.compile, Triton) outside the timed region
             eager, graph, why, host = timings(run, tiny=not on_gpu, eager=EAGER, graph=GRAPH)
-        row = {"impl": name, "forward": path, "shape": [N, C, side, side], "layout": layout, "mode": mode,
-               "bytes": nbytes, "graph_error": why, "host_us": host}
+        row = {"impl": name, "forward": path, "backward": backward_path(name, x, mode), "shape": [N, C, side, side],
+               "layout": layout, "mode": mode, "bytes": nbytes, "graph_error": why, "host_us": host}
         rows.append(row | time_fields(eager, graph, "GBps", lambda ms: nbytes / ms / 1e6))
     return rows
 
@@ -242,12 +251,12 @@ def add_ratios(rows, copy_gbps):
 def print_table(rows):
     """Every row: both times and the host time; GB/s and "of copy" from the graph time; the
     speed-up over torch-autocast in both timings."""
-    print(f"{'res':10} {'shape':>18} {'layout':6} {'mode':8} {'impl':15} {'forward':11} {'eager ms':>9} "
+    print(f"{'res':10} {'shape':>18} {'layout':6} {'mode':8} {'impl':15} {'forward':11} {'backward':11} {'eager ms':>9} "
           f"{'graph ms (q20-q80)':>26} {'host us':>8} {'GB/s':>7} {'of copy':>7} {'same-size':>9} {'vs autocast eager':>17} "
           f"{'graph':>6}")
     for r in rows:
         print(f"{r['res']:10} {'x'.join(map(str, r['shape'])):>18} {r['layout']:6} {r['mode']:8} {r['impl']:15} {r['forward']:11} "
-              f"{r['ms']:9.4f} {graph_cell(r):>26} {r['host_us']:8.1f} {fmt(r['graph_GBps'], '.1f'):>7} "
+              f"{r['backward']:11} {r['ms']:9.4f} {graph_cell(r):>26} {r['host_us']:8.1f} {fmt(r['graph_GBps'], '.1f'):>7} "
               f"{fmt(r['graph_of_copy'], '.2f'):>7} {fmt(r['graph_of_same_size_copy'], '.2f'):>9} "
               f"{fmt(r['speedup_vs_autocast'], '.2f', suffix='x'):>17} "
               f"{fmt(r['graph_speedup_vs_autocast'], '.2f', suffix='x'):>6}")

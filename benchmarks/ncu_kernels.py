@@ -11,8 +11,9 @@ Compute.
 The cases (bf16; the shapes of bench_group_norm's 256px-b256, bench_attention's 512 px, and
 bench_geglu's / bench_layer_norm's 256 px rows):
   group_norm   ck.group_norm + SiLU on CUDA, 256x320x32x32 channels_last: the single-pass
-               forward (#4: 51% of copy on an H200), then forward+backward (the backward's
-               four kernels)
+               forward (#4: 51% of copy on an H200 with one tile a block; now persistent, two
+               tile buffers), then forward+backward (the single-pass backward and its
+               dweight/dbias sum)
   attention    ck.attention forward+backward at L = 4096 (#3: 0.88x cuDNN on an H200), with
                the deterministic and the atomic-dQ backward (TMA reductions on sm90), and the
                cross-attention of L = 1024 against 77 keys (1.05x the best SDPA); cuDNN's
