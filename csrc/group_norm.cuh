@@ -55,17 +55,18 @@ CCK_HOST_DEVICE inline int gcd(int a, int b) { return b ? gcd(b, a % b) : a; }
 // Shared memory of single_pass_kernel (tensors = 1: x) and backward_single_pass_kernel (2: x and
 // dy) for a block of `rows` positions x `width` channels (a block of width / vec threads
 // across): two tiles of each tensor (each padded to 16 bytes; one is staged while the other is
-// used), then the threads' fp32 partial sums (width floats per row of threads), the backward's
-// channel sums (2 * width floats), then per group the block's and the cluster's sums (4
-// floats). The host sizes the launch with it.
+// used), 16 bytes of tile hand-off slots, then the threads' fp32 partial sums (width floats per
+// row of threads), the backward's channel sums (2 * width floats), then per group the block's
+// and the cluster's sums (4 floats). The host sizes the launch with it.
 CCK_HOST_DEVICE inline long long single_pass_tile_bytes(int rows, int width, int itemsize) {
   return (static_cast<long long>(rows) * width * itemsize + 15) / 16 * 16;
 }
+constexpr int kSlotBytes = 16;  // Tiles::for_each's three ints, padded
 CCK_HOST_DEVICE inline long long single_pass_smem_bytes(int rows, int width, int cpg, int vec, int itemsize,
                                                         int tensors = 1) {
   const int thread_rows = kThreads / (width / vec);
   const int channel_sums = tensors == 2 ? 2 * width : 0;  // the backward's
-  return 2 * tensors * single_pass_tile_bytes(rows, width, itemsize) +
+  return kSlotBytes + 2 * tensors * single_pass_tile_bytes(rows, width, itemsize) +
          (thread_rows * width + channel_sums + 4 * (width / cpg)) * 4;
 }
 
@@ -130,12 +131,13 @@ __device__ __forceinline__ void unpack(const Pack<T, VEC>& pack, float (&out)[VE
 // more on every high element: sm90 SASS of single_pass_kernel).
 template <int VEC>
 __device__ __forceinline__ void unpack(const Pack<__nv_bfloat16, VEC>& pack, float (&out)[VEC]) {
-  if constexpr (VEC % 2 == 0) {  // then the Pack is at least 4-byte aligned
-    const unsigned int* words = reinterpret_cast<const unsigned int*>(pack.v);
+  if constexpr (VEC % 2 == 0) {
 #pragma unroll
     for (int i = 0; i < VEC; i += 2) {
-      out[i] = __uint_as_float(words[i / 2] << 16);
-      out[i + 1] = __uint_as_float(words[i / 2] & 0xffff0000u);
+      unsigned int word;  // memcpy, not a cast of the pointer: that broke strict aliasing (g++ -O3 read stale words)
+      memcpy(&word, &pack.v[i], sizeof(word));
+      out[i] = __uint_as_float(word << 16);
+      out[i + 1] = __uint_as_float(word & 0xffff0000u);
     }
   } else {
 #pragma unroll
@@ -207,10 +209,14 @@ __device__ __forceinline__ ChannelParams<VEC> channel_params(const Walk& wk, con
 // without IEEE division's Newton steps and slow path. For z < -88, 2^(-z log2 e) is inf and the
 // result 0, the limit.
 __device__ __forceinline__ float sigmoid(float z) {
+#ifdef CCK_SIMT
+  return 1.0f / (1.0f + exp2f(z * -1.4426950408889634f));
+#else
   float e, r;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(z * -1.4426950408889634f));
   asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(1.0f + e));
   return r;
+#endif
 }
 
 // x and dy at one position of this thread's channels, loaded together by batched().
@@ -495,7 +501,7 @@ __global__ void __launch_bounds__(kThreads, 2) backward_dx_kernel(
       wk.s_begin + static_cast<int>(threadIdx.y), wk.s_end, static_cast<int>(blockDim.y),
       [&](int s) { return load_x_dy<T, VEC>(x, dy, base + static_cast<int64_t>(s) * C); },
       [&](int s, const XDy<T, VEC>& in) {
-        float xhat[VEC], dz[VEC], a[VEC];
+        float xhat[VEC], dz[VEC], a[VEC] = {};
         // loaded here, not with x and dy: in flight with them, sm80's fp16 SiLU instance spilled
         if (addend) load<T, VEC>(addend + base + static_cast<int64_t>(s) * C, a);
         xhat_dz<T, VEC, SILU>(in, p, xhat, dz);
@@ -593,6 +599,16 @@ __device__ __forceinline__ void sum_over_cluster(const float* part, float* total
   __syncthreads();
 }
 
+// The block's dynamic shared memory; a CPU emulation (tests/cpp/simt.h) supplies its own.
+__device__ __forceinline__ unsigned char* dynamic_shared() {
+#ifdef CCK_SIMT
+  return reinterpret_cast<unsigned char*>(simt::this_block->smem.data());
+#else
+  extern __shared__ float4 dynamic_smem[];  // float4: 16-byte aligned for the packs
+  return reinterpret_cast<unsigned char*>(dynamic_smem);
+#endif
+}
+
 // The single-pass kernels' tiles. A persistent grid of clusters of K blocks, each cluster
 // taking tiles one after the other (Tiles::for_each) of the N * C / width tiles: tile t is
 // channels [c0, c0 + width) of sample n, c0 = (t % (C / width)) * width, n = t / (C / width),
@@ -606,7 +622,8 @@ __device__ __forceinline__ void sum_over_cluster(const float* part, float* total
 // tiles by copy_pack_async, all of a thread's rows of a tile in flight together; the scalar
 // fallback goes through registers (no overlap).
 // Dynamic shared memory: single_pass_smem_bytes(rows, width, cpg, VEC, sizeof(T), tensors): the
-// tiles (tensor k's buffer b at index 2 * k + b), then the kernel's fp32 scratch.
+// tiles (tensor k's buffer b at index 2 * k + b), the tile hand-off slots (kSlotBytes), then the
+// kernel's fp32 scratch.
 template <typename T, int VEC>
 struct Tiles {
   int K, rank, s_begin, s_end, first;  // cluster, rows of this block, this thread's first row
@@ -616,7 +633,7 @@ struct Tiles {
   T* buffer;                   // buffer 0 at this thread's column
   float* scratch;              // past the buffers
 
-  __device__ Tiles(int N, int S_, int C_, int G, int tensors, void* smem) : S(S_), C(C_) {
+  __device__ Tiles(int N, int S_, int C_, int G, int tensors, unsigned char* smem) : S(S_), C(C_) {
     K = cluster_blocks();
     rank = cluster_rank();
     const int rows = cdiv(S, K);
@@ -633,8 +650,8 @@ struct Tiles {
     buffer_step = static_cast<int>(tile_bytes / sizeof(T));
     tile_step = blockDim.y * width;
     x_step = static_cast<int64_t>(blockDim.y) * C;
-    buffer = static_cast<T*>(smem) + col;
-    scratch = reinterpret_cast<float*>(static_cast<unsigned char*>(smem) + 2 * tensors * tile_bytes);
+    buffer = reinterpret_cast<T*>(smem) + col;
+    scratch = reinterpret_cast<float*>(smem + 2 * tensors * tile_bytes + kSlotBytes);
   }
   __device__ int sample(int t) const { return t / blocks_c; }
   __device__ int channel0(int t) const { return (t % blocks_c) * width; }
@@ -668,7 +685,7 @@ struct Tiles {
   // is rewritten two uses (two barriers) after its last reading.
   template <typename StageAll, typename Use>
   __device__ void for_each(int* counter, StageAll&& stage_all, Use&& use) const {
-    __shared__ int slot[3];
+    int* slot = reinterpret_cast<int*>(scratch) - kSlotBytes / sizeof(int);  // three, after the tiles
     const bool taker = rank == 0 && threadIdx.x == 0 && threadIdx.y == 0;
     const auto handed = [&](int j) { return *cluster_shared(&slot[j % 3], 0); };  // rank 0's
     if (taker) {
@@ -717,8 +734,7 @@ __global__ void __launch_bounds__(kThreads, 2) single_pass_kernel(
     float* __restrict__ mean, float* __restrict__ rstd,                  // (N, G) out
     int* __restrict__ tile_counter,                                      // zero at launch
     int N, int S, int C, int G, float eps) {
-  extern __shared__ float4 smem_f4[];  // float4: 16-byte aligned for the packs
-  const Tiles<T, VEC> tl(N, S, C, G, 1, smem_f4);
+  const Tiles<T, VEC> tl(N, S, C, G, 1, dynamic_shared());
   const int K = tl.K, rank = tl.rank, first = tl.first, s_begin = tl.s_begin, s_end = tl.s_end;
   const int cpg = tl.cpg, width = tl.width, groups = tl.groups, col = tl.col;
   // per group: this block's sums of d and d^2, then the cluster's
@@ -826,8 +842,7 @@ __global__ void __launch_bounds__(kThreads, 2) backward_single_pass_kernel(
     float* __restrict__ part_dz, float* __restrict__ part_dz_xhat,          // (N, K, C) out
     int* __restrict__ tile_counter,                                         // zero at launch
     int N, int S, int C, int G) {
-  extern __shared__ float4 smem_f4[];
-  const Tiles<T, VEC> tl(N, S, C, G, 2, smem_f4);
+  const Tiles<T, VEC> tl(N, S, C, G, 2, dynamic_shared());
   const int K = tl.K, rank = tl.rank, first = tl.first, s_begin = tl.s_begin, s_end = tl.s_end;
   const int cpg = tl.cpg, width = tl.width, groups = tl.groups, col = tl.col;
   float* scratch = tl.scratch;
@@ -907,9 +922,9 @@ __global__ void __launch_bounds__(kThreads, 2) backward_single_pass_kernel(
     const int64_t at = tl.origin(t);
     T* out = dx + at;
     const T* add = addend ? addend + at : nullptr;
-#pragma unroll 2
+#pragma unroll 1  // both loops: unrolled twice, ptxas spilled (sm80, sm90; fp16 with SiLU)
     for (int r = 0; r < my_rows; ++r) {
-      float xhat[VEC], dz[VEC], a[VEC];
+      float xhat[VEC], dz[VEC], a[VEC] = {};
       if (add) load<T, VEC>(add + r * tl.x_step, a);
       xhat_dz<T, VEC, SILU>(tile_row(r), p, xhat, dz);
 #pragma unroll

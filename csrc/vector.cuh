@@ -95,7 +95,7 @@ __device__ __forceinline__ void store_pack(T* p, const Pack<T, N>& pack) {
 template <typename T, int N>
 __device__ __forceinline__ void copy_pack_async(T* shared, const T* global) {
   static_assert(sizeof(Pack<T, N>) == 16, "cp.async moves 16-byte packs");
-#if __CUDA_ARCH__ >= 800
+#if __CUDA_ARCH__ >= 800 && !defined(CCK_SIMT)  // CCK_SIMT: tests/cpp/simt.h's CPU emulation
   const unsigned to = static_cast<unsigned>(__cvta_generic_to_shared(shared));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(to), "l"(global) : "memory");
 #else
@@ -105,7 +105,7 @@ __device__ __forceinline__ void copy_pack_async(T* shared, const T* global) {
 
 // Closes a group of this thread's copy_pack_async copies (those since the last group).
 __device__ __forceinline__ void commit_copies() {
-#if __CUDA_ARCH__ >= 800
+#if __CUDA_ARCH__ >= 800 && !defined(CCK_SIMT)
   asm volatile("cp.async.commit_group;\n" ::: "memory");
 #endif
 }
@@ -113,7 +113,7 @@ __device__ __forceinline__ void commit_copies() {
 // Waits until at most PENDING of this thread's latest committed groups are still in flight.
 template <int PENDING>
 __device__ __forceinline__ void wait_copies() {
-#if __CUDA_ARCH__ >= 800
+#if __CUDA_ARCH__ >= 800 && !defined(CCK_SIMT)
   asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING) : "memory");
 #endif
 }
