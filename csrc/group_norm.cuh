@@ -716,6 +716,10 @@ struct Tiles {
       t = next;
       next = handed(j + 2);
     }
+    if (K > 1) {  // no block leaves while another may still read its shared memory (handed())
+      cluster_arrive();
+      cluster_wait();
+    }
   }
 };
 

@@ -19,6 +19,8 @@
 #include <atomic>
 #include <barrier>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <memory>
@@ -45,6 +47,7 @@ struct Block {
   std::vector<std::unique_ptr<std::barrier<>>> warp_sync;
   std::vector<std::array<float, 32>> warp_buffer;
   std::atomic<int> vote{0};
+  std::atomic<int> running{0};  // threads not yet returned: another block's reads need it > 0
   Cluster* cluster = nullptr;
   unsigned rank = 0;
 };
@@ -74,6 +77,7 @@ inline void launch(int clusters, int cluster, Dim3 block, size_t smem_bytes, con
       b->warp_buffer.resize(warps);
       b->cluster = cl.get();
       b->rank = r;
+      b->running = threads;
       cl->blocks.push_back(b.get());
       blocks.push_back(std::move(b));
     }
@@ -89,6 +93,7 @@ inline void launch(int clusters, int cluster, Dim3 block, size_t smem_bytes, con
         block_dim = block;
         thread_idx = {static_cast<unsigned>(t) % block.x, static_cast<unsigned>(t) / block.x, 0};
         kernel();
+        --this_block->running;
       });
     }
   }
@@ -133,11 +138,17 @@ inline void __cluster_barrier_wait() {
   simt::cluster_token.reset();
 }
 
-// p, in this block's dynamic shared memory, at the same offset in block `rank` of the cluster
+// p, in this block's dynamic shared memory, at the same offset in block `rank` of the cluster,
+// which must not have exited (on a GPU, reading an exited block's shared memory is an error)
 inline void* __cluster_map_shared_rank(void* p, unsigned rank) {
+  simt::Block* other = simt::this_block->cluster->blocks[rank];
+  if (other != simt::this_block && other->running.load() == 0) {
+    std::fprintf(stderr, "simt: block %u reads the shared memory of block %u of its cluster, which exited\n",
+                 simt::this_block->rank, rank);
+    std::abort();
+  }
   const char* mine = reinterpret_cast<const char*>(simt::this_block->smem.data());
-  char* theirs = reinterpret_cast<char*>(simt::this_block->cluster->blocks[rank]->smem.data());
-  return theirs + (static_cast<char*>(p) - mine);
+  return reinterpret_cast<char*>(other->smem.data()) + (static_cast<char*>(p) - mine);
 }
 
 inline int atomicAdd(int* address, int value) { return std::atomic_ref<int>(*address).fetch_add(value); }
