@@ -37,12 +37,6 @@ int pack_width(int C, DType dtype) {
   return C % pack == 0 ? pack : 1;
 }
 
-// C / vec channel packs split evenly over blocks at most 128 threads across; rows fill the rest.
-dim3 block_shape(int packs) {
-  const int tx = cdiv(packs, cdiv(packs, 128));
-  return dim3(tx, std::max(1, kThreads / tx));
-}
-
 struct Launch {
   dim3 grid, block;
   int chunk;        // rows per chunk
@@ -50,8 +44,8 @@ struct Launch {
 };
 
 Launch launch_shape(int N, int S, int C, int K, int vec) {
-  const dim3 block = block_shape(C / vec);
-  return {dim3(cdiv(C / vec, block.x), K, N), block, cdiv(S, K), 2 * block.x * block.y * vec * sizeof(float)};
+  const gn::SplitLaunch l = gn::split_launch(S, C, K, vec);
+  return {dim3(l.grid_x, K, N), dim3(l.block_x, l.block_y), l.chunk, static_cast<size_t>(l.row_smem)};
 }
 
 bool valid(int N, int S, int C, int G, int K) {
@@ -97,10 +91,9 @@ cudaError_t dispatch(DType dtype, int C, std::initializer_list<const void*> poin
 }  // namespace
 
 int group_norm_nhwc_chunks(int N, int S, int C, DType dtype, int sm_count) {
-  const int vec = pack_width(C, dtype);
-  const dim3 block = block_shape(C / vec);
-  const int blocks_per_chunk = std::max(1, N * cdiv(C / vec, block.x));
-  const int most = std::max(1, std::min(65535, S / (kMinRowsPerThread * static_cast<int>(block.y))));
+  const gn::SplitLaunch l = gn::split_launch(S, C, 1, pack_width(C, dtype));
+  const int blocks_per_chunk = std::max(1, N * l.grid_x);
+  const int most = std::max(1, std::min(65535, S / (kMinRowsPerThread * l.block_y)));
   const int K = std::min(most, std::max(1, kBlocksPerSM * sm_count / blocks_per_chunk));
   return cdiv(S, cdiv(S, K));
 }
@@ -223,6 +216,14 @@ int group_norm_nhwc_max_cluster(int smem_bytes) {
 
 namespace {
 
+// dweight, dbias (either may be null) from the (rows, C) partials of either backward.
+void launch_backward_affine(const float* part_dz, const float* part_dz_xhat, float* dweight, float* dbias, int rows,
+                            int C, cudaStream_t stream) {
+  const dim3 block(gn::kAffineChannels, kThreads / gn::kAffineChannels);
+  gn::backward_affine_kernel<<<cdiv(C, gn::kAffineChannels), block, gn::kAffineSmemBytes, stream>>>(
+      part_dz, part_dz_xhat, dweight, dbias, rows, C);
+}
+
 bool valid_plan(int N, int S, int C, int G, gn::SinglePassPlan plan) {
   const int channels = plan.channels, cluster = plan.cluster;
   return valid(N, S, C, G, 1) && channels >= 1 && C % channels == 0 && channels % (C / G) == 0 && channels <= kThreads &&
@@ -284,9 +285,7 @@ cudaError_t group_norm_nhwc_backward_single_pass(const void* dy, const void* x, 
         static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<T*>(dx), static_cast<const T*>(dx_addend),
         weight, bias, mean, rstd, part_a, part_b, tile_counter, N, S, C, G);
     if (err == cudaSuccess && (dweight || dbias)) {
-      const dim3 block(gn::kAffineChannels, kThreads / gn::kAffineChannels);
-      gn::backward_affine_kernel<<<cdiv(C, gn::kAffineChannels), block, 0, stream>>>(part_a, part_b, dweight, dbias,
-                                                                                     N * plan.cluster, C);
+      launch_backward_affine(part_a, part_b, dweight, dbias, N * plan.cluster, C, stream);
       err = cudaGetLastError();
     }
     return err;
@@ -307,11 +306,7 @@ cudaError_t group_norm_nhwc_backward(const void* dy, const void* x, const float*
     gn::backward_partials_kernel<T, VEC, SILU><<<l.grid, l.block, l.row_smem, stream>>>(
         static_cast<const T*>(dy), static_cast<const T*>(x), weight, bias, mean, rstd, part_a, part_b, S, C, G,
         l.chunk);
-    if (dweight || dbias) {
-      const dim3 block(gn::kAffineChannels, kThreads / gn::kAffineChannels);
-      gn::backward_affine_kernel<<<cdiv(C, gn::kAffineChannels), block, 0, stream>>>(part_a, part_b, dweight,
-                                                                                     dbias, N * K, C);
-    }
+    if (dweight || dbias) launch_backward_affine(part_a, part_b, dweight, dbias, N * K, C, stream);
     if (dx) {
       gn::backward_group_kernel<<<dim3(cdiv(G, gn::kGroupsPerBlock), N), kThreads, 0, stream>>>(
           part_a, part_b, weight, coef_a, coef_b, S, C, G, K);

@@ -70,6 +70,19 @@ CCK_HOST_DEVICE inline long long single_pass_smem_bytes(int rows, int width, int
          (thread_rows * width + channel_sums + 4 * (width / cpg)) * 4;
 }
 
+// The split passes' launch for (N, S, C) in K chunks of packs of vec: blocks of block_x x
+// block_y threads, block_x across the C / vec channel packs (split evenly over blocks at most
+// 128 threads across), block_y over rows; grid (grid_x, K, N); chunk rows a chunk; row_smem
+// bytes of dynamic shared memory for sum_over_rows.
+struct SplitLaunch {
+  int block_x, block_y, grid_x, chunk;
+  long long row_smem;
+};
+CCK_HOST_DEVICE inline SplitLaunch split_launch(int S, int C, int K, int vec) {
+  const int packs = C / vec, tx = cdiv(packs, cdiv(packs, 128)), ty = kThreads / tx > 1 ? kThreads / tx : 1;
+  return {tx, ty, cdiv(packs, tx), cdiv(S, K), 2LL * tx * ty * vec * 4};
+}
+
 #ifndef __CUDACC_RTC__  // host planning: not for NVRTC, which compiles device code only
 struct SinglePassPlan {
   int channels;  // per block: whole groups, whole vec packs, dividing C; 0 = use the split forward
@@ -119,6 +132,16 @@ namespace gn {
 // backward's (x and dy, kLoadBatch / 2 rows). Without the bounds ptxas spilled in some
 // instantiations, below any register limit.
 constexpr int kLoadBatch = 8;
+
+// The block's dynamic shared memory; a CPU emulation (tests/cpp/simt.h) supplies its own.
+__device__ __forceinline__ unsigned char* dynamic_shared() {
+#ifdef CCK_SIMT
+  return reinterpret_cast<unsigned char*>(simt::this_block->smem.data());
+#else
+  extern __shared__ float4 dynamic_smem[];  // float4: 16-byte aligned for the packs
+  return reinterpret_cast<unsigned char*>(dynamic_smem);
+#endif
+}
 
 template <typename T, int VEC>
 __device__ __forceinline__ void unpack(const Pack<T, VEC>& pack, float (&out)[VEC]) {
@@ -297,7 +320,7 @@ __global__ void __launch_bounds__(kThreads, 3) channel_stats_kernel(
     float* __restrict__ part_mean,    // (N, K, C) out: chunk mean per channel
     float* __restrict__ part_m2,      // (N, K, C) out: chunk sum of squared deviations
     int S, int C, int chunk) {
-  extern __shared__ float smem[];
+  float* smem = reinterpret_cast<float*>(dynamic_shared());
   const Walk wk = walk<VEC>(S, C, chunk);
   float shift[VEC], s1[VEC] = {}, s2[VEC] = {};
   if (wk.active) {
@@ -394,7 +417,7 @@ __global__ void __launch_bounds__(kThreads, 2) backward_partials_kernel(
     const float* __restrict__ mean, const float* __restrict__ rstd,      // (N, G)
     float* __restrict__ part_dz, float* __restrict__ part_dz_xhat,       // (N, K, C) out
     int S, int C, int G, int chunk) {
-  extern __shared__ float smem[];
+  float* smem = reinterpret_cast<float*>(dynamic_shared());
   const Walk wk = walk<VEC>(S, C, chunk);
   float sum_dz[VEC] = {}, sum_dz_xhat[VEC] = {};
   if (wk.active) {
@@ -452,12 +475,13 @@ __global__ void __launch_bounds__(kThreads) backward_group_kernel(
 // channels) took 59 us under ncu on an H200 at 32x320x32x32, 32 channels x 8 lanes (10 blocks)
 // 16 us at 256x320x32x32 (768 rows, 96 a lane); 8 x 32 gives 40 blocks, 24 rows a lane.
 constexpr int kAffineChannels = 8;
+constexpr int kAffineSmemBytes = 2 * kThreads * sizeof(float);  // its launch's dynamic shared memory
 
 __global__ void __launch_bounds__(kThreads) backward_affine_kernel(
     const float* __restrict__ part_dz, const float* __restrict__ part_dz_xhat,  // (rows, C)
     float* __restrict__ dweight, float* __restrict__ dbias,                    // (C,) out, or null
     int rows, int C) {
-  __shared__ float smem[2 * kThreads];
+  float* smem = reinterpret_cast<float*>(dynamic_shared());  // kAffineSmemBytes
   const int c = blockIdx.x * kAffineChannels + threadIdx.x;
   float dw[1] = {0.0f}, db[1] = {0.0f};
   if (c < C) {
@@ -597,16 +621,6 @@ __device__ __forceinline__ void sum_over_cluster(const float* part, float* total
     total[j] = sum;
   }
   __syncthreads();
-}
-
-// The block's dynamic shared memory; a CPU emulation (tests/cpp/simt.h) supplies its own.
-__device__ __forceinline__ unsigned char* dynamic_shared() {
-#ifdef CCK_SIMT
-  return reinterpret_cast<unsigned char*>(simt::this_block->smem.data());
-#else
-  extern __shared__ float4 dynamic_smem[];  // float4: 16-byte aligned for the packs
-  return reinterpret_cast<unsigned char*>(dynamic_smem);
-#endif
 }
 
 // The single-pass kernels' tiles. A persistent grid of clusters of K blocks, each cluster

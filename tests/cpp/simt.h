@@ -58,38 +58,38 @@ inline thread_local std::optional<std::barrier<>::arrival_token> cluster_token; 
 
 inline int thread_rank() { return static_cast<int>(thread_idx.y * block_dim.x + thread_idx.x); }
 
-// Runs kernel() as a grid of `clusters` clusters of `cluster` blocks of `block` threads with
-// smem_bytes of dynamic shared memory each (blockIdx.x = cluster index * cluster + rank),
+// Runs kernel() on a grid of `grid` blocks of `block` threads with smem_bytes of dynamic shared
+// memory each, in clusters of `cluster` consecutive blocks along x (grid.x a multiple of it),
 // every thread at once; returns when all are done.
-inline void launch(int clusters, int cluster, Dim3 block, size_t smem_bytes, const std::function<void()>& kernel) {
+inline void launch(Dim3 grid, int cluster, Dim3 block, size_t smem_bytes, const std::function<void()>& kernel) {
   const int threads = static_cast<int>(block.x * block.y), warps = (threads + 31) / 32;
-  std::vector<std::unique_ptr<Cluster>> all_clusters;
+  const int count = static_cast<int>(grid.x * grid.y * grid.z);
+  std::vector<std::unique_ptr<Cluster>> clusters;
   std::vector<std::unique_ptr<Block>> blocks;
-  for (int c = 0; c < clusters; ++c) {
-    auto cl = std::make_unique<Cluster>();
-    cl->barrier = std::make_unique<std::barrier<>>(cluster * threads);
-    for (int r = 0; r < cluster; ++r) {
-      auto b = std::make_unique<Block>();
-      b->smem.resize((smem_bytes + 15) / 16);
-      std::memset(b->smem.data(), 0xff, b->smem.size() * 16);  // poison: NaN floats, -1 ints
-      b->sync = std::make_unique<std::barrier<>>(threads);
-      for (int w = 0; w < warps; ++w) b->warp_sync.push_back(std::make_unique<std::barrier<>>(std::min(32, threads - 32 * w)));
-      b->warp_buffer.resize(warps);
-      b->cluster = cl.get();
-      b->rank = r;
-      b->running = threads;
-      cl->blocks.push_back(b.get());
-      blocks.push_back(std::move(b));
+  for (int i = 0; i < count; ++i) {
+    if (i % cluster == 0) {
+      clusters.push_back(std::make_unique<Cluster>());
+      clusters.back()->barrier = std::make_unique<std::barrier<>>(cluster * threads);
     }
-    all_clusters.push_back(std::move(cl));
+    auto b = std::make_unique<Block>();
+    b->smem.resize((smem_bytes + 15) / 16);
+    std::memset(b->smem.data(), 0xff, b->smem.size() * 16);  // poison: NaN floats, -1 ints
+    b->sync = std::make_unique<std::barrier<>>(threads);
+    for (int w = 0; w < warps; ++w) b->warp_sync.push_back(std::make_unique<std::barrier<>>(std::min(32, threads - 32 * w)));
+    b->warp_buffer.resize(warps);
+    b->cluster = clusters.back().get();
+    b->rank = static_cast<unsigned>(i % cluster);
+    b->running = threads;
+    clusters.back()->blocks.push_back(b.get());
+    blocks.push_back(std::move(b));
   }
   std::vector<std::thread> workers;
-  for (size_t i = 0; i < blocks.size(); ++i) {
+  for (int i = 0; i < count; ++i) {
     for (int t = 0; t < threads; ++t) {
       workers.emplace_back([&, i, t] {
         this_block = blocks[i].get();
-        block_idx = {static_cast<unsigned>(i), 1, 1};
-        grid_dim = {static_cast<unsigned>(blocks.size()), 1, 1};
+        block_idx = {i % grid.x, i / grid.x % grid.y, i / (grid.x * grid.y)};
+        grid_dim = grid;
         block_dim = block;
         thread_idx = {static_cast<unsigned>(t) % block.x, static_cast<unsigned>(t) / block.x, 0};
         kernel();

@@ -1,9 +1,12 @@
-// The single-pass GroupNorm kernels (csrc/group_norm.cuh) run on the CPU through simt.h's
-// emulation, against an fp64 reference: the forward (y, mean, rstd) and the backward (dx with
-// and without the skip gradient, dweight and dbias from the kernel's partials), in fp32, bf16
-// and fp16, with 16-byte packs and scalar, one block a tile and clusters of 2 and 3, several
-// clusters taking tiles from the one counter, and a large offset with a group value 8 std from
-// the mean at position 0 (the forward's second statistics pass). Outputs start as NaN.
+// The channels_last GroupNorm kernels (csrc/group_norm.cuh) run on the CPU through simt.h's
+// emulation, every kernel in the order the launchers run them, against an fp64 reference: the
+// single passes (forward, then the backward and backward_affine) and the split passes
+// (channel_stats, group_stats, normalize; backward_partials, backward_affine, backward_group,
+// backward_dx), giving y, mean, rstd, dx (with and without the skip gradient), dweight and dbias;
+// in fp32, bf16 and fp16, with 16-byte packs and scalar, one block a tile and clusters of 2 and
+// 3, several clusters taking tiles from the one counter, split into 1-4 chunks, and a large
+// offset with a group value 8 std from the mean at position 0 (the single pass's second
+// statistics pass). Outputs and workspaces start as NaN, shared memory as NaN bytes.
 #include "simt.h"  // first: it sets up the CUDA names the kernels use
 
 #include <cstdio>
@@ -35,7 +38,8 @@ static double ulp() {  // relative rounding of T
 
 struct Case {
   std::string name;
-  int N, S, C, G, channels, cluster, clusters;  // plan: channels a block, cluster; clusters launched
+  int N, S, C, G, channels, cluster, clusters;  // single pass: channels a block, cluster; clusters launched
+  int chunks;                                    // split passes: chunks a sample
   bool silu, affine, addend;
   double offset = 0.0, outlier = 0.0;  // added to x; added to x at position 0
 };
@@ -111,107 +115,167 @@ static double error(const std::vector<double>& got, const std::vector<double>& w
   return worst / scale;
 }
 
-template <typename T, int VEC>
-static void run(const Case& c) {
-  const int N = c.N, S = c.S, C = c.C, G = c.G;
-  const double eps = 1e-5;
-  std::mt19937 rng(1234 + N * 7 + C);
-  std::normal_distribution<double> normal;
-  const size_t size = static_cast<size_t>(N) * S * C;
-  std::vector<T> x(size), dy(size), addend(size);
-  std::vector<double> xd(size), dyd(size), ad(size), w(C, 1.0), b(C, 0.0);
-  for (size_t i = 0; i < size; ++i) {
-    const bool first = (i / C) % S == 0;
-    x[i] = from_double<T>(2 * normal(rng) + 0.5 + c.offset + (first ? c.outlier : 0.0));
-    dy[i] = from_double<T>(normal(rng));
-    addend[i] = from_double<T>(normal(rng));
-    xd[i] = to_double(x[i]);
-    dyd[i] = to_double(dy[i]);
-    ad[i] = to_double(addend[i]);
-  }
-  std::vector<float> wf(C), bf(C);
-  for (int ch = 0; ch < C; ++ch) {
-    if (c.affine) {
-      w[ch] = static_cast<float>(1 + 0.5 * normal(rng));
-      b[ch] = static_cast<float>(0.5 * normal(rng));
-    }
-    wf[ch] = static_cast<float>(w[ch]);
-    bf[ch] = static_cast<float>(b[ch]);
-  }
-  const Reference ref = reference(c, xd, w, b, dyd, eps);
+// What a pipeline gives back, in fp64.
+struct Result {
+  std::vector<double> y, mean, rstd, dx, dweight, dbias;
+};
 
-  const cck::gn::SinglePassPlan plan{c.channels, c.cluster};
-  const simt::Dim3 block{static_cast<unsigned>(plan.channels / VEC), static_cast<unsigned>(kThreads / (plan.channels / VEC)), 1};
-  const int rows = cck::gn::cdiv(S, plan.cluster);
-  const float* weight = c.affine ? wf.data() : nullptr;
-  const float* bias = c.affine ? bf.data() : nullptr;
+template <typename T>
+static std::vector<double> doubles(const std::vector<T>& v) {
+  std::vector<double> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) out[i] = to_double(v[i]);
+  return out;
+}
 
-  // forward
-  std::vector<T> y(size, from_double<T>(NAN));
+// The problem's inputs, as the kernels take them.
+template <typename T>
+struct Inputs {
+  std::vector<T> x, dy, addend;
+  std::vector<float> w, b;
+  const float* weight(const Case& c) const { return c.affine ? w.data() : nullptr; }
+  const float* bias(const Case& c) const { return c.affine ? b.data() : nullptr; }
+};
+
+constexpr float kEps = 1e-5f;
+
+// dweight, dbias from the (rows, C) partials, by backward_affine_kernel as the launchers run it.
+static void affine(const Case& c, const std::vector<float>& part_dz, const std::vector<float>& part_dzx, int rows,
+                   Result& r) {
+  std::vector<float> dw(c.C, NAN), db(c.C, NAN);
+  simt::launch({static_cast<unsigned>(cck::gn::cdiv(c.C, cck::gn::kAffineChannels)), 1, 1}, 1,
+               {cck::gn::kAffineChannels, kThreads / cck::gn::kAffineChannels, 1}, cck::gn::kAffineSmemBytes,
+               [&] { cck::gn::backward_affine_kernel(part_dz.data(), part_dzx.data(), dw.data(), db.data(), rows, c.C); });
+  r.dweight = doubles(dw);
+  r.dbias = doubles(db);
+}
+
+// The single passes (forward, then backward from the forward's mean and rstd), as the launchers
+// run them: a persistent grid of c.clusters clusters.
+template <typename T, int VEC, bool SILU>
+static Result single_pass(const Case& c, const Inputs<T>& in) {
+  const int N = c.N, S = c.S, C = c.C, G = c.G, K = c.cluster, rows = cck::gn::cdiv(S, K);
+  const simt::Dim3 grid{static_cast<unsigned>(c.clusters * K), 1, 1};
+  const simt::Dim3 block{static_cast<unsigned>(c.channels / VEC), static_cast<unsigned>(kThreads / (c.channels / VEC)), 1};
+  const size_t size = in.x.size();
+  std::vector<T> y(size, from_double<T>(NAN)), dx(size, from_double<T>(NAN));
   std::vector<float> mean(N * G, NAN), rstd(N * G, NAN);
+  std::vector<float> part_dz(static_cast<size_t>(N) * K * C, NAN), part_dzx(part_dz.size(), NAN);
   int counter = 0;
-  simt::launch(c.clusters, plan.cluster, block,
-               cck::gn::single_pass_smem_bytes(rows, plan.channels, C / G, VEC, sizeof(T), 1), [&] {
-                 const auto kernel = c.silu ? cck::gn::single_pass_kernel<T, VEC, true>
-                                            : cck::gn::single_pass_kernel<T, VEC, false>;
-                 kernel(x.data(), y.data(), weight, bias, mean.data(), rstd.data(), &counter, N, S, C, G,
-                        static_cast<float>(eps));
-               });
-  std::vector<double> yd(size), md(mean.begin(), mean.end()), rd(rstd.begin(), rstd.end());
-  for (size_t i = 0; i < size; ++i) yd[i] = to_double(y[i]);
-  // the mean is folded into the normalize offset: fp32 rounding of |mean| * rstd
-  const double tol = 8 * ulp<T>() + 1e-6 + 4e-7 * c.offset;
-  const double e_y = error(yd, ref.y), e_mean = error(md, ref.mean), e_rstd = error(rd, ref.rstd);
-  if (!(e_y <= tol && e_mean <= 1e-6 && e_rstd <= 2e-5)) {
-    std::printf("%s forward: y %.2e (tol %.1e), mean %.2e, rstd %.2e\n", c.name.c_str(), e_y, tol, e_mean, e_rstd);
-    ++failures;
-  }
-
-  // backward, from the reference's mean and rstd rounded to fp32 (what the forward hands it)
-  std::vector<float> mean_in(N * G), rstd_in(N * G);
-  for (int i = 0; i < N * G; ++i) {
-    mean_in[i] = static_cast<float>(ref.mean[i]);
-    rstd_in[i] = static_cast<float>(ref.rstd[i]);
-  }
-  std::vector<T> dx(size, from_double<T>(NAN));
-  std::vector<float> part_dz(static_cast<size_t>(N) * plan.cluster * C, NAN), part_dzx(part_dz.size(), NAN);
+  simt::launch(grid, K, block, cck::gn::single_pass_smem_bytes(rows, c.channels, C / G, VEC, sizeof(T), 1), [&] {
+    cck::gn::single_pass_kernel<T, VEC, SILU>(in.x.data(), y.data(), in.weight(c), in.bias(c), mean.data(),
+                                              rstd.data(), &counter, N, S, C, G, kEps);
+  });
   counter = 0;
-  simt::launch(c.clusters, plan.cluster, block,
-               cck::gn::single_pass_smem_bytes(rows, plan.channels, C / G, VEC, sizeof(T), 2), [&] {
-                 const auto kernel = c.silu ? cck::gn::backward_single_pass_kernel<T, VEC, true>
-                                            : cck::gn::backward_single_pass_kernel<T, VEC, false>;
-                 kernel(dy.data(), x.data(), dx.data(), c.addend ? addend.data() : nullptr, weight, bias,
-                        mean_in.data(), rstd_in.data(), part_dz.data(), part_dzx.data(), &counter, N, S, C, G);
-               });
-  std::vector<double> dxd(size), want_dx = ref.dx, dw(C, 0), db(C, 0);
-  for (size_t i = 0; i < size; ++i) {
-    dxd[i] = to_double(dx[i]);
-    if (c.addend) want_dx[i] += ad[i];
+  simt::launch(grid, K, block, cck::gn::single_pass_smem_bytes(rows, c.channels, C / G, VEC, sizeof(T), 2), [&] {
+    cck::gn::backward_single_pass_kernel<T, VEC, SILU>(
+        in.dy.data(), in.x.data(), dx.data(), c.addend ? in.addend.data() : nullptr, in.weight(c), in.bias(c),
+        mean.data(), rstd.data(), part_dz.data(), part_dzx.data(), &counter, N, S, C, G);
+  });
+  Result r{doubles(y), doubles(mean), doubles(rstd), doubles(dx), {}, {}};
+  affine(c, part_dz, part_dzx, N * K, r);
+  return r;
+}
+
+// The split passes with c.chunks chunks a sample, as group_norm_nhwc_forward and _backward run them.
+template <typename T, int VEC, bool SILU>
+static Result split(const Case& c, const Inputs<T>& in) {
+  const int N = c.N, S = c.S, C = c.C, G = c.G, K = c.chunks;
+  const cck::gn::SplitLaunch l = cck::gn::split_launch(S, C, K, VEC);
+  const simt::Dim3 grid{static_cast<unsigned>(l.grid_x), static_cast<unsigned>(K), static_cast<unsigned>(N)};
+  const simt::Dim3 block{static_cast<unsigned>(l.block_x), static_cast<unsigned>(l.block_y), 1};
+  const simt::Dim3 group_grid{static_cast<unsigned>(cck::gn::cdiv(G, cck::gn::kGroupsPerBlock)), static_cast<unsigned>(N), 1};
+  const size_t size = in.x.size();
+  std::vector<T> y(size, from_double<T>(NAN)), dx(size, from_double<T>(NAN));
+  std::vector<float> mean(N * G, NAN), rstd(N * G, NAN), coef_a(N * G, NAN), coef_b(N * G, NAN);
+  std::vector<float> part_a(static_cast<size_t>(N) * K * C, NAN), part_b(part_a.size(), NAN);
+  simt::launch(grid, 1, block, l.row_smem,
+               [&] { cck::gn::channel_stats_kernel<T, VEC>(in.x.data(), part_a.data(), part_b.data(), S, C, l.chunk); });
+  simt::launch(group_grid, 1, {kThreads, 1, 1}, 0, [&] {
+    cck::gn::group_stats_kernel(part_a.data(), part_b.data(), mean.data(), rstd.data(), S, C, G, K, l.chunk, kEps);
+  });
+  simt::launch(grid, 1, block, 0, [&] {
+    cck::gn::normalize_kernel<T, VEC, SILU>(in.x.data(), y.data(), in.weight(c), in.bias(c), mean.data(), rstd.data(),
+                                            S, C, G, l.chunk);
+  });
+  std::fill(part_a.begin(), part_a.end(), NAN);
+  std::fill(part_b.begin(), part_b.end(), NAN);
+  simt::launch(grid, 1, block, l.row_smem, [&] {
+    cck::gn::backward_partials_kernel<T, VEC, SILU>(in.dy.data(), in.x.data(), in.weight(c), in.bias(c), mean.data(),
+                                                    rstd.data(), part_a.data(), part_b.data(), S, C, G, l.chunk);
+  });
+  Result r{doubles(y), doubles(mean), doubles(rstd), {}, {}, {}};
+  affine(c, part_a, part_b, N * K, r);
+  simt::launch(group_grid, 1, {kThreads, 1, 1}, 0, [&] {
+    cck::gn::backward_group_kernel(part_a.data(), part_b.data(), in.weight(c), coef_a.data(), coef_b.data(), S, C, G, K);
+  });
+  simt::launch(grid, 1, block, 0, [&] {
+    cck::gn::backward_dx_kernel<T, VEC, SILU>(in.dy.data(), in.x.data(), dx.data(), in.weight(c), in.bias(c),
+                                              mean.data(), rstd.data(), coef_a.data(), coef_b.data(),
+                                              c.addend ? in.addend.data() : nullptr, S, C, G, l.chunk);
+  });
+  r.dx = doubles(dx);
+  return r;
+}
+
+template <typename T>
+static void compare(const Case& c, const char* pipeline, const Result& got, const Reference& ref,
+                    const std::vector<double>& addend) {
+  std::vector<double> want_dx = ref.dx;
+  if (c.addend) {
+    for (size_t i = 0; i < want_dx.size(); ++i) want_dx[i] += addend[i];
   }
-  for (size_t r = 0; r < static_cast<size_t>(N) * plan.cluster; ++r) {
-    for (int ch = 0; ch < C; ++ch) {
-      dw[ch] += part_dzx[r * C + ch];
-      db[ch] += part_dz[r * C + ch];
-    }
-  }
-  const double e_dx = error(dxd, want_dx), e_dw = error(dw, ref.dweight), e_db = error(db, ref.dbias);
-  const double tol_dx = 16 * ulp<T>() + 1e-5, tol_sum = 2e-5;
-  if (!(e_dx <= tol_dx && e_dw <= tol_sum && e_db <= tol_sum)) {
-    std::printf("%s backward: dx %.2e (tol %.1e), dweight %.2e, dbias %.2e (tol %.1e)\n", c.name.c_str(), e_dx, tol_dx,
-                e_dw, e_db, tol_sum);
+  // the mean is folded into the normalize offset: fp32 rounding of |mean| * rstd
+  const double tol_y = 8 * ulp<T>() + 1e-6 + 4e-8 * c.offset, tol_dx = 16 * ulp<T>() + 1e-5, tol_sum = 2e-5;
+  const double e_y = error(got.y, ref.y), e_mean = error(got.mean, ref.mean), e_rstd = error(got.rstd, ref.rstd);
+  const double e_dx = error(got.dx, want_dx), e_dw = error(got.dweight, ref.dweight), e_db = error(got.dbias, ref.dbias);
+  if (!(e_y <= tol_y && e_mean <= 1e-6 && e_rstd <= 2e-5 && e_dx <= tol_dx && e_dw <= tol_sum && e_db <= tol_sum)) {
+    std::printf("%s, %s: y %.2e (tol %.1e), mean %.2e, rstd %.2e, dx %.2e (tol %.1e), dweight %.2e, dbias %.2e\n",
+                c.name.c_str(), pipeline, e_y, tol_y, e_mean, e_rstd, e_dx, tol_dx, e_dw, e_db);
     ++failures;
   }
 }
 
+template <typename T, int VEC>
+static void run(const Case& c) {
+  const int N = c.N, S = c.S, C = c.C;
+  std::mt19937 rng(1234 + N * 7 + C);
+  std::normal_distribution<double> normal;
+  const size_t size = static_cast<size_t>(N) * S * C;
+  Inputs<T> in{std::vector<T>(size), std::vector<T>(size), std::vector<T>(size), std::vector<float>(C, 1.0f),
+               std::vector<float>(C, 0.0f)};
+  for (size_t i = 0; i < size; ++i) {
+    const bool first = (i / C) % S == 0;
+    in.x[i] = from_double<T>(2 * normal(rng) + 0.5 + c.offset + (first ? c.outlier : 0.0));
+    in.dy[i] = from_double<T>(normal(rng));
+    in.addend[i] = from_double<T>(normal(rng));
+  }
+  if (c.affine) {
+    for (int ch = 0; ch < C; ++ch) {
+      in.w[ch] = static_cast<float>(1 + 0.5 * normal(rng));
+      in.b[ch] = static_cast<float>(0.5 * normal(rng));
+    }
+  }
+  const std::vector<double> w(in.w.begin(), in.w.end()), b(in.b.begin(), in.b.end());
+  const Reference ref = reference(c, doubles(in.x), w, b, doubles(in.dy), kEps);
+  const std::vector<double> addend = doubles(in.addend);
+  if (c.silu) {
+    compare<T>(c, "single pass", single_pass<T, VEC, true>(c, in), ref, addend);
+    compare<T>(c, "split", split<T, VEC, true>(c, in), ref, addend);
+  } else {
+    compare<T>(c, "single pass", single_pass<T, VEC, false>(c, in), ref, addend);
+    compare<T>(c, "split", split<T, VEC, false>(c, in), ref, addend);
+  }
+}
+
 int main() {
-  // name, N, S, C, G, channels a block, cluster, clusters launched, silu, affine, addend
-  run<float, 4>({"fp32 packs, a block a tile, 2 clusters", 3, 37, 24, 4, 12, 1, 2, true, true, true});
-  run<float, 4>({"fp32 packs, clusters of 3", 3, 37, 24, 4, 24, 3, 2, false, true, false});
-  run<float, 4>({"fp32, large offset, outlier at position 0", 2, 30, 24, 4, 24, 2, 2, true, false, false, 1e3, 16.0});
-  run<__nv_bfloat16, 8>({"bf16 packs, clusters of 2", 2, 50, 48, 4, 24, 2, 3, true, true, true});
-  run<__nv_bfloat16, 8>({"bf16 packs, one cluster takes every tile", 2, 50, 48, 4, 48, 1, 1, true, true, false});
-  run<__nv_bfloat16, 1>({"bf16 scalar, 3 channels a group", 2, 17, 36, 12, 18, 2, 2, true, true, true});
-  run<__half, 8>({"fp16 packs, more clusters than tiles", 2, 19, 48, 8, 48, 1, 3, false, true, true});
+  // name, N, S, C, G, channels a block, cluster, clusters launched, chunks, silu, affine, addend
+  run<float, 4>({"fp32 packs, a block a tile, 2 clusters", 3, 37, 24, 4, 12, 1, 2, 3, true, true, true});
+  run<float, 4>({"fp32 packs, clusters of 3", 3, 37, 24, 4, 24, 3, 2, 1, false, true, false});
+  run<float, 4>({"fp32, large offset, outlier at position 0", 2, 30, 24, 4, 24, 2, 2, 2, true, false, false, 1e3, 16.0});
+  run<__nv_bfloat16, 8>({"bf16 packs, clusters of 2", 2, 50, 48, 4, 24, 2, 3, 4, true, true, true});
+  run<__nv_bfloat16, 8>({"bf16 packs, one cluster takes every tile", 2, 50, 48, 4, 48, 1, 1, 2, true, true, false});
+  run<__nv_bfloat16, 1>({"bf16 scalar, 3 channels a group", 2, 17, 36, 12, 18, 2, 2, 3, true, true, true});
+  run<__half, 8>({"fp16 packs, more clusters than tiles", 2, 19, 48, 8, 48, 1, 3, 2, false, true, true});
   if (failures) std::printf("%d failures\n", failures);
   return failures ? 1 : 0;
 }
