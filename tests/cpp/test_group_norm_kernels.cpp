@@ -72,6 +72,7 @@ static Reference reference(const Case& c, const std::vector<double>& x, const st
       r.mean[n * G + g] = mu;
       r.rstd[n * G + g] = rs;
       double a = 0, bb = 0;  // means of w * dz and w * dz * xhat
+      std::vector<double> xhats, dzs;  // the group's, in (s, k) order
       for (int s = 0; s < S; ++s) {
         for (int k = 0; k < cpg; ++k) {
           const int ch = g * cpg + k;
@@ -82,20 +83,16 @@ static Reference reference(const Case& c, const std::vector<double>& x, const st
           const double dz = c.silu ? dy[i] * sig * (1.0 + z * (1.0 - sig)) : dy[i];
           r.dweight[ch] += dz * xhat;
           r.dbias[ch] += dz;
-          a += w[ch] * dz;
-          bb += w[ch] * dz * xhat;
+          a += w[ch] * dz / count;
+          bb += w[ch] * dz * xhat / count;
+          xhats.push_back(xhat);
+          dzs.push_back(dz);
         }
       }
-      a /= count;
-      bb /= count;
-      for (int s = 0; s < S; ++s) {
-        for (int k = 0; k < cpg; ++k) {
+      for (int s = 0, j = 0; s < S; ++s) {
+        for (int k = 0; k < cpg; ++k, ++j) {
           const int ch = g * cpg + k;
-          const size_t i = at(n, s, ch);
-          const double xhat = (x[i] - mu) * rs, z = xhat * w[ch] + b[ch];
-          const double sig = 1.0 / (1.0 + std::exp(-z));
-          const double dz = c.silu ? dy[i] * sig * (1.0 + z * (1.0 - sig)) : dy[i];
-          r.dx[i] = rs * (w[ch] * dz - a - xhat * bb);
+          r.dx[at(n, s, ch)] = rs * (w[ch] * dzs[j] - a - xhats[j] * bb);
         }
       }
     }
