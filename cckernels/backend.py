@@ -74,6 +74,16 @@ OPTIMIZER_STEPS = {
 # 8x8 and 4x4 maps, CUDA on the larger). Kept for A/B runs of the whole step (docs/benchmarks.md).
 _TRITON_FROM = os.environ.get("CCKERNELS_GROUP_NORM_TRITON_FROM")
 GROUP_NORM_TRITON_FIRST_ELEMENTS = int(_TRITON_FROM) if _TRITON_FROM else None
+# GroupNorm's backend under prefer_gpu_time (CUDA-graph capture): Triton, from the second H200
+# run's batch-32 graph replays (Triton 1.2-1.7x CUDA's forward+backward); the fifth run had the
+# two about even there, and the CUDA single passes have changed since (untimed).
+# CCKERNELS_GROUP_NORM_GRAPH_BACKEND=cuda keeps the op's own order (CUDA first) under capture
+# too: the A/B of the graphed training row (docs/benchmarks.md).
+GROUP_NORM_GRAPH_BACKENDS = ("triton", "cuda")
+GROUP_NORM_GRAPH_BACKEND = os.environ.get("CCKERNELS_GROUP_NORM_GRAPH_BACKEND", "triton")
+if GROUP_NORM_GRAPH_BACKEND not in GROUP_NORM_GRAPH_BACKENDS:
+    raise ValueError(f"CCKERNELS_GROUP_NORM_GRAPH_BACKEND={GROUP_NORM_GRAPH_BACKEND!r}: "
+                     f"expected one of {', '.join(GROUP_NORM_GRAPH_BACKENDS)}")
 _prefer_gpu_time = contextvars.ContextVar("prefer_gpu_time", default=False)
 
 
@@ -91,8 +101,10 @@ def prefer_gpu_time():
 
 
 def _group_norm_first(x, *args):
+    if _prefer_gpu_time.get():
+        return GROUP_NORM_GRAPH_BACKEND
     large = GROUP_NORM_TRITON_FIRST_ELEMENTS is not None and x.numel() >= GROUP_NORM_TRITON_FIRST_ELEMENTS
-    return "triton" if _prefer_gpu_time.get() or large else None
+    return "triton" if large else None
 
 
 # op -> f(*the op's arguments) -> the backend to try first for them (None: the op's order).

@@ -1,4 +1,7 @@
 """Backend selection, fallback and argument checking of the public API."""
+import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -145,6 +148,21 @@ def test_group_norm_takes_triton_first_for_large_inputs_if_asked_and_when_gpu_ti
     with ck.prefer_gpu_time():
         ck.ema_update_([torch.zeros(3)], [torch.ones(3)], 0.5)  # other ops keep their own order
     assert recording_backends[-2:] == ["cuda", "triton"]
+
+
+def test_group_norm_under_capture_takes_the_graph_backend(recording_backends, monkeypatch):
+    x = torch.randn(2, 4, 3, 3)
+    assert backend_mod.GROUP_NORM_GRAPH_BACKEND == "triton"  # CCKERNELS_GROUP_NORM_GRAPH_BACKEND unset
+    monkeypatch.setattr(backend_mod, "GROUP_NORM_GRAPH_BACKEND", "cuda")
+    with ck.prefer_gpu_time():
+        ck.group_norm(x, 2)
+    assert recording_backends == ["cuda"]
+
+
+def test_a_bad_graph_backend_names_the_valid_ones():
+    env = {**os.environ, "CCKERNELS_GROUP_NORM_GRAPH_BACKEND": "apex"}
+    out = subprocess.run([sys.executable, "-c", "import cckernels"], env=env, capture_output=True, text=True)
+    assert out.returncode != 0 and "expected one of triton, cuda" in out.stderr
 
 
 def test_group_norm_falls_back_from_a_refusing_first_choice(recording_backends, monkeypatch):

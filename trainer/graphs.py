@@ -17,8 +17,8 @@ Gradient checkpointing (recomputation inside the captured backward) and torch.co
 own CUDA-graph modes would nest) are untried: the trainer refuses them with graphs.
 
 The warm-up and the capture run under ck.prefer_gpu_time(): each op takes the backend whose
-kernels take the least GPU time (GroupNorm: Triton rather than CUDA), since a replay pays
-no host time per kernel.
+kernels take the least GPU time (GroupNorm: Triton rather than CUDA, unless
+CCKERNELS_GROUP_NORM_GRAPH_BACKEND=cuda), since a replay pays no host time per kernel.
 """
 import contextlib
 import inspect
