@@ -202,21 +202,21 @@ __device__ __forceinline__ Walk walk(int S, int C, int chunk) {
   return w;
 }
 
-// Per-channel fp32 group statistics and affine parameters of this thread's VEC channels.
+// Per-channel fp32 group statistics and affine parameters of the VEC channels from c0 of sample n.
 template <int VEC>
 struct ChannelParams {
   float mean[VEC], rstd[VEC], w[VEC], b[VEC];
 };
 
 template <int VEC>
-__device__ __forceinline__ ChannelParams<VEC> channel_params(const Walk& wk, const float* weight, const float* bias,
+__device__ __forceinline__ ChannelParams<VEC> channel_params(int n, int c0, const float* weight, const float* bias,
                                                              const float* mean, const float* rstd, int C, int G) {
   ChannelParams<VEC> p;
   const int cpg = C / G;
 #pragma unroll
   for (int i = 0; i < VEC; ++i) {
-    const int c = wk.c0 + i;
-    const int ng = wk.n * G + c / cpg;
+    const int c = c0 + i;
+    const int ng = n * G + c / cpg;
     p.mean[i] = mean[ng];
     p.rstd[i] = rstd[ng];
     p.w[i] = weight ? weight[c] : 1.0f;
@@ -387,7 +387,7 @@ __global__ void __launch_bounds__(kThreads, 3) normalize_kernel(
     int S, int C, int G, int chunk) {
   const Walk wk = walk<VEC>(S, C, chunk);
   if (!wk.active) return;
-  const ChannelParams<VEC> p = channel_params<VEC>(wk, weight, bias, mean, rstd, C, G);
+  const ChannelParams<VEC> p = channel_params<VEC>(wk.n, wk.c0, weight, bias, mean, rstd, C, G);
   float scale[VEC], shift[VEC];
 #pragma unroll
   for (int i = 0; i < VEC; ++i) {
@@ -421,7 +421,7 @@ __global__ void __launch_bounds__(kThreads, 2) backward_partials_kernel(
   const Walk wk = walk<VEC>(S, C, chunk);
   float sum_dz[VEC] = {}, sum_dz_xhat[VEC] = {};
   if (wk.active) {
-    const ChannelParams<VEC> p = channel_params<VEC>(wk, weight, bias, mean, rstd, C, G);
+    const ChannelParams<VEC> p = channel_params<VEC>(wk.n, wk.c0, weight, bias, mean, rstd, C, G);
     const int64_t base = wk.sample + wk.c0;
     batched<kLoadBatch / 2>(
         wk.s_begin + static_cast<int>(threadIdx.y), wk.s_end, static_cast<int>(blockDim.y),
@@ -512,7 +512,7 @@ __global__ void __launch_bounds__(kThreads, 2) backward_dx_kernel(
     int S, int C, int G, int chunk) {
   const Walk wk = walk<VEC>(S, C, chunk);
   if (!wk.active) return;
-  const ChannelParams<VEC> p = channel_params<VEC>(wk, weight, bias, mean, rstd, C, G);
+  const ChannelParams<VEC> p = channel_params<VEC>(wk.n, wk.c0, weight, bias, mean, rstd, C, G);
   float c_dz[VEC], c_xhat[VEC];
 #pragma unroll
   for (int i = 0; i < VEC; ++i) {
@@ -876,15 +876,7 @@ __global__ void __launch_bounds__(kThreads, 2) backward_single_pass_kernel(
     const T* x_tile = tl.tile(0, b) + (first - s_begin) * width;
     const T* dy_tile = tl.tile(1, b) + (first - s_begin) * width;
     const int n = tl.sample(t), c0 = tl.channel0(t);
-    ChannelParams<VEC> p;
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) {
-      const int c = c0 + col + i, ng = n * G + c / cpg;
-      p.mean[i] = mean[ng];
-      p.rstd[i] = rstd[ng];
-      p.w[i] = weight ? weight[c] : 1.0f;
-      p.b[i] = bias ? bias[c] : 0.0f;
-    }
+    const ChannelParams<VEC> p = channel_params<VEC>(n, c0 + col, weight, bias, mean, rstd, C, G);
     const auto tile_row = [&](int r) {  // this thread's r-th row of both tiles
       return XDy<T, VEC>{load_pack<T, VEC>(x_tile + r * tl.tile_step), load_pack<T, VEC>(dy_tile + r * tl.tile_step)};
     };
