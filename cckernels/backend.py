@@ -100,8 +100,14 @@ def prefer_gpu_time():
         _prefer_gpu_time.reset(token)
 
 
+def gpu_time_preferred():
+    """Whether this thread is inside prefer_gpu_time(): for a kernel's own plan (the Triton
+    GroupNorm's forward path), as the dispatcher's choice of backend."""
+    return _prefer_gpu_time.get()
+
+
 def _group_norm_first(x, *args):
-    if _prefer_gpu_time.get():
+    if gpu_time_preferred():
         return GROUP_NORM_GRAPH_BACKEND
     large = GROUP_NORM_TRITON_FIRST_ELEMENTS is not None and x.numel() >= GROUP_NORM_TRITON_FIRST_ELEMENTS
     return "triton" if large else None

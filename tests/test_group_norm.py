@@ -245,12 +245,33 @@ SD2_TRITON_PATHS = {
 }  # fmt: skip
 
 
-def test_forward_path_for_sd2_shapes():
+# Under ck.prefer_gpu_time() (the trainer's CUDA graphs) only the tiles of at most 8 KB keep it
+SD2_TRITON_GPU_TIME_SINGLE_PASS = {(32, 1280, 8, False), (32, 1280, 4, False), (32, 1280, 8, True)}
+
+
+@pytest.mark.parametrize("gpu_time", [False, True])
+def test_forward_path_for_sd2_shapes(gpu_time):
     from cckernels.triton.group_norm import _single_pass_plan
 
     for (N, C, side, channels_last), path in SD2_TRITON_PATHS.items():
-        plan = _single_pass_plan(N, C, side * side, 32, channels_last, 2, 132)
+        if gpu_time:
+            path = "single-pass" if (N, C, side, channels_last) in SD2_TRITON_GPU_TIME_SINGLE_PASS else "split"
+        plan = _single_pass_plan(N, C, side * side, 32, channels_last, 2, 132, gpu_time)
         assert ("single-pass" if plan else "split") == path, (N, C, side, channels_last)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_prefer_gpu_time_takes_the_split_forward_above_its_limit(gn, monkeypatch, channels_last):
+    # 2 KB fp32 tiles: within the (test's) 4 KB limit eagerly, over a 1 KB one under
+    # prefer_gpu_time; the split forward must then give the same results as it does elsewhere.
+    monkeypatch.setattr(gn, "SINGLE_PASS_GPU_TIME_BYTES", 1024)
+    G = 4 if channels_last else 16
+    x, w, b = make((2, 32, 4, 8) if channels_last else (2, 32, 8, 32), torch.float32, channels_last)
+    assert gn.group_norm_forward_path(x, G) == "single-pass"
+    with ck.prefer_gpu_time():
+        assert gn.group_norm_forward_path(x, G) == "split"
+        check(x, G, w, b, silu=True)
+    assert gn.group_norm_forward_path(x, G) == "single-pass"
 
 
 def test_channels_last_single_pass_loads_whole_vectors_where_it_can():

@@ -10,10 +10,12 @@ single pass  _single_pass_kernel: one program holds GROUPS whole groups of one s
              registers (GROUPS * C/G channels x S positions, at most SINGLE_PASS_BYTES
              of x), so x is read once: the mean first, then the sum of squared deviations
              from it (exact, fp32), mean and rstd stored for the backward, then y. Taken when
-             the tile fits and the N * G / GROUPS programs give every SM one; channels_last
-             takes GROUPS groups so that each position's channel run is >= 64 bytes (coalesced)
-             and, where the tile allows, a whole number of 16-byte vectors (else the widest
-             loads the run allows), contiguous takes one group (a run of C/G * S elements).
+             the tile fits (8 KB under ck.prefer_gpu_time(): CUDA graphs, where the split
+             path's extra launches cost no host time) and the N * G / GROUPS programs give
+             every SM one; channels_last takes GROUPS groups so that each position's channel
+             run is >= 64 bytes (coalesced) and, where the tile allows, a whole number of
+             16-byte vectors (else the widest loads the run allows), contiguous takes one
+             group (a run of C/G * S elements).
 split        three passes, each tiling (BLOCK_C channels) x (a chunk of CHUNK positions), so
              one (sample, group) is spread over many programs and batch 1 at 64x64x320 still
              fills the GPU. Its forward reads x twice; the backward always runs this way:
@@ -41,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from cckernels.backend import Unsupported
+from cckernels.backend import Unsupported, gpu_time_preferred
 from cckernels.group_norm_autograd import GroupNormFunction, custom_ops
 from cckernels.reference import channels_last
 from cckernels.tracing import emitting_custom_ops
@@ -60,13 +62,17 @@ PROGRAMS_PER_SM = 4
 # which sets num_warps; more and ptxas spills): 32K bf16/fp16 values at 32 warps (64 registers a
 # thread) or 16K fp32 ones at 16 warps (at 32 warps fp32 spills), and channels_last tiles at most
 # 16 warps (at 32 their per-channel vectors spill).
-# In CUDA graph replays (GPU time only) the split forward beat the single pass from 16 KB
-# tiles up (up to 1.7x; H200, bf16, SD2 shapes), but eager calls at those sizes are host-bound,
-# where the single pass's one launch instead of three wins (forward host time 80-170 us
-# against 120-280 us). Switching by capture state would need the split kernels loaded before
-# a capture: Triton loads a module at a kernel's first launch, which the driver refuses while
-# a stream is captured.
 SINGLE_PASS_BYTES = 65536
+# The limit under ck.prefer_gpu_time() (the trainer's CUDA-graph capture and the warm-up before
+# it, which so loads the same kernels: Triton loads a module at a kernel's first launch, which
+# the driver refuses while a stream is captured). In graph replays (GPU time only; H200, bf16,
+# SD2 shapes, both layouts, two runs: results 2026-11-26-0507 and 2026-11-27-0539/follow-up)
+# the split forward beat or tied the single pass at every tile of 16-64 KB (1.0-1.9x: 32x640x
+# 16x16 channels_last 23.5 against 35.9 us), and lost at 2 KB (32x1280x4x4: 12.9 against 9.2
+# contiguous); at 8 KB it won at batch 256, tied at 32 and lost at 8 (13.6 against 9.4).
+# Eager calls at those sizes are host-bound, where the single pass's one launch instead of
+# three wins (forward host time 80-170 us against 120-280 us): SINGLE_PASS_BYTES there.
+SINGLE_PASS_GPU_TIME_BYTES = 8192
 SINGLE_PASS_ELEMENTS_PER_THREAD = 32
 SINGLE_PASS_MAX_WARPS = {False: 32, True: 16}  # by channels_last
 MIN_RUN_BYTES = 64  # channels_last: a program's channel run per position, for coalesced loads
@@ -383,10 +389,12 @@ def _tiling(x, C, S, strides):
     return block_c, block_s, chunk, cdiv(S, chunk)
 
 
-def _single_pass_plan(N, C, S, G, channels_last, itemsize, sms):
+def _single_pass_plan(N, C, S, G, channels_last, itemsize, sms, gpu_time=False):
     """(GROUPS, BLOCK_C, BLOCK_S, ALIGN, num_warps) of the single-pass forward, or None where
-    the split path is the better one: a tile of GROUPS whole groups must fit SINGLE_PASS_BYTES,
-    and the programs must give every SM one (else splitting the groups fills the GPU better)."""
+    the split path is the better one: a tile of GROUPS whole groups must fit SINGLE_PASS_BYTES
+    (with gpu_time, SINGLE_PASS_GPU_TIME_BYTES as well), and the programs must give every SM one
+    (else splitting the groups fills the GPU better)."""
+    max_bytes = min(SINGLE_PASS_BYTES, SINGLE_PASS_GPU_TIME_BYTES) if gpu_time else SINGLE_PASS_BYTES
     cpg = C // G
     vec = 16 // itemsize
     max_warps = SINGLE_PASS_MAX_WARPS[channels_last]
@@ -396,7 +404,7 @@ def _single_pass_plan(N, C, S, G, channels_last, itemsize, sms):
 
     def fits(groups):
         n = elements(groups)
-        return (n * itemsize <= SINGLE_PASS_BYTES and n <= 32 * SINGLE_PASS_ELEMENTS_PER_THREAD * max_warps
+        return (n * itemsize <= max_bytes and n <= 32 * SINGLE_PASS_ELEMENTS_PER_THREAD * max_warps
                 and N * cdiv(G, groups) >= sms)
 
     groups = 1
@@ -422,12 +430,14 @@ def _single_pass_plan(N, C, S, G, channels_last, itemsize, sms):
 def _plan(x, num_groups):
     N, C = x.shape[:2]
     S, strides = _layout(x)
-    return _single_pass_plan(N, C, S, num_groups, strides[1] == 1 and C > 1, x.element_size(), sm_count(x.device, on_cpu=2))
+    return _single_pass_plan(N, C, S, num_groups, strides[1] == 1 and C > 1, x.element_size(), sm_count(x.device, on_cpu=2),
+                             gpu_time_preferred())
 
 
 def group_norm_forward_path(x, num_groups):
     """Which forward runs for x: "single-pass" (each group read once, held in registers) or
-    "split" (three passes, groups spread over many programs)."""
+    "split" (three passes, groups spread over many programs). Under ck.prefer_gpu_time() the
+    answer may differ (SINGLE_PASS_GPU_TIME_BYTES)."""
     return "single-pass" if _plan(x, num_groups) else "split"
 
 
