@@ -629,14 +629,17 @@ def slug(name):
 def measure(recipe, name, earlier, shared):
     """Runs one row; the larger micro-batch steps back (halving the increase) on out-of-memory.
     `earlier`: the rows above it in the table; a larger micro-batch row sizes its batch from
-    the memory of the row right above it (the same recipe at the base micro-batch)."""
+    the memory of the row right above it (the same recipe at the base micro-batch), or takes
+    --max-batch."""
     a = shared.args
     batch = a.batch
-    if recipe.batch == "max" and earlier and "images_per_s" in earlier[-1]:
+    if recipe.batch == "max" and (a.max_batch or earlier and "images_per_s" in earlier[-1]):
         # no larger than each rank's share of the --images can fill (the H200 fitted 576 in
         # memory with 512 images: the loader refused it)
         images_per_rank = max(a.batch, a.images // shared.world // 8 * 8)
-        if a.tiny or shared.device.type != "cuda":
+        if a.max_batch:
+            batch = a.max_batch
+        elif a.tiny or shared.device.type != "cuda":
             batch = 2 * a.batch  # no memory model on the CPU: the path only
         else:
             capacity = 0.9 * torch.cuda.get_device_properties(shared.device).total_memory
@@ -780,6 +783,10 @@ def parse_args(argv=None):
     p.add_argument("--text-encoder", help="local text encoder folder (default: random SD2-size CLIP text model)")
     p.add_argument("--rows", nargs="+", help="only these rows (names as printed); the baseline always runs "
                    "(and a larger micro-batch row needs the row above it for its memory estimate)")
+    p.add_argument("--max-batch", type=int, default=None,
+                   help="the larger micro-batch rows' batch (default: sized from the memory of the row above "
+                   "each): a --rows call can measure one without that row, e.g. a compiled plain PyTorch "
+                   "row at the batch its eager run fitted")
     p.add_argument("--no-compile", action="store_true",
                    help="no torch.compile: the plain-PyTorch row without it, the + torch.compile row skipped")
     p.add_argument("--compile-mode", default="default",

@@ -199,6 +199,19 @@ def test_rows_are_measured_headline_first_then_latents_against_online(bench, tmp
     assert calls[len(headline) + 2] == "+ our attention"  # then the ladder in order
 
 
+def test_max_batch_sets_the_larger_micro_batch_without_the_row_above(bench, tmp_path, monkeypatch):
+    # A follow-up call on a GPU: a compiled plain-PyTorch row at the batch its eager twin fitted,
+    # without compiling the base-batch row above it too (here the baseline is the row above, and
+    # sizing from it would give 2 x 4).
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("CCKERNELS_CACHE", str(tmp_path / "cache"))
+    rows = bench.main(["--tiny", "--steps", "1", "--warmup", "0", "--out", str(tmp_path / "out"),
+                       "--max-batch", "8", "--rows", bench.PLAIN_MAX[0]])
+    by_name = {r["name"]: r for r in rows if "images_per_s" in r}
+    assert set(by_name) == {"baseline", bench.PLAIN_MAX[0]}
+    assert by_name["baseline"]["batch"] == 4 and by_name[bench.PLAIN_MAX[0]]["batch"] == 8
+
+
 def test_the_larger_batch_grows_the_previous_peak_by_the_measured_memory_per_image(bench):
     gib = 2**30
     # the third H200 run's plain PyTorch row at batch 32: peak 37.2 GiB, persistent 22.8
