@@ -11,12 +11,13 @@
 # Budget per step (seconds, enforced with `timeout`; a step that fails or runs out is logged in
 # summary.md and the next one still runs; benchmarks with --budget-s start no new case after it
 # and still write their JSON), in this order:
-#   build 45 | build-check 15 | pytest -m gpu 160 (93 s on the third H200 run, just over 140
+#   build 45 | build-check 15 | smoke 150 (gpu_smoke.py: new kernel paths, each alone; ~35 s
+#   expected) | pytest -m gpu 160 (93 s on the third H200 run, just over 140
 #   on the fourth) | bench_train 270 (6 timed steps and 1 profiled step of kernels a row; no
 #   row starts after its budget less 30 s; JSON written after every row) |
 #   bench_attention_cross 60 (the cross-attention shapes and 512 px self-attention at
 #   L = 4096) | bench_group_norm 60 | ncu_kernels 45 | bench_layer_norm 25 | bench_geglu 35 |
-#   profile_host 30 | bench_ema 35 | bench_attention 55 | bench_data 45 = 880 s
+#   profile_host 30 | bench_ema 35 | bench_attention 55 | bench_data 45 = 1030 s
 #   if every step used all of its budget (bench_ddp, 30 s, only runs with several GPUs).
 # The whole run must end inside the caller's outer `timeout` (docs/benchmarks.md: 575 s less the
 # DALI install), or that kills it mid-step and summary.md is never written. So the script ends
@@ -101,8 +102,22 @@ else
     printf '| build | no setup.py in this checkout | - | - |\n' >> "$OUT/steps.md"
 fi
 
+# The paths no GPU has run yet, one call each in a process of its own: one that crashes, hangs
+# or is wrong is switched off (an `export NAME=0` in smoke.env, the reason in logs/smoke.log)
+# for every step after this, so the tests and benchmarks run on what works instead of failing
+# behind it. A follow-up call on the same machine (RUN_GPU_STEPS without smoke) takes the
+# switches of the last smoke step there, from $SCRATCH/smoke.env.
+step smoke 150 env CCKERNELS_AUTOTUNE=0 "$PY" benchmarks/gpu_smoke.py --out "$OUT" --timeout-s 60
+if [ -f "$OUT/smoke.env" ]; then
+    mkdir -p "$SCRATCH" && cp "$OUT/smoke.env" "$SCRATCH/smoke.env"
+fi
+if [ -s "$SCRATCH/smoke.env" ]; then
+    . "$SCRATCH/smoke.env"
+    sed 's/^/switched off: /' "$SCRATCH/smoke.env"
+fi
+
 "$PY" - "$OUT/meta.json" <<'EOF'
-import json, platform, subprocess, sys, datetime
+import json, os, platform, subprocess, sys, datetime
 import torch
 def run(*cmd):
     try:
@@ -125,6 +140,7 @@ meta = {
     "cuda": torch.version.cuda, "nvcc": (run("nvcc", "--version") or "").splitlines()[-1:],
     "build_info": cckernels.build_info(),
     "available_backends": cckernels.available_backends(),
+    "env": {k: v for k, v in os.environ.items() if k.startswith("CCKERNELS_")},  # smoke's switches among them
 }
 open(sys.argv[1], "w").write(json.dumps(meta, indent=2, default=str))
 print(json.dumps(meta, default=str))
@@ -208,6 +224,11 @@ bench bench_data 45 --images 512
     echo
     cat "$OUT/steps.md"
     echo
+    if [ -s "$SCRATCH/smoke.env" ]; then
+        echo "Switched off for the steps after smoke (gpu_smoke.py; the reason in logs/smoke.log of the run that set it):"
+        sed 's/^export \([A-Z_]*=0\).*/- `\1`/' "$SCRATCH/smoke.env"
+        echo
+    fi
     echo "Logs (with every benchmark's table) in logs/; JSON and PNG next to this file; versions in meta.json."
     if [ -f "$OUT/logs/bench_train.log" ]; then
         echo

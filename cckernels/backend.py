@@ -87,6 +87,15 @@ if GROUP_NORM_GRAPH_BACKEND not in GROUP_NORM_GRAPH_BACKENDS:
 _prefer_gpu_time = contextvars.ContextVar("prefer_gpu_time", default=False)
 
 
+def env_flag(name, default):
+    """The on/off switch in environment variable `name`: 1 or 0, `default` when unset or empty;
+    anything else raises, naming the variable and the values it takes."""
+    value = os.environ.get(name)
+    if value not in (None, "", "0", "1"):
+        raise ValueError(f"{name}={value!r}: use 1 (on) or 0 (off)")
+    return default if value in (None, "") else value == "1"
+
+
 @contextlib.contextmanager
 def prefer_gpu_time():
     """Within the block (this thread), ops take the backend whose kernels take the least GPU

@@ -176,6 +176,29 @@ def test_group_norm_falls_back_from_a_refusing_first_choice(recording_backends, 
     assert recording_backends == ["cuda"]
 
 
+@pytest.mark.parametrize("value,expected", [(None, True), ("", True), ("1", True), ("0", False)])
+def test_env_flag(monkeypatch, value, expected):
+    if value is None:
+        monkeypatch.delenv("CCKERNELS_TEST_FLAG", raising=False)
+    else:
+        monkeypatch.setenv("CCKERNELS_TEST_FLAG", value)
+    assert backend_mod.env_flag("CCKERNELS_TEST_FLAG", True) is expected
+
+
+def test_env_flag_names_the_values_it_takes(monkeypatch):
+    monkeypatch.setenv("CCKERNELS_TEST_FLAG", "off")
+    with pytest.raises(ValueError, match="CCKERNELS_TEST_FLAG='off': use 1 \\(on\\) or 0 \\(off\\)"):
+        backend_mod.env_flag("CCKERNELS_TEST_FLAG", True)
+
+
+def test_cuda_group_norm_single_pass_switch():
+    # read at import, as run_gpu.sh sets it for the processes after gpu_smoke.py
+    code = "import cckernels.cuda as c; print(c.SINGLE_PASS)"
+    env = {**os.environ, "CCKERNELS_GROUP_NORM_CUDA_SINGLE_PASS": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
 def test_prefer_gpu_time_is_per_thread():
     seen = []
     with ck.prefer_gpu_time():

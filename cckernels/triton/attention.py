@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from cckernels.backend import Unsupported, _on_device
+from cckernels.backend import Unsupported, _on_device, env_flag
 from cckernels.packing import is_packed, packed_empty
 from cckernels.tracing import emitting_custom_ops
 from cckernels.triton.column_sum import column_sum
@@ -606,8 +606,11 @@ def _tma_reductions(device, row_elements):
     Triton's interpreter has no descriptor reductions), with dQ's fp32 rows of row_elements
     (H * D) a multiple of 16 bytes, as TMA needs. The descriptor is built in the kernel,
     in 128 bytes of global scratch a program that Triton allocates through triton.set_allocator:
-    set here when no allocator is (a ContextVar: the autograd thread that runs this needs its own)."""
-    if device.type != "cuda" or _capability(device)[0] != 9 or row_elements % 4:
+    set here when no allocator is (a ContextVar: the autograd thread that runs this needs its own).
+    CCKERNELS_ATTENTION_TMA_DQ=0 keeps the per-element atomics (benchmarks/gpu_smoke.py sets
+    it where the TMA path fails on a GPU)."""
+    if (device.type != "cuda" or _capability(device)[0] != 9 or row_elements % 4
+            or not env_flag("CCKERNELS_ATTENTION_TMA_DQ", True)):
         return False
     from triton.runtime import _allocation
 
@@ -620,12 +623,7 @@ def deterministic_backward():
     """Whether the backward must give bit-identical gradients run to run: when
     torch.use_deterministic_algorithms(True) is on, else as env CCKERNELS_DETERMINISTIC says
     (1 or 0), else DETERMINISTIC_BY_DEFAULT."""
-    if torch.are_deterministic_algorithms_enabled():
-        return True
-    env = os.environ.get("CCKERNELS_DETERMINISTIC")
-    if env not in (None, "", "0", "1"):
-        raise ValueError(f"CCKERNELS_DETERMINISTIC={env!r}: use 1 (deterministic backward) or 0 (atomic dQ)")
-    return DETERMINISTIC_BY_DEFAULT if env in (None, "") else env == "1"
+    return torch.are_deterministic_algorithms_enabled() or env_flag("CCKERNELS_DETERMINISTIC", DETERMINISTIC_BY_DEFAULT)
 
 
 def _packed_gradients(q, k, v, need_dq, need_dkdv):
