@@ -1,6 +1,5 @@
 """benchmarks/bench_attention.py: tiny mode end to end, and its tables and plot from rows with
 both timings (the GPU path, with timings faked: CUDA graphs need a GPU)."""
-import importlib.util
 import json
 import math
 import subprocess
@@ -12,17 +11,14 @@ import torch
 
 import cckernels as ck
 from test_data import repo_env
+import scripts
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
 def bench(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # the script imports its sibling timers.py
-    spec = importlib.util.spec_from_file_location("bench_attention", ROOT / "benchmarks" / "bench_attention.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return scripts.load("benchmarks/bench_attention.py", monkeypatch)
 
 
 def run_tiny(tmp_path, *args):

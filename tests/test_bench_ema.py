@@ -1,18 +1,12 @@
 """Smoke test of benchmarks/bench_ema.py's tiny mode, and its SD2 parameter list."""
-import importlib.util
 import json
 import math
-from pathlib import Path
 
-BENCH = Path(__file__).parents[1] / "benchmarks" / "bench_ema.py"
+import scripts
 
 
 def load_bench(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH.parent))  # the script imports its siblings
-    spec = importlib.util.spec_from_file_location("bench_ema", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return scripts.load("benchmarks/bench_ema.py", monkeypatch)
 
 
 def test_sd2_parameter_list(monkeypatch):

@@ -1,17 +1,12 @@
 """Smoke test of benchmarks/bench_geglu.py's tiny mode: table, JSON and plot."""
-import importlib.util
 import json
-from pathlib import Path
 
-BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+import scripts
 
 
 def run_tiny(op, tmp_path, monkeypatch):
     """benchmarks/bench_{op}.py --tiny into tmp_path: its rows, checked against its JSON and PNG."""
-    monkeypatch.syspath_prepend(str(BENCHMARKS))  # the script imports its siblings
-    spec = importlib.util.spec_from_file_location(f"bench_{op}", BENCHMARKS / f"bench_{op}.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = scripts.load(f"benchmarks/bench_{op}.py", monkeypatch)
     rows = bench.main(["--tiny", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / f"{op}.json").read_text())
     assert (tmp_path / f"{op}.png").stat().st_size > 0

@@ -1,16 +1,15 @@
 """benchmarks/bench_group_norm.py: tiny mode end to end, and its table and plot from rows with
 both timings (the GPU path, with timings faked: CUDA graphs need a GPU)."""
-import importlib.util
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from test_data import REPO, repo_env
+import scripts
 
 
 def test_bench_group_norm_tiny_smoke(tmp_path):
@@ -52,12 +51,7 @@ def test_bench_group_norm_impls_picks_implementations(tmp_path):
 
 
 def load_bench(monkeypatch):
-    benchmarks = Path(REPO) / "benchmarks"
-    monkeypatch.syspath_prepend(str(benchmarks))  # the script imports its sibling timers.py
-    spec = importlib.util.spec_from_file_location("bench_group_norm", benchmarks / "bench_group_norm.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return scripts.load("benchmarks/bench_group_norm.py", monkeypatch)
 
 
 def test_table_and_plot_from_both_timings(monkeypatch, tmp_path, capsys):

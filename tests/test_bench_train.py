@@ -1,5 +1,4 @@
 """Smoke test of benchmarks/bench_train.py's tiny mode, and the recipe swaps it relies on."""
-import importlib.util
 import json
 from pathlib import Path
 
@@ -9,17 +8,14 @@ import torch
 import cckernels as ck
 from trainer.config import load as load_config
 from trainer.unet import LayerNorm
+import scripts
 
 ROOT = Path(__file__).parents[1]
-BENCH = ROOT / "benchmarks" / "bench_train.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_train", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return scripts.load("benchmarks/bench_train.py")
 
 
 def tiny_unet(bench, recipe):

@@ -2,7 +2,6 @@
 kernel headers compiling under NVRTC (the CuPy path) as well as under nvcc."""
 import ctypes
 import glob
-import importlib.util
 import os
 import re
 import shutil
@@ -11,15 +10,13 @@ import pytest
 import torch
 
 import cckernels
+import scripts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _setup_module():
-    spec = importlib.util.spec_from_file_location("cckernels_setup", os.path.join(ROOT, "setup.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # setup() itself only runs as __main__
-    return module
+    return scripts.load("setup.py")  # setup() itself only runs as __main__
 
 
 def _compiled_extension():

@@ -10,8 +10,6 @@ and compares with eager calls on the same values: bitwise, except dQ of the atom
 backward (its fp32 atomics add in a varying order).
 """
 import contextlib
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,19 +17,14 @@ import torch
 import cckernels as ck
 from cckernels.backend import available
 from test_group_norm import skip_without_cuda_group_norm
+import scripts
 
 pytestmark = pytest.mark.gpu
 BACKENDS = ["cuda", "triton", "torch"]
 
 
-def load_timers():
-    spec = importlib.util.spec_from_file_location("timers", Path(__file__).parents[1] / "benchmarks" / "timers.py")
-    timers = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(timers)
-    return timers
-
-
-capture = load_timers().capture
+timers = scripts.load("benchmarks/timers.py")
+capture = timers.capture
 
 
 @torch.no_grad()
@@ -202,7 +195,6 @@ def test_fused_adamw_ema_step_refuses_capture(backend):
 # the benchmarks' graph timer
 # ---------------------------------------------------------------------------------------
 def test_graph_timer_times_replays_and_reports_what_cannot_be_captured():
-    timers = load_timers()
     x = torch.randn(1 << 20, device="cuda")
     (median, q20, q80), why = timers.graph_ms(lambda: x.mul(2), 1, 5)
     assert why is None and 0 < q20 <= median <= q80

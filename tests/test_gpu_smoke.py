@@ -1,20 +1,14 @@
 """benchmarks/gpu_smoke.py's bookkeeping on a CPU: every check runs in a child process, and one
 that fails or does not answer in time has its path's variable exported as 0."""
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
-SMOKE = Path(__file__).parents[1] / "benchmarks" / "gpu_smoke.py"
+import scripts
 
 
 @pytest.fixture(scope="module")
 def smoke():
-    spec = importlib.util.spec_from_file_location("gpu_smoke", SMOKE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return scripts.load("benchmarks/gpu_smoke.py")
 
 
 def test_without_a_gpu_nothing_is_switched_off(smoke, tmp_path, monkeypatch):

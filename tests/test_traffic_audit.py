@@ -1,20 +1,14 @@
 """Smoke test of benchmarks/traffic_audit.py on the tiny config: per-image groups, JSON."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+import scripts
 
 
 @pytest.fixture
 def audit(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))  # the script imports bench_train
-    spec = importlib.util.spec_from_file_location("traffic_audit", BENCHMARKS / "traffic_audit.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return scripts.load("benchmarks/traffic_audit.py", monkeypatch)  # it imports bench_train
 
 
 def test_tiny_run_groups_the_traffic_that_grows_with_the_image(audit, tmp_path):
