@@ -13,6 +13,7 @@ earlier visits) on the same inputs, in bf16 as training runs: outputs must agree
 bf16 roundings of their largest value.
 """
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -98,6 +99,8 @@ def main(argv=None):
         print("no GPU: nothing to check")
         return 0
     exports = []
+    # each check runs its path whatever an earlier smoke step switched off
+    unswitched = {k: v for k, v in os.environ.items() if k not in {variable for _, variable in CHECKS.values()}}
     for name, (_, variable) in CHECKS.items():
         # written before the check runs: if this process is killed during it (run_gpu.sh's
         # budget), the check that never answered counts as failed
@@ -105,7 +108,7 @@ def main(argv=None):
         env.write_text("".join(line + "\n" for line in [*exports, export]))
         try:
             run = subprocess.run([sys.executable, __file__, "--check", name], capture_output=True, text=True,
-                                 timeout=args.timeout_s)
+                                 timeout=args.timeout_s, env=unswitched)
             failure = None if run.returncode == 0 else f"exit {run.returncode}: {run.stderr.strip()[-2000:]}"
             output = run.stdout.strip()
         except subprocess.TimeoutExpired as e:
