@@ -11,7 +11,7 @@
 # Budget per step (seconds, enforced with `timeout`; a step that fails or runs out is logged in
 # summary.md and the next one still runs; benchmarks with --budget-s start no new case after it
 # and still write their JSON), in this order:
-#   build 45 | build-check 15 | smoke 150 (gpu_smoke.py: new kernel paths, each alone; ~35 s
+#   build 45 | build-check 15 | smoke 150 (gpu_smoke.py: new kernel paths, each alone; ~45 s
 #   expected) | pytest -m gpu 160 (93 s on the third H200 run, just over 140
 #   on the fourth) | bench_train 270 (6 timed steps and 1 profiled step of kernels a row; no
 #   row starts after its budget less 30 s; JSON written after every row) |
