@@ -603,7 +603,8 @@ def _dkdv_splits(Lq, Lk, BH, device):
 
 def _tma_reductions(device, row_elements):
     """Whether the atomic dQ tiles go by TMA reductions: sm90 (the architecture inspect checks;
-    Triton's interpreter has no descriptor reductions), with dQ's fp32 rows of row_elements
+    Triton's interpreter has no descriptor reductions: tests/test_attention.py adds them to run
+    this path on the CPU), with dQ's fp32 rows of row_elements
     (H * D) a multiple of 16 bytes, as TMA needs. The descriptor is built in the kernel,
     in 128 bytes of global scratch a program that Triton allocates through triton.set_allocator:
     set here when no allocator is (a ContextVar: the autograd thread that runs this needs its own).
