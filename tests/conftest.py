@@ -13,10 +13,14 @@ if not torch.cuda.is_available():
     # Tests use tiny tensors, where a second thread costs more than it gives (10-20x slower
     # on a busy 2-core machine).
     torch.set_num_threads(1)
-    # Every kernel decorated now, under the interpreter: a test that unsets TRITON_INTERPRET
+    # The interpreter computing bf16 as a GPU does (tests/interpreter_bf16.py), then every
+    # kernel decorated now, under the interpreter: a test that unsets TRITON_INTERPRET
     # (bench_train's tiny run times the torch backend) and first imports one of these modules
     # would leave compiled-mode kernels that later tests cannot run ("0 active drivers").
     if os.environ["TRITON_INTERPRET"] == "1" and importlib.util.find_spec("triton") is not None:
+        import interpreter_bf16
+
+        interpreter_bf16.compute_as_a_gpu()
         import cckernels.triton
 
         for module in pkgutil.iter_modules(cckernels.triton.__path__):

@@ -1,8 +1,9 @@
 """Triton attention vs an fp64 reference: outputs and all three gradients, with each of the
 two backward variants (atomic dQ and deterministic).
 
-CPU runs the kernels in Triton's interpreter in fp32 and fp16 (its bf16 tl.dot is broken,
-triton-lang/triton#11584); bf16 and the SD2 shapes run in the GPU-marked tests. Tolerance
+CPU runs the kernels in Triton's interpreter in fp32, fp16 and bf16 (the last after
+tests/interpreter_bf16.py mends its bf16 dot and rounding); the SD2 shapes run in the
+GPU-marked tests. Tolerance
 (flash-attention's rule): the kernel's max error vs fp64 is within 2x (3x for gradients) of
 plain PyTorch's error in the same dtype, plus a small floor. Plain PyTorch runs two ways, and
 the larger error is the baseline: autograd through softmax, and FlashAttention's backward
@@ -121,7 +122,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("B,Lq,Lk,H,D", CASES)
 def test_matches_fp64(B, Lq, Lk, H, D, dtype, backward):
     q, k, v = torch.randn(B, Lq, H, D), torch.randn(B, Lk, H, D), torch.randn(B, Lk, H, D)
@@ -158,7 +159,7 @@ def tma_reductions_on_cpu(monkeypatch):
 # (B, Lq, Lk, H, D): 45 queries (the last 32-row tile's padded rows reach the next batch's, or
 # past the end of dQ for the last batch), head dims 40 and 80 padded to 64 and 128 (into the next
 # head's columns), more keys than one block (not the one-kernel short-key backward)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B,Lq,Lk,H,D", [(3, 45, 130, 2, 40), (2, 33, 257, 3, 80)])
 def test_tma_dq_reductions_match_fp64(tma_reductions_on_cpu, B, Lq, Lk, H, D, dtype):
     q, k, v = torch.randn(B, Lq, H, D), torch.randn(B, Lk, H, D), torch.randn(B, Lk, H, D)
@@ -424,9 +425,11 @@ def test_strided_views_the_kernels_cannot_index_are_unsupported():
         ((1, 5, 1, 32), torch.bfloat16, "interpreter"),
     ],
 )
-def test_unsupported_falls_back_to_torch(shape, dtype, why):
+def test_unsupported_falls_back_to_torch(shape, dtype, why, monkeypatch):
+    from cckernels.triton import attention
     from cckernels.triton.attention import attention as triton_backend
 
+    monkeypatch.setattr(attention, "INTERPRETER_BF16_DOT", False)  # an interpreter as Triton ships it
     q, k, v = (torch.randn(shape, dtype=dtype) for _ in range(3))
     with pytest.raises(ck.Unsupported, match=why):
         triton_backend(q, k, v, 0.5)

@@ -2,8 +2,7 @@
 
 CPU: torch.library.opcheck on every triton custom op, and torch.compile(backend="aot_eager",
 fullgraph=True) of the ops and of the tiny UNet against eager, outputs and gradients. The
-kernels run in Triton's interpreter (fp32; fp16 too for attention: its bf16 tl.dot is broken
-there). aot_eager runs the same kernels as eager, so results agree to rounding. GPU-marked:
+kernels run in Triton's interpreter (fp32; fp16 too for attention). aot_eager runs the same kernels as eager, so results agree to rounding. GPU-marked:
 opcheck of the cuda ops, and inductor (default and "reduce-overhead", i.e. CUDA graphs) on
 the triton and cuda backends in bf16, the tiny UNet's forward and backward included.
 """

@@ -103,9 +103,7 @@ def test_bf16_weights_ranks_start_from_the_same_masters(tmp_path):
 def test_bf16_weights_on_gpu_with_the_default_kernels(tmp_path, monkeypatch, capsys):
     # The whole bf16-weights path on CUDA with the best backends (the CUDA GroupNorm reading
     # the fp32 GroupNorm parameters, the fused optimizer's bf16 + fp32 buckets): deterministic,
-    # so 1 + 1 resumed steps repeat 2 unbroken ones bit for bit. (Not on a CPU under Triton's
-    # interpreter: its fp32 -> bf16 casts truncate, so its stepped weights differ in the last
-    # bit from the resumed run's rounded cast of the masters.)
+    # so 1 + 1 resumed steps repeat 2 unbroken ones bit for bit.
     monkeypatch.delenv("CCKERNELS_BACKEND")
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # train.py's value, restored afterwards
     common = ("train.precision=bf16-weights", "train.deterministic=true", "model.channels_last=true")
