@@ -13,14 +13,14 @@ if not torch.cuda.is_available():
     # Tests use tiny tensors, where a second thread costs more than it gives (10-20x slower
     # on a busy 2-core machine).
     torch.set_num_threads(1)
-    # The interpreter computing bf16 as a GPU does (tests/interpreter_bf16.py), then every
+    # The interpreter computing as a GPU does (tests/triton_interpreter.py), then every
     # kernel decorated now, under the interpreter: a test that unsets TRITON_INTERPRET
     # (bench_train's tiny run times the torch backend) and first imports one of these modules
     # would leave compiled-mode kernels that later tests cannot run ("0 active drivers").
     if os.environ["TRITON_INTERPRET"] == "1" and importlib.util.find_spec("triton") is not None:
-        import interpreter_bf16
+        import triton_interpreter
 
-        interpreter_bf16.compute_as_a_gpu()
+        triton_interpreter.compute_as_a_gpu()
         import cckernels.triton
 
         for module in pkgutil.iter_modules(cckernels.triton.__path__):
@@ -50,3 +50,16 @@ def torch_kernels(monkeypatch):
     """Plain torch ops for tests of the model and trainer: the kernels have their own tests, and
     without a GPU the default backend would be Triton's interpreter (seconds per UNet layer)."""
     monkeypatch.setenv("CCKERNELS_BACKEND", "torch")
+
+
+@pytest.fixture
+def tma_reductions_on_cpu(monkeypatch):
+    """The atomic dQ by TMA reductions (sm90) on the CPU: Triton's interpreter has the descriptor
+    reductions tests/triton_interpreter.py adds, and attention._tma_reductions says yes to every
+    dQ (recording the row lengths it was asked about), so CPU tests run the TMA path's indexing."""
+    from cckernels.triton import attention
+
+    taken = []
+    monkeypatch.setattr(attention, "_tma_reductions", lambda device, row_elements: taken.append(row_elements) or True)
+    monkeypatch.setenv("CCKERNELS_DETERMINISTIC", "0")
+    return taken

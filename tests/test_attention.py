@@ -2,7 +2,7 @@
 two backward variants (atomic dQ and deterministic).
 
 CPU runs the kernels in Triton's interpreter in fp32, fp16 and bf16 (the last after
-tests/interpreter_bf16.py mends its bf16 dot and rounding); the SD2 shapes run in the
+tests/triton_interpreter.py mends its bf16 dot and rounding); the SD2 shapes run in the
 GPU-marked tests. Tolerance
 (flash-attention's rule): the kernel's max error vs fp64 is within 2x (3x for gradients) of
 plain PyTorch's error in the same dtype, plus a small floor. Plain PyTorch runs two ways, and
@@ -129,36 +129,10 @@ def test_matches_fp64(B, Lq, Lk, H, D, dtype, backward):
     check_against_fp64(separate, [q, k, v], None, dtype)
 
 
-@pytest.fixture
-def tma_reductions_on_cpu(monkeypatch):
-    """The atomic dQ by TMA reductions (sm90) in Triton's interpreter, which has no descriptor
-    reductions: added here as element atomics over the descriptor's tile, clipped at the
-    tensor's bounds as TMA clips, so CPU tests run the TMA path's indexing (dQ seen as
-    (B * Lq, H * D): a tile's padded rows and columns land in the next batch's rows and the next
-    head's columns, where they must add exact zeros)."""
-    import triton.language as tl
-    from triton._C.libtriton import ir
-    from triton.runtime import interpreter
-
-    from cckernels.triton import attention
-
-    def create_descriptor_reduce(self, kind, desc, value, indices):
-        assert kind == ir.DESCRIPTOR_REDUCE_KIND.ADD
-        ptrs, mask = desc.materialize_pointers(indices)
-        return self.create_atomic_rmw(ir.ATOMIC_OP.FADD, ptrs, value, interpreter.TensorHandle(mask, tl.int1),
-                                      ir.MEM_SEMANTIC.RELAXED, None)
-
-    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_descriptor_reduce", create_descriptor_reduce,
-                        raising=False)
-    taken = []
-    monkeypatch.setattr(attention, "_tma_reductions", lambda device, row_elements: taken.append(row_elements) or True)
-    monkeypatch.setenv("CCKERNELS_DETERMINISTIC", "0")
-    return taken
-
-
-# (B, Lq, Lk, H, D): 45 queries (the last 32-row tile's padded rows reach the next batch's, or
-# past the end of dQ for the last batch), head dims 40 and 80 padded to 64 and 128 (into the next
-# head's columns), more keys than one block (not the one-kernel short-key backward)
+# The TMA atomic dQ (conftest's tma_reductions_on_cpu). (B, Lq, Lk, H, D): 45 queries (the last
+# 32-row tile's padded rows reach the next batch's, or past the end of dQ for the last batch),
+# head dims 40 and 80 padded to 64 and 128 (into the next head's columns), more keys than one
+# block (not the one-kernel short-key backward)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B,Lq,Lk,H,D", [(3, 45, 130, 2, 40), (2, 33, 257, 3, 80)])
 def test_tma_dq_reductions_match_fp64(tma_reductions_on_cpu, B, Lq, Lk, H, D, dtype):

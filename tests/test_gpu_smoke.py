@@ -36,3 +36,25 @@ def test_close_fails_on_nan_and_on_errors_beyond_the_tolerance(smoke):
     for got in (want + 0.05, torch.tensor([1.0, float("nan")])):
         with pytest.raises(AssertionError, match="max error"):
             smoke.close("bad", got, want)
+
+
+def test_the_group_norm_reference_is_torch_group_norm_with_silu_and_the_skip_gradient(smoke):
+    x, dy, skip, w, b, (y, mean, rstd, dx, dw, db) = smoke.group_norm_case((2, 64, 5, 3), device="cpu")
+    assert x.dtype == torch.bfloat16 and x.is_contiguous(memory_format=torch.channels_last)
+    leaves = [t.double().requires_grad_() for t in (x, w, b)]
+    z = torch.nn.functional.group_norm(leaves[0], 32, leaves[1], leaves[2], 1e-5)
+    torch.nn.functional.silu(z).backward(dy.double())
+    torch.testing.assert_close(y.double(), torch.nn.functional.silu(z).detach(), rtol=1e-5, atol=1e-5)
+    groups = x.double().reshape(2, 32, -1)
+    torch.testing.assert_close(mean.double(), groups.mean(-1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rstd.double(), (groups.var(-1, unbiased=False) + 1e-5).rsqrt(), rtol=1e-5, atol=0)
+    for got, want in ((dx, leaves[0].grad + skip.double()), (dw, leaves[1].grad), (db, leaves[2].grad)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_the_attention_check_runs_the_tma_path_on_cpu(smoke, tma_reductions_on_cpu, capsys):
+    # Triton's interpreter with the descriptor reductions test_attention adds: the check as a
+    # GPU visit runs it, at a size the interpreter takes (130 keys: over one 128-key block)
+    smoke.check_attention_tma_dq(shapes=((2, 130, 2),), device="cpu")
+    assert tma_reductions_on_cpu == [2 * 64] * 2  # the check's question, then the dK/dV launch's
+    assert "the atomic dQ by TMA reductions passes" in capsys.readouterr().out

@@ -42,8 +42,8 @@ LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 128
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Triton's interpreter multiplies bf16 bit patterns as integers in tl.dot (triton-lang/triton#11584),
-# so CPU calls refuse bf16; tests/interpreter_bf16.py mends the interpreter for the CPU tests and
-# sets this.
+# so CPU calls refuse bf16; tests/triton_interpreter.py mends the interpreter for the CPU tests
+# and sets this.
 INTERPRETER_BF16_DOT = False
 # Deterministic by default: measured, it is the faster one. The atomic backward does 5/7 of the
 # deterministic one's matmul work (as FlashAttention-2), but on an H200 (bench_attention,
@@ -607,7 +607,7 @@ def _dkdv_splits(Lq, Lk, BH, device):
 
 def _tma_reductions(device, row_elements):
     """Whether the atomic dQ tiles go by TMA reductions: sm90 (the architecture inspect checks;
-    Triton's interpreter has no descriptor reductions: tests/test_attention.py adds them to run
+    Triton's interpreter has no descriptor reductions: tests/triton_interpreter.py adds them to run
     this path on the CPU), with dQ's fp32 rows of row_elements
     (H * D) a multiple of 16 bytes, as TMA needs. The descriptor is built in the kernel,
     in 128 bytes of global scratch a program that Triton allocates through triton.set_allocator:
