@@ -62,6 +62,9 @@ def check_cuda_group_norm(single_pass):
     single passes (block, cluster) or split, against the fp32 reference."""
     from cckernels import cuda
 
+    if not hasattr(cuda.loaded(), "group_norm_forward"):
+        print(f"no CUDA GroupNorm kernels here ({cuda.build_info()}): nothing to check")
+        return
     cuda.SINGLE_PASS = single_pass
     for shape in GROUP_NORM_SHAPES:
         x, dy, skip, w, b, want = group_norm_case(shape)

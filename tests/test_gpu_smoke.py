@@ -19,14 +19,19 @@ def test_without_a_gpu_nothing_is_switched_off(smoke, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("timeout_s", [300, 0.01])
 def test_a_check_that_fails_or_hangs_switches_its_path_off(smoke, tmp_path, monkeypatch, capsys, timeout_s):
-    # The parent believes in a GPU; the children find none, so every check fails (or, at 10 ms,
-    # cannot even start in time).
+    # The parent believes in a GPU; the children find none, so every check with something to
+    # check fails (or, at 10 ms, none can even start in time). Without the CUDA GroupNorm
+    # kernels (no nvcc at install) those checks have nothing to check, and pass.
+    from cckernels import cuda
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert smoke.main(["--out", str(tmp_path), "--timeout-s", str(timeout_s)]) == 0
+    failing = [variable for name, (_, variable) in smoke.CHECKS.items()
+               if timeout_s < 1 or not name.startswith("group_norm") or hasattr(cuda.loaded(), "group_norm_forward")]
     exports = (tmp_path / "smoke.env").read_text().splitlines()
-    assert [line.split("  #")[0] for line in exports] == [f"export {variable}=0" for _, variable in smoke.CHECKS.values()]
+    assert [line.split("  #")[0] for line in exports] == [f"export {variable}=0" for variable in failing]
     out = capsys.readouterr().out
-    assert out.count("FAILED") == len(smoke.CHECKS)
+    assert out.count("FAILED") == len(failing)
     assert ("no answer in" in out) == (timeout_s < 1)
 
 
