@@ -15,7 +15,7 @@ FAKE_PYTHON = """#!/usr/bin/env bash
 case "$1" in
     -c) case "$2" in *device_count*) echo 1 ;; *) echo cpu ;; esac ;;
     -) cat > /dev/null ;;
-    *) exec sleep 30 ;;
+    *) env | grep '^CCKERNELS_ATTENTION_TMA_DQ=' ; exec sleep 30 ;;
 esac
 """
 
@@ -61,3 +61,23 @@ def test_run_gpu_runs_only_the_steps_named(tmp_path):
         assert "skipped: not in RUN_GPU_STEPS" in rows[name], rows[name]
     if (ROOT / "setup.py").exists():
         assert "skipped: not in RUN_GPU_STEPS" in rows["build"]
+
+
+def test_a_follow_up_call_keeps_the_paths_smoke_switched_off(tmp_path):
+    """A smoke step's switches (gpu_smoke.py's smoke.env, kept in the carry folder) hold for a
+    follow-up call on the same machine that does not run smoke: its steps see them, and
+    summary.md lists them."""
+    python = tmp_path / "python"
+    python.write_text(FAKE_PYTHON)
+    python.chmod(0o755)
+    (tmp_path / "carry").mkdir()
+    (tmp_path / "carry" / "smoke.env").write_text("export CCKERNELS_ATTENTION_TMA_DQ=0  # attention_tma_dq failed\n")
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=str(python), RUN_GPU_BUDGET_S="27", RUN_GPU_STEPS="bench_ema",
+               CARRY_SCRATCH=str(tmp_path / "carry"))
+    env.pop("CCKERNELS_ATTENTION_TMA_DQ", None)
+    subprocess.run([str(ROOT / "benchmarks" / "run_gpu.sh"), str(out)], env=env, check=True,
+                   capture_output=True, text=True, timeout=120)
+    assert "CCKERNELS_ATTENTION_TMA_DQ=0" in (out / "logs" / "bench_ema.log").read_text()
+    summary = (out / "summary.md").read_text()
+    assert "Switched off for the steps after smoke" in summary and "- `CCKERNELS_ATTENTION_TMA_DQ=0`" in summary
