@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import cckernels as ck
 from cckernels import reference
-from cckernels.backend import Unsupported, env_flag
+from cckernels.backend import Unsupported
 from test_reference import group_norm_fp64 as fp64_group_norm  # the definition, in fp64
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -535,19 +535,15 @@ def test_gpu_triton_single_pass(dtype, shape, G, channels_last):
     check(x, G, None, None, silu=False)
 
 
-def cuda_single_pass_on():
-    """Whether the CUDA single passes run: CCKERNELS_GROUP_NORM_CUDA_SINGLE_PASS=0 turns them off
-    (benchmarks/gpu_smoke.py sets it where they fail on a GPU: its log says how)."""
-    return env_flag("CCKERNELS_GROUP_NORM_CUDA_SINGLE_PASS", True)
-
-
 def skip_without_cuda_group_norm(single_pass=False):
-    """single_pass: the test runs the CUDA single passes (skipped where they are off)."""
+    """single_pass: the test runs the CUDA single passes, skipped where they are off
+    (CCKERNELS_GROUP_NORM_CUDA_SINGLE_PASS=0: benchmarks/gpu_smoke.py sets it where they fail on
+    a GPU, and its log says how). Call it before a test sets cuda.SINGLE_PASS itself."""
     from cckernels import cuda
 
     if cuda.loaded() is None or not hasattr(cuda.loaded(), "group_norm_forward"):
         pytest.skip("cckernels._C built without the GroupNorm kernels")
-    if single_pass and not cuda_single_pass_on():
+    if single_pass and not cuda.SINGLE_PASS:
         pytest.skip("CCKERNELS_GROUP_NORM_CUDA_SINGLE_PASS=0")
 
 
@@ -663,11 +659,13 @@ def test_gpu_gradient_in_another_memory_format(backend, shape, G):
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gpu_prenorm_adds_the_skip_gradient(backend, dtype):
+    from cckernels import cuda
+
     if backend == "cuda":
         skip_without_cuda_group_norm()
     check_prenorm(backend, dtype, channels_last=True, device="cuda")
     check_prenorm(backend, dtype, channels_last=True, skip_format=torch.contiguous_format, device="cuda")
-    if backend == "cuda" and cuda_single_pass_on():  # the skip's gradient added by the single-pass backward too
+    if backend == "cuda" and cuda.SINGLE_PASS:  # the skip's gradient added by the single-pass backward too
         check_prenorm(backend, dtype, channels_last=True, device="cuda", shape=(64, 96, 5, 7))
 
 
