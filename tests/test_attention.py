@@ -76,24 +76,28 @@ def nan_filled_buffers():
         yield
 
 
-def run(fn, make, leaves, scale, dout, dtype):
-    """fn's output and gradients w.r.t. `leaves` (cast to dtype), q, k, v = make(*leaves)."""
-    leaves = [t.detach().to(dtype).requires_grad_() for t in leaves]
+def run(fn, make, leaves, scale, dout, dtype, needs):
+    """fn's output and gradients w.r.t. the `leaves` (cast to dtype) whose `needs` is true,
+    q, k, v = make(*leaves)."""
+    leaves = [t.detach().to(dtype).requires_grad_(need) for t, need in zip(leaves, needs)]
     out = fn(*make(*leaves), scale)
-    return [out, *torch.autograd.grad(out, leaves, dout.to(dtype))]
+    return [out, *torch.autograd.grad(out, [t for t in leaves if t.requires_grad], dout.to(dtype))]
 
 
-def check_against_fp64(make, leaves, scale, dtype):
-    """Compare kernel and plain-PyTorch errors vs fp64 for the output and every gradient."""
+def check_against_fp64(make, leaves, scale, dtype, needs=None):
+    """Compare kernel and plain-PyTorch errors vs fp64 for the output and the gradient of every
+    leaf whose `needs` is true (default: all)."""
+    needs = needs or [True] * len(leaves)
     leaves = [t.to(dtype) for t in leaves]  # both sides see the same rounded inputs
     q = make(*leaves)[0]
     dout = torch.randn(q.shape[0], q.shape[1], q.shape[2], q.shape[3], device=q.device)
     s = scale if scale is not None else q.shape[-1] ** -0.5
-    ref = run(reference, make, leaves, s, dout, torch.float64)
+    ref = run(reference, make, leaves, s, dout, torch.float64, needs)
     with nan_filled_buffers():
-        ours = run(triton_attention, make, leaves, scale, dout, dtype)
-    plains = [run(fn, make, leaves, s, dout, dtype) for fn in (plain_attention, FlashFormula.apply)]
-    for name, r, o, *p, factor in zip(["out", *(f"grad{i}" for i in range(len(leaves)))], ref, ours, *plains, [2, 3, 3, 3]):
+        ours = run(triton_attention, make, leaves, scale, dout, dtype, needs)
+    plains = [run(fn, make, leaves, s, dout, dtype, needs) for fn in (plain_attention, FlashFormula.apply)]
+    names = ["out", *(f"grad{i}" for i, need in enumerate(needs) if need)]
+    for name, r, o, *p, factor in zip(names, ref, ours, *plains, [2, 3, 3, 3]):
         assert o.dtype == dtype and o.shape == r.shape
         err = (o.double() - r).abs().max().item()
         base = max((t.double() - r).abs().max().item() for t in p)
@@ -111,7 +115,8 @@ def backward(request, monkeypatch):
     return request.param
 
 
-# (B, Lq, Lk, H, D): odd lengths, 1-3 heads, every head dim; 257 x 77 takes the split dK/dV path.
+# (B, Lq, Lk, H, D): odd lengths, 1-3 heads, every SD head dim and two others (16, 72: masked
+# to the next power of two); 257 x 77 takes the split dK/dV path; batch 2 once.
 CASES = [
     (1, 1, 1, 1, 32),
     (1, 77, 77, 2, 40),
@@ -119,6 +124,8 @@ CASES = [
     (1, 257, 77, 2, 80),
     (1, 1, 100, 3, 96),
     (1, 100, 1, 1, 128),
+    (1, 77, 100, 1, 16),
+    (2, 33, 77, 2, 72),
 ]
 
 
@@ -127,6 +134,15 @@ CASES = [
 def test_matches_fp64(B, Lq, Lk, H, D, dtype, backward):
     q, k, v = torch.randn(B, Lq, H, D), torch.randn(B, Lk, H, D), torch.randn(B, Lk, H, D)
     check_against_fp64(separate, [q, k, v], None, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("needs", ["q", "kv"])
+@pytest.mark.parametrize("B,Lq,Lk,H,D", [(1, 77, 77, 2, 40), (1, 100, 257, 1, 64)])
+def test_only_some_inputs_need_gradients(B, Lq, Lk, H, D, dtype, needs, backward):
+    # frozen k/v projections (or q): the dQ kernel alone, or dK/dV without dQ
+    q, k, v = torch.randn(B, Lq, H, D), torch.randn(B, Lk, H, D), torch.randn(B, Lk, H, D)
+    check_against_fp64(separate, [q, k, v], None, dtype, needs=[name in needs for name in "qkv"])
 
 
 # The TMA atomic dQ (conftest's tma_reductions_on_cpu). (B, Lq, Lk, H, D): 45 queries (the last
@@ -141,7 +157,7 @@ def test_tma_dq_reductions_match_fp64(tma_reductions_on_cpu, B, Lq, Lk, H, D, dt
     assert tma_reductions_on_cpu == [H * D]  # the dK/dV kernel took the TMA path
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["self", "cross"])
 def test_strided_projection_views(kind, dtype, backward):
     """BLHD views sliced out of (B, L, n*H*D) projections, batch 2, a custom scale."""
@@ -157,10 +173,11 @@ def test_strided_projection_views(kind, dtype, backward):
     check_against_fp64(make, leaves, 0.3, dtype)
 
 
-def check_packed_gradient(monkeypatch, kind, Lk, B=2, H=2, D=40, device="cpu", dtype=torch.float32):
+def check_packed_gradient(monkeypatch, kind, Lk, B=2, H=2, D=40, device="cpu", dtype=torch.float32, Lq=100):
     """ck.unpack's views: the kernels write their gradients into one packed tensor, which is the
-    packed projection's gradient (no stack); the values are the separate inputs' ones."""
-    Lq = Lk if kind == "self" else 100
+    packed projection's gradient (no stack); the values are the separate inputs' ones. Lq:
+    cross-attention's query length (self-attention's is Lk)."""
+    Lq = Lk if kind == "self" else Lq
     n = 3 if kind == "self" else 2
     packed = torch.randn(B, Lk, n, H, D, device=device, dtype=dtype, requires_grad=True)
     x = torch.randn(B, Lq, H, D, device=device, dtype=dtype, requires_grad=True)
@@ -361,7 +378,7 @@ def test_autotuning_zeroes_the_atomic_dq_accumulator():
 
 def test_no_grad_path_saves_nothing():
     q, k, v = (torch.randn(1, 33, 1, 32, requires_grad=True) for _ in range(3))
-    with torch.no_grad():
+    with torch.no_grad(), nan_filled_buffers():
         out = triton_attention(q, k, v, 0.2)
     assert out.grad_fn is None
     torch.testing.assert_close(out, reference(q, k, v, 0.2), rtol=0, atol=1e-5)
@@ -530,6 +547,17 @@ def test_gpu_odd_shapes(D, Lq, Lk, dtype, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backward", ["atomic"], indirect=True)
+@pytest.mark.parametrize("D,Lq,Lk", [(32, 100, 257), (96, 77, 300), (128, 257, 1000)])
+def test_gpu_fp32_atomic_backward(D, Lq, Lk, backward, monkeypatch):
+    # test_gpu_odd_shapes runs the default (deterministic) backward; fp32's atomic dQ is
+    # accumulated in the gradient itself, converted in place
+    monkeypatch.setenv("CCKERNELS_AUTOTUNE", "0")
+    qkv = [cuda_randn(1, Lq, 3, D), cuda_randn(1, Lk, 3, D), cuda_randn(1, Lk, 3, D)]
+    check_against_fp64(separate, qkv, None, torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backward", ["atomic"], indirect=True)
 @pytest.mark.parametrize("D,Lq,Lk", [(80, 257, 300), (64, 100, 1000)])
 def test_gpu_atomic_dq_at_batch_and_head_edges(D, Lq, Lk, backward, monkeypatch):
     # On sm90 the atomic dQ tiles go by TMA reductions into dQ seen as (B * Lq, H * D): a tile's
@@ -566,9 +594,11 @@ def test_gpu_backward_is_deterministic(Lq, Lk, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind, Lk", [("self", 1024), ("cross", 77)])
-def test_gpu_unpacked_projections_get_one_packed_gradient(kind, Lk, monkeypatch):
-    check_packed_gradient(monkeypatch, kind, Lk, B=4, H=5, D=64, device="cuda", dtype=torch.bfloat16)
+@pytest.mark.parametrize("kind, Lk, Lq", [("self", 1024, None), ("cross", 77, 100), ("cross", 77, 4096)])
+def test_gpu_unpacked_projections_get_one_packed_gradient(kind, Lk, Lq, monkeypatch):
+    # 4096 queries on 20 (batch, head) pairs: the query loop split over programs, whose dK/dV
+    # partials column_sum adds into the packed rows
+    check_packed_gradient(monkeypatch, kind, Lk, B=4, H=5, D=64, device="cuda", dtype=torch.bfloat16, Lq=Lq)
 
 
 @pytest.mark.gpu
