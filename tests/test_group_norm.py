@@ -121,7 +121,7 @@ def test_degenerate_spatial_sizes(dtype, shape, G):
     check(x, G, w, b, silu=True)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("shape", [(2, 96, 77), (1, 64, 3, 5, 7)])
 def test_1d_and_3d_inputs(dtype, channels_last, shape):
@@ -164,7 +164,8 @@ def test_statistics_survive_a_large_offset(small_tiles):
     # E[x^2] - E[x]^2 in fp32 would lose a unit variance under an offset of 3000 entirely
     # (1e7 vs ulp 1); per-chunk mean/M2 merged with Chan's formula keeps it.
     x, w, b = make((1, 32, 9, 7), torch.float32, offset=3000.0)
-    y = ck.group_norm(x, 4, w, b, backend="triton")
+    with nan_filled_empty():
+        y = ck.group_norm(x, 4, w, b, backend="triton")
     torch.testing.assert_close(y.double(), fp64_group_norm(x, 4, w, b, 1e-5, False), atol=2e-3, rtol=1e-3)
 
 
@@ -223,7 +224,8 @@ def test_single_pass_statistics_survive_a_large_offset(channels_last):
 
     x = (torch.randn(2, 64, 6, 5) + 1e3).to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     assert gn.group_norm_forward_path(x, 4) == "single-pass"
-    y, mean, rstd = gn.group_norm_forward(x, 4, None, None, 1e-5, None)
+    with nan_filled_empty():
+        y, mean, rstd = gn.group_norm_forward(x, 4, None, None, 1e-5, None)
     xg = x.double().reshape(2, 4, -1)
     torch.testing.assert_close(mean.double(), xg.mean(-1), atol=0, rtol=1e-6)
     torch.testing.assert_close(rstd.double(), (xg.var(-1, unbiased=False) + 1e-5).rsqrt(), atol=0, rtol=1e-5)
@@ -286,19 +288,37 @@ def test_channels_last_single_pass_loads_whole_vectors_where_it_can():
         assert (groups, align) == want, (N, C, side)
 
 
-def test_fp32_weight_with_low_precision_input():
-    # As under autocast: bf16 activations, fp32 parameters; gradients keep each leaf's dtype.
-    x, _, _ = make((2, 64, 4, 4), torch.bfloat16, channels_last=True)
-    w, b = torch.randn(64, requires_grad=True), torch.randn(64, requires_grad=True)
-    x.requires_grad_()
-    y = ck.group_norm(x, 32, w, b, activation="silu", backend="triton")
-    dy = torch.randn_like(y)
-    y.backward(dy)
-    assert (y.dtype, x.grad.dtype, w.grad.dtype, b.grad.dtype) == (torch.bfloat16, torch.bfloat16, torch.float32, torch.float32)
-    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
-    fp64_group_norm(x64, 32, w64, b64, 1e-5, True).backward(dy.double())
-    torch.testing.assert_close(w.grad.double(), w64.grad, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(b.grad.double(), b64.grad, atol=1e-4, rtol=1e-4)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fp32_weight_with_low_precision_input(dtype):
+    # As the trainer runs it (autocast, or bf16 weights with fp32 norm weights): low-precision
+    # activations, fp32 parameters; check() asserts each gradient keeps its leaf's dtype.
+    x, _, _ = make((2, 64, 4, 4), dtype, channels_last=True)
+    check(x, 32, torch.randn(64), torch.randn(64), silu=True)
+
+
+def check_some_gradients(needs, backend="triton", shape=(1, 32, 3, 3), G=8, device="cpu"):
+    """Only the leaves named in `needs` ("x", "w", "b") require grad: a frozen input (the
+    kernels skip dx) or frozen parameters (they skip dweight and dbias). fp32, channels_last."""
+    x, w, b = (t.to(device) for t in make(shape, torch.float32, channels_last=True))
+    leaves = {"x": x, "w": w, "b": b}
+    for name in needs:
+        leaves[name].requires_grad_()
+    dy = torch.randn_like(x)
+    with nan_filled_empty():
+        ck.group_norm(x, G, w, b, activation="silu", backend=backend).backward(dy)
+    assert ck.used_backends()["group_norm"] == backend
+    want = {name: t.detach().double().requires_grad_() for name, t in leaves.items()}
+    fp64_group_norm(want["x"], G, want["w"], want["b"], 1e-5, True).backward(dy.double())
+    for name, t in leaves.items():
+        if name in needs:
+            torch.testing.assert_close(t.grad.double(), want[name].grad, atol=1e-4, rtol=1e-4)
+        else:
+            assert t.grad is None, name
+
+
+@pytest.mark.parametrize("needs", ["w", "x", "xb"])
+def test_only_some_gradients(needs):
+    check_some_gradients(needs)
 
 
 def test_gradient_in_another_memory_format():
@@ -312,25 +332,22 @@ def test_misaligned_input(channels_last):
     check(x, 8, w, b, silu=True, misalign=True)
 
 
-def test_only_some_gradients():
-    x, w, b = make((1, 32, 3, 3), torch.float32)
-    w.requires_grad_()
-    ck.group_norm(x, 8, w, b, activation="silu", backend="triton").sum().backward()
-    assert w.grad is not None and x.grad is None and b.grad is None
-
-
-@pytest.mark.parametrize("case", ["fp64", "strided"])
+@pytest.mark.parametrize("case", ["fp64", "strided", "empty", "fp64-weight"])
 def test_unsupported_inputs_fall_back(case):
     from cckernels.triton.group_norm import group_norm as triton_group_norm
 
-    x = torch.randn(2, 8, 6, 6, dtype=torch.float64 if case == "fp64" else torch.float32)
+    x = torch.randn(0 if case == "empty" else 2, 8, 6, 6, dtype=torch.float64 if case == "fp64" else torch.float32)
+    w = torch.randn(8, dtype=torch.float64) if case == "fp64-weight" else None
     if case == "strided":
         x = x[..., ::2]
     with pytest.raises(Unsupported):
-        triton_group_norm(x, 4, None, None, 1e-5, None, False)
-    y = ck.group_norm(x, 4, backend="triton")
+        triton_group_norm(x, 4, w, None, 1e-5, None, False)
+    y = ck.group_norm(x, 4, w, backend="triton")
     assert ck.used_backends()["group_norm"] == "torch"
-    torch.testing.assert_close(y.double(), fp64_group_norm(x, 4, None, None, 1e-5, False), atol=1e-5, rtol=1e-5)
+    if case == "empty":
+        assert y.shape == x.shape
+    else:
+        torch.testing.assert_close(y.double(), fp64_group_norm(x, 4, w, None, 1e-5, False), atol=1e-5, rtol=1e-5)
 
 
 def check_prenorm(backend, dtype, channels_last, skip_format=None, device="cpu", shape=(2, 96, 5, 3)):
@@ -468,6 +485,13 @@ def test_cuda_extension_checks_run_without_a_gpu():
         cuda.loaded().group_norm_forward(x, 4, None, None, 1e-5, True)
     with pytest.raises(Unsupported, match="not channels_last"):
         cuda.group_norm(x.contiguous(), 4, None, None, 1e-5, None, False)
+    with pytest.raises(Unsupported, match="dtype torch.float64"):
+        cuda.group_norm(x.double(), 4, None, None, 1e-5, None, False)
+    # grid limits (blocks of a sample in y, int32 offsets within a sample); meta tensors: no memory
+    for shape in ((0, 8, 3, 3), (65536, 8, 1, 1), (1, 2**16, 2**8, 2**7)):
+        big = torch.empty(shape, device="meta").to(memory_format=torch.channels_last)
+        with pytest.raises(Unsupported, match="shape"):
+            cuda.group_norm(big, 4, None, None, 1e-5, None, False)
 
 
 @pytest.mark.parametrize("T", ["float", "__half", "__nv_bfloat16"])
@@ -653,6 +677,28 @@ def test_gpu_gradient_in_another_memory_format(backend, shape, G):
     dy = torch.randn(shape, device="cuda", dtype=x.dtype)
     assert dy.stride() != x.stride()
     check(x, G, w, b, silu=True, backend=backend, dy=dy)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("shape", [(4, 640, 32, 32), (64, 96, 5, 7), (8, 1280, 8, 8)])
+def test_gpu_fp32_weight_with_bf16_input(backend, shape):
+    # the trainer's mix: bf16 activations, fp32 GroupNorm parameters
+    if backend == "cuda":
+        skip_without_cuda_group_norm()
+    x, _, _ = gpu_case(shape, torch.bfloat16, channels_last=True)
+    w, b = torch.randn(2, shape[1], device="cuda").unbind()
+    check(x, 32, w, b, silu=True, backend=backend)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("needs", ["w", "x"])
+@pytest.mark.parametrize("shape", [(64, 96, 5, 7), (1, 96, 33, 31)])  # CUDA: single-pass and split backward
+def test_gpu_only_some_gradients(backend, needs, shape):
+    if backend == "cuda":
+        skip_without_cuda_group_norm()
+    check_some_gradients(needs, backend, shape, G=32, device="cuda")
 
 
 @pytest.mark.gpu
