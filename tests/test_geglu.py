@@ -170,6 +170,16 @@ def test_custom_ops_pass_opcheck():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 6), (77, 200), (1, 257, 2 * 1025)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("bias", [True, False])
+def test_odd_shapes_on_gpu(dtype, shape, bias):
+    # On a GPU Triton specializes sizes and strides divisible by 16 (the interpreter does not):
+    # the CPU tests above cannot stand in for these
+    check(randn(*shape, dtype=dtype), bias=randn(shape[-1], dtype=dtype) if bias else None)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows, F", [(32 * 1024, 1280), (32 * 64, 5120), (77, 1280)])
 def test_sd2_shapes_on_gpu(dtype, rows, F):

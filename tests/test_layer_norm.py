@@ -219,6 +219,18 @@ def test_custom_ops_pass_opcheck():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1), (1, 77, 40), (257, 1025)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("residual", [True, False])
+def test_odd_shapes_on_gpu(dtype, shape, residual):
+    # On a GPU Triton specializes sizes and strides divisible by 16 (the interpreter does not):
+    # the CPU tests above cannot stand in for these
+    C = shape[-1]
+    r = randn(*shape, dtype=dtype) if residual else None
+    check(randn(*shape, dtype=dtype), r, randn(C), randn(C), prenorm=residual)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows, C", [(32 * 1024, 320), (32 * 256, 640), (8 * 256, 1280), (77, 1024)])
 def test_sd2_shapes_on_gpu(dtype, rows, C):
