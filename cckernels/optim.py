@@ -84,8 +84,16 @@ class FusedAdamWEMA(torch.optim.Optimizer):
             self.start_ema()
 
     def add_param_group(self, param_group):
-        _check_hyperparameters({**self.defaults, **param_group}, f"param group {len(self.param_groups)}: ")
-        super().add_param_group(param_group)
+        where = f"param group {len(self.param_groups)}: "
+        _check_hyperparameters({**self.defaults, **param_group}, where)
+        params = param_group["params"]  # checked before torch adds the group (it refuses sets itself)
+        params = [params] if isinstance(params, torch.Tensor) else params if isinstance(params, set) else list(params)
+        for i, p in enumerate(params):
+            if isinstance(p, torch.Tensor) and p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+                # states and masters are fp32: an fp64 param would be stepped at fp32 precision
+                raise ValueError(f"{where}params[{i}] (shape {tuple(p.shape)}) is {p.dtype}: FusedAdamWEMA steps "
+                                 "float32, bfloat16 and float16 parameters (torch.optim.AdamW takes others)")
+        super().add_param_group({**param_group, "params": params})
 
     def _params(self):
         return [p for group in self.param_groups for p in group["params"]]

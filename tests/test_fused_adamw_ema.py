@@ -38,7 +38,7 @@ def run_against_torch(backend, dtype, device, steps):
     Reference: torch.optim.AdamW on fp32 weights given the grads our params see (rounded to
     their dtype), then ck.ema_update_ over every param. Ours keeps fp32 masters for bf16/fp16.
     """
-    init = make_params(device)
+    init = make_params(device) + [torch.randn(0, device=device)]  # an empty one too, in the second group
     ref = [p.clone().requires_grad_() for p in init]
     ours = [p.to(dtype).requires_grad_() for p in init]
     if dtype != torch.float32:  # start both from the same (rounded) weights
@@ -139,7 +139,7 @@ def check_one_step_fp64(backend, dtype, device):
             assert err <= 2 * base_err + 1e-6 * ref.abs().max().item(), (key, err, base_err)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_one_step_vs_fp64_cpu(dtype):
     check_one_step_fp64("triton", dtype, "cpu")
 
@@ -191,7 +191,7 @@ def test_many_tensors_misaligned_flat_views_gpu(backend, dtype):
     # More tensors than one CUDA launch's table holds (36 at depth 6), one tensor longer than a
     # launch's 384 chunks of 65536, odd sizes and empty ones.
     sizes = [int(n) for n in torch.randint(0, 3000, (100,), generator=torch.Generator().manual_seed(0))]
-    check_flat_views(backend, dtype, "cuda", [(n,) for n in sizes] + [(65537,), (384 * 65536 + 1,)] + SHAPES)
+    check_flat_views(backend, dtype, "cuda", [(n,) for n in sizes] + [(0,), (65537,), (384 * 65536 + 1,)] + SHAPES)
 
 
 @pytest.mark.gpu
@@ -432,15 +432,17 @@ def test_bad_arguments(kwargs, match):
         (dict(ema_decay=2.0), "param group 1: ema_decay"),
         (dict(amsgrad=True), "param group 1: amsgrad=True is not supported"),  # would be ignored
         (dict(maximize=True), "param group 1: maximize=True is not supported"),
+        (dict(params=[torch.zeros(2, dtype=torch.float64, requires_grad=True)]),
+         r"param group 1: params\[0\] \(shape \(2,\)\) is torch.float64"),  # states are fp32
     ],
 )
 def test_bad_param_group(group, match):
     good = dict(params=[torch.zeros(3, requires_grad=True)])
     with pytest.raises(ValueError, match=match):
-        ck.FusedAdamWEMA([good, dict(params=[torch.zeros(2, requires_grad=True)], **group)])
+        ck.FusedAdamWEMA([good, {"params": [torch.zeros(2, requires_grad=True)], **group}])
     opt = ck.FusedAdamWEMA([good])
     with pytest.raises(ValueError, match=match):
-        opt.add_param_group(dict(params=[torch.zeros(2, requires_grad=True)], **group))
+        opt.add_param_group({"params": [torch.zeros(2, requires_grad=True)], **group})
     assert len(opt.param_groups) == 1
     # A group copied from torch.optim.AdamW's param_groups (amsgrad=False, ...) is fine.
     torch_group = torch.optim.AdamW([torch.zeros(2, requires_grad=True)]).param_groups[0]
