@@ -16,25 +16,9 @@
 
 #include "check.h"
 #include "group_norm.cuh"
+#include "numerics.h"
 
 using cck::gn::kThreads;
-
-template <typename T>
-static T from_double(double v) {
-  if constexpr (std::is_same_v<T, float>) return static_cast<float>(v);
-  else if constexpr (std::is_same_v<T, __half>) return __float2half_rn(static_cast<float>(v));
-  else return __float2bfloat16_rn(static_cast<float>(v));
-}
-template <typename T>
-static double to_double(T v) {
-  if constexpr (std::is_same_v<T, float>) return v;
-  else if constexpr (std::is_same_v<T, __half>) return __half2float(v);
-  else return __bfloat162float(v);
-}
-template <typename T>
-static double ulp() {  // relative rounding of T
-  return std::is_same_v<T, float> ? 6e-8 : std::is_same_v<T, __half> ? 4.9e-4 : 3.9e-3;
-}
 
 struct Case {
   std::string name;
@@ -116,13 +100,6 @@ static double error(const std::vector<double>& got, const std::vector<double>& w
 struct Result {
   std::vector<double> y, mean, rstd, dx, dweight, dbias;
 };
-
-template <typename T>
-static std::vector<double> doubles(const std::vector<T>& v) {
-  std::vector<double> out(v.size());
-  for (size_t i = 0; i < v.size(); ++i) out[i] = to_double(v[i]);
-  return out;
-}
 
 // The problem's inputs, as the kernels take them.
 template <typename T>
@@ -222,7 +199,8 @@ static void compare(const Case& c, const char* pipeline, const Result& got, cons
     for (size_t i = 0; i < want_dx.size(); ++i) want_dx[i] += addend[i];
   }
   // the mean is folded into the normalize offset: fp32 rounding of |mean| * rstd
-  const double tol_y = 8 * ulp<T>() + 1e-6 + 4e-8 * c.offset, tol_dx = 16 * ulp<T>() + 1e-5, tol_sum = 2e-5;
+  const double u = unit_roundoff<T>();
+  const double tol_y = 8 * u + 1e-6 + 4e-8 * c.offset, tol_dx = 16 * u + 1e-5, tol_sum = 2e-5;
   const double e_y = error(got.y, ref.y), e_mean = error(got.mean, ref.mean), e_rstd = error(got.rstd, ref.rstd);
   const double e_dx = error(got.dx, want_dx), e_dw = error(got.dweight, ref.dweight), e_db = error(got.dbias, ref.dbias);
   if (!(e_y <= tol_y && e_mean <= 1e-6 && e_rstd <= 2e-5 && e_dx <= tol_dx && e_dw <= tol_sum && e_db <= tol_sum)) {
