@@ -3,10 +3,10 @@
 // single passes (forward, then the backward and backward_affine) and the split passes
 // (channel_stats, group_stats, normalize; backward_partials, backward_affine, backward_group,
 // backward_dx), giving y, mean, rstd, dx (with and without the skip gradient), dweight and dbias;
-// in fp32, bf16 and fp16, with 16-byte packs and scalar, one block a tile and clusters of 2 and
-// 3, several clusters taking tiles from the one counter, split into 1-4 chunks, and a large
-// offset with a group value 8 std from the mean at position 0 (the single pass's second
-// statistics pass). Outputs and workspaces start as NaN, shared memory as NaN bytes.
+// in fp32, bf16 and fp16, with 16-byte packs and scalar (each type), with and without affine,
+// one block a tile and clusters of 2 and 3, several clusters taking tiles from the one counter,
+// split into 1-4 chunks, a batch of 1 and a single position, and a large offset with a group
+// value 8 std from the mean at position 0 (the single pass's second statistics pass). Outputs and workspaces start as NaN, shared memory as NaN bytes.
 #include "simt.h"  // first: it sets up the CUDA names the kernels use
 
 #include <cstdio>
@@ -251,6 +251,12 @@ int main() {
   run<__nv_bfloat16, 8>({"bf16 packs, one cluster takes every tile", 2, 50, 48, 4, 48, 1, 1, 2, true, true, false});
   run<__nv_bfloat16, 1>({"bf16 scalar, 3 channels a group", 2, 17, 36, 12, 18, 2, 2, 3, true, true, true});
   run<__half, 8>({"fp16 packs, more clusters than tiles", 2, 19, 48, 8, 48, 1, 3, 2, false, true, true});
+  // corners: a batch of 1, one position, the scalar paths of fp32 and fp16, fp16 without affine
+  run<__half, 8>({"fp16 packs, non-affine, batch 1", 1, 40, 32, 4, 32, 2, 1, 2, true, false, true});
+  run<float, 4>({"fp32 packs, one position", 3, 1, 24, 4, 24, 1, 2, 1, true, true, true});
+  run<float, 1>({"fp32 scalar, C = 30 not a multiple of 4", 2, 23, 30, 5, 30, 2, 2, 3, true, true, true});
+  run<__half, 1>({"fp16 scalar, non-affine, 2 groups a block", 2, 21, 20, 4, 10, 1, 3, 2, true, false, false});
+  run<__half, 1>({"fp16 scalar, batch 1, one position", 1, 1, 12, 3, 12, 1, 1, 1, false, true, true});
   if (failures) std::printf("%d failures\n", failures);
   return failures ? 1 : 0;
 }
