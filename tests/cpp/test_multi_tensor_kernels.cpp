@@ -84,7 +84,11 @@ static void compare(const std::string& what, const List<T>& got, const Expected&
       const double e = std::abs(got.at(t, i) - x.want[t][i]), r = e == e ? e / x.tol[t][i] : INFINITY;
       if (r <= 1) continue;
       ++bad;
-      if (r > worst || bad == 1) worst = r, worst_t = t, worst_i = i;
+      if (r > worst || bad == 1) {
+        worst = r;
+        worst_t = t;
+        worst_i = i;
+      }
     }
   }
   if (bad) {
@@ -181,11 +185,13 @@ static void test_adamw(const std::string& name, DType dtype, bool with_ema, unsi
                                static_cast<float>(lr / (1 - std::pow(beta1, step))),
                                static_cast<float>(std::sqrt(1 - std::pow(beta2, step))), 1e-3f,
                                static_cast<float>(with_ema ? 1 - ema_decay : 0)};
-  // Tolerances: first-order bounds of the fp32 roundings along each output's operations. m: a
-  // lerp, 3 roundings of values at most |m| + |g|. v: 4 of positive terms at most v'. The
-  // denominator adds 1 more each for sqrt, the division and eps; the update m' / denom * lr'
-  // 2 more: with m''s error, at most 11 roundings of lr' (|m| + |g|) / denom; w * (1 - lr wd)
-  // and the sum 2 of |w|: 16 of the two allow for all. ema: a lerp of w', plus w''s error.
+  // Tolerances: the fp32 roundings along each output's operations, counted, each at most u of
+  // a bound on the value it rounds (first order; a GPU's FMAs only drop roundings), rounded up:
+  //   m' (a lerp): 3 of |m| + |g|;  v': 4 of positive terms, at most v';
+  //   w': the update step_size m' / denom carries m''s 3, denom's 5 (v''s 4 halved by the
+  //       sqrt, the sqrt, / bc2_sqrt, + eps), the division's and the product's: 10 of
+  //       step_size (|m| + |g|) / denom; the weight decay and the final sum 1 each of |w| + that;
+  //   ema': its lerp's 3 of |e| + |w'|, plus w''s own error.
   const double u = unit_roundoff<float>();
   Expected want_w, want_m, want_v, want_ema, want_param;
   for (size_t t = 0; t < kTensors; ++t) {
