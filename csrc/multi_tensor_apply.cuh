@@ -113,9 +113,15 @@ cudaError_t multi_tensor_apply(const int64_t* sizes, int n_tensors, AddressOf ad
       table.block_slot[b] = static_cast<unsigned char>(launch.block_slot[b]);
       table.block_chunk[b] = launch.block_chunk[b];
     }
+#ifdef CCK_SIMT  // tests/cpp/simt.h's CPU emulation: the launchers run in a C++ test
+    (void)stream;
+    simt::launch({static_cast<unsigned>(blocks)}, 1, {kBlockThreads}, 0,
+                 [&] { multi_tensor_kernel<Depth>(kChunkSize, table, functor); });
+#else
     multi_tensor_kernel<Depth><<<blocks, kBlockThreads, 0, stream>>>(kChunkSize, table, functor);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
+#endif
   }
   return cudaSuccess;
 }

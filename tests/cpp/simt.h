@@ -1,5 +1,5 @@
-// A CPU stand-in for the CUDA execution model, enough to run csrc's single-pass GroupNorm
-// kernels in a C++ test without a GPU: every CUDA thread an OS thread, all blocks of a launch
+// A CPU stand-in for the CUDA execution model, enough to run csrc's GroupNorm kernels and the
+// multi-tensor launchers (multi_tensor_apply.cuh) in a C++ test without a GPU: every CUDA thread an OS thread, all blocks of a launch
 // at once, __syncthreads and the cluster barrier as std::barrier, warp shuffles through a
 // per-warp buffer, distributed shared memory as the other blocks' buffers. Kernels see
 // __CUDA_ARCH__ 900 (clusters) with CCK_SIMT defined, which swaps their inline PTX (cp.async,
@@ -159,6 +159,9 @@ inline float __uint_as_float(unsigned u) {
   return f;
 }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+// IEEE division and square root, as the CPU's are
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __fsqrt_rn(float x) { return std::sqrt(x); }
 inline int min(int a, int b) { return std::min(a, b); }
 
 #undef __global__

@@ -3,10 +3,10 @@
 // single passes (forward, then the backward and backward_affine) and the split passes
 // (channel_stats, group_stats, normalize; backward_partials, backward_affine, backward_group,
 // backward_dx), giving y, mean, rstd, dx (with and without the skip gradient), dweight and dbias;
-// in fp32, bf16 and fp16, with 16-byte packs and scalar, one block a tile and clusters of 2 and
-// 3, several clusters taking tiles from the one counter, split into 1-4 chunks, and a large
-// offset with a group value 8 std from the mean at position 0 (the single pass's second
-// statistics pass). Outputs and workspaces start as NaN, shared memory as NaN bytes.
+// in fp32, bf16 and fp16, with 16-byte packs and scalar (each type), with and without affine,
+// one block a tile and clusters of 2 and 3, several clusters taking tiles from the one counter,
+// split into 1-4 chunks, a batch of 1 and a single position, and a large offset with a group
+// value 8 std from the mean at position 0 (the single pass's second statistics pass). Outputs and workspaces start as NaN, shared memory as NaN bytes.
 #include "simt.h"  // first: it sets up the CUDA names the kernels use
 
 #include <cstdio>
@@ -16,25 +16,9 @@
 
 #include "check.h"
 #include "group_norm.cuh"
+#include "numerics.h"
 
 using cck::gn::kThreads;
-
-template <typename T>
-static T from_double(double v) {
-  if constexpr (std::is_same_v<T, float>) return static_cast<float>(v);
-  else if constexpr (std::is_same_v<T, __half>) return __float2half_rn(static_cast<float>(v));
-  else return __float2bfloat16_rn(static_cast<float>(v));
-}
-template <typename T>
-static double to_double(T v) {
-  if constexpr (std::is_same_v<T, float>) return v;
-  else if constexpr (std::is_same_v<T, __half>) return __half2float(v);
-  else return __bfloat162float(v);
-}
-template <typename T>
-static double ulp() {  // relative rounding of T
-  return std::is_same_v<T, float> ? 6e-8 : std::is_same_v<T, __half> ? 4.9e-4 : 3.9e-3;
-}
 
 struct Case {
   std::string name;
@@ -116,13 +100,6 @@ static double error(const std::vector<double>& got, const std::vector<double>& w
 struct Result {
   std::vector<double> y, mean, rstd, dx, dweight, dbias;
 };
-
-template <typename T>
-static std::vector<double> doubles(const std::vector<T>& v) {
-  std::vector<double> out(v.size());
-  for (size_t i = 0; i < v.size(); ++i) out[i] = to_double(v[i]);
-  return out;
-}
 
 // The problem's inputs, as the kernels take them.
 template <typename T>
@@ -222,7 +199,8 @@ static void compare(const Case& c, const char* pipeline, const Result& got, cons
     for (size_t i = 0; i < want_dx.size(); ++i) want_dx[i] += addend[i];
   }
   // the mean is folded into the normalize offset: fp32 rounding of |mean| * rstd
-  const double tol_y = 8 * ulp<T>() + 1e-6 + 4e-8 * c.offset, tol_dx = 16 * ulp<T>() + 1e-5, tol_sum = 2e-5;
+  const double u = unit_roundoff<T>();
+  const double tol_y = 8 * u + 1e-6 + 4e-8 * c.offset, tol_dx = 16 * u + 1e-5, tol_sum = 2e-5;
   const double e_y = error(got.y, ref.y), e_mean = error(got.mean, ref.mean), e_rstd = error(got.rstd, ref.rstd);
   const double e_dx = error(got.dx, want_dx), e_dw = error(got.dweight, ref.dweight), e_db = error(got.dbias, ref.dbias);
   if (!(e_y <= tol_y && e_mean <= 1e-6 && e_rstd <= 2e-5 && e_dx <= tol_dx && e_dw <= tol_sum && e_db <= tol_sum)) {
@@ -273,6 +251,12 @@ int main() {
   run<__nv_bfloat16, 8>({"bf16 packs, one cluster takes every tile", 2, 50, 48, 4, 48, 1, 1, 2, true, true, false});
   run<__nv_bfloat16, 1>({"bf16 scalar, 3 channels a group", 2, 17, 36, 12, 18, 2, 2, 3, true, true, true});
   run<__half, 8>({"fp16 packs, more clusters than tiles", 2, 19, 48, 8, 48, 1, 3, 2, false, true, true});
+  // corners: a batch of 1, one position, the scalar paths of fp32 and fp16, fp16 without affine
+  run<__half, 8>({"fp16 packs, non-affine, batch 1", 1, 40, 32, 4, 32, 2, 1, 2, true, false, true});
+  run<float, 4>({"fp32 packs, one position", 3, 1, 24, 4, 24, 1, 2, 1, true, true, true});
+  run<float, 1>({"fp32 scalar, C = 30 not a multiple of 4", 2, 23, 30, 5, 30, 2, 2, 3, true, true, true});
+  run<__half, 1>({"fp16 scalar, non-affine, 2 groups a block", 2, 21, 20, 4, 10, 1, 3, 2, true, false, false});
+  run<__half, 1>({"fp16 scalar, batch 1, one position", 1, 1, 12, 3, 12, 1, 1, 1, false, true, true});
   if (failures) std::printf("%d failures\n", failures);
   return failures ? 1 : 0;
 }
