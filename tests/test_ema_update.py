@@ -59,6 +59,26 @@ def test_ema_update_cpu(backend, dtype, decay):
     run_backend_case(backend, dtype, decay, "cpu")
 
 
+def test_device_tables_of_the_last_lists_stay_cached(monkeypatch):
+    """multi_tensor keeps the tables of the _CACHE_SIZE lists used last: one more evicts the
+    oldest, which a later call rebuilds (same results), and a call reuses its list's table."""
+    from collections import OrderedDict
+
+    from cckernels.triton import multi_tensor
+
+    monkeypatch.setattr(multi_tensor, "_cache", OrderedDict())
+    lists = [make([(3,), (77,)], torch.float32, "cpu") for _ in range(multi_tensor._CACHE_SIZE + 1)]
+    for ema, params in lists:
+        check(ema, params, 0.9, "triton")
+    keys = list(multi_tensor._cache)  # the first list's table was evicted
+    assert len(keys) == multi_tensor._CACHE_SIZE
+    check(*lists[1], 0.8, "triton")  # the oldest kept table, reused: now the newest
+    keys = keys[1:] + keys[:1]
+    assert list(multi_tensor._cache) == keys
+    check(*lists[0], 0.8, "triton")  # rebuilt, evicting the oldest again
+    assert list(multi_tensor._cache)[:-1] == keys[1:] and list(multi_tensor._cache)[-1] not in keys
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -467,22 +467,23 @@ def test_extension_boundary_checks(change, match):
         _C.adamw_ema_(**args)
 
 
-def mixed_dtype_params(device):
-    """bf16 weights beside fp32 norm weights, as train.precision=bf16-weights; odd sizes, fresh grads."""
+def mixed_dtype_params(device, low=torch.bfloat16):
+    """bf16 (or `low`) weights beside fp32 norm weights, as train.precision=bf16-weights; odd
+    sizes, fresh grads."""
     shapes = [(77, 5), (320,), (3, 3, 7, 1), (1,), (1280, 3)]
-    params = [torch.randn(s, device=device, dtype=torch.float32 if i % 2 else torch.bfloat16) for i, s in enumerate(shapes)]
+    params = [torch.randn(s, device=device, dtype=torch.float32 if i % 2 else low) for i, s in enumerate(shapes)]
     for p in params:
         p.grad = torch.randn_like(p) * 3
     return params
 
 
-def check_clip_matches_torch(device, max_norm):
-    ours = mixed_dtype_params(device)
+def check_clip_matches_torch(device, max_norm, low=torch.bfloat16, norm_type=2.0):
+    ours = mixed_dtype_params(device, low)
     theirs = [p.detach().clone() for p in ours]
     for p, q in zip(ours, theirs):
         q.grad = p.grad.clone()
-    norm = ck.clip_grad_norm_(ours, max_norm)
-    expected = torch.nn.utils.clip_grad_norm_(theirs, max_norm)
+    norm = ck.clip_grad_norm_(ours, max_norm, norm_type)
+    expected = torch.nn.utils.clip_grad_norm_(theirs, max_norm, norm_type)
     assert norm.dtype == expected.dtype == torch.float32
     torch.testing.assert_close(norm, expected, rtol=0, atol=0)
     for p, q in zip(ours, theirs):
@@ -490,15 +491,25 @@ def check_clip_matches_torch(device, max_norm):
         torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("max_norm", [1.0, 1e6])  # clipped, and left alone
-def test_clip_grad_norm_matches_torch_cpu(max_norm):
-    check_clip_matches_torch("cpu", max_norm)
+CLIP_CASES = [(1.0, torch.bfloat16, 2.0), (1e6, torch.bfloat16, 2.0), (1.0, torch.float16, 2.0),  # clipped, left alone
+              (1.0, torch.bfloat16, math.inf)]  # fmt: skip
+
+
+@pytest.mark.parametrize("max_norm, low, norm_type", CLIP_CASES)
+def test_clip_grad_norm_matches_torch_cpu(max_norm, low, norm_type):
+    check_clip_matches_torch("cpu", max_norm, low, norm_type)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("max_norm", [1.0, 1e6])
-def test_clip_grad_norm_matches_torch_gpu(max_norm):
-    check_clip_matches_torch("cuda", max_norm)
+@pytest.mark.parametrize("max_norm, low, norm_type", CLIP_CASES)
+def test_clip_grad_norm_matches_torch_gpu(max_norm, low, norm_type):
+    check_clip_matches_torch("cuda", max_norm, low, norm_type)
+
+
+def test_clip_grad_norm_without_grads():
+    params = [torch.randn(3, requires_grad=True), torch.randn(2, dtype=torch.bfloat16, requires_grad=True)]
+    assert ck.clip_grad_norm_(params, 1.0).item() == torch.nn.utils.clip_grad_norm_(params, 1.0).item() == 0.0
+    assert all(p.grad is None for p in params)
 
 
 @pytest.mark.gpu
