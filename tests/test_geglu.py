@@ -97,15 +97,25 @@ def test_backward_tiling_follows_the_program_count():
     assert _backward_tiling(64 * 8, 512, cpu) == NARROW_TILE  # 8 x 2
 
 
-def test_strided_views_match_the_contiguous_result():
-    wide = randn(3, 5, 2 * 7 + 4)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_strided_views_match_the_contiguous_result(dtype):
+    wide = randn(3, 5, 2 * 7 + 4, dtype=dtype)
     strided = wide[..., :14]  # rows 18 apart: no copy
-    transposed = randn(5, 3, 14).transpose(0, 1)  # leading dims that do not flatten: copied
-    bias = randn(14)
+    transposed = randn(5, 3, 14, dtype=dtype).transpose(0, 1)  # leading dims that do not flatten: copied
+    bias = randn(14, dtype=dtype)
     for x in (strided, transposed):
         check(x, bias=bias)
         torch.testing.assert_close(ck.geglu(x, bias, backend="triton"), ck.geglu(x.contiguous(), bias, backend="triton"),
                                    rtol=0, atol=0)
+
+
+def test_inference_path_matches_the_training_path():
+    # without grad (sampling) the kernels run outside the autograd.Function; outputs poisoned
+    x, bias = randn(77, 2 * 100, dtype=torch.bfloat16), randn(2 * 100).requires_grad_()
+    train = ck.geglu(x, bias, backend="triton")
+    with torch.no_grad(), nan_filled_empty():
+        infer = ck.geglu(x, bias, backend="triton")
+    assert infer.grad_fn is None and torch.equal(infer, train)
 
 
 def test_int64_offsets_only_where_int32_would_overflow(monkeypatch):

@@ -130,10 +130,11 @@ def test_backward_programs_fill_the_sms_before_taking_32_rows_each(monkeypatch):
     assert layer_norm._programs(100, 8, cpu) == 8  # one tile
 
 
-def test_strided_views_match_the_contiguous_result():
-    wide = randn(3, 5, 24 + 8)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_strided_views_match_the_contiguous_result(dtype):
+    wide = randn(3, 5, 24 + 8, dtype=dtype)
     strided = wide[..., :24]  # rows 32 apart: no copy
-    transposed = randn(5, 3, 24).transpose(0, 1)  # leading dims that do not flatten: copied
+    transposed = randn(5, 3, 24, dtype=dtype).transpose(0, 1)  # leading dims that do not flatten: copied
     w, b = randn(24), randn(24)
     for x in (strided, transposed):
         check(x, transposed, w, b)
@@ -141,6 +142,18 @@ def test_strided_views_match_the_contiguous_result():
                              ck.layer_norm(x.contiguous(), w, b, residual=strided.contiguous(), prenorm=True,
                                            backend="triton")):
             torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_inference_path_matches_the_training_path():
+    # without grad (sampling) the kernels run outside the autograd.Function; outputs poisoned
+    x, r = randn(3, 77, 40, dtype=torch.bfloat16), randn(3, 77, 40, dtype=torch.bfloat16)
+    w, b = randn(40).requires_grad_(), randn(40)
+    train = ck.layer_norm(x, w, b, residual=r, prenorm=True, backend="triton")
+    with torch.no_grad(), nan_filled_empty():
+        infer = ck.layer_norm(x, w, b, residual=r, prenorm=True, backend="triton")
+    assert infer[0].grad_fn is None
+    for got, want in zip(infer, train):
+        assert torch.equal(got, want)
 
 
 def test_int64_offsets_only_where_int32_would_overflow(monkeypatch):
