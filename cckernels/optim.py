@@ -60,6 +60,7 @@ class FusedAdamWEMA(torch.optim.Optimizer):
     backend does the same arithmetic with torch._foreach ops. Results match torch.optim.AdamW
     followed by ck.ema_update_ to fp32 rounding.
 
+    Params are fp32, bf16 or fp16 (others are refused: the states are fp32).
     bf16/fp16 params get fp32 master weights in the optimizer state ("master"); the step
     updates the master and writes it back rounded into the param, and the EMA follows the
     master. All state (exp_avg, exp_avg_sq, master, ema) is fp32. A param that is bf16 from the
