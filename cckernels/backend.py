@@ -153,17 +153,25 @@ def _dense(t):
     )
 
 
+def _layout(t):
+    """t's shape and the strides of its dims longer than 1: the strides of length-1 dims place
+    no element (a (64, 32, 1, 1) conv weight may have strides (32, 1, 1, 1) and its grad from a
+    channels_last convolution (32, 1, 32, 32): the same memory order)."""
+    return t.shape, tuple(s for n, s in zip(t.shape, t.stride()) if n != 1)
+
+
 def check_same_layout(name, lists):
     """Unsupported unless, for each i, the i-th tensors of all `lists` (rows) are dense with one
-    shape and one set of strides: the multi-tensor kernels walk them as flat memory from
+    shape and one memory order (_layout): the multi-tensor kernels walk them as flat memory from
     data_ptr(), element k of one row with element k of the others."""
     shapes, strides = [t.shape for t in lists[0]], [t.stride() for t in lists[0]]
     same = all([t.shape for t in ts] == shapes and [t.stride() for t in ts] == strides for ts in lists[1:])
     if same and all(map(_dense, lists[0])):  # twins of a dense tensor are dense
         return
-    for i, ts in enumerate(zip(*lists)):
-        if not all(_dense(t) for t in ts) or len({(t.shape, t.stride()) for t in ts}) != 1:
-            raise Unsupported(f"{name}: tensor {i} is not dense or its lists' shapes or strides differ")
+    for i, (first, *others) in enumerate(zip(*lists)):
+        if not _dense(first) or any(t.shape != first.shape or (t.stride() != first.stride() and _layout(t) != _layout(first))
+                                    for t in others):  # (_layout only where strides differ: host time)
+            raise Unsupported(f"{name}: tensor {i} is not dense or its lists' shapes or memory orders differ")
 
 
 _last_used = {}

@@ -216,12 +216,20 @@ def test_layout_check_takes_dense_twins_only():
 
     check_same_layout("t", [[torch.randn(3, 4), channels_last()], [torch.randn(3, 4), channels_last()]])
     for other in (torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 10)[..., ::2], torch.randn(120)):
-        with pytest.raises(Unsupported, match="tensor 0 is not dense or its lists' shapes or strides differ"):
+        with pytest.raises(Unsupported, match="tensor 0 is not dense or its lists' shapes or memory orders differ"):
             check_same_layout("t", [[channels_last()], [other]])
     with pytest.raises(Unsupported):  # same shape and strides, but not dense
         check_same_layout("t", [[torch.randn(4, 10)[:, ::2]], [torch.randn(4, 10)[:, ::2]]])
     with pytest.raises(Unsupported, match="tensor 1 "):  # dense, same strides, another shape
         check_same_layout("t", [[torch.randn(3), torch.randn(4, 1)], [torch.randn(3), torch.randn(5, 1)]])
+    # a 1x1 conv weight and its grad from a channels_last convolution: strides differ only in
+    # length-1 dims, which place no element (the trainer's optimizer fell back to torch on them)
+    weight = torch.randn(64, 32, 1, 1)
+    grad = torch.randn(64, 32, 1, 1).to(memory_format=torch.channels_last)
+    assert weight.stride() == (32, 1, 1, 1) and grad.stride() == (32, 1, 32, 32)
+    check_same_layout("t", [[torch.randn(3), weight], [torch.randn(3), grad]])
+    with pytest.raises(Unsupported, match="tensor 0 "):  # length-1 dims, and a real difference
+        check_same_layout("t", [[torch.randn(4, 1, 3)], [torch.randn(3, 1, 4).transpose(0, 2)]])
 
 
 def test_triton_refuses_before_its_first_launch(monkeypatch):

@@ -184,6 +184,36 @@ def test_misaligned_flat_views_cpu(dtype):
     check_flat_views("triton", dtype, "cpu", SHAPES + [(2 * 4096 + 5,)])
 
 
+def check_grads_strided_in_length_one_dims(backend, device):
+    """1x1 conv weights whose grads a channels_last convolution gave other strides in the
+    length-1 dims (the same memory order) step on `backend`, as the torch backend does."""
+    skip_unless_usable(backend, device)
+    results = []
+    for b in (backend, "torch"):
+        torch.manual_seed(4)
+        params = [torch.randn(64, 32, 1, 1, device=device, requires_grad=True), torch.randn(7, device=device, requires_grad=True)]
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())).to(device)
+        params[0].grad = torch.empty_like(params[0], memory_format=torch.channels_last).copy_(params[0].grad)
+        assert params[0].stride() == (32, 1, 1, 1) and params[0].grad.stride() == (32, 1, 32, 32)
+        opt = ck.FusedAdamWEMA(params, lr=1e-2, ema_decay=0.9, backend=b)
+        opt.step()
+        assert ck.used_backends()["adamw_ema_"] == b
+        results.append([t for p in params for t in (p.detach(), opt.state[p]["exp_avg"], opt.state[p]["ema"])])
+    for ours, theirs in zip(*results):
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+
+
+def test_grads_strided_in_length_one_dims_cpu():
+    check_grads_strided_in_length_one_dims("triton", "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_grads_strided_in_length_one_dims_gpu(backend):
+    check_grads_strided_in_length_one_dims(backend, "cuda")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
