@@ -130,4 +130,4 @@ def test_a_diffusers_pipeline_folder_samples_as_the_same_parts_do(tmp_path, caps
     main(["--checkpoint", str(pipe), "--prompt", "a cat", "--n", "1", "--steps", "2", "--out", str(out)])
     got = torch.from_numpy(np.array(Image.open(out))).permute(2, 0, 1)[None].float() / 127.5 - 1
     assert (got - expected.clamp(-1, 1)).abs().max() <= 1 / 127.5 + 1e-6  # the grid's 8-bit rounding
-    assert "1 prompts x 1 images at 64 px" in capsys.readouterr().out
+    assert "1 prompt x 1 images at 64 px" in capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""Images from a training checkpoint: DDIM with classifier-free guidance, saved as a PNG grid.
+r"""Images from a training checkpoint: DDIM with classifier-free guidance, saved as a PNG grid.
 
     python -m trainer.sample --checkpoint runs/tiny --prompt "a cat" --prompt "a red bus" \
         [--steps 50 --guidance 7.5 --seed 0 --n 4 --resolution 256] --out grid.png
@@ -119,7 +119,8 @@ def main(argv=None):
         guidance=args.guidance, seed=args.seed, prediction_type=config["diffusion"]["prediction_type"],
     )
     save_grid(images, args.out, rows=len(args.prompt))
-    print(f"wrote {args.out}: {len(args.prompt)} prompts x {args.n} images at {resolution} px")
+    prompts = f"{len(args.prompt)} prompt" + "s" * (len(args.prompt) != 1)
+    print(f"wrote {args.out}: {prompts} x {args.n} images at {resolution} px")
 
 
 if __name__ == "__main__":
