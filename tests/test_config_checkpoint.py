@@ -1,3 +1,5 @@
+import shutil
+
 import pytest
 import torch
 
@@ -60,6 +62,20 @@ def test_bad_integer_names_key_and_value(cfg_file, override):
         config.load(cfg_file, [override])
 
 
+@pytest.mark.parametrize("override, match", [
+    ("resume=maybe", "resume must be true or false, got 'maybe'"),
+    ("model.compile=1", "model.compile must be true or false or a torch.compile backend, got 1"),
+    ("train.lr=abc", "train.lr must be a number, got 'abc'"),
+    ("ema.decay=true", "ema.decay must be a number, got True"),
+    ("train.grad_clip=null", "train.grad_clip must be a number, got None"),
+])
+def test_switches_and_numbers_name_key_and_value(cfg_file, override, match):
+    with pytest.raises(ValueError, match=match):
+        config.load(cfg_file, [override])
+    assert config.load(cfg_file, ["train.lr=1", "resume=false"])["train"]["lr"] == 1  # an integer is a number
+    assert config.load(cfg_file, ["model.compile=aot_eager"])["model"]["compile"] == "aot_eager"
+
+
 def _save(out_dir, step, value, keep=2):
     checkpoint.begin(out_dir, step)
     checkpoint.save_rank_rng(out_dir, step, rank=0)
@@ -89,6 +105,34 @@ def test_crash_mid_write_keeps_previous_checkpoint(tmp_path):
     assert checkpoint.latest(tmp_path) == good
     assert checkpoint.load(checkpoint.latest(tmp_path))["state"]["step"] == 10
     assert _save(tmp_path, 20, 2.0).name == "step_0000020"  # the next save clears the debris
+
+
+def test_resolve_takes_a_checkpoints_folder_not_a_runs_other_folders(tmp_path):
+    path = _save(tmp_path, 10, 1.0)
+    assert checkpoint.resolve(tmp_path / "checkpoints") == path == checkpoint.resolve(path)
+    (tmp_path / "diffusers" / "unet").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="no checkpoint at .*diffusers"):
+        checkpoint.resolve(tmp_path / "diffusers")
+
+
+def test_a_latest_pointer_to_a_missing_checkpoint_is_an_error(tmp_path):
+    shutil.rmtree(_save(tmp_path, 10, 1.0))
+    with pytest.raises(FileNotFoundError, match="latest names step_0000010, which is missing or incomplete"):
+        checkpoint.latest(tmp_path)
+
+
+def test_an_earlier_run_set_aside(tmp_path):
+    assert checkpoint.set_aside_earlier_run(tmp_path) is None
+    _save(tmp_path, 10, 1.0)
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    (tmp_path / "notes.txt").write_text("the user's")
+    earlier = checkpoint.set_aside_earlier_run(tmp_path)
+    assert earlier.parent == tmp_path / "earlier_runs" and {p.name for p in earlier.iterdir()} == {"checkpoints", "metrics.jsonl"}
+    assert checkpoint.latest(earlier).name == "step_0000010" and checkpoint.latest(tmp_path) is None
+    assert (tmp_path / "notes.txt").read_text() == "the user's"
+    _save(tmp_path, 20, 2.0)
+    second = checkpoint.set_aside_earlier_run(tmp_path)
+    assert second != earlier and checkpoint.latest(second).name == "step_0000020"
 
 
 def test_keeps_only_the_newest(tmp_path):

@@ -163,9 +163,38 @@ def test_kernel_fallbacks_are_logged(tmp_path, monkeypatch, caplog):
 
 
 def test_resume_false_starts_over(tmp_path, capsys):
-    run(tmp_path, "train.steps=2")
+    # The earlier run goes further: its checkpoints, left beside the new run's, would outrank
+    # them (resume, sample) and be kept where the new run's were pruned. They are set aside.
+    run(tmp_path, "train.steps=4")
     run(tmp_path, "train.steps=2", "resume=false")
-    assert "starting from scratch" in capsys.readouterr().out.split("done:")[1]
+    log = capsys.readouterr().out.split("done:")[1]
+    assert "starting from scratch" in log and f"resume=false: the earlier run's files in {tmp_path} moved to" in log
+    assert checkpoint.load(checkpoint.latest(tmp_path))["state"]["step"] == 2
+    assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [1, 2]
+    (earlier,) = (tmp_path / "earlier_runs").iterdir()
+    assert checkpoint.load(checkpoint.latest(earlier))["state"]["step"] == 4
+    assert {p.name for p in earlier.iterdir()} == {"checkpoints", "samples", "diffusers", "metrics.jsonl", "metrics.png"}
+    # torchrun's restart of a run started with resume=false resumes it, not starting over again
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+        run(tmp_path, "train.steps=3", "resume=false")
+    assert "resuming from" in capsys.readouterr().out
+    assert len(list((tmp_path / "earlier_runs").iterdir())) == 1
+
+
+def test_unreadable_images_are_counted_in_the_log(tmp_path, caplog):
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(4):
+        Image.new("RGB", (64, 64), (60 * i, 90, 30)).save(folder / f"{i}.jpg")
+        (folder / f"{i}.txt").write_text("a red square")
+    (folder / "broken.jpg").write_bytes(b"not a JPEG")
+    run(tmp_path / "out", "train.steps=1", f"data.path={folder}")
+    assert any(r.name == "trainer.data" and "4 images" in r.getMessage() and "1 unreadable skipped (listed in" in r.getMessage()
+               for r in caplog.records)
+    assert (tmp_path / "out" / "skipped_files.txt").read_text().startswith("broken.jpg\t")
 
 
 def test_unknown_key_lists_valid_keys(tmp_path):
@@ -348,7 +377,8 @@ def test_a_new_run_starts_from_another_runs_weights(tmp_path, capsys):
     assert not all(torch.equal(a["unet"][k], a["ema"][k]) for k in a["unet"])
     sources = ((tmp_path / "a", a["unet"]),  # a run: its trained weights
                (a["path"], a["unet"]),  # one of its checkpoints: the same
-               (tmp_path / "a" / "diffusers" / "unet", a["ema"]))  # a diffusers folder: what it holds
+               (tmp_path / "a" / "diffusers" / "unet", a["ema"]),  # a diffusers folder: what it holds
+               (tmp_path / "a" / "diffusers", a["ema"]))  # the run's diffusers/ (not the run beside it)
     for i, (source, expected) in enumerate(sources):
         out = tmp_path / f"b{i}"
         objective = "v_prediction" if i == 0 else "epsilon"  # the first one switches: said, not refused

@@ -6,7 +6,10 @@ diffusion_pytorch_model.safetensors, a hard link to the EMA weights once the EMA
 else to the UNet's), so `UNet2DConditionModel.from_pretrained(step / "unet")` loads any
 checkpoint; <out_dir>/checkpoints/latest names the newest.
 A crash mid-write leaves only a *.tmp folder behind, which the next save clears.
+A run that starts over in an out_dir (resume=false) first moves the earlier run's files aside
+(set_aside_earlier_run), so neither run's checkpoints are pruned for the other's.
 """
+import datetime
 import json
 import os
 import shutil
@@ -28,24 +31,50 @@ def step_name(step):
 
 
 def latest(out_dir):
-    """Path of the newest complete checkpoint in out_dir, or None."""
+    """Path of the newest checkpoint in out_dir, or None where there is none. A `latest` pointer
+    that names no complete checkpoint (only ever published after its checkpoint: someone
+    deleted it) is an error, not a fresh start: a run started there would lose its own
+    checkpoints to the pruning of the older ones beside them."""
     pointer = checkpoint_dir(out_dir) / "latest"
     if not pointer.exists():
         return None
     path = checkpoint_dir(out_dir) / pointer.read_text().strip()
-    return path if (path / "state.json").exists() else None
+    if not (path / "state.json").exists():
+        raise FileNotFoundError(f"{pointer} names {path.name}, which is missing or incomplete (no state.json); "
+                                "resume=false starts over, setting this run's files aside")
+    return path
 
 
 def resolve(path):
-    """A checkpoint folder, or an out_dir / its checkpoints folder (-> the latest in it)."""
+    """A checkpoint folder, or an out_dir or its checkpoints folder (-> the latest in it). Only
+    a checkpoints folder (holding `latest`) defers to its parent: a run's diffusers/ is not
+    the run."""
     path = Path(path)
     if (path / "state.json").exists():
         return path
-    for out_dir in (path, path.parent):
-        found = latest(out_dir)
-        if found is not None:
-            return found
-    raise FileNotFoundError(f"no checkpoint at {path} (expected state.json or a 'latest' pointer)")
+    found = latest(path.parent if (path / "latest").is_file() else path)
+    if found is None:
+        raise FileNotFoundError(f"no checkpoint at {path} (expected state.json or a 'latest' pointer)")
+    return found
+
+
+# What a training run writes into its out_dir.
+RUN_FILES = ("checkpoints", "samples", "diffusers", "metrics.jsonl", "metrics.png", "skipped_files.txt")
+
+
+def set_aside_earlier_run(out_dir):
+    """Moves an earlier run's files (RUN_FILES) out of the way, into
+    <out_dir>/earlier_runs/<UTC time>/, for a run that starts over there; returns that folder,
+    or None when there was nothing to move."""
+    out_dir = Path(out_dir)
+    found = [out_dir / name for name in RUN_FILES if (out_dir / name).exists()]
+    if not found:
+        return None
+    dest = out_dir / "earlier_runs" / datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S-%f")
+    dest.mkdir(parents=True)
+    for path in found:
+        os.replace(path, dest / path.name)
+    return dest
 
 
 def init_weights(path):

@@ -226,6 +226,13 @@ def load(path=None, overrides=()):
         value = get(cfg, key)
         if type(value) is not int or value < low:
             raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
+    for key in VALID_KEYS:  # a switch or a number by its default (resume=maybe, train.lr=abc)
+        default, value = get(DEFAULTS, key), get(cfg, key)
+        if type(default) is bool and type(value) is not bool and not (key == "model.compile" and type(value) is str):
+            raise ValueError(f"{key} must be true or false" + " or a torch.compile backend" * (key == "model.compile")
+                             + f", got {value!r}")
+        if type(default) is float and type(value) not in (int, float):
+            raise ValueError(f"{key} must be a number, got {value!r}")
     return cfg
 
 

@@ -1,4 +1,4 @@
-"""Train a text-to-image latent diffusion UNet (the main job).
+r"""Train a text-to-image latent diffusion UNet (the main job).
 
     # the tiny default on the built-in Creative-Commons images, 2 CPU processes
     torchrun --standalone --nproc_per_node=2 trainer/train.py
@@ -9,8 +9,9 @@
         --rdzv-endpoint=HOST:29500 --max-restarts=3 trainer/train.py --config configs/sd2-base.yaml
 
 Any config key can be overridden as key=value (train.steps=1000 data.backend=dali ...).
-Running again with the same out_dir resumes from its latest checkpoint (resume=false
-starts over); an elastic restart by torchrun resumes the same way.
+Running again with the same out_dir resumes from its latest checkpoint; resume=false starts
+over, moving the earlier run's files to out_dir/earlier_runs/. An elastic restart by torchrun
+resumes the same way (after resume=false too: it resumes the run that started over).
 """
 import argparse
 import contextlib
@@ -138,14 +139,24 @@ def main(argv=None):
             tqdm.write(msg)
 
     # cckernels says at INFO why a backend could not take an input (once per reason); the
-    # data pipeline warns about skipped files and fallbacks. Printed above the progress bar.
+    # data pipeline says at INFO what it found (images, unreadable ones skipped and where they
+    # are listed, the decoder) and warns about skipped files and fallbacks. Printed above the
+    # progress bar; other ranks' only when they warn.
     handler = _TqdmHandler()
     handler.setFormatter(logging.Formatter(f"rank {rank} %(name)s: %(message)s"))
     logging.basicConfig(level=logging.WARNING, handlers=[handler])
-    logging.getLogger("cckernels").setLevel(logging.INFO if is_main else logging.WARNING)
+    for name in ("cckernels", "trainer.data"):
+        logging.getLogger(name).setLevel(logging.INFO if is_main else logging.WARNING)
 
     # -- resume ------------------------------------------------------------------------------
-    ckpt_path = checkpoint.latest(out_dir) if cfg["resume"] else None
+    # resume=false starts over once: torchrun's restarts of this run still resume its checkpoints
+    resume = cfg["resume"] or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    ckpt_path = checkpoint.latest(out_dir) if resume else None
+    if not resume:  # the earlier run's checkpoints would outrank ours, and ours be pruned for them
+        earlier = checkpoint.set_aside_earlier_run(out_dir) if is_main else None
+        if earlier:
+            log(f"resume=false: the earlier run's files in {out_dir} moved to {earlier}")
+        _barrier(world)
     ckpt = checkpoint.load(ckpt_path, rank) if ckpt_path else None
     start_step = ckpt["state"]["step"] if ckpt else 0
     log(f"resuming from {ckpt_path} at step {start_step}" if ckpt else f"starting from scratch in {out_dir}")
