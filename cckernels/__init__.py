@@ -237,7 +237,10 @@ def ema_update_(ema, params, decay, *, backend=None):
 def available_backends(device=None):
     """{op: [backends usable on `device`, best first in that op's order]} (default device:
     cuda if present)."""
-    device = torch.device(device) if device is not None else default_device()
+    try:
+        device = torch.device(device) if device is not None else default_device()
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r} is not a torch device ({e})") from None
     return {op: available(op, device) for op in IMPLEMENTATIONS}
 
 

@@ -73,6 +73,8 @@ OPTIMIZER_STEPS = {
 # headline's batch 512, and the two about even over batch 32's shapes (Triton ahead on the
 # 8x8 and 4x4 maps, CUDA on the larger). Kept for A/B runs of the whole step (docs/benchmarks.md).
 _TRITON_FROM = os.environ.get("CCKERNELS_GROUP_NORM_TRITON_FROM")
+if _TRITON_FROM and not _TRITON_FROM.isdigit():
+    raise ValueError(f"CCKERNELS_GROUP_NORM_TRITON_FROM={_TRITON_FROM!r}: use a whole number of elements")
 GROUP_NORM_TRITON_FIRST_ELEMENTS = int(_TRITON_FROM) if _TRITON_FROM else None
 # GroupNorm's backend under prefer_gpu_time (CUDA-graph capture): Triton, from the second H200
 # run's batch-32 graph replays (Triton 1.2-1.7x CUDA's forward+backward); the fifth run had the
@@ -197,7 +199,7 @@ def _load(spec):
 def triton_usable(device):
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         return False
-    if device.type not in ("cpu", "cuda"):
+    if device.type not in ("cpu", "cuda") or device.type == "cuda" and not torch.cuda.is_available():
         return False
     try:
         import triton  # noqa: F401
@@ -207,7 +209,7 @@ def triton_usable(device):
 
 
 def cuda_usable(device):
-    if device.type != "cuda":
+    if device.type != "cuda" or not torch.cuda.is_available():
         return False
     from cckernels import cuda
 
@@ -245,9 +247,10 @@ def available(op, device):
 
 
 def _requested(backend):
+    source = "" if backend else "CCKERNELS_BACKEND="
     backend = backend or os.environ.get("CCKERNELS_BACKEND") or None
     if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
+        raise ValueError(f"unknown backend {source}{backend!r}; valid backends: {', '.join(BACKENDS)}")
     return backend
 
 
@@ -260,7 +263,8 @@ def dispatch(op, device, backend, *args):
         if requested in names:
             order = order[names.index(requested):]
         else:
-            _report(op, requested, f"not usable on {device.type} for this op")
+            _report(op, requested, f"not usable on {device.type} for this op" if requested in _table(op)
+                    else f"this op has no {requested} backend")
     elif op in _first_choice:
         first = _first_choice[op](*args)
         if first is not None and order[0][0] != first:

@@ -42,8 +42,28 @@ def test_unknown_backend_is_a_clear_error(monkeypatch):
     with pytest.raises(ValueError, match="unknown backend 'cudnn'.*cuda, triton, torch"):
         ck.group_norm(x, 2, backend="cudnn")
     monkeypatch.setenv("CCKERNELS_BACKEND", "nope")
-    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+    with pytest.raises(ValueError, match="unknown backend CCKERNELS_BACKEND='nope'"):
         ck.group_norm(x, 2)
+
+
+def test_available_backends_of_a_device_string(monkeypatch):
+    with pytest.raises(ValueError, match="device 'gpu0' is not a torch device"):
+        ck.available_backends("gpu0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without a GPU
+    monkeypatch.setattr(backend_mod, "_usable_cache", {})
+    assert ck.available_backends("cuda") == {op: ["torch"] for op in backend_mod.IMPLEMENTATIONS}
+
+
+def test_environment_settings_name_themselves_when_bad():
+    for name, value, match in (("CCKERNELS_GROUP_NORM_TRITON_FROM", "64M", "CCKERNELS_GROUP_NORM_TRITON_FROM='64M'"),
+                               ("CCKERNELS_AUTOTUNE", "maybe", "CCKERNELS_AUTOTUNE='maybe'")):
+        code = ("import torch, triton, cckernels.backend, cckernels.triton.attention as a; "
+                "a._prune([triton.Config({'BLOCK_M': 64, 'BLOCK_N': 64}, num_warps=4, num_stages=2)], "
+                "{'Q': torch.empty(0, dtype=torch.bfloat16), 'Lq': 64, 'Lk': 64}, a._fwd_footprint, a.FWD_FP32, "
+                "target=(90, 232448), BLOCK_D=64)")
+        env = {**os.environ, name: value, "TRITON_INTERPRET": "1"}
+        err = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stderr
+        assert match in err, err[-2000:]
 
 
 @pytest.fixture
@@ -351,3 +371,40 @@ def test_ops_run_on_the_tensors_gpu_not_the_current_one(backend):
     torch.testing.assert_close(y, ref_y, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(a, ref_a, atol=2e-2, rtol=2e-2)
     assert x.grad.isfinite().all() and q.grad.isfinite().all()
+
+
+def _second_order(op, backend):
+    """d/dx of the squared norm of d(op(x)^2)/dx, through `backend` (create_graph=True)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 4, 6, requires_grad=True)  # (B, L, H, D) for attention
+    calls = {
+        "attention": lambda: ck.attention(x, x.detach() + 1, x.detach() - 1, backend=backend),
+        "group_norm": lambda: ck.group_norm(x, 2, activation="silu", backend=backend),
+        "geglu": lambda: ck.geglu(x, backend=backend),
+        "layer_norm": lambda: ck.layer_norm(x, backend=backend),
+    }
+    (g,) = torch.autograd.grad(calls[op]().square().sum(), x, create_graph=True)
+    g.square().sum().backward()
+    return x.grad
+
+
+@pytest.mark.parametrize("op", ["attention", "group_norm", "geglu", "layer_norm"])
+def test_kernel_gradients_refuse_to_be_differentiated(op):
+    # A kernel's backward is not itself differentiable: create_graph=True (a gradient penalty)
+    # must raise, not return second-order gradients missing the kernel's terms.
+    if "triton" not in ck.available_backends("cpu")[op]:
+        pytest.skip("triton is not usable here")
+    assert _second_order(op, "torch").abs().sum() > 0  # the reference differentiates twice
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        _second_order(op, "triton")
+
+
+def test_inputs_the_triton_kernels_cannot_take_fall_back():
+    if "triton" not in ck.available_backends("cpu")["geglu"]:
+        pytest.skip("triton is not usable here")
+    assert ck.geglu(torch.randn(4, 0), backend="triton").shape == (4, 0)  # an empty last dim
+    assert ck.used_backends()["geglu"] == "torch"
+    q, k = torch.randn(2, 5, 3, 32), torch.randn(2, 7, 3, 32)
+    out = ck.attention(q, k, k, scale=1e-46, backend="triton")  # 0 as the kernels' fp32 scale
+    assert ck.used_backends()["attention"] == "torch"
+    torch.testing.assert_close(out, k.mean(1, keepdim=True).expand_as(q))  # softmax of zeros: the mean

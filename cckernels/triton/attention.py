@@ -31,6 +31,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from cckernels.backend import Unsupported, _on_device, env_flag
 from cckernels.packing import is_packed, packed_empty
@@ -39,6 +40,7 @@ from cckernels.triton.column_sum import column_sum
 from cckernels.triton.launch import Tuned, cdiv, next_power_of_2, sm_count
 
 LOG2E = 1.4426950408889634
+FP32_TINY = torch.finfo(torch.float32).tiny  # the smallest normal float32
 MAX_HEAD_DIM = 128
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Triton's interpreter multiplies bf16 bit patterns as integers in tl.dot (triton-lang/triton#11584),
@@ -157,7 +159,7 @@ def _prune(configs, named_args, footprint, fp32_shape, short_kv_block=False, tar
     fits, capped = _fitting(configs, q, m_cap, n_cap, footprint, fp32_shape, short_kv_block, target, **kwargs)
     if not fits:
         fits = [min(capped, key=lambda shape: capped[shape][0])]
-    if os.environ.get("CCKERNELS_AUTOTUNE") == "0" or torch.are_deterministic_algorithms_enabled():
+    if not env_flag("CCKERNELS_AUTOTUNE", True) or torch.are_deterministic_algorithms_enabled():
         fits = fits[:1]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in fits]
 
@@ -731,6 +733,7 @@ class _Attention(torch.autograd.Function):
         return o
 
     @staticmethod
+    @once_differentiable  # the kernels' gradients are not differentiable: create_graph=True raises
     def backward(ctx, do):
         # gradients packed like packed inputs: eagerly only (a custom op's outputs may not alias)
         return _input_grads(functools.partial(_backward, pack=True), ctx, do)
@@ -837,6 +840,8 @@ def attention(q, k, v, scale):
     when a gradient is needed.
     """
     _check_supported(q, k, v)
+    if scale * LOG2E < FP32_TINY:  # 0 in the kernels' fp32 scale: -inf * 0 on masked keys
+        raise Unsupported(f"scale {scale!r} is below float32's normal range")
     if emitting_custom_ops():
         return attention_op(q, k, v, scale)[0]
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):

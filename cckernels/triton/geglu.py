@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from cckernels.backend import Unsupported, _on_device, triton_usable
 from cckernels.tracing import emitting_custom_ops
@@ -165,6 +166,7 @@ class _GEGLU(torch.autograd.Function):
         return _forward(x, bias)
 
     @staticmethod
+    @once_differentiable  # the kernels' gradients are not differentiable: create_graph=True raises
     def backward(ctx, dy):
         return _backward(dy, *ctx.saved_tensors)
 
@@ -213,6 +215,8 @@ def geglu(x, bias=None):
         raise Unsupported(f"dtype {x.dtype} (triton geglu takes float16, bfloat16, float32)")
     if x.stride(-1) != 1:
         raise Unsupported(f"last dim not contiguous (strides {x.stride()})")
+    if x.shape[-1] == 0:
+        raise Unsupported("an empty last dim")
     if bias is not None and (bias.dtype not in DTYPES or bias.stride(-1) != 1):
         raise Unsupported(f"bias of dtype {bias.dtype}, stride {bias.stride()} (takes a contiguous float16, "
                           "bfloat16 or float32 one)")

@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from cckernels.backend import Unsupported, _on_device, triton_usable
 from cckernels.tracing import emitting_custom_ops
@@ -204,6 +205,7 @@ class _LayerNorm(torch.autograd.Function):
         return (y, x if s is None else s) if prenorm else y
 
     @staticmethod
+    @once_differentiable  # the kernels' gradients are not differentiable: create_graph=True raises
     def backward(ctx, dy, ds=None):
         x, weight, bias, mean, rstd = ctx.saved_tensors
         dx, affine = _backward(dy, ds, x, weight, bias, mean, rstd)
