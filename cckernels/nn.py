@@ -30,14 +30,14 @@ class GroupNormSiLU(GroupNorm):
 
 
 def patch_module(model):
-    """Swap every torch.nn.GroupNorm in `model` for GroupNorm in place; returns how many."""
+    """Turn every torch.nn.GroupNorm in `model` (model itself included) into a GroupNorm, in
+    place: the same module objects, so their parameters (and an optimizer's references to
+    them), sharing between layers, hooks, requires_grad, dtype and training mode stay.
+    Subclasses of torch.nn.GroupNorm, which may compute otherwise, are left. Returns how many."""
     replaced = 0
-    for parent in model.modules():
-        for name, child in parent.named_children():
-            if type(child) is torch.nn.GroupNorm:
-                like = {"device": child.weight.device, "dtype": child.weight.dtype} if child.affine else {}
-                new = GroupNorm(child.num_groups, child.num_channels, child.eps, child.affine, **like)
-                new.load_state_dict(child.state_dict())
-                setattr(parent, name, new)
-                replaced += 1
+    for module in model.modules():  # each instance once, however often it is registered
+        if type(module) is torch.nn.GroupNorm:
+            module.__class__ = GroupNorm
+            module.activation = None
+            replaced += 1
     return replaced

@@ -40,3 +40,27 @@ def test_patch_module_replaces_every_group_norm():
     assert sum(isinstance(m, ck.nn.GroupNorm) for m in model.modules()) == 2
     torch.testing.assert_close(model(x), want)
     assert ck.nn.patch_module(model) == 0  # already patched
+
+
+def test_patch_module_keeps_the_modules_and_what_they_hold():
+    # Patched in place: sharing, frozen and fp64 parameters, an optimizer's references, hooks
+    # and eval mode stay; a root GroupNorm is patched; a subclass is left.
+    class Subclass(torch.nn.GroupNorm):
+        pass
+
+    shared, frozen = torch.nn.GroupNorm(2, 4), torch.nn.GroupNorm(2, 4).double()
+    frozen.weight.requires_grad_(False)
+    model = torch.nn.ModuleDict({"a": shared, "b": torch.nn.Sequential(shared, Subclass(2, 4)), "c": frozen}).eval()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    params = list(model.parameters())
+    calls = []
+    shared.register_forward_hook(lambda *args: calls.append(1))
+    assert ck.nn.patch_module(model) == 2
+    assert type(shared) is ck.nn.GroupNorm and model["a"] is model["b"][0] is shared and type(model["b"][1]) is Subclass
+    assert list(model.parameters()) == params and opt.param_groups[0]["params"][0] is shared.weight
+    assert not frozen.weight.requires_grad and frozen.weight.dtype == torch.float64 and not model.training
+    x = torch.randn(3, 4, 5)
+    torch.testing.assert_close(shared(x), torch.nn.functional.group_norm(x, 2, shared.weight, shared.bias))
+    assert calls == [1] and shared.activation is None
+    root = torch.nn.GroupNorm(2, 4)
+    assert ck.nn.patch_module(root) == 1 and type(root) is ck.nn.GroupNorm
