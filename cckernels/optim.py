@@ -250,15 +250,26 @@ class FusedAdamWEMA(torch.optim.Optimizer):
         master is not loaded for an fp32 param (which is its own master: the state of a bf16
         run resumed in fp32); the param's own values stand. A bf16/fp16 param whose saved state
         has no master (state_dict(master=False)) keeps the master it had, else gets one from
-        its own values (as its first step would)."""
+        its own values (as its first step would). A state without EMA tensors
+        (state_dict(ema=False), or torch.optim.AdamW's) leaves the EMA unstarted: start_ema(), or
+        put the saved EMA back, as trainer/ema.py does. A torch.optim.AdamW state dict loads: its
+        groups take this optimizer's ema_decay, its tensor steps become counts; groups with
+        amsgrad or maximize are refused."""
         kept = {id(p): self.state[p]["master"] for p in self._params() if "master" in self.state.get(p, {})}
-        super().load_state_dict(state_dict)  # replaces self.state: masters not in state_dict are gone
+        groups = state_dict["param_groups"]
+        if len(groups) == len(self.param_groups):  # else torch's load refuses it
+            groups = [{**{k: v for k, v in current.items() if k != "params"}, **saved}  # what it lacks: ours
+                      for saved, current in zip(groups, self.param_groups)]
+            for i, group in enumerate(groups):
+                _check_hyperparameters(group, f"param group {i} of the state dict: ")
+        super().load_state_dict({**state_dict, "param_groups": groups})
         saved = state_dict["state"]
         ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         for i, p in zip(ids, self._params()):
             state = self.state[p]
             for key, value in saved.get(i, {}).items():
-                if key == "step":
+                if key == "step":  # torch.optim.AdamW saves a tensor
+                    state[key] = int(value)
                     continue
                 if key == "master" and p.dtype == torch.float32:
                     del state[key]

@@ -244,6 +244,36 @@ def test_params_on_two_devices_without_grads():
     assert opt.state[meta]["ema"].device.type == "meta"
 
 
+def test_a_torch_adamw_state_dict_continues_as_adamw():
+    # Switching optimizers mid-run: AdamW's state (tensor steps, its own group keys, no
+    # ema_decay) loads, and the next steps are AdamW's; amsgrad is refused by name.
+    torch.manual_seed(5)
+    params = [torch.randn(7, 3, requires_grad=True), torch.randn(5, requires_grad=True)]
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    theirs = torch.optim.AdamW(twins, lr=1e-2, weight_decay=0.1)
+    for step in range(4):
+        for p, t in zip(params, twins):
+            t.grad = torch.randn_like(t)
+            p.grad = t.grad.clone()
+        if step == 2:  # two steps of AdamW, then ours from its state
+            ours = ck.FusedAdamWEMA(params, lr=1.0, ema_decay=0.9, backend="torch")
+            with torch.no_grad():
+                for p, t in zip(params, twins):
+                    p.copy_(t)
+            ours.load_state_dict(copy.deepcopy(theirs.state_dict()))  # as from a file: no shared tensors
+            assert ours.param_groups[0]["lr"] == 1e-2 and ours.param_groups[0]["ema_decay"] == 0.9
+            assert not ours.ema_started  # AdamW has no EMA to load
+        if step >= 2:
+            ours.step()
+        theirs.step()
+    for p, t in zip(params, twins):
+        torch.testing.assert_close(p, t)
+    bad = theirs.state_dict()
+    bad["param_groups"][0]["amsgrad"] = True
+    with pytest.raises(ValueError, match="param group 0 of the state dict: amsgrad=True is not supported"):
+        ours.load_state_dict(bad)
+
+
 def test_state_dict_round_trip_keeps_fp32_state():
     params = [p.to(torch.bfloat16).requires_grad_() for p in make_params("cpu")]
     opt = ck.FusedAdamWEMA(groups_of(params), backend="torch")
