@@ -35,7 +35,9 @@ def group_norm(x, num_groups, weight, bias, eps, activation, prenorm=False):
                          None if bias is None else bias.to(ct), eps)
     if activation == "silu":
         y = F.silu(y)
-    y = y.to(x.dtype).contiguous(memory_format=memory_format(x))
+    y = y.to(x.dtype)
+    if channels_last(x) and not x.is_contiguous():  # in any spatial rank, as the kernels: x's strides
+        y = torch.empty_like(x).copy_(y)
     return (y, x) if prenorm else y
 
 
@@ -75,14 +77,6 @@ def ema_pairs_by_dtype(ema, params):
             es.append(e)
             ps.append(p)
     return groups
-
-
-def memory_format(x):
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
-    return torch.contiguous_format
 
 
 def adamw_ema_(params, grads, exp_avgs, exp_avg_sqs, masters, emas, scalars):

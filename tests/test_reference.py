@@ -88,6 +88,16 @@ def test_group_norm_reference_any_rank(shape):
     torch.testing.assert_close(y.double(), group_norm_fp64(x, 2, None, None, 1e-6, False), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(2, 6, 11), (1, 8, 3, 4, 5), (2, 4, 2, 3, 2, 2)])
+def test_group_norm_reference_keeps_channels_last_in_any_rank(shape):
+    # channels contiguous (the kernels' channels_last, in any spatial rank): the output too, as
+    # the triton and cuda backends give it
+    x = torch.randn(shape[0], *shape[2:], shape[1]).movedim(-1, 1)
+    y = ck.group_norm(x, 2, backend="torch")
+    assert y.stride() == x.stride()
+    torch.testing.assert_close(y.double(), group_norm_fp64(x, 2, None, None, 1e-5, False), atol=1e-5, rtol=1e-5)
+
+
 def test_group_norm_statistics_in_fp32():
     # fp16 data with a large offset: fp16 statistics would lose the variance entirely.
     x = (1000 + torch.randn(2, 32, 8, 8)).half()
