@@ -157,6 +157,69 @@ def test_folder_captions(tmp_path, cache):
         build_index(root, cache_dir=cache)
 
 
+def test_metadata_rows_that_do_not_fit(tmp_path, cache, caplog):
+    # A row without the caption field keeps the .txt caption; "./" names the same file; a row
+    # naming no image is warned about; a bad file_name or a non-UTF-8 jsonl names the file.
+    root = make_folder(tmp_path / "d", 3)
+    rows = [{"file_name": "img00.png", "license": "CC0"}, {"file_name": "./img01.jpg", "text": "from jsonl"},
+            {"file_name": "gone.jpg", "text": "no such file"}]
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with caplog.at_level(logging.WARNING, logger="trainer.data"):
+        by_name = {s.name: s for s in build_index(root, cache_dir=cache).samples}
+    assert (by_name["img00.png"].caption, by_name["img00.png"].license) == ("caption 0", "CC0")
+    assert by_name["img01.jpg"].caption == "from jsonl"
+    assert "1 metadata.jsonl row(s) name no image" in caplog.text and "metadata.jsonl:3 gone.jpg" in caplog.text
+    (root / "metadata.jsonl").write_text(json.dumps({"file_name": ["img00.png"]}) + "\n")
+    with pytest.raises(ValueError, match=r"metadata.jsonl:1: .*file_name is list, not a string"):
+        build_index(root, cache_dir=cache)
+    (root / "metadata.jsonl").write_bytes(b'{"file_name": "img00.png", "text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"metadata.jsonl is not UTF-8"):
+        build_index(root, cache_dir=cache)
+
+
+def test_a_dataset_without_captions_is_warned_about(tmp_path, cache, caplog):
+    root = make_folder(tmp_path / "d", 2, captions="jsonl")
+    with caplog.at_level(logging.WARNING, logger="trainer.data"):
+        build_index(root, cache_dir=cache, caption_field="synthetic_text")  # no row has it
+    assert "none of the 2 images" in caplog.text and "data.caption_field=synthetic_text" in caplog.text
+
+
+def test_files_that_cannot_be_read_are_skipped_and_checked_again(tmp_path, cache, monkeypatch):
+    # A permission error on an image or its caption (a run as another user) skips that image
+    # and lists why; it is not cached as bad: readable again, the image is used again.
+    root = make_folder(tmp_path / "d", 3)
+    read_bytes, read_text = data_index.read_bytes, Path.read_text
+
+    def no_access(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(data_index, "read_bytes", lambda path, *a: (no_access if "img01" in path else read_bytes)(path, *a))
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: (no_access if self.name == "img02.txt" else read_text)(self, *a, **k))
+    index = build_index(root, cache_dir=cache)
+    assert [s.name for s in index.samples] == ["img00.png"]
+    assert dict(index.skipped) == {"img01.jpg": "unreadable (PermissionError: Permission denied)",
+                                   "img02.jpg": "caption img02.txt unreadable (PermissionError: Permission denied)"}
+    monkeypatch.undo()
+    assert [s.name for s in build_index(root, cache_dir=cache).samples] == ["img00.png", "img01.jpg", "img02.jpg"]
+
+
+def test_a_file_name_that_is_not_utf8(tmp_path, cache):
+    # os.fsdecode gives such a name surrogate escapes: skipped_files.txt still writes it, and
+    # where DALI is installed both backends skip it (DALI's reader cannot open it)
+    root = make_folder(tmp_path / "d", 2)
+    name = os.fsdecode(b"caf\xe9.jpg")
+    (root / name).write_bytes(b"")
+    out = tmp_path / "out"
+    build_index(root, cache_dir=cache).report(str(out))
+    assert (out / "skipped_files.txt").read_text() == "caf\\udce9.jpg\tempty file\n"
+    (root / name).write_bytes(encode(smooth_image(3, 30, 30)))
+    index = build_index(root, cache_dir=cache)
+    if HAVE_DALI:
+        assert index.skipped == [(name, "file name is not UTF-8 (DALI's reader cannot open it)")]
+    else:
+        assert name in [s.name for s in index.samples]
+
+
 def bad_files(root):
     """Every awkward case: the first five are unusable, the rest must be converted."""
     root.mkdir(parents=True)

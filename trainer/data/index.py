@@ -25,6 +25,7 @@ import io
 import json
 import logging
 import os
+import posixpath
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -97,7 +98,7 @@ def list_skipped(out_dir, filename, skipped):
         return ""
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, filename)
-    with open(path, "w") as f:
+    with open(path, "w", encoding="utf-8", errors="backslashreplace") as f:  # names need not be UTF-8
         f.writelines(f"{name}\t{reason}\n" for name, reason in skipped)
     return f" (listed in {path})"
 
@@ -109,6 +110,15 @@ def read_bytes(path, offset, size):
             return f.read()
         f.seek(offset)
         return f.read(size)
+
+
+def check_candidate(cand):
+    """check_image of a candidate's bytes, or why they cannot be read (permissions, I/O)."""
+    try:
+        data = cand.read()
+    except OSError as e:
+        return f"unreadable ({type(e).__name__}: {e.strerror or e})"
+    return check_image(data)
 
 
 def check_image(data):
@@ -141,8 +151,7 @@ def build_index(path, format="folder", *, cache_dir=None, workers=None, caption_
     if format == "folder":
         if not root.is_dir():
             raise ValueError(f"data.path {str(path)!r} is not a folder (data.format=folder)")
-        candidates, captions = _scan_folder(root, caption_field)
-        skipped = []
+        candidates, captions, skipped = _scan_folder(root, caption_field)
     elif format == "webdataset":
         candidates, captions, skipped = _scan_webdataset(root, caption_field, cache_dir)
     else:
@@ -154,13 +163,16 @@ def build_index(path, format="folder", *, cache_dir=None, workers=None, caption_
     def pil_check(cands):
         # PIL releases the GIL while decoding, so threads use all cores.
         with ThreadPoolExecutor(threads) as pool:
-            return list(pool.map(lambda c: check_image(c.read()), cands))
+            return list(pool.map(check_candidate, cands))
 
     reasons = cache.check(candidates, "pil", pil_check)
     dali = _dali_check(threads)
     if dali is not None:
         # DALI's own decoder too, where installed: it rejects a few files PIL reads, and one of
         # those would stop a DALI run mid-epoch. Both backends then see the same samples.
+        for i, cand in enumerate(candidates):
+            if reasons[i] is None and not _utf8(cand.path):
+                reasons[i] = "file name is not UTF-8 (DALI's reader cannot open it)"
         ok = [i for i, r in enumerate(reasons) if r is None]
         for i, r in zip(ok, cache.check([candidates[i] for i in ok], *dali)):
             reasons[i] = r
@@ -180,7 +192,18 @@ def build_index(path, format="folder", *, cache_dir=None, workers=None, caption_
     if not samples:
         raise ValueError(f"no readable image in {str(root)!r} (format={format}): "
                          f"{len(skipped)} image file(s) or shard(s) found, all unusable: {skipped[:3]}")
+    if missing == len(samples):
+        log.warning("data: none of the %d images in %s has a caption (data.caption_field=%s): training "
+                    "unconditionally", len(samples), root, caption_field)
     return DatasetIndex(format, str(root), samples, skipped, missing)
+
+
+def _utf8(path):
+    try:
+        path.encode("utf-8")
+        return True
+    except UnicodeEncodeError:  # a name os.fsdecode could only give with surrogate escapes
+        return False
 
 
 def _dali_check(threads):
@@ -199,31 +222,51 @@ def _dali_check(threads):
 
 
 def _scan_folder(root, caption_field):
+    """(candidates, captions by name, skipped): an image whose .txt caption cannot be read is
+    skipped and listed (trained without it, it would teach the wrong conditioning)."""
     files = sorted(p for p in root.rglob("*")
                    if p.suffix[1:].lower() in IMAGE_EXTS and p.is_file()
                    and not any(part.startswith(".") for part in p.relative_to(root).parts))
-    candidates = [_Candidate(str(p), -1, p.stat().st_size, p.relative_to(root).as_posix())
-                  for p in files]
-    captions = {}
-    for c in candidates:
-        txt = Path(c.path).with_suffix(".txt")
+    candidates, captions, skipped = [], {}, []
+    for p in files:
+        cand = _Candidate(str(p), -1, p.stat().st_size, p.relative_to(root).as_posix())
+        txt = p.with_suffix(".txt")
         if caption_field == "text" and txt.is_file():
-            captions[c.name] = {"text": txt.read_text(encoding="utf-8", errors="replace").strip()}
+            try:
+                captions[cand.name] = {"text": txt.read_text(encoding="utf-8", errors="replace").strip()}
+            except OSError as e:
+                skipped.append((cand.name, f"caption {txt.name} unreadable ({type(e).__name__}: {e.strerror or e})"))
+                continue
+        candidates.append(cand)
+    names, unmatched = {c.name for c in candidates}, []
     for jsonl in sorted(root.rglob("metadata.jsonl")):
         prefix = jsonl.parent.relative_to(root).as_posix()
-        for lineno, line in enumerate(jsonl.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            text = jsonl.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{jsonl} is not UTF-8 ({e})") from None
+        for lineno, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
                 name = row["file_name"]
+                if not isinstance(name, str):
+                    raise TypeError(f"file_name is {type(name).__name__}, not a string")
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise ValueError(f"{jsonl}:{lineno}: expected a JSON object with 'file_name' "
                                  f"({type(e).__name__}: {e})") from None
-            key = name if prefix == "." else f"{prefix}/{name}"
-            captions[key] = {"text": str(row.get(caption_field) or "").strip(),
-                             "license": row.get("license", ""), "source": row.get("source", "")}
-    return candidates, captions
+            key = posixpath.normpath(name if prefix == "." else f"{prefix}/{name}")  # "./a.jpg" is a.jpg
+            if key not in names:
+                unmatched.append(f"{jsonl.name}:{lineno} {name}")
+            entry = captions.setdefault(key, {})
+            if caption_field in row:  # a row without it leaves the .txt caption
+                entry["text"] = str(row[caption_field] or "").strip()
+            entry.update(license=row.get("license", ""), source=row.get("source", ""))
+    if unmatched:
+        log.warning("data: %d metadata.jsonl row(s) name no image found in %s (a missing file, or one "
+                    "skipped above), e.g. %s", len(unmatched), root, "; ".join(unmatched[:3]))
+    return candidates, captions, skipped
 
 
 # ---- WebDataset shards --------------------------------------------------------------------
@@ -389,13 +432,18 @@ class _ValidationCache:
         self.used.update(keys)
         todo = [i for i, k in enumerate(keys)
                 if k not in self.entries or self.entries[k][:2] != stamps[candidates[i].path]]
+        transient = {}  # files that could not be read (permissions, I/O): checked again next run
         if todo:
             log.info("data: checking %d of %d images with %s (the rest are cached in %s)",
                      len(todo), len(candidates), checker, self.path)
             for i, reason in zip(todo, check_many([candidates[i] for i in todo])):
-                self.entries[keys[i]] = stamps[candidates[i].path] + [reason]
+                entry = stamps[candidates[i].path] + [reason]
+                if reason is not None and reason.startswith("unreadable ("):
+                    transient[keys[i]] = entry
+                else:
+                    self.entries[keys[i]] = entry
             self.changed = True
-        return [self.entries[k][2] for k in keys]
+        return [transient.get(k, self.entries.get(k))[2] for k in keys]
 
     def save(self):
         """Writes the entries checked in this run (those of deleted files are dropped)."""
@@ -403,6 +451,6 @@ class _ValidationCache:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f"{self.path.name}.tmp{os.getpid()}")
-        entries = {k: self.entries[k] for k in self.used}
+        entries = {k: self.entries[k] for k in self.used if k in self.entries}
         tmp.write_text(json.dumps({"version": CACHE_VERSION, "entries": entries}))
         os.replace(tmp, self.path)
