@@ -555,10 +555,35 @@ def test_webdataset_bad_members(tmp_path, cache, backend, with_index):
             ensure_dali_index(shard)
     loader = make_loader(cfg(root, backend, "webdataset"), 5, cache_dir=cache,
                          out_dir=str(tmp_path / "out"))
-    assert sorted(n for n, _ in loader.index.skipped) == ["shard-001.tar/a.jpg", "shard-001.tar/b.png"]
+    assert sorted(n for n, _ in loader.index.skipped) == ["shard-001.tar/a.jpg", "shard-001.tar/b.png",
+                                                          "shard-001.tar/d.txt"]  # no image: listed too
     assert loader.index.missing_captions == 1
     captions = sorted(c for _, caps in take(loader, 2) for c in caps)
     assert captions == sorted(["", "caption 0", "caption 1", "caption 2", "caption 3"] * 2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_webdataset_member_names_the_index_cannot_hold(tmp_path, cache, backend):
+    # White space (the DALI index's separator) or bytes that are not UTF-8 in a member name
+    # broke the whole shard's index: every sample of the shard was lost. Now escaped in the
+    # index; the samples load (by offset) with their captions. A dotted key (img.001.jpg: key
+    # img, extension 001.jpg) has no image member: listed, not dropped silently.
+    root = tmp_path / "w"
+    root.mkdir()
+    members = {"my pic.jpg": encode(smooth_image(1, 30, 40)), "my pic.txt": b"spaced",
+               os.fsdecode(b"caf\xe9.jpg"): encode(smooth_image(2, 30, 40)), os.fsdecode(b"caf\xe9.txt"): b"latin-1",
+               "k.jpg": encode(smooth_image(3, 30, 40)), "k.txt": b"plain",
+               "img.001.jpg": encode(smooth_image(4, 30, 40)), "img.001.txt": b"dotted"}
+    with tarfile.open(root / "s.tar", "w", encoding="utf-8", errors="surrogateescape") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    loader = make_loader(cfg(root, backend, "webdataset"), 3, cache_dir=cache)
+    assert dict(loader.index.skipped) == {"s.tar/img.001.jpg, img.001.txt": "no jpg/jpeg/png/webp member in the sample"}
+    assert sorted(s.caption for s in loader.index.samples) == ["latin-1", "plain", "spaced"]
+    assert "s.tar/my%20pic.jpg" in [s.name for s in loader.index.samples]
+    assert sorted(c for _, caps in take(loader, 1) for c in caps) == ["latin-1", "plain", "spaced"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

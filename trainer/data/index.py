@@ -289,8 +289,10 @@ def _scan_webdataset(root, caption_field, cache_dir):
             for components in entries:
                 by_ext = {ext.lower(): (off, size, name) for ext, off, size, name in components}
                 image = next((by_ext[e] for e in IMAGE_EXTS if e in by_ext), None)
-                if image is None:
-                    continue  # e.g. a stray metadata member; nothing to train on
+                if image is None:  # e.g. img.001.jpg: key img, extension 001.jpg (the WebDataset rule)
+                    names = ", ".join(name for _, _, _, name in components)
+                    skipped.append((f"{shard.name}/{names}", f"no {'/'.join(IMAGE_EXTS)} member in the sample"))
+                    continue
                 name = f"{shard.name}/{image[2]}"
                 candidates.append(_Candidate(str(shard), image[0], image[1], name))
                 captions[name] = _wds_caption(f, by_ext, caption_field)
@@ -348,7 +350,7 @@ def ensure_dali_index(shard, cache_dir=None):
             key, ext = m.name[:dot], m.name[dot + 1:]
             if not samples or samples[-1][0] != key:
                 samples.append((key, []))
-            samples[-1][1].append((ext, m.offset_data, m.size, m.name))
+            samples[-1][1].append((_index_safe(ext), m.offset_data, m.size, _index_safe(m.name)))
     if not samples:
         raise ValueError(f"WebDataset shard {str(shard)!r} holds no sample")
     lines = [components for _, components in samples]
@@ -361,6 +363,14 @@ def ensure_dali_index(shard, cache_dir=None):
         write_dali_index(idx, lines)
     log.info("data: wrote DALI index %s (%d samples)", idx, len(samples))
     return idx
+
+
+def _index_safe(text):
+    """text without white space (the index's separator) or bytes that are not UTF-8, which
+    would break the whole shard's index: %XX escapes and backslash escapes instead. Only names
+    and extensions change; offsets and sizes find the member."""
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return "".join(f"%{ord(c):02X}" if c.isspace() else c for c in text)
 
 
 def write_dali_index(path, samples):
