@@ -199,7 +199,7 @@ def _load(spec):
 def triton_usable(device):
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         return False
-    if device.type not in ("cpu", "cuda") or device.type == "cuda" and not torch.cuda.is_available():
+    if device.type not in ("cpu", "cuda"):
         return False
     try:
         import triton  # noqa: F401
@@ -209,7 +209,7 @@ def triton_usable(device):
 
 
 def cuda_usable(device):
-    if device.type != "cuda" or not torch.cuda.is_available():
+    if device.type != "cuda":
         return False
     from cckernels import cuda
 
@@ -221,6 +221,8 @@ def _table(op):
 
 
 def _usable(op, backend, device):
+    if device.type == "cuda" and backend != "torch" and not torch.cuda.is_available():  # a "cuda" without a GPU
+        return False
     if backend == "cuda" and not cuda_usable(device):
         return False
     if backend == "triton" and not triton_usable(device):
