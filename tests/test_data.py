@@ -584,6 +584,9 @@ def test_webdataset_member_names_the_index_cannot_hold(tmp_path, cache, backend)
     assert sorted(s.caption for s in loader.index.samples) == ["latin-1", "plain", "spaced"]
     assert "s.tar/my%20pic.jpg" in [s.name for s in loader.index.samples]
     assert sorted(c for _, caps in take(loader, 1) for c in caps) == ["latin-1", "plain", "spaced"]
+    # an index an older version wrote from the raw names (unparseable) is written anew
+    (root / "s.idx").write_text("v1.2 1\njpg 512 100 my pic.jpg\n")
+    assert len(build_index(root, "webdataset", cache_dir=cache)) == 3
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -281,7 +281,7 @@ def _scan_webdataset(root, caption_field, cache_dir):
         # A damaged shard (cut short by a download, not a tar, empty) is skipped and listed
         # like an unreadable image, so that one bad shard does not stop a run.
         try:
-            entries = read_dali_index(ensure_dali_index(shard, cache_dir))
+            entries = _shard_entries(shard, cache_dir)
         except (tarfile.TarError, ValueError) as e:
             skipped.append((shard.name, f"unreadable WebDataset shard ({type(e).__name__}: {e})"))
             continue
@@ -297,6 +297,20 @@ def _scan_webdataset(root, caption_field, cache_dir):
                 candidates.append(_Candidate(str(shard), image[0], image[1], name))
                 captions[name] = _wds_caption(f, by_ext, caption_field)
     return candidates, captions, skipped
+
+
+def _shard_entries(shard, cache_dir):
+    """The samples of a shard's DALI index. An index that does not parse (written before member
+    names were escaped, from a name with white space) is written anew, once."""
+    idx = ensure_dali_index(shard, cache_dir)
+    try:
+        return read_dali_index(idx)
+    except ValueError:
+        try:
+            idx.unlink()
+        except OSError:
+            raise ValueError(f"{idx} does not parse and cannot be removed: delete it to rebuild it") from None
+        return read_dali_index(ensure_dali_index(shard, cache_dir))
 
 
 def _wds_caption(f, by_ext, caption_field):
