@@ -98,7 +98,7 @@ def list_skipped(out_dir, filename, skipped):
         return ""
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, filename)
-    with open(path, "w", encoding="utf-8", errors="backslashreplace") as f:  # names need not be UTF-8
+    with open(path, "w", encoding="utf-8") as f:
         f.writelines(f"{name}\t{reason}\n" for name, reason in skipped)
     return f" (listed in {path})"
 
@@ -229,7 +229,7 @@ def _scan_folder(root, caption_field):
                    and not any(part.startswith(".") for part in p.relative_to(root).parts))
     candidates, captions, skipped = [], {}, []
     for p in files:
-        cand = _Candidate(str(p), -1, p.stat().st_size, p.relative_to(root).as_posix())
+        cand = _Candidate(str(p), -1, p.stat().st_size, _escaped(p.relative_to(root).as_posix()))
         txt = p.with_suffix(".txt")
         if caption_field == "text" and txt.is_file():
             try:
@@ -283,7 +283,7 @@ def _scan_webdataset(root, caption_field, cache_dir):
         try:
             entries = _shard_entries(shard, cache_dir)
         except (tarfile.TarError, ValueError) as e:
-            skipped.append((shard.name, f"unreadable WebDataset shard ({type(e).__name__}: {e})"))
+            skipped.append((_escaped(shard.name), f"unreadable WebDataset shard ({type(e).__name__}: {e})"))
             continue
         with open(shard, "rb") as f:
             for components in entries:
@@ -291,9 +291,9 @@ def _scan_webdataset(root, caption_field, cache_dir):
                 image = next((by_ext[e] for e in IMAGE_EXTS if e in by_ext), None)
                 if image is None:  # e.g. img.001.jpg: key img, extension 001.jpg (the WebDataset rule)
                     names = ", ".join(name for _, _, _, name in components)
-                    skipped.append((f"{shard.name}/{names}", f"no {'/'.join(IMAGE_EXTS)} member in the sample"))
+                    skipped.append((f"{_escaped(shard.name)}/{names}", f"no {'/'.join(IMAGE_EXTS)} member in the sample"))
                     continue
-                name = f"{shard.name}/{image[2]}"
+                name = f"{_escaped(shard.name)}/{image[2]}"
                 candidates.append(_Candidate(str(shard), image[0], image[1], name))
                 captions[name] = _wds_caption(f, by_ext, caption_field)
     return candidates, captions, skipped
@@ -379,12 +379,17 @@ def ensure_dali_index(shard, cache_dir=None):
     return idx
 
 
+def _escaped(name):
+    """A file name's bytes that are not UTF-8 (surrogate escapes from os.fsdecode or tarfile) as
+    backslash escapes: a name to show, log and list (those writers take UTF-8 only)."""
+    return name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _index_safe(text):
     """text without white space (the index's separator) or bytes that are not UTF-8, which
     would break the whole shard's index: %XX escapes and backslash escapes instead. Only names
     and extensions change; offsets and sizes find the member."""
-    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return "".join(f"%{ord(c):02X}" if c.isspace() else c for c in text)
+    return "".join(f"%{ord(c):02X}" if c.isspace() else c for c in _escaped(text))
 
 
 def write_dali_index(path, samples):
