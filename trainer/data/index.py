@@ -112,12 +112,21 @@ def read_bytes(path, offset, size):
         return f.read(size)
 
 
+# The reasons of files that cannot be read (permissions, I/O) start so: _ValidationCache does not
+# keep them, since they say nothing of the file's bytes.
+UNREADABLE = "unreadable ("
+
+
+def _unreadable(e):
+    return f"{UNREADABLE}{type(e).__name__}: {e.strerror or e})"
+
+
 def check_candidate(cand):
-    """check_image of a candidate's bytes, or why they cannot be read (permissions, I/O)."""
+    """check_image of a candidate's bytes, or why they cannot be read."""
     try:
         data = cand.read()
     except OSError as e:
-        return f"unreadable ({type(e).__name__}: {e.strerror or e})"
+        return _unreadable(e)
     return check_image(data)
 
 
@@ -171,7 +180,7 @@ def build_index(path, format="folder", *, cache_dir=None, workers=None, caption_
         # DALI's own decoder too, where installed: it rejects a few files PIL reads, and one of
         # those would stop a DALI run mid-epoch. Both backends then see the same samples.
         for i, cand in enumerate(candidates):
-            if reasons[i] is None and not _utf8(cand.path):
+            if reasons[i] is None and _escaped(cand.path) != cand.path:  # surrogate escapes in it
                 reasons[i] = "file name is not UTF-8 (DALI's reader cannot open it)"
         ok = [i for i, r in enumerate(reasons) if r is None]
         for i, r in zip(ok, cache.check([candidates[i] for i in ok], *dali)):
@@ -196,14 +205,6 @@ def build_index(path, format="folder", *, cache_dir=None, workers=None, caption_
         log.warning("data: none of the %d images in %s has a caption (data.caption_field=%s): training "
                     "unconditionally", len(samples), root, caption_field)
     return DatasetIndex(format, str(root), samples, skipped, missing)
-
-
-def _utf8(path):
-    try:
-        path.encode("utf-8")
-        return True
-    except UnicodeEncodeError:  # a name os.fsdecode could only give with surrogate escapes
-        return False
 
 
 def _dali_check(threads):
@@ -235,7 +236,7 @@ def _scan_folder(root, caption_field):
             try:
                 captions[cand.name] = {"text": txt.read_text(encoding="utf-8", errors="replace").strip()}
             except OSError as e:
-                skipped.append((cand.name, f"caption {txt.name} unreadable ({type(e).__name__}: {e.strerror or e})"))
+                skipped.append((cand.name, f"caption {txt.name} {_unreadable(e)}"))
                 continue
         candidates.append(cand)
     names, unmatched = {c.name for c in candidates}, []
@@ -467,7 +468,7 @@ class _ValidationCache:
                      len(todo), len(candidates), checker, self.path)
             for i, reason in zip(todo, check_many([candidates[i] for i in todo])):
                 entry = stamps[candidates[i].path] + [reason]
-                if reason is not None and reason.startswith("unreadable ("):
+                if reason is not None and reason.startswith(UNREADABLE):
                     transient[keys[i]] = entry
                 else:
                     self.entries[keys[i]] = entry
