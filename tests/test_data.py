@@ -221,8 +221,54 @@ def test_a_file_name_that_is_not_utf8(tmp_path, cache):
         assert "caf\\udce9.jpg" in [s.name for s in index.samples]  # shown escaped, read by its path
 
 
+def test_folder_scan_follows_links_and_lists_what_it_passes_over(tmp_path, cache, monkeypatch, caplog):
+    # rglob passed over folders it could not list, links to nothing and .gif/.bmp files without a
+    # word, and did not follow links to folders (a dataset assembled from links lost them all).
+    root = make_folder(tmp_path / "d", 2)
+    outside = make_folder(tmp_path / "elsewhere", 1, captions="jsonl")
+    (root / "more").symlink_to(outside)                        # followed, with its metadata.jsonl
+    (root / "again").symlink_to(root)                          # a loop: each real folder once
+    (root / "a-link").symlink_to(root / "sub")                 # the names are sub/'s, read once
+    make_folder(root / "sub", 1, captions="jsonl")
+    (root / "twin.jpg").symlink_to(root / "img01.jpg")         # one file, two names: taken once
+    (root / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (root / "anim.gif").write_bytes(encode(smooth_image(5, 20, 20), "GIF"))
+    (root / "locked").mkdir()
+    (root / "locked" / "img.jpg").write_bytes(encode(smooth_image(6, 20, 20)))
+    scandir = os.scandir
+
+    def no_access(path):  # the test runs as root, whom permissions do not stop
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", no_access)
+    with caplog.at_level(logging.WARNING, logger="trainer.data"):
+        index = build_index(root, cache_dir=cache)
+    assert "name no image" not in caplog.text  # a-link/metadata.jsonl is sub/'s, read once
+    assert [(s.name, s.caption) for s in index.samples] == [
+        ("img00.png", "caption 0"), ("img01.jpg", "caption 1"), ("more/img00.png", "caption 0"),
+        ("sub/img00.png", "caption 0")]
+    assert dict(index.skipped) == {
+        "anim.gif": "unsupported image type .gif (the loaders read .jpg, .jpeg, .png, .webp)",
+        "gone.jpg": "symbolic link to nothing",
+        "locked/": "folder unreadable (PermissionError: Permission denied)"}
+
+
+def test_huge_images_and_odd_names_are_listed(tmp_path, cache, monkeypatch):
+    root = make_folder(tmp_path / "d", 1)
+    (root / "big.png").write_bytes(encode(smooth_image(1, 100, 100), "PNG"))
+    (root / "tab\there.jpg").write_bytes(b"")
+    (root / "line\nbreak.jpg").write_bytes(b"")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2300)  # 10000 pixels > 2x: PIL refuses to open it
+    build_index(root, cache_dir=cache).report(str(tmp_path / "out"))
+    lines = (tmp_path / "out" / "skipped_files.txt").read_text().splitlines()
+    assert sorted(line.split("\t")[0] for line in lines) == ["big.png", "line\\nbreak.jpg", "tab\\there.jpg"]
+    assert lines[0].startswith("big.png\ttoo large to decode safely (Image size (10000 pixels) exceeds limit")
+
+
 def bad_files(root):
-    """Every awkward case: the first five are unusable, the rest must be converted."""
+    """Every awkward case: the first six are unusable, the rest must be converted."""
     root.mkdir(parents=True)
     rgb = smooth_image(1, 36, 44)
     rgba = np.concatenate([rgb, np.full((36, 44, 1), 90, np.uint8)], -1)
@@ -233,6 +279,7 @@ def bad_files(root):
         "text.jpg": b"this is not an image\n" * 10,
         "bitmap.jpg": encode(rgb, "BMP"),
         "animated.png": encode(rgb, "PNG", save_all=True, append_images=[Image.fromarray(rgb[::-1])]),
+        "strip.png": encode(np.tile(rgb[:2], (1, 10, 1)), "PNG"),  # 440x2: the crop would be a sliver
         "cmyk.jpg": encode(rgb, mode="CMYK"),
         "palette.png": encode(Image.fromarray(rgb).quantize(64), "PNG"),
         "rgba.png": encode(rgba, "PNG"),
@@ -257,9 +304,10 @@ def test_bad_files_are_skipped_and_listed(tmp_path, cache, caplog):
                        "text.jpg": "not an image (UnidentifiedImageError)",
                        "bitmap.jpg": "unsupported format BMP",
                        "animated.png": "animated image",
+                       "strip.png": "aspect ratio over 16:1 (440x2)",
                        "truncated.jpg": reasons["truncated.jpg"]}
     assert reasons["truncated.jpg"].startswith("truncated or corrupt")
-    assert "5 unreadable skipped" in caplog.text and "skipped_files.txt" in caplog.text
+    assert "6 unreadable skipped" in caplog.text and "skipped_files.txt" in caplog.text
     assert "7 without caption" in caplog.text
     assert sorted(s.name for s in loader.index.samples) == [
         "cmyk.jpg", "good.jpg", "gray.jpg", "gray16.png", "mpo.jpg", "palette.png", "rgba.png"]
@@ -593,8 +641,13 @@ def test_webdataset_member_names_the_index_cannot_hold(tmp_path, cache, backend)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_webdataset_damaged_shards_are_skipped(tmp_path, cache, backend):
     root = make_shards(tmp_path / "w", 12, per_shard=4)                  # shards 000 to 002
+    at = {m.name: m for m in tarfile.open(root / "shard-001.tar")} | {m.name: m for m in tarfile.open(root / "shard-002.tar")}
     data = (root / "shard-001.tar").read_bytes()
-    (root / "shard-001.tar").write_bytes(data[:len(data) // 2])          # a cut-off download
+    (root / "shard-001.tar").write_bytes(data[:at["00006.jpg"].offset_data + 10])  # a download cut short
+    data = bytearray((root / "shard-002.tar").read_bytes())
+    (root / "shard-006.tar").write_bytes(data[:at["00010.jpg"].offset + 100])      # cut inside a header
+    data[at["00010.jpg"].offset:at["00010.jpg"].offset + 512] = b"x" * 512
+    (root / "shard-007.tar").write_bytes(data)                                     # a garbled header
     (root / "shard-003.tar").write_bytes(b"not a tar archive\n" * 40)
     tarfile.open(root / "shard-004.tar", "w").close()                   # no sample at all
     with tarfile.open(root / "shard-005.tar", "w:gz") as tar:           # compressed: offsets unusable
@@ -602,14 +655,21 @@ def test_webdataset_damaged_shards_are_skipped(tmp_path, cache, backend):
     loader = make_loader(cfg(root, backend, "webdataset"), 2, cache_dir=cache,
                          out_dir=str(tmp_path / "out"))
     reasons = dict(loader.index.skipped)
-    assert sorted(reasons) == ["shard-001.tar", "shard-003.tar", "shard-004.tar", "shard-005.tar"]
-    assert all(r.startswith("unreadable WebDataset shard") for r in reasons.values())
-    assert "shard-001.tar\tunreadable" in (tmp_path / "out" / "skipped_files.txt").read_text()
-    captions = sorted(c for _, caps in take(loader, 4) for c in caps)
-    assert captions == sorted(f"caption {i}" for i in [0, 1, 2, 3, 8, 9, 10, 11])
-    for name in ("shard-000.tar", "shard-002.tar"):
+    assert sorted(reasons) == ["shard-001.tar", "shard-003.tar", "shard-004.tar", "shard-005.tar",
+                               "shard-006.tar", "shard-007.tar"]
+    assert all(reasons[f"shard-00{k}.tar"].startswith("unreadable WebDataset shard") for k in (3, 4, 5))
+    assert reasons["shard-001.tar"] == (f"damaged WebDataset shard (cut short at byte {at['00006.jpg'].offset_data + 10}, "
+                                        "inside a member): the 2 samples before the damage are used, any after it lost")
+    for k in (6, 7):  # the sample before the damage (9) may have had members after it: not used
+        assert reasons[f"shard-00{k}.tar"] == (f"damaged WebDataset shard (no valid tar header at byte {at['00010.jpg'].offset}): "
+                                               "the sample before the damage is used, any after it lost")
+    assert not (root / "shard-001.idx").exists()  # read again, and reported, every run
+    assert "shard-001.tar\tdamaged" in (tmp_path / "out" / "skipped_files.txt").read_text()
+    captions = sorted(c for _, caps in take(loader, 6) for c in caps)
+    assert captions == sorted(f"caption {i}" for i in [0, 1, 2, 3, 4, 5, 8, 8, 8, 9, 10, 11])
+    for name in ("shard-000.tar", "shard-001.tar", "shard-002.tar", "shard-006.tar", "shard-007.tar"):
         (root / name).write_bytes(b"")
-    with pytest.raises(ValueError, match="no readable image.*6 image file"):
+    with pytest.raises(ValueError, match="no readable image.*8 image file"):
         build_index(root, "webdataset", cache_dir=cache)
 
 

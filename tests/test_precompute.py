@@ -439,12 +439,14 @@ def test_damaged_shards_are_skipped_and_listed(precomputed, tmp_path, caplog):
     data[-5] ^= 0xFF  # same size, other bytes
     (out / shard_file(0)).write_bytes(bytes(data))
     (out / shard_file(2)).write_bytes((out / shard_file(2)).read_bytes()[:-10])  # truncated
-    with caplog.at_level(logging.WARNING, logger="trainer.data"):
+    with caplog.at_level(logging.INFO, logger="trainer.data"):
         loader = make_loader(latents_cfg(out), 1, cache_dir=cache, out_dir=str(tmp_path / "run"))
     assert len(loader.index) == 3 and [s["file"] for s in loader.index.shards] == [shard_file(1)]
     listed = (tmp_path / "run" / "skipped_shards.txt").read_text()
     assert f"{shard_file(0)}\tchecksum mismatch" in listed and f"{shard_file(2)}\tsize" in listed
     assert "damaged shard" in caplog.text
+    # precompute's own skipped images are repeated where training on the latents starts
+    assert f"images precompute skipped as unreadable: 1 (listed in {out / 'skipped_files.txt'})" in caplog.text
     (out / shard_file(1)).unlink()
     with pytest.raises(ValueError, match="no usable shard"):
         make_loader(latents_cfg(out), 1, cache_dir=cache)

@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from trainer.data import build_index
+from trainer.data.index import folder_files, metadata_key
 from trainer.data.pil import decode_rgb
 
 log = logging.getLogger("trainer.caption")
@@ -55,17 +56,15 @@ class Metadata:
     row as trainer.data reads them (the last of several wins)."""
 
     def __init__(self, root):
-        self.root = Path(root)
+        self.root = Path(root).expanduser().resolve()
         self.files = {}  # jsonl path -> list of rows
         self.where = {}  # image name relative to root -> (jsonl path, row number)
-        for jsonl in sorted(self.root.rglob("metadata.jsonl")):
-            prefix = jsonl.parent.relative_to(self.root).as_posix()
+        for jsonl in folder_files(self.root)[1]:
             rows = [json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines()
                     if line.strip()]
             self.files[jsonl] = rows
             for i, row in enumerate(rows):
-                name = row["file_name"]
-                self.where[name if prefix == "." else f"{prefix}/{name}"] = (jsonl, i)
+                self.where[metadata_key(jsonl, self.root, row["file_name"])] = (jsonl, i)
         self.dirty = set()
 
     def get(self, name):

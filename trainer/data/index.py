@@ -6,13 +6,15 @@ unsupported format or mode, or one DALI cannot read) is skipped here, listed wit
 reason, and never reaches a loader mid-epoch. Validation results are cached per file,
 keyed by size and modification time, so a second run only re-checks what changed.
 
-Folder: images (.jpg .jpeg .png .webp, any depth); caption from a metadata.jsonl row
+Folder: images (.jpg .jpeg .png .webp, any depth, symbolic links followed; other image types,
+unreadable folders and links to nothing are listed as skipped); caption from a metadata.jsonl row
 (Hugging Face imagefolder: file_name relative to the jsonl's folder, text, and optional
 license, source), else from a same-name .txt next to the image, else "" (counted).
 caption_field="synthetic_text" takes that field of the rows instead (trainer.caption writes
 it), and of a WebDataset sample's .json; .txt captions are then not used.
 WebDataset: uncompressed .tar shards (one that cannot be read, or holds no sample, is
-skipped and listed like a bad image); a sample is the members sharing a key (the name up
+skipped and listed like a bad image; one damaged part-way, as a download cut short, gives the
+samples before the damage and is listed too); a sample is the members sharing a key (the name up
 to the first dot of its basename); image from its jpg/jpeg/png/webp member, caption from
 .txt, else from .json ("caption" or "text", plus optional license, source). Each shard needs the index
 file DALI's webdataset reader reads (a.tar: a.idx, in DALI's "v1.2" text format, as DALI's
@@ -38,6 +40,8 @@ from trainer.data.config import cache_root
 log = logging.getLogger("trainer.data")
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+# Image files the folder scan lists as skipped rather than passing over in silence.
+OTHER_IMAGE_EXTS = ("gif", "bmp", "tif", "tiff", "heic", "heif", "avif", "jxl", "jp2")
 # MPO: a JPEG followed by more images (camera and phone photos carry a large preview so); PIL
 # names it MPO and counts the extra images as frames, both decoders read the first JPEG.
 IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "WEBP")
@@ -45,7 +49,11 @@ IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "WEBP")
 # so PIL does the same), palettes expanded, CMYK/YCbCr converted, 16-bit scaled down.
 IMAGE_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr",
                "I;16", "I;16B", "I;16L", "I")
-CACHE_VERSION = 1
+# A longer side over this many times the shorter one: the square crop would hold a sliver of
+# the image its caption describes, and resizing the shorter side to the resolution before
+# cropping would take memory in proportion (a 60000x1 strip: gigabytes).
+MAX_ASPECT_RATIO = 16
+CACHE_VERSION = 2  # 2: MAX_ASPECT_RATIO checked
 DALI_INDEX_VERSION = "v1.2"
 
 
@@ -93,13 +101,15 @@ class DatasetIndex:
 
 def list_skipped(out_dir, filename, skipped):
     """Writes the (name, reason) pairs to <out_dir>/<filename>, one 'name <TAB> reason' line
-    each, when there are any and out_dir is given; returns ' (listed in PATH)' or ''."""
+    each (tabs and line breaks in them as \\t, \\n, \\r), when there are any and out_dir is
+    given; returns ' (listed in PATH)' or ''."""
     if out_dir is None or not skipped:
         return ""
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, filename)
+    one_line = str.maketrans({"\t": "\\t", "\n": "\\n", "\r": "\\r"})  # as backslash escapes
     with open(path, "w", encoding="utf-8") as f:
-        f.writelines(f"{name}\t{reason}\n" for name, reason in skipped)
+        f.writelines(f"{name.translate(one_line)}\t{reason.translate(one_line)}\n" for name, reason in skipped)
     return f" (listed in {path})"
 
 
@@ -136,8 +146,12 @@ def check_image(data):
         return "empty file"
     try:
         im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        return f"too large to decode safely ({e})"
     except Exception as e:  # PIL raises several types for garbage; all mean the same here
         return f"not an image ({type(e).__name__})"
+    if max(im.size) > MAX_ASPECT_RATIO * min(im.size):
+        return f"aspect ratio over {MAX_ASPECT_RATIO}:1 ({im.size[0]}x{im.size[1]})"
     if im.format not in IMAGE_FORMATS:
         return f"unsupported format {im.format}"
     if im.mode not in IMAGE_MODES:
@@ -222,13 +236,50 @@ def _dali_check(threads):
 # ---- folders ----------------------------------------------------------------------------
 
 
+def folder_files(root):
+    """(image files, metadata.jsonl files, skipped) under the folder `root`, in name order.
+    Hidden files and folders are left out, symbolic links followed; a file reached by several
+    paths is taken once, by its own path if that is one of them. Listed as skipped, so that no
+    image goes missing unsaid: folders that cannot be read, links to nothing, and images of
+    types the loaders do not read."""
+    found, skipped, seen = {}, [], set()  # found: real path -> the paths it was found by
+
+    def unreadable_folder(e):
+        skipped.append((_escaped(Path(e.filename).relative_to(root).as_posix()) + "/", f"folder {_unreadable(e)}"))
+
+    for folder, subfolders, names in os.walk(root, onerror=unreadable_folder, followlinks=True):
+        seen.add(os.path.realpath(folder))
+        subfolders[:] = [d for d in subfolders if not d.startswith(".")
+                         and os.path.realpath(os.path.join(folder, d)) not in seen]
+        for name in names:
+            p = Path(folder, name)
+            ext = p.suffix[1:].lower()
+            if name.startswith(".") or (ext not in IMAGE_EXTS + OTHER_IMAGE_EXTS and name != "metadata.jsonl"):
+                continue
+            shown = _escaped(p.relative_to(root).as_posix())
+            if ext in OTHER_IMAGE_EXTS:
+                skipped.append((shown, f"unsupported image type .{ext} (the loaders read .{', .'.join(IMAGE_EXTS)})"))
+            elif not p.exists():
+                skipped.append((shown, "symbolic link to nothing"))
+            elif p.is_file():
+                found.setdefault(os.path.realpath(p), []).append(p)
+    own = sorted((min(paths, key=lambda p: (str(p) != target, p.parts)) for target, paths in found.items()),
+                 key=lambda p: p.parts)
+    return ([p for p in own if p.name != "metadata.jsonl"], [p for p in own if p.name == "metadata.jsonl"],
+            skipped)
+
+
+def metadata_key(jsonl, root, file_name):
+    """The image a metadata.jsonl row names, as a path relative to `root` ("./a.jpg" is a.jpg)."""
+    prefix = jsonl.parent.relative_to(root).as_posix()
+    return posixpath.normpath(file_name if prefix == "." else f"{prefix}/{file_name}")
+
+
 def _scan_folder(root, caption_field):
     """(candidates, captions by name, skipped): an image whose .txt caption cannot be read is
     skipped and listed (trained without it, it would teach the wrong conditioning)."""
-    files = sorted(p for p in root.rglob("*")
-                   if p.suffix[1:].lower() in IMAGE_EXTS and p.is_file()
-                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
-    candidates, captions, skipped = [], {}, []
+    files, jsonls, skipped = folder_files(root)
+    candidates, captions = [], {}
     for p in files:
         cand = _Candidate(str(p), -1, p.stat().st_size, _escaped(p.relative_to(root).as_posix()))
         txt = p.with_suffix(".txt")
@@ -240,8 +291,7 @@ def _scan_folder(root, caption_field):
                 continue
         candidates.append(cand)
     names, unmatched = {c.name for c in candidates}, []
-    for jsonl in sorted(root.rglob("metadata.jsonl")):
-        prefix = jsonl.parent.relative_to(root).as_posix()
+    for jsonl in jsonls:
         try:
             text = jsonl.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
@@ -257,7 +307,7 @@ def _scan_folder(root, caption_field):
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise ValueError(f"{jsonl}:{lineno}: expected a JSON object with 'file_name' "
                                  f"({type(e).__name__}: {e})") from None
-            key = posixpath.normpath(name if prefix == "." else f"{prefix}/{name}")  # "./a.jpg" is a.jpg
+            key = metadata_key(jsonl, root, name)
             if key not in names:
                 unmatched.append(f"{jsonl.name}:{lineno} {name}")
             entry = captions.setdefault(key, {})
@@ -282,10 +332,13 @@ def _scan_webdataset(root, caption_field, cache_dir):
         # A damaged shard (cut short by a download, not a tar, empty) is skipped and listed
         # like an unreadable image, so that one bad shard does not stop a run.
         try:
-            entries = _shard_entries(shard, cache_dir)
+            entries, damage = _shard_entries(shard, cache_dir)
         except (tarfile.TarError, ValueError) as e:
             skipped.append((_escaped(shard.name), f"unreadable WebDataset shard ({type(e).__name__}: {e})"))
             continue
+        if damage is not None:
+            kept = f"the {len(entries)} samples before the damage are" if len(entries) > 1 else "the sample before the damage is"
+            skipped.append((_escaped(shard.name), f"damaged WebDataset shard ({damage}): {kept} used, any after it lost"))
         with open(shard, "rb") as f:
             for components in entries:
                 by_ext = {ext.lower(): (off, size, name) for ext, off, size, name in components}
@@ -301,17 +354,15 @@ def _scan_webdataset(root, caption_field, cache_dir):
 
 
 def _shard_entries(shard, cache_dir):
-    """The samples of a shard's DALI index. An index that does not parse (written before member
-    names were escaped, from a name with white space) is written anew, once."""
-    idx = ensure_dali_index(shard, cache_dir)
-    try:
-        return read_dali_index(idx)
-    except ValueError:
-        try:
-            idx.unlink()
-        except OSError:
-            raise ValueError(f"{idx} does not parse and cannot be removed: delete it to rebuild it") from None
-        return read_dali_index(ensure_dali_index(shard, cache_dir))
+    """(the samples of a shard as its DALI index lists them, None or where the shard is damaged).
+    A damaged shard gets no index file: it is read again, and reported, every run."""
+    _, samples = _indexed_samples(shard, cache_dir)
+    if samples is not None:
+        return samples, None
+    samples, damage = _tar_samples(shard)
+    if damage is None:
+        _write_shard_index(shard, cache_dir, samples)
+    return samples, damage
 
 
 def _wds_caption(f, by_ext, caption_field):
@@ -345,37 +396,80 @@ def dali_index_path(shard):
 def ensure_dali_index(shard, cache_dir=None):
     """Writes the DALI index of `shard` when missing or older than the shard; returns its path.
     It goes next to the shard or, where that folder is read-only (datasets often are), under
-    `cache_dir` (default $CCKERNELS_CACHE or ~/.cache/cckernels)."""
+    `cache_dir` (default $CCKERNELS_CACHE or ~/.cache/cckernels). ValueError for a damaged shard."""
+    idx, _ = _indexed_samples(shard, cache_dir)
+    if idx is not None:
+        return idx
+    samples, damage = _tar_samples(shard)
+    if damage is not None:
+        raise ValueError(f"WebDataset shard {str(shard)!r} is damaged: {damage}")
+    return _write_shard_index(shard, cache_dir, samples)
+
+
+def _index_places(shard, cache_dir):
     digest = hashlib.sha1(str(Path(shard).resolve()).encode()).hexdigest()[:16]
-    places = [dali_index_path(shard), cache_root(cache_dir) / "wds-index" / f"{digest}.idx"]
-    for idx in places:
+    return [dali_index_path(shard), cache_root(cache_dir) / "wds-index" / f"{digest}.idx"]
+
+
+def _indexed_samples(shard, cache_dir):
+    """(index file, its samples) of an up-to-date index of the shard, or (None, None). One in
+    an older version, or that does not parse (written before member names were escaped, from
+    a name with white space), is not used: it is written anew."""
+    for idx in _index_places(shard, cache_dir):
         if idx.exists() and idx.stat().st_mtime_ns >= Path(shard).stat().st_mtime_ns:
-            with open(idx) as f:
-                if f.readline().startswith(DALI_INDEX_VERSION + " "):
-                    return idx  # up to date, in the version we read (older ones are rewritten)
-    samples = []  # consecutive members with the same key form one sample
+            try:
+                return idx, read_dali_index(idx)
+            except ValueError:
+                continue
+    return None, None
+
+
+def _tar_samples(shard):
+    """(samples, damage) of a tar read header by header: per sample (consecutive members with
+    the same key) its (ext, offset, size, name) groups, names escaped for the index; damage is
+    None, or why the members after some point are lost: the samples before that point are
+    kept (a download cut short keeps what it got). ValueError when none is left."""
+    samples, damage = [], None
+    size = os.path.getsize(shard)
     # "r:" reads uncompressed tars only: a compressed one would give offsets into the
     # decompressed stream, which neither DALI nor read_bytes can use.
     with tarfile.open(shard, "r:") as tar:
-        for m in tar:
-            base = m.name.rsplit("/", 1)[-1]
-            if not m.isreg() or base.startswith(".") or "." not in base:
-                continue
-            dot = len(m.name) - len(base) + base.index(".")
-            key, ext = m.name[:dot], m.name[dot + 1:]
-            if not samples or samples[-1][0] != key:
-                samples.append((key, []))
-            samples[-1][1].append((_index_safe(ext), m.offset_data, m.size, _index_safe(m.name)))
+        members = []
+        try:
+            members.extend(tar)
+        except tarfile.ReadError as e:  # the file ends inside a member, or a long-name header is bad
+            damage = f"cut short at byte {size}, inside a member" if tar.offset > size else f"{e} at byte {tar.offset}"
+        else:
+            # tarfile stops quietly at a header it cannot parse or that the file cuts: only
+            # zeros (the end-of-archive blocks) may follow the last member.
+            tar.fileobj.seek(tar.offset)
+            while damage is None and (block := tar.fileobj.read(1 << 16)):
+                if block.strip(b"\0"):
+                    damage = f"no valid tar header at byte {tar.offset}"
+    for m in members:
+        base = m.name.rsplit("/", 1)[-1]
+        if not m.isreg() or base.startswith(".") or "." not in base:
+            continue
+        dot = len(m.name) - len(base) + base.index(".")
+        key, ext = m.name[:dot], m.name[dot + 1:]
+        if not samples or samples[-1][0] != key:
+            samples.append((key, []))
+        samples[-1][1].append((_index_safe(ext), m.offset_data, m.size, _index_safe(m.name)))
+    if damage is not None:
+        samples = samples[:-1]  # the sample being read at the damage may have lost members
     if not samples:
-        raise ValueError(f"WebDataset shard {str(shard)!r} holds no sample")
-    lines = [components for _, components in samples]
-    idx = places[0]
+        raise ValueError(f"WebDataset shard {str(shard)!r} holds no sample" + (f" ({damage})" if damage else ""))
+    return [components for _, components in samples], damage
+
+
+def _write_shard_index(shard, cache_dir, samples):
+    idx, spare = _index_places(shard, cache_dir)
     try:
-        write_dali_index(idx, lines)
+        write_dali_index(idx, samples)
     except OSError:  # the shard's folder is read-only
-        idx = places[1]
+        idx = spare
         idx.parent.mkdir(parents=True, exist_ok=True)
-        write_dali_index(idx, lines)
+        write_dali_index(idx, samples)
     log.info("data: wrote DALI index %s (%d samples)", idx, len(samples))
     return idx
 

@@ -92,10 +92,14 @@ class LatentIndex:
         return int(self.offsets[-1])
 
     def report(self, out_dir=None):
-        """Logs the counts and writes <out_dir>/skipped_shards.txt (file <TAB> reason)."""
+        """Logs the counts (precompute's too) and writes <out_dir>/skipped_shards.txt
+        (file <TAB> reason)."""
         where = list_skipped(out_dir, "skipped_shards.txt", self.skipped)
-        log.info("data: %d precomputed samples in %d shards of %s, %d damaged shards skipped%s",
-                 len(self), len(self.shards), self.root, len(self.skipped), where)
+        images = len(self.meta.get("skipped_images", []))
+        listed = f" (listed in {Path(self.root) / 'skipped_files.txt'})" if images else ""
+        log.info("data: %d precomputed samples in %d shards of %s, %d damaged shards skipped%s; "
+                 "images precompute skipped as unreadable: %d%s", len(self), len(self.shards), self.root,
+                 len(self.skipped), where, images, listed)
         for name, reason in self.skipped:
             log.warning("data: skipped damaged shard %s: %s", name, reason)
 
