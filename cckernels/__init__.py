@@ -25,8 +25,8 @@ import torch
 
 from cckernels import nn  # noqa: F401  (ck.nn.GroupNorm)
 from cckernels import tracing
-from cckernels.backend import (BACKENDS, IMPLEMENTATIONS, Unsupported, available, calls, default_device, dispatch, last_used,
-                               prefer_gpu_time)
+from cckernels.backend import (BACKENDS, IMPLEMENTATIONS, Unsupported, available, calls, check_number, default_device, dispatch,
+                               last_used, prefer_gpu_time)
 from cckernels.optim import FusedAdamWEMA, clip_grad_norm_
 from cckernels.packing import unpack
 
@@ -103,9 +103,8 @@ def attention(q, k, v, *, scale=None, backend=None):
         raise ValueError(f"empty dimension in q {tuple(q.shape)} or k {tuple(k.shape)}")
     if scale is None:
         scale = 1.0 / math.sqrt(D)
-    elif not (isinstance(scale, (int, float)) and 0 < scale < math.inf):  # NaN fails too; not math.isfinite,
-        # which dynamo cannot trace on a symbolic float (a scale passed into a compiled function)
-        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+    else:
+        check_number("scale", scale, 0, math.inf, low_open=True, high_open=True)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if torch.compiler.is_compiling():
         return tracing.dispatch_traced("attention", backend, q, k, v, float(scale))
@@ -134,8 +133,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, activation=No
         raise ValueError(f"num_channels {C} is not divisible by num_groups {num_groups}")
     _check_vector("weight", weight, C, x)
     _check_vector("bias", bias, C, x)
-    if not (eps > 0):
-        raise ValueError(f"eps must be positive, got {eps!r}")
+    check_number("eps", eps, 0, math.inf, low_open=True, high_open=True)
     if activation not in (None, "silu"):
         raise ValueError(f"activation must be None or 'silu', got {activation!r}")
     if torch.compiler.is_compiling():
@@ -184,8 +182,7 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5, *, residual=None, prenorm=Fa
         if (residual.shape, residual.dtype, residual.device) != (x.shape, x.dtype, x.device):
             raise ValueError(f"residual must match x (shape {tuple(x.shape)}, {x.dtype}, {x.device}), got "
                              f"shape {tuple(residual.shape)}, {residual.dtype}, {residual.device}")
-    if not (eps > 0):
-        raise ValueError(f"eps must be positive, got {eps!r}")
+    check_number("eps", eps, 0, math.inf, low_open=True, high_open=True)
     if torch.compiler.is_compiling():
         return tracing.dispatch_traced("layer_norm", backend, x, weight, bias, float(eps), residual, bool(prenorm))
     return dispatch("layer_norm", x.device, backend, x, weight, bias, float(eps), residual, bool(prenorm))
@@ -215,8 +212,7 @@ def ema_update_(ema, params, decay, *, backend=None):
     ema, params = list(ema), list(params)
     if len(ema) != len(params):
         raise ValueError(f"ema has {len(ema)} tensors but params has {len(params)}")
-    if not (isinstance(decay, (int, float)) and 0.0 <= decay <= 1.0):
-        raise ValueError(f"decay must be a number in [0, 1], got {decay!r}")
+    check_number("decay", decay, 0, 1)
     if not ema:
         return
     if not _float_twins_on_one_device(ema, params):  # the per-tensor checks name the first culprit

@@ -7,6 +7,7 @@ import contextlib
 import contextvars
 import importlib
 import logging
+import numbers
 import os
 
 import torch
@@ -96,6 +97,17 @@ def env_flag(name, default):
     if value not in (None, "", "0", "1"):
         raise ValueError(f"{name}={value!r}: use 1 (on) or 0 (off)")
     return default if value in (None, "") else value == "1"
+
+
+def check_number(name, value, low, high, *, low_open=False, high_open=False):
+    """ValueError naming `name` unless value is a real number (numpy's too; not a bool) in the
+    interval. NaN fails every interval; math.isfinite is not used, which dynamo cannot trace on
+    a symbolic float (a scale passed into a compiled function)."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and (
+        (low < value if low_open else low <= value) and (value < high if high_open else value <= high))
+    if not ok:
+        raise ValueError(f"{name} must be a number in {'(' if low_open else '['}{low}, {high}"
+                         f"{')' if high_open else ']'}, got {value!r}")
 
 
 @contextlib.contextmanager

@@ -5,27 +5,21 @@ import math
 import torch
 
 import cckernels
-from cckernels.backend import dispatch
-
-
-def _check_number(name, value, low, high, high_open=False):
-    ok = isinstance(value, (int, float)) and low <= value and (value < high if high_open else value <= high)
-    if not ok:
-        raise ValueError(f"{name} must be a number in [{low}, {high}{')' if high_open else ']'}, got {value!r}")
+from cckernels.backend import check_number, dispatch
 
 
 def _check_hyperparameters(h, where=""):
     """Raise ValueError naming the first bad value of `h` (the defaults, or a param group)."""
-    _check_number(f"{where}lr", h["lr"], 0.0, math.inf)
+    check_number(f"{where}lr", h["lr"], 0.0, math.inf)
     betas = h["betas"]
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
         raise ValueError(f"{where}betas must be a pair (beta1, beta2), got {betas!r}")
-    _check_number(f"{where}betas[0]", betas[0], 0.0, 1.0, high_open=True)
-    _check_number(f"{where}betas[1]", betas[1], 0.0, 1.0, high_open=True)
-    _check_number(f"{where}eps", h["eps"], 0.0, math.inf)
-    _check_number(f"{where}weight_decay", h["weight_decay"], 0.0, math.inf)
+    check_number(f"{where}betas[0]", betas[0], 0.0, 1.0, high_open=True)
+    check_number(f"{where}betas[1]", betas[1], 0.0, 1.0, high_open=True)
+    check_number(f"{where}eps", h["eps"], 0.0, math.inf)
+    check_number(f"{where}weight_decay", h["weight_decay"], 0.0, math.inf)
     if h["ema_decay"] is not None:
-        _check_number(f"{where}ema_decay", h["ema_decay"], 0.0, 1.0)
+        check_number(f"{where}ema_decay", h["ema_decay"], 0.0, 1.0)
     for flag in ("amsgrad", "maximize"):  # torch.optim.AdamW options this step does not have
         if h.get(flag):
             raise ValueError(f"{where}{flag}={h[flag]!r} is not supported by FusedAdamWEMA")
@@ -111,7 +105,7 @@ class FusedAdamWEMA(torch.optim.Optimizer):
     def start_ema(self, decay=None):
         """Start the EMA: shadow = a copy of the current weights; `decay` sets every group's."""
         if decay is not None:
-            _check_number("decay", decay, 0.0, 1.0)
+            check_number("decay", decay, 0.0, 1.0)
             for group in self.param_groups:
                 group["ema_decay"] = decay
         if any(group["ema_decay"] is None for group in self.param_groups):
@@ -181,7 +175,7 @@ class FusedAdamWEMA(torch.optim.Optimizer):
                 loss = closure()
         use_ema = ema and self.ema_started
         if ema_decay is not None:
-            _check_number("ema_decay", ema_decay, 0.0, 1.0)
+            check_number("ema_decay", ema_decay, 0.0, 1.0)
         for group in self.param_groups:
             decay = group["ema_decay"] if ema_decay is None else ema_decay
             if use_ema and decay is None:

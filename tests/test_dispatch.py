@@ -268,10 +268,12 @@ def test_env_selects_backend(monkeypatch):
         (dict(q=torch.randn(1, 4, 2, 32).half()), "dtypes differ"),
         (dict(q=torch.randint(0, 3, (1, 4, 2, 32))), "dtype torch.int64"),
         (dict(q=torch.randn(1, 0, 2, 32)), "empty dimension"),
-        (dict(scale=-1.0), "scale must be a positive"),
-        (dict(scale=0), "scale must be a positive"),
-        (dict(scale=float("nan")), "scale must be a positive finite number, got nan"),
-        (dict(scale=float("inf")), "scale must be a positive finite number, got inf"),
+        (dict(scale=-1.0), r"scale must be a number in \(0, inf\)"),
+        (dict(scale=0), r"scale must be a number in \(0, inf\)"),
+        (dict(scale=True), r"scale must be a number in \(0, inf\), got True"),  # not taken as 1
+        (dict(scale="0.1"), r"scale must be a number in \(0, inf\), got '0.1'"),
+        (dict(scale=float("nan")), r"scale must be a number in \(0, inf\), got nan"),
+        (dict(scale=float("inf")), r"scale must be a number in \(0, inf\), got inf"),
         (dict(q=[1, 2]), "q must be a torch.Tensor"),
     ],
 )
@@ -283,6 +285,20 @@ def test_attention_bad_arguments(kwargs, match):
         ck.attention(args["q"], args["k"], args["v"], scale=scale)
 
 
+def test_numpy_numbers_are_numbers():
+    # A scale, eps or decay computed with numpy (np.float32 is no Python float) was refused.
+    np = pytest.importorskip("numpy")
+    q, k, v = torch.randn(1, 4, 2, 32), torch.randn(1, 5, 2, 32), torch.randn(1, 5, 2, 32)
+    torch.testing.assert_close(ck.attention(q, k, v, scale=np.float32(0.25)), ck.attention(q, k, v, scale=0.25))
+    x = torch.randn(2, 6, 3)
+    torch.testing.assert_close(ck.group_norm(x, 2, eps=np.float32(1e-3)), ck.group_norm(x, 2, eps=1e-3))
+    ema, params = [torch.zeros(3)], [torch.ones(3)]
+    ck.ema_update_(ema, params, np.float64(0.75))
+    ck.ema_update_(ema, params, np.int64(1))
+    torch.testing.assert_close(ema[0], torch.full((3,), 0.25))
+    ck.FusedAdamWEMA([torch.nn.Parameter(torch.randn(3))], lr=np.float32(1e-3), ema_decay=np.float32(0.99))
+
+
 @pytest.mark.parametrize(
     "args,kwargs,match",
     [
@@ -292,7 +308,7 @@ def test_attention_bad_arguments(kwargs, match):
         ((torch.randn(2, 6, 3), 2, torch.randn(5)), {}, r"weight must have shape \(6,\)"),
         ((torch.randn(2, 6, 3), 2, None, torch.randn(6, 1)), {}, r"bias must have shape \(6,\)"),
         ((torch.randn(2, 6, 3), 2), {"activation": "gelu"}, "activation must be None or 'silu'"),
-        ((torch.randn(2, 6, 3), 2, None, None, 0.0), {}, "eps must be positive"),
+        ((torch.randn(2, 6, 3), 2, None, None, 0.0), {}, r"eps must be a number in \(0, inf\)"),
     ],
 )
 def test_group_norm_bad_arguments(args, kwargs, match):
@@ -306,6 +322,7 @@ def test_group_norm_bad_arguments(args, kwargs, match):
         ([torch.zeros(3)], [], 0.9, "ema has 1 tensors but params has 0"),
         ([torch.zeros(3)], [torch.randn(3)], 1.5, r"decay must be a number in \[0, 1\]"),
         ([torch.zeros(3)], [torch.randn(3)], -0.1, r"decay must be a number in \[0, 1\]"),
+        ([torch.zeros(3)], [torch.randn(3)], True, r"decay must be a number in \[0, 1\], got True"),
         ([torch.zeros(3).half()], [torch.randn(3)], 0.9, "must be float32"),
         ([torch.zeros(3)], [torch.randn(4)], 0.9, r"ema\[0\] shape \(3,\) != params\[0\] shape \(4,\)"),
         ([torch.zeros(3)], [torch.arange(3)], 0.9, r"params\[0\] has dtype torch.int64"),
