@@ -21,6 +21,18 @@ def test_yaml_then_overrides(cfg_file):
     assert cfg["data"]["format"] == "latents" and cfg["data"]["backend"] == "pil"
 
 
+def test_an_encoder_source_override_replaces_the_sources_it_cannot_go_with():
+    # tiny.yaml's {preset: tiny} plus model.vae.path=DIR was {preset, path}: refused as two sources.
+    cfg = config.load(None, ["model.vae.path=/models/vae", "model.text_encoder.open_clip=ViT-H-14",
+                             "model.text_encoder.path=/models/open_clip.bin"])
+    assert cfg["model"]["vae"] == {"path": "/models/vae"}
+    assert cfg["model"]["text_encoder"] == {"open_clip": "ViT-H-14", "path": "/models/open_clip.bin"}
+    cfg = config.load(None, ["model.text_encoder.config={hidden_size: 64}", "model.text_encoder.init_seed=3"])
+    assert cfg["model"]["text_encoder"] == {"config": {"hidden_size": 64}, "init_seed": 3}
+    cfg = config.load(None, ["model.vae.path=/models/vae", "model.vae.preset=tiny"])  # the last word counts
+    assert cfg["model"]["vae"] == {"preset": "tiny"}
+
+
 def test_unknown_override_lists_valid_keys(cfg_file):
     with pytest.raises(ValueError, match=r"unknown config key 'train.step' \(did you mean train.steps.*valid keys: .*data.path"):
         config.load(cfg_file, ["train.step=3"])

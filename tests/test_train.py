@@ -403,6 +403,14 @@ def test_init_from_a_path_without_weights_or_another_architecture_says_so(tmp_pa
             "model.unet.block_out_channels=[32,48]")
 
 
+def test_encoders_that_do_not_fit_the_unet_say_so(tmp_path):
+    with pytest.raises(ValueError, match=r"gives 48-wide embeddings but model.unet's cross_attention_dim is 32"):
+        run(tmp_path / "a", "train.steps=1", "model.text_encoder.config={vocab_size: 259, hidden_size: 48, "
+            "intermediate_size: 64, num_attention_heads: 2, num_hidden_layers: 1}")
+    with pytest.raises(ValueError, match=r"gives 4-channel latents but model.unet's in_channels is 8"):
+        run(tmp_path / "b", "train.steps=1", "model.unet.in_channels=8")
+
+
 @pytest.mark.parametrize("kind", ["clip", "open_clip"])
 def test_a_run_with_a_vae_folder_and_a_clip_text_encoder_ends_as_a_diffusers_pipeline(tmp_path, capsys, kind):
     diffusers = pytest.importorskip("diffusers")

@@ -20,6 +20,10 @@ DEFAULT_CONFIG = ROOT / "configs" / "tiny.yaml"
 
 # Mappings whose keys belong to another library's config and are not checked here.
 OPAQUE = {"model.unet", "model.vae", "model.text_encoder"}
+# Where an encoder's weights come from (trainer/encoders.py): an override naming one source key
+# drops the keys it cannot go with, so model.vae.path=DIR on tiny.yaml's {preset: tiny} means DIR.
+SOURCE_CONFLICTS = {"preset": ("config", "path", "open_clip"), "config": ("preset", "path"),
+                    "path": ("preset", "config"), "open_clip": ("preset",)}
 
 # Checked here, at load time, so a typo fails before any model is built; the tuples belong
 # to the code that uses the values.
@@ -169,6 +173,9 @@ def _set(cfg, key, value):
         node[head] = value
         return
     node = node.setdefault(head, {})
+    if ".".join(parts[:i]) in ("model.vae", "model.text_encoder"):
+        for other in SOURCE_CONFLICTS.get(rest[0], ()):
+            node.pop(other, None)
     for p in rest[:-1]:
         node = node.setdefault(p, {})
     node[rest[-1]] = value

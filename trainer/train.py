@@ -99,6 +99,19 @@ def latents_encoders(model_cfg, recorded, latents_path, log):
     return chosen
 
 
+def check_encoders_fit(unet_config, text_width, vae):
+    """ValueError unless the UNet takes the text encoder's embeddings and the VAE's latents (a
+    real text encoder on the tiny UNet failed in the first step, inside a matmul)."""
+    dims = unet_config["cross_attention_dim"]
+    if any(d != text_width for d in (dims if isinstance(dims, (list, tuple)) else [dims])):
+        raise ValueError(f"model.text_encoder gives {text_width}-wide embeddings but model.unet's "
+                         f"cross_attention_dim is {dims}: use a UNet config made for this text encoder "
+                         "(configs/sd2-base.yaml for SD2's)")
+    if vae is not None and vae.config.latent_channels != unet_config["in_channels"]:
+        raise ValueError(f"model.vae gives {vae.config.latent_channels}-channel latents but model.unet's "
+                         f"in_channels is {unet_config['in_channels']}")
+
+
 def main(argv=None):
     # -- config ----------------------------------------------------------------------------
     args = parse_args(argv)
@@ -186,6 +199,7 @@ def main(argv=None):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg["seed"])
         unet = UNet.from_config(cfg["model"]["unet"]).to(device)
+    check_encoders_fit(unet.config, empty_ctx.shape[-1], vae)
     if cfg["model"]["channels_last"]:
         unet = unet.to(memory_format=torch.channels_last)
     if cfg["model"]["gradient_checkpointing"]:
