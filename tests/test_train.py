@@ -134,6 +134,15 @@ def test_every_checkpoint_loads_into_diffusers(tmp_path):
         assert all(torch.equal(got[k], expected[k]) for k in got), step
 
 
+def test_exported_unets_default_to_the_training_resolution(tmp_path, capsys):
+    # sd2-base.yaml trains SD2's UNet config (sample_size 64: 512 px) at 256 px: its exports
+    # made diffusers pipelines sample at 512 by default, trainer.sample on the run at 256.
+    run(tmp_path, "train.steps=2", "data.resolution=32")  # the tiny UNet's sample_size is 8 (64 px)
+    assert "sample_size 8 written as 4" in capsys.readouterr().out
+    for folder in (tmp_path / "diffusers" / "unet", checkpoint.checkpoint_dir(tmp_path) / checkpoint.step_name(2) / "unet"):
+        assert json.loads((folder / "config.json").read_text())["sample_size"] == 4
+
+
 def test_resume_on_a_rank_without_saved_rng_state(tmp_path, capsys):
     run(tmp_path, "train.steps=2")
     (checkpoint.latest(tmp_path) / "rng_rank0.pt").unlink()  # as for a rank added since

@@ -200,6 +200,12 @@ def main(argv=None):
         torch.manual_seed(cfg["seed"])
         unet = UNet.from_config(cfg["model"]["unet"]).to(device)
     check_encoders_fit(unet.config, empty_ctx.shape[-1], vae)
+    if vae is not None:  # sample_size is only diffusers' default resolution: the exports say this run's
+        latent_size = cfg["data"]["resolution"] // encoders.vae_downsampling(vae)
+        if unet.config["sample_size"] != latent_size:
+            log(f"model.unet.sample_size {unet.config['sample_size']} written as {latent_size} in the exported "
+                f"UNet configs: the latent size of data.resolution {cfg['data']['resolution']}")
+            unet.config["sample_size"] = unet.sample_size = latent_size
     if cfg["model"]["channels_last"]:
         unet = unet.to(memory_format=torch.channels_last)
     if cfg["model"]["gradient_checkpointing"]:
