@@ -1,5 +1,7 @@
 import json
+import math
 
+import matplotlib.axes
 from PIL import Image
 
 from trainer import metrics
@@ -31,3 +33,18 @@ def test_plot_from_the_command_line(tmp_path, capsys):
     (tmp_path / "empty.jsonl").write_text("")
     assert metrics.plot(tmp_path / "empty.jsonl", tmp_path / "empty.png") is None
     assert not (tmp_path / "empty.png").exists()
+
+
+def test_a_skipped_steps_loss_is_null_and_spoils_no_running_mean(tmp_path, monkeypatch):
+    line = metrics.record(step=2, loss=float("nan"), grad_norm=float("inf"), skipped=True)
+    assert json.loads(line, parse_constant=lambda c: 1 / 0) == {"step": 2, "loss": None, "grad_norm": None, "skipped": True}
+    jsonl = tmp_path / "metrics.jsonl"
+    jsonl.write_text("".join(metrics.record(step=s, loss=math.nan if s == 5 else 1.0, grad_norm=1.0, images_per_s=1.0,
+                                            data_wait=0.0, skipped=s == 5) for s in range(1, 61)))
+    assert math.isnan(metrics.read(jsonl)[4]["loss"])
+    plotted = []
+    real_plot = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda self, *a, **k: plotted.append((a, k)) or real_plot(self, *a, **k))
+    metrics.plot(jsonl, tmp_path / "m.png")
+    smooth = next(a[1] for a, k in plotted if k.get("label", "").startswith("running mean"))
+    assert smooth == [1.0] * 60  # the NaN is left out of every window holding it

@@ -7,10 +7,11 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from tiny_models import TINY_UNET, StandInUNet
 from trainer import config as run_config
+from trainer import sample
 from trainer.encoders import encoder_config, load_text_encoder, load_vae
 from trainer.sample import load_checkpoint, main, sample_images, save_grid
 
@@ -104,6 +105,31 @@ def test_cli_writes_a_grid(run_dir, capsys):
           "--steps", "2", "--out", str(out)])
     assert Image.open(out).size == (3 * 64, 2 * 64)
     assert "2 prompts x 3 images" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--steps", "0"], "--steps must be in [1, 1000], got 0"),
+    (["--n", "0"], "--n must be >= 1"),
+    (["--guidance", "nan"], "--guidance must be a finite number >= 0"),
+    (["--seed", "-1"], "--seed must be in [0, 2**64)"),
+    (["--resolution", "0"], "--resolution must be a positive number"),
+    (["--out", "grid"], "--out grid: not an image file name"),
+    (["--checkpoint", "/no/such/run"], "--checkpoint /no/such/run: no such file or folder"),
+])
+def test_cli_refuses_bad_arguments_before_loading_anything(run_dir, capsys, monkeypatch, args, message):
+    monkeypatch.setattr(sample, "load_checkpoint", lambda *a: pytest.fail("loaded the models"))
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", str(run_dir), "--prompt", "a cat", *args])
+    assert message in capsys.readouterr().err
+
+
+def test_a_diverged_checkpoint_is_refused(run_dir):
+    step = run_dir / "checkpoints" / "step_0000002"
+    state = load_file(step / "ema.safetensors")
+    state["unet.conv_in.weight"][0] = float("nan")
+    save_file(state, step / "ema.safetensors")
+    with pytest.raises(ValueError, match=r"1 of the UNet's tensors hold NaN or inf \(unet.conv_in.weight\): the run diverged"):
+        load_checkpoint(run_dir)
 
 
 def test_a_diffusers_pipeline_folder_samples_as_the_same_parts_do(tmp_path, capsys):

@@ -222,12 +222,30 @@ def _poison_losses(monkeypatch, bad_calls):
     monkeypatch.setattr(diffusion, "training_loss", loss)
 
 
-def test_a_non_finite_step_is_skipped_and_counted(tmp_path, monkeypatch):
+def test_a_non_finite_step_is_skipped_and_counted(tmp_path, monkeypatch, capsys):
     _poison_losses(monkeypatch, {1})
     run(tmp_path, "train.steps=3")
-    metrics = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
-    assert [m["skipped"] for m in metrics] == [False, True, False]
+    assert "step 2: non-finite gradients (loss nan)" in capsys.readouterr().out  # numbered as metrics and checkpoints
+    metrics = [json.loads(line, parse_constant=lambda c: 1 / 0) for line in open(tmp_path / "metrics.jsonl")]  # strict JSON
+    assert [m["skipped"] for m in metrics] == [False, True, False] and metrics[1]["loss"] is None
     assert all(torch.isfinite(v).all() for v in checkpoint.load(checkpoint.latest(tmp_path))["unet"].values())
+
+
+def test_a_diverged_run_says_so_in_its_samples_and_export(tmp_path, monkeypatch, capsys):
+    # Weights gone to inf with finite gradients (lr=1e30): the run finished with black samples and
+    # an unusable export, in silence.
+    real = ck.FusedAdamWEMA.step
+
+    def diverge(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        with torch.no_grad():
+            self.param_groups[0]["params"][0].fill_(float("inf"))
+
+    monkeypatch.setattr(ck.FusedAdamWEMA, "step", diverge)
+    run(tmp_path, "train.steps=2")
+    out = capsys.readouterr().out
+    assert "(warning: they hold NaN or inf, drawn black: the weights diverged)" in out
+    assert "of the final UNet's tensors hold NaN or inf (conv_in.weight" in out
 
 
 def test_many_non_finite_steps_in_a_row_stop_the_run(tmp_path, monkeypatch):

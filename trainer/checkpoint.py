@@ -104,6 +104,11 @@ def pipeline_prediction_type(folder):
     return json.loads(scheduler.read_text()).get("prediction_type", "epsilon") if scheduler.is_file() else None
 
 
+def nonfinite(state_dict):
+    """The names of the tensors holding NaN or inf (a diverged run's weights)."""
+    return [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+
+
 def _contiguous_cpu(state_dict):
     return {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
 

@@ -12,6 +12,8 @@ classifier-free guidance.
     latents = ddim_sample(model, schedule, context, empty_emb, latent_shape=(4, 32, 32))
 """
 
+import math
+
 import torch
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -143,20 +145,21 @@ def ddim_sample(model, schedule, context, uncond_context, *, latent_shape, steps
     """Deterministic DDIM (eta = 0) with classifier-free guidance; returns latents (B, *latent_shape).
 
     model(x, t, ctx) -> prediction; context: (B, L, D) text embeddings; uncond_context: (1, L, D),
-    the empty caption's. guidance: 1 disables guidance (one model call per step), otherwise the
-    prediction is uncond + guidance * (cond - uncond). generator: a CPU torch.Generator for the
+    the empty caption's. guidance: above 1 the prediction is uncond + guidance * (cond - uncond);
+    at or below 1 the conditional prediction alone (one model call per step), as diffusers'
+    pipelines take it, so an exported pipeline samples as this does. generator: a CPU torch.Generator for the
     initial noise (drawn on CPU so a seed gives the same images on any device).
     """
     _check_prediction_type(prediction_type)
-    if guidance < 0:
-        raise ValueError(f"guidance scale must be >= 0, got {guidance!r}")
+    if not 0 <= guidance < math.inf:  # NaN fails too: it made black images
+        raise ValueError(f"guidance scale must be a finite number >= 0, got {guidance!r}")
     b, device = context.shape[0], context.device
     alphas = schedule.alphas_cumprod.to(device)
     timesteps = ddim_timesteps(steps, schedule.num_train_timesteps)
     ratio = schedule.num_train_timesteps // steps
 
     x = torch.randn((b, *latent_shape), generator=generator, dtype=torch.float32).to(device)
-    guided = guidance != 1.0
+    guided = guidance > 1.0
     if guided:
         # One batched call per step: the unconditional half first, then the conditional half.
         context = torch.cat([uncond_context.to(context.dtype).expand_as(context), context])

@@ -8,19 +8,30 @@ after its checkpoint again; the plot keeps the last record of each step.
 import argparse
 import itertools
 import json
+import math
 import os
 from pathlib import Path
 
 
 def read(path):
-    """The records of a metrics.jsonl, one per step (the last written), by step."""
+    """The records of a metrics.jsonl, one per step (the last written), by step. A skipped step's
+    loss and grad_norm, null in the file (strict JSON has no NaN), read as NaN."""
     by_step = {}
     with open(path) as f:
         for line in f:
             if line.strip():
                 record = json.loads(line)
+                for key in ("loss", "grad_norm"):
+                    if key in record and record[key] is None:
+                        record[key] = math.nan
                 by_step[record["step"]] = record
     return [by_step[s] for s in sorted(by_step)]
+
+
+def record(**fields):
+    """One metrics.jsonl line: non-finite numbers (a skipped step's loss) as null."""
+    return json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                       for k, v in fields.items()}) + "\n"
 
 
 def plot(jsonl, png):
@@ -39,13 +50,18 @@ def plot(jsonl, png):
     losses = [r["loss"] for r in records]
     fig, (ax_loss, ax_speed) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=(2, 1))
     window = len(losses) // 20
-    ax_loss.plot(steps, losses, **({"lw": 0.6, "alpha": 0.5} if window > 1 else {}), label="loss (logged steps)")
+    ax_loss.plot(steps, losses, **({"lw": 0.6, "alpha": 0.5} if window > 1 else {"marker": "."}),
+                 label="loss (logged steps)")
     if window > 1:  # enough records for a running mean to say more than they do
-        # from prefix sums: one pass, where summing each window anew took records x window
-        # additions at every checkpoint's redraw (~5e8 for a 100k-step run logging each step)
-        prefix = [0.0, *itertools.accumulate(losses)]
+        # from prefix sums of the finite losses and their count: one pass, where summing each
+        # window anew took records x window additions at every checkpoint's redraw (~5e8 for
+        # a 100k-step run logging each step); a skipped step's NaN would spoil all after it
+        finite = [math.isfinite(x) for x in losses]
+        total = [0.0, *itertools.accumulate(x if ok else 0.0 for x, ok in zip(losses, finite))]
+        count = [0, *itertools.accumulate(finite)]
         starts = [max(0, i - window + 1) for i in range(len(losses))]
-        smooth = [(prefix[i + 1] - prefix[a]) / (i + 1 - a) for i, a in enumerate(starts)]
+        smooth = [(total[i + 1] - total[a]) / (count[i + 1] - count[a]) if count[i + 1] > count[a] else math.nan
+                  for i, a in enumerate(starts)]
         ax_loss.plot(steps, smooth, lw=1.5, label=f"running mean of {window} records")
     skipped = [r["step"] for r in records if r.get("skipped")]
     if skipped:

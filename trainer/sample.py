@@ -9,11 +9,14 @@ rebuilds the UNet, VAE and text encoder; EMA weights are used when the checkpoin
 It may also be a diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/,
 tokenizer/: SD2's, say, to compare with a run fine-tuned from it), whose scheduler config gives
 the prediction type and whose UNet's sample size the default resolution.
+--guidance at or below 1 samples without guidance, as diffusers' pipelines do. A checkpoint
+whose weights hold NaN or inf (a diverged run) is refused, naming the tensors.
 The grid has one row per prompt and --n images per row. train.py calls sample_images and
 save_grid in-process for its periodic sample grids.
 """
 
 import argparse
+import math
 from pathlib import Path
 
 import numpy as np
@@ -92,7 +95,12 @@ def load_checkpoint(path, device="cpu"):
     config = run_config.load(step / "config.yaml")
     weights = step / "ema.safetensors" if (step / "ema.safetensors").is_file() else step / "unet.safetensors"
     unet = UNet.from_config(config["model"]["unet"])
-    unet.load_state_dict(load_file(weights))
+    state = load_file(weights)
+    bad = checkpoint.nonfinite(state)
+    if bad:  # it would sample black images
+        raise ValueError(f"{weights}: {len(bad)} of the UNet's tensors hold NaN or inf ({', '.join(bad[:3])}): "
+                         "the run diverged before this checkpoint; take an earlier one")
+    unet.load_state_dict(state)
     vae = load_vae(config["model"]["vae"], device)
     text_encoder = load_text_encoder(config["model"]["text_encoder"], device)
     return unet.to(device).eval(), vae, text_encoder, config
@@ -111,6 +119,21 @@ def main(argv=None):
     parser.add_argument("--out", default="grid.png")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    # checked before the models load (minutes for SD2's), and before sampling for --out
+    if not Path(args.checkpoint).exists():
+        parser.error(f"--checkpoint {args.checkpoint}: no such file or folder")
+    if not 1 <= args.steps <= NoiseSchedule().num_train_timesteps:
+        parser.error(f"--steps must be in [1, {NoiseSchedule().num_train_timesteps}], got {args.steps}")
+    if args.n < 1:
+        parser.error(f"--n must be >= 1, got {args.n}")
+    if not 0 <= args.guidance < math.inf:
+        parser.error(f"--guidance must be a finite number >= 0 (<= 1: no guidance), got {args.guidance}")
+    if not 0 <= args.seed < 2**64:
+        parser.error(f"--seed must be in [0, 2**64), got {args.seed}")
+    if args.resolution is not None and args.resolution < 1:
+        parser.error(f"--resolution must be a positive number of pixels, got {args.resolution}")
+    if Path(args.out).suffix.lower() not in Image.registered_extensions():
+        parser.error(f"--out {args.out}: not an image file name PIL can write (use .png or .jpg)")
 
     unet, vae, text_encoder, config = load_checkpoint(args.checkpoint, args.device)
     resolution = args.resolution or config["data"]["resolution"]

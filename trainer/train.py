@@ -15,7 +15,6 @@ resumes the same way (after resume=false too: it resumes the run that started ov
 """
 import argparse
 import contextlib
-import json
 import logging
 import math
 import os
@@ -35,7 +34,7 @@ from trainer.ddp import DistributedDataParallel  # noqa: E402
 from trainer.ema import ScheduledEMA  # noqa: E402
 from trainer.export import save_pipeline  # noqa: E402
 from trainer.graphs import graph_on_first_call  # noqa: E402
-from trainer.metrics import plot as plot_metrics  # noqa: E402
+from trainer.metrics import plot as plot_metrics, record as metrics_record  # noqa: E402
 from trainer.sample import sample_images, save_grid  # noqa: E402
 from trainer.unet import UNet  # noqa: E402
 
@@ -329,7 +328,8 @@ def main(argv=None):
                                        steps=sc["steps"], guidance=sc["guidance"], seed=sc["seed"],
                                        prediction_type=dc["prediction_type"], schedule=schedule)
             path = save_grid(images, out_dir / "samples" / f"step_{step:07d}.png", rows=len(sc["prompts"]))
-            log(f"step {step}: samples {path}")
+            log(f"step {step}: samples {path}" + ("" if torch.isfinite(images).all() else
+                " (warning: they hold NaN or inf, drawn black: the weights diverged)"))
         _barrier(world)
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -342,7 +342,7 @@ def main(argv=None):
         loss, grad_norm, finite = train_step(step)
         bad_steps = 0 if finite else bad_steps + 1
         if not finite:
-            log(f"step {step}: non-finite gradients (loss {loss}), step skipped ({bad_steps} in a row)")
+            log(f"step {step + 1}: non-finite gradients (loss {loss}), step skipped ({bad_steps} in a row)")
             if bad_steps >= tc["max_bad_steps"]:
                 raise RuntimeError(f"{bad_steps} consecutive steps with non-finite loss or gradients; stopping")
         done = step + 1
@@ -351,9 +351,8 @@ def main(argv=None):
             images_per_s, data_share = world * batch * accum * (done - start_step) / elapsed, data_wait / elapsed
             bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_s:.1f}", data_wait=f"{data_share:.0%}")
             if done % tc["log_every"] == 0 or done == steps:
-                record = {"step": done, "loss": loss, "grad_norm": grad_norm, "lr": lr_at(step),
-                          "images_per_s": images_per_s, "data_wait": data_share, "skipped": not finite}
-                metrics.write(json.dumps(record) + "\n")
+                metrics.write(metrics_record(step=done, loss=loss, grad_norm=grad_norm, lr=lr_at(step),
+                                             images_per_s=images_per_s, data_wait=data_share, skipped=not finite))
                 metrics.flush()
         if done == start_step + 1:
             log("kernel calls by backend so far: " + ", ".join(f"{op}=" + " + ".join(f"{b} x{n}" for b, n in counts.items())
@@ -365,7 +364,12 @@ def main(argv=None):
 
     samples(steps)
     if is_main:
-        unet.save_diffusers(out_dir / "diffusers" / "unet", {**fp32_weights(), **(ema.state_tensors() or {})})
+        final = {**fp32_weights(), **(ema.state_tensors() or {})}
+        bad = checkpoint.nonfinite(final)
+        if bad:
+            log(f"warning: {len(bad)} of the final UNet's tensors hold NaN or inf ({', '.join(bad[:3])}): the run "
+                "diverged and its export is unusable; an earlier checkpoint may not be (trainer.sample refuses them)")
+        unet.save_diffusers(out_dir / "diffusers" / "unet", final)
         why_not = save_pipeline(out_dir / "diffusers", vae, text_encoder, schedule, dc["prediction_type"])
         log(f"done: checkpoints in {checkpoint.checkpoint_dir(out_dir)}, "
             + (f"diffusers UNet in {out_dir / 'diffusers' / 'unet'} (no whole pipeline: {why_not})" if why_not else
