@@ -1,5 +1,6 @@
 """The main job, in-process on one CPU rank: resume, bad config, non-finite steps."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -461,6 +462,19 @@ def test_a_run_with_a_vae_folder_and_a_clip_text_encoder_ends_as_a_diffusers_pip
     with torch.no_grad():
         torch.testing.assert_close(pipe.text_encoder(ids).last_hidden_state, encoders.load_text_encoder(text).encode(prompts))
     assert pipe.text_encoder.config.num_hidden_layers == (1 if kind == "clip" else 2)
+    # SD2's layout, which transformers 4 loads too: prefixed weights, the slow tokenizer's files
+    exported = tmp_path / "run" / "diffusers"
+    assert all(k.startswith("text_model.") for k in load_file(exported / "text_encoder" / "model.safetensors"))
+    slow = tmp_path / "slow-tokenizer"
+    slow.mkdir()
+    for name in ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json"):
+        if (exported / "tokenizer" / name).exists():
+            shutil.copy(exported / "tokenizer" / name, slow / name)
+    assert "local_files_only" not in json.loads((slow / "tokenizer_config.json").read_text())
+    from transformers import CLIPTokenizer
+    slow_ids = CLIPTokenizer.from_pretrained(slow)(prompts, padding="max_length", max_length=77, truncation=True,
+                                                   return_tensors="pt").input_ids
+    assert torch.equal(slow_ids, ids)
     image = pipe("a cat", num_inference_steps=2, height=64, width=64, output_type="np").images
     assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
     ema = load_file(tmp_path / "run" / "diffusers" / "unet" / "diffusion_pytorch_model.safetensors")
@@ -471,3 +485,5 @@ def test_a_run_with_a_vae_folder_and_a_clip_text_encoder_ends_as_a_diffusers_pip
     run(tmp_path / "tiny", "train.steps=1")
     assert "no whole pipeline: the text encoder's tokenizer is the byte tokenizer" in capsys.readouterr().out
     assert not (tmp_path / "tiny" / "diffusers" / "model_index.json").exists()
+    with pytest.raises(ValueError, match="holds a diffusers UNet without the rest of a pipeline"):
+        load_checkpoint(tmp_path / "tiny" / "diffusers")

@@ -131,6 +131,34 @@ def conditioning_differs(model, tokenizer, text_encoder):
     return None
 
 
+def save_text_parts(folder, text_model, tokenizer):
+    """folder/text_encoder/ and folder/tokenizer/ as SD2's pipeline holds them, which
+    transformers 4 and 5 both load. transformers 5 saves a CLIPTextModel's weights without the
+    "text_model." prefix (transformers 4 then loads none of them and starts from random weights,
+    with a warning) and a tokenizer as tokenizer.json alone (4's CLIPTokenizer, the class
+    model_index.json names, needs vocab.json and merges.txt): both are written here too."""
+    from safetensors.torch import load_file, save_file
+
+    text_model.save_pretrained(folder / "text_encoder", max_shard_size="100GB")  # one weights file
+    weights = folder / "text_encoder" / "model.safetensors"
+    state = load_file(weights)
+    if not all(k.startswith("text_model.") for k in state):
+        save_file({f"text_model.{k}": v for k, v in state.items()}, weights, metadata={"format": "pt"})
+    tokenizer.save_pretrained(folder / "tokenizer")
+    files = folder / "tokenizer"
+    bpe = json.loads((files / "tokenizer.json").read_text(encoding="utf-8"))["model"]
+    if not (files / "vocab.json").exists():
+        (files / "vocab.json").write_text(json.dumps(bpe["vocab"], ensure_ascii=False), encoding="utf-8")
+    if not (files / "merges.txt").exists():
+        merges = (m if isinstance(m, str) else " ".join(m) for m in bpe["merges"])
+        (files / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{m}\n" for m in merges), encoding="utf-8")
+    # how this process loaded it, not how a user's should
+    settings = json.loads((files / "tokenizer_config.json").read_text(encoding="utf-8"))
+    for key in ("local_files_only", "is_local"):
+        settings.pop(key, None)
+    (files / "tokenizer_config.json").write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 def save_pipeline(folder, vae, text_encoder, schedule, prediction_type):
     """vae/, text_encoder/, tokenizer/, scheduler/ and model_index.json beside folder/unet/.
     Returns None, or why the text encoder cannot be written (then nothing is)."""
@@ -145,8 +173,7 @@ def save_pipeline(folder, vae, text_encoder, schedule, prediction_type):
         (folder / "model_index.json").unlink(missing_ok=True)  # an earlier run's pipeline is not this one
         return why
     vae.save_pretrained(folder / "vae")
-    text_model.save_pretrained(folder / "text_encoder")
-    tokenizer.save_pretrained(folder / "tokenizer")
+    save_text_parts(folder, text_model, tokenizer)
     scheduler = diffusers.DDIMScheduler(
         num_train_timesteps=schedule.num_train_timesteps, beta_start=schedule.beta_start, beta_end=schedule.beta_end,
         beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1,

@@ -91,6 +91,9 @@ def load_checkpoint(path, device="cpu"):
         config = {"data": {"resolution": unet.config["sample_size"] * vae_downsampling(vae)},
                   "diffusion": {"prediction_type": checkpoint.pipeline_prediction_type(path) or "epsilon"}}
         return unet.to(device).eval(), vae, text_encoder, config
+    if (Path(path) / "unet").is_dir() and not (Path(path) / "state.json").is_file():
+        raise ValueError(f"{path} holds a diffusers UNet without the rest of a pipeline (no model_index.json: the "
+                         "run's text encoder has no transformers form); sample from the run folder instead")
     step = checkpoint.resolve(path)
     config = run_config.load(step / "config.yaml")
     weights = step / "ema.safetensors" if (step / "ema.safetensors").is_file() else step / "unet.safetensors"
