@@ -139,7 +139,10 @@ def test_exported_unets_default_to_the_training_resolution(tmp_path, capsys):
     # sd2-base.yaml trains SD2's UNet config (sample_size 64: 512 px) at 256 px: its exports
     # made diffusers pipelines sample at 512 by default, trainer.sample on the run at 256.
     run(tmp_path, "train.steps=2", "data.resolution=32")  # the tiny UNet's sample_size is 8 (64 px)
-    assert "sample_size 8 written as 4" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "sample_size 8 written as 4" in out and "with the EMA weights" in out
+    run(tmp_path / "b", "train.steps=1", "ema.start_step=5")
+    assert "with the trained (the EMA starts at step 5) weights" in capsys.readouterr().out
     for folder in (tmp_path / "diffusers" / "unet", checkpoint.checkpoint_dir(tmp_path) / checkpoint.step_name(2) / "unet"):
         assert json.loads((folder / "config.json").read_text())["sample_size"] == 4
 

@@ -364,16 +364,19 @@ def main(argv=None):
 
     samples(steps)
     if is_main:
-        final = {**fp32_weights(), **(ema.state_tensors() or {})}
+        ema_weights = ema.state_tensors()
+        final = {**fp32_weights(), **(ema_weights or {})}
         bad = checkpoint.nonfinite(final)
         if bad:
             log(f"warning: {len(bad)} of the final UNet's tensors hold NaN or inf ({', '.join(bad[:3])}): the run "
                 "diverged and its export is unusable; an earlier checkpoint may not be (trainer.sample refuses them)")
         unet.save_diffusers(out_dir / "diffusers" / "unet", final)
         why_not = save_pipeline(out_dir / "diffusers", vae, text_encoder, schedule, dc["prediction_type"])
+        which = "EMA" if ema_weights else f"trained (the EMA starts at step {cfg['ema']['start_step']})"
         log(f"done: checkpoints in {checkpoint.checkpoint_dir(out_dir)}, "
             + (f"diffusers UNet in {out_dir / 'diffusers' / 'unet'} (no whole pipeline: {why_not})" if why_not else
-               f"diffusers pipeline (StableDiffusionPipeline.from_pretrained) in {out_dir / 'diffusers'}"))
+               f"diffusers pipeline (StableDiffusionPipeline.from_pretrained) in {out_dir / 'diffusers'}")
+            + f", with the {which} weights")
     if world > 1:
         dist.destroy_process_group()
 
