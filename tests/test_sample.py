@@ -34,6 +34,17 @@ def test_save_grid_layout(tmp_path):
         assert (grid[row * 4:(row + 1) * 4, col * 5:(col + 1) * 5] == round((v + 1) * 127.5)).all()
     with pytest.raises(ValueError, match="multiple of rows"):
         save_grid(images, tmp_path / "bad.png", rows=4)
+    # labelled: a white band with dark text above each row, the images below it as before
+    images = values.view(6, 1, 1, 1).expand(6, 3, 60, 50).clone()
+    grid = np.asarray(Image.open(save_grid(images, tmp_path / "labelled.png", rows=2,
+                                           labels=["a cat", "a very long prompt " * 20])))
+    assert grid.shape == (2 * (14 + 60), 3 * 50, 3)
+    for row in range(2):
+        band, block = grid[row * 74:row * 74 + 14], grid[row * 74 + 14:(row + 1) * 74, :50]
+        assert (band.min(-1) < 100).any() and (band[:, -2:] == 255).all()  # text, cut before the right edge
+        assert (block == round((values[3 * row].item() + 1) * 127.5)).all()
+    with pytest.raises(ValueError, match="one label per row"):
+        save_grid(images, tmp_path / "bad.png", rows=2, labels=["a cat"])
 
 
 def test_sample_images_shapes_and_determinism(encoders):
@@ -103,7 +114,7 @@ def test_cli_writes_a_grid(run_dir, capsys):
     out = run_dir / "grid.png"
     main(["--checkpoint", str(run_dir), "--prompt", "a cat", "--prompt", "a red bus", "--n", "3",
           "--steps", "2", "--out", str(out)])
-    assert Image.open(out).size == (3 * 64, 2 * 64)
+    assert Image.open(out).size == (3 * 64, 2 * (14 + 64))  # each row under its prompt
     assert "2 prompts x 3 images" in capsys.readouterr().out
 
 

@@ -11,7 +11,7 @@ tokenizer/: SD2's, say, to compare with a run fine-tuned from it), whose schedul
 the prediction type and whose UNet's sample size the default resolution.
 --guidance at or below 1 samples without guidance, as diffusers' pipelines do. A checkpoint
 whose weights hold NaN or inf (a diverged run) is refused, naming the tensors.
-The grid has one row per prompt and --n images per row. train.py calls sample_images and
+The grid has one row per prompt, written above it, and --n images per row. train.py calls sample_images and
 save_grid in-process for its periodic sample grids.
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from trainer import checkpoint
 from trainer import config as run_config
@@ -29,20 +29,38 @@ from trainer.diffusion import NoiseSchedule, ddim_sample
 from trainer.encoders import decode_latents, load_text_encoder, load_vae, vae_downsampling
 
 
-def save_grid(images, path, *, rows):
+def save_grid(images, path, *, rows, labels=None):
     """Write images (N, 3, H, W) in [-1, 1] as one PNG of `rows` rows (one per prompt, as
-    sample_images orders them), filled row by row, no padding. Returns the path."""
+    sample_images orders them), filled row by row, no padding; `labels` (one per row: the
+    prompts) are written in a white band above each row. Returns the path."""
     n, c, h, w = images.shape
     if c != 3 or rows < 1 or n % rows:
         raise ValueError(f"need (N, 3, H, W) images with N a multiple of rows={rows}, got {tuple(images.shape)}")
+    if labels is not None and len(labels) != rows:
+        raise ValueError(f"need one label per row, got {len(labels)} for {rows} rows")
     cols = n // rows
     pixels = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     # (rows, cols, 3, H, W) -> (rows, H, cols, W, 3): each row of the grid is one strip of pixels.
-    grid = pixels.view(rows, cols, 3, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, cols * w, 3)
+    strips = pixels.view(rows, cols, 3, h, w).permute(0, 3, 1, 4, 2).reshape(rows, h, cols * w, 3).numpy()
+    if labels is not None:
+        strips = [np.concatenate([_label_band(text, cols * w, max(14, h // 6)), strip]) for text, strip in zip(labels, strips)]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.ascontiguousarray(grid.numpy())).save(path)
+    Image.fromarray(np.ascontiguousarray(np.concatenate(list(strips)))).save(path)
     return path
+
+
+def _label_band(text, width, height):
+    """A white (height, width, 3) band with `text` in black, cut with an ellipsis to fit."""
+    band = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(band)
+    font = ImageFont.load_default(size=round(height * 0.75))
+    if draw.textlength(text, font=font) > width - 4:
+        while text and draw.textlength(text + "…", font=font) > width - 4:
+            text = text[:-1]
+        text += "…"
+    draw.text((2, height // 2), text, fill="black", font=font, anchor="lm")
+    return np.asarray(band)
 
 
 @torch.no_grad()
@@ -144,7 +162,7 @@ def main(argv=None):
         unet, vae, text_encoder, args.prompt, resolution=resolution, n=args.n, steps=args.steps,
         guidance=args.guidance, seed=args.seed, prediction_type=config["diffusion"]["prediction_type"],
     )
-    save_grid(images, args.out, rows=len(args.prompt))
+    save_grid(images, args.out, rows=len(args.prompt), labels=args.prompt)
     prompts = f"{len(args.prompt)} prompt" + "s" * (len(args.prompt) != 1)
     print(f"wrote {args.out}: {prompts} x {args.n} images at {resolution} px")
 

@@ -327,7 +327,8 @@ def main(argv=None):
                 images = sample_images(unet, vae, text_encoder, sc["prompts"], resolution=cfg["data"]["resolution"],
                                        steps=sc["steps"], guidance=sc["guidance"], seed=sc["seed"],
                                        prediction_type=dc["prediction_type"], schedule=schedule)
-            path = save_grid(images, out_dir / "samples" / f"step_{step:07d}.png", rows=len(sc["prompts"]))
+            path = save_grid(images, out_dir / "samples" / f"step_{step:07d}.png", rows=len(sc["prompts"]),
+                             labels=sc["prompts"])
             log(f"step {step}: samples {path}" + ("" if torch.isfinite(images).all() else
                 " (warning: they hold NaN or inf, drawn black: the weights diverged)"))
         _barrier(world)
