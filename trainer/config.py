@@ -38,7 +38,7 @@ CHOICES = {
 MIN_INT = {
     "train.steps": 1, "train.batch_size": 1, "train.grad_accum": 1, "train.log_every": 1,
     "train.warmup_steps": 0, "train.max_bad_steps": 1, "checkpoint.every": 1, "checkpoint.keep": 0,
-    "sample.every": 0, "sample.steps": 1, "ema.start_step": 0, "ema.every": 1, "seed": 0,
+    "sample.every": 0, "sample.steps": 1, "sample.n": 1, "ema.start_step": 0, "ema.every": 1, "seed": 0,
 }
 
 DEFAULTS = {
@@ -111,6 +111,7 @@ DEFAULTS = {
     "sample": {
         "every": 0,  # 0: only at the end
         "prompts": ["a photograph of an astronaut", "a cup of coffee on a table"],
+        "n": 4,  # images per prompt: the grid's columns
         "steps": 25,
         "guidance": 4.0,
         "seed": 0,

@@ -325,7 +325,7 @@ def main(argv=None):
             sc = cfg["sample"]
             with ema.swapped_in():
                 images = sample_images(unet, vae, text_encoder, sc["prompts"], resolution=cfg["data"]["resolution"],
-                                       steps=sc["steps"], guidance=sc["guidance"], seed=sc["seed"],
+                                       n=sc["n"], steps=sc["steps"], guidance=sc["guidance"], seed=sc["seed"],
                                        prediction_type=dc["prediction_type"], schedule=schedule)
             path = save_grid(images, out_dir / "samples" / f"step_{step:07d}.png", rows=len(sc["prompts"]),
                              labels=sc["prompts"])
