@@ -1,4 +1,6 @@
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -93,7 +95,8 @@ def _save(out_dir, step, value, keep=2):
     checkpoint.save_rank_rng(out_dir, step, rank=0)
     sd = {"w": torch.full((3,), float(value))}
     return checkpoint.commit(
-        out_dir, step, unet=sd, ema=sd, optimizer={"lr": value}, state={"step": step}, config=config.DEFAULTS, keep=keep
+        out_dir, step, unet=sd, ema=sd, optimizer={"lr": value, "ema": {"steps": step}}, state={"step": step},
+        config=config.DEFAULTS, keep=keep
     )
 
 
@@ -105,7 +108,11 @@ def test_checkpoint_round_trip_and_latest(tmp_path):
     assert checkpoint.latest(tmp_path) == path == checkpoint.resolve(tmp_path)
     ckpt = checkpoint.load(path)
     assert torch.equal(ckpt["unet"]["w"], torch.ones(3)) and ckpt["state"] == {"step": 10}
-    assert ckpt["optimizer"] == {"lr": 1.0} and ckpt["config"]["seed"] == config.DEFAULTS["seed"]
+    assert ckpt["optimizer"]["lr"] == 1.0 and ckpt["config"]["seed"] == config.DEFAULTS["seed"]
+    mode = os.umask(0o022)
+    os.umask(mode)
+    for name in ("unet.safetensors", "ema.safetensors", "state.json"):  # safetensors wrote 0600
+        assert (path / name).stat().st_mode & 0o777 == 0o666 & ~mode, name
     checkpoint.set_rng_state(ckpt["rng"])
     assert torch.equal(torch.rand(2), expected_next)
 
@@ -129,7 +136,7 @@ def test_resolve_takes_a_checkpoints_folder_not_a_runs_other_folders(tmp_path):
 
 def test_a_latest_pointer_to_a_missing_checkpoint_is_an_error(tmp_path):
     shutil.rmtree(_save(tmp_path, 10, 1.0))
-    with pytest.raises(FileNotFoundError, match="latest names step_0000010, which is missing or incomplete"):
+    with pytest.raises(FileNotFoundError, match="latest names 'step_0000010', which is missing or incomplete"):
         checkpoint.latest(tmp_path)
 
 
@@ -152,6 +159,64 @@ def test_keeps_only_the_newest(tmp_path):
         _save(tmp_path, step, step, keep=2)
     names = sorted(p.name for p in checkpoint.checkpoint_dir(tmp_path).glob("step_*"))
     assert names == ["step_0000002", "step_0000003"]
+
+
+def test_a_run_resumed_from_an_earlier_checkpoint_keeps_its_own(tmp_path):
+    # Pruning by name deleted the rewound run's new checkpoints for the abandoned step_8 and left
+    # `latest` naming a deleted folder.
+    for step in (4, 8):
+        _save(tmp_path, step, step, keep=0)
+    (checkpoint.checkpoint_dir(tmp_path) / "latest").write_text("step_0000004\n")
+    for step in (5, 6):
+        _save(tmp_path, step, step, keep=1)
+    names = sorted(p.name for p in checkpoint.checkpoint_dir(tmp_path).glob("step_*"))
+    assert names == ["step_0000006", "step_0000008"] and checkpoint.latest(tmp_path).name == "step_0000006"
+
+
+def test_checkpoints_without_a_latest_pointer_resume_from_the_newest(tmp_path):
+    for step in (10, 20):
+        _save(tmp_path, step, step, keep=0)
+    (checkpoint.checkpoint_dir(tmp_path) / "latest").unlink()  # copied without it, or a crash before it
+    checkpoint.begin(tmp_path, 30)  # incomplete ones do not count
+    assert checkpoint.latest(tmp_path).name == "step_0000020"
+
+
+@pytest.mark.parametrize("content, match", [(b"", "names '', which is missing"),
+                                             (b"\xff\xfe\x00", "latest cannot be read")])
+def test_a_damaged_latest_pointer_says_so(tmp_path, content, match):
+    _save(tmp_path, 10, 1.0)
+    (checkpoint.checkpoint_dir(tmp_path) / "latest").write_bytes(content)
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        checkpoint.latest(tmp_path)
+
+
+def test_damaged_or_missing_files_are_named(tmp_path):
+    path = _save(tmp_path, 10, 1.0)
+    (path / "unet.safetensors").write_bytes((path / "unet.safetensors").read_bytes()[:20])
+    with pytest.raises(ValueError, match=r"unet.safetensors cannot be read .*the checkpoint is damaged"):
+        checkpoint.load(path)
+    path = _save(tmp_path, 20, 2.0)
+    (path / "ema.safetensors").unlink()  # the EMA had started (start_step 0): it would restart silently
+    with pytest.raises(FileNotFoundError, match="ema.safetensors is missing, though that run's EMA had started"):
+        checkpoint.load(path)
+
+
+def test_a_failed_write_says_so_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    good = _save(tmp_path, 10, 1.0)
+    (checkpoint.checkpoint_dir(tmp_path) / "step_0000005.tmp").mkdir()  # a crash's debris, of another step
+
+    save = torch.save
+
+    def disk_full(obj, path):
+        if Path(path).name == "optimizer.pt":
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4280704 vs 4280592")
+        save(obj, path)
+
+    monkeypatch.setattr(checkpoint.torch, "save", disk_full)
+    with pytest.raises(RuntimeError, match=r"writing the checkpoint of step 20 .* failed .*is the disk full\? the one .*latest names is intact"):
+        _save(tmp_path, 20, 2.0)
+    assert not list(checkpoint.checkpoint_dir(tmp_path).glob("*.tmp"))
+    assert checkpoint.latest(tmp_path) == good and checkpoint.load(good)["state"]["step"] == 10
 
 
 def test_init_weights_of_a_pipeline_folder_and_its_prediction_type(tmp_path):

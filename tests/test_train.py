@@ -42,6 +42,27 @@ def test_resumed_run_is_bit_identical_to_an_unbroken_one(tmp_path, capsys):
     assert (tmp_path / "b" / "metrics.png").stat().st_size > 0
 
 
+def test_resume_refuses_another_network_and_names_other_changes(tmp_path, capsys):
+    # The saved config was never compared: another head count or prediction type trained on.
+    run(tmp_path, "train.steps=2")
+    for change, said in (("model.unet.attention_head_dim=[2,4]", r"model.unet.attention_head_dim: \[1, 2\] -> \[2, 4\]"),
+                         ("diffusion.prediction_type=v_prediction", "diffusion.prediction_type: 'epsilon' -> 'v_prediction'")):
+        with pytest.raises(ValueError, match=f"was trained otherwise \\({said}\\): resuming would train another"):
+            run(tmp_path, "train.steps=3", change)
+    with pytest.raises(ValueError, match=r"is at step 2, past train.steps=1"):
+        run(tmp_path, "train.steps=1")
+    capsys.readouterr()
+    # a torn last metrics line (a crash, a full disk) is closed off, and skipped by the plot
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 1.0')
+    run(tmp_path, "train.steps=4", "train.lr=5e-4", "checkpoint.every=1", "sample.steps=1")
+    out = capsys.readouterr().out
+    assert "resuming with changed settings: train.lr: 0.001 -> 0.0005" in out and "sample.steps" not in out
+    assert "loss plot" in out and "not drawn" not in out
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert lines[2] == '{"step": 3, "loss": 1.0' and [json.loads(x)["step"] for x in lines[3:]] == [3, 4]
+
+
 def test_bf16_weights_checkpoint_fp32_masters_and_resume_bit_identically(tmp_path, capsys):
     # train.precision=bf16-weights: the UNet holds bf16 weights (CPU autocast), the optimizer
     # fp32 masters. Checkpoints and the export hold the masters; a resumed run repeats an

@@ -5,7 +5,8 @@ state.json, rng_rank<r>.pt, config.yaml, and unet/ in diffusers layout (config.j
 diffusion_pytorch_model.safetensors, a hard link to the EMA weights once the EMA has started,
 else to the UNet's), so `UNet2DConditionModel.from_pretrained(step / "unet")` loads any
 checkpoint; <out_dir>/checkpoints/latest names the newest.
-A crash mid-write leaves only a *.tmp folder behind, which the next save clears.
+A crash mid-write leaves only a *.tmp folder behind, which the next save clears; a failed
+write (a full disk) removes its own and says which checkpoint is intact.
 A run that starts over in an out_dir (resume=false) first moves the earlier run's files aside
 (set_aside_earlier_run), so neither run's checkpoints are pruned for the other's.
 """
@@ -16,10 +17,10 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from trainer import config as config_mod
-from trainer.unet import WEIGHTS_NAME, diffusers_files, write_diffusers_config
+from trainer.unet import WEIGHTS_NAME, diffusers_files, save_safetensors, write_diffusers_config
 
 
 def checkpoint_dir(out_dir):
@@ -31,18 +32,31 @@ def step_name(step):
 
 
 def latest(out_dir):
-    """Path of the newest checkpoint in out_dir, or None where there is none. A `latest` pointer
-    that names no complete checkpoint (only ever published after its checkpoint: someone
-    deleted it) is an error, not a fresh start: a run started there would lose its own
-    checkpoints to the pruning of the older ones beside them."""
+    """Path of the checkpoint out_dir's `latest` pointer names or, without a pointer (a crash
+    right after the first checkpoint, folders copied without it), of the newest complete one;
+    None where there is none. A pointer that names no complete checkpoint (only ever published
+    after its checkpoint: someone deleted it) is an error, not a fresh start."""
     pointer = checkpoint_dir(out_dir) / "latest"
     if not pointer.exists():
-        return None
-    path = checkpoint_dir(out_dir) / pointer.read_text().strip()
-    if not (path / "state.json").exists():
-        raise FileNotFoundError(f"{pointer} names {path.name}, which is missing or incomplete (no state.json); "
-                                "resume=false starts over, setting this run's files aside")
+        done = [p for p in _step_folders(out_dir) if (p / "state.json").exists()]
+        return done[-1] if done else None
+    try:
+        name = pointer.read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{pointer} cannot be read ({type(e).__name__}: {e}): write the name of the "
+                         "checkpoint to resume from into it (e.g. step_0000100)") from None
+    path = checkpoint_dir(out_dir) / name
+    if not name or not (path / "state.json").exists():
+        raise FileNotFoundError(f"{pointer} names {name!r}, which is missing or incomplete (no state.json): write "
+                                "the name of an existing checkpoint into it, or resume=false to start over "
+                                "(setting this run's files aside)")
     return path
+
+
+def _step_folders(out_dir):
+    """The checkpoint folders (complete or not, no .tmp), in step order."""
+    found = [p for p in checkpoint_dir(out_dir).glob("step_*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
 
 
 def resolve(path):
@@ -136,32 +150,40 @@ def save_rank_rng(out_dir, step, rank):
 
 
 def begin(out_dir, step):
-    """Rank 0: a fresh temporary folder for the checkpoint of `step`."""
-    tmp = tmp_path(out_dir, step)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    """Rank 0: a fresh temporary folder for the checkpoint of `step`; those a crash left behind
+    (of any step) go."""
+    for stale in checkpoint_dir(out_dir).glob("step_*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp_path(out_dir, step).mkdir(parents=True)
 
 
 def commit(out_dir, step, *, unet, ema, optimizer, state, config, keep, diffusers_config=None):
     """Rank 0: write the weights and state, then atomically publish the checkpoint.
     diffusers_config: the UNet's diffusers config.json dict; given, the folder gets unet/."""
     tmp, final = tmp_path(out_dir, step), checkpoint_dir(out_dir) / step_name(step)
-    save_file(_contiguous_cpu(unet), tmp / "unet.safetensors", metadata={"format": "pt"})
-    if ema is not None:
-        save_file(_contiguous_cpu(ema), tmp / "ema.safetensors", metadata={"format": "pt"})
-    if diffusers_config is not None:
-        _diffusers_unet(tmp, diffusers_config, "ema.safetensors" if ema is not None else "unet.safetensors")
-    torch.save(optimizer, tmp / "optimizer.pt")
-    config_mod.dump(config, tmp / "config.yaml")
-    # On disk before state.json and the renames: after a machine crash (not only a process
-    # crash) a published checkpoint must not hold weights that never left the page cache.
-    for path in tmp.rglob("*"):
-        _fsync(path)
-    with open(tmp / "state.json", "w") as f:  # written last: its presence marks completeness
-        json.dump(state, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync(tmp)
+    try:
+        save_safetensors(_contiguous_cpu(unet), tmp / "unet.safetensors")
+        if ema is not None:
+            save_safetensors(_contiguous_cpu(ema), tmp / "ema.safetensors")
+        if diffusers_config is not None:
+            _diffusers_unet(tmp, diffusers_config, "ema.safetensors" if ema is not None else "unet.safetensors")
+        torch.save(optimizer, tmp / "optimizer.pt")
+        config_mod.dump(config, tmp / "config.yaml")
+        # On disk before state.json and the renames: after a machine crash (not only a process
+        # crash) a published checkpoint must not hold weights that never left the page cache.
+        for path in tmp.rglob("*"):
+            _fsync(path)
+        with open(tmp / "state.json", "w") as f:  # written last: its presence marks completeness
+            json.dump(state, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync(tmp)
+    except (OSError, RuntimeError) as e:  # torch.save's full disk reads "unexpected pos ..."
+        shutil.rmtree(tmp, ignore_errors=True)
+        pointer = checkpoint_dir(out_dir) / "latest"
+        kept = f"the one {pointer} names is intact" if pointer.exists() else "there is no earlier one"
+        raise RuntimeError(f"writing the checkpoint of step {step} to {tmp} failed ({type(e).__name__}: {e}); "
+                           f"is the disk full? {kept}") from e
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     pointer = checkpoint_dir(out_dir) / "latest"
@@ -169,7 +191,7 @@ def commit(out_dir, step, *, unet, ema, optimizer, state, config, keep, diffuser
     _fsync(pointer.with_suffix(".tmp"))
     os.replace(pointer.with_suffix(".tmp"), pointer)
     _fsync(checkpoint_dir(out_dir))  # the renames themselves
-    _prune(out_dir, keep)
+    _prune(out_dir, keep, step)
     return final
 
 
@@ -194,23 +216,39 @@ def _diffusers_unet(folder, diffusers_config, weights):
         shutil.copyfile(folder / weights, unet / WEIGHTS_NAME)
 
 
-def _prune(out_dir, keep):
-    done = sorted(p for p in checkpoint_dir(out_dir).glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+def _prune(out_dir, keep, step):
+    """Keeps the newest `keep` checkpoints up to `step`, the one just written. Those of higher
+    steps (a run resumed from an earlier checkpoint than its last) stay until this run's own
+    replace them: pruning by name deleted this run's checkpoints for them."""
+    done = [p for p in _step_folders(out_dir) if int(p.name[5:]) <= step]
     for old in done[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
 
 
 def load(path, rank=0):
-    """Everything a checkpoint holds, tensors on CPU."""
+    """Everything a checkpoint holds, tensors on CPU. A file that cannot be read is an error
+    naming it."""
     path = Path(path)
+
+    def read(name, reader):
+        try:
+            return reader(path / name)
+        except Exception as e:  # safetensors, torch, json and yaml each raise their own
+            raise ValueError(f"{path / name} cannot be read ({type(e).__name__}: {e}): the checkpoint is damaged; "
+                             f"write the name of an earlier one into {path.parent / 'latest'}, or resume=false "
+                             "to start over") from None
+
     ckpt = {
         "path": path,
-        "unet": load_file(path / "unet.safetensors"),
-        "ema": load_file(path / "ema.safetensors") if (path / "ema.safetensors").exists() else None,
-        "optimizer": torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False),
-        "state": json.loads((path / "state.json").read_text()),
-        "config": config_mod.load(path / "config.yaml"),
+        "unet": read("unet.safetensors", load_file),
+        "ema": read("ema.safetensors", load_file) if (path / "ema.safetensors").exists() else None,
+        "optimizer": read("optimizer.pt", lambda p: torch.load(p, map_location="cpu", weights_only=False)),
+        "state": read("state.json", lambda p: json.loads(p.read_text())),
+        "config": read("config.yaml", config_mod.load),
     }
+    if ckpt["ema"] is None and ckpt["optimizer"]["ema"]["steps"] >= ckpt["config"]["ema"]["start_step"]:
+        raise FileNotFoundError(f"{path / 'ema.safetensors'} is missing, though that run's EMA had started "
+                                f"(ema.start_step {ckpt['config']['ema']['start_step']}): resuming would restart it")
     rng = path / f"rng_rank{rank}.pt"
-    ckpt["rng"] = torch.load(rng, weights_only=False) if rng.exists() else None
+    ckpt["rng"] = read(rng.name, lambda p: torch.load(p, weights_only=False)) if rng.exists() else None
     return ckpt

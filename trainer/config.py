@@ -244,6 +244,12 @@ def load(path=None, overrides=()):
     return cfg
 
 
+def changes(old, new):
+    """[(key, old value, new value)] for each valid key whose value differs between two full
+    configs (model.unet and the encoders' sections compared whole)."""
+    return [(k, get(old, k), get(new, k)) for k in VALID_KEYS if get(old, k) != get(new, k)]
+
+
 def get(cfg, key):
     node = cfg
     for p in key.split("."):

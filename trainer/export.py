@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from trainer.encoders import MAX_LENGTH, ClipTokenizer, CLIPTextEncoder, OpenCLIPTextEncoder, clip_text_transformer
+from trainer.unet import save_safetensors
 
 # Prompts the exported text encoder must encode as the run's did (the empty one is guidance's;
 # the last is cut at 77 tokens).
@@ -137,13 +138,13 @@ def save_text_parts(folder, text_model, tokenizer):
     "text_model." prefix (transformers 4 then loads none of them and starts from random weights,
     with a warning) and a tokenizer as tokenizer.json alone (4's CLIPTokenizer, the class
     model_index.json names, needs vocab.json and merges.txt): both are written here too."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     text_model.save_pretrained(folder / "text_encoder", max_shard_size="100GB")  # one weights file
     weights = folder / "text_encoder" / "model.safetensors"
     state = load_file(weights)
     if not all(k.startswith("text_model.") for k in state):
-        save_file({f"text_model.{k}": v for k, v in state.items()}, weights, metadata={"format": "pt"})
+        save_safetensors({f"text_model.{k}": v for k, v in state.items()}, weights)
     tokenizer.save_pretrained(folder / "tokenizer")
     files = folder / "tokenizer"
     bpe = json.loads((files / "tokenizer.json").read_text(encoding="utf-8"))["model"]

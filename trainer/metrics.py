@@ -15,12 +15,16 @@ from pathlib import Path
 
 def read(path):
     """The records of a metrics.jsonl, one per step (the last written), by step. A skipped step's
-    loss and grad_norm, null in the file (strict JSON has no NaN), read as NaN."""
+    loss and grad_norm, null in the file (strict JSON has no NaN), read as NaN. A line that does
+    not parse (cut off by a crash or a full disk) is passed over."""
     by_step = {}
-    with open(path) as f:
+    with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
-            if line.strip():
+            try:
                 record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and "step" in record:
                 for key in ("loss", "grad_norm"):
                     if key in record and record[key] is None:
                         record[key] = math.nan

@@ -98,6 +98,44 @@ def latents_encoders(model_cfg, recorded, latents_path, log):
     return chosen
 
 
+# What a resumed run may change without a word (where and how long it runs, what it logs and
+# samples), and what it may not: another network or objective on the saved weights.
+FREE_ON_RESUME = ("out_dir", "resume", "train.steps", "train.log_every", "train.max_bad_steps", "train.deterministic",
+                  "train.cuda_graphs", "checkpoint.", "sample.", "data.workers", "model.compile", "model.init_from")
+FIXED_ON_RESUME = ("model.unet", "diffusion.prediction_type")
+
+
+def check_resumable(saved, cfg, path, log):
+    """ValueError where the run's config changes what the checkpoint at `path` trained (its
+    UNet or prediction type); logs the other changes."""
+    def described(key, old, new):  # a whole section (model.unet) by the keys that differ in it
+        if isinstance(old, dict) and isinstance(new, dict):
+            return "; ".join(described(f"{key}.{k}", old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys())
+                             if old.get(k) != new.get(k))
+        return f"{key}: {old!r} -> {new!r}"
+
+    changed = config.changes(saved, cfg)
+    fixed = [described(*c) for c in changed if c[0] in FIXED_ON_RESUME]
+    if fixed:
+        raise ValueError(f"{path} was trained otherwise ({'; '.join(fixed)}): resuming would train another network "
+                         f"or objective on its weights. resume=false starts over (setting the run aside); "
+                         f"model.init_from={path} in a new out_dir starts from its weights")
+    noted = [described(*c) for c in changed if not c[0].startswith(FREE_ON_RESUME)]
+    if noted:
+        log("resuming with changed settings: " + "; ".join(noted))
+
+
+def open_metrics(path):
+    """metrics.jsonl for appending, on a line of its own: after a crash cut the last line
+    short, the first record of the resumed run would have joined it."""
+    if path.exists() and path.stat().st_size:
+        with open(path, "rb+") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+    return open(path, "a", encoding="utf-8")
+
+
 def check_encoders_fit(unet_config, text_width, vae):
     """ValueError unless the UNet takes the text encoder's embeddings and the VAE's latents (a
     real text encoder on the tiny UNet failed in the first step, inside a matmul)."""
@@ -171,6 +209,9 @@ def main(argv=None):
         _barrier(world)
     ckpt = checkpoint.load(ckpt_path, rank) if ckpt_path else None
     start_step = ckpt["state"]["step"] if ckpt else 0
+    if start_step > cfg["train"]["steps"]:
+        raise ValueError(f"{ckpt_path} is at step {start_step}, past train.steps={cfg['train']['steps']}: raise "
+                         "train.steps to train on, or resume=false to start over")
     log(f"resuming from {ckpt_path} at step {start_step}" if ckpt else f"starting from scratch in {out_dir}")
 
     # -- data --------------------------------------------------------------------------------
@@ -211,6 +252,7 @@ def main(argv=None):
         unet.enable_gradient_checkpointing()
     init_from = cfg["model"]["init_from"]
     if ckpt:
+        check_resumable(ckpt["config"], cfg, ckpt_path, log)
         unet.load_state_dict(ckpt["unet"])  # fp32 weights, whatever the saving run's precision
         if init_from:
             log(f"model.init_from={init_from} ignored: resuming this run's own checkpoint")
@@ -317,7 +359,11 @@ def main(argv=None):
                 optimizer={"optimizer": optimizer.state_dict(ema=False, master=False), "ema": ema.state_dict()},
                 state=state, keep=cfg["checkpoint"]["keep"], diffusers_config=unet.diffusers_config(),
             )
-            log(f"step {step}: checkpoint {path}, loss plot {plot_metrics(metrics.name, out_dir / 'metrics.png')}")
+            try:  # the plot is a convenience: never the reason a run stops
+                plot = plot_metrics(metrics.name, out_dir / "metrics.png")
+            except Exception as e:
+                plot = f"not drawn ({type(e).__name__}: {e})"
+            log(f"step {step}: checkpoint {path}, loss plot {plot}")
         _barrier(world)
 
     def samples(step):
@@ -334,7 +380,7 @@ def main(argv=None):
         _barrier(world)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    metrics = open(out_dir / "metrics.jsonl", "a") if is_main else None
+    metrics = open_metrics(out_dir / "metrics.jsonl") if is_main else None
     steps = tc["steps"]
     bad_steps = ckpt["state"]["bad_steps"] if ckpt else 0
     bar = tqdm(range(start_step, steps), initial=start_step, total=steps, disable=not is_main, desc="train")

@@ -29,6 +29,7 @@ Attention always keeps its softmax statistics in fp32, so `upcast_attention` nee
 """
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -663,15 +664,25 @@ class UNet(nn.Module):
     def save_diffusers(self, folder, state_dict=None):
         """Write config.json + diffusion_pytorch_model.safetensors for UNet2DConditionModel.from_pretrained.
         state_dict: the weights to write (e.g. fp32 EMA ones) instead of the module's own."""
-        from safetensors.torch import save_file
-
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         write_diffusers_config(folder, self.diffusers_config())
         weights = self.state_dict() if state_dict is None else state_dict
         self._check_keys(weights)
-        save_file({k: v.detach().contiguous() for k, v in weights.items()}, str(folder / WEIGHTS_NAME),
-                  metadata={"format": "pt"})
+        save_safetensors({k: v.detach().contiguous() for k, v in weights.items()}, folder / WEIGHTS_NAME)
+
+
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def save_safetensors(tensors, path):
+    """safetensors' save_file, with the permissions of any other file this process writes:
+    save_file leaves it readable by its owner only (0600), a checkpoint a teammate cannot load."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    os.chmod(path, 0o666 & ~_UMASK)
 
 
 def write_diffusers_config(folder, config):
