@@ -453,6 +453,9 @@ def test_init_from_a_path_without_weights_or_another_architecture_says_so(tmp_pa
     with pytest.raises(ValueError, match=r"does not fit model.unet: .*wrong shape"):
         run(tmp_path / "c", "train.steps=1", f"model.init_from={tmp_path / 'a'}",
             "model.unet.block_out_channels=[32,48]")
+    shutil.rmtree(checkpoint.latest(tmp_path / "a"))  # ours, damaged: said so, not "neither"
+    with pytest.raises(FileNotFoundError, match="latest names 'step_0000002', which is missing"):
+        run(tmp_path / "d", "train.steps=1", f"model.init_from={tmp_path / 'a'}")
 
 
 def test_encoders_that_do_not_fit_the_unet_say_so(tmp_path):

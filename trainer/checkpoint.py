@@ -97,11 +97,9 @@ def init_weights(path):
     EMA ones are in its unet/, which is a diffusers folder) and its config's prediction type;
     anything else is read as a diffusers UNet, with the prediction type of the pipeline around
     it, if any."""
-    try:
-        step = resolve(path)
+    if any((Path(path) / name).exists() for name in ("state.json", "latest", "checkpoints")):
+        step = resolve(path)  # ours: its errors say what is wrong (a pointer naming a deleted folder)
         return step / "unet.safetensors", config_mod.load(step / "config.yaml")["diffusion"]["prediction_type"]
-    except FileNotFoundError:
-        pass
     try:
         weights = diffusers_files(path)[0]
     except ValueError as e:
