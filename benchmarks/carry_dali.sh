@@ -32,7 +32,7 @@ SCRATCH=${CARRY_SCRATCH:-/tmp/cc-carry}
 PY_VERSION=${CARRY_PYTHON_VERSION:-3.12}
 WHEELS=.whl
 SMALL=.carry-py
-PART_MB=55
+PART_MB=${PART_MB:-55}  # a call carries 64 MiB in all: the tree and one part
 # Top-level requirements; pip resolves the rest (DALI pins its nvimgcodec and nvcomp; their CUDA
 # libraries come as nvidia-* wheels).
 REQUIREMENTS=(nvidia-dali-cuda130 diffusers)
@@ -140,7 +140,8 @@ install() {
     done
     echo "installing ${#missing[@]} of $(ls "$SCRATCH"/wheels/*.whl | wc -l) wheels into $SCRATCH/site"
     rm -rf "$SCRATCH/site"  # pip --target skips folders that exist: start clean
-    "$python" -m pip install --no-index --no-deps --no-compile --target "$SCRATCH/site" "${missing[@]}"
+    # with nothing missing, pip would fail for want of arguments (set -e) before the check below
+    [ ${#missing[@]} -eq 0 ] || "$python" -m pip install --no-index --no-deps --no-compile --target "$SCRATCH/site" "${missing[@]}"
     # nvimgcodec, nvjpeg2k and nvtiff each ship nvidia/__init__.py, some empty; whichever pip
     # wrote last decides. An empty one, first on PYTHONPATH, would hide the machine's own
     # nvidia-* packages (torch's CUDA headers, which setup.py finds through nvidia.__path__).

@@ -20,10 +20,10 @@
 #   L = 4096) | bench_group_norm 60 | ncu_kernels 45 | bench_layer_norm 25 | bench_geglu 35 |
 #   profile_host 30 | bench_ema 35 | bench_attention 55 | bench_data 45 = 1100 s
 #   if every step used all of its budget (bench_ddp, 30 s, only runs with several GPUs).
-# The whole run must end inside the caller's outer `timeout` (docs/benchmarks.md: 575 s less the
-# DALI install), or that kills it mid-step and summary.md is never written. So the script ends
+# The whole run must end inside the caller's outer `timeout` (docs/benchmarks.md: at most 575 s
+# less the DALI install), or that kills it mid-step and summary.md is never written. So the script ends
 # itself by RUN_GPU_BUDGET_S (default 560): each step gets its budget or what is left of the
-# total (less 15 s: timeout's 10 s kill grace and the summary), whichever is less, and a step
+# total (less 25 s: timeout's 10 s kill grace and the summary), whichever is less, and a step
 # with under 10 s left is skipped and logged as such. At 560 s the last steps get little or
 # nothing (docs/benchmarks.md: a follow-up call on the warm machine). On the fourth H200 run
 # (2026-11-27, 541 s) build took 22 s, pytest 140, bench_train 256 (its headline and
@@ -35,7 +35,11 @@
 # DALI and diffusers are not on the GPU machines: carry them with benchmarks/carry_dali.sh (its
 # header lists the run calls); its folder $CARRY_SCRATCH/site is put on PYTHONPATH when present.
 set -uo pipefail  # no -e: every step runs even when an earlier one failed
+t_all=$(date +%s)  # before anything else: the caller's outer timeout counts from here too
 cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1  # a step cut by its timeout keeps what it printed
+STEPS="build build-check smoke pytest-gpu bench_train bench_attention_cross bench_group_norm ncu_kernels
+       bench_layer_norm bench_geglu profile_host bench_ema bench_ddp bench_attention bench_data"
 PY=${PYTHON:-python3}  # the GPU image has python3 (not always python)
 SCRATCH=${CARRY_SCRATCH:-/tmp/cc-carry}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -47,13 +51,20 @@ device=$("$PY" -c "import torch; print(torch.cuda.get_device_name() if torch.cud
 OUT=${1:-benchmarks/results/$(date -u +%Y-%m-%d)-$device}
 mkdir -p "$OUT/logs"
 printf '| step | exit | seconds | budget |\n|---|---|---|---|\n' > "$OUT/steps.md"
-t_all=$(date +%s)
 TOTAL_S=${RUN_GPU_BUDGET_S:-560}
+for name in ${RUN_GPU_STEPS:-}; do  # a misspelt step would be skipped without a word
+    [[ " $(echo $STEPS) " == *" $name "* ]] || { echo "RUN_GPU_STEPS: no step $name (steps: $(echo $STEPS))";
+        printf '| %s | not a step (RUN_GPU_STEPS) | - | - |\n' "$name" >> "$OUT/steps.md"; }
+done
+# A follow-up call on a fresh machine (the first call's gone back) has no extension: build it.
+if [ -n "${RUN_GPU_STEPS:-}" ] && ! ls cckernels/_C*.so > /dev/null 2>&1; then
+    RUN_GPU_STEPS="build build-check $RUN_GPU_STEPS"
+fi
 
-# time_left: the seconds a step may still be given: what is left of the run's TOTAL_S, less 15 s
+# time_left: the seconds a step may still be given: what is left of the run's TOTAL_S, less 25 s
 # (a step may run 10 s past its budget before `timeout` kills it; then the summary is written).
 time_left() {
-    echo $(( TOTAL_S - ($(date +%s) - t_all) - 15 ))
+    echo $(( TOTAL_S - ($(date +%s) - t_all) - 25 ))
 }
 
 # step NAME BUDGET_S COMMAND...: runs it under timeout (BUDGET_S or time_left, whichever is
@@ -119,6 +130,7 @@ fi
 
 "$PY" - "$OUT/meta.json" <<'EOF'
 import json, os, platform, subprocess, sys, datetime
+from importlib import metadata
 import torch
 def run(*cmd):
     try:
@@ -131,6 +143,11 @@ try:
 except ImportError:
     triton_version = None
 import cckernels
+def version(name):
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
 meta = {
     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     "commit": run("git", "rev-parse", "HEAD"),
@@ -141,8 +158,12 @@ meta = {
     "cuda": torch.version.cuda, "nvcc": (run("nvcc", "--version") or "").splitlines()[-1:],
     "build_info": cckernels.build_info(),
     "available_backends": cckernels.available_backends(),
-    "env": {k: v for k, v in os.environ.items() if k.startswith("CCKERNELS_")},  # smoke's switches among them
+    # smoke's switches among them; what this call ran
+    "env": {k: v for k, v in os.environ.items() if k.startswith(("CCKERNELS_", "RUN_GPU_"))},
+    "carried": {name: version(name) for name in ("diffusers", "transformers", "nvidia-dali-cuda130")},
 }
+if meta["dirty"]:  # what the run's code was, beyond the commit
+    open(os.path.join(os.path.dirname(sys.argv[1]), "dirty.diff"), "w").write(run("git", "diff", "HEAD") or "")
 open(sys.argv[1], "w").write(json.dumps(meta, indent=2, default=str))
 print(json.dumps(meta, default=str))
 EOF
@@ -198,10 +219,14 @@ bench bench_group_norm 60 --budget-s 45
 # gVisor it cannot read counters and fails in seconds). ncu prints its report when the program
 # ends, so the program stops starting cases before the step's budget would kill it.
 ncu=$(command -v ncu || ls -d /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -n 1)
-if [ -n "$ncu" ]; then
-    step ncu_kernels 45 "$ncu" --profile-from-start off --clock-control none --section LaunchStats \
+ncu_s=$(time_left)
+ncu_s=$(( ncu_s < 45 ? ncu_s : 45 ))
+if [ -n "$ncu" ] && [ "$ncu_s" -lt 40 ]; then  # ncu writes its report at the end: a cut run leaves nothing
+    printf '| ncu_kernels | skipped: %s s left, under 40 | - | - |\n' "$ncu_s" >> "$OUT/steps.md"
+elif [ -n "$ncu" ]; then
+    step ncu_kernels "$ncu_s" "$ncu" --profile-from-start off --clock-control none --section LaunchStats \
         --section Occupancy --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
-        --section ComputeWorkloadAnalysis --section SchedulerStats "$PY" benchmarks/ncu_kernels.py --budget-s 25
+        --section ComputeWorkloadAnalysis --section SchedulerStats "$PY" benchmarks/ncu_kernels.py --budget-s $(( ncu_s - 20 ))
 else
     printf '| ncu_kernels | skipped: no ncu on PATH or in /opt/nvidia | - | - |\n' >> "$OUT/steps.md"
 fi
@@ -237,7 +262,7 @@ bench bench_data 45 --images 512
         if grep -q '^recipe ' "$OUT/logs/bench_train.log"; then
             sed -n '/^recipe /,/^wrote /p' "$OUT/logs/bench_train.log"
         elif [ -f "$OUT/bench_train.json" ]; then  # cut before its table: the rows it wrote
-            timeout 60 "$PY" benchmarks/bench_train.py --print-table "$OUT/bench_train.json" 2>&1
+            timeout 15 "$PY" benchmarks/bench_train.py --print-table "$OUT/bench_train.json" 2>&1
         fi
         echo '```'
     fi
