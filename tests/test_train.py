@@ -63,6 +63,15 @@ def test_resume_refuses_another_network_and_names_other_changes(tmp_path, capsys
     assert lines[2] == '{"step": 3, "loss": 1.0' and [json.loads(x)["step"] for x in lines[3:]] == [3, 4]
 
 
+def test_a_resume_on_another_number_of_ranks_says_so(tmp_path, capsys):
+    run(tmp_path, "train.steps=2")
+    state = checkpoint.latest(tmp_path) / "state.json"
+    assert json.loads(state.read_text())["world"] == 1
+    state.write_text(json.dumps({**json.loads(state.read_text()), "world": 2}))  # as a 2-rank run wrote it
+    run(tmp_path, "train.steps=3")
+    assert "resuming on 1 ranks; the checkpoint was written on 2: 2 images a step now" in capsys.readouterr().out
+
+
 def test_bf16_weights_checkpoint_fp32_masters_and_resume_bit_identically(tmp_path, capsys):
     # train.precision=bf16-weights: the UNet holds bf16 weights (CPU autocast), the optimizer
     # fp32 masters. Checkpoints and the export hold the masters; a resumed run repeats an

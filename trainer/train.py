@@ -213,6 +213,9 @@ def main(argv=None):
         raise ValueError(f"{ckpt_path} is at step {start_step}, past train.steps={cfg['train']['steps']}: raise "
                          "train.steps to train on, or resume=false to start over")
     log(f"resuming from {ckpt_path} at step {start_step}" if ckpt else f"starting from scratch in {out_dir}")
+    if ckpt and ckpt["state"].get("world", world) != world:  # allowed: the epoch's order is split anew
+        log(f"resuming on {world} ranks; the checkpoint was written on {ckpt['state']['world']}: "
+            f"{world * cfg['train']['batch_size'] * cfg['train']['grad_accum']} images a step now")
 
     # -- data --------------------------------------------------------------------------------
     batch, accum = cfg["train"]["batch_size"], cfg["train"]["grad_accum"]
@@ -353,7 +356,7 @@ def main(argv=None):
         checkpoint.save_rank_rng(out_dir, step, rank)
         _barrier(world)
         if is_main:
-            state = {"step": step, "data_position": list(loader.position()), "bad_steps": bad_steps}
+            state = {"step": step, "data_position": list(loader.position()), "bad_steps": bad_steps, "world": world}
             path = checkpoint.commit(
                 out_dir, step, unet=fp32_weights(), ema=ema.state_tensors(), config=cfg,
                 optimizer={"optimizer": optimizer.state_dict(ema=False, master=False), "ema": ema.state_dict()},
