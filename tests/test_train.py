@@ -282,6 +282,20 @@ def test_a_diverged_run_says_so_in_its_samples_and_export(tmp_path, monkeypatch,
     assert "of the final UNet's tensors hold NaN or inf (conv_in.weight" in out
 
 
+def test_a_metrics_record_holds_the_mean_loss_of_its_steps(tmp_path, monkeypatch):
+    # It held the loss of its last step alone: one noisy sample of log_every.
+    real, values = diffusion.training_loss, iter([1.0, None, 3.0, 5.0])  # None: NaN, gradients too
+
+    def loss(*args, **kwargs):
+        value, loss = next(values), real(*args, **kwargs)
+        return loss * float("nan") if value is None else loss * 0 + value
+
+    monkeypatch.setattr(diffusion, "training_loss", loss)
+    run(tmp_path, "train.steps=4", "train.log_every=2")
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [(r["step"], r["loss"], r["skipped"]) for r in records] == [(2, 1.0, 1), (4, 4.0, 0)]
+
+
 def test_many_non_finite_steps_in_a_row_stop_the_run(tmp_path, monkeypatch):
     _poison_losses(monkeypatch, set(range(1, 100)))
     with pytest.raises(RuntimeError, match="3 consecutive steps with non-finite"):

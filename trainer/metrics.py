@@ -1,4 +1,6 @@
-"""A run's metrics.jsonl (a record every train.log_every steps) and its plot, metrics.png.
+"""A run's metrics.jsonl (a record every train.log_every steps: the mean loss of the steps taken
+since the previous record, how many were skipped, the last grad norm and lr, the run's
+images/s and share of time waiting for data) and its plot, metrics.png.
 
     python -m trainer.metrics runs/tiny          # -> runs/tiny/metrics.png
 
@@ -55,7 +57,7 @@ def plot(jsonl, png):
     fig, (ax_loss, ax_speed) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=(2, 1))
     window = len(losses) // 20
     ax_loss.plot(steps, losses, **({"lw": 0.6, "alpha": 0.5} if window > 1 else {"marker": "."}),
-                 label="loss (logged steps)")
+                 label="loss (mean of each record's steps)")
     if window > 1:  # enough records for a running mean to say more than they do
         # from prefix sums of the finite losses and their count: one pass, where summing each
         # window anew took records x window additions at every checkpoint's redraw (~5e8 for

@@ -388,6 +388,7 @@ def main(argv=None):
     bad_steps = ckpt["state"]["bad_steps"] if ckpt else 0
     bar = tqdm(range(start_step, steps), initial=start_step, total=steps, disable=not is_main, desc="train")
     t0 = time.perf_counter()
+    interval = []  # rank 0: (loss, taken) of the steps since the last metrics record
     for step in bar:
         loss, grad_norm, finite = train_step(step)
         bad_steps = 0 if finite else bad_steps + 1
@@ -400,10 +401,14 @@ def main(argv=None):
             elapsed = time.perf_counter() - t0
             images_per_s, data_share = world * batch * accum * (done - start_step) / elapsed, data_wait / elapsed
             bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_s:.1f}", data_wait=f"{data_share:.0%}")
-            if done % tc["log_every"] == 0 or done == steps:
-                metrics.write(metrics_record(step=done, loss=loss, grad_norm=grad_norm, lr=lr_at(step),
-                                             images_per_s=images_per_s, data_wait=data_share, skipped=not finite))
+            interval.append((loss, finite))
+            if done % tc["log_every"] == 0 or done == steps:  # the loss: the mean of the steps taken since
+                taken = [x for x, ok in interval if ok]
+                metrics.write(metrics_record(step=done, loss=sum(taken) / len(taken) if taken else math.nan,
+                                             grad_norm=grad_norm, lr=lr_at(step), images_per_s=images_per_s,
+                                             data_wait=data_share, skipped=len(interval) - len(taken)))
                 metrics.flush()
+                interval = []
         if done == start_step + 1:
             log("kernel calls by backend so far: " + ", ".join(f"{op}=" + " + ".join(f"{b} x{n}" for b, n in counts.items())
                                                               for op, counts in ck.backend_calls().items()))
