@@ -462,6 +462,7 @@ def test_a_new_run_starts_from_another_runs_weights(tmp_path, capsys):
         log = capsys.readouterr().out
         assert "UNet weights from" in log
         assert ("trained to predict epsilon, this run trains them to predict v_prediction" in log) == (i == 0)
+        assert "another UNet config" not in log  # sample_size (32 px here, 64 there) is no difference
         got = checkpoint.load(checkpoint.latest(out))["unet"]
         assert all(torch.equal(got[k], expected[k]) for k in expected), source
     # Resuming, the run's own checkpoint wins.
@@ -469,13 +470,19 @@ def test_a_new_run_starts_from_another_runs_weights(tmp_path, capsys):
     assert "ignored: resuming" in capsys.readouterr().out
 
 
-def test_init_from_a_path_without_weights_or_another_architecture_says_so(tmp_path):
+def test_init_from_a_path_without_weights_or_another_architecture_says_so(tmp_path, capsys):
     with pytest.raises(ValueError, match="neither one of our checkpoints"):
         run(tmp_path / "b", "train.steps=1", f"model.init_from={tmp_path}")
     run(tmp_path / "a", "train.steps=2")
     with pytest.raises(ValueError, match=r"does not fit model.unet: .*wrong shape"):
         run(tmp_path / "c", "train.steps=1", f"model.init_from={tmp_path / 'a'}",
             "model.unet.block_out_channels=[32,48]")
+    # the same shapes, another network: said (a run's config, or a diffusers folder's config.json)
+    for source in (tmp_path / "a", tmp_path / "a" / "diffusers"):
+        run(tmp_path / "e", "train.steps=1", "resume=false", f"model.init_from={source}",
+            "model.unet.attention_head_dim=[2,4]", "model.unet.norm_num_groups=4")
+        (line,) = [x for x in capsys.readouterr().out.splitlines() if "trained with another UNet config" in x]
+        assert "attention_head_dim [1, 2] there, [2, 4] here" in line and "norm_num_groups 8 there, 4 here" in line
     shutil.rmtree(checkpoint.latest(tmp_path / "a"))  # ours, damaged: said so, not "neither"
     with pytest.raises(FileNotFoundError, match="latest names 'step_0000002', which is missing"):
         run(tmp_path / "d", "train.steps=1", f"model.init_from={tmp_path / 'a'}")

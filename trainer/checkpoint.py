@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from trainer import config as config_mod
-from trainer.unet import WEIGHTS_NAME, diffusers_files, save_safetensors, write_diffusers_config
+from trainer.unet import CONFIG_NAME, WEIGHTS_NAME, diffusers_files, save_safetensors, write_diffusers_config
 
 
 def checkpoint_dir(out_dir):
@@ -114,6 +114,17 @@ def pipeline_prediction_type(folder):
     default: epsilon), or None without one."""
     scheduler = Path(folder) / "scheduler" / "scheduler_config.json"
     return json.loads(scheduler.read_text()).get("prediction_type", "epsilon") if scheduler.is_file() else None
+
+
+def weights_unet_config(weights):
+    """The UNet config a weights file was trained with, where one lies beside it: one of our
+    checkpoints' config.yaml (model.unet) or a diffusers folder's config.json; else None."""
+    folder = Path(weights).parent
+    if (folder / "state.json").is_file():
+        return config_mod.load(folder / "config.yaml")["model"]["unet"]
+    if (folder / CONFIG_NAME).is_file():
+        return json.loads((folder / CONFIG_NAME).read_text())
+    return None
 
 
 def nonfinite(state_dict):

@@ -36,7 +36,7 @@ from trainer.export import save_pipeline  # noqa: E402
 from trainer.graphs import graph_on_first_call  # noqa: E402
 from trainer.metrics import plot as plot_metrics, record as metrics_record  # noqa: E402
 from trainer.sample import sample_images, save_grid  # noqa: E402
-from trainer.unet import UNet  # noqa: E402
+from trainer.unet import UNet, config_differences  # noqa: E402
 
 
 def parse_args(argv):
@@ -266,6 +266,11 @@ def main(argv=None):
         except ValueError as e:  # a key or shape that model.unet's config does not have
             raise ValueError(f"model.init_from={init_from} ({weights}) does not fit model.unet: {e}") from None
         log(f"UNet weights from {weights}")
+        trained_as = checkpoint.weights_unet_config(weights)
+        differences = config_differences(unet.config, trained_as) if trained_as else []
+        if differences:  # e.g. another head count: the same shapes, another network
+            log("warning: those weights were trained with another UNet config: " + "; ".join(
+                f"{key} {theirs!r} there, {ours!r} here" for key, theirs, ours in differences))
         if trained_for not in (None, cfg["diffusion"]["prediction_type"]):  # e.g. SD2-768's v_prediction
             log(f"warning: those weights were trained to predict {trained_for}, this run trains them to predict "
                 f"{cfg['diffusion']['prediction_type']} (diffusion.prediction_type)")

@@ -177,6 +177,22 @@ def parse_config(cfg):
     return full
 
 
+def config_differences(config, other):
+    """[(key, other's value, config's)] where `other` (a UNet config as written: a run's
+    model.unet or a diffusers config.json) sets the network otherwise than `config` (parsed)
+    does; sample_size, only a default resolution, aside. Same shapes may hide these (another
+    head count, another GroupNorm grouping), so loading weights does not find them."""
+    try:
+        other = parse_config({k: v for k, v in other.items() if k in DIFFUSERS_DEFAULTS})
+    except ValueError:
+        return []  # a UNet this code cannot build: loading its weights says what does not fit
+    n = len(config["block_out_channels"])
+    per = ("layers_per_block", "attention_head_dim", "cross_attention_dim", "transformer_layers_per_block")
+    norm = lambda key, v: per_block(v, n) if key in per else v  # noqa: E731
+    return [(k, other[k], config[k]) for k in config
+            if k != "sample_size" and norm(k, other[k]) != norm(k, config[k])]
+
+
 def per_block(value, n):
     """diffusers' per-block options: one value for every block, or a list with one per block."""
     return list(value) if isinstance(value, (list, tuple)) else [value] * n
