@@ -157,7 +157,8 @@ def save_text_parts(folder, text_model, tokenizer):
     settings = json.loads((files / "tokenizer_config.json").read_text(encoding="utf-8"))
     for key in ("local_files_only", "is_local"):
         settings.pop(key, None)
-    (files / "tokenizer_config.json").write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    text = json.dumps(settings, indent=2, ensure_ascii=False) + "\n"
+    (files / "tokenizer_config.json").write_text(text, encoding="utf-8")
 
 
 def save_pipeline(folder, vae, text_encoder, schedule, prediction_type):

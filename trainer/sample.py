@@ -11,8 +11,8 @@ tokenizer/: SD2's, say, to compare with a run fine-tuned from it), whose schedul
 the prediction type and whose UNet's sample size the default resolution.
 --guidance at or below 1 samples without guidance, as diffusers' pipelines do. A checkpoint
 whose weights hold NaN or inf (a diverged run) is refused, naming the tensors.
-The grid has one row per prompt, written above it, and --n images per row. train.py calls sample_images and
-save_grid in-process for its periodic sample grids.
+The grid has one row per prompt, written above it, and --n images per row. train.py calls
+sample_images and save_grid in-process for its periodic sample grids.
 """
 
 import argparse
@@ -43,7 +43,8 @@ def save_grid(images, path, *, rows, labels=None):
     # (rows, cols, 3, H, W) -> (rows, H, cols, W, 3): each row of the grid is one strip of pixels.
     strips = pixels.view(rows, cols, 3, h, w).permute(0, 3, 1, 4, 2).reshape(rows, h, cols * w, 3).numpy()
     if labels is not None:
-        strips = [np.concatenate([_label_band(text, cols * w, max(14, h // 6)), strip]) for text, strip in zip(labels, strips)]
+        band = max(14, h // 6)
+        strips = [np.concatenate([_label_band(text, cols * w, band), strip]) for text, strip in zip(labels, strips)]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.ascontiguousarray(np.concatenate(list(strips)))).save(path)
