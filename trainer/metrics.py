@@ -34,6 +34,18 @@ def read(path):
     return [by_step[s] for s in sorted(by_step)]
 
 
+def open_for_append(path):
+    """A metrics.jsonl opened for appending, on a line of its own: after a crash cut the last
+    line short, the first record of the resumed run would have joined it."""
+    path = Path(path)
+    if path.exists() and path.stat().st_size:
+        with open(path, "rb+") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+    return open(path, "a", encoding="utf-8")
+
+
 def record(**fields):
     """One metrics.jsonl line: non-finite numbers (a skipped step's loss) as null."""
     return json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v

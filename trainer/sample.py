@@ -144,8 +144,9 @@ def main(argv=None):
     # checked before the models load (minutes for SD2's), and before sampling for --out
     if not Path(args.checkpoint).exists():
         parser.error(f"--checkpoint {args.checkpoint}: no such file or folder")
-    if not 1 <= args.steps <= NoiseSchedule().num_train_timesteps:
-        parser.error(f"--steps must be in [1, {NoiseSchedule().num_train_timesteps}], got {args.steps}")
+    timesteps = NoiseSchedule().num_train_timesteps
+    if not 1 <= args.steps <= timesteps:
+        parser.error(f"--steps must be in [1, {timesteps}], got {args.steps}")
     if args.n < 1:
         parser.error(f"--n must be >= 1, got {args.n}")
     if not 0 <= args.guidance < math.inf:

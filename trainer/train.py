@@ -34,9 +34,9 @@ from trainer.ddp import DistributedDataParallel  # noqa: E402
 from trainer.ema import ScheduledEMA  # noqa: E402
 from trainer.export import save_pipeline  # noqa: E402
 from trainer.graphs import graph_on_first_call  # noqa: E402
-from trainer.metrics import plot as plot_metrics, record as metrics_record  # noqa: E402
+from trainer.metrics import open_for_append as open_metrics, plot as plot_metrics, record as metrics_record  # noqa: E402
 from trainer.sample import sample_images, save_grid  # noqa: E402
-from trainer.unet import UNet, config_differences  # noqa: E402
+from trainer.unet import UNet, config_differences, per_block  # noqa: E402
 
 
 def parse_args(argv):
@@ -125,22 +125,11 @@ def check_resumable(saved, cfg, path, log):
         log("resuming with changed settings: " + "; ".join(noted))
 
 
-def open_metrics(path):
-    """metrics.jsonl for appending, on a line of its own: after a crash cut the last line
-    short, the first record of the resumed run would have joined it."""
-    if path.exists() and path.stat().st_size:
-        with open(path, "rb+") as f:
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                f.write(b"\n")
-    return open(path, "a", encoding="utf-8")
-
-
 def check_encoders_fit(unet_config, text_width, vae):
     """ValueError unless the UNet takes the text encoder's embeddings and the VAE's latents (a
     real text encoder on the tiny UNet failed in the first step, inside a matmul)."""
     dims = unet_config["cross_attention_dim"]
-    if any(d != text_width for d in (dims if isinstance(dims, (list, tuple)) else [dims])):
+    if any(d != text_width for d in per_block(dims, len(unet_config["block_out_channels"]))):
         raise ValueError(f"model.text_encoder gives {text_width}-wide embeddings but model.unet's "
                          f"cross_attention_dim is {dims}: use a UNet config made for this text encoder "
                          "(configs/sd2-base.yaml for SD2's)")

@@ -128,6 +128,10 @@ DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
 
 
+# Options diffusers takes as one value for every block or a list with one per block (per_block).
+PER_BLOCK_KEYS = ("layers_per_block", "attention_head_dim", "cross_attention_dim", "transformer_layers_per_block")
+
+
 def parse_config(cfg):
     """Check a diffusers UNet2DConditionModel config; returns it with every key filled in.
 
@@ -155,7 +159,7 @@ def parse_config(cfg):
         for name in full[key]:
             if name not in valid:
                 raise ValueError(f"{key} entry {name!r} is not supported; supported: {', '.join(valid)}")
-    for key in ("layers_per_block", "attention_head_dim", "cross_attention_dim", "transformer_layers_per_block"):
+    for key in PER_BLOCK_KEYS:
         value = full[key]
         values = value if isinstance(value, (list, tuple)) else [value]
         if isinstance(value, (list, tuple)) and len(value) != n:
@@ -187,8 +191,7 @@ def config_differences(config, other):
     except ValueError:
         return []  # a UNet this code cannot build: loading its weights says what does not fit
     n = len(config["block_out_channels"])
-    per = ("layers_per_block", "attention_head_dim", "cross_attention_dim", "transformer_layers_per_block")
-    norm = lambda key, v: per_block(v, n) if key in per else v  # noqa: E731
+    norm = lambda key, v: per_block(v, n) if key in PER_BLOCK_KEYS else v  # noqa: E731
     return [(k, other[k], config[k]) for k in config
             if k != "sample_size" and norm(k, other[k]) != norm(k, config[k])]
 
