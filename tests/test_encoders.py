@@ -149,6 +149,38 @@ def test_sd2_sized_configs():
     assert vae["block_out_channels"] == [128, 256, 512, 512] and vae["scaling_factor"] == 0.18215
 
 
+def _text_encoder(kind, tmp_path):
+    if kind == "byte":
+        return load_text_encoder(encoder_config("tiny")["text_encoder"])
+    if kind == "clip":
+        save_tiny_clip(tmp_path / "clip", num_layers=1)
+        return load_text_encoder({"path": str(tmp_path / "clip")})
+    return load_text_encoder(TINY_OPEN_CLIP)
+
+
+@pytest.mark.parametrize("kind", ["byte", "clip", pytest.param("open_clip", marks=needs_open_clip)])
+def test_texts_longer_than_77_tokens_are_counted_and_said_once(kind, tmp_path, caplog):
+    text = _text_encoder(kind, tmp_path)
+    texts = ["x " * k for k in range(100)]
+    lengths = text._lengths(texts)
+    assert lengths == sorted(lengths) and lengths[0] == 2 and lengths[-1] > MAX_LENGTH
+    # The lengths are the tokenizer's own: the end token sits where they say.
+    ids = text.tokenizer(texts)
+    eos = int(ids[0, 1])
+    for row, n in zip(ids, lengths):
+        if n <= MAX_LENGTH:
+            assert row[n - 1] == eos and row[n - 2] != eos
+    cut = next(i for i, n in enumerate(lengths) if n > MAX_LENGTH)
+    fits, longer = texts[cut - 1], texts[cut]  # the longest text that fits, the shortest that does not
+    with caplog.at_level("WARNING", logger="trainer.encoders"):
+        text.encode(["a cat", fits])
+        assert text.truncated == 0 and not caplog.records
+        text.encode([fits, longer, longer + "y"])
+        assert text.truncated == 2 and "2 of 3 texts are longer than the text encoder's 77 tokens" in caplog.text
+        text.encode([longer])
+    assert text.truncated == 3 and len(caplog.records) == 1
+
+
 # --- OpenCLIP ----------------------------------------------------------------------------------
 
 @needs_open_clip

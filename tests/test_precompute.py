@@ -128,8 +128,9 @@ def test_decode_once_every_sample_once_in_order(tmp_path):
         assert [x.shape[0] for x, _ in batches] == [2, 2, 1] and batches[0][0].shape[1:] == (3, 24, 24)
 
 
-def test_resume_keeps_finished_shards(tmp_path, tiny, monkeypatch):
+def test_resume_keeps_finished_shards(tmp_path, tiny, monkeypatch, caplog):
     root = make_folder(tmp_path / "images", N)
+    (root / "img01.txt").write_text("a long caption " * 10)  # 150 bytes: the byte tokenizer keeps 75
     out, cache = tmp_path / "latents", str(tmp_path / "cache")
     written, write = [], pc._write_shard
 
@@ -151,9 +152,12 @@ def test_resume_keeps_finished_shards(tmp_path, tiny, monkeypatch):
 
     monkeypatch.setattr(pc, "_write_shard", counting)
     written.clear()
-    run(tiny, root, out, cache)
+    with caplog.at_level("WARNING", logger="trainer.precompute"):
+        run(tiny, root, out, cache)
     assert written == [1, 2] and (out / shard_file(0)).stat().st_mtime_ns == first
     assert json.loads((out / "index.json").read_text())["count"] == N
+    # The long caption was encoded before the kill: its shard's entry still counts it.
+    assert f"precompute: 1 of {N} captions are longer than the text encoder's 77 tokens" in caplog.text
     with pytest.raises(ValueError, match="other data or settings.*shard_size"):
         run(tiny, root, out, cache, shard_size=4)
     with pytest.raises(ValueError, match=r"other data or settings \(differing: \['precision'\]"):

@@ -19,6 +19,7 @@ configs/encoders/sd2.yaml (SD2 sizes, for benchmarks without weights on disk).
 """
 
 import inspect
+import logging
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ import yaml
 
 MAX_LENGTH = 77  # CLIP's context length; SD's cross-attention always sees 77 tokens.
 ENCODER_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "encoders"
+log = logging.getLogger("trainer.encoders")
 
 
 def encoder_config(name):
@@ -142,6 +144,9 @@ class ByteTokenizer:
             ids[i, : len(body) + 2] = torch.tensor([self.BOS, *body, self.EOS])
         return ids
 
+    def lengths(self, texts):
+        return [len(text.encode("utf-8")) + 2 for text in texts]
+
 
 class ClipTokenizer:
     """transformers' CLIPTokenizer called the way SD's pipelines call it: pad to 77, truncate."""
@@ -154,6 +159,9 @@ class ClipTokenizer:
             texts, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt"
         ).input_ids
 
+    def lengths(self, texts):
+        return [len(ids) for ids in self.tokenizer(texts, verbose=False).input_ids]
+
 
 class TextEncoder(torch.nn.Module):
     """A frozen text model plus its tokenizer: encode(list[str]) -> (B, 77, dim).
@@ -162,7 +170,8 @@ class TextEncoder(torch.nn.Module):
     diffusers' clip_skip does. SD2 conditions on the penultimate block of OpenCLIP ViT-H (24
     blocks; clip_skip=1, as Stable Diffusion's FrozenOpenCLIPEmbedder with layer="penultimate").
     Its diffusers weights already drop the last block (23), so with them the final output is
-    that penultimate block and clip_skip stays 0. Subclasses give `dim` and `_hidden(ids)`.
+    that penultimate block and clip_skip stays 0. Subclasses give `dim`, `_hidden(ids)` and
+    `_lengths(texts)` (tokens before the cut at 77). `truncated` counts the texts cut so far.
     """
 
     def __init__(self, model, tokenizer, clip_skip, num_layers):
@@ -172,17 +181,29 @@ class TextEncoder(torch.nn.Module):
         self.model = _frozen(model)
         self.tokenizer = tokenizer
         self.clip_skip = clip_skip
+        self.truncated = 0
 
     @torch.no_grad()
     def encode(self, texts):
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise ValueError(f"encode takes a list of strings, got {texts!r}")
+        texts = list(texts)
+        cut = [t for t, n in zip(texts, self._lengths(texts)) if n > MAX_LENGTH]
+        if cut and not self.truncated:
+            # As SD's pipelines do, the end is dropped; said once, with the first such text.
+            log.warning("%d of %d texts are longer than the text encoder's %d tokens: their ends are dropped "
+                        "(e.g. %r; not said again)", len(cut), len(texts), MAX_LENGTH, _shortened(cut[0]))
+        self.truncated += len(cut)
         device = next(self.model.parameters()).device
-        return self._hidden(self.tokenizer(list(texts)).to(device))
+        return self._hidden(self.tokenizer(texts).to(device))
 
     def empty_embedding(self):
         """The empty caption's embedding (1, 77, dim): the unconditional input of guidance."""
         return self.encode([""])
+
+
+def _shortened(text, n=100):
+    return text if len(text) <= n else text[:n] + "..."
 
 
 class CLIPTextEncoder(TextEncoder):
@@ -201,6 +222,9 @@ class CLIPTextEncoder(TextEncoder):
         # hidden_states holds the embeddings then each layer's output, before the final LayerNorm.
         hidden = self.model(ids, output_hidden_states=True).hidden_states[-(self.clip_skip + 1)]
         return clip_text_transformer(self.model).final_layer_norm(hidden)
+
+    def _lengths(self, texts):
+        return self.tokenizer.lengths(texts)
 
 
 def clip_text_transformer(model):
@@ -228,6 +252,9 @@ class OpenCLIPTextEncoder(TextEncoder):
         out = self.model.forward_intermediates(ids, indices=1, normalize_intermediates=True,
                                                intermediates_only=True, output_fmt="NLC")
         return out["text_intermediates"][0]
+
+    def _lengths(self, texts):
+        return [len(self.tokenizer.encode(t)) + 2 for t in texts]  # + start and end tokens
 
 
 def load_text_encoder(cfg, device="cpu"):

@@ -123,12 +123,13 @@ def precompute(data_cfg, vae_cfg, text_cfg, resolutions, out, *, batch_size=32, 
                 bar.update(len(got))
             tensors[latent_key(r)] = torch.cat(parts)
         captions = [index.samples[i].caption for i in ids]
+        cut_before = text.truncated
         tensors[TEXT_KEY] = torch.cat([
             _finite(text.encode(captions[j:j + batch_size]), index, ids[j:j + batch_size], precision)
             for j in range(0, len(ids), batch_size)])
         samples = [{"name": s.name, "caption": s.caption, "license": s.license, "source": s.source}
                    for s in (index.samples[i] for i in ids)]
-        _write_shard(out, k, tensors, samples)
+        _write_shard(out, k, tensors, samples, text.truncated - cut_before)
     bar.close()
     barrier()
     if rank == 0:
@@ -196,13 +197,14 @@ def _finished(out, k):
         return False
 
 
-def _write_shard(out, k, tensors, samples):
+def _write_shard(out, k, tensors, samples, cut_captions):
     """The shard, then its index entry: an entry exists only for a complete shard."""
     data = save({key: t.contiguous() for key, t in tensors.items()},
                 metadata={"samples": json.dumps(samples)})
     path = out / shard_file(k)
     _atomic_write(path, data)
-    _atomic_write(_sidecar(out, k), json.dumps({**_entry(path, data), "count": len(samples)}).encode())
+    _atomic_write(_sidecar(out, k), json.dumps({**_entry(path, data), "count": len(samples),
+                                                 "cut_captions": cut_captions}).encode())
 
 
 def _write_index(out, plan, n_shards, index):
@@ -214,6 +216,10 @@ def _write_index(out, plan, n_shards, index):
             "skipped_images": index.skipped, "missing_captions": index.missing_captions}
     _atomic_write(out / INDEX_FILE, json.dumps(meta, indent=1).encode())
     log.info("precompute: %d samples in %d shards written to %s", len(index), n_shards, out)
+    cut = sum(shard.get("cut_captions", 0) for shard in shards)
+    if cut:
+        log.warning("precompute: %d of %d captions are longer than the text encoder's %d tokens; their "
+                    "embeddings hold the first %d", cut, len(index), MAX_LENGTH, MAX_LENGTH)
 
 
 def parse_args(argv=None):
