@@ -34,7 +34,9 @@ def clip_grad_norm_(params, max_norm, norm_type=2.0, error_if_nonfinite=False):
     torch's clip_grad_norm_ then scales each bf16 grad with its own launch (564 launches a
     step for the SD2 UNet, in an H200 profile). Here each (device, dtype) group gets the
     scale in its own dtype on CUDA; torch's per-tensor multiply rounds it to bf16 the same way.
-    Returns the total norm."""
+    Returns the total norm. max_norm > 0 (inf: no clipping); a negative one would flip every
+    gradient (torch does not check)."""
+    check_number("max_norm", max_norm, 0.0, math.inf, low_open=True)
     grads = [p.grad for p in ([params] if isinstance(params, torch.Tensor) else params) if p.grad is not None]
     total = torch.nn.utils.get_total_norm(grads, norm_type, error_if_nonfinite)
     scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)

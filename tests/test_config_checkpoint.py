@@ -1,3 +1,4 @@
+import math
 import os
 import shutil
 from pathlib import Path
@@ -79,14 +80,25 @@ def test_bad_integer_names_key_and_value(cfg_file, override):
 @pytest.mark.parametrize("override, match", [
     ("resume=maybe", "resume must be true or false, got 'maybe'"),
     ("model.compile=1", "model.compile must be true or false or a torch.compile backend, got 1"),
-    ("train.lr=abc", "train.lr must be a number, got 'abc'"),
-    ("ema.decay=true", "ema.decay must be a number, got True"),
-    ("train.grad_clip=null", "train.grad_clip must be a number, got None"),
+    ("train.lr=abc", r"train.lr must be a number in \[0, inf\), got 'abc'"),
+    ("ema.decay=true", r"ema.decay must be a number in \[0, 1\], got True"),
+    ("ema.decay=1.5", r"ema.decay must be a number in \[0, 1\], got 1.5"),
+    ("train.grad_clip=null", r"train.grad_clip must be a number in \(0, inf\], got None"),
+    ("train.grad_clip=-1", r"train.grad_clip must be a number in \(0, inf\], got -1"),
+    ("train.weight_decay=-0.1", r"train.weight_decay must be a number in \[0, inf\)"),
+    ("diffusion.caption_dropout=2", r"diffusion.caption_dropout must be a number in \[0, 1\]"),
+    ("diffusion.min_snr_gamma=0", r"diffusion.min_snr_gamma must be a number in \(0, inf\)"),
+    ("sample.guidance=.nan", r"sample.guidance must be a number in \[0, inf\), got nan"),
+    ("train.betas=[0.9,1.0]", r"train.betas must be a number in \[0, 1\), got 1.0"),
+    ("train.betas=0.9", r"train.betas must be a list of two numbers in \[0, 1\), got 0.9"),
 ])
 def test_switches_and_numbers_name_key_and_value(cfg_file, override, match):
     with pytest.raises(ValueError, match=match):
         config.load(cfg_file, [override])
     assert config.load(cfg_file, ["train.lr=1", "resume=false"])["train"]["lr"] == 1  # an integer is a number
+    assert config.load(cfg_file, ["train.grad_clip=.inf", "diffusion.min_snr_gamma=5"])["train"]["grad_clip"] == math.inf
+    # Every number key has its interval.
+    assert {k for k in config.VALID_KEYS if type(config.get(config.DEFAULTS, k)) is float} <= set(config.NUMBER_RANGES)
     assert config.load(cfg_file, ["model.compile=aot_eager"])["model"]["compile"] == "aot_eager"
 
 

@@ -566,6 +566,17 @@ def test_clip_grad_norm_matches_torch_gpu(max_norm, low, norm_type):
     check_clip_matches_torch("cuda", max_norm, low, norm_type)
 
 
+@pytest.mark.parametrize("max_norm", [-1.0, 0.0, math.nan, "1", True])
+def test_clip_grad_norm_refuses_a_bad_max_norm(max_norm):
+    p = torch.randn(3, requires_grad=True)
+    p.grad = torch.ones(3)
+    with pytest.raises(ValueError, match=r"max_norm must be a number in \(0.0, inf\]"):
+        ck.clip_grad_norm_([p], max_norm)
+    assert torch.equal(p.grad, torch.ones(3))
+    ck.clip_grad_norm_([p], math.inf)  # no clipping
+    assert torch.equal(p.grad, torch.ones(3))
+
+
 def test_clip_grad_norm_without_grads():
     params = [torch.randn(3, requires_grad=True), torch.randn(2, dtype=torch.bfloat16, requires_grad=True)]
     assert ck.clip_grad_norm_(params, 1.0).item() == torch.nn.utils.clip_grad_norm_(params, 1.0).item() == 0.0

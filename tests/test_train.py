@@ -494,6 +494,8 @@ def test_encoders_that_do_not_fit_the_unet_say_so(tmp_path):
             "intermediate_size: 64, num_attention_heads: 2, num_hidden_layers: 1}")
     with pytest.raises(ValueError, match=r"gives 4-channel latents but model.unet's in_channels is 8"):
         run(tmp_path / "b", "train.steps=1", "model.unet.in_channels=8")
+    with pytest.raises(ValueError, match=r"data.resolution 100 is not a multiple of the VAE's downsampling factor 8"):
+        run(tmp_path / "c", "train.steps=1", "data.resolution=100")
 
 
 @pytest.mark.parametrize("kind", ["clip", "open_clip"])

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from cckernels.backend import check_number
 from trainer.data import config as data_config
 from trainer.diffusion import PREDICTION_TYPES
 
@@ -39,6 +40,17 @@ MIN_INT = {
     "train.steps": 1, "train.batch_size": 1, "train.grad_accum": 1, "train.log_every": 1,
     "train.warmup_steps": 0, "train.max_bad_steps": 1, "checkpoint.every": 1, "checkpoint.keep": 0,
     "sample.every": 0, "sample.steps": 1, "sample.n": 1, "ema.start_step": 0, "ema.every": 1, "seed": 0,
+}
+
+# Number keys (every key with a float default) and their intervals (low, high, low open, high
+# open), checked at load time so the error names the key: a negative train.grad_clip flipped
+# every gradient.
+INF = float("inf")
+NUMBER_RANGES = {
+    "train.lr": (0, INF, False, True), "train.weight_decay": (0, INF, False, True),
+    "train.grad_clip": (0, INF, True, False), "ema.decay": (0, 1, False, False),
+    "diffusion.caption_dropout": (0, 1, False, False), "diffusion.min_snr_gamma": (0, INF, True, True),
+    "sample.guidance": (0, INF, False, True),
 }
 
 DEFAULTS = {
@@ -84,7 +96,7 @@ DEFAULTS = {
         "warmup_steps": 20,
         "weight_decay": 0.01,
         "betas": [0.9, 0.999],
-        "grad_clip": 1.0,
+        "grad_clip": 1.0,  # the gradients' largest global L2 norm; .inf: no clipping
         # bf16: autocast with fp32 weights on GPU (a CPU trains in fp32); bf16-weights: autocast
         # with bf16 weights (GroupNorms' stay fp32) and fp32 masters in the optimizer, on any
         # device: no weight casts (~1,100 copy kernels a step for SD2), grads in bf16 (half the
@@ -107,7 +119,7 @@ DEFAULTS = {
         "every": 1,
         "warmup": False,
     },
-    "checkpoint": {"every": 100, "keep": 2},
+    "checkpoint": {"every": 100, "keep": 2},  # keep: the newest checkpoints kept; 0: all
     "sample": {
         "every": 0,  # 0: only at the end
         "prompts": ["a photograph of an astronaut", "a cup of coffee on a table"],
@@ -234,13 +246,20 @@ def load(path=None, overrides=()):
         value = get(cfg, key)
         if type(value) is not int or value < low:
             raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
-    for key in VALID_KEYS:  # a switch or a number by its default (resume=maybe, train.lr=abc)
+    for key, (low, high, low_open, high_open) in NUMBER_RANGES.items():
+        value = get(cfg, key)
+        if not (value is None and key == "diffusion.min_snr_gamma"):  # None: no min-SNR weighting
+            check_number(key, value, low, high, low_open=low_open, high_open=high_open)
+    betas = get(cfg, "train.betas")
+    if not (isinstance(betas, list) and len(betas) == 2):
+        raise ValueError(f"train.betas must be a list of two numbers in [0, 1), got {betas!r}")
+    for beta in betas:
+        check_number("train.betas", beta, 0, 1, high_open=True)
+    for key in VALID_KEYS:  # a switch by its default (resume=maybe)
         default, value = get(DEFAULTS, key), get(cfg, key)
         if type(default) is bool and type(value) is not bool and not (key == "model.compile" and type(value) is str):
             raise ValueError(f"{key} must be true or false" + " or a torch.compile backend" * (key == "model.compile")
                              + f", got {value!r}")
-        if type(default) is float and type(value) not in (int, float):
-            raise ValueError(f"{key} must be a number, got {value!r}")
     return cfg
 
 

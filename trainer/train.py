@@ -125,9 +125,10 @@ def check_resumable(saved, cfg, path, log):
         log("resuming with changed settings: " + "; ".join(noted))
 
 
-def check_encoders_fit(unet_config, text_width, vae):
-    """ValueError unless the UNet takes the text encoder's embeddings and the VAE's latents (a
-    real text encoder on the tiny UNet failed in the first step, inside a matmul)."""
+def check_encoders_fit(unet_config, text_width, vae, resolution):
+    """ValueError unless the UNet takes the text encoder's embeddings and the VAE's latents, at
+    data.resolution (a real text encoder on the tiny UNet failed in the first step, inside a
+    matmul)."""
     dims = unet_config["cross_attention_dim"]
     if any(d != text_width for d in per_block(dims, len(unet_config["block_out_channels"]))):
         raise ValueError(f"model.text_encoder gives {text_width}-wide embeddings but model.unet's "
@@ -136,6 +137,9 @@ def check_encoders_fit(unet_config, text_width, vae):
     if vae is not None and vae.config.latent_channels != unet_config["in_channels"]:
         raise ValueError(f"model.vae gives {vae.config.latent_channels}-channel latents but model.unet's "
                          f"in_channels is {unet_config['in_channels']}")
+    if vae is not None and resolution % encoders.vae_downsampling(vae):
+        raise ValueError(f"data.resolution {resolution} is not a multiple of the VAE's downsampling factor "
+                         f"{encoders.vae_downsampling(vae)}")
 
 
 def main(argv=None):
@@ -231,7 +235,7 @@ def main(argv=None):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg["seed"])
         unet = UNet.from_config(cfg["model"]["unet"]).to(device)
-    check_encoders_fit(unet.config, empty_ctx.shape[-1], vae)
+    check_encoders_fit(unet.config, empty_ctx.shape[-1], vae, cfg["data"]["resolution"])
     if vae is not None:  # sample_size is only diffusers' default resolution: the exports say this run's
         latent_size = cfg["data"]["resolution"] // encoders.vae_downsampling(vae)
         if unet.config["sample_size"] != latent_size:
