@@ -546,3 +546,14 @@ def test_a_run_with_a_vae_folder_and_a_clip_text_encoder_ends_as_a_diffusers_pip
     assert not (tmp_path / "tiny" / "diffusers" / "model_index.json").exists()
     with pytest.raises(ValueError, match="holds a diffusers UNet without the rest of a pipeline"):
         load_checkpoint(tmp_path / "tiny" / "diffusers")
+
+
+def test_the_export_is_written_before_the_last_sample_grid(tmp_path, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(train, "sample_images", out_of_memory)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        run(tmp_path, "train.steps=2")
+    assert (tmp_path / "diffusers" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert checkpoint.load(checkpoint.latest(tmp_path))["state"]["step"] == 2

@@ -14,7 +14,7 @@ import yaml
 
 from cckernels.backend import check_number
 from trainer.data import config as data_config
-from trainer.diffusion import PREDICTION_TYPES
+from trainer.diffusion import PREDICTION_TYPES, ddim_timesteps
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "configs" / "tiny.yaml"
@@ -255,6 +255,14 @@ def load(path=None, overrides=()):
         raise ValueError(f"train.betas must be a list of two numbers in [0, 1), got {betas!r}")
     for beta in betas:
         check_number("train.betas", beta, 0, 1, high_open=True)
+    # The run samples at its end, before the export: a bad setting here must not fail it there.
+    prompts = get(cfg, "sample.prompts")
+    if not (isinstance(prompts, list) and prompts and all(isinstance(p, str) for p in prompts)):
+        raise ValueError(f"sample.prompts must be a non-empty list of strings, got {prompts!r}")
+    try:
+        ddim_timesteps(get(cfg, "sample.steps"))
+    except ValueError as e:
+        raise ValueError(f"sample.steps: {e}") from None
     for key in VALID_KEYS:  # a switch by its default (resume=maybe)
         default, value = get(DEFAULTS, key), get(cfg, key)
         if type(default) is bool and type(value) is not bool and not (key == "model.compile" and type(value) is str):

@@ -415,8 +415,7 @@ def main(argv=None):
         if cfg["sample"]["every"] and done % cfg["sample"]["every"] == 0 and done != steps:
             samples(done)
 
-    samples(steps)
-    if is_main:
+    if is_main:  # the export first: it must not depend on the last sample grid working
         ema_weights = ema.state_tensors()
         final = {**fp32_weights(), **(ema_weights or {})}
         bad = checkpoint.nonfinite(final)
@@ -426,10 +425,13 @@ def main(argv=None):
         unet.save_diffusers(out_dir / "diffusers" / "unet", final)
         why_not = save_pipeline(out_dir / "diffusers", vae, text_encoder, schedule, dc["prediction_type"])
         which = "EMA" if ema_weights else f"trained (the EMA starts at step {cfg['ema']['start_step']})"
-        log(f"done: checkpoints in {checkpoint.checkpoint_dir(out_dir)}, "
-            + (f"diffusers UNet in {out_dir / 'diffusers' / 'unet'} (no whole pipeline: {why_not})" if why_not else
-               f"diffusers pipeline (StableDiffusionPipeline.from_pretrained) in {out_dir / 'diffusers'}")
-            + f", with the {which} weights")
+        summary = (f"done: checkpoints in {checkpoint.checkpoint_dir(out_dir)}, "
+                   + (f"diffusers UNet in {out_dir / 'diffusers' / 'unet'} (no whole pipeline: {why_not})" if why_not
+                      else f"diffusers pipeline (StableDiffusionPipeline.from_pretrained) in {out_dir / 'diffusers'}")
+                   + f", with the {which} weights")
+    samples(steps)
+    if is_main:
+        log(summary)
     if world > 1:
         dist.destroy_process_group()
 
