@@ -40,14 +40,13 @@ same code on tiny fp32 shapes in seconds, Triton in its interpreter, without the
 """
 import argparse
 import contextlib
-import datetime
 import json
 import os
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from run_info import at_least, output_dir, run_meta
 from timers import fmt, graph_cell, host_times, print_host_times, print_missing_graphs, time_fields, timings
 
 HEADS = {0: 5, 1: 10, 2: 20, 3: 20}  # UNet level -> heads of dim 64 (SD2)
@@ -324,8 +323,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results/local")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes on CPU in seconds (default without a GPU)")
-    parser.add_argument("--batch-256", type=int, default=32)
-    parser.add_argument("--batch-512", type=int, default=8)
+    parser.add_argument("--batch-256", type=at_least(1), default=32, help="batch of the 256 px shapes (default 32)")
+    parser.add_argument("--batch-512", type=at_least(1), default=8, help="batch of the 512 px shapes (default 8)")
     parser.add_argument("--budget-s", type=float, default=None, help="start no shape after this many seconds")
     parser.add_argument("--only", nargs="+", metavar="TEXT", help='only the shapes whose name holds one of these, '
                         'e.g. --only "256px cross"')
@@ -343,15 +342,10 @@ def main():
         if not shapes:
             parser.error(f"--only {args.only}: no shape matches; names look like '256px cross L=1024', 'tiny self L=130'")
     torch.manual_seed(0)
-
-    import triton
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(args.out)
     meta = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (Triton interpreter)",
-        "torch": torch.__version__, "triton": triton.__version__, "dtype": str(dtype).removeprefix("torch."),
+        **run_meta(device), "dtype": str(dtype).removeprefix("torch."),
+        **({} if device == "cuda" else {"device": "cpu (Triton interpreter)"}),
         "flops": "fwd 4*B*H*Lq*Lk*D; fwd+bwd 3.5x that (both backward variants)",
         "timing": "3 wall-clock runs (tiny); no graph time" if tiny else
                   "triton.testing.do_bench median, 20/80 quantiles, L2 flushed: eager calls (ms), and replays of "

@@ -18,7 +18,6 @@ import argparse
 import io
 import json
 import os
-import platform
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+from run_info import at_least, output_dir, run_meta
 
 
 def synthetic_jpeg(seed, width, height):
@@ -83,19 +84,19 @@ def main(argv=None):
     p.add_argument("--data", default=None, help="folder for the generated JPEGs (reused; "
                    "default under $CCKERNELS_CACHE or ~/.cache/cckernels)")
     p.add_argument("--tiny", action="store_true", help="a few small images: seconds on a CPU")
-    p.add_argument("--cores", type=int, default=os.cpu_count())
-    p.add_argument("--images", type=int, default=1024)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--batches", type=int, default=8, help="batches per timed window")
-    p.add_argument("--windows", type=int, default=5)
-    p.add_argument("--resolutions", type=int, nargs="+", default=[256, 512])
+    p.add_argument("--cores", type=at_least(1), default=os.cpu_count(), help="decoding threads/processes "
+                   "(default: this machine's cores)")
+    p.add_argument("--images", type=at_least(1), default=1024, help="generated JPEGs (default 1024)")
+    p.add_argument("--batch-size", type=at_least(1), default=64, help="default 64")
+    p.add_argument("--batches", type=at_least(1), default=8, help="batches per timed window (default 8)")
+    p.add_argument("--windows", type=at_least(1), default=5, help="timed windows (default 5)")
+    p.add_argument("--resolutions", type=at_least(8), nargs="+", default=[256, 512], help="default 256 512")
     args = p.parse_args(argv)
     width, height = 1024, 768
-    if args.tiny:
+    if args.tiny:  # its own sizes: the other size options are not for tiny mode
         args.cores, args.images, args.batch_size, args.batches, args.windows = 1, 8, 4, 1, 2
         args.resolutions, width, height = [32, 64], 160, 120
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(args.out)
     folder = Path(args.data or cache_root() / f"bench-jpegs-{args.images}-{width}x{height}")
     mean_bytes = make_dataset(folder, args.images, width, height)
 
@@ -116,10 +117,8 @@ def main(argv=None):
 
     rows = []
     meta = {
-        "benchmark": "data: decode + resize + crop + flip + normalize, images/s",
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "device": torch.cuda.get_device_name() if gpu else platform.processor() or "cpu",
-        "cpu_cores": args.cores, "torch": torch.__version__, "dali": dali_version,
+        "benchmark": "data: decode + resize + crop + flip + normalize, images/s", **run_meta(device),
+        "cpu_cores": args.cores, "dali": dali_version,
         "images": args.images, "image_size": [width, height], "mean_jpeg_bytes": mean_bytes,
         "batch_size": args.batch_size,
     }

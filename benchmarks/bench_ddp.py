@@ -39,6 +39,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from run_info import at_least, output_dir, run_meta
+
 
 def make_model(width, depth, seed):
     torch.manual_seed(seed)
@@ -144,24 +146,25 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="benchmarks/results/local")
     p.add_argument("--tiny", action="store_true", help="a tiny model, few steps: seconds on a CPU")
-    p.add_argument("--bucket-mb", type=float, default=25.0)
-    p.add_argument("--width", type=int, default=None, help="default: 1024 on CPU, 4096 on GPUs")
-    p.add_argument("--depth", type=int, default=8)
-    p.add_argument("--batch", type=int, default=None, help="rows per rank; default: 64 on CPU, 4096 on GPUs")
-    p.add_argument("--steps", type=int, default=5, help="steps per timed repetition")
-    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--bucket-mb", type=float, default=25.0, help="gradient bucket size (default 25)")
+    p.add_argument("--width", type=at_least(1), default=None, help="default: 1024 on CPU, 4096 on GPUs")
+    p.add_argument("--depth", type=at_least(1), default=8, help="default 8")
+    p.add_argument("--batch", type=at_least(1), default=None, help="rows per rank; default: 64 on CPU, 4096 on GPUs")
+    p.add_argument("--steps", type=at_least(1), default=5, help="steps per timed repetition (default 5)")
+    p.add_argument("--reps", type=at_least(1), default=10, help="timed repetitions (default 10)")
     args = p.parse_args(argv)
+    if not args.bucket_mb > 0:
+        p.error(f"argument --bucket-mb: must be > 0, got {args.bucket_mb}")
     gpus = torch.cuda.device_count()
     backend, world = ("nccl", gpus) if gpus >= 2 and dist.is_nccl_available() else ("gloo", 2)
     args.width = args.width or (4096 if backend == "nccl" else 1024)
     args.batch = args.batch or (4096 if backend == "nccl" else 64)
-    if args.tiny:
+    if args.tiny:  # its own sizes: the other size options are not for tiny mode
         args.width, args.depth, args.batch, args.steps, args.reps, args.bucket_mb = 64, 4, 8, 2, 3, 0.02
     args.unavailable = unavailable_runs()
     for name, why in args.unavailable.items():
         print(f"{name}: not measured ({why})")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(args.out)
 
     with tempfile.TemporaryDirectory() as tmp:
         # Not forked from here: CUDA cannot run in a forked child, nor autograd once the parent
@@ -207,8 +210,7 @@ def main(argv=None):
         "formulas": {"hidden": "(t_bwd + t_comm - t_step) / t_comm",
                      "bus_GBps": "2 (W - 1) / W * bucket bytes / t_comm",
                      "grad_bytes": "4 * depth * (width^2 + width)"},
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "backend": backend, "world_size": world,
-        "device": device, "torch": torch.__version__, "width": args.width, "depth": args.depth,
+        **run_meta(), "backend": backend, "world_size": world, "device": device, "width": args.width, "depth": args.depth,
         "batch_per_rank": args.batch, "bucket_mb": args.bucket_mb, "n_buckets": raw["n_buckets"],
         "grad_bytes": grad_bytes, "steps": args.steps, "reps": args.reps, "rows": rows,
         "not_measured": args.unavailable, "seconds": sec,

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 import cckernels as ck
+from run_info import output_dir, run_meta
 from timers import fmt, graph_cell, print_missing_graphs, time_fields, timings
 
 SHAPES_FILE = Path(__file__).with_name("sd2_unet_shapes.json")
@@ -279,7 +280,7 @@ def plot(rows, copy_gbps, path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results/local", help="directory for bench_ema.json/.png")
     parser.add_argument("--tiny", action="store_true", help="a few small tensors (automatic without a GPU)")
     parser.add_argument("--write-shapes", action="store_true", help=f"regenerate {SHAPES_FILE.name} and exit")
@@ -289,16 +290,15 @@ def main(argv=None):
         return None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tiny = args.tiny or device.type == "cpu"
+    out = output_dir(args.out)
     shapes = TINY_SHAPES if tiny else sd2_shapes()
     numel = sum(torch.Size(s).numel() for s in shapes)
     print(f"{len(shapes)} tensors, {numel:,} values on {device}" + (" (tiny)" if tiny else " (SD2 UNet)"))
     copy_gbps = copy_bandwidth(numel, device, tiny)
     rows = bench_ema(shapes, device, tiny, copy_gbps) + bench_adamw(shapes, device, tiny, copy_gbps)
     print_table(rows, copy_gbps)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     result = dict(
-        device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        **run_meta(device),
         tensors=len(shapes),
         values=numel,
         copy_gbps=copy_gbps,

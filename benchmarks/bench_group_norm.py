@@ -38,7 +38,6 @@ The JSON is rewritten after every case, so a run killed by an outer time limit k
 """
 import argparse
 import json
-import os
 import time
 
 import torch
@@ -48,6 +47,7 @@ from tqdm import tqdm
 import cckernels as ck
 from cckernels import cuda as ck_cuda
 from cckernels.triton import group_norm as ck_triton_group_norm
+from run_info import output_dir, run_meta
 from timers import eager_ms, fmt, graph_cell, host_times, print_host_times, print_missing_graphs, time_fields, timings
 
 GROUPS = 32
@@ -264,7 +264,7 @@ def print_table(rows):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results/local", help="directory for JSON and PNG")
     parser.add_argument("--tiny", action="store_true", help="one tiny CPU shape (automatic without a GPU)")
     parser.add_argument("--budget-s", type=float, default=None, help="start no case after this many seconds")
@@ -275,6 +275,7 @@ def main():
     on_gpu = torch.cuda.is_available() and not args.tiny
     device = torch.device("cuda" if on_gpu else "cpu")
     tiny = not on_gpu
+    out = output_dir(args.out)
     copy_gbps = copy_bandwidth(device, on_gpu)
     name = torch.cuda.get_device_name(device) if on_gpu else "cpu"
     print(f"device: {name}; device-to-device copy: {copy_gbps:.0f} GB/s")
@@ -291,22 +292,20 @@ def main():
                     for layout in ("nhwc", "nchw")
                     for impl, (fn, param_dtype, layouts) in impls.items() if layout in layouts),
                    key=lambda case: case[0] == "torch-compile")
-    os.makedirs(args.out, exist_ok=True)
-    result = {"device": name, "copy_GBps": copy_gbps, "dtype": "bfloat16", "groups": GROUPS,
+    result = {**run_meta(device), "copy_GBps": copy_gbps, "dtype": "bfloat16", "groups": GROUPS,
               "bytes": {"fwd": "2 * numel * itemsize", "fwd+bwd": "5 * numel * itemsize"},
               "timing": "3 wall-clock runs (tiny); no graph time" if tiny else
                         "triton.testing.do_bench median, 20/80 quantiles, L2 flushed: eager calls (ms), and replays "
                         "of each call captured in a CUDA graph (graph_ms); host_us: median host time to enqueue one call",
-              "torch": torch.__version__, "rows": [], "host": None, "not_measured": []}
+              "rows": [], "host": None, "not_measured": []}
 
     def save():  # after every case: a run killed by its caller's time limit keeps what it measured
         add_ratios(result["rows"], copy_gbps)
-        with open(os.path.join(args.out, "group_norm.json"), "w") as f:
-            json.dump(result, f, indent=1)
+        (out / "group_norm.json").write_text(json.dumps(result, indent=1))
 
     rows, skipped, t_start = result["rows"], result["not_measured"], time.perf_counter()
-    for impl, fn, param_dtype, res, shape, layout in tqdm(cases, desc="cases", disable=tiny):
-        if args.budget_s is not None and time.perf_counter() - t_start > args.budget_s:
+    for i, (impl, fn, param_dtype, res, shape, layout) in enumerate(tqdm(cases, desc="cases", disable=tiny)):
+        if i and args.budget_s is not None and time.perf_counter() - t_start > args.budget_s:  # the first always runs
             skipped.append(f"{impl} {res} {'x'.join(map(str, shape))} {layout}")
             continue
         for row in measure(impl, fn, param_dtype, shape, layout, device, on_gpu):
@@ -319,8 +318,8 @@ def main():
     result["host"] = host_times([r for r in rows if r["impl"] != "copy"], "impl", "mode", lambda impl: impl.startswith("ck-"))
     print_host_times(result["host"])
     save()
-    plot(rows, copy_gbps, os.path.join(args.out, "group_norm.png"))
-    print(f"wrote {args.out}/group_norm.json and group_norm.png")
+    plot(rows, copy_gbps, out / "group_norm.png")
+    print(f"wrote {out / 'group_norm.json'} and {out / 'group_norm.png'}")
 
 
 if __name__ == "__main__":

@@ -19,14 +19,13 @@ Writes bench_precompute.json and bench_precompute.png to --out (default benchmar
 import argparse
 import json
 import os
-import platform
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from bench_data import make_dataset, measure
+from run_info import at_least, output_dir, run_meta
 
 def training(step, loader, warmup):
     """Batches of `loader`, each after `step` trained on it, so bench_data's measure times
@@ -52,27 +51,26 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="benchmarks/results/local")
     p.add_argument("--tiny", action="store_true", help="tiny models and images: seconds on a CPU")
-    p.add_argument("--images", type=int, default=512)
-    p.add_argument("--resolution", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--images", type=at_least(1), default=512, help="generated JPEGs (default 512)")
+    p.add_argument("--resolution", type=at_least(8), default=256, help="default 256")
+    p.add_argument("--batch-size", type=at_least(1), default=32, help="default 32")
     p.add_argument("--backend", default="pil", choices=["pil", "dali"], help="online decoding")
-    p.add_argument("--workers", type=int, default=os.cpu_count())
-    p.add_argument("--steps", type=int, default=5, help="steps per timed window")
-    p.add_argument("--windows", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (at least 1)")
+    p.add_argument("--workers", type=at_least(0), default=os.cpu_count(), help="default: this machine's cores")
+    p.add_argument("--steps", type=at_least(1), default=5, help="steps per timed window (default 5)")
+    p.add_argument("--windows", type=at_least(1), default=5, help="timed windows (default 5)")
+    p.add_argument("--warmup", type=at_least(1), default=3, help="untimed steps first (default 3)")
     args = p.parse_args()
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")
     width, height, run, encoders = 1024, 768, "sd2-base", "sd2"
-    if args.tiny or not gpu:
+    out = output_dir(args.out)
+    if args.tiny or not gpu:  # its own sizes: the other size options are not for tiny mode
         args.images, args.resolution, args.batch_size = 8, 64, 2
         args.steps, args.windows, args.warmup, args.workers = 1, 2, 1, 0
         width, height, run, encoders = 160, 120, "tiny", "tiny"
         if not gpu:
             torch.set_num_threads(1)  # tiny ops: threads only add synchronization on a shared CPU
     unet_cfg = config.load(config.ROOT / "configs" / f"{run}.yaml")["model"]["unet"]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     cache = cache_root()
     folder = cache / f"bench-jpegs-{args.images}-{width}x{height}"
     make_dataset(folder, args.images, width, height)
@@ -132,9 +130,7 @@ def main():
     result = {
         "benchmark": "training images/s: precomputed latents vs online VAE + text encoding",
         "formula": "images/s = steps * batch_size / window seconds (median, q20, q80 over windows)",
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "device": torch.cuda.get_device_name() if gpu else platform.processor() or "cpu",
-        "torch": torch.__version__, "unet_params": n_params, "unet": unet_cfg,
+        **run_meta(device), "unet_params": n_params, "unet": unet_cfg,
         "encoders": encoders, "resolution": args.resolution, "batch_size": args.batch_size,
         "online_backend": args.backend, "workers": args.workers, "images": args.images,
         "precompute_images_per_s": precompute_rate, "rows": rows,

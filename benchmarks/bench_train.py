@@ -99,13 +99,10 @@ the CUDA runtime's launches, syncs and allocations, and total) go to
 
 import argparse
 import dataclasses
-import datetime
 import gc
 import itertools
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -120,6 +117,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # trainer, cckernels and b
 
 import cckernels as ck  # noqa: E402
 from bench_data import make_dataset  # noqa: E402
+from run_info import at_least, output_dir, run_meta  # noqa: E402
 from trainer import diffusion, encoders  # noqa: E402
 from trainer.config import CHOICES, load as load_config  # noqa: E402
 from trainer.data import cache_root  # noqa: E402
@@ -181,6 +179,7 @@ GRAPHED = ("+ our DDP, CUDA graphs", "+ our DDP")
 # Measured first: the baseline, our full recipe at the base and the larger micro-batch, plain
 # PyTorch's best at both (main() says what comes next).
 HEADLINE = ("baseline", "+ our DDP", "+ larger micro-batch", *PLAIN_ROWS)
+ROW_NAMES = (*(name for name, _ in LADDER), GRAPHED[0], *PLAIN_ROWS)
 
 
 def row_plan(args, device):
@@ -701,7 +700,7 @@ def add_ratios(rows, flops_per_image, peak_tflops):
 def gpu_time_rates(rows):
     """{row name: (images/s, x baseline)} in GPU time, for the rows --profile measured: the
     rate each would reach if the host never held its GPU up (what CUDA graphs approach: the
-    fourth H200 run's batch-32 step, 533 img/s by its GPU time, ran 516 replayed). Where eager
+    fourth H200 run's batch-32 step, 531-534 img/s by its GPU time, ran 516 replayed). Where eager
     steps are host-bound, this is what each kernel's speed-up is worth."""
     rates = {r["name"]: r["images_per_s"] / r["gpu_busy"] for r in rows if r.get("gpu_busy")}
     base = rates.get("baseline")
@@ -709,13 +708,13 @@ def gpu_time_rates(rows):
 
 
 def print_table(rows):
-    head = (f"{'recipe':<36}{'batch':>6}{'img/s':>9}{'step ms (q20-q80)':>26}{'host ms':>8}{'peak GiB':>10}"
+    head = (f"{'recipe':<40}{'batch':>6}{'img/s':>9}{'step ms (q20-q80)':>26}{'host ms':>8}{'peak GiB':>10}"
             f"{'x base':>8}{'x plain':>8}{'MFU':>7}{'MFU989':>8}{'busy':>6}{'GPU-time img/s':>22}  backends")
     gpu = gpu_time_rates(rows)
     print(head)
     for r in rows:
         if "images_per_s" not in r:
-            print(f"{r['name']:<36}  {r['status']}")
+            print(f"{r['name']:<40}  {r['status']}")
             continue
         mem = f"{r['peak_bytes'] / 2**30:.1f}" if "peak_bytes" in r else "-"
         ratio = lambda v: f"{v:.2f}x" if v else "-"  # noqa: E731
@@ -725,9 +724,11 @@ def print_table(rows):
         host = f"{r['host_ms']:.1f}" if "host_ms" in r else "-"  # JSON of runs before the column
         rate, speedup = gpu.get(r["name"], (None, None))
         on_gpu = "-" if rate is None else f"{rate:.1f} ({ratio(speedup)} base)"
-        print(f"{r['name']:<36}{r['batch']:>6}{r['images_per_s']:>9.1f}{steps:>26}{host:>8}{mem:>10}"
+        print(f"{r['name']:<40}{r['batch']:>6}{r['images_per_s']:>9.1f}{steps:>26}{host:>8}{mem:>10}"
               f"{ratio(r['speedup_vs_baseline']):>8}{ratio(r['speedup_vs_plain_pytorch']):>8}"
               f"{r['mfu_measured_peak']:>7.1%}{r['mfu_h100_nominal']:>8.1%}{busy:>6}{on_gpu:>22}  {backends} {r.get('note', '')}")
+    if any(r.get("gpu_busy", 0) > 1 for r in rows):  # JSON of runs that timed the profiled step apart
+        print("busy over 100%: that row's profiled step ran slower than its timed steps' median")
 
 
 def plot(rows, path, meta):
@@ -755,14 +756,6 @@ def plot(rows, path, meta):
     plt.close(fig)
 
 
-def git_commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 # --- main ---------------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
@@ -772,12 +765,14 @@ def parse_args(argv=None):
     p.add_argument("--count-flops", action="store_true", help="count the UNet's FLOPs per image and exit")
     p.add_argument("--print-table", metavar="JSON", help="print the table of a bench_train.json (a run cut short "
                    "before its final table still wrote one after each row) and exit")
-    p.add_argument("--resolution", type=int, default=None, help="image side in px (default 256; tiny: 64)")
-    p.add_argument("--batch", type=int, default=None, help="micro-batch per GPU (default 32 at 256 px, 8 at 512)")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per row")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps per row (compile, autotune, state)")
-    p.add_argument("--images", type=int, default=512, help="generated JPEGs (1024x768, quality 90)")
-    p.add_argument("--workers", type=int, default=None, help="PIL worker processes / DALI threads per rank")
+    p.add_argument("--resolution", type=at_least(8), default=None, help="image side in px, a multiple of 8 "
+                   "(default 256; tiny: 64)")
+    p.add_argument("--batch", type=at_least(1), default=None, help="micro-batch per GPU (default 32 at 256 px, 8 at 512)")
+    p.add_argument("--steps", type=at_least(1), default=10, help="timed steps per row (default 10; tiny: 2)")
+    p.add_argument("--warmup", type=at_least(0), default=3, help="untimed steps per row (compile, autotune, state; "
+                   "default 3; tiny: 1)")
+    p.add_argument("--images", type=at_least(1), default=512, help="generated JPEGs (1024x768, quality 90; default 512)")
+    p.add_argument("--workers", type=at_least(0), default=None, help="PIL worker processes / DALI threads per rank")
     p.add_argument("--ema-fraction", type=float, default=0.035, help="share of steps with a scheduled EMA")
     p.add_argument("--vae", help="local VAE folder (default: random SD2-size VAE)")
     p.add_argument("--text-encoder", help="local text encoder folder (default: random SD2-size CLIP text model)")
@@ -799,7 +794,13 @@ def parse_args(argv=None):
                    "(or --op-tables) 2 steps with their op tables in OUT/bench_train-profile/")
     p.add_argument("--op-tables", nargs="+", metavar="ROW",
                    help="with --profile: the rows whose op tables are written (default: those of --rows)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    unknown = [name for name in (args.rows or []) + (args.op_tables or []) if name not in ROW_NAMES]
+    if unknown:  # a misspelt row was skipped as "not in --rows": a GPU call measured the baseline alone
+        p.error(f"no row named {', '.join(map(repr, unknown))}; the rows: {', '.join(map(repr, ROW_NAMES))}")
+    if args.resolution is not None and args.resolution % 8:
+        p.error(f"argument --resolution: must be a multiple of 8 (the VAE's downsampling), got {args.resolution}")
+    return args
 
 
 def setup(args):
@@ -881,9 +882,8 @@ def run(args, cfg, world, rank, device):
     unet_cfg = cfg["model"]["unet"]
     is_main = rank == 0
     t_start = time.perf_counter()
-    out = Path(args.out)
+    out = output_dir(args.out) if is_main else Path(args.out)
     if is_main:
-        out.mkdir(parents=True, exist_ok=True)
         make_dataset(args.jpegs, args.images, *args.image_size)
     dist.barrier()
 
@@ -892,12 +892,9 @@ def run(args, cfg, world, rank, device):
     peak = measured_peak_tflops(device)
     meta = {
         "benchmark": "SD2 UNet training throughput: baseline -> our recipe (cumulative), plain PyTorch best",
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "world": world, "resolution": args.resolution, "base_batch": args.batch, "tiny": args.tiny,
+        **run_meta(device), "world": world, "resolution": args.resolution, "base_batch": args.batch, "tiny": args.tiny,
         "steps": args.steps, "warmup": args.warmup, "ema_fraction": args.ema_fraction,
-        "encoders": args.encoders_name, "workers": args.workers, "torch": torch.__version__,
-        "commit": git_commit(), "gflop_per_image": flops_per_image / 1e9,
+        "encoders": args.encoders_name, "workers": args.workers, "gflop_per_image": flops_per_image / 1e9,
         "gflop_formula": "UNet forward+backward per image, torch.utils.flop_counter (matmul/conv/attention)",
         "peak_tflops_measured": peak, "peak_formula": "2*8192^3 / time of an 8192^3 bf16 matmul (do_bench)",
         "nominal_tflops": H100_SXM_BF16_TFLOPS, "timing": "steps back to back, each timed between CUDA events (wall time on a CPU), median, q20/q80",
@@ -949,4 +946,6 @@ def run(args, cfg, world, rank, device):
 
 
 if __name__ == "__main__":
-    main()
+    failed = [row["name"] for row in main() or [] if row.get("status", "").startswith("failed")]
+    if failed:  # a nonzero exit: run_gpu.sh's summary shows the step failed
+        sys.exit(f"{len(failed)} rows failed: {', '.join(failed)}")

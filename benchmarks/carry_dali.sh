@@ -102,9 +102,13 @@ stash() {
 
 join() {
     local want sha have
+    if [ ! -f "$SCRATCH/MANIFEST" ]; then
+        echo "no $SCRATCH/MANIFEST: stash the carried parts first ($0 stash in each call that carries one)" >&2
+        return 1
+    fi
     want=$(awk '/^parts/ {print $2}' "$SCRATCH/MANIFEST")
     sha=$(awk '/^sha256/ {print $2}' "$SCRATCH/MANIFEST")
-    have=$(ls "$SCRATCH/parts" | wc -l)
+    have=$(ls "$SCRATCH/parts" 2> /dev/null | wc -l)
     if [ "$have" != "$want" ]; then
         echo "have $have of $want parts in $SCRATCH/parts; carry and stash the others first" >&2
         return 1
@@ -128,17 +132,19 @@ install() {
     else
         echo "no DALI parts carried or stashed: installing the small wheels only"
     fi
-    if [ -d "$SMALL" ]; then
+    if compgen -G "$SMALL/*.whl" > /dev/null; then
         cp "$SMALL"/*.whl "$SCRATCH/wheels/"
     else
-        echo "no $SMALL/ folder in this checkout: diffusers is not carried" >&2
+        echo "no wheels in $SMALL/ in this checkout: diffusers is not carried" >&2
     fi
     # Only distributions this Python lacks: the machine's torch, triton, numpy stay as they are.
-    for wheel in "$SCRATCH"/wheels/*.whl; do
+    local wheels=("$SCRATCH"/wheels/*.whl)
+    [ -e "${wheels[0]}" ] || wheels=()  # no match: the pattern itself, not a wheel
+    for wheel in "${wheels[@]}"; do
         "$python" -c "import sys; from importlib import metadata; metadata.version(sys.argv[1])" \
             "$(dist_name "$wheel")" 2>/dev/null || missing+=("$wheel")
     done
-    echo "installing ${#missing[@]} of $(ls "$SCRATCH"/wheels/*.whl | wc -l) wheels into $SCRATCH/site"
+    echo "installing ${#missing[@]} of ${#wheels[@]} wheels into $SCRATCH/site"
     rm -rf "$SCRATCH/site"  # pip --target skips folders that exist: start clean
     # with nothing missing, pip would fail for want of arguments (set -e) before the check below
     [ ${#missing[@]} -eq 0 ] || "$python" -m pip install --no-index --no-deps --no-compile --target "$SCRATCH/site" "${missing[@]}"

@@ -3,25 +3,27 @@ ck.geglu and ck.layer_norm at SD2 sizes small enough to be host-bound, on each b
 torch peers for scale.
 
     python benchmarks/profile_host.py [--out DIR] [--calls 200]
-    python benchmarks/profile_host.py --tiny    # CPU, Triton's interpreter: seconds (smoke test)
+    python benchmarks/profile_host.py --tiny    # CPU, Triton's interpreter: seconds (smoke test;
+                                                # the default without a GPU)
 
 The first GPU runs timed our eager calls at 450-1030 us of host time per forward+backward
 against 190-600 for PyTorch's own ops, so eager SD2 steps at batch 32 were host-bound.
 Per case this prints the host microseconds per call (timers.host_us, as the kernel
 benchmarks' "host us" column) and the functions with the most own time under cProfile over
 --calls calls (Triton's launcher is Python, so its parts show); every call starts from grads
-set to None, as in the benchmarks. Writes profile_host.txt (the same) to --out.
+set to None, as in the benchmarks, and the backends the ck ops took (a fallback shows there).
+Writes profile_host.txt (the same) to --out.
 """
 import argparse
 import cProfile
 import io
 import os
 import pstats
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from run_info import at_least, output_dir, run_meta
 from timers import clear, host_us
 
 
@@ -115,28 +117,36 @@ def cases(device, tiny):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="benchmarks/results/local")
-    p.add_argument("--calls", type=int, default=200)
-    p.add_argument("--top", type=int, default=15, help="functions listed per case")
-    p.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (Triton's interpreter)")
+    p.add_argument("--calls", type=at_least(1), default=200, help="profiled calls per case (default 200)")
+    p.add_argument("--top", type=at_least(1), default=15, help="functions listed per case (default 15)")
+    p.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU, Triton's interpreter "
+                   "(automatic without a GPU)")
     args = p.parse_args()
     gpu = torch.cuda.is_available() and not args.tiny
+    args.tiny = not gpu  # SD2 shapes in bf16 on a CPU would take minutes a case, on torch's ops
     if not gpu:
         os.environ["TRITON_INTERPRET"] = "1"
-    if args.tiny:
         args.calls = 3
     device = torch.device("cuda" if gpu else "cpu")
+    out = output_dir(args.out)
     report = io.StringIO()
 
     def say(text=""):
         print(text)
         report.write(text + "\n")
 
-    say(f"device: {torch.cuda.get_device_name() if gpu else 'cpu'}; torch {torch.__version__}; "
+    import cckernels as ck
+
+    meta = run_meta(device)
+    say(f"device: {meta['device']}; torch {meta['torch']}, triton {meta['triton']}; commit {meta['commit']}; "
         f"{args.calls} calls per case")
     leaves, runs = cases(device, args.tiny)
     for name, run in runs:
+        before = ck.backend_calls()
         for _ in range(3):  # compile, autotune, allocator warm-up
             run()
+        ran = [f"{op} on {backend}" for op, counts in ck.backend_calls().items() for backend, n in counts.items()
+               if n > before.get(op, {}).get(backend, 0)]
         us = host_us(run, args.calls, leaves)
         profile = cProfile.Profile()
         for _ in range(args.calls):
@@ -144,13 +154,11 @@ def main():
             profile.enable()
             run()
             profile.disable()
-        say(f"\n== {name}: {us:.0f} us per forward+backward")
+        say(f"\n== {name}: {us:.0f} us per forward+backward" + (f" ({', '.join(ran)})" if ran else ""))
         stats = io.StringIO()
         pstats.Stats(profile, stream=stats).sort_stats("tottime").print_stats(args.top)
         # From the column header on: the per-function lines (tottime is per all --calls calls).
         say(stats.getvalue()[stats.getvalue().find("   ncalls"):].rstrip())
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "profile_host.txt").write_text(report.getvalue())
     print(f"wrote {out / 'profile_host.txt'}")
 

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Everything a GPU visit should produce, in one command and under 10 minutes on one H100:
 # build the CUDA extension for sm_90, the GPU tests, every benchmark,
-# all into one folder benchmarks/results/<date>-<device>/ (tables and logs in logs/, JSON and
-# PNG plots from each benchmark, meta.json, summary.md). Commit that folder afterwards.
+# all into one new folder, by default benchmarks/results/<date>-<HHMM UTC>-<device>/ (tables and
+# logs in logs/, JSON and PNG plots from each benchmark, meta.json, summary.md); a folder that
+# already holds files is refused (two runs' files would mix). Commit that folder afterwards.
+# Without a GPU it refuses to start (RUN_GPU_ALLOW_CPU=1: the steps' tiny modes, as a check of
+# the script itself).
 #
 #   benchmarks/run_gpu.sh [OUT_DIR]          # PYTHON=... to pick the interpreter
 #   RUN_GPU_STEPS="bench_group_norm ncu_kernels" benchmarks/run_gpu.sh OUT_DIR   # only those steps
@@ -48,7 +51,16 @@ export CCKERNELS_CACHE=${CCKERNELS_CACHE:-/tmp/cckernels-cache}  # generated JPE
 
 device=$("$PY" -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')" |
          tr -c 'A-Za-z0-9.\n' '-' | tr -s '-')
-OUT=${1:-benchmarks/results/$(date -u +%Y-%m-%d)-$device}
+if [ "$device" = cpu ] && [ -z "${RUN_GPU_ALLOW_CPU:-}" ]; then
+    echo "run_gpu.sh: no GPU here (torch.cuda.is_available() is false with $PY); RUN_GPU_ALLOW_CPU=1 runs" \
+         "the steps anyway, in their tiny CPU modes" >&2
+    exit 2
+fi
+OUT=${1:-benchmarks/results/$(date -u +%Y-%m-%d-%H%M)-$device}
+if [ -n "$(ls -A "$OUT" 2> /dev/null)" ]; then
+    echo "run_gpu.sh: $OUT already holds files (another run's: they would mix); name a new folder" >&2
+    exit 2
+fi
 mkdir -p "$OUT/logs"
 printf '| step | exit | seconds | budget |\n|---|---|---|---|\n' > "$OUT/steps.md"
 TOTAL_S=${RUN_GPU_BUDGET_S:-560}
@@ -109,7 +121,9 @@ if [ -f setup.py ]; then
     step build 45 env CCKERNELS_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="$(nproc)" \
         "$PY" setup.py build_ext --inplace
     # Without a loadable _C the CUDA tests skip rather than fail: say so here, where it shows.
-    step build-check 15 "$PY" -c "import cckernels, cckernels._C; i = cckernels.build_info(); print(i); assert i['_C'], i"
+    # The _C of this checkout, not one an installed package's path finds first.
+    step build-check 15 "$PY" -c "import os, cckernels, cckernels._C as C; i = cckernels.build_info(); print(i, C.__file__)
+assert i['_C'], i; assert C.__file__.startswith(os.getcwd() + '/'), 'not this checkout\'s _C'"
 else
     printf '| build | no setup.py in this checkout | - | - |\n' >> "$OUT/steps.md"
 fi

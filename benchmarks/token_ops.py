@@ -9,7 +9,6 @@ on_gpu) -> rows, which builds the inputs and calls `time_modes`.
 import argparse
 import dataclasses
 import json
-import os
 import time
 from typing import Callable
 
@@ -18,6 +17,7 @@ from tqdm import tqdm
 
 import cckernels as ck
 from bench_group_norm import copy_bandwidth
+from run_info import output_dir, run_meta
 from timers import fmt, graph_cell, time_fields, timings
 
 # (resolution, tokens): batch x latent positions of SD2's transformer blocks at each of their
@@ -109,26 +109,25 @@ def main(bench, doc, argv=None):
     args = p.parse_args(argv)
     on_gpu = torch.cuda.is_available() and not args.tiny
     device = torch.device("cuda" if on_gpu else "cpu")
+    out = output_dir(args.out)
     copy_gbps = copy_bandwidth(device, on_gpu)
     impls = bench.implementations(device, not on_gpu)
     rows, skipped = [], []
     t0 = time.perf_counter()
-    for label, tokens, width in tqdm(bench.shapes if on_gpu else bench.tiny_shapes, desc="shapes"):
-        if args.budget_s is not None and time.perf_counter() - t0 > args.budget_s:
+    for i, (label, tokens, width) in enumerate(tqdm(bench.shapes if on_gpu else bench.tiny_shapes, desc="shapes")):
+        if i and args.budget_s is not None and time.perf_counter() - t0 > args.budget_s:  # the first always runs
             skipped.append(f"{label} {tokens}x{width}")
             continue
         for name, fn in impls.items():
             rows += bench.measure(name, fn, label, tokens, width, device, on_gpu)
     add_ratios(bench, rows, copy_gbps)
-    device_name = torch.cuda.get_device_name() if on_gpu else "cpu"
-    print(f"{device_name}: copy bandwidth {copy_gbps:.0f} GB/s")
+    meta = run_meta(device)
+    print(f"{meta['device']}: copy bandwidth {copy_gbps:.0f} GB/s")
     print_table(bench, rows)
     if skipped:
         print(f"skipped for the time budget: {', '.join(skipped)}")
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"{bench.op}.json"), "w") as f:
-        json.dump({"device": device_name, "copy_GBps": copy_gbps, "torch": torch.__version__,
-                   "baseline": bench.baseline, "rows": rows, "skipped": skipped}, f, indent=2)
-    plot(bench, rows, os.path.join(args.out, f"{bench.op}.png"))
-    print(f"wrote {args.out}/{bench.op}.json and {bench.op}.png")
+    (out / f"{bench.op}.json").write_text(json.dumps({**meta, "copy_GBps": copy_gbps, "baseline": bench.baseline,
+                                                      "rows": rows, "skipped": skipped}, indent=2))
+    plot(bench, rows, out / f"{bench.op}.png")
+    print(f"wrote {out / f'{bench.op}.json'} and {out / f'{bench.op}.png'}")
     return rows

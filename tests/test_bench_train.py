@@ -1,5 +1,9 @@
 """Smoke test of benchmarks/bench_train.py's tiny mode, and the recipe swaps it relies on."""
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -60,6 +64,7 @@ def test_tiny_run_writes_table_json_and_plot(bench, tmp_path, monkeypatch, capsy
     rows = bench.main(["--tiny", "--steps", "1", "--warmup", "0", "--out", str(out)])
     saved = json.loads((out / "bench_train.json").read_text())
     assert (out / "bench_train.png").stat().st_size > 0
+    assert {"date", "commit", "dirty", "device", "torch", "triton"} <= set(saved)  # run_info.run_meta
     names = [name for name, _ in bench.LADDER] + [bench.GRAPHED[0]] + list(bench.PLAIN_ROWS)
     assert [r["name"] for r in saved["rows"]] == names
     by_name = {r["name"]: r for r in saved["rows"]}
@@ -239,3 +244,25 @@ def test_memory_per_image_is_the_peak_difference_of_one_and_two_batches(bench, m
                                        torch.autocast("cpu", enabled=False), batch, "cpu")
     assert seen == [3, 6] and per_image == 1000
     assert all(p.grad is None for p in unet.parameters())  # the probe leaves no grads behind
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--rows", "+ our attn"], r"no row named '\+ our attn'; the rows: 'baseline', '\+ our attention'"),
+    (["--op-tables", "basline"], r"no row named 'basline'"),
+    (["--steps", "0"], r"argument --steps: must be an integer >= 1, got '0'"),
+    (["--warmup", "-1"], r"argument --warmup: must be an integer >= 0, got '-1'"),
+    (["--resolution", "100"], r"argument --resolution: must be a multiple of 8"),
+])
+def test_bad_arguments_fail_before_anything_is_measured(bench, argv, match, capsys):
+    # A misspelt --rows name was skipped as "not in --rows": a GPU call measured the baseline alone.
+    with pytest.raises(SystemExit):
+        bench.parse_args(argv)
+    assert re.search(match, capsys.readouterr().err)
+
+
+def test_a_failed_row_fails_the_run(tmp_path):
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--tiny", "--rows", "baseline",
+                          "--steps", "1", "--warmup", "0", "--vae", str(tmp_path / "no-vae"), "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "CCKERNELS_CACHE": str(tmp_path)})
+    assert run.returncode == 1 and "1 rows failed: baseline" in run.stderr, run.stderr[-2000:]
+    assert json.loads((tmp_path / "bench_train.json").read_text())["rows"][0]["status"].startswith("failed:")

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 FAKE_PYTHON = """#!/usr/bin/env bash
 case "$1" in
-    -c) case "$2" in *device_count*) echo 1 ;; *) echo cpu ;; esac ;;
+    -c) case "$2" in *device_count*) echo 1 ;; *get_device_name*) echo "NVIDIA Stand-in" ;; *) echo cpu ;; esac ;;
     -) cat > /dev/null ;;
     *) env | grep '^CCKERNELS_ATTENTION_TMA_DQ=' ; exec sleep 30 ;;
 esac
@@ -82,3 +82,19 @@ def test_a_follow_up_call_keeps_the_paths_smoke_switched_off(tmp_path):
     assert "CCKERNELS_ATTENTION_TMA_DQ=0" in (out / "logs" / "bench_ema.log").read_text()
     summary = (out / "summary.md").read_text()
     assert "Switched off for the steps after smoke" in summary and "- `CCKERNELS_ATTENTION_TMA_DQ=0`" in summary
+
+
+def test_run_gpu_refuses_a_machine_without_a_gpu_and_a_folder_with_files(tmp_path):
+    python = tmp_path / "python"
+    python.write_text(FAKE_PYTHON.replace('echo "NVIDIA Stand-in"', "echo cpu"))
+    python.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(python), RUN_GPU_BUDGET_S="36", CARRY_SCRATCH=str(tmp_path / "carry"))
+    script = str(ROOT / "benchmarks" / "run_gpu.sh")
+    run = subprocess.run([script, str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "no GPU here" in run.stderr and not (tmp_path / "out").exists()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "summary.md").write_text("an earlier run's\n")
+    env["RUN_GPU_ALLOW_CPU"] = "1"
+    run = subprocess.run([script, str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "already holds files" in run.stderr
+    assert (tmp_path / "out" / "summary.md").read_text() == "an earlier run's\n"

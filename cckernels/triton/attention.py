@@ -49,7 +49,7 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INTERPRETER_BF16_DOT = False
 # Deterministic by default: measured, it is the faster one. The atomic backward does 5/7 of the
 # deterministic one's matmul work (as FlashAttention-2), but on an H200 (bench_attention,
-# benchmarks/results/2026-11-26-NVIDIA-H200) the 512 px self-attention (L = 4096, bf16, D = 64)
+# benchmarks/results/2026-11-25-2357-NVIDIA-H200) the 512 px self-attention (L = 4096, bf16, D = 64)
 # ran fwd+bwd at 369 TFLOP/s deterministic and 320 with atomic dQ: the fp32 atomics and the
 # extra dQ pass cost more than the two recomputed matmuls. (The shorter shapes were host-bound
 # in that run and do not tell the two apart.) CCKERNELS_DETERMINISTIC=0 picks the atomic one.
