@@ -129,8 +129,11 @@ def test_loader_argument_errors(tmp_path, cache):
         make_loader(cfg(folder, "pil"), 0, cache_dir=cache)
     with pytest.raises(ValueError, match="rank=2"):
         make_loader(cfg(folder, "pil"), 1, rank=2, world_size=2, cache_dir=cache)
-    with pytest.raises(ValueError, match="cannot fill one batch"):
+    with pytest.raises(ValueError, match="4 readable images cannot fill one batch of 3 on each of 2 ranks: a batch "
+                                         "size of at most 2 can"):
         make_loader(cfg(folder, "pil"), 3, world_size=2, cache_dir=cache)
+    with pytest.raises(ValueError, match="cannot fill one batch of 1 on each of 5 ranks: fewer images than ranks"):
+        make_loader(cfg(folder, "pil"), 1, world_size=5, cache_dir=cache)
     with pytest.raises(ValueError, match="does not exist"):
         make_loader(cfg(tmp_path / "nowhere", "pil"), 1, cache_dir=cache)
 

@@ -1,5 +1,6 @@
 """The main job, in-process on one CPU rank: resume, bad config, non-finite steps."""
 import json
+import os
 import shutil
 
 import numpy as np
@@ -104,11 +105,13 @@ def _bf16_weights_rank(rank, port, out_dir):
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    wrapped = []
-    ddp = train.DistributedDataParallel
+    wrapped, losses = [], []
+    ddp, training_loss = train.DistributedDataParallel, train.diffusion.training_loss
     train.DistributedDataParallel = lambda model: wrapped.append(model) or ddp(model)
+    train.diffusion.training_loss = lambda *a, **k: losses.append(training_loss(*a, **k)) or losses[-1]
     train.main([*TINY, "train.steps=2", "train.precision=bf16-weights", "sample.steps=1", f"out_dir={out_dir}"])
     torch.save({n: p.detach() for n, p in wrapped[0].named_parameters()}, f"{out_dir}/rank{rank}.pt")
+    torch.save(torch.stack(losses).detach().float(), f"{out_dir}/losses{rank}.pt")
 
 
 def test_bf16_weights_ranks_start_from_the_same_masters(tmp_path):
@@ -127,6 +130,10 @@ def test_bf16_weights_ranks_start_from_the_same_masters(tmp_path):
     assert all(torch.equal(r0[k], r1[k]) for k in r0)
     masters = checkpoint.load(checkpoint.latest(tmp_path))["unet"]  # rank 0's
     assert all(torch.equal(r1[k], masters[k].to(r1[k].dtype)) for k in r1)
+    # The logged loss is the whole batch's: the mean over the ranks (rank 0's alone was logged).
+    per_rank = (torch.load(tmp_path / f"losses{r}.pt") for r in (0, 1))
+    logged = [json.loads(line)["loss"] for line in open(tmp_path / "metrics.jsonl")]
+    assert logged == pytest.approx(((next(per_rank) + next(per_rank)) / 2).tolist(), rel=1e-6)
 
 
 @pytest.mark.gpu
@@ -557,3 +564,22 @@ def test_the_export_is_written_before_the_last_sample_grid(tmp_path, monkeypatch
         run(tmp_path, "train.steps=2")
     assert (tmp_path / "diffusers" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert checkpoint.load(checkpoint.latest(tmp_path))["state"]["step"] == 2
+
+
+def test_a_second_run_in_the_same_out_dir_is_refused(tmp_path):
+    with checkpoint.run_lock(tmp_path):  # as a run in another process holds it
+        with pytest.raises(RuntimeError, match=rf"another run \(pid {os.getpid()} on .*\) is writing to {tmp_path}"):
+            run(tmp_path, "train.steps=1")
+    assert not (tmp_path / "checkpoints").exists()
+    run(tmp_path, "train.steps=1")  # released when the run ends
+    run(tmp_path, "train.steps=2")
+
+
+def test_a_resume_with_another_batch_size_goes_on_from_the_same_share_of_the_epoch(tmp_path, capsys, caplog):
+    # 12 built-in images: 5 steps of 2 end at sample 10; batches of 4 go on from sample 8.
+    run(tmp_path, "train.steps=5", "checkpoint.every=5")
+    assert json.loads((checkpoint.latest(tmp_path) / "state.json").read_text())["data_position"] == [0, 10]
+    with caplog.at_level("INFO", logger="trainer.data"):
+        run(tmp_path, "train.steps=6", "train.batch_size=4")
+    assert "resuming at sample 8 of 12 of epoch 0 on each rank (was 10 of 12" in caplog.text
+    assert json.loads((checkpoint.latest(tmp_path) / "state.json").read_text())["data_position"] == [1, 0]

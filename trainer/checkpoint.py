@@ -8,12 +8,16 @@ checkpoint; <out_dir>/checkpoints/latest names the newest.
 A crash mid-write leaves only a *.tmp folder behind, which the next save clears; a failed
 write (a full disk) removes its own and says which checkpoint is intact.
 A run that starts over in an out_dir (resume=false) first moves the earlier run's files aside
-(set_aside_earlier_run), so neither run's checkpoints are pruned for the other's.
+(set_aside_earlier_run), so neither run's checkpoints are pruned for the other's. A run holds
+<out_dir>/.lock (run_lock), so a second run there at the same time is refused.
 """
+import contextlib
 import datetime
+import fcntl
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import torch
@@ -74,6 +78,27 @@ def resolve(path):
 
 # What a training run writes into its out_dir.
 RUN_FILES = ("checkpoints", "samples", "diffusers", "metrics.jsonl", "metrics.png", "skipped_files.txt")
+
+
+@contextlib.contextmanager
+def run_lock(out_dir):
+    """Holds <out_dir>/.lock while a run writes there: an flock, which the system releases when
+    the process ends, however it ends. A second run is refused, naming the first (its pid and
+    host are in the file)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            raise RuntimeError(f"another run ({f.read().strip() or 'pid unknown'}) is writing to {out_dir}: two "
+                               "runs there would resume from and prune each other's checkpoints; wait for it "
+                               "to end, or give this one another out_dir") from None
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        f.flush()
+        yield
 
 
 def set_aside_earlier_run(out_dir):

@@ -143,9 +143,15 @@ def check_encoders_fit(unet_config, text_width, vae, resolution):
 
 
 def main(argv=None):
-    # -- config ----------------------------------------------------------------------------
     args = parse_args(argv)
     cfg = config.load(args.config, args.overrides)
+    # Rank 0 holds out_dir's lock for the whole run: a second run there would resume from this
+    # one's checkpoints, and the two would prune each other's.
+    with checkpoint.run_lock(cfg["out_dir"]) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
+        train(cfg)
+
+
+def train(cfg):
     out_dir = Path(cfg["out_dir"])
     if cfg["train"]["deterministic"]:
         # cuBLAS is deterministic only with a fixed workspace, set before its first use.
@@ -167,6 +173,9 @@ def main(argv=None):
     compile_args = _compile_args(cfg["model"], world, cfg["train"]["grad_accum"])
     _check_cuda_graphs(cfg, device)
     if world > 1:
+        if rank == 0:  # a wrong WORLD_SIZE waits here for ranks that never come
+            print(f"waiting for {world} ranks at {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}",
+                  flush=True)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     is_main = rank == 0
     torch.manual_seed(cfg["seed"] + rank)  # each rank draws its own noise and timesteps
@@ -174,8 +183,12 @@ def main(argv=None):
     # (autocast then has no weight to cast) with fp32 masters in the optimizer, on any device.
     precision = cfg["train"]["precision"]
     autocast = precision == "bf16-weights" or (device.type == "cuda" and precision == "bf16")
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    if device.type == "cpu":  # the cores this process may use (affinity, containers), shared by the ranks
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        # One process honours OMP_NUM_THREADS (torchrun sets it to 1 for several ranks, so there it is ours).
+        threads = os.environ.get("OMP_NUM_THREADS", "") if local_ranks == 1 else ""
+        torch.set_num_threads(int(threads) if threads.isdigit() and int(threads) > 0 else max(1, cores // local_ranks))
 
     def log(msg):
         if is_main:
@@ -214,7 +227,7 @@ def main(argv=None):
     batch, accum = cfg["train"]["batch_size"], cfg["train"]["grad_accum"]
     loader = data.make_loader(
         cfg["data"], batch, rank=rank, world_size=world, seed=cfg["seed"], device=device,
-        start=tuple(ckpt["state"]["data_position"]) if ckpt else (0, 0), out_dir=out_dir if is_main else None,
+        start=data_start(ckpt["state"]) if ckpt else (0, 0), out_dir=out_dir if is_main else None,
     )
     batches = iter(loader)
     latents_format = cfg["data"]["format"] == "latents"
@@ -331,6 +344,9 @@ def main(argv=None):
                                                    min_snr_gamma=dc["min_snr_gamma"])
                 (loss / accum).backward()
             total += loss.detach() / accum
+        if world > 1:  # the logged loss is the global batch's, not rank 0's share of it
+            dist.all_reduce(total)
+            total /= world
         grad_norm = ck.clip_grad_norm_(unet.parameters(), tc["grad_clip"])
         # The step's one wait for the GPU: loss and grad norm come back together before the
         # optimizer is launched (an .item() per micro-batch idled the GPU at each, and one after
@@ -354,7 +370,8 @@ def main(argv=None):
         checkpoint.save_rank_rng(out_dir, step, rank)
         _barrier(world)
         if is_main:
-            state = {"step": step, "data_position": list(loader.position()), "bad_steps": bad_steps, "world": world}
+            state = {"step": step, "data_position": list(loader.position()), "bad_steps": bad_steps, "world": world,
+                     "samples_per_epoch": loader.samples_per_epoch}
             path = checkpoint.commit(
                 out_dir, step, unet=fp32_weights(), ema=ema.state_tensors(), config=cfg,
                 optimizer={"optimizer": optimizer.state_dict(ema=False, master=False), "ema": ema.state_dict()},
@@ -364,7 +381,7 @@ def main(argv=None):
                 plot = plot_metrics(metrics.name, out_dir / "metrics.png")
             except Exception as e:
                 plot = f"not drawn ({type(e).__name__}: {e})"
-            log(f"step {step}: checkpoint {path}, loss plot {plot}")
+            log(f"step {step}: checkpoint {path}" + (f", loss plot {plot}" if plot else ""))
         _barrier(world)
 
     def samples(step):
@@ -446,5 +463,19 @@ def _barrier(world):
         dist.barrier()
 
 
+def data_start(state):
+    """The loader's start from a checkpoint's state: its position and, when recorded, how many
+    samples a rank's epoch held then (another world size, batch size or data moves the position
+    to the same share of the epoch)."""
+    position = tuple(state["data_position"])
+    return (*position, state["samples_per_epoch"]) if "samples_per_epoch" in state else position
+
+
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # every rank gets the Ctrl-C: one line, from rank 0
+        if os.environ.get("RANK", "0") == "0":
+            print("\ninterrupted: the checkpoints written so far are intact; run the same command again to "
+                  "resume from the latest", file=sys.stderr)
+        sys.exit(130)

@@ -37,7 +37,9 @@ def make_loader(cfg_data, batch_size, rank=0, world_size=1, seed=0, device="cpu"
     images: (B, 3, R, R) (layout NCHW) or (B, R, R, 3) (NHWC) on `device`, float32 or bfloat16,
     values in [-1, 1]. captions: list of B strings ("" where a sample has none).
     `out_dir` receives skipped_files.txt (rank 0); `cache_dir` holds the validation cache
-    and the built-in images.
+    and the built-in images. start: a position() to go on from, optionally with the
+    samples_per_epoch of the loader that gave it (then a position of another world size, batch
+    size or data moves to the same share of its epoch).
     data.format=latents yields (latents (B, C, R/f, R/f), text embeddings (B, 77, dim)) instead,
     same layout and dtype rules, and the loader has `empty_embedding` (1, 77, dim) on `device`.
     """
@@ -125,9 +127,17 @@ class Loader:
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.samples_per_epoch = len(index) // world_size // batch_size * batch_size
         if self.samples_per_epoch == 0:
-            raise ValueError(f"{len(index)} readable images cannot fill one batch of "
-                             f"{batch_size} on each of {world_size} ranks")
-        epoch, sample = (int(v) for v in start)
+            fits = len(index) // world_size
+            raise ValueError(f"{len(index)} readable images cannot fill one batch of {batch_size} on each of "
+                             f"{world_size} ranks: " + (f"a batch size of at most {fits} can" if fits else
+                                                        "fewer images than ranks"))
+        epoch, sample, *then = (int(v) for v in start)
+        if then and then[0] > 0:  # the same share of the epoch, in whole batches (another layout moves it)
+            moved = sample * self.samples_per_epoch // then[0] // batch_size * batch_size
+            if moved != sample:
+                log.info("data: resuming at sample %d of %d of epoch %d on each rank (was %d of %d: another world size, "
+                         "batch size or data)", moved, self.samples_per_epoch, epoch, sample, then[0])
+            sample = moved
         if epoch < 0 or not 0 <= sample <= self.samples_per_epoch or sample % batch_size:
             raise ValueError(f"start=({epoch}, {sample}) is no position of this loader: epochs "
                              f"hold {self.samples_per_epoch} samples per rank in batches of "
