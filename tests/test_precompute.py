@@ -468,6 +468,15 @@ def test_latents_bad_config(precomputed, tmp_path):
         make_loader(latents_cfg(tmp_path), 1, cache_dir=cache)
 
 
+@pytest.mark.usefixtures("torch_kernels")
+def test_latents_that_do_not_fit_the_unet_say_so(precomputed, tmp_path, monkeypatch):
+    _, out, cache = precomputed
+    monkeypatch.setenv("CCKERNELS_CACHE", cache)
+    with pytest.raises(ValueError, match=f"the latents in {out} have 4 channels but model.unet's in_channels is 8"):
+        train.main(["data.format=latents", f"data.path={out}", "data.resolution=32", "train.batch_size=2",
+                    "model.unet.in_channels=8", "train.steps=1", f"out_dir={tmp_path}"])
+
+
 def test_cli(tmp_path):
     root = make_folder(tmp_path / "images", 2)
     out = tmp_path / "latents"

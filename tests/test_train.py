@@ -566,6 +566,11 @@ def test_the_export_is_written_before_the_last_sample_grid(tmp_path, monkeypatch
     assert checkpoint.load(checkpoint.latest(tmp_path))["state"]["step"] == 2
 
 
+def test_overrides_may_come_before_the_config_file(tmp_path):
+    args = train.parse_args(["train.steps=3", "--config", "configs/tiny.yaml", "seed=1"])
+    assert args.config == "configs/tiny.yaml" and args.overrides == ["train.steps=3", "seed=1"]
+
+
 def test_a_second_run_in_the_same_out_dir_is_refused(tmp_path):
     with checkpoint.run_lock(tmp_path):  # as a run in another process holds it
         with pytest.raises(RuntimeError, match=rf"another run \(pid {os.getpid()} on .*\) is writing to {tmp_path}"):

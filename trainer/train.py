@@ -43,7 +43,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="YAML config (default: configs/tiny.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=100")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides before --config too
 
 
 # torch.compile modes that replay the compiled forward and backward as CUDA graphs.
@@ -248,6 +248,11 @@ def train(cfg):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg["seed"])
         unet = UNet.from_config(cfg["model"]["unet"]).to(device)
+    if latents_format:  # what the UNet gets on every rank: the latents (model.vae is rank 0's, for samples)
+        channels = loader.index.meta["latent_shapes"][str(cfg["data"]["resolution"])][0]
+        if channels != unet.config["in_channels"]:
+            raise ValueError(f"the latents in {cfg['data']['path']} have {channels} channels but model.unet's "
+                             f"in_channels is {unet.config['in_channels']}")
     check_encoders_fit(unet.config, empty_ctx.shape[-1], vae, cfg["data"]["resolution"])
     if vae is not None:  # sample_size is only diffusers' default resolution: the exports say this run's
         latent_size = cfg["data"]["resolution"] // encoders.vae_downsampling(vae)
