@@ -18,7 +18,7 @@ from tqdm import tqdm
 import cckernels as ck
 from bench_group_norm import copy_bandwidth
 from run_info import output_dir, run_meta
-from timers import fmt, graph_cell, time_fields, timings
+from timers import fmt, graph_cell, print_missing_graphs, time_fields, timings
 
 # (resolution, tokens): batch x latent positions of SD2's transformer blocks at each of their
 # three widths (320, 640, 1280: listed in that order), 256 px at batch 32, 512 px at batch 8
@@ -124,6 +124,7 @@ def main(bench, doc, argv=None):
     meta = run_meta(device)
     print(f"{meta['device']}: copy bandwidth {copy_gbps:.0f} GB/s")
     print_table(bench, rows)
+    print_missing_graphs(rows, lambda r: f"{r['impl']} {r['mode']}")  # their "of copy" is eager time
     if skipped:
         print(f"skipped for the time budget: {', '.join(skipped)}")
     (out / f"{bench.op}.json").write_text(json.dumps({**meta, "copy_GBps": copy_gbps, "baseline": bench.baseline,

@@ -571,13 +571,15 @@ def test_overrides_may_come_before_the_config_file(tmp_path):
     assert args.config == "configs/tiny.yaml" and args.overrides == ["train.steps=3", "seed=1"]
 
 
-def test_a_second_run_in_the_same_out_dir_is_refused(tmp_path):
+def test_a_second_run_in_the_same_out_dir_is_refused(tmp_path, capsys):
     with checkpoint.run_lock(tmp_path):  # as a run in another process holds it
         with pytest.raises(RuntimeError, match=rf"another run \(pid {os.getpid()} on .*\) is writing to {tmp_path}"):
             run(tmp_path, "train.steps=1")
     assert not (tmp_path / "checkpoints").exists()
     run(tmp_path, "train.steps=1")  # released when the run ends
     run(tmp_path, "train.steps=2")
+    run(tmp_path, "train.steps=2")  # a finished run, run again: it says so
+    assert "nothing to train: already at train.steps=2" in capsys.readouterr().out
 
 
 def test_a_resume_with_another_batch_size_goes_on_from_the_same_share_of_the_epoch(tmp_path, capsys, caplog):

@@ -219,6 +219,8 @@ def train(cfg):
         raise ValueError(f"{ckpt_path} is at step {start_step}, past train.steps={cfg['train']['steps']}: raise "
                          "train.steps to train on, or resume=false to start over")
     log(f"resuming from {ckpt_path} at step {start_step}" if ckpt else f"starting from scratch in {out_dir}")
+    if start_step == cfg["train"]["steps"]:  # a finished run run again (raise train.steps to train on)
+        log(f"nothing to train: already at train.steps={start_step}; the last samples and the export are made again")
     if ckpt and ckpt["state"].get("world", world) != world:  # allowed: the epoch's order is split anew
         log(f"resuming on {world} ranks; the checkpoint was written on {ckpt['state']['world']}: "
             f"{world * cfg['train']['batch_size'] * cfg['train']['grad_accum']} images a step now")
