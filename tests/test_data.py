@@ -205,13 +205,13 @@ def test_files_that_cannot_be_read_are_skipped_and_checked_again(tmp_path, cache
     # A permission error on an image or its caption (a run as another user) skips that image
     # and lists why; it is not cached as bad: readable again, the image is used again.
     root = make_folder(tmp_path / "d", 3)
-    read_bytes, read_text = data_index.read_bytes, Path.read_text
+    read_bytes, read_file = data_index.read_bytes, Path.read_bytes
 
     def no_access(path, *args, **kwargs):
         raise PermissionError(13, "Permission denied", str(path))
 
     monkeypatch.setattr(data_index, "read_bytes", lambda path, *a: (no_access if "img01" in path else read_bytes)(path, *a))
-    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: (no_access if self.name == "img02.txt" else read_text)(self, *a, **k))
+    monkeypatch.setattr(Path, "read_bytes", lambda self: (no_access if self.name == "img02.txt" else read_file)(self))
     index = build_index(root, cache_dir=cache)
     assert [s.name for s in index.samples] == ["img00.png"]
     assert dict(index.skipped) == {"img01.jpg": "unreadable (PermissionError: Permission denied)",
