@@ -75,7 +75,10 @@ def test_caption_round_trip_keeps_original_captions(blip, tmp_path):
     assert set(after) == set(before)
     for name, row in after.items():
         assert row["synthetic_model"] == "tiny-blip2" and isinstance(row["synthetic_text"], str)
-        assert row["text"] == before[name]  # originals kept alongside (c.png's is empty)
+    # Originals kept alongside; the new rows (b.jpg's, c.png's) hold no copy of the .txt caption.
+    assert {n: r["text"] for n, r in after.items() if "text" in r} == {
+        n: c for n, c in before.items() if n not in ("b.jpg", "c.png")}
+    assert set(after["b.jpg"]) == set(after["c.png"]) == {"file_name", "synthetic_text", "synthetic_model"}
     assert any(row["synthetic_text"] for row in after.values())
     assert after["sub/a.jpg"]["extra"] == 1 and after["sub/a.jpg"]["license"] == "CC-BY"
     assert (root / "b.txt").read_text() == "from txt"
@@ -89,6 +92,9 @@ def test_caption_round_trip_keeps_original_captions(blip, tmp_path):
     assert sorted(captions) == sorted(r["synthetic_text"] for r in after.values())
     # Everything is captioned by this model: a rerun has nothing to do.
     assert caption.caption_folder(root, blip, cache_dir=cache) == 0
+    # The .txt file is still the caption: an edit to it counts.
+    (root / "b.txt").write_text("edited")
+    assert {s.name: s.caption for s in build_index(root, cache_dir=cache).samples}["b.jpg"] == "edited"
 
 
 def test_caption_resumes(blip, tmp_path, monkeypatch):

@@ -180,6 +180,23 @@ def test_metadata_rows_that_do_not_fit(tmp_path, cache, caplog):
         build_index(root, cache_dir=cache)
 
 
+def test_byte_order_marks_and_captions_that_are_not_utf8(tmp_path, cache, caplog):
+    # A BOM (Windows editors) starts no row nor caption; a .txt that is not UTF-8 is read with
+    # U+FFFD, counted and named once; a row without text takes the .txt, as it is now.
+    root = make_folder(tmp_path / "d", 4)
+    (root / "metadata.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps({"file_name": "img00.png"}).encode() + b"\n")
+    (root / "img01.txt").write_bytes(b"\xef\xbb\xbfwith a BOM")
+    (root / "img02.txt").write_bytes(b"caf\xe9")
+    (root / "img03.txt").write_bytes(b"na\xefve")
+    with caplog.at_level(logging.WARNING, logger="trainer.data"):
+        by_name = {s.name: s.caption for s in build_index(root, cache_dir=cache).samples}
+    assert by_name == {"img00.png": "caption 0", "img01.jpg": "with a BOM", "img02.jpg": "caf\ufffd",
+                       "img03.png": "na\ufffdve"}
+    assert "2 .txt captions are not UTF-8" in caplog.text and "e.g. img02.txt" in caplog.text
+    (root / "img00.txt").write_text("edited")
+    assert build_index(root, cache_dir=cache).samples[0].caption == "edited"
+
+
 def test_a_dataset_without_captions_is_warned_about(tmp_path, cache, caplog):
     root = make_folder(tmp_path / "d", 2, captions="jsonl")
     with caplog.at_level(logging.WARNING, logger="trainer.data"):
@@ -191,13 +208,13 @@ def test_files_that_cannot_be_read_are_skipped_and_checked_again(tmp_path, cache
     # A permission error on an image or its caption (a run as another user) skips that image
     # and lists why; it is not cached as bad: readable again, the image is used again.
     root = make_folder(tmp_path / "d", 3)
-    read_bytes, read_text = data_index.read_bytes, Path.read_text
+    read_bytes, read_file = data_index.read_bytes, Path.read_bytes
 
     def no_access(path, *args, **kwargs):
         raise PermissionError(13, "Permission denied", str(path))
 
     monkeypatch.setattr(data_index, "read_bytes", lambda path, *a: (no_access if "img01" in path else read_bytes)(path, *a))
-    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: (no_access if self.name == "img02.txt" else read_text)(self, *a, **k))
+    monkeypatch.setattr(Path, "read_bytes", lambda self: (no_access if self.name == "img02.txt" else read_file)(self))
     index = build_index(root, cache_dir=cache)
     assert [s.name for s in index.samples] == ["img00.png"]
     assert dict(index.skipped) == {"img01.jpg": "unreadable (PermissionError: Permission denied)",
@@ -314,6 +331,11 @@ def test_bad_files_are_skipped_and_listed(tmp_path, cache, caplog):
     assert "7 without caption" in caplog.text
     assert sorted(s.name for s in loader.index.samples) == [
         "cmyk.jpg", "good.jpg", "gray.jpg", "gray16.png", "mpo.jpg", "palette.png", "rgba.png"]
+    # Once the bad files are gone, the list of an earlier run does not stay behind.
+    for name in reasons:
+        (root / name).unlink()
+    make_loader(cfg(root, "pil"), 2, cache_dir=cache, out_dir=str(out))
+    assert not (out / "skipped_files.txt").exists()
 
 
 @pytest.mark.parametrize("device", DEVICES)

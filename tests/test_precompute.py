@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors import safe_open
-from test_data import BACKENDS, REPO, make_folder, repo_env
+from test_data import BACKENDS, REPO, encode, make_folder, repo_env, smooth_image
 from tiny_models import TINY_UNET, StandInUNet, needs_open_clip, tiny_open_clip_arch
 
 from trainer import checkpoint, train
@@ -162,21 +162,108 @@ def test_resume_keeps_finished_shards(tmp_path, tiny, monkeypatch, caplog):
         run(tiny, root, out, cache, shard_size=4)
     with pytest.raises(ValueError, match=r"other data or settings \(differing: \['precision'\]"):
         run(tiny, root, out, cache, precision="bf16")
+    # Another decoder (DALI's resize is not PIL's) would mix its images in too.
+    monkeypatch.setattr(pc, "decoder_name", lambda backend, device: "dali cpu")
+    with pytest.raises(ValueError, match=r"other data or settings \(differing: \['decoder'\]"):
+        run(tiny, root, out, cache)
+    monkeypatch.undo()
     # A cache (the benchmarks') is written anew instead.
     run(tiny, root, out, cache, shard_size=4, replace_other=True)
     assert json.loads((out / "plan.json").read_text())["shard_size"] == 4
     assert not (out / shard_file(2)).exists() and json.loads((out / "index.json").read_text())["count"] == N
 
 
+def counting_writes(monkeypatch):
+    written, write = [], pc._write_shard
+    monkeypatch.setattr(pc, "_write_shard", lambda o, k, *a: (written.append(k), write(o, k, *a)))
+    return written
+
+
+def test_rerun_encodes_the_shards_whose_samples_changed(tmp_path, tiny, monkeypatch, caplog):
+    """An edited caption and a replaced image: their shards, and only those, are encoded again."""
+    root = make_folder(tmp_path / "images", 10)
+    out, cache = tmp_path / "latents", str(tmp_path / "cache")
+    run(tiny, root, out, cache, shard_size=4)
+    written = counting_writes(monkeypatch)
+    (root / "img01.txt").write_text("edited")
+    (root / "img08.jpg").write_bytes(encode(smooth_image(3, 40, 40)))
+    with caplog.at_level("INFO", logger="trainer.precompute"):
+        run(tiny, root, out, cache, shard_size=4)
+    assert written == [0, 2] and "2 shards to encode again: their samples' captions or image files changed" in caplog.text
+    assert read_shard(out / shard_file(0))[1][1]["caption"] == "edited"
+    meta = json.loads((out / "index.json").read_text())
+    assert [s["sha256"] for s in meta["shards"]] == [pc.hashlib.sha256((out / shard_file(k)).read_bytes()).hexdigest()
+                                                     for k in range(3)]
+    run(tiny, root, out, cache, shard_size=4)
+    assert written == [0, 2]  # nothing changed since
+
+
+def test_rerun_repairs_what_training_finds_damaged(precomputed, tiny, tmp_path, monkeypatch, caplog):
+    """A shard of the right size with other bytes, and a cut empty-caption embedding: training
+    skips the one and refuses the other, asking for a rerun; the rerun writes both anew."""
+    root, good, cache = precomputed
+    out = tmp_path / "latents"
+    shutil.copytree(good, out)
+    data = bytearray((out / shard_file(1)).read_bytes())
+    data[-5] ^= 0xFF
+    (out / shard_file(1)).write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="trainer.data"):
+        make_loader(latents_cfg(out), 1, cache_dir=cache)
+    assert "checksum mismatch (trainer.precompute run again with the same --out encodes it anew)" in caplog.text
+    (out / "empty.safetensors").write_bytes((out / "empty.safetensors").read_bytes()[:-10])
+    with pytest.raises(ValueError, match="empty caption's embedding.*damaged.*run trainer.precompute again"):
+        make_loader(latents_cfg(out), 1, cache_dir=cache)
+    written = counting_writes(monkeypatch)
+    with caplog.at_level("INFO", logger="trainer.precompute"):
+        run(tiny, root, out, cache)
+    assert written == [1] and "1 shards to encode again: their files do not match" in caplog.text
+    for name in (shard_file(1), "empty.safetensors", "index.json"):
+        assert (out / name).read_bytes() == (good / name).read_bytes(), name
+    assert len(make_loader(latents_cfg(out), 1, cache_dir=cache).index) == N
+
+
+def test_a_failed_write_leaves_no_temporary_file(tmp_path, tiny, monkeypatch):
+    root = make_folder(tmp_path / "images", 4)
+    out, cache = tmp_path / "latents", str(tmp_path / "cache")
+    write_bytes = pc.Path.write_bytes
+
+    def disk_full(path, data):
+        if path.name.startswith(".shard-00001."):
+            write_bytes(path, data[:10])
+            raise OSError(28, "No space left on device")
+        return write_bytes(path, data)
+
+    monkeypatch.setattr(pc.Path, "write_bytes", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        run(tiny, root, out, cache)
+    monkeypatch.undo()
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+    (out / f".{shard_file(0)}.tmp99999").write_bytes(b"from a killed run")
+    run(tiny, root, out, cache)
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_out_holding_other_files_is_refused(tmp_path, tiny):
+    root = make_folder(tmp_path / "images", 2)
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "index.json").write_text("the user's own")
+    with pytest.raises(ValueError, match=f"{out} is not empty and holds no plan.json.*give an empty or new --out"):
+        run(tiny, root, out, str(tmp_path / "cache"))
+    assert [p.name for p in out.iterdir()] == ["index.json"] and (out / "index.json").read_text() == "the user's own"
+
+
 def test_ranks_split_the_shards(tmp_path, tiny, monkeypatch):
     root = make_folder(tmp_path / "images", N)
     out, cache = tmp_path / "latents", str(tmp_path / "cache")
-    written, write = [], pc._write_shard
-    monkeypatch.setattr(pc, "_write_shard", lambda o, k, *a: (written.append(k), write(o, k, *a)))
+    written = counting_writes(monkeypatch)
+    # Rank 0 alone (rank 1 died): its shards, and no index while rank 1's shard is missing.
+    with pytest.raises(RuntimeError, match=r"shards \[1\] .* are not finished; run again"):
+        run(tiny, root, out, cache, rank=0, world_size=2)
     run(tiny, root, out, cache, rank=1, world_size=2)
-    assert written == [1] and not (out / "index.json").exists()
+    assert written == [0, 2, 1] and not (out / "index.json").exists()
     run(tiny, root, out, cache, rank=0, world_size=2)
-    assert written == [1, 0, 2] and json.loads((out / "index.json").read_text())["count"] == N
+    assert written == [0, 2, 1] and json.loads((out / "index.json").read_text())["count"] == N
 
 
 def test_bad_arguments(tmp_path, tiny):
@@ -477,13 +564,16 @@ def test_latents_that_do_not_fit_the_unet_say_so(precomputed, tmp_path, monkeypa
                     "model.unet.in_channels=8", "train.steps=1", f"out_dir={tmp_path}"])
 
 
-def test_cli(tmp_path):
+def test_cli(tmp_path, caplog):
     root = make_folder(tmp_path / "images", 2)
     out = tmp_path / "latents"
     common = ["--data", str(root), "--backend", "pil", "--workers", "0", "--resolutions", "32",
               "--cache-dir", str(tmp_path / "cache")]
-    pc.main(["--encoders", "tiny", "--out", str(out), *common])
+    with caplog.at_level("INFO", logger="trainer.precompute"):
+        pc.main(["--encoders", "tiny", "--out", str(out), *common])
     assert json.loads((out / "index.json").read_text())["count"] == 2
+    assert ("precompute: VAE randomly initialized from its config (init_seed 0); text encoder randomly "
+            "initialized from its config (init_seed 0); resolutions [32]; decoder pil") in caplog.text
     # A run config's encoders ({preset: tiny} in configs/tiny.yaml): the same random weights.
     pc.main(["--config", str(pc.run_config.DEFAULT_CONFIG), "--out", str(tmp_path / "from_config"), *common])
     a, b = (read_shard(d / shard_file(0))[0] for d in (out, tmp_path / "from_config"))
@@ -542,11 +632,22 @@ def test_bench_precompute_tiny(tmp_path):
 
 
 def test_cli_open_clip_checkpoint(tmp_path, monkeypatch):
+    """Encoder paths are recorded absolute (training may run elsewhere)."""
     seen = {}
     monkeypatch.setattr(pc, "precompute", lambda data, vae, text, *args, **kw: seen.update(vae=vae, text=text))
+    monkeypatch.chdir(tmp_path)
     pc.main(["--vae", "sd2/vae", "--text-encoder", "open_clip_pytorch_model.bin", "--open-clip", "ViT-H-14",
              "--out", str(tmp_path)])
-    assert seen == {"vae": {"path": "sd2/vae"},
-                    "text": {"path": "open_clip_pytorch_model.bin", "open_clip": "ViT-H-14"}}
+    assert seen == {"vae": {"path": str(tmp_path / "sd2" / "vae")},
+                    "text": {"path": str(tmp_path / "open_clip_pytorch_model.bin"), "open_clip": "ViT-H-14"}}
     with pytest.raises(SystemExit):  # --open-clip names the architecture of --text-encoder's file
         pc.parse_args(["--open-clip", "ViT-H-14", "--out", str(tmp_path)])
+
+
+def test_cli_one_encoder_needs_the_other(tmp_path, capsys):
+    """--vae alone would encode captions with tiny.yaml's random text encoder."""
+    for given, other in (("--vae", "--text-encoder"), ("--text-encoder", "--vae")):
+        with pytest.raises(SystemExit):
+            pc.parse_args([given, "x", "--out", str(tmp_path)])
+        assert f"{given} without {other}" in capsys.readouterr().err
+    assert pc.parse_args(["--vae", "x", "--encoders", "tiny", "--out", str(tmp_path)]).vae == "x"

@@ -6,9 +6,9 @@ PATH is a local transformers BLIP-2 folder (Blip2ForConditionalGeneration weight
 Blip2Processor, e.g. a copy of Salesforce/blip2-opt-2.7b); nothing is downloaded. Every readable
 image of the image folder DIR (trainer.data's index; unreadable files are skipped and reported)
 gets `synthetic_text` and `synthetic_model` (the model folder's name) in the metadata.jsonl row
-that describes it; an image without a row gets one in DIR/metadata.jsonl holding its current
-caption as `text` (from its .txt file, which stays), its license and source. Original captions
-are never changed. Rows are saved every --save-every batches (each file rewritten atomically),
+that describes it; an image without a row gets one in DIR/metadata.jsonl holding only its
+file_name and those two, so its caption stays in its .txt file (trainer.data reads a row
+without `text` so), where later edits still count. Original captions are never changed. Rows are saved every --save-every batches (each file rewritten atomically),
 and images already captioned by the same model are skipped, so an interrupted run resumes.
 Train on the new captions with `data.caption_field=synthetic_text`.
 """
@@ -60,7 +60,7 @@ class Metadata:
         self.files = {}  # jsonl path -> list of rows
         self.where = {}  # image name relative to root -> (jsonl path, row number)
         for jsonl in folder_files(self.root)[1]:
-            rows = [json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines()
+            rows = [json.loads(line) for line in jsonl.read_text(encoding="utf-8-sig").splitlines()
                     if line.strip()]
             self.files[jsonl] = rows
             for i, row in enumerate(rows):
@@ -73,13 +73,13 @@ class Metadata:
         return {} if jsonl is None else self.files[jsonl][i]
 
     def set(self, sample, **fields):
-        """Updates the row of `sample` (an index Sample), created from its current caption if
-        missing."""
+        """Updates the row of `sample` (an index Sample), created if missing: without `text`,
+        which would freeze a copy of the .txt caption (an image without a row has no license
+        or source either)."""
         if sample.name not in self.where:
             jsonl = self.root / "metadata.jsonl"
             rows = self.files.setdefault(jsonl, [])
-            rows.append({"file_name": sample.name, "text": sample.caption,
-                         "license": sample.license, "source": sample.source})
+            rows.append({"file_name": sample.name})
             self.where[sample.name] = (jsonl, len(rows) - 1)
         jsonl, i = self.where[sample.name]
         self.files[jsonl][i].update(fields)

@@ -9,7 +9,9 @@ keyed by size and modification time, so a second run only re-checks what changed
 Folder: images (.jpg .jpeg .png .webp, any depth, symbolic links followed; other image types,
 unreadable folders and links to nothing are listed as skipped); caption from a metadata.jsonl row
 (Hugging Face imagefolder: file_name relative to the jsonl's folder, text, and optional
-license, source), else from a same-name .txt next to the image, else "" (counted).
+license, source; a row without text leaves the .txt caption), else from a same-name .txt next
+to the image (UTF-8; one that is not is read with U+FFFD for its bad bytes, counted and
+reported), else "" (counted).
 caption_field="synthetic_text" takes that field of the rows instead (trainer.caption writes
 it), and of a WebDataset sample's .json; .txt captions are then not used.
 WebDataset: uncompressed .tar shards (one that cannot be read, or holds no sample, is
@@ -102,11 +104,15 @@ class DatasetIndex:
 def list_skipped(out_dir, filename, skipped):
     """Writes the (name, reason) pairs to <out_dir>/<filename>, one 'name <TAB> reason' line
     each (tabs and line breaks in them as \\t, \\n, \\r), when there are any and out_dir is
-    given; returns ' (listed in PATH)' or ''."""
-    if out_dir is None or not skipped:
+    given; removes an earlier run's list when there are none. Returns ' (listed in PATH)' or ''."""
+    if out_dir is None:
+        return ""
+    path = os.path.join(out_dir, filename)
+    if not skipped:
+        if os.path.exists(path):
+            os.remove(path)  # the files it listed were fixed or removed
         return ""
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, filename)
     one_line = str.maketrans({"\t": "\\t", "\n": "\\n", "\r": "\\r"})  # as backslash escapes
     with open(path, "w", encoding="utf-8") as f:
         f.writelines(f"{name.translate(one_line)}\t{reason.translate(one_line)}\n" for name, reason in skipped)
@@ -279,21 +285,30 @@ def _scan_folder(root, caption_field):
     """(candidates, captions by name, skipped): an image whose .txt caption cannot be read is
     skipped and listed (trained without it, it would teach the wrong conditioning)."""
     files, jsonls, skipped = folder_files(root)
-    candidates, captions = [], {}
+    candidates, captions, not_utf8 = [], {}, []
     for p in files:
         cand = _Candidate(str(p), -1, p.stat().st_size, _escaped(p.relative_to(root).as_posix()))
         txt = p.with_suffix(".txt")
         if caption_field == "text" and txt.is_file():
             try:
-                captions[cand.name] = {"text": txt.read_text(encoding="utf-8", errors="replace").strip()}
+                raw = txt.read_bytes()
             except OSError as e:
                 skipped.append((cand.name, f"caption {txt.name} {_unreadable(e)}"))
                 continue
+            try:
+                text = raw.decode("utf-8-sig")
+            except UnicodeDecodeError:
+                not_utf8.append(_escaped(txt.relative_to(root).as_posix()))
+                text = raw.decode("utf-8-sig", errors="replace")
+            captions[cand.name] = {"text": text.strip()}
         candidates.append(cand)
+    if not_utf8:
+        log.warning("data: %d .txt captions are not UTF-8 and were read with U+FFFD in place of their bad "
+                    "bytes, e.g. %s; save them as UTF-8", len(not_utf8), not_utf8[0])
     names, unmatched = {c.name for c in candidates}, []
     for jsonl in jsonls:
         try:
-            text = jsonl.read_text(encoding="utf-8")
+            text = jsonl.read_text(encoding="utf-8-sig")  # a byte order mark (Windows editors) is no row
         except UnicodeDecodeError as e:
             raise ValueError(f"{jsonl} is not UTF-8 ({e})") from None
         for lineno, line in enumerate(text.splitlines(), 1):

@@ -2,7 +2,8 @@
 
 A precompute folder holds
   index.json                   format, counts, shapes, dtypes, encoders, caption field, and per
-                               shard {file, count, bytes, sha256}
+                               shard {file, count, bytes, sha256, inputs_sha256 (of its samples'
+                               captions and image files, so a rerun sees them change)}
   shard-00000.safetensors ...  latents_<R> (n, C, R/f, R/f) per resolution R and
                                text_embeddings (n, 77, dim), all float16; its metadata "samples"
                                is a JSON list of {name, caption, license, source} per row
@@ -101,7 +102,8 @@ class LatentIndex:
                  "images precompute skipped as unreadable: %d%s", len(self), len(self.shards), self.root,
                  len(self.skipped), where, images, listed)
         for name, reason in self.skipped:
-            log.warning("data: skipped damaged shard %s: %s", name, reason)
+            log.warning("data: skipped damaged shard %s: %s (trainer.precompute run again with the same "
+                        "--out encodes it anew)", name, reason)
 
 
 def load_latent_index(path, cfg, *, cache_dir=None):

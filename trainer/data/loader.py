@@ -94,16 +94,28 @@ def decode_once(index, cfg_data, ids, batch_size, device="cpu"):
             break
 
 
-def _decoder(index, cfg, batch_size, seed, device):
-    backend = cfg.backend
+def available_backend(backend):
+    """data.backend `backend`, or pil (with a warning) where it is dali and DALI is not importable."""
     if backend == "dali":
         try:
             import nvidia.dali  # noqa: F401
         except ImportError as e:
             log.warning("data: data.backend=dali but DALI is not importable (%s); "
                         "falling back to the PIL DataLoader", e)
-            backend = "pil"
-    if backend == "dali":
+            return "pil"
+    return backend
+
+
+def decoder_name(backend, device):
+    """What decodes for data.backend `backend` (as available_backend gives it) on `device`,
+    as the decoders name themselves: pil, dali cpu, or dali mixed (on the GPU)."""
+    if backend == "pil":
+        return "pil"
+    return f"dali {'mixed' if torch.device(device).type == 'cuda' else 'cpu'}"
+
+
+def _decoder(index, cfg, batch_size, seed, device):
+    if available_backend(cfg.backend) == "dali":
         from trainer.data.dali import DaliDecoder as Decoder
     else:
         from trainer.data.pil import PilDecoder as Decoder
