@@ -69,6 +69,39 @@ def test_a_config_on_top_of_its_base(tmp_path):
         config.load(tmp_path / "c.yaml")
 
 
+@pytest.mark.parametrize("text, match", [
+    ("- train\n", r"a.yaml must be a mapping of config keys, got a list"),
+    ("hello\n", r"a.yaml must be a mapping of config keys, got a str"),
+    ("base: [b.yaml]\n", r"a.yaml: base must name one file, got \['b.yaml'\]"),
+    ("train: 5\n", r"a.yaml: train must be a mapping of its keys \(train.steps, train.batch_size, .*\), got 5"),
+    ("base: b.yaml\n", r"config .*b.yaml: unknown config key 'train.stpes' \(did you mean train.steps"),
+    ("train:\n  steps: 5\n  steps: 6\n", r"key 'steps' is written twice\n  in \".*a.yaml\", line 3"),
+])
+def test_malformed_config_files_are_named(tmp_path, text, match):
+    (tmp_path / "a.yaml").write_text(text)
+    (tmp_path / "b.yaml").write_text("train: {stpes: 5}\n")
+    with pytest.raises(Exception, match=match):
+        config.load(tmp_path / "a.yaml")
+
+
+def test_a_section_with_its_keys_commented_out_is_empty(tmp_path):
+    (tmp_path / "a.yaml").write_text("train:\n  steps: 5\nema:\n  # decay: 0.9\n")
+    assert config.load(tmp_path / "a.yaml")["ema"] == config.DEFAULTS["ema"]
+
+
+def test_a_model_unet_on_top_of_its_base_replaces_it_and_says_so(tmp_path, caplog):
+    (tmp_path / "a.yaml").write_text(f"base: {config.DEFAULT_CONFIG}\nmodel:\n  unet:\n    sample_size: 16\n")
+    with caplog.at_level("WARNING", logger="trainer.config"):
+        assert config.load(tmp_path / "a.yaml")["model"]["unet"] == {"sample_size": 16}
+    assert "model.unet replaces the base config's whole, so its attention_head_dim, block_out_channels" in caplog.text
+
+
+@pytest.mark.parametrize("value", ["inductr", '"true"'])
+def test_a_misspelt_compile_backend_is_a_config_error(cfg_file, value):
+    with pytest.raises(ValueError, match=r"model.compile='(inductr|true)' is not a torch.compile backend"):
+        config.load(cfg_file, [f"model.compile={value}"])
+
+
 @pytest.mark.parametrize("override", ["checkpoint.every=0", "train.log_every=-1", "train.steps=2.5",
                                       "train.batch_size=true"])
 def test_bad_integer_names_key_and_value(cfg_file, override):

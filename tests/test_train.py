@@ -309,11 +309,14 @@ def test_many_non_finite_steps_in_a_row_stop_the_run(tmp_path, monkeypatch):
         run(tmp_path, "train.steps=10", "train.max_bad_steps=3")
 
 
-def test_compiled_unet_trains_as_the_eager_one(tmp_path):
+def test_compiled_unet_trains_as_the_eager_one(tmp_path, capsys):
     # model.compile takes a torch.compile backend (aot_eager: fast, no C++ compiler); the
     # kernels are traced into its graph, the loss follows the eager run's.
     run(tmp_path / "eager", "train.steps=2")
     run(tmp_path / "compiled", "train.steps=2", "model.compile=aot_eager")
+    out = capsys.readouterr().out
+    assert "the UNet under torch.compile (backend=aot_eager; the first step compiles)" in out
+    assert "(under torch.compile: the calls traced" in out
     eager, compiled = ([json.loads(line)["loss"] for line in open(tmp_path / name / "metrics.jsonl")]
                        for name in ("eager", "compiled"))
     assert len(compiled) == 2
@@ -590,3 +593,9 @@ def test_a_resume_with_another_batch_size_goes_on_from_the_same_share_of_the_epo
         run(tmp_path, "train.steps=6", "train.batch_size=4")
     assert "resuming at sample 8 of 12 of epoch 0 on each rank (was 10 of 12" in caplog.text
     assert json.loads((checkpoint.latest(tmp_path) / "state.json").read_text())["data_position"] == [1, 0]
+
+
+def test_a_later_ema_start_on_resume_says_the_started_ema_is_kept(tmp_path, capsys):
+    run(tmp_path, "train.steps=2")  # TINY: the EMA starts at step 1
+    run(tmp_path, "train.steps=3", "ema.start_step=3")
+    assert "the EMA started before step 2 is kept, and not updated until ema.start_step=3" in capsys.readouterr().out

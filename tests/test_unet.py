@@ -475,11 +475,15 @@ def test_strict_loading_names_the_mismatch():
         (dict(norm_num_groups=None), "norm_num_groups must be a positive int"),
         (dict(layers_per_block=[1, 2, 3]), "layers_per_block has 3 entries"),
         (dict(sample_sise=8), "unknown UNet config key"),
+        (dict(block_out_channels=32), "block_out_channels must be a list of positive ints, one per block, got 32"),
+        (dict(down_block_types="CrossAttnDownBlock2D"), "down_block_types must be a list of block names"),
     ],
 )
 def test_config_errors(change, message):
     with pytest.raises(ValueError, match=message):
         UNet.from_config(dict(TINY, **change))
+    with pytest.raises(ValueError, match=r"the UNet config \(model.unet\) must be a dict of diffusers config keys, got None"):
+        UNet.from_config(None)
 
 
 def test_input_errors():

@@ -7,6 +7,7 @@ config dicts and are passed through as they are.
 """
 import copy
 import difflib
+import logging
 import re
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from cckernels.backend import check_number
 from trainer.data import config as data_config
 from trainer.diffusion import PREDICTION_TYPES, ddim_timesteps
 
+log = logging.getLogger("trainer.config")
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "configs" / "tiny.yaml"
 
@@ -116,8 +118,8 @@ DEFAULTS = {
     "ema": {
         "decay": 0.999,
         "start_step": 0,  # no EMA memory before this step (CommonCanvas: last ~3.5%)
-        "every": 1,
-        "warmup": False,
+        "every": 1,  # update every N steps with decay**N (fewer passes over memory, the same average)
+        "warmup": False,  # true: decay min(ema.decay, (1 + t) / (10 + t)), t steps after the start
     },
     "checkpoint": {"every": 100, "keep": 2},  # keep: the newest checkpoints kept; 0: all
     "sample": {
@@ -135,7 +137,18 @@ DEFAULTS = {
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads 3e-4 (no dot) as a string; read it as a float, as YAML 1.2 does."""
+    """YAML 1.1 reads 3e-4 (no dot) as a string; read it as a float, as YAML 1.2 does. A key
+    written twice in one mapping is an error (PyYAML keeps the last in silence)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is written twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 _Loader.add_implicit_resolver(
@@ -197,11 +210,22 @@ def _set(cfg, key, value):
 def _merge(cfg, tree, prefix=""):
     for k, v in tree.items():
         key = prefix + k
+        section = key not in VALID_KEYS and any(x.startswith(key + ".") for x in VALID_KEYS)
+        if section and v is None:  # a section whose keys are all commented out
+            continue
+        if section and not isinstance(v, dict):
+            raise ValueError(f"{key} must be a mapping of its keys ({', '.join(x for x in VALID_KEYS if x.startswith(key + '.'))}), "
+                             f"got {v!r}")
         if isinstance(v, dict) and key not in OPAQUE:
-            if key not in VALID_KEYS and not any(x.startswith(key + ".") for x in VALID_KEYS):
+            if not section:
                 raise _unknown(key)
             _merge(cfg, v, key + ".")
         else:
+            if key == "model.unet" and isinstance(v, dict) and cfg["model"]["unet"]:
+                dropped = sorted(set(cfg["model"]["unet"]) - set(v))
+                if dropped:  # a UNet config is one whole; said, as a child file may mean to change one key
+                    log.warning("model.unet replaces the base config's whole, so its %s take diffusers' defaults; "
+                                "model.unet.KEY=VALUE overrides change one key", ", ".join(dropped))
             _set(cfg, key, v)
 
 
@@ -217,7 +241,7 @@ def parse_overrides(items):
 
 
 def _read(path, chain=()):
-    """The trees of a YAML file and of the files its `base: FILE` names (relative to it), base
+    """(path, tree) of a YAML file and of the files its `base: FILE` names (relative to it), base
     first: each file's keys go on top of its base's (a model.unet mapping replaces the base's)."""
     path = Path(path).resolve()
     if path in chain:
@@ -226,16 +250,23 @@ def _read(path, chain=()):
         raise FileNotFoundError(f"config {path} not found" + (f" (the base of {chain[-1]})" if chain else ""))
     with open(path) as f:
         tree = _yaml(f) or {}
+    if not isinstance(tree, dict):
+        raise ValueError(f"config {path} must be a mapping of config keys, got a {type(tree).__name__}")
     base = tree.pop("base", None)
-    return (_read(path.parent / base, (*chain, path)) if base else []) + [tree]
+    if base is not None and not isinstance(base, str):
+        raise ValueError(f"config {path}: base must name one file, got {base!r}")
+    return (_read(path.parent / base, (*chain, path)) if base else []) + [(path, tree)]
 
 
 def load(path=None, overrides=()):
     """The full config: DEFAULTS <- YAML file (default configs/tiny.yaml; on top of its base, if
     it names one) <- overrides."""
     cfg = copy.deepcopy(DEFAULTS)
-    for tree in _read(path or DEFAULT_CONFIG):
-        _merge(cfg, tree)
+    for file, tree in _read(path or DEFAULT_CONFIG):
+        try:
+            _merge(cfg, tree)
+        except ValueError as e:
+            raise ValueError(f"config {file}: {e}") from None
     for key, value in parse_overrides(overrides):
         _set(cfg, key, value)
     for key, allowed in CHOICES.items():
@@ -268,6 +299,13 @@ def load(path=None, overrides=()):
         if type(default) is bool and type(value) is not bool and not (key == "model.compile" and type(value) is str):
             raise ValueError(f"{key} must be true or false" + " or a torch.compile backend" * (key == "model.compile")
                              + f", got {value!r}")
+    backend = get(cfg, "model.compile")
+    if isinstance(backend, str):  # torch.compile's own error came after the data and models were loaded
+        from torch._dynamo import list_backends
+
+        if backend not in list_backends(exclude_tags=()):
+            raise ValueError(f"model.compile={backend!r} is not a torch.compile backend: true (inductor) or a "
+                             f"name torch._dynamo.list_backends() gives, e.g. aot_eager, eager, cudagraphs")
     return cfg
 
 

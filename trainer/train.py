@@ -297,6 +297,9 @@ def train(cfg):
                        every=cfg["ema"]["every"], warmup=cfg["ema"]["warmup"], optimizer=optimizer)
     if ckpt:
         ema.load_state_dict(ckpt["optimizer"]["ema"], ckpt["ema"])
+        if ema.state_tensors() is not None and cfg["ema"]["start_step"] > start_step:  # a later start, resumed
+            log(f"warning: the EMA started before step {start_step} is kept, and not updated until ema.start_step="
+                f"{cfg['ema']['start_step']} (resume=false restarts it there)")
         if ckpt["rng"] is not None:
             checkpoint.set_rng_state(ckpt["rng"])
         else:  # a rank the saving run did not have
@@ -320,7 +323,9 @@ def train(cfg):
     log(f"world {world} x batch {batch} x accum {accum} = {world * batch * accum} images/step, "
         f"{n_params / 1e6:.1f}M UNet parameters, device {device}, autocast bf16: {autocast}"
         + (" (LayerNorm in bf16 too)" if autocast else "") + weights
-        + (", the UNet's forward and backward as CUDA graphs (captured in the first step)" if tc["cuda_graphs"] else ""))
+        + (", the UNet's forward and backward as CUDA graphs (captured in the first step)" if tc["cuda_graphs"] else "")
+        + (", the UNet under torch.compile (" + ", ".join(f"{k}={v}" for k, v in compile_args.items())
+           + "; the first step compiles)" if compile_args else ""))
     log("kernel backends usable, best first: "
         + "; ".join(f"{op}: {', '.join(names)}" for op, names in ck.available_backends(device).items())
         + f" (CCKERNELS_BACKEND={os.environ.get('CCKERNELS_BACKEND', 'unset')})")
@@ -433,7 +438,8 @@ def train(cfg):
                 interval = []
         if done == start_step + 1:
             log("kernel calls by backend so far: " + ", ".join(f"{op}=" + " + ".join(f"{b} x{n}" for b, n in counts.items())
-                                                              for op, counts in ck.backend_calls().items()))
+                                                              for op, counts in ck.backend_calls().items())
+                + (" (under torch.compile: the calls traced, each backend's choice for the graph)" if compile_args else ""))
         if done % cfg["checkpoint"]["every"] == 0 or done == steps:
             save(done)
         if cfg["sample"]["every"] and done % cfg["sample"]["every"] == 0 and done != steps:

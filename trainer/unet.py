@@ -138,7 +138,7 @@ def parse_config(cfg):
     Keys starting with "_" (diffusers' `_class_name`, `_diffusers_version`) are dropped.
     """
     if not isinstance(cfg, dict):
-        raise ValueError(f"the UNet config must be a dict of diffusers config keys, got {type(cfg).__name__}")
+        raise ValueError(f"the UNet config (model.unet) must be a dict of diffusers config keys, got {cfg!r}")
     cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
     unknown = sorted(set(cfg) - set(DIFFUSERS_DEFAULTS))
     if unknown:
@@ -152,8 +152,13 @@ def parse_config(cfg):
             raise ValueError(
                 f"UNet config {key}={full[key]!r} is not supported; supported: {', '.join(map(repr, allowed))}"
             )
-    n = len(full["block_out_channels"])
+    channels = full["block_out_channels"]
+    if not (isinstance(channels, (list, tuple)) and channels and all(isinstance(c, int) and c >= 1 for c in channels)):
+        raise ValueError(f"block_out_channels must be a list of positive ints, one per block, got {channels!r}")
+    n = len(channels)
     for key, valid in (("down_block_types", DOWN_BLOCKS), ("up_block_types", UP_BLOCKS)):
+        if not isinstance(full[key], (list, tuple)):
+            raise ValueError(f"{key} must be a list of block names, one per block, got {full[key]!r}")
         if len(full[key]) != n:
             raise ValueError(f"{key} has {len(full[key])} entries but block_out_channels has {n}")
         for name in full[key]:
