@@ -214,8 +214,8 @@ def _merge(cfg, tree, prefix=""):
         if section and v is None:  # a section whose keys are all commented out
             continue
         if section and not isinstance(v, dict):
-            raise ValueError(f"{key} must be a mapping of its keys ({', '.join(x for x in VALID_KEYS if x.startswith(key + '.'))}), "
-                             f"got {v!r}")
+            keys = ", ".join(x for x in VALID_KEYS if x.startswith(key + "."))
+            raise ValueError(f"{key} must be a mapping of its keys ({keys}), got {v!r}")
         if isinstance(v, dict) and key not in OPAQUE:
             if not section:
                 raise _unknown(key)

@@ -437,8 +437,9 @@ def train(cfg):
                 metrics.flush()
                 interval = []
         if done == start_step + 1:
-            log("kernel calls by backend so far: " + ", ".join(f"{op}=" + " + ".join(f"{b} x{n}" for b, n in counts.items())
-                                                              for op, counts in ck.backend_calls().items())
+            calls = ck.backend_calls().items()
+            log("kernel calls by backend so far: "
+                + ", ".join(f"{op}=" + " + ".join(f"{b} x{n}" for b, n in counts.items()) for op, counts in calls)
                 + (" (under torch.compile: the calls traced, each backend's choice for the graph)" if compile_args else ""))
         if done % cfg["checkpoint"]["every"] == 0 or done == steps:
             save(done)

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
+from tqdm import tqdm
 
 from trainer.data.config import cache_root
 
@@ -190,9 +191,9 @@ def build_index(path, format="folder", *, cache_dir=None, workers=None, caption_
     cache = _ValidationCache(root, format, cache_dir)
 
     def pil_check(cands):
-        # PIL releases the GIL while decoding, so threads use all cores.
+        # PIL releases the GIL while decoding, so threads use all cores; results in order, as they come.
         with ThreadPoolExecutor(threads) as pool:
-            return list(pool.map(check_candidate, cands))
+            yield from pool.map(check_candidate, cands)
 
     reasons = cache.check(candidates, "pil", pil_check)
     dali = _dali_check(threads)
@@ -573,9 +574,12 @@ class _ValidationCache:
                 if k not in self.entries or self.entries[k][:2] != stamps[candidates[i].path]]
         transient = {}  # files that could not be read (permissions, I/O): checked again next run
         if todo:
-            log.info("data: checking %d of %d images with %s (the rest are cached in %s)",
-                     len(todo), len(candidates), checker, self.path)
-            for i, reason in zip(todo, check_many([candidates[i] for i in todo])):
+            log.info("data: checking %d of %d images with %s (%s)", len(todo), len(candidates), checker,
+                     f"the other {len(candidates) - len(todo)} were checked before" if len(todo) < len(candidates)
+                     else f"results cached in {self.path}")
+            checked = tqdm(check_many([candidates[i] for i in todo]), total=len(todo), unit="img",
+                           desc=f"checking images ({checker})", disable=len(todo) < 1000)  # where it takes a while
+            for i, reason in zip(todo, checked):
                 entry = stamps[candidates[i].path] + [reason]
                 if reason is not None and reason.startswith(UNREADABLE):
                     transient[keys[i]] = entry
