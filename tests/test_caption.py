@@ -109,7 +109,7 @@ def test_caption_resumes(blip, tmp_path, monkeypatch):
 
     monkeypatch.setattr(caption, "generate_captions", dies_on_second_batch)
     with pytest.raises(KeyboardInterrupt):
-        caption.caption_folder(root, blip, batch_size=2, save_every=1, cache_dir=cache)
+        caption.caption_folder(root, blip, batch_size=2, cache_dir=cache)  # saves every 8 batches, and at Ctrl-C
     assert sum("synthetic_text" in r for r in rows(root).values()) == 2
     monkeypatch.setattr(caption, "generate_captions", generate)
     assert caption.caption_folder(root, blip, batch_size=2, cache_dir=cache) == 5

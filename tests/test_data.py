@@ -136,6 +136,13 @@ def test_loader_argument_errors(tmp_path, cache):
         make_loader(cfg(folder, "pil"), 1, world_size=5, cache_dir=cache)
     with pytest.raises(ValueError, match="does not exist"):
         make_loader(cfg(tmp_path / "nowhere", "pil"), 1, cache_dir=cache)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"no readable image in .*empty' \(format=folder\): no .jpg, .jpeg, .png, "
+                                         r".webp file there$"):
+        make_loader(cfg(tmp_path / "empty", "pil"), 1, cache_dir=cache)
+    (tmp_path / "empty" / "index.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"it holds precomputed latents: data.format=latents"):
+        make_loader(cfg(tmp_path / "empty", "pil"), 1, cache_dir=cache)
 
 
 def test_folder_captions(tmp_path, cache):

@@ -578,6 +578,9 @@ def test_cli(tmp_path, caplog):
     pc.main(["--config", str(pc.run_config.DEFAULT_CONFIG), "--out", str(tmp_path / "from_config"), *common])
     a, b = (read_shard(d / shard_file(0))[0] for d in (out, tmp_path / "from_config"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # sd2-base.yaml leaves the encoders to the command line: said before any image is read.
+    with pytest.raises(SystemExit, match="sd2-base.yaml gives no model.vae: give --vae"):
+        pc.main(["--config", str(pc.run_config.ROOT / "configs" / "sd2-base.yaml"), "--out", str(tmp_path / "x"), *common])
 
 
 @pytest.mark.gpu

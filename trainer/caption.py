@@ -115,15 +115,17 @@ def caption_folder(data, model_path, *, batch_size=16, max_new_tokens=40, save_e
     if not todo:
         return 0
     model, processor = load_captioner(model_path, device, DTYPES[precision])
-    for k, start in enumerate(tqdm(range(0, len(todo), batch_size), desc="caption", unit="batch")):
-        batch = todo[start:start + batch_size]
-        texts = generate_captions(model, processor, [decode_rgb(s.read()) for s in batch],
-                                  max_new_tokens)
-        for sample, text in zip(batch, texts):
-            meta.set(sample, synthetic_text=text, synthetic_model=model_name)
-        if (k + 1) % save_every == 0:
-            meta.save()
-    meta.save()
+    try:
+        for k, start in enumerate(tqdm(range(0, len(todo), batch_size), desc="caption", unit="batch")):
+            batch = todo[start:start + batch_size]
+            texts = generate_captions(model, processor, [decode_rgb(s.read()) for s in batch],
+                                      max_new_tokens)
+            for sample, text in zip(batch, texts):
+                meta.set(sample, synthetic_text=text, synthetic_model=model_name)
+            if (k + 1) % save_every == 0:
+                meta.save()
+    finally:  # Ctrl-C or an error keeps the captions made so far (a rerun goes on from them)
+        meta.save()
     return len(todo)
 
 

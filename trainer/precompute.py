@@ -350,6 +350,9 @@ def main(argv=None):
     text_cfg = {"path": _absolute(args.text_encoder)} if args.text_encoder else model["text_encoder"]
     if args.open_clip:
         text_cfg["open_clip"] = args.open_clip
+    for flag, name, section in (("--vae", "vae", vae_cfg), ("--text-encoder", "text_encoder", text_cfg)):
+        if not section:  # sd2-base.yaml leaves them to the command line
+            raise SystemExit(f"{args.config} gives no model.{name}: give {flag} (or --encoders)")
     data = dict(cfg["data"])
     for key, value in (("path", args.data), ("format", args.format), ("backend", args.backend),
                        ("caption_field", args.caption_field), ("workers", args.workers)):

@@ -220,8 +220,14 @@ def build_index(path, format="folder", *, cache_dir=None, workers=None, caption_
                               meta.get("text", "") or "", str(meta.get("license", "") or ""),
                               str(meta.get("source", "") or "")))
     if not samples:
-        raise ValueError(f"no readable image in {str(root)!r} (format={format}): "
-                         f"{len(skipped)} image file(s) or shard(s) found, all unusable: {skipped[:3]}")
+        if skipped:
+            found = f"{len(skipped)} image file(s) or shard(s) found, all unusable: {skipped[:3]}"
+        elif format == "folder":
+            found = f"no .{', .'.join(IMAGE_EXTS)} file there" + (
+                " (it holds precomputed latents: data.format=latents)" if (root / "index.json").is_file() else "")
+        else:
+            found = "no .tar shard there"
+        raise ValueError(f"no readable image in {str(root)!r} (format={format}): {found}")
     if missing == len(samples):
         log.warning("data: none of the %d images in %s has a caption (data.caption_field=%s): training "
                     "unconditionally", len(samples), root, caption_field)
