@@ -599,3 +599,14 @@ def test_a_later_ema_start_on_resume_says_the_started_ema_is_kept(tmp_path, caps
     run(tmp_path, "train.steps=2")  # TINY: the EMA starts at step 1
     run(tmp_path, "train.steps=3", "ema.start_step=3")
     assert "the EMA started before step 2 is kept, and not updated until ema.start_step=3" in capsys.readouterr().out
+
+
+def test_an_out_dir_that_cannot_be_locked_trains_unguarded(tmp_path, monkeypatch, caplog):
+    def no_locks(f, op):
+        raise OSError(37, "No locks available")
+
+    monkeypatch.setattr(checkpoint.fcntl, "flock", no_locks)
+    with caplog.at_level("WARNING", logger="trainer.checkpoint"):
+        run(tmp_path, "train.steps=1")
+    assert "cannot be locked ([Errno 37] No locks available)" in caplog.text
+    assert checkpoint.load(checkpoint.latest(tmp_path))["state"]["step"] == 1

@@ -15,6 +15,7 @@ import contextlib
 import datetime
 import fcntl
 import json
+import logging
 import os
 import shutil
 import socket
@@ -25,6 +26,8 @@ from safetensors.torch import load_file
 
 from trainer import config as config_mod
 from trainer.unet import CONFIG_NAME, WEIGHTS_NAME, diffusers_files, save_safetensors, write_diffusers_config
+
+log = logging.getLogger("trainer.checkpoint")
 
 
 def checkpoint_dir(out_dir):
@@ -90,11 +93,13 @@ def run_lock(out_dir):
     with open(out_dir / ".lock", "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             f.seek(0)
             raise RuntimeError(f"another run ({f.read().strip() or 'pid unknown'}) is writing to {out_dir}: two "
                                "runs there would resume from and prune each other's checkpoints; wait for it "
                                "to end, or give this one another out_dir") from None
+        except OSError as e:  # a file system without locks (some NFS, Lustre mounts): train on, unguarded
+            log.warning("%s cannot be locked (%s): a second run started there would not be refused", f.name, e)
         f.truncate(0)
         f.write(f"pid {os.getpid()} on {socket.gethostname()}")
         f.flush()
