@@ -51,11 +51,14 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def precompute(data_cfg, vae_cfg, text_cfg, resolutions, out, *, batch_size=32, shard_size=1024,
-               precision="auto", rank=0, world_size=1, device="cpu", cache_dir=None, replace_other=False):
+               precision="auto", rank=0, world_size=1, device="cpu", cache_dir=None, replace_other=False,
+               verify=False):
     """Writes the precompute folder `out` (this rank's shards; rank 0 also index.json).
 
     A folder already holding a precompute of other data or settings is an error, unless
-    replace_other: then (a cache, e.g. the benchmarks') it is emptied and written anew."""
+    replace_other: then (a cache, e.g. the benchmarks') it is emptied and written anew. A rerun
+    takes a finished shard of the recorded size as it is; verify: only if its sha256 matches too
+    (reads every shard: terabytes for SD2's text embeddings of tens of millions of captions)."""
     data = DataConfig.from_dict(data_cfg)
     if data.format == "latents":
         raise ValueError("data.format=latents is already precomputed; give the image dataset")
@@ -122,7 +125,7 @@ def precompute(data_cfg, vae_cfg, text_cfg, resolutions, out, *, batch_size=32, 
               for k in range(rank, n_shards, world_size)}
     # Hashing the shards an earlier run wrote: threads, as hashlib releases the GIL.
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        states = dict(zip(inputs, pool.map(lambda k: _state(out, k, inputs[k], verify=True), inputs)))
+        states = dict(zip(inputs, pool.map(lambda k: _state(out, k, inputs[k], verify), inputs)))
     todo = [k for k, state in states.items() if state != "finished"]
     for state, why in (("changed", "their samples' captions or image files changed"),
                        ("damaged", "their files do not match their recorded size and sha256")):
@@ -325,6 +328,8 @@ def parse_args(argv=None):
                    help="encoder precision; auto: bf16 on GPU, fp32 on CPU")
     p.add_argument("--workers", type=int, help="decoding processes / threads")
     p.add_argument("--cache-dir", help="validation cache and built-in images")
+    p.add_argument("--verify", action="store_true", help="on a rerun, check each finished shard's sha256, not "
+                   "only its size, and encode those that differ anew (what training's 'checksum mismatch' asks for)")
     args = p.parse_args(argv)
     if args.open_clip and not args.text_encoder:
         p.error("--open-clip names the architecture of --text-encoder's checkpoint; give --text-encoder")
@@ -372,7 +377,7 @@ def main(argv=None):
         precompute(data, vae_cfg, text_cfg, args.resolutions or [data["resolution"]], args.out,
                    batch_size=args.batch_size, shard_size=args.shard_size,
                    precision=args.precision, rank=rank, world_size=world, device=device,
-                   cache_dir=args.cache_dir)
+                   cache_dir=args.cache_dir, verify=args.verify)
     finally:
         if world > 1:
             dist.destroy_process_group()

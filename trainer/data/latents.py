@@ -103,7 +103,7 @@ class LatentIndex:
                  len(self.skipped), where, images, listed)
         for name, reason in self.skipped:
             log.warning("data: skipped damaged shard %s: %s (trainer.precompute run again with the same "
-                        "--out encodes it anew)", name, reason)
+                        "--out and --verify encodes it anew)", name, reason)
 
 
 def load_latent_index(path, cfg, *, cache_dir=None):
