@@ -255,6 +255,7 @@ def print_table(rows, copy_gbps):
         print(f"{r['bench']:10} {r['dtype']:5} {r['method']:42} {spread:>22} {r['gbps']:8.1f} {100 * r['frac_copy']:5.0f}% "
               f"{graph:>25} {graph_copy:>11} {fmt(r.get('host_us'), '.0f'):>8} {fmt(r['launches'], 'd'):>8} {speedup:>7}")
     print_missing_graphs([r for r in rows if r["bench"] == "ema"], lambda r: f"{r['method']} {r['dtype']}")
+    print(f"speedup: against {BASELINE}, same dtype")
 
 
 def plot(rows, copy_gbps, path):

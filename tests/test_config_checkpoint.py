@@ -124,6 +124,8 @@ def test_bad_integer_names_key_and_value(cfg_file, override):
     ("sample.guidance=.nan", r"sample.guidance must be a number in \[0, inf\), got nan"),
     ("train.betas=[0.9,1.0]", r"train.betas must be a number in \[0, 1\), got 1.0"),
     ("train.betas=0.9", r"train.betas must be a list of two numbers in \[0, 1\), got 0.9"),
+    ("data.resolution=0", r"data.resolution=0; expected an integer >= 1"),
+    ("data.random_flip=maybe", r"data.random_flip='maybe'; expected true or false"),
     ("sample.prompts=[]", r"sample.prompts must be a non-empty list of strings, got \[\]"),
     ("sample.prompts=a cat", r"sample.prompts must be a non-empty list of strings, got 'a cat'"),
     ("sample.prompts=[a, 2]", r"sample.prompts must be a non-empty list of strings, got \['a', 2\]"),

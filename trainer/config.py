@@ -286,6 +286,7 @@ def load(path=None, overrides=()):
         raise ValueError(f"train.betas must be a list of two numbers in [0, 1), got {betas!r}")
     for beta in betas:
         check_number("train.betas", beta, 0, 1, high_open=True)
+    data_config.DataConfig.from_dict(cfg["data"])  # its checks, before resume=false moves an earlier run aside
     # The run samples at its end, before the export: a bad setting here must not fail it there.
     prompts = get(cfg, "sample.prompts")
     if not (isinstance(prompts, list) and prompts and all(isinstance(p, str) for p in prompts)):
