@@ -592,7 +592,12 @@ def test_a_resume_with_another_batch_size_goes_on_from_the_same_share_of_the_epo
     with caplog.at_level("INFO", logger="trainer.data"):
         run(tmp_path, "train.steps=6", "train.batch_size=4")
     assert "resuming at sample 8 of 12 of epoch 0 on each rank (was 10 of 12" in caplog.text
-    assert json.loads((checkpoint.latest(tmp_path) / "state.json").read_text())["data_position"] == [1, 0]
+    state = json.loads((checkpoint.latest(tmp_path) / "state.json").read_text())
+    assert state["data_position"] == [1, 0] and state["samples"] == 12
+    state["samples"] = 13  # as if an image had been removed since
+    (checkpoint.latest(tmp_path) / "state.json").write_text(json.dumps(state))
+    run(tmp_path, "train.steps=7", "train.batch_size=4")
+    assert "the data holds 12 samples, 13 when" in capsys.readouterr().out
 
 
 def test_a_later_ema_start_on_resume_says_the_started_ema_is_kept(tmp_path, capsys):

@@ -232,6 +232,9 @@ def train(cfg):
         start=data_start(ckpt["state"]) if ckpt else (0, 0), out_dir=out_dir if is_main else None,
     )
     batches = iter(loader)
+    if ckpt and ckpt["state"].get("samples", len(loader.index)) != len(loader.index):
+        log(f"the data holds {len(loader.index)} samples, {ckpt['state']['samples']} when {ckpt_path} was written: "
+            "this epoch's order is drawn anew")
     latents_format = cfg["data"]["format"] == "latents"
     # Frozen encoders: they encode each batch (unless latents were precomputed) and, on rank 0,
     # the sample prompts and images; ranks training on latents need neither.
@@ -383,7 +386,7 @@ def train(cfg):
         _barrier(world)
         if is_main:
             state = {"step": step, "data_position": list(loader.position()), "bad_steps": bad_steps, "world": world,
-                     "samples_per_epoch": loader.samples_per_epoch}
+                     "samples_per_epoch": loader.samples_per_epoch, "samples": len(loader.index)}
             path = checkpoint.commit(
                 out_dir, step, unet=fp32_weights(), ema=ema.state_tensors(), config=cfg,
                 optimizer={"optimizer": optimizer.state_dict(ema=False, master=False), "ema": ema.state_dict()},
