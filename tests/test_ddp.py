@@ -10,6 +10,7 @@ import datetime
 import gc
 import json
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -351,6 +352,8 @@ def test_bad_arguments(kwargs, match):
 
 @pytest.mark.parametrize("cuda_build", [True, False], ids=["torch-with-cuda", "cpu-only-torch"])
 def test_bench_ddp_tiny(tmp_path, monkeypatch, cuda_build):
+    # Its siblings (run_info) import by name, in the spawned ranks too (spawn passes sys.path on).
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from benchmarks import bench_ddp
 
     if not cuda_build:  # torch DDP's bf16 hook refuses such a build: that row is left out, said why
