@@ -28,7 +28,6 @@ import argparse
 import copy
 import datetime
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -39,7 +38,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from run_info import at_least, output_dir, run_meta
+from run_info import at_least, device_name, output_dir, run_meta
 
 
 def make_model(width, depth, seed):
@@ -193,7 +192,7 @@ def main(argv=None):
         torch_row = next((r for r in rows if r["impl"] == "torch" and r["grad_comm"] == row["grad_comm"]), None)
         row["speedup_vs_torch"] = torch_row["step"]["ms"] / row["step"]["ms"] if torch_row else None
 
-    device = torch.cuda.get_device_name() if backend == "nccl" else platform.processor() or "cpu"
+    device = device_name("cuda" if backend == "nccl" else "cpu")
     print(f"{backend}, {world} ranks on {device}; MLP {args.depth} x Linear({args.width}) "
           f"({grad_bytes / 2**20:.1f} MiB fp32 grads), batch {args.batch}/rank, "
           f"buckets of {args.bucket_mb} MB ({raw['n_buckets']} buckets)")

@@ -143,19 +143,15 @@ if [ -s "$SCRATCH/smoke.env" ]; then
 fi
 
 "$PY" - "$OUT/meta.json" <<'EOF'
-import json, os, platform, subprocess, sys, datetime
+import json, os, platform, subprocess, sys
 from importlib import metadata
-import torch
+sys.path.insert(0, "benchmarks")
+from run_info import run_meta  # what every benchmark's JSON opens with
 def run(*cmd):
     try:
         return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
-try:
-    import triton
-    triton_version = triton.__version__
-except ImportError:
-    triton_version = None
 import cckernels
 def version(name):
     try:
@@ -163,13 +159,9 @@ def version(name):
     except metadata.PackageNotFoundError:
         return None
 meta = {
-    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    "commit": run("git", "rev-parse", "HEAD"),
-    "dirty": bool(run("git", "status", "--porcelain", "--untracked-files=no")),
-    "device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    **run_meta(),
     "driver": run("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"),
-    "python": platform.python_version(), "torch": torch.__version__, "triton": triton_version,
-    "cuda": torch.version.cuda, "nvcc": (run("nvcc", "--version") or "").splitlines()[-1:],
+    "python": platform.python_version(), "nvcc": (run("nvcc", "--version") or "").splitlines()[-1:],
     "build_info": cckernels.build_info(),
     "available_backends": cckernels.available_backends(),
     # smoke's switches among them; what this call ran

@@ -8,8 +8,10 @@ image of the image folder DIR (trainer.data's index; unreadable files are skippe
 gets `synthetic_text` and `synthetic_model` (the model folder's name) in the metadata.jsonl row
 that describes it; an image without a row gets one in DIR/metadata.jsonl holding only its
 file_name and those two, so its caption stays in its .txt file (trainer.data reads a row
-without `text` so), where later edits still count. Original captions are never changed. Rows are saved every --save-every batches (each file rewritten atomically),
-and images already captioned by the same model are skipped, so an interrupted run resumes.
+without `text` so), where later edits still count. Original captions are never changed.
+Rows are saved every --save-every batches and when the run stops (each file rewritten
+atomically), and images already captioned by the same model are skipped, so an interrupted
+run resumes.
 Train on the new captions with `data.caption_field=synthetic_text`.
 """
 

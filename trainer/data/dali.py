@@ -24,6 +24,7 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from trainer.data.index import IMAGE_EXTS, write_dali_index
+from trainer.data.loader import decoder_name
 
 
 class DaliDecoder:
@@ -33,7 +34,7 @@ class DaliDecoder:
             self.device_id = device.index if device.index is not None else torch.cuda.current_device()
         else:
             self.device_id = None
-        self.name = f"dali {'mixed' if self.device_id is not None else 'cpu'}"
+        self.name = decoder_name("dali", device)
         self._tmp = tempfile.mkdtemp(prefix="cckernels-dali-")
         weakref.finalize(self, shutil.rmtree, self._tmp, ignore_errors=True)
 
