@@ -46,7 +46,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from run_info import at_least, output_dir, run_meta
+from run_info import at_least, output_dir, run_meta, save_plot
 from timers import fmt, graph_cell, host_times, print_host_times, print_missing_graphs, time_fields, timings
 
 HEADS = {0: 5, 1: 10, 2: 20, 3: 20}  # UNet level -> heads of dim 64 (SD2)
@@ -287,7 +287,7 @@ def print_table(rows, summary, hosts, checks):
         print(f"  {status(eager):<5}{status(graph):<5}{target}")
 
 
-def plot(rows, path):
+def plot(rows, path, meta):
     """TFLOP/s from the graph time; hatched bars: the eager time, where there is no graph time."""
     import matplotlib
 
@@ -314,9 +314,7 @@ def plot(rows, path):
     axes[0].set_title("TFLOP/s from CUDA-graph time (hatched: eager time, no graph time)")
     axes[1].set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))])
     axes[1].set_xticklabels(shapes, rotation=45, ha="right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)  # redrawn after every shape
+    save_plot(fig, path, meta)
 
 
 def main():
@@ -357,7 +355,7 @@ def main():
         checks = [] if tiny else targets(summary)
         (out / "attention.json").write_text(json.dumps({**meta, "rows": rows, "summary": summary, "host": hosts,
                                                         "targets": checks}, indent=1))  # fmt: skip
-        plot(rows, out / "attention.png")
+        plot(rows, out / "attention.png", meta)
         return summary, hosts, checks
 
     rows = measure(peers(), shapes, device, dtype, tiny, args.budget_s, save)

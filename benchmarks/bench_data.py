@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from run_info import at_least, output_dir, run_meta
+from run_info import at_least, output_dir, run_meta, save_plot
 
 
 def synthetic_jpeg(seed, width, height):
@@ -167,9 +167,7 @@ def plot(rows, resolutions, names, path, meta):
     ax.set_ylabel("images / s")
     ax.set_title(f"decode + augment, {meta['cpu_cores']} CPU cores, {meta['device']}", fontsize=9)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_plot(fig, path, meta)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from run_info import at_least, device_name, output_dir, run_meta
+from run_info import at_least, device_name, output_dir, run_meta, save_plot
 
 
 def make_model(width, depth, seed):
@@ -215,12 +215,12 @@ def main(argv=None):
         "not_measured": args.unavailable, "seconds": sec,
     }
     (out / "bench_ddp.json").write_text(json.dumps(result, indent=2))
-    plot(rows, out / "bench_ddp.png", f"{backend} x{world}, {device}, {grad_bytes / 2**20:.2f} MiB grads")
+    plot(rows, out / "bench_ddp.png", f"{backend} x{world}, {device}, {grad_bytes / 2**20:.2f} MiB grads", result)
     print(f"wrote {out / 'bench_ddp.json'} and {out / 'bench_ddp.png'}")
     return result
 
 
-def plot(rows, path, title):
+def plot(rows, path, title, meta):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -242,8 +242,7 @@ def plot(rows, path, title):
     ax_h.set_xticklabels(labels)
     ax_h.set_ylabel("all-reduce time hidden by backward")
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_plot(fig, path, meta)
 
 
 if __name__ == "__main__":

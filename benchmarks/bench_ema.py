@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 import cckernels as ck
-from run_info import output_dir, run_meta
+from run_info import output_dir, run_meta, save_plot
 from timers import fmt, graph_cell, print_missing_graphs, time_fields, timings
 
 SHAPES_FILE = Path(__file__).with_name("sd2_unet_shapes.json")
@@ -258,7 +258,7 @@ def print_table(rows, copy_gbps):
     print(f"speedup: against {BASELINE}, same dtype")
 
 
-def plot(rows, copy_gbps, path):
+def plot(rows, copy_gbps, path, meta):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -276,8 +276,7 @@ def plot(rows, copy_gbps, path):
         ax.set_xlabel("GB/s (useful bytes)")
         ax.set_title(title)
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_plot(fig, path, meta)
 
 
 def main(argv=None):
@@ -307,7 +306,7 @@ def main(argv=None):
         rows=rows,
     )
     (out / "bench_ema.json").write_text(json.dumps(result, indent=1))
-    plot(rows, copy_gbps, out / "bench_ema.png")
+    plot(rows, copy_gbps, out / "bench_ema.png", result)
     print(f"wrote {out / 'bench_ema.json'} and {out / 'bench_ema.png'}")
     return result
 

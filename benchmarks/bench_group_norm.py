@@ -47,7 +47,7 @@ from tqdm import tqdm
 import cckernels as ck
 from cckernels import cuda as ck_cuda
 from cckernels.triton import group_norm as ck_triton_group_norm
-from run_info import output_dir, run_meta
+from run_info import output_dir, run_meta, save_plot
 from timers import eager_ms, fmt, graph_cell, host_times, print_host_times, print_missing_graphs, time_fields, timings
 
 GROUPS = 32
@@ -203,7 +203,7 @@ def measure(name, fn, param_dtype, shape, layout, device, on_gpu):
     return rows
 
 
-def plot(rows, copy_gbps, path):
+def plot(rows, copy_gbps, path, meta):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -229,8 +229,7 @@ def plot(rows, copy_gbps, path):
         ax.set_ylabel("fraction of copy bandwidth")
         ax.set_title(f"GroupNorm+SiLU {mode}, bf16, from the CUDA-graph time (hatched: eager time, no graph time)")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_plot(fig, path, meta)
 
 
 def add_ratios(rows, copy_gbps):
@@ -318,7 +317,7 @@ def main():
     result["host"] = host_times([r for r in rows if r["impl"] != "copy"], "impl", "mode", lambda impl: impl.startswith("ck-"))
     print_host_times(result["host"])
     save()
-    plot(rows, copy_gbps, out / "group_norm.png")
+    plot(rows, copy_gbps, out / "group_norm.png", result)
     print(f"wrote {out / 'group_norm.json'} and {out / 'group_norm.png'}")
 
 

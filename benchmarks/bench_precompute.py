@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from bench_data import make_dataset, measure
-from run_info import at_least, output_dir, run_meta
+from run_info import at_least, output_dir, run_meta, save_plot
 
 def training(step, loader, warmup):
     """Batches of `loader`, each after `step` trained on it, so bench_data's measure times
@@ -153,8 +153,7 @@ def plot(rows, path, meta):
     ax.set_ylabel("training images / s")
     ax.set_title(f"{meta['encoders']} encoders, {meta['resolution']} px, batch "
                  f"{meta['batch_size']}, {meta['device']}: {meta['speedup']:.2f}x", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_plot(fig, path, meta)
 
 
 if __name__ == "__main__":

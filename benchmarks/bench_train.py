@@ -117,7 +117,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # trainer, cckernels and b
 
 import cckernels as ck  # noqa: E402
 from bench_data import make_dataset  # noqa: E402
-from run_info import at_least, output_dir, run_meta  # noqa: E402
+from run_info import at_least, output_dir, run_meta, save_plot  # noqa: E402
 from trainer import diffusion, encoders  # noqa: E402
 from trainer.config import CHOICES, load as load_config  # noqa: E402
 from trainer.data import cache_root  # noqa: E402
@@ -751,9 +751,7 @@ def plot(rows, path, meta):
         ax.legend(fontsize=7, loc="lower right")
     ax.set_xlabel("images / s (higher is better)")
     ax.set_title(f"SD2 UNet training, {meta['resolution']} px, world {meta['world']}, {meta['device']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_plot(fig, path, meta)
 
 
 # --- main ---------------------------------------------------------------------------------------------------

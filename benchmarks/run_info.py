@@ -72,3 +72,16 @@ def at_least(low):
         return value
 
     return parse
+
+
+def save_plot(fig, path, meta):
+    """Save fig as path (PNG) with a footer naming its run (date, commit, device, versions), so a
+    plot copied out of its folder still says where its numbers came from; then close it."""
+    import matplotlib.pyplot as plt
+
+    commit = (meta.get("commit") or "no commit")[:10] + (" (dirty)" if meta.get("dirty") else "")
+    fig.text(0.005, 0.003, f"{meta['date']}  {commit}  {meta['device']}  torch {meta['torch']}  "
+             f"triton {meta['triton']}  cuda {meta['cuda']}", fontsize=6, color="0.4", va="bottom")
+    fig.tight_layout(rect=(0, 0.02, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 import cckernels as ck
 from bench_group_norm import copy_bandwidth
-from run_info import output_dir, run_meta
+from run_info import output_dir, run_meta, save_plot
 from timers import fmt, graph_cell, print_missing_graphs, time_fields, timings
 
 # (resolution, tokens): batch x latent positions of SD2's transformer blocks at each of their
@@ -75,7 +75,7 @@ def print_table(bench, rows):
               f"{r['of_copy']:8.0%} {r['speedup_vs_baseline']:15.2f}x")
 
 
-def plot(bench, rows, path):
+def plot(bench, rows, path, meta):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -96,9 +96,7 @@ def plot(bench, rows, path):
         ax.set_ylabel("fraction of copy bandwidth")
         ax.set_title(f"{bench.title} {mode}, bf16 (higher is better)", fontsize=9)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_plot(fig, path, meta)
 
 
 def main(bench, doc, argv=None):
@@ -129,6 +127,6 @@ def main(bench, doc, argv=None):
         print(f"skipped for the time budget: {', '.join(skipped)}")
     (out / f"{bench.op}.json").write_text(json.dumps({**meta, "copy_GBps": copy_gbps, "baseline": bench.baseline,
                                                       "rows": rows, "skipped": skipped}, indent=2))
-    plot(bench, rows, out / f"{bench.op}.png")
+    plot(bench, rows, out / f"{bench.op}.png", meta)
     print(f"wrote {out / f'{bench.op}.json'} and {out / f'{bench.op}.png'}")
     return rows

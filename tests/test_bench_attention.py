@@ -96,7 +96,7 @@ def test_tables_and_plot_from_both_timings(bench, monkeypatch, tmp_path, capsys)
     summary, hosts = bench.summarize(rows), bench.host_times(rows, "backend", "pass", bench.ours)
     checks = bench.targets(summary)
     bench.print_table(rows, summary, hosts, checks)
-    bench.plot(rows, tmp_path / "attention.png")
+    bench.plot(rows, tmp_path / "attention.png", bench.run_meta("cpu"))
     json.dumps({"rows": rows, "summary": summary, "host": hosts, "targets": checks}, allow_nan=False)
 
     fwd = next(s for s in summary if s["backend"] == "triton" and s["pass"] == "fwd")

@@ -79,7 +79,7 @@ def test_table_and_plot_from_both_timings(monkeypatch, tmp_path, capsys):
     bench.print_table(rows)
     hosts = bench.host_times([r for r in rows if r["impl"] != "copy"], "impl", "mode", lambda impl: impl.startswith("ck-"))
     bench.print_host_times(hosts)
-    bench.plot(rows, 1.0, tmp_path / "group_norm.png")
+    bench.plot(rows, 1.0, tmp_path / "group_norm.png", bench.run_meta("cpu"))
     json.dumps({"rows": rows, "host": hosts}, allow_nan=False)
 
     ours = {r["mode"]: r for r in rows if r["impl"] == "ck-default"}

@@ -154,7 +154,7 @@ def test_gpu_time_rates_are_the_rates_the_busy_share_allows(bench, tmp_path, cap
     bench.print_table(full)
     table = capsys.readouterr().out
     assert "300.0 (1.50x base)" in table and "GPU-time img/s" in table
-    bench.plot(full, tmp_path / "plot.png", {"resolution": 256, "world": 1, "device": "test"})
+    bench.plot(full, tmp_path / "plot.png", {**bench.run_meta("cpu"), "resolution": 256, "world": 1})
     assert (tmp_path / "plot.png").stat().st_size > 0
 
 
