@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -134,6 +135,38 @@ def test_bf16_weights_ranks_start_from_the_same_masters(tmp_path):
     per_rank = (torch.load(tmp_path / f"losses{r}.pt") for r in (0, 1))
     logged = [json.loads(line)["loss"] for line in open(tmp_path / "metrics.jsonl")]
     assert logged == pytest.approx(((next(per_rank) + next(per_rank)) / 2).tolist(), rel=1e-6)
+
+
+def _stalled_rank(rank, port, out_dir):
+    """One rank of a 2-rank run with train.dist_timeout_s=5 whose rank 1 stalls before the first checkpoint."""
+    import os
+    import time
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    if rank == 1:
+        train.checkpoint.save_rank_rng = lambda *a: time.sleep(60)
+    start = time.perf_counter()
+    try:
+        train.main([*TINY, "train.steps=2", "checkpoint.every=1", "train.dist_timeout_s=5", f"out_dir={out_dir}"])
+    except Exception as e:  # noqa: BLE001 (any error: the test asks only when rank 0 gave up)
+        if rank == 0:
+            (Path(out_dir) / "rank0_failed_after_s").write_text(f"{time.perf_counter() - start}")
+        raise
+
+
+def test_a_stalled_rank_fails_the_run_after_train_dist_timeout_s(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(mp.ProcessRaisedException):
+        mp.start_processes(_stalled_rank, args=(port, str(tmp_path)), nprocs=2, start_method="spawn")
+    assert float((tmp_path / "rank0_failed_after_s").read_text()) < 50  # not gloo's 30 minutes, nor the 60 s stall
 
 
 @pytest.mark.gpu

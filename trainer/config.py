@@ -52,7 +52,7 @@ NUMBER_RANGES = {
     "train.lr": (0, INF, False, True), "train.weight_decay": (0, INF, False, True),
     "train.grad_clip": (0, INF, True, False), "ema.decay": (0, 1, False, False),
     "diffusion.caption_dropout": (0, 1, False, False), "diffusion.min_snr_gamma": (0, INF, True, True),
-    "sample.guidance": (0, INF, False, True),
+    "sample.guidance": (0, INF, False, True), "train.dist_timeout_s": (0, 7 * 24 * 3600, True, False),
 }
 
 DEFAULTS = {
@@ -113,6 +113,9 @@ DEFAULTS = {
         # is the bottleneck; not with grad_accum > 1, gradient checkpointing or torch.compile
         "cuda_graphs": False,
         "max_bad_steps": 10,  # consecutive non-finite steps before the run stops
+        # how long ranks wait for each other (a collective, a barrier while rank 0 writes a
+        # checkpoint) before the run fails: a hung rank stops the run after this long
+        "dist_timeout_s": 1800,
         "log_every": 10,
     },
     "ema": {

@@ -15,6 +15,7 @@ resumes the same way (after resume=false too: it resumes the run that started ov
 """
 import argparse
 import contextlib
+import datetime
 import logging
 import math
 import os
@@ -176,7 +177,8 @@ def train(cfg):
         if rank == 0:  # a wrong WORLD_SIZE waits here for ranks that never come
             print(f"waiting for {world} ranks at {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}",
                   flush=True)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=cfg["train"]["dist_timeout_s"]))
     is_main = rank == 0
     torch.manual_seed(cfg["seed"] + rank)  # each rank draws its own noise and timesteps
     # bf16: autocast on GPUs (on CPUs it would only be slower); bf16-weights: bf16 weights
