@@ -199,7 +199,7 @@ def test_byte_order_marks_and_captions_that_are_not_utf8(tmp_path, cache, caplog
         by_name = {s.name: s.caption for s in build_index(root, cache_dir=cache).samples}
     assert by_name == {"img00.png": "caption 0", "img01.jpg": "with a BOM", "img02.jpg": "caf\ufffd",
                        "img03.png": "na\ufffdve"}
-    assert "2 .txt captions are not UTF-8" in caplog.text and "e.g. img02.txt" in caplog.text
+    assert "2 captions are not UTF-8" in caplog.text and "e.g. img02.txt" in caplog.text
     (root / "img00.txt").write_text("edited")
     assert build_index(root, cache_dir=cache).samples[0].caption == "edited"
 
@@ -641,6 +641,32 @@ def test_webdataset_bad_members(tmp_path, cache, backend, with_index):
     assert loader.index.missing_captions == 1
     captions = sorted(c for _, caps in take(loader, 2) for c in caps)
     assert captions == sorted(["", "caption 0", "caption 1", "caption 2", "caption 3"] * 2)
+
+
+def test_webdataset_captions_not_utf8_or_not_json(tmp_path, cache, caplog):
+    # As in folders: a caption that is not UTF-8 is read with U+FFFD, counted and named; a BOM
+    # starts no caption; a sample whose caption .json is no JSON object is skipped and listed
+    # (it trained on the empty caption); next to a .txt caption it costs only the licence.
+    root = tmp_path / "w"
+    root.mkdir()
+    image = encode(smooth_image(1, 30, 40))
+    samples = {"a": {"txt": b"caf\xe9"}, "b": {"txt": b"\xef\xbb\xbfbom"}, "c": {"json": b'{"caption": "na\xefve"}'},
+               "d": {"json": b'{"caption": '}, "e": {"json": b'["a list"]'}, "f": {"json": b"{", "txt": b"kept"}}
+    with tarfile.open(root / "s.tar", "w") as tar:
+        for key, members in samples.items():
+            for ext, data in {"jpg": image, **members}.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    with caplog.at_level(logging.WARNING, logger="trainer.data"):
+        index = build_index(root, "webdataset", cache_dir=cache)
+    assert {s.name: s.caption for s in index.samples} == {"s.tar/a.jpg": "caf\ufffd", "s.tar/b.jpg": "bom",
+                                                          "s.tar/c.jpg": "na\ufffdve", "s.tar/f.jpg": "kept"}
+    assert "2 captions are not UTF-8" in caplog.text and "e.g. s.tar/a.txt" in caplog.text
+    skipped = dict(index.skipped)
+    assert sorted(skipped) == ["s.tar/d.jpg", "s.tar/e.jpg"]
+    assert "s.tar/d.json is no JSON object (not JSON: " in skipped["s.tar/d.jpg"]
+    assert "(a JSON list)" in skipped["s.tar/e.jpg"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -18,7 +18,8 @@ WebDataset: uncompressed .tar shards (one that cannot be read, or holds no sampl
 skipped and listed like a bad image; one damaged part-way, as a download cut short, gives the
 samples before the damage and is listed too); a sample is the members sharing a key (the name up
 to the first dot of its basename); image from its jpg/jpeg/png/webp member, caption from
-.txt, else from .json ("caption" or "text", plus optional license, source). Each shard needs the index
+.txt, else from .json ("caption" or "text", plus optional license, source; a sample whose caption
+.json is no JSON object is skipped and listed; captions that are not UTF-8 as in folders). Each shard needs the index
 file DALI's webdataset reader reads (a.tar: a.idx, in DALI's "v1.2" text format, as DALI's
 wds2idx writes it); it is written next to the shard when missing or older than the shard
 (into the cache folder when the shard's folder is read-only).
@@ -302,16 +303,9 @@ def _scan_folder(root, caption_field):
             except OSError as e:
                 skipped.append((cand.name, f"caption {txt.name} {_unreadable(e)}"))
                 continue
-            try:
-                text = raw.decode("utf-8-sig")
-            except UnicodeDecodeError:
-                not_utf8.append(_escaped(txt.relative_to(root).as_posix()))
-                text = raw.decode("utf-8-sig", errors="replace")
-            captions[cand.name] = {"text": text.strip()}
+            captions[cand.name] = {"text": _caption_text(raw, _escaped(txt.relative_to(root).as_posix()), not_utf8)}
         candidates.append(cand)
-    if not_utf8:
-        log.warning("data: %d .txt captions are not UTF-8 and were read with U+FFFD in place of their bad "
-                    "bytes, e.g. %s; save them as UTF-8", len(not_utf8), not_utf8[0])
+    _warn_not_utf8(not_utf8)
     names, unmatched = {c.name for c in candidates}, []
     for jsonl in jsonls:
         try:
@@ -349,7 +343,7 @@ def _scan_webdataset(root, caption_field, cache_dir):
     shards = sorted(root.glob("*.tar")) if root.is_dir() else [root]
     if not shards or any(s.suffix != ".tar" for s in shards):
         raise ValueError(f"data.path {str(root)!r}: expected a .tar shard or a folder of them")
-    candidates, captions, skipped = [], {}, []
+    candidates, captions, skipped, not_utf8 = [], {}, [], []
     for shard in shards:
         # A damaged shard (cut short by a download, not a tar, empty) is skipped and listed
         # like an unreadable image, so that one bad shard does not stop a run.
@@ -370,8 +364,13 @@ def _scan_webdataset(root, caption_field, cache_dir):
                     skipped.append((f"{_escaped(shard.name)}/{names}", f"no {'/'.join(IMAGE_EXTS)} member in the sample"))
                     continue
                 name = f"{_escaped(shard.name)}/{image[2]}"
+                try:
+                    captions[name] = _wds_caption(f, by_ext, caption_field, f"{_escaped(shard.name)}/", not_utf8)
+                except ValueError as e:  # trained without its caption, it would teach the wrong conditioning
+                    skipped.append((name, str(e)))
+                    continue
                 candidates.append(_Candidate(str(shard), image[0], image[1], name))
-                captions[name] = _wds_caption(f, by_ext, caption_field)
+    _warn_not_utf8(not_utf8)
     return candidates, captions, skipped
 
 
@@ -387,25 +386,50 @@ def _shard_entries(shard, cache_dir):
     return samples, damage
 
 
-def _wds_caption(f, by_ext, caption_field):
+def _wds_caption(f, by_ext, caption_field, shard_prefix, not_utf8):
+    """A sample's caption fields from its .txt and .json members (None without either); a
+    .json the caption comes from that is not a JSON object is a ValueError naming it."""
+
     def member(ext):
-        off, size, _ = by_ext[ext]
+        off, size, name = by_ext[ext]
         f.seek(off)
-        return f.read(size).decode("utf-8", errors="replace")
+        return f.read(size), shard_prefix + _escaped(name)
 
     meta = {}
+    text_from_txt = caption_field == "text" and "txt" in by_ext
     if "json" in by_ext:
+        raw, name = member("json")
         try:
-            row = json.loads(member("json"))
-        except json.JSONDecodeError:
-            row = None  # a broken json member only costs the caption, not the image
-        if isinstance(row, dict):
-            text = row.get("caption", row.get("text")) if caption_field == "text" else row.get(caption_field)
-            meta = {"text": str(text or "").strip(),
-                    "license": row.get("license", ""), "source": row.get("source", "")}
-    if caption_field == "text" and "txt" in by_ext:
-        meta["text"] = member("txt").strip()
+            row = json.loads(_caption_text(raw, name, not_utf8))
+            why = None if isinstance(row, dict) else f"a JSON {type(row).__name__}"
+        except json.JSONDecodeError as e:
+            why = f"not JSON: {e}"
+        if why:
+            if not text_from_txt:
+                raise ValueError(f"its caption member {name} is no JSON object ({why})")
+            row = {}  # the caption is the .txt's; only the licence and source are lost
+        text = row.get("caption", row.get("text")) if caption_field == "text" else row.get(caption_field)
+        meta = {"text": str(text or "").strip(), "license": row.get("license", ""), "source": row.get("source", "")}
+    if text_from_txt:
+        meta["text"] = _caption_text(*member("txt"), not_utf8)
     return meta or None
+
+
+def _caption_text(raw, name, not_utf8):
+    """Caption bytes as stripped text, a byte order mark dropped; bytes that are not UTF-8 are
+    read as U+FFFD and the file's name goes to not_utf8."""
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        not_utf8.append(name)
+        text = raw.decode("utf-8-sig", errors="replace")
+    return text.strip()
+
+
+def _warn_not_utf8(not_utf8):
+    if not_utf8:
+        log.warning("data: %d captions are not UTF-8 and were read with U+FFFD in place of their bad "
+                    "bytes, e.g. %s; save them as UTF-8", len(not_utf8), not_utf8[0])
 
 
 def dali_index_path(shard):
