@@ -71,6 +71,7 @@ def test_caption_round_trip_keeps_original_captions(blip, tmp_path):
     root, cache = dataset(tmp_path / "d"), str(tmp_path / "cache")
     before = {s.name: s.caption for s in build_index(root, cache_dir=cache).samples}
     assert caption.caption_folder(root, blip, batch_size=3, max_new_tokens=4, cache_dir=cache) == 7
+    assert (root / "caption_skipped_files.txt").read_text().startswith("broken.jpg\t")  # every one listed
     after = rows(root)
     assert set(after) == set(before)
     for name, row in after.items():

@@ -4,7 +4,8 @@
 
 PATH is a local transformers BLIP-2 folder (Blip2ForConditionalGeneration weights and a
 Blip2Processor, e.g. a copy of Salesforce/blip2-opt-2.7b); nothing is downloaded. Every readable
-image of the image folder DIR (trainer.data's index; unreadable files are skipped and reported)
+image of the image folder DIR (trainer.data's index; unreadable files are skipped and listed in
+DIR/caption_skipped_files.txt)
 gets `synthetic_text` and `synthetic_model` (the model folder's name) in the metadata.jsonl row
 that describes it; an image without a row gets one in DIR/metadata.jsonl holding only its
 file_name and those two, so its caption stays in its .txt file (trainer.data reads a row
@@ -109,7 +110,7 @@ def caption_folder(data, model_path, *, batch_size=16, max_new_tokens=40, save_e
     if precision not in DTYPES:
         raise ValueError(f"precision={precision!r}; expected auto or one of {list(DTYPES)}")
     index = build_index(data, "folder", cache_dir=cache_dir)
-    index.report()
+    index.report(index.root, "caption_skipped_files.txt")  # next to the metadata.jsonl it writes
     model_name = Path(model_path).resolve().name
     meta = Metadata(index.root)
     todo = [s for s in index.samples if meta.get(s.name).get("synthetic_model") != model_name]

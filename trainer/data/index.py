@@ -94,9 +94,9 @@ class DatasetIndex:
             groups.setdefault(s.path, []).append(i)
         return list(groups.values())
 
-    def report(self, out_dir=None):
-        """Logs the counts and writes <out_dir>/skipped_files.txt (name <TAB> reason)."""
-        where = list_skipped(out_dir, "skipped_files.txt", self.skipped)
+    def report(self, out_dir=None, filename="skipped_files.txt"):
+        """Logs the counts and writes <out_dir>/<filename> (name <TAB> reason of each skipped file)."""
+        where = list_skipped(out_dir, filename, self.skipped)
         log.info("data: %d images in %s, %d unreadable skipped%s, %d without caption",
                  len(self.samples), self.root, len(self.skipped), where, self.missing_captions)
         for name, reason in self.skipped[:5]:
