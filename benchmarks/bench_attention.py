@@ -180,7 +180,7 @@ def measure(fns, shapes, device, dtype, tiny, budget_s=None, save=None):
                 if ours(label):
                     row["configs"] = chosen_configs()
                 rate = lambda ms: flops(B, Lq, Lk, H, D, backward) / (ms * 1e-3) / 1e12  # noqa: E731
-                rows.append(row | time_fields(eager, graph, "tflops", rate, q="p"))
+                rows.append(row | time_fields(eager, graph, "tflops", rate))
         if save is not None:
             save(rows)
     return rows
@@ -261,13 +261,13 @@ def status(met):
 def print_table(rows, summary, hosts, checks):
     """Every row; "x eager" and "x graph" are the forward's, or the default (deterministic)
     backward's, speed-up over that row in each timing; TFLOP/s from the graph time."""
-    print(f"{'shape':<22}{'pass':<9}{'backend':<22}{'eager ms':>9}{'graph ms (p20-p80)':>26}{'host us':>9}"
+    print(f"{'shape':<22}{'pass':<9}{'backend':<22}{'eager ms':>9}{'graph ms (q20-q80)':>26}{'host us':>9}"
           f"{'TFLOP/s':>9}{'x eager':>9}{'x graph':>9}")
     reference = {"fwd": "triton", "fwd+bwd": next(iter(TRITON_BACKWARDS))}
     mine = {(s["shape"], s["pass"]): s for s in summary if s["backend"] == reference[s["pass"]]}
     for r in rows:
         s = mine.get((r["shape"], r["pass"]), {})
-        print(f"{r['shape']:<22}{r['pass']:<9}{r['backend']:<22}{r['ms']:>9.4f}{graph_cell(r, q='p'):>26}{r['host_us']:>9.1f}"
+        print(f"{r['shape']:<22}{r['pass']:<9}{r['backend']:<22}{r['ms']:>9.4f}{graph_cell(r):>26}{r['host_us']:>9.1f}"
               f"{fmt(r['graph_tflops'], '.1f'):>9}{fmt(s.get('speedup_vs', {}).get(r['backend']), '.2f', ''):>9}"
               f"{fmt(s.get('graph_speedup_vs', {}).get(r['backend']), '.2f', ''):>9}")
     print_missing_graphs(rows, lambda r: f"{r['backend']} {r['pass']}")

@@ -78,7 +78,7 @@ def sd2_shapes():
 
 
 def timed(fn, device, tiny):
-    """(median, p20, p80) milliseconds of fn()."""
+    """(median, q20, q80) milliseconds of fn()."""
     if device.type == "cuda":
         import triton.testing
 
@@ -170,10 +170,10 @@ def bench_ema(shapes, device, tiny, copy_gbps):
                 continue
             eager, graph, why, host = timings(fn, tiny, eager=(25, 300), graph=(25, 300))
             row = dict(bench="ema", dtype=dname, method=label(name),
-                       **time_fields(eager, graph, "gbps", lambda ms: nbytes / ms / 1e6, q="p"),
+                       **time_fields(eager, graph, "GBps", lambda ms: nbytes / ms / 1e6),
                        graph_error=why, host_us=host, launches=launches(fn, device))  # fmt: skip
-            row["frac_copy"] = row["gbps"] / copy_gbps
-            row["graph_frac_copy"] = row["graph_gbps"] and row["graph_gbps"] / copy_gbps
+            row["of_copy"] = row["GBps"] / copy_gbps
+            row["graph_of_copy"] = row["graph_GBps"] and row["graph_GBps"] / copy_gbps
             rows.append(row)
         del params, ema
     return rows
@@ -229,8 +229,8 @@ def bench_adamw(shapes, device, tiny, copy_gbps):
         for name, step in adamw_setups(shapes, dtype, device):
             ms, lo, hi = timed(step, device, tiny)
             gbps = 36 * numel / ms / 1e6
-            rows.append(dict(bench="adamw_ema", dtype=dname, method=label(name), ms=ms, ms_p20=lo, ms_p80=hi, gbps=gbps,
-                             frac_copy=gbps / copy_gbps, launches=launches(step, device)))  # fmt: skip
+            rows.append(dict(bench="adamw_ema", dtype=dname, method=label(name), ms=ms, ms_q20=lo, ms_q80=hi, GBps=gbps,
+                             of_copy=gbps / copy_gbps, launches=launches(step, device)))  # fmt: skip
             if name == BASELINE:
                 baseline_ms = ms
         for row in rows:
@@ -243,16 +243,16 @@ def bench_adamw(shapes, device, tiny, copy_gbps):
 
 def print_table(rows, copy_gbps):
     print(f"copy bandwidth: {copy_gbps:.0f} GB/s")
-    header = (f"{'bench':10} {'dtype':5} {'method':42} {'ms (p20-p80)':>22} {'GB/s':>8} {'copy%':>6} "
-              f"{'graph ms (p20-p80)':>25} {'graph copy%':>11} {'host us':>8} {'launches':>8} {'speedup':>7}")
+    header = (f"{'bench':10} {'dtype':5} {'method':42} {'ms (q20-q80)':>22} {'GB/s':>8} {'copy%':>6} "
+              f"{'graph ms (q20-q80)':>25} {'graph copy%':>11} {'host us':>8} {'launches':>8} {'speedup':>7}")
     print(header)
     print("-" * len(header))
     for r in rows:
-        spread = f"{r['ms']:.3f} ({r['ms_p20']:.3f}-{r['ms_p80']:.3f})"
-        graph = graph_cell(r, q="p") if "graph_ms" in r else "-"
-        graph_copy = fmt(r.get("graph_frac_copy") and 100 * r["graph_frac_copy"], ".0f", suffix="%")
+        spread = f"{r['ms']:.3f} ({r['ms_q20']:.3f}-{r['ms_q80']:.3f})"
+        graph = graph_cell(r) if "graph_ms" in r else "-"
+        graph_copy = fmt(r.get("graph_of_copy") and 100 * r["graph_of_copy"], ".0f", suffix="%")
         speedup = f"{r['speedup_vs_baseline']:.2f}x" if "speedup_vs_baseline" in r else ""
-        print(f"{r['bench']:10} {r['dtype']:5} {r['method']:42} {spread:>22} {r['gbps']:8.1f} {100 * r['frac_copy']:5.0f}% "
+        print(f"{r['bench']:10} {r['dtype']:5} {r['method']:42} {spread:>22} {r['GBps']:8.1f} {100 * r['of_copy']:5.0f}% "
               f"{graph:>25} {graph_copy:>11} {fmt(r.get('host_us'), '.0f'):>8} {fmt(r['launches'], 'd'):>8} {speedup:>7}")
     print_missing_graphs([r for r in rows if r["bench"] == "ema"], lambda r: f"{r['method']} {r['dtype']}")
     print(f"speedup: against {BASELINE}, same dtype")
@@ -268,8 +268,8 @@ def plot(rows, copy_gbps, path, meta):
     for ax, bench, title in ((axes[0], "ema", "EMA update"), (axes[1], "adamw_ema", "AdamW + EMA step")):
         sel = [r for r in rows if r["bench"] == bench]
         labels = [f"{r['method']}\n{r['dtype']}" for r in sel]
-        ax.barh(labels, [r["gbps"] for r in sel], label="eager calls")
-        graphs = [r.get("graph_gbps") or 0 for r in sel]
+        ax.barh(labels, [r["GBps"] for r in sel], label="eager calls")
+        graphs = [r.get("graph_GBps") or 0 for r in sel]
         if any(graphs):
             ax.barh(labels, graphs, fill=False, edgecolor="C1", label="CUDA graph replays")
         ax.axvline(copy_gbps, color="k", linestyle="--", label="copy bandwidth")
@@ -301,7 +301,7 @@ def main(argv=None):
         **run_meta(device),
         tensors=len(shapes),
         values=numel,
-        copy_gbps=copy_gbps,
+        copy_GBps=copy_gbps,
         triton_interpret=os.environ.get("TRITON_INTERPRET") == "1",
         rows=rows,
     )

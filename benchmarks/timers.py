@@ -105,22 +105,23 @@ def timings(fn, tiny, grads=(), eager=(10, 50), graph=(5, 25), calls=10):
     return (eager_ms(fn, *eager, grads), *graph_ms(fn, *graph, grads), host_us(fn, calls, grads))
 
 
-def time_fields(eager, graph, rate_key, rate, q="q"):
-    """A benchmark row's fields for both timings, eager and graph_-prefixed: ms, ms_{q}20,
-    ms_{q}80 and rate_key = rate(ms) (TFLOP/s, GB/s), each None where that timing has no time."""
+def time_fields(eager, graph, rate_key, rate):
+    """A benchmark row's fields for both timings, eager and graph_-prefixed: ms, ms_q20,
+    ms_q80 (the 20% and 80% quantiles) and rate_key = rate(ms) (TFLOP/s, GB/s), each None
+    where that timing has no time."""
     fields = {}
     for prefix, times in (("", eager), ("graph_", graph)):
         ms, low, high = times or (None, None, None)
-        fields |= {f"{prefix}ms": ms, f"{prefix}ms_{q}20": low, f"{prefix}ms_{q}80": high,
+        fields |= {f"{prefix}ms": ms, f"{prefix}ms_q20": low, f"{prefix}ms_q80": high,
                    f"{prefix}{rate_key}": ms and rate(ms)}
     return fields
 
 
-def graph_cell(row, q="q"):
+def graph_cell(row):
     """A table's "graph ms (20-80)" cell of a row with time_fields()."""
     if row["graph_ms"] is None:
         return "-"
-    return f"{row['graph_ms']:.4f} ({row[f'graph_ms_{q}20']:.4f}-{row[f'graph_ms_{q}80']:.4f})"
+    return f"{row['graph_ms']:.4f} ({row['graph_ms_q20']:.4f}-{row['graph_ms_q80']:.4f})"
 
 
 def fmt(value, spec, missing="-", suffix=""):

@@ -27,7 +27,7 @@ def test_tiny_run_writes_table_json_and_plot(tmp_path, monkeypatch, capsys):
         assert ("ema", dtype, "torch._foreach_lerp_ (+casts)") in methods
         assert ("adamw_ema", dtype, "FusedAdamWEMA torch") in methods
         assert ("adamw_ema", dtype, "AdamW(fused) + ck.ema_update_") in methods
-    assert all(r["ms"] > 0 and r["gbps"] > 0 for r in saved["rows"])
+    assert all(r["ms"] > 0 and r["GBps"] > 0 for r in saved["rows"])
     ema_rows = [r for r in saved["rows"] if r["bench"] == "ema"]
     assert all(r["host_us"] > 0 and r["graph_ms"] is None and "tiny mode" in r["graph_error"] for r in ema_rows)
     assert "copy bandwidth" in capsys.readouterr().out
