@@ -5,10 +5,12 @@ take an input (dtype, head dim, device); the dispatcher then tries the next back
 """
 import contextlib
 import contextvars
+import functools
 import importlib
 import logging
 import numbers
 import os
+import warnings
 
 import torch
 
@@ -208,8 +210,14 @@ def _load(spec):
     return getattr(module, fn_name, None)
 
 
+def triton_interpreting():
+    """Whether Triton runs kernels in its interpreter (on CPU tensors): TRITON_INTERPRET set to a
+    value Triton reads as true (1, true, on, yes, y, any case)."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes", "y")
+
+
 def triton_usable(device):
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    if device.type == "cpu" and not triton_interpreting():
         return False
     if device.type not in ("cpu", "cuda"):
         return False
@@ -260,6 +268,25 @@ def available(op, device):
     return [name for name, _ in _usable_functions(op, device)]
 
 
+def _unusable_reason(op, backend, device):
+    """Why `backend` cannot run `op` on `device`'s tensors, in words."""
+    if backend not in _table(op):
+        return f"{op} has no {backend} backend"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA GPU is available"
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"the cuda backend takes CUDA tensors, these are on {device.type}"
+        from cckernels import cuda
+
+        return cuda.build_info().get("reason") or "the CUDA kernels did not load"
+    if backend == "triton" and device.type == "cpu" and not triton_interpreting():
+        return "Triton runs on CPU tensors only in its interpreter: set TRITON_INTERPRET=1 before importing cckernels"
+    if backend == "triton" and not triton_usable(device):
+        return f"triton is not installed, or does not take {device.type} tensors"
+    return f"{_table(op)[backend]} could not be imported"
+
+
 def _requested(backend):
     source = "" if backend else "CCKERNELS_BACKEND="
     backend = backend or os.environ.get("CCKERNELS_BACKEND") or None
@@ -277,8 +304,12 @@ def dispatch(op, device, backend, *args):
         if requested in names:
             order = order[names.index(requested):]
         else:
-            _report(op, requested, f"not usable on {device.type} for this op" if requested in _table(op)
-                    else f"this op has no {requested} backend")
+            why = _unusable_reason(op, requested, device)
+            if backend:  # asked for in the call: said where it shows, once per reason
+                if (op, requested, why) not in _reported:
+                    warnings.warn(f"{op}: backend={requested!r} is not usable here ({why}); "
+                                  f"running on {order[0][0]}", RuntimeWarning, stacklevel=3)
+            _report(op, requested, why)
     elif op in _first_choice:
         first = _first_choice[op](*args)
         if first is not None and order[0][0] != first:
@@ -303,6 +334,25 @@ _NO_DEVICE_SWITCH = contextlib.nullcontext()
 def _on_device(device):
     """Triton launches on the current CUDA device, not the tensors': make it theirs."""
     return torch.cuda.device(device) if device.type == "cuda" else _NO_DEVICE_SWITCH
+
+
+def first_order_only(op):
+    """Decorates a kernel's autograd.Function.backward: the kernels' gradients are not
+    differentiable, so a backward asked to build a graph (create_graph=True, as a gradient
+    penalty does) raises. once_differentiable raised only when the incoming gradient itself
+    required grad; otherwise the second-order terms through the saved inputs went missing."""
+
+    def wrap(backward):
+        @functools.wraps(backward)
+        def first_order_backward(ctx, *grads):
+            if torch.is_grad_enabled():  # autograd runs a backward with grad on only for create_graph=True
+                raise RuntimeError(f"{op}: the fused kernels' gradients are not differentiable "
+                                   f"(create_graph=True, e.g. a gradient penalty); use backend='torch' for that")
+            return backward(ctx, *grads)
+
+        return first_order_backward
+
+    return wrap
 
 
 def _report(op, backend, why):

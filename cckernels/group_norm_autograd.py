@@ -16,9 +16,8 @@ instead of autograd adding the two in a pass of its own. A custom op cannot retu
 so under torch.compile x is returned beside the op and autograd adds (inductor fuses that).
 """
 import torch
-from torch.autograd.function import once_differentiable
 
-from cckernels.backend import _on_device
+from cckernels.backend import _on_device, first_order_only
 
 
 def save_for_backward(ctx, inputs, output):
@@ -50,7 +49,7 @@ class GroupNormFunction(torch.autograd.Function):
         return (y, x) if prenorm else y
 
     @staticmethod
-    @once_differentiable  # the kernels' gradients are not differentiable: create_graph=True raises
+    @first_order_only("ck.group_norm")
     def backward(ctx, dy, dx_addend=None):
         return *input_grads(ctx.backward, ctx, dy, dx_addend), None, None
 

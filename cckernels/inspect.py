@@ -411,7 +411,9 @@ def collect(ops=None, archs=ARCHS, dtypes=None, kernels=None, variants=None, cud
     cuda: include csrc/*.cu, for cuda_archs (default: archs). quick: one config per Triton
     kernel (see triton_jobs).
     """
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    from cckernels.backend import triton_interpreting
+
+    if triton_interpreting():
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter replaces kernels and their autotune configs")
     todo = []
     for module, index, entry in specs():

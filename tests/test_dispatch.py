@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 import threading
+import warnings
 
 import pytest
 import torch
@@ -390,8 +391,9 @@ def test_ops_run_on_the_tensors_gpu_not_the_current_one(backend):
     assert x.grad.isfinite().all() and q.grad.isfinite().all()
 
 
-def _second_order(op, backend):
-    """d/dx of the squared norm of d(op(x)^2)/dx, through `backend` (create_graph=True)."""
+def _second_order(op, backend, fixed_weights):
+    """d/dx of the squared norm of d(loss)/dx through `backend` (create_graph=True); the loss is
+    op(x)^2 summed (its gradient into op needs grad) or op(x) * w summed, w fixed (it does not)."""
     torch.manual_seed(0)
     x = torch.randn(2, 6, 4, 6, requires_grad=True)  # (B, L, H, D) for attention
     calls = {
@@ -400,20 +402,25 @@ def _second_order(op, backend):
         "geglu": lambda: ck.geglu(x, backend=backend),
         "layer_norm": lambda: ck.layer_norm(x, backend=backend),
     }
-    (g,) = torch.autograd.grad(calls[op]().square().sum(), x, create_graph=True)
+    y = calls[op]()
+    assert backend_mod.last_used()[op] == backend
+    loss = (y * torch.randn_like(y)).sum() if fixed_weights else y.square().sum()
+    (g,) = torch.autograd.grad(loss, x, create_graph=True)
     g.square().sum().backward()
     return x.grad
 
 
+@pytest.mark.parametrize("fixed_weights", [False, True])
 @pytest.mark.parametrize("op", ["attention", "group_norm", "geglu", "layer_norm"])
-def test_kernel_gradients_refuse_to_be_differentiated(op):
+def test_kernel_gradients_refuse_to_be_differentiated(op, fixed_weights):
     # A kernel's backward is not itself differentiable: create_graph=True (a gradient penalty)
-    # must raise, not return second-order gradients missing the kernel's terms.
+    # must raise, not return second-order gradients missing the kernel's terms. With fixed
+    # weights the gradient into the kernel needs no grad: once_differentiable let that through.
     if "triton" not in ck.available_backends("cpu")[op]:
         pytest.skip("triton is not usable here")
-    assert _second_order(op, "torch").abs().sum() > 0  # the reference differentiates twice
-    with pytest.raises(RuntimeError, match="once_differentiable"):
-        _second_order(op, "triton")
+    assert _second_order(op, "torch", fixed_weights).abs().sum() > 0  # the reference differentiates twice
+    with pytest.raises(RuntimeError, match=rf"ck.{op}: the fused kernels' gradients are not differentiable"):
+        _second_order(op, "triton", fixed_weights)
 
 
 def test_inputs_the_triton_kernels_cannot_take_fall_back():
@@ -425,3 +432,31 @@ def test_inputs_the_triton_kernels_cannot_take_fall_back():
     out = ck.attention(q, k, k, scale=1e-46, backend="triton")  # 0 as the kernels' fp32 scale
     assert ck.used_backends()["attention"] == "torch"
     torch.testing.assert_close(out, k.mean(1, keepdim=True).expand_as(q))  # softmax of zeros: the mean
+
+
+def test_a_backend_asked_for_in_the_call_that_cannot_run_says_why(monkeypatch):
+    # An explicit backend= that is not usable falls back (the contract) with a warning naming
+    # the reason, once; CCKERNELS_BACKEND, a preference for every op, only logs it.
+    monkeypatch.setattr(backend_mod, "_reported", set())
+    x = torch.randn(1, 3, 2, 32)
+    with pytest.warns(RuntimeWarning, match=r"group_norm: backend='cuda' is not usable here \(the cuda backend "
+                                            r"takes CUDA tensors, these are on cpu\); running on"):
+        ck.group_norm(x, 3, backend="cuda")
+    with pytest.warns(RuntimeWarning, match=r"attention has no cuda backend"):
+        ck.attention(x, x, x, backend="cuda")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.warns(RuntimeWarning, match=r"only in its interpreter: set TRITON_INTERPRET=1"):
+        ck.layer_norm(x, backend="triton")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ck.group_norm(x, 3, backend="cuda")  # said once
+        monkeypatch.setenv("CCKERNELS_BACKEND", "cuda")
+        ck.geglu(x)
+
+
+@pytest.mark.parametrize("value", ["1", "true", "TRUE", "on", "yes", "y"])
+def test_triton_interpret_takes_the_values_triton_reads_as_true(monkeypatch, value):
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert "triton" in ck.available_backends("cpu")["attention"]
+    monkeypatch.setenv("TRITON_INTERPRET", "false")
+    assert "triton" not in ck.available_backends("cpu")["attention"]

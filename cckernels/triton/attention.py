@@ -31,9 +31,8 @@ import os
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
-from cckernels.backend import Unsupported, _on_device, env_flag
+from cckernels.backend import Unsupported, _on_device, env_flag, first_order_only, triton_interpreting
 from cckernels.packing import is_packed, packed_empty
 from cckernels.tracing import emitting_custom_ops
 from cckernels.triton.column_sum import column_sum
@@ -71,7 +70,7 @@ DETERMINISTIC_BY_DEFAULT = True
 # (a resumed run) could pick other block shapes, hence another summation order and other bits.
 # ----------------------------------------------------------------------------------------
 def _configs(pool):
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if triton_interpreting():
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pool]
 
@@ -733,7 +732,7 @@ class _Attention(torch.autograd.Function):
         return o
 
     @staticmethod
-    @once_differentiable  # the kernels' gradients are not differentiable: create_graph=True raises
+    @first_order_only("ck.attention")
     def backward(ctx, do):
         # gradients packed like packed inputs: eagerly only (a custom op's outputs may not alias)
         return _input_grads(functools.partial(_backward, pack=True), ctx, do)
@@ -823,7 +822,7 @@ def _check_supported(q, k, v):
     if q.device.type == "cuda":
         if _capability(q.device) < (8, 0):
             raise Unsupported(f"{torch.cuda.get_device_name(q.device)} is older than sm80")
-    elif q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+    elif q.device.type == "cpu" and triton_interpreting():
         if q.dtype == torch.bfloat16 and not INTERPRETER_BF16_DOT:
             raise Unsupported("bfloat16 tl.dot is wrong in Triton's interpreter (triton-lang/triton#11584)")
     else:

@@ -21,9 +21,8 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
-from cckernels.backend import Unsupported, _on_device, triton_usable
+from cckernels.backend import Unsupported, _on_device, first_order_only, triton_usable
 from cckernels.tracing import emitting_custom_ops
 from cckernels.triton.column_sum import column_sum
 from cckernels.triton.launch import cdiv, row_view, sm_count
@@ -166,7 +165,7 @@ class _GEGLU(torch.autograd.Function):
         return _forward(x, bias)
 
     @staticmethod
-    @once_differentiable  # the kernels' gradients are not differentiable: create_graph=True raises
+    @first_order_only("ck.geglu")
     def backward(ctx, dy):
         return _backward(dy, *ctx.saved_tensors)
 

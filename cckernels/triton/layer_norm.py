@@ -22,9 +22,8 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
-from cckernels.backend import Unsupported, _on_device, triton_usable
+from cckernels.backend import Unsupported, _on_device, first_order_only, triton_usable
 from cckernels.tracing import emitting_custom_ops
 from cckernels.triton.column_sum import column_sum
 from cckernels.triton.launch import cdiv, next_power_of_2, row_view, sm_count
@@ -205,7 +204,7 @@ class _LayerNorm(torch.autograd.Function):
         return (y, x if s is None else s) if prenorm else y
 
     @staticmethod
-    @once_differentiable  # the kernels' gradients are not differentiable: create_graph=True raises
+    @first_order_only("ck.layer_norm")
     def backward(ctx, dy, ds=None):
         x, weight, bias, mean, rstd = ctx.saved_tensors
         dx, affine = _backward(dy, ds, x, weight, bias, mean, rstd)
