@@ -117,12 +117,13 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # trainer, cckernels and b
 
 import cckernels as ck  # noqa: E402
 from bench_data import make_dataset  # noqa: E402
+from cckernels.nn import Attention  # noqa: E402
 from run_info import at_least, output_dir, run_meta, save_plot  # noqa: E402
 from trainer import diffusion, encoders  # noqa: E402
 from trainer.config import CHOICES, load as load_config  # noqa: E402
 from trainer.data import cache_root  # noqa: E402
 from trainer.graphs import graph_on_first_call  # noqa: E402
-from trainer.unet import GEGLU, Attention, LayerNorm, UNet  # noqa: E402
+from trainer.unet import GEGLU, LayerNorm, UNet  # noqa: E402
 
 SD2_GFLOP_PER_IMAGE = {256: 539.0, 512: 2409.0}  # counted by --count-flops (torch 2.14)
 H100_SXM_BF16_TFLOPS = 989.0  # nominal dense bf16 peak
@@ -133,7 +134,7 @@ PROFILE_STEPS = 2
 @dataclasses.dataclass(frozen=True)
 class Recipe:
     attention: str = "materialized"  # materialized | ours | sdpa
-    qkv: str = "separate"  # separate (a GEMM each) | fused (one GEMM: trainer.unet.Attention.fused)
+    qkv: str = "separate"  # separate (a GEMM each) | fused (one GEMM: cckernels.nn.Attention.fused)
     group_norm: str = "torch"  # torch (nn.GroupNorm + SiLU) | ours (ck.group_norm, fused SiLU)
     layer_norm: str = "torch"  # torch (an add, then nn.LayerNorm: fp32 under autocast) | ours (ck.layer_norm)
     geglu: str = "torch"  # torch (gelu, then a multiply) | ours (ck.geglu)

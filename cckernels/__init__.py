@@ -20,6 +20,7 @@ fullgraph=True works): the backend is chosen by the same rules when the graph is
 that runs eagerly (it updates tensors in place outside any model's graph).
 """
 import math
+import numbers
 
 import torch
 
@@ -81,8 +82,10 @@ def attention(q, k, v, *, scale=None, backend=None):
 
     q: (B, Lq, H, D); k, v: (B, Lk, H, D) ("BLHD", as flash-attn). Any strides with the last
     dim contiguous (a view of a (B, L, H*D) projection needs no copy; other tensors are
-    copied). Lq, Lk >= 1. scale defaults to 1/sqrt(D). fp32/fp16/bf16 in, same dtype out.
-    Differentiable in q, k, v. Returns a (B, Lq, H, D) tensor.
+    copied). Lq, Lk >= 1 (an empty batch gives an empty output). scale defaults to 1/sqrt(D).
+    fp32/fp16/bf16 in, same dtype out; under autocast fp32 inputs are cast to its dtype first, as
+    autocast does for torch's scaled_dot_product_attention. Differentiable in q, k, v. Returns a
+    (B, Lq, H, D) tensor.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_float(name, t)
@@ -99,12 +102,17 @@ def attention(q, k, v, *, scale=None, backend=None):
         raise ValueError(
             f"q (B={B}, H={H}, D={D}) and k (B={Bk}, H={Hk}, D={Dk}) disagree in batch, heads or head dim"
         )
-    if min(B, Lq, Lk, H, D) < 1:
+    if min(Lq, Lk, H, D) < 1:
         raise ValueError(f"empty dimension in q {tuple(q.shape)} or k {tuple(k.shape)}")
+    if B == 0:  # nothing for a kernel to launch (a loader's empty tail)
+        backend = "torch"
     if scale is None:
         scale = 1.0 / math.sqrt(D)
     else:
         check_number("scale", scale, 0, math.inf, low_open=True, high_open=True)
+    device_type = q.device.type
+    if q.dtype == torch.float32 and torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        q, k, v = (t.to(torch.get_autocast_dtype(device_type)) for t in (q, k, v))
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if torch.compiler.is_compiling():
         return tracing.dispatch_traced("attention", backend, q, k, v, float(scale))
@@ -127,13 +135,14 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, activation=No
     if x.dim() < 2:
         raise ValueError(f"x must be (N, C, *spatial), got shape {tuple(x.shape)}")
     C = x.shape[1]
-    if not isinstance(num_groups, int) or num_groups < 1:
+    if not isinstance(num_groups, numbers.Integral) or isinstance(num_groups, bool) or num_groups < 1:
         raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
+    num_groups = int(num_groups)  # numpy's too
     if C % num_groups:
         raise ValueError(f"num_channels {C} is not divisible by num_groups {num_groups}")
     _check_vector("weight", weight, C, x)
     _check_vector("bias", bias, C, x)
-    check_number("eps", eps, 0, math.inf, low_open=True, high_open=True)
+    check_number("eps", eps, 0, math.inf, high_open=True)  # 0 as torch allows
     if activation not in (None, "silu"):
         raise ValueError(f"activation must be None or 'silu', got {activation!r}")
     if torch.compiler.is_compiling():
@@ -182,7 +191,7 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5, *, residual=None, prenorm=Fa
         if (residual.shape, residual.dtype, residual.device) != (x.shape, x.dtype, x.device):
             raise ValueError(f"residual must match x (shape {tuple(x.shape)}, {x.dtype}, {x.device}), got "
                              f"shape {tuple(residual.shape)}, {residual.dtype}, {residual.device}")
-    check_number("eps", eps, 0, math.inf, low_open=True, high_open=True)
+    check_number("eps", eps, 0, math.inf, high_open=True)  # 0 as torch allows
     if torch.compiler.is_compiling():
         return tracing.dispatch_traced("layer_norm", backend, x, weight, bias, float(eps), residual, bool(prenorm))
     return dispatch("layer_norm", x.device, backend, x, weight, bias, float(eps), residual, bool(prenorm))

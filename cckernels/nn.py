@@ -1,7 +1,9 @@
 """Drop-in modules built on the cckernels ops."""
 import torch
+import torch.nn.functional as F
 
 import cckernels
+from cckernels.packing import unpack
 
 
 class GroupNorm(torch.nn.GroupNorm):
@@ -27,6 +29,55 @@ class GroupNormSiLU(GroupNorm):
 
     def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, device=None, dtype=None):
         super().__init__(num_groups, num_channels, eps, affine, activation="silu", device=device, dtype=dtype)
+
+
+class Attention(torch.nn.Module):
+    """Multi-head attention over tokens (B, L, dim); keys and values from `context` (B, Lk,
+    context_dim: cross-attention, e.g. the text) or x (self-attention). Parameters and
+    state_dict as diffusers' Attention in SD-class UNets: to_q, to_k, to_v (no bias),
+    to_out.0 (with bias); head dim = dim / heads.
+
+    `attend(q, k, v)` on BLHD tensors is ck.attention; benchmarks may set another function of
+    the same contract on an instance (a materializing baseline, PyTorch's SDPA).
+
+    The projections that read the same tokens run as one GEMM on their weights concatenated at
+    each call (the parameters keep diffusers' names): q, k and v of self-attention, k and v of
+    the text. The attention then reads strided BLHD views of one (B, L, n * heads * head_dim)
+    tensor (ck.unpack); x is read once, and the backward gives its gradient from one GEMM
+    instead of three summed, from the one packed gradient ck.attention's kernels write (no
+    stack of three). `fused = False` (benchmarks set it on an instance: the original
+    latent-diffusion code) projects each separately."""
+
+    fused = True
+
+    def __init__(self, dim, heads, context_dim=None, dropout=0.0):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        self.heads = heads
+        self.to_q = torch.nn.Linear(dim, dim, bias=False)
+        self.to_k = torch.nn.Linear(context_dim or dim, dim, bias=False)
+        self.to_v = torch.nn.Linear(context_dim or dim, dim, bias=False)
+        self.to_out = torch.nn.Sequential(torch.nn.Linear(dim, dim), torch.nn.Dropout(dropout))
+
+    def attend(self, q, k, v):
+        return cckernels.attention(q, k, v)
+
+    def project(self, tokens, *linears):
+        """Each Linear of `linears` (no biases) applied to tokens (B, L, C), as BLHD views."""
+        B, L, _ = tokens.shape
+        if not self.fused or len(linears) == 1:
+            return [linear(tokens).view(B, L, self.heads, -1) for linear in linears]
+        weight = torch.cat([linear.weight for linear in linears])
+        return unpack(F.linear(tokens, weight).view(B, L, len(linears), self.heads, -1))
+
+    def forward(self, x, context=None):
+        B, Lq, _ = x.shape
+        if context is None:
+            q, k, v = self.project(x, self.to_q, self.to_k, self.to_v)
+        else:
+            (q,), (k, v) = self.project(x, self.to_q), self.project(context, self.to_k, self.to_v)
+        return self.to_out(self.attend(q, k, v).reshape(B, Lq, -1))
 
 
 def patch_module(model):

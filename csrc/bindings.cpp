@@ -200,7 +200,7 @@ std::vector<at::Tensor> group_norm_forward(const at::Tensor& x, int64_t num_grou
   const auto [N, S, C, K] = shape;
   check_group_norm_param(weight, "weight", x);
   check_group_norm_param(bias, "bias", x);
-  TORCH_CHECK_VALUE(eps > 0, "eps must be positive, got ", num(eps));
+  TORCH_CHECK_VALUE(eps >= 0, "eps must be >= 0 (as torch allows 0), got ", num(eps));
   const c10::cuda::CUDAGuard guard(x.device());
   const auto f32 = x.options().dtype(at::kFloat);
   at::Tensor y = at::empty_like(x);  // keeps x's channels_last strides

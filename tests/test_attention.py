@@ -618,3 +618,21 @@ def test_gpu_no_quadratic_memory():
     # An (L, L) score buffer per head would be L / D = 256x the size of q; we need ~6x.
     assert extra < 16 * q.nbytes, f"fwd+bwd allocated {extra / 2**20:.0f} MiB at L={L}"
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_an_empty_batch_gives_an_empty_output_and_gradient(backend):
+    q = torch.randn(0, 5, 2, 32, requires_grad=True)
+    out = ck.attention(q, q, q, backend=backend)
+    assert out.shape == (0, 5, 2, 32)
+    out.sum().backward()
+    assert q.grad.shape == q.shape
+
+
+def test_autocast_casts_fp32_inputs_as_it_does_for_sdpa():
+    q, k = torch.randn(2, 9, 2, 32), torch.randn(2, 4, 2, 32)
+    with torch.autocast("cpu", torch.bfloat16):
+        out = ck.attention(q, k, k, backend="torch")
+        want = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), k.transpose(1, 2))
+    assert out.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(out, want.transpose(1, 2), atol=2e-2, rtol=2e-2)

@@ -309,7 +309,7 @@ def test_numpy_numbers_are_numbers():
         ((torch.randn(2, 6, 3), 2, torch.randn(5)), {}, r"weight must have shape \(6,\)"),
         ((torch.randn(2, 6, 3), 2, None, torch.randn(6, 1)), {}, r"bias must have shape \(6,\)"),
         ((torch.randn(2, 6, 3), 2), {"activation": "gelu"}, "activation must be None or 'silu'"),
-        ((torch.randn(2, 6, 3), 2, None, None, 0.0), {}, r"eps must be a number in \(0, inf\)"),
+        ((torch.randn(2, 6, 3), 2, None, None, -1e-3), {}, r"eps must be a number in \[0, inf\)"),
     ],
 )
 def test_group_norm_bad_arguments(args, kwargs, match):

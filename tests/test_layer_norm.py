@@ -187,7 +187,7 @@ def test_what_the_kernel_cannot_take_falls_back_to_torch():
     ({"bias": torch.randn(4, device="meta")}, "bias is on meta"),
     ({"residual": torch.randn(2, 3)}, "residual must match x"),
     ({"residual": torch.randn(2, 4).half()}, "residual must match x"),
-    ({"eps": 0.0}, r"eps must be a number in \(0, inf\), got 0.0"),
+    ({"eps": -1e-3}, r"eps must be a number in \[0, inf\), got -0.001"),
 ])
 def test_bad_input_raises_naming_it(kwargs, message):
     args = {"x": torch.randn(2, 4), **kwargs}

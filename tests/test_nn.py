@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -64,3 +65,30 @@ def test_patch_module_keeps_the_modules_and_what_they_hold():
     assert calls == [1] and shared.activation is None
     root = torch.nn.GroupNorm(2, 4)
     assert ck.nn.patch_module(root) == 1 and type(root) is ck.nn.GroupNorm
+
+
+@pytest.mark.parametrize("context_dim", [None, 24])
+def test_attention_module_matches_diffusers_attention(context_dim):
+    from diffusers.models.attention_processor import Attention as DiffusersAttention
+
+    ours = ck.nn.Attention(64, 2, context_dim).eval()
+    theirs = DiffusersAttention(64, cross_attention_dim=context_dim, heads=2, dim_head=32).eval()
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 7, 64)
+    context = None if context_dim is None else torch.randn(3, 5, context_dim)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, context), theirs(x, encoder_hidden_states=context), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="dim 64 is not divisible by heads 3"):
+        ck.nn.Attention(64, 3)
+
+
+def test_group_norm_with_eps_zero_as_torch():
+    # torch.nn.GroupNorm takes eps=0: a patched model must keep working with it.
+    model = torch.nn.Sequential(torch.nn.GroupNorm(2, 6, eps=0.0)).double()
+    x = torch.randn(2, 6, 5, dtype=torch.float64)
+    want = model(x)
+    assert ck.nn.patch_module(model) == 1
+    torch.testing.assert_close(model(x), want)
+    torch.testing.assert_close(ck.group_norm(x, np.int64(2), eps=0.0), want)  # numpy's ints are ints
+    torch.testing.assert_close(ck.layer_norm(x, eps=0.0), torch.nn.functional.layer_norm(x, (5,), eps=0.0))

@@ -117,7 +117,7 @@ def test_token_reshapes_are_views():
 
 
 def test_fused_projections_match_separate_ones():
-    from trainer.unet import Attention
+    from cckernels.nn import Attention
 
     unet = randomize_(UNet.from_config(TINY))
     x, t, context = inputs(TINY)

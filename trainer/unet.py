@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import cckernels as ck
+from cckernels.nn import Attention
 from cckernels import reference
 
 DIFFUSERS_CLASS = "UNet2DConditionModel"
@@ -265,48 +266,6 @@ class ResnetBlock(nn.Module):
             skip = F.conv2d(x, self.conv_shortcut.weight, self.conv_shortcut.bias + self.conv2.bias)
             out = skip + F.conv2d(h, self.conv2.weight, None, padding=self.conv2.padding)
         return out if self.output_scale_factor == 1 else out / self.output_scale_factor
-
-
-class Attention(nn.Module):
-    """Multi-head attention over tokens; keys and values from `context` (cross) or x (self).
-
-    `attend(q, k, v)` on BLHD tensors is ck.attention; benchmarks may set another function of
-    the same contract on an instance (a materializing baseline, PyTorch's SDPA).
-
-    The projections that read the same tokens run as one GEMM on their weights concatenated at
-    each call (the parameters keep diffusers' names): q, k and v of self-attention, k and v of
-    the text. The attention then reads strided BLHD views of one (B, L, n * heads * head_dim)
-    tensor (ck.unpack); x is read once, and the backward gives its gradient from one GEMM
-    instead of three summed, from the one packed gradient ck.attention's kernels write (no
-    stack of three). `fused = False` (benchmarks set it on an instance: the original
-    latent-diffusion code) projects each separately."""
-
-    attend = staticmethod(ck.attention)
-    fused = True
-
-    def __init__(self, dim, heads, context_dim, dropout):
-        super().__init__()
-        self.heads = heads
-        self.to_q = nn.Linear(dim, dim, bias=False)
-        self.to_k = nn.Linear(context_dim, dim, bias=False)
-        self.to_v = nn.Linear(context_dim, dim, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(dim, dim), nn.Dropout(dropout))
-
-    def project(self, tokens, *linears):
-        """Each Linear of `linears` (no biases) applied to tokens (B, L, C), as BLHD views."""
-        B, L, _ = tokens.shape
-        if not self.fused or len(linears) == 1:
-            return [linear(tokens).view(B, L, self.heads, -1) for linear in linears]
-        weight = torch.cat([linear.weight for linear in linears])
-        return ck.unpack(F.linear(tokens, weight).view(B, L, len(linears), self.heads, -1))
-
-    def forward(self, x, context=None):
-        B, Lq, _ = x.shape
-        if context is None:
-            q, k, v = self.project(x, self.to_q, self.to_k, self.to_v)
-        else:
-            (q,), (k, v) = self.project(x, self.to_q), self.project(context, self.to_k, self.to_v)
-        return self.to_out(self.attend(q, k, v).reshape(B, Lq, -1))
 
 
 class GEGLU(nn.Module):
