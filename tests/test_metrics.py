@@ -48,3 +48,20 @@ def test_a_skipped_steps_loss_is_null_and_spoils_no_running_mean(tmp_path, monke
     metrics.plot(jsonl, tmp_path / "m.png")
     smooth = next(a[1] for a, k in plotted if k.get("label", "").startswith("running mean"))
     assert smooth == [1.0] * 60  # the NaN is left out of every window holding it
+
+
+def test_a_resume_from_an_earlier_checkpoint_drops_the_abandoned_records_from_the_plot(tmp_path):
+    jsonl = tmp_path / "metrics.jsonl"
+    _write(jsonl, range(1, 31))
+    _write(jsonl, range(21, 26))  # latest set back to step 20's checkpoint: 26-30 were abandoned
+    with open(jsonl, "a") as f:
+        f.write('{"step": 26}\n{"step": "27", "loss": 1.0}\n')  # no loss, no int step: passed over
+    assert [r["step"] for r in metrics.read(jsonl)] == list(range(1, 26))
+    assert len(jsonl.read_text().splitlines()) == 37  # the file keeps every line
+
+
+def test_the_plot_takes_the_format_of_its_suffix_and_makes_its_folder(tmp_path, capsys):
+    _write(tmp_path / "metrics.jsonl", range(1, 5))
+    metrics.main([str(tmp_path), "--out", str(tmp_path / "new" / "m.svg")])
+    assert (tmp_path / "new" / "m.svg").read_text().lstrip().startswith("<?xml")
+    assert not list((tmp_path / "new").glob(".*"))

@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -333,7 +334,25 @@ def test_a_metrics_record_holds_the_mean_loss_of_its_steps(tmp_path, monkeypatch
     monkeypatch.setattr(diffusion, "training_loss", loss)
     run(tmp_path, "train.steps=4", "train.log_every=2")
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
-    assert [(r["step"], r["loss"], r["skipped"]) for r in records] == [(2, 1.0, 1), (4, 4.0, 0)]
+    assert [(r["step"], r["steps"], r["loss"], r["skipped"]) for r in records] == [(2, 2, 1.0, 1), (4, 2, 4.0, 0)]
+    assert all(abs(r["time"] - time.time()) < 600 for r in records)
+
+
+def test_a_records_images_per_s_is_its_own_steps_rate(tmp_path, monkeypatch):
+    # It was the mean since the process started: a slow start (compiling, CUDA graphs) weighed
+    # on every later record. Here the first two steps take 2 s each, the next two do not.
+    real, calls = diffusion.training_loss, []
+
+    def slow_start(*args, **kwargs):
+        calls.append(1)
+        if len(calls) <= 2:
+            time.sleep(2)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(diffusion, "training_loss", slow_start)
+    run(tmp_path, "train.steps=4", "train.log_every=2")
+    first, second = (json.loads(line)["images_per_s"] for line in open(tmp_path / "metrics.jsonl"))
+    assert second > 3 * first
 
 
 def test_many_non_finite_steps_in_a_row_stop_the_run(tmp_path, monkeypatch):

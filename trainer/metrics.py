@@ -1,11 +1,13 @@
-"""A run's metrics.jsonl (a record every train.log_every steps: the mean loss of the steps taken
-since the previous record, how many were skipped, the last grad norm and lr, the run's
-images/s and share of time waiting for data) and its plot, metrics.png.
+"""A run's metrics.jsonl (a record every train.log_every steps: over the steps since the
+previous record, their count `steps`, the mean loss of those taken, how many were skipped,
+images/s and the share of the time spent waiting for data; the last grad norm and lr; `time`,
+seconds since the epoch) and its plot, metrics.png.
 
     python -m trainer.metrics runs/tiny          # -> runs/tiny/metrics.png
 
-train.py redraws the plot at every checkpoint and at the end. A resumed run appends the steps
-after its checkpoint again; the plot keeps the last record of each step.
+train.py redraws the plot at every checkpoint and at the end. A resumed run appends the records
+after its checkpoint again: the file keeps every line, the plot the timeline the run took (the
+records a resume went back over are replaced by the resumed run's).
 """
 import argparse
 import itertools
@@ -16,22 +18,27 @@ from pathlib import Path
 
 
 def read(path):
-    """The records of a metrics.jsonl, one per step (the last written), by step. A skipped step's
-    loss and grad_norm, null in the file (strict JSON has no NaN), read as NaN. A line that does
-    not parse (cut off by a crash or a full disk) is passed over."""
-    by_step = {}
+    """The records of a metrics.jsonl on the run's last timeline, by step: a record whose step
+    is not after the one before it starts a resumed run, whose records replace those at and
+    after its step (a resume from an earlier checkpoint abandons them). A skipped step's loss
+    and grad_norm, null in the file (strict JSON has no NaN), read as NaN. A line that does not
+    parse (cut off by a crash or a full disk) or holds no step and loss is passed over."""
+    records = []
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if isinstance(record, dict) and "step" in record:
-                for key in ("loss", "grad_norm"):
-                    if key in record and record[key] is None:
-                        record[key] = math.nan
-                by_step[record["step"]] = record
-    return [by_step[s] for s in sorted(by_step)]
+            if not (isinstance(record, dict) and type(record.get("step")) is int and "loss" in record):
+                continue
+            for key in ("loss", "grad_norm"):
+                if key in record and record[key] is None:
+                    record[key] = math.nan
+            while records and records[-1]["step"] >= record["step"]:
+                records.pop()
+            records.append(record)
+    return records
 
 
 def open_for_append(path):
@@ -86,9 +93,12 @@ def plot(jsonl, png):
         ax_loss.plot(skipped, [0] * len(skipped), "rx", transform=ax_loss.get_xaxis_transform(),
                      label="skipped (non-finite)")
     ax_loss.set_ylabel("loss")
+    if all(x > 0 for x in losses if math.isfinite(x)):  # a loss falls by decades; a late plateau stays readable
+        ax_loss.set_yscale("log")
     ax_loss.legend()
     ax_speed.plot(steps, [r["images_per_s"] for r in records], lw=1)
-    ax_speed.set_ylabel("images/s (run mean)")
+    ax_speed.set_ylabel("images/s")
+    ax_speed.set_ylim(bottom=0)
     ax_speed.set_xlabel("step")
     if all("data_wait" in r for r in records):  # runs before 2026-11-27 did not record it
         ax_wait = ax_speed.twinx()
@@ -97,7 +107,8 @@ def plot(jsonl, png):
         ax_wait.set_ylim(0, 100)
     fig.tight_layout()
     png = Path(png)
-    tmp = png.with_suffix(".tmp.png")
+    png.parent.mkdir(parents=True, exist_ok=True)
+    tmp = png.with_name(f".{png.name}.tmp{png.suffix}")  # the suffix names the format: .png, .svg, .pdf
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     os.replace(tmp, png)
@@ -107,7 +118,8 @@ def plot(jsonl, png):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="a run's out_dir (holding metrics.jsonl) or a metrics.jsonl")
-    p.add_argument("--out", default=None, help="the PNG (default: metrics.png next to metrics.jsonl)")
+    p.add_argument("--out", default=None, help="the image (default: metrics.png next to metrics.jsonl; "
+                   ".svg or .pdf for those formats)")
     args = p.parse_args(argv)
     jsonl = Path(args.run)
     jsonl = jsonl / "metrics.jsonl" if jsonl.is_dir() else jsonl

@@ -418,9 +418,11 @@ def train(cfg):
     metrics = open_metrics(out_dir / "metrics.jsonl") if is_main else None
     steps = tc["steps"]
     bad_steps = ckpt["state"]["bad_steps"] if ckpt else 0
-    bar = tqdm(range(start_step, steps), initial=start_step, total=steps, disable=not is_main, desc="train")
-    t0 = time.perf_counter()
-    interval = []  # rank 0: (loss, taken) of the steps since the last metrics record
+    # Redirected to a file, the bar writes a line every minute, not ~10 a second.
+    bar = tqdm(range(start_step, steps), initial=start_step, total=steps, disable=not is_main, desc="train",
+               mininterval=0.1 if sys.stderr.isatty() else 60)
+    interval, rates = [], {}  # rank 0: (loss, taken) of the steps since the last metrics record; its rates
+    last_record = (time.perf_counter(), data_wait, start_step)  # when, the data wait and step then
     for step in bar:
         loss, grad_norm, finite = train_step(step)
         bad_steps = 0 if finite else bad_steps + 1
@@ -430,17 +432,21 @@ def train(cfg):
                 raise RuntimeError(f"{bad_steps} consecutive steps with non-finite loss or gradients; stopping")
         done = step + 1
         if is_main:
-            elapsed = time.perf_counter() - t0
-            images_per_s, data_share = world * batch * accum * (done - start_step) / elapsed, data_wait / elapsed
-            bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_s:.1f}", data_wait=f"{data_share:.0%}")
             interval.append((loss, finite))
-            if done % tc["log_every"] == 0 or done == steps:  # the loss: the mean of the steps taken since
+            if done % tc["log_every"] == 0 or done == steps:  # each a mean over the steps since the last record
                 taken = [x for x, ok in interval if ok]
-                metrics.write(metrics_record(step=done, loss=sum(taken) / len(taken) if taken else math.nan,
-                                             grad_norm=grad_norm, lr=lr_at(step), images_per_s=images_per_s,
-                                             data_wait=data_share, skipped=len(interval) - len(taken)))
+                now, wait_then, step_then = last_record
+                seconds = time.perf_counter() - now
+                images_per_s = world * batch * accum * (done - step_then) / seconds
+                data_share = (data_wait - wait_then) / seconds
+                metrics.write(metrics_record(step=done, steps=len(interval), loss=sum(taken) / len(taken) if taken
+                                             else math.nan, grad_norm=grad_norm, lr=lr_at(step),
+                                             images_per_s=images_per_s, data_wait=data_share,
+                                             skipped=len(interval) - len(taken), time=round(time.time(), 1)))
                 metrics.flush()
-                interval = []
+                rates = {"img_s": f"{images_per_s:.1f}", "data_wait": f"{data_share:.0%}"}
+                interval, last_record = [], (time.perf_counter(), data_wait, done)
+            bar.set_postfix(loss=f"{loss:.4f}", **rates, refresh=False)
         if done == start_step + 1:
             calls = ck.backend_calls().items()
             log("kernel calls by backend so far: "
