@@ -478,6 +478,13 @@ FAIL (listed below), or pruned (a config the kernel's own rule never runs on tha
 """
 
 
+def at_least_one(text):
+    """argparse type: an integer >= 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return int(text)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m cckernels.inspect", description=__doc__.split("\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), choices=ARCHS)
@@ -489,7 +496,8 @@ def main(argv=None):
     parser.add_argument("--no-cuda", action="store_true", help="skip csrc/*.cu")
     parser.add_argument("--cuda-arch", type=int, nargs="+", choices=ARCHS, help="archs for csrc (default: --arch)")
     parser.add_argument("--quick", action="store_true", help="one config per Triton kernel: the first it keeps")
-    parser.add_argument("--jobs", type=int, default=None, help="parallel compiles (default: CPU count)")
+    parser.add_argument("--jobs", type=at_least_one, default=os.cpu_count() or 1,
+                        help="parallel compiles, >= 1 (default: the CPU count, %(default)s here)")
     parser.add_argument("--no-cache", action="store_true", help=f"recompile everything (cache: {cache_dir()})")
     parser.add_argument("--json", metavar="FILE", help="write the rows as JSON")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown page instead of the table")

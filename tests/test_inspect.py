@@ -131,3 +131,17 @@ def test_signature_from_spec():
                          "scale": "fp32", "BLOCK": "constexpr"}  # fmt: skip
     assert constexprs == {"stride_b": 1, "BLOCK": 64}
     assert set(attrs) == {(0,), (1,), (3,)}  # pointers and the divisible-by-16 stride
+
+
+# ---- the command line: a user's mistake is one line, before anything compiles -------------
+def usage_error(capsys, *argv):
+    """The one-line message main() exits with (status 2, argparse's) for these arguments."""
+    with pytest.raises(SystemExit) as exit:
+        ck_inspect.main(list(argv))
+    assert exit.value.code == 2
+    return capsys.readouterr().err.splitlines()[-1]
+
+
+@pytest.mark.parametrize("jobs", ["0", "-1", "two"])
+def test_jobs_is_at_least_one(capsys, jobs):
+    assert "--jobs: expected an integer >= 1" in usage_error(capsys, "--jobs", jobs)
