@@ -499,9 +499,15 @@ def main(argv=None):
     parser.add_argument("--jobs", type=at_least_one, default=os.cpu_count() or 1,
                         help="parallel compiles, >= 1 (default: the CPU count, %(default)s here)")
     parser.add_argument("--no-cache", action="store_true", help=f"recompile everything (cache: {cache_dir()})")
-    parser.add_argument("--json", metavar="FILE", help="write the rows as JSON")
+    parser.add_argument("--json", metavar="FILE", help="write the rows as JSON (its folder is created)")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown page instead of the table")
     args = parser.parse_args(argv)
+    if args.json:
+        try:  # fail now, not after the compiling; "a" leaves an existing file as it is
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).open("a").close()
+        except OSError as e:
+            parser.error(f"--json {args.json}: cannot write there ({e.strerror or e})")
     ops = None if "all" in args.op else args.op
     known = {entry["op"] for _, _, entry in specs()}
     if ops and set(ops) - known:

@@ -145,3 +145,9 @@ def usage_error(capsys, *argv):
 @pytest.mark.parametrize("jobs", ["0", "-1", "two"])
 def test_jobs_is_at_least_one(capsys, jobs):
     assert "--jobs: expected an integer >= 1" in usage_error(capsys, "--jobs", jobs)
+
+
+def test_json_path_is_checked_before_compiling(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(ck_inspect, "collect", lambda *a, **k: pytest.fail("compiled before checking --json"))
+    (tmp_path / "a_file").touch()
+    assert "--json" in usage_error(capsys, "--json", str(tmp_path / "a_file" / "rows.json"))
