@@ -9,6 +9,7 @@ once per (autotune config, dtype, variant, arch); csrc/*.cu through `nvcc -cubin
 is read with cuobjdump (Triton's wheel carries it): registers, shared and local memory per
 thread (spills land in local memory) and the SASS instruction mix that decides speed:
 HGMMA (sm90) / HMMA (sm80) for matrix work, 128-bit global loads and stores for streaming.
+Without Triton nothing runs; without nvcc on PATH the csrc rows are skipped, and a note says so.
 
 What to compile and what must hold lives next to each op, in an `INSPECT` list at the end of
 each cckernels/triton/*.py module (Triton kernels) and of cckernels/cuda.py (csrc files); this
@@ -83,14 +84,30 @@ def torch_name(dtype):
 # Tools and cubin analysis
 # ----------------------------------------------------------------------------------------
 def tool(name):
-    """Path of a CUDA binary tool: Triton's bundled copy first, then PATH."""
+    """Path of a CUDA binary tool: Triton's bundled copy first, then PATH; None in neither."""
     import triton
 
     bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
-    found = str(bundled) if bundled.exists() else shutil.which(name)
-    if found is None:
-        raise RuntimeError(f"{name} not found (neither in Triton's wheel nor on PATH)")
-    return found
+    return str(bundled) if bundled.exists() else shutil.which(name)
+
+
+def blockers(cuda=True):
+    """(why no row can be made here, why no csrc row can), None where nothing stands in the
+    way; checked before compiling. Every row needs Triton: it compiles the Triton kernels and
+    its wheel carries the cuobjdump that reads every cubin. csrc also needs nvcc."""
+    from cckernels.backend import triton_interpreting
+
+    no_csrc = "nvcc is not on PATH" if cuda and shutil.which("nvcc") is None else None
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        why = f"Triton is needed (it compiles the kernels, its wheel carries cuobjdump) but does not import: {e}"
+        return f"{why}; pip install triton", no_csrc
+    if triton_interpreting():
+        return "unset TRITON_INTERPRET: the interpreter replaces kernels and their autotune configs", no_csrc
+    if tool("cuobjdump") is None:
+        return "cuobjdump is neither in Triton's wheel nor on PATH", no_csrc
+    return None, no_csrc
 
 
 def demangle(names):
@@ -318,8 +335,6 @@ def compile_cuda(job, use_cache=True):
     source = ROOT / job["source"]
     headers = sorted(p for p in source.parent.glob("*") if p.suffix in (".h", ".cuh"))
     nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        raise RuntimeError("nvcc is not on PATH: cannot inspect csrc")
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
     key = [version, job["arch"], NVCC_FLAGS, source.read_text(), [(p.name, p.read_text()) for p in headers]]
 
@@ -411,10 +426,9 @@ def collect(ops=None, archs=ARCHS, dtypes=None, kernels=None, variants=None, cud
     cuda: include csrc/*.cu, for cuda_archs (default: archs). quick: one config per Triton
     kernel (see triton_jobs).
     """
-    from cckernels.backend import triton_interpreting
-
-    if triton_interpreting():
-        raise RuntimeError("unset TRITON_INTERPRET: the interpreter replaces kernels and their autotune configs")
+    problem = next(filter(None, blockers(cuda)), None)
+    if problem:  # here, not in a worker's traceback
+        raise RuntimeError(problem)
     todo = []
     for module, index, entry in specs():
         if ops and entry["op"] not in ops:
@@ -508,11 +522,17 @@ def main(argv=None):
             Path(args.json).open("a").close()
         except OSError as e:
             parser.error(f"--json {args.json}: cannot write there ({e.strerror or e})")
+    no_rows, no_csrc = blockers(cuda=not args.no_cuda)
+    if no_rows:
+        parser.exit(2, f"{parser.prog}: error: {no_rows}\n")
+    # without nvcc the Triton rows are still worth having
+    skipped = no_csrc and (f"csrc rows skipped: {no_csrc} (put the CUDA toolkit's bin on PATH to get them; "
+                           "--no-cuda leaves them out without this note)")
     ops = None if "all" in args.op else args.op
     known = {entry["op"] for _, _, entry in specs()}
     if ops and set(ops) - known:
         parser.error(f"unknown --op {sorted(set(ops) - known)}; known: {sorted(known)}")
-    rows = collect(ops, args.arch, args.dtype, args.kernel, args.variant, not args.no_cuda, args.jobs,
+    rows = collect(ops, args.arch, args.dtype, args.kernel, args.variant, not (args.no_cuda or no_csrc), args.jobs,
                    not args.no_cache, args.quick, args.cuda_arch)  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
@@ -520,6 +540,8 @@ def main(argv=None):
     if args.markdown:
         print(MARKDOWN_HEADER.format(args=" ".join(sys.argv[1:] if argv is None else argv)))
         print(table(rows, markdown=True))
+        if skipped:
+            print(f"\n{skipped}.")
         print("\n## Failed expectations\n")
         print("\n".join(f"- {f}" for f in failed) or "None.")
     else:
@@ -528,6 +550,8 @@ def main(argv=None):
               f"{len(failed)} failed expectations", file=sys.stderr)  # fmt: skip
         for f in failed:
             print(f"FAIL {f}", file=sys.stderr)
+    if skipped:
+        print(f"note: {skipped}", file=sys.stderr)
     return 1 if failed else 0
 
 
