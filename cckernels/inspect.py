@@ -261,6 +261,17 @@ def triton_jobs(module, index, entry, archs, dtypes=None, quick=False):
                            "config_index": c, "arch": arch}  # fmt: skip
 
 
+def kernel_variants(ops, archs):
+    """{(Triton kernel name, variant)} of the INSPECT entries of these ops (None: all) that
+    compile for any of these archs; "-" stands for no variants."""
+    found = set()
+    for _, _, entry in specs():
+        if "kernel" in entry and (not ops or entry["op"] in ops) and set(archs) & set(entry.get("archs", archs)):
+            name = jit_parts(entry["kernel"])[0].__name__
+            found.update((name, variant) for variant in entry.get("variants") or ["-"])
+    return found
+
+
 def kept_configs(entry, arch, dtype, args):
     """Labels of the configs the kernel itself would run on this arch (all by default)."""
     _, configs = jit_parts(entry["kernel"])
@@ -532,6 +543,13 @@ def main(argv=None):
     known = {entry["op"] for _, _, entry in specs()}
     if ops and set(ops) - known:
         parser.error(f"unknown --op {sorted(set(ops) - known)}; known: {sorted(known)}")
+    choices = kernel_variants(ops, args.arch)
+    kernels = {k for k, _ in choices}
+    variants = {v for k, v in choices if not args.kernel or k in args.kernel}
+    for flag, picked, known in (("--kernel", args.kernel, kernels), ("--variant", args.variant, variants)):
+        if picked and set(picked) - known:
+            unknown = sorted(set(picked) - known)
+            parser.error(f"unknown {flag} {unknown}; known, given the other options: {sorted(known)}")
     rows = collect(ops, args.arch, args.dtype, args.kernel, args.variant, not (args.no_cuda or no_csrc), args.jobs,
                    not args.no_cache, args.quick, args.cuda_arch)  # fmt: skip
     if args.json:

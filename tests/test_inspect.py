@@ -179,3 +179,16 @@ def test_without_nvcc_the_triton_rows_come_and_a_note_says_csrc_was_skipped():
     assert "| triton | _ema_kernel |" in run.stdout and "| cuda |" not in run.stdout
     for output in (run.stdout, run.stderr):  # the page says so, and so does the terminal
         assert "csrc rows skipped: nvcc is not on PATH" in output
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--kernel", "nope"], "unknown --kernel ['nope']"),
+    (["--op", "ema_update_", "--variant", "d64"], "unknown --variant ['d64']; known, given the other options: ['-']"),
+    (["--kernel", "_ema_kernel", "--variant", "d64"], "unknown --variant ['d64']"),
+])  # fmt: skip
+def test_kernel_and_variant_names_are_checked(argv, message):
+    # a subprocess: this one's kernels are Triton's interpreter's, which inspect refuses
+    cmd = [sys.executable, "-m", "cckernels.inspect", *argv]
+    run = subprocess.run(cmd, cwd=ROOT, env=repo_env(drop=["TRITON_INTERPRET"]), capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert run.returncode == 2 and message in run.stderr.splitlines()[-1], run.stderr[-3000:]
