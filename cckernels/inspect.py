@@ -512,15 +512,18 @@ def at_least_one(text):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m cckernels.inspect", description=__doc__.split("\n")[0])
-    parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), choices=ARCHS)
-    parser.add_argument("--op", nargs="+", default=["all"], help="attention, group_norm, ema_update_, ... or all")
+    parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), choices=ARCHS,
+                        help=f"target archs (default: {' '.join(map(str, ARCHS))})")
+    parser.add_argument("--op", nargs="+", default=["all"],
+                        help="attention, group_norm, ema_update_, ... (default: all)")
     parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPE_NAMES.values()),
                         help="the Triton kernels' dtypes (default: all); csrc's come in every dtype they are built for")
     parser.add_argument("--kernel", nargs="+", help="Triton kernel names, e.g. _ema_kernel (default: all); "
                         "csrc rows are not filtered by it (--no-cuda leaves them out)")
     parser.add_argument("--variant", nargs="+", help="variants of the Triton kernels' specs, e.g. d64, or - for "
                         "kernels without (default: all); csrc rows are not filtered by it")
-    parser.add_argument("--no-cuda", action="store_true", help="skip csrc/*.cu")
+    parser.add_argument("--no-cuda", action="store_true",
+                        help="skip csrc/*.cu (without nvcc on PATH they are skipped with a note)")
     parser.add_argument("--cuda-arch", type=int, nargs="+", choices=ARCHS, help="archs for csrc (default: --arch)")
     parser.add_argument("--quick", action="store_true", help="one config per Triton kernel: the first it keeps")
     parser.add_argument("--jobs", type=at_least_one, default=os.cpu_count() or 1,
