@@ -9,6 +9,7 @@ once per (autotune config, dtype, variant, arch); csrc/*.cu through `nvcc -cubin
 is read with cuobjdump (Triton's wheel carries it): registers, shared and local memory per
 thread (spills land in local memory) and the SASS instruction mix that decides speed:
 HGMMA (sm90) / HMMA (sm80) for matrix work, 128-bit global loads and stores for streaming.
+Without Triton nothing runs; without nvcc on PATH the csrc rows are skipped, and a note says so.
 
 What to compile and what must hold lives next to each op, in an `INSPECT` list at the end of
 each cckernels/triton/*.py module (Triton kernels) and of cckernels/cuda.py (csrc files); this
@@ -83,14 +84,30 @@ def torch_name(dtype):
 # Tools and cubin analysis
 # ----------------------------------------------------------------------------------------
 def tool(name):
-    """Path of a CUDA binary tool: Triton's bundled copy first, then PATH."""
+    """Path of a CUDA binary tool: Triton's bundled copy first, then PATH; None in neither."""
     import triton
 
     bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
-    found = str(bundled) if bundled.exists() else shutil.which(name)
-    if found is None:
-        raise RuntimeError(f"{name} not found (neither in Triton's wheel nor on PATH)")
-    return found
+    return str(bundled) if bundled.exists() else shutil.which(name)
+
+
+def blockers(cuda=True):
+    """(why no row can be made here, why no csrc row can), None where nothing stands in the
+    way; checked before compiling. Every row needs Triton: it compiles the Triton kernels and
+    its wheel carries the cuobjdump that reads every cubin. csrc also needs nvcc."""
+    from cckernels.backend import triton_interpreting
+
+    no_csrc = "nvcc is not on PATH" if cuda and shutil.which("nvcc") is None else None
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        why = f"Triton is needed (it compiles the kernels, its wheel carries cuobjdump) but does not import: {e}"
+        return f"{why}; pip install triton", no_csrc
+    if triton_interpreting():
+        return "unset TRITON_INTERPRET: the interpreter replaces kernels and their autotune configs", no_csrc
+    if tool("cuobjdump") is None:
+        return "cuobjdump is neither in Triton's wheel nor on PATH", no_csrc
+    return None, no_csrc
 
 
 def demangle(names):
@@ -244,6 +261,17 @@ def triton_jobs(module, index, entry, archs, dtypes=None, quick=False):
                            "config_index": c, "arch": arch}  # fmt: skip
 
 
+def kernel_variants(ops, archs):
+    """{(Triton kernel name, variant)} of the INSPECT entries of these ops (None: all) that
+    compile for any of these archs; "-" stands for no variants."""
+    found = set()
+    for _, _, entry in specs():
+        if "kernel" in entry and (not ops or entry["op"] in ops) and set(archs) & set(entry.get("archs", archs)):
+            name = jit_parts(entry["kernel"])[0].__name__
+            found.update((name, variant) for variant in entry.get("variants") or ["-"])
+    return found
+
+
 def kept_configs(entry, arch, dtype, args):
     """Labels of the configs the kernel itself would run on this arch (all by default)."""
     _, configs = jit_parts(entry["kernel"])
@@ -318,8 +346,6 @@ def compile_cuda(job, use_cache=True):
     source = ROOT / job["source"]
     headers = sorted(p for p in source.parent.glob("*") if p.suffix in (".h", ".cuh"))
     nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        raise RuntimeError("nvcc is not on PATH: cannot inspect csrc")
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
     key = [version, job["arch"], NVCC_FLAGS, source.read_text(), [(p.name, p.read_text()) for p in headers]]
 
@@ -411,10 +437,9 @@ def collect(ops=None, archs=ARCHS, dtypes=None, kernels=None, variants=None, cud
     cuda: include csrc/*.cu, for cuda_archs (default: archs). quick: one config per Triton
     kernel (see triton_jobs).
     """
-    from cckernels.backend import triton_interpreting
-
-    if triton_interpreting():
-        raise RuntimeError("unset TRITON_INTERPRET: the interpreter replaces kernels and their autotune configs")
+    problem = next(filter(None, blockers(cuda)), None)
+    if problem:  # here, not in a worker's traceback
+        raise RuntimeError(problem)
     todo = []
     for module, index, entry in specs():
         if ops and entry["op"] not in ops:
@@ -478,27 +503,59 @@ FAIL (listed below), or pruned (a config the kernel's own rule never runs on tha
 """
 
 
+def at_least_one(text):
+    """argparse type: an integer >= 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return int(text)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m cckernels.inspect", description=__doc__.split("\n")[0])
-    parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), choices=ARCHS)
-    parser.add_argument("--op", nargs="+", default=["all"], help="attention, group_norm, ema_update_, ... or all")
+    parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), choices=ARCHS,
+                        help=f"target archs (default: {' '.join(map(str, ARCHS))})")
+    parser.add_argument("--op", nargs="+", default=["all"],
+                        help="attention, group_norm, ema_update_, ... (default: all)")
     parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPE_NAMES.values()),
                         help="the Triton kernels' dtypes (default: all); csrc's come in every dtype they are built for")
-    parser.add_argument("--kernel", nargs="+", help="Triton kernel names (default: all)")
-    parser.add_argument("--variant", nargs="+", help="spec variants, e.g. d64 (default: all)")
-    parser.add_argument("--no-cuda", action="store_true", help="skip csrc/*.cu")
+    parser.add_argument("--kernel", nargs="+", help="Triton kernel names, e.g. _ema_kernel (default: all); "
+                        "csrc rows are not filtered by it (--no-cuda leaves them out)")
+    parser.add_argument("--variant", nargs="+", help="variants of the Triton kernels' specs, e.g. d64, or - for "
+                        "kernels without (default: all); csrc rows are not filtered by it")
+    parser.add_argument("--no-cuda", action="store_true",
+                        help="skip csrc/*.cu (without nvcc on PATH they are skipped with a note)")
     parser.add_argument("--cuda-arch", type=int, nargs="+", choices=ARCHS, help="archs for csrc (default: --arch)")
     parser.add_argument("--quick", action="store_true", help="one config per Triton kernel: the first it keeps")
-    parser.add_argument("--jobs", type=int, default=None, help="parallel compiles (default: CPU count)")
+    parser.add_argument("--jobs", type=at_least_one, default=os.cpu_count() or 1,
+                        help="parallel compiles, >= 1 (default: the CPU count, %(default)s here)")
     parser.add_argument("--no-cache", action="store_true", help=f"recompile everything (cache: {cache_dir()})")
-    parser.add_argument("--json", metavar="FILE", help="write the rows as JSON")
+    parser.add_argument("--json", metavar="FILE", help="write the rows as JSON (its folder is created)")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown page instead of the table")
     args = parser.parse_args(argv)
+    if args.json:
+        try:  # fail now, not after the compiling; "a" leaves an existing file as it is
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).open("a").close()
+        except OSError as e:
+            parser.error(f"--json {args.json}: cannot write there ({e.strerror or e})")
+    no_rows, no_csrc = blockers(cuda=not args.no_cuda)
+    if no_rows:
+        parser.exit(2, f"{parser.prog}: error: {no_rows}\n")
+    # without nvcc the Triton rows are still worth having
+    skipped = no_csrc and (f"csrc rows skipped: {no_csrc} (put the CUDA toolkit's bin on PATH to get them; "
+                           "--no-cuda leaves them out without this note)")
     ops = None if "all" in args.op else args.op
     known = {entry["op"] for _, _, entry in specs()}
     if ops and set(ops) - known:
         parser.error(f"unknown --op {sorted(set(ops) - known)}; known: {sorted(known)}")
-    rows = collect(ops, args.arch, args.dtype, args.kernel, args.variant, not args.no_cuda, args.jobs,
+    choices = kernel_variants(ops, args.arch)
+    kernels = {k for k, _ in choices}
+    variants = {v for k, v in choices if not args.kernel or k in args.kernel}
+    for flag, picked, known in (("--kernel", args.kernel, kernels), ("--variant", args.variant, variants)):
+        if picked and set(picked) - known:
+            unknown = sorted(set(picked) - known)
+            parser.error(f"unknown {flag} {unknown}; known, given the other options: {sorted(known)}")
+    rows = collect(ops, args.arch, args.dtype, args.kernel, args.variant, not (args.no_cuda or no_csrc), args.jobs,
                    not args.no_cache, args.quick, args.cuda_arch)  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
@@ -506,6 +563,8 @@ def main(argv=None):
     if args.markdown:
         print(MARKDOWN_HEADER.format(args=" ".join(sys.argv[1:] if argv is None else argv)))
         print(table(rows, markdown=True))
+        if skipped:
+            print(f"\n{skipped}.")
         print("\n## Failed expectations\n")
         print("\n".join(f"- {f}" for f in failed) or "None.")
     else:
@@ -514,6 +573,8 @@ def main(argv=None):
               f"{len(failed)} failed expectations", file=sys.stderr)  # fmt: skip
         for f in failed:
             print(f"FAIL {f}", file=sys.stderr)
+    if skipped:
+        print(f"note: {skipped}", file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -7,6 +7,7 @@ dtype) with the first config each kernel keeps; `python -m cckernels.inspect` co
 config and dtype.
 """
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -131,3 +132,63 @@ def test_signature_from_spec():
                          "scale": "fp32", "BLOCK": "constexpr"}  # fmt: skip
     assert constexprs == {"stride_b": 1, "BLOCK": 64}
     assert set(attrs) == {(0,), (1,), (3,)}  # pointers and the divisible-by-16 stride
+
+
+# ---- the command line: a user's mistake is one line, before anything compiles -------------
+def usage_error(capsys, *argv):
+    """The one-line message main() exits with (status 2, argparse's) for these arguments."""
+    with pytest.raises(SystemExit) as exit:
+        ck_inspect.main(list(argv))
+    assert exit.value.code == 2
+    return capsys.readouterr().err.splitlines()[-1]
+
+
+@pytest.mark.parametrize("jobs", ["0", "-1", "two"])
+def test_jobs_is_at_least_one(capsys, jobs):
+    assert "--jobs: expected an integer >= 1" in usage_error(capsys, "--jobs", jobs)
+
+
+def test_json_path_is_checked_before_compiling(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(ck_inspect, "collect", lambda *a, **k: pytest.fail("compiled before checking --json"))
+    (tmp_path / "a_file").touch()
+    assert "--json" in usage_error(capsys, "--json", str(tmp_path / "a_file" / "rows.json"))
+
+
+@pytest.mark.parametrize("missing, message", [
+    ("triton", "pip install triton"),
+    ("cuobjdump", "cuobjdump is neither in Triton's wheel nor on PATH"),
+    ("interpreter off", "unset TRITON_INTERPRET"),
+])  # fmt: skip
+def test_what_every_row_needs_is_checked_first(capsys, monkeypatch, missing, message):
+    monkeypatch.setattr(ck_inspect, "collect", lambda *a, **k: pytest.fail("compiled without what it needs"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1" if missing == "interpreter off" else "0")
+    if missing == "triton":
+        monkeypatch.setitem(sys.modules, "triton", None)  # import triton raises ImportError
+    if missing == "cuobjdump":
+        monkeypatch.setattr(ck_inspect, "tool", lambda name: None)
+    assert message in usage_error(capsys, "--op", "ema_update_")
+
+
+def test_without_nvcc_the_triton_rows_come_and_a_note_says_csrc_was_skipped():
+    path = os.pathsep.join(d for d in os.environ["PATH"].split(os.pathsep) if not (Path(d) / "nvcc").exists())
+    cmd = [sys.executable, "-m", "cckernels.inspect", "--op", "ema_update_", "--quick", "--arch", "90",
+           "--dtype", "fp32", "--jobs", "1", "--markdown"]  # fmt: skip
+    run = subprocess.run(cmd, cwd=ROOT, env=repo_env(drop=["TRITON_INTERPRET"], PATH=path), capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "| triton | _ema_kernel |" in run.stdout and "| cuda |" not in run.stdout
+    for output in (run.stdout, run.stderr):  # the page says so, and so does the terminal
+        assert "csrc rows skipped: nvcc is not on PATH" in output
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--kernel", "nope"], "unknown --kernel ['nope']"),
+    (["--op", "ema_update_", "--variant", "d64"], "unknown --variant ['d64']; known, given the other options: ['-']"),
+    (["--kernel", "_ema_kernel", "--variant", "d64"], "unknown --variant ['d64']"),
+])  # fmt: skip
+def test_kernel_and_variant_names_are_checked(argv, message):
+    # a subprocess: this one's kernels are Triton's interpreter's, which inspect refuses
+    cmd = [sys.executable, "-m", "cckernels.inspect", *argv]
+    run = subprocess.run(cmd, cwd=ROOT, env=repo_env(drop=["TRITON_INTERPRET"]), capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert run.returncode == 2 and message in run.stderr.splitlines()[-1], run.stderr[-3000:]
