@@ -205,11 +205,13 @@ def test_an_earlier_run_set_aside(tmp_path):
     assert second != earlier and checkpoint.latest(second).name == "step_0000020"
 
 
-def test_keeps_only_the_newest(tmp_path):
-    for step in (1, 2, 3):
-        _save(tmp_path, step, step, keep=2)
+def test_keeps_only_the_newest(tmp_path, caplog):
+    with caplog.at_level("INFO", logger="trainer.checkpoint"):
+        for step in (1, 2, 3):
+            _save(tmp_path, step, step, keep=2)
     names = sorted(p.name for p in checkpoint.checkpoint_dir(tmp_path).glob("step_*"))
     assert names == ["step_0000002", "step_0000003"]
+    assert "step_0000001 (checkpoint.keep=2 keeps the newest)" in caplog.text  # said, not silent
 
 
 def test_a_run_resumed_from_an_earlier_checkpoint_keeps_its_own(tmp_path):

@@ -170,6 +170,48 @@ def test_a_stalled_rank_fails_the_run_after_train_dist_timeout_s(tmp_path):
     assert float((tmp_path / "rank0_failed_after_s").read_text()) < 50  # not gloo's 30 minutes, nor the 60 s stall
 
 
+def _rank_in_its_own_folder(rank, port, root):
+    """A rank of a 2-rank run whose relative out_dir resolves to another folder on each rank (two
+    nodes without a shared file system)."""
+    import os
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    Path(root, f"node{rank}").mkdir()
+    os.chdir(Path(root, f"node{rank}"))
+    try:
+        train.main([*TINY, "train.steps=2", "out_dir=runs/x"])
+    except RuntimeError as e:
+        Path(root, f"rank{rank}_error").write_text(str(e))
+        raise
+
+
+def test_ranks_that_do_not_share_out_dir_fail_at_the_start(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(mp.ProcessRaisedException):
+        mp.start_processes(_rank_in_its_own_folder, args=(port, str(tmp_path)), nprocs=2, start_method="spawn")
+    error = (tmp_path / "rank1_error").read_text()
+    assert f"cannot see {tmp_path}/node1/runs/x/.shared_check" in error and "every node shares" in error
+    assert not (tmp_path / "node0" / "runs" / "x" / "checkpoints").exists()  # before any step
+
+
+def test_restarts_without_their_own_store_are_warned_about(monkeypatch):
+    monkeypatch.delenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", raising=False)
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "0")
+    assert not train._restarts_may_fail()
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
+    assert train._restarts_may_fail()
+    monkeypatch.setenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    assert not train._restarts_may_fail()
+
+
 @pytest.mark.gpu
 @pytest.mark.timeout(180)  # three tiny runs with sampling (run_gpu.sh gives other tests 60 s)
 def test_bf16_weights_on_gpu_with_the_default_kernels(tmp_path, monkeypatch, capsys):

@@ -262,6 +262,7 @@ def _prune(out_dir, keep, step):
     done = [p for p in _step_folders(out_dir) if int(p.name[5:]) <= step]
     for old in done[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
+        log.info("removed %s (checkpoint.keep=%d keeps the newest)", old, keep)
 
 
 def load(path, rank=0):

@@ -4,9 +4,9 @@ r"""Train a text-to-image latent diffusion UNet (the main job).
     torchrun --standalone --nproc_per_node=2 trainer/train.py
     # one GPU / eight GPUs on one node, SD2-base at 256 px on your own folder
     torchrun --standalone --nproc_per_node=8 trainer/train.py --config configs/sd2-base.yaml data.path=/data/cc
-    # two nodes: run on each, with node_rank 0 and 1
-    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv-backend=c10d \
-        --rdzv-endpoint=HOST:29500 --max-restarts=3 trainer/train.py --config configs/sd2-base.yaml
+    # two nodes: run on each (out_dir and data.path on a file system both share; README.md)
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nnodes=2 --nproc_per_node=8 --rdzv-id=JOB \
+        --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 --max-restarts=3 trainer/train.py --config configs/sd2-base.yaml
 
 Any config key can be overridden as key=value (train.steps=1000 data.backend=dali ...).
 Running again with the same out_dir resumes from its latest checkpoint; resume=false starts
@@ -19,6 +19,8 @@ import datetime
 import logging
 import math
 import os
+import secrets
+import socket
 import sys
 import time
 from pathlib import Path
@@ -203,8 +205,14 @@ def train(cfg):
     handler = _TqdmHandler()
     handler.setFormatter(logging.Formatter(f"rank {rank} %(name)s: %(message)s"))
     logging.basicConfig(level=logging.WARNING, handlers=[handler])
-    for name in ("cckernels", "trainer.data"):
+    for name in ("cckernels", "trainer.data", "trainer.checkpoint"):
         logging.getLogger(name).setLevel(logging.INFO if is_main else logging.WARNING)
+    logging.getLogger("trainer.encoders").setLevel(logging.WARNING if is_main else logging.ERROR)  # said once
+    if world > 1:
+        _check_shared_out_dir(out_dir, rank)
+    if _restarts_may_fail():
+        log("warning: torchrun --max-restarts without TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment: "
+            "a restart can fail to connect (pytorch/pytorch#135712) instead of resuming")
 
     # -- resume ------------------------------------------------------------------------------
     # resume=false starts over once: torchrun's restarts of this run still resume its checkpoints
@@ -481,6 +489,34 @@ def train(cfg):
 class _TqdmHandler(logging.Handler):
     def emit(self, record):
         tqdm.write(self.format(record))
+
+
+def _restarts_may_fail():
+    """Whether torchrun restarts this run's ranks through the rendezvous' shared TCP store, where
+    a restarted rank can read the previous attempt's address and fail in init_process_group."""
+    return (int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
+            and os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") != "1")
+
+
+def _check_shared_out_dir(out_dir, rank):
+    """Every rank reads and writes checkpoints in out_dir: on several nodes it must be one folder
+    they share (a network file system). Checked now, not at the first checkpoint."""
+    token = [secrets.token_hex(8) if rank == 0 else None]
+    dist.broadcast_object_list(token)
+    path = out_dir / ".shared_check"
+    if rank == 0:
+        path.write_text(token[0])
+    dist.barrier()
+    try:
+        seen = path.read_text()
+    except OSError:
+        seen = None
+    dist.barrier()
+    if rank == 0:
+        path.unlink()
+    if seen != token[0]:
+        raise RuntimeError(f"rank {rank} on {socket.gethostname()} cannot see {path.resolve()}, which rank 0 wrote: "
+                           "out_dir must be one folder every node shares (a network file system), as data.path")
 
 
 def _barrier(world):
