@@ -15,13 +15,13 @@
 # summary.md and the next one still runs; benchmarks with --budget-s start no new case after it
 # and still write their JSON), in this order:
 #   build 45 | build-check 15 | smoke 200 (gpu_smoke.py: new kernel paths, each alone, 100 s
-#   each at most, ~60 s expected: attention's compiles on a cold cache) | pytest -m gpu 180 (93
-#   s on the third H200 run, just over 140 on the fourth, 129 on the fifth; ~60 small tests added
-#   since) | bench_train 270 (6 timed steps and 1 profiled step of kernels a row; no
+#   each at most, ~60 s expected: attention's compiles on a cold cache) | pytest -m gpu 240 (93
+#   s on the third H200 run, just over 140 on the fourth, 129 for 473 tests on the fifth; 523
+#   since, many compiling new kernels) | bench_train 270 (6 timed steps and 1 profiled step of kernels a row; no
 #   row starts after its budget less 30 s; JSON written after every row) |
 #   bench_attention_cross 60 (the cross-attention shapes and 512 px self-attention at
 #   L = 4096) | bench_group_norm 60 | ncu_kernels 45 | bench_layer_norm 25 | bench_geglu 35 |
-#   profile_host 30 | bench_ema 35 | bench_attention 55 | bench_data 45 = 1100 s
+#   profile_host 30 | bench_ema 35 | bench_attention 55 | bench_data 45 = 1160 s
 #   if every step used all of its budget (bench_ddp, 30 s, only runs with several GPUs).
 # The whole run must end inside the caller's outer `timeout` (docs/benchmarks.md: at most 575 s
 # less the DALI install), or that kills it mid-step and summary.md is never written. So the script ends
@@ -182,7 +182,7 @@ EOF
 # run cut by the budget still says what passed; --durations sizes the next visit's budget.
 xdist=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
 per_test=$("$PY" -c "import pytest_timeout" 2>/dev/null && echo "--timeout 60")
-step pytest-gpu 180 env CCKERNELS_AUTOTUNE=0 "$PY" -m pytest -m gpu $xdist $per_test -v -rs --durations 15 \
+step pytest-gpu 240 env CCKERNELS_AUTOTUNE=0 "$PY" -m pytest -m gpu $xdist $per_test -v -rs --durations 15 \
     -p no:cacheprovider --junitxml="$OUT/pytest-gpu.xml" tests
 
 # Several GPUs: the training benchmark runs one process per GPU (a world of N), the others on one.

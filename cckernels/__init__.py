@@ -111,7 +111,7 @@ def attention(q, k, v, *, scale=None, backend=None):
     else:
         check_number("scale", scale, 0, math.inf, low_open=True, high_open=True)
     device_type = q.device.type
-    if q.dtype == torch.float32 and torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+    if q.dtype == torch.float32 and device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
         q, k, v = (t.to(torch.get_autocast_dtype(device_type)) for t in (q, k, v))
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if torch.compiler.is_compiling():

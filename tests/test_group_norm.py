@@ -590,7 +590,7 @@ CUDA_SINGLE_PASS_CASES = [
     ((160, 36, 3, 3), 4),  # 36 channels: no 16-byte packs in fp16/bf16 (scalar loads)
     ((140, 96, 77), 32),  # 1-D
     ((140, 64, 3, 5, 7), 32),  # 3-D
-    ((32, 320, 32, 32), 32), ((32, 640, 16, 16), 32), ((32, 1280, 8, 8), 32),  # SD2, 256 px
+    ((32, 640, 16, 16), 32), ((32, 1280, 8, 8), 32),  # SD2, 256 px (32x32x320: a cluster of 2)
 ]
 
 
@@ -598,7 +598,8 @@ CUDA_SINGLE_PASS_CASES = [
 # (cluster sizes 2 to 11 between the dtypes, 10 and 11 beyond the portable 8; odd positions per
 # block; 3 channels per group without 16-byte packs in fp16/bf16; SD2 at 512 px and 256 px).
 CUDA_CLUSTER_CASES = [((3, 960, 33, 31), 32), ((2, 1920, 31, 33), 32), ((4, 60, 257, 3), 20),
-                      ((8, 320, 64, 64), 32), ((32, 960, 32, 32), 32), ((8, 960, 48, 48), 32)]  # fmt: skip
+                      ((8, 320, 64, 64), 32), ((32, 960, 32, 32), 32), ((8, 960, 48, 48), 32),
+                      ((32, 320, 32, 32), 32)]  # fmt: skip
 
 
 @pytest.mark.gpu
