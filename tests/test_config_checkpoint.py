@@ -129,12 +129,16 @@ def test_bad_integer_names_key_and_value(cfg_file, override):
     ("sample.prompts=[]", r"sample.prompts must be a non-empty list of strings, got \[\]"),
     ("sample.prompts=a cat", r"sample.prompts must be a non-empty list of strings, got 'a cat'"),
     ("sample.prompts=[a, 2]", r"sample.prompts must be a non-empty list of strings, got \['a', 2\]"),
-    ("sample.steps=1001", r"sample.steps: number of sampling steps must be an int in \[1, 1000\], got 1001"),
+    ("sample.steps=1001", r"sample.steps: number of sampling steps must be an int in \[1, 500\], got 1001"),
+    # sampling would start at t=1000, past the schedule (IndexError at the run's last sample grid)
+    ("sample.steps=1000", r"sample.steps: .*\[1, 500\], got 1000: with SD2's leading spacing"),
+    ("sample.steps=501", r"sample.steps: .*got 501: .* start at t=501, not at pure noise \(t=999\)"),
 ])
 def test_switches_and_numbers_name_key_and_value(cfg_file, override, match):
     with pytest.raises(ValueError, match=match):
         config.load(cfg_file, [override])
     assert config.load(cfg_file, ["train.lr=1", "resume=false"])["train"]["lr"] == 1  # an integer is a number
+    assert config.load(cfg_file, ["sample.steps=500"])["sample"]["steps"] == 500
     assert config.load(cfg_file, ["train.grad_clip=.inf", "diffusion.min_snr_gamma=5"])["train"]["grad_clip"] == math.inf
     # Every number key has its interval.
     assert {k for k in config.VALID_KEYS if type(config.get(config.DEFAULTS, k)) is float} <= set(config.NUMBER_RANGES)

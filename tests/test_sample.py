@@ -119,7 +119,9 @@ def test_cli_writes_a_grid(run_dir, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--steps", "0"], "--steps must be in [1, 1000], got 0"),
+    (["--steps", "0"], "--steps: number of sampling steps must be an int in [1, 500], got 0"),
+    (["--steps", "501"], "got 501: with SD2's leading spacing more steps take every timestep and start at t=501"),
+    (["--steps", "1000"], "got 1000: with SD2's leading spacing"),
     (["--n", "0"], "--n must be >= 1"),
     (["--guidance", "nan"], "--guidance must be a finite number >= 0"),
     (["--seed", "-1"], "--seed must be in [0, 2**64)"),

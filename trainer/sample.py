@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from trainer import checkpoint
 from trainer import config as run_config
-from trainer.diffusion import NoiseSchedule, ddim_sample
+from trainer.diffusion import NoiseSchedule, ddim_sample, ddim_timesteps
 from trainer.encoders import decode_latents, load_text_encoder, load_vae, vae_downsampling
 
 
@@ -144,9 +144,10 @@ def main(argv=None):
     # checked before the models load (minutes for SD2's), and before sampling for --out
     if not Path(args.checkpoint).exists():
         parser.error(f"--checkpoint {args.checkpoint}: no such file or folder")
-    timesteps = NoiseSchedule().num_train_timesteps
-    if not 1 <= args.steps <= timesteps:
-        parser.error(f"--steps must be in [1, {timesteps}], got {args.steps}")
+    try:
+        ddim_timesteps(args.steps)
+    except ValueError as e:
+        parser.error(f"--steps: {e}")
     if args.n < 1:
         parser.error(f"--n must be >= 1, got {args.n}")
     if not 0 <= args.guidance < math.inf:
