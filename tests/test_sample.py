@@ -13,7 +13,7 @@ from tiny_models import TINY_UNET, StandInUNet
 from trainer import config as run_config
 from trainer import sample
 from trainer.encoders import encoder_config, load_text_encoder, load_vae
-from trainer.sample import load_checkpoint, main, sample_images, save_grid
+from trainer.sample import label_font, label_lines, load_checkpoint, main, sample_images, save_grid
 
 
 @pytest.fixture(scope="module")
@@ -36,15 +36,35 @@ def test_save_grid_layout(tmp_path):
         save_grid(images, tmp_path / "bad.png", rows=4)
     # labelled: a white band with dark text above each row, the images below it as before
     images = values.view(6, 1, 1, 1).expand(6, 3, 60, 50).clone()
-    grid = np.asarray(Image.open(save_grid(images, tmp_path / "labelled.png", rows=2,
-                                           labels=["a cat", "a very long prompt " * 20])))
+    grid = np.asarray(Image.open(save_grid(images, tmp_path / "labelled.png", rows=2, labels=["a cat", "a dog"])))
     assert grid.shape == (2 * (14 + 60), 3 * 50, 3)
     for row in range(2):
         band, block = grid[row * 74:row * 74 + 14], grid[row * 74 + 14:(row + 1) * 74, :50]
-        assert (band.min(-1) < 100).any() and (band[:, -2:] == 255).all()  # text, cut before the right edge
+        assert (band.min(-1) < 100).any() and (band[:, -2:] == 255).all()  # text, before the right edge
         assert (block == round((values[3 * row].item() + 1) * 127.5)).all()
+    # a prompt too long for one line takes two in every row's band; a newline or none is no error
+    for labels in (["a cat", "a very long prompt " * 20], ["a\ncat", ""]):
+        grid = np.asarray(Image.open(save_grid(images, tmp_path / "labelled.png", rows=2, labels=labels)))
+        band = 28 if len(labels[1]) > 100 else 14
+        assert grid.shape == (2 * (band + 60), 3 * 50, 3)
+        for row in range(2):
+            text = grid[row * (band + 60):row * (band + 60) + band]
+            assert (text.min(-1) < 100).any() and (text[:, -2:] == 255).all()
     with pytest.raises(ValueError, match="one label per row"):
         save_grid(images, tmp_path / "bad.png", rows=2, labels=["a cat"])
+
+
+def test_labels_take_one_line_or_two_cut_with_an_ellipsis():
+    # A newline made PIL refuse to measure the label, in trainer.sample and at the end of a run.
+    font = label_font(12)
+    assert label_lines("a\n cat\t on  a mat ", 150, font) == ["a cat on a mat"]
+    assert label_lines("", 150, font) == label_lines(" \n", 150, font) == ["(empty prompt)"]
+    long = "a very long prompt about a lighthouse at dusk " * 10
+    first, second = label_lines(long, 150, font)
+    assert long.startswith(first + " ") and second.endswith("…")  # cut between words, then short
+    assert all(font.getlength(line) <= 150 for line in (first, second))
+    assert label_lines("a cat sitting on a mat", 150, font) == ["a cat sitting on a mat"]
+    assert " ".join(label_lines("a cat sitting on a mat", 80, font)) == "a cat sitting on a mat"  # two lines, whole
 
 
 def test_sample_images_shapes_and_determinism(encoders):

@@ -32,7 +32,8 @@ from trainer.encoders import decode_latents, load_text_encoder, load_vae, vae_do
 def save_grid(images, path, *, rows, labels=None):
     """Write images (N, 3, H, W) in [-1, 1] as one PNG of `rows` rows (one per prompt, as
     sample_images orders them), filled row by row, no padding; `labels` (one per row: the
-    prompts) are written in a white band above each row. Returns the path."""
+    prompts) are written in a white band above each row, as label_lines sets them (the bands
+    of a grid are all as tall as its tallest). Returns the path."""
     n, c, h, w = images.shape
     if c != 3 or rows < 1 or n % rows:
         raise ValueError(f"need (N, 3, H, W) images with N a multiple of rows={rows}, got {tuple(images.shape)}")
@@ -43,24 +44,63 @@ def save_grid(images, path, *, rows, labels=None):
     # (rows, cols, 3, H, W) -> (rows, H, cols, W, 3): each row of the grid is one strip of pixels.
     strips = pixels.view(rows, cols, 3, h, w).permute(0, 3, 1, 4, 2).reshape(rows, h, cols * w, 3).numpy()
     if labels is not None:
-        band = max(14, h // 6)
-        strips = [np.concatenate([_label_band(text, cols * w, band), strip]) for text, strip in zip(labels, strips)]
+        line = max(14, h // 6)  # pixels per line of text
+        font = label_font(round(line * 0.75))
+        texts = [label_lines(text, cols * w - 4, font) for text in labels]
+        band = line * max(len(lines) for lines in texts)
+        strips = [np.concatenate([_label_band(lines, cols * w, band, line, font), strip])
+                  for lines, strip in zip(texts, strips)]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.ascontiguousarray(np.concatenate(list(strips)))).save(path)
     return path
 
 
-def _label_band(text, width, height):
-    """A white (height, width, 3) band with `text` in black, cut with an ellipsis to fit."""
+def label_font(size):
+    """DejaVu Sans, which has accented letters, where matplotlib (which ships it) is installed;
+    else PIL's default font."""
+    try:
+        import matplotlib
+
+        return ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"), size)
+    except (ImportError, OSError):
+        return ImageFont.load_default(size=size)
+
+
+def label_lines(text, width, font):
+    """A prompt as the grid writes it: its whitespace (newlines too) as single spaces, on one
+    line where it fits `width` pixels in `font`, else on two, cut between words where it can
+    be, the second cut short with "…" where it does not fit either; "(empty prompt)" for none."""
+    text = " ".join(text.split()) or "(empty prompt)"
+    if font.getlength(text) <= width:
+        return [text]
+    n = _fitting_length(text, width, font)
+    space = text.rfind(" ", 0, n + 1)
+    first = text[:space] if space > 0 else text[:n]
+    rest = text[len(first):].lstrip()
+    if font.getlength(rest) > width:
+        rest = rest[:_fitting_length(rest, width, font, "…")].rstrip() + "…"
+    return [first, rest]
+
+
+def _fitting_length(text, width, font, suffix=""):
+    """The length of the longest start of text that, followed by suffix, fits width pixels."""
+    low, high = 0, len(text)
+    while low < high:
+        mid = (low + high + 1) // 2
+        if font.getlength(text[:mid] + suffix) <= width:
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
+def _label_band(lines, width, height, line, font):
+    """A white (height, width, 3) band with `lines` in black, `line` pixels apart."""
     band = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(band)
-    font = ImageFont.load_default(size=round(height * 0.75))
-    if draw.textlength(text, font=font) > width - 4:
-        while text and draw.textlength(text + "…", font=font) > width - 4:
-            text = text[:-1]
-        text += "…"
-    draw.text((2, height // 2), text, fill="black", font=font, anchor="lm")
+    for i, text in enumerate(lines):
+        draw.text((2, i * line + line // 2), text, fill="black", font=font, anchor="lm")
     return np.asarray(band)
 
 
