@@ -156,6 +156,23 @@ def test_cli_refuses_bad_arguments_before_loading_anything(run_dir, capsys, monk
     assert message in capsys.readouterr().err
 
 
+def test_cli_refuses_an_out_it_cannot_write_before_loading_anything(run_dir, capsys, monkeypatch):
+    # Found only at the save, after the models loaded and sampled: .psd (PIL reads it, writes
+    # none: KeyError 'PSD'), a folder under a file, a folder.
+    monkeypatch.setattr(sample, "load_checkpoint", lambda *a: pytest.fail("loaded the models"))
+    (run_dir / "file.png").write_bytes(b"")
+    (run_dir / "folder.png").mkdir()
+    for out, message in ((run_dir / "grid.psd", "not an image file name PIL can write"),
+                         (run_dir / "file.png" / "grid.png", "cannot be written (NotADirectoryError"),
+                         (run_dir / "folder.png", "cannot be written (IsADirectoryError")):
+        with pytest.raises(SystemExit):
+            main(["--checkpoint", str(run_dir), "--prompt", "a cat", "--out", str(out)])
+        assert f"--out {out}: {message}" in capsys.readouterr().err
+    with pytest.raises(pytest.fail.Exception, match="loaded the models"):  # a new folder is made
+        main(["--checkpoint", str(run_dir), "--prompt", "a cat", "--out", str(run_dir / "new" / "grid.png")])
+    assert (run_dir / "new").is_dir()
+
+
 def test_a_diverged_checkpoint_is_refused(run_dir):
     step = run_dir / "checkpoints" / "step_0000002"
     state = load_file(step / "ema.safetensors")

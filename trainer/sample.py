@@ -16,7 +16,10 @@ sample_images and save_grid in-process for its periodic sample grids.
 """
 
 import argparse
+import errno
 import math
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -168,6 +171,18 @@ def load_checkpoint(path, device="cpu"):
     return unet.to(device).eval(), vae, text_encoder, config
 
 
+def _check_writable(path):
+    """OSError unless a new file can be written in path's folder (made here), path no folder."""
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as e:  # a file where a folder must be: name it
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), e.filename) from None
+    with tempfile.TemporaryFile(dir=path.parent):
+        pass
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True,
@@ -196,8 +211,12 @@ def main(argv=None):
         parser.error(f"--seed must be in [0, 2**64), got {args.seed}")
     if args.resolution is not None and args.resolution < 1:
         parser.error(f"--resolution must be a positive number of pixels, got {args.resolution}")
-    if Path(args.out).suffix.lower() not in Image.registered_extensions():
+    if Image.registered_extensions().get(Path(args.out).suffix.lower()) not in Image.SAVE:  # .psd: read only
         parser.error(f"--out {args.out}: not an image file name PIL can write (use .png or .jpg)")
+    try:
+        _check_writable(Path(args.out))
+    except OSError as e:
+        parser.error(f"--out {args.out}: cannot be written ({type(e).__name__}: {e})")
 
     unet, vae, text_encoder, config = load_checkpoint(args.checkpoint, args.device)
     resolution = args.resolution or config["data"]["resolution"]
