@@ -191,8 +191,10 @@ def test_resolve_takes_a_checkpoints_folder_not_a_runs_other_folders(tmp_path):
 
 def test_a_latest_pointer_to_a_missing_checkpoint_is_an_error(tmp_path):
     shutil.rmtree(_save(tmp_path, 10, 1.0))
-    with pytest.raises(FileNotFoundError, match="latest names 'step_0000010', which is missing or incomplete"):
+    with pytest.raises(FileNotFoundError, match="latest names 'step_0000010', which is missing or incomplete") as e:
         checkpoint.latest(tmp_path)
+    # trainer.sample says it too: resume=false is advice for training only
+    assert "(or, to train, start over with resume=false" in str(e.value)
 
 
 def test_an_earlier_run_set_aside(tmp_path):
@@ -248,7 +250,8 @@ def test_a_damaged_latest_pointer_says_so(tmp_path, content, match):
 def test_damaged_or_missing_files_are_named(tmp_path):
     path = _save(tmp_path, 10, 1.0)
     (path / "unet.safetensors").write_bytes((path / "unet.safetensors").read_bytes()[:20])
-    with pytest.raises(ValueError, match=r"unet.safetensors cannot be read .*the checkpoint is damaged"):
+    with pytest.raises(ValueError, match=r"unet.safetensors cannot be read .*the checkpoint is damaged; take an "
+                                         r"earlier one \(to resume training from it, write its name into .*latest"):
         checkpoint.load(path)
     path = _save(tmp_path, 20, 2.0)
     (path / "ema.safetensors").unlink()  # the EMA had started (start_step 0): it would restart silently
