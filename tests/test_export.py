@@ -1,0 +1,16 @@
+"""trainer.export: what every export (train.py's too) replaces and says."""
+from tiny_models import save_tiny_clip
+from trainer import export
+from trainer.encoders import load_text_encoder
+
+
+def test_the_exports_own_probe_prompt_is_not_warned_about(tmp_path, caplog):
+    # "1 of 3 texts are longer than the text encoder's 77 tokens" was said of a prompt the user
+    # never wrote; a user's long prompt afterwards went unsaid (said once per encoder).
+    save_tiny_clip(tmp_path / "clip", num_layers=1)
+    text = load_text_encoder({"path": str(tmp_path / "clip")})
+    with caplog.at_level("WARNING", logger="trainer.encoders"):
+        assert export.conditioning_differs(*export.pipeline_text_parts(text), text) is None
+        assert not caplog.records and text.truncated == 0
+        text.encode(["a long prompt " * 20])
+    assert "1 of 1 texts are longer than the text encoder's 77 tokens" in caplog.text
