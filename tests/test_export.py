@@ -1,7 +1,23 @@
 """trainer.export: what every export (train.py's too) replaces and says."""
 from tiny_models import save_tiny_clip
 from trainer import export
-from trainer.encoders import load_text_encoder
+from trainer.diffusion import NoiseSchedule
+from trainer.encoders import encoder_config, load_text_encoder, load_vae
+
+
+def test_an_export_without_a_whole_pipeline_removes_an_earlier_ones_parts(tmp_path):
+    # A resumed run with another text encoder removed model_index.json alone: vae/,
+    # text_encoder/, tokenizer/ and scheduler/ stayed beside the new unet/.
+    folder = tmp_path / "diffusers"
+    for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        (folder / name).mkdir(parents=True)
+        (folder / name / "config.json").write_text("{}")
+    (folder / "model_index.json").write_text("{}")
+    tiny = encoder_config("tiny")
+    why = export.save_pipeline(folder, load_vae(tiny["vae"]), load_text_encoder(tiny["text_encoder"]), NoiseSchedule(),
+                               "epsilon")
+    assert "byte tokenizer" in why
+    assert sorted(p.name for p in folder.iterdir()) == ["unet"]
 
 
 def test_the_exports_own_probe_prompt_is_not_warned_about(tmp_path, caplog):

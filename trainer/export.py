@@ -9,6 +9,7 @@ after checking that the pipeline's text encoder conditions on a few prompts as t
 """
 import copy
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -16,6 +17,9 @@ import torch
 
 from trainer.encoders import MAX_LENGTH, ClipTokenizer, CLIPTextEncoder, OpenCLIPTextEncoder, clip_text_transformer
 from trainer.unet import save_safetensors
+
+# What save_pipeline writes beside unet/.
+PIPELINE_PARTS = ("vae", "text_encoder", "tokenizer", "scheduler", "model_index.json")
 
 # Prompts the exported text encoder must encode as the run's did (the empty one is guidance's;
 # the last is cut at 77 tokens).
@@ -162,17 +166,22 @@ def save_text_parts(folder, text_model, tokenizer):
 
 
 def save_pipeline(folder, vae, text_encoder, schedule, prediction_type):
-    """vae/, text_encoder/, tokenizer/, scheduler/ and model_index.json beside folder/unet/.
-    Returns None, or why the text encoder cannot be written (then nothing is)."""
+    """PIPELINE_PARTS beside folder/unet/, in place of an earlier export's. Returns None, or
+    why the text encoder cannot be written (then none are, and an earlier export's are gone)."""
     import diffusers
 
+    for name in PIPELINE_PARTS:  # an earlier export's (another text encoder, say) are not this one's
+        part = folder / name
+        if part.is_dir():
+            shutil.rmtree(part)
+        else:
+            part.unlink(missing_ok=True)
     try:
         text_model, tokenizer = pipeline_text_parts(text_encoder)
         why = conditioning_differs(text_model, tokenizer, text_encoder)
     except ValueError as e:
         why = str(e)
     if why is not None:
-        (folder / "model_index.json").unlink(missing_ok=True)  # an earlier run's pipeline is not this one
         return why
     vae.save_pretrained(folder / "vae")
     save_text_parts(folder, text_model, tokenizer)
