@@ -129,12 +129,16 @@ def test_bad_integer_names_key_and_value(cfg_file, override):
     ("sample.prompts=[]", r"sample.prompts must be a non-empty list of strings, got \[\]"),
     ("sample.prompts=a cat", r"sample.prompts must be a non-empty list of strings, got 'a cat'"),
     ("sample.prompts=[a, 2]", r"sample.prompts must be a non-empty list of strings, got \['a', 2\]"),
-    ("sample.steps=1001", r"sample.steps: number of sampling steps must be an int in \[1, 1000\], got 1001"),
+    ("sample.steps=1001", r"sample.steps: number of sampling steps must be an int in \[1, 500\], got 1001"),
+    # sampling would start at t=1000, past the schedule (IndexError at the run's last sample grid)
+    ("sample.steps=1000", r"sample.steps: .*\[1, 500\], got 1000: with SD2's leading spacing"),
+    ("sample.steps=501", r"sample.steps: .*got 501: .* start at t=501, not at pure noise \(t=999\)"),
 ])
 def test_switches_and_numbers_name_key_and_value(cfg_file, override, match):
     with pytest.raises(ValueError, match=match):
         config.load(cfg_file, [override])
     assert config.load(cfg_file, ["train.lr=1", "resume=false"])["train"]["lr"] == 1  # an integer is a number
+    assert config.load(cfg_file, ["sample.steps=500"])["sample"]["steps"] == 500
     assert config.load(cfg_file, ["train.grad_clip=.inf", "diffusion.min_snr_gamma=5"])["train"]["grad_clip"] == math.inf
     # Every number key has its interval.
     assert {k for k in config.VALID_KEYS if type(config.get(config.DEFAULTS, k)) is float} <= set(config.NUMBER_RANGES)
@@ -187,8 +191,10 @@ def test_resolve_takes_a_checkpoints_folder_not_a_runs_other_folders(tmp_path):
 
 def test_a_latest_pointer_to_a_missing_checkpoint_is_an_error(tmp_path):
     shutil.rmtree(_save(tmp_path, 10, 1.0))
-    with pytest.raises(FileNotFoundError, match="latest names 'step_0000010', which is missing or incomplete"):
+    with pytest.raises(FileNotFoundError, match="latest names 'step_0000010', which is missing or incomplete") as e:
         checkpoint.latest(tmp_path)
+    # trainer.sample says it too: resume=false is advice for training only
+    assert "(or, to train, start over with resume=false" in str(e.value)
 
 
 def test_an_earlier_run_set_aside(tmp_path):
@@ -246,7 +252,8 @@ def test_a_damaged_latest_pointer_says_so(tmp_path, content, match):
 def test_damaged_or_missing_files_are_named(tmp_path):
     path = _save(tmp_path, 10, 1.0)
     (path / "unet.safetensors").write_bytes((path / "unet.safetensors").read_bytes()[:20])
-    with pytest.raises(ValueError, match=r"unet.safetensors cannot be read .*the checkpoint is damaged"):
+    with pytest.raises(ValueError, match=r"unet.safetensors cannot be read .*the checkpoint is damaged; take an "
+                                         r"earlier one \(to resume training from it, write its name into .*latest"):
         checkpoint.load(path)
     path = _save(tmp_path, 20, 2.0)
     (path / "ema.safetensors").unlink()  # the EMA had started (start_step 0): it would restart silently

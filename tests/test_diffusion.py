@@ -116,13 +116,26 @@ def _sd2_ddim(prediction_type):
                          timestep_spacing="leading", prediction_type=prediction_type)
 
 
-@pytest.mark.parametrize("steps", [1, 7, 50, 1000])
+@pytest.mark.parametrize("steps", [1, 7, 50, 500])
 def test_ddim_timesteps_match_diffusers(steps):
     ref = _sd2_ddim("epsilon")
     ref.set_timesteps(steps)
     assert ddim_timesteps(steps) == ref.timesteps.tolist()
     with pytest.raises(ValueError, match="sampling steps"):
         ddim_timesteps(0)
+
+
+def test_ddim_refuses_more_steps_than_half_the_schedule():
+    # 1000 steps visited t=1000 (an IndexError in sampling); 501-999 started at t=steps, not at noise.
+    assert ddim_timesteps(500)[0] == 999
+    seen = []
+    model = lambda x, t, context: seen.append(t[0].item()) or torch.zeros_like(x)  # noqa: E731
+    x = ddim_sample(model, NoiseSchedule(), torch.zeros(1, 77, 8), torch.zeros(1, 77, 8), latent_shape=(4, 2, 2),
+                    steps=500, guidance=1.0, generator=torch.Generator().manual_seed(0))
+    assert seen == ddim_timesteps(500) and torch.isfinite(x).all()
+    for steps in (501, 600, 1000):
+        with pytest.raises(ValueError, match=rf"\[1, 500\], got {steps}: .* start at t={steps}, not at pure noise"):
+            ddim_timesteps(steps)
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])

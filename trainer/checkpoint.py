@@ -55,8 +55,8 @@ def latest(out_dir):
     path = checkpoint_dir(out_dir) / name
     if not name or not (path / "state.json").exists():
         raise FileNotFoundError(f"{pointer} names {name!r}, which is missing or incomplete (no state.json): write "
-                                "the name of an existing checkpoint into it, or resume=false to start over "
-                                "(setting this run's files aside)")
+                                "the name of an existing checkpoint into it (or, to train, start over with "
+                                "resume=false, which sets this run's files aside)")
     return path
 
 
@@ -265,30 +265,33 @@ def _prune(out_dir, keep, step):
         log.info("removed %s (checkpoint.keep=%d keeps the newest)", old, keep)
 
 
+def read(file, reader=load_file):
+    """reader(file) for a file of a checkpoint; ValueError naming the file where it cannot be
+    read (damaged, missing). Training and trainer.sample read checkpoints with it."""
+    file = Path(file)
+    try:
+        return reader(file)
+    except Exception as e:  # safetensors, torch, json and yaml each raise their own
+        raise ValueError(f"{file} cannot be read ({type(e).__name__}: {e}): the checkpoint is damaged; take an "
+                         f"earlier one (to resume training from it, write its name into {file.parent.parent / 'latest'}"
+                         "; or start over with resume=false)") from None
+
+
 def load(path, rank=0):
     """Everything a checkpoint holds, tensors on CPU. A file that cannot be read is an error
     naming it."""
     path = Path(path)
-
-    def read(name, reader):
-        try:
-            return reader(path / name)
-        except Exception as e:  # safetensors, torch, json and yaml each raise their own
-            raise ValueError(f"{path / name} cannot be read ({type(e).__name__}: {e}): the checkpoint is damaged; "
-                             f"write the name of an earlier one into {path.parent / 'latest'}, or resume=false "
-                             "to start over") from None
-
     ckpt = {
         "path": path,
-        "unet": read("unet.safetensors", load_file),
-        "ema": read("ema.safetensors", load_file) if (path / "ema.safetensors").exists() else None,
-        "optimizer": read("optimizer.pt", lambda p: torch.load(p, map_location="cpu", weights_only=False)),
-        "state": read("state.json", lambda p: json.loads(p.read_text())),
-        "config": read("config.yaml", config_mod.load),
+        "unet": read(path / "unet.safetensors"),
+        "ema": read(path / "ema.safetensors") if (path / "ema.safetensors").exists() else None,
+        "optimizer": read(path / "optimizer.pt", lambda p: torch.load(p, map_location="cpu", weights_only=False)),
+        "state": read(path / "state.json", lambda p: json.loads(p.read_text())),
+        "config": read(path / "config.yaml", config_mod.load),
     }
     if ckpt["ema"] is None and ckpt["optimizer"]["ema"]["steps"] >= ckpt["config"]["ema"]["start_step"]:
         raise FileNotFoundError(f"{path / 'ema.safetensors'} is missing, though that run's EMA had started "
                                 f"(ema.start_step {ckpt['config']['ema']['start_step']}): resuming would restart it")
     rng = path / f"rng_rank{rank}.pt"
-    ckpt["rng"] = read(rng.name, lambda p: torch.load(p, weights_only=False)) if rng.exists() else None
+    ckpt["rng"] = read(rng, lambda p: torch.load(p, weights_only=False)) if rng.exists() else None
     return ckpt

@@ -132,9 +132,15 @@ def drop_captions(context, empty, p=0.1, generator=None):
 
 def ddim_timesteps(num_steps, num_train_timesteps=1000):
     """The timesteps DDIM visits, high noise first, with SD2's scheduler settings ("leading"
-    spacing, steps_offset 1): 981, 961, ..., 1 for 50 steps of 1000."""
-    if not (isinstance(num_steps, int) and 1 <= num_steps <= num_train_timesteps):
-        raise ValueError(f"number of sampling steps must be an int in [1, {num_train_timesteps}], got {num_steps!r}")
+    spacing, steps_offset 1): 981, 961, ..., 1 for 50 steps of 1000. At most
+    num_train_timesteps // 2 steps (500 of 1000, from 999)."""
+    most = num_train_timesteps // 2
+    if not (isinstance(num_steps, int) and 1 <= num_steps <= most):
+        why = ""
+        if isinstance(num_steps, int) and num_steps > most:  # the spacing 1000 // steps is then 1
+            why = (f": with SD2's leading spacing more steps take every timestep and start at t={num_steps}, "
+                   f"not at pure noise (t={num_train_timesteps - 1})")
+        raise ValueError(f"number of sampling steps must be an int in [1, {most}], got {num_steps!r}{why}")
     ratio = num_train_timesteps // num_steps
     return [i * ratio + 1 for i in reversed(range(num_steps))]
 

@@ -194,8 +194,13 @@ class TextEncoder(torch.nn.Module):
             log.warning("%d of %d texts are longer than the text encoder's %d tokens: their ends are dropped "
                         "(e.g. %r; not said again)", len(cut), len(texts), MAX_LENGTH, _shortened(cut[0]))
         self.truncated += len(cut)
-        device = next(self.model.parameters()).device
-        return self._hidden(self.tokenizer(texts).to(device))
+        return self.encode_ids(self.tokenizer(texts))
+
+    @torch.no_grad()
+    def encode_ids(self, ids):
+        """encode for token ids (B, 77) from self.tokenizer, without its word about texts cut
+        short (nor their count): the export's probe prompts are none of the user's."""
+        return self._hidden(ids.to(next(self.model.parameters()).device))
 
     def empty_embedding(self):
         """The empty caption's embedding (1, 77, dim): the unconditional input of guidance."""

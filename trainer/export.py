@@ -1,21 +1,36 @@
-"""The run as a diffusers pipeline folder: StableDiffusionPipeline.from_pretrained(out_dir / "diffusers").
+r"""The run as a diffusers pipeline folder: StableDiffusionPipeline.from_pretrained(out_dir / "diffusers").
 
-train.py writes the UNet to diffusers/unet/ at the end of every run; where the text encoder
-can be written as transformers' CLIPTextModel and CLIPTokenizer (one loaded from a local
-folder, with clip_skip its last blocks dropped; or an OpenCLIP tower, converted as diffusers
-stores SD2's), save_pipeline adds vae/, text_encoder/, tokenizer/, scheduler/ (DDIM on the
-run's noise schedule and prediction type, SD2's settings) and model_index.json beside it,
-after checking that the pipeline's text encoder conditions on a few prompts as the run did.
+train.py exports at the end of every run (save_export): the UNet to diffusers/unet/; where the
+text encoder can be written as transformers' CLIPTextModel and CLIPTokenizer (one loaded from
+a local folder, with clip_skip its last blocks dropped; or an OpenCLIP tower, converted as
+diffusers stores SD2's), save_pipeline adds vae/, text_encoder/, tokenizer/, scheduler/ (DDIM
+on the run's noise schedule and prediction type, SD2's settings) and model_index.json beside
+it, after checking that the pipeline's text encoder conditions on a few prompts as the run did.
+A checkpoint exports the same way from the command line:
+
+    python -m trainer.export runs/tiny/checkpoints/step_0000100 exported [--weights ema|trained]
+
+CHECKPOINT is a step folder, or a checkpoints folder or an out_dir (their latest), loaded as
+trainer.sample loads it (--weights: ema where the checkpoint has EMA weights, else trained).
+OUT is a new or empty folder, or an earlier export, which is replaced.
 """
+import argparse
 import copy
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
-from trainer.encoders import MAX_LENGTH, ClipTokenizer, CLIPTextEncoder, OpenCLIPTextEncoder, clip_text_transformer
-from trainer.unet import save_safetensors
+from trainer.diffusion import NoiseSchedule
+from trainer.encoders import (MAX_LENGTH, ClipTokenizer, CLIPTextEncoder, OpenCLIPTextEncoder, clip_text_transformer,
+                              vae_downsampling)
+from trainer.sample import WEIGHTS_FILES, load_checkpoint, weights_described
+from trainer.unet import CONFIG_NAME, save_safetensors
+
+# What save_pipeline writes beside unet/.
+PIPELINE_PARTS = ("vae", "text_encoder", "tokenizer", "scheduler", "model_index.json")
 
 # Prompts the exported text encoder must encode as the run's did (the empty one is guidance's;
 # the last is cut at 77 tokens).
@@ -124,7 +139,7 @@ def conditioning_differs(model, tokenizer, text_encoder):
     if not torch.equal(ids, text_encoder.tokenizer(PROBE_PROMPTS).cpu()):
         return "its transformers tokenizer splits prompts otherwise than the run's"
     with torch.no_grad():
-        ours = text_encoder.encode(PROBE_PROMPTS).float()
+        ours = text_encoder.encode_ids(ids).float()  # no warning about the probe's long prompt
         theirs = model(ids.to(ours.device)).last_hidden_state.float()
     error = ((theirs - ours).abs().max() / ours.abs().max()).item()
     if not error <= 1e-2:  # fp32 both sides: ~1e-6 apart; a wrong conversion is tens of percent off
@@ -162,17 +177,22 @@ def save_text_parts(folder, text_model, tokenizer):
 
 
 def save_pipeline(folder, vae, text_encoder, schedule, prediction_type):
-    """vae/, text_encoder/, tokenizer/, scheduler/ and model_index.json beside folder/unet/.
-    Returns None, or why the text encoder cannot be written (then nothing is)."""
+    """PIPELINE_PARTS beside folder/unet/, in place of an earlier export's. Returns None, or
+    why the text encoder cannot be written (then none are, and an earlier export's are gone)."""
     import diffusers
 
+    for name in PIPELINE_PARTS:  # an earlier export's (another text encoder, say) are not this one's
+        part = folder / name
+        if part.is_dir():
+            shutil.rmtree(part)
+        else:
+            part.unlink(missing_ok=True)
     try:
         text_model, tokenizer = pipeline_text_parts(text_encoder)
         why = conditioning_differs(text_model, tokenizer, text_encoder)
     except ValueError as e:
         why = str(e)
     if why is not None:
-        (folder / "model_index.json").unlink(missing_ok=True)  # an earlier run's pipeline is not this one
         return why
     vae.save_pretrained(folder / "vae")
     save_text_parts(folder, text_model, tokenizer)
@@ -188,3 +208,52 @@ def save_pipeline(folder, vae, text_encoder, schedule, prediction_type):
              "feature_extractor": [None, None], "requires_safety_checker": False}
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     return None
+
+
+def save_export(folder, unet, vae, text_encoder, schedule, prediction_type, state_dict=None):
+    """folder/unet/ (state_dict: the weights to write instead of the UNet's own) and, where the
+    text encoder allows, the rest of the pipeline; returns save_pipeline's answer."""
+    unet.save_diffusers(folder / "unet", state_dict)
+    return save_pipeline(folder, vae, text_encoder, schedule, prediction_type)
+
+
+def is_export(folder):
+    """Whether folder holds an export's files alone: unet/ and perhaps PIPELINE_PARTS."""
+    names = {p.name for p in folder.iterdir()}
+    return (folder / "unet" / CONFIG_NAME).is_file() and names <= {"unet", *PIPELINE_PARTS}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="step folder, checkpoints folder or out_dir")
+    parser.add_argument("out", help="the folder to write: new, empty, or an earlier export")
+    parser.add_argument("--weights", choices=WEIGHTS_FILES,
+                        help="the UNet's weights; default: ema where the checkpoint has them, else trained")
+    args = parser.parse_args(argv)
+    checkpoint, out = Path(args.checkpoint), Path(args.out)
+    if not checkpoint.exists():
+        parser.error(f"{checkpoint}: no such file or folder")
+    if (checkpoint / "model_index.json").is_file():
+        parser.error(f"{checkpoint} is a diffusers pipeline already")
+    if out.exists() and not out.is_dir():
+        parser.error(f"{out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not is_export(out):
+        parser.error(f"{out} holds files other than an earlier export's (unet/, {', '.join(PIPELINE_PARTS)}): "
+                     "give a new or empty folder")
+
+    try:  # what a checkpoint or the disk can get wrong, in one line
+        loaded = load_checkpoint(checkpoint, weights=args.weights)
+        # as train.py exports: the default resolution of diffusers' pipelines is the run's
+        latent_size = loaded.config["data"]["resolution"] // vae_downsampling(loaded.vae)
+        loaded.unet.config["sample_size"] = loaded.unet.sample_size = latent_size
+        why_not = save_export(out, loaded.unet, loaded.vae, loaded.text_encoder, NoiseSchedule(),
+                              loaded.config["diffusion"]["prediction_type"])
+    except (ValueError, OSError, RuntimeError) as e:
+        raise SystemExit(f"{parser.prog}: error: {e}") from None
+    what = (f"a diffusers UNet in {out / 'unet'} (no whole pipeline: {why_not})" if why_not
+            else f"a diffusers pipeline (StableDiffusionPipeline.from_pretrained) in {out}")
+    print(f"wrote {what}, with {weights_described(loaded)}")
+
+
+if __name__ == "__main__":
+    main()

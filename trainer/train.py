@@ -35,7 +35,7 @@ import cckernels as ck  # noqa: E402
 from trainer import checkpoint, config, data, diffusion, encoders  # noqa: E402
 from trainer.ddp import DistributedDataParallel  # noqa: E402
 from trainer.ema import ScheduledEMA  # noqa: E402
-from trainer.export import save_pipeline  # noqa: E402
+from trainer.export import save_export  # noqa: E402
 from trainer.graphs import graph_on_first_call  # noqa: E402
 from trainer.metrics import open_for_append as open_metrics, plot as plot_metrics, record as metrics_record  # noqa: E402
 from trainer.sample import sample_images, save_grid  # noqa: E402
@@ -472,8 +472,7 @@ def train(cfg):
         if bad:
             log(f"warning: {len(bad)} of the final UNet's tensors hold NaN or inf ({', '.join(bad[:3])}): the run "
                 "diverged and its export is unusable; an earlier checkpoint may not be (trainer.sample refuses them)")
-        unet.save_diffusers(out_dir / "diffusers" / "unet", final)
-        why_not = save_pipeline(out_dir / "diffusers", vae, text_encoder, schedule, dc["prediction_type"])
+        why_not = save_export(out_dir / "diffusers", unet, vae, text_encoder, schedule, dc["prediction_type"], final)
         which = "EMA" if ema_weights else f"trained (the EMA starts at step {cfg['ema']['start_step']})"
         summary = (f"done: checkpoints in {checkpoint.checkpoint_dir(out_dir)}, "
                    + (f"diffusers UNet in {out_dir / 'diffusers' / 'unet'} (no whole pipeline: {why_not})" if why_not
