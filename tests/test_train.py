@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.multiprocessing import ProcessRaisedException
 
 import cckernels as ck
 from trainer import checkpoint, config, diffusion, train
@@ -100,13 +101,30 @@ def test_bf16_weights_checkpoint_fp32_masters_and_resume_bit_identically(tmp_pat
     assert "grads add up in bf16 over the 2 micro-batches" in capsys.readouterr().out
 
 
-def _bf16_weights_rank(rank, port, out_dir):
-    """One spawned rank of a 2-rank bf16-weights run; writes the UNet's weights after it."""
+def _join_two_ranks(rank, port):
+    """This spawned process as rank `rank` of a 2-rank run on this machine."""
     import os
 
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
+
+
+def _spawn_two_ranks(fn, *args):
+    """fn(rank, port, *args) in two spawned processes, on a free port."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(fn, args=(port, *args), nprocs=2, start_method="spawn")
+
+
+def _bf16_weights_rank(rank, port, out_dir):
+    """One spawned rank of a 2-rank bf16-weights run; writes the UNet's weights after it."""
+    _join_two_ranks(rank, port)
     wrapped, losses = [], []
     ddp, training_loss = train.DistributedDataParallel, train.diffusion.training_loss
     train.DistributedDataParallel = lambda model: wrapped.append(model) or ddp(model)
@@ -120,14 +138,7 @@ def test_bf16_weights_ranks_start_from_the_same_masters(tmp_path):
     # cast_params_ takes the fp32 masters before DDP broadcasts rank 0's weights: a UNet
     # initialized differently on each rank would leave each its own masters, and the first
     # optimizer step would write them back into the bf16 weights (the ranks then diverge).
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_bf16_weights_rank, args=(port, str(tmp_path)), nprocs=2, start_method="spawn")
+    _spawn_two_ranks(_bf16_weights_rank, str(tmp_path))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert all(torch.equal(r0[k], r1[k]) for k in r0)
     masters = checkpoint.load(checkpoint.latest(tmp_path))["unet"]  # rank 0's
@@ -140,44 +151,28 @@ def test_bf16_weights_ranks_start_from_the_same_masters(tmp_path):
 
 def _stalled_rank(rank, port, out_dir):
     """One rank of a 2-rank run with train.dist_timeout_s=5 whose rank 1 stalls before the first checkpoint."""
-    import os
-    import time
-
-    torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    _join_two_ranks(rank, port)
     if rank == 1:
         train.checkpoint.save_rank_rng = lambda *a: time.sleep(60)
     start = time.perf_counter()
     try:
         train.main([*TINY, "train.steps=2", "checkpoint.every=1", "train.dist_timeout_s=5", f"out_dir={out_dir}"])
-    except Exception as e:  # noqa: BLE001 (any error: the test asks only when rank 0 gave up)
+    except Exception:  # any error: the test asks only when rank 0 gave up
         if rank == 0:
             (Path(out_dir) / "rank0_failed_after_s").write_text(f"{time.perf_counter() - start}")
         raise
 
 
 def test_a_stalled_rank_fails_the_run_after_train_dist_timeout_s(tmp_path):
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with pytest.raises(mp.ProcessRaisedException):
-        mp.start_processes(_stalled_rank, args=(port, str(tmp_path)), nprocs=2, start_method="spawn")
+    with pytest.raises(ProcessRaisedException):
+        _spawn_two_ranks(_stalled_rank, str(tmp_path))
     assert float((tmp_path / "rank0_failed_after_s").read_text()) < 50  # not gloo's 30 minutes, nor the 60 s stall
 
 
 def _rank_in_its_own_folder(rank, port, root):
     """A rank of a 2-rank run whose relative out_dir resolves to another folder on each rank (two
     nodes without a shared file system)."""
-    import os
-
-    torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    _join_two_ranks(rank, port)
     Path(root, f"node{rank}").mkdir()
     os.chdir(Path(root, f"node{rank}"))
     try:
@@ -188,15 +183,8 @@ def _rank_in_its_own_folder(rank, port, root):
 
 
 def test_ranks_that_do_not_share_out_dir_fail_at_the_start(tmp_path):
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with pytest.raises(mp.ProcessRaisedException):
-        mp.start_processes(_rank_in_its_own_folder, args=(port, str(tmp_path)), nprocs=2, start_method="spawn")
+    with pytest.raises(ProcessRaisedException):
+        _spawn_two_ranks(_rank_in_its_own_folder, str(tmp_path))
     error = (tmp_path / "rank1_error").read_text()
     assert f"cannot see {tmp_path}/node1/runs/x/.shared_check" in error and "every node shares" in error
     assert not (tmp_path / "node0" / "runs" / "x" / "checkpoints").exists()  # before any step
