@@ -45,6 +45,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _threads():
+    """Each test starts with the session's thread count: train.main sets its own (the cores over
+    the local ranks), and a later test in the same worker comparing bits against a one-thread
+    subprocess (test_precompute's two ranks) failed after one had run there."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def torch_kernels(monkeypatch):
     """Plain torch ops for tests of the model and trainer: the kernels have their own tests, and
