@@ -241,13 +241,7 @@ def _table(op):
 
 
 def _usable(op, backend, device):
-    if device.type == "cuda" and backend != "torch" and not torch.cuda.is_available():  # a "cuda" without a GPU
-        return False
-    if backend == "cuda" and not cuda_usable(device):
-        return False
-    if backend == "triton" and not triton_usable(device):
-        return False
-    return _load(_table(op)[backend]) is not None
+    return _unusable_reason(op, backend, device) is None
 
 
 def default_device():
@@ -269,22 +263,24 @@ def available(op, device):
 
 
 def _unusable_reason(op, backend, device):
-    """Why `backend` cannot run `op` on `device`'s tensors, in words."""
+    """Why `backend` cannot run `op` on `device`'s tensors, in words; None where it can."""
     if backend not in _table(op):
         return f"{op} has no {backend} backend"
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if device.type == "cuda" and backend != "torch" and not torch.cuda.is_available():  # a "cuda" without a GPU
         return "no CUDA GPU is available"
-    if backend == "cuda":
+    if backend == "cuda" and not cuda_usable(device):
         if device.type != "cuda":
             return f"the cuda backend takes CUDA tensors, these are on {device.type}"
         from cckernels import cuda
 
         return cuda.build_info().get("reason") or "the CUDA kernels did not load"
-    if backend == "triton" and device.type == "cpu" and not triton_interpreting():
-        return "Triton runs on CPU tensors only in its interpreter: set TRITON_INTERPRET=1 before importing cckernels"
     if backend == "triton" and not triton_usable(device):
+        if device.type == "cpu" and not triton_interpreting():
+            return "Triton runs on CPU tensors only in its interpreter: set TRITON_INTERPRET=1 before importing cckernels"
         return f"triton is not installed, or does not take {device.type} tensors"
-    return f"{_table(op)[backend]} could not be imported"
+    if _load(_table(op)[backend]) is None:
+        return f"{_table(op)[backend]} could not be imported"
+    return None
 
 
 def _requested(backend):
