@@ -92,6 +92,14 @@ def vae_downsampling(vae):
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
+def check_resolution(resolution, vae, name="resolution"):
+    """ValueError, calling it `name`, unless resolution (pixels; None: a default, which fits) is
+    a multiple of the VAE's downsampling."""
+    f = vae_downsampling(vae)
+    if resolution is not None and resolution % f:
+        raise ValueError(f"{name} {resolution} is not a multiple of the VAE's downsampling factor {f}")
+
+
 def _scale_shift(vae):
     # Latents are normalized to roughly unit variance so the diffusion noise schedule fits them:
     # SD's VAE has scaling_factor 0.18215 and no shift; some AutoencoderKLs also set shift_factor.

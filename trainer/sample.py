@@ -35,7 +35,7 @@ from PIL import Image, ImageDraw, ImageFont
 from trainer import checkpoint
 from trainer import config as run_config
 from trainer.diffusion import NoiseSchedule, ddim_sample, ddim_timesteps
-from trainer.encoders import decode_latents, load_text_encoder, load_vae, vae_downsampling
+from trainer.encoders import check_resolution, decode_latents, load_text_encoder, load_vae, vae_downsampling
 
 
 def save_grid(images, path, *, rows, labels=None):
@@ -210,14 +210,6 @@ def load_checkpoint(path, device="cpu", *, weights=None, resolution=None):
     unet.load_state_dict(state)
     text_encoder = load_text_encoder(config["model"]["text_encoder"], device)
     return Loaded(unet.to(device).eval(), vae, text_encoder, config, step, weights)
-
-
-def check_resolution(resolution, vae):
-    """ValueError unless resolution (pixels; None: the default, which fits) is a multiple of
-    the VAE's downsampling."""
-    f = vae_downsampling(vae)
-    if resolution is not None and resolution % f:
-        raise ValueError(f"resolution {resolution} is not a multiple of the VAE's downsampling factor {f}")
 
 
 def _check_writable(path):

@@ -140,9 +140,8 @@ def check_encoders_fit(unet_config, text_width, vae, resolution):
     if vae is not None and vae.config.latent_channels != unet_config["in_channels"]:
         raise ValueError(f"model.vae gives {vae.config.latent_channels}-channel latents but model.unet's "
                          f"in_channels is {unet_config['in_channels']}")
-    if vae is not None and resolution % encoders.vae_downsampling(vae):
-        raise ValueError(f"data.resolution {resolution} is not a multiple of the VAE's downsampling factor "
-                         f"{encoders.vae_downsampling(vae)}")
+    if vae is not None:
+        encoders.check_resolution(resolution, vae, "data.resolution")
 
 
 def main(argv=None):
