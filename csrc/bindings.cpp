@@ -211,11 +211,10 @@ std::vector<at::Tensor> group_norm_forward(const at::Tensor& x, int64_t num_grou
   const cck::gn::SinglePassPlan plan =
       single_pass ? single_pass_plan(x, shape, num_groups, false) : cck::gn::SinglePassPlan{0, 0};
   if (plan.channels) {
-    at::Tensor tile_counter = at::empty({1}, x.options().dtype(at::kInt));
     err = cck::group_norm_nhwc_forward_single_pass(x.data_ptr(), optional_data(weight), optional_data(bias),
-                                                   y.data_ptr(), mean.data_ptr<float>(), rstd.data_ptr<float>(),
-                                                   tile_counter.data_ptr<int>(), N, S, C, G, plan,
-                                                   static_cast<float>(eps), silu, to_dtype(x, "x"), stream);
+                                                   y.data_ptr(), mean.data_ptr<float>(), rstd.data_ptr<float>(), N, S,
+                                                   C, G, plan, static_cast<float>(eps), silu, to_dtype(x, "x"),
+                                                   stream);
   } else {
     at::Tensor part_a = at::empty({N, K, C}, f32), part_b = at::empty({N, K, C}, f32);
     err = cck::group_norm_nhwc_forward(x.data_ptr(), optional_data(weight), optional_data(bias), y.data_ptr(),
@@ -271,13 +270,11 @@ std::vector<c10::optional<at::Tensor>> group_norm_backward(
   at::Tensor part_a = at::empty({N, rows, C}, f32), part_b = at::empty({N, rows, C}, f32);
   cudaError_t err;
   if (plan.channels) {
-    at::Tensor tile_counter = at::empty({1}, x.options().dtype(at::kInt));
     err = cck::group_norm_nhwc_backward_single_pass(
         dy.data_ptr(), x.data_ptr(), optional_data(weight), optional_data(bias), mean.data_ptr<float>(),
         rstd.data_ptr<float>(), dx->data_ptr(), dx_addend ? dx_addend->data_ptr() : nullptr,
         dweight ? dweight->data_ptr<float>() : nullptr, dbias ? dbias->data_ptr<float>() : nullptr,
-        part_a.data_ptr<float>(), part_b.data_ptr<float>(), tile_counter.data_ptr<int>(), N, S, C,
-        static_cast<int>(G), plan, silu, dtype, stream);
+        part_a.data_ptr<float>(), part_b.data_ptr<float>(), N, S, C, static_cast<int>(G), plan, silu, dtype, stream);
   } else {
     at::Tensor coef_a = at::empty({N, G}, f32), coef_b = at::empty({N, G}, f32);
     err = cck::group_norm_nhwc_backward(

@@ -109,8 +109,9 @@ cudaError_t group_norm_nhwc_forward(const void* x, const float* weight, const fl
     const Launch l = launch_shape(N, S, C, K, VEC);
     gn::channel_stats_kernel<T, VEC><<<l.grid, l.block, l.row_smem, stream>>>(
         static_cast<const T*>(x), part_a, part_b, S, C, l.chunk);
-    gn::group_stats_kernel<<<dim3(cdiv(G, gn::kGroupsPerBlock), N), kThreads, 0, stream>>>(part_a, part_b, mean,
-                                                                                          rstd, S, C, G, K, l.chunk, eps);
+    const gn::GroupLaunch gl = gn::group_launch(K, C, G);
+    gn::group_stats_kernel<<<dim3(gl.grid_x, N), kThreads, gn::kGroupSmemBytes, stream>>>(
+        part_a, part_b, mean, rstd, S, C, G, K, l.chunk, eps, gl.lanes);
     gn::normalize_kernel<T, VEC, decltype(act)::value><<<l.grid, l.block, 0, stream>>>(
         static_cast<const T*>(x), static_cast<T*>(y), weight, bias, mean, rstd, S, C, G, l.chunk);
     return cudaGetLastError();
@@ -119,8 +120,10 @@ cudaError_t group_norm_nhwc_forward(const void* x, const float* weight, const fl
 
 gn::SinglePassPlan group_norm_nhwc_single_pass_plan(int N, int S, int C, int G, DType dtype, int sm_count,
                                                     int smem_bytes, int max_cluster, bool backward) {
-  return gn::single_pass_plan(N, S, C, G, itemsize(dtype), pack_width(C, dtype), sm_count, smem_bytes, max_cluster,
-                              backward ? 2 : 1);
+  const int tensors = backward ? 2 : 1;
+  const gn::SinglePassPlan plan = gn::single_pass_plan(N, S, C, G, itemsize(dtype), pack_width(C, dtype), sm_count,
+                                                       smem_bytes, max_cluster, tensors);
+  return gn::single_pass_pays(N, C, plan, sm_count, tensors) ? plan : gn::SinglePassPlan{0, 0};
 }
 
 namespace {
@@ -231,12 +234,11 @@ bool valid_plan(int N, int S, int C, int G, gn::SinglePassPlan plan) {
 }
 
 // Launches a single-pass kernel of VEC-element packs staging `tensors` inputs of T as a
-// persistent grid: as many clusters as the GPU holds at once, each taking tiles from
-// *tile_counter, zeroed here, until none are left (one cluster a tile if the occupancy query
-// failed: slower, not wrong).
+// persistent grid: as many clusters as the GPU holds at once, each looping over its share of
+// the tiles (one cluster a tile if the occupancy query failed: slower, not wrong).
 template <typename T, int VEC, typename... Params, typename... Args>
 cudaError_t launch_single_pass(void (*kernel)(Params...), int N, int S, int C, int G, gn::SinglePassPlan plan,
-                               int tensors, int* tile_counter, cudaStream_t stream, Args... args) {
+                               int tensors, cudaStream_t stream, Args... args) {
   const int channels = plan.channels, cluster = plan.cluster;
   const long long smem = gn::single_pass_smem_bytes(cdiv(S, cluster), channels, C / G, VEC, sizeof(T), tensors);
   // above 48 KB a kernel must opt in to dynamic shared memory
@@ -244,7 +246,6 @@ cudaError_t launch_single_pass(void (*kernel)(Params...), int N, int S, int C, i
   if (err == cudaSuccess && cluster > gn::kMaxPortableCluster) {
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
   }
-  if (err == cudaSuccess) err = cudaMemsetAsync(tile_counter, 0, sizeof(int), stream);
   if (err != cudaSuccess) return err;
   cudaLaunchAttribute attr;
   cudaLaunchConfig_t config = cluster_launch(dim3(cluster), dim3(channels / VEC, kThreads / (channels / VEC)), smem,
@@ -258,32 +259,32 @@ cudaError_t launch_single_pass(void (*kernel)(Params...), int N, int S, int C, i
 }  // namespace
 
 cudaError_t group_norm_nhwc_forward_single_pass(const void* x, const float* weight, const float* bias, void* y,
-                                                float* mean, float* rstd, int* tile_counter, int N, int S, int C,
-                                                int G, gn::SinglePassPlan plan, float eps, bool silu, DType dtype,
+                                                float* mean, float* rstd, int N, int S, int C, int G,
+                                                gn::SinglePassPlan plan, float eps, bool silu, DType dtype,
                                                 cudaStream_t stream) {
   if (!valid_plan(N, S, C, G, plan)) return cudaErrorInvalidValue;
   return dispatch(dtype, C, {x, y}, silu, [&](auto type, auto vec, auto act) {
     using T = decltype(type);
     constexpr int VEC = decltype(vec)::value;
     return launch_single_pass<T, VEC>(gn::single_pass_kernel<T, VEC, decltype(act)::value>, N, S, C, G, plan, 1,
-                                      tile_counter, stream, static_cast<const T*>(x), static_cast<T*>(y), weight, bias,
-                                      mean, rstd, tile_counter, N, S, C, G, eps);
+                                      stream, static_cast<const T*>(x), static_cast<T*>(y), weight, bias, mean, rstd,
+                                      N, S, C, G, eps);
   });
 }
 
 cudaError_t group_norm_nhwc_backward_single_pass(const void* dy, const void* x, const float* weight,
                                                  const float* bias, const float* mean, const float* rstd, void* dx,
                                                  const void* dx_addend, float* dweight, float* dbias, float* part_a,
-                                                 float* part_b, int* tile_counter, int N, int S, int C, int G,
-                                                 gn::SinglePassPlan plan, bool silu, DType dtype, cudaStream_t stream) {
+                                                 float* part_b, int N, int S, int C, int G, gn::SinglePassPlan plan,
+                                                 bool silu, DType dtype, cudaStream_t stream) {
   if (!valid_plan(N, S, C, G, plan) || !dx) return cudaErrorInvalidValue;
   return dispatch(dtype, C, {dy, x, dx, dx_addend}, silu, [&](auto type, auto vec, auto act) {
     using T = decltype(type);
     constexpr int VEC = decltype(vec)::value;
     cudaError_t err = launch_single_pass<T, VEC>(
-        gn::backward_single_pass_kernel<T, VEC, decltype(act)::value>, N, S, C, G, plan, 2, tile_counter, stream,
+        gn::backward_single_pass_kernel<T, VEC, decltype(act)::value>, N, S, C, G, plan, 2, stream,
         static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<T*>(dx), static_cast<const T*>(dx_addend),
-        weight, bias, mean, rstd, part_a, part_b, tile_counter, N, S, C, G);
+        weight, bias, mean, rstd, part_a, part_b, N, S, C, G);
     if (err == cudaSuccess && (dweight || dbias)) {
       launch_backward_affine(part_a, part_b, dweight, dbias, N * plan.cluster, C, stream);
       err = cudaGetLastError();
@@ -308,8 +309,9 @@ cudaError_t group_norm_nhwc_backward(const void* dy, const void* x, const float*
         l.chunk);
     if (dweight || dbias) launch_backward_affine(part_a, part_b, dweight, dbias, N * K, C, stream);
     if (dx) {
-      gn::backward_group_kernel<<<dim3(cdiv(G, gn::kGroupsPerBlock), N), kThreads, 0, stream>>>(
-          part_a, part_b, weight, coef_a, coef_b, S, C, G, K);
+      const gn::GroupLaunch gl = gn::group_launch(K, C, G);
+      gn::backward_group_kernel<<<dim3(gl.grid_x, N), kThreads, gn::kGroupSmemBytes, stream>>>(
+          part_a, part_b, weight, coef_a, coef_b, S, C, G, K, gl.lanes);
       gn::backward_dx_kernel<T, VEC, SILU><<<l.grid, l.block, 0, stream>>>(
           static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<T*>(dx), weight, bias, mean, rstd,
           coef_a, coef_b, static_cast<const T*>(dx_addend), S, C, G, l.chunk);

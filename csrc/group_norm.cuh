@@ -7,9 +7,10 @@
 // threads across channel packs, TY across rows.
 //
 // forward, single pass (single_pass_kernel), where single_pass_plan finds a tile of which two
-//           fit shared memory, with tiles that fill the GPU: a cluster of K blocks (K = 1
-//           except on sm90) stages a whole number of groups (channels) x all S positions of one
-//           sample in shared memory (cp.async on sm80+), each block S / K of the positions,
+//           fit shared memory, with tiles that fill the GPU in at most a few rounds
+//           (single_pass_pays; with more, the split passes are faster): a cluster of K blocks
+//           (K = 1 except on sm90) stages a whole number of groups (channels) x all S positions
+//           of one sample in shared memory (cp.async on sm80+), each block S / K of the positions,
 //           reading x once; then fp32 statistics from the staged tiles in one pass (sums of
 //           x - shift and its square, shift = a value of the group, as channel_stats), the
 //           blocks of a cluster adding their partial sums through distributed shared memory,
@@ -55,18 +56,17 @@ CCK_HOST_DEVICE inline int gcd(int a, int b) { return b ? gcd(b, a % b) : a; }
 // Shared memory of single_pass_kernel (tensors = 1: x) and backward_single_pass_kernel (2: x and
 // dy) for a block of `rows` positions x `width` channels (a block of width / vec threads
 // across): two tiles of each tensor (each padded to 16 bytes; one is staged while the other is
-// used), 16 bytes of tile hand-off slots, then the threads' fp32 partial sums (width floats per
-// row of threads), the backward's channel sums (2 * width floats), then per group the block's
-// and the cluster's sums (4 floats). The host sizes the launch with it.
+// used), then the threads' fp32 partial sums (width floats per row of threads), the backward's
+// channel sums (2 * width floats), then per group the block's and the cluster's sums (4
+// floats). The host sizes the launch with it.
 CCK_HOST_DEVICE inline long long single_pass_tile_bytes(int rows, int width, int itemsize) {
   return (static_cast<long long>(rows) * width * itemsize + 15) / 16 * 16;
 }
-constexpr int kSlotBytes = 16;  // Tiles::for_each's three ints, padded
 CCK_HOST_DEVICE inline long long single_pass_smem_bytes(int rows, int width, int cpg, int vec, int itemsize,
                                                         int tensors = 1) {
   const int thread_rows = kThreads / (width / vec);
   const int channel_sums = tensors == 2 ? 2 * width : 0;  // the backward's
-  return kSlotBytes + 2 * tensors * single_pass_tile_bytes(rows, width, itemsize) +
+  return 2 * tensors * single_pass_tile_bytes(rows, width, itemsize) +
          (thread_rows * width + channel_sums + 4 * (width / cpg)) * 4;
 }
 
@@ -82,6 +82,21 @@ CCK_HOST_DEVICE inline SplitLaunch split_launch(int S, int C, int K, int vec) {
   const int packs = C / vec, tx = cdiv(packs, cdiv(packs, 128)), ty = kThreads / tx > 1 ? kThreads / tx : 1;
   return {tx, ty, cdiv(packs, tx), cdiv(S, K), 2LL * tx * ty * vec * 4};
 }
+
+// The per-group kernels (group_stats, backward_group) sum each (n, group)'s K * cpg partials
+// with `lanes` threads: a warp where they are few (256x320x32x32: K = 2, 20 partials; a block a
+// group spent 14 us of the H200's backward there on 8192 blocks of 30 busy threads, ncu, fifth
+// run), the whole block where a warp would walk many (8x640x32x32: K = 64, 1280 partials, one
+// latency-bound load after another: the split forward took 50 us there against 33, seventh
+// run). Grid (grid_x, N) of kThreads threads, kGroupSmemBytes of dynamic shared memory.
+struct GroupLaunch {
+  int lanes, grid_x;
+};
+CCK_HOST_DEVICE inline GroupLaunch group_launch(int K, int C, int G) {
+  const int lanes = K * (C / G) > 4 * 32 ? kThreads : 32;
+  return {lanes, cdiv(G, kThreads / lanes)};
+}
+constexpr int kGroupSmemBytes = kThreads / 32 * 4;
 
 #ifndef __CUDACC_RTC__  // host planning: not for NVRTC, which compiles device code only
 struct SinglePassPlan {
@@ -115,6 +130,19 @@ inline SinglePassPlan single_pass_plan(int N, int S, int C, int G, int itemsize,
     if (best && N * (C / best) * cluster >= sm_count) return {best, cluster};
   }
   return {0, 0};
+}
+
+// Whether `plan` (from single_pass_plan, for `tensors` tensors) beats the split passes: only
+// where its blocks take at most kMaxRounds / tensors rounds of two an SM. With more rounds
+// each block's short tile costs more than the split passes' second read (seventh run, H200,
+// forward: 15.5 rounds at 256x320x32x32 took 200 us against the split's 151, 7.8 at
+// 256x1280x8x8 95 against 59, 4.8 at 32x960x32x32 82 against 80, 2.4 at 8x1920x32x32 51
+// against 57; backward: 1.9 rounds at 8x2560x16x16 38 against 43, 4.8 at 8x1920x32x32 125
+// against 80).
+constexpr int kMaxRounds = 4;
+inline bool single_pass_pays(int N, int C, SinglePassPlan plan, int sm_count, int tensors = 1) {
+  return plan.channels &&
+         static_cast<long long>(N) * (C / plan.channels) * plan.cluster <= 2LL * sm_count * kMaxRounds / tensors;
 }
 #endif  // !__CUDACC_RTC__
 
@@ -302,12 +330,19 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// The per-group kernels (group_stats, backward_group) give each (n, group) one warp, kThreads /
-// 32 groups of a sample to a block: a group's K * cpg partials are few (30 at 32x32 with 320
-// channels), and a block per group spent 14 us of the H200's backward at 256x320x32x32 (ncu,
-// fifth run) on 8192 blocks with 30 busy threads each. This warp's group of sample blockIdx.y:
-constexpr int kGroupsPerBlock = kThreads / 32;
-__device__ __forceinline__ int this_warps_group() { return blockIdx.x * kGroupsPerBlock + threadIdx.x / 32; }
+// The sum of v over the `lanes` threads of a group (group_launch: a warp or the block),
+// returned to each of them, in a fixed order. Every one of them must call it; smem holds
+// kThreads / 32 floats.
+__device__ __forceinline__ float lanes_sum(float v, int lanes, float* smem) {
+  v = warp_sum(v);
+  if (lanes == 32) return v;
+  __syncthreads();  // smem may still be read by a previous call
+  if (threadIdx.x % 32 == 0) smem[threadIdx.x / 32] = v;
+  __syncthreads();
+  float total = 0.0f;
+  for (int w = 0; w < lanes / 32; ++w) total += smem[w];
+  return total;
+}
 
 // Partials are (N, K, C) fp32 arrays; a group's K * cpg entries are visited as i -> (k, j).
 __device__ __forceinline__ int64_t part_index(int n, int K, int C, int g, int cpg, int i) {
@@ -355,24 +390,26 @@ __global__ void __launch_bounds__(kThreads, 3) channel_stats_kernel(
 __global__ void __launch_bounds__(kThreads) group_stats_kernel(
     const float* __restrict__ part_mean, const float* __restrict__ part_m2,  // (N, K, C)
     float* __restrict__ mean, float* __restrict__ rstd,                      // (N, G) out
-    int S, int C, int G, int K, int chunk, float eps) {
-  const int g = this_warps_group(), n = blockIdx.y, cpg = C / G, parts = K * cpg, lane = threadIdx.x % 32;
-  if (g >= G) return;  // whole warps
+    int S, int C, int G, int K, int chunk, float eps, int lanes) {
+  float* smem = reinterpret_cast<float*>(dynamic_shared());
+  const int g = blockIdx.x * (kThreads / lanes) + threadIdx.x / lanes, n = blockIdx.y, cpg = C / G, parts = K * cpg;
+  const int lane = threadIdx.x % lanes;
+  if (g >= G) return;  // whole groups of lanes
   const float count_all = static_cast<float>(cpg) * S;
   float acc = 0.0f;
-  for (int i = lane; i < parts; i += 32) {
+  for (int i = lane; i < parts; i += lanes) {
     const float count = static_cast<float>(min(chunk, S - (i / cpg) * chunk));
     acc = fmaf(count, part_mean[part_index(n, K, C, g, cpg, i)], acc);
   }
-  const float mu = warp_sum(acc) / count_all;
+  const float mu = lanes_sum(acc, lanes, smem) / count_all;
   acc = 0.0f;
-  for (int i = lane; i < parts; i += 32) {
+  for (int i = lane; i < parts; i += lanes) {
     const float count = static_cast<float>(min(chunk, S - (i / cpg) * chunk));
     const int64_t at = part_index(n, K, C, g, cpg, i);
     const float d = part_mean[at] - mu;
     acc += part_m2[at] + count * d * d;
   }
-  const float var = warp_sum(acc) / count_all;
+  const float var = lanes_sum(acc, lanes, smem) / count_all;
   if (lane == 0) {
     mean[n * G + g] = mu;
     rstd[n * G + g] = rsqrtf(var + eps);
@@ -450,19 +487,21 @@ __global__ void __launch_bounds__(kThreads) backward_group_kernel(
     const float* __restrict__ part_dz, const float* __restrict__ part_dz_xhat,  // (N, K, C)
     const float* __restrict__ weight,                                          // (C,) or null
     float* __restrict__ coef_dz, float* __restrict__ coef_xhat,                // (N, G) out
-    int S, int C, int G, int K) {
-  const int g = this_warps_group(), n = blockIdx.y, cpg = C / G, parts = K * cpg, lane = threadIdx.x % 32;
-  if (g >= G) return;  // whole warps
+    int S, int C, int G, int K, int lanes) {
+  float* smem = reinterpret_cast<float*>(dynamic_shared());
+  const int g = blockIdx.x * (kThreads / lanes) + threadIdx.x / lanes, n = blockIdx.y, cpg = C / G, parts = K * cpg;
+  const int lane = threadIdx.x % lanes;
+  if (g >= G) return;  // whole groups of lanes
   float acc_dz = 0.0f, acc_xhat = 0.0f;
-  for (int i = lane; i < parts; i += 32) {
+  for (int i = lane; i < parts; i += lanes) {
     const float w = weight ? weight[g * cpg + i % cpg] : 1.0f;
     const int64_t at = part_index(n, K, C, g, cpg, i);
     acc_dz = fmaf(w, part_dz[at], acc_dz);
     acc_xhat = fmaf(w, part_dz_xhat[at], acc_xhat);
   }
   const float count_all = static_cast<float>(cpg) * S;
-  const float dz = warp_sum(acc_dz) / count_all;
-  const float xhat = warp_sum(acc_xhat) / count_all;
+  const float dz = lanes_sum(acc_dz, lanes, smem) / count_all;
+  const float xhat = lanes_sum(acc_xhat, lanes, smem) / count_all;
   if (lane == 0) {
     coef_dz[n * G + g] = dz;
     coef_xhat[n * G + g] = xhat;
@@ -636,8 +675,7 @@ __device__ __forceinline__ void sum_over_cluster(const float* part, float* total
 // tiles by copy_pack_async, all of a thread's rows of a tile in flight together; the scalar
 // fallback goes through registers (no overlap).
 // Dynamic shared memory: single_pass_smem_bytes(rows, width, cpg, VEC, sizeof(T), tensors): the
-// tiles (tensor k's buffer b at index 2 * k + b), the tile hand-off slots (kSlotBytes), then the
-// kernel's fp32 scratch.
+// tiles (tensor k's buffer b at index 2 * k + b), then the kernel's fp32 scratch.
 template <typename T, int VEC>
 struct Tiles {
   int K, rank, s_begin, s_end, first;  // cluster, rows of this block, this thread's first row
@@ -665,7 +703,7 @@ struct Tiles {
     tile_step = blockDim.y * width;
     x_step = static_cast<int64_t>(blockDim.y) * C;
     buffer = reinterpret_cast<T*>(smem) + col;
-    scratch = reinterpret_cast<float*>(smem + 2 * tensors * tile_bytes + kSlotBytes);
+    scratch = reinterpret_cast<float*>(smem + 2 * tensors * tile_bytes);
   }
   __device__ int sample(int t) const { return t / blocks_c; }
   __device__ int channel0(int t) const { return (t % blocks_c) * width; }
@@ -689,50 +727,29 @@ struct Tiles {
           [&](int r, const Pack<T, VEC>& pack) { store_pack(to + r * tile_step, pack); });
     }
   }
-  // Runs use(t, b) for the tiles this cluster takes, tile t staged in buffer b by stage_all(t, b)
-  // (all the kernel's tensors), the next tile's copies in flight meanwhile. Clusters take tiles
-  // from *counter (zero at launch) as they go, so a cluster that starts late (its SMs busy with
-  // another kernel, as NCCL's beside a backward) takes fewer: with tiles dealt out in advance,
-  // it would finish its share after all the others. use() must pass a barrier of the whole
-  // cluster (of the block where K = 1): through it rank 0 hands the tile after next to the
-  // others (its thread 0 took it from the counter before), the j-th tile in slot[j % 3]: a slot
-  // is rewritten two uses (two barriers) after its last reading.
+  // Runs use(t, b) for this cluster's tiles (blockIdx.x / K, + gridDim.x / K, ...), tile t staged
+  // in buffer b by stage_all(t, b) (all the kernel's tensors), the next tile's copies in flight
+  // meanwhile. Dealt out in advance, not taken from a counter: the counter's zeroing and its
+  // hand-off through the cluster added 5-12 us to each small launch (seventh run, H200), and
+  // every block of a cluster takes the same tiles, so the barrier that ends each use() is the
+  // last one any block waits for.
   template <typename StageAll, typename Use>
-  __device__ void for_each(int* counter, StageAll&& stage_all, Use&& use) const {
-    int* slot = reinterpret_cast<int*>(scratch) - kSlotBytes / sizeof(int);  // three, after the tiles
-    const bool taker = rank == 0 && threadIdx.x == 0 && threadIdx.y == 0;
-    const auto handed = [&](int j) { return *cluster_shared(&slot[j % 3], 0); };  // rank 0's
-    if (taker) {
-      slot[0] = atomicAdd(counter, 1);
-      slot[1] = atomicAdd(counter, 1);
-    }
-    if (K > 1) {
-      cluster_arrive();
-      cluster_wait();
-    } else {
-      __syncthreads();
-    }
-    int t = handed(0), next = handed(1);
+  __device__ void for_each(StageAll&& stage_all, Use&& use) const {
+    const int clusters = gridDim.x / K;
+    int t = blockIdx.x / K;
     if (t < tiles) {
       stage_all(t, 0);
       commit_copies();
     }
-    for (int j = 0, b = 0; t < tiles; ++j, b ^= 1) {
-      if (next < tiles) {
-        stage_all(next, b ^ 1);
+    for (int b = 0; t < tiles; t += clusters, b ^= 1) {
+      if (t + clusters < tiles) {
+        stage_all(t + clusters, b ^ 1);
         commit_copies();
         wait_copies<1>();  // this tile's copies, not the next one's
       } else {
         wait_copies<0>();
       }
-      if (taker) slot[(j + 2) % 3] = atomicAdd(counter, 1);  // tile j + 2, read after use()'s barrier
       use(t, b);
-      t = next;
-      next = handed(j + 2);
-    }
-    if (K > 1) {  // no block leaves while another may still read its shared memory (handed())
-      cluster_arrive();
-      cluster_wait();
     }
   }
 };
@@ -750,7 +767,6 @@ __global__ void __launch_bounds__(kThreads, 2) single_pass_kernel(
     const T* __restrict__ x, T* __restrict__ y,                          // (N, S, C)
     const float* __restrict__ weight, const float* __restrict__ bias,    // (C,) or null
     float* __restrict__ mean, float* __restrict__ rstd,                  // (N, G) out
-    int* __restrict__ tile_counter,                                      // zero at launch
     int N, int S, int C, int G, float eps) {
   const Tiles<T, VEC> tl(N, S, C, G, 1, dynamic_shared());
   const int K = tl.K, rank = tl.rank, first = tl.first, s_begin = tl.s_begin, s_end = tl.s_end;
@@ -759,7 +775,7 @@ __global__ void __launch_bounds__(kThreads, 2) single_pass_kernel(
   float* scratch = tl.scratch;
   float* part = scratch + blockDim.y * width;
   float* total = part + 2 * groups;
-  tl.for_each(tile_counter, [&](int t, int b) { tl.stage(x, 0, t, b); }, [&](int t, int b) {
+  tl.for_each([&](int t, int b) { tl.stage(x, 0, t, b); }, [&](int t, int b) {
     const T* tile = tl.tile(0, b);
     const int n = tl.sample(t), c0 = tl.channel0(t);
     const int64_t sample = static_cast<int64_t>(n) * S * C;
@@ -858,7 +874,6 @@ __global__ void __launch_bounds__(kThreads, 2) backward_single_pass_kernel(
     const float* __restrict__ weight, const float* __restrict__ bias,       // (C,) or null
     const float* __restrict__ mean, const float* __restrict__ rstd,         // (N, G)
     float* __restrict__ part_dz, float* __restrict__ part_dz_xhat,          // (N, K, C) out
-    int* __restrict__ tile_counter,                                         // zero at launch
     int N, int S, int C, int G) {
   const Tiles<T, VEC> tl(N, S, C, G, 2, dynamic_shared());
   const int K = tl.K, rank = tl.rank, first = tl.first, s_begin = tl.s_begin, s_end = tl.s_end;
@@ -872,7 +887,7 @@ __global__ void __launch_bounds__(kThreads, 2) backward_single_pass_kernel(
     tl.stage(x, 0, t, b);
     tl.stage(dy, 1, t, b);
   };
-  tl.for_each(tile_counter, stage_all, [&](int t, int b) {
+  tl.for_each(stage_all, [&](int t, int b) {
     const T* x_tile = tl.tile(0, b) + (first - s_begin) * width;
     const T* dy_tile = tl.tile(1, b) + (first - s_begin) * width;
     const int n = tl.sample(t), c0 = tl.channel0(t);

@@ -24,7 +24,8 @@ cudaError_t group_norm_nhwc_forward(const void* x, const float* weight, const fl
 // The single-pass forward (or backward) of this shape on a GPU with sm_count SMs, smem_bytes of
 // shared memory a block may use (half an SM's, so that two blocks share it) and clusters of at
 // most max_cluster blocks (group_norm_nhwc_max_cluster()): gn::single_pass_plan in
-// group_norm.cuh. plan.channels == 0: the split forward (backward) must run.
+// group_norm.cuh, where gn::single_pass_pays. plan.channels == 0: the split forward (backward)
+// runs.
 gn::SinglePassPlan group_norm_nhwc_single_pass_plan(int N, int S, int C, int G, DType dtype, int sm_count,
                                                     int smem_bytes, int max_cluster, bool backward);
 
@@ -34,10 +35,9 @@ gn::SinglePassPlan group_norm_nhwc_single_pass_plan(int N, int S, int C, int G, 
 int group_norm_nhwc_max_cluster(int smem_bytes);
 
 // As group_norm_nhwc_forward in one pass over x, with a plan from the function above.
-// tile_counter: one int of device memory (a workspace the launch zeroes first).
 cudaError_t group_norm_nhwc_forward_single_pass(const void* x, const float* weight, const float* bias, void* y,
-                                                float* mean, float* rstd, int* tile_counter, int N, int S, int C,
-                                                int G, gn::SinglePassPlan plan, float eps, bool silu, DType dtype,
+                                                float* mean, float* rstd, int N, int S, int C, int G,
+                                                gn::SinglePassPlan plan, float eps, bool silu, DType dtype,
                                                 cudaStream_t stream);
 
 // dx (skipped when null; plus dx_addend, x's layout, where not null), dweight and dbias (each
@@ -51,13 +51,11 @@ cudaError_t group_norm_nhwc_backward(const void* dy, const void* x, const float*
                                      DType dtype, cudaStream_t stream);
 
 // As group_norm_nhwc_backward with dx (not null), reading x and dy once, with a backward plan from
-// group_norm_nhwc_single_pass_plan. part_a, part_b: (N, plan.cluster, C) fp32 workspaces;
-// tile_counter as for the single-pass forward.
+// group_norm_nhwc_single_pass_plan. part_a, part_b: (N, plan.cluster, C) fp32 workspaces.
 cudaError_t group_norm_nhwc_backward_single_pass(const void* dy, const void* x, const float* weight,
                                                  const float* bias, const float* mean, const float* rstd, void* dx,
                                                  const void* dx_addend, float* dweight, float* dbias, float* part_a,
-                                                 float* part_b, int* tile_counter, int N, int S, int C, int G,
-                                                 gn::SinglePassPlan plan, bool silu, DType dtype,
-                                                 cudaStream_t stream);
+                                                 float* part_b, int N, int S, int C, int G, gn::SinglePassPlan plan,
+                                                 bool silu, DType dtype, cudaStream_t stream);
 
 }  // namespace cck

@@ -598,7 +598,7 @@ CUDA_SINGLE_PASS_CASES = [
 # (cluster sizes 2 to 11 between the dtypes, 10 and 11 beyond the portable 8; odd positions per
 # block; 3 channels per group without 16-byte packs in fp16/bf16; SD2 at 512 px and 256 px).
 CUDA_CLUSTER_CASES = [((3, 960, 33, 31), 32), ((2, 1920, 31, 33), 32), ((4, 60, 257, 3), 20),
-                      ((8, 320, 64, 64), 32), ((32, 960, 32, 32), 32), ((8, 960, 48, 48), 32),
+                      ((8, 320, 64, 64), 32), ((4, 960, 32, 32), 32), ((2, 960, 48, 48), 32),
                       ((32, 320, 32, 32), 32)]  # fmt: skip
 
 
@@ -718,9 +718,9 @@ def test_gpu_prenorm_adds_the_skip_gradient(backend, dtype):
 
 # The CUDA backward: one read of x and dy where two tiles of each fit (a block, or a cluster on
 # sm90), else the split backward; the single pass writes dweight's and dbias's partials per
-# block of a cluster (paths from tests/cpp/test_group_norm_plan.cpp's host planning, 132 SMs).
+# block of a cluster (paths from gn::single_pass_plan and single_pass_pays, 132 SMs).
 CUDA_BACKWARD_CASES = [((64, 96, 5, 7), 32, "single-pass"), ((140, 96, 77), 32, "single-pass"),
-                       ((160, 36, 3, 3), 4, "single-pass"), ((32, 320, 32, 32), 32, "cluster"),
+                       ((160, 36, 3, 3), 4, "single-pass"), ((4, 320, 32, 32), 32, "cluster"),
                        ((3, 960, 33, 31), 32, "cluster"), ((4, 60, 257, 3), 20, "cluster"),
                        ((8, 960, 48, 48), 32, "split")]  # fmt: skip
 
@@ -773,20 +773,22 @@ SD2_CUDA_PATHS = {
     # so 2 blocks of 512 positions; 960 channels: lcm(30, 8) = 120 channels), or fewer blocks
     # than SMs (8 x 16 = 128)
     **dict.fromkeys([(32, 320, 32), (32, 1920, 16), (32, 640, 32), (8, 640, 32)], "cluster-2"),
-    (32, 960, 32): "cluster-5", (8, 1920, 32): "cluster-5", (8, 320, 64): "cluster-7",
+    (8, 1920, 32): "cluster-5", (8, 320, 64): "cluster-7",
     # 64x64x960 (120 channels x 4096 positions) would need 18 blocks, beyond the 16 a cluster;
     # batch 1 has too few clusters to fill the GPU (and fits in L2, where the split forward's
-    # second read is cheap)
-    **dict.fromkeys([(8, 960, 64), (1, 320, 64), (1, 320, 32)], "split"),
+    # second read is cheap); 32x32x32x960 would take 1280 blocks, more than 4 rounds of 264
+    # (gn::single_pass_pays)
+    **dict.fromkeys([(8, 960, 64), (1, 320, 64), (1, 320, 32), (32, 960, 32)], "split"),
 }  # fmt: skip
 
 
-# The backward's two tensors need twice the forward's tiles: smaller blocks or larger clusters.
+# The backward's two tensors need twice the forward's tiles: smaller blocks or larger clusters,
+# and pays for at most 2 rounds of blocks (gn::single_pass_pays).
 SD2_CUDA_BACKWARD_PATHS = {
     **dict.fromkeys([(32, 640, 16), (32, 1280, 8), (32, 1280, 4), (32, 2560, 8), (8, 1280, 16)], "single-pass"),
-    (8, 2560, 16): "cluster-2", (32, 1920, 16): "cluster-3", (32, 320, 32): "cluster-4", (32, 640, 32): "cluster-4",
-    (8, 640, 32): "cluster-4", (32, 960, 32): "cluster-10", (8, 1920, 32): "cluster-10", (8, 320, 64): "cluster-13",
-    **dict.fromkeys([(8, 960, 64), (1, 320, 64), (1, 320, 32)], "split"),
+    (8, 2560, 16): "cluster-2", (8, 640, 32): "cluster-4",
+    **dict.fromkeys([(32, 1920, 16), (32, 320, 32), (32, 640, 32), (32, 960, 32), (8, 1920, 32), (8, 320, 64),
+                     (8, 960, 64), (1, 320, 64), (1, 320, 32)], "split"),
 }  # fmt: skip
 
 

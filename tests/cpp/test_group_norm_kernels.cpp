@@ -4,9 +4,11 @@
 // (channel_stats, group_stats, normalize; backward_partials, backward_affine, backward_group,
 // backward_dx), giving y, mean, rstd, dx (with and without the skip gradient), dweight and dbias;
 // in fp32, bf16 and fp16, with 16-byte packs and scalar (each type), with and without affine,
-// one block a tile and clusters of 2 and 3, several clusters taking tiles from the one counter,
-// split into 1-4 chunks, a batch of 1 and a single position, and a large offset with a group
-// value 8 std from the mean at position 0 (the single pass's second statistics pass). Outputs and workspaces start as NaN, shared memory as NaN bytes.
+// one block a tile and clusters of 2 and 3, several clusters looping over their tiles, split
+// into 1-4 and 12 chunks (a group's partials summed by a warp, and by a block), a batch of 1 and
+// a single position, and a large offset with a group value 8 std from the mean at position 0
+// (the single pass's second statistics pass). Outputs and workspaces start as NaN, shared
+// memory as NaN bytes.
 #include "simt.h"  // first: it sets up the CUDA names the kernels use
 
 #include <cstdio>
@@ -134,16 +136,14 @@ static Result single_pass(const Case& c, const Inputs<T>& in) {
   std::vector<T> y(size, from_double<T>(NAN)), dx(size, from_double<T>(NAN));
   std::vector<float> mean(N * G, NAN), rstd(N * G, NAN);
   std::vector<float> part_dz(static_cast<size_t>(N) * K * C, NAN), part_dzx(part_dz.size(), NAN);
-  int counter = 0;
   simt::launch(grid, K, block, cck::gn::single_pass_smem_bytes(rows, c.channels, C / G, VEC, sizeof(T), 1), [&] {
     cck::gn::single_pass_kernel<T, VEC, SILU>(in.x.data(), y.data(), in.weight(c), in.bias(c), mean.data(),
-                                              rstd.data(), &counter, N, S, C, G, kEps);
+                                              rstd.data(), N, S, C, G, kEps);
   });
-  counter = 0;
   simt::launch(grid, K, block, cck::gn::single_pass_smem_bytes(rows, c.channels, C / G, VEC, sizeof(T), 2), [&] {
     cck::gn::backward_single_pass_kernel<T, VEC, SILU>(
         in.dy.data(), in.x.data(), dx.data(), c.addend ? in.addend.data() : nullptr, in.weight(c), in.bias(c),
-        mean.data(), rstd.data(), part_dz.data(), part_dzx.data(), &counter, N, S, C, G);
+        mean.data(), rstd.data(), part_dz.data(), part_dzx.data(), N, S, C, G);
   });
   Result r{doubles(y), doubles(mean), doubles(rstd), doubles(dx), {}, {}};
   affine(c, part_dz, part_dzx, N * K, r);
@@ -157,15 +157,17 @@ static Result split(const Case& c, const Inputs<T>& in) {
   const cck::gn::SplitLaunch l = cck::gn::split_launch(S, C, K, VEC);
   const simt::Dim3 grid{static_cast<unsigned>(l.grid_x), static_cast<unsigned>(K), static_cast<unsigned>(N)};
   const simt::Dim3 block{static_cast<unsigned>(l.block_x), static_cast<unsigned>(l.block_y), 1};
-  const simt::Dim3 group_grid{static_cast<unsigned>(cck::gn::cdiv(G, cck::gn::kGroupsPerBlock)), static_cast<unsigned>(N), 1};
+  const cck::gn::GroupLaunch gl = cck::gn::group_launch(K, C, G);
+  const simt::Dim3 group_grid{static_cast<unsigned>(gl.grid_x), static_cast<unsigned>(N), 1};
   const size_t size = in.x.size();
   std::vector<T> y(size, from_double<T>(NAN)), dx(size, from_double<T>(NAN));
   std::vector<float> mean(N * G, NAN), rstd(N * G, NAN), coef_a(N * G, NAN), coef_b(N * G, NAN);
   std::vector<float> part_a(static_cast<size_t>(N) * K * C, NAN), part_b(part_a.size(), NAN);
   simt::launch(grid, 1, block, l.row_smem,
                [&] { cck::gn::channel_stats_kernel<T, VEC>(in.x.data(), part_a.data(), part_b.data(), S, C, l.chunk); });
-  simt::launch(group_grid, 1, {kThreads, 1, 1}, 0, [&] {
-    cck::gn::group_stats_kernel(part_a.data(), part_b.data(), mean.data(), rstd.data(), S, C, G, K, l.chunk, kEps);
+  simt::launch(group_grid, 1, {kThreads, 1, 1}, cck::gn::kGroupSmemBytes, [&] {
+    cck::gn::group_stats_kernel(part_a.data(), part_b.data(), mean.data(), rstd.data(), S, C, G, K, l.chunk, kEps,
+                                gl.lanes);
   });
   simt::launch(grid, 1, block, 0, [&] {
     cck::gn::normalize_kernel<T, VEC, SILU>(in.x.data(), y.data(), in.weight(c), in.bias(c), mean.data(), rstd.data(),
@@ -179,8 +181,9 @@ static Result split(const Case& c, const Inputs<T>& in) {
   });
   Result r{doubles(y), doubles(mean), doubles(rstd), {}, {}, {}};
   affine(c, part_a, part_b, N * K, r);
-  simt::launch(group_grid, 1, {kThreads, 1, 1}, 0, [&] {
-    cck::gn::backward_group_kernel(part_a.data(), part_b.data(), in.weight(c), coef_a.data(), coef_b.data(), S, C, G, K);
+  simt::launch(group_grid, 1, {kThreads, 1, 1}, cck::gn::kGroupSmemBytes, [&] {
+    cck::gn::backward_group_kernel(part_a.data(), part_b.data(), in.weight(c), coef_a.data(), coef_b.data(), S, C, G, K,
+                                   gl.lanes);
   });
   simt::launch(grid, 1, block, 0, [&] {
     cck::gn::backward_dx_kernel<T, VEC, SILU>(in.dy.data(), in.x.data(), dx.data(), in.weight(c), in.bias(c),
@@ -251,6 +254,8 @@ int main() {
   run<__nv_bfloat16, 8>({"bf16 packs, one cluster takes every tile", 2, 50, 48, 4, 48, 1, 1, 2, true, true, false});
   run<__nv_bfloat16, 1>({"bf16 scalar, 3 channels a group", 2, 17, 36, 12, 18, 2, 2, 3, true, true, true});
   run<__half, 8>({"fp16 packs, more clusters than tiles", 2, 19, 48, 8, 48, 1, 3, 2, false, true, true});
+  // 12 chunks of 12-channel groups: 144 partials a group, summed by a block, not a warp (group_launch)
+  run<__nv_bfloat16, 8>({"bf16 packs, a block a group's partials", 2, 60, 48, 4, 48, 1, 2, 12, true, true, true});
   // corners: a batch of 1, one position, the scalar paths of fp32 and fp16, fp16 without affine
   run<__half, 8>({"fp16 packs, non-affine, batch 1", 1, 40, 32, 4, 32, 2, 1, 2, true, false, true});
   run<float, 4>({"fp32 packs, one position", 3, 1, 24, 4, 24, 1, 2, 1, true, true, true});

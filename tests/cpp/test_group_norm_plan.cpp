@@ -76,6 +76,15 @@ int main() {
   CHECK(single_pass_plan(8, 2304, 960, 32, 2, 8, kSMs, kSmem, 8).channels == 0);
   CHECK(single_pass_plan(32, 1024, 320, 32, 2, 8, kSMs, kSmem, 1).channels == 0);
   CHECK(single_pass_plan(32, 256, 640, 32, 2, 8, kSMs, kSmem, 1).channels == 80);
+  // The single pass pays up to 4 rounds of two blocks an SM (forward), 2 (backward): the batch
+  // of 256 runs the split passes, batch 8 at 512 px the single pass except 8x1920x32x32's backward.
+  const auto pays = [](int N, int C, int side, int tensors) {
+    const SinglePassPlan plan = single_pass_plan(N, side * side, C, 32, 2, 8, kSMs, kSmem, cck::gn::kMaxCluster, tensors);
+    return cck::gn::single_pass_pays(N, C, plan, kSMs, tensors);
+  };
+  CHECK(!pays(256, 320, 32, 1) && !pays(256, 1280, 8, 1) && !pays(32, 960, 32, 1) && !pays(256, 1280, 8, 2));
+  CHECK(pays(8, 1920, 32, 1) && !pays(8, 1920, 32, 2) && pays(32, 1920, 16, 1) && !pays(32, 1920, 16, 2));
+  CHECK(pays(8, 2560, 16, 1) && pays(8, 2560, 16, 2) && pays(8, 1280, 8, 2) && !pays(8, 960, 64, 1));
   // Invalid shapes never get a plan.
   CHECK(single_pass_plan(0, 16, 64, 32, 2, 8, kSMs, kSmem, 8).channels == 0);
   CHECK(single_pass_plan(4, 16, 64, 30, 2, 8, kSMs, kSmem, 8).channels == 0);
