@@ -81,9 +81,10 @@ if _TRITON_FROM and not _TRITON_FROM.isdigit():
 GROUP_NORM_TRITON_FIRST_ELEMENTS = int(_TRITON_FROM) if _TRITON_FROM else None
 # GroupNorm's backend under prefer_gpu_time (CUDA-graph capture): Triton, from the second H200
 # run's batch-32 graph replays (Triton 1.2-1.7x CUDA's forward+backward); the fifth run had the
-# two about even there, and the CUDA single passes have changed since (untimed).
-# CCKERNELS_GROUP_NORM_GRAPH_BACKEND=cuda keeps the op's own order (CUDA first) under capture
-# too: the A/B of the graphed training row (docs/benchmarks.md).
+# two about even there, the seventh CUDA 1.10x Triton's forward+backward at 256 px batch 32
+# (geometric mean of graph times; 0.87-1.40x) and 1.08x at 512 px batch 8, not yet confirmed
+# by the graphed training row. CCKERNELS_GROUP_NORM_GRAPH_BACKEND=cuda keeps the op's own order
+# (CUDA first) under capture too: that row's A/B (docs/benchmarks.md).
 GROUP_NORM_GRAPH_BACKENDS = ("triton", "cuda")
 GROUP_NORM_GRAPH_BACKEND = os.environ.get("CCKERNELS_GROUP_NORM_GRAPH_BACKEND", "triton")
 if GROUP_NORM_GRAPH_BACKEND not in GROUP_NORM_GRAPH_BACKENDS:
