@@ -20,6 +20,9 @@ class GroupNorm(torch.nn.GroupNorm):
         return cckernels.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, activation=self.activation,
                                     prenorm=prenorm)
 
+    def _get_name(self):  # the repr's name: a printed model shows which GroupNorms are ours (patched ones too)
+        return f"ck.{type(self).__name__}"
+
     def extra_repr(self):
         return super().extra_repr() + (f", activation={self.activation}" if self.activation else "")
 

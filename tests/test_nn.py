@@ -39,6 +39,7 @@ def test_patch_module_replaces_every_group_norm():
     want = model(x)
     assert ck.nn.patch_module(model) == 2
     assert sum(isinstance(m, ck.nn.GroupNorm) for m in model.modules()) == 2
+    assert repr(model).count("ck.GroupNorm(") == repr(model).count("GroupNorm(") == 2  # a printed model says which
     torch.testing.assert_close(model(x), want)
     assert ck.nn.patch_module(model) == 0  # already patched
 
