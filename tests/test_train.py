@@ -1,6 +1,7 @@
 """The main job, in-process on one CPU rank: resume, bad config, non-finite steps."""
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -44,6 +45,22 @@ def test_resumed_run_is_bit_identical_to_an_unbroken_one(tmp_path, capsys):
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
     assert all(0 <= m["data_wait"] < 1 for m in metrics)
     assert (tmp_path / "b" / "metrics.png").stat().st_size > 0
+
+
+def test_the_log_lands_in_out_dir_train_log_dated_and_a_resume_appends(tmp_path, capsys):
+    run(tmp_path, "train.steps=1")
+    first = (tmp_path / "train.log").read_text()
+    run(tmp_path, "train.steps=2")
+    text = (tmp_path / "train.log").read_text()
+    assert text.startswith(first) and len(text) > len(first)  # appended, not rewritten
+    lines = text.splitlines()
+    assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} rank 0 [\w.]+: ", line) for line in lines), lines
+    said = [line.split(": ", 1)[1] for line in lines]
+    assert sum(x.startswith("starting from scratch") for x in said) == 1
+    assert sum(x.startswith("resuming from") for x in said) == 1 and said[-1].startswith("done:")
+    assert any(" rank 0 trainer.data: data: " in line for line in lines)  # the modules' records too
+    console = capsys.readouterr().out  # short stamps there, above the progress bar
+    assert re.search(r"^\d\d:\d\d:\d\d rank 0 trainer.train: resuming from ", console, re.M)
 
 
 def test_resume_refuses_another_network_and_names_other_changes(tmp_path, capsys):

@@ -41,6 +41,8 @@ from trainer.metrics import open_for_append as open_metrics, plot as plot_metric
 from trainer.sample import sample_images, save_grid  # noqa: E402
 from trainer.unet import UNet, config_differences, per_block  # noqa: E402
 
+logger = logging.getLogger("trainer.train")
+
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -147,10 +149,40 @@ def check_encoders_fit(unet_config, text_width, vae, resolution):
 def main(argv=None):
     args = parse_args(argv)
     cfg = config.load(args.config, args.overrides)
+    rank = int(os.environ.get("RANK", 0))
     # Rank 0 holds out_dir's lock for the whole run: a second run there would resume from this
     # one's checkpoints, and the two would prune each other's.
-    with checkpoint.run_lock(cfg["out_dir"]) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
+    lock = checkpoint.run_lock(cfg["out_dir"]) if rank == 0 else contextlib.nullcontext()
+    with logging_to(cfg["out_dir"], rank), lock:
         train(cfg)
+
+
+@contextlib.contextmanager
+def logging_to(out_dir, rank):
+    """The run's logging, while it runs: records above the progress bar, stamped HH:MM:SS, and on
+    rank 0 appended to out_dir/train.log too (a resume goes on in the same file), dated. Rank 0
+    logs from INFO: the trainer's lines, why cckernels could not take an input (once per reason),
+    what the data pipeline found and skipped; the other ranks only what they warn about."""
+    is_main = rank == 0
+    fmt = f"%(asctime)s rank {rank} %(name)s: %(message)s"
+    handlers = [_TqdmHandler()]
+    handlers[0].setFormatter(logging.Formatter(fmt, "%H:%M:%S"))
+    if is_main:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(Path(out_dir) / "train.log"))  # mode "a"
+        handlers[1].setFormatter(logging.Formatter(fmt))
+    for name in ("trainer.train", "cckernels", "trainer.data", "trainer.checkpoint"):
+        logging.getLogger(name).setLevel(logging.INFO if is_main else logging.WARNING)
+    logging.getLogger("trainer.encoders").setLevel(logging.WARNING if is_main else logging.ERROR)  # said once
+    root = logging.getLogger()  # at WARNING: other libraries' warnings too
+    for handler in handlers:
+        root.addHandler(handler)
+    try:
+        yield
+    finally:  # train.main may run again in this process (tests), with another out_dir
+        for handler in handlers:
+            root.removeHandler(handler)
+            handler.close()
 
 
 def train(cfg):
@@ -175,9 +207,8 @@ def train(cfg):
     compile_args = _compile_args(cfg["model"], world, cfg["train"]["grad_accum"])
     _check_cuda_graphs(cfg, device)
     if world > 1:
-        if rank == 0:  # a wrong WORLD_SIZE waits here for ranks that never come
-            print(f"waiting for {world} ranks at {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}",
-                  flush=True)
+        # a wrong WORLD_SIZE waits here for ranks that never come
+        logger.info(f"waiting for {world} ranks at {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}")
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(seconds=cfg["train"]["dist_timeout_s"]))
     is_main = rank == 0
@@ -193,20 +224,7 @@ def train(cfg):
         threads = os.environ.get("OMP_NUM_THREADS", "") if local_ranks == 1 else ""
         torch.set_num_threads(int(threads) if threads.isdigit() and int(threads) > 0 else max(1, cores // local_ranks))
 
-    def log(msg):
-        if is_main:
-            tqdm.write(msg)
-
-    # cckernels says at INFO why a backend could not take an input (once per reason); the
-    # data pipeline says at INFO what it found (images, unreadable ones skipped and where they
-    # are listed, the decoder) and warns about skipped files and fallbacks. Printed above the
-    # progress bar; other ranks' only when they warn.
-    handler = _TqdmHandler()
-    handler.setFormatter(logging.Formatter(f"rank {rank} %(name)s: %(message)s"))
-    logging.basicConfig(level=logging.WARNING, handlers=[handler])
-    for name in ("cckernels", "trainer.data", "trainer.checkpoint"):
-        logging.getLogger(name).setLevel(logging.INFO if is_main else logging.WARNING)
-    logging.getLogger("trainer.encoders").setLevel(logging.WARNING if is_main else logging.ERROR)  # said once
+    log = logger.info  # rank 0's lines (logging_to)
     if world > 1:
         _check_shared_out_dir(out_dir, rank)
     if _restarts_may_fail():
@@ -315,8 +333,8 @@ def train(cfg):
         if ckpt["rng"] is not None:
             checkpoint.set_rng_state(ckpt["rng"])
         else:  # a rank the saving run did not have
-            print(f"rank {rank}: {ckpt_path} holds no RNG state for this rank; noise and timesteps "
-                  "will not repeat the saved run's", flush=True)
+            logger.warning(f"{ckpt_path} holds no RNG state for this rank; noise and timesteps "
+                           "will not repeat the saved run's")
     if tc["cuda_graphs"]:
         graph_on_first_call(unet)  # captured in the first step, after loading and casting above
     # the compiled forward shares unet's parameters; checkpoints and EMA keep using unet
@@ -487,6 +505,7 @@ def train(cfg):
 class _TqdmHandler(logging.Handler):
     def emit(self, record):
         tqdm.write(self.format(record))
+        sys.stdout.flush()  # a pipe under torchrun: "waiting for N ranks" is seen while it waits
 
 
 def _restarts_may_fail():
