@@ -153,7 +153,7 @@ def main(argv=None):
     # Rank 0 holds out_dir's lock for the whole run: a second run there would resume from this
     # one's checkpoints, and the two would prune each other's.
     lock = checkpoint.run_lock(cfg["out_dir"]) if rank == 0 else contextlib.nullcontext()
-    with logging_to(cfg["out_dir"], rank), lock:
+    with lock, logging_to(cfg["out_dir"], rank):  # a refused second run writes nothing in the first's log
         train(cfg)
 
 
