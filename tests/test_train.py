@@ -5,6 +5,7 @@ import re
 import shutil
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -387,19 +388,21 @@ def test_a_metrics_record_holds_the_mean_loss_of_its_steps(tmp_path, monkeypatch
 
 def test_a_records_images_per_s_is_its_own_steps_rate(tmp_path, monkeypatch):
     # It was the mean since the process started: a slow start (compiling, CUDA graphs) weighed
-    # on every later record. Here the first two steps take 2 s each, the next two do not.
-    real, calls = diffusion.training_loss, []
+    # on every later record. train.py's clock here advances only in the loss: 10 s in each of the
+    # first two steps, 1 s in the next two, so the rates do not depend on the machine's load
+    # (real sleeps failed under load, when a step itself took longer than the sleep).
+    real, calls, now = diffusion.training_loss, [], [0.0]
 
     def slow_start(*args, **kwargs):
         calls.append(1)
-        if len(calls) <= 2:
-            time.sleep(2)
+        now[0] += 10.0 if len(calls) <= 2 else 1.0
         return real(*args, **kwargs)
 
     monkeypatch.setattr(diffusion, "training_loss", slow_start)
+    monkeypatch.setattr(train, "time", SimpleNamespace(perf_counter=lambda: now[0], time=time.time))
     run(tmp_path, "train.steps=4", "train.log_every=2")
     first, second = (json.loads(line)["images_per_s"] for line in open(tmp_path / "metrics.jsonl"))
-    assert second > 3 * first
+    assert second == pytest.approx(10 * first)  # the mean since the start would be 20 / 11 of first
 
 
 def test_many_non_finite_steps_in_a_row_stop_the_run(tmp_path, monkeypatch):
