@@ -41,6 +41,8 @@ def test_unknown_override_lists_valid_keys(cfg_file):
         config.load(cfg_file, ["train.step=3"])
     with pytest.raises(ValueError, match="is not key=value"):
         config.load(cfg_file, ["train.steps"])
+    with pytest.raises(ValueError, match=r"override 'train.betas=\[0.9,': while parsing a flow"):
+        config.load(cfg_file, ["train.betas=[0.9,"])
 
 
 def test_unknown_yaml_key_and_bad_choice(tmp_path):
@@ -76,11 +78,12 @@ def test_a_config_on_top_of_its_base(tmp_path):
     ("train: 5\n", r"a.yaml: train must be a mapping of its keys \(train.steps, train.batch_size, .*\), got 5"),
     ("base: b.yaml\n", r"config .*b.yaml: unknown config key 'train.stpes' \(did you mean train.steps"),
     ("train:\n  steps: 5\n  steps: 6\n", r"key 'steps' is written twice\n  in \".*a.yaml\", line 3"),
+    ("train:\n  betas: [0.9,\n", r"config .*a.yaml: while parsing a flow .*\n.*\n  in \".*a.yaml\", line 3"),
 ])
 def test_malformed_config_files_are_named(tmp_path, text, match):
     (tmp_path / "a.yaml").write_text(text)
     (tmp_path / "b.yaml").write_text("train: {stpes: 5}\n")
-    with pytest.raises(Exception, match=match):
+    with pytest.raises(ValueError, match=match):  # all ValueErrors: train.py says them in one line
         config.load(tmp_path / "a.yaml")
 
 

@@ -3,6 +3,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -332,6 +334,46 @@ def test_unreadable_images_are_counted_in_the_log(tmp_path, caplog):
 def test_unknown_key_lists_valid_keys(tmp_path):
     with pytest.raises(ValueError, match=r"unknown config key 'train.stepz'.*valid keys:"):
         run(tmp_path, "train.stepz=3")
+
+
+def test_the_command_says_a_mistake_in_one_line_and_exits_with_2(tmp_path, capsys):
+    for override, message in [("train.stepz=3", "unknown config key 'train.stepz' (did you mean train.steps"),
+                              ("data.path=/no/such/folder", "data.path '/no/such/folder' does not exist")]:
+        with pytest.raises(SystemExit) as exit:
+            train.cli([*TINY, f"out_dir={tmp_path}", override])
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and err.startswith(f"train.py: error: {message}") and err.count("\n") == 1, err
+
+
+def test_the_command_keeps_a_bugs_traceback(monkeypatch):
+    def bug(argv):
+        raise KeyError("step")
+
+    monkeypatch.setattr(train, "main", bug)
+    with pytest.raises(KeyError):
+        train.cli([])
+
+
+def _command(tmp_path, *launcher):
+    """trainer/train.py with a misspelt key, as a user runs it (launcher: torchrun's, or none)."""
+    script = Path(train.__file__)
+    return subprocess.run([sys.executable, *launcher, str(script), "train.stepz=3", f"out_dir={tmp_path}"],
+                          cwd=script.parent.parent, capture_output=True, text=True, timeout=300)
+
+
+def test_a_misspelt_key_is_one_line_without_a_traceback(tmp_path):
+    done = _command(tmp_path)
+    assert done.returncode == 2 and done.stdout == "", done.stderr[-3000:]
+    assert done.stderr.startswith("train.py: error: unknown config key 'train.stepz'") and "valid keys: " in done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+
+
+def test_a_misspelt_key_under_torchrun_is_said_once(tmp_path):
+    done = _command(tmp_path, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+    output = done.stdout + done.stderr
+    assert done.returncode != 0 and output.count("unknown config key 'train.stepz'") == 1, output[-3000:]
+    # the one traceback left is torchrun's own, ending in its summary: rank 0 exited with 2
+    assert 'train.py", line' not in output and "exitcode  : 2" in output, output[-3000:]
 
 
 def _poison_losses(monkeypatch, bad_calls):

@@ -161,8 +161,13 @@ _Loader.add_implicit_resolver(
 )
 
 
-def _yaml(text):
-    return yaml.load(text, Loader=_Loader)
+def _yaml(text, where):
+    """The YAML in text (a string or file); a syntax error is a ValueError naming `where`, as
+    the config's other mistakes are (train.py says them in one line)."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
 def _flat_keys(tree, prefix=""):
@@ -239,7 +244,7 @@ def parse_overrides(items):
         if "=" not in item:
             raise ValueError(f"override {item!r} is not key=value (e.g. train.steps=100)")
         key, value = item.split("=", 1)
-        pairs.append((key.strip(), _yaml(value)))
+        pairs.append((key.strip(), _yaml(value, f"override {item!r}")))
     return pairs
 
 
@@ -252,7 +257,7 @@ def _read(path, chain=()):
     if not path.is_file():
         raise FileNotFoundError(f"config {path} not found" + (f" (the base of {chain[-1]})" if chain else ""))
     with open(path) as f:
-        tree = _yaml(f) or {}
+        tree = _yaml(f, f"config {path}") or {}
     if not isinstance(tree, dict):
         raise ValueError(f"config {path} must be a mapping of config keys, got a {type(tree).__name__}")
     base = tree.pop("base", None)

@@ -549,11 +549,37 @@ def data_start(state):
     return (*position, state["samples_per_epoch"]) if "samples_per_epoch" in state else position
 
 
-if __name__ == "__main__":
+# The command's mistakes (a config key or value; a file it names: the config, data.path, a
+# checkpoint, out_dir) raise ValueError or OSError with a message naming what to change: the
+# command says it once, without a traceback, and exits with argparse's status for a bad command
+# line. Other exceptions are bugs and keep their traceback.
+USER_ERRORS = (ValueError, OSError)
+USER_ERROR_STATUS = 2
+# A node's first rank says why the run failed. The others wait this long for torchrun to stop
+# them when it exits: they have the same error (a config's), or one it caused (the collective
+# they waited in with rank 0 fails as it exits), and their own exit first would have torchrun
+# stop it before it had said anything. A rank still running after the wait says its own.
+QUIET_RANK_WAIT_S = 10
+
+
+def cli(argv=None):
+    """main() as the command runs it: a mistake in one line and exit status 2, Ctrl-C in one line."""
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     try:
-        main()
+        main(argv)
     except KeyboardInterrupt:  # every rank gets the Ctrl-C: one line, from rank 0
-        if os.environ.get("RANK", "0") == "0":
+        if rank == 0:
             print("\ninterrupted: the checkpoints written so far are intact; run the same command again to "
                   "resume from the latest", file=sys.stderr)
         sys.exit(130)
+    except Exception as e:
+        if local_rank != 0:
+            time.sleep(QUIET_RANK_WAIT_S)
+        if not isinstance(e, USER_ERRORS):
+            raise
+        print(f"train.py: error{f' (rank {rank})' if rank else ''}: {e}", file=sys.stderr, flush=True)
+        sys.exit(USER_ERROR_STATUS)
+
+
+if __name__ == "__main__":
+    cli()
