@@ -95,7 +95,7 @@ def run_lock(out_dir):
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
-            raise RuntimeError(f"another run ({f.read().strip() or 'pid unknown'}) is writing to {out_dir}: two "
+            raise BlockingIOError(f"another run ({f.read().strip() or 'pid unknown'}) is writing to {out_dir}: two "
                                "runs there would resume from and prune each other's checkpoints; wait for it "
                                "to end, or give this one another out_dir") from None
         except OSError as e:  # a file system without locks (some NFS, Lustre mounts): train on, unguarded

@@ -532,7 +532,7 @@ def _check_shared_out_dir(out_dir, rank):
     if rank == 0:
         path.unlink()
     if seen != token[0]:
-        raise RuntimeError(f"rank {rank} on {socket.gethostname()} cannot see {path.resolve()}, which rank 0 wrote: "
+        raise OSError(f"rank {rank} on {socket.gethostname()} cannot see {path.resolve()}, which rank 0 wrote: "
                            "out_dir must be one folder every node shares (a network file system), as data.path")
 
 
