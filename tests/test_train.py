@@ -72,6 +72,7 @@ def test_a_resume_on_another_number_of_ranks_says_so(tmp_path, capsys):
     state = checkpoint.latest(tmp_path) / "state.json"
     assert json.loads(state.read_text())["world"] == 1
     state.write_text(json.dumps({**json.loads(state.read_text()), "world": 2}))  # as a 2-rank run wrote it
+    (state.parent / checkpoint.CHECKSUMS).unlink()  # else a state.json changed since is a damaged one
     run(tmp_path, "train.steps=3")
     assert "resuming on 1 ranks; the checkpoint was written on 2: 2 images a step now" in capsys.readouterr().out
 
@@ -250,7 +251,9 @@ def test_exported_unets_default_to_the_training_resolution(tmp_path, capsys):
 
 def test_resume_on_a_rank_without_saved_rng_state(tmp_path, capsys):
     run(tmp_path, "train.steps=2")
-    (checkpoint.latest(tmp_path) / "rng_rank0.pt").unlink()  # as for a rank added since
+    (checkpoint.latest(tmp_path) / "rng_rank0.pt").unlink()  # as for a rank added since: no file, no checksum
+    sums = checkpoint.latest(tmp_path) / checkpoint.CHECKSUMS
+    sums.write_text(json.dumps({k: v for k, v in json.loads(sums.read_text()).items() if k != "rng_rank0.pt"}))
     run(tmp_path, "train.steps=3")
     out = capsys.readouterr().out
     assert "holds no RNG state for this rank" in out and "resuming from" in out
@@ -678,6 +681,7 @@ def test_a_resume_with_another_batch_size_goes_on_from_the_same_share_of_the_epo
     assert state["data_position"] == [1, 0] and state["samples"] == 12
     state["samples"] = 13  # as if an image had been removed since
     (checkpoint.latest(tmp_path) / "state.json").write_text(json.dumps(state))
+    (checkpoint.latest(tmp_path) / checkpoint.CHECKSUMS).unlink()  # else a state.json changed since is a damaged one
     run(tmp_path, "train.steps=7", "train.batch_size=4")
     assert "the data holds 12 samples, 13 when" in capsys.readouterr().out
 
@@ -697,3 +701,4 @@ def test_an_out_dir_that_cannot_be_locked_trains_unguarded(tmp_path, monkeypatch
         run(tmp_path, "train.steps=1")
     assert "cannot be locked ([Errno 37] No locks available)" in caplog.text
     assert checkpoint.load(checkpoint.latest(tmp_path))["state"]["step"] == 1
+
