@@ -1,3 +1,4 @@
+import json
 import math
 import os
 import shutil
@@ -252,16 +253,93 @@ def test_a_damaged_latest_pointer_says_so(tmp_path, content, match):
         checkpoint.latest(tmp_path)
 
 
-def test_damaged_or_missing_files_are_named(tmp_path):
+def _flip_byte(file, at=-1):
+    """Bit rot: one byte of `file` changed in place, its size the same."""
+    data = bytearray(file.read_bytes())
+    data[at] ^= 0xFF
+    file.write_bytes(bytes(data))
+
+
+def _truncate(file):
+    """A copy or a write cut short."""
+    file.write_bytes(file.read_bytes()[:20])
+
+
+def test_checksums_record_every_file_and_find_damage(tmp_path):
     path = _save(tmp_path, 10, 1.0)
-    (path / "unet.safetensors").write_bytes((path / "unet.safetensors").read_bytes()[:20])
-    with pytest.raises(ValueError, match=r"unet.safetensors cannot be read .*the checkpoint is damaged; take an "
-                                         r"earlier one \(to resume training from it, write its name into .*latest"):
+    recorded = json.loads((path / checkpoint.CHECKSUMS).read_text())
+    assert sorted(recorded) == ["config.yaml", "ema.safetensors", "optimizer.pt", "rng_rank0.pt", "state.json",
+                                "unet.safetensors"]
+    assert all(recorded[name]["bytes"] == (path / name).stat().st_size for name in recorded)
+    assert checkpoint.verify(path) is True
+    # a flipped byte in a tensor's data loads as another weight: only the checksum tells
+    _flip_byte(path / "unet.safetensors")
+    with pytest.raises(checkpoint.Damaged, match=r"step_0000010/unet.safetensors does not hold the bytes written "
+                                                 r"\(its sha256 differs.*: the checkpoint is damaged; take an earlier one"):
+        checkpoint.load(path)
+    checkpoint.verify(path, ["ema.safetensors", "config.yaml"])  # sampling checks only the files it reads
+    path = _save(tmp_path, 20, 2.0)
+    _truncate(path / "optimizer.pt")
+    with pytest.raises(checkpoint.Damaged, match=r"optimizer.pt holds 20 bytes, not the \d+ written \(truncated"):
+        checkpoint.load(path)
+    path = _save(tmp_path, 30, 3.0)
+    (path / "ema.safetensors").unlink()
+    with pytest.raises(checkpoint.Damaged, match=r"step_0000030/ema.safetensors is missing"):
+        checkpoint.load(path)
+    path = _save(tmp_path, 40, 4.0)
+    (path / checkpoint.CHECKSUMS).write_text('{"unet.safetensors": 3}')
+    with pytest.raises(checkpoint.Damaged, match="checksums.json holds no valid checksums"):
+        checkpoint.load(path)
+    _truncate(path / checkpoint.CHECKSUMS)
+    with pytest.raises(checkpoint.Damaged, match="checksums.json cannot be read"):
+        checkpoint.load(path)
+
+
+def test_a_checkpoint_without_checksums_loads_unverified(tmp_path, caplog):
+    # written before checkpoints recorded checksums
+    path = _save(tmp_path, 10, 1.0)
+    (path / checkpoint.CHECKSUMS).unlink()
+    with caplog.at_level("INFO", logger="trainer.checkpoint"):
+        assert checkpoint.load_newest_intact(tmp_path)["state"] == {"step": 10}
+    assert f"{path} holds no checksums.json (written before checkpoints recorded checksums): its files load " \
+           "unverified" in caplog.text
+    # what cannot be read is still named, in one line
+    (path / "config.yaml").write_text("a: [\n")
+    with pytest.raises(checkpoint.Damaged, match=r"config.yaml cannot be read \(\w+Error: [^\n]*\): the checkpoint is "
+                                                 r"damaged; take an earlier one$"):
         checkpoint.load(path)
     path = _save(tmp_path, 20, 2.0)
+    (path / checkpoint.CHECKSUMS).unlink()
     (path / "ema.safetensors").unlink()  # the EMA had started (start_step 0): it would restart silently
-    with pytest.raises(FileNotFoundError, match="ema.safetensors is missing, though that run's EMA had started"):
+    with pytest.raises(checkpoint.Damaged, match="ema.safetensors is missing, though that run's EMA had started"):
         checkpoint.load(path)
+
+
+def test_a_resume_falls_back_past_damaged_checkpoints(tmp_path, caplog):
+    steps = [_save(tmp_path, step, step, keep=0) for step in (10, 20, 30, 40)]
+    (checkpoint.checkpoint_dir(tmp_path) / "latest").write_text("step_0000030\n")  # a rewound run: 40 is not its past
+    _flip_byte(steps[2] / "optimizer.pt", at=-30)
+    _truncate(steps[1] / "unet.safetensors")
+    with caplog.at_level("INFO", logger="trainer.checkpoint"):
+        assert checkpoint.load_newest_intact(tmp_path)["state"] == {"step": 10}
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert said == [f"checkpoint step_0000030 is damaged: {steps[2] / 'optimizer.pt'} does not hold the bytes written "
+                    "(its sha256 differs: corrupted on the disk or in a copy)",
+                    f"checkpoint step_0000020 is damaged: {steps[1] / 'unet.safetensors'} holds 20 bytes, not the "
+                    f"{steps[0].joinpath('unet.safetensors').stat().st_size} written (truncated: a copy or a write "
+                    "cut short?)",
+                    "falling back to step_0000010, the newest intact checkpoint (the damaged ones are left as they are)"]
+    _flip_byte(steps[0] / "state.json", at=2)
+    with pytest.raises(ValueError) as e:
+        checkpoint.load_newest_intact(tmp_path)
+    message = str(e.value)
+    assert message.startswith(f"no intact checkpoint to resume from in {checkpoint.checkpoint_dir(tmp_path)}: "
+                              f"{steps[2] / 'optimizer.pt'} does not hold")
+    assert f"; {steps[1] / 'unet.safetensors'} holds 20 bytes" in message and "\n" not in message
+    assert message.endswith(f"; {steps[0] / 'state.json'} does not hold the bytes written (its sha256 differs: "
+                            "corrupted on the disk or in a copy). Restore them from a copy, or start over with "
+                            "resume=false (which sets them aside)")
+    assert checkpoint.load_newest_intact(tmp_path / "elsewhere") is None
 
 
 def test_a_failed_write_says_so_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

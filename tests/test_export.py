@@ -61,9 +61,14 @@ def test_export_refuses_what_it_cannot_write_over(run_dir, tmp_path, capsys):
         assert message in capsys.readouterr().err
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
     (tmp_path / "empty").mkdir()
-    (checkpoint.checkpoint_dir(run_dir) / "step_0000002" / "ema.safetensors").write_bytes(b"damaged")
-    with pytest.raises(SystemExit, match=r"ema.safetensors cannot be read"):  # one line, not a traceback
+    ema = checkpoint.checkpoint_dir(run_dir) / "step_0000002" / "ema.safetensors"
+    data = ema.read_bytes()
+    ema.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # one bit of a weight: it loaded as another weight
+    with pytest.raises(SystemExit, match=r"ema.safetensors does not hold the bytes written \(its sha256 differs"):
         export.main([str(run_dir), str(tmp_path / "empty")])
+    ema.write_bytes(b"damaged")
+    with pytest.raises(SystemExit, match=r"ema.safetensors holds 7 bytes, not the \d+ written \(truncated"):
+        export.main([str(run_dir), str(tmp_path / "empty")])  # one line, not a traceback
     export.main([str(run_dir), str(run_dir / "diffusers"), "--weights", "trained"])  # the run's own export
     assert "with the trained weights of" in capsys.readouterr().out
 

@@ -1,3 +1,4 @@
+import hashlib
 import json
 import sys
 import types
@@ -194,6 +195,22 @@ def test_cli_says_what_is_wrong_with_a_checkpoint_in_one_line(run_dir, capsys, m
     message = _cli_error(capsys, ["--checkpoint", str(run_dir), *out])  # latest names step 2
     assert f"{run_dir / 'checkpoints' / 'latest'} names 'step_0000002', which is missing or incomplete" in message
     assert "(or, to train, start over with resume=false" in message
+
+
+def test_cli_names_a_file_that_differs_from_its_checksum(run_dir, capsys):
+    # The fixture writes checkpoints as train.py did before checksums (loaded unverified);
+    # here step 2 gets the checksums.json train.py writes now.
+    step = run_dir / "checkpoints" / "step_0000002"
+    names = ["config.yaml", "ema.safetensors", "state.json", "unet.safetensors"]
+    (step / "checksums.json").write_text(json.dumps({n: {"bytes": (step / n).stat().st_size, "sha256": hashlib.sha256(
+        (step / n).read_bytes()).hexdigest()} for n in names}))
+    data = (step / "ema.safetensors").read_bytes()
+    (step / "ema.safetensors").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # bit rot: it loaded silently
+    out = ["--out", str(run_dir / "grid.png")]
+    message = _cli_error(capsys, ["--checkpoint", str(run_dir), *out])
+    assert message.endswith(f": error: {step / 'ema.safetensors'} does not hold the bytes written (its sha256 differs: "
+                            "corrupted on the disk or in a copy): the checkpoint is damaged; take an earlier one")
+    assert load_checkpoint(step, weights="trained").weights == "trained"  # its intact files still load
 
 
 @pytest.mark.parametrize("args, message", [

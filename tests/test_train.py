@@ -92,6 +92,7 @@ def test_a_resume_on_another_number_of_ranks_says_so(tmp_path, capsys):
     state = checkpoint.latest(tmp_path) / "state.json"
     assert json.loads(state.read_text())["world"] == 1
     state.write_text(json.dumps({**json.loads(state.read_text()), "world": 2}))  # as a 2-rank run wrote it
+    (state.parent / checkpoint.CHECKSUMS).unlink()  # else a state.json changed since is a damaged one
     run(tmp_path, "train.steps=3")
     assert "resuming on 1 ranks; the checkpoint was written on 2: 2 images a step now" in capsys.readouterr().out
 
@@ -210,6 +211,25 @@ def test_ranks_that_do_not_share_out_dir_fail_at_the_start(tmp_path):
     assert not (tmp_path / "node0" / "runs" / "x" / "checkpoints").exists()  # before any step
 
 
+def _resumed_rank(rank, port, out_dir):
+    """A rank of a 2-rank resume; writes the names of the checkpoints it loaded."""
+    _join_two_ranks(rank, port)
+    loaded, load = [], train.checkpoint.load
+    train.checkpoint.load = lambda path, rank=0: loaded.append(Path(path).name) or load(path, rank)
+    train.main([*TINY, "train.steps=2", "checkpoint.every=1", "sample.steps=1", f"out_dir={out_dir}"])
+    Path(out_dir, f"rank{rank}_loaded").write_text(" ".join(loaded))
+
+
+def test_ranks_resume_from_the_checkpoint_rank_0_falls_back_to(tmp_path):
+    # Each rank picking its own, one that saw a file damaged where rank 0 did not (another
+    # node's view of a network file system) would resume from another step.
+    run(tmp_path, "train.steps=2", "checkpoint.every=1")
+    (checkpoint.latest(tmp_path) / "optimizer.pt").write_bytes(b"")
+    _spawn_two_ranks(_resumed_rank, str(tmp_path))
+    assert (tmp_path / "rank0_loaded").read_text() == "step_0000002 step_0000001"  # damaged, then the one before
+    assert (tmp_path / "rank1_loaded").read_text() == "step_0000001"  # the one rank 0 picked, checked again
+
+
 def test_restarts_without_their_own_store_are_warned_about(monkeypatch):
     monkeypatch.delenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", raising=False)
     monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "0")
@@ -270,7 +290,9 @@ def test_exported_unets_default_to_the_training_resolution(tmp_path, capsys):
 
 def test_resume_on_a_rank_without_saved_rng_state(tmp_path, capsys):
     run(tmp_path, "train.steps=2")
-    (checkpoint.latest(tmp_path) / "rng_rank0.pt").unlink()  # as for a rank added since
+    (checkpoint.latest(tmp_path) / "rng_rank0.pt").unlink()  # as for a rank added since: no file, no checksum
+    sums = checkpoint.latest(tmp_path) / checkpoint.CHECKSUMS
+    sums.write_text(json.dumps({k: v for k, v in json.loads(sums.read_text()).items() if k != "rng_rank0.pt"}))
     run(tmp_path, "train.steps=3")
     out = capsys.readouterr().out
     assert "holds no RNG state for this rank" in out and "resuming from" in out
@@ -740,6 +762,7 @@ def test_a_resume_with_another_batch_size_goes_on_from_the_same_share_of_the_epo
     assert state["data_position"] == [1, 0] and state["samples"] == 12
     state["samples"] = 13  # as if an image had been removed since
     (checkpoint.latest(tmp_path) / "state.json").write_text(json.dumps(state))
+    (checkpoint.latest(tmp_path) / checkpoint.CHECKSUMS).unlink()  # else a state.json changed since is a damaged one
     run(tmp_path, "train.steps=7", "train.batch_size=4")
     assert "the data holds 12 samples, 13 when" in capsys.readouterr().out
 
@@ -759,3 +782,37 @@ def test_an_out_dir_that_cannot_be_locked_trains_unguarded(tmp_path, monkeypatch
         run(tmp_path, "train.steps=1")
     assert "cannot be locked ([Errno 37] No locks available)" in caplog.text
     assert checkpoint.load(checkpoint.latest(tmp_path))["state"]["step"] == 1
+
+
+def test_a_resume_past_a_damaged_checkpoint_falls_back_to_the_one_before(tmp_path, capsys, caplog):
+    # A flipped byte in a tensor's data loaded silently as another weight; a truncated file
+    # stopped the resume, though the checkpoint before it was intact.
+    every = "checkpoint.every=1"
+    run(tmp_path, "train.steps=2", every)  # step_0000001 and step_0000002 (checkpoint.keep=2)
+    first, newest = (checkpoint.checkpoint_dir(tmp_path) / checkpoint.step_name(s) for s in (1, 2))
+    for file, damage in ((newest / "unet.safetensors", "flipped byte"), (newest / "optimizer.pt", "truncated")):
+        data = file.read_bytes()
+        file.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]) if damage == "flipped byte" else data[:len(data) // 2])
+        caplog.clear()
+        run(tmp_path, "train.steps=2", every)
+        why = "does not hold the bytes written" if damage == "flipped byte" else f"holds {len(data) // 2} bytes, not the"
+        assert f"checkpoint step_0000002 is damaged: {file} {why}" in caplog.text, damage
+        assert "falling back to step_0000001, the newest intact checkpoint" in caplog.text
+        assert f"resuming from {first} at step 1" in capsys.readouterr().out
+        assert checkpoint.verify(newest) and checkpoint.latest(tmp_path) == newest  # written anew
+    # a checkpoint written before checksums were recorded resumes, said to be unverified
+    (newest / checkpoint.CHECKSUMS).unlink()
+    run(tmp_path, "train.steps=3", every)
+    assert f"resuming from {newest} at step 2" in capsys.readouterr().out
+    assert f"{newest} holds no checksums.json" in caplog.text and "its files load unverified" in caplog.text
+    last = checkpoint.latest(tmp_path)
+    assert last.name == "step_0000003" and checkpoint.verify(last)
+    # none intact: one line naming each damaged file, nothing trained
+    for step in (newest, last):
+        (step / "optimizer.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match=rf"^no intact checkpoint to resume from in .*: {re.escape(str(last))}/"
+                                         rf"optimizer.pt holds 0 bytes, .*; {re.escape(str(newest))}/optimizer.pt "
+                                         r"cannot be read \([^\n]*start over with resume=false \(which sets them "
+                                         r"aside\)$"):
+        run(tmp_path, "train.steps=4", every)
+    assert not (checkpoint.checkpoint_dir(tmp_path) / checkpoint.step_name(4)).exists()

@@ -4,9 +4,14 @@ Layout: <out_dir>/checkpoints/step_0000100/{unet,ema}.safetensors, optimizer.pt,
 state.json, rng_rank<r>.pt, config.yaml, and unet/ in diffusers layout (config.json +
 diffusion_pytorch_model.safetensors, a hard link to the EMA weights once the EMA has started,
 else to the UNet's), so `UNet2DConditionModel.from_pretrained(step / "unet")` loads any
-checkpoint; <out_dir>/checkpoints/latest names the newest.
+checkpoint; checksums.json, written last, holds every other file's size and sha256;
+<out_dir>/checkpoints/latest names the newest.
 A crash mid-write leaves only a *.tmp folder behind, which the next save clears; a failed
-write (a full disk) removes its own and says which checkpoint is intact.
+write (a full disk) removes its own and says which checkpoint is intact. A file damaged
+after its checkpoint was written (bit rot, a copy cut short) is found by its checksum when
+it is loaded: a resume then says so and falls back to the newest intact checkpoint
+(load_newest_intact); trainer.sample and trainer.export name it. Checkpoints written before
+checksums were recorded load unverified.
 A run that starts over in an out_dir (resume=false) first moves the earlier run's files aside
 (set_aside_earlier_run), so neither run's checkpoints are pruned for the other's. A run holds
 <out_dir>/.lock (run_lock), so a second run there at the same time is refused.
@@ -14,11 +19,13 @@ A run that starts over in an out_dir (resume=false) first moves the earlier run'
 import contextlib
 import datetime
 import fcntl
+import hashlib
 import json
 import logging
 import os
 import shutil
 import socket
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -129,6 +136,7 @@ def init_weights(path):
     it, if any."""
     if any((Path(path) / name).exists() for name in ("state.json", "latest", "checkpoints")):
         step = resolve(path)  # ours: its errors say what is wrong (a pointer naming a deleted folder)
+        verify(step, ["unet.safetensors", "config.yaml"])
         return step / "unet.safetensors", config_mod.load(step / "config.yaml")["diffusion"]["prediction_type"]
     try:
         weights = diffusers_files(path)[0]
@@ -208,15 +216,18 @@ def commit(out_dir, step, *, unet, ema, optimizer, state, config, keep, diffuser
             _diffusers_unet(tmp, diffusers_config, "ema.safetensors" if ema is not None else "unet.safetensors")
         torch.save(optimizer, tmp / "optimizer.pt")
         config_mod.dump(config, tmp / "config.yaml")
-        # On disk before state.json and the renames: after a machine crash (not only a process
-        # crash) a published checkpoint must not hold weights that never left the page cache.
-        for path in tmp.rglob("*"):
-            _fsync(path)
-        with open(tmp / "state.json", "w") as f:  # written last: its presence marks completeness
+        with open(tmp / "state.json", "w") as f:  # its presence marks a complete checkpoint (latest())
             json.dump(state, f, indent=1)
+        # Every file flushed to the disk before the renames: after a machine crash (not only a
+        # process crash) a published checkpoint must not hold weights that never left the page
+        # cache. Each is read back from that cache for its checksum in the same pass.
+        names = [p.relative_to(tmp).as_posix() for p in sorted(tmp.rglob("*")) if p.is_file()]
+        with open(tmp / CHECKSUMS, "w") as f:
+            json.dump(_checksums(tmp, names, fsync=True), f, indent=1, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
-        _fsync(tmp)
+        for path in [*(p for p in tmp.rglob("*") if p.is_dir()), tmp]:  # their entries
+            _fsync(path)
     except (OSError, RuntimeError) as e:  # torch.save's full disk reads "unexpected pos ..."
         shutil.rmtree(tmp, ignore_errors=True)
         pointer = checkpoint_dir(out_dir) / "latest"
@@ -265,22 +276,89 @@ def _prune(out_dir, keep, step):
         log.info("removed %s (checkpoint.keep=%d keeps the newest)", old, keep)
 
 
+# Each file's size and sha256 when its checkpoint was written ({name: {"bytes", "sha256"}}).
+CHECKSUMS = "checksums.json"
+
+
+class Damaged(ValueError):
+    """A checkpoint file that cannot be read, or no longer holds the bytes written (`why`)."""
+
+    def __init__(self, file, why):
+        self.file, self.why = Path(file), why
+        super().__init__(f"{file} {why}: the checkpoint is damaged; take an earlier one")
+
+
+def _sha256(path, fsync=False):
+    """(size, sha256) of a file, read in blocks (checkpoints hold GBs); fsync: flushed to disk too."""
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+            size += len(block)
+        if fsync:
+            os.fsync(f.fileno())
+    return size, h.hexdigest()
+
+
+def _checksums(folder, names, fsync=False):
+    """{name: {"bytes", "sha256"}} of folder's files `names`. Hashed in threads (hashlib, reads
+    and fsync release the GIL: the UNet, EMA and optimizer files of SD2, 3.4+3.4+7 GB, take
+    the time of the largest); a file linked under two names (unet/'s weights) is read once."""
+    by_inode = {}
+    for name in names:
+        st = os.stat(folder / name)
+        by_inode.setdefault((st.st_dev, st.st_ino), []).append(name)
+    with ThreadPoolExecutor() as pool:
+        sums = pool.map(lambda linked: _sha256(folder / linked[0], fsync), by_inode.values())
+        return {name: {"bytes": size, "sha256": digest}
+                for linked, (size, digest) in zip(by_inode.values(), sums) for name in linked}
+
+
+def verify(path, names=None):
+    """Checks a checkpoint's files (`names`, default: all) against the sizes and sha256 recorded
+    when it was written; Damaged naming the first that differs. A checkpoint written before
+    checksums were recorded is said to load unverified (False); True where all match."""
+    path = Path(path)
+    if not (path / CHECKSUMS).exists():
+        log.info("%s holds no %s (written before checkpoints recorded checksums): its files load unverified",
+                 path, CHECKSUMS)
+        return False
+    recorded = read(path / CHECKSUMS, lambda p: json.loads(p.read_text()))
+    try:  # damage to checksums.json itself is damage too, not a KeyError
+        expected = {name: (int(e["bytes"]), str(e["sha256"])) for name, e in recorded.items()
+                    if names is None or name in names}
+    except (AttributeError, KeyError, TypeError, ValueError):
+        raise Damaged(path / CHECKSUMS, "holds no valid checksums") from None
+    for name, (size, _) in expected.items():  # sizes first: a truncated file is found without reading GBs
+        if not (path / name).is_file():
+            raise Damaged(path / name, "is missing")
+        found = (path / name).stat().st_size
+        if found != size:
+            raise Damaged(path / name, f"holds {found} bytes, not the {size} written"
+                                       + (" (truncated: a copy or a write cut short?)" if found < size else ""))
+    for name, entry in _checksums(path, list(expected)).items():
+        if entry["sha256"] != expected[name][1]:
+            raise Damaged(path / name, "does not hold the bytes written (its sha256 differs: corrupted on the "
+                                       "disk or in a copy)")
+    return True
+
+
 def read(file, reader=load_file):
-    """reader(file) for a file of a checkpoint; ValueError naming the file where it cannot be
-    read (damaged, missing). Training and trainer.sample read checkpoints with it."""
+    """reader(file) for a file of a checkpoint; Damaged naming the file where it cannot be read
+    (damaged, missing). Training and trainer.sample read checkpoints with it."""
     file = Path(file)
     try:
         return reader(file)
     except Exception as e:  # safetensors, torch, json and yaml each raise their own
-        raise ValueError(f"{file} cannot be read ({type(e).__name__}: {e}): the checkpoint is damaged; take an "
-                         f"earlier one (to resume training from it, write its name into {file.parent.parent / 'latest'}"
-                         "; or start over with resume=false)") from None
+        # one line, however many a pickle or YAML error spans
+        raise Damaged(file, f"cannot be read ({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
 
 
 def load(path, rank=0):
-    """Everything a checkpoint holds, tensors on CPU. A file that cannot be read is an error
-    naming it."""
+    """Everything a checkpoint holds, tensors on CPU, its files checked against their checksums
+    first. A file that cannot be read or differs is a Damaged error naming it."""
     path = Path(path)
+    verify(path)
     ckpt = {
         "path": path,
         "unet": read(path / "unet.safetensors"),
@@ -290,8 +368,34 @@ def load(path, rank=0):
         "config": read(path / "config.yaml", config_mod.load),
     }
     if ckpt["ema"] is None and ckpt["optimizer"]["ema"]["steps"] >= ckpt["config"]["ema"]["start_step"]:
-        raise FileNotFoundError(f"{path / 'ema.safetensors'} is missing, though that run's EMA had started "
-                                f"(ema.start_step {ckpt['config']['ema']['start_step']}): resuming would restart it")
+        raise Damaged(path / "ema.safetensors", "is missing, though that run's EMA had started (ema.start_step "
+                      f"{ckpt['config']['ema']['start_step']}): resuming would restart it")
     rng = path / f"rng_rank{rank}.pt"
     ckpt["rng"] = read(rng, lambda p: torch.load(p, weights_only=False)) if rng.exists() else None
     return ckpt
+
+
+def load_newest_intact(out_dir, rank=0):
+    """load() of the checkpoint out_dir's `latest` names or, where that one is damaged, of the
+    newest intact one before it, saying which was damaged and why; None where there is none.
+    ValueError naming every damaged file where no checkpoint is intact."""
+    first = latest(out_dir)
+    if first is None:
+        return None
+    # Before it only: those of higher steps a rewound run left behind are not this run's past.
+    earlier = [p for p in reversed(_step_folders(out_dir)) if int(p.name[5:]) < int(first.name[5:])]
+    damaged = []
+    for path in [first, *earlier]:
+        try:
+            ckpt = load(path, rank)
+        except Damaged as e:
+            log.warning("checkpoint %s is damaged: %s %s", path.name, e.file, e.why)
+            damaged.append(e)
+            continue
+        if damaged:
+            log.warning("falling back to %s, the newest intact checkpoint (the damaged ones are left as they are)",
+                        path.name)
+        return ckpt
+    raise ValueError(f"no intact checkpoint to resume from in {checkpoint_dir(out_dir)}: "
+                     + "; ".join(f"{e.file} {e.why}" for e in damaged)
+                     + ". Restore them from a copy, or start over with resume=false (which sets them aside)")

@@ -199,6 +199,7 @@ def load_checkpoint(path, device="cpu", *, weights=None, resolution=None):
     if weights == "ema" and not has_ema:
         raise ValueError(f"{step} holds no EMA weights ({WEIGHTS_FILES['ema']}: the run's EMA starts at step "
                          f"{config['ema']['start_step']}); take its trained weights")
+    checkpoint.verify(step, ["config.yaml", WEIGHTS_FILES[weights]])  # before minutes of loading the encoders
     vae = load_vae(config["model"]["vae"], device)
     check_resolution(resolution, vae)
     state = checkpoint.read(step / WEIGHTS_FILES[weights])

@@ -234,13 +234,13 @@ def train(cfg):
     # -- resume ------------------------------------------------------------------------------
     # resume=false starts over once: torchrun's restarts of this run still resume its checkpoints
     resume = cfg["resume"] or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-    ckpt_path = checkpoint.latest(out_dir) if resume else None
     if not resume:  # the earlier run's checkpoints would outrank ours, and ours be pruned for them
         earlier = checkpoint.set_aside_earlier_run(out_dir) if is_main else None
         if earlier:
             log(f"resume=false: the earlier run's files in {out_dir} moved to {earlier}")
         _barrier(world)
-    ckpt = checkpoint.load(ckpt_path, rank) if ckpt_path else None
+    ckpt = _load_resumed(out_dir, rank, world) if resume else None
+    ckpt_path = ckpt["path"] if ckpt else None
     start_step = ckpt["state"]["step"] if ckpt else 0
     if start_step > cfg["train"]["steps"]:
         raise ValueError(f"{ckpt_path} is at step {start_step}, past train.steps={cfg['train']['steps']}: raise "
@@ -539,6 +539,20 @@ def _check_shared_out_dir(out_dir, rank):
 def _barrier(world):
     if world > 1:
         dist.barrier()
+
+
+def _load_resumed(out_dir, rank, world):
+    """The checkpoint to resume from, or None. Rank 0 picks it (the newest intact one) and the
+    others load the same one, checking it again: picking their own, a rank that sees a file
+    damaged where rank 0 does not (another node's view of a network file system) would resume
+    from another step."""
+    ckpt = checkpoint.load_newest_intact(out_dir, rank) if rank == 0 else None
+    if world > 1:
+        picked = [ckpt["path"] if ckpt else None]
+        dist.broadcast_object_list(picked)
+        if rank != 0 and picked[0] is not None:
+            ckpt = checkpoint.load(picked[0], rank)
+    return ckpt
 
 
 def data_start(state):
