@@ -324,7 +324,8 @@ def test_a_resume_falls_back_past_damaged_checkpoints(tmp_path, caplog):
         assert checkpoint.load_newest_intact(tmp_path)["state"] == {"step": 10}
     said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert said == [f"checkpoint step_0000030 is damaged: {steps[2] / 'optimizer.pt'} does not hold the bytes written "
-                    "(its sha256 differs: corrupted on the disk or in a copy)",
+                    "(its sha256 differs: corrupted on the disk or in a copy; edited on purpose? then delete "
+                    f"{steps[2] / 'checksums.json'})",
                     f"checkpoint step_0000020 is damaged: {steps[1] / 'unet.safetensors'} holds 20 bytes, not the "
                     f"{steps[0].joinpath('unet.safetensors').stat().st_size} written (truncated: a copy or a write "
                     "cut short?)",
@@ -337,7 +338,8 @@ def test_a_resume_falls_back_past_damaged_checkpoints(tmp_path, caplog):
                               f"{steps[2] / 'optimizer.pt'} does not hold")
     assert f"; {steps[1] / 'unet.safetensors'} holds 20 bytes" in message and "\n" not in message
     assert message.endswith(f"; {steps[0] / 'state.json'} does not hold the bytes written (its sha256 differs: "
-                            "corrupted on the disk or in a copy). Restore them from a copy, or start over with "
+                            "corrupted on the disk or in a copy; edited on purpose? then delete "
+                            f"{steps[0] / 'checksums.json'}). Restore them from a copy, or start over with "
                             "resume=false (which sets them aside)")
     assert checkpoint.load_newest_intact(tmp_path / "elsewhere") is None
 
@@ -354,7 +356,7 @@ def test_a_failed_write_says_so_and_keeps_the_previous_checkpoint(tmp_path, monk
         save(obj, path)
 
     monkeypatch.setattr(checkpoint.torch, "save", disk_full)
-    with pytest.raises(RuntimeError, match=r"writing the checkpoint of step 20 .* failed .*is the disk full\? the one .*latest names is intact"):
+    with pytest.raises(OSError, match=r"writing the checkpoint of step 20 .* failed .*is the disk full\? the one .*latest names is intact"):
         _save(tmp_path, 20, 2.0)
     assert not list(checkpoint.checkpoint_dir(tmp_path).glob("*.tmp"))
     assert checkpoint.latest(tmp_path) == good and checkpoint.load(good)["state"]["step"] == 10

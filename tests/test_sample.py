@@ -209,7 +209,8 @@ def test_cli_names_a_file_that_differs_from_its_checksum(run_dir, capsys):
     out = ["--out", str(run_dir / "grid.png")]
     message = _cli_error(capsys, ["--checkpoint", str(run_dir), *out])
     assert message.endswith(f": error: {step / 'ema.safetensors'} does not hold the bytes written (its sha256 differs: "
-                            "corrupted on the disk or in a copy): the checkpoint is damaged; take an earlier one")
+                            f"corrupted on the disk or in a copy; edited on purpose? then delete {step / 'checksums.json'}"
+                            "): the checkpoint is damaged; take an earlier one")
     assert load_checkpoint(step, weights="trained").weights == "trained"  # its intact files still load
 
 

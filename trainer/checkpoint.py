@@ -232,7 +232,7 @@ def commit(out_dir, step, *, unet, ema, optimizer, state, config, keep, diffuser
         shutil.rmtree(tmp, ignore_errors=True)
         pointer = checkpoint_dir(out_dir) / "latest"
         kept = f"the one {pointer} names is intact" if pointer.exists() else "there is no earlier one"
-        raise RuntimeError(f"writing the checkpoint of step {step} to {tmp} failed ({type(e).__name__}: {e}); "
+        raise OSError(f"writing the checkpoint of step {step} to {tmp} failed ({type(e).__name__}: {e}); "
                            f"is the disk full? {kept}") from e
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -339,7 +339,7 @@ def verify(path, names=None):
     for name, entry in _checksums(path, list(expected)).items():
         if entry["sha256"] != expected[name][1]:
             raise Damaged(path / name, "does not hold the bytes written (its sha256 differs: corrupted on the "
-                                       "disk or in a copy)")
+                                       f"disk or in a copy; edited on purpose? then delete {path / CHECKSUMS})")
     return True
 
 
