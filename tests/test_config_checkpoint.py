@@ -332,7 +332,15 @@ def test_a_resume_falls_back_past_damaged_checkpoints(tmp_path, caplog):
                     f"checkpoint step_0000020 is damaged: {steps[1] / 'unet.safetensors'} holds 20 bytes, not the "
                     f"{steps[0].joinpath('unet.safetensors').stat().st_size} written (truncated: a copy or a write "
                     "cut short?)",
-                    "falling back to step_0000010, the newest intact checkpoint (the damaged ones are left as they are)"]
+                    "falling back to step_0000010, the newest intact checkpoint (the damaged ones are left as they are "
+                    "until this run writes those steps again)"]
+    with caplog.at_level("INFO", logger="trainer.checkpoint"):  # and says so when it does
+        _save(tmp_path, 20, 20, keep=0)
+    assert f"{steps[1]} replaces the one of that step written before (this run resumed from an earlier step)" \
+        in caplog.text
+    assert checkpoint.load(steps[1])["state"] == {"step": 20}
+    _truncate(steps[1] / "unet.safetensors")
+    (checkpoint.checkpoint_dir(tmp_path) / "latest").write_text("step_0000030\n")
     _flip_byte(steps[0] / "state.json", at=2)
     with pytest.raises(ValueError) as e:
         checkpoint.load_newest_intact(tmp_path)
