@@ -212,6 +212,11 @@ def test_cli_names_a_file_that_differs_from_its_checksum(run_dir, capsys):
                             f"corrupted on the disk or in a copy; edited on purpose? then delete {step / 'checksums.json'}"
                             "): the checkpoint is damaged; take an earlier one")
     assert load_checkpoint(step, weights="trained").weights == "trained"  # its intact files still load
+    config = (step / "config.yaml").read_bytes()
+    (step / "config.yaml").write_bytes(config[:5])  # checked before it is parsed: named as cut short
+    message = _cli_error(capsys, ["--checkpoint", str(step), "--weights", "trained", *out])
+    assert message.endswith(f": error: {step / 'config.yaml'} holds 5 bytes, not the {len(config)} written (truncated: "
+                            "a copy or a write cut short?): the checkpoint is damaged; take an earlier one"), message
 
 
 @pytest.mark.parametrize("args, message", [

@@ -3,6 +3,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -365,6 +366,54 @@ def test_the_command_says_a_mistake_in_one_line_and_exits_with_2(tmp_path, capsy
             train.cli([*TINY, f"out_dir={tmp_path}", override])
         err = capsys.readouterr().err
         assert exit.value.code == 2 and err.startswith(f"train.py: error: {message}") and err.count("\n") == 1, err
+
+
+def test_resume_false_with_a_missing_data_path_sets_nothing_aside_and_the_log_says_why(tmp_path, capsys):
+    run(tmp_path, "train.steps=1")
+    with pytest.raises(SystemExit) as exit:
+        train.cli([*TINY, f"out_dir={tmp_path}", "resume=false", "data.path=/no/such/folder"])
+    assert exit.value.code == 2
+    assert checkpoint.latest(tmp_path) is not None and not (tmp_path / "earlier_runs").exists()  # not moved aside
+    last = (tmp_path / "train.log").read_text().splitlines()[-1]
+    assert last.endswith("trainer.train: stopped: train.py: error: data.path '/no/such/folder' does not exist"), last
+
+
+def test_the_log_says_why_a_run_stopped(tmp_path, monkeypatch, capsys):
+    def stop_at_the_first_step(exc):
+        def step(*args, **kwargs):
+            raise exc
+        monkeypatch.setattr(diffusion, "training_loss", step)
+
+    stop_at_the_first_step(KeyboardInterrupt())
+    with pytest.raises(SystemExit) as exit:
+        train.cli([*TINY, f"out_dir={tmp_path}", "train.steps=1"])
+    assert exit.value.code == 130 and capsys.readouterr().err.endswith("\ninterrupted: " + train.INTERRUPTED + "\n")
+    log = (tmp_path / "train.log").read_text()
+    assert log.splitlines()[-1].endswith("stopped: interrupted (Ctrl-C); " + train.INTERRUPTED)
+    stop_at_the_first_step(KeyError("step"))  # a bug: its traceback in the log as on the console
+    with pytest.raises(KeyError):
+        train.cli([*TINY, f"out_dir={tmp_path}", "train.steps=1"])
+    log = (tmp_path / "train.log").read_text()
+    assert "stopped by a bug: KeyError: 'step'\nTraceback (most recent call last):" in log and log.endswith("KeyError: 'step'\n")
+
+
+def test_a_peer_gone_after_a_ctrl_c_is_said_as_the_ctrl_c(monkeypatch, capsys):
+    # Under torchrun every rank gets the Ctrl-C; a rank waiting in a collective for a peer that
+    # stopped first fails with the peer's "Connection closed" (a RuntimeError): one line, 130.
+    def interrupted_in_a_collective(argv):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the handler runs here, in the main thread
+        except KeyboardInterrupt:
+            pass  # as C++ code that swallowed it
+        raise RuntimeError("[gloo/transport/tcp/pair.cc:561] Connection closed by peer")
+
+    monkeypatch.setattr(train, "main", interrupted_in_a_collective)
+    with pytest.raises(SystemExit) as exit:
+        train.cli([])
+    err = capsys.readouterr().err
+    assert exit.value.code == 130 and err.strip().startswith("interrupted: ") and "Traceback" not in err, err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
 
 
 def test_the_command_keeps_a_bugs_traceback(monkeypatch):

@@ -234,6 +234,8 @@ def commit(out_dir, step, *, unet, ema, optimizer, state, config, keep, diffuser
         kept = f"the one {pointer} names is intact" if pointer.exists() else "there is no earlier one"
         raise OSError(f"writing the checkpoint of step {step} to {tmp} failed ({type(e).__name__}: {e}); "
                            f"is the disk full? {kept}") from e
+    if final.exists():  # a run resumed from before it (a damaged checkpoint's fallback, a rewound latest)
+        log.info("%s replaces the one of that step written before (this run resumed from an earlier step)", final)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     pointer = checkpoint_dir(out_dir) / "latest"
@@ -393,8 +395,8 @@ def load_newest_intact(out_dir, rank=0):
             damaged.append(e)
             continue
         if damaged:
-            log.warning("falling back to %s, the newest intact checkpoint (the damaged ones are left as they are)",
-                        path.name)
+            log.warning("falling back to %s, the newest intact checkpoint (the damaged ones are left as they are "
+                        "until this run writes those steps again)", path.name)
         return ckpt
     raise ValueError(f"no intact checkpoint to resume from in {checkpoint_dir(out_dir)}: "
                      + "; ".join(f"{e.file} {e.why}" for e in damaged)

@@ -167,7 +167,17 @@ def _yaml(text, where):
     try:
         return yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as e:
-        raise ValueError(f"{where}: {e}") from None
+        raise ValueError(f"{where}: {_one_line(e)}") from None
+
+
+def _one_line(e):
+    """A YAML error as one line, its places as line and column: PyYAML's own spans up to six,
+    repeating the file's name or an override's text and pointing at it with a caret."""
+    if not isinstance(e, yaml.MarkedYAMLError):
+        return " ".join(str(e).split())
+    at = lambda mark: f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""  # noqa: E731
+    said = [f"{text}{at(mark)}" for text, mark in ((e.context, e.context_mark), (e.problem, e.problem_mark)) if text]
+    return ": ".join(said)
 
 
 def _flat_keys(tree, prefix=""):

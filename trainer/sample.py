@@ -193,13 +193,15 @@ def load_checkpoint(path, device="cpu", *, weights=None, resolution=None):
                              "no VAE or text encoder to sample with); give the run's out_dir or a step folder of it, "
                              "or the pipeline folder around it")
     step = checkpoint.resolve(path)
-    config = checkpoint.read(step / "config.yaml", run_config.load)
     has_ema = (step / WEIGHTS_FILES["ema"]).is_file()
     weights = weights or ("ema" if has_ema else "trained")
+    # Before config.yaml is read (a truncated one is named as such, not as YAML it cannot parse)
+    # and before minutes of loading the encoders.
+    checkpoint.verify(step, ["config.yaml", WEIGHTS_FILES[weights]])
+    config = checkpoint.read(step / "config.yaml", run_config.load)
     if weights == "ema" and not has_ema:
         raise ValueError(f"{step} holds no EMA weights ({WEIGHTS_FILES['ema']}: the run's EMA starts at step "
                          f"{config['ema']['start_step']}); take its trained weights")
-    checkpoint.verify(step, ["config.yaml", WEIGHTS_FILES[weights]])  # before minutes of loading the encoders
     vae = load_vae(config["model"]["vae"], device)
     check_resolution(resolution, vae)
     state = checkpoint.read(step / WEIGHTS_FILES[weights])

@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import secrets
+import signal
 import socket
 import sys
 import time
@@ -179,6 +180,14 @@ def logging_to(out_dir, rank):
         root.addHandler(handler)
     try:
         yield
+    except BaseException as e:  # why the run stopped, in the log (the console has it from cli)
+        if is_main:
+            try:
+                interrupted = _interrupted(e)
+            except KeyboardInterrupt:  # a Ctrl-C still pending runs its handler here
+                interrupted = True
+            handlers[1].handle(_stop_record(e, interrupted))
+        raise
     finally:  # train.main may run again in this process (tests), with another out_dir
         for handler in handlers:
             root.removeHandler(handler)
@@ -234,6 +243,9 @@ def train(cfg):
     # -- resume ------------------------------------------------------------------------------
     # resume=false starts over once: torchrun's restarts of this run still resume its checkpoints
     resume = cfg["resume"] or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    data_path = cfg["data"]["path"]
+    if data_path != "builtin" and not Path(data_path).expanduser().exists():  # before anything is set aside
+        raise ValueError(f"data.path {data_path!r} does not exist")
     if not resume:  # the earlier run's checkpoints would outrank ours, and ours be pruned for them
         earlier = checkpoint.set_aside_earlier_run(out_dir) if is_main else None
         if earlier:
@@ -508,6 +520,18 @@ class _TqdmHandler(logging.Handler):
         sys.stdout.flush()  # a pipe under torchrun: "waiting for N ranks" is seen while it waits
 
 
+def _stop_record(e, interrupted):
+    """The log record saying why a run stopped: Ctrl-C, a mistake (as cli says it) or a bug (with
+    its traceback)."""
+    if interrupted:
+        level, msg, exc_info = logging.WARNING, "stopped: interrupted (Ctrl-C); " + INTERRUPTED, None
+    elif isinstance(e, USER_ERRORS):
+        level, msg, exc_info = logging.ERROR, f"stopped: train.py: error: {e}", None
+    else:
+        level, msg, exc_info = logging.ERROR, f"stopped by a bug: {type(e).__name__}: {e}", (type(e), e, e.__traceback__)
+    return logger.makeRecord(logger.name, level, __file__, 0, msg, (), exc_info)
+
+
 def _restarts_may_fail():
     """Whether torchrun restarts this run's ranks through the rendezvous' shared TCP store, where
     a restarted rank can read the previous attempt's address and fail in init_process_group."""
@@ -576,23 +600,58 @@ USER_ERROR_STATUS = 2
 QUIET_RANK_WAIT_S = 10
 
 
+INTERRUPTED = "the checkpoints written so far are intact; run the same command again to resume from the latest"
+# When this process got a Ctrl-C (SIGINT), as cli records it. Under torchrun every rank gets
+# it, and a rank whose peer stopped first fails in a collective with that peer's "Connection
+# closed" (a RuntimeError, not KeyboardInterrupt): that is a Ctrl-C too, not a bug.
+_sigint_at = []
+
+
+def _on_sigint(signum, frame):
+    _sigint_at.append(time.monotonic())
+    signal.default_int_handler(signum, frame)  # KeyboardInterrupt, as before
+
+
+def _interrupted(e):
+    """Whether the exception `e` that stopped the run comes of a Ctrl-C."""
+    return isinstance(e, KeyboardInterrupt) or bool(_sigint_at)
+
+
+@contextlib.contextmanager
+def _sigint_recorded():
+    """_on_sigint as the SIGINT handler, where Python's own is (not where SIGINT is ignored)."""
+    before = signal.getsignal(signal.SIGINT)
+    mine = before is signal.default_int_handler
+    if mine:
+        signal.signal(signal.SIGINT, _on_sigint)
+    try:
+        yield
+    finally:
+        if mine:
+            signal.signal(signal.SIGINT, before)
+
+
 def cli(argv=None):
     """main() as the command runs it: a mistake in one line and exit status 2, Ctrl-C in one line."""
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    try:
-        main(argv)
-    except KeyboardInterrupt:  # every rank gets the Ctrl-C: one line, from rank 0
-        if rank == 0:
-            print("\ninterrupted: the checkpoints written so far are intact; run the same command again to "
-                  "resume from the latest", file=sys.stderr)
-        sys.exit(130)
-    except Exception as e:
-        if local_rank != 0:
-            time.sleep(QUIET_RANK_WAIT_S)
-        if not isinstance(e, USER_ERRORS):
-            raise
-        print(f"train.py: error{f' (rank {rank})' if rank else ''}: {e}", file=sys.stderr, flush=True)
-        sys.exit(USER_ERROR_STATUS)
+    _sigint_at.clear()
+    with _sigint_recorded():
+        try:
+            try:
+                main(argv)
+            except Exception as e:
+                if _interrupted(e):  # a pending Ctrl-C's handler may raise here instead: the same
+                    raise KeyboardInterrupt from None
+                if local_rank != 0:
+                    time.sleep(QUIET_RANK_WAIT_S)
+                if not isinstance(e, USER_ERRORS):
+                    raise
+                print(f"train.py: error{f' (rank {rank})' if rank else ''}: {e}", file=sys.stderr, flush=True)
+                sys.exit(USER_ERROR_STATUS)
+        except KeyboardInterrupt:  # every rank gets the Ctrl-C: one line, from rank 0
+            if rank == 0:
+                print("\ninterrupted: " + INTERRUPTED, file=sys.stderr)
+            sys.exit(130)
 
 
 if __name__ == "__main__":
