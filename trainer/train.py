@@ -601,20 +601,20 @@ QUIET_RANK_WAIT_S = 10
 
 
 INTERRUPTED = "the checkpoints written so far are intact; run the same command again to resume from the latest"
-# When this process got a Ctrl-C (SIGINT), as cli records it. Under torchrun every rank gets
-# it, and a rank whose peer stopped first fails in a collective with that peer's "Connection
-# closed" (a RuntimeError, not KeyboardInterrupt): that is a Ctrl-C too, not a bug.
-_sigint_at = []
+# Non-empty once this process got a Ctrl-C (SIGINT), as cli records it. Under torchrun every
+# rank gets it, and a rank whose peer stopped first fails in a collective with that peer's
+# "Connection closed" (a RuntimeError, not KeyboardInterrupt): that is a Ctrl-C too, not a bug.
+_sigints = []
 
 
 def _on_sigint(signum, frame):
-    _sigint_at.append(time.monotonic())
+    _sigints.append(signum)
     signal.default_int_handler(signum, frame)  # KeyboardInterrupt, as before
 
 
 def _interrupted(e):
     """Whether the exception `e` that stopped the run comes of a Ctrl-C."""
-    return isinstance(e, KeyboardInterrupt) or bool(_sigint_at)
+    return isinstance(e, KeyboardInterrupt) or bool(_sigints)
 
 
 @contextlib.contextmanager
@@ -634,7 +634,7 @@ def _sigint_recorded():
 def cli(argv=None):
     """main() as the command runs it: a mistake in one line and exit status 2, Ctrl-C in one line."""
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    _sigint_at.clear()
+    _sigints.clear()
     with _sigint_recorded():
         try:
             try:
