@@ -72,6 +72,8 @@ def test_a_config_on_top_of_its_base(tmp_path):
     (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
     with pytest.raises(FileNotFoundError, match=r"missing.yaml not found \(the base of .*c.yaml\)"):
         config.load(tmp_path / "c.yaml")
+    with pytest.raises(FileNotFoundError, match=rf"config {tmp_path} is a folder, not a YAML file$"):
+        config.load(tmp_path)  # --config given the configs' folder: it said "not found"
 
 
 @pytest.mark.parametrize("text, match", [

@@ -265,7 +265,8 @@ def _read(path, chain=()):
     if path in chain:
         raise ValueError(f"config bases form a cycle: {' -> '.join(p.name for p in (*chain, path))}")
     if not path.is_file():
-        raise FileNotFoundError(f"config {path} not found" + (f" (the base of {chain[-1]})" if chain else ""))
+        raise FileNotFoundError(f"config {path} " + ("is a folder, not a YAML file" if path.is_dir() else "not found")
+                                + (f" (the base of {chain[-1]})" if chain else ""))
     with open(path) as f:
         tree = _yaml(f, f"config {path}") or {}
     if not isinstance(tree, dict):
