@@ -19,7 +19,6 @@ A run that starts over in an out_dir (resume=false) first moves the earlier run'
 import contextlib
 import datetime
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -32,6 +31,7 @@ import torch
 from safetensors.torch import load_file
 
 from trainer import config as config_mod
+from trainer.data.latents import sha256_file
 from trainer.unet import CONFIG_NAME, WEIGHTS_NAME, diffusers_files, save_safetensors, write_diffusers_config
 
 log = logging.getLogger("trainer.checkpoint")
@@ -291,15 +291,11 @@ class Damaged(ValueError):
 
 
 def _sha256(path, fsync=False):
-    """(size, sha256) of a file, read in blocks (checkpoints hold GBs); fsync: flushed to disk too."""
-    h, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            h.update(block)
-            size += len(block)
-        if fsync:
-            os.fsync(f.fileno())
-    return size, h.hexdigest()
+    """(size, sha256) of a file; fsync: flushed to the disk too."""
+    size, digest = os.stat(path).st_size, sha256_file(path)
+    if fsync:
+        _fsync(path)
+    return size, digest
 
 
 def _checksums(folder, names, fsync=False):

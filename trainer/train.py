@@ -243,9 +243,8 @@ def train(cfg):
     # -- resume ------------------------------------------------------------------------------
     # resume=false starts over once: torchrun's restarts of this run still resume its checkpoints
     resume = cfg["resume"] or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-    data_path = cfg["data"]["path"]
-    if data_path != "builtin" and not Path(data_path).expanduser().exists():  # before anything is set aside
-        raise ValueError(f"data.path {data_path!r} does not exist")
+    if cfg["data"]["path"] != "builtin":  # before anything is set aside
+        data.index.existing_data_path(cfg["data"]["path"])
     if not resume:  # the earlier run's checkpoints would outrank ours, and ours be pruned for them
         earlier = checkpoint.set_aside_earlier_run(out_dir) if is_main else None
         if earlier:

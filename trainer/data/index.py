@@ -174,11 +174,17 @@ def check_image(data):
     return None
 
 
-def build_index(path, format="folder", *, cache_dir=None, workers=None, caption_field="text"):
-    """Scans and validates the dataset at `path`; raises ValueError when no image is usable."""
+def existing_data_path(path):
+    """`path` resolved; ValueError naming it as data.path where it does not exist."""
     root = Path(path).expanduser().resolve()
     if not root.exists():
         raise ValueError(f"data.path {str(path)!r} does not exist")
+    return root
+
+
+def build_index(path, format="folder", *, cache_dir=None, workers=None, caption_field="text"):
+    """Scans and validates the dataset at `path`; raises ValueError when no image is usable."""
+    root = existing_data_path(path)
     if format == "folder":
         if not root.is_dir():
             raise ValueError(f"data.path {str(path)!r} is not a folder (data.format=folder)")

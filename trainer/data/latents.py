@@ -55,6 +55,7 @@ def shard_file(k):
 
 
 def sha256_file(path):
+    """The sha256 of a file, read in blocks (shards and checkpoints hold GBs)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
